@@ -1,0 +1,1 @@
+//! Fused score → select → mask kernels: reference interpreter and cranelift JIT.

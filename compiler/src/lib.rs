@@ -1,0 +1,3 @@
+//! The prunec compiler: semantic checks against model shapes, IR, passes, cranelift codegen.
+
+pub mod kernel;

@@ -1,0 +1,1 @@
+//! The `.prune` language front end: grammar, AST, parser, formatter and static checks.

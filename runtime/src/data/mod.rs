@@ -1,0 +1,462 @@
+//! Image-classification data sets (MNIST, Fashion-MNIST, 8x8 digits), splits, seeded batching;
+//! and token windows for text.
+
+pub mod digits;
+pub mod idx;
+pub mod text;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{CandleContext, Result, RuntimeError};
+use crate::paths::{data_dir, require_file};
+
+/// Which data set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DatasetKind {
+    /// MNIST handwritten digits, 28x28, 60k train / 10k test.
+    Mnist,
+    /// Fashion-MNIST, 28x28, 60k train / 10k test.
+    FashionMnist,
+    /// scikit-learn's 8x8 digits (1797 samples): the first 1437 form the
+    /// "train file", the last 360 the test split. A small fixture for fast tests.
+    Digits,
+}
+
+/// Which part of a data set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Split {
+    /// The train file minus its last `validation` samples.
+    Train,
+    /// The last `validation` samples of the train file.
+    Validation,
+    /// The test file.
+    Test,
+}
+
+/// Number of digits samples in the "train file"; the rest are the test split.
+pub const DIGITS_TRAIN: usize = 1437;
+
+/// What a data set is and how it is served: the executor builds one per use.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DatasetSpec {
+    pub kind: DatasetKind,
+    pub split: Split,
+    /// Samples held back from the end of the train file as the validation split.
+    pub validation: usize,
+    /// Keep only the first `limit` samples of the split.
+    pub limit: Option<usize>,
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Seed of the per-epoch shuffle; `None` serves samples in file order.
+    pub shuffle_seed: Option<u64>,
+    /// Folder holding the fetched data; `None` means [`data_dir`].
+    pub data_dir: Option<PathBuf>,
+}
+
+/// What can be known about a data set from file headers alone.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DatasetMeta {
+    /// Shape of one sample: `[channels, height, width]`.
+    pub sample_shape: Vec<usize>,
+    /// Number of classes.
+    pub classes: usize,
+    /// Number of samples in the split (after `validation` and `limit`).
+    pub len: usize,
+}
+
+impl DatasetSpec {
+    /// A spec with batch size 64, no shuffle, no validation split, no limit.
+    pub fn new(kind: DatasetKind, split: Split) -> Self {
+        DatasetSpec {
+            kind,
+            split,
+            validation: 0,
+            limit: None,
+            batch_size: 64,
+            shuffle_seed: None,
+            data_dir: None,
+        }
+    }
+
+    /// Sets the batch size.
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// Shuffles every epoch with this seed.
+    pub fn shuffled(mut self, seed: u64) -> Self {
+        self.shuffle_seed = Some(seed);
+        self
+    }
+
+    /// Keeps only the first `limit` samples.
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    /// Holds back the last `validation` samples of the train file.
+    pub fn validation(mut self, validation: usize) -> Self {
+        self.validation = validation;
+        self
+    }
+
+    /// Reads data from `dir` instead of [`data_dir`].
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    fn root(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(data_dir)
+    }
+
+    fn fetch_name(&self) -> &'static str {
+        match self.kind {
+            DatasetKind::Mnist => "mnist",
+            DatasetKind::FashionMnist => "fashion",
+            DatasetKind::Digits => "digits",
+        }
+    }
+
+    /// The (images, labels) files of the train or test file set.
+    pub fn idx_files(&self, test_file: bool) -> Result<(PathBuf, PathBuf)> {
+        let (folder, gz) = match self.kind {
+            DatasetKind::Mnist => ("mnist", false),
+            DatasetKind::FashionMnist => ("fashion-mnist", true),
+            DatasetKind::Digits => {
+                return Err(RuntimeError::InvalidConfig(
+                    "the digits data set is a CSV file, not IDX".into(),
+                ))
+            }
+        };
+        let stem = if test_file { "t10k" } else { "train" };
+        let dir = self.root().join(folder);
+        let pick = |name: String| -> Result<PathBuf> {
+            let plain = dir.join(&name);
+            let zipped = dir.join(format!("{name}.gz"));
+            let (first, second) = if gz { (zipped, plain) } else { (plain, zipped) };
+            if second.is_file() && !first.is_file() {
+                Ok(second)
+            } else {
+                require_file(first, self.fetch_name())
+            }
+        };
+        Ok((
+            pick(format!("{stem}-images-idx3-ubyte"))?,
+            pick(format!("{stem}-labels-idx1-ubyte"))?,
+        ))
+    }
+
+    fn digits_file(&self) -> Result<PathBuf> {
+        require_file(self.root().join("digits").join("digits.csv.gz"), "digits")
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(RuntimeError::InvalidConfig("batch size must be > 0".into()));
+        }
+        if self.split == Split::Test && self.validation > 0 {
+            // Harmless, but almost certainly a mistake in a recipe.
+            return Err(RuntimeError::InvalidConfig(
+                "a validation hold-out applies to the train file, not to the test split".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Range of samples of the file this split covers, given the file's length.
+    fn range(&self, file_len: usize) -> Result<std::ops::Range<usize>> {
+        if self.split != Split::Test && self.validation >= file_len {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "validation hold-out of {} samples leaves nothing of the {file_len}-sample train file",
+                self.validation
+            )));
+        }
+        let (start, end) = match self.split {
+            Split::Train => (0, file_len - self.validation),
+            Split::Validation => (file_len - self.validation, file_len),
+            Split::Test => (0, file_len),
+        };
+        let end = match self.limit {
+            Some(limit) => end.min(start + limit),
+            None => end,
+        };
+        Ok(start..end)
+    }
+
+    /// Sample shape, class count and split length, from the IDX headers only
+    /// (for digits, whose CSV has no header, the fixed 1797-sample layout).
+    pub fn meta(&self) -> Result<DatasetMeta> {
+        self.check()?;
+        let (shape, file_len) = match self.kind {
+            DatasetKind::Digits => {
+                self.digits_file()?;
+                let len = if self.split == Split::Test { 1797 - DIGITS_TRAIN } else { DIGITS_TRAIN };
+                (vec![1, 8, 8], len)
+            }
+            _ => {
+                let (images, labels) = self.idx_files(self.split == Split::Test)?;
+                let ih = idx::read_header(&images, 3)?;
+                let lh = idx::read_header(&labels, 1)?;
+                if ih.dims[0] != lh.dims[0] {
+                    return Err(RuntimeError::corrupt(
+                        &labels,
+                        format!(
+                            "{} labels but {} holds {} images",
+                            lh.dims[0],
+                            images.display(),
+                            ih.dims[0]
+                        ),
+                    ));
+                }
+                (vec![1, ih.dims[1], ih.dims[2]], ih.dims[0])
+            }
+        };
+        let range = self.range(file_len)?;
+        Ok(DatasetMeta {
+            sample_shape: shape,
+            classes: 10,
+            len: range.len(),
+        })
+    }
+
+    /// Reads the split into memory on `device`: images as f32 in `[0, 1]`
+    /// shaped `[n, 1, h, w]`, labels as u32.
+    pub fn load(&self, device: &Device) -> Result<Dataset> {
+        self.check()?;
+        let (pixels, labels, shape, label_path) = match self.kind {
+            DatasetKind::Digits => {
+                let path = self.digits_file()?;
+                let d = digits::read(&path)?;
+                if d.labels.len() != 1797 {
+                    return Err(RuntimeError::corrupt(
+                        &path,
+                        format!("expected 1797 samples, found {}", d.labels.len()),
+                    ));
+                }
+                let (lo, hi) = if self.split == Split::Test {
+                    (DIGITS_TRAIN, 1797)
+                } else {
+                    (0, DIGITS_TRAIN)
+                };
+                let r = self.range(hi - lo)?;
+                let (a, b) = (lo + r.start, lo + r.end);
+                let px = Tensor::from_slice(&d.pixels[a * 64..b * 64], (b - a, 1, 8, 8), device)
+                    .ctx(|| format!("loading {}", path.display()))?;
+                (px, d.labels[a..b].to_vec(), vec![1, 8, 8], path)
+            }
+            _ => {
+                let (image_path, label_path) = self.idx_files(self.split == Split::Test)?;
+                let (ih, images) = idx::read_u8(&image_path, 3)?;
+                let (lh, labels) = idx::read_u8(&label_path, 1)?;
+                if ih.dims[0] != lh.dims[0] {
+                    return Err(RuntimeError::corrupt(
+                        &label_path,
+                        format!(
+                            "{} labels but {} holds {} images",
+                            lh.dims[0],
+                            image_path.display(),
+                            ih.dims[0]
+                        ),
+                    ));
+                }
+                if let Some(pos) = labels.iter().position(|&l| l >= 10) {
+                    return Err(RuntimeError::corrupt(
+                        &label_path,
+                        format!("label {} of sample {pos} is not a class 0..9", labels[pos]),
+                    ));
+                }
+                let (h, w) = (ih.dims[1], ih.dims[2]);
+                let r = self.range(ih.dims[0])?;
+                let px = &images[r.start * h * w..r.end * h * w];
+                let ctx = || format!("loading {}", image_path.display());
+                // Conversion to f32 runs inside candle (optimised), not in a Rust loop here.
+                let px = Tensor::from_slice(px, (r.len(), 1, h, w), device)
+                    .ctx(ctx)?
+                    .to_dtype(DType::F32)
+                    .ctx(ctx)?
+                    .affine(1.0 / 255.0, 0.0)
+                    .ctx(ctx)?;
+                let labels = labels[r].iter().map(|&l| l as u32).collect();
+                (px, labels, vec![1, h, w], label_path)
+            }
+        };
+        let n = labels.len();
+        if n == 0 {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "the {:?} split of {:?} is empty",
+                self.split, self.kind
+            )));
+        }
+        let label_tensor = Tensor::from_vec(labels, n, device)
+            .ctx(|| format!("loading {}", label_path.display()))?;
+        Ok(Dataset {
+            name: format!("{:?}/{:?}", self.kind, self.split),
+            inputs: pixels,
+            targets: label_tensor,
+            batch_size: self.batch_size,
+            shuffle_seed: self.shuffle_seed,
+            meta: DatasetMeta {
+                sample_shape: shape,
+                classes: 10,
+                len: n,
+            },
+        })
+    }
+}
+
+/// A data set held in memory as two tensors.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// A short name for messages, e.g. `Mnist/Test`.
+    pub name: String,
+    /// `[n, ...sample_shape]`, f32.
+    pub inputs: Tensor,
+    /// `[n]` class indices, u32.
+    pub targets: Tensor,
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Seed of the per-epoch shuffle, if any.
+    pub shuffle_seed: Option<u64>,
+    meta: DatasetMeta,
+}
+
+/// One batch: inputs `[b, ...]` and targets `[b]`.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub inputs: Tensor,
+    pub targets: Tensor,
+}
+
+impl Dataset {
+    /// Builds a data set from tensors already in memory (inputs `[n, ...]` f32, targets `[n]` u32).
+    pub fn from_tensors(
+        name: impl Into<String>,
+        inputs: Tensor,
+        targets: Tensor,
+        classes: usize,
+        batch_size: usize,
+        shuffle_seed: Option<u64>,
+    ) -> Result<Self> {
+        let name = name.into();
+        let n = inputs.dims().first().copied().unwrap_or(0);
+        if targets.dims() != [n] {
+            return Err(RuntimeError::ShapeMismatch {
+                name: "targets".into(),
+                context: format!("data set {name}"),
+                expected: vec![n],
+                found: targets.dims().to_vec(),
+            });
+        }
+        if batch_size == 0 || n == 0 {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "data set {name}: needs samples and a batch size > 0"
+            )));
+        }
+        let meta = DatasetMeta {
+            sample_shape: inputs.dims()[1..].to_vec(),
+            classes,
+            len: n,
+        };
+        Ok(Dataset {
+            name,
+            inputs,
+            targets,
+            batch_size,
+            shuffle_seed,
+            meta,
+        })
+    }
+
+    /// Shape, classes and length.
+    pub fn meta(&self) -> &DatasetMeta {
+        &self.meta
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.meta.len
+    }
+
+    /// Always false: empty data sets are rejected when built.
+    pub fn is_empty(&self) -> bool {
+        self.meta.len == 0
+    }
+
+    /// Number of batches per epoch (the last one may be partial).
+    pub fn num_batches(&self) -> usize {
+        self.len().div_ceil(self.batch_size)
+    }
+
+    /// The sample order of `epoch`: a seeded permutation, or file order.
+    pub fn epoch_order(&self, epoch: usize) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..self.len() as u32).collect();
+        if let Some(seed) = self.shuffle_seed {
+            let mixed = seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(mixed));
+        }
+        order
+    }
+
+    /// The batches of `epoch`, in order.
+    pub fn batches(&self, epoch: usize) -> Batches<'_> {
+        Batches {
+            data: self,
+            order: if self.shuffle_seed.is_some() {
+                Some(self.epoch_order(epoch))
+            } else {
+                None
+            },
+            next: 0,
+        }
+    }
+
+    /// The samples `[start, start + len)` of the file order, as one batch.
+    pub fn slice(&self, start: usize, len: usize) -> Result<Batch> {
+        let ctx = || format!("slicing data set {}", self.name);
+        Ok(Batch {
+            inputs: self.inputs.narrow(0, start, len).ctx(ctx)?,
+            targets: self.targets.narrow(0, start, len).ctx(ctx)?,
+        })
+    }
+}
+
+/// Iterator over the batches of one epoch.
+pub struct Batches<'a> {
+    data: &'a Dataset,
+    order: Option<Vec<u32>>,
+    next: usize,
+}
+
+impl Iterator for Batches<'_> {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let n = self.data.len();
+        if self.next >= n {
+            return None;
+        }
+        let start = self.next;
+        let len = self.data.batch_size.min(n - start);
+        self.next += len;
+        Some(match &self.order {
+            None => self.data.slice(start, len),
+            Some(order) => (|| {
+                let ctx = || format!("batching data set {}", self.data.name);
+                let device = self.data.inputs.device();
+                let idx = Tensor::from_slice(&order[start..start + len], len, device).ctx(ctx)?;
+                Ok(Batch {
+                    inputs: self.data.inputs.index_select(&idx, 0).ctx(ctx)?,
+                    targets: self.data.targets.index_select(&idx, 0).ctx(ctx)?,
+                })
+            })(),
+        })
+    }
+}

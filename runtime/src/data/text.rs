@@ -1,0 +1,55 @@
+//! Plain-text corpora: reading them, and cutting a token stream into fixed-length windows
+//! with disjoint train / held-out parts.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{CandleContext, Result, RuntimeError};
+
+/// Reads a UTF-8 text corpus; a missing file names `scripts/fetch-data.sh text`.
+pub fn read_corpus(path: &Path) -> Result<String> {
+    let path = crate::paths::require_file(path.to_path_buf(), "text")?;
+    let bytes = std::fs::read(&path).map_err(|e| RuntimeError::io("cannot read", &path, e))?;
+    String::from_utf8(bytes).map_err(|e| RuntimeError::corrupt(&path, format!("not UTF-8 text: {e}")))
+}
+
+/// Fixed-length token windows, as `[windows, seq_len]` u32 tensors.
+#[derive(Debug, Clone)]
+pub struct TokenWindows {
+    /// Windows cut from the first part of the stream.
+    pub train: Tensor,
+    /// Windows cut from the last part of the stream; no token is shared with `train`.
+    pub heldout: Tensor,
+}
+
+/// Cuts `tokens` into non-overlapping windows of `seq_len` tokens. The stream is
+/// first split at `floor(len * (1 - heldout_fraction))`: windows before the split
+/// go to `train`, windows after it to `heldout`, so the two share no token.
+/// Leftover tokens at the end of each part are dropped.
+pub fn token_windows(
+    tokens: &[u32],
+    seq_len: usize,
+    heldout_fraction: f64,
+    device: &Device,
+) -> Result<TokenWindows> {
+    if seq_len == 0 {
+        return Err(RuntimeError::InvalidConfig("token window length must be > 0".into()));
+    }
+    if !(0.0..1.0).contains(&heldout_fraction) {
+        return Err(RuntimeError::InvalidConfig(format!(
+            "held-out fraction {heldout_fraction} must be in [0, 1)"
+        )));
+    }
+    let split = ((tokens.len() as f64) * (1.0 - heldout_fraction)).floor() as usize;
+    let (a, b) = tokens.split_at(split);
+    let cut = |part: &[u32], what: &str| -> Result<Tensor> {
+        let n = part.len() / seq_len;
+        Tensor::from_slice(&part[..n * seq_len], (n, seq_len), device)
+            .ctx(|| format!("building {what} token windows"))
+    };
+    Ok(TokenWindows {
+        train: cut(a, "train")?,
+        heldout: cut(b, "held-out")?,
+    })
+}

@@ -1,0 +1,1 @@
+//! LLaMA-family causal language models: GGUF/HF loading, forward, calibration, one-shot solvers.

@@ -1,0 +1,483 @@
+//! The LLaMA-family causal language model: weights, full-sequence f32 forward, and named access to its linear layers.
+
+use super::config::LlamaConfig;
+use super::error::{LlmError, Result};
+use super::tokenizer::TextTokenizer;
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+
+/// The seven linear layers of one transformer block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    /// All projections in the order the block uses them.
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// The Hugging Face module path inside a block (`self_attn.q_proj`, `mlp.down_proj`, ...).
+    pub fn hf_module(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    /// The activation this projection reads; projections with the same input share statistics.
+    pub fn input(self) -> LinearInput {
+        match self {
+            Proj::Q | Proj::K | Proj::V => LinearInput::Attention,
+            Proj::O => LinearInput::AttentionOutput,
+            Proj::Gate | Proj::Up => LinearInput::Mlp,
+            Proj::Down => LinearInput::MlpDown,
+        }
+    }
+}
+
+/// The Hugging Face parameter name of a block's linear weight, e.g. `model.layers.3.mlp.up_proj.weight`.
+pub fn linear_name(layer: usize, proj: Proj) -> String {
+    format!("model.layers.{layer}.{}.weight", proj.hf_module())
+}
+
+/// The four distinct inputs of a block's linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinearInput {
+    /// Normalised residual stream read by q, k and v.
+    Attention,
+    /// Concatenated head outputs read by o.
+    AttentionOutput,
+    /// Normalised residual stream read by gate and up.
+    Mlp,
+    /// `silu(gate) * up`, read by down.
+    MlpDown,
+}
+
+/// A linear layer's weight: f32 (prunable) or a quantized tensor run by candle's quantized kernels.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    Quantized(std::sync::Arc<QMatMul>),
+}
+
+impl LinearWeight {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Quantized(q) => q.forward(x)?,
+        })
+    }
+}
+
+/// Which RoPE convention the q/k weights follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Hugging Face layout: rotate the first half of each head against the second half.
+    HalfSplit,
+    /// llama.cpp / GGUF layout: rotate adjacent pairs (2i, 2i+1).
+    AdjacentPairs,
+}
+
+/// One transformer block's parameters.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub attn_norm: Tensor,
+    pub q: LinearWeight,
+    pub k: LinearWeight,
+    pub v: LinearWeight,
+    pub o: LinearWeight,
+    pub ffn_norm: Tensor,
+    pub gate: LinearWeight,
+    pub up: LinearWeight,
+    pub down: LinearWeight,
+}
+
+impl Block {
+    /// The weight of one projection.
+    pub fn linear(&self, proj: Proj) -> &LinearWeight {
+        match proj {
+            Proj::Q => &self.q,
+            Proj::K => &self.k,
+            Proj::V => &self.v,
+            Proj::O => &self.o,
+            Proj::Gate => &self.gate,
+            Proj::Up => &self.up,
+            Proj::Down => &self.down,
+        }
+    }
+
+    fn linear_mut(&mut self, proj: Proj) -> &mut LinearWeight {
+        match proj {
+            Proj::Q => &mut self.q,
+            Proj::K => &mut self.k,
+            Proj::V => &mut self.v,
+            Proj::O => &mut self.o,
+            Proj::Gate => &mut self.gate,
+            Proj::Up => &mut self.up,
+            Proj::Down => &mut self.down,
+        }
+    }
+}
+
+/// A LLaMA-family causal language model held in memory (f32 weights on the CPU).
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    /// The tokenizer that came with the model, if any.
+    pub tokenizer: Option<TextTokenizer>,
+    pub(crate) embed: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: Tensor,
+    /// `None` when the output projection is tied to the embedding.
+    pub(crate) lm_head: Option<LinearWeight>,
+    /// Quantized output projection used by the reference path (tied to a quantized embedding).
+    pub(crate) lm_head_quantized: Option<std::sync::Arc<QMatMul>>,
+    pub(crate) rope: RopeStyle,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Called with every linear-layer input during a block forward, as a (tokens, features) matrix.
+pub type ActivationSink<'a> = &'a mut dyn FnMut(LinearInput, &Tensor) -> Result<()>;
+
+impl LlamaModel {
+    /// Assembles a model from its parts and checks every shape against the configuration.
+    pub(crate) fn from_parts(
+        config: LlamaConfig,
+        embed: Tensor,
+        blocks: Vec<Block>,
+        norm: Tensor,
+        lm_head: Option<LinearWeight>,
+        rope: RopeStyle,
+    ) -> Result<Self> {
+        let c = &config;
+        let (d, hd) = (c.hidden_size, c.head_dim());
+        let kv = c.num_key_value_heads * hd;
+        check_shape("model.embed_tokens.weight", &embed, &[c.vocab_size, d])?;
+        check_shape("model.norm.weight", &norm, &[d])?;
+        if blocks.len() != c.num_hidden_layers {
+            return Err(LlmError::Invalid(format!(
+                "config says {} layers but {} blocks were loaded",
+                c.num_hidden_layers,
+                blocks.len()
+            )));
+        }
+        for (l, b) in blocks.iter().enumerate() {
+            check_shape(&format!("model.layers.{l}.input_layernorm.weight"), &b.attn_norm, &[d])?;
+            check_shape(
+                &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                &b.ffn_norm,
+                &[d],
+            )?;
+            for proj in Proj::ALL {
+                let expected = match proj {
+                    Proj::Q | Proj::O => [d, d],
+                    Proj::K | Proj::V => [kv, d],
+                    Proj::Gate | Proj::Up => [c.intermediate_size, d],
+                    Proj::Down => [d, c.intermediate_size],
+                };
+                if let LinearWeight::Dense(w) = b.linear(proj) {
+                    check_shape(&linear_name(l, proj), w, &expected)?;
+                }
+            }
+        }
+        if let Some(LinearWeight::Dense(w)) = &lm_head {
+            check_shape("lm_head.weight", w, &[c.vocab_size, d])?;
+        }
+        let (cos, sin) = rope_tables(c, embed.device())?;
+        Ok(LlamaModel {
+            config,
+            tokenizer: None,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            lm_head_quantized: None,
+            rope,
+            cos,
+            sin,
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// Number of transformer blocks.
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The token embedding (vocab, hidden).
+    pub fn embedding(&self) -> &Tensor {
+        &self.embed
+    }
+
+    /// Names of every block linear weight, in model order.
+    pub fn linear_names(&self) -> Vec<String> {
+        (0..self.blocks.len())
+            .flat_map(|l| Proj::ALL.into_iter().map(move |p| linear_name(l, p)))
+            .collect()
+    }
+
+    /// The f32 weight (out, in) of a block's linear layer.
+    pub fn linear_weight(&self, layer: usize, proj: Proj) -> Result<&Tensor> {
+        let block = self.blocks.get(layer).ok_or_else(|| {
+            LlmError::Invalid(format!("layer {layer} does not exist (model has {})", self.blocks.len()))
+        })?;
+        match block.linear(proj) {
+            LinearWeight::Dense(w) => Ok(w),
+            LinearWeight::Quantized(_) => Err(LlmError::Invalid(format!(
+                "`{}` is quantized; load the model dequantized to prune it",
+                linear_name(layer, proj)
+            ))),
+        }
+    }
+
+    /// Replaces the weight of a block's linear layer; the shape must not change.
+    pub fn set_linear_weight(&mut self, layer: usize, proj: Proj, weight: Tensor) -> Result<()> {
+        let old = self.linear_weight(layer, proj)?;
+        check_shape(&linear_name(layer, proj), &weight, old.dims())?;
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        *self.blocks[layer].linear_mut(proj) = LinearWeight::Dense(weight);
+        Ok(())
+    }
+
+    /// Every parameter under its Hugging Face name (norms, embedding, linears; `lm_head` only if untied).
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (l, b) in self.blocks.iter().enumerate() {
+            out.push((format!("model.layers.{l}.input_layernorm.weight"), b.attn_norm.clone()));
+            out.push((
+                format!("model.layers.{l}.post_attention_layernorm.weight"),
+                b.ffn_norm.clone(),
+            ));
+            for proj in Proj::ALL {
+                out.push((linear_name(l, proj), self.linear_weight(l, proj)?.clone()));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        match &self.lm_head {
+            Some(LinearWeight::Dense(w)) => out.push(("lm_head.weight".to_string(), w.clone())),
+            Some(LinearWeight::Quantized(_)) => {
+                return Err(LlmError::Invalid("lm_head is quantized".into()))
+            }
+            None => {}
+        }
+        Ok(out)
+    }
+
+    /// Embeds token ids (batch, time) into the residual stream (batch, time, hidden).
+    pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        Ok(self
+            .embed
+            .index_select(&flat, 0)?
+            .reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// Runs block `layer` on the residual stream `x` (batch, time, hidden), reporting each linear input to `sink`.
+    pub fn block_forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        mut sink: Option<ActivationSink<'_>>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let blk = &self.blocks[layer];
+        let (b, t, d) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let eps = c.rms_norm_eps as f32;
+        let mut observe = |input: LinearInput, a: &Tensor| -> Result<()> {
+            match sink.as_mut() {
+                Some(s) => s(input, a),
+                None => Ok(()),
+            }
+        };
+
+        let h = candle_nn::ops::rms_norm(x, &blk.attn_norm, eps)?.reshape((b * t, d))?;
+        observe(LinearInput::Attention, &h)?;
+        let heads = |w: &LinearWeight, n: usize| -> Result<Tensor> {
+            Ok(w.forward(&h)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = self.apply_rope(&heads(&blk.q, nh)?, t)?;
+        let k = self.apply_rope(&heads(&blk.k, nkv)?, t)?;
+        let v = heads(&blk.v, nkv)?;
+        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let mask = causal_mask(t, x.device())?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        let att = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b * t, d))?
+            .contiguous()?;
+        observe(LinearInput::AttentionOutput, &att)?;
+        let x = (x + blk.o.forward(&att)?.reshape((b, t, d))?)?;
+
+        let h = candle_nn::ops::rms_norm(&x, &blk.ffn_norm, eps)?.reshape((b * t, d))?;
+        observe(LinearInput::Mlp, &h)?;
+        let act = (candle_nn::ops::silu(&blk.gate.forward(&h)?)? * blk.up.forward(&h)?)?;
+        observe(LinearInput::MlpDown, &act)?;
+        let down = blk.down.forward(&act)?.reshape((b, t, d))?;
+        Ok((x + down)?)
+    }
+
+    /// Final norm and output projection: residual stream (batch, time, hidden) to logits (batch, time, vocab).
+    pub fn head_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let h = candle_nn::ops::rms_norm(x, &self.norm, self.config.rms_norm_eps as f32)?
+            .reshape((b * t, d))?;
+        let logits = if let Some(q) = &self.lm_head_quantized {
+            q.forward(&h)?
+        } else {
+            match &self.lm_head {
+                Some(w) => w.forward(&h)?,
+                None => h.matmul(&self.embed.t()?)?,
+            }
+        };
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Full-sequence forward: token ids (batch, time) to every position's logits (batch, time, vocab).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut x = self.embed_tokens(ids)?;
+        for l in 0..self.blocks.len() {
+            x = self.block_forward(l, &x, None)?;
+        }
+        self.head_forward(&x)
+    }
+
+    /// Logits of the last position of one sequence.
+    pub fn last_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            return Err(LlmError::Invalid("cannot run the model on an empty sequence".into()));
+        }
+        let ids = Tensor::new(ids, self.device())?.unsqueeze(0)?;
+        let mut x = self.embed_tokens(&ids)?;
+        for l in 0..self.blocks.len() {
+            x = self.block_forward(l, &x, None)?;
+        }
+        let t = x.dim(1)?;
+        let last = x.narrow(1, t - 1, 1)?;
+        Ok(self.head_forward(&last)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Greedy continuation of `prompt` by `max_new` tokens (full recompute per token; for checks, not serving).
+    pub fn greedy_continue(&self, prompt: &[u32], max_new: usize) -> Result<Vec<u32>> {
+        let mut ids = prompt.to_vec();
+        for _ in 0..max_new {
+            let logits = self.last_logits(&ids)?;
+            ids.push(argmax(&logits) as u32);
+        }
+        Ok(ids[prompt.len()..].to_vec())
+    }
+
+    fn apply_rope(&self, x: &Tensor, t: usize) -> Result<Tensor> {
+        if t > self.cos.dim(0)? {
+            return Err(LlmError::Invalid(format!(
+                "sequence of {t} tokens is longer than the model's {} positions",
+                self.cos.dim(0)?
+            )));
+        }
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        Ok(match self.rope {
+            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(x, &cos, &sin)?,
+            RopeStyle::AdjacentPairs => candle_nn::rotary_emb::rope_i(x, &cos, &sin)?,
+        })
+    }
+}
+
+/// Index of the largest value (first one on ties).
+pub fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
+    if t.dims() != expected {
+        return Err(LlmError::Shape {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+fn rope_tables(c: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = c.head_dim() / 2;
+    let positions = c.max_position_embeddings.max(1);
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        for i in 0..half {
+            let inv_freq = 1.0 / c.rope_theta.powf(2.0 * i as f64 / c.head_dim() as f64);
+            let angle = (p as f64 * inv_freq) as f32;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (positions, half), device)?,
+        Tensor::from_vec(sin, (positions, half), device)?,
+    ))
+}
+
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, n, t, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, n, rep, t, hd))?
+        .reshape((b, n * rep, t, hd))?)
+}
+
+fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, t), device)?)
+}
+
+/// Reads the last dimension-wise softmax-free log-probability helpers used by evaluation.
+pub(crate) fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    // logits (n, vocab), targets (n) u32 -> nll (n) = logsumexp(logits) - logits[target]
+    let lse = logits.log_sum_exp(D::Minus1)?;
+    let picked = logits
+        .gather(&targets.unsqueeze(1)?, 1)?
+        .squeeze(1)?;
+    Ok((lse - picked)?)
+}
