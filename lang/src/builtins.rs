@@ -1,0 +1,609 @@
+//! The one table of built-ins: constructors, criteria functions, schedules,
+//! optimizers, metrics and stage options, with parameter types, defaults and
+//! ranges. The checker validates calls against it and `prunec explain` prints it.
+
+use std::fmt;
+
+/// The type a parameter or an option expects.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Ty {
+    Int,
+    Float,
+    /// `92%` or `0.92`.
+    Fraction,
+    /// A fraction or a count (`2%` or `500`), optionally `per layer`.
+    FractionOrCount,
+    Bool,
+    Str,
+    /// `N:M`
+    Pattern,
+    /// `100 steps`, `epoch 3`, or a plain count.
+    Duration,
+    /// A list of strings (name globs).
+    Globs,
+    /// A list of integers.
+    Ints,
+    /// One of a fixed set of words.
+    Enum(&'static [&'static str]),
+    /// A declared or inline value of a kind.
+    Of(Kind),
+    /// A criterion expression (a tensor-valued score).
+    Score,
+    /// A list of metric names.
+    Metrics,
+}
+
+impl fmt::Display for Ty {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ty::Int => f.write_str("an integer"),
+            Ty::Float => f.write_str("a number"),
+            Ty::Fraction => f.write_str("a fraction (`90%` or `0.9`)"),
+            Ty::FractionOrCount => f.write_str("a fraction or a count (`2%`, `0.02` or `500`)"),
+            Ty::Bool => f.write_str("`true` or `false`"),
+            Ty::Str => f.write_str("a string"),
+            Ty::Pattern => f.write_str("an N:M pattern such as `2:4`"),
+            Ty::Duration => f.write_str("a duration (`100 steps`, `2 epochs`, `step 0`)"),
+            Ty::Globs => f.write_str("a list of name patterns such as `[\"*.weight\"]`"),
+            Ty::Ints => f.write_str("a list of integers"),
+            Ty::Enum(v) => {
+                let quoted: Vec<String> = v.iter().map(|s| format!("`{s}`")).collect();
+                write!(f, "one of {}", quoted.join(", "))
+            }
+            Ty::Of(k) => write!(f, "{}", k.article()),
+            Ty::Score => f.write_str("a criterion expression"),
+            Ty::Metrics => f.write_str("a list of metrics"),
+        }
+    }
+}
+
+/// What a built-in is or produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Model,
+    Dataset,
+    Criterion,
+    Schedule,
+    Constraints,
+    Optimizer,
+    LrSchedule,
+    /// A weight-updating or adaptive pruning method used after `by`.
+    Method,
+    /// A function inside criterion expressions.
+    ScoreFn,
+    /// An input of criterion expressions (`w`, `step`).
+    ScoreInput,
+    Metric,
+    /// An option of a pipeline stage.
+    StageOption,
+}
+
+impl Kind {
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Model => "model",
+            Kind::Dataset => "dataset",
+            Kind::Criterion => "criterion",
+            Kind::Schedule => "schedule",
+            Kind::Constraints => "constraint set",
+            Kind::Optimizer => "optimizer",
+            Kind::LrSchedule => "learning-rate schedule",
+            Kind::Method => "pruning method",
+            Kind::ScoreFn => "criterion function",
+            Kind::ScoreInput => "criterion input",
+            Kind::Metric => "metric",
+            Kind::StageOption => "stage option",
+        }
+    }
+
+    pub fn article(self) -> String {
+        let n = self.noun();
+        let a = if n.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        };
+        format!("{a} {n}")
+    }
+}
+
+/// Bounds of a numeric parameter; `true` marks an inclusive bound.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Range {
+    pub min: Option<(f64, bool)>,
+    pub max: Option<(f64, bool)>,
+}
+
+impl Range {
+    pub const fn any() -> Range {
+        Range {
+            min: None,
+            max: None,
+        }
+    }
+    pub const fn positive() -> Range {
+        Range {
+            min: Some((0.0, false)),
+            max: None,
+        }
+    }
+    pub const fn non_negative() -> Range {
+        Range {
+            min: Some((0.0, true)),
+            max: None,
+        }
+    }
+    pub const fn at_least(v: f64) -> Range {
+        Range {
+            min: Some((v, true)),
+            max: None,
+        }
+    }
+    /// `[0, 1)`: a sparsity.
+    pub const fn sparsity() -> Range {
+        Range {
+            min: Some((0.0, true)),
+            max: Some((1.0, false)),
+        }
+    }
+    /// `[0, 1]`
+    pub const fn unit() -> Range {
+        Range {
+            min: Some((0.0, true)),
+            max: Some((1.0, true)),
+        }
+    }
+    pub const fn open_unit() -> Range {
+        Range {
+            min: Some((0.0, false)),
+            max: Some((1.0, false)),
+        }
+    }
+
+    pub fn contains(&self, v: f64) -> bool {
+        let lo = self
+            .min
+            .is_none_or(|(m, inc)| if inc { v >= m } else { v > m });
+        let hi = self
+            .max
+            .is_none_or(|(m, inc)| if inc { v <= m } else { v < m });
+        lo && hi && !v.is_nan()
+    }
+
+    pub fn is_any(&self) -> bool {
+        self.min.is_none() && self.max.is_none()
+    }
+}
+
+impl fmt::Display for Range {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lo = match self.min {
+            Some((v, true)) => format!("[{v}"),
+            Some((v, false)) => format!("({v}"),
+            None => "(-inf".to_string(),
+        };
+        let hi = match self.max {
+            Some((v, true)) => format!("{v}]"),
+            Some((v, false)) => format!("{v})"),
+            None => "inf)".to_string(),
+        };
+        write!(f, "{lo}, {hi}")
+    }
+}
+
+/// One parameter of a built-in.
+#[derive(Clone, Copy, Debug)]
+pub struct Param {
+    pub name: &'static str,
+    pub ty: Ty,
+    /// The default as written in a recipe; `None` means required.
+    pub default: Option<&'static str>,
+    pub range: Range,
+    pub doc: &'static str,
+}
+
+const fn p(
+    name: &'static str,
+    ty: Ty,
+    default: Option<&'static str>,
+    range: Range,
+    doc: &'static str,
+) -> Param {
+    Param {
+        name,
+        ty,
+        default,
+        range,
+        doc,
+    }
+}
+
+/// What a criterion built-in reads, so the checker can demand data for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub grad: bool,
+    pub activations: bool,
+    /// Accumulated over training steps (needs a `during` or a round block).
+    pub training: bool,
+}
+
+/// One built-in.
+#[derive(Clone, Copy, Debug)]
+pub struct Builtin {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub params: &'static [Param],
+    pub doc: &'static str,
+    pub needs: Needs,
+    /// Lives in the standard library: needs `use std.NAME`.
+    pub stdlib: bool,
+}
+
+const NO_NEEDS: Needs = Needs {
+    grad: false,
+    activations: false,
+    training: false,
+};
+
+const fn b(name: &'static str, kind: Kind, params: &'static [Param], doc: &'static str) -> Builtin {
+    Builtin {
+        name,
+        kind,
+        params,
+        doc,
+        needs: NO_NEEDS,
+        stdlib: false,
+    }
+}
+
+const fn std_b(
+    name: &'static str,
+    kind: Kind,
+    params: &'static [Param],
+    doc: &'static str,
+) -> Builtin {
+    Builtin {
+        name,
+        kind,
+        params,
+        doc,
+        needs: NO_NEEDS,
+        stdlib: true,
+    }
+}
+
+const fn needs(mut bi: Builtin, n: Needs) -> Builtin {
+    bi.needs = n;
+    bi
+}
+
+const SPLITS: Ty = Ty::Enum(&["train", "test"]);
+const ACTIVATIONS: Ty = Ty::Enum(&["relu", "tanh", "sigmoid", "gelu"]);
+const SCOPES: Ty = Ty::Enum(&["global", "layer", "row", "neuron"]);
+const AXES: Ty = Ty::Enum(&["out_channel", "in_channel", "row", "col", "all"]);
+const FORMATS: Ty = Ty::Enum(&["safetensors", "hf", "compressed_24"]);
+const REWINDS: Ty = Ty::Enum(&["none", "init"]);
+
+const DATA_PARAMS: [Param; 6] = [
+    p(
+        "path",
+        Ty::Str,
+        None,
+        Range::any(),
+        "folder (or file) holding the data",
+    ),
+    p(
+        "split",
+        SPLITS,
+        Some("train"),
+        Range::any(),
+        "which part of the data set",
+    ),
+    p(
+        "batch",
+        Ty::Int,
+        Some("64"),
+        Range::at_least(1.0),
+        "samples per batch",
+    ),
+    p(
+        "shuffle",
+        Ty::Bool,
+        Some("false"),
+        Range::any(),
+        "reshuffle every epoch (seeded by the recipe's seed)",
+    ),
+    p(
+        "limit",
+        Ty::Int,
+        Some("0"),
+        Range::non_negative(),
+        "use only the first N samples (0: all)",
+    ),
+    p(
+        "validation",
+        Ty::Fraction,
+        Some("0%"),
+        Range::sparsity(),
+        "hold out this fraction of the training split for validation",
+    ),
+];
+
+/// Every built-in, in the order `prunec explain --all` lists them.
+pub static BUILTINS: &[Builtin] = &[
+    // ---- models
+    b("mlp", Kind::Model, &[
+        p("inputs", Ty::Int, None, Range::at_least(1.0), "input features (784 for MNIST)"),
+        p("hidden", Ty::Ints, Some("[]"), Range::at_least(1.0), "widths of the hidden layers"),
+        p("classes", Ty::Int, None, Range::at_least(2.0), "output classes"),
+        p("act", ACTIVATIONS, Some("relu"), Range::any(), "activation between layers"),
+    ], "A fully connected network; `mlp(inputs = 784, hidden = [300, 100], classes = 10)` is LeNet-300-100. Parameters are `fc1.weight`, `fc1.bias`, ..."),
+    b("lenet5", Kind::Model, &[
+        p("classes", Ty::Int, Some("10"), Range::at_least(2.0), "output classes"),
+    ], "LeNet-5 for 28x28 inputs: conv 5x5 (6) → pool → conv 5x5 (16) → pool → fc 120 → fc 84 → fc classes."),
+    b("pretrained_cnn", Kind::Model, &[
+        p("path", Ty::Str, None, Range::any(), "the `.pth` state dict (data/digit-recognizer/handwriting_model.pth)"),
+    ], "The pretrained digit-recognizer CNN (conv3x3 32→64→128, FC 1152→256→10), loaded from its PyTorch state dict."),
+    b("safetensors", Kind::Model, &[
+        p("path", Ty::Str, None, Range::any(), "a `.safetensors` file or a Hugging Face model folder"),
+        p("config", Ty::Str, Some("\"config.json\""), Range::any(), "the model config inside the folder"),
+    ], "A model from safetensors weights (Hugging Face layout for language models)."),
+    b("gguf", Kind::Model, &[
+        p("path", Ty::Str, None, Range::any(), "a `.gguf` file (data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)"),
+    ], "A LLaMA-family causal language model from GGUF, dequantized to f32, with its tokenizer."),
+    // ---- datasets
+    b("mnist", Kind::Dataset, &DATA_PARAMS, "MNIST digits (IDX files from `scripts/fetch-data.sh mnist`): 1x28x28, 10 classes."),
+    b("fashion_mnist", Kind::Dataset, &DATA_PARAMS, "Fashion-MNIST (gzipped IDX from `scripts/fetch-data.sh fashion`): 1x28x28, 10 classes."),
+    b("digits", Kind::Dataset, &DATA_PARAMS, "The 8x8 digits CSV (1797 samples, from `scripts/fetch-data.sh digits`): 64 features, 10 classes."),
+    b("text", Kind::Dataset, &[
+        p("path", Ty::Str, None, Range::any(), "a text file, or a folder of `.txt` files"),
+        p("tokenizer", Ty::Of(Kind::Model), None, Range::any(), "the model whose tokenizer cuts the text"),
+        p("seq", Ty::Int, Some("256"), Range::at_least(2.0), "tokens per sequence"),
+        p("samples", Ty::Int, Some("0"), Range::non_negative(), "number of sequences (0: all)"),
+        p("offset", Ty::Int, Some("0"), Range::non_negative(), "skip this many tokens first (for disjoint splits)"),
+        p("batch", Ty::Int, Some("1"), Range::at_least(1.0), "sequences per batch"),
+    ], "Plain text cut into fixed-length token sequences."),
+    // ---- criterion inputs and functions
+    b("w", Kind::ScoreInput, &[], "The weight being scored."),
+    b("x", Kind::ScoreInput, &[], "The layer's input activations (only inside `act(x)`)."),
+    b("step", Kind::ScoreInput, &[], "The current training step (inside `during` schedules)."),
+    needs(b("grad", Kind::ScoreFn, &[p("of", Ty::Score, None, Range::any(), "the weight: `grad(w)`")],
+        "The loss gradient of the weight, averaged over the stage's data."), Needs { grad: true, activations: false, training: false }),
+    needs(b("act", Kind::ScoreFn, &[
+        p("of", Ty::Score, None, Range::any(), "the layer input: `act(x)`"),
+        p("stat", Ty::Enum(&["norm", "mean", "sq_mean"]), Some("norm"), Range::any(), "which per-input-column statistic"),
+    ], "A per-input-column statistic of the layer's input over the calibration data (`norm`: the L2 norm, Wanda's ||X_j||)."),
+        Needs { grad: false, activations: true, training: false }),
+    b("init", Kind::ScoreFn, &[p("of", Ty::Score, None, Range::any(), "the weight: `init(w)`")], "The weight's value at initialisation."),
+    needs(b("accumulate", Kind::ScoreFn, &[p("of", Ty::Score, None, Range::any(), "the per-step score")],
+        "The sum of a per-step score over the training steps so far (movement pruning)."), Needs { grad: false, activations: false, training: true }),
+    b("abs", Kind::ScoreFn, &[p("of", Ty::Score, None, Range::any(), "")], "Absolute value."),
+    b("sq", Kind::ScoreFn, &[p("of", Ty::Score, None, Range::any(), "")], "Square."),
+    b("sqrt", Kind::ScoreFn, &[p("of", Ty::Score, None, Range::any(), "")], "Square root."),
+    b("log", Kind::ScoreFn, &[p("of", Ty::Score, None, Range::any(), "")], "Natural logarithm."),
+    b("exp", Kind::ScoreFn, &[p("of", Ty::Score, None, Range::any(), "")], "Exponential."),
+    b("sign", Kind::ScoreFn, &[p("of", Ty::Score, None, Range::any(), "")], "-1, 0 or 1."),
+    b("min", Kind::ScoreFn, &[p("a", Ty::Score, None, Range::any(), ""), p("b", Ty::Score, None, Range::any(), "")], "The smaller of two scores."),
+    b("max", Kind::ScoreFn, &[p("a", Ty::Score, None, Range::any(), ""), p("b", Ty::Score, None, Range::any(), "")], "The larger of two scores."),
+    b("where", Kind::ScoreFn, &[
+        p("cond", Ty::Score, None, Range::any(), "a comparison"),
+        p("then", Ty::Score, None, Range::any(), ""),
+        p("else", Ty::Score, None, Range::any(), ""),
+    ], "`then` where `cond` holds, `else` elsewhere."),
+    b("sum", Kind::ScoreFn, &[
+        p("of", Ty::Score, None, Range::any(), ""),
+        p("over", AXES, Some("all"), Range::any(), "the group summed over; every element of a group gets the group's sum"),
+    ], "Sum of a score over a group (`out_channel` for channel criteria)."),
+    b("rand", Kind::ScoreFn, &[], "A uniform draw in [0, 1) from the recipe's seeded generator (random pruning)."),
+    // ---- standard-library criteria and methods (`use std.NAME`)
+    std_b("magnitude", Kind::Criterion, &[], "`abs(w)` — Han et al. 2015; Global MP."),
+    needs(std_b("taylor", Kind::Criterion, &[], "`abs(w * grad(w))` — first-order Taylor (Molchanov et al. 2019)."), Needs { grad: true, activations: false, training: false }),
+    needs(std_b("snip", Kind::Criterion, &[], "`abs(w * grad(w))` on one batch at initialisation (Lee et al. 2019)."), Needs { grad: true, activations: false, training: false }),
+    needs(std_b("movement", Kind::Criterion, &[], "`accumulate(-w * grad(w))` over fine-tuning steps (Sanh et al. 2020)."), Needs { grad: true, activations: false, training: true }),
+    needs(std_b("wanda", Kind::Criterion, &[], "`abs(w) * act(x)`, compared per output row (Sun et al. 2023)."), Needs { grad: false, activations: true, training: false }),
+    std_b("random", Kind::Criterion, &[], "`rand()` — the seeded random baseline."),
+    std_b("l1_channel", Kind::Criterion, &[], "`sum(abs(w), over = out_channel)` (Li et al. 2017)."),
+    std_b("l2_channel", Kind::Criterion, &[], "`sqrt(sum(sq(w), over = out_channel))` (Li et al. 2017)."),
+    needs(std_b("sparsegpt", Kind::Method, &[
+        p("block", Ty::Int, Some("128"), Range::at_least(1.0), "columns per block sweep"),
+        p("damp", Ty::Float, Some("0.01"), Range::positive(), "dampening, as a fraction of the mean Hessian diagonal"),
+    ], "SparseGPT (Frantar & Alistarh 2023): layer-wise OBS reconstruction with the Hessian XᵀX."), Needs { grad: false, activations: true, training: false }),
+    std_b("sap", Kind::Method, &[
+        p("p", Ty::Float, Some("0.5"), Range::positive(), "PQ index p (0 < p < q)"),
+        p("q", Ty::Float, Some("1.0"), Range::positive(), "PQ index q"),
+        p("eta", Ty::Float, Some("0.001"), Range::non_negative(), "slack of the kept-count bound"),
+        p("gamma", Ty::Float, Some("1.2"), Range::positive(), "prune-ratio multiplier"),
+        p("beta", Ty::Float, Some("0.9"), Range::unit(), "largest prune ratio per round"),
+    ], "Sparsity-informed adaptive pruning driven by the PQ index (Diao et al. 2023)."),
+    // ---- schedules
+    b("oneshot", Kind::Schedule, &[], "Reach the target at once."),
+    b("iterative", Kind::Schedule, &[
+        p("rounds", Ty::Int, None, Range::at_least(1.0), "pruning rounds"),
+        p("rewind", REWINDS, Some("none"), Range::any(), "rewind survivors to `init` (lottery ticket) or to `epoch k` before retraining"),
+    ], "Iterative magnitude pruning: each round removes the same fraction of the survivors, reaching the target after the last round."),
+    b("gradual", Kind::Schedule, &[
+        p("from", Ty::Fraction, Some("0%"), Range::sparsity(), "initial sparsity"),
+        p("to", Ty::Fraction, None, Range::sparsity(), "final sparsity"),
+        p("start", Ty::Duration, Some("step 0"), Range::non_negative(), "first pruning step"),
+        p("end", Ty::Duration, None, Range::non_negative(), "last pruning step"),
+        p("every", Ty::Duration, Some("100 steps"), Range::at_least(1.0), "steps between pruning steps"),
+        p("curve", Ty::Enum(&["cubic", "linear"]), Some("cubic"), Range::any(), "sparsity curve (AGP: cubic)"),
+    ], "Gradual pruning during training (AGP, Zhu & Gupta 2017)."),
+    // ---- optimizers and learning-rate schedules
+    b("sgd", Kind::Optimizer, &[
+        p("lr", Ty::Float, None, Range::positive(), "learning rate"),
+        p("momentum", Ty::Float, Some("0"), Range { min: Some((0.0, true)), max: Some((1.0, false)) }, "momentum"),
+        p("weight_decay", Ty::Float, Some("0"), Range::non_negative(), "L2 weight decay"),
+        p("nesterov", Ty::Bool, Some("false"), Range::any(), "Nesterov momentum"),
+    ], "Stochastic gradient descent."),
+    b("adam", Kind::Optimizer, &[
+        p("lr", Ty::Float, Some("0.001"), Range::positive(), "learning rate"),
+        p("beta1", Ty::Float, Some("0.9"), Range { min: Some((0.0, true)), max: Some((1.0, false)) }, ""),
+        p("beta2", Ty::Float, Some("0.999"), Range { min: Some((0.0, true)), max: Some((1.0, false)) }, ""),
+        p("eps", Ty::Float, Some("1e-8"), Range::positive(), ""),
+        p("weight_decay", Ty::Float, Some("0"), Range::non_negative(), "L2 penalty added to the gradient"),
+    ], "Adam."),
+    b("adamw", Kind::Optimizer, &[
+        p("lr", Ty::Float, Some("0.001"), Range::positive(), "learning rate"),
+        p("beta1", Ty::Float, Some("0.9"), Range { min: Some((0.0, true)), max: Some((1.0, false)) }, ""),
+        p("beta2", Ty::Float, Some("0.999"), Range { min: Some((0.0, true)), max: Some((1.0, false)) }, ""),
+        p("eps", Ty::Float, Some("1e-8"), Range::positive(), ""),
+        p("weight_decay", Ty::Float, Some("0.01"), Range::non_negative(), "decoupled weight decay"),
+    ], "AdamW (decoupled weight decay)."),
+    b("constant", Kind::LrSchedule, &[], "A constant learning rate."),
+    b("step_decay", Kind::LrSchedule, &[
+        p("every", Ty::Duration, None, Range::at_least(1.0), "decay period"),
+        p("gamma", Ty::Float, Some("0.1"), Range::positive(), "factor per period"),
+    ], "Multiply the learning rate by `gamma` every period."),
+    b("cosine", Kind::LrSchedule, &[
+        p("warmup", Ty::Duration, Some("0 steps"), Range::non_negative(), "linear warm-up"),
+    ], "Cosine decay to zero over the stage, after an optional warm-up."),
+    // ---- metrics
+    b("accuracy", Kind::Metric, &[], "Top-1 accuracy on the stage's data."),
+    b("loss", Kind::Metric, &[], "Mean cross-entropy on the stage's data."),
+    b("perplexity", Kind::Metric, &[], "exp(mean token cross-entropy) over the stage's text windows."),
+    b("sparsity", Kind::Metric, &[], "Fraction of targeted weights that are zero."),
+    b("pqi", Kind::Metric, &[], "PQ index of the kept weights (p = 0.5, q = 1): 0 dense-like, towards 1 sparse."),
+    b("params", Kind::Metric, &[], "Kept (non-zero) parameters."),
+    b("flops", Kind::Metric, &[], "FLOPs of one forward pass counting kept weights only."),
+    // ---- stage options
+    b("epochs", Kind::StageOption, &[p("value", Ty::Int, None, Range::at_least(1.0), "")], "Passes over the data (train, finetune)."),
+    b("steps", Kind::StageOption, &[p("value", Ty::Int, None, Range::at_least(1.0), "")], "Optimizer steps (train, finetune); overrides `epochs`."),
+    b("optimizer", Kind::StageOption, &[p("value", Ty::Of(Kind::Optimizer), Some("sgd(lr = 0.01)"), Range::any(), "")], "The optimizer (train, finetune)."),
+    b("lr_schedule", Kind::StageOption, &[p("value", Ty::Of(Kind::LrSchedule), Some("constant()"), Range::any(), "")], "The learning-rate schedule (train, finetune)."),
+    b("reinit", Kind::StageOption, &[p("value", Ty::Bool, Some("false"), Range::any(), "")], "Re-initialise the kept weights before training, keeping the mask (scratch-E, Liu et al. 2019)."),
+    b("schedule", Kind::StageOption, &[p("value", Ty::Of(Kind::Schedule), Some("oneshot()"), Range::any(), "")], "How the target is reached (prune)."),
+    b("constraints", Kind::StageOption, &[p("value", Ty::Of(Kind::Constraints), None, Range::any(), "")], "A constraint set (prune)."),
+    b("scope", Kind::StageOption, &[p("value", SCOPES, Some("global"), Range::any(), "")], "Where scores are compared: one global threshold, per layer, or per output row (prune)."),
+    b("pattern", Kind::StageOption, &[p("value", Ty::Pattern, None, Range::any(), "")], "Keep N of every M consecutive weights along the input dimension (prune)."),
+    b("targets", Kind::StageOption, &[p("value", Ty::Globs, Some("[\"*.weight\"]"), Range::any(), "")], "Parameters to prune, by name pattern (prune)."),
+    b("skip", Kind::StageOption, &[p("value", Ty::Globs, Some("[]"), Range::any(), "")], "Parameters never pruned, by name pattern (prune)."),
+    b("keep_min", Kind::StageOption, &[p("value", Ty::FractionOrCount, Some("0"), Range::non_negative(), "")], "Least kept per layer (`2% per layer` or a count): Global MP's guard against layer collapse (prune)."),
+    b("keep_max", Kind::StageOption, &[p("value", Ty::FractionOrCount, Some("100%"), Range::non_negative(), "")], "Most kept per layer (prune)."),
+    b("calibrate", Kind::StageOption, &[p("value", Ty::Of(Kind::Dataset), None, Range::any(), "")], "Calibration data for activation statistics and Hessians (prune)."),
+    b("sequential", Kind::StageOption, &[p("value", Ty::Bool, Some("true"), Range::any(), "")], "Calibrate each block on the outputs of the already-pruned blocks (prune)."),
+    b("rounds", Kind::StageOption, &[p("value", Ty::Int, None, Range::at_least(1.0), "")], "Rounds of an adaptive method (prune)."),
+    b("allow_nonfinite", Kind::StageOption, &[p("value", Ty::Bool, Some("false"), Range::any(), "")], "Accept NaN/inf weights, scoring them lowest, instead of stopping (prune)."),
+    b("format", Kind::StageOption, &[p("value", FORMATS, Some("safetensors"), Range::any(), "")], "Output format (export)."),
+];
+
+/// The built-in with this name.
+pub fn lookup(name: &str) -> Option<&'static Builtin> {
+    BUILTINS
+        .iter()
+        .find(|b| b.name == name && b.kind != Kind::StageOption)
+}
+
+/// The stage option with this name.
+pub fn stage_option(name: &str) -> Option<&'static Builtin> {
+    BUILTINS
+        .iter()
+        .find(|b| b.name == name && b.kind == Kind::StageOption)
+}
+
+/// Every built-in of a kind.
+pub fn of_kind(kind: Kind) -> impl Iterator<Item = &'static Builtin> {
+    BUILTINS.iter().filter(move |b| b.kind == kind)
+}
+
+/// The constraint-set fields: the prune options that may also be declared in a `constraints` block.
+pub const CONSTRAINT_FIELDS: [&str; 7] = [
+    "targets",
+    "skip",
+    "scope",
+    "keep_min",
+    "keep_max",
+    "pattern",
+    "allow_nonfinite",
+];
+
+/// Which options each stage accepts.
+pub fn stage_options(kind: crate::ast::StageKind) -> &'static [&'static str] {
+    use crate::ast::StageKind::*;
+    match kind {
+        Train | Finetune => &["epochs", "steps", "optimizer", "lr_schedule", "reinit"],
+        Calibrate => &[],
+        Prune => &[
+            "schedule",
+            "constraints",
+            "scope",
+            "pattern",
+            "targets",
+            "skip",
+            "keep_min",
+            "keep_max",
+            "calibrate",
+            "sequential",
+            "rounds",
+            "allow_nonfinite",
+        ],
+        Evaluate | Assert | Report => &[],
+        Export => &["format"],
+    }
+}
+
+/// Renders the documentation of one built-in, for `prunec explain NAME`.
+pub fn explain(name: &str) -> Option<String> {
+    let hits: Vec<&Builtin> = BUILTINS.iter().filter(|b| b.name == name).collect();
+    if hits.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    for bi in hits {
+        let import = if bi.stdlib {
+            format!(" (standard library: `use std.{}`)", bi.name)
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "{} — {}{}\n\n  {}\n",
+            bi.name,
+            bi.kind.noun(),
+            import,
+            bi.doc
+        ));
+        let shown: Vec<&Param> = bi
+            .params
+            .iter()
+            .filter(|p| bi.kind != Kind::StageOption || p.name == "value")
+            .collect();
+        if !shown.is_empty() {
+            out.push('\n');
+            if bi.kind == Kind::StageOption {
+                let p = shown[0];
+                out.push_str(&format!("  value: {}", p.ty));
+                if let Some(d) = p.default {
+                    out.push_str(&format!(", default {d}"));
+                }
+                if !p.range.is_any() {
+                    out.push_str(&format!(", in {}", p.range));
+                }
+                out.push('\n');
+            } else {
+                out.push_str("  parameters:\n");
+                for p in shown {
+                    let default = match p.default {
+                        Some(d) => format!(" = {d}"),
+                        None => " (required)".to_string(),
+                    };
+                    let range = if p.range.is_any() {
+                        String::new()
+                    } else {
+                        format!(", in {}", p.range)
+                    };
+                    let doc = if p.doc.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" — {}", p.doc)
+                    };
+                    out.push_str(&format!(
+                        "    {}{}: {}{}{}\n",
+                        p.name, default, p.ty, range, doc
+                    ));
+                }
+            }
+        }
+        out.push('\n');
+    }
+    Some(out.trim_end().to_string() + "\n")
+}

@@ -1,0 +1,903 @@
+//! Checks of declarations and pipeline stages: clauses, options, data needs, metrics.
+
+use super::{Checker, SymKind, Value};
+use crate::ast::*;
+use crate::builtins::{self, Kind, Needs, Range, Ty};
+use crate::diag::{did_you_mean, Code, Diagnostic};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The type of a param, inferred from its default.
+fn param_type(v: &Value) -> Option<Ty> {
+    Some(match v {
+        Value::Int(_) => Ty::Int,
+        Value::Float(_) => Ty::Float,
+        Value::Fraction(_) => Ty::Fraction,
+        Value::Bool(_) => Ty::Bool,
+        Value::Str(_) => Ty::Str,
+        Value::Pattern { .. } => Ty::Pattern,
+        Value::Duration { .. } => Ty::Duration,
+        Value::PerUnit(..) => Ty::FractionOrCount,
+        _ => return None,
+    })
+}
+
+/// What the pipeline has evaluated so far, for `assert`.
+#[derive(Default)]
+struct Evaluated {
+    /// Metric → the stage that first evaluated it.
+    metrics: BTreeMap<String, Span>,
+    /// Label (`as dense`) → its metrics.
+    labels: BTreeMap<String, (Span, BTreeSet<String>)>,
+}
+
+impl Checker<'_> {
+    pub(super) fn check_decls(&mut self, recipe: &Recipe) {
+        for item in &recipe.items {
+            match item {
+                Item::Param(p) => self.check_param(p),
+                Item::Decl(d) => {
+                    let value = match d.kind {
+                        DeclKind::Criterion => {
+                            self.criterion_stack.push(d.name.name.clone());
+                            let mut needs = Needs::default();
+                            self.check_score(&d.value, &mut needs, 0);
+                            self.criterion_stack.pop();
+                            Some(Value::Score(self.text(d.value.span).to_string()))
+                        }
+                        DeclKind::Model => self.eval(&d.value, Ty::Of(Kind::Model), Range::any()),
+                        DeclKind::Dataset => {
+                            self.eval(&d.value, Ty::Of(Kind::Dataset), Range::any())
+                        }
+                        DeclKind::Schedule => {
+                            self.eval(&d.value, Ty::Of(Kind::Schedule), Range::any())
+                        }
+                    };
+                    if let Some(s) = self.symbols.get_mut(&d.name.name) {
+                        if s.span == d.name.span {
+                            s.value = value;
+                        }
+                    }
+                }
+                Item::Constraints(c) => {
+                    let opts = self.check_options(
+                        &c.fields
+                            .iter()
+                            .map(|f| (&f.key, &f.value, f.span))
+                            .collect::<Vec<_>>(),
+                        &builtins::CONSTRAINT_FIELDS,
+                        "a constraint set",
+                    );
+                    let value = Value::Call {
+                        name: "constraints".into(),
+                        args: opts.into_iter().collect(),
+                    };
+                    if let Some(s) = self.symbols.get_mut(&c.name.name) {
+                        if s.span == c.name.span {
+                            s.value = Some(value);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn check_param(&mut self, p: &ParamDecl) {
+        let default = match &p.value.kind {
+            ExprKind::Name(id) => Some(Value::Word(id.name.clone())),
+            ExprKind::List(items) if items.iter().all(|i| matches!(i.kind, ExprKind::Str(_))) => {
+                self.eval(&p.value, Ty::Globs, Range::any())
+            }
+            ExprKind::List(_) => self.eval(&p.value, Ty::Ints, Range::any()),
+            ExprKind::Percent { .. } => self.eval(&p.value, Ty::Fraction, Range::any()),
+            ExprKind::Number { value, .. } if value.fract() == 0.0 => {
+                self.eval(&p.value, Ty::Int, Range::any())
+            }
+            ExprKind::Str(_) => self.eval(&p.value, Ty::Str, Range::any()),
+            ExprKind::Bool(_) => self.eval(&p.value, Ty::Bool, Range::any()),
+            ExprKind::Pattern { .. } => self.eval(&p.value, Ty::Pattern, Range::any()),
+            ExprKind::Duration { .. } => self.eval(&p.value, Ty::Duration, Range::any()),
+            ExprKind::Per { .. } => self.eval(&p.value, Ty::FractionOrCount, Range::any()),
+            ExprKind::Call { .. } | ExprKind::Member { .. } => {
+                self.push(
+                    Diagnostic::new(Code::WrongType, format!("param `{}` must be a constant", p.name.name))
+                        .with_label(p.value.span, "not a constant")
+                        .with_help("params hold numbers, percentages, strings, booleans, patterns, durations, words or lists; declare models, data and schedules with their own keywords"),
+                );
+                None
+            }
+            _ => self.eval(&p.value, Ty::Float, Range::any()),
+        };
+        let mut value = default.clone();
+        if let Some(text) = self.overrides.get(&p.name.name).cloned() {
+            value = self.override_value(p, &text, default.as_ref());
+        }
+        if let Some(s) = self.symbols.get_mut(&p.name.name) {
+            if s.span == p.name.span {
+                s.value = value;
+            }
+        }
+    }
+
+    /// Type-checks a `--set` value against the param's default.
+    fn override_value(
+        &mut self,
+        p: &ParamDecl,
+        text: &str,
+        default: Option<&Value>,
+    ) -> Option<Value> {
+        let Some(default) = default else { return None };
+        let fail = |this: &mut Self, why: String| {
+            this.push(
+                Diagnostic::new(
+                    Code::Override,
+                    format!("`--set {}={}`: {why}", p.name.name, text),
+                )
+                .with_label(
+                    p.name.span,
+                    format!(
+                        "`{}` is declared here as {}",
+                        p.name.name,
+                        default.type_name()
+                    ),
+                )
+                .with_help(format!("give a value like the default, `{default}`")),
+            );
+            None
+        };
+        let expr = match crate::parse::source_to_expr(text) {
+            Ok(e) => e,
+            Err(d) => return fail(self, format!("not a value ({})", d.message)),
+        };
+        let v = match (&expr.kind, default) {
+            (ExprKind::Name(id), Value::Word(_)) => Some(Value::Word(id.name.clone())),
+            (_, Value::Word(_)) => None,
+            (_, d) => {
+                let ty = param_type(d).or(match d {
+                    Value::List(items) if items.iter().all(|i| matches!(i, Value::Str(_))) => {
+                        Some(Ty::Globs)
+                    }
+                    Value::List(_) => Some(Ty::Ints),
+                    _ => None,
+                });
+                match ty {
+                    Some(ty) => {
+                        // Evaluate against the override's own text, reporting in its terms.
+                        let before = self.diags.len();
+                        let saved = std::mem::replace(&mut self.src, "");
+                        let v = self.eval(&expr, ty, Range::any());
+                        self.src = saved;
+                        let errs: Vec<Diagnostic> = self.diags.drain(before..).collect();
+                        match (v, errs.first()) {
+                            (Some(v), None) => Some(v),
+                            (_, Some(e)) => return fail(self, e.message.clone()),
+                            (None, None) => None,
+                        }
+                    }
+                    None => None,
+                }
+            }
+        };
+        match v {
+            Some(v) => Some(v),
+            None => fail(self, format!("expected {}", default.type_name())),
+        }
+    }
+
+    /// Checks `key = value` options against the stage-option table.
+    fn check_options(
+        &mut self,
+        opts: &[(&Ident, &Expr, Span)],
+        allowed: &[&str],
+        what: &str,
+    ) -> BTreeMap<String, Value> {
+        let mut out = BTreeMap::new();
+        let mut seen: BTreeMap<String, Span> = BTreeMap::new();
+        for (key, value, span) in opts {
+            if let Some(prev) = seen.insert(key.name.clone(), key.span) {
+                self.push(
+                    Diagnostic::new(
+                        Code::DuplicateArgument,
+                        format!("`{}` is given twice", key.name),
+                    )
+                    .with_label(*span, "given again here")
+                    .with_label(prev, "first given here"),
+                );
+                continue;
+            }
+            let Some(opt) =
+                builtins::stage_option(&key.name).filter(|_| allowed.contains(&key.name.as_str()))
+            else {
+                self.push(
+                    Diagnostic::new(
+                        Code::UnknownArgument,
+                        format!("`{}` is not an option of {what}", key.name),
+                    )
+                    .with_label(key.span, "unknown option")
+                    .with_help(
+                        did_you_mean(&key.name, allowed.iter().copied()).unwrap_or_else(|| {
+                            if allowed.is_empty() {
+                                format!("{what} takes no options")
+                            } else {
+                                format!("its options are: {}", allowed.join(", "))
+                            }
+                        }),
+                    ),
+                );
+                continue;
+            };
+            let p = opt.params[0];
+            if let Some(v) = self.eval(value, p.ty, p.range) {
+                out.insert(key.name.clone(), v);
+            }
+        }
+        out
+    }
+
+    pub(super) fn check_pipeline(&mut self, p: &Pipeline) {
+        if p.stages.is_empty() {
+            self.push(
+                Diagnostic::new(Code::StageClause, "the pipeline is empty")
+                    .with_label(
+                        Span::new(p.span.start, p.span.start + "pipeline".len()),
+                        "no stages",
+                    )
+                    .with_help("add stages such as `train net on data (epochs = 1)`"),
+            );
+        }
+        let mut evaluated = Evaluated::default();
+        for s in &p.stages {
+            self.check_stage(s, &mut evaluated, None);
+        }
+    }
+
+    /// The model named by a stage's subject.
+    fn expect_model(&mut self, s: &Stage) {
+        match s.subject.as_slice() {
+            [] => self.push(
+                Diagnostic::new(Code::StageClause, format!("`{}` needs a model", s.kind))
+                    .with_label(s.keyword_span, format!("write `{} MODEL ...`", s.kind)),
+            ),
+            [m] => {
+                self.eval(m, Ty::Of(Kind::Model), Range::any());
+            }
+            [_, second, ..] => self.push(
+                Diagnostic::new(
+                    Code::StageClause,
+                    format!("`{}` works on one model", s.kind),
+                )
+                .with_label(second.span, "unexpected second subject"),
+            ),
+        }
+    }
+
+    fn forbid(&mut self, s: &Stage, clause: &str, present: Option<Span>) {
+        if let Some(span) = present {
+            self.push(
+                Diagnostic::new(
+                    Code::StageClause,
+                    format!("a `{}` stage takes no `{clause}` clause", s.kind),
+                )
+                .with_label(span, "not allowed here")
+                .with_help(stage_usage(s.kind)),
+            );
+        }
+    }
+
+    fn require(&mut self, s: &Stage, clause: &str, present: bool) -> bool {
+        if !present {
+            self.push(
+                Diagnostic::new(
+                    Code::StageClause,
+                    format!("a `{}` stage needs `{clause}`", s.kind),
+                )
+                .with_label(
+                    s.keyword_span
+                        .join(s.subject.last().map(|e| e.span).unwrap_or(s.keyword_span)),
+                    format!("`{clause}` is missing"),
+                )
+                .with_help(stage_usage(s.kind)),
+            );
+        }
+        present
+    }
+
+    fn check_stage(&mut self, s: &Stage, ev: &mut Evaluated, parent: Option<&Stage>) {
+        use StageKind::*;
+        let clause_span = |e: &Option<Expr>| e.as_ref().map(|e| e.span);
+        // Clauses each kind accepts.
+        let (on, by, to, out, label) = match s.kind {
+            Train | Finetune | Calibrate => (true, false, false, false, false),
+            Prune => (true, true, true, false, false),
+            Evaluate => (true, false, false, true, true),
+            Assert => (false, false, false, false, false),
+            Export => (false, false, true, false, false),
+            Report => (false, false, false, true, false),
+        };
+        if !on {
+            self.forbid(s, "on", clause_span(&s.on));
+        }
+        if !by {
+            self.forbid(s, "by", clause_span(&s.by));
+        }
+        if !to {
+            self.forbid(s, "to", clause_span(&s.to));
+        }
+        if !out {
+            self.forbid(s, "->", clause_span(&s.out));
+        }
+        if !label {
+            self.forbid(s, "as", s.label.as_ref().map(|l| l.span));
+        }
+        if s.kind != Prune {
+            self.forbid(s, "during", s.during.as_ref().map(|d| d.keyword_span));
+            if let Some(b) = &s.block {
+                self.push(
+                    Diagnostic::new(
+                        Code::StageBlock,
+                        format!("a `{}` stage cannot hold a block", s.kind),
+                    )
+                    .with_label(
+                        Span::new(b.span.start, b.span.start + 1),
+                        "block not allowed here",
+                    )
+                    .with_help("`{ each round: ... }` belongs to a `prune` stage with rounds"),
+                );
+            }
+        }
+        // Options.
+        let allowed = builtins::stage_options(s.kind);
+        let opts: Vec<(&Ident, &Expr, Span)> = match &s.args {
+            Some(args) => {
+                let mut v = Vec::new();
+                for a in &args.items {
+                    match &a.name {
+                        Some(n) => v.push((n, &a.value, a.span)),
+                        None => self.push(
+                            Diagnostic::new(
+                                Code::StageClause,
+                                "stage options are written `name = value`",
+                            )
+                            .with_label(a.span, "an option without a name")
+                            .with_help(if allowed.is_empty() {
+                                format!("a `{}` stage takes no options", s.kind)
+                            } else {
+                                format!("options of `{}`: {}", s.kind, allowed.join(", "))
+                            }),
+                        ),
+                    }
+                }
+                v
+            }
+            None => vec![],
+        };
+        let what = format!("a `{}` stage", s.kind);
+        let options = self.check_options(&opts, allowed, &what);
+
+        match s.kind {
+            Train | Finetune | Calibrate => {
+                self.expect_model(s);
+                if self.require(s, "on DATASET", s.on.is_some()) {
+                    self.eval(s.on.as_ref().unwrap(), Ty::Of(Kind::Dataset), Range::any());
+                }
+                if options.contains_key("epochs") && options.contains_key("steps") {
+                    self.push(
+                        Diagnostic::new(Code::StageClause, "give `epochs` or `steps`, not both")
+                            .with_label(s.args.as_ref().unwrap().span, "both given"),
+                    );
+                }
+            }
+            Prune => self.check_prune(s, &options, ev, parent),
+            Evaluate => {
+                self.expect_model(s);
+                if self.require(s, "on DATASET", s.on.is_some()) {
+                    self.eval(s.on.as_ref().unwrap(), Ty::Of(Kind::Dataset), Range::any());
+                }
+                let mut metrics = BTreeSet::new();
+                if self.require(s, "-> [METRICS]", s.out.is_some()) {
+                    let out = s.out.as_ref().unwrap();
+                    let list = match &out.kind {
+                        ExprKind::List(_) => self.eval(out, Ty::Metrics, Range::any()),
+                        _ => self.eval(
+                            &Expr {
+                                kind: ExprKind::List(vec![out.clone()]),
+                                span: out.span,
+                            },
+                            Ty::Metrics,
+                            Range::any(),
+                        ),
+                    };
+                    if let Some(Value::List(items)) = list {
+                        for m in items {
+                            if let Value::Word(m) = m {
+                                ev.metrics.entry(m.clone()).or_insert(s.span);
+                                metrics.insert(m);
+                            }
+                        }
+                    }
+                }
+                if let Some(l) = &s.label {
+                    if let Some((prev, _)) = ev.labels.get(&l.name) {
+                        let prev = *prev;
+                        self.push(
+                            Diagnostic::new(
+                                Code::Duplicate,
+                                format!("the label `{}` is used twice", l.name),
+                            )
+                            .with_label(l.span, "used again here")
+                            .with_label(prev, "first used here"),
+                        );
+                    } else if self.symbols.contains_key(&l.name) {
+                        let prev = self.symbols[&l.name].span;
+                        self.push(
+                            Diagnostic::new(
+                                Code::Duplicate,
+                                format!("`{}` is already a declared name", l.name),
+                            )
+                            .with_label(l.span, "label")
+                            .with_label(prev, "declared here"),
+                        );
+                    } else {
+                        ev.labels.insert(l.name.clone(), (l.span, metrics));
+                    }
+                }
+            }
+            Assert => match s.subject.as_slice() {
+                [] => {
+                    self.require(s, "a condition", false);
+                }
+                [cond] => self.check_condition(cond, ev),
+                [_, extra, ..] => self.push(
+                    Diagnostic::new(Code::StageClause, "an `assert` takes one condition")
+                        .with_label(extra.span, "join conditions with `and`"),
+                ),
+            },
+            Export => {
+                self.expect_model(s);
+                if self.require(s, "to \"PATH\"", s.to.is_some()) {
+                    self.eval(s.to.as_ref().unwrap(), Ty::Str, Range::any());
+                }
+            }
+            Report => {
+                if s.subject.is_empty() {
+                    self.require(s, "metrics to report", false);
+                }
+                for m in &s.subject {
+                    let (base, per) = match &m.kind {
+                        ExprKind::Per { base, unit } => (base.as_ref(), Some(unit)),
+                        _ => (m, None),
+                    };
+                    if let Some(u) = per {
+                        if u.name != "round" {
+                            self.push(
+                                Diagnostic::new(
+                                    Code::WrongType,
+                                    format!("reports are `per round`, not `per {}`", u.name),
+                                )
+                                .with_label(u.span, "expected `round`"),
+                            );
+                        }
+                    }
+                    if let Some(Value::List(items)) = self.eval(
+                        &Expr {
+                            kind: ExprKind::List(vec![base.clone()]),
+                            span: base.span,
+                        },
+                        Ty::Metrics,
+                        Range::any(),
+                    ) {
+                        for item in items {
+                            if let Value::Word(name) = item {
+                                if !ev.metrics.contains_key(&name)
+                                    && !matches!(
+                                        name.as_str(),
+                                        "sparsity" | "pqi" | "params" | "flops"
+                                    )
+                                {
+                                    self.push(
+                                        Diagnostic::new(Code::MetricNotEvaluated, format!("`{name}` is reported but never evaluated"))
+                                            .with_label(base.span, "no earlier stage evaluates it")
+                                            .with_help(format!("add `evaluate MODEL on DATA -> [{name}]` before this stage (or in the round block)")),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+                if let Some(out) = &s.out {
+                    self.eval(out, Ty::Str, Range::any());
+                }
+            }
+        }
+        self.stage_options.insert(s.span.start, options);
+    }
+
+    fn check_prune(
+        &mut self,
+        s: &Stage,
+        options: &BTreeMap<String, Value>,
+        ev: &mut Evaluated,
+        parent: Option<&Stage>,
+    ) {
+        self.expect_model(s);
+        if let Some(p) = parent {
+            self.push(
+                Diagnostic::new(
+                    Code::StageBlock,
+                    "a `prune` stage cannot be nested in another",
+                )
+                .with_label(s.keyword_span, "nested prune")
+                .with_label(p.keyword_span, "inside this one"),
+            );
+        }
+        if let Some(on) = &s.on {
+            self.eval(on, Ty::Of(Kind::Dataset), Range::any());
+        }
+        // The constraint set may carry options too.
+        let mut all = options.clone();
+        if let Some(Value::Ref(cname)) = options.get("constraints") {
+            if let Some(Value::Call { args, .. }) =
+                self.symbols.get(cname).and_then(|s| s.value.clone())
+            {
+                for (k, v) in args {
+                    all.entry(k).or_insert(v);
+                }
+            }
+        }
+        // What the method reads.
+        let mut needs = Needs::default();
+        let mut method: Option<String> = None;
+        if self.require(s, "by CRITERION", s.by.is_some()) {
+            let by = s.by.as_ref().unwrap();
+            match &by.kind {
+                ExprKind::Call { callee, args }
+                    if builtins::lookup(&callee.name).is_some_and(|b| b.kind == Kind::Method) =>
+                {
+                    let bi = builtins::lookup(&callee.name).unwrap();
+                    if bi.stdlib && !self.imports.contains_key(bi.name) {
+                        self.undefined(callee, Some(Kind::Criterion));
+                    } else {
+                        self.check_args(bi, args, callee.span);
+                    }
+                    needs = bi.needs;
+                    method = Some(bi.name.to_string());
+                }
+                ExprKind::Name(id)
+                    if builtins::lookup(&id.name).is_some_and(|b| b.kind == Kind::Method)
+                        && !self.symbols.contains_key(&id.name) =>
+                {
+                    let bi = builtins::lookup(&id.name).unwrap();
+                    if bi.stdlib && !self.imports.contains_key(bi.name) {
+                        self.undefined(id, Some(Kind::Criterion));
+                    }
+                    needs = bi.needs;
+                    method = Some(bi.name.to_string());
+                }
+                _ => self.check_score(by, &mut needs, 0),
+            }
+        }
+        // Target.
+        let written = |key: &str| s.args.as_ref().is_some_and(|a| a.named(key).is_some());
+        let has_pattern = all.contains_key("pattern") || written("pattern");
+        let gradual = matches!(options.get("schedule"), Some(v) if self.schedule_name(v).as_deref() == Some("gradual"));
+        if let Some(to) = &s.to {
+            self.eval(to, Ty::Fraction, Range::sparsity());
+            if has_pattern {
+                self.push(
+                    Diagnostic::new(
+                        Code::StageClause,
+                        "a prune stage with an N:M `pattern` takes no `to` target",
+                    )
+                    .with_label(to.span, "the pattern fixes the sparsity")
+                    .with_help("remove `to ...`: `2:4` means 50% sparsity"),
+                );
+            }
+        } else if !has_pattern
+            && !gradual
+            && !written("schedule")
+            && method.as_deref() != Some("sap")
+        {
+            self.push(
+                Diagnostic::new(
+                    Code::StageClause,
+                    "this `prune` stage has no target sparsity",
+                )
+                .with_label(
+                    s.keyword_span
+                        .join(s.by.as_ref().map(|e| e.span).unwrap_or(s.keyword_span)),
+                    "how much should it prune?",
+                )
+                .with_help("add `to 90%`, an N:M `pattern = 2:4`, or a gradual schedule"),
+            );
+        }
+        // Data for what the criterion reads.
+        let has_data = s.on.is_some();
+        let has_calib = all.contains_key("calibrate") || has_data;
+        let training = s.during.is_some() || s.block.as_ref().is_some_and(|b| !b.stages.is_empty());
+        let by_span = s.by.as_ref().map(|e| e.span).unwrap_or(s.keyword_span);
+        if needs.grad && !has_data && s.during.is_none() {
+            self.push(
+                Diagnostic::new(
+                    Code::MissingData,
+                    "this criterion reads gradients, but the stage is given no data",
+                )
+                .with_label(by_span, "reads `grad(w)`")
+                .with_label(s.keyword_span, "no `on DATASET` here")
+                .with_help("add `on DATASET` to the prune stage so gradients can be computed"),
+            );
+        }
+        if needs.activations && !has_calib {
+            self.push(
+                Diagnostic::new(Code::MissingData, "this criterion reads activation statistics, but the stage is given no calibration data")
+                    .with_label(by_span, "reads layer inputs")
+                    .with_label(s.keyword_span, "no calibration data here")
+                    .with_help("add `calibrate = DATASET` to the stage options (or `on DATASET`)"),
+            );
+        }
+        if needs.training && !training {
+            self.push(
+                Diagnostic::new(
+                    Code::MissingData,
+                    "this criterion accumulates over training steps, but the stage does not train",
+                )
+                .with_label(by_span, "accumulates during training")
+                .with_help("prune `during` a `train`/`finetune` stage, or give it a round block"),
+            );
+        }
+        // Rounds and blocks.
+        let rounds = options.get("rounds").is_some()
+            || method.as_deref() == Some("sap")
+            || matches!(options.get("schedule"), Some(v) if self.schedule_name(v).as_deref() == Some("iterative"));
+        if let Some(b) = &s.block {
+            if !rounds {
+                self.push(
+                    Diagnostic::new(
+                        Code::StageBlock,
+                        "a round block needs a schedule with rounds",
+                    )
+                    .with_label(
+                        Span::new(b.span.start, b.span.start + 1),
+                        "runs once per round",
+                    )
+                    .with_help("use `schedule = iterative(rounds = N)` or `rounds = N`"),
+                );
+            }
+            match &b.each {
+                Some(e) if e.name != "round" => self.push(
+                    Diagnostic::new(
+                        Code::StageBlock,
+                        format!("blocks run `each round`, not `each {}`", e.name),
+                    )
+                    .with_label(e.span, "expected `round`"),
+                ),
+                None => self.push(
+                    Diagnostic::new(
+                        Code::StageBlock,
+                        "a block inside a prune stage starts with `each round:`",
+                    )
+                    .with_label(
+                        Span::new(b.span.start, b.span.start + 1),
+                        "add `each round:` here",
+                    ),
+                ),
+                _ => {}
+            }
+            for inner in &b.stages {
+                if !matches!(
+                    inner.kind,
+                    StageKind::Train
+                        | StageKind::Finetune
+                        | StageKind::Evaluate
+                        | StageKind::Report
+                        | StageKind::Calibrate
+                ) {
+                    self.push(
+                        Diagnostic::new(Code::StageBlock, format!("a `{}` stage cannot run each round", inner.kind))
+                            .with_label(inner.keyword_span, "not allowed in a round block")
+                            .with_help("round blocks hold `train`, `finetune`, `calibrate`, `evaluate` and `report` stages"),
+                    );
+                }
+                self.check_stage(inner, ev, Some(s));
+            }
+        }
+        if let Some(d) = &s.during {
+            if !matches!(d.kind, StageKind::Train | StageKind::Finetune) {
+                self.push(
+                    Diagnostic::new(
+                        Code::StageBlock,
+                        format!(
+                            "pruning runs during `train` or `finetune`, not `{}`",
+                            d.kind
+                        ),
+                    )
+                    .with_label(d.keyword_span, "expected `train` or `finetune`"),
+                );
+            }
+            if rounds {
+                self.push(
+                    Diagnostic::new(
+                        Code::StageBlock,
+                        "a prune stage with rounds cannot also run `during` training",
+                    )
+                    .with_label(d.keyword_span, "here")
+                    .with_help("use a gradual schedule with `during`, or rounds with a block"),
+                );
+            }
+            self.check_stage(d, ev, Some(s));
+        } else if gradual {
+            self.push(
+                Diagnostic::new(
+                    Code::StageBlock,
+                    "a gradual schedule prunes during training",
+                )
+                .with_label(s.keyword_span, "add `during train MODEL on DATA (...)`"),
+            );
+        }
+    }
+
+    fn schedule_name(&self, v: &Value) -> Option<String> {
+        match v {
+            Value::Call { name, .. } => Some(name.clone()),
+            Value::Ref(r) => self
+                .symbols
+                .get(r)
+                .and_then(|s| s.value.as_ref())
+                .and_then(|v| v.call_name())
+                .map(String::from),
+            _ => None,
+        }
+    }
+
+    /// Checks an `assert` condition: comparisons over evaluated metrics.
+    fn check_condition(&mut self, e: &Expr, ev: &Evaluated) {
+        match &e.kind {
+            ExprKind::Paren(inner) => self.check_condition(inner, ev),
+            ExprKind::Unary {
+                op: UnaryOp::Not,
+                operand,
+            } => self.check_condition(operand, ev),
+            ExprKind::Binary {
+                op: BinaryOp::And | BinaryOp::Or,
+                lhs,
+                rhs,
+            } => {
+                self.check_condition(lhs, ev);
+                self.check_condition(rhs, ev);
+            }
+            ExprKind::Binary { op, lhs, rhs } if op.is_comparison() => {
+                self.check_quantity(lhs, ev);
+                self.check_quantity(rhs, ev);
+            }
+            _ => {
+                self.push(
+                    Diagnostic::new(Code::WrongType, "an `assert` needs a comparison")
+                        .with_label(e.span, "not a condition")
+                        .with_help("for example `assert accuracy >= 97.5%`"),
+                );
+            }
+        }
+    }
+
+    /// A number in an assert: a literal, a param, a metric or `label.metric`.
+    fn check_quantity(&mut self, e: &Expr, ev: &Evaluated) {
+        match &e.kind {
+            ExprKind::Number { .. } | ExprKind::Percent { .. } => {}
+            ExprKind::Paren(inner)
+            | ExprKind::Unary {
+                op: UnaryOp::Neg,
+                operand: inner,
+            } => self.check_quantity(inner, ev),
+            ExprKind::Binary { op, lhs, rhs }
+                if !op.is_comparison() && !matches!(op, BinaryOp::And | BinaryOp::Or) =>
+            {
+                self.check_quantity(lhs, ev);
+                self.check_quantity(rhs, ev);
+            }
+            ExprKind::Name(id) => {
+                if let Some(sym) = self.symbols.get(&id.name) {
+                    if sym.kind == SymKind::Param
+                        && matches!(
+                            sym.value,
+                            Some(Value::Int(_) | Value::Float(_) | Value::Fraction(_))
+                        )
+                    {
+                        return;
+                    }
+                    if sym.kind == SymKind::Param {
+                        let span = sym.span;
+                        self.push(
+                            Diagnostic::new(
+                                Code::WrongType,
+                                format!("param `{}` is not a number", id.name),
+                            )
+                            .with_label(id.span, "compared here")
+                            .with_label(span, "declared here"),
+                        );
+                        return;
+                    }
+                }
+                let is_metric = builtins::lookup(&id.name).is_some_and(|b| b.kind == Kind::Metric);
+                if !is_metric {
+                    let metrics = builtins::of_kind(Kind::Metric).map(|b| b.name);
+                    self.push(
+                        Diagnostic::new(
+                            Code::UnknownMetric,
+                            format!("`{}` is not a metric or a numeric param", id.name),
+                        )
+                        .with_label(id.span, "unknown")
+                        .with_help_opt(did_you_mean(&id.name, metrics)),
+                    );
+                } else if !ev.metrics.contains_key(&id.name) {
+                    self.push(
+                        Diagnostic::new(
+                            Code::MetricNotEvaluated,
+                            format!(
+                                "`{}` is asserted but no earlier stage evaluates it",
+                                id.name
+                            ),
+                        )
+                        .with_label(id.span, "never evaluated before this assert")
+                        .with_help(format!(
+                            "add `{}` to an earlier `evaluate ... -> [...]`",
+                            id.name
+                        )),
+                    );
+                }
+            }
+            ExprKind::Member { base, member } => {
+                let Some(label) = base.as_name() else {
+                    self.mismatch(e, Ty::Float, "a nested member");
+                    return;
+                };
+                match ev.labels.get(&label.name) {
+                    None => {
+                        let labels = ev.labels.keys().map(|s| s.as_str());
+                        self.push(
+                            Diagnostic::new(Code::Undefined, format!("no earlier evaluation is labelled `{}`", label.name))
+                                .with_label(label.span, "unknown label")
+                                .with_help(did_you_mean(&label.name, labels).unwrap_or_else(|| {
+                                    format!("label an evaluation with `evaluate MODEL on DATA -> [{}] as {}`", member.name, label.name)
+                                })),
+                        );
+                    }
+                    Some((lspan, metrics)) => {
+                        if !metrics.contains(&member.name) {
+                            let lspan = *lspan;
+                            self.push(
+                                Diagnostic::new(
+                                    Code::MetricNotEvaluated,
+                                    format!(
+                                        "the evaluation `{}` does not measure `{}`",
+                                        label.name, member.name
+                                    ),
+                                )
+                                .with_label(member.span, "not among its metrics")
+                                .with_label(lspan, "labelled here"),
+                            );
+                        }
+                    }
+                }
+            }
+            _ => {
+                self.mismatch(e, Ty::Float, "something that is not a number");
+            }
+        }
+    }
+}
+
+/// How a stage is written, for help lines.
+fn stage_usage(kind: StageKind) -> String {
+    let usage = match kind {
+        StageKind::Train => "train MODEL on DATASET (epochs = N, optimizer = sgd(lr = 0.1))",
+        StageKind::Finetune => "finetune MODEL on DATASET (epochs = N)",
+        StageKind::Calibrate => "calibrate MODEL on DATASET",
+        StageKind::Prune => {
+            "prune MODEL by CRITERION to TARGET (schedule = ..., scope = ...) [{ each round: ... }]"
+        }
+        StageKind::Evaluate => "evaluate MODEL on DATASET -> [metrics] [as LABEL]",
+        StageKind::Assert => "assert CONDITION",
+        StageKind::Export => "export MODEL to \"PATH\" (format = safetensors)",
+        StageKind::Report => "report METRIC, ... [per round] -> \"PATH.svg\"",
+    };
+    format!("usage: `{usage}`")
+}
