@@ -49,20 +49,26 @@ impl LlamaConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return bad("head counts must be positive".into());
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
-            return bad(format!("head dimension {} must be even for RoPE", self.head_dim()));
+        if !self.head_dim().is_multiple_of(2) {
+            return bad(format!(
+                "head dimension {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         Ok(())
     }
@@ -80,7 +86,10 @@ impl LlamaConfig {
     pub fn to_hf_json(&self) -> String {
         let mut value = serde_json::to_value(self).expect("config serializes");
         let obj = value.as_object_mut().expect("config is an object");
-        obj.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+        obj.insert(
+            "architectures".into(),
+            serde_json::json!(["LlamaForCausalLM"]),
+        );
         obj.insert("model_type".into(), serde_json::json!("llama"));
         obj.insert("hidden_act".into(), serde_json::json!("silu"));
         obj.insert("torch_dtype".into(), serde_json::json!("float32"));

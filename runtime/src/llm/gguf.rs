@@ -66,8 +66,14 @@ impl GgufFile {
             rms_norm_eps: self.meta_f64("llama.attention.layer_norm_rms_epsilon")?,
             max_position_embeddings: self.meta_usize("llama.context_length").unwrap_or(2048),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
-            bos_token_id: self.meta_usize("tokenizer.ggml.bos_token_id").ok().map(|v| v as u32),
-            eos_token_id: self.meta_usize("tokenizer.ggml.eos_token_id").ok().map(|v| v as u32),
+            bos_token_id: self
+                .meta_usize("tokenizer.ggml.bos_token_id")
+                .ok()
+                .map(|v| v as u32),
+            eos_token_id: self
+                .meta_usize("tokenizer.ggml.eos_token_id")
+                .ok()
+                .map(|v| v as u32),
         };
         config.validate(&self.path)?;
         Ok(config)
@@ -118,17 +124,15 @@ impl GgufFile {
     }
 
     fn meta(&self, key: &str) -> Result<&gguf_file::Value> {
-        self.content
-            .metadata
-            .get(key)
-            .ok_or_else(|| LlmError::format(&self.path, format!("GGUF metadata `{key}` is missing")))
+        self.content.metadata.get(key).ok_or_else(|| {
+            LlmError::format(&self.path, format!("GGUF metadata `{key}` is missing"))
+        })
     }
 
     fn meta_str(&self, key: &str) -> Result<String> {
-        self.meta(key)?
-            .to_string()
-            .cloned()
-            .map_err(|_| LlmError::format(&self.path, format!("GGUF metadata `{key}` is not a string")))
+        self.meta(key)?.to_string().cloned().map_err(|_| {
+            LlmError::format(&self.path, format!("GGUF metadata `{key}` is not a string"))
+        })
     }
 
     fn meta_usize(&self, key: &str) -> Result<usize> {
@@ -146,7 +150,10 @@ impl GgufFile {
             _ => -1,
         };
         usize::try_from(n).map_err(|_| {
-            LlmError::format(&self.path, format!("GGUF metadata `{key}` is not a count: {v:?}"))
+            LlmError::format(
+                &self.path,
+                format!("GGUF metadata `{key}` is not a count: {v:?}"),
+            )
         })
     }
 
@@ -155,7 +162,9 @@ impl GgufFile {
         v.to_f32()
             .map(f64::from)
             .or_else(|_| v.to_f64())
-            .map_err(|_| LlmError::format(&self.path, format!("GGUF metadata `{key}` is not a number")))
+            .map_err(|_| {
+                LlmError::format(&self.path, format!("GGUF metadata `{key}` is not a number"))
+            })
     }
 }
 
@@ -201,7 +210,8 @@ pub fn load_gguf(path: &Path) -> Result<LlamaModel> {
     } else {
         Some(LinearWeight::Dense(g.dequantized("output.weight")?))
     };
-    let mut model = LlamaModel::from_parts(config, embed, blocks, norm, lm_head, RopeStyle::HalfSplit)?;
+    let mut model =
+        LlamaModel::from_parts(config, embed, blocks, norm, lm_head, RopeStyle::HalfSplit)?;
     model.tokenizer = Some(tokenizer);
     Ok(model)
 }
@@ -214,8 +224,10 @@ pub fn load_gguf(path: &Path) -> Result<LlamaModel> {
 pub fn load_gguf_quantized_reference(path: &Path) -> Result<LlamaModel> {
     let mut g = GgufFile::open(path)?;
     let config = g.config()?;
-    let mut quant = |g: &mut GgufFile, name: String| -> Result<LinearWeight> {
-        Ok(LinearWeight::Quantized(Arc::new(QMatMul::from_qtensor(g.qtensor(&name)?)?)))
+    let quant = |g: &mut GgufFile, name: String| -> Result<LinearWeight> {
+        Ok(LinearWeight::Quantized(Arc::new(QMatMul::from_qtensor(
+            g.qtensor(&name)?,
+        )?)))
     };
     let mut blocks = Vec::with_capacity(config.num_hidden_layers);
     for l in 0..config.num_hidden_layers {

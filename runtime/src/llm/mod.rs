@@ -1,1 +1,36 @@
 //! LLaMA-family causal language models: GGUF/HF loading, forward, calibration, one-shot solvers.
+//!
+//! The pieces, in pipeline order: [`gguf`] / [`hf`] load a [`LlamaModel`] (f32 weights and its
+//! [`TextTokenizer`]); [`eval`] measures perplexity over fixed windows; [`prune`] runs the
+//! sequential layer-wise calibration and hands every targeted linear layer to a [`LayerPruner`]
+//! (built in: [`MagnitudePruner`], [`WandaPruner`], [`SparseGptPruner`], or any score function
+//! through [`ScoredPruner`]); [`hf`] and [`compressed`] write the result.
+
+pub mod compressed;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod gguf;
+pub mod hf;
+pub mod linalg;
+pub mod model;
+pub mod prune;
+pub mod select;
+pub mod sparsegpt;
+pub mod tokenizer;
+
+pub use compressed::{load_compressed, save_compressed, CompressedSize};
+pub use config::LlamaConfig;
+pub use error::{LlmError, Result};
+pub use eval::{calibration_windows, leading_tokens, perplexity};
+pub use gguf::{load_gguf, load_gguf_quantized_reference};
+pub use hf::{load_hf, save_hf};
+pub use model::{linear_name, LinearInput, LlamaModel, Proj};
+pub use prune::{
+    prune_one_shot, LayerPruner, LayerReport, LayerStats, LayerToPrune, MagnitudePruner,
+    OneShotConfig, PruneReport, ScoredPruner, SparseGptPruner, StatsNeeds, WandaPruner,
+};
+pub use select::{Scope, SparsityPattern};
+pub use sparsegpt::{sparsegpt_prune, SparseGptConfig};
+pub use tokenizer::TextTokenizer;

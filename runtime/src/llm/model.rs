@@ -182,7 +182,11 @@ impl LlamaModel {
             )));
         }
         for (l, b) in blocks.iter().enumerate() {
-            check_shape(&format!("model.layers.{l}.input_layernorm.weight"), &b.attn_norm, &[d])?;
+            check_shape(
+                &format!("model.layers.{l}.input_layernorm.weight"),
+                &b.attn_norm,
+                &[d],
+            )?;
             check_shape(
                 &format!("model.layers.{l}.post_attention_layernorm.weight"),
                 &b.ffn_norm,
@@ -243,7 +247,10 @@ impl LlamaModel {
     /// The f32 weight (out, in) of a block's linear layer.
     pub fn linear_weight(&self, layer: usize, proj: Proj) -> Result<&Tensor> {
         let block = self.blocks.get(layer).ok_or_else(|| {
-            LlmError::Invalid(format!("layer {layer} does not exist (model has {})", self.blocks.len()))
+            LlmError::Invalid(format!(
+                "layer {layer} does not exist (model has {})",
+                self.blocks.len()
+            ))
         })?;
         match block.linear(proj) {
             LinearWeight::Dense(w) => Ok(w),
@@ -267,7 +274,10 @@ impl LlamaModel {
     pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
         for (l, b) in self.blocks.iter().enumerate() {
-            out.push((format!("model.layers.{l}.input_layernorm.weight"), b.attn_norm.clone()));
+            out.push((
+                format!("model.layers.{l}.input_layernorm.weight"),
+                b.attn_norm.clone(),
+            ));
             out.push((
                 format!("model.layers.{l}.post_attention_layernorm.weight"),
                 b.ffn_norm.clone(),
@@ -376,7 +386,9 @@ impl LlamaModel {
     /// Logits of the last position of one sequence.
     pub fn last_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         if ids.is_empty() {
-            return Err(LlmError::Invalid("cannot run the model on an empty sequence".into()));
+            return Err(LlmError::Invalid(
+                "cannot run the model on an empty sequence".into(),
+            ));
         }
         let ids = Tensor::new(ids, self.device())?.unsqueeze(0)?;
         let mut x = self.embed_tokens(&ids)?;
@@ -476,8 +488,6 @@ fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
 pub(crate) fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     // logits (n, vocab), targets (n) u32 -> nll (n) = logsumexp(logits) - logits[target]
     let lse = logits.log_sum_exp(D::Minus1)?;
-    let picked = logits
-        .gather(&targets.unsqueeze(1)?, 1)?
-        .squeeze(1)?;
+    let picked = logits.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     Ok((lse - picked)?)
 }

@@ -77,7 +77,7 @@ impl TextTokenizer {
                     .ok_or_else(|| LlmError::format(path, format!("bad BPE merge `{m}`")))
             })
             .collect::<Result<_>>()?;
-        let vocab = tokens
+        let vocab: tokenizers::models::bpe::Vocab = tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
@@ -119,7 +119,7 @@ impl TextTokenizer {
                 .filter_map(|(i, _)| tokens.get(i))
                 .map(|t| AddedToken::from(t.clone(), true))
                 .collect();
-            inner.add_special_tokens(&specials);
+            inner.add_special_tokens(specials).map_err(tok_err)?;
         }
         Ok(TextTokenizer { inner })
     }
@@ -165,5 +165,13 @@ impl TextTokenizer {
     /// Id of a token string, if it is in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+}
+
+impl TextTokenizer {
+    /// Parses a Hugging Face `tokenizer.json` string.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let inner: Tokenizer = json.parse().map_err(tok_err)?;
+        Ok(TextTokenizer { inner })
     }
 }

@@ -1,0 +1,118 @@
+//! Perplexity over fixed windows of held-out text, and seeded calibration windows.
+
+use super::error::{LlmError, Result};
+use super::model::{token_nll, LlamaModel};
+use super::tokenizer::TextTokenizer;
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
+
+/// Tokens of the first part of `text`: at least `max_tokens` of them when the text is long enough.
+pub fn leading_tokens(
+    tokenizer: &TextTokenizer,
+    text: &str,
+    max_tokens: usize,
+) -> Result<Vec<u32>> {
+    // Tokenize a prefix generously larger than needed (English averages ~4.5 bytes a token),
+    // cut at a line break so no word is split; fall back to the whole text.
+    let mut budget = max_tokens.saturating_mul(8).max(1024);
+    loop {
+        let prefix = if budget >= text.len() {
+            text
+        } else {
+            let cut = text[..budget].rfind('\n').unwrap_or(0);
+            let cut = if cut == 0 {
+                text.floor_char_boundary(budget)
+            } else {
+                cut
+            };
+            &text[..cut]
+        };
+        let mut ids = tokenizer.encode(prefix)?;
+        if ids.len() >= max_tokens || prefix.len() == text.len() {
+            ids.truncate(max_tokens);
+            return Ok(ids);
+        }
+        budget *= 2;
+    }
+}
+
+/// Perplexity of the model on `tokens` cut into non-overlapping windows of `window` tokens.
+///
+/// Each window is an independent sequence starting at position 0; every position but the last
+/// predicts its successor, and the perplexity is `exp(mean negative log-likelihood)` over all
+/// predictions. `batch` windows run per forward. The trailing partial window is dropped.
+pub fn perplexity(model: &LlamaModel, tokens: &[u32], window: usize, batch: usize) -> Result<f64> {
+    if window < 2 {
+        return Err(LlmError::Invalid(format!(
+            "perplexity window {window} must be at least 2"
+        )));
+    }
+    let windows = tokens.len() / window;
+    if windows == 0 {
+        return Err(LlmError::Invalid(format!(
+            "{} evaluation tokens are fewer than one window of {window}",
+            tokens.len()
+        )));
+    }
+    let batch = batch.max(1);
+    let mut total = 0.0f64;
+    let mut count = 0usize;
+    for start in (0..windows).step_by(batch) {
+        let b = batch.min(windows - start);
+        let chunk = &tokens[start * window..(start + b) * window];
+        let ids = Tensor::from_slice(chunk, (b, window), model.device())?;
+        let logits = model.forward(&ids)?;
+        let vocab = logits.dim(2)?;
+        let inputs = logits
+            .narrow(1, 0, window - 1)?
+            .reshape((b * (window - 1), vocab))?;
+        let targets = ids.narrow(1, 1, window - 1)?.flatten_all()?.contiguous()?;
+        let nll = token_nll(&inputs.contiguous()?, &targets)?.to_vec1::<f32>()?;
+        total += nll.iter().map(|&x| x as f64).sum::<f64>();
+        count += nll.len();
+    }
+    Ok((total / count as f64).exp())
+}
+
+/// `count` calibration windows of `window` tokens drawn from `files` with a seeded RNG.
+///
+/// Each draw picks a file uniformly, tokenizes it, and takes a window at a uniform offset
+/// (files shorter than a window are redrawn), as in the Wanda / SparseGPT calibration loaders.
+pub fn calibration_windows(
+    tokenizer: &TextTokenizer,
+    files: &[PathBuf],
+    count: usize,
+    window: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    if files.is_empty() {
+        return Err(LlmError::Invalid("no calibration files".into()));
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut cache: std::collections::HashMap<usize, Vec<u32>> = Default::default();
+    let mut out = Vec::with_capacity(count);
+    let mut attempts = 0usize;
+    while out.len() < count {
+        attempts += 1;
+        if attempts > 100 * count + 1000 {
+            return Err(LlmError::Invalid(format!(
+                "calibration files are too short for {count} windows of {window} tokens"
+            )));
+        }
+        let f = rng.random_range(0..files.len());
+        let ids = match cache.entry(f) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let text = super::data::read_text(&files[f])?;
+                e.insert(tokenizer.encode(&text)?)
+            }
+        };
+        if ids.len() <= window {
+            continue;
+        }
+        let start = rng.random_range(0..ids.len() - window);
+        out.push(ids[start..start + window].to_vec());
+    }
+    Ok(out)
+}

@@ -1,0 +1,173 @@
+//! Dense symmetric positive-definite linear algebra in f64: Cholesky with inverse, and SparseGPT's upper factor of H⁻¹.
+
+use super::error::{LlmError, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// Below this size the factorization runs as plain loops; above it, recursively with candle matmuls.
+const LEAF: usize = 64;
+
+/// Cholesky factor and its inverse of a symmetric positive-definite `a` (n, n), f64:
+/// returns `(l, l_inv)` with `a = l lᵀ`, `l` lower triangular.
+///
+/// Recursive 2x2 block algorithm: the off-diagonal panel and the Schur complement are candle
+/// matmuls, so the cost is dominated by gemm. `what` names the matrix in errors.
+pub fn cholesky_with_inverse(a: &Tensor, what: &str) -> Result<(Tensor, Tensor)> {
+    let (n, n2) = a.dims2()?;
+    if n != n2 {
+        return Err(LlmError::Invalid(format!(
+            "{what}: {n}x{n2} matrix is not square"
+        )));
+    }
+    let a = a.to_dtype(DType::F64)?;
+    if n <= LEAF {
+        return leaf(&a, n, what);
+    }
+    let k = n / 2;
+    let a11 = a.narrow(0, 0, k)?.narrow(1, 0, k)?;
+    let a21 = a.narrow(0, k, n - k)?.narrow(1, 0, k)?;
+    let a22 = a.narrow(0, k, n - k)?.narrow(1, k, n - k)?;
+    let (l11, i11) = cholesky_with_inverse(&a11, what)?;
+    let l21 = a21.matmul(&i11.t()?)?;
+    let schur = (a22 - l21.matmul(&l21.t()?)?)?;
+    let (l22, i22) = cholesky_with_inverse(&schur, what)?;
+    let i21 = i22.matmul(&l21)?.matmul(&i11)?.neg()?;
+    let zeros = Tensor::zeros((k, n - k), DType::F64, a.device())?;
+    let l = Tensor::cat(
+        &[
+            &Tensor::cat(&[&l11, &zeros], 1)?,
+            &Tensor::cat(&[&l21, &l22], 1)?,
+        ],
+        0,
+    )?;
+    let inv = Tensor::cat(
+        &[
+            &Tensor::cat(&[&i11, &zeros], 1)?,
+            &Tensor::cat(&[&i21, &i22], 1)?,
+        ],
+        0,
+    )?;
+    Ok((l, inv))
+}
+
+fn leaf(a: &Tensor, n: usize, what: &str) -> Result<(Tensor, Tensor)> {
+    let a: Vec<f64> = a.flatten_all()?.to_vec1()?;
+    let mut l = vec![0.0f64; n * n];
+    for j in 0..n {
+        let mut d = a[j * n + j];
+        for p in 0..j {
+            d -= l[j * n + p] * l[j * n + p];
+        }
+        if d.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !d.is_finite() {
+            return Err(LlmError::Numeric {
+                layer: what.to_string(),
+                reason: format!(
+                    "matrix is not positive definite (pivot {d:e}); raise the dampening"
+                ),
+            });
+        }
+        let d = d.sqrt();
+        l[j * n + j] = d;
+        for i in j + 1..n {
+            let mut s = a[i * n + j];
+            for p in 0..j {
+                s -= l[i * n + p] * l[j * n + p];
+            }
+            l[i * n + j] = s / d;
+        }
+    }
+    // Forward substitution for each column of the identity: l * inv = I.
+    let mut inv = vec![0.0f64; n * n];
+    for c in 0..n {
+        for i in c..n {
+            let mut s = if i == c { 1.0 } else { 0.0 };
+            for p in c..i {
+                s -= l[i * n + p] * inv[p * n + c];
+            }
+            inv[i * n + c] = s / l[i * n + i];
+        }
+    }
+    Ok((
+        Tensor::from_vec(l, (n, n), &Device::Cpu)?,
+        Tensor::from_vec(inv, (n, n), &Device::Cpu)?,
+    ))
+}
+
+/// The upper-triangular `u` with `H⁻¹ = uᵀ u` (what SparseGPT sweeps), for a symmetric positive-definite `h`.
+///
+/// With J the reversal permutation, `J H J = L Lᵀ` gives `H = V Vᵀ` for the upper `V = J L J`,
+/// hence `H⁻¹ = (V⁻¹)ᵀ V⁻¹` and `u = V⁻¹ = J L⁻¹ J`: one Cholesky and one triangular inverse.
+pub fn inverse_upper_cholesky(h: &Tensor, what: &str) -> Result<Tensor> {
+    let (n, _) = h.dims2()?;
+    let rev = Tensor::arange(0u32, n as u32, h.device())?
+        .to_vec1::<u32>()?
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>();
+    let rev = Tensor::new(rev.as_slice(), h.device())?;
+    let flipped = h.index_select(&rev, 0)?.index_select(&rev, 1)?;
+    let (_, l_inv) = cholesky_with_inverse(&flipped, what)?;
+    Ok(l_inv.index_select(&rev, 0)?.index_select(&rev, 1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn spd(n: usize, seed: u64) -> Tensor {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let x: Vec<f64> = (0..n * (n + 8))
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let x = Tensor::from_vec(x, (n + 8, n), &Device::Cpu).unwrap();
+        x.t().unwrap().matmul(&x).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn cholesky_and_inverse_reconstruct_across_the_leaf_boundary() {
+        for n in [5, 64, 65, 150] {
+            let a = spd(n, n as u64);
+            let (l, inv) = cholesky_with_inverse(&a, "test").unwrap();
+            let back = l.matmul(&l.t().unwrap()).unwrap();
+            assert!(max_abs_diff(&back, &a) < 1e-8, "n={n}");
+            let eye = Tensor::eye(n, DType::F64, &Device::Cpu).unwrap();
+            assert!(max_abs_diff(&l.matmul(&inv).unwrap(), &eye) < 1e-8, "n={n}");
+            let upper: Vec<Vec<f64>> = l.to_vec2().unwrap();
+            assert!((0..n).all(|i| (i + 1..n).all(|j| upper[i][j] == 0.0)));
+        }
+    }
+
+    #[test]
+    fn inverse_upper_factor_satisfies_ut_u_h_equals_identity() {
+        let n = 130;
+        let h = spd(n, 7);
+        let u = inverse_upper_cholesky(&h, "test").unwrap();
+        let rows: Vec<Vec<f64>> = u.to_vec2().unwrap();
+        assert!((0..n).all(|i| (0..i).all(|j| rows[i][j] == 0.0) && rows[i][i] > 0.0));
+        let prod = u.t().unwrap().matmul(&u).unwrap().matmul(&h).unwrap();
+        let eye = Tensor::eye(n, DType::F64, &Device::Cpu).unwrap();
+        assert!(max_abs_diff(&prod, &eye) < 1e-6);
+    }
+
+    #[test]
+    fn indefinite_matrix_is_reported_not_panicked() {
+        let a = Tensor::new(&[[1.0f64, 2.0], [2.0, 1.0]], &Device::Cpu).unwrap();
+        let err = cholesky_with_inverse(&a, "blk.0.q").unwrap_err();
+        assert!(
+            err.to_string().contains("blk.0.q") && err.to_string().contains("positive definite")
+        );
+    }
+}

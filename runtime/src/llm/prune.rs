@@ -1,0 +1,428 @@
+//! Sequential layer-wise one-shot pruning: calibrate block l on the already-pruned blocks' outputs, then prune its linears.
+
+use super::error::{LlmError, Result};
+use super::model::{linear_name, LinearInput, LlamaModel, Proj};
+use super::select::{
+    apply_pruned, choose_pruned, glob_match, magnitude_scores, wanda_scores, Scope, SparsityPattern,
+};
+use super::sparsegpt::{sparsegpt_prune, SparseGptConfig};
+use candle_core::{DType, Tensor};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// The calibration statistics a pruner asks the driver to collect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsNeeds {
+    /// Per-input-column squared norms `sum_t x_tj²` (Wanda).
+    pub col_norms: bool,
+    /// The Gram matrix `XᵀX` (SparseGPT's Hessian up to 2/n).
+    pub hessian: bool,
+}
+
+impl StatsNeeds {
+    fn any(self) -> bool {
+        self.col_norms || self.hessian
+    }
+}
+
+/// Statistics of one linear layer's calibration input X (tokens, cols), accumulated in f64.
+#[derive(Debug, Clone)]
+pub struct LayerStats {
+    /// Number of calibration tokens (rows of X) seen.
+    pub tokens: usize,
+    /// `sum_t x_tj²` per input column (empty unless requested).
+    pub col_sq_norms: Vec<f64>,
+    /// `XᵀX`, row-major (cols, cols) (empty unless requested).
+    pub xtx: Vec<f64>,
+}
+
+impl LayerStats {
+    fn new(cols: usize, needs: StatsNeeds) -> Self {
+        LayerStats {
+            tokens: 0,
+            col_sq_norms: if needs.col_norms {
+                vec![0.0; cols]
+            } else {
+                Vec::new()
+            },
+            xtx: if needs.hessian {
+                vec![0.0; cols * cols]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Adds a chunk of inputs (tokens, cols). Chunks are added in a fixed order, so the sums do
+    /// not depend on the number of threads.
+    fn add(&mut self, x: &Tensor) -> Result<()> {
+        let (n, _) = x.dims2()?;
+        self.tokens += n;
+        if !self.col_sq_norms.is_empty() {
+            let sq: Vec<f32> = x.sqr()?.sum(0)?.to_vec1()?;
+            for (acc, v) in self.col_sq_norms.iter_mut().zip(sq) {
+                *acc += v as f64;
+            }
+        }
+        if !self.xtx.is_empty() {
+            let g: Vec<f32> = x.t()?.matmul(x)?.flatten_all()?.to_vec1()?;
+            for (acc, v) in self.xtx.iter_mut().zip(g) {
+                *acc += v as f64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-column L2 norms `||X_:j||` (Wanda's activation norm).
+    pub fn col_norms(&self) -> Vec<f32> {
+        self.col_sq_norms.iter().map(|v| v.sqrt() as f32).collect()
+    }
+}
+
+/// One linear layer handed to a pruner: its name, its weight (rows = outputs, cols = inputs,
+/// row-major, edited in place) and its calibration statistics.
+pub struct LayerToPrune<'a> {
+    pub name: &'a str,
+    pub rows: usize,
+    pub cols: usize,
+    pub weight: &'a mut [f32],
+    pub stats: &'a LayerStats,
+    pub pattern: SparsityPattern,
+}
+
+/// Decides and applies the mask of one linear layer (and may update the kept weights).
+///
+/// The sequential driver calls it once per targeted layer, after collecting the statistics
+/// [`LayerPruner::needs`] asks for. Returns the number of pruned weights.
+pub trait LayerPruner {
+    /// A short name for reports (`magnitude`, `wanda`, `sparsegpt`, ...).
+    fn method(&self) -> &str;
+    /// The statistics the driver must collect before calling [`LayerPruner::prune_layer`].
+    fn needs(&self) -> StatsNeeds;
+    /// Prunes one layer in place.
+    fn prune_layer(&mut self, layer: LayerToPrune<'_>) -> Result<usize>;
+}
+
+/// Magnitude pruning: score `|w|`, one threshold per layer (N:M per group).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MagnitudePruner;
+
+impl LayerPruner for MagnitudePruner {
+    fn method(&self) -> &str {
+        "magnitude"
+    }
+    fn needs(&self) -> StatsNeeds {
+        StatsNeeds::default()
+    }
+    fn prune_layer(&mut self, layer: LayerToPrune<'_>) -> Result<usize> {
+        let scores = magnitude_scores(layer.weight);
+        let pruned = choose_pruned(&scores, layer.rows, layer.cols, layer.pattern, Scope::Layer)?;
+        Ok(apply_pruned(layer.weight, &pruned))
+    }
+}
+
+/// Wanda: score `|w_ij| * ||X_j||`, compared per output row (N:M per group).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WandaPruner;
+
+impl LayerPruner for WandaPruner {
+    fn method(&self) -> &str {
+        "wanda"
+    }
+    fn needs(&self) -> StatsNeeds {
+        StatsNeeds {
+            col_norms: true,
+            hessian: false,
+        }
+    }
+    fn prune_layer(&mut self, layer: LayerToPrune<'_>) -> Result<usize> {
+        let scores = wanda_scores(layer.weight, layer.cols, &layer.stats.col_norms())?;
+        let pruned = choose_pruned(&scores, layer.rows, layer.cols, layer.pattern, Scope::Row)?;
+        Ok(apply_pruned(layer.weight, &pruned))
+    }
+}
+
+/// SparseGPT: mask and OBS weight update from the layer Hessian.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SparseGptPruner {
+    pub config: SparseGptConfig,
+}
+
+impl LayerPruner for SparseGptPruner {
+    fn method(&self) -> &str {
+        "sparsegpt"
+    }
+    fn needs(&self) -> StatsNeeds {
+        StatsNeeds {
+            col_norms: false,
+            hessian: true,
+        }
+    }
+    fn prune_layer(&mut self, layer: LayerToPrune<'_>) -> Result<usize> {
+        sparsegpt_prune(layer, self.config)
+    }
+}
+
+/// A pruner from any score function (for example a criterion compiled to a kernel):
+/// `score(name, weight, rows, cols, col_norms, scores_out)` fills one score per weight; the
+/// lowest scores are pruned within `scope` (N:M patterns always compare within groups).
+pub struct ScoredPruner<F> {
+    pub method: String,
+    pub needs: StatsNeeds,
+    pub scope: Scope,
+    pub score: F,
+}
+
+impl<F> LayerPruner for ScoredPruner<F>
+where
+    F: FnMut(&str, &[f32], usize, usize, &[f32], &mut [f32]) -> Result<()>,
+{
+    fn method(&self) -> &str {
+        &self.method
+    }
+    fn needs(&self) -> StatsNeeds {
+        self.needs
+    }
+    fn prune_layer(&mut self, layer: LayerToPrune<'_>) -> Result<usize> {
+        let mut scores = vec![0.0f32; layer.weight.len()];
+        let norms = layer.stats.col_norms();
+        (self.score)(
+            layer.name,
+            layer.weight,
+            layer.rows,
+            layer.cols,
+            &norms,
+            &mut scores,
+        )?;
+        let pruned = choose_pruned(&scores, layer.rows, layer.cols, layer.pattern, self.scope)?;
+        Ok(apply_pruned(layer.weight, &pruned))
+    }
+}
+
+/// What to prune and how the calibration data is batched.
+#[derive(Debug, Clone)]
+pub struct OneShotConfig {
+    pub pattern: SparsityPattern,
+    /// Globs over parameter names; a layer is pruned when it matches one and no `skip` glob.
+    pub targets: Vec<String>,
+    /// Globs of names left dense. Embeddings and `lm_head` are skipped by default.
+    pub skip: Vec<String>,
+    /// Calibration sequences per forward chunk (a fixed chunking keeps sums thread-independent).
+    pub batch: usize,
+}
+
+impl OneShotConfig {
+    /// Every block linear layer at `pattern`, embeddings and `lm_head` left dense.
+    pub fn new(pattern: SparsityPattern) -> Self {
+        OneShotConfig {
+            pattern,
+            targets: vec!["*".into()],
+            skip: vec!["model.embed_tokens.weight".into(), "lm_head.weight".into()],
+            batch: 8,
+        }
+    }
+
+    fn selects(&self, name: &str) -> bool {
+        self.targets.iter().any(|g| glob_match(g, name))
+            && !self.skip.iter().any(|g| glob_match(g, name))
+    }
+}
+
+/// What happened to one layer.
+#[derive(Debug, Clone)]
+pub struct LayerReport {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub pruned: usize,
+    pub seconds: f64,
+}
+
+/// The outcome of a one-shot run.
+#[derive(Debug, Clone, Default)]
+pub struct PruneReport {
+    pub method: String,
+    pub layers: Vec<LayerReport>,
+    pub calibration_tokens: usize,
+    /// Time in block forwards and statistic accumulation.
+    pub calibration_seconds: f64,
+    /// Time inside the pruner.
+    pub solve_seconds: f64,
+    pub total_seconds: f64,
+}
+
+impl PruneReport {
+    /// Pruned fraction over the pruned layers.
+    pub fn sparsity(&self) -> f64 {
+        let total: usize = self.layers.iter().map(|l| l.rows * l.cols).sum();
+        let pruned: usize = self.layers.iter().map(|l| l.pruned).sum();
+        pruned as f64 / total.max(1) as f64
+    }
+}
+
+/// One-shot prunes `model` in place: block by block, calibrated on the outputs of the already
+/// pruned blocks before it (`calibration` = equal-length token sequences).
+///
+/// Memory is bounded by one block's activations for the calibration set plus the statistics of
+/// that block's four distinct linear inputs. Pruners that need no statistics run without any
+/// forward pass.
+pub fn prune_one_shot(
+    model: &mut LlamaModel,
+    calibration: &[Vec<u32>],
+    config: &OneShotConfig,
+    pruner: &mut dyn LayerPruner,
+) -> Result<PruneReport> {
+    let start = Instant::now();
+    config.pattern.validate(None)?;
+    for special in ["model.embed_tokens.weight", "lm_head.weight"] {
+        if config.selects(special) {
+            return Err(LlmError::Invalid(format!(
+                "`{special}` is targeted, but one-shot methods prune the blocks' linear layers only; add it to skip"
+            )));
+        }
+    }
+    let layers = model.num_layers();
+    let targets: Vec<Vec<Proj>> = (0..layers)
+        .map(|l| {
+            Proj::ALL
+                .into_iter()
+                .filter(|&p| config.selects(&linear_name(l, p)))
+                .collect()
+        })
+        .collect();
+    if targets.iter().all(|t| t.is_empty()) {
+        return Err(LlmError::Invalid(format!(
+            "no layer matches targets {:?} minus skip {:?}",
+            config.targets, config.skip
+        )));
+    }
+    let needs = pruner.needs();
+    let mut report = PruneReport {
+        method: pruner.method().to_string(),
+        ..Default::default()
+    };
+
+    // The calibration residual stream, one tensor per chunk of sequences.
+    let mut chunks: Vec<Tensor> = Vec::new();
+    if needs.any() {
+        let len = calibration.first().map(|s| s.len()).unwrap_or(0);
+        if len == 0 {
+            return Err(LlmError::Invalid(format!(
+                "`{}` needs calibration data, but none (or an empty sequence) was given",
+                pruner.method()
+            )));
+        }
+        if let Some(bad) = calibration.iter().position(|s| s.len() != len) {
+            return Err(LlmError::Invalid(format!(
+                "calibration sequence {bad} has {} tokens, the first has {len}; all must be equal",
+                calibration[bad].len()
+            )));
+        }
+        let vocab = model.config.vocab_size as u32;
+        if let Some(t) = calibration.iter().flatten().find(|&&t| t >= vocab) {
+            return Err(LlmError::Invalid(format!(
+                "calibration token id {t} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let t0 = Instant::now();
+        for group in calibration.chunks(config.batch.max(1)) {
+            let flat: Vec<u32> = group.iter().flatten().copied().collect();
+            let ids = Tensor::from_vec(flat, (group.len(), len), model.device())?;
+            chunks.push(model.embed_tokens(&ids)?);
+        }
+        report.calibration_tokens = calibration.len() * len;
+        report.calibration_seconds += t0.elapsed().as_secs_f64();
+    }
+
+    for (l, block_targets) in targets.iter().enumerate() {
+        if !needs.any() {
+            for &proj in block_targets {
+                prune_linear(model, l, proj, None, config.pattern, pruner, &mut report)?;
+            }
+            continue;
+        }
+        if block_targets.is_empty() {
+            let t0 = Instant::now();
+            for x in chunks.iter_mut() {
+                *x = model.block_forward(l, x, None)?;
+            }
+            report.calibration_seconds += t0.elapsed().as_secs_f64();
+            continue;
+        }
+        let t0 = Instant::now();
+        let wanted: Vec<LinearInput> = {
+            let mut v: Vec<LinearInput> = block_targets.iter().map(|p| p.input()).collect();
+            v.dedup();
+            v
+        };
+        let mut stats: BTreeMap<LinearInput, LayerStats> = BTreeMap::new();
+        for x in &chunks {
+            let mut sink = |input: LinearInput, a: &Tensor| -> Result<()> {
+                if wanted.contains(&input) {
+                    let cols = a.dim(1)?;
+                    stats
+                        .entry(input)
+                        .or_insert_with(|| LayerStats::new(cols, needs))
+                        .add(a)?;
+                }
+                Ok(())
+            };
+            model.block_forward(l, x, Some(&mut sink))?;
+        }
+        report.calibration_seconds += t0.elapsed().as_secs_f64();
+        for &proj in block_targets {
+            let s = stats.get(&proj.input());
+            prune_linear(model, l, proj, s, config.pattern, pruner, &mut report)?;
+        }
+        // Feed the next block with this block's pruned outputs.
+        let t0 = Instant::now();
+        for x in chunks.iter_mut() {
+            *x = model.block_forward(l, x, None)?;
+        }
+        report.calibration_seconds += t0.elapsed().as_secs_f64();
+    }
+    report.total_seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn prune_linear(
+    model: &mut LlamaModel,
+    layer: usize,
+    proj: Proj,
+    stats: Option<&LayerStats>,
+    pattern: SparsityPattern,
+    pruner: &mut dyn LayerPruner,
+    report: &mut PruneReport,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let name = linear_name(layer, proj);
+    let w = model.linear_weight(layer, proj)?;
+    let (rows, cols) = w.dims2()?;
+    pattern.validate(Some((&name, cols)))?;
+    let mut weight: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let empty = LayerStats::new(0, StatsNeeds::default());
+    let pruned = pruner.prune_layer(LayerToPrune {
+        name: &name,
+        rows,
+        cols,
+        weight: &mut weight,
+        stats: stats.unwrap_or(&empty),
+        pattern,
+    })?;
+    let device = model.device().clone();
+    model.set_linear_weight(
+        layer,
+        proj,
+        Tensor::from_vec(weight, (rows, cols), &device)?,
+    )?;
+    let seconds = t0.elapsed().as_secs_f64();
+    report.solve_seconds += seconds;
+    report.layers.push(LayerReport {
+        name,
+        rows,
+        cols,
+        pruned,
+        seconds,
+    });
+    Ok(())
+}
