@@ -57,7 +57,11 @@ pub enum RuntimeError {
 
     /// The training loss became NaN or infinite.
     #[error("training diverged at epoch {epoch}, step {step}: loss is {loss}")]
-    Diverged { epoch: usize, step: usize, loss: f32 },
+    Diverged {
+        epoch: usize,
+        step: usize,
+        loss: f32,
+    },
 
     /// A candle operation failed; `context` says which tensor or layer.
     #[error("{context}: {source}")]

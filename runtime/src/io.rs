@@ -32,14 +32,16 @@ const MAX_HEADER: u64 = 100_000_000;
 
 /// Reads only the JSON header of a safetensors file (not the weights).
 pub fn read_safetensors_header(path: &Path) -> Result<SafetensorsHeader> {
-    let mut file = std::fs::File::open(path).map_err(|e| RuntimeError::io("cannot open", path, e))?;
+    let mut file =
+        std::fs::File::open(path).map_err(|e| RuntimeError::io("cannot open", path, e))?;
     let file_len = file
         .metadata()
         .map_err(|e| RuntimeError::io("cannot stat", path, e))?
         .len();
     let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .map_err(|_| RuntimeError::corrupt(path, "shorter than the 8-byte safetensors header length"))?;
+    file.read_exact(&mut len).map_err(|_| {
+        RuntimeError::corrupt(path, "shorter than the 8-byte safetensors header length")
+    })?;
     let n = u64::from_le_bytes(len);
     if n > MAX_HEADER || n + 8 > file_len {
         return Err(RuntimeError::corrupt(
@@ -48,8 +50,9 @@ pub fn read_safetensors_header(path: &Path) -> Result<SafetensorsHeader> {
         ));
     }
     let mut json = vec![0u8; n as usize];
-    file.read_exact(&mut json)
-        .map_err(|e| RuntimeError::corrupt(path, format!("cannot read the safetensors header: {e}")))?;
+    file.read_exact(&mut json).map_err(|e| {
+        RuntimeError::corrupt(path, format!("cannot read the safetensors header: {e}"))
+    })?;
     let value: serde_json::Value = serde_json::from_slice(&json)
         .map_err(|e| RuntimeError::corrupt(path, format!("safetensors header is not JSON: {e}")))?;
     let obj = value
@@ -70,12 +73,19 @@ pub fn read_safetensors_header(path: &Path) -> Result<SafetensorsHeader> {
             continue;
         }
         let bad = |what: &str| RuntimeError::corrupt(path, format!("tensor `{name}`: {what}"));
-        let dtype = entry["dtype"].as_str().ok_or_else(|| bad("no dtype"))?.to_string();
+        let dtype = entry["dtype"]
+            .as_str()
+            .ok_or_else(|| bad("no dtype"))?
+            .to_string();
         let shape = entry["shape"]
             .as_array()
             .ok_or_else(|| bad("no shape"))?
             .iter()
-            .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| bad("bad shape")))
+            .map(|d| {
+                d.as_u64()
+                    .map(|d| d as usize)
+                    .ok_or_else(|| bad("bad shape"))
+            })
             .collect::<Result<Vec<_>>>()?;
         let offsets = entry["data_offsets"]
             .as_array()
@@ -88,7 +98,14 @@ pub fn read_safetensors_header(path: &Path) -> Result<SafetensorsHeader> {
                 "data range {start}..{end} outside the {data_len} data bytes (truncated file?)"
             )));
         }
-        with_offsets.push((start, TensorHeader { name: name.clone(), dtype, shape }));
+        with_offsets.push((
+            start,
+            TensorHeader {
+                name: name.clone(),
+                dtype,
+                shape,
+            },
+        ));
     }
     with_offsets.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
     header.tensors = with_offsets.into_iter().map(|(_, t)| t).collect();
@@ -98,8 +115,9 @@ pub fn read_safetensors_header(path: &Path) -> Result<SafetensorsHeader> {
 /// Reads tensor names, dtypes and shapes of a PyTorch `.pth` (zip) state dict
 /// without loading the weights.
 pub fn read_pth_header(path: &Path) -> Result<Vec<TensorHeader>> {
-    let infos = candle_core::pickle::read_pth_tensor_info(path, false, None)
-        .map_err(|e| RuntimeError::corrupt(path, format!("not a readable PyTorch state dict: {e}")))?;
+    let infos = candle_core::pickle::read_pth_tensor_info(path, false, None).map_err(|e| {
+        RuntimeError::corrupt(path, format!("not a readable PyTorch state dict: {e}"))
+    })?;
     let mut out: Vec<TensorHeader> = infos
         .into_iter()
         .map(|i| TensorHeader {
@@ -114,11 +132,14 @@ pub fn read_pth_header(path: &Path) -> Result<Vec<TensorHeader>> {
 
 /// Loads every tensor of a `.pth` state dict, by name.
 pub fn load_pth(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
-    let all = candle_core::pickle::read_all(path)
-        .map_err(|e| RuntimeError::corrupt(path, format!("not a readable PyTorch state dict: {e}")))?;
+    let all = candle_core::pickle::read_all(path).map_err(|e| {
+        RuntimeError::corrupt(path, format!("not a readable PyTorch state dict: {e}"))
+    })?;
     all.into_iter()
         .map(|(name, t)| {
-            let t = t.to_device(device).ctx(|| format!("moving `{name}` of {}", path.display()))?;
+            let t = t
+                .to_device(device)
+                .ctx(|| format!("moving `{name}` of {}", path.display()))?;
             Ok((name, t))
         })
         .collect()
@@ -156,11 +177,13 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<LoadedTensors> {
         let view = st
             .tensor(&h.name)
             .map_err(|e| RuntimeError::corrupt(path, format!("tensor `{}`: {e}", h.name)))?;
-        let t = view.load(device).map_err(|_| RuntimeError::UnsupportedDType {
-            name: h.name.clone(),
-            context: path.display().to_string(),
-            dtype: h.dtype.clone(),
-        })?;
+        let t = view
+            .load(device)
+            .map_err(|_| RuntimeError::UnsupportedDType {
+                name: h.name.clone(),
+                context: path.display().to_string(),
+                dtype: h.dtype.clone(),
+            })?;
         tensors.push((h.name.clone(), t));
     }
     Ok(LoadedTensors {
@@ -177,17 +200,24 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// sha256 of a file's contents.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).map_err(|e| RuntimeError::io("cannot open", path, e))?;
+    let mut file =
+        std::fs::File::open(path).map_err(|e| RuntimeError::io("cannot open", path, e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(|e| RuntimeError::io("cannot read", path, e))?;
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| RuntimeError::io("cannot read", path, e))?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// The absolute, symlink-resolved form of a path that may not exist yet.
@@ -260,7 +290,12 @@ pub fn save_safetensors_atomic(
     let meta: Option<HashMap<String, String>> = if metadata.is_empty() {
         None
     } else {
-        Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        Some(
+            metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
     };
     // Tensors on another device, or non-contiguous, are copied to contiguous CPU memory first.
     let host: Vec<(String, Tensor)> = tensors
@@ -273,7 +308,9 @@ pub fn save_safetensors_atomic(
             Ok((n.clone(), t))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(host.iter().map(|(n, t)| (n.as_str(), t)), meta)
-        .map_err(|e| RuntimeError::InvalidConfig(format!("cannot serialise {}: {e}", path.display())))?;
+    let bytes =
+        safetensors::serialize(host.iter().map(|(n, t)| (n.as_str(), t)), meta).map_err(|e| {
+            RuntimeError::InvalidConfig(format!("cannot serialise {}: {e}", path.display()))
+        })?;
     write_atomic(path, &bytes, inputs)
 }

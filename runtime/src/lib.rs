@@ -1,3 +1,24 @@
 //! prunec runtime: data sets, models, masked training, evaluation and model I/O on candle.
+#![doc = include_str!("../README.md")]
 
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod eval;
+pub mod io;
 pub mod llm;
+pub mod masks;
+pub mod model;
+pub mod optim;
+pub mod paths;
+pub mod train;
+
+pub use data::{Batch, Dataset, DatasetKind, DatasetMeta, DatasetSpec, Split};
+pub use device::DeviceSpec;
+pub use error::{Result, RuntimeError};
+pub use eval::{evaluate, pqi, sparsity, Metrics, ModelCounts};
+pub use io::{load_safetensors, save_safetensors_atomic};
+pub use masks::Masks;
+pub use model::{Activation, Architecture, InitScheme, Model, ModelSpec, Snapshot};
+pub use optim::{LrSchedule, OptimizerSpec};
+pub use train::{gradients, train, NoHooks, StepInfo, TrainConfig, TrainHooks, TrainReport};

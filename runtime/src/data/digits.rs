@@ -26,12 +26,19 @@ pub fn read(path: &Path) -> Result<DigitsData> {
         if fields.len() != 65 {
             return Err(RuntimeError::corrupt(
                 path,
-                format!("line {}: expected 65 comma-separated values (64 pixels + label), found {}", i + 1, fields.len()),
+                format!(
+                    "line {}: expected 65 comma-separated values (64 pixels + label), found {}",
+                    i + 1,
+                    fields.len()
+                ),
             ));
         }
         for (j, f) in fields.iter().enumerate() {
             let v: f32 = f.trim().parse().map_err(|_| {
-                RuntimeError::corrupt(path, format!("line {}, column {}: `{f}` is not a number", i + 1, j + 1))
+                RuntimeError::corrupt(
+                    path,
+                    format!("line {}, column {}: `{f}` is not a number", i + 1, j + 1),
+                )
             })?;
             if j < 64 {
                 if !(0.0..=16.0).contains(&v) {

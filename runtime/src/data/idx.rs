@@ -108,7 +108,10 @@ pub fn read_u8(path: &Path, expected_rank: usize) -> Result<(IdxHeader, Vec<u8>)
     if trailing != 0 {
         return Err(RuntimeError::corrupt(
             path,
-            format!("trailing bytes after the {n} data bytes announced by header {:?}", header.dims),
+            format!(
+                "trailing bytes after the {n} data bytes announced by header {:?}",
+                header.dims
+            ),
         ));
     }
     Ok((header, data))

@@ -198,7 +198,11 @@ impl DatasetSpec {
         let (shape, file_len) = match self.kind {
             DatasetKind::Digits => {
                 self.digits_file()?;
-                let len = if self.split == Split::Test { 1797 - DIGITS_TRAIN } else { DIGITS_TRAIN };
+                let len = if self.split == Split::Test {
+                    1797 - DIGITS_TRAIN
+                } else {
+                    DIGITS_TRAIN
+                };
                 (vec![1, 8, 8], len)
             }
             _ => {

@@ -11,7 +11,8 @@ use crate::error::{CandleContext, Result, RuntimeError};
 pub fn read_corpus(path: &Path) -> Result<String> {
     let path = crate::paths::require_file(path.to_path_buf(), "text")?;
     let bytes = std::fs::read(&path).map_err(|e| RuntimeError::io("cannot read", &path, e))?;
-    String::from_utf8(bytes).map_err(|e| RuntimeError::corrupt(&path, format!("not UTF-8 text: {e}")))
+    String::from_utf8(bytes)
+        .map_err(|e| RuntimeError::corrupt(&path, format!("not UTF-8 text: {e}")))
 }
 
 /// Fixed-length token windows, as `[windows, seq_len]` u32 tensors.
@@ -34,7 +35,9 @@ pub fn token_windows(
     device: &Device,
 ) -> Result<TokenWindows> {
     if seq_len == 0 {
-        return Err(RuntimeError::InvalidConfig("token window length must be > 0".into()));
+        return Err(RuntimeError::InvalidConfig(
+            "token window length must be > 0".into(),
+        ));
     }
     if !(0.0..1.0).contains(&heldout_fraction) {
         return Err(RuntimeError::InvalidConfig(format!(

@@ -1,0 +1,288 @@
+//! Masked training (cross-entropy, any optimizer and schedule, per-step gradient hooks)
+//! and gradient collection over batches.
+
+use candle_core::{backprop::GradStore, Tensor};
+
+use crate::data::{Batch, Dataset};
+use crate::error::{CandleContext, Result, RuntimeError};
+use crate::masks::Masks;
+use crate::model::Model;
+use crate::optim::{LrSchedule, Optimizer, OptimizerSpec};
+
+/// How to train.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// Passes over the data.
+    pub epochs: usize,
+    /// Stop after this many optimizer steps in total (`None`: all epochs).
+    pub max_steps: Option<usize>,
+    pub optimizer: OptimizerSpec,
+    pub schedule: LrSchedule,
+    /// Linear learning-rate warm-up over the first steps.
+    pub warmup_steps: usize,
+}
+
+impl TrainConfig {
+    /// `epochs` epochs with `optimizer`, constant rate, no warm-up.
+    pub fn new(epochs: usize, optimizer: OptimizerSpec) -> Self {
+        TrainConfig {
+            epochs,
+            max_steps: None,
+            optimizer,
+            schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+        }
+    }
+
+    /// Uses `schedule`.
+    pub fn schedule(mut self, schedule: LrSchedule) -> Self {
+        self.schedule = schedule;
+        self
+    }
+
+    /// Warms up linearly over `steps` steps.
+    pub fn warmup(mut self, steps: usize) -> Self {
+        self.warmup_steps = steps;
+        self
+    }
+
+    /// Stops after `steps` optimizer steps.
+    pub fn max_steps(mut self, steps: usize) -> Self {
+        self.max_steps = Some(steps);
+        self
+    }
+
+    /// Total optimizer steps this config runs on `data`.
+    pub fn total_steps(&self, data: &Dataset) -> usize {
+        let all = self.epochs * data.num_batches();
+        self.max_steps.map_or(all, |m| m.min(all))
+    }
+}
+
+/// Where training is when a hook runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepInfo {
+    /// 0-based epoch.
+    pub epoch: usize,
+    /// 0-based batch within the epoch.
+    pub batch: usize,
+    /// 0-based global optimizer step.
+    pub step: usize,
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// Mean cross-entropy of this batch (before the update).
+    pub loss: f32,
+}
+
+/// Whether training goes on after a hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Stop,
+}
+
+/// Callbacks during [`train`]. Every method has a default that does nothing.
+pub trait TrainHooks {
+    /// After the backward pass, before the update: every parameter's gradient of the
+    /// batch's mean loss, in model order, *unmasked* (criteria like Taylor or movement
+    /// scores read them here).
+    fn on_gradients(
+        &mut self,
+        _info: &StepInfo,
+        _model: &Model,
+        _grads: &[(String, Tensor)],
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// After the optimizer step and mask re-application.
+    fn after_step(&mut self, _info: &StepInfo, _model: &Model) -> Result<Control> {
+        Ok(Control::Continue)
+    }
+
+    /// After each epoch (`epoch` is 0-based): e.g. take a late-rewinding snapshot.
+    fn after_epoch(&mut self, _epoch: usize, _model: &Model) -> Result<Control> {
+        Ok(Control::Continue)
+    }
+}
+
+/// Hooks that do nothing.
+pub struct NoHooks;
+
+impl TrainHooks for NoHooks {}
+
+/// What a training run did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainReport {
+    /// Optimizer steps taken.
+    pub steps: usize,
+    /// Mean batch loss of each epoch run (a partial last epoch included).
+    pub epoch_losses: Vec<f64>,
+    /// Learning rate of the last step.
+    pub final_lr: f64,
+    /// True when a hook asked to stop.
+    pub stopped_by_hook: bool,
+}
+
+/// Mean cross-entropy of a batch (logits `[b, classes]`, targets `[b]` u32).
+pub fn batch_loss(model: &Model, batch: &Batch) -> Result<Tensor> {
+    let logits = model.forward(&batch.inputs)?;
+    candle_nn::loss::cross_entropy(&logits, &batch.targets).ctx(|| {
+        format!(
+            "cross-entropy of logits {:?} against targets {:?}",
+            logits.dims(),
+            batch.targets.dims()
+        )
+    })
+}
+
+fn named_grads(model: &Model, grads: &GradStore) -> Result<Vec<(String, Tensor)>> {
+    model
+        .params()
+        .iter()
+        .map(|p| {
+            let g = match grads.get(p.var.as_tensor()) {
+                Some(g) => g.clone(),
+                None => p
+                    .var
+                    .zeros_like()
+                    .ctx(|| format!("gradient of `{}`", p.name))?,
+            };
+            Ok((p.name.clone(), g))
+        })
+        .collect()
+}
+
+fn check_masks(model: &Model, masks: &Masks) -> Result<()> {
+    for name in masks.names() {
+        model.param(name)?;
+    }
+    Ok(())
+}
+
+/// Trains `model` on `data` (batches and shuffling as the data set says) with
+/// cross-entropy. Masks are applied before the first step and after every step,
+/// gradients and optimizer state of pruned weights are zeroed. Deterministic for a
+/// given seed and data set, whatever the thread count.
+pub fn train(
+    model: &mut Model,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    masks: &Masks,
+    hooks: &mut dyn TrainHooks,
+) -> Result<TrainReport> {
+    if cfg.epochs == 0 {
+        return Err(RuntimeError::InvalidConfig(
+            "training needs at least one epoch".into(),
+        ));
+    }
+    check_masks(model, masks)?;
+    let mut optimizer = Optimizer::new(cfg.optimizer.clone(), model)?;
+    masks.apply(model)?;
+    let total = cfg.total_steps(data);
+    let per_epoch = data.num_batches();
+    let base = cfg.optimizer.lr();
+    let mut report = TrainReport {
+        steps: 0,
+        epoch_losses: Vec::new(),
+        final_lr: base,
+        stopped_by_hook: false,
+    };
+    'epochs: for epoch in 0..cfg.epochs {
+        let mut loss_sum = 0.0f64;
+        let mut batches = 0usize;
+        for (b, batch) in data.batches(epoch).enumerate() {
+            if report.steps >= total {
+                break 'epochs;
+            }
+            let batch = batch?;
+            let lr = cfg
+                .schedule
+                .lr_at(base, report.steps, total, per_epoch, cfg.warmup_steps);
+            let loss = batch_loss(model, &batch)?;
+            let loss_value = loss
+                .to_scalar::<f32>()
+                .ctx(|| "reading the loss".to_string())?;
+            if !loss_value.is_finite() {
+                return Err(RuntimeError::Diverged {
+                    epoch,
+                    step: report.steps,
+                    loss: loss_value,
+                });
+            }
+            let grads = loss
+                .backward()
+                .ctx(|| format!("backward pass at step {}", report.steps))?;
+            let info = StepInfo {
+                epoch,
+                batch: b,
+                step: report.steps,
+                lr,
+                loss: loss_value,
+            };
+            hooks.on_gradients(&info, model, &named_grads(model, &grads)?)?;
+            optimizer.step(model, &grads, masks, lr)?;
+            report.steps += 1;
+            report.final_lr = lr;
+            loss_sum += loss_value as f64;
+            batches += 1;
+            if hooks.after_step(&info, model)? == Control::Stop {
+                report.epoch_losses.push(loss_sum / batches as f64);
+                report.stopped_by_hook = true;
+                return Ok(report);
+            }
+        }
+        if batches > 0 {
+            report.epoch_losses.push(loss_sum / batches as f64);
+        }
+        if hooks.after_epoch(epoch, model)? == Control::Stop {
+            report.stopped_by_hook = true;
+            break;
+        }
+    }
+    Ok(report)
+}
+
+/// The mean over the first `batches` batches (epoch 0 order of `data`) of each
+/// parameter's gradient of the batch-mean cross-entropy, in model order. The
+/// weights are not changed. With `batches` larger than the data set, all batches are used.
+pub fn gradients(model: &Model, data: &Dataset, batches: usize) -> Result<Vec<(String, Tensor)>> {
+    if batches == 0 {
+        return Err(RuntimeError::InvalidConfig(
+            "gradients need at least one batch".into(),
+        ));
+    }
+    let mut sum: Option<Vec<(String, Tensor)>> = None;
+    let mut n = 0usize;
+    for batch in data.batches(0).take(batches) {
+        let batch = batch?;
+        let loss = batch_loss(model, &batch)?;
+        let grads = loss
+            .backward()
+            .ctx(|| "backward pass for gradients".to_string())?;
+        let named = named_grads(model, &grads)?;
+        sum = Some(match sum {
+            None => named,
+            Some(acc) => acc
+                .into_iter()
+                .zip(named)
+                .map(|((name, a), (_, g))| {
+                    let s = a.add(&g).ctx(|| format!("summing gradients of `{name}`"))?;
+                    Ok((name, s))
+                })
+                .collect::<Result<_>>()?,
+        });
+        n += 1;
+    }
+    let sum = sum.ok_or_else(|| {
+        RuntimeError::InvalidConfig(format!("data set {} has no batches", data.name))
+    })?;
+    sum.into_iter()
+        .map(|(name, s)| {
+            let m = s
+                .affine(1.0 / n as f64, 0.0)
+                .ctx(|| format!("averaging gradients of `{name}`"))?;
+            Ok((name, m))
+        })
+        .collect()
+}
