@@ -1,1 +1,257 @@
 //! Fused score → select → mask kernels: reference interpreter and cranelift JIT.
+//!
+//! A criterion lowers to a [`KExpr`]. [`prune_jit`] compiles it (once per distinct
+//! expression, see [`KernelCache`]) into native loops over raw `f32` buffers and prunes a set
+//! of [`TensorView`]s according to a [`Selection`]; [`prune_reference`] does the same by
+//! interpreting the expression and sorting, and both give bit-identical masks and weights.
+//! Results never depend on the number of threads: work is cut into fixed chunks
+//! ([`raw::CHUNK`] elements) and merged in order. See `docs/kernels.md`.
+
+pub mod bench;
+mod cut;
+pub mod expr;
+pub mod jit;
+pub mod raw;
+pub mod reference;
+mod rows;
+pub mod types;
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+pub use bench::bench_kernels;
+pub use expr::{BinOp, CmpOp, KExpr, KInput, UnOp};
+pub use raw::KernelCache;
+pub use reference::{prune_reference, score_reference};
+pub use types::{
+    full_mask, mask_bit, mask_words, KernelError, PruneOptions, PruneSummary, Selection,
+    TensorSummary, TensorView,
+};
+
+use cut::{find_cuts, Cut, Member, NonFiniteIn, Pool};
+use expr::key_score;
+use raw::{chunks_of, RawTensor};
+use types::{check_finite, count_alive, global_guards, validate};
+
+/// Scores every element of `t` (pruned ones included) with the JIT; NaN scores are canonical.
+pub fn score_jit(
+    expr: &KExpr,
+    t: &mut TensorView,
+    opts: &PruneOptions,
+) -> Result<Vec<f32>, KernelError> {
+    validate(
+        expr,
+        &Selection::PerRow { keep_per_row: 0 },
+        std::slice::from_ref(t),
+        opts,
+    )?;
+    let k = KernelCache::global().get(expr)?;
+    let raw = RawTensor::new(t, Arc::new(opts.scalars.clone()));
+    let mut out = vec![0.0f32; raw.len];
+    let chunks: Vec<_> = chunks_of(0, raw.len).collect();
+    out.par_chunks_mut(raw::CHUNK)
+        .zip(chunks.par_iter())
+        .for_each(|(o, c)| {
+            let mut a = raw.args(c.start, c.end);
+            a.out = o.as_mut_ptr();
+            // SAFETY: score only reads the tensor and writes `end - start` values into `o`.
+            unsafe { raw.run(k.score, &mut a) };
+        });
+    Ok(out)
+}
+
+/// Prunes `tensors` by `expr` under `sel` with JIT-compiled kernels from the global cache.
+pub fn prune_jit(
+    expr: &KExpr,
+    sel: &Selection,
+    tensors: &mut [TensorView],
+    opts: &PruneOptions,
+) -> Result<PruneSummary, KernelError> {
+    prune_jit_with(KernelCache::global(), expr, sel, tensors, opts)
+}
+
+/// [`prune_jit`] with an explicit kernel cache.
+pub fn prune_jit_with(
+    cache: &KernelCache,
+    expr: &KExpr,
+    sel: &Selection,
+    tensors: &mut [TensorView],
+    opts: &PruneOptions,
+) -> Result<PruneSummary, KernelError> {
+    validate(expr, sel, tensors, opts)?;
+    let k = cache.get(expr)?;
+    let alive: Vec<usize> = tensors
+        .iter()
+        .map(|t| count_alive(t.mask, t.len()))
+        .collect();
+    let scalars = Arc::new(opts.scalars.clone());
+    let names: Vec<String> = tensors.iter().map(|t| t.name.clone()).collect();
+    let shapes: Vec<(usize, usize)> = tensors.iter().map(|t| (t.rows, t.cols)).collect();
+    let mut thresholds: Vec<Option<u32>> = vec![None; tensors.len()];
+    let check = !opts.allow_nonfinite;
+    let row_local = matches!(
+        sel,
+        Selection::PerRow { .. } | Selection::NM { .. } | Selection::Block { .. }
+    );
+    if row_local && check {
+        check_finite(tensors)?;
+    }
+    // Global and per-tensor guards are validated before anything is read.
+    let mut pools: Vec<Pool> = Vec::new();
+    match sel {
+        Selection::Global {
+            keep,
+            min_keep,
+            max_keep,
+        } => {
+            let guards = global_guards(*keep, min_keep, max_keep, tensors, &alive)?;
+            pools.push(Pool {
+                members: guards
+                    .iter()
+                    .enumerate()
+                    .map(|(t, &(min, max))| Member {
+                        tensor: t,
+                        min,
+                        max,
+                    })
+                    .collect(),
+                keep: *keep,
+                alive: alive.iter().sum(),
+            });
+        }
+        Selection::PerTensor { keep } => {
+            for t in 0..tensors.len() {
+                if keep[t] > alive[t] {
+                    return Err(KernelError::KeepTooLarge {
+                        tensor: names[t].clone(),
+                        keep: keep[t],
+                        alive: alive[t],
+                    });
+                }
+                pools.push(single(t, keep[t], alive[t]));
+            }
+        }
+        _ => {}
+    }
+    let raws: Vec<RawTensor> = tensors
+        .iter_mut()
+        .map(|t| RawTensor::new(t, scalars.clone()))
+        .collect();
+    let mut kept = vec![0usize; raws.len()];
+    if row_local {
+        for (t, raw) in raws.iter().enumerate() {
+            let rows = shapes[t].0;
+            kept[t] = match *sel {
+                Selection::PerRow { keep_per_row } => rows::per_row(&k, raw, rows, keep_per_row),
+                Selection::NM { n, m } => rows::n_m(&k, raw, rows, n, m),
+                Selection::Block {
+                    rows: br,
+                    cols: bc,
+                    keep,
+                } => rows::blocks(&k, raw, rows, br, bc, keep),
+                _ => unreachable!(),
+            };
+        }
+    } else {
+        let cuts = match find_cuts(&k, &raws, &pools, check) {
+            Ok(c) => c,
+            Err(NonFiniteIn) => {
+                drop(raws);
+                check_finite(tensors)?;
+                unreachable!("a scan saw a non-finite weight that the check did not");
+            }
+        };
+        // Members whose prefix count was clamped by a guard select their own top count.
+        let mut plan: Vec<(Cut, Vec<usize>)> = Vec::new();
+        let mut second: Vec<Pool> = Vec::new();
+        for (pool, cut) in pools.iter().zip(cuts) {
+            let mut direct = Vec::new();
+            for (mi, m) in pool.members.iter().enumerate() {
+                let want = cut.taken[mi].clamp(m.min, m.max);
+                if want == cut.taken[mi] {
+                    direct.push(mi);
+                } else {
+                    second.push(single(m.tensor, want, alive[m.tensor]));
+                }
+            }
+            let tensors_of: Vec<usize> = pool.members.iter().map(|m| m.tensor).collect();
+            plan.push((cut, direct.iter().map(|&mi| tensors_of[mi]).collect()));
+            let last = plan.last_mut().expect("just pushed");
+            last.0.chunks = direct
+                .iter()
+                .map(|&mi| std::mem::take(&mut last.0.chunks[mi]))
+                .collect();
+        }
+        if !second.is_empty() {
+            let cuts = find_cuts(&k, &raws, &second, false).unwrap_or_else(|_| unreachable!());
+            for (pool, cut) in second.iter().zip(cuts) {
+                plan.push((cut, vec![pool.members[0].tensor]));
+            }
+        }
+        let mut work = Vec::new();
+        for (cut, ts) in &plan {
+            for (t, chunks) in ts.iter().zip(&cut.chunks) {
+                thresholds[*t] = Some(cut.t);
+                for &(c, q) in chunks {
+                    work.push((c, q, cut.t));
+                }
+            }
+        }
+        let counts: Vec<(usize, usize)> = work
+            .par_iter()
+            .map(|&(c, quota, t)| {
+                let raw = &raws[c.tensor];
+                let mut a = raw.args(c.start, c.end);
+                a.t = t;
+                a.quota = quota;
+                // SAFETY: chunks are disjoint, start at multiples of 64 and each appears once.
+                unsafe { raw.run(k.apply, &mut a) };
+                let (w0, w1) = (c.start / 64, c.end.div_ceil(64));
+                let mut n = 0;
+                for wi in w0..w1 {
+                    // SAFETY: the word belongs to this chunk.
+                    let mut w = unsafe { raw.mask_word(wi) };
+                    if wi == w1 - 1 && c.end % 64 != 0 {
+                        w &= (1u64 << (c.end % 64)) - 1;
+                        // SAFETY: as above.
+                        unsafe { raw.set_mask_word(wi, w) };
+                    }
+                    n += w.count_ones() as usize;
+                }
+                (c.tensor, n)
+            })
+            .collect();
+        for (t, n) in counts {
+            kept[t] += n;
+        }
+    }
+    drop(raws);
+    Ok(PruneSummary {
+        tensors: (0..names.len())
+            .map(|t| TensorSummary {
+                name: names[t].clone(),
+                total: shapes[t].0 * shapes[t].1,
+                alive_before: alive[t],
+                kept: kept[t],
+                threshold: if kept[t] > 0 {
+                    thresholds[t].map(key_score)
+                } else {
+                    None
+                },
+            })
+            .collect(),
+    })
+}
+
+fn single(t: usize, keep: usize, alive: usize) -> Pool {
+    Pool {
+        members: vec![Member {
+            tensor: t,
+            min: 0,
+            max: usize::MAX,
+        }],
+        keep,
+        alive,
+    }
+}

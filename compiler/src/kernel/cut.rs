@@ -1,0 +1,426 @@
+//! Exact, tie-aware cuts without sorting: range-narrowing radix select over JIT scan passes.
+//!
+//! A pool is an ordered list of member tensors sharing one ranking (score key descending,
+//! then member order, then element index). Its cut is the shortest prefix of that ranking
+//! whose clamped per-member counts `sum(clamp(taken_m, min_m, max_m))` reach `keep`. A cut is
+//! stored as a key `t` plus, per chunk, how many elements with key exactly `t` to keep (the
+//! first ones in index order): the apply kernel keeps `key > t`, then ties up to the quota.
+//!
+//! Each round scans every chunk once with a key range `[lo, hi]`: it counts alive elements
+//! above the range, histograms those inside it (2048 buckets) and collects up to `CAP`
+//! of them per chunk. The first round's range comes from a deterministic sample. A round
+//! either resolves the cut from the collected candidates, moves the range up or down, or
+//! narrows it to one histogram bucket; a range of one key with too many elements to collect
+//! resolves from per-chunk tie counts.
+
+use rayon::prelude::*;
+
+use super::jit::CompiledKernel;
+use super::raw::{chunks_of, Chunk, RawTensor};
+
+/// Candidates collected per chunk and round.
+pub const CAP: usize = 4096;
+/// Histogram buckets per round.
+const BUCKETS: usize = 2048;
+/// Sample: one run of `SAMPLE_RUN` elements every `SAMPLE_STRIDE`.
+const SAMPLE_RUN: usize = 64;
+const SAMPLE_STRIDE: usize = 8192;
+
+/// One tensor of a pool with its guard `[min, max]` (max already capped at its alive count).
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub tensor: usize,
+    pub min: usize,
+    pub max: usize,
+}
+
+/// Tensors ranked together, keeping `keep` in total.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    pub members: Vec<Member>,
+    pub keep: usize,
+    /// Estimated fraction of alive elements kept, to seed the first range from a sample.
+    pub alive: usize,
+}
+
+/// A resolved cut.
+#[derive(Clone, Debug)]
+pub struct Cut {
+    /// Keys above `t` are kept; `u32::MAX` keeps nothing beyond quotas (which are then 0).
+    pub t: u32,
+    /// Per member, its chunks with their tie quotas.
+    pub chunks: Vec<Vec<(Chunk, u64)>>,
+    /// Per member, how many elements the prefix took (before clamping to the guard).
+    pub taken: Vec<usize>,
+}
+
+/// What one scan of one chunk found.
+struct ChunkScan {
+    above: u64,
+    in_range: u64,
+    nonfinite: u64,
+    hist: Vec<u32>,
+    cands: Vec<u64>,
+}
+
+fn scan_chunk(
+    k: &CompiledKernel,
+    raw: &RawTensor,
+    c: Chunk,
+    lo: u32,
+    hi: u32,
+    shift: u32,
+) -> ChunkScan {
+    let mut hist = vec![0u32; BUCKETS];
+    let mut cands = vec![0u64; CAP];
+    let mut a = raw.args(c.start, c.end);
+    a.lo = lo;
+    a.hi = hi;
+    a.shift = shift;
+    a.hist = hist.as_mut_ptr();
+    a.cands = cands.as_mut_ptr();
+    a.cap = CAP as u64;
+    // SAFETY: scan only reads the tensor; hist holds BUCKETS entries and `shift` keeps every
+    // bucket index below BUCKETS; cands holds CAP entries.
+    unsafe { raw.run(k.scan, &mut a) };
+    cands.truncate((a.in_range as usize).min(CAP));
+    ChunkScan {
+        above: a.above,
+        in_range: a.in_range,
+        nonfinite: a.nonfinite,
+        hist,
+        cands,
+    }
+}
+
+/// The smallest shift that maps keys `lo..=hi` into `BUCKETS` buckets.
+fn shift_for(lo: u32, hi: u32) -> u32 {
+    let span = (hi - lo) as u64;
+    let mut s = 0;
+    while (span >> s) >= BUCKETS as u64 {
+        s += 1;
+    }
+    s
+}
+
+fn clamp(m: &Member, x: usize) -> usize {
+    x.clamp(m.min, m.max)
+}
+
+/// A pool's search state.
+enum State {
+    Search { lo: u32, hi: u32 },
+    Done(Cut),
+}
+
+/// A scan saw an alive weight that is NaN or infinite.
+pub struct NonFiniteIn;
+
+/// Finds the cut of every pool. Pools must not share tensors.
+pub fn find_cuts(
+    k: &CompiledKernel,
+    raws: &[RawTensor],
+    pools: &[Pool],
+    check_finite: bool,
+) -> Result<Vec<Cut>, NonFiniteIn> {
+    let pool_chunks: Vec<Vec<(usize, Chunk)>> = pools
+        .iter()
+        .map(|p| {
+            p.members
+                .iter()
+                .enumerate()
+                .flat_map(|(mi, m)| chunks_of(m.tensor, raws[m.tensor].len).map(move |c| (mi, c)))
+                .collect()
+        })
+        .collect();
+    let mut states: Vec<State> = pools
+        .iter()
+        .enumerate()
+        .map(|(p, pool)| {
+            let base: usize = pool.members.iter().map(|m| clamp(m, 0)).sum();
+            if pool.keep <= base {
+                State::Done(nothing_taken(pool, &pool_chunks[p]))
+            } else {
+                let (lo, hi) = sample_range(k, raws, pool, &pool_chunks[p]);
+                State::Search { lo, hi }
+            }
+        })
+        .collect();
+    if check_finite {
+        // Pools settled without a scan still need their weights checked.
+        for (p, s) in states.iter().enumerate() {
+            if matches!(s, State::Done(_)) {
+                for m in &pools[p].members {
+                    if has_nonfinite(&raws[m.tensor]) {
+                        return Err(NonFiniteIn);
+                    }
+                }
+            }
+        }
+    }
+    let mut first = check_finite;
+    loop {
+        let work: Vec<(usize, usize, Chunk, u32, u32)> = states
+            .iter()
+            .enumerate()
+            .filter_map(|(p, s)| match s {
+                State::Search { lo, hi } => Some((p, *lo, *hi)),
+                State::Done(_) => None,
+            })
+            .flat_map(|(p, lo, hi)| {
+                pool_chunks[p]
+                    .iter()
+                    .map(move |&(mi, c)| (p, mi, c, lo, hi))
+            })
+            .collect();
+        if work.is_empty() {
+            break;
+        }
+        let scans: Vec<ChunkScan> = work
+            .par_iter()
+            .map(|&(_, _, c, lo, hi)| scan_chunk(k, &raws[c.tensor], c, lo, hi, shift_for(lo, hi)))
+            .collect();
+        if first {
+            if scans.iter().any(|s| s.nonfinite > 0) {
+                return Err(NonFiniteIn);
+            }
+            first = false;
+        }
+        // Results are in `work` order: pool by pool, chunk by chunk.
+        let mut at = 0;
+        for (p, pool) in pools.iter().enumerate() {
+            let State::Search { lo, hi } = states[p] else {
+                continue;
+            };
+            let n = pool_chunks[p].len();
+            let sc = &scans[at..at + n];
+            at += n;
+            states[p] = step(pool, &pool_chunks[p], sc, lo, hi);
+        }
+    }
+    Ok(states
+        .into_iter()
+        .map(|s| match s {
+            State::Done(c) => c,
+            State::Search { .. } => unreachable!("loop ends when every pool is done"),
+        })
+        .collect())
+}
+
+fn has_nonfinite(raw: &RawTensor) -> bool {
+    (0..raw.len).any(|i| {
+        // SAFETY: nothing writes the tensor during the search.
+        let alive = (unsafe { raw.mask_word(i / 64) } >> (i % 64)) & 1 == 1;
+        alive && !unsafe { raw.weight(i) }.is_finite()
+    })
+}
+
+fn nothing_taken(pool: &Pool, chunks: &[(usize, Chunk)]) -> Cut {
+    let mut per = vec![Vec::new(); pool.members.len()];
+    for &(mi, c) in chunks {
+        per[mi].push((c, 0));
+    }
+    Cut {
+        t: u32::MAX,
+        chunks: per,
+        taken: vec![0; pool.members.len()],
+    }
+}
+
+/// A first key range from a deterministic sample, wide enough to hold the cut with high
+/// probability (the rounds correct it when it does not).
+fn sample_range(
+    k: &CompiledKernel,
+    raws: &[RawTensor],
+    pool: &Pool,
+    chunks: &[(usize, Chunk)],
+) -> (u32, u32) {
+    if pool.alive < 64 * SAMPLE_STRIDE {
+        return (0, u32::MAX);
+    }
+    let runs: Vec<Chunk> = chunks
+        .iter()
+        .flat_map(|&(_, c)| {
+            (c.start..c.end).step_by(SAMPLE_STRIDE).map(move |s| Chunk {
+                tensor: c.tensor,
+                start: s,
+                end: (s + SAMPLE_RUN).min(c.end),
+            })
+        })
+        .collect();
+    let mut keys: Vec<u32> = runs
+        .par_chunks(64)
+        .flat_map_iter(|group| {
+            let mut out = Vec::new();
+            for &c in group {
+                let s = scan_chunk(k, &raws[c.tensor], c, 0, u32::MAX, shift_for(0, u32::MAX));
+                out.extend(s.cands.iter().map(|x| (x >> 32) as u32));
+            }
+            out
+        })
+        .collect();
+    if keys.len() < 1024 {
+        return (0, u32::MAX);
+    }
+    keys.sort_unstable_by(|a, b| b.cmp(a));
+    let n = keys.len() as f64;
+    let q = (pool.keep as f64 / pool.alive as f64).clamp(0.0, 1.0);
+    let pos = q * n;
+    let margin = 6.0 * (n * q * (1.0 - q)).sqrt() + 0.002 * n + 16.0;
+    let top = ((pos - margin).max(0.0) as usize).min(keys.len() - 1);
+    let bottom = ((pos + margin) as usize).min(keys.len() - 1);
+    let hi = if top == 0 { u32::MAX } else { keys[top] };
+    let lo = if bottom == keys.len() - 1 {
+        0
+    } else {
+        keys[bottom]
+    };
+    (lo, hi)
+}
+
+/// One round's decision for a pool.
+fn step(pool: &Pool, chunks: &[(usize, Chunk)], sc: &[ChunkScan], lo: u32, hi: u32) -> State {
+    let nm = pool.members.len();
+    let mut above = vec![0usize; nm];
+    let mut inr = vec![0usize; nm];
+    for (&(mi, _), s) in chunks.iter().zip(sc) {
+        above[mi] += s.above as usize;
+        inr[mi] += s.in_range as usize;
+    }
+    let total = |extra: &dyn Fn(usize) -> usize| -> usize {
+        pool.members
+            .iter()
+            .enumerate()
+            .map(|(mi, m)| clamp(m, above[mi] + extra(mi)))
+            .sum()
+    };
+    if total(&|_| 0) >= pool.keep {
+        return State::Search {
+            lo: hi + 1,
+            hi: u32::MAX,
+        };
+    }
+    if total(&|mi| inr[mi]) < pool.keep {
+        return State::Search { lo: 0, hi: lo - 1 };
+    }
+    let complete = sc.iter().all(|s| s.in_range as usize <= CAP);
+    if complete {
+        return State::Done(resolve_candidates(pool, chunks, sc, &above));
+    }
+    if lo == hi {
+        return State::Done(resolve_ties(pool, chunks, sc, &above, lo));
+    }
+    // Narrow to the bucket holding the end of the shortest prefix.
+    let shift = shift_for(lo, hi);
+    let mut hist = vec![vec![0usize; BUCKETS]; nm];
+    for (&(mi, _), s) in chunks.iter().zip(sc) {
+        for (h, &x) in hist[mi].iter_mut().zip(&s.hist) {
+            *h += x as usize;
+        }
+    }
+    let mut cum = vec![0usize; nm];
+    for b in (0..BUCKETS).rev() {
+        for mi in 0..nm {
+            cum[mi] += hist[mi][b];
+        }
+        if total(&|mi| cum[mi]) >= pool.keep {
+            let blo = lo + ((b as u32) << shift);
+            let bhi = (blo as u64 + (1u64 << shift) - 1).min(hi as u64) as u32;
+            return State::Search { lo: blo, hi: bhi };
+        }
+    }
+    unreachable!("the whole range reaches keep")
+}
+
+fn resolve_candidates(
+    pool: &Pool,
+    chunks: &[(usize, Chunk)],
+    sc: &[ChunkScan],
+    above: &[usize],
+) -> Cut {
+    // (key, chunk position, local index): a stable sort by key keeps the ranking order.
+    let mut cands: Vec<(u32, usize)> = Vec::new();
+    for (ci, s) in sc.iter().enumerate() {
+        cands.extend(s.cands.iter().map(|&x| ((x >> 32) as u32, ci)));
+    }
+    cands.sort_by_key(|c| std::cmp::Reverse(c.0));
+    let mut taken: Vec<usize> = above.to_vec();
+    let mut total: usize = pool
+        .members
+        .iter()
+        .zip(&taken)
+        .map(|(m, &x)| clamp(m, x))
+        .sum();
+    let mut quota = vec![0u64; chunks.len()];
+    let mut t = u32::MAX;
+    for &(key, ci) in &cands {
+        if total >= pool.keep {
+            break;
+        }
+        let mi = chunks[ci].0;
+        let m = &pool.members[mi];
+        total = total - clamp(m, taken[mi]) + clamp(m, taken[mi] + 1);
+        taken[mi] += 1;
+        if key != t {
+            quota.iter_mut().for_each(|q| *q = 0);
+            t = key;
+        }
+        quota[ci] += 1;
+    }
+    finish(pool, chunks, t, quota, taken)
+}
+
+fn resolve_ties(
+    pool: &Pool,
+    chunks: &[(usize, Chunk)],
+    sc: &[ChunkScan],
+    above: &[usize],
+    t: u32,
+) -> Cut {
+    let mut taken: Vec<usize> = above.to_vec();
+    let mut total: usize = pool
+        .members
+        .iter()
+        .zip(&taken)
+        .map(|(m, &x)| clamp(m, x))
+        .sum();
+    let mut quota = vec![0u64; chunks.len()];
+    for (ci, s) in sc.iter().enumerate() {
+        if total >= pool.keep {
+            break;
+        }
+        let mi = chunks[ci].0;
+        let m = &pool.members[mi];
+        let x0 = taken[mi];
+        let e = s.in_range as usize;
+        let gain = clamp(m, x0 + e) - clamp(m, x0);
+        let need = pool.keep - total;
+        let j = if gain < need {
+            e
+        } else {
+            m.min.saturating_sub(x0) + need
+        };
+        total = total - clamp(m, x0) + clamp(m, x0 + j);
+        taken[mi] += j;
+        quota[ci] = j as u64;
+    }
+    finish(pool, chunks, t, quota, taken)
+}
+
+fn finish(
+    pool: &Pool,
+    chunks: &[(usize, Chunk)],
+    t: u32,
+    quota: Vec<u64>,
+    taken: Vec<usize>,
+) -> Cut {
+    let mut per = vec![Vec::new(); pool.members.len()];
+    for (&(mi, c), q) in chunks.iter().zip(quota) {
+        per[mi].push((c, q));
+    }
+    Cut {
+        t,
+        chunks: per,
+        taken,
+    }
+}

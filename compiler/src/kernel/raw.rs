@@ -1,0 +1,174 @@
+//! Raw views of the tensors that JIT kernels run over, chunking, and the kernel cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::expr::KExpr;
+use super::jit::{compile, CompiledKernel, KArgs, KernelFn};
+use super::types::{KernelError, TensorView};
+
+/// Elements per parallel work unit: fixed, so results never depend on the thread count.
+/// A multiple of 64, so every chunk owns whole mask words.
+pub const CHUNK: usize = 1 << 18;
+
+/// Compiled kernels, one set per distinct expression (keyed by its canonical text).
+#[derive(Default)]
+pub struct KernelCache {
+    kernels: Mutex<HashMap<String, CompiledKernel>>,
+}
+
+impl KernelCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The process-wide cache `prune_jit` uses.
+    pub fn global() -> &'static KernelCache {
+        static CACHE: OnceLock<KernelCache> = OnceLock::new();
+        CACHE.get_or_init(KernelCache::new)
+    }
+
+    /// The kernels for `expr`, compiling them on first use.
+    pub fn get(&self, expr: &KExpr) -> Result<CompiledKernel, KernelError> {
+        let key = expr.cache_key();
+        let mut map = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = map.get(&key) {
+            return Ok(*k);
+        }
+        let k = compile(expr).map_err(|reason| KernelError::Compile {
+            expr: expr.to_string(),
+            reason,
+        })?;
+        map.insert(key, k);
+        Ok(k)
+    }
+
+    /// Number of compiled expressions.
+    pub fn len(&self) -> usize {
+        self.kernels.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether nothing has been compiled yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Raw pointers to one tensor's buffers, shared by the parallel workers.
+///
+/// Workers only ever write disjoint element ranges that start at a multiple of 64 (so they
+/// also own disjoint mask words), and the pointers come from slices that outlive the call.
+pub struct RawTensor {
+    w: *mut f32,
+    grad: *const f32,
+    init: *const f32,
+    col_ptrs: Vec<*const f32>,
+    row_ptrs: Vec<*const f32>,
+    scalars: Arc<Vec<f32>>,
+    mask: *mut u64,
+    pub cols: usize,
+    pub len: usize,
+}
+
+// SAFETY: see the type's documentation: concurrent users touch disjoint ranges only.
+unsafe impl Send for RawTensor {}
+// SAFETY: as above.
+unsafe impl Sync for RawTensor {}
+
+impl RawTensor {
+    pub fn new(t: &mut TensorView, scalars: Arc<Vec<f32>>) -> Self {
+        RawTensor {
+            w: t.weights.as_mut_ptr(),
+            grad: t.grad.map_or(std::ptr::null(), |g| g.as_ptr()),
+            init: t.init.map_or(std::ptr::null(), |g| g.as_ptr()),
+            col_ptrs: t.col_stats.iter().map(|c| c.as_ptr()).collect(),
+            row_ptrs: t.row_stats.iter().map(|c| c.as_ptr()).collect(),
+            scalars,
+            mask: t.mask.as_mut_ptr(),
+            cols: t.cols,
+            len: t.len(),
+        }
+    }
+
+    /// Arguments for a kernel over `[start, end)`.
+    pub fn args(&self, start: usize, end: usize) -> KArgs {
+        let mut a = KArgs::empty();
+        a.w = self.w;
+        a.grad = self.grad;
+        a.init = self.init;
+        a.col_stats = self.col_ptrs.as_ptr();
+        a.row_stats = self.row_ptrs.as_ptr();
+        a.scalars = self.scalars.as_ptr();
+        a.mask = self.mask;
+        a.cols = self.cols as u64;
+        a.start = start as u64;
+        a.end = end as u64;
+        a
+    }
+
+    /// Runs `f` on `args`.
+    ///
+    /// # Safety
+    /// `args` must come from [`RawTensor::args`] with `start <= end <= len`, with `out`,
+    /// `hist` and `cands` sized for the kernel, and no other thread may touch the same
+    /// elements or mask words while a writing kernel (apply) runs.
+    pub unsafe fn run(&self, f: KernelFn, args: &mut KArgs) {
+        debug_assert!(args.start <= args.end && args.end as usize <= self.len);
+        // SAFETY: guaranteed by the caller, see above.
+        unsafe { f(args) }
+    }
+
+    /// The weight at `i`.
+    ///
+    /// # Safety
+    /// `i < len`, and no kernel writes element `i` concurrently.
+    pub unsafe fn weight(&self, i: usize) -> f32 {
+        // SAFETY: guaranteed by the caller.
+        unsafe { *self.w.add(i) }
+    }
+
+    /// Sets the weight at `i`.
+    ///
+    /// # Safety
+    /// `i < len`, and the calling worker owns element `i`.
+    pub unsafe fn set_weight(&self, i: usize, v: f32) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { *self.w.add(i) = v }
+    }
+
+    /// The mask word `wi`.
+    ///
+    /// # Safety
+    /// `wi < ceil(len / 64)`, and no worker writes it concurrently.
+    pub unsafe fn mask_word(&self, wi: usize) -> u64 {
+        // SAFETY: guaranteed by the caller.
+        unsafe { *self.mask.add(wi) }
+    }
+
+    /// Sets the mask word `wi`.
+    ///
+    /// # Safety
+    /// `wi < ceil(len / 64)`, and the calling worker owns the word.
+    pub unsafe fn set_mask_word(&self, wi: usize, v: u64) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { *self.mask.add(wi) = v }
+    }
+}
+
+/// A piece of one tensor: elements `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub tensor: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// The fixed chunks of a tensor of `len` elements.
+pub fn chunks_of(tensor: usize, len: usize) -> impl Iterator<Item = Chunk> {
+    (0..len.div_ceil(CHUNK)).map(move |c| Chunk {
+        tensor,
+        start: c * CHUNK,
+        end: ((c + 1) * CHUNK).min(len),
+    })
+}

@@ -1,0 +1,241 @@
+//! Property tests: the JIT kernels and the reference interpreter agree bit for bit.
+
+use proptest::prelude::*;
+use prunec::kernel::{
+    full_mask, prune_jit, prune_reference, score_jit, score_reference, BinOp, CmpOp, KExpr, KInput,
+    PruneOptions, PruneSummary, Selection, TensorView, UnOp,
+};
+
+/// Owned data for one tensor.
+#[derive(Clone, Debug)]
+struct Data {
+    rows: usize,
+    cols: usize,
+    w: Vec<f32>,
+    grad: Vec<f32>,
+    init: Vec<f32>,
+    col: Vec<f32>,
+    row: Vec<f32>,
+    mask: Vec<u64>,
+}
+
+impl Data {
+    fn view(&mut self, i: usize) -> TensorView<'_> {
+        let mut v = TensorView::new(
+            &format!("t{i}"),
+            self.rows,
+            self.cols,
+            &mut self.w,
+            &mut self.mask,
+        );
+        v.grad = Some(&self.grad);
+        v.init = Some(&self.init);
+        v.col_stats = vec![&self.col];
+        v.row_stats = vec![&self.row];
+        v
+    }
+}
+
+/// Values with many ties, signed zeros, infinities and NaN (when `nonfinite`).
+fn value(nonfinite: bool) -> impl Strategy<Value = f32> {
+    let special = if nonfinite {
+        prop_oneof![
+            Just(f32::NAN),
+            Just(f32::INFINITY),
+            Just(f32::NEG_INFINITY),
+            Just(0.0f32),
+            Just(-0.0f32),
+        ]
+        .boxed()
+    } else {
+        prop_oneof![Just(0.0f32), Just(-0.0f32), Just(1.5f32), Just(-1.5f32)].boxed()
+    };
+    prop_oneof![
+        3 => -4.0f32..4.0,
+        2 => (-3i32..4).prop_map(|x| x as f32 * 0.5),
+        1 => special,
+    ]
+}
+
+fn data(rows: usize, cols: usize, nonfinite: bool) -> impl Strategy<Value = Data> {
+    let n = rows * cols;
+    (
+        prop::collection::vec(value(nonfinite), n),
+        prop::collection::vec(value(nonfinite), n),
+        prop::collection::vec(-2.0f32..2.0, n),
+        prop::collection::vec(value(nonfinite), cols),
+        prop::collection::vec(0.0f32..3.0, rows),
+        prop::collection::vec(prop::bool::weighted(0.8), n),
+    )
+        .prop_map(move |(w, grad, init, col, row, alive)| {
+            let mut mask = full_mask(n);
+            for (i, a) in alive.iter().enumerate() {
+                if !a {
+                    mask[i / 64] &= !(1u64 << (i % 64));
+                }
+            }
+            Data {
+                rows,
+                cols,
+                w,
+                grad,
+                init,
+                col,
+                row,
+                mask,
+            }
+        })
+}
+
+fn tensors(
+    max_tensors: usize,
+    nonfinite: bool,
+    col_mult: usize,
+) -> impl Strategy<Value = Vec<Data>> {
+    prop::collection::vec((1usize..24, 1usize..40), 1..=max_tensors).prop_flat_map(move |shapes| {
+        shapes
+            .into_iter()
+            .map(|(r, c)| data(r, c * col_mult, nonfinite))
+            .collect::<Vec<_>>()
+    })
+}
+
+fn leaf() -> impl Strategy<Value = KExpr> {
+    prop_oneof![
+        3 => Just(KExpr::Input(KInput::Weight)),
+        1 => Just(KExpr::Input(KInput::Grad)),
+        1 => Just(KExpr::Input(KInput::Init)),
+        1 => Just(KExpr::Input(KInput::ColStat(0))),
+        1 => Just(KExpr::Input(KInput::RowStat(0))),
+        1 => Just(KExpr::Input(KInput::Scalar(0))),
+        1 => prop_oneof![Just(0.0f32), Just(-0.0), Just(1.0), Just(0.5), Just(f32::INFINITY)].prop_map(KExpr::Const),
+    ]
+}
+
+fn expr() -> impl Strategy<Value = KExpr> {
+    let un = prop_oneof![
+        Just(UnOp::Neg),
+        Just(UnOp::Abs),
+        Just(UnOp::Sq),
+        Just(UnOp::Sqrt),
+        Just(UnOp::Log),
+        Just(UnOp::Exp),
+        Just(UnOp::Sign)
+    ];
+    let bin = prop_oneof![
+        Just(BinOp::Add),
+        Just(BinOp::Sub),
+        Just(BinOp::Mul),
+        Just(BinOp::Div),
+        Just(BinOp::Min),
+        Just(BinOp::Max),
+        Just(BinOp::Pow)
+    ];
+    let cmp = prop_oneof![
+        Just(CmpOp::Lt),
+        Just(CmpOp::Le),
+        Just(CmpOp::Gt),
+        Just(CmpOp::Ge),
+        Just(CmpOp::Eq),
+        Just(CmpOp::Ne)
+    ];
+    leaf().prop_recursive(4, 16, 3, move |inner| {
+        prop_oneof![
+            (un.clone(), inner.clone()).prop_map(|(o, a)| KExpr::un(o, a)),
+            (bin.clone(), inner.clone(), inner.clone()).prop_map(|(o, a, b)| KExpr::bin(o, a, b)),
+            (cmp.clone(), inner.clone(), inner.clone()).prop_map(|(o, a, b)| KExpr::cmp(o, a, b)),
+            (inner.clone(), inner.clone(), inner.clone())
+                .prop_map(|(c, a, b)| KExpr::select(c, a, b)),
+        ]
+    })
+}
+
+type Outcome = (Result<String, String>, Vec<Vec<u32>>, Vec<Vec<u64>>);
+
+fn run(ds: &[Data], e: &KExpr, sel: &Selection, opts: &PruneOptions, jit: bool) -> Outcome {
+    let mut ds = ds.to_vec();
+    let res = {
+        let mut views: Vec<TensorView> =
+            ds.iter_mut().enumerate().map(|(i, d)| d.view(i)).collect();
+        if jit {
+            prune_jit(e, sel, &mut views, opts)
+        } else {
+            prune_reference(e, sel, &mut views, opts)
+        }
+    };
+    (
+        res.map(|s: PruneSummary| format!("{s:?}"))
+            .map_err(|e| e.to_string()),
+        ds.iter()
+            .map(|d| d.w.iter().map(|x| x.to_bits()).collect())
+            .collect(),
+        ds.iter().map(|d| d.mask.clone()).collect(),
+    )
+}
+
+fn same(ds: &[Data], e: &KExpr, sel: &Selection, opts: &PruneOptions) -> Result<(), TestCaseError> {
+    let a = run(ds, e, sel, opts, true);
+    let b = run(ds, e, sel, opts, false);
+    prop_assert_eq!(&a.0, &b.0, "summary for {} under {:?}", e, sel);
+    prop_assert_eq!(&a.2, &b.2, "mask for {}", e);
+    prop_assert_eq!(&a.1, &b.1, "weights for {}", e);
+    Ok(())
+}
+
+fn opts(nonfinite: bool) -> PruneOptions {
+    PruneOptions {
+        scalars: vec![0.75],
+        allow_nonfinite: nonfinite,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+
+    #[test]
+    fn scores_agree(ds in tensors(1, true, 1), e in expr()) {
+        let mut d = ds[0].clone();
+        let o = opts(true);
+        let a = score_jit(&e, &mut d.view(0), &o).unwrap();
+        let b = score_reference(&e, &d.view(0), &o).unwrap();
+        let (a, b): (Vec<u32>, Vec<u32>) = (a.iter().map(|x| x.to_bits()).collect(), b.iter().map(|x| x.to_bits()).collect());
+        prop_assert_eq!(a, b, "{}", e);
+    }
+
+    #[test]
+    fn global_agrees(ds in tensors(4, true, 1), e in expr(), frac in 0.0f64..=1.0, guard in 0usize..4) {
+        let alive: Vec<usize> = ds.iter().map(|d| d.mask.iter().map(|w| w.count_ones() as usize).sum()).collect();
+        let total: usize = alive.iter().sum();
+        let keep = (total as f64 * frac) as usize;
+        let (min_keep, max_keep) = match guard {
+            0 => (vec![], vec![]),
+            1 => (alive.iter().map(|a| a / 3).collect(), vec![]),
+            2 => (vec![], alive.iter().map(|a| a * 2 / 3 + 1).collect()),
+            _ => (alive.iter().map(|a| a / 4).collect(), alive.iter().map(|a| a * 3 / 4 + 1).collect()),
+        };
+        same(&ds, &e, &Selection::Global { keep, min_keep, max_keep }, &opts(true))?;
+    }
+
+    #[test]
+    fn per_tensor_and_rows_agree(ds in tensors(3, true, 1), e in expr(), frac in 0.0f64..=1.0, k in 0usize..12) {
+        let keep: Vec<usize> = ds.iter().map(|d| (d.mask.iter().map(|w| w.count_ones() as usize).sum::<usize>() as f64 * frac) as usize).collect();
+        same(&ds, &e, &Selection::PerTensor { keep }, &opts(true))?;
+        same(&ds, &e, &Selection::PerRow { keep_per_row: k }, &opts(true))?;
+    }
+
+    #[test]
+    fn n_m_and_blocks_agree(ds in tensors(3, true, 4), e in expr(), n in 0usize..=4, frac in 0.0f64..=1.0) {
+        same(&ds, &e, &Selection::NM { n, m: 4 }, &opts(true))?;
+        same(&ds, &e, &Selection::Block { rows: 1, cols: 2, keep: frac }, &opts(true))?;
+        same(&ds, &e, &Selection::Block { rows: 2, cols: 4, keep: frac }, &opts(true))?;
+    }
+
+    #[test]
+    fn nonfinite_errors_agree(ds in tensors(3, true, 1), frac in 0.0f64..=1.0) {
+        let e = KExpr::magnitude();
+        let total: usize = ds.iter().map(|d| d.rows * d.cols).sum();
+        let keep = ((total as f64 * frac) as usize).min(ds.iter().map(|d| d.mask.iter().map(|w| w.count_ones() as usize).sum::<usize>()).sum());
+        same(&ds, &e, &Selection::Global { keep, min_keep: vec![], max_keep: vec![] }, &opts(false))?;
+        same(&ds, &e, &Selection::PerRow { keep_per_row: 2 }, &opts(false))?;
+    }
+}
