@@ -141,7 +141,11 @@ pub fn find_cuts(
             if pool.keep <= base {
                 State::Done(nothing_taken(pool, &pool_chunks[p]))
             } else {
+                let t0 = std::time::Instant::now();
                 let (lo, hi) = sample_range(k, raws, pool, &pool_chunks[p]);
+                if std::env::var_os("PRUNEC_TRACE_CUT").is_some() {
+                    eprintln!("  sample {:.4}s", t0.elapsed().as_secs_f64());
+                }
                 State::Search { lo, hi }
             }
         })
@@ -176,10 +180,22 @@ pub fn find_cuts(
         if work.is_empty() {
             break;
         }
+        if std::env::var_os("PRUNEC_TRACE_CUT").is_some() {
+            for (p, s) in states.iter().enumerate() {
+                if let State::Search { lo, hi } = s {
+                    eprintln!("pool {p}: scan [{lo:#x}, {hi:#x}]");
+                }
+            }
+        }
+        let t0 = std::time::Instant::now();
         let scans: Vec<ChunkScan> = work
             .par_iter()
             .map(|&(_, _, c, lo, hi)| scan_chunk(k, &raws[c.tensor], c, lo, hi, shift_for(lo, hi)))
             .collect();
+        if std::env::var_os("PRUNEC_TRACE_CUT").is_some() {
+            let inr: u64 = scans.iter().map(|s| s.in_range).sum();
+            eprintln!("  round {:.4}s, in range {inr}", t0.elapsed().as_secs_f64());
+        }
         if first {
             if scans.iter().any(|s| s.nonfinite > 0) {
                 return Err(NonFiniteIn);
@@ -241,10 +257,16 @@ fn sample_range(
     let runs: Vec<Chunk> = chunks
         .iter()
         .flat_map(|&(_, c)| {
-            (c.start..c.end).step_by(SAMPLE_STRIDE).map(move |s| Chunk {
-                tensor: c.tensor,
-                start: s,
-                end: (s + SAMPLE_RUN).min(c.end),
+            (c.start..c.end).step_by(SAMPLE_STRIDE).map(move |s| {
+                // A fixed pseudo-random offset per block, so runs do not always sample the
+                // same columns.
+                let h = (s as u64 ^ (c.tensor as u64) << 40).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let s = (s + (h >> 40) as usize % (SAMPLE_STRIDE - SAMPLE_RUN)) & !63;
+                Chunk {
+                    tensor: c.tensor,
+                    start: s.min(c.end),
+                    end: (s + SAMPLE_RUN).min(c.end),
+                }
             })
         })
         .collect();
@@ -266,7 +288,7 @@ fn sample_range(
     let n = keys.len() as f64;
     let q = (pool.keep as f64 / pool.alive as f64).clamp(0.0, 1.0);
     let pos = q * n;
-    let margin = 6.0 * (n * q * (1.0 - q)).sqrt() + 0.002 * n + 16.0;
+    let margin = 4.0 * (n * q * (1.0 - q)).sqrt() + 0.0002 * n + 16.0;
     let top = ((pos - margin).max(0.0) as usize).min(keys.len() - 1);
     let bottom = ((pos + margin) as usize).min(keys.len() - 1);
     let hi = if top == 0 { u32::MAX } else { keys[top] };

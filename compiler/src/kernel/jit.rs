@@ -10,9 +10,7 @@
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8};
-use cranelift_codegen::ir::{
-    AbiParam, ConstantData, Endianness, FuncRef, InstBuilder, MemFlagsData, Value,
-};
+use cranelift_codegen::ir::{AbiParam, Endianness, FuncRef, InstBuilder, MemFlagsData, Value};
 use cranelift_codegen::settings::Configurable;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -59,7 +57,24 @@ pub struct KArgs {
     pub in_range: u64,
     /// Out (scan): alive elements whose weight is NaN or infinite.
     pub nonfinite: u64,
+    /// [`ALIVE_LANES`]: the i32x4 lane masks of each 4-bit mask nibble.
+    pub lut: *const [i32; 4],
 }
+
+/// Lane masks (`-1` = alive) for each value of a 4-bit nibble of the mask.
+pub static ALIVE_LANES: [[i32; 4]; 16] = {
+    let mut t = [[0i32; 4]; 16];
+    let mut n = 0;
+    while n < 16 {
+        let mut l = 0;
+        while l < 4 {
+            t[n][l] = if (n >> l) & 1 == 1 { -1 } else { 0 };
+            l += 1;
+        }
+        n += 1;
+    }
+    t
+};
 
 impl KArgs {
     /// An argument block with every pointer null and every count zero.
@@ -87,6 +102,7 @@ impl KArgs {
             above: 0,
             in_range: 0,
             nonfinite: 0,
+            lut: ALIVE_LANES.as_ptr(),
         }
     }
 }
@@ -166,9 +182,16 @@ pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
             b.seal_all_blocks();
             b.finalize(tcfg);
         }
+        let dump = std::env::var_os("PRUNEC_DUMP_JIT").is_some();
+        ctx.set_disasm(dump);
         module
             .define_function(fid, &mut ctx)
             .map_err(|e| format!("{e:?}"))?;
+        if dump {
+            if let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.clone()) {
+                eprintln!("== {kind:?} of {expr}\n{code}");
+            }
+        }
         module.clear_context(&mut ctx);
         fids.push(fid);
     }
@@ -530,6 +553,11 @@ struct Consts {
     hist: Value,
     cands: Value,
     out: Value,
+    lo_v: Value,
+    hi_v: Value,
+    t_v: Value,
+    expm_v: Value,
+    lut: Value,
 }
 
 fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3]) {
@@ -608,6 +636,12 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
     let lo = b.ins().bxor(lo_u, flip);
     let hi = b.ins().bxor(hi_u, flip);
     let t = b.ins().bxor(t_u, flip);
+    let lut = ld(b, I64, offset_of!(KArgs, lut));
+    let lo_v = b.ins().splat(I32X4, lo);
+    let hi_v = b.ins().splat(I32X4, hi);
+    let t_v = b.ins().splat(I32X4, t);
+    let expc = b.ins().iconst(I32, 0x7f80_0000);
+    let expm_v = b.ins().splat(I32X4, expc);
     let uses_pos = inputs
         .iter()
         .any(|i| matches!(i, KInput::ColStat(_) | KInput::RowStat(_)));
@@ -653,6 +687,11 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         hist,
         cands,
         out,
+        lo_v,
+        hi_v,
+        t_v,
+        expm_v,
+        lut,
     };
     let vec_ok = if uses_pos {
         let three = b.ins().iconst(I64, 3);
@@ -720,14 +759,16 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
 
     gen.b.switch_to_block(group_head);
     let gv = gen.b.use_var(g);
-    let sixteen = gen.ic(I64, 16);
-    let more = gen.b.ins().icmp(IntCC::UnsignedLessThan, gv, sixteen);
+    let four = gen.ic(I64, 4);
+    let more = gen.b.ins().icmp(IntCC::UnsignedLessThan, gv, four);
     gen.b.ins().brif(more, group_body, &[], word_end, &[]);
 
     gen.b.switch_to_block(group_body);
-    vector_group(&mut gen, kind, &k, &ctr, old, acc);
-    // advance by 4
-    advance(&mut gen, 4, cols);
+    // Four groups of four lanes per iteration, four iterations per mask word.
+    for _ in 0..4 {
+        vector_group(&mut gen, kind, &k, &ctr, old, acc);
+        advance(&mut gen, 4, cols);
+    }
     let gv = gen.b.use_var(g);
     let one = gen.ic(I64, 1);
     let gn = gen.b.ins().iadd(gv, one);
@@ -962,21 +1003,16 @@ fn scalar_apply(
 }
 
 /// The lanes of `old >> (i & 63)` as an i32x4 mask.
-fn alive_lanes(gen: &mut Gen, ow: Value, i: Value) -> Value {
+fn alive_lanes(gen: &mut Gen, k: &Consts, ow: Value, i: Value) -> Value {
     let m63 = gen.ic(I64, 63);
     let sh = gen.b.ins().band(i, m63);
     let x = gen.b.ins().ushr(ow, sh);
-    let x = gen.b.ins().ireduce(I32, x);
-    let v = gen.b.ins().splat(I32X4, x);
-    let mut bytes = Vec::with_capacity(16);
-    for l in [1u32, 2, 4, 8] {
-        bytes.extend_from_slice(&l.to_le_bytes());
-    }
-    let c = gen.b.func.dfg.constants.insert(ConstantData::from(bytes));
-    let lanes = gen.b.ins().vconst(I32X4, c);
-    let m = gen.b.ins().band(v, lanes);
-    let z = gen.vi(0);
-    gen.b.ins().icmp(IntCC::NotEqual, m, z)
+    let m15 = gen.ic(I64, 15);
+    let nib = gen.b.ins().band(x, m15);
+    let four = gen.ic(I64, 4);
+    let off = gen.b.ins().ishl(nib, four);
+    let a = gen.b.ins().iadd(k.lut, off);
+    gen.b.ins().load(I32X4, mf(), a, 0)
 }
 
 fn vector_group(
@@ -1002,9 +1038,8 @@ fn vector_group(
         Kind::Scan => {
             let ow = gen.b.use_var(old);
             let key = gen.v_key(s);
-            let alive = alive_lanes(gen, ow, i);
-            let lo = gen.b.ins().splat(I32X4, k.lo);
-            let hi = gen.b.ins().splat(I32X4, k.hi);
+            let alive = alive_lanes(gen, k, ow, i);
+            let (lo, hi) = (k.lo_v, k.hi_v);
             let ge = gen.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, key, lo);
             let le = gen.b.ins().icmp(IntCC::SignedLessThanOrEqual, key, hi);
             let inr = gen.b.ins().band(ge, le);
@@ -1023,7 +1058,7 @@ fn vector_group(
             gen.b.def_var(ctr.above_v, av);
             let wa = gen.addr4(gen.w, i);
             let wv = gen.b.ins().load(I32X4, mf(), wa, 0);
-            let expm = gen.vi(0x7f80_0000);
+            let expm = k.expm_v;
             let ex = gen.b.ins().band(wv, expm);
             let nf = gen.b.ins().icmp(IntCC::Equal, ex, expm);
             let nf = gen.b.ins().band(nf, alive);
@@ -1051,8 +1086,8 @@ fn vector_group(
         Kind::Apply => {
             let ow = gen.b.use_var(old);
             let key = gen.v_key(s);
-            let alive = alive_lanes(gen, ow, i);
-            let t = gen.b.ins().splat(I32X4, k.t);
+            let alive = alive_lanes(gen, k, ow, i);
+            let t = k.t_v;
             let eq = gen.b.ins().icmp(IntCC::Equal, key, t);
             let eq = gen.b.ins().band(eq, alive);
             let any = gen.b.ins().vany_true(eq);

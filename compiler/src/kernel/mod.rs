@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-pub use bench::bench_kernels;
+pub use bench::{bench_kernels, bench_table};
 pub use expr::{BinOp, CmpOp, KExpr, KInput, UnOp};
 pub use raw::KernelCache;
 pub use reference::{prune_reference, score_reference};
