@@ -1,3 +1,7 @@
-//! The prunec compiler: semantic checks against model shapes, IR, passes, cranelift codegen.
+//! The prunec compiler: the front-end driver, semantic checks against model
+//! shapes, IR, passes and cranelift codegen.
+#![doc = include_str!("../../spec/ARCHITECTURE.md")]
 
+pub mod driver;
+pub mod io;
 pub mod kernel;

@@ -211,6 +211,19 @@ impl StageKind {
         }
     }
 
+    /// "a `train`", "an `evaluate`": the keyword with its article.
+    pub fn a(self) -> String {
+        let article = if matches!(
+            self,
+            StageKind::Evaluate | StageKind::Export | StageKind::Assert
+        ) {
+            "an"
+        } else {
+            "a"
+        };
+        format!("{article} `{}`", self.keyword())
+    }
+
     pub fn from_keyword(s: &str) -> Option<StageKind> {
         StageKind::ALL.into_iter().find(|k| k.keyword() == s)
     }

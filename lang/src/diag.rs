@@ -32,14 +32,10 @@ pub enum Code {
     StageClause,
     StageBlock,
     Override,
-    ModelFile,
-    ShapeMismatch,
-    NoMatch,
-    DataFile,
 }
 
 impl Code {
-    pub const ALL: [Code; 28] = [
+    pub const ALL: [Code; 24] = [
         Code::NotUtf8,
         Code::Syntax,
         Code::TooDeep,
@@ -64,10 +60,6 @@ impl Code {
         Code::StageClause,
         Code::StageBlock,
         Code::Override,
-        Code::ModelFile,
-        Code::ShapeMismatch,
-        Code::NoMatch,
-        Code::DataFile,
     ];
 
     /// The code as printed, e.g. `P002`.
@@ -97,10 +89,6 @@ impl Code {
             Code::StageClause => "P043",
             Code::StageBlock => "P044",
             Code::Override => "P050",
-            Code::ModelFile => "P060",
-            Code::ShapeMismatch => "P061",
-            Code::NoMatch => "P062",
-            Code::DataFile => "P063",
         }
     }
 
@@ -131,10 +119,6 @@ impl Code {
             Code::StageClause => "clause not allowed or missing in a stage",
             Code::StageBlock => "misplaced stage block",
             Code::Override => "bad `--set` override",
-            Code::ModelFile => "model file unreadable",
-            Code::ShapeMismatch => "shapes do not fit",
-            Code::NoMatch => "selection matches no parameter",
-            Code::DataFile => "data file unreadable",
         }
     }
 }
@@ -324,4 +308,24 @@ pub fn did_you_mean<'a>(
         }
     }
     best.map(|(_, c)| format!("did you mean `{c}`?"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_documented_in_the_spec() {
+        let spec = include_str!("../../spec/ERRORS.md");
+        for code in Code::ALL {
+            let row = format!("| {} | {} |", code.as_str(), code.title());
+            assert!(spec.contains(&row), "spec/ERRORS.md lacks the row `{row}`");
+        }
+        let rows = spec.lines().filter(|l| l.starts_with("| P")).count();
+        assert_eq!(
+            rows,
+            Code::ALL.len(),
+            "spec/ERRORS.md documents codes that do not exist"
+        );
+    }
 }

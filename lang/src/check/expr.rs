@@ -50,6 +50,14 @@ impl Checker<'_> {
             ExprKind::Str(s) => match ty {
                 Ty::Str => Some(Value::Str(s.clone())),
                 Ty::Enum(words) if words.contains(&s.as_str()) => Some(Value::Word(s.clone())),
+                Ty::Enum(words) => {
+                    self.push(
+                        Diagnostic::new(Code::WrongType, format!("\"{s}\" is not {ty}"))
+                            .with_label(e.span, "unknown option")
+                            .with_help_opt(did_you_mean(s, words.iter().copied())),
+                    );
+                    None
+                }
                 _ => self.mismatch(e, ty, "a string"),
             },
             ExprKind::Bool(b) => match ty {
@@ -342,6 +350,23 @@ impl Checker<'_> {
     }
 
     fn eval_call(&mut self, callee: &Ident, args: &Args, e: &Expr, ty: Ty) -> Option<Value> {
+        if let Some(sym) = self.symbols.get(&callee.name) {
+            if builtins::lookup(&callee.name).is_none() {
+                let noun = sym.kind.as_kind().noun();
+                self.push(
+                    Diagnostic::new(
+                        Code::UnknownFunction,
+                        format!("`{}` is a {noun}, not a function", callee.name),
+                    )
+                    .with_label(callee.span.join(args.span), "read as a call")
+                    .with_help(format!(
+                        "stage options need a space before the parenthesis: `{} (...)`",
+                        callee.name
+                    )),
+                );
+                return None;
+            }
+        }
         let Some(bi) = builtins::lookup(&callee.name) else {
             let kind = match ty {
                 Ty::Of(k) => Some(k),

@@ -276,7 +276,7 @@ impl Checker<'_> {
             self.push(
                 Diagnostic::new(
                     Code::StageClause,
-                    format!("a `{}` stage takes no `{clause}` clause", s.kind),
+                    format!("{} stage takes no `{clause}` clause", s.kind.a()),
                 )
                 .with_label(span, "not allowed here")
                 .with_help(stage_usage(s.kind)),
@@ -289,7 +289,7 @@ impl Checker<'_> {
             self.push(
                 Diagnostic::new(
                     Code::StageClause,
-                    format!("a `{}` stage needs `{clause}`", s.kind),
+                    format!("{} stage needs `{clause}`", s.kind.a()),
                 )
                 .with_label(
                     s.keyword_span
@@ -335,7 +335,7 @@ impl Checker<'_> {
                 self.push(
                     Diagnostic::new(
                         Code::StageBlock,
-                        format!("a `{}` stage cannot hold a block", s.kind),
+                        format!("{} stage cannot hold a block", s.kind.a()),
                     )
                     .with_label(
                         Span::new(b.span.start, b.span.start + 1),
@@ -360,7 +360,7 @@ impl Checker<'_> {
                             )
                             .with_label(a.span, "an option without a name")
                             .with_help(if allowed.is_empty() {
-                                format!("a `{}` stage takes no options", s.kind)
+                                format!("{} stage takes no options", s.kind.a())
                             } else {
                                 format!("options of `{}`: {}", s.kind, allowed.join(", "))
                             }),
@@ -371,7 +371,7 @@ impl Checker<'_> {
             }
             None => vec![],
         };
-        let what = format!("a `{}` stage", s.kind);
+        let what = format!("{} stage", s.kind.a());
         let options = self.check_options(&opts, allowed, &what);
 
         match s.kind {
@@ -692,7 +692,7 @@ impl Checker<'_> {
                         | StageKind::Calibrate
                 ) {
                     self.push(
-                        Diagnostic::new(Code::StageBlock, format!("a `{}` stage cannot run each round", inner.kind))
+                        Diagnostic::new(Code::StageBlock, format!("{} stage cannot run each round", inner.kind.a()))
                             .with_label(inner.keyword_span, "not allowed in a round block")
                             .with_help("round blocks hold `train`, `finetune`, `calibrate`, `evaluate` and `report` stages"),
                     );

@@ -87,7 +87,10 @@ fn is_leaf(rule: Rule) -> bool {
 }
 
 /// Kinds of expected things that are implied by "an expression".
-const EXPRESSION_PARTS: [&str; 11] = [
+const EXPRESSION_PARTS: [&str; 14] = [
+    "`\"`",
+    "`-`",
+    "`not`",
     "a name",
     "a number",
     "a string",
@@ -129,9 +132,14 @@ pub(super) fn short(s: &str) -> String {
 
 /// The token found at `pos` (a word, a string, or one character).
 fn found_at(src: &str, pos: usize) -> (String, Span) {
-    let rest = &src[pos.min(src.len())..];
+    let skipped = src[pos.min(src.len())..].len() - src[pos.min(src.len())..].trim_start().len();
+    let pos = pos.min(src.len()) + skipped;
+    let rest = &src[pos..];
     let Some(c) = rest.chars().next() else {
-        return ("end of file".to_string(), Span::new(src.len(), src.len()));
+        return (
+            "the end of the file".to_string(),
+            Span::new(src.len(), src.len()),
+        );
     };
     let len = if c.is_alphanumeric() || c == '_' {
         rest.find(|ch: char| !(ch.is_alphanumeric() || ch == '_' || ch == '.'))
@@ -161,9 +169,10 @@ fn join_or(items: &[String]) -> String {
 pub(super) fn syntax_error(
     err: pest::error::Error<Rule>,
     src: &str,
-    base: usize,
+    chunk: Span,
     what: &str,
 ) -> Diagnostic {
+    let base = chunk.start;
     let mut pos = match err.location {
         InputLocation::Pos(p) => p,
         InputLocation::Span((s, _)) => s,
@@ -203,6 +212,8 @@ pub(super) fn syntax_error(
         }
         _ => expected.extend(positives.iter().filter_map(|r| describe(*r))),
     }
+    // Continuations of a number (`1.5`, `10%`, `2:4`) are noise here.
+    literals.retain(|l| !matches!(l.as_str(), "`%`" | "`:`" | "`.`" | "`_`"));
     let mut all: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
     for l in literals {
         if !all.contains(&l) {
@@ -212,12 +223,36 @@ pub(super) fn syntax_error(
     if all.iter().any(|s| s == "an expression") {
         all.retain(|s| !EXPRESSION_PARTS.contains(&s.as_str()));
     }
-    let (found, found_span) = found_at(src, pos);
+    let (found, found_span) = if pos >= chunk.end {
+        let end = if chunk.end >= src.len() {
+            "the end of the file".to_string()
+        } else {
+            format!("the end of {what}")
+        };
+        (end, Span::new(chunk.end, chunk.end))
+    } else {
+        found_at(src, pos)
+    };
+    // Operators are one thing to the reader.
+    let operators = [
+        "`!=`", "`*`", "`+`", "`-`", "`/`", "`<=`", "`<`", "`==`", "`>=`", "`>`", "`^`",
+    ];
+    if all
+        .iter()
+        .filter(|s| operators.contains(&s.as_str()))
+        .count()
+        > 2
+    {
+        all.retain(|s| !operators.contains(&s.as_str()));
+        all.push("an operator".to_string());
+    }
+    let mut seen = BTreeSet::new();
+    all.retain(|s| seen.insert(s.clone()));
     let only_continuations = all
         .iter()
         .all(|s| CONTINUATIONS.contains(&s.as_str()) || s == "the end");
-    let message = if all.is_empty() || (only_continuations && all.iter().any(|s| s == "the end")) {
-        format!("unexpected {found} in {what}")
+    let message = if all.is_empty() || only_continuations {
+        format!("unexpected {found} after the end of {what}")
     } else {
         let mut main: Vec<String> = all
             .iter()
@@ -230,18 +265,32 @@ pub(super) fn syntax_error(
         main.sort_by_key(|s| (!s.starts_with('`'), s.clone()));
         format!("expected {}, found {found}", join_or(&main))
     };
-    let help = if found == "end of file" {
-        Some(
-            "the file ends in the middle of this; is a closing bracket or a value missing?"
-                .to_string(),
-        )
-    } else if found == "`=`" && all.iter().any(|s| s == "`->`" || s == "`(`") {
-        Some("stage options go in parentheses: `train net on data (epochs = 3)`".to_string())
-    } else if found.starts_with("`\"") && !found.ends_with("\"`") && !found.ends_with("\"…`") {
-        Some("this string is not closed on its line".to_string())
-    } else {
-        None
-    };
+    let stage_word = [
+        "`train`",
+        "`finetune`",
+        "`calibrate`",
+        "`prune`",
+        "`evaluate`",
+        "`assert`",
+        "`export`",
+        "`report`",
+    ];
+    let help =
+        if only_continuations && stage_word.contains(&found.as_str()) && what == "a declaration" {
+            Some("stages go inside `pipeline { ... }`".to_string())
+        } else if found == "the end of the file" {
+            Some(
+                "the file ends in the middle of this; is a closing bracket or a value missing?"
+                    .to_string(),
+            )
+        } else if found == "`=`" && all.iter().any(|s| s == "`->`" || s == "`(`") {
+            Some("stage options go in parentheses: `train net on data (epochs = 3)`".to_string())
+        } else if found.starts_with("`\"") && !found.ends_with("\"`") && !found.ends_with("\"…`")
+        {
+            Some("this string is not closed on its line".to_string())
+        } else {
+            None
+        };
     Diagnostic::new(Code::Syntax, message)
         .with_label(found_span, format!("in {what}: unexpected here"))
         .with_help_opt(help)

@@ -114,7 +114,7 @@ pub fn source_to_expr(src: &str) -> Result<Expr, Diagnostic> {
         return Err(d);
     }
     let mut pairs = RecipeParser::parse(Rule::expr_alone, src)
-        .map_err(|e| errors::syntax_error(e, src, 0, "a value"))?;
+        .map_err(|e| errors::syntax_error(e, src, Span::new(0, src.len()), "a value"))?;
     let top = pairs.next().expect("expr_alone yields one pair");
     let expr = top.into_inner().next().expect("expr_alone holds an expr");
     Ok(build_expr(expr, 0))
@@ -122,7 +122,49 @@ pub fn source_to_expr(src: &str) -> Result<Expr, Diagnostic> {
 
 fn span_of(p: &Pair<'_, Rule>, base: usize) -> Span {
     let s = p.as_span();
-    Span::new(s.start() + base, s.end() + base)
+    let text = p.as_str();
+    // pest lets a rule that ends in a repetition swallow the whitespace and
+    // comments after it; spans end at the last real token.
+    let len = if text.ends_with(|c: char| c.is_whitespace()) || text.contains('#') {
+        end_of_tokens(text)
+    } else {
+        text.len()
+    };
+    Span::new(s.start() + base, s.start() + len + base)
+}
+
+/// The length of `text` up to the end of its last token (not whitespace,
+/// not a comment), with strings taken whole.
+fn end_of_tokens(text: &str) -> usize {
+    let bytes = text.as_bytes();
+    let mut end = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b' ' | b'\t' | b'\r' | b'\n' => i += 1,
+            b'#' => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' && bytes[i] != b'\n' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i = (i + 1).min(bytes.len());
+                end = i;
+            }
+            _ => {
+                i += 1;
+                end = i;
+            }
+        }
+    }
+    while !text.is_char_boundary(end) {
+        end += 1;
+    }
+    end
 }
 
 fn build_ident(p: Pair<'_, Rule>, base: usize) -> Ident {

@@ -207,6 +207,35 @@ fn split(
     pieces
 }
 
+/// Splits `toks[lo..hi]` where `starts(i)` holds and no brace is open
+/// (parentheses are ignored, so one unclosed `(` costs one stage only).
+fn split_braces(
+    src: &str,
+    toks: &[Tok],
+    lo: usize,
+    hi: usize,
+    starts: impl Fn(usize) -> bool,
+) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    let mut depth = 0usize;
+    let mut cur = lo;
+    for i in lo..hi {
+        if i > cur && depth == 0 && starts(i) {
+            pieces.push(Piece { lo: cur, hi: i });
+            cur = i;
+        }
+        match toks[i].text(src) {
+            "{" => depth += 1,
+            "}" => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if cur < hi {
+        pieces.push(Piece { lo: cur, hi });
+    }
+    pieces
+}
+
 fn piece_span(toks: &[Tok], p: Piece) -> Span {
     Span::new(toks[p.lo].start, toks[p.hi - 1].end)
 }
@@ -216,7 +245,8 @@ pub(super) fn parse_items(src: &str, errors: &mut Vec<Diagnostic>) -> Vec<Item> 
     let toks = scan(src);
     let is_top = |i: usize| {
         let t = toks[i];
-        t.kind == TokKind::Word && t.line_start && TOP_KEYWORDS.contains(&t.text(src))
+        let option = toks.get(i + 1).is_some_and(|n| n.text(src) == "=");
+        t.kind == TokKind::Word && t.line_start && !option && TOP_KEYWORDS.contains(&t.text(src))
     };
     let pieces = split(
         &toks,
@@ -253,7 +283,7 @@ pub(super) fn parse_items(src: &str, errors: &mut Vec<Diagnostic>) -> Vec<Item> 
                 let item = pairs.next().unwrap().into_inner().next().unwrap();
                 items.push(build_item(item, span.start));
             }
-            Err(e) => errors.push(errors::syntax_error(e, src, span.start, "a declaration")),
+            Err(e) => errors.push(errors::syntax_error(e, src, span, "a declaration")),
         }
     }
     items
@@ -271,7 +301,7 @@ fn parse_pipeline(
     if open >= p.hi || toks[open].text(src) != "{" {
         // Let the grammar describe what is wrong.
         if let Err(e) = RecipeParser::parse(Rule::item_alone, &src[span.start..span.end]) {
-            errors.push(errors::syntax_error(e, src, span.start, "the pipeline"));
+            errors.push(errors::syntax_error(e, src, span, "the pipeline"));
         }
         return None;
     }
@@ -279,9 +309,11 @@ fn parse_pipeline(
     let mut depth = 0usize;
     let mut close = None;
     for (i, t) in toks.iter().enumerate().take(p.hi).skip(open) {
-        match t.kind {
-            TokKind::Open => depth += 1,
-            TokKind::Close => {
+        // Only braces count: an unclosed `(` in a stage must not swallow
+        // the pipeline's closing brace.
+        match t.text(src) {
+            "{" => depth += 1,
+            "}" => {
                 depth = depth.saturating_sub(1);
                 if depth == 0 {
                     close = Some(i);
@@ -321,19 +353,16 @@ fn parse_pipeline(
     let is_stage = |i: usize| {
         let t = toks[i];
         let after_during = i > 0 && toks[i - 1].text(src) == "during";
+        // `calibrate = data` on its own line is an option, not a stage.
+        let option = toks.get(i + 1).is_some_and(|n| n.text(src) == "=");
         t.kind == TokKind::Word
             && t.line_start
             && !after_during
+            && !option
             && STAGE_KEYWORDS.contains(&t.text(src))
     };
     let mut stages = Vec::new();
-    for s in split(
-        toks,
-        open + 1,
-        body_hi,
-        |i, depth| depth == 0 && is_stage(i),
-        false,
-    ) {
+    for s in split_braces(src, toks, open + 1, body_hi, is_stage) {
         let sspan = piece_span(toks, s);
         let first = toks[s.lo];
         if !STAGE_KEYWORDS.contains(&first.text(src)) {
@@ -354,7 +383,7 @@ fn parse_pipeline(
                 let stage = pairs.next().unwrap().into_inner().next().unwrap();
                 stages.push(build_stage(stage, sspan.start));
             }
-            Err(e) => errors.push(errors::syntax_error(e, src, sspan.start, "a stage")),
+            Err(e) => errors.push(errors::syntax_error(e, src, sspan, "a stage")),
         }
     }
     Some(Pipeline { stages, span })
