@@ -45,8 +45,8 @@ fn score_rows(k: &CompiledKernel, raw: &RawTensor, r0: usize, r1: usize, buf: &m
     unsafe { raw.run(k.score, &mut a) };
 }
 
-/// Applies per-element keep decisions to rows `[r0, r1)`: `keep(i)` is asked for alive
-/// elements only. Returns the kept count.
+/// Applies per-element keep decisions to rows `[r0, r1)`: `keep(r, c, i)` is asked for alive
+/// elements only (row, column, flat index). Returns the kept count.
 ///
 /// # Safety
 /// The caller owns rows `[r0, r1)`, which start at a multiple of 64 elements and end at a
@@ -55,31 +55,33 @@ unsafe fn apply_rows(
     raw: &RawTensor,
     r0: usize,
     r1: usize,
-    mut keep: impl FnMut(usize) -> bool,
+    mut keep: impl FnMut(usize, usize, usize) -> bool,
 ) -> usize {
-    let (start, end) = (r0 * raw.cols, r1 * raw.cols);
+    let end = r1 * raw.cols;
     let mut kept = 0;
-    let mut wi = start / 64;
-    while wi * 64 < end {
-        // SAFETY: the word lies in the caller's range.
-        let old = unsafe { raw.mask_word(wi) };
-        let mut new = 0u64;
-        for b in 0..64 {
-            let i = wi * 64 + b;
-            if i >= end {
-                break;
+    let mut i = r0 * raw.cols;
+    let (mut old, mut word) = (0u64, 0u64);
+    for r in r0..r1 {
+        for c in 0..raw.cols {
+            let b = i & 63;
+            if b == 0 {
+                // SAFETY: the word lies in the caller's range.
+                old = unsafe { raw.mask_word(i >> 6) };
+                word = 0;
             }
-            if (old >> b) & 1 == 1 && keep(i) {
-                new |= 1 << b;
+            if (old >> b) & 1 == 1 && keep(r, c, i) {
+                word |= 1 << b;
                 kept += 1;
             } else {
                 // SAFETY: element `i` lies in the caller's range.
                 unsafe { raw.set_weight(i, 0.0) };
             }
+            if b == 63 || i + 1 == end {
+                // SAFETY: as above.
+                unsafe { raw.set_mask_word(i >> 6, word) };
+            }
+            i += 1;
         }
-        // SAFETY: as above.
-        unsafe { raw.set_mask_word(wi, new) };
-        wi += 1;
     }
     kept
 }
@@ -99,38 +101,62 @@ fn alive(raw: &RawTensor, i: usize) -> bool {
 /// Every row keeps its top `k` alive elements. Returns the kept count.
 pub fn per_row(k: &CompiledKernel, raw: &RawTensor, rows: usize, keep: usize) -> usize {
     let per = rows_per_unit(rows, raw.cols, 1);
+    let cols = raw.cols;
+    let aligned = cols % 64 == 0;
     units(rows, per)
         .par_iter()
         .map(|&(r0, r1)| {
             let mut buf = Vec::new();
             score_rows(k, raw, r0, r1, &mut buf);
-            let base = r0 * raw.cols;
-            let keys: Vec<u32> = buf.iter().map(|&s| score_key(s)).collect();
+            let base = r0 * cols;
             // Per row: the cut key and how many ties at it to keep.
             let mut cut = Vec::with_capacity(r1 - r0);
-            let mut tmp = Vec::with_capacity(raw.cols);
+            let mut tmp = Vec::with_capacity(cols);
+            let mut hist = vec![0u32; 2048];
             for r in r0..r1 {
-                let rs = r * raw.cols;
+                let rs = r * cols;
                 tmp.clear();
-                tmp.extend(
-                    (rs..rs + raw.cols)
-                        .filter(|&i| alive(raw, i))
-                        .map(|i| keys[i - base]),
-                );
-                cut.push(row_cut(&mut tmp, keep));
+                let row = &buf[rs - base..rs - base + cols];
+                let dense = aligned
+                    // SAFETY: reading this unit's own mask words.
+                    && (rs / 64..(rs + cols) / 64).all(|w| unsafe { raw.mask_word(w) } == u64::MAX);
+                if dense {
+                    tmp.extend(row.iter().map(|&s| score_key(s)));
+                } else {
+                    tmp.extend(
+                        (0..cols)
+                            .filter(|&c| alive(raw, rs + c))
+                            .map(|c| score_key(row[c])),
+                    );
+                }
+                cut.push(row_cut(&mut tmp, keep, &mut hist));
             }
-            let mut row = r0;
-            let mut quota = cut.first().map_or(0, |c| c.1);
+            if aligned {
+                // Rows own whole mask words: the JIT apply kernel masks each row.
+                let mut kept = 0;
+                for (r, &(t, ties)) in (r0..r1).zip(&cut) {
+                    let mut a = raw.args(r * cols, (r + 1) * cols);
+                    a.t = t;
+                    a.quota = ties as u64;
+                    // SAFETY: this worker owns the row, which starts at a multiple of 64.
+                    unsafe { raw.run(k.apply, &mut a) };
+                    kept += (r * cols / 64..(r + 1) * cols / 64)
+                        // SAFETY: as above.
+                        .map(|w| unsafe { raw.mask_word(w) }.count_ones() as usize)
+                        .sum::<usize>();
+                }
+                return kept;
+            }
+            let mut row = usize::MAX;
+            let (mut t, mut quota) = (0, 0);
             // SAFETY: units are whole rows starting at multiples of 64 elements.
             unsafe {
-                apply_rows(raw, r0, r1, |i| {
-                    let r = i / raw.cols;
+                apply_rows(raw, r0, r1, |r, _, i| {
                     if r != row {
                         row = r;
-                        quota = cut[r - r0].1;
+                        (t, quota) = cut[r - r0];
                     }
-                    let (t, _) = cut[r - r0];
-                    let key = keys[i - base];
+                    let key = score_key(buf[i - base]);
                     if key > t {
                         true
                     } else if key == t && quota > 0 {
@@ -147,13 +173,36 @@ pub fn per_row(k: &CompiledKernel, raw: &RawTensor, rows: usize, keep: usize) ->
 
 /// The cut `(t, ties)` keeping the top `k` of `keys`: keep keys above `t` and the first
 /// `ties` equal to it. `t = u32::MAX` keeps nothing above; `k >= len` keeps everything.
-fn row_cut(keys: &mut [u32], k: usize) -> (u32, usize) {
+/// A radix pass on the top 11 bits finds the bucket, then only that bucket is selected.
+fn row_cut(keys: &mut Vec<u32>, k: usize, hist: &mut [u32]) -> (u32, usize) {
     if k == 0 {
         return (u32::MAX, 0);
     }
     if k >= keys.len() {
         return (0, keys.len());
     }
+    if keys.len() > 256 {
+        hist.iter_mut().for_each(|h| *h = 0);
+        for &x in keys.iter() {
+            hist[(x >> 21) as usize] += 1;
+        }
+        let mut above = 0usize;
+        let mut b = hist.len();
+        while b > 0 {
+            b -= 1;
+            if above + hist[b] as usize >= k {
+                break;
+            }
+            above += hist[b] as usize;
+        }
+        keys.retain(|&x| (x >> 21) as usize == b);
+        return select_cut(keys, k - above);
+    }
+    select_cut(keys, k)
+}
+
+/// `row_cut` by selection, for `0 < k <= keys.len()`.
+fn select_cut(keys: &mut [u32], k: usize) -> (u32, usize) {
     let (_, &mut t, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
     let greater = keys.iter().filter(|&&x| x > t).count();
     (t, k - greater)
@@ -183,7 +232,7 @@ pub fn n_m(k: &CompiledKernel, raw: &RawTensor, rows: usize, n: usize, m: usize)
                 }
             }
             // SAFETY: units are whole rows starting at multiples of 64 elements.
-            unsafe { apply_rows(raw, r0, r1, |i| keepv[i - base]) }
+            unsafe { apply_rows(raw, r0, r1, |_, _, i| keepv[i - base]) }
         })
         .sum()
 }
@@ -235,13 +284,13 @@ pub fn blocks(
         kept_block[b] = true;
     }
     // Pass 2: mask.
+    let col_block: Vec<usize> = (0..cols).map(|c| c / bc).collect();
     us.par_iter()
         .map(|&(r0, r1)| {
             // SAFETY: units are whole rows starting at multiples of 64 elements.
             unsafe {
-                apply_rows(raw, r0, r1, |i| {
-                    let (r, c) = (i / cols, i % cols);
-                    kept_block[(r / br) * nbc + c / bc]
+                apply_rows(raw, r0, r1, |r, c, _| {
+                    kept_block[(r / br) * nbc + col_block[c]]
                 })
             }
         })
