@@ -136,3 +136,10 @@ pub fn render_json(file: &SourceFile, diags: &[Diagnostic]) -> String {
 pub fn file_diagnostic(code: Code, message: impl Into<String>) -> Diagnostic {
     Diagnostic::new(code, message).with_label(Span::new(0, 0), "")
 }
+
+/// Renders a run-time problem (an error or a failed assert) at its recipe span.
+pub fn render_run_error(file: &SourceFile, d: &Diagnostic, color: bool) -> String {
+    let mut d = d.clone();
+    d.code = Code::StageClause;
+    render(file, &[d], color).replacen("P043", "run", 1)
+}

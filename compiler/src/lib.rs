@@ -3,5 +3,8 @@
 #![doc = include_str!("../../spec/ARCHITECTURE.md")]
 
 pub mod driver;
+pub mod exec;
 pub mod io;
 pub mod kernel;
+pub mod lower;
+pub mod report;

@@ -12,7 +12,9 @@ use std::process::ExitCode;
 mod exit {
     pub const OK: u8 = 0;
     pub const USER: u8 = 1;
+    pub const ASSERT: u8 = 2;
     pub const INTERNAL: u8 = 3;
+    pub const INTERRUPTED: u8 = 130;
 }
 
 #[derive(clap::Parser)]
@@ -30,6 +32,31 @@ enum Command {
     Fmt(FmtArgs),
     /// Describe a built-in: its parameters, types, defaults and ranges.
     Explain(ExplainArgs),
+    /// Check and run a recipe: writes the model(s), report.json, report.md, plots and prune.lock.
+    Run(RunArgs),
+    /// Re-run the recipe a prune.lock records and compare every output hash.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The recipe.
+    file: PathBuf,
+    /// Override a param: `--set target=0.95` (repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<Override>,
+    /// Output folder (default: `out/<recipe name>`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// No progress bars or per-stage lines.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// A `prune.lock` written by `prunec run`.
+    lock: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -82,6 +109,8 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd_check(a),
         Command::Fmt(a) => cmd_fmt(a),
         Command::Explain(a) => cmd_explain(a),
+        Command::Run(a) => cmd_run(a),
+        Command::Verify(a) => cmd_verify(a),
     };
     ExitCode::from(code)
 }
@@ -216,4 +245,211 @@ fn cmd_explain(a: ExplainArgs) -> u8 {
             exit::USER
         }
     }
+}
+
+/// Reads and checks a recipe for `run`; diagnostics are printed here.
+fn checked_recipe(
+    path: &std::path::Path,
+    set: &[Override],
+) -> Result<(SourceFile, prunec_lang::CheckedRecipe), u8> {
+    let file = match driver::read_source(path) {
+        Ok(f) => f,
+        Err((file, d)) => {
+            report(&file, &[d], Format::Human);
+            return Err(exit::USER);
+        }
+    };
+    let overrides = set.to_vec();
+    match driver::on_big_stack(move || {
+        let c = driver::source_to_checked(file, &overrides);
+        (c.file, c.result)
+    }) {
+        Ok((file, Ok(recipe))) => Ok((file, recipe)),
+        Ok((file, Err(diags))) => {
+            report(&file, &diags, Format::Human);
+            eprintln!(
+                "{}: {} error{}; nothing was run",
+                file.name,
+                diags.len(),
+                if diags.len() == 1 { "" } else { "s" }
+            );
+            Err(exit::USER)
+        }
+        Err(panic) => {
+            eprintln!("internal error while checking {}: {panic}", path.display());
+            Err(exit::INTERNAL)
+        }
+    }
+}
+
+fn run_recipe(
+    file: &SourceFile,
+    recipe: &prunec_lang::CheckedRecipe,
+    path: &std::path::Path,
+    out: PathBuf,
+    quiet: bool,
+) -> Result<prunec::exec::RunOutcome, u8> {
+    let opts = prunec::exec::RunOptions {
+        out_dir: out,
+        progress: !quiet,
+    };
+    match prunec::exec::run(recipe, path, &file.text, &opts) {
+        Ok(o) => Ok(o),
+        Err(prunec::exec::RunError::User {
+            span,
+            message,
+            help,
+        }) => {
+            let mut d = Diagnostic::new(prunec_lang::Code::StageClause, message.clone());
+            match span {
+                Some(s) => {
+                    d = d.with_label(s, "while running this");
+                    if let Some(h) = help {
+                        d = d.with_help(h);
+                    }
+                    eprint!("{}", driver::render_run_error(file, &d, color()));
+                }
+                None => {
+                    eprintln!("error: {message}");
+                    if let Some(h) = help {
+                        eprintln!("  help: {h}");
+                    }
+                }
+            }
+            eprintln!("{}: the run stopped; no output was written", file.name);
+            Err(exit::USER)
+        }
+        Err(prunec::exec::RunError::Interrupted) => {
+            eprintln!("interrupted: no output was written");
+            Err(exit::INTERRUPTED)
+        }
+        Err(prunec::exec::RunError::Internal(m)) => {
+            eprintln!("internal error: {m}");
+            Err(exit::INTERNAL)
+        }
+        Err(prunec::exec::RunError::Assert { .. }) => {
+            unreachable!("asserts end the run with outputs")
+        }
+    }
+}
+
+fn cmd_run(a: RunArgs) -> u8 {
+    let (file, recipe) = match checked_recipe(&a.file, &a.set) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let out = a
+        .out
+        .unwrap_or_else(|| PathBuf::from("out").join(&recipe.name));
+    let outcome = match run_recipe(&file, &recipe, &a.file, out.clone(), a.quiet) {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
+    if !a.quiet {
+        eprintln!(
+            "wrote {} (report.json, report.md, prune.lock and {} more file(s))",
+            out.display(),
+            outcome.report.outputs.len()
+        );
+    }
+    if let Some((span, message)) = outcome.failed_assert {
+        let d = Diagnostic::new(prunec_lang::Code::StageClause, message)
+            .with_label(span, "this assertion does not hold");
+        eprint!("{}", driver::render_run_error(&file, &d, color()));
+        return exit::ASSERT;
+    }
+    exit::OK
+}
+
+fn cmd_verify(a: VerifyArgs) -> u8 {
+    let fail = |m: String| {
+        eprintln!("error: {m}");
+        exit::USER
+    };
+    let text = match std::fs::read_to_string(&a.lock) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("cannot read {}: {e}", a.lock.display())),
+    };
+    let lock: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => return fail(format!("{} is not a prune.lock: {e}", a.lock.display())),
+    };
+    let recipe_path = PathBuf::from(lock["recipe"]["path"].as_str().unwrap_or(""));
+    let recipe_hash = lock["recipe"]["sha256"].as_str().unwrap_or("");
+    match std::fs::read(&recipe_path) {
+        Ok(bytes) => {
+            use sha2::Digest;
+            let h: String = sha2::Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if h != recipe_hash {
+                return fail(format!(
+                    "the recipe {} changed since the lock was written",
+                    recipe_path.display()
+                ));
+            }
+        }
+        Err(e) => {
+            return fail(format!(
+                "cannot read the recipe {}: {e}",
+                recipe_path.display()
+            ))
+        }
+    }
+    for input in lock["inputs"].as_array().into_iter().flatten() {
+        let p = PathBuf::from(input["path"].as_str().unwrap_or(""));
+        match prunec_runtime::io::sha256_file(&p) {
+            Ok(h) if Some(h.as_str()) == input["sha256"].as_str() => {}
+            Ok(_) => {
+                return fail(format!(
+                    "the input {} changed since the lock was written",
+                    p.display()
+                ))
+            }
+            Err(e) => return fail(format!("input {}: {e}", p.display())),
+        }
+    }
+    let set: Vec<Override> = lock["params_text"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| {
+            v.as_str().map(|v| Override {
+                name: k.clone(),
+                value: v.to_string(),
+            })
+        })
+        .collect();
+    let (file, recipe) = match checked_recipe(&recipe_path, &set) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => return fail(format!("cannot create a temporary folder: {e}")),
+    };
+    let outcome = match run_recipe(&file, &recipe, &recipe_path, dir.path().to_path_buf(), true) {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
+    let fresh: std::collections::BTreeMap<&str, &str> = outcome
+        .report
+        .outputs
+        .iter()
+        .map(|(p, h)| (p.as_str(), h.as_str()))
+        .collect();
+    for out in lock["outputs"].as_array().into_iter().flatten() {
+        let p = out["path"].as_str().unwrap_or("");
+        if fresh.get(p).copied() != out["sha256"].as_str() {
+            eprintln!("verify: {p} differs from the lock");
+            return exit::USER;
+        }
+    }
+    eprintln!(
+        "verify: all {} outputs match {}",
+        fresh.len(),
+        a.lock.display()
+    );
+    exit::OK
 }

@@ -1,0 +1,1343 @@
+//! The executor: runs a checked recipe's pipeline on the runtime, pruning with
+//! JIT-compiled kernels, and stages every output in a temporary folder that
+//! is moved into place only when the run succeeds.
+
+use crate::kernel::{self, KExpr, PruneOptions, Selection, TensorView};
+use crate::lower::{self, LowerError};
+use crate::report::{Evaluation, Layer, Report, Round, Timing};
+use prunec_lang::ast::{BinaryOp, Expr, ExprKind, Stage, StageKind, UnaryOp};
+use prunec_lang::check::Value;
+use prunec_lang::{CheckedRecipe, Span};
+use prunec_runtime as rt;
+use rt::train::Control;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Batches whose gradients a gradient-reading criterion averages.
+pub const GRADIENT_BATCHES: usize = 16;
+
+/// Why a run stopped.
+#[derive(Debug)]
+pub enum RunError {
+    /// Something the user can fix: a recipe span (if any), a message, a hint.
+    User {
+        span: Option<Span>,
+        message: String,
+        help: Option<String>,
+    },
+    /// An `assert` in the recipe failed.
+    Assert { span: Span, message: String },
+    /// Ctrl-C.
+    Interrupted,
+    /// A bug.
+    Internal(String),
+}
+
+impl RunError {
+    fn user(span: Span, message: impl Into<String>) -> Self {
+        RunError::User {
+            span: Some(span),
+            message: message.into(),
+            help: None,
+        }
+    }
+}
+
+impl From<LowerError> for RunError {
+    fn from(e: LowerError) -> Self {
+        RunError::User {
+            span: Some(e.span),
+            message: e.message,
+            help: None,
+        }
+    }
+}
+
+/// Maps a runtime error at a stage to a run error.
+fn rt_err(stage: Span, what: &str) -> impl Fn(rt::RuntimeError) -> RunError + '_ {
+    move |e| match e {
+        rt::RuntimeError::Candle { .. } => RunError::Internal(format!("{what}: {e}")),
+        other => RunError::user(stage, format!("{what}: {other}")),
+    }
+}
+
+/// Where and how to run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Outputs go here (created if needed; existing files of the same name are replaced).
+    pub out_dir: PathBuf,
+    /// Show progress bars (stderr must be a terminal for them to draw).
+    pub progress: bool,
+}
+
+/// What a successful (or assert-failed) run produced.
+pub struct RunOutcome {
+    pub report: Report,
+    /// The `assert` that failed, if one did (outputs are still written).
+    pub failed_assert: Option<(Span, String)>,
+}
+
+struct ModelState {
+    model: rt::Model,
+    masks: rt::Masks,
+    init: rt::Snapshot,
+    spec: rt::ModelSpec,
+}
+
+struct Exec<'a> {
+    r: &'a CheckedRecipe,
+    device: candle_core::Device,
+    models: BTreeMap<String, ModelState>,
+    datasets: BTreeMap<String, rt::Dataset>,
+    /// Latest value of each metric, and labelled evaluations.
+    latest: BTreeMap<String, f64>,
+    labels: BTreeMap<String, BTreeMap<String, f64>>,
+    report: Report,
+    inputs: BTreeMap<PathBuf, String>,
+    staging: PathBuf,
+    interrupted: Arc<AtomicBool>,
+    progress: bool,
+    /// The weights the last prune stage targeted (sparsity and PQI are measured on them).
+    targets: Option<Vec<String>>,
+    /// When inside a round block, the round's metrics.
+    round: Option<Round>,
+}
+
+/// The `Ctrl-C` flag, installed once per process.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        // If a handler cannot be installed, Ctrl-C simply kills the process;
+        // outputs are still only renamed into place at the very end.
+        let _ = ctrlc::set_handler(move || f.store(true, Ordering::SeqCst));
+        flag
+    })
+    .clone()
+}
+
+/// Runs a checked recipe. Outputs are written to a staging folder inside
+/// `opts.out_dir` and moved into place at the end; on any error the staging
+/// folder is removed and the output folder holds no new file.
+pub fn run(
+    recipe: &CheckedRecipe,
+    recipe_path: &Path,
+    recipe_text: &str,
+    opts: &RunOptions,
+) -> Result<RunOutcome, RunError> {
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| RunError::User {
+        span: None,
+        message: format!(
+            "cannot create the output folder {}: {e}",
+            opts.out_dir.display()
+        ),
+        help: Some("choose another folder with `--out DIR`".into()),
+    })?;
+    let staging = tempfile::Builder::new()
+        .prefix(".prunec-staging-")
+        .tempdir_in(&opts.out_dir)
+        .map_err(|e| RunError::User {
+            span: None,
+            message: format!(
+                "cannot write in the output folder {}: {e}",
+                opts.out_dir.display()
+            ),
+            help: Some(
+                "check its permissions and free space, or choose another with `--out DIR`".into(),
+            ),
+        })?;
+    let mut ex = Exec {
+        r: recipe,
+        device: rt::DeviceSpec::Cpu
+            .device()
+            .map_err(|e| RunError::Internal(e.to_string()))?,
+        models: BTreeMap::new(),
+        datasets: BTreeMap::new(),
+        latest: BTreeMap::new(),
+        labels: BTreeMap::new(),
+        report: Report::new(recipe, recipe_path, recipe_text),
+        inputs: BTreeMap::new(),
+        staging: staging.path().to_path_buf(),
+        interrupted: interrupt_flag(),
+        progress: opts.progress,
+        targets: None,
+        round: None,
+    };
+    ex.interrupted.store(false, Ordering::SeqCst);
+    let mut failed_assert = None;
+    for stage in &recipe.pipeline().stages {
+        match ex.stage(stage) {
+            Ok(()) => {}
+            Err(RunError::Assert { span, message }) => {
+                failed_assert = Some((span, message));
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+        if ex.interrupted.load(Ordering::SeqCst) {
+            return Err(RunError::Interrupted);
+        }
+    }
+    ex.finish_report()?;
+    let mut report = ex.report;
+    report.inputs = ex
+        .inputs
+        .iter()
+        .map(|(p, h)| (p.display().to_string(), h.clone()))
+        .collect();
+    report.failed_assert = failed_assert.as_ref().map(|(_, m)| m.clone());
+    // Plots, report and lock, then move everything into place.
+    crate::report::write_all(&mut report, &ex.staging).map_err(|e| RunError::User {
+        span: None,
+        message: format!("cannot write the report: {e}"),
+        help: None,
+    })?;
+    if ex.interrupted.load(Ordering::SeqCst) {
+        return Err(RunError::Interrupted);
+    }
+    publish(&ex.staging, &opts.out_dir).map_err(|e| RunError::User {
+        span: None,
+        message: format!("cannot move outputs into {}: {e}", opts.out_dir.display()),
+        help: None,
+    })?;
+    drop(staging);
+    Ok(RunOutcome {
+        report,
+        failed_assert,
+    })
+}
+
+/// Moves every file of `staging` (recursively) into `out`, each by an atomic rename.
+fn publish(staging: &Path, out: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(staging)? {
+        let entry = entry?;
+        let target = out.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            publish(&entry.path(), &target)?;
+        } else {
+            // Temporary files are created private; outputs get ordinary permissions.
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644))?;
+            }
+            std::fs::rename(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+struct InterruptHook {
+    flag: Arc<AtomicBool>,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl rt::TrainHooks for InterruptHook {
+    fn after_step(&mut self, info: &rt::StepInfo, _model: &rt::Model) -> rt::Result<Control> {
+        if let Some(b) = &self.bar {
+            b.set_position(info.step as u64 + 1);
+            b.set_message(format!("loss {:.4}", info.loss));
+        }
+        Ok(if self.flag.load(Ordering::SeqCst) {
+            Control::Stop
+        } else {
+            Control::Continue
+        })
+    }
+}
+
+impl Exec<'_> {
+    fn option(&self, stage: &Stage, key: &str) -> Option<Value> {
+        let opts = self.r.options(stage)?;
+        if let Some(v) = opts.get(key) {
+            return Some(v.clone());
+        }
+        // Options of a referenced constraint set.
+        if let Some(Value::Ref(c)) = opts.get("constraints") {
+            if let Some(Value::Call { args, .. }) =
+                self.r.symbols.get(c).and_then(|s| s.value.as_ref())
+            {
+                return args.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+            }
+        }
+        None
+    }
+
+    /// A declared value by name (following `Ref`s).
+    fn declared(&self, name: &str) -> Option<&Value> {
+        self.r.symbols.get(name).and_then(|s| s.value.as_ref())
+    }
+
+    fn resolve<'v>(&'v self, v: &'v Value) -> &'v Value {
+        match v {
+            Value::Ref(name) => self.declared(name).unwrap_or(v),
+            other => other,
+        }
+    }
+
+    fn subject_name(stage: &Stage) -> Result<(String, Span), RunError> {
+        let e = stage
+            .subject
+            .first()
+            .ok_or_else(|| RunError::Internal("stage without subject".into()))?;
+        let id = e
+            .as_name()
+            .ok_or_else(|| RunError::user(e.span, "expected a model name"))?;
+        Ok((id.name.clone(), id.span))
+    }
+
+    fn stage(&mut self, s: &Stage) -> Result<(), RunError> {
+        let t0 = Instant::now();
+        match s.kind {
+            StageKind::Train | StageKind::Finetune => self.train(s)?,
+            StageKind::Calibrate => {
+                return Err(RunError::user(
+                    s.keyword_span,
+                    "`calibrate` stages are not supported by `prunec run` yet",
+                ));
+            }
+            StageKind::Prune => self.prune(s)?,
+            StageKind::Evaluate => self.evaluate(s)?,
+            StageKind::Assert => self.assert(s)?,
+            StageKind::Export => self.export(s)?,
+            StageKind::Report => self.report_stage(s)?,
+        }
+        self.report.timings.push(Timing {
+            stage: s.kind.keyword().to_string(),
+            span: s.span,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+        Ok(())
+    }
+
+    fn model(&mut self, name: &str, span: Span) -> Result<&mut ModelState, RunError> {
+        if !self.models.contains_key(name) {
+            let value = self
+                .declared(name)
+                .cloned()
+                .ok_or_else(|| RunError::user(span, format!("`{name}` is not a model")))?;
+            let spec = self.model_spec(&value, span)?;
+            let model = spec
+                .build(self.r.seed, &self.device)
+                .map_err(rt_err(span, "cannot build the model"))?;
+            if let Some(file) = spec.weights_file() {
+                self.hash_input(file, span)?;
+            }
+            let init = model.snapshot().map_err(rt_err(span, "snapshot"))?;
+            self.models.insert(
+                name.to_string(),
+                ModelState {
+                    model,
+                    masks: rt::Masks::new(),
+                    init,
+                    spec,
+                },
+            );
+        }
+        Ok(self.models.get_mut(name).unwrap())
+    }
+
+    fn model_spec(&self, v: &Value, span: Span) -> Result<rt::ModelSpec, RunError> {
+        let name = v.call_name().unwrap_or("");
+        let int = |k: &str| v.arg(k).and_then(|x| x.as_i64()).unwrap_or(0).max(0) as usize;
+        Ok(match name {
+            "mlp" => {
+                let mut widths = vec![int("inputs")];
+                if let Some(Value::List(h)) = v.arg("hidden") {
+                    widths.extend(h.iter().filter_map(|x| x.as_i64()).map(|x| x as usize));
+                }
+                widths.push(int("classes"));
+                let act = match v.arg("act").and_then(|a| a.as_str()).unwrap_or("relu") {
+                    "tanh" => rt::Activation::Tanh,
+                    "sigmoid" => rt::Activation::Sigmoid,
+                    "gelu" => rt::Activation::Gelu,
+                    _ => rt::Activation::Relu,
+                };
+                rt::ModelSpec::mlp(&widths, act)
+            }
+            "lenet5" => {
+                if int("classes") != 10 {
+                    return Err(RunError::user(span, "lenet5 is built for 10 classes"));
+                }
+                rt::ModelSpec::lenet5()
+            }
+            "pretrained_cnn" => rt::ModelSpec::pretrained_cnn_from(v.arg("path").and_then(|p| p.as_str()).unwrap_or("")),
+            "safetensors" => rt::ModelSpec::safetensors(v.arg("path").and_then(|p| p.as_str()).unwrap_or("")),
+            other => {
+                return Err(RunError::User {
+                    span: Some(span),
+                    message: format!("`{other}` models cannot be run by `prunec run` yet"),
+                    help: Some("language models are pruned through the runtime's LLM driver (docs/llm.md); the recipe executor runs mlp, lenet5, pretrained_cnn and safetensors classifiers".into()),
+                })
+            }
+        })
+    }
+
+    fn dataset(&mut self, e: &Expr) -> Result<&rt::Dataset, RunError> {
+        let id = e
+            .as_name()
+            .ok_or_else(|| RunError::user(e.span, "expected a dataset name"))?;
+        let name = id.name.clone();
+        if !self.datasets.contains_key(&name) {
+            let v = self
+                .declared(&name)
+                .cloned()
+                .ok_or_else(|| RunError::user(e.span, format!("`{name}` is not a dataset")))?;
+            let spec = self.dataset_spec(&v, e.span)?;
+            let data = spec.load(&self.device).map_err(rt_err(
+                e.span,
+                &format!("cannot load the data set `{name}`"),
+            ))?;
+            self.datasets.insert(name.clone(), data);
+        }
+        Ok(&self.datasets[&name])
+    }
+
+    fn dataset_spec(&mut self, v: &Value, span: Span) -> Result<rt::DatasetSpec, RunError> {
+        let kind = match v.call_name() {
+            Some("mnist") => rt::DatasetKind::Mnist,
+            Some("fashion_mnist") => rt::DatasetKind::FashionMnist,
+            Some("digits") => rt::DatasetKind::Digits,
+            other => {
+                return Err(RunError::user(
+                    span,
+                    format!(
+                        "`{}` data sets cannot be run by `prunec run` yet",
+                        other.unwrap_or("?")
+                    ),
+                ));
+            }
+        };
+        let path = PathBuf::from(v.arg("path").and_then(|p| p.as_str()).unwrap_or(""));
+        // The runtime reads `<root>/mnist`, `<root>/fashion-mnist`, `<root>/digits/digits.csv.gz`.
+        let (expected, root) = match kind {
+            rt::DatasetKind::Mnist => ("mnist", path.parent()),
+            rt::DatasetKind::FashionMnist => ("fashion-mnist", path.parent()),
+            rt::DatasetKind::Digits => ("digits", path.parent().and_then(|p| p.parent())),
+        };
+        let folder_ok = match kind {
+            rt::DatasetKind::Digits => path
+                .parent()
+                .and_then(|p| p.file_name())
+                .is_some_and(|f| f == expected),
+            _ => path.file_name().is_some_and(|f| f == expected),
+        };
+        if !folder_ok {
+            return Err(RunError::User {
+                span: Some(span),
+                message: format!("the data path `{}` must be a folder named `{expected}` as `scripts/fetch-data.sh` lays it out", path.display()),
+                help: Some(format!("e.g. \"data/{expected}\"")),
+            });
+        }
+        let split = match v.arg("split").and_then(|s| s.as_str()) {
+            Some("test") => rt::Split::Test,
+            _ => rt::Split::Train,
+        };
+        let mut spec = rt::DatasetSpec::new(kind, split).data_dir(root.unwrap_or(Path::new(".")));
+        if let Some(b) = v.arg("batch").and_then(|b| b.as_i64()) {
+            spec = spec.batch_size(b.max(1) as usize);
+        }
+        if matches!(v.arg("shuffle"), Some(Value::Bool(true))) {
+            spec = spec.shuffled(self.r.seed);
+        }
+        if let Some(l) = v.arg("limit").and_then(|l| l.as_i64()).filter(|l| *l > 0) {
+            spec = spec.limit(l as usize);
+        }
+        if let Some(f) = v
+            .arg("validation")
+            .and_then(|f| f.as_f64())
+            .filter(|f| *f > 0.0)
+        {
+            let len = spec
+                .meta()
+                .map_err(rt_err(span, "cannot read the data set"))?
+                .len;
+            spec = spec.validation(((len as f64) * f).round() as usize);
+        }
+        // Hash the files this data set reads.
+        let files: Vec<PathBuf> = match kind {
+            rt::DatasetKind::Digits => {
+                vec![root.unwrap_or(Path::new(".")).join("digits/digits.csv.gz")]
+            }
+            _ => {
+                let (a, b) = spec
+                    .idx_files(split == rt::Split::Test)
+                    .map_err(rt_err(span, "data set"))?;
+                vec![a, b]
+            }
+        };
+        for f in files {
+            self.hash_input(&f, span)?;
+        }
+        Ok(spec)
+    }
+
+    fn hash_input(&mut self, path: &Path, span: Span) -> Result<(), RunError> {
+        if !self.inputs.contains_key(path) {
+            let h = rt::io::sha256_file(path).map_err(rt_err(span, "cannot read an input"))?;
+            self.inputs.insert(path.to_path_buf(), h);
+        }
+        Ok(())
+    }
+
+    fn train(&mut self, s: &Stage) -> Result<(), RunError> {
+        let (name, span) = Self::subject_name(s)?;
+        let on =
+            s.on.as_ref()
+                .ok_or_else(|| RunError::user(s.keyword_span, "no data"))?;
+        self.dataset(on)?;
+        let data_name = on.as_name().unwrap().name.clone();
+        let epochs = self
+            .option(s, "epochs")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(1)
+            .max(1) as usize;
+        let steps = self.option(s, "steps").and_then(|v| v.as_i64());
+        let opt = self.option(s, "optimizer").unwrap_or(Value::Call {
+            name: "sgd".into(),
+            args: vec![
+                ("lr".into(), Value::Float(0.01)),
+                ("momentum".into(), Value::Float(0.0)),
+                ("weight_decay".into(), Value::Float(0.0)),
+                ("nesterov".into(), Value::Bool(false)),
+            ],
+        });
+        let f = |k: &str, d: f64| opt.arg(k).and_then(|x| x.as_f64()).unwrap_or(d);
+        let optimizer = match opt.call_name() {
+            Some("adam") => rt::OptimizerSpec::Adam {
+                lr: f("lr", 1e-3),
+                beta1: f("beta1", 0.9),
+                beta2: f("beta2", 0.999),
+                eps: f("eps", 1e-8),
+                weight_decay: f("weight_decay", 0.0),
+            },
+            Some("adamw") => rt::OptimizerSpec::AdamW {
+                lr: f("lr", 1e-3),
+                beta1: f("beta1", 0.9),
+                beta2: f("beta2", 0.999),
+                eps: f("eps", 1e-8),
+                weight_decay: f("weight_decay", 0.01),
+            },
+            _ => rt::OptimizerSpec::Sgd {
+                lr: f("lr", 0.01),
+                momentum: f("momentum", 0.0),
+                weight_decay: f("weight_decay", 0.0),
+                nesterov: matches!(opt.arg("nesterov"), Some(Value::Bool(true))),
+            },
+        };
+        let data = &self.datasets[&data_name];
+        let batches = data.num_batches();
+        let mut cfg = rt::TrainConfig::new(epochs, optimizer);
+        if let Some(st) = steps {
+            cfg = cfg.max_steps(st.max(1) as usize);
+            cfg.epochs = (st.max(1) as usize).div_ceil(batches.max(1));
+        }
+        if let Some(lr) = self.option(s, "lr_schedule") {
+            let steps_of = |v: Option<&Value>| match v {
+                Some(Value::Duration {
+                    count,
+                    unit: prunec_lang::ast::Unit::Epoch,
+                }) => *count as usize * batches,
+                Some(other) => other.as_i64().unwrap_or(0).max(0) as usize,
+                None => 0,
+            };
+            match lr.call_name() {
+                Some("cosine") => {
+                    cfg = cfg
+                        .schedule(rt::LrSchedule::Cosine { min_lr: 0.0 })
+                        .warmup(steps_of(lr.arg("warmup")));
+                }
+                Some("step_decay") => {
+                    let every = steps_of(lr.arg("every"));
+                    cfg = cfg.schedule(rt::LrSchedule::Step {
+                        every_epochs: (every / batches.max(1)).max(1),
+                        gamma: lr.arg("gamma").and_then(|g| g.as_f64()).unwrap_or(0.1),
+                    });
+                }
+                _ => {}
+            }
+        }
+        let reinit = matches!(self.option(s, "reinit"), Some(Value::Bool(true)));
+        let seed = self.r.seed;
+        let device = self.device.clone();
+        let state = self.model(&name, span)?;
+        if reinit {
+            // Scratch-E: fresh weights from a different seed, the mask kept.
+            let fresh = state
+                .spec
+                .build(seed.wrapping_add(0x5eed), &device)
+                .map_err(rt_err(span, "re-initialise"))?;
+            let snap = fresh.snapshot().map_err(rt_err(span, "re-initialise"))?;
+            state
+                .model
+                .restore(&snap)
+                .map_err(rt_err(span, "re-initialise"))?;
+            state
+                .masks
+                .apply(&state.model)
+                .map_err(rt_err(span, "re-initialise"))?;
+        }
+        let bar = self.progress.then(|| {
+            let b = indicatif::ProgressBar::new(cfg.total_steps(&self.datasets[&data_name]) as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} steps, eta {eta} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b.set_prefix(format!("{} {name}", s.kind));
+            b
+        });
+        let mut hooks = InterruptHook {
+            flag: self.interrupted.clone(),
+            bar,
+        };
+        let data = &self.datasets[&data_name];
+        let state = self.models.get_mut(&name).unwrap();
+        let result = rt::train(&mut state.model, data, &cfg, &state.masks, &mut hooks);
+        if let Some(b) = &hooks.bar {
+            b.finish_and_clear();
+        }
+        match result {
+            Ok(_) => {}
+            Err(rt::RuntimeError::Diverged { epoch, step, loss }) => return Err(RunError::User {
+                span: Some(s.span),
+                message: format!(
+                    "training `{name}` diverged at epoch {epoch}, step {step}: the loss is {loss}"
+                ),
+                help: Some("lower the learning rate".into()),
+            }),
+            Err(e) => return Err(rt_err(s.span, "training failed")(e)),
+        }
+        if self.interrupted.load(Ordering::SeqCst) {
+            return Err(RunError::Interrupted);
+        }
+        Ok(())
+    }
+
+    /// Names of the weights a prune stage targets.
+    fn select_params(&self, s: &Stage, model: &rt::Model) -> Result<Vec<String>, RunError> {
+        let targets = match self.option(s, "targets") {
+            Some(v) => lower::strings(Some(&v)),
+            None => vec!["*.weight".to_string()],
+        };
+        let skip = lower::strings(self.option(s, "skip").as_ref());
+        let names: Vec<String> = model
+            .names()
+            .into_iter()
+            .filter(|n| {
+                targets.iter().any(|t| lower::glob_match(t, n))
+                    && !skip.iter().any(|k| lower::glob_match(k, n))
+            })
+            .map(String::from)
+            .collect();
+        if names.is_empty() {
+            let span = s
+                .args
+                .as_ref()
+                .and_then(|a| a.named("targets"))
+                .map(|a| a.span)
+                .unwrap_or(s.keyword_span);
+            return Err(RunError::User {
+                span: Some(span),
+                message: format!(
+                    "the targets {targets:?} (minus skip {skip:?}) match no parameter of the model"
+                ),
+                help: Some(format!("its parameters are: {}", model.names().join(", "))),
+            });
+        }
+        Ok(names)
+    }
+
+    fn prune(&mut self, s: &Stage) -> Result<(), RunError> {
+        let (name, span) = Self::subject_name(s)?;
+        if s.during.is_some() {
+            return Err(RunError::user(s.keyword_span, "pruning `during` training (gradual schedules) is not supported by `prunec run` yet"));
+        }
+        let by =
+            s.by.as_ref()
+                .ok_or_else(|| RunError::user(s.keyword_span, "no criterion"))?;
+        if let ExprKind::Call { callee, .. } = &by.kind {
+            if matches!(callee.name.as_str(), "sparsegpt" | "sap") {
+                return Err(RunError::user(
+                    by.span,
+                    format!(
+                        "the `{}` method is not supported by `prunec run` yet",
+                        callee.name
+                    ),
+                ));
+            }
+        }
+        let kexpr = lower::criterion_to_kexpr(self.r, by)?;
+        if !kexpr.col_stats().is_empty() || !kexpr.row_stats().is_empty() {
+            return Err(RunError::user(by.span, "activation statistics (`act(x)`) are collected only for language models so far; `prunec run` cannot prune this classifier with them yet"));
+        }
+        // Gradients, when the criterion reads them.
+        let grads: Option<BTreeMap<String, Vec<f32>>> = if kexpr.needs_grad() {
+            let on = s.on.as_ref().ok_or_else(|| {
+                RunError::user(s.keyword_span, "this criterion needs `on DATASET`")
+            })?;
+            self.dataset(on)?;
+            let data_name = on.as_name().unwrap().name.clone();
+            self.model(&name, span)?;
+            let state = &self.models[&name];
+            let g = rt::gradients(&state.model, &self.datasets[&data_name], GRADIENT_BATCHES)
+                .map_err(rt_err(s.span, "computing gradients"))?;
+            let mut out = BTreeMap::new();
+            for (n, t) in g {
+                let v = t
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|e| RunError::Internal(e.to_string()))?;
+                out.insert(n, v);
+            }
+            Some(out)
+        } else {
+            None
+        };
+        let scope = self
+            .option(s, "scope")
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_else(|| "global".into());
+        let pattern = self.option(s, "pattern");
+        let allow_nonfinite = matches!(self.option(s, "allow_nonfinite"), Some(Value::Bool(true)));
+        let keep_min = self.option(s, "keep_min");
+        let keep_max = self.option(s, "keep_max");
+        let schedule = self.option(s, "schedule").map(|v| self.resolve(&v).clone());
+        let (rounds, rewind) = match schedule
+            .as_ref()
+            .and_then(|v| v.call_name().map(String::from))
+            .as_deref()
+        {
+            Some("iterative") => {
+                let sched = schedule.as_ref().unwrap();
+                let rounds = sched
+                    .arg("rounds")
+                    .and_then(|r| r.as_i64())
+                    .unwrap_or(1)
+                    .max(1) as usize;
+                (rounds, sched.arg("rewind").cloned())
+            }
+            Some("gradual") => {
+                return Err(RunError::user(
+                    s.keyword_span,
+                    "gradual schedules are not supported by `prunec run` yet",
+                ))
+            }
+            _ => (
+                self.option(s, "rounds")
+                    .and_then(|r| r.as_i64())
+                    .unwrap_or(1)
+                    .max(1) as usize,
+                None,
+            ),
+        };
+        if matches!(rewind, Some(Value::Duration { .. })) {
+            return Err(RunError::user(
+                s.keyword_span,
+                "rewinding to `epoch k` is not supported by `prunec run` yet; `init` is",
+            ));
+        }
+        let target = match &s.to {
+            Some(to) => self.number(to)?,
+            None => 0.0,
+        };
+        self.model(&name, span)?;
+        let selected = self.select_params(s, &self.models[&name].model)?;
+        self.targets = Some(selected.clone());
+        for round in 1..=rounds {
+            let keep_frac = (1.0 - target).powf(round as f64 / rounds as f64);
+            self.prune_round(
+                s,
+                &name,
+                &selected,
+                &kexpr,
+                grads.as_ref(),
+                &scope,
+                pattern.as_ref(),
+                keep_frac,
+                keep_min.as_ref(),
+                keep_max.as_ref(),
+                allow_nonfinite,
+            )?;
+            if matches!(rewind.as_ref().and_then(|r| r.as_str()), Some("init")) {
+                let state = self.models.get_mut(&name).unwrap();
+                state
+                    .model
+                    .restore(&state.init)
+                    .map_err(rt_err(s.span, "rewind"))?;
+                state
+                    .masks
+                    .apply(&state.model)
+                    .map_err(rt_err(s.span, "rewind"))?;
+            }
+            let (sparsity, pqi) = self.sparsity_pqi(&name, s.span)?;
+            self.round = Some(Round {
+                round,
+                sparsity,
+                pqi,
+                metrics: BTreeMap::new(),
+            });
+            if let Some(block) = &s.block {
+                for inner in &block.stages {
+                    self.stage(inner)?;
+                    if self.interrupted.load(Ordering::SeqCst) {
+                        return Err(RunError::Interrupted);
+                    }
+                }
+            }
+            let r = self.round.take().unwrap();
+            if rounds > 1 || s.block.is_some() {
+                self.report.rounds.push(r);
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn prune_round(
+        &mut self,
+        s: &Stage,
+        name: &str,
+        selected: &[String],
+        kexpr: &KExpr,
+        grads: Option<&BTreeMap<String, Vec<f32>>>,
+        scope: &str,
+        pattern: Option<&Value>,
+        keep_frac: f64,
+        keep_min: Option<&Value>,
+        keep_max: Option<&Value>,
+        allow_nonfinite: bool,
+    ) -> Result<(), RunError> {
+        let state = self.models.get_mut(name).unwrap();
+        // Raw buffers for the kernels.
+        let mut weights: Vec<Vec<f32>> = Vec::new();
+        let mut masks: Vec<Vec<u64>> = Vec::new();
+        let mut inits: Vec<Vec<f32>> = Vec::new();
+        let mut shapes: Vec<(usize, usize)> = Vec::new();
+        let init_map: BTreeMap<&str, &candle_core::Tensor> = state
+            .init
+            .tensors()
+            .iter()
+            .map(|(n, t)| (n.as_str(), t))
+            .collect();
+        for n in selected {
+            let w = state
+                .model
+                .param_f32(n)
+                .map_err(rt_err(s.span, "read weights"))?;
+            let shape = state
+                .model
+                .param(n)
+                .map_err(rt_err(s.span, "read weights"))?
+                .shape();
+            let rows = shape.first().copied().unwrap_or(1).max(1);
+            let cols = w.len() / rows;
+            let mask = match state.masks.get(n) {
+                Some(_) => {
+                    let m = state.masks.to_u8(n).map_err(rt_err(s.span, "read mask"))?;
+                    let mut words = vec![0u64; kernel::mask_words(m.len())];
+                    for (i, b) in m.iter().enumerate() {
+                        if *b != 0 {
+                            words[i / 64] |= 1 << (i % 64);
+                        }
+                    }
+                    words
+                }
+                None => kernel::full_mask(w.len()),
+            };
+            if kexpr.needs_init() {
+                let t = init_map
+                    .get(n.as_str())
+                    .ok_or_else(|| RunError::Internal(format!("no init for {n}")))?;
+                inits.push(
+                    t.flatten_all()
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(|e| RunError::Internal(e.to_string()))?,
+                );
+            }
+            shapes.push((rows, cols));
+            weights.push(w);
+            masks.push(mask);
+        }
+        let per_layer = |v: Option<&Value>, n: usize, default: usize| -> usize {
+            let inner = match v {
+                Some(Value::PerUnit(inner, _)) => Some(inner.as_ref()),
+                other => other,
+            };
+            match inner {
+                Some(Value::Fraction(f)) | Some(Value::Float(f)) => {
+                    ((*f * n as f64).ceil() as usize).min(n)
+                }
+                Some(Value::Int(c)) => (*c).max(0) as usize,
+                _ => default,
+            }
+        };
+        let sizes: Vec<usize> = weights.iter().map(|w| w.len()).collect();
+        let selection = if let Some(Value::Pattern { n, m }) = pattern {
+            Selection::NM {
+                n: *n as usize,
+                m: *m as usize,
+            }
+        } else {
+            match scope {
+                "layer" => Selection::PerTensor {
+                    keep: sizes
+                        .iter()
+                        .map(|&n| ((n as f64) * keep_frac).round() as usize)
+                        .collect(),
+                },
+                "row" | "neuron" => {
+                    let cols = shapes.first().map(|s| s.1).unwrap_or(0);
+                    if shapes.iter().any(|s| s.1 != cols) {
+                        // Per-row keep counts follow each tensor's width: prune tensor by tensor.
+                        return self.prune_rows_per_tensor(
+                            s,
+                            name,
+                            selected,
+                            kexpr,
+                            grads,
+                            weights,
+                            masks,
+                            inits,
+                            shapes,
+                            keep_frac,
+                            allow_nonfinite,
+                        );
+                    }
+                    Selection::PerRow {
+                        keep_per_row: ((cols as f64) * keep_frac).round() as usize,
+                    }
+                }
+                _ => {
+                    let total: usize = sizes.iter().sum();
+                    let min_keep: Vec<usize> = if keep_min.is_some() {
+                        sizes.iter().map(|&n| per_layer(keep_min, n, 0)).collect()
+                    } else {
+                        vec![]
+                    };
+                    let max_keep: Vec<usize> = if keep_max.is_some() {
+                        sizes
+                            .iter()
+                            .map(|&n| per_layer(keep_max, n, n).min(n))
+                            .collect()
+                    } else {
+                        vec![]
+                    };
+                    Selection::Global {
+                        keep: ((total as f64) * keep_frac).round() as usize,
+                        min_keep,
+                        max_keep,
+                    }
+                }
+            }
+        };
+        self.apply_kernel(
+            s,
+            name,
+            selected,
+            kexpr,
+            grads,
+            &selection,
+            weights,
+            masks,
+            inits,
+            shapes,
+            allow_nonfinite,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn prune_rows_per_tensor(
+        &mut self,
+        s: &Stage,
+        name: &str,
+        selected: &[String],
+        kexpr: &KExpr,
+        grads: Option<&BTreeMap<String, Vec<f32>>>,
+        weights: Vec<Vec<f32>>,
+        masks: Vec<Vec<u64>>,
+        inits: Vec<Vec<f32>>,
+        shapes: Vec<(usize, usize)>,
+        keep_frac: f64,
+        allow_nonfinite: bool,
+    ) -> Result<(), RunError> {
+        let mut inits = inits.into_iter();
+        for (((n, w), m), sh) in selected.iter().zip(weights).zip(masks).zip(shapes) {
+            let sel = Selection::PerRow {
+                keep_per_row: ((sh.1 as f64) * keep_frac).round() as usize,
+            };
+            let init: Vec<Vec<f32>> = inits.next().into_iter().collect();
+            self.apply_kernel(
+                s,
+                name,
+                std::slice::from_ref(n),
+                kexpr,
+                grads,
+                &sel,
+                vec![w],
+                vec![m],
+                init,
+                vec![sh],
+                allow_nonfinite,
+            )?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_kernel(
+        &mut self,
+        s: &Stage,
+        name: &str,
+        selected: &[String],
+        kexpr: &KExpr,
+        grads: Option<&BTreeMap<String, Vec<f32>>>,
+        selection: &Selection,
+        mut weights: Vec<Vec<f32>>,
+        mut masks: Vec<Vec<u64>>,
+        inits: Vec<Vec<f32>>,
+        shapes: Vec<(usize, usize)>,
+        allow_nonfinite: bool,
+    ) -> Result<(), RunError> {
+        {
+            let mut views: Vec<TensorView> = Vec::new();
+            for (i, ((w, m), n)) in weights
+                .iter_mut()
+                .zip(masks.iter_mut())
+                .zip(selected)
+                .enumerate()
+            {
+                let (rows, cols) = shapes[i];
+                let mut v = TensorView::new(n, rows, cols, w, m);
+                v.grad = grads.and_then(|g| g.get(n)).map(|g| g.as_slice());
+                v.init = inits.get(i).map(|x| x.as_slice());
+                views.push(v);
+            }
+            let opts = PruneOptions {
+                scalars: vec![0.0],
+                allow_nonfinite,
+            };
+            kernel::prune_jit(kexpr, selection, &mut views, &opts).map_err(|e| RunError::User {
+                span: Some(s.span),
+                message: format!("pruning `{name}` failed: {e}"),
+                help: None,
+            })?;
+        }
+        let state = self.models.get_mut(name).unwrap();
+        for ((n, w), m) in selected.iter().zip(&weights).zip(&masks) {
+            state
+                .model
+                .set_param_f32(n, w)
+                .map_err(rt_err(s.span, "write weights"))?;
+            let keep: Vec<u8> = (0..w.len()).map(|i| kernel::mask_bit(m, i) as u8).collect();
+            state
+                .masks
+                .insert_u8(&state.model, n, &keep)
+                .map_err(rt_err(s.span, "write mask"))?;
+        }
+        state
+            .masks
+            .apply(&state.model)
+            .map_err(rt_err(s.span, "apply mask"))?;
+        Ok(())
+    }
+
+    /// Sparsity and PQI over the targeted weights (all weights before any prune).
+    fn sparsity_pqi(&self, model: &str, span: Span) -> Result<(f64, f64), RunError> {
+        let state = &self.models[model];
+        let targets = self.targets.clone();
+        let select = |n: &str| match &targets {
+            Some(t) => t.iter().any(|x| x == n),
+            None => n.ends_with(".weight"),
+        };
+        let sp =
+            rt::eval::model_sparsity(&state.model, select).map_err(rt_err(span, "sparsity"))?;
+        let (_, pqi) =
+            rt::eval::model_pqi(&state.model, 0.5, 1.0, select).map_err(rt_err(span, "pqi"))?;
+        Ok((sp.total, pqi))
+    }
+
+    fn evaluate(&mut self, s: &Stage) -> Result<(), RunError> {
+        let (name, span) = Self::subject_name(s)?;
+        let on =
+            s.on.as_ref()
+                .ok_or_else(|| RunError::user(s.keyword_span, "no data"))?;
+        self.dataset(on)?;
+        self.model(&name, span)?;
+        let data_name = on.as_name().unwrap().name.clone();
+        let wanted: Vec<String> = match s.out.as_ref().map(|e| &e.kind) {
+            Some(ExprKind::List(items)) => items
+                .iter()
+                .filter_map(|i| i.as_name().map(|n| n.name.clone()))
+                .collect(),
+            Some(ExprKind::Name(n)) => vec![n.name.clone()],
+            _ => vec![],
+        };
+        let mut metrics = BTreeMap::new();
+        let needs_eval = wanted.iter().any(|m| m == "accuracy" || m == "loss");
+        if needs_eval {
+            let m = rt::evaluate(&self.models[&name].model, &self.datasets[&data_name])
+                .map_err(rt_err(s.span, "evaluation failed"))?;
+            metrics.insert("accuracy".to_string(), m.accuracy);
+            metrics.insert("loss".to_string(), m.loss);
+        }
+        let (sparsity, pqi) = self.sparsity_pqi(&name, s.span)?;
+        let counts =
+            rt::eval::model_counts(&self.models[&name].model).map_err(rt_err(s.span, "counts"))?;
+        let mut out = BTreeMap::new();
+        for m in &wanted {
+            let v = match m.as_str() {
+                "accuracy" | "loss" => metrics[m],
+                "sparsity" => sparsity,
+                "pqi" => pqi,
+                "params" => counts.params_kept as f64,
+                "flops" => counts.flops_kept as f64,
+                other => {
+                    return Err(RunError::user(
+                        s.out.as_ref().unwrap().span,
+                        format!("`{other}` cannot be measured on this model"),
+                    ));
+                }
+            };
+            out.insert(m.clone(), v);
+            self.latest.insert(m.clone(), v);
+        }
+        if let Some(l) = &s.label {
+            self.labels.insert(l.name.clone(), out.clone());
+        }
+        if let Some(r) = &mut self.round {
+            r.metrics.extend(out.clone());
+        }
+        let label = s
+            .label
+            .as_ref()
+            .map(|l| l.name.clone())
+            .unwrap_or_else(|| format!("{} on {data_name}", name));
+        if self.progress {
+            let shown: Vec<String> = out
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", fmt_metric(k, *v)))
+                .collect();
+            eprintln!("evaluate {label}: {}", shown.join(", "));
+        }
+        self.report.evaluations.push(Evaluation {
+            label,
+            span: s.span,
+            metrics: out,
+        });
+        Ok(())
+    }
+
+    /// The value of an assert operand.
+    fn number(&self, e: &Expr) -> Result<f64, RunError> {
+        Ok(match &e.kind {
+            ExprKind::Number { value, .. } | ExprKind::Percent { value, .. } => *value,
+            ExprKind::Paren(inner) => self.number(inner)?,
+            ExprKind::Unary {
+                op: UnaryOp::Neg,
+                operand,
+            } => -self.number(operand)?,
+            ExprKind::Binary { op, lhs, rhs } => {
+                let (a, b) = (self.number(lhs)?, self.number(rhs)?);
+                match op {
+                    BinaryOp::Add => a + b,
+                    BinaryOp::Sub => a - b,
+                    BinaryOp::Mul => a * b,
+                    BinaryOp::Div => a / b,
+                    BinaryOp::Pow => a.powf(b),
+                    _ => return Err(RunError::user(e.span, "not a number")),
+                }
+            }
+            ExprKind::Name(id) => match self.r.param(&id.name).and_then(|v| v.as_f64()) {
+                Some(v) => v,
+                None => *self.latest.get(&id.name).ok_or_else(|| {
+                    RunError::user(id.span, format!("`{}` has not been evaluated", id.name))
+                })?,
+            },
+            ExprKind::Member { base, member } => {
+                let label = base.as_name().map(|n| n.name.clone()).unwrap_or_default();
+                *self
+                    .labels
+                    .get(&label)
+                    .and_then(|m| m.get(&member.name))
+                    .ok_or_else(|| {
+                        RunError::user(
+                            e.span,
+                            format!("`{label}.{}` has not been evaluated", member.name),
+                        )
+                    })?
+            }
+            _ => return Err(RunError::user(e.span, "not a number")),
+        })
+    }
+
+    fn truth(&self, e: &Expr, values: &mut Vec<String>) -> Result<bool, RunError> {
+        Ok(match &e.kind {
+            ExprKind::Paren(inner) => self.truth(inner, values)?,
+            ExprKind::Unary {
+                op: UnaryOp::Not,
+                operand,
+            } => !self.truth(operand, values)?,
+            ExprKind::Binary {
+                op: BinaryOp::And,
+                lhs,
+                rhs,
+            } => self.truth(lhs, values)? & self.truth(rhs, values)?,
+            ExprKind::Binary {
+                op: BinaryOp::Or,
+                lhs,
+                rhs,
+            } => self.truth(lhs, values)? | self.truth(rhs, values)?,
+            ExprKind::Binary { op, lhs, rhs } => {
+                let (a, b) = (self.number(lhs)?, self.number(rhs)?);
+                for (side, v) in [(lhs, a), (rhs, b)] {
+                    if !matches!(
+                        side.kind,
+                        ExprKind::Number { .. } | ExprKind::Percent { .. }
+                    ) {
+                        values.push(format!("{} = {}", prunec_lang::fmt::expr(side), v));
+                    }
+                }
+                match op {
+                    BinaryOp::Lt => a < b,
+                    BinaryOp::Le => a <= b,
+                    BinaryOp::Gt => a > b,
+                    BinaryOp::Ge => a >= b,
+                    BinaryOp::Eq => a == b,
+                    BinaryOp::Ne => a != b,
+                    _ => return Err(RunError::user(e.span, "not a condition")),
+                }
+            }
+            _ => return Err(RunError::user(e.span, "not a condition")),
+        })
+    }
+
+    fn assert(&mut self, s: &Stage) -> Result<(), RunError> {
+        let cond = s
+            .subject
+            .first()
+            .ok_or_else(|| RunError::user(s.keyword_span, "no condition"))?;
+        let mut values = Vec::new();
+        if !self.truth(cond, &mut values)? {
+            return Err(RunError::Assert {
+                span: cond.span,
+                message: format!(
+                    "assertion failed: {} (with {})",
+                    prunec_lang::fmt::expr(cond),
+                    values.join(", ")
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn export(&mut self, s: &Stage) -> Result<(), RunError> {
+        let (name, span) = Self::subject_name(s)?;
+        let to =
+            s.to.as_ref()
+                .ok_or_else(|| RunError::user(s.keyword_span, "no path"))?;
+        let rel = match &to.kind {
+            ExprKind::Str(p) => PathBuf::from(p),
+            _ => return Err(RunError::user(to.span, "expected a path")),
+        };
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(RunError::User {
+                span: Some(to.span),
+                message: "export paths are relative to the output folder and stay inside it".into(),
+                help: Some("write a relative path such as \"model.safetensors\"; choose the folder with `--out DIR`".into()),
+            });
+        }
+        if let Some(f) = self
+            .option(s, "format")
+            .and_then(|f| f.as_str().map(String::from))
+        {
+            if f != "safetensors" {
+                return Err(RunError::user(
+                    s.span,
+                    format!("`format = {f}` is available for language models only"),
+                ));
+            }
+        }
+        self.model(&name, span)?;
+        let path = self.staging.join(&rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                RunError::user(to.span, format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+        let inputs: Vec<&Path> = self.inputs.keys().map(|p| p.as_path()).collect();
+        let hash = self.models[&name]
+            .model
+            .save(&path, &inputs)
+            .map_err(rt_err(to.span, "export failed"))?;
+        self.report.outputs.push((rel.display().to_string(), hash));
+        self.report.exported.get_or_insert(name);
+        Ok(())
+    }
+
+    fn report_stage(&mut self, s: &Stage) -> Result<(), RunError> {
+        let metrics: Vec<String> = s
+            .subject
+            .iter()
+            .filter_map(|e| match &e.kind {
+                ExprKind::Per { base, .. } => base.as_name().map(|n| n.name.clone()),
+                ExprKind::Name(n) => Some(n.name.clone()),
+                _ => None,
+            })
+            .collect();
+        if let Some(out) = &s.out {
+            if let ExprKind::Str(p) = &out.kind {
+                self.report.plots.push((PathBuf::from(p), metrics));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills the per-layer table and the final counts from the last model exported
+    /// (or the only model).
+    fn finish_report(&mut self) -> Result<(), RunError> {
+        let name = self
+            .report
+            .exported
+            .clone()
+            .or_else(|| self.models.keys().next().cloned());
+        let Some(name) = name else { return Ok(()) };
+        let state = &self.models[&name];
+        for p in state.model.params() {
+            let t = p.var.as_tensor();
+            let zeros = rt::eval::count_zeros(t).map_err(|e| RunError::Internal(e.to_string()))?;
+            self.report.layers.push(Layer {
+                name: p.name.clone(),
+                shape: p.shape(),
+                total: p.numel(),
+                kept: p.numel() - zeros,
+            });
+        }
+        let counts =
+            rt::eval::model_counts(&state.model).map_err(|e| RunError::Internal(e.to_string()))?;
+        let (sparsity, _) = self.sparsity_pqi(&name, Span::default())?;
+        self.report.final_sparsity = sparsity;
+        self.report.counts = Some(counts);
+        Ok(())
+    }
+}
+
+/// A metric as people read it.
+pub fn fmt_metric(name: &str, v: f64) -> String {
+    match name {
+        "accuracy" | "sparsity" => format!("{:.2}%", v * 100.0),
+        "params" | "flops" => format!("{v:.0}"),
+        _ => format!("{v:.4}"),
+    }
+}

@@ -1,0 +1,207 @@
+//! Checked recipe → runtime values: criterion expressions to kernel expressions,
+//! constructor calls to runtime specs, globs to parameter selections.
+
+use crate::kernel::{BinOp, CmpOp, KExpr, KInput, UnOp};
+use prunec_lang::ast::{BinaryOp, Expr, ExprKind, UnaryOp};
+use prunec_lang::check::{SymKind, Value};
+use prunec_lang::{CheckedRecipe, Span};
+
+/// An error while lowering, with the recipe span it concerns.
+#[derive(Debug, Clone)]
+pub struct LowerError {
+    pub span: Span,
+    pub message: String,
+}
+
+fn err<T>(span: Span, message: impl Into<String>) -> Result<T, LowerError> {
+    Err(LowerError {
+        span,
+        message: message.into(),
+    })
+}
+
+/// Lowers a criterion expression (as written after `by`, or a declared or
+/// standard criterion) to a kernel expression.
+pub fn criterion_to_kexpr(recipe: &CheckedRecipe, e: &Expr) -> Result<KExpr, LowerError> {
+    lower(recipe, e, 0)
+}
+
+fn lower(r: &CheckedRecipe, e: &Expr, depth: usize) -> Result<KExpr, LowerError> {
+    if depth > 32 {
+        return err(e.span, "criteria refer to each other too deeply");
+    }
+    Ok(match &e.kind {
+        ExprKind::Number { value, .. } => KExpr::Const(*value as f32),
+        ExprKind::Percent { value, .. } => KExpr::Const(*value as f32),
+        ExprKind::Paren(inner) => lower(r, inner, depth)?,
+        ExprKind::Unary {
+            op: UnaryOp::Neg,
+            operand,
+        } => KExpr::un(UnOp::Neg, lower(r, operand, depth)?),
+        ExprKind::Unary {
+            op: UnaryOp::Not,
+            operand,
+        } => KExpr::cmp(CmpOp::Eq, lower(r, operand, depth)?, KExpr::Const(0.0)),
+        ExprKind::Binary { op, lhs, rhs } => {
+            let a = lower(r, lhs, depth)?;
+            let b = lower(r, rhs, depth)?;
+            match op {
+                BinaryOp::Add => KExpr::bin(BinOp::Add, a, b),
+                BinaryOp::Sub => KExpr::bin(BinOp::Sub, a, b),
+                BinaryOp::Mul => KExpr::bin(BinOp::Mul, a, b),
+                BinaryOp::Div => KExpr::bin(BinOp::Div, a, b),
+                BinaryOp::Pow => KExpr::bin(BinOp::Pow, a, b),
+                BinaryOp::Lt => KExpr::cmp(CmpOp::Lt, a, b),
+                BinaryOp::Le => KExpr::cmp(CmpOp::Le, a, b),
+                BinaryOp::Gt => KExpr::cmp(CmpOp::Gt, a, b),
+                BinaryOp::Ge => KExpr::cmp(CmpOp::Ge, a, b),
+                BinaryOp::Eq => KExpr::cmp(CmpOp::Eq, a, b),
+                BinaryOp::Ne => KExpr::cmp(CmpOp::Ne, a, b),
+                // Truth values are 1.0 / 0.0.
+                BinaryOp::And => KExpr::bin(
+                    BinOp::Min,
+                    KExpr::cmp(CmpOp::Ne, a, KExpr::Const(0.0)),
+                    KExpr::cmp(CmpOp::Ne, b, KExpr::Const(0.0)),
+                ),
+                BinaryOp::Or => KExpr::bin(
+                    BinOp::Max,
+                    KExpr::cmp(CmpOp::Ne, a, KExpr::Const(0.0)),
+                    KExpr::cmp(CmpOp::Ne, b, KExpr::Const(0.0)),
+                ),
+            }
+        }
+        ExprKind::Name(id) => match id.name.as_str() {
+            "w" => KExpr::Input(KInput::Weight),
+            "step" => KExpr::Input(KInput::Scalar(0)),
+            name => match r.symbols.get(name) {
+                Some(sym) if sym.kind == SymKind::Param => {
+                    match sym.value.as_ref().and_then(|v| v.as_f64()) {
+                        Some(v) => KExpr::Const(v as f32),
+                        None => return err(id.span, format!("param `{name}` is not a number")),
+                    }
+                }
+                Some(sym) if sym.kind == SymKind::Criterion => {
+                    let decl = r
+                        .ast
+                        .items
+                        .iter()
+                        .find_map(|i| match i {
+                            prunec_lang::ast::Item::Decl(d) if d.name.name == name => {
+                                Some(&d.value)
+                            }
+                            _ => None,
+                        })
+                        .ok_or(LowerError {
+                            span: id.span,
+                            message: format!("criterion `{name}` has no definition"),
+                        })?;
+                    lower(r, decl, depth + 1)?
+                }
+                _ => match prunec_lang::stdlib::criterion(name) {
+                    Some(def) => lower(r, def, depth + 1).map_err(|e| LowerError {
+                        span: id.span,
+                        message: format!("in the standard criterion `{name}`: {}", e.message),
+                    })?,
+                    None => return err(id.span, format!("`{name}` is not a criterion")),
+                },
+            },
+        },
+        ExprKind::Call { callee, args } => {
+            let arg = |i: usize| -> Result<KExpr, LowerError> {
+                match args.items.get(i) {
+                    Some(a) => lower(r, &a.value, depth),
+                    None => err(
+                        args.span,
+                        format!("`{}` needs {} argument(s)", callee.name, i + 1),
+                    ),
+                }
+            };
+            match callee.name.as_str() {
+                "grad" => KExpr::Input(KInput::Grad),
+                "init" => KExpr::Input(KInput::Init),
+                "act" => {
+                    let stat = args
+                        .named("stat")
+                        .and_then(|a| a.value.as_name())
+                        .map(|n| n.name.as_str())
+                        .unwrap_or("norm");
+                    if stat != "norm" {
+                        return err(e.span, format!("`act(x, stat = {stat})` is not supported by the runtime yet; `norm` is"));
+                    }
+                    KExpr::Input(KInput::ColStat(0))
+                }
+                "abs" => KExpr::un(UnOp::Abs, arg(0)?),
+                "sq" => KExpr::un(UnOp::Sq, arg(0)?),
+                "sqrt" => KExpr::un(UnOp::Sqrt, arg(0)?),
+                "log" => KExpr::un(UnOp::Log, arg(0)?),
+                "exp" => KExpr::un(UnOp::Exp, arg(0)?),
+                "sign" => KExpr::un(UnOp::Sign, arg(0)?),
+                "min" => KExpr::bin(BinOp::Min, arg(0)?, arg(1)?),
+                "max" => KExpr::bin(BinOp::Max, arg(0)?, arg(1)?),
+                "where" => KExpr::select(arg(0)?, arg(1)?, arg(2)?),
+                other => {
+                    return err(
+                        e.span,
+                        format!("`{other}(...)` cannot be compiled into a scoring kernel yet (group sums, random draws and accumulation are not implemented)"),
+                    )
+                }
+            }
+        }
+        _ => return err(e.span, "this is not part of a criterion"),
+    })
+}
+
+/// Whether a parameter name matches a glob (`*` matches any run of characters).
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    // Iterative matcher with backtracking to the last `*`.
+    let (mut i, mut j) = (0usize, 0usize);
+    let (mut star, mut mark) = (None::<usize>, 0usize);
+    while j < n.len() {
+        if i < p.len() && (p[i] == n[j] || p[i] == '?') {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == '*' {
+            star = Some(i);
+            mark = j;
+            i += 1;
+        } else if let Some(s) = star {
+            i = s + 1;
+            mark += 1;
+            j = mark;
+        } else {
+            return false;
+        }
+    }
+    while i < p.len() && p[i] == '*' {
+        i += 1;
+    }
+    i == p.len()
+}
+
+/// Strings of a resolved list value.
+pub fn strings(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::List(items)) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(String::from))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*.weight", "fc1.weight"));
+        assert!(glob_match("layers.*.weight", "layers.3.mlp.up.weight"));
+        assert!(!glob_match("*.weight", "fc1.bias"));
+        assert!(glob_match("fc3.*", "fc3.bias"));
+        assert!(glob_match("*embed*", "model.embed_tokens.weight"));
+        assert!(!glob_match("fc1.weight", "fc1.weightx"));
+    }
+}
