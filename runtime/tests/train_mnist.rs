@@ -65,7 +65,7 @@ fn lenet5_reaches_98_8_percent_on_mnist() {
     let epochs: usize = std::env::var("PRUNEC_TEST_EPOCHS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(3);
     let cfg = TrainConfig::new(epochs, OptimizerSpec::sgd(0.05, 0.9, 1e-4))
         .schedule(LrSchedule::Cosine { min_lr: 0.0 });
     let report = train(

@@ -342,15 +342,173 @@ pub(crate) fn apply_layer(
                 .broadcast_add(&b)
                 .ctx(ctx)
         }
-        Layer::Conv2d { name, padding, .. } => {
+        Layer::Conv2d {
+            name,
+            padding,
+            kernel,
+            ..
+        } => {
             let w = param(&format!("{name}.weight"))?;
             let b = param(&format!("{name}.bias"))?;
-            let ctx = || format!("layer {name}: input {:?}, weight {:?}", x.dims(), w.dims());
-            let c = b.dims1().ctx(ctx)?;
-            x.conv2d(&w, *padding, 1, 1, 1)
-                .ctx(ctx)?
-                .broadcast_add(&b.reshape((1, c, 1, 1)).ctx(ctx)?)
-                .ctx(ctx)
+            conv2d_im2col(name, x, &w, &b, *kernel, *padding)
+        }
+    }
+}
+
+/// Gather indices of im2col: for each `(ci, ky, kx)` in the weight's order and each
+/// output position (row-major), the offset into the zero-padded, flattened `[c, hp, wp]` input.
+pub(crate) fn im2col_index(c: usize, hp: usize, wp: usize, k: usize) -> Vec<u32> {
+    let (oh, ow) = (hp - k + 1, wp - k + 1);
+    let mut idx = Vec::with_capacity(oh * ow * c * k * k);
+    for ci in 0..c {
+        for ky in 0..k {
+            for kx in 0..k {
+                for oy in 0..oh {
+                    let row = ci * hp * wp + (oy + ky) * wp + kx;
+                    idx.extend((row..row + ow).map(|v| v as u32));
+                }
+            }
+        }
+    }
+    idx
+}
+
+/// Stride-1 convolution as im2col (one row gather) + one GEMM. candle's own
+/// `conv2d` back-propagates through a naive, mostly serial `conv_transpose2d` on CPU,
+/// which made LeNet-5 training several times slower; this formulation's backward is
+/// a GEMM plus a sequential `index_add`, and is deterministic.
+///
+/// Layout: the input is turned into `[c * hp * wp, batch]` so the gather selects whole
+/// rows (candle's fast path), giving columns `[c * k * k, positions * batch]`; the
+/// GEMM `W [o, c * k * k] x cols` yields `[o, positions, batch]`, permuted back to NCHW.
+fn conv2d_im2col(
+    name: &str,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    k: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let ctx = || format!("layer {name}: input {:?}, weight {:?}", x.dims(), w.dims());
+    let (batch, c, h, wd) = x.dims4().ctx(ctx)?;
+    let o = w.dim(0).ctx(ctx)?;
+    let (hp, wp) = (h + 2 * padding, wd + 2 * padding);
+    if hp < k || wp < k || w.dims() != [o, c, k, k] {
+        return Err(RuntimeError::ShapeMismatch {
+            name: format!("{name}.weight"),
+            context: format!("convolution of an input {:?}", x.dims()),
+            expected: vec![o, c, k, k],
+            found: w.dims().to_vec(),
+        });
+    }
+    let (oh, ow) = (hp - k + 1, wp - k + 1);
+    let xp = if padding > 0 {
+        x.pad_with_zeros(2, padding, padding)
+            .and_then(|t| t.pad_with_zeros(3, padding, padding))
+            .ctx(ctx)?
+    } else {
+        x.clone()
+    };
+    let n_idx = oh * ow * c * k * k;
+    let idx = Tensor::from_vec(im2col_index(c, hp, wp, k), n_idx, x.device()).ctx(ctx)?;
+    let cols = xp
+        .reshape((batch, c * hp * wp))
+        .and_then(|t| t.t())
+        .and_then(|t| t.contiguous())
+        .and_then(|t| t.index_select(&idx, 0))
+        .and_then(|t| t.reshape((c * k * k, oh * ow * batch)))
+        .ctx(ctx)?;
+    let wmat = w.reshape((o, c * k * k)).ctx(ctx)?;
+    wmat.matmul(&cols)
+        .and_then(|y| y.reshape((o, oh, ow, batch)))
+        .and_then(|y| y.permute((3, 0, 1, 2)))
+        .and_then(|y| y.contiguous())
+        .and_then(|y| y.broadcast_add(&b.reshape((1, o, 1, 1))?))
+        .ctx(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The im2col convolution agrees with candle's reference `conv2d`, forward and backward.
+    #[test]
+    fn im2col_conv_matches_candle_conv2d() {
+        let d = Device::Cpu;
+        for (c, o, h, w, k, pad) in [
+            (1, 6, 28, 28, 5, 2),
+            (6, 16, 14, 14, 5, 0),
+            (3, 4, 7, 5, 3, 1),
+        ] {
+            let xv = candle_core::Var::randn(0f32, 1.0, (3, c, h, w), &d).unwrap();
+            let x = xv.as_tensor();
+            let wt = candle_core::Var::randn(0f32, 1.0, (o, c, k, k), &d).unwrap();
+            let b = Tensor::randn(0f32, 1.0, o, &d).unwrap();
+            let ours = conv2d_im2col("t", x, wt.as_tensor(), &b, k, pad).unwrap();
+            let reference = x
+                .conv2d(wt.as_tensor(), pad, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, o, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), reference.dims());
+            let diff = ours
+                .sub(&reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(
+                diff.to_scalar::<f32>().unwrap() < 1e-4,
+                "forward {c} {o} {h} {w} {k} {pad}"
+            );
+            let g_ours = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = reference
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (a, r) = (
+                g_ours.get(wt.as_tensor()).unwrap(),
+                g_ref.get(wt.as_tensor()).unwrap(),
+            );
+            let scale = r
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = a
+                .sub(r)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-4 * scale.max(1.0),
+                "weight gradient {c} {o} {h} {w} {k} {pad}: {diff}"
+            );
+            let (a, r) = (g_ours.get(x).unwrap(), g_ref.get(x).unwrap());
+            let diff = a
+                .sub(r)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff < 1e-3,
+                "input gradient {c} {o} {h} {w} {k} {pad}: {diff}"
+            );
         }
     }
 }
