@@ -459,6 +459,9 @@ impl Exec<'_> {
                 .len;
             spec = spec.validation(((len as f64) * f).round() as usize);
         }
+        // Missing or malformed files are reported (with the fetch command) before hashing.
+        spec.meta()
+            .map_err(rt_err(span, "cannot read the data set"))?;
         // Hash the files this data set reads.
         let files: Vec<PathBuf> = match kind {
             rt::DatasetKind::Digits => {
@@ -606,13 +609,15 @@ impl Exec<'_> {
         }
         match result {
             Ok(_) => {}
-            Err(rt::RuntimeError::Diverged { epoch, step, loss }) => return Err(RunError::User {
-                span: Some(s.span),
-                message: format!(
+            Err(rt::RuntimeError::Diverged { epoch, step, loss }) => {
+                return Err(RunError::User {
+                    span: Some(s.span),
+                    message: format!(
                     "training `{name}` diverged at epoch {epoch}, step {step}: the loss is {loss}"
                 ),
-                help: Some("lower the learning rate".into()),
-            }),
+                    help: Some("lower the learning rate".into()),
+                })
+            }
             Err(e) => return Err(rt_err(s.span, "training failed")(e)),
         }
         if self.interrupted.load(Ordering::SeqCst) {

@@ -1,0 +1,282 @@
+//! End-to-end runs of `prunec run` and `prunec verify` on real data: outputs,
+//! report schema, determinism across thread counts, exit codes and faults.
+//! Needs `scripts/fetch-data.sh digits mnist` (the tests say so when it is missing).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn require_data(rel: &str, fetch: &str) {
+    let p = root().join("data").join(rel);
+    assert!(
+        p.exists(),
+        "missing {}: run `scripts/fetch-data.sh {fetch}` first",
+        p.display()
+    );
+}
+
+fn prunec(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_prunec"));
+    c.args(args).current_dir(root());
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    let out = c.output().expect("run prunec");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+const RECIPE: &str = "tests/recipes/run/digits_imp.prune";
+
+#[test]
+fn a_run_writes_its_outputs_and_verifies() {
+    require_data("digits/digits.csv.gz", "digits");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, text) = prunec(&["run", RECIPE, "--out", out.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        files_in(&out),
+        [
+            "net.safetensors",
+            "prune.lock",
+            "report.json",
+            "report.md",
+            "rounds.svg",
+            "sparsity.svg"
+        ]
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    for key in [
+        "prunec_version",
+        "recipe",
+        "seed",
+        "params",
+        "inputs",
+        "evaluations",
+        "rounds",
+        "layers",
+        "final",
+        "outputs",
+        "timings",
+    ] {
+        assert!(report.get(key).is_some(), "report.json lacks `{key}`");
+    }
+    assert_eq!(report["rounds"].as_array().unwrap().len(), 2);
+    let sparsity = report["final"]["sparsity"].as_f64().unwrap();
+    assert!((sparsity - 0.8).abs() < 1e-3, "final sparsity {sparsity}");
+    // The guard: every pruned layer keeps at least 5%.
+    for l in report["layers"].as_array().unwrap() {
+        let kept = l["kept"].as_f64().unwrap() / l["total"].as_f64().unwrap();
+        assert!(kept >= 0.05, "{l}");
+    }
+    let dense = report["evaluations"][0]["metrics"]["accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!(dense > 0.85, "dense accuracy {dense}");
+    // The exported weights are exactly zero where pruned: 80% of the weights.
+    let st = std::fs::read(out.join("net.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&st).unwrap();
+    let (mut zeros, mut total) = (0usize, 0usize);
+    for name in ["fc1.weight", "fc2.weight"] {
+        let t = tensors.tensor(name).unwrap();
+        for c in t.data().chunks_exact(4) {
+            total += 1;
+            zeros += (f32::from_le_bytes([c[0], c[1], c[2], c[3]]) == 0.0) as usize;
+        }
+    }
+    assert_eq!(zeros, (total as f64 * 0.8).round() as usize);
+    let lock = out.join("prune.lock");
+    let (code, text) = prunec(&["verify", lock.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{text}");
+    // A lock whose output hash differs fails, naming the output.
+    let tampered =
+        std::fs::read_to_string(&lock)
+            .unwrap()
+            .replacen("\"sha256\": \"", "\"sha256\": \"00", 2);
+    std::fs::write(&lock, tampered).unwrap();
+    let (code, text) = prunec(&["verify", lock.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("net.safetensors") || text.contains("input"),
+        "{text}"
+    );
+}
+
+#[test]
+fn outputs_are_identical_with_one_and_two_threads() {
+    require_data("digits/digits.csv.gz", "digits");
+    let dir = tempfile::tempdir().unwrap();
+    let mut hashes = Vec::new();
+    for threads in ["1", "2"] {
+        let out = dir.path().join(threads);
+        let (code, text) = prunec(
+            &["run", "-q", RECIPE, "--out", out.to_str().unwrap()],
+            &[
+                ("RAYON_NUM_THREADS", threads),
+                ("CANDLE_NUM_THREADS", threads),
+            ],
+        );
+        assert_eq!(code, 0, "{text}");
+        hashes.push(std::fs::read_to_string(out.join("prune.lock")).unwrap());
+    }
+    assert_eq!(hashes[0], hashes[1]);
+}
+
+#[test]
+fn a_failed_assert_exits_2_with_the_values() {
+    require_data("digits/digits.csv.gz", "digits");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, text) = prunec(
+        &[
+            "run",
+            "-q",
+            RECIPE,
+            "--set",
+            "floor=99.9%",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("assertion failed") && text.contains("accuracy = 0."),
+        "{text}"
+    );
+    // The stages after the assert did not run: no model was exported.
+    assert!(!out.join("net.safetensors").exists());
+}
+
+#[test]
+fn faults_are_clean_errors_and_leave_no_outputs() {
+    require_data("digits/digits.csv.gz", "digits");
+    let dir = tempfile::tempdir().unwrap();
+    // Missing data file.
+    let recipe = dir.path().join("missing.prune");
+    let text = std::fs::read_to_string(root().join(RECIPE))
+        .unwrap()
+        .replace("data/digits/digits.csv.gz", "nowhere/digits/digits.csv.gz");
+    std::fs::write(&recipe, text).unwrap();
+    let out = dir.path().join("out_missing");
+    let (code, text) = prunec(
+        &[
+            "run",
+            "-q",
+            recipe.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("nowhere/digits/digits.csv.gz") && text.contains("scripts/fetch-"),
+        "{text}"
+    );
+    assert!(files_in(&out).is_empty(), "{:?}", files_in(&out));
+    // Corrupt (truncated) data file.
+    let bad = dir.path().join("bad/digits");
+    std::fs::create_dir_all(&bad).unwrap();
+    let good = std::fs::read(root().join("data/digits/digits.csv.gz")).unwrap();
+    std::fs::write(bad.join("digits.csv.gz"), &good[..good.len() / 2]).unwrap();
+    let recipe = dir.path().join("corrupt.prune");
+    let text = std::fs::read_to_string(root().join(RECIPE))
+        .unwrap()
+        .replace(
+            "data/digits/digits.csv.gz",
+            &bad.join("digits.csv.gz").display().to_string(),
+        );
+    std::fs::write(&recipe, text).unwrap();
+    let out = dir.path().join("out_corrupt");
+    let (code, text) = prunec(
+        &[
+            "run",
+            "-q",
+            recipe.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("digits.csv.gz"), "{text}");
+    assert!(files_in(&out).is_empty());
+    // An output folder that cannot be created.
+    let file = dir.path().join("a_file");
+    std::fs::write(&file, "x").unwrap();
+    let (code, text) = prunec(
+        &[
+            "run",
+            "-q",
+            RECIPE,
+            "--out",
+            file.join("sub").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("output folder"), "{text}");
+    // A recipe error is caught before any compute.
+    let (code, text) = prunec(&["run", RECIPE, "--set", "target=1.5"], &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("P024") && text.contains("nothing was run"),
+        "{text}"
+    );
+}
+
+#[test]
+fn lenet300_magnitude_reduced_keeps_accuracy_at_92_percent_sparsity() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, text) = prunec(
+        &[
+            "run",
+            "-q",
+            "examples/lenet300_magnitude.prune",
+            "--set",
+            "epochs=1",
+            "--set",
+            "retrain=1",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let evals = report["evaluations"].as_array().unwrap();
+    let dense = evals[0]["metrics"]["accuracy"].as_f64().unwrap();
+    let last = evals.last().unwrap()["metrics"]["accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!(dense > 0.9, "dense {dense}");
+    assert!(last >= dense - 0.003, "pruned {last} vs dense {dense}");
+    assert!((report["final"]["sparsity"].as_f64().unwrap() - 0.92).abs() < 1e-3);
+}
