@@ -237,6 +237,12 @@ impl LlamaModel {
         &self.embed
     }
 
+    /// Keeps only the first `layers` blocks (a smaller model for quick experiments and tests).
+    pub fn truncate_layers(&mut self, layers: usize) {
+        self.blocks.truncate(layers);
+        self.config.num_hidden_layers = self.blocks.len();
+    }
+
     /// Names of every block linear weight, in model order.
     pub fn linear_names(&self) -> Vec<String> {
         (0..self.blocks.len())

@@ -37,7 +37,8 @@ pub struct LayerStats {
 }
 
 impl LayerStats {
-    fn new(cols: usize, needs: StatsNeeds) -> Self {
+    /// Empty statistics for a layer with `cols` inputs.
+    pub fn new(cols: usize, needs: StatsNeeds) -> Self {
         LayerStats {
             tokens: 0,
             col_sq_norms: if needs.col_norms {
@@ -55,7 +56,7 @@ impl LayerStats {
 
     /// Adds a chunk of inputs (tokens, cols). Chunks are added in a fixed order, so the sums do
     /// not depend on the number of threads.
-    fn add(&mut self, x: &Tensor) -> Result<()> {
+    pub fn add(&mut self, x: &Tensor) -> Result<()> {
         let (n, _) = x.dims2()?;
         self.tokens += n;
         if !self.col_sq_norms.is_empty() {
@@ -334,7 +335,9 @@ pub fn prune_one_shot(
         report.calibration_seconds += t0.elapsed().as_secs_f64();
     }
 
-    for (l, block_targets) in targets.iter().enumerate() {
+    // Blocks after the last targeted one need no forward at all.
+    let last = targets.iter().rposition(|t| !t.is_empty()).unwrap_or(0);
+    for (l, block_targets) in targets.iter().enumerate().take(last + 1) {
         if !needs.any() {
             for &proj in block_targets {
                 prune_linear(model, l, proj, None, config.pattern, pruner, &mut report)?;
@@ -373,6 +376,9 @@ pub fn prune_one_shot(
         for &proj in block_targets {
             let s = stats.get(&proj.input());
             prune_linear(model, l, proj, s, config.pattern, pruner, &mut report)?;
+        }
+        if l == last {
+            break;
         }
         // Feed the next block with this block's pruned outputs.
         let t0 = Instant::now();
