@@ -44,7 +44,13 @@ fn parse_args() -> Result<Args, String> {
             "--eval-tokens" => a.eval_tokens = num(value()?)?,
             "--window" => a.window = num(value()?)?,
             "--seed" => a.seed = num(value()?)? as u64,
-            "--methods" => a.methods = value()?.split(',').map(str::to_string).collect(),
+            "--methods" => {
+                a.methods = value()?
+                    .split(',')
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
             "--patterns" => a.patterns = value()?.split(',').map(str::to_string).collect(),
             "--out" => a.out = Some(value()?.into()),
             other => return Err(format!("unknown argument `{other}`")),

@@ -159,8 +159,9 @@ impl GgufFile {
 
     fn meta_f64(&self, key: &str) -> Result<f64> {
         let v = self.meta(key)?;
+        // f32 metadata (1e-5 stored as 9.99999974e-6) is read back through its shortest decimal form.
         v.to_f32()
-            .map(f64::from)
+            .map(|x| x.to_string().parse::<f64>().unwrap_or(x as f64))
             .or_else(|_| v.to_f64())
             .map_err(|_| {
                 LlmError::format(&self.path, format!("GGUF metadata `{key}` is not a number"))
