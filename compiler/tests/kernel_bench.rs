@@ -1,0 +1,34 @@
+//! The kernel benchmark runs end to end at a tiny size and reports every field it promises.
+
+use prunec::kernel::{bench_kernels, bench_table};
+
+#[test]
+fn bench_reports_all_cases() {
+    // 8 tensors x 16 rows x 4096 columns.
+    let v = bench_kernels(&[8 * 16 * 4096], true).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    for c in cases {
+        let params = c["params"].as_u64().unwrap();
+        assert_eq!(params, 8 * 16 * 4096);
+        // 10% kept, exactly for global, per row (409 of 4096) for per-row.
+        let kept = c["kept"].as_u64().unwrap();
+        match c["selection"].as_str().unwrap() {
+            "global" => assert_eq!(kept, params / 10),
+            _ => assert_eq!(kept, 8 * 16 * 409),
+        }
+        for k in [
+            "seconds",
+            "gb_per_s",
+            "streaming_gb_per_s",
+            "ratio_to_streaming",
+            "candle_seconds",
+            "speedup_vs_candle",
+        ] {
+            let x = c[k].as_f64().unwrap();
+            assert!(x.is_finite() && x > 0.0, "{k} = {x}");
+        }
+    }
+    let table = bench_table(&v);
+    assert_eq!(table.lines().count(), 2 + 4);
+}
