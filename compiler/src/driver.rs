@@ -24,7 +24,7 @@ pub struct Checked {
 }
 
 /// Reads a recipe, turning I/O and encoding problems into diagnostics.
-pub fn read_source(path: &Path) -> Result<SourceFile, (SourceFile, Diagnostic)> {
+pub fn read_source(path: &Path) -> Result<SourceFile, Box<(SourceFile, Diagnostic)>> {
     let name = path.display().to_string();
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -35,7 +35,7 @@ pub fn read_source(path: &Path) -> Result<SourceFile, (SourceFile, Diagnostic)> 
             };
             let d = Diagnostic::new(Code::Empty, format!("cannot read `{name}`: {e}"))
                 .with_help("check the path and that the file is readable");
-            return Err((file, d));
+            return Err(Box::new((file, d)));
         }
     };
     match prunec_lang::parse::bytes_to_source(&bytes) {
@@ -53,7 +53,7 @@ pub fn read_source(path: &Path) -> Result<SourceFile, (SourceFile, Diagnostic)> 
                     .min(bytes.len())],
             )
             .into_owned();
-            Err((SourceFile { name, text: valid }, d))
+            Err(Box::new((SourceFile { name, text: valid }, d)))
         }
     }
 }

@@ -136,7 +136,8 @@ fn cmd_check(a: CheckArgs) -> u8 {
     for path in a.files {
         let file = match driver::read_source(&path) {
             Ok(f) => f,
-            Err((file, d)) => {
+            Err(bad) => {
+                let (file, d) = *bad;
                 report(&file, &[d], a.format);
                 worst = worst.max(exit::USER);
                 continue;
@@ -177,7 +178,8 @@ fn cmd_fmt(a: FmtArgs) -> u8 {
     for path in a.files {
         let file = match driver::read_source(&path) {
             Ok(f) => f,
-            Err((file, d)) => {
+            Err(bad) => {
+                let (file, d) = *bad;
                 report(&file, &[d], Format::Human);
                 worst = worst.max(exit::USER);
                 continue;
@@ -254,7 +256,8 @@ fn checked_recipe(
 ) -> Result<(SourceFile, prunec_lang::CheckedRecipe), u8> {
     let file = match driver::read_source(path) {
         Ok(f) => f,
-        Err((file, d)) => {
+        Err(bad) => {
+            let (file, d) = *bad;
             report(&file, &[d], Format::Human);
             return Err(exit::USER);
         }

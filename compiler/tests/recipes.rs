@@ -50,7 +50,10 @@ fn check_file(path: &Path, args: &[String]) -> Option<String> {
             let c = driver::source_to_checked(f, &overrides(args));
             (c.file, c.result.err())
         }
-        Err((f, d)) => (SourceFile { name: rel, ..f }, Some(vec![d])),
+        Err(bad) => {
+            let (f, d) = *bad;
+            (SourceFile { name: rel, ..f }, Some(vec![d]))
+        }
     };
     diags.map(|d| driver::render(&file, &d, false))
 }

@@ -126,7 +126,7 @@ impl Checker<'_> {
         text: &str,
         default: Option<&Value>,
     ) -> Option<Value> {
-        let Some(default) = default else { return None };
+        let default = default?;
         let fail = |this: &mut Self, why: String| {
             this.push(
                 Diagnostic::new(
@@ -164,7 +164,7 @@ impl Checker<'_> {
                     Some(ty) => {
                         // Evaluate against the override's own text, reporting in its terms.
                         let before = self.diags.len();
-                        let saved = std::mem::replace(&mut self.src, "");
+                        let saved = std::mem::take(&mut self.src);
                         let v = self.eval(&expr, ty, Range::any());
                         self.src = saved;
                         let errs: Vec<Diagnostic> = self.diags.drain(before..).collect();

@@ -186,8 +186,7 @@ fn split(
     let mut pieces = Vec::new();
     let mut depth = 0usize;
     let mut cur = lo;
-    for i in lo..hi {
-        let t = toks[i];
+    for (i, &t) in toks.iter().enumerate().take(hi).skip(lo) {
         if reset_at_column0 && t.column0 && depth > 0 && starts(i, 0) {
             depth = 0;
         }
@@ -219,12 +218,12 @@ fn split_braces(
     let mut pieces = Vec::new();
     let mut depth = 0usize;
     let mut cur = lo;
-    for i in lo..hi {
+    for (i, t) in toks.iter().enumerate().take(hi).skip(lo) {
         if i > cur && depth == 0 && starts(i) {
             pieces.push(Piece { lo: cur, hi: i });
             cur = i;
         }
-        match toks[i].text(src) {
+        match t.text(src) {
             "{" => depth += 1,
             "}" => depth = depth.saturating_sub(1),
             _ => {}
