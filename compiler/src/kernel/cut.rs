@@ -273,10 +273,25 @@ fn sample_range(
     let mut keys: Vec<u32> = runs
         .par_chunks(64)
         .flat_map_iter(|group| {
-            let mut out = Vec::new();
+            // One scratch histogram and candidate buffer per group of runs; the histogram's
+            // contents are not used.
+            let mut hist = vec![0u32; BUCKETS];
+            let mut cands = [0u64; SAMPLE_RUN];
+            let mut out = Vec::with_capacity(group.len() * SAMPLE_RUN);
             for &c in group {
-                let s = scan_chunk(k, &raws[c.tensor], c, 0, u32::MAX, shift_for(0, u32::MAX));
-                out.extend(s.cands.iter().map(|x| (x >> 32) as u32));
+                let raw = &raws[c.tensor];
+                let mut a = raw.args(c.start, c.end);
+                a.lo = 0;
+                a.hi = u32::MAX;
+                a.shift = shift_for(0, u32::MAX);
+                a.hist = hist.as_mut_ptr();
+                a.cands = cands.as_mut_ptr();
+                a.cap = SAMPLE_RUN as u64;
+                // SAFETY: scan only reads the tensor; the full-range shift keeps buckets
+                // below BUCKETS; a run has at most SAMPLE_RUN elements, the capacity.
+                unsafe { raw.run(k.scan, &mut a) };
+                let n = (a.in_range as usize).min(SAMPLE_RUN);
+                out.extend(cands[..n].iter().map(|x| (x >> 32) as u32));
             }
             out
         })
@@ -284,18 +299,26 @@ fn sample_range(
     if keys.len() < 1024 {
         return (0, u32::MAX);
     }
-    keys.sort_unstable_by(|a, b| b.cmp(a));
     let n = keys.len() as f64;
     let q = (pool.keep as f64 / pool.alive as f64).clamp(0.0, 1.0);
     let pos = q * n;
     let margin = 4.0 * (n * q * (1.0 - q)).sqrt() + 0.0002 * n + 16.0;
-    let top = ((pos - margin).max(0.0) as usize).min(keys.len() - 1);
-    let bottom = ((pos + margin) as usize).min(keys.len() - 1);
-    let hi = if top == 0 { u32::MAX } else { keys[top] };
-    let lo = if bottom == keys.len() - 1 {
+    let last = keys.len() - 1;
+    let top = ((pos - margin).max(0.0) as usize).min(last);
+    let bottom = ((pos + margin) as usize).min(last);
+    // Keys at two ranks of the descending order, by selection instead of a full sort.
+    let desc = |a: &u32, b: &u32| b.cmp(a);
+    let lo = if bottom == last {
         0
     } else {
-        keys[bottom]
+        *keys.select_nth_unstable_by(bottom, desc).1
+    };
+    // After the first selection, the `bottom` highest keys sit in `keys[..bottom]`.
+    let upper = if bottom == last { keys.len() } else { bottom };
+    let hi = if top == 0 || top >= upper {
+        u32::MAX
+    } else {
+        *keys[..upper].select_nth_unstable_by(top, desc).1
     };
     (lo, hi)
 }

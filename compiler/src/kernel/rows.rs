@@ -102,7 +102,7 @@ fn alive(raw: &RawTensor, i: usize) -> bool {
 pub fn per_row(k: &CompiledKernel, raw: &RawTensor, rows: usize, keep: usize) -> usize {
     let per = rows_per_unit(rows, raw.cols, 1);
     let cols = raw.cols;
-    let aligned = cols % 64 == 0;
+    let aligned = cols.is_multiple_of(64);
     units(rows, per)
         .par_iter()
         .map(|&(r0, r1)| {
