@@ -66,11 +66,13 @@ fn data(rows: usize, cols: usize, nonfinite: bool) -> impl Strategy<Value = Data
         prop::collection::vec(value(nonfinite), cols),
         prop::collection::vec(0.0f32..3.0, rows),
         prop::collection::vec(prop::bool::weighted(0.8), n),
+        any::<bool>(),
     )
-        .prop_map(move |(w, grad, init, col, row, alive)| {
+        .prop_map(move |(w, grad, init, col, row, alive, dense)| {
+            // Dense masks take the kernels' fully-alive word path.
             let mut mask = full_mask(n);
             for (i, a) in alive.iter().enumerate() {
-                if !a {
+                if !a && !dense {
                     mask[i / 64] &= !(1u64 << (i % 64));
                 }
             }

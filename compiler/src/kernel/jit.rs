@@ -744,6 +744,10 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
 
     gen.b.switch_to_block(word_body);
     let i = gen.b.use_var(iv);
+    let dense_head = gen.b.create_block();
+    let dense_body = gen.b.create_block();
+    gen.b.def_var(acc, z64);
+    gen.b.def_var(g, z64);
     if kind != Kind::Score {
         let six = gen.ic(I64, 6);
         let wi = gen.b.ins().ushr(i, six);
@@ -752,28 +756,38 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         let wa = gen.b.ins().iadd(mask, wo);
         let ow = gen.b.ins().load(I64, mf(), wa, 0);
         gen.b.def_var(old, ow);
+        // A fully alive word takes the loop without per-lane alive masks.
+        let all = gen.ic(I64, -1);
+        let dense = gen.b.ins().icmp(IntCC::Equal, ow, all);
+        gen.b.ins().brif(dense, dense_head, &[], group_head, &[]);
+    } else {
+        gen.b.ins().jump(group_head, &[]);
     }
-    gen.b.def_var(acc, z64);
-    gen.b.def_var(g, z64);
-    gen.b.ins().jump(group_head, &[]);
 
-    gen.b.switch_to_block(group_head);
-    let gv = gen.b.use_var(g);
-    let four = gen.ic(I64, 4);
-    let more = gen.b.ins().icmp(IntCC::UnsignedLessThan, gv, four);
-    gen.b.ins().brif(more, group_body, &[], word_end, &[]);
+    let loops = [
+        (group_head, group_body, false),
+        (dense_head, dense_body, true),
+    ];
+    let n_loops = if kind == Kind::Score { 1 } else { 2 };
+    for &(head, body, dense) in &loops[..n_loops] {
+        gen.b.switch_to_block(head);
+        let gv = gen.b.use_var(g);
+        let four = gen.ic(I64, 4);
+        let more = gen.b.ins().icmp(IntCC::UnsignedLessThan, gv, four);
+        gen.b.ins().brif(more, body, &[], word_end, &[]);
 
-    gen.b.switch_to_block(group_body);
-    // Four groups of four lanes per iteration, four iterations per mask word.
-    for _ in 0..4 {
-        vector_group(&mut gen, kind, &k, &ctr, old, acc);
-        advance(&mut gen, 4, cols);
+        gen.b.switch_to_block(body);
+        // Four groups of four lanes per iteration, four iterations per mask word.
+        for _ in 0..4 {
+            vector_group(&mut gen, kind, &k, &ctr, old, acc, dense);
+            advance(&mut gen, 4, cols);
+        }
+        let gv = gen.b.use_var(g);
+        let one = gen.ic(I64, 1);
+        let gn = gen.b.ins().iadd(gv, one);
+        gen.b.def_var(g, gn);
+        gen.b.ins().jump(head, &[]);
     }
-    let gv = gen.b.use_var(g);
-    let one = gen.ic(I64, 1);
-    let gn = gen.b.ins().iadd(gv, one);
-    gen.b.def_var(g, gn);
-    gen.b.ins().jump(group_head, &[]);
 
     gen.b.switch_to_block(word_end);
     if kind == Kind::Apply {
@@ -1015,6 +1029,14 @@ fn alive_lanes(gen: &mut Gen, k: &Consts, ow: Value, i: Value) -> Value {
     gen.b.ins().load(I32X4, mf(), a, 0)
 }
 
+/// `mask & alive`, or `mask` itself in a fully alive word.
+fn and_alive(gen: &mut Gen, mask: Value, alive: Option<Value>) -> Value {
+    match alive {
+        Some(a) => gen.b.ins().band(mask, a),
+        None => mask,
+    }
+}
+
 fn vector_group(
     gen: &mut Gen,
     kind: Kind,
@@ -1022,6 +1044,7 @@ fn vector_group(
     ctr: &Counters,
     old: Variable,
     acc: Variable,
+    dense: bool,
 ) {
     let (i, c, r) = gen.positions();
     let e = gen.expr;
@@ -1038,12 +1061,16 @@ fn vector_group(
         Kind::Scan => {
             let ow = gen.b.use_var(old);
             let key = gen.v_key(s);
-            let alive = alive_lanes(gen, k, ow, i);
+            let alive = if dense {
+                None
+            } else {
+                Some(alive_lanes(gen, k, ow, i))
+            };
             let (lo, hi) = (k.lo_v, k.hi_v);
             let ge = gen.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, key, lo);
             let le = gen.b.ins().icmp(IntCC::SignedLessThanOrEqual, key, hi);
             let inr = gen.b.ins().band(ge, le);
-            let inr = gen.b.ins().band(inr, alive);
+            let inr = and_alive(gen, inr, alive);
             let any = gen.b.ins().vany_true(inr);
             let slow = gen.b.create_block();
             let fast = gen.b.create_block();
@@ -1052,7 +1079,7 @@ fn vector_group(
 
             gen.b.switch_to_block(fast);
             let gt = gen.b.ins().icmp(IntCC::SignedGreaterThan, key, hi);
-            let gt = gen.b.ins().band(gt, alive);
+            let gt = and_alive(gen, gt, alive);
             let av = gen.b.use_var(ctr.above_v);
             let av = gen.b.ins().isub(av, gt);
             gen.b.def_var(ctr.above_v, av);
@@ -1061,7 +1088,7 @@ fn vector_group(
             let expm = k.expm_v;
             let ex = gen.b.ins().band(wv, expm);
             let nf = gen.b.ins().icmp(IntCC::Equal, ex, expm);
-            let nf = gen.b.ins().band(nf, alive);
+            let nf = and_alive(gen, nf, alive);
             let nv = gen.b.use_var(ctr.nonfin_v);
             let nv = gen.b.ins().isub(nv, nf);
             gen.b.def_var(ctr.nonfin_v, nv);
@@ -1086,10 +1113,14 @@ fn vector_group(
         Kind::Apply => {
             let ow = gen.b.use_var(old);
             let key = gen.v_key(s);
-            let alive = alive_lanes(gen, k, ow, i);
+            let alive = if dense {
+                None
+            } else {
+                Some(alive_lanes(gen, k, ow, i))
+            };
             let t = k.t_v;
             let eq = gen.b.ins().icmp(IntCC::Equal, key, t);
-            let eq = gen.b.ins().band(eq, alive);
+            let eq = and_alive(gen, eq, alive);
             let any = gen.b.ins().vany_true(eq);
             let q = gen.b.use_var(ctr.quota);
             let z = gen.ic(I64, 0);
@@ -1102,7 +1133,7 @@ fn vector_group(
 
             gen.b.switch_to_block(fast);
             let gt = gen.b.ins().icmp(IntCC::SignedGreaterThan, key, t);
-            let keep = gen.b.ins().band(gt, alive);
+            let keep = and_alive(gen, gt, alive);
             let wa = gen.addr4(gen.w, i);
             let wv = gen.b.ins().load(I32X4, mf(), wa, 0);
             let nw = gen.b.ins().band(wv, keep);
