@@ -321,7 +321,7 @@ impl Exec<'_> {
                 .declared(name)
                 .cloned()
                 .ok_or_else(|| RunError::user(span, format!("`{name}` is not a model")))?;
-            let spec = self.model_spec(&value, span)?;
+            let spec = model_spec(&value, span)?;
             let model = spec
                 .build(self.r.seed, &self.device)
                 .map_err(rt_err(span, "cannot build the model"))?;
@@ -340,42 +340,6 @@ impl Exec<'_> {
             );
         }
         Ok(self.models.get_mut(name).unwrap())
-    }
-
-    fn model_spec(&self, v: &Value, span: Span) -> Result<rt::ModelSpec, RunError> {
-        let name = v.call_name().unwrap_or("");
-        let int = |k: &str| v.arg(k).and_then(|x| x.as_i64()).unwrap_or(0).max(0) as usize;
-        Ok(match name {
-            "mlp" => {
-                let mut widths = vec![int("inputs")];
-                if let Some(Value::List(h)) = v.arg("hidden") {
-                    widths.extend(h.iter().filter_map(|x| x.as_i64()).map(|x| x as usize));
-                }
-                widths.push(int("classes"));
-                let act = match v.arg("act").and_then(|a| a.as_str()).unwrap_or("relu") {
-                    "tanh" => rt::Activation::Tanh,
-                    "sigmoid" => rt::Activation::Sigmoid,
-                    "gelu" => rt::Activation::Gelu,
-                    _ => rt::Activation::Relu,
-                };
-                rt::ModelSpec::mlp(&widths, act)
-            }
-            "lenet5" => {
-                if int("classes") != 10 {
-                    return Err(RunError::user(span, "lenet5 is built for 10 classes"));
-                }
-                rt::ModelSpec::lenet5()
-            }
-            "pretrained_cnn" => rt::ModelSpec::pretrained_cnn_from(v.arg("path").and_then(|p| p.as_str()).unwrap_or("")),
-            "safetensors" => rt::ModelSpec::safetensors(v.arg("path").and_then(|p| p.as_str()).unwrap_or("")),
-            other => {
-                return Err(RunError::User {
-                    span: Some(span),
-                    message: format!("`{other}` models cannot be run by `prunec run` yet"),
-                    help: Some("language models are pruned through the runtime's LLM driver (docs/llm.md); the recipe executor runs mlp, lenet5, pretrained_cnn and safetensors classifiers".into()),
-                })
-            }
-        })
     }
 
     fn dataset(&mut self, e: &Expr) -> Result<&rt::Dataset, RunError> {
@@ -1336,6 +1300,43 @@ impl Exec<'_> {
         self.report.counts = Some(counts);
         Ok(())
     }
+}
+
+/// The runtime spec of a `model` declaration's constructor call.
+pub fn model_spec(v: &Value, span: Span) -> Result<rt::ModelSpec, RunError> {
+    let name = v.call_name().unwrap_or("");
+    let int = |k: &str| v.arg(k).and_then(|x| x.as_i64()).unwrap_or(0).max(0) as usize;
+    Ok(match name {
+        "mlp" => {
+            let mut widths = vec![int("inputs")];
+            if let Some(Value::List(h)) = v.arg("hidden") {
+                widths.extend(h.iter().filter_map(|x| x.as_i64()).map(|x| x as usize));
+            }
+            widths.push(int("classes"));
+            let act = match v.arg("act").and_then(|a| a.as_str()).unwrap_or("relu") {
+                "tanh" => rt::Activation::Tanh,
+                "sigmoid" => rt::Activation::Sigmoid,
+                "gelu" => rt::Activation::Gelu,
+                _ => rt::Activation::Relu,
+            };
+            rt::ModelSpec::mlp(&widths, act)
+        }
+        "lenet5" => {
+            if int("classes") != 10 {
+                return Err(RunError::user(span, "lenet5 is built for 10 classes"));
+            }
+            rt::ModelSpec::lenet5()
+        }
+        "pretrained_cnn" => rt::ModelSpec::pretrained_cnn_from(v.arg("path").and_then(|p| p.as_str()).unwrap_or("")),
+        "safetensors" => rt::ModelSpec::safetensors(v.arg("path").and_then(|p| p.as_str()).unwrap_or("")),
+        other => {
+            return Err(RunError::User {
+                span: Some(span),
+                message: format!("`{other}` models cannot be run by `prunec run` yet"),
+                help: Some("language models are pruned through the runtime's LLM driver (docs/llm.md); the recipe executor runs mlp, lenet5, pretrained_cnn and safetensors classifiers".into()),
+            })
+        }
+    })
 }
 
 /// A metric as people read it.

@@ -36,6 +36,39 @@ enum Command {
     Run(RunArgs),
     /// Re-run the recipe a prune.lock records and compare every output hash.
     Verify(VerifyArgs),
+    /// Print the pipeline IR as Graphviz DOT.
+    Graph(GraphArgs),
+    /// Print the resolved plan (per-layer targets, counts, data read) from file headers only.
+    Plan(PlanArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum IrStage {
+    /// As lowered from the checked recipe.
+    Lowered,
+    /// After constant folding, CSE, fusion and dead-node elimination.
+    Optimized,
+}
+
+#[derive(Args)]
+struct GraphArgs {
+    /// The recipe.
+    file: PathBuf,
+    /// Which IR to print.
+    #[arg(long, value_enum, default_value = "optimized")]
+    stage: IrStage,
+    /// Override a param: `--set target=0.95` (repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<Override>,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    /// The recipe.
+    file: PathBuf,
+    /// Override a param: `--set target=0.95` (repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<Override>,
 }
 
 #[derive(Args)]
@@ -111,6 +144,8 @@ fn main() -> ExitCode {
         Command::Explain(a) => cmd_explain(a),
         Command::Run(a) => cmd_run(a),
         Command::Verify(a) => cmd_verify(a),
+        Command::Graph(a) => cmd_graph(a),
+        Command::Plan(a) => cmd_plan(a),
     };
     ExitCode::from(code)
 }
@@ -455,4 +490,69 @@ fn cmd_verify(a: VerifyArgs) -> u8 {
         a.lock.display()
     );
     exit::OK
+}
+
+fn optimized_ir(
+    recipe: &prunec_lang::CheckedRecipe,
+    file: &SourceFile,
+    optimize: bool,
+) -> Result<prunec::ir::Ir, u8> {
+    let mut ir = prunec::ir::checked_to_ir(recipe, &file.text);
+    if optimize {
+        if let Err(e) = prunec::ir::passes::optimize(&mut ir, recipe) {
+            eprintln!("internal error: {e}");
+            return Err(exit::INTERNAL);
+        }
+    }
+    Ok(ir)
+}
+
+fn cmd_graph(a: GraphArgs) -> u8 {
+    let (file, recipe) = match checked_recipe(&a.file, &a.set) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match optimized_ir(&recipe, &file, matches!(a.stage, IrStage::Optimized)) {
+        Ok(ir) => {
+            print!("{}", ir.to_dot(&recipe.name));
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+fn cmd_plan(a: PlanArgs) -> u8 {
+    let (file, recipe) = match checked_recipe(&a.file, &a.set) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let ir = match optimized_ir(&recipe, &file, true) {
+        Ok(ir) => ir,
+        Err(code) => return code,
+    };
+    match prunec::plan::render(&recipe, &ir) {
+        Ok(text) => {
+            print!("{text}");
+            exit::OK
+        }
+        Err(prunec::exec::RunError::User {
+            span,
+            message,
+            help,
+        }) => {
+            let mut d = Diagnostic::new(prunec_lang::Code::StageClause, message.clone());
+            if let Some(s) = span {
+                d = d.with_label(s, "here");
+            }
+            if let Some(h) = help {
+                d = d.with_help(h);
+            }
+            eprint!("{}", driver::render_run_error(&file, &d, color()));
+            exit::USER
+        }
+        Err(e) => {
+            eprintln!("internal error: {e:?}");
+            exit::INTERNAL
+        }
+    }
 }

@@ -69,6 +69,9 @@ impl std::str::FromStr for Override {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct CheckedRecipe {
     pub ast: Recipe,
+    /// The source text the spans index.
+    #[serde(skip)]
+    pub source: String,
     pub name: String,
     pub version: i64,
     pub seed: u64,
@@ -167,6 +170,7 @@ pub fn ast_to_checked(
     }
     Ok(CheckedRecipe {
         ast: recipe.clone(),
+        source: src.to_string(),
         name,
         version,
         seed,
@@ -199,6 +203,44 @@ pub fn library_needs(src: &str, name: &str) -> Result<Needs, Vec<Diagnostic>> {
         return Err(c.diags);
     }
     Ok(c.criterion_needs(name, 0))
+}
+
+/// What an expression after `by` reads: a declared or standard criterion, a
+/// method call, or an inline criterion expression of a checked recipe.
+pub fn expr_needs(r: &CheckedRecipe, e: &Expr) -> Needs {
+    if let ExprKind::Call { callee, .. } = &e.kind {
+        if let Some(b) = builtins::lookup(&callee.name).filter(|b| b.kind == Kind::Method) {
+            return b.needs;
+        }
+    }
+    let src = String::new();
+    let mut c = Checker {
+        src: &src,
+        symbols: r.symbols.clone(),
+        imports: r
+            .imports
+            .iter()
+            .map(|n| (n.clone(), Span::default()))
+            .collect(),
+        diags: Vec::new(),
+        criterion_stack: Vec::new(),
+        criteria: r
+            .ast
+            .items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Decl(d) if d.kind == DeclKind::Criterion => {
+                    Some((d.name.name.clone(), d.value.clone()))
+                }
+                _ => None,
+            })
+            .collect(),
+        stage_options: BTreeMap::new(),
+        overrides: BTreeMap::new(),
+    };
+    let mut needs = Needs::default();
+    c.check_score(e, &mut needs, 0);
+    needs
 }
 
 impl Checker<'_> {

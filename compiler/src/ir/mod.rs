@@ -1,0 +1,613 @@
+//! The pipeline IR: a petgraph DAG of load, calibrate, score, select, mask,
+//! train, evaluate, assert, export and report nodes; every node keeps the
+//! recipe span it came from. `checked_to_ir` lowers, `passes` optimize,
+//! `verify` checks the invariants, `to_dot` and `to_text` print it.
+
+pub mod passes;
+
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+use prunec_lang::ast::{Expr, ExprKind, Stage, StageKind};
+use prunec_lang::check::{SymKind, Value};
+use prunec_lang::{CheckedRecipe, Span};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// What a node does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    LoadModel {
+        name: String,
+        ctor: String,
+    },
+    LoadData {
+        name: String,
+        ctor: String,
+    },
+    /// Loss gradients of every targeted weight over `batches` batches.
+    Gradients {
+        data: String,
+    },
+    /// Per-input-column activation statistics (and Hessians for solvers).
+    Calibrate {
+        data: String,
+        hessian: bool,
+    },
+    Score {
+        criterion: String,
+    },
+    /// `sparsities` is the target after each round, known before running once folded.
+    Select {
+        scope: String,
+        pattern: Option<(u64, u64)>,
+        target: Option<String>,
+        sparsities: Vec<f64>,
+        rounds: usize,
+    },
+    Mask,
+    /// Score, select and mask fused into one kernel.
+    FusedPrune {
+        criterion: String,
+        scope: String,
+        pattern: Option<(u64, u64)>,
+        sparsities: Vec<f64>,
+    },
+    Reconstruct {
+        method: String,
+    },
+    Train {
+        kind: StageKind,
+        data: String,
+    },
+    Evaluate {
+        data: String,
+        metrics: Vec<String>,
+        label: Option<String>,
+    },
+    Assert {
+        condition: String,
+    },
+    Export {
+        path: String,
+    },
+    Report {
+        metrics: Vec<String>,
+        path: Option<String>,
+    },
+}
+
+/// A node: an operation and the recipe span it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub op: Op,
+    pub span: Span,
+}
+
+/// What flows along an edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// The model's state, threaded through every stage that reads or changes it.
+    Model,
+    Data,
+    Stats,
+    Scores,
+    Mask,
+}
+
+/// The IR of one recipe.
+#[derive(Clone, Debug)]
+pub struct Ir {
+    pub graph: DiGraph<Node, Flow>,
+}
+
+impl Op {
+    /// A one-line description.
+    pub fn label(&self) -> String {
+        match self {
+            Op::LoadModel { name, ctor } => format!("load model {name} = {ctor}(..)"),
+            Op::LoadData { name, ctor } => format!("load data {name} = {ctor}(..)"),
+            Op::Gradients { data } => format!("gradients on {data}"),
+            Op::Calibrate { data, hessian } => format!(
+                "calibrate on {data}{}",
+                if *hessian { " (+hessian)" } else { "" }
+            ),
+            Op::Score { criterion } => format!("score {criterion}"),
+            Op::Select {
+                scope,
+                pattern,
+                target,
+                sparsities,
+                rounds,
+            } => {
+                let what = match pattern {
+                    Some((n, m)) => format!("{n}:{m}"),
+                    None => format!("{scope} to {}", target.as_deref().unwrap_or("?")),
+                };
+                if sparsities.is_empty() {
+                    format!("select {what}, {rounds} round(s)")
+                } else {
+                    format!("select {what}, rounds at {}", fmt_fracs(sparsities))
+                }
+            }
+            Op::Mask => "mask".to_string(),
+            Op::FusedPrune {
+                criterion,
+                scope,
+                pattern,
+                sparsities,
+            } => {
+                let what = match pattern {
+                    Some((n, m)) => format!("{n}:{m}"),
+                    None => scope.clone(),
+                };
+                format!(
+                    "fused score+select+mask {criterion} ({what}) at {}",
+                    fmt_fracs(sparsities)
+                )
+            }
+            Op::Reconstruct { method } => format!("reconstruct {method}"),
+            Op::Train { kind, data } => format!("{kind} on {data}"),
+            Op::Evaluate {
+                data,
+                metrics,
+                label,
+            } => {
+                format!(
+                    "evaluate on {data} -> [{}]{}",
+                    metrics.join(", "),
+                    label
+                        .as_ref()
+                        .map(|l| format!(" as {l}"))
+                        .unwrap_or_default()
+                )
+            }
+            Op::Assert { condition } => format!("assert {condition}"),
+            Op::Export { path } => format!("export to {path}"),
+            Op::Report { metrics, path } => format!(
+                "report {}{}",
+                metrics.join(", "),
+                path.as_ref()
+                    .map(|p| format!(" -> {p}"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+}
+
+fn fmt_fracs(v: &[f64]) -> String {
+    let parts: Vec<String> = v.iter().map(|s| format!("{:.2}%", s * 100.0)).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+impl Ir {
+    /// A stable text dump, one node per line in index order, with its inputs.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for n in self.graph.node_indices() {
+            let node = &self.graph[n];
+            let mut ins: Vec<String> = self
+                .graph
+                .edges_directed(n, Direction::Incoming)
+                .map(|e| format!("{:?} from %{}", e.weight(), e.source().index()))
+                .collect();
+            ins.sort();
+            let _ = writeln!(
+                out,
+                "%{} = {}  @{}..{}{}",
+                n.index(),
+                node.op.label(),
+                node.span.start,
+                node.span.end,
+                if ins.is_empty() {
+                    String::new()
+                } else {
+                    format!("  <- {}", ins.join(", "))
+                }
+            );
+        }
+        out
+    }
+
+    /// Graphviz DOT.
+    pub fn to_dot(&self, title: &str) -> String {
+        let mut out = format!(
+            "digraph \"{}\" {{\n  rankdir=TB;\n  node [shape=box, fontname=\"monospace\"];\n",
+            title.replace('"', "'")
+        );
+        for n in self.graph.node_indices() {
+            let label = self.graph[n]
+                .op
+                .label()
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"");
+            let _ = writeln!(out, "  n{} [label=\"{}\"];", n.index(), label);
+        }
+        for e in self.graph.edge_references() {
+            let style = match e.weight() {
+                Flow::Model => "solid",
+                Flow::Data => "dashed",
+                _ => "bold",
+            };
+            let _ = writeln!(
+                out,
+                "  n{} -> n{} [label=\"{:?}\", style={style}];",
+                e.source().index(),
+                e.target().index(),
+                e.weight()
+            );
+        }
+        out.push_str("}\n");
+        out
+    }
+}
+
+struct Lowerer<'a> {
+    r: &'a CheckedRecipe,
+    g: DiGraph<Node, Flow>,
+    /// The latest node holding each model's state.
+    model_head: BTreeMap<String, NodeIndex>,
+    data: BTreeMap<String, NodeIndex>,
+    src: &'a str,
+}
+
+/// Lowers a checked recipe to the IR, one chain of model-state edges per model.
+pub fn checked_to_ir(r: &CheckedRecipe, src: &str) -> Ir {
+    let mut l = Lowerer {
+        r,
+        g: DiGraph::new(),
+        model_head: BTreeMap::new(),
+        data: BTreeMap::new(),
+        src,
+    };
+    for (name, sym) in &r.symbols {
+        let ctor = sym
+            .value
+            .as_ref()
+            .and_then(|v| v.call_name())
+            .unwrap_or("?")
+            .to_string();
+        match sym.kind {
+            SymKind::Model => {
+                let n = l.g.add_node(Node {
+                    op: Op::LoadModel {
+                        name: name.clone(),
+                        ctor,
+                    },
+                    span: sym.span,
+                });
+                l.model_head.insert(name.clone(), n);
+            }
+            SymKind::Dataset => {
+                let n = l.g.add_node(Node {
+                    op: Op::LoadData {
+                        name: name.clone(),
+                        ctor,
+                    },
+                    span: sym.span,
+                });
+                l.data.insert(name.clone(), n);
+            }
+            _ => {}
+        }
+    }
+    for s in &r.pipeline().stages {
+        l.stage(s);
+    }
+    Ir { graph: l.g }
+}
+
+impl Lowerer<'_> {
+    fn text(&self, e: &Expr) -> String {
+        self.src
+            .get(e.span.start..e.span.end)
+            .unwrap_or("?")
+            .to_string()
+    }
+
+    fn name_of(e: Option<&Expr>) -> String {
+        e.and_then(|e| e.as_name())
+            .map(|n| n.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// Adds a node fed by the model's current state (and optionally data); it becomes the new head.
+    fn on_model(
+        &mut self,
+        model: &str,
+        node: Node,
+        data: Option<&str>,
+        advances: bool,
+    ) -> NodeIndex {
+        let n = self.g.add_node(node);
+        if let Some(&h) = self.model_head.get(model) {
+            self.g.add_edge(h, n, Flow::Model);
+        }
+        if let Some(d) = data.and_then(|d| self.data.get(d)) {
+            self.g.add_edge(*d, n, Flow::Data);
+        }
+        if advances {
+            self.model_head.insert(model.to_string(), n);
+        }
+        n
+    }
+
+    fn option(&self, s: &Stage, key: &str) -> Option<Value> {
+        let opts = self.r.options(s)?;
+        if let Some(v) = opts.get(key) {
+            return Some(v.clone());
+        }
+        if let Some(Value::Ref(c)) = opts.get("constraints") {
+            if let Some(Value::Call { args, .. }) =
+                self.r.symbols.get(c).and_then(|s| s.value.as_ref())
+            {
+                return args.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+            }
+        }
+        None
+    }
+
+    fn stage(&mut self, s: &Stage) {
+        let model = Self::name_of(s.subject.first());
+        match s.kind {
+            StageKind::Train | StageKind::Finetune | StageKind::Calibrate => {
+                let data = Self::name_of(s.on.as_ref());
+                // Calibration reads the model; training changes it.
+                let calibrate = s.kind == StageKind::Calibrate;
+                let op = if calibrate {
+                    Op::Calibrate {
+                        data: data.clone(),
+                        hessian: false,
+                    }
+                } else {
+                    Op::Train {
+                        kind: s.kind,
+                        data: data.clone(),
+                    }
+                };
+                self.on_model(&model, Node { op, span: s.span }, Some(&data), !calibrate);
+            }
+            StageKind::Prune => self.prune(s, &model),
+            StageKind::Evaluate => {
+                let data = Self::name_of(s.on.as_ref());
+                let metrics = match s.out.as_ref().map(|e| &e.kind) {
+                    Some(ExprKind::List(items)) => items
+                        .iter()
+                        .filter_map(|i| i.as_name().map(|n| n.name.clone()))
+                        .collect(),
+                    Some(ExprKind::Name(n)) => vec![n.name.clone()],
+                    _ => vec![],
+                };
+                let label = s.label.as_ref().map(|l| l.name.clone());
+                self.on_model(
+                    &model,
+                    Node {
+                        op: Op::Evaluate {
+                            data: data.clone(),
+                            metrics,
+                            label,
+                        },
+                        span: s.span,
+                    },
+                    Some(&data),
+                    false,
+                );
+            }
+            StageKind::Assert => {
+                let condition = s.subject.first().map(|e| self.text(e)).unwrap_or_default();
+                self.g.add_node(Node {
+                    op: Op::Assert { condition },
+                    span: s.span,
+                });
+            }
+            StageKind::Export => {
+                let path = s.to.as_ref().map(|e| self.text(e)).unwrap_or_default();
+                self.on_model(
+                    &model,
+                    Node {
+                        op: Op::Export { path },
+                        span: s.span,
+                    },
+                    None,
+                    false,
+                );
+            }
+            StageKind::Report => {
+                let metrics = s.subject.iter().map(|e| self.text(e)).collect();
+                let path = s.out.as_ref().map(|e| self.text(e));
+                self.g.add_node(Node {
+                    op: Op::Report { metrics, path },
+                    span: s.span,
+                });
+            }
+        }
+    }
+
+    fn prune(&mut self, s: &Stage, model: &str) {
+        let Some(by) = s.by.as_ref() else { return };
+        let criterion = self.text(by);
+        let method = match &by.kind {
+            ExprKind::Call { callee, .. }
+                if matches!(callee.name.as_str(), "sparsegpt" | "sap") =>
+            {
+                Some(callee.name.clone())
+            }
+            _ => None,
+        };
+        let needs = prunec_lang::check::expr_needs(self.r, by);
+        let calib = match self.option(s, "calibrate") {
+            Some(Value::Ref(d)) => Some(d),
+            _ => {
+                s.on.as_ref()
+                    .and_then(|e| e.as_name())
+                    .map(|n| n.name.clone())
+            }
+        };
+        // Statistics first: they read the model's current state.
+        let mut stats = Vec::new();
+        if needs.grad {
+            if let Some(d) =
+                s.on.as_ref()
+                    .and_then(|e| e.as_name())
+                    .map(|n| n.name.clone())
+            {
+                stats.push(self.on_model(
+                    model,
+                    Node {
+                        op: Op::Gradients { data: d.clone() },
+                        span: by.span,
+                    },
+                    Some(&d),
+                    false,
+                ));
+            }
+        }
+        if needs.activations {
+            if let Some(d) = &calib {
+                let hessian = method.as_deref() == Some("sparsegpt");
+                stats.push(self.on_model(
+                    model,
+                    Node {
+                        op: Op::Calibrate {
+                            data: d.clone(),
+                            hessian,
+                        },
+                        span: by.span,
+                    },
+                    Some(d),
+                    false,
+                ));
+            }
+        }
+        let scope = self
+            .option(s, "scope")
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_else(|| "global".into());
+        let pattern = match self.option(s, "pattern") {
+            Some(Value::Pattern { n, m }) => Some((n, m)),
+            _ => None,
+        };
+        let schedule = self.option(s, "schedule").map(|v| match v {
+            Value::Ref(r) => self
+                .r
+                .symbols
+                .get(&r)
+                .and_then(|s| s.value.clone())
+                .unwrap_or(Value::Ref(r)),
+            other => other,
+        });
+        let rounds = schedule
+            .as_ref()
+            .filter(|v| v.call_name() == Some("iterative"))
+            .and_then(|v| v.arg("rounds").and_then(|r| r.as_i64()))
+            .or_else(|| self.option(s, "rounds").and_then(|r| r.as_i64()))
+            .unwrap_or(1)
+            .max(1) as usize;
+        let target = s.to.as_ref().map(|e| self.text(e));
+        let score = self.on_model(
+            model,
+            Node {
+                op: Op::Score {
+                    criterion: criterion.clone(),
+                },
+                span: by.span,
+            },
+            None,
+            false,
+        );
+        for st in stats {
+            self.g.add_edge(st, score, Flow::Stats);
+        }
+        let select = self.g.add_node(Node {
+            op: Op::Select {
+                scope,
+                pattern,
+                target,
+                sparsities: vec![],
+                rounds,
+            },
+            span: s.span,
+        });
+        self.g.add_edge(score, select, Flow::Scores);
+        let mask = self.on_model(
+            model,
+            Node {
+                op: Op::Mask,
+                span: s.span,
+            },
+            None,
+            true,
+        );
+        self.g.add_edge(select, mask, Flow::Mask);
+        if let Some(m) = method.filter(|m| m == "sparsegpt") {
+            let rec = self.on_model(
+                model,
+                Node {
+                    op: Op::Reconstruct { method: m },
+                    span: by.span,
+                },
+                None,
+                true,
+            );
+            let _ = rec;
+        }
+        if let Some(block) = &s.block {
+            for inner in &block.stages {
+                self.stage(inner);
+            }
+        }
+        if let Some(d) = &s.during {
+            self.stage(d);
+        }
+    }
+}
+
+/// Checks the IR's invariants: a DAG; every model-state edge comes from a
+/// model node and model chains do not fork into two state-changing nodes;
+/// data edges come from data loads; every node has a span.
+pub fn verify(ir: &Ir) -> Result<(), String> {
+    if petgraph::algo::is_cyclic_directed(&ir.graph) {
+        return Err("the IR has a cycle".into());
+    }
+    for e in ir.graph.edge_references() {
+        let src = &ir.graph[e.source()].op;
+        match e.weight() {
+            Flow::Data if !matches!(src, Op::LoadData { .. }) => {
+                return Err(format!("data edge from `{}`", src.label()))
+            }
+            Flow::Scores if !matches!(src, Op::Score { .. }) => {
+                return Err(format!("scores edge from `{}`", src.label()))
+            }
+            Flow::Stats if !matches!(src, Op::Gradients { .. } | Op::Calibrate { .. }) => {
+                return Err(format!("stats edge from `{}`", src.label()))
+            }
+            _ => {}
+        }
+    }
+    for n in ir.graph.node_indices() {
+        let advancing = ir
+            .graph
+            .edges_directed(n, Direction::Outgoing)
+            .filter(|e| *e.weight() == Flow::Model && changes_model(&ir.graph[e.target()].op))
+            .count();
+        if advancing > 1 {
+            return Err(format!(
+                "model state of `{}` feeds {advancing} state-changing nodes",
+                ir.graph[n].op.label()
+            ));
+        }
+        let node = &ir.graph[n];
+        if node.span.is_empty() && !matches!(node.op, Op::Mask) {
+            return Err(format!("`{}` has no recipe span", node.op.label()));
+        }
+    }
+    Ok(())
+}
+
+/// Whether an operation changes the model's weights or mask.
+pub fn changes_model(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Train { .. } | Op::Mask | Op::FusedPrune { .. } | Op::Reconstruct { .. }
+    )
+}
