@@ -173,7 +173,7 @@ pub fn per_row(k: &CompiledKernel, raw: &RawTensor, rows: usize, keep: usize) ->
 
 /// The cut `(t, ties)` keeping the top `k` of `keys`: keep keys above `t` and the first
 /// `ties` equal to it. `t = u32::MAX` keeps nothing above; `k >= len` keeps everything.
-/// A radix pass on the top 11 bits finds the bucket, then only that bucket is selected.
+/// A radix pass over the row's key range finds the bucket, then only that bucket is selected.
 fn row_cut(keys: &mut Vec<u32>, k: usize, hist: &mut [u32]) -> (u32, usize) {
     if k == 0 {
         return (u32::MAX, 0);
@@ -182,9 +182,17 @@ fn row_cut(keys: &mut Vec<u32>, k: usize, hist: &mut [u32]) -> (u32, usize) {
         return (0, keys.len());
     }
     if keys.len() > 256 {
+        // Buckets span the row's own key range, so they spread the keys well.
+        let (lo, hi) = keys
+            .iter()
+            .fold((u32::MAX, 0u32), |(a, b), &x| (a.min(x), b.max(x)));
+        let mut shift = 0;
+        while ((hi - lo) >> shift) as usize >= hist.len() {
+            shift += 1;
+        }
         hist.iter_mut().for_each(|h| *h = 0);
         for &x in keys.iter() {
-            hist[(x >> 21) as usize] += 1;
+            hist[((x - lo) >> shift) as usize] += 1;
         }
         let mut above = 0usize;
         let mut b = hist.len();
@@ -195,7 +203,7 @@ fn row_cut(keys: &mut Vec<u32>, k: usize, hist: &mut [u32]) -> (u32, usize) {
             }
             above += hist[b] as usize;
         }
-        keys.retain(|&x| (x >> 21) as usize == b);
+        keys.retain(|&x| ((x - lo) >> shift) as usize == b);
         return select_cut(keys, k - above);
     }
     select_cut(keys, k)
