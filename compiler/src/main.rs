@@ -40,6 +40,25 @@ enum Command {
     Graph(GraphArgs),
     /// Print the resolved plan (per-layer targets, counts, data read) from file headers only.
     Plan(PlanArgs),
+    /// Benchmarks, each against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Fused score+select+mask kernels vs. streaming bandwidth and a candle op chain.
+    Kernels(BenchKernelsArgs),
+}
+
+#[derive(Args)]
+struct BenchKernelsArgs {
+    /// Total parameters per case (spread over several tensors); repeatable.
+    #[arg(long = "params", default_values_t = [10_000_000usize, 100_000_000])]
+    params: Vec<usize>,
+    /// Print JSON instead of a Markdown table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -146,6 +165,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => cmd_verify(a),
         Command::Graph(a) => cmd_graph(a),
         Command::Plan(a) => cmd_plan(a),
+        Command::Bench(BenchCommand::Kernels(a)) => cmd_bench_kernels(a),
     };
     ExitCode::from(code)
 }
@@ -553,6 +573,23 @@ fn cmd_plan(a: PlanArgs) -> u8 {
         Err(e) => {
             eprintln!("internal error: {e:?}");
             exit::INTERNAL
+        }
+    }
+}
+
+fn cmd_bench_kernels(a: BenchKernelsArgs) -> u8 {
+    match prunec::kernel::bench_kernels(&a.params, a.json) {
+        Ok(v) => {
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", prunec::kernel::bench_table(&v));
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::USER
         }
     }
 }
