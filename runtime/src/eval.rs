@@ -20,6 +20,7 @@ pub struct Metrics {
 /// Evaluates `model` on every sample of `data`, in file order (no shuffle), batch by
 /// batch; per-batch sums are added in a fixed order, so the result is deterministic.
 pub fn evaluate(model: &Model, data: &Dataset) -> Result<Metrics> {
+    model.check_data(data)?;
     let (mut correct, mut loss_sum) = (0usize, 0.0f64);
     let n = data.len();
     let mut start = 0;

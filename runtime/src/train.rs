@@ -177,6 +177,7 @@ pub fn train(
         ));
     }
     check_masks(model, masks)?;
+    model.check_data(data)?;
     let mut optimizer = Optimizer::new(cfg.optimizer.clone(), model)?;
     masks.apply(model)?;
     let total = cfg.total_steps(data);
@@ -252,6 +253,7 @@ pub fn gradients(model: &Model, data: &Dataset, batches: usize) -> Result<Vec<(S
             "gradients need at least one batch".into(),
         ));
     }
+    model.check_data(data)?;
     let mut sum: Option<Vec<(String, Tensor)>> = None;
     let mut n = 0usize;
     for batch in data.batches(0).take(batches) {

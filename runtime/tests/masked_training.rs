@@ -305,3 +305,38 @@ fn pq_index_and_sparsity_match_the_formula() {
     assert_eq!(s.per_tensor[0], ("fc1.weight".to_string(), 2, 4));
     assert!((s.total - 2.0 / 6.0).abs() < 1e-12);
 }
+
+#[test]
+fn data_that_does_not_fit_the_model_is_a_clean_error() {
+    let data = load(DatasetKind::Digits, Split::Test, 50, None);
+    let mut mnist_mlp = ModelSpec::lenet_300_100().build(0, &Device::Cpu).or_panic();
+    let err = train(
+        &mut mnist_mlp,
+        &data,
+        &TrainConfig::new(1, OptimizerSpec::adam(1e-3)),
+        &Masks::new(),
+        &mut NoHooks,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("[784]") && err.contains("[1, 8, 8]"), "{err}");
+    assert!(evaluate(&mnist_mlp, &data).is_err());
+    assert!(gradients(&mnist_mlp, &data, 1).is_err());
+    let five = ModelSpec::mlp(&[64, 5], Activation::Relu)
+        .build(0, &Device::Cpu)
+        .or_panic();
+    let err = evaluate(&five, &data).unwrap_err().to_string();
+    assert!(
+        err.contains("10 classes") && err.contains("outputs 5"),
+        "{err}"
+    );
+    let bad = prunec_runtime::Dataset::from_tensors(
+        "t",
+        Tensor::zeros((2, 64), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        Tensor::new(&[0u32, 12], &Device::Cpu).unwrap(),
+        10,
+        2,
+        None,
+    );
+    assert!(bad.unwrap_err().to_string().contains("label 12"));
+}

@@ -364,6 +364,15 @@ impl Dataset {
                 "data set {name}: needs samples and a batch size > 0"
             )));
         }
+        let max_label = targets
+            .max_all()
+            .and_then(|m| m.to_scalar::<u32>())
+            .ctx(|| format!("data set {name}: targets must be u32 class indices"))?;
+        if max_label as usize >= classes {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "data set {name}: label {max_label} is not below the class count {classes}"
+            )));
+        }
         let meta = DatasetMeta {
             sample_shape: inputs.dims()[1..].to_vec(),
             classes,

@@ -457,6 +457,35 @@ impl Model {
         }
     }
 
+    /// Checks that `data` fits this model: sample shape (element count for an MLP)
+    /// and class count. Training and evaluation call it before the first batch.
+    pub fn check_data(&self, data: &crate::data::Dataset) -> Result<()> {
+        let meta = data.meta();
+        let want = self.arch.input_shape();
+        let fits = match &self.arch {
+            Architecture::Mlp { .. } => meta.sample_shape.iter().product::<usize>() == want[0],
+            _ => meta.sample_shape == want,
+        };
+        if !fits {
+            return Err(RuntimeError::ShapeMismatch {
+                name: "input samples".into(),
+                context: format!("data set {} for model {}", data.name, self.arch_name()),
+                expected: want,
+                found: meta.sample_shape.clone(),
+            });
+        }
+        if meta.classes > self.classes {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "data set {} has {} classes, model {} outputs {}",
+                data.name,
+                meta.classes,
+                self.arch_name(),
+                self.classes
+            )));
+        }
+        Ok(())
+    }
+
     /// Class scores (logits) `[b, classes]` for inputs `[b, ...sample_shape]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let lookup =
