@@ -87,6 +87,14 @@ fn rss() -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// CPU time (user + system, all threads) this process has used, in seconds (Linux only).
+fn cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let f: Vec<&str> = s.rsplit(')').next()?.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 /// Resets the peak-resident counter so the next reading covers only what follows.
 fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
@@ -200,6 +208,7 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
                     }
                 };
                 let mut best = f64::INFINITY;
+                let mut best_cpu: Option<f64> = None;
                 let mut peak_extra = None;
                 let mut kept = 0;
                 for _ in 0..REPEATS {
@@ -207,12 +216,16 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
                     let before = rss();
                     let reset = reset_peak();
                     let t = Instant::now();
+                    let c0 = cpu_seconds();
                     let s = {
                         let mut v = views(&mut work);
                         prune_jit(&expr, &sel, &mut v, &PruneOptions::default())
                             .map_err(|e| e.to_string())?
                     };
                     best = best.min(t.elapsed().as_secs_f64());
+                    if let (Some(a), Some(b)) = (c0, cpu_seconds()) {
+                        best_cpu = Some(best_cpu.map_or(b - a, |x: f64| x.min(b - a)));
+                    }
                     kept = s.kept();
                     if let (true, Some((rss0, _)), Some((_, hwm))) = (reset, before, rss()) {
                         let extra = hwm.saturating_sub(rss0);
@@ -238,6 +251,7 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
                     "selection": if global { "global" } else { "per-row" },
                     "kept": kept,
                     "seconds": best,
+                    "cpu_seconds": best_cpu,
                     "bytes_moved": bytes,
                     "gb_per_s": gbs,
                     "streaming_seconds": stream_s,
@@ -253,22 +267,28 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
         }
         drop(pristine.drain(..));
     }
-    Ok(json!({ "threads": threads, "keep_fraction": KEEP, "cases": cases }))
+    let load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| {
+        l.split_whitespace()
+            .next()
+            .and_then(|x| x.parse::<f64>().ok())
+    });
+    Ok(json!({ "threads": threads, "keep_fraction": KEEP, "load_average": load, "cases": cases }))
 }
 
 /// A Markdown table of a [`bench_kernels`] result.
 pub fn bench_table(v: &Value) -> String {
     let mut s = String::from(
-        "| params | criterion | selection | seconds | GB/s | streaming GB/s | ratio | candle s | speedup | peak extra |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| params | criterion | selection | seconds | cpu s | GB/s | streaming GB/s | ratio | candle s | speedup | peak extra |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for c in v["cases"].as_array().into_iter().flatten() {
         let f = |k: &str| c[k].as_f64().unwrap_or(f64::NAN);
         s.push_str(&format!(
-            "| {} | {} | {} | {:.4} | {:.1} | {:.1} | {:.0}% | {:.3} | {:.1}x | {} |\n",
+            "| {} | {} | {} | {:.4} | {:.2} | {:.1} | {:.1} | {:.0}% | {:.3} | {:.1}x | {} |\n",
             c["params"],
             c["criterion"].as_str().unwrap_or(""),
             c["selection"].as_str().unwrap_or(""),
             f("seconds"),
+            f("cpu_seconds"),
             f("gb_per_s"),
             f("streaming_gb_per_s"),
             100.0 * f("ratio_to_streaming"),
