@@ -340,3 +340,39 @@ fn data_that_does_not_fit_the_model_is_a_clean_error() {
     );
     assert!(bad.unwrap_err().to_string().contains("label 12"));
 }
+
+#[test]
+fn lenet_300_100_with_half_its_weights_masked_trains_an_epoch_on_mnist() {
+    let data = common::load(DatasetKind::Mnist, Split::Train, 64, Some(2));
+    let data = prunec_runtime::Dataset::from_tensors(
+        "mnist-6000",
+        data.inputs.narrow(0, 0, 6000).unwrap(),
+        data.targets.narrow(0, 0, 6000).unwrap(),
+        10,
+        64,
+        Some(2),
+    )
+    .or_panic();
+    let test = common::load(DatasetKind::Mnist, Split::Test, 1000, None);
+    let mut model = ModelSpec::lenet_300_100().build(3, &Device::Cpu).or_panic();
+    // Prune the smaller half of each weight matrix by magnitude (at init).
+    let mut masks = Masks::new();
+    for p in model.params().iter().filter(|p| !p.is_bias()) {
+        let w = model.param_f32(&p.name).or_panic();
+        let mut mags: Vec<f32> = w.iter().map(|v| v.abs()).collect();
+        mags.sort_by(f32::total_cmp);
+        let cut = mags[mags.len() / 2];
+        let keep: Vec<u8> = w.iter().map(|v| u8::from(v.abs() >= cut)).collect();
+        masks.insert_u8(&model, &p.name, &keep).or_panic();
+    }
+    let cfg = TrainConfig::new(1, OptimizerSpec::sgd(0.05, 0.9, 1e-4));
+    train(&mut model, &data, &cfg, &masks, &mut NoHooks).or_panic();
+    assert_masked_zero(&model, &masks);
+    let (_, global) = masks.sparsity(&model).or_panic();
+    assert!((global - 0.5).abs() < 0.01, "sparsity {global}");
+    let acc = evaluate(&model, &test).or_panic().accuracy;
+    assert!(
+        acc > 0.85,
+        "accuracy after one masked epoch on 6000 samples: {acc}"
+    );
+}
