@@ -1276,25 +1276,28 @@ impl Exec<'_> {
     /// Fills the per-layer table and the final counts from the last model exported
     /// (or the only model).
     fn finish_report(&mut self) -> Result<(), RunError> {
+        // Every model's parameters; final counts of the exported (or first) model.
+        for (model, state) in &self.models {
+            for p in state.model.params() {
+                let zeros = rt::eval::count_zeros(p.var.as_tensor())
+                    .map_err(|e| RunError::Internal(e.to_string()))?;
+                self.report.layers.push(Layer {
+                    model: model.clone(),
+                    name: p.name.clone(),
+                    shape: p.shape(),
+                    total: p.numel(),
+                    kept: p.numel() - zeros,
+                });
+            }
+        }
         let name = self
             .report
             .exported
             .clone()
             .or_else(|| self.models.keys().next().cloned());
         let Some(name) = name else { return Ok(()) };
-        let state = &self.models[&name];
-        for p in state.model.params() {
-            let t = p.var.as_tensor();
-            let zeros = rt::eval::count_zeros(t).map_err(|e| RunError::Internal(e.to_string()))?;
-            self.report.layers.push(Layer {
-                name: p.name.clone(),
-                shape: p.shape(),
-                total: p.numel(),
-                kept: p.numel() - zeros,
-            });
-        }
-        let counts =
-            rt::eval::model_counts(&state.model).map_err(|e| RunError::Internal(e.to_string()))?;
+        let counts = rt::eval::model_counts(&self.models[&name].model)
+            .map_err(|e| RunError::Internal(e.to_string()))?;
         let (sparsity, _) = self.sparsity_pqi(&name, Span::default())?;
         self.report.final_sparsity = sparsity;
         self.report.counts = Some(counts);

@@ -20,6 +20,8 @@ pub struct Round {
 }
 
 pub struct Layer {
+    /// The model the parameter belongs to.
+    pub model: String,
     pub name: String,
     pub shape: Vec<usize>,
     pub total: usize,
@@ -130,7 +132,7 @@ impl Report {
                 "round": r.round, "sparsity": r.sparsity, "pqi": r.pqi, "metrics": r.metrics,
             })).collect::<Vec<_>>(),
             "layers": self.layers.iter().map(|l| json!({
-                "name": l.name, "shape": l.shape, "total": l.total, "kept": l.kept,
+                "model": l.model, "name": l.name, "shape": l.shape, "total": l.total, "kept": l.kept,
                 "sparsity": 1.0 - l.kept as f64 / l.total.max(1) as f64,
             })).collect::<Vec<_>>(),
             "final": {
@@ -198,10 +200,11 @@ impl Report {
             md.push('\n');
         }
         if !self.layers.is_empty() {
-            md.push_str("## Layers\n\n| parameter | shape | total | kept | sparsity |\n|---|---|---|---|---|\n");
+            md.push_str("## Layers\n\n| model | parameter | shape | total | kept | sparsity |\n|---|---|---|---|---|---|\n");
             for l in &self.layers {
                 md.push_str(&format!(
-                    "| `{}` | {:?} | {} | {} | {:.2}% |\n",
+                    "| {} | `{}` | {:?} | {} | {} | {:.2}% |\n",
+                    l.model,
                     l.name,
                     l.shape,
                     l.total,

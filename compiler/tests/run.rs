@@ -280,3 +280,93 @@ fn lenet300_magnitude_reduced_keeps_accuracy_at_92_percent_sparsity() {
     assert!(last >= dense - 0.003, "pruned {last} vs dense {dense}");
     assert!((report["final"]["sparsity"].as_f64().unwrap() - 0.92).abs() < 1e-3);
 }
+
+#[test]
+fn global_mp_keepmin_reduced_guard_keeps_every_layer_at_its_minimum() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, text) = prunec(
+        &[
+            "run",
+            "-q",
+            "examples/global_mp_keepmin.prune",
+            "--set",
+            "epochs=1",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let mut guard_binds = false;
+    for l in report["layers"].as_array().unwrap() {
+        if !l["name"].as_str().unwrap().ends_with(".weight") {
+            continue;
+        }
+        let kept = l["kept"].as_f64().unwrap() / l["total"].as_f64().unwrap();
+        if l["model"] == "guarded" {
+            assert!(kept >= 0.01 - 1e-9, "{l}");
+        } else if kept < 0.01 {
+            guard_binds = true;
+        }
+    }
+    assert!(
+        guard_binds,
+        "the unguarded run keeps every layer above 1%: the comparison shows nothing"
+    );
+    let labels: Vec<&str> = report["evaluations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["with_guard", "without_guard"]);
+}
+
+#[test]
+fn nan_weights_stop_the_run_naming_the_tensor() {
+    require_data("digits/digits.csv.gz", "digits");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, text) = prunec(&["run", "-q", RECIPE, "--out", out.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{text}");
+    // Poison one weight of fc2 with NaN.
+    let mut bytes = std::fs::read(out.join("net.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let start = header["fc2.weight"]["data_offsets"][0].as_u64().unwrap() as usize + 8 + n;
+    bytes[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let model = dir.path().join("nan.safetensors");
+    std::fs::write(&model, &bytes).unwrap();
+    let recipe = dir.path().join("nan.prune");
+    std::fs::write(
+        &recipe,
+        format!(
+            "recipe nan {{ version = 1, seed = 1 }}\nuse std.magnitude\nmodel net = safetensors(\"{}\")\npipeline {{\n  prune net by magnitude to 50%\n  export net to \"x.safetensors\"\n}}\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let out2 = dir.path().join("out2");
+    let (code, text) = prunec(
+        &[
+            "run",
+            "-q",
+            recipe.to_str().unwrap(),
+            "--out",
+            out2.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("fc2.weight") && text.contains("NaN"),
+        "{text}"
+    );
+    assert!(files_in(&out2).is_empty(), "{:?}", files_in(&out2));
+    // The input model was not modified.
+    assert_eq!(std::fs::read(&model).unwrap(), bytes);
+}
