@@ -14,6 +14,7 @@ pub mod jit;
 pub mod raw;
 pub mod reference;
 mod rows;
+mod translate;
 pub mod types;
 
 use std::sync::Arc;
