@@ -1,0 +1,73 @@
+//! Fusion of score → select → mask into one kernel node.
+
+use super::rebuild;
+use crate::ir::{Flow, Ir, Node, Op};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+use prunec_lang::CheckedRecipe;
+use std::collections::BTreeMap;
+
+/// Fuses score → select → mask into one kernel node when the criterion
+/// compiles to a kernel expression and the selection is one the kernels run.
+pub fn fuse(ir: &mut Ir, r: &CheckedRecipe) {
+    let mut redirect = BTreeMap::new();
+    let mut fused = Vec::new();
+    for score in ir.graph.node_indices() {
+        let Op::Score { criterion } = &ir.graph[score].op else {
+            continue;
+        };
+        let Ok(expr) = prunec_lang::parse::source_to_expr(criterion) else {
+            continue;
+        };
+        if crate::lower::criterion_to_kexpr(r, &expr).is_err() {
+            continue;
+        }
+        let Some(select) = ir
+            .graph
+            .edges_directed(score, Direction::Outgoing)
+            .find(|e| *e.weight() == Flow::Scores)
+            .map(|e| e.target())
+        else {
+            continue;
+        };
+        let Op::Select {
+            scope,
+            pattern,
+            sparsities,
+            ..
+        } = ir.graph[select].op.clone()
+        else {
+            continue;
+        };
+        let Some(mask) = ir
+            .graph
+            .edges_directed(select, Direction::Outgoing)
+            .find(|e| *e.weight() == Flow::Mask)
+            .map(|e| e.target())
+        else {
+            continue;
+        };
+        fused.push((
+            score,
+            select,
+            mask,
+            Op::FusedPrune {
+                criterion: criterion.clone(),
+                scope,
+                pattern,
+                sparsities,
+            },
+        ));
+    }
+    for (score, select, mask, op) in fused {
+        // The mask node becomes the fused node; score and select fold into it.
+        let span = ir.graph[select].span;
+        ir.graph[mask] = Node { op, span };
+        redirect.insert(score, mask);
+        redirect.insert(select, mask);
+    }
+    if !redirect.is_empty() {
+        let removed = redirect.clone();
+        rebuild(ir, |n| !removed.contains_key(&n), &redirect);
+    }
+}
