@@ -198,7 +198,7 @@ proptest! {
     fn scores_agree(ds in tensors(1, true, 1), e in expr()) {
         let mut d = ds[0].clone();
         let o = opts(true);
-        let a = score_jit(&e, &mut d.view(0), &o).unwrap();
+        let a = score_jit(&e, &d.view(0), &o).unwrap();
         let b = score_reference(&e, &d.view(0), &o).unwrap();
         let (a, b): (Vec<u32>, Vec<u32>) = (a.iter().map(|x| x.to_bits()).collect(), b.iter().map(|x| x.to_bits()).collect());
         prop_assert_eq!(a, b, "{}", e);

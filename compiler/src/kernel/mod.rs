@@ -38,7 +38,7 @@ use types::{check_finite, count_alive, global_guards, validate};
 /// Scores every element of `t` (pruned ones included) with the JIT; NaN scores are canonical.
 pub fn score_jit(
     expr: &KExpr,
-    t: &mut TensorView,
+    t: &TensorView,
     opts: &PruneOptions,
 ) -> Result<Vec<f32>, KernelError> {
     validate(
@@ -48,7 +48,7 @@ pub fn score_jit(
         opts,
     )?;
     let k = KernelCache::global().get(expr)?;
-    let raw = RawTensor::new(t, Arc::new(opts.scalars.clone()));
+    let raw = RawTensor::read_only(t, Arc::new(opts.scalars.clone()));
     let mut out = vec![0.0f32; raw.len];
     let chunks: Vec<_> = chunks_of(0, raw.len).collect();
     out.par_chunks_mut(raw::CHUNK)

@@ -78,14 +78,22 @@ unsafe impl Sync for RawTensor {}
 
 impl RawTensor {
     pub fn new(t: &mut TensorView, scalars: Arc<Vec<f32>>) -> Self {
+        let mut r = Self::read_only(t, scalars);
+        r.w = t.weights.as_mut_ptr();
+        r.mask = t.mask.as_mut_ptr();
+        r
+    }
+
+    /// A view for kernels that never write (`score`, `scan`): the pointers are only read.
+    pub fn read_only(t: &TensorView, scalars: Arc<Vec<f32>>) -> Self {
         RawTensor {
-            w: t.weights.as_mut_ptr(),
+            w: t.weights.as_ptr() as *mut f32,
             grad: t.grad.map_or(std::ptr::null(), |g| g.as_ptr()),
             init: t.init.map_or(std::ptr::null(), |g| g.as_ptr()),
             col_ptrs: t.col_stats.iter().map(|c| c.as_ptr()).collect(),
             row_ptrs: t.row_stats.iter().map(|c| c.as_ptr()).collect(),
             scalars,
-            mask: t.mask.as_mut_ptr(),
+            mask: t.mask.as_ptr() as *mut u64,
             cols: t.cols,
             len: t.len(),
         }
