@@ -344,3 +344,28 @@ fn user_errors_name_the_tensor() {
     .to_string();
     assert!(m.contains("`a.weight`") && m.contains("grad(w)"), "{m}");
 }
+
+#[test]
+fn edge_counts_empty_tensors_and_unaligned_statistics() {
+    let mut ds = model(|r| r.normal());
+    // An empty tensor takes part without effect.
+    ds.push(Data::new("empty.weight", 0, 5, 9, |r| r.normal()));
+    let total = alive(&ds);
+    for keep in [0, 1, total - 1, total] {
+        let sel = Selection::Global {
+            keep,
+            min_keep: vec![],
+            max_keep: vec![],
+        };
+        let s = check_same(&ds, &KExpr::magnitude(), &sel);
+        assert_eq!(s.kept(), keep);
+    }
+    // Wanda reads column statistics; head.weight has 333 columns (not a multiple of 4), so
+    // its chunks take the scalar loop.
+    let sel = Selection::Global {
+        keep: total / 4,
+        min_keep: vec![],
+        max_keep: vec![],
+    };
+    check_same(&ds, &KExpr::wanda(0), &sel);
+}
