@@ -88,7 +88,15 @@ pub fn source_to_checked(file: SourceFile, overrides: &[Override]) -> Checked {
             result: Err(parsed.errors),
         };
     }
-    let result = ast_to_checked(&parsed.recipe, &file.text, overrides);
+    let result = ast_to_checked(&parsed.recipe, &file.text, overrides).and_then(|r| {
+        // Stage 4: shapes and files, from headers only.
+        let diags = crate::shapes::check_shapes(&r);
+        if diags.is_empty() {
+            Ok(r)
+        } else {
+            Err(diags)
+        }
+    });
     Checked { file, result }
 }
 

@@ -10,3 +10,4 @@ pub mod kernel;
 pub mod lower;
 pub mod plan;
 pub mod report;
+pub mod shapes;

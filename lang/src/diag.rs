@@ -32,10 +32,14 @@ pub enum Code {
     StageClause,
     StageBlock,
     Override,
+    ModelFile,
+    ShapeMismatch,
+    NoMatch,
+    DataFile,
 }
 
 impl Code {
-    pub const ALL: [Code; 24] = [
+    pub const ALL: [Code; 28] = [
         Code::NotUtf8,
         Code::Syntax,
         Code::TooDeep,
@@ -60,6 +64,10 @@ impl Code {
         Code::StageClause,
         Code::StageBlock,
         Code::Override,
+        Code::ModelFile,
+        Code::ShapeMismatch,
+        Code::NoMatch,
+        Code::DataFile,
     ];
 
     /// The code as printed, e.g. `P002`.
@@ -89,6 +97,10 @@ impl Code {
             Code::StageClause => "P043",
             Code::StageBlock => "P044",
             Code::Override => "P050",
+            Code::ModelFile => "P060",
+            Code::ShapeMismatch => "P061",
+            Code::NoMatch => "P062",
+            Code::DataFile => "P063",
         }
     }
 
@@ -119,6 +131,10 @@ impl Code {
             Code::StageClause => "clause not allowed or missing in a stage",
             Code::StageBlock => "misplaced stage block",
             Code::Override => "bad `--set` override",
+            Code::ModelFile => "model file unreadable",
+            Code::ShapeMismatch => "shapes do not fit",
+            Code::NoMatch => "selection matches no parameter",
+            Code::DataFile => "data file unreadable",
         }
     }
 }

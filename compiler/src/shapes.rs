@@ -1,0 +1,226 @@
+//! Stage 4 of ARCHITECTURE.md: checks a checked recipe against model and
+//! data file headers (never weights) — unreadable files, target globs that
+//! match nothing, N:M patterns that do not divide a layer's input width, and
+//! data whose samples do not fit the model's input.
+
+use crate::exec::model_spec;
+use crate::lower::{glob_match, strings};
+use prunec_lang::ast::{Stage, StageKind};
+use prunec_lang::check::{SymKind, Value};
+use prunec_lang::diag::{Code, Diagnostic};
+use prunec_lang::{CheckedRecipe, Span};
+use prunec_runtime as rt;
+use std::collections::BTreeMap;
+
+struct Shapes {
+    params: Vec<(String, Vec<usize>)>,
+    input: Option<Vec<usize>>,
+}
+
+/// Every shape problem of a recipe (empty when it fits).
+pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
+    let mut diags = Vec::new();
+    let mut models: BTreeMap<String, Shapes> = BTreeMap::new();
+    for (name, sym) in &r.symbols {
+        if sym.kind != SymKind::Model {
+            continue;
+        }
+        let Some(v) = &sym.value else { continue };
+        if v.call_name() == Some("gguf") {
+            // Language models are checked by the LLM driver when loaded.
+            continue;
+        }
+        let spec = match model_spec(v, sym.span) {
+            Ok(s) => s,
+            Err(_) => continue,
+        };
+        match spec.param_shapes() {
+            Ok(params) => {
+                let input = spec.resolve_architecture().ok().map(|a| a.input_shape());
+                models.insert(name.clone(), Shapes { params, input });
+            }
+            Err(e) => diags.push(
+                Diagnostic::new(Code::ModelFile, format!("model `{name}`: {e}"))
+                    .with_label(
+                        decl_value_span(r, name).unwrap_or(sym.span),
+                        "this model cannot be read",
+                    )
+                    .with_help(
+                        "`scripts/fetch-data.sh` fetches the pretrained models; check the path",
+                    ),
+            ),
+        }
+    }
+    let mut data_shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (name, sym) in &r.symbols {
+        if sym.kind != SymKind::Dataset {
+            continue;
+        }
+        let Some(v) = &sym.value else { continue };
+        let kind = match v.call_name() {
+            Some("mnist") => rt::DatasetKind::Mnist,
+            Some("fashion_mnist") => rt::DatasetKind::FashionMnist,
+            Some("digits") => rt::DatasetKind::Digits,
+            _ => continue,
+        };
+        let path = std::path::PathBuf::from(v.arg("path").and_then(|p| p.as_str()).unwrap_or(""));
+        let root = match kind {
+            rt::DatasetKind::Digits => path
+                .parent()
+                .and_then(|p| p.parent())
+                .map(|p| p.to_path_buf()),
+            _ => path.parent().map(|p| p.to_path_buf()),
+        };
+        let split = if v.arg("split").and_then(|s| s.as_str()) == Some("test") {
+            rt::Split::Test
+        } else {
+            rt::Split::Train
+        };
+        let spec = rt::DatasetSpec::new(kind, split).data_dir(root.unwrap_or_default());
+        match spec.meta() {
+            Ok(meta) => {
+                data_shapes.insert(name.clone(), meta.sample_shape);
+            }
+            Err(e) => diags.push(
+                Diagnostic::new(Code::DataFile, format!("data set `{name}`: {e}"))
+                    .with_label(
+                        decl_value_span(r, name).unwrap_or(sym.span),
+                        "this data cannot be read",
+                    )
+                    .with_help("run `scripts/fetch-data.sh` to fetch the data sets"),
+            ),
+        }
+    }
+    let mut stages: Vec<&Stage> = Vec::new();
+    for s in &r.pipeline().stages {
+        collect(s, &mut stages);
+    }
+    for s in stages {
+        let model = s
+            .subject
+            .first()
+            .and_then(|e| e.as_name())
+            .map(|n| n.name.clone());
+        let Some(shapes) = model.as_ref().and_then(|m| models.get(m)) else {
+            continue;
+        };
+        // Data must fit the model's input.
+        if let (Some(on), Some(input)) = (&s.on, &shapes.input) {
+            if let Some(sample) = on.as_name().and_then(|n| data_shapes.get(&n.name)) {
+                let fits = sample.iter().product::<usize>() == input.iter().product::<usize>();
+                if !fits {
+                    diags.push(
+                        Diagnostic::new(Code::ShapeMismatch, format!("samples of shape {sample:?} do not fit the model's input {input:?}"))
+                            .with_label(on.span, format!("samples are {sample:?}"))
+                            .with_label(s.subject[0].span, format!("expects {input:?}")),
+                    );
+                }
+            }
+        }
+        if s.kind == StageKind::Prune {
+            prune_shapes(r, s, shapes, &mut diags);
+        }
+    }
+    diags.sort_by_key(|d| d.sort_key());
+    diags
+}
+
+fn collect<'a>(s: &'a Stage, out: &mut Vec<&'a Stage>) {
+    out.push(s);
+    if let Some(b) = &s.block {
+        for inner in &b.stages {
+            collect(inner, out);
+        }
+    }
+    if let Some(d) = &s.during {
+        collect(d, out);
+    }
+}
+
+fn decl_value_span(r: &CheckedRecipe, name: &str) -> Option<Span> {
+    r.ast.items.iter().find_map(|i| match i {
+        prunec_lang::ast::Item::Decl(d) if d.name.name == name => Some(d.value.span),
+        _ => None,
+    })
+}
+
+fn option(r: &CheckedRecipe, s: &Stage, key: &str) -> Option<(Value, Option<Span>)> {
+    let opts = r.options(s)?;
+    if let Some(v) = opts.get(key) {
+        let span = s.args.as_ref().and_then(|a| a.named(key)).map(|a| a.span);
+        return Some((v.clone(), span));
+    }
+    if let Some(Value::Ref(c)) = opts.get("constraints") {
+        if let Some(Value::Call { args, .. }) = r.symbols.get(c).and_then(|s| s.value.as_ref()) {
+            return args
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| (v.clone(), None));
+        }
+    }
+    None
+}
+
+fn prune_shapes(r: &CheckedRecipe, s: &Stage, shapes: &Shapes, diags: &mut Vec<Diagnostic>) {
+    let (targets, tspan) = match option(r, s, "targets") {
+        Some((v, span)) => (strings(Some(&v)), span),
+        None => (vec!["*.weight".to_string()], None),
+    };
+    let skip = option(r, s, "skip")
+        .map(|(v, _)| strings(Some(&v)))
+        .unwrap_or_default();
+    let selected: Vec<&(String, Vec<usize>)> = shapes
+        .params
+        .iter()
+        .filter(|(n, _)| {
+            targets.iter().any(|t| glob_match(t, n)) && !skip.iter().any(|k| glob_match(k, n))
+        })
+        .collect();
+    let label_span = tspan.unwrap_or(s.keyword_span);
+    if selected.is_empty() {
+        let names: Vec<&str> = shapes.params.iter().map(|(n, _)| n.as_str()).collect();
+        diags.push(
+            Diagnostic::new(
+                Code::NoMatch,
+                format!(
+                    "the targets {targets:?} (minus skip {skip:?}) match no parameter of the model"
+                ),
+            )
+            .with_label(label_span, "matches nothing")
+            .with_help(format!("the model's parameters are: {}", names.join(", "))),
+        );
+        return;
+    }
+    for k in &skip {
+        if !shapes.params.iter().any(|(n, _)| glob_match(k, n)) {
+            let span = option(r, s, "skip")
+                .and_then(|(_, sp)| sp)
+                .unwrap_or(s.keyword_span);
+            let names: Vec<&str> = shapes.params.iter().map(|(n, _)| n.as_str()).collect();
+            diags.push(
+                Diagnostic::new(
+                    Code::NoMatch,
+                    format!("the skip pattern \"{k}\" matches no parameter of the model"),
+                )
+                .with_label(span, "matches nothing")
+                .with_help(format!("the model's parameters are: {}", names.join(", "))),
+            );
+        }
+    }
+    if let Some((Value::Pattern { n, m }, pspan)) = option(r, s, "pattern") {
+        for (name, shape) in selected {
+            let rows = shape.first().copied().unwrap_or(1).max(1);
+            let cols = shape.iter().product::<usize>() / rows;
+            if cols % m as usize != 0 {
+                diags.push(
+                    Diagnostic::new(
+                        Code::ShapeMismatch,
+                        format!("`{n}:{m}` does not fit `{name}`: its input width {cols} is not a multiple of {m}"),
+                    )
+                    .with_label(pspan.unwrap_or(s.keyword_span), format!("`{name}` has shape {shape:?}"))
+                    .with_help(format!("skip it with `skip = [\"{name}\"]`")),
+                );
+            }
+        }
+    }
+}
