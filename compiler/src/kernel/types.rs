@@ -126,8 +126,11 @@ pub struct TensorSummary {
     pub alive_before: usize,
     /// Unpruned elements after this call.
     pub kept: usize,
-    /// The lowest kept score (canonical NaN when only NaN scores were kept); `None` when
-    /// nothing was kept or the selection has no single threshold (N:M, per-row, blocks).
+    /// The score of the cut that decided this tensor: higher scores were kept, equal ones in
+    /// index order up to the count. For a global cut it is the global cut score (the lowest
+    /// kept score over all tensors the guards did not clamp); for a per-tensor or clamped
+    /// cut, the tensor's own lowest kept score. `None` when nothing was kept, and for
+    /// per-row, N:M and block selections, which have no single threshold.
     pub threshold: Option<f32>,
 }
 
