@@ -285,7 +285,7 @@ mod tests {
             -3.0,
         ];
         let enc = encode_nm(&v, 8, 2, 4).unwrap();
-        assert_eq!(enc.len(), 4 * 2 * 4 + 4); // 8 kept f32 + 4 groups x 2 x 2 bits
+        assert_eq!(enc.len(), 4 * 2 * 4 + 2); // 8 kept f32 + 4 groups x 2 positions x 2 bits
         let dec = decode_nm(&enc, v.len(), 2, 4).unwrap();
         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&dec), bits(&v));
