@@ -336,3 +336,30 @@ fn invalid_specs_are_config_errors() {
         .load(&Device::Cpu);
     assert!(matches!(zero_batch, Err(RuntimeError::InvalidConfig(_))));
 }
+
+#[test]
+fn text_spec_serves_windows_of_a_real_corpus() {
+    use prunec_runtime::data::text::{TextPart, TextSpec};
+    // A stand-in tokenizer (bytes); the LLM code passes its BPE tokenizer instead.
+    let bytes =
+        |s: &str| -> prunec_runtime::Result<Vec<u32>> { Ok(s.bytes().map(u32::from).collect()) };
+    let mut spec = TextSpec {
+        path: data_dir().join("text").join("moby-dick.txt"),
+        seq_len: 256,
+        heldout_fraction: 0.1,
+        part: TextPart::Heldout,
+        limit: Some(8),
+    };
+    let held = spec.load(bytes, &Device::Cpu).or_panic();
+    assert_eq!(held.dims(), &[8, 256]);
+    spec.part = TextPart::Train;
+    spec.limit = None;
+    let train = spec.load(bytes, &Device::Cpu).or_panic();
+    let len = std::fs::read(&spec.path).unwrap().len();
+    assert_eq!(
+        train.dims(),
+        &[(len as f64 * 0.9).floor() as usize / 256, 256]
+    );
+    spec.seq_len = 10_000_000;
+    assert!(spec.load(bytes, &Device::Cpu).is_err());
+}

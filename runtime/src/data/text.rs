@@ -56,3 +56,63 @@ pub fn token_windows(
         heldout: cut(b, "held-out")?,
     })
 }
+
+/// Which part of a tokenised corpus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum TextPart {
+    /// Windows from the first `1 - heldout_fraction` of the token stream.
+    Train,
+    /// Windows from the last `heldout_fraction` of the token stream.
+    Heldout,
+}
+
+/// A plain-text corpus served as fixed-length token windows. The tokenizer is the
+/// caller's (the LLM code owns it), passed to [`TextSpec::load`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TextSpec {
+    /// The UTF-8 text file (e.g. `data/text/moby-dick.txt`).
+    pub path: std::path::PathBuf,
+    /// Tokens per window.
+    pub seq_len: usize,
+    /// Fraction of the token stream (its end) kept for held-out windows.
+    pub heldout_fraction: f64,
+    pub part: TextPart,
+    /// Keep only the first `limit` windows.
+    pub limit: Option<usize>,
+}
+
+impl TextSpec {
+    /// Reads the corpus, tokenises it with `tokenize`, and returns the windows of
+    /// `part` as a `[windows, seq_len]` u32 tensor.
+    pub fn load(
+        &self,
+        tokenize: impl FnOnce(&str) -> Result<Vec<u32>>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let text = read_corpus(&self.path)?;
+        let tokens = tokenize(&text)?;
+        let w = token_windows(&tokens, self.seq_len, self.heldout_fraction, device)?;
+        let t = match self.part {
+            TextPart::Train => w.train,
+            TextPart::Heldout => w.heldout,
+        };
+        let n = t
+            .dim(0)
+            .ctx(|| format!("windows of {}", self.path.display()))?;
+        if n == 0 {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "{}: {} tokens give no {:?} window of {} tokens",
+                self.path.display(),
+                tokens.len(),
+                self.part,
+                self.seq_len
+            )));
+        }
+        match self.limit {
+            Some(l) if l < n => t
+                .narrow(0, 0, l)
+                .ctx(|| format!("windows of {}", self.path.display())),
+            _ => Ok(t),
+        }
+    }
+}
