@@ -104,6 +104,8 @@ struct Exec<'a> {
     targets: Option<Vec<String>>,
     /// When inside a round block, the round's metrics.
     round: Option<Round>,
+    /// Per-row sums the current prune stage's criterion reads (`RowStat(i)`).
+    row_sums: Vec<KExpr>,
 }
 
 /// The `Ctrl-C` flag, installed once per process.
@@ -166,6 +168,7 @@ pub fn run(
         progress: opts.progress,
         targets: None,
         round: None,
+        row_sums: Vec::new(),
     };
     ex.interrupted.store(false, Ordering::SeqCst);
     let mut failed_assert = None;
@@ -643,8 +646,10 @@ impl Exec<'_> {
                 ));
             }
         }
-        let kexpr = lower::criterion_to_kexpr(self.r, by)?;
-        if !kexpr.col_stats().is_empty() || !kexpr.row_stats().is_empty() {
+        let lowered = lower::criterion_to_kernel(self.r, by)?;
+        self.row_sums = lowered.row_sums.clone();
+        let kexpr = lowered.expr;
+        if !kexpr.col_stats().is_empty() {
             return Err(RunError::user(by.span, "activation statistics (`act(x)`) are collected only for language models so far; `prunec run` cannot prune this classifier with them yet"));
         }
         // Gradients, when the criterion reads them.
@@ -856,6 +861,13 @@ impl Exec<'_> {
             }
         } else {
             match scope {
+                // Channel criteria score whole rows alike: keep whole rows.
+                "layer" if !self.row_sums.is_empty() => Selection::PerTensor {
+                    keep: shapes
+                        .iter()
+                        .map(|&(rows, cols)| ((rows as f64) * keep_frac).round() as usize * cols)
+                        .collect(),
+                },
                 "layer" => Selection::PerTensor {
                     keep: sizes
                         .iter()
@@ -975,6 +987,35 @@ impl Exec<'_> {
         shapes: Vec<(usize, usize)>,
         allow_nonfinite: bool,
     ) -> Result<(), RunError> {
+        // Per-row sums the criterion reads (channel norms), from the current weights.
+        let mut row_stats: Vec<Vec<Vec<f32>>> = Vec::new();
+        for (i, (w, m)) in weights.iter_mut().zip(masks.iter_mut()).enumerate() {
+            let (rows, cols) = shapes[i];
+            let mut per_slot = Vec::new();
+            for inner in &self.row_sums {
+                let mut v = TensorView::new(&selected[i], rows, cols, w, m);
+                v.grad = grads
+                    .and_then(|g| g.get(&selected[i]))
+                    .map(|g| g.as_slice());
+                v.init = inits.get(i).map(|x| x.as_slice());
+                let opts = PruneOptions {
+                    scalars: vec![0.0],
+                    allow_nonfinite,
+                };
+                let scores = kernel::score_jit(inner, &v, &opts).map_err(|e| RunError::User {
+                    span: Some(s.span),
+                    message: format!("scoring `{name}` failed: {e}"),
+                    help: None,
+                })?;
+                // Row sums in f64, in order: deterministic whatever the threads.
+                let sums: Vec<f32> = scores
+                    .chunks(cols.max(1))
+                    .map(|r| r.iter().map(|&x| x as f64).sum::<f64>() as f32)
+                    .collect();
+                per_slot.push(sums);
+            }
+            row_stats.push(per_slot);
+        }
         {
             let mut views: Vec<TensorView> = Vec::new();
             for (i, ((w, m), n)) in weights
@@ -987,6 +1028,7 @@ impl Exec<'_> {
                 let mut v = TensorView::new(n, rows, cols, w, m);
                 v.grad = grads.and_then(|g| g.get(n)).map(|g| g.as_slice());
                 v.init = inits.get(i).map(|x| x.as_slice());
+                v.row_stats = row_stats[i].iter().map(|r| r.as_slice()).collect();
                 views.push(v);
             }
             let opts = PruneOptions {

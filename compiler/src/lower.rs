@@ -20,31 +20,59 @@ fn err<T>(span: Span, message: impl Into<String>) -> Result<T, LowerError> {
     })
 }
 
-/// Lowers a criterion expression (as written after `by`, or a declared or
-/// standard criterion) to a kernel expression.
-pub fn criterion_to_kexpr(recipe: &CheckedRecipe, e: &Expr) -> Result<KExpr, LowerError> {
-    lower(recipe, e, 0)
+/// A criterion ready for the kernels: the per-element expression, and the
+/// expressions whose per-output-row sums it reads as `RowStat(i)` (channel
+/// criteria such as `sum(abs(w), over = out_channel)`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoweredCriterion {
+    pub expr: KExpr,
+    pub row_sums: Vec<KExpr>,
 }
 
-fn lower(r: &CheckedRecipe, e: &Expr, depth: usize) -> Result<KExpr, LowerError> {
+/// Lowers a criterion expression (as written after `by`, or a declared or
+/// standard criterion) for the kernels.
+pub fn criterion_to_kernel(
+    recipe: &CheckedRecipe,
+    e: &Expr,
+) -> Result<LoweredCriterion, LowerError> {
+    let mut row_sums = Vec::new();
+    let expr = lower(recipe, e, 0, &mut row_sums)?;
+    Ok(LoweredCriterion { expr, row_sums })
+}
+
+/// The per-element kernel expression of a criterion (whether it compiles at all).
+pub fn criterion_to_kexpr(recipe: &CheckedRecipe, e: &Expr) -> Result<KExpr, LowerError> {
+    criterion_to_kernel(recipe, e).map(|l| l.expr)
+}
+
+fn lower(
+    r: &CheckedRecipe,
+    e: &Expr,
+    depth: usize,
+    sums: &mut Vec<KExpr>,
+) -> Result<KExpr, LowerError> {
     if depth > 32 {
         return err(e.span, "criteria refer to each other too deeply");
     }
     Ok(match &e.kind {
         ExprKind::Number { value, .. } => KExpr::Const(*value as f32),
         ExprKind::Percent { value, .. } => KExpr::Const(*value as f32),
-        ExprKind::Paren(inner) => lower(r, inner, depth)?,
+        ExprKind::Paren(inner) => lower(r, inner, depth, sums)?,
         ExprKind::Unary {
             op: UnaryOp::Neg,
             operand,
-        } => KExpr::un(UnOp::Neg, lower(r, operand, depth)?),
+        } => KExpr::un(UnOp::Neg, lower(r, operand, depth, sums)?),
         ExprKind::Unary {
             op: UnaryOp::Not,
             operand,
-        } => KExpr::cmp(CmpOp::Eq, lower(r, operand, depth)?, KExpr::Const(0.0)),
+        } => KExpr::cmp(
+            CmpOp::Eq,
+            lower(r, operand, depth, sums)?,
+            KExpr::Const(0.0),
+        ),
         ExprKind::Binary { op, lhs, rhs } => {
-            let a = lower(r, lhs, depth)?;
-            let b = lower(r, rhs, depth)?;
+            let a = lower(r, lhs, depth, sums)?;
+            let b = lower(r, rhs, depth, sums)?;
             match op {
                 BinaryOp::Add => KExpr::bin(BinOp::Add, a, b),
                 BinaryOp::Sub => KExpr::bin(BinOp::Sub, a, b),
@@ -95,10 +123,10 @@ fn lower(r: &CheckedRecipe, e: &Expr, depth: usize) -> Result<KExpr, LowerError>
                             span: id.span,
                             message: format!("criterion `{name}` has no definition"),
                         })?;
-                    lower(r, decl, depth + 1)?
+                    lower(r, decl, depth + 1, sums)?
                 }
                 _ => match prunec_lang::stdlib::criterion(name) {
-                    Some(def) => lower(r, def, depth + 1).map_err(|e| LowerError {
+                    Some(def) => lower(r, def, depth + 1, sums).map_err(|e| LowerError {
                         span: id.span,
                         message: format!("in the standard criterion `{name}`: {}", e.message),
                     })?,
@@ -107,9 +135,9 @@ fn lower(r: &CheckedRecipe, e: &Expr, depth: usize) -> Result<KExpr, LowerError>
             },
         },
         ExprKind::Call { callee, args } => {
-            let arg = |i: usize| -> Result<KExpr, LowerError> {
+            let mut arg = |i: usize| -> Result<KExpr, LowerError> {
                 match args.items.get(i) {
-                    Some(a) => lower(r, &a.value, depth),
+                    Some(a) => lower(r, &a.value, depth, sums),
                     None => err(
                         args.span,
                         format!("`{}` needs {} argument(s)", callee.name, i + 1),
@@ -139,6 +167,24 @@ fn lower(r: &CheckedRecipe, e: &Expr, depth: usize) -> Result<KExpr, LowerError>
                 "min" => KExpr::bin(BinOp::Min, arg(0)?, arg(1)?),
                 "max" => KExpr::bin(BinOp::Max, arg(0)?, arg(1)?),
                 "where" => KExpr::select(arg(0)?, arg(1)?, arg(2)?),
+                "sum" => {
+                    let over = args.named("over").and_then(|a| a.value.as_name()).map(|n| n.name.as_str()).unwrap_or("all");
+                    if !matches!(over, "out_channel" | "row") {
+                        return err(e.span, format!("`sum(..., over = {over})` is not supported by the kernels yet; `over = out_channel` is"));
+                    }
+                    let inner = arg(0)?;
+                    let mut nested = Vec::new();
+                    inner.visit_inputs(&mut |i| nested.push(i));
+                    if nested.iter().any(|i| matches!(i, KInput::RowStat(_))) {
+                        return err(e.span, "group sums cannot be nested");
+                    }
+                    let slot = sums.len();
+                    if slot > u8::MAX as usize {
+                        return err(e.span, "too many group sums in one criterion");
+                    }
+                    sums.push(inner);
+                    KExpr::Input(KInput::RowStat(slot as u8))
+                }
                 other => {
                     return err(
                         e.span,

@@ -370,3 +370,37 @@ fn nan_weights_stop_the_run_naming_the_tensor() {
     // The input model was not modified.
     assert_eq!(std::fs::read(&model).unwrap(), bytes);
 }
+
+#[test]
+fn channel_criteria_remove_whole_rows() {
+    require_data("digits/digits.csv.gz", "digits");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, text) = prunec(
+        &[
+            "run",
+            "-q",
+            "tests/recipes/run/digits_channels.prune",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{text}");
+    let st = std::fs::read(out.join("net.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&st).unwrap();
+    let t = tensors.tensor("fc1.weight").unwrap();
+    let vals: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let rows: Vec<&[f32]> = vals.chunks(64).collect();
+    let zero_rows = rows.iter().filter(|r| r.iter().all(|&v| v == 0.0)).count();
+    let partial = rows
+        .iter()
+        .filter(|r| r.contains(&0.0) && !r.iter().all(|&v| v == 0.0))
+        .count();
+    assert_eq!(zero_rows, 32, "half of the 64 rows go");
+    assert_eq!(partial, 0, "rows are kept or removed whole");
+}
