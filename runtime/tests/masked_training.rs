@@ -377,3 +377,42 @@ fn lenet_300_100_with_half_its_weights_masked_trains_an_epoch_on_mnist() {
         "accuracy after one masked epoch on 6000 samples: {acc}"
     );
 }
+
+#[test]
+fn masks_save_load_and_from_nonzero() {
+    let model = digits_mlp(8);
+    let masks = every_third(&model);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("masks.safetensors");
+    let sha = masks.save(&path, &[]).or_panic();
+    assert_eq!(sha, prunec_runtime::io::sha256_file(&path).or_panic());
+    let header = prunec_runtime::io::read_safetensors_header(&path).or_panic();
+    assert!(header.tensors.iter().all(|t| t.dtype == "U8"), "{header:?}");
+    let back = Masks::load(&path, &model).or_panic();
+    for name in masks.names() {
+        assert_eq!(
+            back.to_u8(name).or_panic(),
+            masks.to_u8(name).or_panic(),
+            "{name}"
+        );
+    }
+    masks.apply(&model).or_panic();
+    let nz = Masks::from_nonzero(&model, |n| n.ends_with(".weight")).or_panic();
+    assert_eq!(nz.len(), 2);
+    for name in masks.names() {
+        assert_eq!(
+            nz.to_u8(name).or_panic(),
+            masks.to_u8(name).or_panic(),
+            "{name}"
+        );
+    }
+    // A mask file for another model names the unknown tensor and the file.
+    let other = ModelSpec::mlp(&[64, 16, 10], Activation::Relu)
+        .build(0, &Device::Cpu)
+        .or_panic();
+    let err = Masks::load(&path, &other).unwrap_err().to_string();
+    assert!(
+        err.contains("fc1.weight") && err.contains("[16, 64]"),
+        "{err}"
+    );
+}
