@@ -256,19 +256,7 @@ impl rt::TrainHooks for InterruptHook {
 
 impl Exec<'_> {
     fn option(&self, stage: &Stage, key: &str) -> Option<Value> {
-        let opts = self.r.options(stage)?;
-        if let Some(v) = opts.get(key) {
-            return Some(v.clone());
-        }
-        // Options of a referenced constraint set.
-        if let Some(Value::Ref(c)) = opts.get("constraints") {
-            if let Some(Value::Call { args, .. }) =
-                self.r.symbols.get(c).and_then(|s| s.value.as_ref())
-            {
-                return args.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-            }
-        }
-        None
+        self.r.option(stage, key).cloned()
     }
 
     /// A declared value by name (following `Ref`s).

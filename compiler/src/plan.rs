@@ -185,20 +185,11 @@ fn prune_table(
     pattern: Option<(u64, u64)>,
     last: Option<f64>,
 ) -> String {
-    let opts = r.options(stage).cloned().unwrap_or_default();
-    let mut all = opts.clone();
-    if let Some(Value::Ref(c)) = opts.get("constraints") {
-        if let Some(Value::Call { args, .. }) = r.symbols.get(c).and_then(|s| s.value.as_ref()) {
-            for (k, v) in args {
-                all.entry(k.clone()).or_insert(v.clone());
-            }
-        }
-    }
-    let targets = match all.get("targets") {
+    let targets = match r.option(stage, "targets") {
         Some(v) => strings(Some(v)),
         None => vec!["*.weight".into()],
     };
-    let skip = strings(all.get("skip"));
+    let skip = strings(r.option(stage, "skip"));
     let selected: Vec<&(String, Vec<usize>)> = info
         .shapes
         .iter()
@@ -236,7 +227,7 @@ fn prune_table(
         .map(|(n, s)| numel(s) as f64 * kept.get(n).copied().unwrap_or(1.0))
         .sum();
     let (fd, fa) = flops(info, &kept);
-    let guard = match all.get("keep_min") {
+    let guard = match r.option(stage, "keep_min") {
         Some(v) => format!("; keep_min {v}"),
         None => String::new(),
     };

@@ -145,20 +145,8 @@ fn decl_value_span(r: &CheckedRecipe, name: &str) -> Option<Span> {
 }
 
 fn option(r: &CheckedRecipe, s: &Stage, key: &str) -> Option<(Value, Option<Span>)> {
-    let opts = r.options(s)?;
-    if let Some(v) = opts.get(key) {
-        let span = s.args.as_ref().and_then(|a| a.named(key)).map(|a| a.span);
-        return Some((v.clone(), span));
-    }
-    if let Some(Value::Ref(c)) = opts.get("constraints") {
-        if let Some(Value::Call { args, .. }) = r.symbols.get(c).and_then(|s| s.value.as_ref()) {
-            return args
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| (v.clone(), None));
-        }
-    }
-    None
+    let span = s.args.as_ref().and_then(|a| a.named(key)).map(|a| a.span);
+    r.option(s, key).map(|v| (v.clone(), span))
 }
 
 fn prune_shapes(r: &CheckedRecipe, s: &Stage, shapes: &Shapes, diags: &mut Vec<Diagnostic>) {

@@ -333,18 +333,7 @@ impl Lowerer<'_> {
     }
 
     fn option(&self, s: &Stage, key: &str) -> Option<Value> {
-        let opts = self.r.options(s)?;
-        if let Some(v) = opts.get(key) {
-            return Some(v.clone());
-        }
-        if let Some(Value::Ref(c)) = opts.get("constraints") {
-            if let Some(Value::Call { args, .. }) =
-                self.r.symbols.get(c).and_then(|s| s.value.as_ref())
-            {
-                return args.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-            }
-        }
-        None
+        self.r.option(s, key).cloned()
     }
 
     fn stage(&mut self, s: &Stage) {

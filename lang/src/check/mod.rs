@@ -102,6 +102,22 @@ impl CheckedRecipe {
     pub fn options(&self, stage: &Stage) -> Option<&BTreeMap<String, Value>> {
         self.stage_options.get(&stage.span.start)
     }
+
+    /// One option of a stage, falling back to the constraint set it names
+    /// (`constraints = guard`).
+    pub fn option(&self, stage: &Stage, key: &str) -> Option<&Value> {
+        let opts = self.options(stage)?;
+        if let Some(v) = opts.get(key) {
+            return Some(v);
+        }
+        let Some(Value::Ref(c)) = opts.get("constraints") else {
+            return None;
+        };
+        match self.symbols.get(c).and_then(|s| s.value.as_ref()) {
+            Some(Value::Call { args, .. }) => args.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
 }
 
 /// The checker's working state.
