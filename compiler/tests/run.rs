@@ -404,3 +404,41 @@ fn channel_criteria_remove_whole_rows() {
     assert_eq!(zero_rows, 32, "half of the 64 rows go");
     assert_eq!(partial, 0, "rows are kept or removed whole");
 }
+
+#[test]
+fn llm_recipe_prunes_smollm2_with_the_compiled_wanda_criterion() {
+    require_data("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2");
+    require_data("text/moby-dick.txt", "text");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, text) = prunec(
+        &[
+            "run",
+            "-q",
+            "examples/llm_wanda_sparsegpt.prune",
+            "--set",
+            "calib_samples=2",
+            "--set",
+            "eval_samples=2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let evals = report["evaluations"].as_array().unwrap();
+    let dense = evals[0]["metrics"]["perplexity"].as_f64().unwrap();
+    let pruned = evals[1]["metrics"]["perplexity"].as_f64().unwrap();
+    assert!(
+        dense > 1.0 && dense < pruned,
+        "dense {dense}, pruned {pruned}"
+    );
+    // 2:4 zeroes half of every block linear; a few dequantized weights were zero already.
+    let sparsity = evals[1]["metrics"]["sparsity"].as_f64().unwrap();
+    assert!((0.5..0.51).contains(&sparsity), "sparsity {sparsity}");
+    for f in ["model.safetensors", "config.json", "tokenizer.json"] {
+        assert!(out.join("model").join(f).is_file(), "{f} missing");
+    }
+}

@@ -2,6 +2,8 @@
 //! JIT-compiled kernels, and stages every output in a temporary folder that
 //! is moved into place only when the run succeeds.
 
+mod llm;
+
 use crate::kernel::{self, KExpr, PruneOptions, Selection, TensorView};
 use crate::lower::{self, LowerError};
 use crate::report::{Evaluation, Layer, Report, Round, Timing};
@@ -106,6 +108,13 @@ struct Exec<'a> {
     round: Option<Round>,
     /// Per-row sums the current prune stage's criterion reads (`RowStat(i)`).
     row_sums: Vec<KExpr>,
+    /// Language models, by name.
+    llms: BTreeMap<String, rt::llm::LlamaModel>,
+}
+
+/// Maps a language-model runtime error at a stage to a run error.
+fn rt_err_llm(stage: Span, what: &str) -> impl Fn(rt::llm::LlmError) -> RunError + '_ {
+    move |e| RunError::user(stage, format!("{what}: {e}"))
 }
 
 /// The `Ctrl-C` flag, installed once per process.
@@ -169,6 +178,7 @@ pub fn run(
         targets: None,
         round: None,
         row_sums: Vec::new(),
+        llms: BTreeMap::new(),
     };
     ex.interrupted.store(false, Ordering::SeqCst);
     let mut failed_assert = None;
@@ -284,6 +294,24 @@ impl Exec<'_> {
 
     fn stage(&mut self, s: &Stage) -> Result<(), RunError> {
         let t0 = Instant::now();
+        let subject = s
+            .subject
+            .first()
+            .and_then(|e| e.as_name())
+            .map(|n| (n.name.clone(), n.span));
+        match (s.kind, subject) {
+            (StageKind::Assert | StageKind::Report, _) => {}
+            (_, Some((name, span))) if self.is_llm(&name) => {
+                self.llm_stage(s, &name, span)?;
+                self.report.timings.push(Timing {
+                    stage: s.kind.keyword().to_string(),
+                    span: s.span,
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
+                return Ok(());
+            }
+            _ => {}
+        }
         match s.kind {
             StageKind::Train | StageKind::Finetune => self.train(s)?,
             StageKind::Calibrate => {
@@ -1325,7 +1353,12 @@ impl Exec<'_> {
             .exported
             .clone()
             .or_else(|| self.models.keys().next().cloned());
-        let Some(name) = name else { return Ok(()) };
+        let Some(name) = name else {
+            if let Some(lm) = self.llms.keys().next().cloned() {
+                self.report.final_sparsity = self.llm_sparsity(&lm, Span::default())?;
+            }
+            return Ok(());
+        };
         let counts = rt::eval::model_counts(&self.models[&name].model)
             .map_err(|e| RunError::Internal(e.to_string()))?;
         let (sparsity, _) = self.sparsity_pqi(&name, Span::default())?;

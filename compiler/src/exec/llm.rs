@@ -1,0 +1,467 @@
+//! Stages on language models (`model lm = gguf(...)`): perplexity on text,
+//! one-shot pruning through the runtime's sequential driver — the criterion
+//! compiled to a scoring kernel, or SparseGPT — and Hugging Face export.
+
+use super::{rt_err_llm, Exec, RunError};
+use crate::kernel::{self, PruneOptions, TensorView};
+use crate::lower;
+use crate::report::Evaluation;
+use prunec_lang::ast::{ExprKind, Stage, StageKind};
+use prunec_lang::check::Value;
+use prunec_lang::Span;
+use prunec_runtime::llm;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Tokens evaluated when a `text` data set gives no `samples`.
+pub const DEFAULT_EVAL_TOKENS: usize = 16_384;
+/// Calibration sequences when a `text` data set gives no `samples`.
+pub const DEFAULT_CALIBRATION: usize = 32;
+
+/// The files of a `text` data set: one file, or the `.txt` files of a folder in name order.
+fn text_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+            .collect();
+        v.sort();
+        Ok(v)
+    } else {
+        std::fs::metadata(path)?;
+        Ok(vec![path.to_path_buf()])
+    }
+}
+
+impl Exec<'_> {
+    /// Whether `name` is a language model.
+    pub(super) fn is_llm(&self, name: &str) -> bool {
+        self.declared(name).and_then(|v| v.call_name()) == Some("gguf")
+    }
+
+    fn llm(&mut self, name: &str, span: Span) -> Result<&mut llm::LlamaModel, RunError> {
+        if !self.llms.contains_key(name) {
+            let v = self
+                .declared(name)
+                .cloned()
+                .unwrap_or(Value::Ref(name.into()));
+            let path = PathBuf::from(v.arg("path").and_then(|p| p.as_str()).unwrap_or(""));
+            if !path.is_file() {
+                return Err(RunError::User {
+                    span: Some(span),
+                    message: format!("missing model file {}", path.display()),
+                    help: Some("run `scripts/fetch-data.sh smollm2`".into()),
+                });
+            }
+            self.hash_input(&path, span)?;
+            let model = llm::load_gguf(&path)
+                .map_err(rt_err_llm(span, "cannot load the language model"))?;
+            self.llms.insert(name.to_string(), model);
+        }
+        Ok(self.llms.get_mut(name).unwrap())
+    }
+
+    /// The `text(...)` declaration behind a data set expression, with its files.
+    fn text_data(&mut self, e: &prunec_lang::ast::Expr) -> Result<(Value, Vec<PathBuf>), RunError> {
+        let name = e.as_name().map(|n| n.name.clone()).unwrap_or_default();
+        let v = self
+            .declared(&name)
+            .cloned()
+            .ok_or_else(|| RunError::user(e.span, format!("`{name}` is not a data set")))?;
+        if v.call_name() != Some("text") {
+            return Err(RunError::user(
+                e.span,
+                format!("language models read `text(...)` data; `{name}` is not one"),
+            ));
+        }
+        let path = PathBuf::from(v.arg("path").and_then(|p| p.as_str()).unwrap_or(""));
+        let files = text_files(&path).map_err(|err| RunError::User {
+            span: Some(e.span),
+            message: format!("cannot read the text {}: {err}", path.display()),
+            help: Some("run `scripts/fetch-data.sh text`".into()),
+        })?;
+        if files.is_empty() {
+            return Err(RunError::user(
+                e.span,
+                format!("{} holds no .txt file", path.display()),
+            ));
+        }
+        for f in &files {
+            self.hash_input(f, e.span)?;
+        }
+        Ok((v, files))
+    }
+
+    fn tokenizer(&self, model: &str, span: Span) -> Result<llm::TextTokenizer, RunError> {
+        self.llms[model]
+            .tokenizer
+            .clone()
+            .ok_or_else(|| RunError::user(span, "the model file carries no tokenizer"))
+    }
+
+    /// The fraction of zero weights over the blocks' linear layers.
+    pub(super) fn llm_sparsity(&self, model: &str, span: Span) -> Result<f64, RunError> {
+        let m = &self.llms[model];
+        let (mut zeros, mut total) = (0usize, 0usize);
+        for (name, t) in m.named_tensors().map_err(rt_err_llm(span, "sparsity"))? {
+            if !name.starts_with("model.layers.") || !name.ends_with("proj.weight") {
+                continue;
+            }
+            let v: Vec<f32> = t
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(|e| RunError::Internal(e.to_string()))?;
+            zeros += v.iter().filter(|x| **x == 0.0).count();
+            total += v.len();
+        }
+        Ok(zeros as f64 / total.max(1) as f64)
+    }
+
+    pub(super) fn llm_stage(&mut self, s: &Stage, model: &str, span: Span) -> Result<(), RunError> {
+        self.llm(model, span)?;
+        match s.kind {
+            StageKind::Evaluate => self.llm_evaluate(s, model),
+            StageKind::Prune => self.llm_prune(s, model),
+            StageKind::Export => self.llm_export(s, model),
+            other => Err(RunError::user(
+                s.keyword_span,
+                format!("`{other}` stages on language models are not supported yet"),
+            )),
+        }
+    }
+
+    fn llm_evaluate(&mut self, s: &Stage, model: &str) -> Result<(), RunError> {
+        let on =
+            s.on.as_ref()
+                .ok_or_else(|| RunError::user(s.keyword_span, "no data"))?;
+        let (v, files) = self.text_data(on)?;
+        let seq = v.arg("seq").and_then(|x| x.as_i64()).unwrap_or(256).max(2) as usize;
+        let samples = v
+            .arg("samples")
+            .and_then(|x| x.as_i64())
+            .unwrap_or(0)
+            .max(0) as usize;
+        let batch = v.arg("batch").and_then(|x| x.as_i64()).unwrap_or(1).max(1) as usize;
+        let max_tokens = if samples > 0 {
+            samples * seq
+        } else {
+            DEFAULT_EVAL_TOKENS
+        };
+        let mut text = String::new();
+        for f in &files {
+            text.push_str(
+                &std::fs::read_to_string(f)
+                    .map_err(|e| RunError::user(on.span, format!("{}: {e}", f.display())))?,
+            );
+        }
+        let tok = self.tokenizer(model, s.span)?;
+        let tokens = llm::leading_tokens(&tok, &text, max_tokens)
+            .map_err(rt_err_llm(s.span, "tokenizing"))?;
+        let wanted: Vec<String> = match s.out.as_ref().map(|e| &e.kind) {
+            Some(ExprKind::List(items)) => items
+                .iter()
+                .filter_map(|i| i.as_name().map(|n| n.name.clone()))
+                .collect(),
+            Some(ExprKind::Name(n)) => vec![n.name.clone()],
+            _ => vec![],
+        };
+        let mut out = BTreeMap::new();
+        for m in &wanted {
+            let value = match m.as_str() {
+                "perplexity" => llm::perplexity(&self.llms[model], &tokens, seq, batch)
+                    .map_err(rt_err_llm(s.span, "perplexity"))?,
+                "sparsity" => self.llm_sparsity(model, s.span)?,
+                other => {
+                    return Err(RunError::user(
+                        s.out.as_ref().unwrap().span,
+                        format!("`{other}` cannot be measured on a language model"),
+                    ))
+                }
+            };
+            out.insert(m.clone(), value);
+            self.latest.insert(m.clone(), value);
+        }
+        if let Some(l) = &s.label {
+            self.labels.insert(l.name.clone(), out.clone());
+        }
+        let label = s.label.as_ref().map(|l| l.name.clone()).unwrap_or_else(|| {
+            format!(
+                "{model} on {}",
+                on.as_name().map(|n| n.name.as_str()).unwrap_or("?")
+            )
+        });
+        if self.progress {
+            let shown: Vec<String> = out
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", super::fmt_metric(k, *v)))
+                .collect();
+            eprintln!("evaluate {label}: {}", shown.join(", "));
+        }
+        self.report.evaluations.push(Evaluation {
+            label,
+            span: s.span,
+            metrics: out,
+        });
+        Ok(())
+    }
+
+    fn llm_prune(&mut self, s: &Stage, model: &str) -> Result<(), RunError> {
+        let by =
+            s.by.as_ref()
+                .ok_or_else(|| RunError::user(s.keyword_span, "no criterion"))?;
+        let pattern = match self.option(s, "pattern") {
+            Some(Value::Pattern { n, m }) => llm::SparsityPattern::NofM {
+                n: n as usize,
+                m: m as usize,
+            },
+            _ => {
+                let target = match &s.to {
+                    Some(to) => self.number(to)?,
+                    None => {
+                        return Err(RunError::user(
+                            s.keyword_span,
+                            "give a target (`to 50%`) or a `pattern`",
+                        ))
+                    }
+                };
+                llm::SparsityPattern::Unstructured(target)
+            }
+        };
+        let mut config = llm::OneShotConfig::new(pattern);
+        if let Some(t) = self.option(s, "targets") {
+            config.targets = lower::strings(Some(&t));
+        }
+        config
+            .skip
+            .extend(lower::strings(self.option(s, "skip").as_ref()));
+        // Calibration text.
+        let calib = match self.option(s, "calibrate") {
+            Some(Value::Ref(d)) => Some(d),
+            _ => {
+                s.on.as_ref()
+                    .and_then(|e| e.as_name())
+                    .map(|n| n.name.clone())
+            }
+        };
+        let windows = match &calib {
+            Some(d) => {
+                let e = prunec_lang::ast::Expr {
+                    kind: ExprKind::Name(prunec_lang::ast::Ident {
+                        name: d.clone(),
+                        span: s.span,
+                    }),
+                    span: s.span,
+                };
+                let (v, files) = self.text_data(&e)?;
+                let seq = v.arg("seq").and_then(|x| x.as_i64()).unwrap_or(256).max(2) as usize;
+                let samples = v
+                    .arg("samples")
+                    .and_then(|x| x.as_i64())
+                    .unwrap_or(0)
+                    .max(0) as usize;
+                let count = if samples > 0 {
+                    samples
+                } else {
+                    DEFAULT_CALIBRATION
+                };
+                let tok = self.tokenizer(model, s.span)?;
+                llm::calibration_windows(&tok, &files, count, seq, self.r.seed)
+                    .map_err(rt_err_llm(s.span, "calibration text"))?
+            }
+            None => Vec::new(),
+        };
+        let report = match &by.kind {
+            ExprKind::Call { callee, .. } if callee.name == "sparsegpt" => {
+                let args = match self.resolved_by(s) {
+                    Some(Value::Call { args, .. }) => args,
+                    _ => Vec::new(),
+                };
+                let get = |k: &str| {
+                    args.iter()
+                        .find(|(n, _)| n == k)
+                        .and_then(|(_, v)| v.as_f64())
+                };
+                let mut pruner = llm::SparseGptPruner {
+                    config: llm::SparseGptConfig {
+                        block_size: get("block").unwrap_or(128.0) as usize,
+                        damp: get("damp").unwrap_or(0.01),
+                    },
+                };
+                let m = self.llms.get_mut(model).unwrap();
+                llm::prune_one_shot(m, &windows, &config, &mut pruner)
+                    .map_err(rt_err_llm(s.span, "SparseGPT"))?
+            }
+            _ => {
+                let lowered = lower::criterion_to_kernel(self.r, by)?;
+                if !lowered.row_sums.is_empty() {
+                    return Err(RunError::user(
+                        by.span,
+                        "group sums are not supported on language models yet",
+                    ));
+                }
+                let expr = lowered.expr;
+                let reads_acts = !expr.col_stats().is_empty();
+                if expr.needs_grad() || expr.needs_init() {
+                    return Err(RunError::user(
+                        by.span,
+                        "one-shot pruning of language models reads weights and activations only",
+                    ));
+                }
+                if reads_acts && windows.is_empty() {
+                    return Err(RunError::user(
+                        by.span,
+                        "this criterion reads activations: add `calibrate = DATASET`",
+                    ));
+                }
+                let scope = match self
+                    .option(s, "scope")
+                    .and_then(|v| v.as_str().map(String::from))
+                    .as_deref()
+                {
+                    Some("row") | Some("neuron") => llm::Scope::Row,
+                    Some("layer") => llm::Scope::Layer,
+                    // Wanda compares within each output row; plain scores per layer.
+                    _ if reads_acts => llm::Scope::Row,
+                    _ => llm::Scope::Layer,
+                };
+                let method = self.src_text(by.span);
+                let score = move |name: &str,
+                                  w: &[f32],
+                                  rows: usize,
+                                  cols: usize,
+                                  norms: &[f32],
+                                  out: &mut [f32]|
+                      -> llm::Result<()> {
+                    let mut weights = w.to_vec();
+                    let mut mask = kernel::full_mask(weights.len());
+                    let mut view = TensorView::new(name, rows, cols, &mut weights, &mut mask);
+                    if reads_acts {
+                        view.col_stats = vec![norms];
+                    }
+                    let scores = kernel::score_jit(
+                        &expr,
+                        &view,
+                        &PruneOptions {
+                            scalars: vec![0.0],
+                            allow_nonfinite: false,
+                        },
+                    )
+                    .map_err(|e| llm::LlmError::Invalid(e.to_string()))?;
+                    out.copy_from_slice(&scores);
+                    Ok(())
+                };
+                let mut pruner = llm::ScoredPruner {
+                    method,
+                    needs: llm::StatsNeeds {
+                        col_norms: reads_acts,
+                        hessian: false,
+                    },
+                    scope,
+                    score,
+                };
+                let m = self.llms.get_mut(model).unwrap();
+                llm::prune_one_shot(m, &windows, &config, &mut pruner)
+                    .map_err(rt_err_llm(s.span, "pruning"))?
+            }
+        };
+        if self.progress {
+            eprintln!(
+                "prune {model}: {} layers in {:.1} s (calibration {:.1} s, {} tokens)",
+                report.layers.len(),
+                report.total_seconds,
+                report.calibration_seconds,
+                report.calibration_tokens
+            );
+        }
+        Ok(())
+    }
+
+    fn resolved_by(&self, s: &Stage) -> Option<Value> {
+        let by = s.by.as_ref()?;
+        let ExprKind::Call { callee, args } = &by.kind else {
+            return None;
+        };
+        let mut out = Vec::new();
+        for a in &args.items {
+            let name = a.name.as_ref().map(|n| n.name.clone())?;
+            let v = match &a.value.kind {
+                ExprKind::Number { value, .. } | ExprKind::Percent { value, .. } => {
+                    Value::Float(*value)
+                }
+                _ => continue,
+            };
+            out.push((name, v));
+        }
+        Some(Value::Call {
+            name: callee.name.clone(),
+            args: out,
+        })
+    }
+
+    fn src_text(&self, span: Span) -> String {
+        self.r
+            .source
+            .get(span.start..span.end)
+            .unwrap_or("criterion")
+            .to_string()
+    }
+
+    fn llm_export(&mut self, s: &Stage, model: &str) -> Result<(), RunError> {
+        let to =
+            s.to.as_ref()
+                .ok_or_else(|| RunError::user(s.keyword_span, "no path"))?;
+        let rel = match &to.kind {
+            ExprKind::Str(p) => PathBuf::from(p),
+            _ => return Err(RunError::user(to.span, "expected a path")),
+        };
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(RunError::user(
+                to.span,
+                "export paths are relative to the output folder and stay inside it",
+            ));
+        }
+        let path = self.staging.join(&rel);
+        let format = self
+            .option(s, "format")
+            .and_then(|f| f.as_str().map(String::from))
+            .unwrap_or_else(|| "hf".into());
+        let m = &self.llms[model];
+        match format.as_str() {
+            "compressed_24" => {
+                if let Some(p) = path.parent() {
+                    std::fs::create_dir_all(p)
+                        .map_err(|e| RunError::user(to.span, format!("{}: {e}", p.display())))?;
+                }
+                llm::save_compressed(m, &path, 2, 4).map_err(rt_err_llm(to.span, "export"))?;
+            }
+            _ => {
+                llm::save_hf(m, &path).map_err(rt_err_llm(to.span, "export"))?;
+            }
+        }
+        // Hash every file written.
+        let mut files = Vec::new();
+        if path.is_dir() {
+            for e in std::fs::read_dir(&path).map_err(|e| RunError::Internal(e.to_string()))? {
+                files.push(e.map_err(|e| RunError::Internal(e.to_string()))?.path());
+            }
+        } else {
+            files.push(path.clone());
+        }
+        files.sort();
+        for f in files {
+            let h = prunec_runtime::io::sha256_file(&f)
+                .map_err(|e| RunError::Internal(e.to_string()))?;
+            let rel_f = f
+                .strip_prefix(&self.staging)
+                .unwrap_or(&f)
+                .display()
+                .to_string();
+            self.report.outputs.push((rel_f, h));
+        }
+        Ok(())
+    }
+}
