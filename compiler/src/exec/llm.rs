@@ -5,7 +5,6 @@
 use super::{rt_err_llm, Exec, RunError};
 use crate::kernel::{self, PruneOptions, TensorView};
 use crate::lower;
-use crate::report::Evaluation;
 use prunec_lang::ast::{ExprKind, Stage, StageKind};
 use prunec_lang::check::Value;
 use prunec_lang::Span;
@@ -157,14 +156,7 @@ impl Exec<'_> {
         let tok = self.tokenizer(model, s.span)?;
         let tokens = llm::leading_tokens(&tok, &text, max_tokens)
             .map_err(rt_err_llm(s.span, "tokenizing"))?;
-        let wanted: Vec<String> = match s.out.as_ref().map(|e| &e.kind) {
-            Some(ExprKind::List(items)) => items
-                .iter()
-                .filter_map(|i| i.as_name().map(|n| n.name.clone()))
-                .collect(),
-            Some(ExprKind::Name(n)) => vec![n.name.clone()],
-            _ => vec![],
-        };
+        let wanted = super::wanted_metrics(s);
         let mut out = BTreeMap::new();
         for m in &wanted {
             let value = match m.as_str() {
@@ -179,29 +171,9 @@ impl Exec<'_> {
                 }
             };
             out.insert(m.clone(), value);
-            self.latest.insert(m.clone(), value);
         }
-        if let Some(l) = &s.label {
-            self.labels.insert(l.name.clone(), out.clone());
-        }
-        let label = s.label.as_ref().map(|l| l.name.clone()).unwrap_or_else(|| {
-            format!(
-                "{model} on {}",
-                on.as_name().map(|n| n.name.as_str()).unwrap_or("?")
-            )
-        });
-        if self.progress {
-            let shown: Vec<String> = out
-                .iter()
-                .map(|(k, v)| format!("{k} = {}", super::fmt_metric(k, *v)))
-                .collect();
-            eprintln!("evaluate {label}: {}", shown.join(", "));
-        }
-        self.report.evaluations.push(Evaluation {
-            label,
-            span: s.span,
-            metrics: out,
-        });
+        let data = on.as_name().map(|n| n.name.clone()).unwrap_or_default();
+        self.record_evaluation(s, model, &data, out);
         Ok(())
     }
 

@@ -1099,14 +1099,7 @@ impl Exec<'_> {
         self.dataset(on)?;
         self.model(&name, span)?;
         let data_name = on.as_name().unwrap().name.clone();
-        let wanted: Vec<String> = match s.out.as_ref().map(|e| &e.kind) {
-            Some(ExprKind::List(items)) => items
-                .iter()
-                .filter_map(|i| i.as_name().map(|n| n.name.clone()))
-                .collect(),
-            Some(ExprKind::Name(n)) => vec![n.name.clone()],
-            _ => vec![],
-        };
+        let wanted = wanted_metrics(s);
         let mut metrics = BTreeMap::new();
         let needs_eval = wanted.iter().any(|m| m == "accuracy" || m == "loss");
         if needs_eval {
@@ -1134,7 +1127,21 @@ impl Exec<'_> {
                 }
             };
             out.insert(m.clone(), v);
-            self.latest.insert(m.clone(), v);
+        }
+        self.record_evaluation(s, &name, &data_name, out);
+        Ok(())
+    }
+
+    /// Records an evaluation: latest values, its label, the current round, the report.
+    fn record_evaluation(
+        &mut self,
+        s: &Stage,
+        model: &str,
+        data: &str,
+        out: BTreeMap<String, f64>,
+    ) {
+        for (k, v) in &out {
+            self.latest.insert(k.clone(), *v);
         }
         if let Some(l) = &s.label {
             self.labels.insert(l.name.clone(), out.clone());
@@ -1146,7 +1153,7 @@ impl Exec<'_> {
             .label
             .as_ref()
             .map(|l| l.name.clone())
-            .unwrap_or_else(|| format!("{} on {data_name}", name));
+            .unwrap_or_else(|| format!("{model} on {data}"));
         if self.progress {
             let shown: Vec<String> = out
                 .iter()
@@ -1159,7 +1166,6 @@ impl Exec<'_> {
             span: s.span,
             metrics: out,
         });
-        Ok(())
     }
 
     /// The value of an assert operand.
@@ -1403,6 +1409,18 @@ pub fn model_spec(v: &Value, span: Span) -> Result<rt::ModelSpec, RunError> {
             })
         }
     })
+}
+
+/// The metric names an `evaluate` stage asks for (`-> [a, b]` or `-> a`).
+fn wanted_metrics(s: &Stage) -> Vec<String> {
+    match s.out.as_ref().map(|e| &e.kind) {
+        Some(ExprKind::List(items)) => items
+            .iter()
+            .filter_map(|i| i.as_name().map(|n| n.name.clone()))
+            .collect(),
+        Some(ExprKind::Name(n)) => vec![n.name.clone()],
+        _ => vec![],
+    }
 }
 
 /// A metric as people read it.
