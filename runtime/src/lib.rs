@@ -1,6 +1,7 @@
 //! prunec runtime: data sets, models, masked training, evaluation and model I/O on candle.
 #![doc = include_str!("../README.md")]
 
+pub mod calib;
 pub mod data;
 pub mod device;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod optim;
 pub mod paths;
 pub mod train;
 
+pub use calib::{activation_norms, activation_stats, ActivationStats};
 pub use data::{Batch, Dataset, DatasetKind, DatasetMeta, DatasetSpec, Split};
 pub use device::DeviceSpec;
 pub use error::{Result, RuntimeError};
