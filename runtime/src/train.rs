@@ -100,6 +100,19 @@ pub trait TrainHooks {
         Ok(Control::Continue)
     }
 
+    /// After `after_step` (when it did not stop training): may change the masks, e.g. to
+    /// prune gradually during training. Return `true` when it did: the new masks are
+    /// applied to the weights at once, and from then on the optimizer zeroes the
+    /// gradients and state of every weight they prune.
+    fn update_masks(
+        &mut self,
+        _info: &StepInfo,
+        _model: &Model,
+        _masks: &mut Masks,
+    ) -> Result<bool> {
+        Ok(false)
+    }
+
     /// After each epoch (`epoch` is 0-based): e.g. take a late-rewinding snapshot.
     fn after_epoch(&mut self, _epoch: usize, _model: &Model) -> Result<Control> {
         Ok(Control::Continue)
@@ -163,12 +176,25 @@ fn check_masks(model: &Model, masks: &Masks) -> Result<()> {
 /// Trains `model` on `data` (batches and shuffling as the data set says) with
 /// cross-entropy. Masks are applied before the first step and after every step,
 /// gradients and optimizer state of pruned weights are zeroed. Deterministic for a
-/// given seed and data set, whatever the thread count.
+/// given seed and data set, whatever the thread count. The masks stay as given:
+/// hooks that prune during training need [`train_masked`].
 pub fn train(
     model: &mut Model,
     data: &Dataset,
     cfg: &TrainConfig,
     masks: &Masks,
+    hooks: &mut dyn TrainHooks,
+) -> Result<TrainReport> {
+    train_masked(model, data, cfg, &mut masks.clone(), hooks)
+}
+
+/// [`train`] with masks that [`TrainHooks::update_masks`] may change between steps
+/// (gradual pruning); `masks` holds the last masks when it returns.
+pub fn train_masked(
+    model: &mut Model,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    masks: &mut Masks,
     hooks: &mut dyn TrainHooks,
 ) -> Result<TrainReport> {
     if cfg.epochs == 0 {
@@ -231,6 +257,10 @@ pub fn train(
                 report.epoch_losses.push(loss_sum / batches as f64);
                 report.stopped_by_hook = true;
                 return Ok(report);
+            }
+            if hooks.update_masks(&info, model, masks)? {
+                check_masks(model, masks)?;
+                masks.apply(model)?;
             }
         }
         if batches > 0 {

@@ -416,3 +416,61 @@ fn masks_save_load_and_from_nonzero() {
         "{err}"
     );
 }
+
+/// Prunes the first column of every weight matrix at step 3, and every second
+/// column at step 6 (gradual pruning through `update_masks`).
+struct GrowingMask {
+    calls: usize,
+}
+
+impl TrainHooks for GrowingMask {
+    fn update_masks(
+        &mut self,
+        info: &StepInfo,
+        model: &Model,
+        masks: &mut Masks,
+    ) -> prunec_runtime::Result<bool> {
+        self.calls += 1;
+        let every = match info.step {
+            3 => usize::MAX,
+            6 => 2,
+            _ => return Ok(false),
+        };
+        for p in model.params().iter().filter(|p| !p.is_bias()) {
+            let cols = p.shape()[1];
+            let keep: Vec<u8> = (0..p.numel())
+                .map(|i| {
+                    let c = i % cols;
+                    u8::from(c != 0 && (every == usize::MAX || c % every != 0))
+                })
+                .collect();
+            masks.insert_u8(model, &p.name, &keep).or_panic();
+        }
+        Ok(true)
+    }
+}
+
+#[test]
+fn masks_updated_by_a_hook_hold_from_that_step_and_are_returned() {
+    let data = load(DatasetKind::Digits, Split::Train, 32, Some(1));
+    let mut model = digits_mlp(9);
+    let mut masks = Masks::new();
+    let mut hook = GrowingMask { calls: 0 };
+    let cfg = TrainConfig::new(1, OptimizerSpec::sgd(0.1, 0.9, 0.0)).max_steps(10);
+    let report =
+        prunec_runtime::train::train_masked(&mut model, &data, &cfg, &mut masks, &mut hook)
+            .or_panic();
+    assert_eq!(report.steps, 10);
+    assert_eq!(hook.calls, 10);
+    // The step-6 masks came back and still hold after four more momentum steps.
+    assert_eq!(masks.len(), 2);
+    assert_masked_zero(&model, &masks);
+    let (_, global) = masks.sparsity(&model).or_panic();
+    assert_eq!(global, 0.5, "odd columns kept");
+    // Kept weights still train.
+    let before = model.param_f32("fc1.weight").or_panic();
+    train(&mut model, &data, &cfg, &masks, &mut NoHooks).or_panic();
+    let after = model.param_f32("fc1.weight").or_panic();
+    assert!(before.iter().zip(&after).any(|(a, b)| a != b));
+    assert_masked_zero(&model, &masks);
+}
