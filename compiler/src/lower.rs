@@ -20,13 +20,36 @@ fn err<T>(span: Span, message: impl Into<String>) -> Result<T, LowerError> {
     })
 }
 
-/// A criterion ready for the kernels: the per-element expression, and the
+/// A per-element input the executor computes outside the scoring kernel and
+/// feeds through its gradient slot (`KInput::Grad`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Side {
+    /// `rand()`: a seeded uniform draw in [0, 1) per weight (every `rand()` of
+    /// one criterion reads the same draw).
+    Rand,
+    /// `accumulate(e)`: the sum of `e` (which may read `grad(w)`) over the
+    /// training steps since pruning began.
+    Accumulate(KExpr),
+}
+
+/// A criterion ready for the kernels: the per-element expression, the
 /// expressions whose per-output-row sums it reads as `RowStat(i)` (channel
-/// criteria such as `sum(abs(w), over = out_channel)`).
+/// criteria such as `sum(abs(w), over = out_channel)`), and the side input
+/// its `KInput::Grad` stands for, if not the loss gradient.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoweredCriterion {
     pub expr: KExpr,
     pub row_sums: Vec<KExpr>,
+    pub side: Option<Side>,
+}
+
+/// What lowering collects besides the expression.
+#[derive(Default)]
+struct Cx {
+    sums: Vec<KExpr>,
+    side: Option<(Side, Span)>,
+    /// A `grad(w)` outside `accumulate(...)`.
+    grad: Option<Span>,
 }
 
 /// Lowers a criterion expression (as written after `by`, or a declared or
@@ -35,9 +58,23 @@ pub fn criterion_to_kernel(
     recipe: &CheckedRecipe,
     e: &Expr,
 ) -> Result<LoweredCriterion, LowerError> {
-    let mut row_sums = Vec::new();
-    let expr = lower(recipe, e, 0, &mut row_sums)?;
-    Ok(LoweredCriterion { expr, row_sums })
+    let mut cx = Cx::default();
+    let expr = lower(recipe, e, 0, &mut cx)?;
+    if let (Some((side, span)), Some(_)) = (&cx.side, cx.grad) {
+        let what = match side {
+            Side::Rand => "`rand()`",
+            Side::Accumulate(_) => "`accumulate(...)`",
+        };
+        return err(
+            *span,
+            format!("a criterion with {what} cannot also read `grad(w)` outside it (both use the kernel's one per-weight side input)"),
+        );
+    }
+    Ok(LoweredCriterion {
+        expr,
+        row_sums: cx.sums,
+        side: cx.side.map(|(s, _)| s),
+    })
 }
 
 /// The per-element kernel expression of a criterion (whether it compiles at all).
@@ -45,34 +82,25 @@ pub fn criterion_to_kexpr(recipe: &CheckedRecipe, e: &Expr) -> Result<KExpr, Low
     criterion_to_kernel(recipe, e).map(|l| l.expr)
 }
 
-fn lower(
-    r: &CheckedRecipe,
-    e: &Expr,
-    depth: usize,
-    sums: &mut Vec<KExpr>,
-) -> Result<KExpr, LowerError> {
+fn lower(r: &CheckedRecipe, e: &Expr, depth: usize, cx: &mut Cx) -> Result<KExpr, LowerError> {
     if depth > 32 {
         return err(e.span, "criteria refer to each other too deeply");
     }
     Ok(match &e.kind {
         ExprKind::Number { value, .. } => KExpr::Const(*value as f32),
         ExprKind::Percent { value, .. } => KExpr::Const(*value as f32),
-        ExprKind::Paren(inner) => lower(r, inner, depth, sums)?,
+        ExprKind::Paren(inner) => lower(r, inner, depth, cx)?,
         ExprKind::Unary {
             op: UnaryOp::Neg,
             operand,
-        } => KExpr::un(UnOp::Neg, lower(r, operand, depth, sums)?),
+        } => KExpr::un(UnOp::Neg, lower(r, operand, depth, cx)?),
         ExprKind::Unary {
             op: UnaryOp::Not,
             operand,
-        } => KExpr::cmp(
-            CmpOp::Eq,
-            lower(r, operand, depth, sums)?,
-            KExpr::Const(0.0),
-        ),
+        } => KExpr::cmp(CmpOp::Eq, lower(r, operand, depth, cx)?, KExpr::Const(0.0)),
         ExprKind::Binary { op, lhs, rhs } => {
-            let a = lower(r, lhs, depth, sums)?;
-            let b = lower(r, rhs, depth, sums)?;
+            let a = lower(r, lhs, depth, cx)?;
+            let b = lower(r, rhs, depth, cx)?;
             match op {
                 BinaryOp::Add => KExpr::bin(BinOp::Add, a, b),
                 BinaryOp::Sub => KExpr::bin(BinOp::Sub, a, b),
@@ -123,10 +151,10 @@ fn lower(
                             span: id.span,
                             message: format!("criterion `{name}` has no definition"),
                         })?;
-                    lower(r, decl, depth + 1, sums)?
+                    lower(r, decl, depth + 1, cx)?
                 }
                 _ => match prunec_lang::stdlib::criterion(name) {
-                    Some(def) => lower(r, def, depth + 1, sums).map_err(|e| LowerError {
+                    Some(def) => lower(r, def, depth + 1, cx).map_err(|e| LowerError {
                         span: id.span,
                         message: format!("in the standard criterion `{name}`: {}", e.message),
                     })?,
@@ -137,7 +165,7 @@ fn lower(
         ExprKind::Call { callee, args } => {
             let mut arg = |i: usize| -> Result<KExpr, LowerError> {
                 match args.items.get(i) {
-                    Some(a) => lower(r, &a.value, depth, sums),
+                    Some(a) => lower(r, &a.value, depth, cx),
                     None => err(
                         args.span,
                         format!("`{}` needs {} argument(s)", callee.name, i + 1),
@@ -145,7 +173,38 @@ fn lower(
                 }
             };
             match callee.name.as_str() {
-                "grad" => KExpr::Input(KInput::Grad),
+                "grad" => {
+                    cx.grad.get_or_insert(e.span);
+                    KExpr::Input(KInput::Grad)
+                }
+                "rand" => {
+                    match &cx.side {
+                        None => cx.side = Some((Side::Rand, e.span)),
+                        Some((Side::Rand, _)) => {}
+                        Some(_) => {
+                            return err(
+                                e.span,
+                                "a criterion cannot combine `rand()` with `accumulate(...)`",
+                            )
+                        }
+                    }
+                    KExpr::Input(KInput::Grad)
+                }
+                "accumulate" => {
+                    let Some(a) = args.items.first() else {
+                        return err(args.span, "`accumulate` needs the per-step score to sum");
+                    };
+                    let mut inner = Cx::default();
+                    let step = lower(r, &a.value, depth, &mut inner)?;
+                    if !inner.sums.is_empty() || inner.side.is_some() {
+                        return err(a.value.span, "the per-step score of `accumulate` is elementwise: no group sums, `rand()` or nested `accumulate`");
+                    }
+                    if cx.side.is_some() {
+                        return err(e.span, "a criterion can hold one `accumulate(...)` (and no `rand()` beside it)");
+                    }
+                    cx.side = Some((Side::Accumulate(step), e.span));
+                    KExpr::Input(KInput::Grad)
+                }
                 "init" => KExpr::Input(KInput::Init),
                 "act" => {
                     let stat = args
@@ -168,7 +227,11 @@ fn lower(
                 "max" => KExpr::bin(BinOp::Max, arg(0)?, arg(1)?),
                 "where" => KExpr::select(arg(0)?, arg(1)?, arg(2)?),
                 "sum" => {
-                    let over = args.named("over").and_then(|a| a.value.as_name()).map(|n| n.name.as_str()).unwrap_or("all");
+                    let over = args
+                        .named("over")
+                        .and_then(|a| a.value.as_name())
+                        .map(|n| n.name.as_str())
+                        .unwrap_or("all");
                     if !matches!(over, "out_channel" | "row") {
                         return err(e.span, format!("`sum(..., over = {over})` is not supported by the kernels yet; `over = out_channel` is"));
                     }
@@ -178,17 +241,17 @@ fn lower(
                     if nested.iter().any(|i| matches!(i, KInput::RowStat(_))) {
                         return err(e.span, "group sums cannot be nested");
                     }
-                    let slot = sums.len();
+                    let slot = cx.sums.len();
                     if slot > u8::MAX as usize {
                         return err(e.span, "too many group sums in one criterion");
                     }
-                    sums.push(inner);
+                    cx.sums.push(inner);
                     KExpr::Input(KInput::RowStat(slot as u8))
                 }
                 other => {
                     return err(
                         e.span,
-                        format!("`{other}(...)` cannot be compiled into a scoring kernel yet (group sums, random draws and accumulation are not implemented)"),
+                        format!("`{other}(...)` cannot be compiled into a scoring kernel"),
                     )
                 }
             }

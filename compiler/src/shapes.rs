@@ -195,6 +195,30 @@ fn prune_shapes(r: &CheckedRecipe, s: &Stage, shapes: &Shapes, diags: &mut Vec<D
             );
         }
     }
+    if let Some((Value::Call { name: pat, args }, pspan)) = option(r, s, "pattern") {
+        let get = |k: &str| {
+            args.iter()
+                .find(|(n, _)| n == k)
+                .and_then(|(_, v)| v.as_i64())
+                .unwrap_or(1)
+                .max(1) as usize
+        };
+        let (br, bc) = (get("rows"), get("cols"));
+        for (name, shape) in selected.iter().filter(|_| pat == "block") {
+            let rows = shape.first().copied().unwrap_or(1).max(1);
+            let cols = shape.iter().product::<usize>() / rows;
+            if rows % br != 0 || cols % bc != 0 {
+                diags.push(
+                    Diagnostic::new(
+                        Code::ShapeMismatch,
+                        format!("`block({br}, {bc})` does not tile `{name}`: it is {rows} x {cols} as a matrix"),
+                    )
+                    .with_label(pspan.unwrap_or(s.keyword_span), format!("`{name}` has shape {shape:?}"))
+                    .with_help(format!("choose a block that divides both sides, or skip it with `skip = [\"{name}\"]`")),
+                );
+            }
+        }
+    }
     if let Some((Value::Pattern { n, m }, pspan)) = option(r, s, "pattern") {
         for (name, shape) in selected {
             let rows = shape.first().copied().unwrap_or(1).max(1);

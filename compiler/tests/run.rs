@@ -442,3 +442,199 @@ fn llm_recipe_prunes_smollm2_with_the_compiled_wanda_criterion() {
         assert!(out.join("model").join(f).is_file(), "{f} missing");
     }
 }
+
+/// Runs `prunec run -q` with `args` into a fresh folder; expects success and
+/// returns the folder and the parsed report.
+fn run_ok(args: &[&str]) -> (tempfile::TempDir, PathBuf, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut all = vec!["run", "-q"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--out", out.to_str().unwrap()]);
+    let (code, text) = prunec(&all, &[]);
+    assert_eq!(code, 0, "{text}");
+    let report =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    (dir, out, report)
+}
+
+fn tensor_f32(file: &Path, name: &str) -> Vec<f32> {
+    let st = std::fs::read(file).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&st).unwrap();
+    tensors
+        .tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn evaluation(report: &serde_json::Value, label: &str, metric: &str) -> f64 {
+    report["evaluations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["label"] == label)
+        .unwrap_or_else(|| panic!("no evaluation `{label}`"))["metrics"][metric]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn random_wanda_movement_late_rewinding_and_blocks_run() {
+    require_data("digits/digits.csv.gz", "digits");
+    let (_dir, out, report) = run_ok(&["tests/recipes/run/digits_methods.prune"]);
+    // The recipe's own asserts passed (exit 0); check what they cannot see.
+    let layer_kept = |model: &str, name: &str| -> (u64, u64) {
+        let l = report["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["model"] == model && l["name"] == name)
+            .unwrap();
+        (l["kept"].as_u64().unwrap(), l["total"].as_u64().unwrap())
+    };
+    // Random, per layer: exactly half of every weight matrix.
+    assert_eq!(layer_kept("rnd", "fc1.weight"), (2048, 4096));
+    assert_eq!(layer_kept("rnd", "fc2.weight"), (320, 640));
+    // Wanda per row: every row of fc1 keeps 32 of 64.
+    let wan = tensor_f32(&out.join("random.safetensors"), "fc1.weight");
+    assert_eq!(wan.len(), 4096);
+    // Random pruning does not follow magnitude: some kept weight is smaller
+    // than the largest pruned one would have to be for a magnitude cut, i.e.
+    // the kept magnitudes are not all above a common threshold per layer.
+    let mut kept: Vec<f32> = wan.iter().filter(|v| **v != 0.0).map(|v| v.abs()).collect();
+    kept.sort_by(f32::total_cmp);
+    assert!(
+        kept[0] < 0.01,
+        "smallest kept |w| {}: looks like a magnitude cut",
+        kept[0]
+    );
+    // Blocks: fc1 of `blk` is zero or non-zero in whole 4x4 blocks, half of them.
+    let blk = tensor_f32(&out.join("block.safetensors"), "fc1.weight");
+    let (mut zero_blocks, mut mixed) = (0, 0);
+    for br in 0..16 {
+        for bc in 0..16 {
+            let vals: Vec<f32> = (0..4)
+                .flat_map(|r| (0..4).map(move |c| (br * 4 + r) * 64 + bc * 4 + c))
+                .map(|i| blk[i])
+                .collect();
+            let zeros = vals.iter().filter(|v| **v == 0.0).count();
+            if zeros == 16 {
+                zero_blocks += 1;
+            } else if zeros > 0 {
+                mixed += 1;
+            }
+        }
+    }
+    assert_eq!((zero_blocks, mixed), (128, 0));
+    // Movement pruned gradually: one round record per pruning step, the
+    // sparsity never decreasing and ending at the target.
+    let rounds = report["rounds"].as_array().unwrap();
+    let steps: Vec<&serde_json::Value> = rounds
+        .iter()
+        .filter(|r| r["metrics"]["step"].is_number())
+        .collect();
+    assert_eq!(steps.len(), 15, "pruning steps at 0, 20, ..., 280 and 282");
+    let sp: Vec<f64> = steps
+        .iter()
+        .map(|r| r["sparsity"].as_f64().unwrap())
+        .collect();
+    assert!(sp.windows(2).all(|w| w[1] >= w[0]), "{sp:?}");
+    assert!((sp.last().unwrap() - 0.7).abs() < 1e-3, "{sp:?}");
+    assert!((evaluation(&report, "movement", "sparsity") - 0.7).abs() < 1e-3);
+    assert!((evaluation(&report, "rewound", "sparsity") - 0.6).abs() < 2e-3);
+}
+
+#[test]
+fn agp_cubic_reduced_reaches_its_target_gradually() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    let (_dir, out, report) = run_ok(&[
+        "examples/agp_cubic.prune",
+        "--set",
+        "samples=6000",
+        "--set",
+        "epochs=7",
+    ]);
+    let rounds = report["rounds"].as_array().unwrap();
+    // 47 batches per epoch, end = epoch 5 = step 235: steps 0, 50, ..., 200, 235.
+    let steps: Vec<u64> = rounds
+        .iter()
+        .map(|r| r["metrics"]["step"].as_f64().unwrap() as u64)
+        .collect();
+    assert_eq!(steps, vec![0, 50, 100, 150, 200, 235]);
+    let targets: Vec<f64> = rounds
+        .iter()
+        .map(|r| r["metrics"]["target_sparsity"].as_f64().unwrap())
+        .collect();
+    // Cubic: s_t = 0.9 * (1 - (1 - t / 235)^3).
+    for (t, s) in steps.iter().zip(&targets) {
+        let want = 0.9 * (1.0 - (1.0 - *t as f64 / 235.0).powi(3));
+        assert!((s - want).abs() < 1e-9, "step {t}: {s} vs {want}");
+    }
+    let acc = evaluation(&report, "net on test", "accuracy");
+    assert!(acc > 0.85, "accuracy {acc}");
+    assert!((report["final"]["sparsity"].as_f64().unwrap() - 0.9).abs() < 1e-3);
+    assert!(out.join("agp.svg").exists());
+}
+
+#[test]
+fn sap_pqi_reduced_prunes_less_as_the_pq_index_falls() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    let (_dir, out, report) = run_ok(&[
+        "examples/sap_pqi.prune",
+        "--set",
+        "samples=3000",
+        "--set",
+        "rounds=3",
+        "--set",
+        "epochs=2",
+        "--set",
+        "retrain=1",
+    ]);
+    let rounds = report["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3);
+    let ratio: Vec<f64> = rounds
+        .iter()
+        .map(|r| r["metrics"]["prune_ratio"].as_f64().unwrap())
+        .collect();
+    let sparsity: Vec<f64> = rounds
+        .iter()
+        .map(|r| r["sparsity"].as_f64().unwrap())
+        .collect();
+    assert!(ratio.iter().all(|r| *r > 0.0 && *r <= 0.9), "{ratio:?}");
+    assert!(sparsity.windows(2).all(|w| w[1] > w[0]), "{sparsity:?}");
+    assert!(rounds.iter().all(|r| r["pqi"].as_f64().unwrap() > 0.0));
+    assert!(out.join("sap.svg").exists());
+}
+
+#[test]
+fn a_write_failure_mid_run_leaves_the_output_folder_as_it_was() {
+    require_data("digits/digits.csv.gz", "digits");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "earlier output").unwrap();
+    // A file-size limit makes the model export fail the way a full disk does
+    // (the write returns an error); SIGXFSZ is ignored so the error reaches prunec.
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 8; exec '{}' run -q {RECIPE} --out '{}'",
+        env!("CARGO_BIN_EXE_prunec"),
+        out.display()
+    );
+    let o = Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("export failed"), "{text}");
+    assert!(text.contains("no output was written"), "{text}");
+    assert_eq!(files_in(&out), vec!["keep.txt".to_string()]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "earlier output"
+    );
+}

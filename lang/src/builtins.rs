@@ -42,7 +42,9 @@ impl fmt::Display for Ty {
             Ty::FractionOrCount => f.write_str("a fraction or a count (`2%`, `0.02` or `500`)"),
             Ty::Bool => f.write_str("`true` or `false`"),
             Ty::Str => f.write_str("a string"),
-            Ty::Pattern => f.write_str("an N:M pattern such as `2:4`"),
+            Ty::Pattern => {
+                f.write_str("an N:M pattern such as `2:4` or a block pattern such as `block(4, 1)`")
+            }
             Ty::Duration => f.write_str("a duration (`100 steps`, `2 epochs`, `step 0`)"),
             Ty::Globs => f.write_str("a list of name patterns such as `[\"*.weight\"]`"),
             Ty::Ints => f.write_str("a list of integers"),
@@ -69,6 +71,8 @@ pub enum Kind {
     LrSchedule,
     /// A weight-updating or adaptive pruning method used after `by`.
     Method,
+    /// A structured sparsity pattern (`pattern = block(4, 1)`).
+    Pattern,
     /// A function inside criterion expressions.
     ScoreFn,
     /// An input of criterion expressions (`w`, `step`).
@@ -89,6 +93,7 @@ impl Kind {
             Kind::Optimizer => "optimizer",
             Kind::LrSchedule => "learning-rate schedule",
             Kind::Method => "pruning method",
+            Kind::Pattern => "sparsity pattern",
             Kind::ScoreFn => "criterion function",
             Kind::ScoreInput => "criterion input",
             Kind::Metric => "metric",
@@ -415,6 +420,11 @@ pub static BUILTINS: &[Builtin] = &[
         p("gamma", Ty::Float, Some("1.2"), Range::positive(), "prune-ratio multiplier"),
         p("beta", Ty::Float, Some("0.9"), Range::unit(), "largest prune ratio per round"),
     ], "Sparsity-informed adaptive pruning driven by the PQ index (Diao et al. 2023)."),
+    // ---- patterns
+    b("block", Kind::Pattern, &[
+        p("rows", Ty::Int, None, Range { min: Some((1.0, true)), max: Some((4096.0, true)) }, "block height (output rows)"),
+        p("cols", Ty::Int, None, Range { min: Some((1.0, true)), max: Some((4096.0, true)) }, "block width (input columns)"),
+    ], "Blocks of rows x cols weights, scored by the sum of their weights' scores and kept or pruned whole; every tensor keeps the same fraction of its blocks."),
     // ---- schedules
     b("oneshot", Kind::Schedule, &[], "Reach the target at once."),
     b("iterative", Kind::Schedule, &[
@@ -475,7 +485,7 @@ pub static BUILTINS: &[Builtin] = &[
     b("schedule", Kind::StageOption, &[p("value", Ty::Of(Kind::Schedule), Some("oneshot()"), Range::any(), "")], "How the target is reached (prune)."),
     b("constraints", Kind::StageOption, &[p("value", Ty::Of(Kind::Constraints), None, Range::any(), "")], "A constraint set (prune)."),
     b("scope", Kind::StageOption, &[p("value", SCOPES, Some("global"), Range::any(), "")], "Where scores are compared: one global threshold, per layer, or per output row (prune)."),
-    b("pattern", Kind::StageOption, &[p("value", Ty::Pattern, None, Range::any(), "")], "Keep N of every M consecutive weights along the input dimension (prune)."),
+    b("pattern", Kind::StageOption, &[p("value", Ty::Pattern, None, Range::any(), "")], "`N:M`: keep N of every M consecutive weights along the input dimension; `block(rows, cols)`: keep or prune whole blocks (prune)."),
     b("targets", Kind::StageOption, &[p("value", Ty::Globs, Some("[\"*.weight\"]"), Range::any(), "")], "Parameters to prune, by name pattern (prune)."),
     b("skip", Kind::StageOption, &[p("value", Ty::Globs, Some("[]"), Range::any(), "")], "Parameters never pruned, by name pattern (prune)."),
     b("keep_min", Kind::StageOption, &[p("value", Ty::FractionOrCount, Some("0"), Range::non_negative(), "")], "Least kept per layer (`2% per layer` or a count): Global MP's guard against layer collapse (prune)."),

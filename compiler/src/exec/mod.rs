@@ -3,8 +3,8 @@
 //! is moved into place only when the run succeeds.
 
 mod llm;
+mod prune;
 
-use crate::kernel::{self, KExpr, PruneOptions, Selection, TensorView};
 use crate::lower::{self, LowerError};
 use crate::report::{Evaluation, Layer, Report, Round, Timing};
 use prunec_lang::ast::{BinaryOp, Expr, ExprKind, Stage, StageKind, UnaryOp};
@@ -87,6 +87,13 @@ struct ModelState {
     masks: rt::Masks,
     init: rt::Snapshot,
     spec: rt::ModelSpec,
+    /// Epochs trained so far, over all stages.
+    epochs_trained: usize,
+    /// `rewind = epoch k` points some prune stage of the recipe needs, with
+    /// the weights after `k` epochs once training got there.
+    rewind_points: BTreeMap<usize, Option<rt::Snapshot>>,
+    /// Activation norms from the last `calibrate` stage, by parameter.
+    calibration: Option<BTreeMap<String, Vec<f32>>>,
 }
 
 struct Exec<'a> {
@@ -106,8 +113,6 @@ struct Exec<'a> {
     targets: Option<Vec<String>>,
     /// When inside a round block, the round's metrics.
     round: Option<Round>,
-    /// Per-row sums the current prune stage's criterion reads (`RowStat(i)`).
-    row_sums: Vec<KExpr>,
     /// Language models, by name.
     llms: BTreeMap<String, rt::llm::LlamaModel>,
 }
@@ -177,7 +182,6 @@ pub fn run(
         progress: opts.progress,
         targets: None,
         round: None,
-        row_sums: Vec::new(),
         llms: BTreeMap::new(),
     };
     ex.interrupted.store(false, Ordering::SeqCst);
@@ -245,22 +249,70 @@ fn publish(staging: &Path, out: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-struct InterruptHook {
+/// The hook of a training stage: progress, Ctrl-C, late-rewinding snapshots
+/// and, for `prune ... during train ...`, gradual pruning.
+struct StageHook<'a, 'g> {
     flag: Arc<AtomicBool>,
     bar: Option<indicatif::ProgressBar>,
+    gradual: Option<&'g mut prune::Gradual>,
+    init: &'a rt::Snapshot,
+    /// Calibration data of a gradual criterion that reads `act(x)`.
+    calib: Option<&'a rt::Dataset>,
+    /// Epochs this model trained in earlier stages.
+    epochs_before: usize,
+    /// Epoch counts whose weights a later `rewind = epoch k` needs.
+    rewind_points: &'a mut BTreeMap<usize, Option<rt::Snapshot>>,
 }
 
-impl rt::TrainHooks for InterruptHook {
+impl rt::TrainHooks for StageHook<'_, '_> {
+    fn on_gradients(
+        &mut self,
+        _info: &rt::StepInfo,
+        model: &rt::Model,
+        grads: &[(String, candle_core::Tensor)],
+    ) -> rt::Result<()> {
+        if let Some(g) = self.gradual.as_deref_mut() {
+            g.on_gradients(model, grads)?;
+        }
+        Ok(())
+    }
+
     fn after_step(&mut self, info: &rt::StepInfo, _model: &rt::Model) -> rt::Result<Control> {
         if let Some(b) = &self.bar {
             b.set_position(info.step as u64 + 1);
-            b.set_message(format!("loss {:.4}", info.loss));
+            let sparsity = self
+                .gradual
+                .as_ref()
+                .and_then(|g| g.applied.last())
+                .map(|a| format!(", sparsity {:.1}%", a.sparsity * 100.0))
+                .unwrap_or_default();
+            b.set_message(format!("loss {:.4}{sparsity}", info.loss));
         }
         Ok(if self.flag.load(Ordering::SeqCst) {
             Control::Stop
         } else {
             Control::Continue
         })
+    }
+
+    fn update_masks(
+        &mut self,
+        info: &rt::StepInfo,
+        model: &rt::Model,
+        masks: &mut rt::Masks,
+    ) -> rt::Result<bool> {
+        match self.gradual.as_deref_mut() {
+            Some(g) => g.update_masks(info, model, masks, self.init, self.calib),
+            None => Ok(false),
+        }
+    }
+
+    fn after_epoch(&mut self, epoch: usize, model: &rt::Model) -> rt::Result<Control> {
+        let done = self.epochs_before + epoch + 1;
+        if let Some(slot @ None) = self.rewind_points.get_mut(&done) {
+            *slot = Some(model.snapshot()?);
+        }
+        Ok(Control::Continue)
     }
 }
 
@@ -314,12 +366,7 @@ impl Exec<'_> {
         }
         match s.kind {
             StageKind::Train | StageKind::Finetune => self.train(s)?,
-            StageKind::Calibrate => {
-                return Err(RunError::user(
-                    s.keyword_span,
-                    "`calibrate` stages are not supported by `prunec run` yet",
-                ));
-            }
+            StageKind::Calibrate => self.calibrate(s)?,
             StageKind::Prune => self.prune(s)?,
             StageKind::Evaluate => self.evaluate(s)?,
             StageKind::Assert => self.assert(s)?,
@@ -355,6 +402,9 @@ impl Exec<'_> {
                     masks: rt::Masks::new(),
                     init,
                     spec,
+                    epochs_trained: 0,
+                    rewind_points: self.rewind_epochs(name),
+                    calibration: None,
                 },
             );
         }
@@ -472,6 +522,15 @@ impl Exec<'_> {
     }
 
     fn train(&mut self, s: &Stage) -> Result<(), RunError> {
+        self.train_with(s, None)
+    }
+
+    /// Runs a `train` / `finetune` stage; `gradual` prunes during it.
+    fn train_with(
+        &mut self,
+        s: &Stage,
+        mut gradual: Option<&mut prune::Gradual>,
+    ) -> Result<(), RunError> {
         let (name, span) = Self::subject_name(s)?;
         let on =
             s.on.as_ref()
@@ -580,18 +639,49 @@ impl Exec<'_> {
             b.set_prefix(format!("{} {name}", s.kind));
             b
         });
-        let mut hooks = InterruptHook {
+        let total = cfg.total_steps(&self.datasets[&data_name]);
+        if let Some(g) = gradual.as_deref_mut() {
+            g.make_plan(batches, total)?;
+            if let Some(c) = &g.calib {
+                let c = c.clone();
+                self.dataset(&c)?;
+            }
+        }
+        let state = self.models.get_mut(&name).unwrap();
+        let ModelState {
+            model,
+            masks,
+            init,
+            rewind_points,
+            epochs_trained,
+            ..
+        } = state;
+        let calib = gradual
+            .as_ref()
+            .and_then(|g| g.calib.as_ref())
+            .and_then(|c| c.as_name())
+            .map(|c| &self.datasets[&c.name]);
+        let mut hooks = StageHook {
             flag: self.interrupted.clone(),
             bar,
+            gradual,
+            init,
+            calib,
+            epochs_before: *epochs_trained,
+            rewind_points,
         };
         let data = &self.datasets[&data_name];
-        let state = self.models.get_mut(&name).unwrap();
-        let result = rt::train(&mut state.model, data, &cfg, &state.masks, &mut hooks);
+        let result = rt::train::train_masked(model, data, &cfg, masks, &mut hooks);
         if let Some(b) = &hooks.bar {
             b.finish_and_clear();
         }
+        if let Some(e) = hooks.gradual.as_mut().and_then(|g| g.error.take()) {
+            return Err(e);
+        }
         match result {
-            Ok(_) => {}
+            Ok(rep) => {
+                *epochs_trained += rep.epoch_losses.len();
+            }
             Err(rt::RuntimeError::Diverged { epoch, step, loss }) => {
                 return Err(RunError::User {
                     span: Some(s.span),
@@ -641,439 +731,6 @@ impl Exec<'_> {
             });
         }
         Ok(names)
-    }
-
-    fn prune(&mut self, s: &Stage) -> Result<(), RunError> {
-        let (name, span) = Self::subject_name(s)?;
-        if s.during.is_some() {
-            return Err(RunError::user(s.keyword_span, "pruning `during` training (gradual schedules) is not supported by `prunec run` yet"));
-        }
-        let by =
-            s.by.as_ref()
-                .ok_or_else(|| RunError::user(s.keyword_span, "no criterion"))?;
-        if let ExprKind::Call { callee, .. } = &by.kind {
-            if matches!(callee.name.as_str(), "sparsegpt" | "sap") {
-                return Err(RunError::user(
-                    by.span,
-                    format!(
-                        "the `{}` method is not supported by `prunec run` yet",
-                        callee.name
-                    ),
-                ));
-            }
-        }
-        let lowered = lower::criterion_to_kernel(self.r, by)?;
-        self.row_sums = lowered.row_sums.clone();
-        let kexpr = lowered.expr;
-        if !kexpr.col_stats().is_empty() {
-            return Err(RunError::user(by.span, "activation statistics (`act(x)`) are collected only for language models so far; `prunec run` cannot prune this classifier with them yet"));
-        }
-        // Gradients, when the criterion reads them.
-        let grads: Option<BTreeMap<String, Vec<f32>>> = if kexpr.needs_grad() {
-            let on = s.on.as_ref().ok_or_else(|| {
-                RunError::user(s.keyword_span, "this criterion needs `on DATASET`")
-            })?;
-            self.dataset(on)?;
-            let data_name = on.as_name().unwrap().name.clone();
-            self.model(&name, span)?;
-            let state = &self.models[&name];
-            let g = rt::gradients(&state.model, &self.datasets[&data_name], GRADIENT_BATCHES)
-                .map_err(rt_err(s.span, "computing gradients"))?;
-            let mut out = BTreeMap::new();
-            for (n, t) in g {
-                let v = t
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(|e| RunError::Internal(e.to_string()))?;
-                out.insert(n, v);
-            }
-            Some(out)
-        } else {
-            None
-        };
-        let scope = self
-            .option(s, "scope")
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_else(|| "global".into());
-        let pattern = self.option(s, "pattern");
-        let allow_nonfinite = matches!(self.option(s, "allow_nonfinite"), Some(Value::Bool(true)));
-        let keep_min = self.option(s, "keep_min");
-        let keep_max = self.option(s, "keep_max");
-        let schedule = self.option(s, "schedule").map(|v| self.resolve(&v).clone());
-        let (rounds, rewind) = match schedule
-            .as_ref()
-            .and_then(|v| v.call_name().map(String::from))
-            .as_deref()
-        {
-            Some("iterative") => {
-                let sched = schedule.as_ref().unwrap();
-                let rounds = sched
-                    .arg("rounds")
-                    .and_then(|r| r.as_i64())
-                    .unwrap_or(1)
-                    .max(1) as usize;
-                (rounds, sched.arg("rewind").cloned())
-            }
-            Some("gradual") => {
-                return Err(RunError::user(
-                    s.keyword_span,
-                    "gradual schedules are not supported by `prunec run` yet",
-                ))
-            }
-            _ => (
-                self.option(s, "rounds")
-                    .and_then(|r| r.as_i64())
-                    .unwrap_or(1)
-                    .max(1) as usize,
-                None,
-            ),
-        };
-        if matches!(rewind, Some(Value::Duration { .. })) {
-            return Err(RunError::user(
-                s.keyword_span,
-                "rewinding to `epoch k` is not supported by `prunec run` yet; `init` is",
-            ));
-        }
-        let target = match &s.to {
-            Some(to) => self.number(to)?,
-            None => 0.0,
-        };
-        self.model(&name, span)?;
-        let selected = self.select_params(s, &self.models[&name].model)?;
-        self.targets = Some(selected.clone());
-        for round in 1..=rounds {
-            let keep_frac = (1.0 - target).powf(round as f64 / rounds as f64);
-            self.prune_round(
-                s,
-                &name,
-                &selected,
-                &kexpr,
-                grads.as_ref(),
-                &scope,
-                pattern.as_ref(),
-                keep_frac,
-                keep_min.as_ref(),
-                keep_max.as_ref(),
-                allow_nonfinite,
-            )?;
-            if matches!(rewind.as_ref().and_then(|r| r.as_str()), Some("init")) {
-                let state = self.models.get_mut(&name).unwrap();
-                state
-                    .model
-                    .restore(&state.init)
-                    .map_err(rt_err(s.span, "rewind"))?;
-                state
-                    .masks
-                    .apply(&state.model)
-                    .map_err(rt_err(s.span, "rewind"))?;
-            }
-            let (sparsity, pqi) = self.sparsity_pqi(&name, s.span)?;
-            self.round = Some(Round {
-                round,
-                sparsity,
-                pqi,
-                metrics: BTreeMap::new(),
-            });
-            if let Some(block) = &s.block {
-                for inner in &block.stages {
-                    self.stage(inner)?;
-                    if self.interrupted.load(Ordering::SeqCst) {
-                        return Err(RunError::Interrupted);
-                    }
-                }
-            }
-            let r = self.round.take().unwrap();
-            if rounds > 1 || s.block.is_some() {
-                self.report.rounds.push(r);
-            }
-        }
-        Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn prune_round(
-        &mut self,
-        s: &Stage,
-        name: &str,
-        selected: &[String],
-        kexpr: &KExpr,
-        grads: Option<&BTreeMap<String, Vec<f32>>>,
-        scope: &str,
-        pattern: Option<&Value>,
-        keep_frac: f64,
-        keep_min: Option<&Value>,
-        keep_max: Option<&Value>,
-        allow_nonfinite: bool,
-    ) -> Result<(), RunError> {
-        let state = self.models.get_mut(name).unwrap();
-        // Raw buffers for the kernels.
-        let mut weights: Vec<Vec<f32>> = Vec::new();
-        let mut masks: Vec<Vec<u64>> = Vec::new();
-        let mut inits: Vec<Vec<f32>> = Vec::new();
-        let mut shapes: Vec<(usize, usize)> = Vec::new();
-        let init_map: BTreeMap<&str, &candle_core::Tensor> = state
-            .init
-            .tensors()
-            .iter()
-            .map(|(n, t)| (n.as_str(), t))
-            .collect();
-        for n in selected {
-            let w = state
-                .model
-                .param_f32(n)
-                .map_err(rt_err(s.span, "read weights"))?;
-            let shape = state
-                .model
-                .param(n)
-                .map_err(rt_err(s.span, "read weights"))?
-                .shape();
-            let rows = shape.first().copied().unwrap_or(1).max(1);
-            let cols = w.len() / rows;
-            let mask = match state.masks.get(n) {
-                Some(_) => {
-                    let m = state.masks.to_u8(n).map_err(rt_err(s.span, "read mask"))?;
-                    let mut words = vec![0u64; kernel::mask_words(m.len())];
-                    for (i, b) in m.iter().enumerate() {
-                        if *b != 0 {
-                            words[i / 64] |= 1 << (i % 64);
-                        }
-                    }
-                    words
-                }
-                None => kernel::full_mask(w.len()),
-            };
-            if kexpr.needs_init() {
-                let t = init_map
-                    .get(n.as_str())
-                    .ok_or_else(|| RunError::Internal(format!("no init for {n}")))?;
-                inits.push(
-                    t.flatten_all()
-                        .and_then(|t| t.to_vec1::<f32>())
-                        .map_err(|e| RunError::Internal(e.to_string()))?,
-                );
-            }
-            shapes.push((rows, cols));
-            weights.push(w);
-            masks.push(mask);
-        }
-        let per_layer = |v: Option<&Value>, n: usize, default: usize| -> usize {
-            let inner = match v {
-                Some(Value::PerUnit(inner, _)) => Some(inner.as_ref()),
-                other => other,
-            };
-            match inner {
-                Some(Value::Fraction(f)) | Some(Value::Float(f)) => {
-                    ((*f * n as f64).ceil() as usize).min(n)
-                }
-                Some(Value::Int(c)) => (*c).max(0) as usize,
-                _ => default,
-            }
-        };
-        let sizes: Vec<usize> = weights.iter().map(|w| w.len()).collect();
-        let selection = if let Some(Value::Pattern { n, m }) = pattern {
-            Selection::NM {
-                n: *n as usize,
-                m: *m as usize,
-            }
-        } else {
-            match scope {
-                // Channel criteria score whole rows alike: keep whole rows.
-                "layer" if !self.row_sums.is_empty() => Selection::PerTensor {
-                    keep: shapes
-                        .iter()
-                        .map(|&(rows, cols)| ((rows as f64) * keep_frac).round() as usize * cols)
-                        .collect(),
-                },
-                "layer" => Selection::PerTensor {
-                    keep: sizes
-                        .iter()
-                        .map(|&n| ((n as f64) * keep_frac).round() as usize)
-                        .collect(),
-                },
-                "row" | "neuron" => {
-                    let cols = shapes.first().map(|s| s.1).unwrap_or(0);
-                    if shapes.iter().any(|s| s.1 != cols) {
-                        // Per-row keep counts follow each tensor's width: prune tensor by tensor.
-                        return self.prune_rows_per_tensor(
-                            s,
-                            name,
-                            selected,
-                            kexpr,
-                            grads,
-                            weights,
-                            masks,
-                            inits,
-                            shapes,
-                            keep_frac,
-                            allow_nonfinite,
-                        );
-                    }
-                    Selection::PerRow {
-                        keep_per_row: ((cols as f64) * keep_frac).round() as usize,
-                    }
-                }
-                _ => {
-                    let total: usize = sizes.iter().sum();
-                    let min_keep: Vec<usize> = if keep_min.is_some() {
-                        sizes.iter().map(|&n| per_layer(keep_min, n, 0)).collect()
-                    } else {
-                        vec![]
-                    };
-                    let max_keep: Vec<usize> = if keep_max.is_some() {
-                        sizes
-                            .iter()
-                            .map(|&n| per_layer(keep_max, n, n).min(n))
-                            .collect()
-                    } else {
-                        vec![]
-                    };
-                    Selection::Global {
-                        keep: ((total as f64) * keep_frac).round() as usize,
-                        min_keep,
-                        max_keep,
-                    }
-                }
-            }
-        };
-        self.apply_kernel(
-            s,
-            name,
-            selected,
-            kexpr,
-            grads,
-            &selection,
-            weights,
-            masks,
-            inits,
-            shapes,
-            allow_nonfinite,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn prune_rows_per_tensor(
-        &mut self,
-        s: &Stage,
-        name: &str,
-        selected: &[String],
-        kexpr: &KExpr,
-        grads: Option<&BTreeMap<String, Vec<f32>>>,
-        weights: Vec<Vec<f32>>,
-        masks: Vec<Vec<u64>>,
-        inits: Vec<Vec<f32>>,
-        shapes: Vec<(usize, usize)>,
-        keep_frac: f64,
-        allow_nonfinite: bool,
-    ) -> Result<(), RunError> {
-        let mut inits = inits.into_iter();
-        for (((n, w), m), sh) in selected.iter().zip(weights).zip(masks).zip(shapes) {
-            let sel = Selection::PerRow {
-                keep_per_row: ((sh.1 as f64) * keep_frac).round() as usize,
-            };
-            let init: Vec<Vec<f32>> = inits.next().into_iter().collect();
-            self.apply_kernel(
-                s,
-                name,
-                std::slice::from_ref(n),
-                kexpr,
-                grads,
-                &sel,
-                vec![w],
-                vec![m],
-                init,
-                vec![sh],
-                allow_nonfinite,
-            )?;
-        }
-        Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn apply_kernel(
-        &mut self,
-        s: &Stage,
-        name: &str,
-        selected: &[String],
-        kexpr: &KExpr,
-        grads: Option<&BTreeMap<String, Vec<f32>>>,
-        selection: &Selection,
-        mut weights: Vec<Vec<f32>>,
-        mut masks: Vec<Vec<u64>>,
-        inits: Vec<Vec<f32>>,
-        shapes: Vec<(usize, usize)>,
-        allow_nonfinite: bool,
-    ) -> Result<(), RunError> {
-        // Per-row sums the criterion reads (channel norms), from the current weights.
-        let mut row_stats: Vec<Vec<Vec<f32>>> = Vec::new();
-        for (i, (w, m)) in weights.iter_mut().zip(masks.iter_mut()).enumerate() {
-            let (rows, cols) = shapes[i];
-            let mut per_slot = Vec::new();
-            for inner in &self.row_sums {
-                let mut v = TensorView::new(&selected[i], rows, cols, w, m);
-                v.grad = grads
-                    .and_then(|g| g.get(&selected[i]))
-                    .map(|g| g.as_slice());
-                v.init = inits.get(i).map(|x| x.as_slice());
-                let opts = PruneOptions {
-                    scalars: vec![0.0],
-                    allow_nonfinite,
-                };
-                let scores = kernel::score_jit(inner, &v, &opts).map_err(|e| RunError::User {
-                    span: Some(s.span),
-                    message: format!("scoring `{name}` failed: {e}"),
-                    help: None,
-                })?;
-                // Row sums in f64, in order: deterministic whatever the threads.
-                let sums: Vec<f32> = scores
-                    .chunks(cols.max(1))
-                    .map(|r| r.iter().map(|&x| x as f64).sum::<f64>() as f32)
-                    .collect();
-                per_slot.push(sums);
-            }
-            row_stats.push(per_slot);
-        }
-        {
-            let mut views: Vec<TensorView> = Vec::new();
-            for (i, ((w, m), n)) in weights
-                .iter_mut()
-                .zip(masks.iter_mut())
-                .zip(selected)
-                .enumerate()
-            {
-                let (rows, cols) = shapes[i];
-                let mut v = TensorView::new(n, rows, cols, w, m);
-                v.grad = grads.and_then(|g| g.get(n)).map(|g| g.as_slice());
-                v.init = inits.get(i).map(|x| x.as_slice());
-                v.row_stats = row_stats[i].iter().map(|r| r.as_slice()).collect();
-                views.push(v);
-            }
-            let opts = PruneOptions {
-                scalars: vec![0.0],
-                allow_nonfinite,
-            };
-            kernel::prune_jit(kexpr, selection, &mut views, &opts).map_err(|e| RunError::User {
-                span: Some(s.span),
-                message: format!("pruning `{name}` failed: {e}"),
-                help: None,
-            })?;
-        }
-        let state = self.models.get_mut(name).unwrap();
-        for ((n, w), m) in selected.iter().zip(&weights).zip(&masks) {
-            state
-                .model
-                .set_param_f32(n, w)
-                .map_err(rt_err(s.span, "write weights"))?;
-            let keep: Vec<u8> = (0..w.len()).map(|i| kernel::mask_bit(m, i) as u8).collect();
-            state
-                .masks
-                .insert_u8(&state.model, n, &keep)
-                .map_err(rt_err(s.span, "write mask"))?;
-        }
-        state
-            .masks
-            .apply(&state.model)
-            .map_err(rt_err(s.span, "apply mask"))?;
-        Ok(())
     }
 
     /// Sparsity and PQI over the targeted weights (all weights before any prune).
@@ -1426,8 +1083,10 @@ fn wanted_metrics(s: &Stage) -> Vec<String> {
 /// A metric as people read it.
 pub fn fmt_metric(name: &str, v: f64) -> String {
     match name {
-        "accuracy" | "sparsity" => format!("{:.2}%", v * 100.0),
-        "params" | "flops" => format!("{v:.0}"),
+        "accuracy" | "sparsity" | "target_sparsity" | "prune_ratio" => {
+            format!("{:.2}%", v * 100.0)
+        }
+        "params" | "flops" | "step" => format!("{v:.0}"),
         _ => format!("{v:.4}"),
     }
 }

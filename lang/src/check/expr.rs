@@ -403,6 +403,7 @@ impl Checker<'_> {
         };
         let fits = match ty {
             Ty::Of(k) => bi.kind == k || (k == Kind::Criterion && bi.kind == Kind::Method),
+            Ty::Pattern => bi.kind == Kind::Pattern,
             _ => false,
         };
         if !fits {

@@ -28,6 +28,8 @@ struct Evaluated {
     metrics: BTreeMap<String, Span>,
     /// Label (`as dense`) → its metrics.
     labels: BTreeMap<String, (Span, BTreeSet<String>)>,
+    /// Models a `calibrate` stage collected activation statistics of.
+    calibrated: BTreeSet<String>,
 }
 
 impl Checker<'_> {
@@ -377,6 +379,11 @@ impl Checker<'_> {
         match s.kind {
             Train | Finetune | Calibrate => {
                 self.expect_model(s);
+                if s.kind == Calibrate {
+                    if let Some(m) = s.subject.first().and_then(|e| e.as_name()) {
+                        ev.calibrated.insert(m.name.clone());
+                    }
+                }
                 if self.require(s, "on DATASET", s.on.is_some()) {
                     self.eval(s.on.as_ref().unwrap(), Ty::Of(Kind::Dataset), Range::any());
                 }
@@ -578,7 +585,17 @@ impl Checker<'_> {
         }
         // Target.
         let written = |key: &str| s.args.as_ref().is_some_and(|a| a.named(key).is_some());
-        let has_pattern = all.contains_key("pattern") || written("pattern");
+        // An N:M pattern fixes the sparsity; a block pattern takes a `to` target.
+        let block_written = s
+            .args
+            .as_ref()
+            .and_then(|a| a.named("pattern"))
+            .is_some_and(|a| matches!(a.value.kind, ExprKind::Call { .. }));
+        let has_pattern = match all.get("pattern") {
+            Some(Value::Call { .. }) => false,
+            Some(_) => true,
+            None => written("pattern") && !block_written,
+        };
         let gradual = matches!(options.get("schedule"), Some(v) if self.schedule_name(v).as_deref() == Some("gradual"));
         if let Some(to) = &s.to {
             self.eval(to, Ty::Fraction, Range::sparsity());
@@ -607,13 +624,18 @@ impl Checker<'_> {
                         .join(s.by.as_ref().map(|e| e.span).unwrap_or(s.keyword_span)),
                     "how much should it prune?",
                 )
-                .with_help("add `to 90%`, an N:M `pattern = 2:4`, or a gradual schedule"),
+                .with_help("add `to 90%` (block patterns too), an N:M `pattern = 2:4`, or a gradual schedule"),
             );
         }
         // Data for what the criterion reads.
         let has_data = s.on.is_some();
-        let has_calib = all.contains_key("calibrate") || has_data;
-        let training = s.during.is_some() || s.block.as_ref().is_some_and(|b| !b.stages.is_empty());
+        let calibrated = s
+            .subject
+            .first()
+            .and_then(|e| e.as_name())
+            .is_some_and(|m| ev.calibrated.contains(&m.name));
+        let has_calib = all.contains_key("calibrate") || has_data || calibrated;
+        let training = s.during.is_some();
         let by_span = s.by.as_ref().map(|e| e.span).unwrap_or(s.keyword_span);
         if needs.grad && !has_data && s.during.is_none() {
             self.push(
@@ -631,7 +653,7 @@ impl Checker<'_> {
                 Diagnostic::new(Code::MissingData, "this criterion reads activation statistics, but the stage is given no calibration data")
                     .with_label(by_span, "reads layer inputs")
                     .with_label(s.keyword_span, "no calibration data here")
-                    .with_help("add `calibrate = DATASET` to the stage options (or `on DATASET`)"),
+                    .with_help("add `calibrate = DATASET` to the stage options (or `on DATASET`), or a `calibrate MODEL on DATASET` stage before it"),
             );
         }
         if needs.training && !training {
@@ -641,7 +663,7 @@ impl Checker<'_> {
                     "this criterion accumulates over training steps, but the stage does not train",
                 )
                 .with_label(by_span, "accumulates during training")
-                .with_help("prune `during` a `train`/`finetune` stage, or give it a round block"),
+                .with_help("prune `during` a `train`/`finetune` stage: `prune ... (schedule = gradual(...)) during train ...`"),
             );
         }
         // Rounds and blocks.

@@ -1,0 +1,1426 @@
+//! One pruning step on a classifier: a lowered criterion, its selection
+//! (scope, pattern, per-layer guards) and the side inputs it reads, applied to
+//! the model's weights and masks by the JIT kernels. Shared by one-shot and
+//! iterative stages, gradual pruning during training and SAP.
+
+use super::{rt_err, RunError};
+use crate::kernel::{self, PruneOptions, Selection, TensorView};
+use crate::lower::LoweredCriterion;
+use prunec_lang::check::Value;
+use prunec_lang::Span;
+use prunec_runtime as rt;
+use std::collections::BTreeMap;
+
+/// Per-element and per-column inputs a criterion reads besides the weights.
+#[derive(Default)]
+pub(super) struct SideInputs {
+    /// Values for the kernel's gradient slot, by parameter: loss gradients
+    /// (`grad(w)`), or the accumulated score (`accumulate(...)`), or the
+    /// random draws (`rand()`).
+    pub grad: Option<BTreeMap<String, Vec<f32>>>,
+    /// Per-input-column activation norms (`act(x)`), by parameter.
+    pub act: Option<BTreeMap<String, Vec<f32>>>,
+}
+
+/// How a prune stage selects: everything but the target fraction.
+pub(super) struct Pruner {
+    /// The stage (errors point here).
+    pub span: Span,
+    pub model: String,
+    /// The targeted parameters, in model order.
+    pub selected: Vec<String>,
+    pub crit: LoweredCriterion,
+    pub scope: String,
+    pub pattern: Option<Value>,
+    pub keep_min: Option<Value>,
+    pub keep_max: Option<Value>,
+    pub allow_nonfinite: bool,
+}
+
+/// The raw buffers of the targeted tensors.
+struct Buffers {
+    weights: Vec<Vec<f32>>,
+    masks: Vec<Vec<u64>>,
+    inits: Vec<Vec<f32>>,
+    shapes: Vec<(usize, usize)>,
+}
+
+/// Packs a runtime mask (or a dense one) into kernel mask words.
+pub(super) fn mask_words(masks: &rt::Masks, name: &str, len: usize) -> rt::Result<Vec<u64>> {
+    Ok(match masks.get(name) {
+        Some(_) => {
+            let m = masks.to_u8(name)?;
+            let mut words = vec![0u64; kernel::mask_words(m.len())];
+            for (i, b) in m.iter().enumerate() {
+                if *b != 0 {
+                    words[i / 64] |= 1 << (i % 64);
+                }
+            }
+            words
+        }
+        None => kernel::full_mask(len),
+    })
+}
+
+/// `(rows, cols)` of a parameter seen as a matrix (first dimension by the rest).
+pub(super) fn matrix_shape(model: &rt::Model, name: &str) -> rt::Result<(usize, usize)> {
+    let p = model.param(name)?;
+    let shape = p.shape();
+    let rows = shape.first().copied().unwrap_or(1).max(1);
+    Ok((rows, p.numel() / rows))
+}
+
+/// Keep count of a `keep_min` / `keep_max` value for a tensor of `n` weights.
+fn per_layer(v: Option<&Value>, n: usize, default: usize) -> usize {
+    let inner = match v {
+        Some(Value::PerUnit(inner, _)) => Some(inner.as_ref()),
+        other => other,
+    };
+    match inner {
+        Some(Value::Fraction(f)) | Some(Value::Float(f)) => {
+            ((*f * n as f64).ceil() as usize).min(n)
+        }
+        Some(Value::Int(c)) => (*c).max(0) as usize,
+        _ => default,
+    }
+}
+
+impl Pruner {
+    fn buffers(
+        &self,
+        model: &rt::Model,
+        masks: &rt::Masks,
+        init: &rt::Snapshot,
+    ) -> Result<Buffers, RunError> {
+        let span = self.span;
+        let init_map: BTreeMap<&str, &candle_core::Tensor> = init
+            .tensors()
+            .iter()
+            .map(|(n, t)| (n.as_str(), t))
+            .collect();
+        let mut b = Buffers {
+            weights: Vec::new(),
+            masks: Vec::new(),
+            inits: Vec::new(),
+            shapes: Vec::new(),
+        };
+        for n in &self.selected {
+            let w = model.param_f32(n).map_err(rt_err(span, "read weights"))?;
+            b.shapes
+                .push(matrix_shape(model, n).map_err(rt_err(span, "read weights"))?);
+            b.masks
+                .push(mask_words(masks, n, w.len()).map_err(rt_err(span, "read mask"))?);
+            if self.crit.expr.needs_init() {
+                let t = init_map
+                    .get(n.as_str())
+                    .ok_or_else(|| RunError::Internal(format!("no init for {n}")))?;
+                b.inits.push(
+                    t.flatten_all()
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(|e| RunError::Internal(e.to_string()))?,
+                );
+            }
+            b.weights.push(w);
+        }
+        Ok(b)
+    }
+
+    /// Prunes the targeted weights so that `keep_frac` of them (of all of
+    /// them, pruned or not) stay, with the stage's scope, pattern and guards.
+    pub fn round(
+        &self,
+        model: &rt::Model,
+        masks: &mut rt::Masks,
+        init: &rt::Snapshot,
+        keep_frac: f64,
+        side: &SideInputs,
+    ) -> Result<(), RunError> {
+        let b = self.buffers(model, masks, init)?;
+        let sizes: Vec<usize> = b.weights.iter().map(|w| w.len()).collect();
+        let shapes = b.shapes.clone();
+        let selection = match &self.pattern {
+            Some(Value::Pattern { n, m }) => Selection::NM {
+                n: *n as usize,
+                m: *m as usize,
+            },
+            Some(Value::Call { name, args }) if name == "block" => {
+                let get = |k: &str| {
+                    args.iter()
+                        .find(|(n, _)| n == k)
+                        .and_then(|(_, v)| v.as_i64())
+                        .unwrap_or(1)
+                        .max(1) as usize
+                };
+                Selection::Block {
+                    rows: get("rows"),
+                    cols: get("cols"),
+                    keep: keep_frac,
+                }
+            }
+            _ => match self.scope.as_str() {
+                // Channel criteria score whole rows alike: keep whole rows.
+                "layer" if !self.crit.row_sums.is_empty() => Selection::PerTensor {
+                    keep: shapes
+                        .iter()
+                        .map(|&(rows, cols)| ((rows as f64) * keep_frac).round() as usize * cols)
+                        .collect(),
+                },
+                "layer" => Selection::PerTensor {
+                    keep: sizes
+                        .iter()
+                        .map(|&n| ((n as f64) * keep_frac).round() as usize)
+                        .collect(),
+                },
+                "row" | "neuron" => {
+                    // Per-row keep counts follow each tensor's width: one call per tensor.
+                    return self.per_tensor(model, masks, b, side, |(_, cols)| Selection::PerRow {
+                        keep_per_row: ((cols as f64) * keep_frac).round() as usize,
+                    });
+                }
+                _ => {
+                    let total: usize = sizes.iter().sum();
+                    let min_keep: Vec<usize> = if self.keep_min.is_some() {
+                        sizes
+                            .iter()
+                            .map(|&n| per_layer(self.keep_min.as_ref(), n, 0))
+                            .collect()
+                    } else {
+                        vec![]
+                    };
+                    let max_keep: Vec<usize> = if self.keep_max.is_some() {
+                        sizes
+                            .iter()
+                            .map(|&n| per_layer(self.keep_max.as_ref(), n, n).min(n))
+                            .collect()
+                    } else {
+                        vec![]
+                    };
+                    Selection::Global {
+                        keep: ((total as f64) * keep_frac).round() as usize,
+                        min_keep,
+                        max_keep,
+                    }
+                }
+            },
+        };
+        let names = self.selected.clone();
+        self.apply(model, masks, &names, b, side, &selection)
+    }
+
+    /// Prunes all targeted tensors at once with an explicit selection.
+    pub fn select(
+        &self,
+        model: &rt::Model,
+        masks: &mut rt::Masks,
+        init: &rt::Snapshot,
+        side: &SideInputs,
+        selection: &Selection,
+    ) -> Result<(), RunError> {
+        let b = self.buffers(model, masks, init)?;
+        let names = self.selected.clone();
+        self.apply(model, masks, &names, b, side, selection)
+    }
+
+    /// Prunes tensor by tensor, each with its own selection.
+    fn per_tensor(
+        &self,
+        model: &rt::Model,
+        masks: &mut rt::Masks,
+        b: Buffers,
+        side: &SideInputs,
+        selection: impl Fn((usize, usize)) -> Selection,
+    ) -> Result<(), RunError> {
+        let mut inits = b.inits.into_iter();
+        for (((n, w), m), sh) in self
+            .selected
+            .iter()
+            .zip(b.weights)
+            .zip(b.masks)
+            .zip(b.shapes)
+        {
+            let one = Buffers {
+                weights: vec![w],
+                masks: vec![m],
+                inits: inits.next().into_iter().collect(),
+                shapes: vec![sh],
+            };
+            self.apply(
+                model,
+                masks,
+                std::slice::from_ref(n),
+                one,
+                side,
+                &selection(sh),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Scores, selects and masks `names` (with their buffers) in one kernel
+    /// call, then writes weights and masks back into the model.
+    fn apply(
+        &self,
+        model: &rt::Model,
+        masks: &mut rt::Masks,
+        names: &[String],
+        mut b: Buffers,
+        side: &SideInputs,
+        selection: &Selection,
+    ) -> Result<(), RunError> {
+        let span = self.span;
+        let fail = |what: &str, e: kernel::KernelError| RunError::User {
+            span: Some(span),
+            message: format!("{what} `{}` failed: {e}", self.model),
+            help: None,
+        };
+        let grad_of = |n: &str| -> Result<Option<&[f32]>, RunError> {
+            match &side.grad {
+                None => Ok(None),
+                Some(g) => g
+                    .get(n)
+                    .map(|v| Some(v.as_slice()))
+                    .ok_or_else(|| RunError::Internal(format!("no gradient slot for {n}"))),
+            }
+        };
+        let act_of = |n: &str, cols: usize| -> Result<Vec<&[f32]>, RunError> {
+            match &side.act {
+                None => Ok(vec![]),
+                Some(a) => match a.get(n) {
+                    Some(v) if v.len() == cols => Ok(vec![v.as_slice()]),
+                    Some(v) => Err(RunError::Internal(format!(
+                        "activation statistics of {n} have {} columns, the weight {cols}",
+                        v.len()
+                    ))),
+                    None => Err(RunError::user(
+                        span,
+                        format!("no activation statistics were collected for `{n}` (only linear and convolution weights have inputs to measure)"),
+                    )),
+                },
+            }
+        };
+        let opts = PruneOptions {
+            scalars: vec![0.0],
+            allow_nonfinite: self.allow_nonfinite,
+        };
+        // Per-row sums the criterion reads (channel norms), from the current weights,
+        // summed in f64 in row order: deterministic whatever the threads.
+        let mut row_stats: Vec<Vec<Vec<f32>>> = Vec::new();
+        for (i, (w, m)) in b.weights.iter_mut().zip(b.masks.iter_mut()).enumerate() {
+            let (rows, cols) = b.shapes[i];
+            let mut per_slot = Vec::new();
+            for inner in &self.crit.row_sums {
+                let mut v = TensorView::new(&names[i], rows, cols, w, m);
+                v.grad = grad_of(&names[i])?;
+                v.init = b.inits.get(i).map(|x| x.as_slice());
+                v.col_stats = act_of(&names[i], cols)?;
+                let scores = kernel::score_jit(inner, &v, &opts).map_err(|e| fail("scoring", e))?;
+                per_slot.push(
+                    scores
+                        .chunks(cols.max(1))
+                        .map(|r| r.iter().map(|&x| x as f64).sum::<f64>() as f32)
+                        .collect::<Vec<f32>>(),
+                );
+            }
+            row_stats.push(per_slot);
+        }
+        {
+            let mut views: Vec<TensorView> = Vec::new();
+            for (i, (w, m)) in b.weights.iter_mut().zip(b.masks.iter_mut()).enumerate() {
+                let (rows, cols) = b.shapes[i];
+                let mut v = TensorView::new(&names[i], rows, cols, w, m);
+                v.grad = grad_of(&names[i])?;
+                v.init = b.inits.get(i).map(|x| x.as_slice());
+                v.col_stats = act_of(&names[i], cols)?;
+                v.row_stats = row_stats[i].iter().map(|r| r.as_slice()).collect();
+                views.push(v);
+            }
+            kernel::prune_jit(&self.crit.expr, selection, &mut views, &opts)
+                .map_err(|e| fail("pruning", e))?;
+        }
+        for ((n, w), m) in names.iter().zip(&b.weights).zip(&b.masks) {
+            model
+                .set_param_f32(n, w)
+                .map_err(rt_err(span, "write weights"))?;
+            let keep: Vec<u8> = (0..w.len()).map(|i| kernel::mask_bit(m, i) as u8).collect();
+            masks
+                .insert_u8(model, n, &keep)
+                .map_err(rt_err(span, "write mask"))?;
+        }
+        masks.apply(model).map_err(rt_err(span, "apply mask"))?;
+        Ok(())
+    }
+
+    /// Prunes with an explicit number of weights to keep in every row of
+    /// every targeted tensor (`keep[t][row]`), ranking by the criterion.
+    pub fn rows_keep(
+        &self,
+        model: &rt::Model,
+        masks: &mut rt::Masks,
+        init: &rt::Snapshot,
+        side: &SideInputs,
+        keep: &[Vec<usize>],
+    ) -> Result<(), RunError> {
+        let span = self.span;
+        let b = self.buffers(model, masks, init)?;
+        let opts = PruneOptions {
+            scalars: vec![0.0],
+            allow_nonfinite: self.allow_nonfinite,
+        };
+        for (i, n) in self.selected.iter().enumerate() {
+            let (rows, cols) = b.shapes[i];
+            let mut w = b.weights[i].clone();
+            let mut m = b.masks[i].clone();
+            let scores = {
+                let mut v = TensorView::new(n, rows, cols, &mut w, &mut m);
+                v.grad = side
+                    .grad
+                    .as_ref()
+                    .and_then(|g| g.get(n))
+                    .map(|g| g.as_slice());
+                v.init = b.inits.get(i).map(|x| x.as_slice());
+                kernel::score_jit(&self.crit.expr, &v, &opts).map_err(|e| RunError::User {
+                    span: Some(span),
+                    message: format!("scoring `{}` failed: {e}", self.model),
+                    help: None,
+                })?
+            };
+            if keep[i].len() != rows {
+                return Err(RunError::Internal(format!(
+                    "{} keep counts for the {rows} rows of {n}",
+                    keep[i].len()
+                )));
+            }
+            for (r, &keep_r) in keep[i].iter().enumerate() {
+                let mut alive: Vec<usize> = (r * cols..(r + 1) * cols)
+                    .filter(|&j| kernel::mask_bit(&m, j))
+                    .collect();
+                let k = keep_r.min(alive.len());
+                // Highest score first; ties keep the earlier weight (the kernels' rule).
+                alive.sort_by(|&a, &c| {
+                    kernel::expr::score_key(scores[c])
+                        .cmp(&kernel::expr::score_key(scores[a]))
+                        .then(a.cmp(&c))
+                });
+                for &j in &alive[k..] {
+                    m[j / 64] &= !(1u64 << (j % 64));
+                    w[j] = 0.0;
+                }
+            }
+            model
+                .set_param_f32(n, &w)
+                .map_err(rt_err(span, "write weights"))?;
+            let keep_u8: Vec<u8> = (0..w.len())
+                .map(|j| kernel::mask_bit(&m, j) as u8)
+                .collect();
+            masks
+                .insert_u8(model, n, &keep_u8)
+                .map_err(rt_err(span, "write mask"))?;
+        }
+        masks.apply(model).map_err(rt_err(span, "apply mask"))?;
+        Ok(())
+    }
+}
+
+/// Batches a calibration pass (activation statistics) reads, in epoch-0 order.
+pub const CALIBRATION_BATCHES: usize = 32;
+
+/// A seeded uniform draw in [0, 1) for every weight of a tensor: a counter-based
+/// generator (splitmix64 of seed, salt, the tensor's name and the index), so the
+/// draws do not depend on the thread count or on the other tensors.
+pub(super) fn random_draws(seed: u64, salt: u64, name: &str, n: usize) -> Vec<f32> {
+    // FNV-1a of the name.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let base = seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ h;
+    (0..n as u64)
+        .map(|i| {
+            let mut z = base.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            (z >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect()
+}
+
+/// Flattens a gradient tensor.
+fn to_vec(t: &candle_core::Tensor) -> rt::Result<Vec<f32>> {
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| rt::RuntimeError::InvalidConfig(format!("reading a gradient: {e}")))
+}
+
+/// Activation norms (`act(x)`) of the targeted weights.
+pub(super) fn act_norms(
+    model: &rt::Model,
+    data: &rt::Dataset,
+    selected: &[String],
+) -> rt::Result<BTreeMap<String, Vec<f32>>> {
+    Ok(
+        rt::calib::activation_norms(model, data, CALIBRATION_BATCHES)?
+            .into_iter()
+            .filter(|(n, _)| selected.contains(n))
+            .collect(),
+    )
+}
+
+/// One pruning step of a gradual schedule, as applied.
+#[derive(Clone, Debug)]
+pub(super) struct GradualStep {
+    pub step: usize,
+    /// The schedule's target sparsity at this step.
+    pub target: f64,
+    /// Sparsity and PQ index (p = 0.5, q = 1) of the targeted weights after it.
+    pub sparsity: f64,
+    pub pqi: f64,
+    /// Training loss of the batch before it.
+    pub loss: f32,
+}
+
+/// Gradual pruning during training (AGP, Zhu & Gupta 2017): the training
+/// hook that prunes to the schedule's sparsity at its steps.
+pub(super) struct Gradual {
+    pub pruner: Pruner,
+    /// The resolved `gradual(...)` schedule.
+    pub schedule: Value,
+    pub seed: u64,
+    /// Data for `act(x)` (the stage's `calibrate = D`, or the training data).
+    pub calib: Option<prunec_lang::ast::Expr>,
+    /// `(step, sparsity)` of every pruning step.
+    pub plan: Vec<(usize, f64)>,
+    next: usize,
+    /// Sum and count of the loss gradients since the last pruning step (`grad(w)`).
+    grad_sum: Option<(BTreeMap<String, Vec<f32>>, usize)>,
+    /// The running sum of an `accumulate(...)` score.
+    acc: Option<BTreeMap<String, Vec<f32>>>,
+    pub applied: Vec<GradualStep>,
+    /// The error that stopped training, if pruning failed.
+    pub error: Option<RunError>,
+}
+
+impl Gradual {
+    pub fn new(
+        pruner: Pruner,
+        schedule: Value,
+        seed: u64,
+        calib: Option<prunec_lang::ast::Expr>,
+    ) -> Self {
+        Gradual {
+            pruner,
+            schedule,
+            seed,
+            calib,
+            plan: Vec::new(),
+            next: 0,
+            grad_sum: None,
+            acc: None,
+            applied: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// Resolves the schedule into pruning steps for a training run of
+    /// `total` steps with `batches` per epoch.
+    pub fn make_plan(&mut self, batches: usize, total: usize) -> Result<(), RunError> {
+        let span = self.pruner.span;
+        let sched = &self.schedule;
+        let frac = |k: &str, d: f64| sched.arg(k).and_then(|v| v.as_f64()).unwrap_or(d);
+        let steps = |k: &str, d: usize| -> Result<usize, RunError> {
+            match sched.arg(k) {
+                None => Ok(d),
+                Some(Value::Duration { count, unit }) => match unit {
+                    prunec_lang::ast::Unit::Step => Ok(*count as usize),
+                    prunec_lang::ast::Unit::Epoch => Ok(*count as usize * batches),
+                    prunec_lang::ast::Unit::Round => Err(RunError::user(
+                        span,
+                        format!(
+                            "`{k}` of a gradual schedule is counted in steps or epochs, not rounds"
+                        ),
+                    )),
+                },
+                Some(v) => Ok(v.as_i64().unwrap_or(0).max(0) as usize),
+            }
+        };
+        let (s_i, s_f) = (frac("from", 0.0), frac("to", 0.0));
+        let t0 = steps("start", 0)?;
+        let t_end = steps("end", total.saturating_sub(1))?;
+        let dt = steps("every", 100)?.max(1);
+        let cubic = sched.arg("curve").and_then(|c| c.as_str()) != Some("linear");
+        if t_end < t0 {
+            return Err(RunError::user(
+                span,
+                format!("the gradual schedule ends (step {t_end}) before it starts (step {t0})"),
+            ));
+        }
+        if t_end >= total {
+            return Err(RunError::User {
+                span: Some(span),
+                message: format!(
+                    "the gradual schedule's last pruning step is step {t_end}, but the training stage runs only {total} steps (0 to {})",
+                    total.saturating_sub(1)
+                ),
+                help: Some("train for more epochs or steps, or end the schedule earlier".into()),
+            });
+        }
+        let at = |t: usize| -> f64 {
+            if t_end == t0 {
+                return s_f;
+            }
+            let x = (t - t0) as f64 / (t_end - t0) as f64;
+            if cubic {
+                s_f + (s_i - s_f) * (1.0 - x).powi(3)
+            } else {
+                s_i + (s_f - s_i) * x
+            }
+        };
+        let mut plan: Vec<(usize, f64)> = (t0..=t_end).step_by(dt).map(|t| (t, at(t))).collect();
+        if plan.last().map(|p| p.0) != Some(t_end) {
+            plan.push((t_end, s_f));
+        }
+        self.plan = plan;
+        self.next = 0;
+        Ok(())
+    }
+
+    pub fn on_gradients(
+        &mut self,
+        model: &rt::Model,
+        grads: &[(String, candle_core::Tensor)],
+    ) -> rt::Result<()> {
+        if self.next >= self.plan.len() {
+            return Ok(());
+        }
+        let selected = &self.pruner.selected;
+        if let Some(crate::lower::Side::Accumulate(step)) = &self.pruner.crit.side {
+            let acc = self.acc.get_or_insert_with(BTreeMap::new);
+            for (n, g) in grads.iter().filter(|(n, _)| selected.contains(n)) {
+                let g = to_vec(g)?;
+                let mut w = model.param_f32(n)?;
+                let (rows, cols) = matrix_shape(model, n)?;
+                let mut m = kernel::full_mask(w.len());
+                let mut v = TensorView::new(n, rows, cols, &mut w, &mut m);
+                v.grad = Some(&g);
+                let opts = PruneOptions {
+                    scalars: vec![0.0],
+                    allow_nonfinite: self.pruner.allow_nonfinite,
+                };
+                let s = match kernel::score_jit(step, &v, &opts) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.error = Some(RunError::user(
+                            self.pruner.span,
+                            format!(
+                                "accumulating the score of `{}` failed: {e}",
+                                self.pruner.model
+                            ),
+                        ));
+                        return Err(rt::RuntimeError::InvalidConfig("pruning failed".into()));
+                    }
+                };
+                let a = acc.entry(n.clone()).or_insert_with(|| vec![0.0; s.len()]);
+                for (x, y) in a.iter_mut().zip(&s) {
+                    *x += *y;
+                }
+            }
+        } else if self.pruner.crit.side.is_none() && self.pruner.crit.expr.needs_grad() {
+            let (sum, count) = self.grad_sum.get_or_insert_with(|| (BTreeMap::new(), 0));
+            for (n, g) in grads.iter().filter(|(n, _)| selected.contains(n)) {
+                let g = to_vec(g)?;
+                let a = sum.entry(n.clone()).or_insert_with(|| vec![0.0; g.len()]);
+                for (x, y) in a.iter_mut().zip(&g) {
+                    *x += *y;
+                }
+            }
+            *count += 1;
+        }
+        Ok(())
+    }
+
+    pub fn update_masks(
+        &mut self,
+        info: &rt::StepInfo,
+        model: &rt::Model,
+        masks: &mut rt::Masks,
+        init: &rt::Snapshot,
+        calib: Option<&rt::Dataset>,
+    ) -> rt::Result<bool> {
+        let Some(&(step, sparsity)) = self.plan.get(self.next) else {
+            return Ok(false);
+        };
+        if info.step != step {
+            return Ok(false);
+        }
+        let selected = self.pruner.selected.clone();
+        let mut side = SideInputs::default();
+        match &self.pruner.crit.side {
+            Some(crate::lower::Side::Rand) => {
+                let mut draws = BTreeMap::new();
+                for n in &selected {
+                    let len = model.param(n)?.numel();
+                    draws.insert(n.clone(), random_draws(self.seed, step as u64, n, len));
+                }
+                side.grad = Some(draws);
+            }
+            Some(crate::lower::Side::Accumulate(_)) => side.grad = self.acc.clone(),
+            None if self.pruner.crit.expr.needs_grad() => {
+                if let Some((sum, count)) = self.grad_sum.take() {
+                    let inv = 1.0 / count.max(1) as f32;
+                    side.grad = Some(
+                        sum.into_iter()
+                            .map(|(n, v)| (n, v.into_iter().map(|x| x * inv).collect()))
+                            .collect(),
+                    );
+                }
+            }
+            None => {}
+        }
+        if !self.pruner.crit.expr.col_stats().is_empty() {
+            let data = calib
+                .ok_or_else(|| rt::RuntimeError::InvalidConfig("no calibration data".into()))?;
+            side.act = Some(act_norms(model, data, &selected)?);
+        }
+        if let Err(e) = self.pruner.round(model, masks, init, 1.0 - sparsity, &side) {
+            self.error = Some(e);
+            return Err(rt::RuntimeError::InvalidConfig("pruning failed".into()));
+        }
+        let (mut total, mut kept) = (0usize, 0usize);
+        let mut values = Vec::new();
+        for n in &selected {
+            let w = model.param_f32(n)?;
+            let m = mask_words(masks, n, w.len())?;
+            total += w.len();
+            for (j, x) in w.iter().enumerate() {
+                if kernel::mask_bit(&m, j) {
+                    kept += 1;
+                    values.push(*x);
+                }
+            }
+        }
+        let (_, pqi) = pq_index(values.into_iter(), 0.5, 1.0);
+        self.applied.push(GradualStep {
+            step,
+            target: sparsity,
+            sparsity: 1.0 - kept as f64 / total.max(1) as f64,
+            pqi,
+            loss: info.loss,
+        });
+        self.next += 1;
+        Ok(true)
+    }
+}
+
+/// A SAP round's prune count for one group of weights (Diao et al. 2023):
+/// `d` alive weights with PQ index `i` prune `floor(d * r)`.
+pub(super) fn sap_prune_count(
+    d: usize,
+    i: f64,
+    p: f64,
+    q: f64,
+    eta: f64,
+    gamma: f64,
+    beta: f64,
+) -> usize {
+    if d == 0 {
+        return 0;
+    }
+    let df = d as f64;
+    let m = (df * (1.0 + eta).powf(q / (p - q)) * (1.0 - i).powf(q * p / (q - p))).ceil();
+    let r = (gamma * (1.0 - m / df)).clamp(0.0, beta);
+    ((df * r).floor() as usize).min(d)
+}
+
+/// PQ index of the alive values, with sums in f64 in index order.
+pub(super) fn pq_index(alive: impl Iterator<Item = f32>, p: f64, q: f64) -> (usize, f64) {
+    let (mut sp, mut sq, mut d) = (0.0f64, 0.0f64, 0usize);
+    for x in alive {
+        let a = (x as f64).abs();
+        sp += a.powf(p);
+        sq += a.powf(q);
+        d += 1;
+    }
+    if d == 0 || sq == 0.0 {
+        return (d, 0.0);
+    }
+    let i = 1.0 - (d as f64).powf(1.0 / q - 1.0 / p) * sp.powf(1.0 / p) / sq.powf(1.0 / q);
+    // 0 <= I < 1 exactly; rounding can dip below 0 for equal magnitudes.
+    (d, i.max(0.0))
+}
+
+use super::{Exec, ModelState, GRADIENT_BATCHES};
+use crate::lower::{self, Side};
+use crate::report::Round;
+use prunec_lang::ast::{Expr, ExprKind, Stage};
+use std::sync::atomic::Ordering;
+
+impl Exec<'_> {
+    /// `rewind = epoch k` points the recipe's prune stages on `model` need.
+    pub(super) fn rewind_epochs(&self, model: &str) -> BTreeMap<usize, Option<rt::Snapshot>> {
+        fn walk<'s>(stages: &'s [Stage], out: &mut Vec<&'s Stage>) {
+            for s in stages {
+                out.push(s);
+                if let Some(b) = &s.block {
+                    walk(&b.stages, out);
+                }
+            }
+        }
+        let mut all = Vec::new();
+        walk(&self.r.pipeline().stages, &mut all);
+        let mut points = BTreeMap::new();
+        for s in all {
+            let on_model = s
+                .subject
+                .first()
+                .and_then(|e| e.as_name())
+                .map(|n| n.name.as_str())
+                == Some(model);
+            if s.kind != prunec_lang::ast::StageKind::Prune || !on_model {
+                continue;
+            }
+            let sched = self.option(s, "schedule").map(|v| self.resolve(&v).clone());
+            if let Some(Value::Duration {
+                count,
+                unit: prunec_lang::ast::Unit::Epoch,
+            }) = sched.as_ref().and_then(|v| v.arg("rewind"))
+            {
+                if *count > 0 {
+                    points.insert(*count as usize, None);
+                }
+            }
+        }
+        points
+    }
+
+    /// The pruner of a prune stage with a lowered criterion.
+    fn pruner(
+        &mut self,
+        s: &Stage,
+        name: &str,
+        span: Span,
+        crit: LoweredCriterion,
+    ) -> Result<Pruner, RunError> {
+        self.model(name, span)?;
+        let selected = self.select_params(s, &self.models[name].model)?;
+        self.targets = Some(selected.clone());
+        Ok(Pruner {
+            span: s.span,
+            model: name.to_string(),
+            selected,
+            crit,
+            scope: self
+                .option(s, "scope")
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_else(|| "global".into()),
+            pattern: self.option(s, "pattern"),
+            keep_min: self.option(s, "keep_min"),
+            keep_max: self.option(s, "keep_max"),
+            allow_nonfinite: matches!(self.option(s, "allow_nonfinite"), Some(Value::Bool(true))),
+        })
+    }
+
+    /// The data set a criterion's statistics are computed on: `calibrate = D`, else `on D`.
+    fn stats_data(&self, s: &Stage) -> Option<Expr> {
+        s.args
+            .as_ref()
+            .and_then(|a| a.named("calibrate"))
+            .map(|a| a.value.clone())
+            .or_else(|| s.on.clone())
+    }
+
+    /// Gradients, random draws and activation statistics for one round.
+    fn side_inputs(
+        &mut self,
+        s: &Stage,
+        pruner: &Pruner,
+        round: usize,
+    ) -> Result<SideInputs, RunError> {
+        let mut side = SideInputs::default();
+        let name = pruner.model.clone();
+        match &pruner.crit.side {
+            Some(Side::Rand) => {
+                let model = &self.models[&name].model;
+                let mut draws = BTreeMap::new();
+                for n in &pruner.selected {
+                    let len = model
+                        .param(n)
+                        .map_err(rt_err(s.span, "read weights"))?
+                        .numel();
+                    let salt = ((s.span.start as u64) << 20) ^ round as u64;
+                    draws.insert(n.clone(), random_draws(self.r.seed, salt, n, len));
+                }
+                side.grad = Some(draws);
+            }
+            Some(Side::Accumulate(_)) => {
+                return Err(RunError::User {
+                    span: s.by.as_ref().map(|b| b.span),
+                    message: "`accumulate(...)` sums a score over training steps: this prune stage trains no step".into(),
+                    help: Some("prune gradually during training: `prune ... (schedule = gradual(...)) during train ...`".into()),
+                });
+            }
+            None if pruner.crit.expr.needs_grad() => {
+                let on = s.on.as_ref().ok_or_else(|| {
+                    RunError::user(
+                        s.keyword_span,
+                        "this criterion reads gradients: add `on DATASET`",
+                    )
+                })?;
+                self.dataset(on)?;
+                let data = &self.datasets[&on.as_name().unwrap().name];
+                if self.progress {
+                    eprintln!(
+                        "gradients of {name}: {} batches",
+                        GRADIENT_BATCHES.min(data.num_batches())
+                    );
+                }
+                let g = rt::gradients(&self.models[&name].model, data, GRADIENT_BATCHES)
+                    .map_err(rt_err(s.span, "computing gradients"))?;
+                let mut out = BTreeMap::new();
+                for (n, t) in g.into_iter().filter(|(n, _)| pruner.selected.contains(n)) {
+                    out.insert(
+                        n,
+                        to_vec(&t).map_err(|e| RunError::Internal(e.to_string()))?,
+                    );
+                }
+                side.grad = Some(out);
+            }
+            None => {}
+        }
+        if !pruner.crit.expr.col_stats().is_empty() {
+            let state = &self.models[&name];
+            side.act = Some(match (&state.calibration, self.stats_data(s)) {
+                (_, Some(d)) => {
+                    self.dataset(&d)?;
+                    let data = &self.datasets[&d.as_name().unwrap().name];
+                    if self.progress {
+                        eprintln!("calibrate {name}: {} batches", CALIBRATION_BATCHES.min(data.num_batches()));
+                    }
+                    act_norms(&self.models[&name].model, data, &pruner.selected)
+                        .map_err(rt_err(s.span, "calibration"))?
+                }
+                (Some(c), None) => c.clone(),
+                (None, None) => {
+                    return Err(RunError::User {
+                        span: s.by.as_ref().map(|b| b.span),
+                        message: "this criterion reads activation statistics (`act(x)`), but no calibration data is given".into(),
+                        help: Some("add `calibrate = DATASET` to the stage options, or a `calibrate MODEL on DATASET` stage before it".into()),
+                    })
+                }
+            });
+        }
+        Ok(side)
+    }
+
+    /// `calibrate MODEL on DATA`: activation statistics for later prune stages.
+    pub(super) fn calibrate(&mut self, s: &Stage) -> Result<(), RunError> {
+        let (name, span) = Self::subject_name(s)?;
+        let on =
+            s.on.as_ref()
+                .ok_or_else(|| RunError::user(s.keyword_span, "no data"))?;
+        self.dataset(on)?;
+        self.model(&name, span)?;
+        let data = &self.datasets[&on.as_name().unwrap().name];
+        let stats =
+            rt::calib::activation_norms(&self.models[&name].model, data, CALIBRATION_BATCHES)
+                .map_err(rt_err(s.span, "calibration"))?;
+        self.models.get_mut(&name).unwrap().calibration = Some(stats.into_iter().collect());
+        Ok(())
+    }
+
+    pub(super) fn prune(&mut self, s: &Stage) -> Result<(), RunError> {
+        let (name, span) = Self::subject_name(s)?;
+        let by =
+            s.by.as_ref()
+                .ok_or_else(|| RunError::user(s.keyword_span, "no criterion"))?;
+        let method = match &by.kind {
+            ExprKind::Call { callee, .. } => Some(callee.name.as_str()),
+            ExprKind::Name(id) => Some(id.name.as_str()),
+            _ => None,
+        };
+        match method {
+            Some("sap") => return self.prune_sap(s, &name, span, by),
+            Some("sparsegpt") => {
+                return Err(RunError::User {
+                    span: Some(by.span),
+                    message: "SparseGPT reconstructs the linear layers of language models; `prunec run` does not apply it to classifiers".into(),
+                    help: Some("prune classifiers with a criterion such as `std.magnitude` or `std.wanda`".into()),
+                })
+            }
+            _ => {}
+        }
+        let crit = lower::criterion_to_kernel(self.r, by)?;
+        let pruner = self.pruner(s, &name, span, crit)?;
+        let schedule = self.option(s, "schedule").map(|v| self.resolve(&v).clone());
+        let sched_name = schedule
+            .as_ref()
+            .and_then(|v| v.call_name().map(String::from));
+        if let Some(inner) = &s.during {
+            if sched_name.as_deref() != Some("gradual") {
+                return Err(RunError::User {
+                    span: Some(s.keyword_span),
+                    message: "pruning `during` training needs a gradual schedule".into(),
+                    help: Some("add `schedule = gradual(to = 90%, end = step 2000)`".into()),
+                });
+            }
+            return self.prune_during(s, inner, pruner, schedule.unwrap());
+        }
+        let (rounds, rewind) = match sched_name.as_deref() {
+            Some("iterative") => {
+                let sched = schedule.as_ref().unwrap();
+                let rounds = sched
+                    .arg("rounds")
+                    .and_then(|r| r.as_i64())
+                    .unwrap_or(1)
+                    .max(1) as usize;
+                (rounds, sched.arg("rewind").cloned())
+            }
+            Some("gradual") => {
+                return Err(RunError::User {
+                    span: Some(s.keyword_span),
+                    message: "a gradual schedule prunes during training".into(),
+                    help: Some(
+                        "write `prune ... (schedule = ...) during train MODEL on DATA (...)`"
+                            .into(),
+                    ),
+                })
+            }
+            _ => (
+                self.option(s, "rounds")
+                    .and_then(|r| r.as_i64())
+                    .unwrap_or(1)
+                    .max(1) as usize,
+                None,
+            ),
+        };
+        let target = match &s.to {
+            Some(to) => self.number(to)?,
+            None => 0.0,
+        };
+        for round in 1..=rounds {
+            let keep_frac = (1.0 - target).powf(round as f64 / rounds as f64);
+            let side = self.side_inputs(s, &pruner, round)?;
+            let state = self.models.get_mut(&name).unwrap();
+            pruner.round(
+                &state.model,
+                &mut state.masks,
+                &state.init,
+                keep_frac,
+                &side,
+            )?;
+            if self.progress {
+                eprintln!(
+                    "prune {name}: round {round}/{rounds}, kept {:.2}% of the targeted weights",
+                    keep_frac * 100.0
+                );
+            }
+            self.rewind(s, &name, rewind.as_ref())?;
+            self.after_round(
+                s,
+                &name,
+                round,
+                rounds > 1 || s.block.is_some(),
+                BTreeMap::new(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Rewinds the survivors (lottery tickets): to their initial values or to
+    /// their values after `k` epochs of training.
+    fn rewind(&mut self, s: &Stage, name: &str, rewind: Option<&Value>) -> Result<(), RunError> {
+        let state: &mut ModelState = self.models.get_mut(name).unwrap();
+        let snap = match rewind {
+            Some(Value::Duration { count: 0, .. }) => &state.init,
+            Some(v) if v.as_str() == Some("init") => &state.init,
+            Some(Value::Duration { count, .. }) => match state.rewind_points.get(&(*count as usize)) {
+                Some(Some(snap)) => snap,
+                _ => {
+                    return Err(RunError::User {
+                        span: Some(s.span),
+                        message: format!(
+                            "`rewind = epoch {count}` needs the weights after {count} epochs of training, but `{name}` trained only {} epoch(s) before this stage",
+                            state.epochs_trained
+                        ),
+                        help: Some("train first, or rewind to an earlier epoch".into()),
+                    })
+                }
+            },
+            _ => return Ok(()),
+        };
+        state
+            .model
+            .restore(snap)
+            .map_err(rt_err(s.span, "rewind"))?;
+        state
+            .masks
+            .apply(&state.model)
+            .map_err(rt_err(s.span, "rewind"))?;
+        Ok(())
+    }
+
+    /// Records a round and runs the stage's round block.
+    fn after_round(
+        &mut self,
+        s: &Stage,
+        name: &str,
+        round: usize,
+        record: bool,
+        metrics: BTreeMap<String, f64>,
+    ) -> Result<(), RunError> {
+        let (sparsity, pqi) = self.sparsity_pqi(name, s.span)?;
+        self.round = Some(Round {
+            round,
+            sparsity,
+            pqi,
+            metrics,
+        });
+        if let Some(block) = &s.block {
+            for inner in &block.stages {
+                self.stage(inner)?;
+                if self.interrupted.load(Ordering::SeqCst) {
+                    return Err(RunError::Interrupted);
+                }
+            }
+        }
+        let r = self.round.take().unwrap();
+        if record {
+            self.report.rounds.push(r);
+        }
+        Ok(())
+    }
+
+    /// `prune ... (schedule = gradual(...)) during train ...`.
+    fn prune_during(
+        &mut self,
+        s: &Stage,
+        inner: &Stage,
+        pruner: Pruner,
+        schedule: Value,
+    ) -> Result<(), RunError> {
+        if !matches!(
+            inner.kind,
+            prunec_lang::ast::StageKind::Train | prunec_lang::ast::StageKind::Finetune
+        ) {
+            return Err(RunError::user(
+                inner.keyword_span,
+                "pruning runs during a `train` or `finetune` stage",
+            ));
+        }
+        let name = pruner.model.clone();
+        let (inner_name, _) = Self::subject_name(inner)?;
+        if inner_name != name {
+            return Err(RunError::user(
+                inner.span,
+                format!("pruning `{name}` during the training of another model (`{inner_name}`)"),
+            ));
+        }
+        let calib = if pruner.crit.expr.col_stats().is_empty() {
+            None
+        } else {
+            self.stats_data(s).or_else(|| inner.on.clone())
+        };
+        let mut g = Gradual::new(pruner, schedule, self.r.seed, calib);
+        self.train_with(inner, Some(&mut g))?;
+        for (i, a) in g.applied.iter().enumerate() {
+            let metrics = BTreeMap::from([
+                ("step".to_string(), a.step as f64),
+                ("train_loss".to_string(), a.loss as f64),
+                ("target_sparsity".to_string(), a.target),
+            ]);
+            self.report.rounds.push(Round {
+                round: i + 1,
+                sparsity: a.sparsity,
+                pqi: a.pqi,
+                metrics,
+            });
+        }
+        if self.progress {
+            eprintln!(
+                "prune {name} during training: {} pruning steps",
+                g.applied.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// SAP (Diao et al. 2023): each round, the PQ index of every group's
+    /// surviving weights sets how many of them to prune by magnitude.
+    fn prune_sap(&mut self, s: &Stage, name: &str, span: Span, by: &Expr) -> Result<(), RunError> {
+        let arg = |k: &str, d: f64| -> Result<f64, RunError> {
+            match &by.kind {
+                ExprKind::Call { args, .. } => match args.named(k) {
+                    Some(a) => self.number(&a.value),
+                    None => Ok(d),
+                },
+                _ => Ok(d),
+            }
+        };
+        let (p, q) = (arg("p", 0.5)?, arg("q", 1.0)?);
+        let (eta, gamma, beta) = (arg("eta", 0.001)?, arg("gamma", 1.2)?, arg("beta", 0.9)?);
+        if !(p > 0.0 && q > p) {
+            return Err(RunError::user(
+                by.span,
+                format!("SAP needs 0 < p < q, got p = {p}, q = {q}"),
+            ));
+        }
+        let magnitude = LoweredCriterion {
+            expr: crate::kernel::KExpr::un(
+                crate::kernel::UnOp::Abs,
+                crate::kernel::KExpr::Input(crate::kernel::KInput::Weight),
+            ),
+            row_sums: vec![],
+            side: None,
+        };
+        let pruner = self.pruner(s, name, span, magnitude)?;
+        if pruner.pattern.is_some() {
+            return Err(RunError::user(
+                s.span,
+                "SAP prunes unstructured weights: drop `pattern`",
+            ));
+        }
+        let rounds = self
+            .option(s, "rounds")
+            .and_then(|r| r.as_i64())
+            .unwrap_or(1)
+            .max(1) as usize;
+        let side = SideInputs::default();
+        for round in 1..=rounds {
+            let state = self.models.get_mut(name).unwrap();
+            let mut b = pruner.buffers(&state.model, &state.masks, &state.init)?;
+            let alive = |b: &Buffers, t: usize, range: std::ops::Range<usize>| -> Vec<f32> {
+                range
+                    .filter(|&j| kernel::mask_bit(&b.masks[t], j))
+                    .map(|j| b.weights[t][j])
+                    .collect()
+            };
+            let counts: Vec<usize> = (0..b.weights.len())
+                .map(|t| {
+                    (0..b.weights[t].len())
+                        .filter(|&j| kernel::mask_bit(&b.masks[t], j))
+                        .count()
+                })
+                .collect();
+            let mut pruned = 0usize;
+            match pruner.scope.as_str() {
+                "layer" => {
+                    let keep: Vec<usize> = (0..b.weights.len())
+                        .map(|t| {
+                            let (d, i) =
+                                pq_index(alive(&b, t, 0..b.weights[t].len()).into_iter(), p, q);
+                            let k = sap_prune_count(d, i, p, q, eta, gamma, beta);
+                            pruned += k;
+                            d - k
+                        })
+                        .collect();
+                    b.weights.clear();
+                    pruner.select(
+                        &state.model,
+                        &mut state.masks,
+                        &state.init,
+                        &side,
+                        &Selection::PerTensor { keep },
+                    )?;
+                }
+                "row" | "neuron" => {
+                    let keep: Vec<Vec<usize>> = (0..b.weights.len())
+                        .map(|t| {
+                            let (rows, cols) = b.shapes[t];
+                            (0..rows)
+                                .map(|r| {
+                                    let (d, i) = pq_index(
+                                        alive(&b, t, r * cols..(r + 1) * cols).into_iter(),
+                                        p,
+                                        q,
+                                    );
+                                    let k = sap_prune_count(d, i, p, q, eta, gamma, beta);
+                                    pruned += k;
+                                    d - k
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    pruner.rows_keep(&state.model, &mut state.masks, &state.init, &side, &keep)?;
+                }
+                _ => {
+                    let values =
+                        (0..b.weights.len()).flat_map(|t| alive(&b, t, 0..b.weights[t].len()));
+                    let (d, i) = pq_index(values, p, q);
+                    let k = sap_prune_count(d, i, p, q, eta, gamma, beta);
+                    pruned = k;
+                    pruner.select(
+                        &state.model,
+                        &mut state.masks,
+                        &state.init,
+                        &side,
+                        &Selection::Global {
+                            keep: d - k,
+                            min_keep: vec![],
+                            max_keep: vec![],
+                        },
+                    )?;
+                }
+            }
+            let alive_before: usize = counts.iter().sum();
+            if self.progress {
+                eprintln!("prune {name} (sap): round {round}/{rounds}, pruned {pruned} of {alive_before} surviving weights");
+            }
+            let metrics = BTreeMap::from([(
+                "prune_ratio".to_string(),
+                if alive_before == 0 {
+                    0.0
+                } else {
+                    pruned as f64 / alive_before as f64
+                },
+            )]);
+            self.after_round(s, name, round, true, metrics)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::{KExpr, KInput, UnOp};
+
+    #[test]
+    fn pq_index_is_zero_for_equal_weights_and_grows_with_sparsity() {
+        assert_eq!(pq_index([2.0f32; 16].into_iter(), 0.5, 1.0), (16, 0.0));
+        // One non-zero of four alive: 1 - 4^(1 - 2) * 1 / 1 = 0.75.
+        let (d, i) = pq_index([0.0f32, -3.0, 0.0, 0.0].into_iter(), 0.5, 1.0);
+        assert_eq!(d, 4);
+        assert!((i - 0.75).abs() < 1e-12, "{i}");
+        assert_eq!(pq_index(std::iter::empty(), 0.5, 1.0), (0, 0.0));
+    }
+
+    #[test]
+    fn sap_prunes_nothing_from_dense_like_groups_and_caps_the_ratio() {
+        // I = 0: m = d (1 + eta)^(-2), r = gamma (1 - (1 + eta)^-2) ~ 0.0024.
+        let d = 10_000;
+        let k = sap_prune_count(d, 0.0, 0.5, 1.0, 0.001, 1.2, 0.9);
+        let m = (d as f64 * 1.001f64.powf(-2.0)).ceil();
+        assert_eq!(k, (d as f64 * 1.2 * (1.0 - m / d as f64)).floor() as usize);
+        assert!(k > 0 && k < 30, "{k}");
+        // A sparse-looking group: (1 - I)^(-1) shrinks m; the ratio is capped by beta.
+        assert_eq!(sap_prune_count(1000, 0.9, 0.5, 1.0, 0.0, 1.2, 0.5), 500);
+        assert_eq!(sap_prune_count(0, 0.5, 0.5, 1.0, 0.0, 1.2, 0.9), 0);
+        // Larger I prunes more.
+        let a = sap_prune_count(1000, 0.1, 0.5, 1.0, 0.001, 1.2, 0.9);
+        let b = sap_prune_count(1000, 0.2, 0.5, 1.0, 0.001, 1.2, 0.9);
+        assert!(b > a, "{a} {b}");
+    }
+
+    #[test]
+    fn random_draws_are_uniform_seeded_and_per_tensor() {
+        let a = random_draws(7, 1, "fc1.weight", 100_000);
+        assert_eq!(a, random_draws(7, 1, "fc1.weight", 100_000));
+        assert_ne!(a, random_draws(7, 1, "fc2.weight", 100_000));
+        assert_ne!(a, random_draws(8, 1, "fc1.weight", 100_000));
+        assert_ne!(a, random_draws(7, 2, "fc1.weight", 100_000));
+        assert!(a.iter().all(|x| (0.0..1.0).contains(x)));
+        let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
+        assert!((mean - 0.5).abs() < 0.01, "{mean}");
+        let low = a.iter().filter(|&&x| x < 0.1).count();
+        assert!((9_000..11_000).contains(&low), "{low}");
+        // A prefix does not depend on the length asked for.
+        assert_eq!(&random_draws(7, 1, "fc1.weight", 10)[..], &a[..10]);
+    }
+
+    fn gradual(args: &[(&str, Value)]) -> Gradual {
+        let pruner = Pruner {
+            span: Span::default(),
+            model: "net".into(),
+            selected: vec![],
+            crit: LoweredCriterion {
+                expr: KExpr::un(UnOp::Abs, KExpr::Input(KInput::Weight)),
+                row_sums: vec![],
+                side: None,
+            },
+            scope: "global".into(),
+            pattern: None,
+            keep_min: None,
+            keep_max: None,
+            allow_nonfinite: false,
+        };
+        let schedule = Value::Call {
+            name: "gradual".into(),
+            args: args
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        };
+        Gradual::new(pruner, schedule, 1, None)
+    }
+
+    fn steps(n: u64) -> Value {
+        Value::Duration {
+            count: n,
+            unit: prunec_lang::ast::Unit::Step,
+        }
+    }
+
+    #[test]
+    fn gradual_plans_follow_the_cubic_curve_and_end_on_the_target() {
+        let mut g = gradual(&[
+            ("from", Value::Fraction(0.1)),
+            ("to", Value::Fraction(0.9)),
+            ("start", steps(10)),
+            (
+                "end",
+                Value::Duration {
+                    count: 2,
+                    unit: prunec_lang::ast::Unit::Epoch,
+                },
+            ),
+            ("every", steps(30)),
+        ]);
+        g.make_plan(50, 500).unwrap();
+        let ts: Vec<usize> = g.plan.iter().map(|p| p.0).collect();
+        assert_eq!(ts, vec![10, 40, 70, 100]);
+        for &(t, s) in &g.plan {
+            let x = (t - 10) as f64 / 90.0;
+            let want = 0.9 + (0.1 - 0.9) * (1.0 - x).powi(3);
+            assert!((s - want).abs() < 1e-12);
+        }
+        assert!((g.plan[0].1 - 0.1).abs() < 1e-12);
+        assert_eq!(g.plan.last().unwrap().1, 0.9);
+        // An end between pruning steps is added as the last step.
+        let mut g = gradual(&[
+            ("to", Value::Fraction(0.5)),
+            ("end", steps(95)),
+            ("every", steps(30)),
+            ("curve", Value::Word("linear".into())),
+        ]);
+        g.make_plan(50, 500).unwrap();
+        assert_eq!(
+            g.plan,
+            vec![
+                (0, 0.0),
+                (30, 0.5 * 30.0 / 95.0),
+                (60, 0.5 * 60.0 / 95.0),
+                (90, 0.5 * 90.0 / 95.0),
+                (95, 0.5)
+            ]
+        );
+    }
+
+    #[test]
+    fn gradual_plans_that_outlast_training_are_refused() {
+        let mut g = gradual(&[("to", Value::Fraction(0.9)), ("end", steps(500))]);
+        match g.make_plan(50, 500) {
+            Err(RunError::User { message, .. }) => {
+                assert!(
+                    message.contains("step 500") && message.contains("500 steps"),
+                    "{message}"
+                )
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        let mut g = gradual(&[
+            ("to", Value::Fraction(0.9)),
+            ("start", steps(50)),
+            ("end", steps(10)),
+        ]);
+        assert!(g.make_plan(50, 500).is_err());
+    }
+}
