@@ -369,3 +369,61 @@ fn edge_counts_empty_tensors_and_unaligned_statistics() {
     };
     check_same(&ds, &KExpr::wanda(0), &sel);
 }
+
+/// Rows a multiple of 64 long take the bracketed per-row path: rows whose scale jumps (the
+/// bracket learnt from the previous row misses), heavy ties, partly pruned rows, rows with
+/// fewer alive weights than `keep`, under the vector code and the scalar code.
+#[test]
+fn aligned_rows_with_shifting_scales_ties_and_holes() {
+    let mut ds = vec![
+        Data::new("a.weight", 97, 4096, 11, |r| r.normal()),
+        Data::new("b.weight", 130, 128, 12, |r| {
+            (r.normal() * 4.0).round() / 4.0
+        }),
+        Data::new("c.weight", 64, 64, 13, |r| r.normal()),
+    ];
+    // Scale jumps by row and pruned holes of every density.
+    let mut r = Rng(99);
+    for d in ds.iter_mut() {
+        for row in 0..d.rows {
+            let scale = [1.0f32, 1e-3, 50.0, 1.0, 0.0][(row / 3) % 5];
+            for c in 0..d.cols {
+                d.w[row * d.cols + c] *= scale;
+            }
+        }
+        for (wi, word) in d.mask.iter_mut().enumerate() {
+            let density = (wi / 5) % 4;
+            for _ in 0..density * 20 {
+                *word &= !(1u64 << (r.next() % 64));
+            }
+        }
+    }
+    for scalar in [false, true] {
+        prunec::kernel::simd::force_scalar(scalar);
+        for keep in [0, 1, 7, 40, 409, 1000, 5000] {
+            check_same(
+                &ds,
+                &KExpr::wanda(0),
+                &Selection::PerRow { keep_per_row: keep },
+            );
+            check_same(
+                &ds,
+                &KExpr::magnitude(),
+                &Selection::PerRow { keep_per_row: keep },
+            );
+        }
+        let total = alive(&ds);
+        for frac in [0.0, 0.1, 0.5, 0.97, 1.0] {
+            check_same(
+                &ds,
+                &KExpr::magnitude(),
+                &Selection::Global {
+                    keep: (total as f64 * frac) as usize,
+                    min_keep: vec![],
+                    max_keep: vec![],
+                },
+            );
+        }
+    }
+    prunec::kernel::simd::force_scalar(false);
+}

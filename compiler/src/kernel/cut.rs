@@ -15,16 +15,22 @@
 
 use rayon::prelude::*;
 
+use super::expr::score_key;
 use super::jit::CompiledKernel;
-use super::raw::{chunks_of, Chunk, RawTensor};
+use super::raw::{chunks_of, with_scratch, Chunk, RawTensor, BLOCK};
+use super::simd;
 
 /// Candidates collected per chunk and round.
 pub const CAP: usize = 4096;
 /// Histogram buckets per round.
 const BUCKETS: usize = 2048;
-/// Sample: one run of `SAMPLE_RUN` elements every `SAMPLE_STRIDE`.
+/// Sample: one run of `SAMPLE_RUN` elements every `stride` elements, `stride` a power of two
+/// between `SAMPLE_STRIDE` and `SAMPLE_STRIDE_MAX` aiming at `SAMPLE_RUNS` runs (so the
+/// sample holds at most about 200K keys: selecting in it stays cheap).
 const SAMPLE_RUN: usize = 64;
 const SAMPLE_STRIDE: usize = 8192;
+const SAMPLE_STRIDE_MAX: usize = 32768;
+const SAMPLE_RUNS: usize = 3072;
 
 /// One tensor of a pool with its guard `[min, max]` (max already capped at its alive count).
 #[derive(Clone, Debug)]
@@ -63,6 +69,9 @@ struct ChunkScan {
     cands: Vec<u64>,
 }
 
+/// Scans one chunk block by block: the JIT scores a block into a cache-resident buffer, then
+/// the buffer is compared with the range in the float domain ([`simd::classify_words`]).
+/// Non-finite alive weights are counted only when `check` is set.
 fn scan_chunk(
     k: &CompiledKernel,
     raw: &RawTensor,
@@ -70,24 +79,54 @@ fn scan_chunk(
     lo: u32,
     hi: u32,
     shift: u32,
+    check: bool,
 ) -> ChunkScan {
     let mut hist = vec![0u32; BUCKETS];
-    let mut cands = vec![0u64; CAP];
-    let mut a = raw.args(c.start, c.end);
-    a.lo = lo;
-    a.hi = hi;
-    a.shift = shift;
-    a.hist = hist.as_mut_ptr();
-    a.cands = cands.as_mut_ptr();
-    a.cap = CAP as u64;
-    // SAFETY: scan only reads the tensor; hist holds BUCKETS entries and `shift` keeps every
-    // bucket index below BUCKETS; cands holds CAP entries.
-    unsafe { raw.run(k.scan, &mut a) };
-    cands.truncate((a.in_range as usize).min(CAP));
+    let mut cands = Vec::new();
+    let (mut above, mut in_range, mut nonfinite) = (0u64, 0u64, 0u64);
+    with_scratch(|buf| {
+        let mut b0 = c.start;
+        while b0 < c.end {
+            let b1 = (b0 + BLOCK).min(c.end);
+            raw.score_into(k.score_raw, b0, b1, buf);
+            // SAFETY: nothing writes the tensor during the search.
+            let mask = unsafe { raw.mask_words(b0 / 64, b1.div_ceil(64)) };
+            let base = b0 - c.start;
+            // SAFETY: as above.
+            let ahead = unsafe { raw.weights(b1, (b1 + BLOCK).min(c.end)) };
+            simd::classify_words(buf, lo, hi, ahead, |wi, gt, inr| {
+                let a = mask[wi];
+                above += (gt & a).count_ones() as u64;
+                let mut m = inr & a;
+                while m != 0 {
+                    let j = wi * 64 + m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    let key = score_key(buf[j]);
+                    hist[((key - lo) >> shift) as usize] += 1;
+                    if (in_range as usize) < CAP {
+                        cands.push(((key as u64) << 32) | (base + j) as u64);
+                    }
+                    in_range += 1;
+                }
+            });
+            if check {
+                // SAFETY: as above.
+                let w = unsafe { raw.weights(b0, b1) };
+                if simd::any_nonfinite(w) {
+                    nonfinite += w
+                        .iter()
+                        .enumerate()
+                        .filter(|&(j, x)| (mask[j / 64] >> (j % 64)) & 1 == 1 && !x.is_finite())
+                        .count() as u64;
+                }
+            }
+            b0 = b1;
+        }
+    });
     ChunkScan {
-        above: a.above,
-        in_range: a.in_range,
-        nonfinite: a.nonfinite,
+        above,
+        in_range,
+        nonfinite,
         hist,
         cands,
     }
@@ -190,7 +229,9 @@ pub fn find_cuts(
         let t0 = std::time::Instant::now();
         let scans: Vec<ChunkScan> = work
             .par_iter()
-            .map(|&(_, _, c, lo, hi)| scan_chunk(k, &raws[c.tensor], c, lo, hi, shift_for(lo, hi)))
+            .map(|&(_, _, c, lo, hi)| {
+                scan_chunk(k, &raws[c.tensor], c, lo, hi, shift_for(lo, hi), first)
+            })
             .collect();
         if std::env::var_os("PRUNEC_TRACE_CUT").is_some() {
             let inr: u64 = scans.iter().map(|s| s.in_range).sum();
@@ -254,14 +295,17 @@ fn sample_range(
     if pool.alive < 64 * SAMPLE_STRIDE {
         return (0, u32::MAX);
     }
+    let stride = (pool.alive / SAMPLE_RUNS)
+        .next_power_of_two()
+        .clamp(SAMPLE_STRIDE, SAMPLE_STRIDE_MAX);
     let runs: Vec<Chunk> = chunks
         .iter()
         .flat_map(|&(_, c)| {
-            (c.start..c.end).step_by(SAMPLE_STRIDE).map(move |s| {
+            (c.start..c.end).step_by(stride).map(move |s| {
                 // A fixed pseudo-random offset per block, so runs do not always sample the
                 // same columns.
                 let h = (s as u64 ^ (c.tensor as u64) << 40).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                let s = (s + (h >> 40) as usize % (SAMPLE_STRIDE - SAMPLE_RUN)) & !63;
+                let s = (s + (h >> 40) as usize % (stride - SAMPLE_RUN)) & !63;
                 Chunk {
                     tensor: c.tensor,
                     start: s.min(c.end),
@@ -273,25 +317,23 @@ fn sample_range(
     let mut keys: Vec<u32> = runs
         .par_chunks(64)
         .flat_map_iter(|group| {
-            // One scratch histogram and candidate buffer per group of runs; the histogram's
-            // contents are not used.
-            let mut hist = vec![0u32; BUCKETS];
-            let mut cands = [0u64; SAMPLE_RUN];
+            let mut buf = Vec::with_capacity(SAMPLE_RUN);
             let mut out = Vec::with_capacity(group.len() * SAMPLE_RUN);
             for &c in group {
                 let raw = &raws[c.tensor];
-                let mut a = raw.args(c.start, c.end);
-                a.lo = 0;
-                a.hi = u32::MAX;
-                a.shift = shift_for(0, u32::MAX);
-                a.hist = hist.as_mut_ptr();
-                a.cands = cands.as_mut_ptr();
-                a.cap = SAMPLE_RUN as u64;
-                // SAFETY: scan only reads the tensor; the full-range shift keeps buckets
-                // below BUCKETS; a run has at most SAMPLE_RUN elements, the capacity.
-                unsafe { raw.run(k.scan, &mut a) };
-                let n = (a.in_range as usize).min(SAMPLE_RUN);
-                out.extend(cands[..n].iter().map(|x| (x >> 32) as u32));
+                if c.start == c.end {
+                    continue;
+                }
+                raw.score_into(k.score_raw, c.start, c.end, &mut buf);
+                // A run starts at a multiple of 64 and holds at most 64 elements: one word.
+                // SAFETY: nothing writes the tensor during the search.
+                let word = unsafe { raw.mask_word(c.start / 64) };
+                out.extend(
+                    buf.iter()
+                        .enumerate()
+                        .filter(|&(j, _)| (word >> j) & 1 == 1)
+                        .map(|(_, &x)| score_key(x)),
+                );
             }
             out
         })
@@ -350,7 +392,7 @@ fn step(pool: &Pool, chunks: &[(usize, Chunk)], sc: &[ChunkScan], lo: u32, hi: u
     }
     let complete = sc.iter().all(|s| s.in_range as usize <= CAP);
     if complete {
-        return State::Done(resolve_candidates(pool, chunks, sc, &above));
+        return State::Done(resolve_candidates(pool, chunks, sc, &above, lo, hi));
     }
     if lo == hi {
         return State::Done(resolve_ties(pool, chunks, sc, &above, lo));
@@ -382,20 +424,44 @@ fn resolve_candidates(
     chunks: &[(usize, Chunk)],
     sc: &[ChunkScan],
     above: &[usize],
+    lo: u32,
+    hi: u32,
 ) -> Cut {
+    // The histogram finds the bucket where the prefix reaches `keep`; every candidate in a
+    // higher bucket is taken, so only that bucket's candidates need ordering.
+    let nm = pool.members.len();
+    let shift = shift_for(lo, hi);
+    let mut hist = vec![vec![0usize; BUCKETS]; nm];
+    for (&(mi, _), s) in chunks.iter().zip(sc) {
+        for (h, &x) in hist[mi].iter_mut().zip(&s.hist) {
+            *h += x as usize;
+        }
+    }
+    let total_of =
+        |t: &[usize]| -> usize { pool.members.iter().zip(t).map(|(m, &x)| clamp(m, x)).sum() };
+    let mut taken: Vec<usize> = above.to_vec();
+    let mut bucket = 0;
+    for b in (0..BUCKETS).rev() {
+        let next: Vec<usize> = (0..nm).map(|mi| taken[mi] + hist[mi][b]).collect();
+        if total_of(&next) >= pool.keep {
+            bucket = b;
+            break;
+        }
+        taken = next;
+    }
+    let in_bucket = |key: u32| ((key - lo) >> shift) as usize == bucket;
     // (key, chunk position, local index): a stable sort by key keeps the ranking order.
     let mut cands: Vec<(u32, usize)> = Vec::new();
     for (ci, s) in sc.iter().enumerate() {
-        cands.extend(s.cands.iter().map(|&x| ((x >> 32) as u32, ci)));
+        cands.extend(
+            s.cands
+                .iter()
+                .map(|&x| ((x >> 32) as u32, ci))
+                .filter(|&(key, _)| in_bucket(key)),
+        );
     }
     cands.sort_by_key(|c| std::cmp::Reverse(c.0));
-    let mut taken: Vec<usize> = above.to_vec();
-    let mut total: usize = pool
-        .members
-        .iter()
-        .zip(&taken)
-        .map(|(m, &x)| clamp(m, x))
-        .sum();
+    let mut total = total_of(&taken);
     let mut quota = vec![0u64; chunks.len()];
     let mut t = u32::MAX;
     for &(key, ci) in &cands {

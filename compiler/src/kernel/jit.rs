@@ -113,6 +113,9 @@ pub type KernelFn = unsafe extern "C" fn(*mut KArgs);
 #[derive(Clone, Copy, Debug)]
 pub struct CompiledKernel {
     pub score: KernelFn,
+    /// `score` without canonicalising NaN scores (any NaN bits may be written): for
+    /// internal score buffers that are only compared, never reported.
+    pub score_raw: KernelFn,
     pub scan: KernelFn,
     pub apply: KernelFn,
 }
@@ -120,6 +123,7 @@ pub struct CompiledKernel {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Score,
+    ScoreRaw,
     Scan,
     Apply,
 }
@@ -162,7 +166,7 @@ pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut fids = Vec::new();
-    for (n, kind) in [Kind::Score, Kind::Scan, Kind::Apply]
+    for (n, kind) in [Kind::Score, Kind::Scan, Kind::Apply, Kind::ScoreRaw]
         .into_iter()
         .enumerate()
     {
@@ -205,6 +209,7 @@ pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
         score: get(fids[0]),
         scan: get(fids[1]),
         apply: get(fids[2]),
+        score_raw: get(fids[3]),
     };
     // The module's code memory must outlive every copy of the function pointers; the kernel
     // cache keeps them for the whole program, so the module is deliberately never freed.
@@ -321,6 +326,7 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
     let t_v = b.ins().splat(I32X4, t);
     let expc = b.ins().iconst(I32, 0x7f80_0000);
     let expm_v = b.ins().splat(I32X4, expc);
+    let is_score = matches!(kind, Kind::Score | Kind::ScoreRaw);
     let uses_pos = inputs
         .iter()
         .any(|i| matches!(i, KInput::ColStat(_) | KInput::RowStat(_)));
@@ -427,7 +433,7 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
     let dense_body = gen.b.create_block();
     gen.b.def_var(acc, z64);
     gen.b.def_var(g, z64);
-    if kind != Kind::Score {
+    if !is_score {
         let six = gen.ic(I64, 6);
         let wi = gen.b.ins().ushr(i, six);
         let three = gen.ic(I64, 3);
@@ -447,7 +453,7 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         (group_head, group_body, false),
         (dense_head, dense_body, true),
     ];
-    let n_loops = if kind == Kind::Score { 1 } else { 2 };
+    let n_loops = if is_score { 1 } else { 2 };
     for &(head, body, dense) in &loops[..n_loops] {
         gen.b.switch_to_block(head);
         let gv = gen.b.use_var(g);
@@ -493,7 +499,7 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
     gen.b.switch_to_block(tail_body);
     let (i, c, r) = gen.positions();
     match kind {
-        Kind::Score => scalar_score(&mut gen, &k, i, c, r),
+        Kind::Score | Kind::ScoreRaw => scalar_score(&mut gen, &k, i, c, r, kind == Kind::Score),
         Kind::Scan => {
             let wa = word_addr(&mut gen, mask, i);
             let ow = gen.b.ins().load(I64, mf(), wa, 0);
@@ -580,12 +586,14 @@ fn advance(gen: &mut Gen, n: i64, cols: Value) {
     }
 }
 
-fn scalar_score(gen: &mut Gen, k: &Consts, i: Value, c: Value, r: Value) {
+fn scalar_score(gen: &mut Gen, k: &Consts, i: Value, c: Value, r: Value, canonical: bool) {
     let e = gen.expr;
-    let s = gen.s_eval(e, i, c, r);
-    let nan = gen.b.ins().fcmp(FloatCC::Unordered, s, s);
-    let cn = gen.b.ins().f32const(f32::from_bits(CANONICAL_NAN));
-    let s = gen.b.ins().select(nan, cn, s);
+    let mut s = gen.s_eval(e, i, c, r);
+    if canonical {
+        let nan = gen.b.ins().fcmp(FloatCC::Unordered, s, s);
+        let cn = gen.b.ins().f32const(f32::from_bits(CANONICAL_NAN));
+        s = gen.b.ins().select(nan, cn, s);
+    }
     let rel = gen.b.ins().isub(i, gen.start);
     let a = gen.addr4(k.out, rel);
     gen.b.ins().store(mf(), s, a, 0);
@@ -729,10 +737,14 @@ fn vector_group(
     let e = gen.expr;
     let s = gen.v_eval(e, i, c, r);
     match kind {
-        Kind::Score => {
-            let nan = gen.b.ins().fcmp(FloatCC::Unordered, s, s);
-            let cn = gen.vf(f32::from_bits(CANONICAL_NAN));
-            let s = gen.vsel(nan, cn, s);
+        Kind::Score | Kind::ScoreRaw => {
+            let s = if kind == Kind::Score {
+                let nan = gen.b.ins().fcmp(FloatCC::Unordered, s, s);
+                let cn = gen.vf(f32::from_bits(CANONICAL_NAN));
+                gen.vsel(nan, cn, s)
+            } else {
+                s
+            };
             let rel = gen.b.ins().isub(i, gen.start);
             let a = gen.addr4(k.out, rel);
             gen.b.ins().store(mf(), s, a, 0);

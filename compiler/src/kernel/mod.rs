@@ -14,6 +14,7 @@ pub mod jit;
 pub mod raw;
 pub mod reference;
 mod rows;
+pub mod simd;
 mod translate;
 pub mod types;
 
@@ -32,7 +33,7 @@ pub use types::{
 
 use cut::{find_cuts, Cut, Member, NonFiniteIn, Pool};
 use expr::key_score;
-use raw::{chunks_of, RawTensor};
+use raw::{chunks_of, with_scratch, RawTensor};
 use types::{check_finite, count_alive, global_guards, validate};
 
 /// Scores every element of `t` (pruned ones included) with the JIT; NaN scores are canonical.
@@ -96,7 +97,7 @@ pub fn prune_jit_with(
         Selection::PerRow { .. } | Selection::NM { .. } | Selection::Block { .. }
     );
     if row_local && check {
-        check_finite(tensors)?;
+        check_finite_fast(tensors)?;
     }
     // Global and per-tensor guards are validated before anything is read.
     let mut pools: Vec<Pool> = Vec::new();
@@ -159,7 +160,7 @@ pub fn prune_jit_with(
             Ok(c) => c,
             Err(NonFiniteIn) => {
                 drop(raws);
-                check_finite(tensors)?;
+                check_finite_fast(tensors)?;
                 unreachable!("a scan saw a non-finite weight that the check did not");
             }
         };
@@ -203,23 +204,26 @@ pub fn prune_jit_with(
             .par_iter()
             .map(|&(c, quota, t)| {
                 let raw = &raws[c.tensor];
-                let mut a = raw.args(c.start, c.end);
-                a.t = t;
-                a.quota = quota;
-                // SAFETY: chunks are disjoint, start at multiples of 64 and each appears once.
-                unsafe { raw.run(k.apply, &mut a) };
-                let (w0, w1) = (c.start / 64, c.end.div_ceil(64));
+                let mut quota = quota;
                 let mut n = 0;
-                for wi in w0..w1 {
-                    // SAFETY: the word belongs to this chunk.
-                    let mut w = unsafe { raw.mask_word(wi) };
-                    if wi == w1 - 1 && c.end % 64 != 0 {
-                        w &= (1u64 << (c.end % 64)) - 1;
-                        // SAFETY: as above.
-                        unsafe { raw.set_mask_word(wi, w) };
+                with_scratch(|buf| {
+                    let mut b0 = c.start;
+                    while b0 < c.end {
+                        let b1 = (b0 + raw::BLOCK).min(c.end);
+                        raw.score_into(k.score_raw, b0, b1, buf);
+                        // SAFETY: chunks are disjoint, start at multiples of 64 and each
+                        // appears once, so this worker owns the block and its mask words.
+                        let (w, m, ahead) = unsafe {
+                            (
+                                raw.weights_mut(b0, b1),
+                                raw.mask_words_mut(b0 / 64, b1.div_ceil(64)),
+                                raw.weights(b1, (b1 + raw::BLOCK).min(c.end)),
+                            )
+                        };
+                        n += simd::apply_words(buf, w, m, t, &mut quota, ahead);
+                        b0 = b1;
                     }
-                    n += w.count_ones() as usize;
-                }
+                });
                 (c.tensor, n)
             })
             .collect();
@@ -243,6 +247,19 @@ pub fn prune_jit_with(
             })
             .collect(),
     })
+}
+
+/// [`check_finite`], after a parallel vectorised pass that finds no non-finite weight at all
+/// in the common case.
+fn check_finite_fast(tensors: &[TensorView]) -> Result<(), KernelError> {
+    let any = tensors
+        .iter()
+        .any(|t| t.weights.par_chunks(raw::CHUNK).any(simd::any_nonfinite));
+    if any {
+        check_finite(tensors)
+    } else {
+        Ok(())
+    }
 }
 
 fn single(t: usize, keep: usize, alive: usize) -> Pool {

@@ -11,6 +11,23 @@ use super::types::{KernelError, TensorView};
 /// A multiple of 64, so every chunk owns whole mask words.
 pub const CHUNK: usize = 1 << 18;
 
+/// Elements scored at a time into a cache-resident buffer before selection or masking
+/// (64 KB of scores; the weights just read are still in cache when they are masked).
+pub const BLOCK: usize = 1 << 14;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's score buffer.
+pub fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut b) => f(&mut b),
+        // Re-entered (a nested rayon job on this thread): use a fresh buffer.
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
 /// Compiled kernels, one set per distinct expression (keyed by its canonical text).
 #[derive(Default)]
 pub struct KernelCache {
@@ -125,6 +142,63 @@ impl RawTensor {
         debug_assert!(args.start <= args.end && args.end as usize <= self.len);
         // SAFETY: guaranteed by the caller, see above.
         unsafe { f(args) }
+    }
+
+    /// Scores elements `[start, end)` with `f` (a score kernel) into `buf`, resized to fit.
+    pub fn score_into(&self, f: KernelFn, start: usize, end: usize, buf: &mut Vec<f32>) {
+        assert!(start <= end && end <= self.len);
+        buf.clear();
+        buf.reserve(end - start);
+        let mut a = self.args(start, end);
+        a.out = buf.as_mut_ptr();
+        // SAFETY: a score kernel only reads the tensor and writes all `end - start` values,
+        // which the capacity holds; after it they are initialised.
+        unsafe {
+            self.run(f, &mut a);
+            buf.set_len(end - start);
+        }
+    }
+
+    /// The weights `[start, end)`.
+    ///
+    /// # Safety
+    /// `start <= end <= len`, and nothing writes them while the slice lives.
+    pub unsafe fn weights(&self, start: usize, end: usize) -> &[f32] {
+        debug_assert!(start <= end && end <= self.len);
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts(self.w.add(start), end - start) }
+    }
+
+    /// The weights `[start, end)`, writable.
+    ///
+    /// # Safety
+    /// `start <= end <= len`, and the calling worker owns them while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn weights_mut(&self, start: usize, end: usize) -> &mut [f32] {
+        debug_assert!(start <= end && end <= self.len);
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.w.add(start), end - start) }
+    }
+
+    /// Mask words `[w0, w1)`.
+    ///
+    /// # Safety
+    /// `w0 <= w1 <= ceil(len / 64)`, and nothing writes them while the slice lives.
+    pub unsafe fn mask_words(&self, w0: usize, w1: usize) -> &[u64] {
+        debug_assert!(w0 <= w1 && w1 <= self.len.div_ceil(64));
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts(self.mask.add(w0), w1 - w0) }
+    }
+
+    /// Mask words `[w0, w1)`, writable.
+    ///
+    /// # Safety
+    /// `w0 <= w1 <= ceil(len / 64)`, and the calling worker owns them while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn mask_words_mut(&self, w0: usize, w1: usize) -> &mut [u64] {
+        debug_assert!(w0 <= w1 && w1 <= self.len.div_ceil(64));
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.mask.add(w0), w1 - w0) }
     }
 
     /// The weight at `i`.

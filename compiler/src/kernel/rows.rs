@@ -8,7 +8,8 @@ use rayon::prelude::*;
 
 use super::expr::score_key;
 use super::jit::CompiledKernel;
-use super::raw::{RawTensor, CHUNK};
+use super::raw::{with_scratch, RawTensor, CHUNK};
+use super::simd;
 use super::types::blocks_to_keep;
 
 /// Rows per work unit for a tensor (a multiple of `align_rows` and of the 64-element word).
@@ -102,7 +103,25 @@ fn alive(raw: &RawTensor, i: usize) -> bool {
 pub fn per_row(k: &CompiledKernel, raw: &RawTensor, rows: usize, keep: usize) -> usize {
     let per = rows_per_unit(rows, raw.cols, 1);
     let cols = raw.cols;
-    let aligned = cols.is_multiple_of(64);
+    if cols > 0 && cols.is_multiple_of(64) {
+        let margin = row_margin(keep, cols);
+        // Every unit starts from the bracket of the tensor's first row.
+        let seed = if rows > 0 && keep > 0 {
+            with_scratch(|buf| {
+                raw.score_into(k.score_raw, 0, cols, buf);
+                // SAFETY: nothing writes the tensor yet.
+                let mask = unsafe { raw.mask_words(0, cols / 64) };
+                let mut keys = alive_keys(buf, mask);
+                (keep < keys.len()).then(|| bracket_of(&mut keys, keep, margin))
+            })
+        } else {
+            None
+        };
+        return units(rows, per)
+            .par_iter()
+            .map(|&(r0, r1)| per_row_unit(k, raw, r0, r1, keep, seed))
+            .sum();
+    }
     units(rows, per)
         .par_iter()
         .map(|&(r0, r1)| {
@@ -117,35 +136,12 @@ pub fn per_row(k: &CompiledKernel, raw: &RawTensor, rows: usize, keep: usize) ->
                 let rs = r * cols;
                 tmp.clear();
                 let row = &buf[rs - base..rs - base + cols];
-                let dense = aligned
-                    // SAFETY: reading this unit's own mask words.
-                    && (rs / 64..(rs + cols) / 64).all(|w| unsafe { raw.mask_word(w) } == u64::MAX);
-                if dense {
-                    tmp.extend(row.iter().map(|&s| score_key(s)));
-                } else {
-                    tmp.extend(
-                        (0..cols)
-                            .filter(|&c| alive(raw, rs + c))
-                            .map(|c| score_key(row[c])),
-                    );
-                }
+                tmp.extend(
+                    (0..cols)
+                        .filter(|&c| alive(raw, rs + c))
+                        .map(|c| score_key(row[c])),
+                );
                 cut.push(row_cut(&mut tmp, keep, &mut hist));
-            }
-            if aligned {
-                // Rows own whole mask words: the JIT apply kernel masks each row.
-                let mut kept = 0;
-                for (r, &(t, ties)) in (r0..r1).zip(&cut) {
-                    let mut a = raw.args(r * cols, (r + 1) * cols);
-                    a.t = t;
-                    a.quota = ties as u64;
-                    // SAFETY: this worker owns the row, which starts at a multiple of 64.
-                    unsafe { raw.run(k.apply, &mut a) };
-                    kept += (r * cols / 64..(r + 1) * cols / 64)
-                        // SAFETY: as above.
-                        .map(|w| unsafe { raw.mask_word(w) }.count_ones() as usize)
-                        .sum::<usize>();
-                }
-                return kept;
             }
             let mut row = usize::MAX;
             let (mut t, mut quota) = (0, 0);
@@ -169,6 +165,134 @@ pub fn per_row(k: &CompiledKernel, raw: &RawTensor, rows: usize, keep: usize) ->
             }
         })
         .sum()
+}
+
+/// Per-row selection of rows `[r0, r1)` whose length is a multiple of 64 (each row owns its
+/// mask words), one row at a time in cache: the JIT scores the row, a key bracket
+/// `[lo, hi]` learnt from the previous row splits it into kept-for-sure (above), candidates
+/// (inside, collected and sorted) and pruned (below), and [`simd::apply_words`] masks it.
+/// A row whose cut falls outside the bracket (or the unit's first row) takes the exact
+/// radix path on all its keys and sets the bracket for the next row. Returns the kept count.
+fn per_row_unit(
+    k: &CompiledKernel,
+    raw: &RawTensor,
+    r0: usize,
+    r1: usize,
+    keep: usize,
+    seed: Option<(u32, u32)>,
+) -> usize {
+    let cols = raw.cols;
+    let margin = row_margin(keep, cols);
+    let cap = 4 * margin + 64;
+    let mut bracket = seed;
+    let mut cands: Vec<u32> = Vec::with_capacity(cap);
+    let mut tmp: Vec<u32> = Vec::with_capacity(cols);
+    let mut hist = vec![0u32; 2048];
+    let mut kept = 0;
+    with_scratch(|buf| {
+        for r in r0..r1 {
+            let (s0, s1) = (r * cols, (r + 1) * cols);
+            raw.score_into(k.score_raw, s0, s1, buf);
+            // The next row of the unit, prefetched while this one is selected and masked.
+            // SAFETY: this worker owns the unit's rows; the next row is only read here.
+            let ahead = unsafe { raw.weights(s1, if r + 1 < r1 { s1 + cols } else { s1 }) };
+            let (t, ties) = {
+                // SAFETY: this worker owns the row; nothing else writes its words.
+                let mask = unsafe { raw.mask_words(s0 / 64, s1 / 64) };
+                let alive: usize = mask.iter().map(|w| w.count_ones() as usize).sum();
+                if keep == 0 {
+                    (u32::MAX, 0)
+                } else if keep >= alive {
+                    (0, alive)
+                } else {
+                    let fast = bracket.and_then(|(lo, hi)| {
+                        cands.clear();
+                        let (mut above, mut inr) = (0usize, 0usize);
+                        simd::classify_words(buf, lo, hi, ahead, |wi, gt, i| {
+                            let a = mask[wi];
+                            above += (gt & a).count_ones() as usize;
+                            let mut m = i & a;
+                            inr += m.count_ones() as usize;
+                            if inr <= cap {
+                                while m != 0 {
+                                    cands.push(score_key(
+                                        buf[wi * 64 + m.trailing_zeros() as usize],
+                                    ));
+                                    m &= m - 1;
+                                }
+                            }
+                        });
+                        if above >= keep || above + inr < keep || inr > cap {
+                            return None;
+                        }
+                        let rank = keep - above - 1;
+                        let (gt, &mut t, _) = cands.select_nth_unstable_by(rank, |a, b| b.cmp(a));
+                        let greater = gt.iter().filter(|&&x| x > t).count();
+                        // The next bracket: `margin` ranks either side of this row's cut, at
+                        // the keys-per-rank density this bracket showed.
+                        let span = (hi - lo) as u64 * margin as u64 / inr as u64 + 1;
+                        let nhi = (t as u64 + span).min(u32::MAX as u64) as u32;
+                        let nlo = (t as u64).saturating_sub(span) as u32;
+                        bracket = Some((nlo, nhi));
+                        Some((t, rank + 1 - greater))
+                    });
+                    fast.unwrap_or_else(|| {
+                        tmp.clear();
+                        tmp.extend(alive_keys(buf, mask));
+                        bracket = Some(bracket_of(&mut tmp, keep, margin));
+                        row_cut(&mut tmp, keep, &mut hist)
+                    })
+                }
+            };
+            let mut quota = ties as u64;
+            // SAFETY: as above; the shared view of the words is no longer used.
+            let (w, m) = unsafe {
+                (
+                    raw.weights_mut(s0, s1),
+                    raw.mask_words_mut(s0 / 64, s1 / 64),
+                )
+            };
+            kept += simd::apply_words(buf, w, m, t, &mut quota, ahead);
+        }
+    });
+    kept
+}
+
+/// Ranks `keep - margin` and `keep + margin` bound the next row's cut: about 3 standard
+/// deviations of the count above a fixed score from row to row.
+fn row_margin(keep: usize, cols: usize) -> usize {
+    let var = (keep as f64) * (cols.saturating_sub(keep) as f64) / cols.max(1) as f64;
+    (3.0 * var.sqrt()).ceil() as usize + 8
+}
+
+/// The keys of the alive elements of a row (`s` its scores, `mask` its words), in order.
+fn alive_keys(s: &[f32], mask: &[u64]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(s.len());
+    for (wi, &a) in mask.iter().enumerate() {
+        let mut m = a;
+        while m != 0 {
+            out.push(score_key(s[wi * 64 + m.trailing_zeros() as usize]));
+            m &= m - 1;
+        }
+    }
+    out
+}
+
+/// The keys at ranks `keep - margin` and `keep + margin` (1-based, descending; the ends when
+/// out of range) of `keys`, for `0 < keep < keys.len()`: a bracket for a similar row's cut.
+fn bracket_of(keys: &mut [u32], keep: usize, margin: usize) -> (u32, u32) {
+    let desc = |a: &u32, b: &u32| b.cmp(a);
+    let hi = if keep > margin {
+        *keys.select_nth_unstable_by(keep - 1 - margin, desc).1
+    } else {
+        u32::MAX
+    };
+    let lo = if keep - 1 + margin < keys.len() {
+        *keys.select_nth_unstable_by(keep - 1 + margin, desc).1
+    } else {
+        0
+    };
+    (lo, hi)
 }
 
 /// The cut `(t, ties)` keeping the top `k` of `keys`: keep keys above `t` and the first
