@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-data.sh mnist
 cargo build --release -p prunec
-target/release/prunec run examples/lenet300_magnitude.prune --out out/lenet300_magnitude "$@"
-target/release/prunec verify out/lenet300_magnitude/prune.lock
+prunec="${CARGO_TARGET_DIR:-target}/release/prunec"
+"$prunec" run examples/lenet300_magnitude.prune --out out/lenet300_magnitude "$@"
+"$prunec" verify out/lenet300_magnitude/prune.lock

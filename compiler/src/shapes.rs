@@ -195,16 +195,10 @@ fn prune_shapes(r: &CheckedRecipe, s: &Stage, shapes: &Shapes, diags: &mut Vec<D
             );
         }
     }
-    if let Some((Value::Call { name: pat, args }, pspan)) = option(r, s, "pattern") {
-        let get = |k: &str| {
-            args.iter()
-                .find(|(n, _)| n == k)
-                .and_then(|(_, v)| v.as_i64())
-                .unwrap_or(1)
-                .max(1) as usize
-        };
-        let (br, bc) = (get("rows"), get("cols"));
-        for (name, shape) in selected.iter().filter(|_| pat == "block") {
+    let block = option(r, s, "pattern")
+        .and_then(|(v, pspan)| crate::lower::block_shape(&v).map(|b| (b, pspan)));
+    if let Some(((br, bc), pspan)) = block {
+        for (name, shape) in selected.iter() {
             let rows = shape.first().copied().unwrap_or(1).max(1);
             let cols = shape.iter().product::<usize>() / rows;
             if rows % br != 0 || cols % bc != 0 {

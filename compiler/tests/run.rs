@@ -638,3 +638,109 @@ fn a_write_failure_mid_run_leaves_the_output_folder_as_it_was() {
         "earlier output"
     );
 }
+
+#[test]
+fn from_scratch_reduced_compares_finetuning_with_scratch_training() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    let (_dir, out, report) = run_ok(&["examples/from_scratch.prune", "--set", "epochs=1"]);
+    let finetuned = evaluation(&report, "finetuned", "accuracy");
+    let scratch = evaluation(&report, "scratch", "accuracy");
+    assert!(finetuned > 0.9 && scratch > 0.9, "{finetuned} {scratch}");
+    // The scratch run kept the mask: the same 150 of 300 fc1 rows are gone.
+    let w = tensor_f32(&out.join("net.safetensors"), "fc1.weight");
+    let zero_rows = w
+        .chunks(784)
+        .filter(|r| r.iter().all(|&v| v == 0.0))
+        .count();
+    assert_eq!(zero_rows, 150);
+}
+
+#[test]
+fn pretrained_cnn_24_reduced_is_two_four_sparse_after_finetuning() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist cnn");
+    require_data("digit-recognizer/handwriting_model.pth", "cnn");
+    let (_dir, out, report) =
+        run_ok(&["examples/pretrained_cnn_24.prune", "--set", "samples=2000"]);
+    let dense = evaluation(&report, "dense", "accuracy");
+    assert!(dense > 0.98, "{dense}");
+    let w = tensor_f32(&out.join("cnn.safetensors"), "fc_layers.0.weight");
+    for group in w.chunks(4) {
+        assert!(group.iter().filter(|v| **v == 0.0).count() >= 2);
+    }
+}
+
+#[test]
+fn lenet5_lottery_reduced_rewinds_to_init_each_round() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    let (_dir, _out, report) = run_ok(&[
+        "examples/lenet5_lottery.prune",
+        "--set",
+        "epochs=3",
+        "--set",
+        "rounds=2",
+        "--set",
+        "samples=8000",
+    ]);
+    let rounds = report["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    let sp: Vec<f64> = rounds
+        .iter()
+        .map(|r| r["sparsity"].as_f64().unwrap())
+        .collect();
+    assert!(sp[0] > 0.5 && (sp[1] - 0.8).abs() < 0.01, "{sp:?}");
+    for r in rounds {
+        assert!(r["metrics"]["accuracy"].as_f64().unwrap() > 0.8, "{r}");
+    }
+}
+
+#[test]
+fn a_truncated_model_file_is_reported_before_any_compute() {
+    require_data("digits/digits.csv.gz", "digits");
+    // A real model file first: the exported model of a small run.
+    let (dir, out, _) = run_ok(&[RECIPE]);
+    let good = std::fs::read(out.join("net.safetensors")).unwrap();
+    let model = dir.path().join("model.safetensors");
+    let recipe = dir.path().join("t.prune");
+    std::fs::write(
+        &recipe,
+        format!(
+            "recipe t {{ version = 1, seed = 0 }}\nuse std.magnitude\nmodel net = safetensors(\"{}\")\n\
+             dataset test = digits(\"data/digits/digits.csv.gz\", split = \"test\", batch = 360)\n\
+             pipeline {{\n  prune net by magnitude to 50%\n  evaluate net on test -> [accuracy]\n  export net to \"n.safetensors\"\n}}\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let run = |tag: &str| {
+        let o = dir.path().join(tag);
+        let (code, text) = prunec(
+            &[
+                "run",
+                "-q",
+                recipe.to_str().unwrap(),
+                "--out",
+                o.to_str().unwrap(),
+            ],
+            &[],
+        );
+        (code, text, o)
+    };
+    // The intact file runs and the pruned copy loses half its weights.
+    std::fs::write(&model, &good).unwrap();
+    let (code, text, o) = run("intact");
+    assert_eq!(code, 0, "{text}");
+    assert!(o.join("n.safetensors").exists());
+    // Truncated: P060 naming the file, nothing run, no output folder content.
+    std::fs::write(&model, &good[..good.len() / 3]).unwrap();
+    let (code, text, o) = run("truncated");
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("P060")
+            && text.contains("model.safetensors")
+            && text.contains("nothing was run"),
+        "{text}"
+    );
+    assert!(files_in(&o).is_empty());
+    // The input is never modified.
+    assert_eq!(std::fs::read(&model).unwrap(), &good[..good.len() / 3]);
+}

@@ -259,9 +259,11 @@ impl Exec<'_> {
                         damp: get("damp").unwrap_or(0.01),
                     },
                 };
+                let mut shown = self.layer_progress(model, &config, &mut pruner);
                 let m = self.llms.get_mut(model).unwrap();
-                llm::prune_one_shot(m, &windows, &config, &mut pruner)
-                    .map_err(rt_err_llm(s.span, "SparseGPT"))?
+                let r = llm::prune_one_shot(m, &windows, &config, &mut shown);
+                shown.finish();
+                r.map_err(rt_err_llm(s.span, "SparseGPT"))?
             }
             _ => {
                 let lowered = lower::criterion_to_kernel(self.r, by)?;
@@ -331,9 +333,11 @@ impl Exec<'_> {
                     scope,
                     score,
                 };
+                let mut shown = self.layer_progress(model, &config, &mut pruner);
                 let m = self.llms.get_mut(model).unwrap();
-                llm::prune_one_shot(m, &windows, &config, &mut pruner)
-                    .map_err(rt_err_llm(s.span, "pruning"))?
+                let r = llm::prune_one_shot(m, &windows, &config, &mut shown);
+                shown.finish();
+                r.map_err(rt_err_llm(s.span, "pruning"))?
             }
         };
         if self.progress {
@@ -435,5 +439,74 @@ impl Exec<'_> {
             self.report.outputs.push((rel_f, h));
         }
         Ok(())
+    }
+}
+
+/// A layer pruner that advances a progress bar (with ETA) per pruned layer.
+struct LayerProgress<'p> {
+    inner: &'p mut dyn llm::LayerPruner,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl LayerProgress<'_> {
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl llm::LayerPruner for LayerProgress<'_> {
+    fn method(&self) -> &str {
+        self.inner.method()
+    }
+    fn needs(&self) -> llm::StatsNeeds {
+        self.inner.needs()
+    }
+    fn prune_layer(&mut self, layer: llm::LayerToPrune<'_>) -> llm::Result<usize> {
+        if let Some(b) = &self.bar {
+            b.set_message(layer.name.to_string());
+        }
+        let r = self.inner.prune_layer(layer);
+        if let Some(b) = &self.bar {
+            b.inc(1);
+        }
+        r
+    }
+}
+
+impl Exec<'_> {
+    /// Wraps `pruner` with a bar over the layers `config` selects (when progress is on).
+    fn layer_progress<'p>(
+        &self,
+        model: &str,
+        config: &llm::OneShotConfig,
+        pruner: &'p mut dyn llm::LayerPruner,
+    ) -> LayerProgress<'p> {
+        let bar = self.progress.then(|| {
+            let m = &self.llms[model];
+            let total = (0..m.num_layers())
+                .flat_map(|l| {
+                    llm::Proj::ALL
+                        .into_iter()
+                        .map(move |p| llm::linear_name(l, p))
+                })
+                .filter(|n| {
+                    config.targets.iter().any(|g| lower::glob_match(g, n))
+                        && !config.skip.iter().any(|g| lower::glob_match(g, n))
+                })
+                .count();
+            let b = indicatif::ProgressBar::new(total as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} layers, eta {eta} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b.set_prefix(format!("prune {model} ({})", pruner.method()));
+            b
+        });
+        LayerProgress { inner: pruner, bar }
     }
 }

@@ -115,6 +115,77 @@ struct Exec<'a> {
     round: Option<Round>,
     /// Language models, by name.
     llms: BTreeMap<String, rt::llm::LlamaModel>,
+    /// Sparsity after each round of a prune stage (by the stage's span start),
+    /// from the optimized IR's folded select / fused prune nodes.
+    round_targets: BTreeMap<usize, Vec<f64>>,
+}
+
+/// What the executor takes from the optimized IR.
+struct IrPlan {
+    /// Top-level pipeline stages (indices) in the IR's topological order.
+    order: Vec<usize>,
+    round_targets: BTreeMap<usize, Vec<f64>>,
+}
+
+impl IrPlan {
+    fn new(ir: &crate::ir::Ir, r: &CheckedRecipe) -> Result<Self, RunError> {
+        use petgraph::visit::EdgeRef;
+        use std::cmp::Reverse;
+        let g = &ir.graph;
+        // Kahn's algorithm, smallest node index first: the pipeline's order
+        // wherever the data flow does not force another.
+        let mut indeg: Vec<usize> = g
+            .node_indices()
+            .map(|n| g.edges_directed(n, petgraph::Direction::Incoming).count())
+            .collect();
+        let mut ready: std::collections::BinaryHeap<Reverse<usize>> = g
+            .node_indices()
+            .filter(|n| indeg[n.index()] == 0)
+            .map(|n| Reverse(n.index()))
+            .collect();
+        let stages = &r.pipeline().stages;
+        let stage_of = |span: Span| {
+            stages
+                .iter()
+                .position(|s| s.span.start <= span.start && span.end <= s.span.end)
+        };
+        let mut order = Vec::new();
+        let mut round_targets = BTreeMap::new();
+        while let Some(Reverse(i)) = ready.pop() {
+            let n = petgraph::graph::NodeIndex::new(i);
+            for e in g.edges_directed(n, petgraph::Direction::Outgoing) {
+                let t = e.target().index();
+                indeg[t] -= 1;
+                if indeg[t] == 0 {
+                    ready.push(Reverse(t));
+                }
+            }
+            let node = &g[n];
+            if let crate::ir::Op::FusedPrune { sparsities, .. }
+            | crate::ir::Op::Select { sparsities, .. } = &node.op
+            {
+                if !sparsities.is_empty() {
+                    round_targets.insert(node.span.start, sparsities.clone());
+                }
+            }
+            if let Some(s) = stage_of(node.span) {
+                if !order.contains(&s) {
+                    order.push(s);
+                }
+            }
+        }
+        if order.len() != stages.len() {
+            return Err(RunError::Internal(format!(
+                "the optimized IR covers {} of the {} pipeline stages",
+                order.len(),
+                stages.len()
+            )));
+        }
+        Ok(IrPlan {
+            order,
+            round_targets,
+        })
+    }
 }
 
 /// Maps a language-model runtime error at a stage to a run error.
@@ -183,10 +254,17 @@ pub fn run(
         targets: None,
         round: None,
         llms: BTreeMap::new(),
+        round_targets: BTreeMap::new(),
     };
     ex.interrupted.store(false, Ordering::SeqCst);
+    // The optimized IR decides the stage order and every prune stage's
+    // per-round sparsities (folded before running, as `prunec plan` shows).
+    let mut ir = crate::ir::checked_to_ir(recipe, recipe_text);
+    crate::ir::passes::optimize(&mut ir, recipe).map_err(RunError::Internal)?;
+    let plan = IrPlan::new(&ir, recipe)?;
+    ex.round_targets = plan.round_targets;
     let mut failed_assert = None;
-    for stage in &recipe.pipeline().stages {
+    for stage in plan.order.iter().map(|&i| &recipe.pipeline().stages[i]) {
         match ex.stage(stage) {
             Ok(()) => {}
             Err(RunError::Assert { span, message }) => {
@@ -748,14 +826,19 @@ impl Exec<'_> {
         Ok((sp.total, pqi))
     }
 
-    fn evaluate(&mut self, s: &Stage) -> Result<(), RunError> {
+    /// Loads a stage's model and its `on` data; their names.
+    fn model_and_data(&mut self, s: &Stage) -> Result<(String, String), RunError> {
         let (name, span) = Self::subject_name(s)?;
         let on =
             s.on.as_ref()
                 .ok_or_else(|| RunError::user(s.keyword_span, "no data"))?;
         self.dataset(on)?;
         self.model(&name, span)?;
-        let data_name = on.as_name().unwrap().name.clone();
+        Ok((name, on.as_name().unwrap().name.clone()))
+    }
+
+    fn evaluate(&mut self, s: &Stage) -> Result<(), RunError> {
+        let (name, data_name) = self.model_and_data(s)?;
         let wanted = wanted_metrics(s);
         let mut metrics = BTreeMap::new();
         let needs_eval = wanted.iter().any(|m| m == "accuracy" || m == "loss");

@@ -143,17 +143,11 @@ impl Pruner {
                 n: *n as usize,
                 m: *m as usize,
             },
-            Some(Value::Call { name, args }) if name == "block" => {
-                let get = |k: &str| {
-                    args.iter()
-                        .find(|(n, _)| n == k)
-                        .and_then(|(_, v)| v.as_i64())
-                        .unwrap_or(1)
-                        .max(1) as usize
-                };
+            Some(v) if lower::block_shape(v).is_some() => {
+                let (rows, cols) = lower::block_shape(v).unwrap();
                 Selection::Block {
-                    rows: get("rows"),
-                    cols: get("cols"),
+                    rows,
+                    cols,
                     keep: keep_frac,
                 }
             }
@@ -913,13 +907,8 @@ impl Exec<'_> {
 
     /// `calibrate MODEL on DATA`: activation statistics for later prune stages.
     pub(super) fn calibrate(&mut self, s: &Stage) -> Result<(), RunError> {
-        let (name, span) = Self::subject_name(s)?;
-        let on =
-            s.on.as_ref()
-                .ok_or_else(|| RunError::user(s.keyword_span, "no data"))?;
-        self.dataset(on)?;
-        self.model(&name, span)?;
-        let data = &self.datasets[&on.as_name().unwrap().name];
+        let (name, data_name) = self.model_and_data(s)?;
+        let data = &self.datasets[&data_name];
         let stats =
             rt::calib::activation_norms(&self.models[&name].model, data, CALIBRATION_BATCHES)
                 .map_err(rt_err(s.span, "calibration"))?;
@@ -996,8 +985,13 @@ impl Exec<'_> {
             Some(to) => self.number(to)?,
             None => 0.0,
         };
+        // The optimized IR folded the target into per-round sparsities.
+        let planned = self.round_targets.get(&s.span.start).cloned();
         for round in 1..=rounds {
-            let keep_frac = (1.0 - target).powf(round as f64 / rounds as f64);
+            let keep_frac = match &planned {
+                Some(p) if p.len() == rounds => 1.0 - p[round - 1],
+                _ => (1.0 - target).powf(round as f64 / rounds as f64),
+            };
             let side = self.side_inputs(s, &pruner, round)?;
             let state = self.models.get_mut(&name).unwrap();
             pruner.round(
