@@ -308,14 +308,14 @@ fn global_mp_keepmin_reduced_guard_keeps_every_layer_at_its_minimum() {
         }
         let kept = l["kept"].as_f64().unwrap() / l["total"].as_f64().unwrap();
         if l["model"] == "guarded" {
-            assert!(kept >= 0.01 - 1e-9, "{l}");
-        } else if kept < 0.01 {
+            assert!(kept >= 0.015 - 1e-9, "{l}");
+        } else if kept < 0.015 {
             guard_binds = true;
         }
     }
     assert!(
         guard_binds,
-        "the unguarded run keeps every layer above 1%: the comparison shows nothing"
+        "the unguarded run keeps every layer above 1.5%: the comparison shows nothing"
     );
     let labels: Vec<&str> = report["evaluations"]
         .as_array()
@@ -743,4 +743,38 @@ fn a_truncated_model_file_is_reported_before_any_compute() {
     assert!(files_in(&o).is_empty());
     // The input is never modified.
     assert_eq!(std::fs::read(&model).unwrap(), &good[..good.len() / 3]);
+}
+
+#[test]
+fn a_diverging_loss_stops_the_run_naming_the_stage() {
+    require_data("digits/digits.csv.gz", "digits");
+    let dir = tempfile::tempdir().unwrap();
+    // A learning rate of 1e12 blows the loss up within a few steps.
+    let recipe = dir.path().join("diverge.prune");
+    std::fs::write(
+        &recipe,
+        "recipe d { version = 1, seed = 1 }\nmodel net = mlp(inputs = 64, hidden = [64], classes = 10)\n\
+         dataset train = digits(\"data/digits/digits.csv.gz\", split = \"train\", batch = 32)\n\
+         pipeline {\n  train net on train (epochs = 3, optimizer = sgd(lr = 1000000000000))\n  export net to \"x.safetensors\"\n}\n",
+    )
+    .unwrap();
+    let out2 = dir.path().join("out2");
+    let (code, text) = prunec(
+        &[
+            "run",
+            "-q",
+            recipe.to_str().unwrap(),
+            "--out",
+            out2.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("diverged")
+            && text.contains("train net on train")
+            && text.contains("lower the learning rate"),
+        "{text}"
+    );
+    assert!(files_in(&out2).is_empty(), "{:?}", files_in(&out2));
 }
