@@ -129,15 +129,37 @@ pub fn render(r: &CheckedRecipe, ir: &Ir) -> Result<String, RunError> {
                     .and_then(|e| e.as_name())
                     .map(|n| n.name.clone())
                     .unwrap_or_default();
+                // A gradual schedule's final target, and when it prunes.
+                let sched = r.option(stage, "schedule").map(|v| match v {
+                    Value::Ref(name) => r
+                        .symbols
+                        .get(name)
+                        .and_then(|s| s.value.clone())
+                        .unwrap_or_else(|| v.clone()),
+                    other => other.clone(),
+                });
+                let gradual = sched.filter(|v| v.call_name() == Some("gradual"));
+                if let Some(g) = &gradual {
+                    let arg = |k: &str, d: &str| {
+                        g.arg(k).map(|v| v.to_string()).unwrap_or_else(|| d.into())
+                    };
+                    let _ = writeln!(
+                        out,
+                        "       gradual: from {} to {} between {} and {}, every {} ({}), during the training stage",
+                        arg("from", "0%"),
+                        arg("to", "?"),
+                        arg("start", "step 0"),
+                        arg("end", "?"),
+                        arg("every", "100 steps"),
+                        arg("curve", "cubic")
+                    );
+                }
+                let last = sparsities
+                    .last()
+                    .copied()
+                    .or_else(|| gradual.as_ref().and_then(|g| g.arg("to")?.as_f64()));
                 if let Some(info) = infos.get(&model) {
-                    out.push_str(&prune_table(
-                        r,
-                        stage,
-                        info,
-                        scope,
-                        *pattern,
-                        sparsities.last().copied(),
-                    ));
+                    out.push_str(&prune_table(r, stage, info, scope, *pattern, last));
                 }
             }
         }
@@ -171,7 +193,13 @@ fn op_line(op: &Op) -> String {
                 .iter()
                 .map(|s| format!("{:.2}%", s * 100.0))
                 .collect();
-            format!("prune by `{criterion}` ({sel}), one fused kernel per round; sparsity after each round: {}", rounds.join(", "))
+            if rounds.is_empty() {
+                format!(
+                    "prune by `{criterion}` ({sel}), one fused kernel per round or pruning step"
+                )
+            } else {
+                format!("prune by `{criterion}` ({sel}), one fused kernel per round; sparsity after each round: {}", rounds.join(", "))
+            }
         }
         other => other.label(),
     }
