@@ -129,20 +129,26 @@ fn a_run_writes_its_outputs_and_verifies() {
 fn outputs_are_identical_with_one_and_two_threads() {
     require_data("digits/digits.csv.gz", "digits");
     let dir = tempfile::tempdir().unwrap();
-    let mut hashes = Vec::new();
-    for threads in ["1", "2"] {
-        let out = dir.path().join(threads);
-        let (code, text) = prunec(
-            &["run", "-q", RECIPE, "--out", out.to_str().unwrap()],
-            &[
-                ("RAYON_NUM_THREADS", threads),
-                ("CANDLE_NUM_THREADS", threads),
-            ],
-        );
-        assert_eq!(code, 0, "{text}");
-        hashes.push(std::fs::read_to_string(out.join("prune.lock")).unwrap());
+    // Iterative magnitude pruning; random, Wanda, movement (gradual),
+    // late-rewinding and block pruning.
+    for recipe in [RECIPE, "tests/recipes/run/digits_methods.prune"] {
+        let mut hashes = Vec::new();
+        for threads in ["1", "2"] {
+            let out = dir
+                .path()
+                .join(format!("{}-{threads}", recipe.replace('/', "_")));
+            let (code, text) = prunec(
+                &["run", "-q", recipe, "--out", out.to_str().unwrap()],
+                &[
+                    ("RAYON_NUM_THREADS", threads),
+                    ("CANDLE_NUM_THREADS", threads),
+                ],
+            );
+            assert_eq!(code, 0, "{text}");
+            hashes.push(std::fs::read_to_string(out.join("prune.lock")).unwrap());
+        }
+        assert_eq!(hashes[0], hashes[1], "{recipe}");
     }
-    assert_eq!(hashes[0], hashes[1]);
 }
 
 #[test]
