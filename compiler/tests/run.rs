@@ -36,6 +36,20 @@ fn prunec(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// `prunec run -q RECIPE --out OUT`: exit code and output.
+fn run_into(recipe: &Path, out: &Path) -> (i32, String) {
+    prunec(
+        &[
+            "run",
+            "-q",
+            recipe.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
 fn files_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|r| {
@@ -188,16 +202,7 @@ fn faults_are_clean_errors_and_leave_no_outputs() {
         .replace("data/digits/digits.csv.gz", "nowhere/digits/digits.csv.gz");
     std::fs::write(&recipe, text).unwrap();
     let out = dir.path().join("out_missing");
-    let (code, text) = prunec(
-        &[
-            "run",
-            "-q",
-            recipe.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (code, text) = run_into(&recipe, &out);
     assert_eq!(code, 1, "{text}");
     assert!(
         text.contains("nowhere/digits/digits.csv.gz") && text.contains("scripts/fetch-"),
@@ -218,16 +223,7 @@ fn faults_are_clean_errors_and_leave_no_outputs() {
         );
     std::fs::write(&recipe, text).unwrap();
     let out = dir.path().join("out_corrupt");
-    let (code, text) = prunec(
-        &[
-            "run",
-            "-q",
-            recipe.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (code, text) = run_into(&recipe, &out);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("digits.csv.gz"), "{text}");
     assert!(files_in(&out).is_empty());
@@ -357,16 +353,7 @@ fn nan_weights_stop_the_run_naming_the_tensor() {
     )
     .unwrap();
     let out2 = dir.path().join("out2");
-    let (code, text) = prunec(
-        &[
-            "run",
-            "-q",
-            recipe.to_str().unwrap(),
-            "--out",
-            out2.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (code, text) = run_into(&recipe, &out2);
     assert_eq!(code, 1, "{text}");
     assert!(
         text.contains("fc2.weight") && text.contains("NaN"),
@@ -765,16 +752,7 @@ fn a_diverging_loss_stops_the_run_naming_the_stage() {
     )
     .unwrap();
     let out2 = dir.path().join("out2");
-    let (code, text) = prunec(
-        &[
-            "run",
-            "-q",
-            recipe.to_str().unwrap(),
-            "--out",
-            out2.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (code, text) = run_into(&recipe, &out2);
     assert_eq!(code, 1, "{text}");
     assert!(
         text.contains("diverged")
