@@ -427,3 +427,64 @@ fn aligned_rows_with_shifting_scales_ties_and_holes() {
     }
     prunec::kernel::simd::force_scalar(false);
 }
+
+/// The two-pass per-row path checks finiteness in its reading pass: an alive non-finite
+/// weight in any tensor is reported (the first in order, as by the reference) and nothing is
+/// modified; a pruned one is ignored. Results do not depend on the thread count.
+#[test]
+fn aligned_rows_nonfinite_and_threads() {
+    let base = vec![
+        Data::new("a.weight", 40, 128, 21, |r| r.normal()),
+        Data::new("b.weight", 33, 64, 22, |r| r.normal()),
+    ];
+    let sel = Selection::PerRow { keep_per_row: 9 };
+    for (t, i, alive) in [(1usize, 700usize, true), (0, 5000, true), (1, 3, false)] {
+        let mut ds = base.clone();
+        ds[t].w[i] = if i % 2 == 0 { f32::NAN } else { f32::INFINITY };
+        if !alive {
+            ds[t].mask[i / 64] &= !(1u64 << (i % 64));
+        }
+        let (mut a, mut b) = (ds.clone(), ds.clone());
+        let ra = run(&mut a, &KExpr::wanda(0), &sel, true).map_err(|e| e.to_string());
+        let rb = run(&mut b, &KExpr::wanda(0), &sel, false).map_err(|e| e.to_string());
+        assert_eq!(ra.is_err(), alive);
+        assert_eq!(format!("{ra:?}"), format!("{rb:?}"));
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.mask == y.mask);
+            assert!(x
+                .w
+                .iter()
+                .zip(&y.w)
+                .all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
+        if alive {
+            // Nothing was modified.
+            for (x, y) in a.iter().zip(&ds) {
+                assert!(x.mask == y.mask);
+                assert!(x
+                    .w
+                    .iter()
+                    .zip(&y.w)
+                    .all(|(p, q)| p.to_bits() == q.to_bits()));
+            }
+        }
+    }
+    let mut outs = Vec::new();
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut d = base.clone();
+        let s = pool
+            .install(|| run(&mut d, &KExpr::magnitude(), &sel, true))
+            .unwrap();
+        outs.push((
+            format!("{s:?}"),
+            d.iter()
+                .map(|x| (x.w.clone(), x.mask.clone()))
+                .collect::<Vec<_>>(),
+        ));
+    }
+    assert!(outs.windows(2).all(|w| w[0] == w[1]));
+}

@@ -49,13 +49,25 @@ pub struct Pool {
     pub alive: usize,
 }
 
+/// How a resolved cut treats one chunk.
+#[derive(Clone, Debug)]
+pub struct ChunkCut {
+    pub chunk: Chunk,
+    /// Alive elements with key equal to the cut kept (the first ones in index order).
+    pub quota: u64,
+    /// When the cut was resolved from this round's candidates: the local indices of the
+    /// candidates kept. Together with the side bitmap of the same scan (alive elements above
+    /// the range) they are the chunk's new mask, so applying needs no scoring.
+    pub kept: Option<Vec<u32>>,
+}
+
 /// A resolved cut.
 #[derive(Clone, Debug)]
 pub struct Cut {
     /// Keys above `t` are kept; `u32::MAX` keeps nothing beyond quotas (which are then 0).
     pub t: u32,
     /// Per member, its chunks with their tie quotas.
-    pub chunks: Vec<Vec<(Chunk, u64)>>,
+    pub chunks: Vec<Vec<ChunkCut>>,
     /// Per member, how many elements the prefix took (before clamping to the guard).
     pub taken: Vec<usize>,
 }
@@ -94,10 +106,10 @@ fn scan_chunk(
             let base = b0 - c.start;
             // SAFETY: as above.
             let ahead = unsafe { raw.weights(b1, (b1 + BLOCK).min(c.end)) };
-            simd::classify_words(buf, lo, hi, ahead, |wi, gt, inr| {
-                let a = mask[wi];
-                above += (gt & a).count_ones() as u64;
-                let mut m = inr & a;
+            // SAFETY: this worker owns the chunk's side words.
+            let side = unsafe { raw.side_words_mut(b0 / 64, b1.div_ceil(64)) };
+            above += simd::count_words(buf, mask, lo, hi, ahead, side, |wi, inr| {
+                let mut m = inr;
                 while m != 0 {
                     let j = wi * 64 + m.trailing_zeros() as usize;
                     m &= m - 1;
@@ -108,7 +120,7 @@ fn scan_chunk(
                     }
                     in_range += 1;
                 }
-            });
+            }) as u64;
             if check {
                 // SAFETY: as above.
                 let w = unsafe { raw.weights(b0, b1) };
@@ -275,7 +287,11 @@ fn has_nonfinite(raw: &RawTensor) -> bool {
 fn nothing_taken(pool: &Pool, chunks: &[(usize, Chunk)]) -> Cut {
     let mut per = vec![Vec::new(); pool.members.len()];
     for &(mi, c) in chunks {
-        per[mi].push((c, 0));
+        per[mi].push(ChunkCut {
+            chunk: c,
+            quota: 0,
+            kept: None,
+        });
     }
     Cut {
         t: u32::MAX,
@@ -478,7 +494,27 @@ fn resolve_candidates(
         }
         quota[ci] += 1;
     }
-    finish(pool, chunks, t, quota, taken)
+    // The kept candidates of every chunk, in index order: keys above `t`, then ties.
+    let kept = sc
+        .iter()
+        .zip(&quota)
+        .map(|(s, &q)| {
+            let mut q = q;
+            s.cands
+                .iter()
+                .filter(|&&x| {
+                    let key = (x >> 32) as u32;
+                    key > t
+                        || (key == t && q > 0 && {
+                            q -= 1;
+                            true
+                        })
+                })
+                .map(|&x| x as u32)
+                .collect()
+        })
+        .collect();
+    finish(pool, chunks, t, quota, taken, Some(kept))
 }
 
 fn resolve_ties(
@@ -515,7 +551,7 @@ fn resolve_ties(
         taken[mi] += j;
         quota[ci] = j as u64;
     }
-    finish(pool, chunks, t, quota, taken)
+    finish(pool, chunks, t, quota, taken, None)
 }
 
 fn finish(
@@ -524,10 +560,16 @@ fn finish(
     t: u32,
     quota: Vec<u64>,
     taken: Vec<usize>,
+    kept: Option<Vec<Vec<u32>>>,
 ) -> Cut {
     let mut per = vec![Vec::new(); pool.members.len()];
+    let mut kept = kept.map(|k| k.into_iter());
     for (&(mi, c), q) in chunks.iter().zip(quota) {
-        per[mi].push((c, q));
+        per[mi].push(ChunkCut {
+            chunk: c,
+            quota: q,
+            kept: kept.as_mut().and_then(|k| k.next()),
+        });
     }
     Cut {
         t,

@@ -392,6 +392,10 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
     b.def_var(g, z64);
     b.def_var(old, z64);
 
+    let abs_c = b.ins().iconst(I32, 0x7fff_ffff);
+    let abs_mask = b.ins().splat(I32X4, abs_c);
+    let sign_c = b.ins().iconst(I32, i32::MIN as i64);
+    let sign_mask = b.ins().splat(I32X4, sign_c);
     let mut gen = Gen {
         b,
         expr,
@@ -407,6 +411,8 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         col: colv,
         row: rowv,
         uses_pos,
+        abs_mask,
+        sign_mask,
     };
     let word_head = gen.b.create_block();
     let word_body = gen.b.create_block();
@@ -445,6 +451,13 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         let all = gen.ic(I64, -1);
         let dense = gen.b.ins().icmp(IntCC::Equal, ow, all);
         gen.b.ins().brif(dense, dense_head, &[], group_head, &[]);
+    } else if gen.uses_pos {
+        // A word inside one row takes the loop without the per-group row wrap.
+        let c = gen.b.use_var(colv);
+        let c64 = gen.ic(I64, 64);
+        let ce = gen.b.ins().iadd(c, c64);
+        let inrow = gen.b.ins().icmp(IntCC::UnsignedLessThanOrEqual, ce, cols);
+        gen.b.ins().brif(inrow, dense_head, &[], group_head, &[]);
     } else {
         gen.b.ins().jump(group_head, &[]);
     }
@@ -453,7 +466,7 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         (group_head, group_body, false),
         (dense_head, dense_body, true),
     ];
-    let n_loops = if is_score { 1 } else { 2 };
+    let n_loops = if is_score && !gen.uses_pos { 1 } else { 2 };
     for &(head, body, dense) in &loops[..n_loops] {
         gen.b.switch_to_block(head);
         let gv = gen.b.use_var(g);
@@ -465,7 +478,7 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         // Four groups of four lanes per iteration, four iterations per mask word.
         for _ in 0..4 {
             vector_group(&mut gen, kind, &k, &ctr, old, acc, dense);
-            advance(&mut gen, 4, cols);
+            advance(&mut gen, 4, cols, !(is_score && dense));
         }
         let gv = gen.b.use_var(g);
         let one = gen.ic(I64, 1);
@@ -475,6 +488,18 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
     }
 
     gen.b.switch_to_block(word_end);
+    if is_score && gen.uses_pos {
+        // After an in-row word the column may have reached the row's end.
+        let c = gen.b.use_var(colv);
+        let r = gen.b.use_var(rowv);
+        let wrap = gen.b.ins().icmp(IntCC::Equal, c, cols);
+        let z = gen.ic(I64, 0);
+        let nc = gen.b.ins().select(wrap, z, c);
+        let inc = gen.b.ins().uextend(I64, wrap);
+        let nr = gen.b.ins().iadd(r, inc);
+        gen.b.def_var(colv, nc);
+        gen.b.def_var(rowv, nr);
+    }
     if kind == Kind::Apply {
         // i has advanced by 64: the word is the previous one.
         let i = gen.b.use_var(iv);
@@ -519,7 +544,7 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
             gen.b.ins().store(mf(), nw, wa, 0);
         }
     }
-    advance(&mut gen, 1, cols);
+    advance(&mut gen, 1, cols, true);
     gen.b.ins().jump(tail_head, &[]);
 
     gen.b.switch_to_block(exit);
@@ -566,13 +591,18 @@ fn word_addr(gen: &mut Gen, mask: Value, i: Value) -> Value {
     gen.b.ins().iadd(mask, wo)
 }
 
-/// `i += n`, and column / row bookkeeping (a group of 4 never crosses a row when used).
-fn advance(gen: &mut Gen, n: i64, cols: Value) {
+/// `i += n`, and column / row bookkeeping (a group of 4 never crosses a row when used);
+/// without `wrap` the column only moves on (the caller knows the row does not end).
+fn advance(gen: &mut Gen, n: i64, cols: Value, wrap: bool) {
     let i = gen.b.use_var(gen.i);
     let nv = gen.ic(I64, n);
     let ni = gen.b.ins().iadd(i, nv);
     gen.b.def_var(gen.i, ni);
-    if gen.uses_pos {
+    if gen.uses_pos && !wrap {
+        let c = gen.b.use_var(gen.col);
+        let nc = gen.b.ins().iadd(c, nv);
+        gen.b.def_var(gen.col, nc);
+    } else if gen.uses_pos {
         let c = gen.b.use_var(gen.col);
         let r = gen.b.use_var(gen.row);
         let nc = gen.b.ins().iadd(c, nv);

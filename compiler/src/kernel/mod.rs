@@ -96,8 +96,22 @@ pub fn prune_jit_with(
         sel,
         Selection::PerRow { .. } | Selection::NM { .. } | Selection::Block { .. }
     );
+    // Per-row selections on rows of whole mask words run in two passes: the first reads
+    // (checking finiteness as it goes) and writes the new masks to side bitmaps, the second
+    // applies them. Other row-local selections are checked before anything is written.
+    let two_pass: Vec<bool> = tensors
+        .iter()
+        .map(|t| matches!(sel, Selection::PerRow { .. }) && rows::per_row_aligned(t.cols))
+        .collect();
     if row_local && check {
-        check_finite_fast(tensors)?;
+        let others = tensors
+            .iter()
+            .zip(&two_pass)
+            .filter(|&(_, &tp)| !tp)
+            .any(|(t, _)| t.weights.par_chunks(raw::CHUNK).any(simd::any_nonfinite));
+        if others {
+            check_finite(tensors)?;
+        }
     }
     // Global and per-tensor guards are validated before anything is read.
     let mut pools: Vec<Pool> = Vec::new();
@@ -136,14 +150,49 @@ pub fn prune_jit_with(
         }
         _ => {}
     }
+    // Side bitmaps (1/32 of the weights' size) for the two-pass selections and global cuts.
+    let mut sides: Vec<Vec<u64>> = tensors
+        .iter()
+        .zip(&two_pass)
+        .map(|(t, &tp)| {
+            if tp || !row_local {
+                vec![0u64; t.len().div_ceil(64)]
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
     let raws: Vec<RawTensor> = tensors
         .iter_mut()
-        .map(|t| RawTensor::new(t, scalars.clone()))
+        .zip(sides.iter_mut())
+        .zip(&two_pass)
+        .map(|((t, side), &tp)| {
+            let mut r = RawTensor::new(t, scalars.clone());
+            if tp || !row_local {
+                r.set_side(side);
+            }
+            r
+        })
         .collect();
     let mut kept = vec![0usize; raws.len()];
     if row_local {
+        if let Selection::PerRow { keep_per_row } = *sel {
+            let failed = (0..raws.len()).any(|t| {
+                two_pass[t]
+                    && rows::per_row_select(&k, &raws[t], shapes[t].0, keep_per_row, check).is_err()
+            });
+            if failed {
+                drop(raws);
+                check_finite(tensors)?;
+                unreachable!("a per-row pass saw a non-finite weight that the check did not");
+            }
+        }
         for (t, raw) in raws.iter().enumerate() {
             let rows = shapes[t].0;
+            if two_pass[t] {
+                kept[t] = rows::apply_side(raw);
+                continue;
+            }
             kept[t] = match *sel {
                 Selection::PerRow { keep_per_row } => rows::per_row(&k, raw, rows, keep_per_row),
                 Selection::NM { n, m } => rows::n_m(&k, raw, rows, n, m),
@@ -160,7 +209,7 @@ pub fn prune_jit_with(
             Ok(c) => c,
             Err(NonFiniteIn) => {
                 drop(raws);
-                check_finite_fast(tensors)?;
+                check_finite(tensors)?;
                 unreachable!("a scan saw a non-finite weight that the check did not");
             }
         };
@@ -195,15 +244,36 @@ pub fn prune_jit_with(
         for (cut, ts) in &plan {
             for (t, chunks) in ts.iter().zip(&cut.chunks) {
                 thresholds[*t] = Some(cut.t);
-                for &(c, q) in chunks {
-                    work.push((c, q, cut.t));
+                for cc in chunks {
+                    work.push((cc.chunk, cc.quota, cut.t, cc.kept.as_deref()));
                 }
             }
         }
+        let t0 = std::time::Instant::now();
+        // Backwards: the chunks the scan read last may still be in the last-level cache.
         let counts: Vec<(usize, usize)> = work
             .par_iter()
-            .map(|&(c, quota, t)| {
+            .rev()
+            .map(|&(c, quota, t, kept)| {
                 let raw = &raws[c.tensor];
+                if let Some(kept) = kept {
+                    // Resolved from this chunk's candidates: the scan's side bits (alive,
+                    // above the range) plus the kept candidates are the new mask.
+                    let (w0, w1) = (c.start / 64, c.end.div_ceil(64));
+                    // SAFETY: chunks are disjoint, start at multiples of 64 and each appears
+                    // once, so this worker owns the chunk, its mask and side words.
+                    let (w, m, side) = unsafe {
+                        (
+                            raw.weights_mut(c.start, c.end),
+                            raw.mask_words_mut(w0, w1),
+                            raw.side_words_mut(w0, w1),
+                        )
+                    };
+                    for &j in kept {
+                        side[j as usize / 64] |= 1u64 << (j % 64);
+                    }
+                    return (c.tensor, simd::zero_words(w, side, m));
+                }
                 let mut quota = quota;
                 let mut n = 0;
                 with_scratch(|buf| {
@@ -227,11 +297,15 @@ pub fn prune_jit_with(
                 (c.tensor, n)
             })
             .collect();
+        if std::env::var_os("PRUNEC_TRACE_CUT").is_some() {
+            eprintln!("  apply {:.4}s", t0.elapsed().as_secs_f64());
+        }
         for (t, n) in counts {
             kept[t] += n;
         }
     }
     drop(raws);
+    drop(sides);
     Ok(PruneSummary {
         tensors: (0..names.len())
             .map(|t| TensorSummary {
@@ -247,19 +321,6 @@ pub fn prune_jit_with(
             })
             .collect(),
     })
-}
-
-/// [`check_finite`], after a parallel vectorised pass that finds no non-finite weight at all
-/// in the common case.
-fn check_finite_fast(tensors: &[TensorView]) -> Result<(), KernelError> {
-    let any = tensors
-        .iter()
-        .any(|t| t.weights.par_chunks(raw::CHUNK).any(simd::any_nonfinite));
-    if any {
-        check_finite(tensors)
-    } else {
-        Ok(())
-    }
 }
 
 fn single(t: usize, keep: usize, alive: usize) -> Pool {

@@ -84,6 +84,8 @@ pub struct RawTensor {
     row_ptrs: Vec<*const f32>,
     scalars: Arc<Vec<f32>>,
     mask: *mut u64,
+    /// Optional side bitmap (one bit per element, like the mask) for two-pass selections.
+    side: *mut u64,
     pub cols: usize,
     pub len: usize,
 }
@@ -111,6 +113,7 @@ impl RawTensor {
             row_ptrs: t.row_stats.iter().map(|c| c.as_ptr()).collect(),
             scalars,
             mask: t.mask.as_ptr() as *mut u64,
+            side: std::ptr::null_mut(),
             cols: t.cols,
             len: t.len(),
         }
@@ -199,6 +202,27 @@ impl RawTensor {
         debug_assert!(w0 <= w1 && w1 <= self.len.div_ceil(64));
         // SAFETY: guaranteed by the caller.
         unsafe { std::slice::from_raw_parts_mut(self.mask.add(w0), w1 - w0) }
+    }
+
+    /// Attaches a side bitmap of `ceil(len / 64)` words, which must outlive every use.
+    pub fn set_side(&mut self, side: &mut [u64]) {
+        assert_eq!(side.len(), self.len.div_ceil(64));
+        self.side = side.as_mut_ptr();
+    }
+
+    /// Side bitmap words `[w0, w1)`, or an empty slice when no side bitmap is attached.
+    ///
+    /// # Safety
+    /// `w0 <= w1 <= ceil(len / 64)`, and the calling worker owns those words while the slice
+    /// lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn side_words_mut(&self, w0: usize, w1: usize) -> &mut [u64] {
+        if self.side.is_null() {
+            return &mut [];
+        }
+        debug_assert!(w0 <= w1 && w1 <= self.len.div_ceil(64));
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.side.add(w0), w1 - w0) }
     }
 
     /// The weight at `i`.

@@ -6,9 +6,10 @@
 
 use rayon::prelude::*;
 
+use super::cut::NonFiniteIn;
 use super::expr::score_key;
 use super::jit::CompiledKernel;
-use super::raw::{with_scratch, RawTensor, CHUNK};
+use super::raw::{chunks_of, with_scratch, RawTensor, CHUNK};
 use super::simd;
 use super::types::blocks_to_keep;
 
@@ -103,25 +104,6 @@ fn alive(raw: &RawTensor, i: usize) -> bool {
 pub fn per_row(k: &CompiledKernel, raw: &RawTensor, rows: usize, keep: usize) -> usize {
     let per = rows_per_unit(rows, raw.cols, 1);
     let cols = raw.cols;
-    if cols > 0 && cols.is_multiple_of(64) {
-        let margin = row_margin(keep, cols);
-        // Every unit starts from the bracket of the tensor's first row.
-        let seed = if rows > 0 && keep > 0 {
-            with_scratch(|buf| {
-                raw.score_into(k.score_raw, 0, cols, buf);
-                // SAFETY: nothing writes the tensor yet.
-                let mask = unsafe { raw.mask_words(0, cols / 64) };
-                let mut keys = alive_keys(buf, mask);
-                (keep < keys.len()).then(|| bracket_of(&mut keys, keep, margin))
-            })
-        } else {
-            None
-        };
-        return units(rows, per)
-            .par_iter()
-            .map(|&(r0, r1)| per_row_unit(k, raw, r0, r1, keep, seed))
-            .sum();
-    }
     units(rows, per)
         .par_iter()
         .map(|&(r0, r1)| {
@@ -167,12 +149,73 @@ pub fn per_row(k: &CompiledKernel, raw: &RawTensor, rows: usize, keep: usize) ->
         .sum()
 }
 
+/// Whether [`per_row_select`] handles a tensor with `cols` columns (rows own whole words).
+pub fn per_row_aligned(cols: usize) -> bool {
+    cols > 0 && cols.is_multiple_of(64)
+}
+
+/// First pass of the per-row selection for a tensor whose rows are a multiple of 64 long: it
+/// only reads the tensor, and writes the new mask into the tensor's side bitmap (see
+/// [`RawTensor::set_side`]). With `check`, an alive non-finite weight stops it with
+/// [`NonFiniteIn`] before anything was written; [`apply_side`] is the second pass.
+pub fn per_row_select(
+    k: &CompiledKernel,
+    raw: &RawTensor,
+    rows: usize,
+    keep: usize,
+    check: bool,
+) -> Result<(), NonFiniteIn> {
+    let cols = raw.cols;
+    assert!(per_row_aligned(cols));
+    let per = rows_per_unit(rows, cols, 1);
+    let margin = row_margin(keep, cols);
+    // Every unit starts from the bracket of the tensor's first row.
+    let seed = if rows > 0 && keep > 0 {
+        with_scratch(|buf| {
+            raw.score_into(k.score_raw, 0, cols, buf);
+            // SAFETY: nothing writes the tensor during this pass.
+            let mask = unsafe { raw.mask_words(0, cols / 64) };
+            let mut keys = alive_keys(buf, mask);
+            (keep < keys.len()).then(|| bracket_of(&mut keys, keep, margin))
+        })
+    } else {
+        None
+    };
+    units(rows, per)
+        .par_iter()
+        .map(|&(r0, r1)| per_row_unit(k, raw, r0, r1, keep, seed, check))
+        .collect::<Result<Vec<()>, _>>()
+        .map(|_| ())
+}
+
+/// Second pass: the side bitmap becomes the mask, and weights whose bit is clear are zeroed.
+/// Returns the kept count.
+pub fn apply_side(raw: &RawTensor) -> usize {
+    chunks_of(0, raw.len)
+        .collect::<Vec<_>>()
+        .par_iter()
+        .map(|c| {
+            let (w0, w1) = (c.start / 64, c.end.div_ceil(64));
+            // SAFETY: chunks are disjoint and start at multiples of 64: this worker owns the
+            // chunk's weights, mask words and side words.
+            let (w, m, side) = unsafe {
+                (
+                    raw.weights_mut(c.start, c.end),
+                    raw.mask_words_mut(w0, w1),
+                    raw.side_words_mut(w0, w1),
+                )
+            };
+            simd::zero_words(w, side, m)
+        })
+        .sum()
+}
+
 /// Per-row selection of rows `[r0, r1)` whose length is a multiple of 64 (each row owns its
 /// mask words), one row at a time in cache: the JIT scores the row, a key bracket
 /// `[lo, hi]` learnt from the previous row splits it into kept-for-sure (above), candidates
-/// (inside, collected and sorted) and pruned (below), and [`simd::apply_words`] masks it.
-/// A row whose cut falls outside the bracket (or the unit's first row) takes the exact
-/// radix path on all its keys and sets the bracket for the next row. Returns the kept count.
+/// (inside, collected and selected) and pruned (below); the row's keep bits go to the side
+/// bitmap. A row whose cut falls outside the bracket takes the exact radix path on all its
+/// keys and sets the bracket for the next row.
 fn per_row_unit(
     k: &CompiledKernel,
     raw: &RawTensor,
@@ -180,7 +223,8 @@ fn per_row_unit(
     r1: usize,
     keep: usize,
     seed: Option<(u32, u32)>,
-) -> usize {
+    check: bool,
+) -> Result<(), NonFiniteIn> {
     let cols = raw.cols;
     let margin = row_margin(keep, cols);
     let cap = 4 * margin + 64;
@@ -188,10 +232,25 @@ fn per_row_unit(
     let mut cands: Vec<u32> = Vec::with_capacity(cap);
     let mut tmp: Vec<u32> = Vec::with_capacity(cols);
     let mut hist = vec![0u32; 2048];
-    let mut kept = 0;
+    let mut ties_at: Vec<(usize, u64)> = Vec::new();
     with_scratch(|buf| {
         for r in r0..r1 {
             let (s0, s1) = (r * cols, (r + 1) * cols);
+            if check {
+                // SAFETY: nothing writes the tensor during this pass.
+                let w = unsafe { raw.weights(s0, s1) };
+                if simd::any_nonfinite(w) {
+                    // SAFETY: as above.
+                    let mask = unsafe { raw.mask_words(s0 / 64, s1 / 64) };
+                    let bad = w
+                        .iter()
+                        .enumerate()
+                        .any(|(j, x)| (mask[j / 64] >> (j % 64)) & 1 == 1 && !x.is_finite());
+                    if bad {
+                        return Err(NonFiniteIn);
+                    }
+                }
+            }
             raw.score_into(k.score_raw, s0, s1, buf);
             // The next row of the unit, prefetched while this one is selected and masked.
             // SAFETY: this worker owns the unit's rows; the next row is only read here.
@@ -207,21 +266,19 @@ fn per_row_unit(
                 } else {
                     let fast = bracket.and_then(|(lo, hi)| {
                         cands.clear();
-                        let (mut above, mut inr) = (0usize, 0usize);
-                        simd::classify_words(buf, lo, hi, ahead, |wi, gt, i| {
-                            let a = mask[wi];
-                            above += (gt & a).count_ones() as usize;
-                            let mut m = i & a;
-                            inr += m.count_ones() as usize;
-                            if inr <= cap {
-                                while m != 0 {
-                                    cands.push(score_key(
-                                        buf[wi * 64 + m.trailing_zeros() as usize],
-                                    ));
-                                    m &= m - 1;
+                        let mut inr = 0usize;
+                        let above =
+                            simd::count_words(buf, mask, lo, hi, ahead, &mut [], |wi, bits| {
+                                let mut m = bits;
+                                inr += m.count_ones() as usize;
+                                if inr <= cap {
+                                    while m != 0 {
+                                        let j = wi * 64 + m.trailing_zeros() as usize;
+                                        cands.push(score_key(buf[j]));
+                                        m &= m - 1;
+                                    }
                                 }
-                            }
-                        });
+                            });
                         if above >= keep || above + inr < keep || inr > cap {
                             return None;
                         }
@@ -244,18 +301,30 @@ fn per_row_unit(
                     })
                 }
             };
-            let mut quota = ties as u64;
-            // SAFETY: as above; the shared view of the words is no longer used.
-            let (w, m) = unsafe {
+            // Keep bits: alive keys above `t`, then the first `ties` alive keys equal to it.
+            // SAFETY: this worker owns the row's words; the mask is only read.
+            let (mask, side) = unsafe {
                 (
-                    raw.weights_mut(s0, s1),
-                    raw.mask_words_mut(s0 / 64, s1 / 64),
+                    raw.mask_words(s0 / 64, s1 / 64),
+                    raw.side_words_mut(s0 / 64, s1 / 64),
                 )
             };
-            kept += simd::apply_words(buf, w, m, t, &mut quota, ahead);
+            ties_at.clear();
+            simd::count_words(buf, mask, t, t, ahead, side, |wi, bits| {
+                ties_at.push((wi, bits))
+            });
+            let mut q = ties;
+            for &(wi, bits) in &ties_at {
+                let mut b = bits;
+                while q > 0 && b != 0 {
+                    side[wi] |= b & b.wrapping_neg();
+                    b &= b - 1;
+                    q -= 1;
+                }
+            }
         }
-    });
-    kept
+        Ok(())
+    })
 }
 
 /// Ranks `keep - margin` and `keep + margin` bound the next row's cut: about 3 standard

@@ -164,48 +164,198 @@ fn classify_scalar(s: &[f32], lo: u32, hi: u32) -> (u64, u64) {
     (gt, inr)
 }
 
-/// Calls `f(word, gt, in)` for every 64-element word of `s` (the last may be partial, its
-/// missing lanes 0): `gt` has bit `j` set when `score_key(s[64 * word + j]) > hi`, `in` when
-/// `lo <= key <= hi`.
+fn zero_scalar(w: &mut [f32], keep: u64) {
+    for (j, x) in w.iter_mut().enumerate() {
+        if (keep >> j) & 1 == 0 {
+            *x = 0.0;
+        }
+    }
+}
+
+/// Word-level operations of one instruction set.
+trait Ops {
+    /// `(key > hi, lo <= key <= hi)` bits of the 64 scores at `p`.
+    ///
+    /// # Safety
+    /// `p` points at 64 readable scores.
+    unsafe fn classify(&self, p: *const f32) -> (u64, u64);
+    /// Zeroes (`+0.0`) the 64 weights at `p` whose keep bit is clear.
+    ///
+    /// # Safety
+    /// `p` points at 64 writable weights.
+    unsafe fn zero(&self, p: *mut f32, keep: u64);
+    /// Starts loading the 64 weights at `p` into the cache.
+    ///
+    /// # Safety
+    /// None needed: a prefetch never faults; `p` should be inside the caller's buffer.
+    unsafe fn prefetch(&self, p: *const f32);
+}
+
+struct Scalar {
+    lo: u32,
+    hi: u32,
+}
+
+impl Ops for Scalar {
+    unsafe fn classify(&self, p: *const f32) -> (u64, u64) {
+        // SAFETY: guaranteed by the caller.
+        classify_scalar(
+            unsafe { std::slice::from_raw_parts(p, 64) },
+            self.lo,
+            self.hi,
+        )
+    }
+    unsafe fn zero(&self, p: *mut f32, keep: u64) {
+        // SAFETY: guaranteed by the caller.
+        zero_scalar(unsafe { std::slice::from_raw_parts_mut(p, 64) }, keep)
+    }
+    unsafe fn prefetch(&self, _: *const f32) {}
+}
+
+/// Counts the alive elements of the full words of `s` with key `> hi`, and calls
+/// `on_in(word, bits)` for each word with alive elements inside `[lo, hi]`.
+///
+/// # Safety
+/// `s` holds `full` words, `mask` at least `full`.
+#[inline(always)]
+unsafe fn count_core<O: Ops>(
+    o: &O,
+    s: &[f32],
+    mask: &[u64],
+    full: usize,
+    ahead: &[f32],
+    above_out: &mut [u64],
+    on_in: &mut impl FnMut(usize, u64),
+) -> usize {
+    let mut above = 0usize;
+    let write = !above_out.is_empty();
+    for wi in 0..full {
+        if 64 * wi + 64 <= ahead.len() {
+            // SAFETY: inside `ahead`.
+            unsafe { o.prefetch(ahead.as_ptr().add(64 * wi)) };
+        }
+        // SAFETY: word `wi < full` of `s`.
+        let (g, i) = unsafe { o.classify(s.as_ptr().add(64 * wi)) };
+        let a = mask[wi];
+        if write {
+            above_out[wi] = g & a;
+        }
+        above += (g & a).count_ones() as usize;
+        let m = i & a;
+        if m != 0 {
+            on_in(wi, m);
+        }
+    }
+    above
+}
+
+/// The masking of the full words of a block; see [`apply_words`].
+///
+/// # Safety
+/// `s` and `w` hold `full` words, `mask` at least `full`.
+// The word index also addresses `s`, `w` and `ahead` through pointers.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn apply_core<O: Ops>(
+    o: &O,
+    s: &[f32],
+    w: &mut [f32],
+    mask: &mut [u64],
+    full: usize,
+    quota: &mut u64,
+    ahead: &[f32],
+) -> usize {
+    let mut kept = 0usize;
+    let mut q = *quota;
+    for wi in 0..full {
+        if 64 * wi + 64 <= ahead.len() {
+            // SAFETY: inside `ahead`.
+            unsafe { o.prefetch(ahead.as_ptr().add(64 * wi)) };
+        }
+        // SAFETY: word `wi < full` of `s`.
+        let (g, e) = unsafe { o.classify(s.as_ptr().add(64 * wi)) };
+        let a = mask[wi];
+        let mut keep = g & a;
+        if q > 0 {
+            let mut ties = e & a;
+            while q > 0 && ties != 0 {
+                keep |= ties & ties.wrapping_neg();
+                ties &= ties - 1;
+                q -= 1;
+            }
+        }
+        mask[wi] = keep;
+        kept += keep.count_ones() as usize;
+        if keep != u64::MAX {
+            // SAFETY: word `wi < full` of `w`.
+            unsafe { o.zero(w.as_mut_ptr().add(64 * wi), keep) };
+        }
+    }
+    *quota = q;
+    kept
+}
+
+/// Counts the alive elements of `s` (scores; alive bits in `mask`, `ceil(len / 64)` words,
+/// bits past the end ignored) whose key is `> hi`, and calls `on_in(word, bits)` for every
+/// word with alive elements whose key lies in `[lo, hi]` (bit `j` = element `64 word + j`).
 ///
 /// `ahead` is the memory the caller reads next (the next block's weights, or empty): it is
-/// prefetched word by word while this buffer, already in cache, is compared, so the memory
-/// keeps streaming during the in-cache work.
-#[inline(always)]
-pub fn classify_words(
+/// prefetched word by word while this buffer, already in cache, is compared, so memory
+/// keeps streaming during the in-cache work. Unless `above_out` is empty (it then has as
+/// many words as `mask`), the bits of the counted elements are written to it.
+pub fn count_words(
     s: &[f32],
+    mask: &[u64],
     lo: u32,
     hi: u32,
     ahead: &[f32],
-    mut f: impl FnMut(usize, u64, u64),
-) {
+    above_out: &mut [u64],
+    mut on_in: impl FnMut(usize, u64),
+) -> usize {
+    assert_eq!(mask.len(), s.len().div_ceil(64));
+    assert!(above_out.is_empty() || above_out.len() == mask.len());
     let full = s.len() / 64;
     let b = Bounds::new(lo, hi);
-    match isa() {
+    let mut above = match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX-512F (checked by `detect`); the slice holds `full` words.
-        ISA_AVX512 => unsafe { x86::classify512(&s[..full * 64], &b, ahead, &mut f) },
+        // SAFETY: the CPU has AVX-512F and POPCNT (checked by `detect`); `s` holds `full`
+        // words and `mask` more.
+        ISA_AVX512 => unsafe { x86::count512(s, mask, &b, full, ahead, above_out, &mut on_in) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX2 (checked by `detect`); the slice holds `full` words.
-        ISA_AVX2 => unsafe { x86::classify256(&s[..full * 64], &b, ahead, &mut f) },
-        _ => {
-            for w in 0..full {
-                let (g, i) = classify_scalar(&s[w * 64..w * 64 + 64], lo, hi);
-                f(w, g, i);
-            }
-        }
-    }
+        // SAFETY: the CPU has AVX2 and POPCNT (checked by `detect`); as above.
+        ISA_AVX2 => unsafe { x86::count256(s, mask, &b, full, ahead, above_out, &mut on_in) },
+        // SAFETY: as above.
+        _ => unsafe {
+            count_core(
+                &Scalar { lo, hi },
+                s,
+                mask,
+                full,
+                ahead,
+                above_out,
+                &mut on_in,
+            )
+        },
+    };
     if full * 64 < s.len() {
         let (g, i) = classify_scalar(&s[full * 64..], lo, hi);
-        f(full, g, i);
+        let a = mask[full] & ((1u64 << (s.len() % 64)) - 1);
+        above += (g & a).count_ones() as usize;
+        if !above_out.is_empty() {
+            above_out[full] = g & a;
+        }
+        if i & a != 0 {
+            on_in(full, i & a);
+        }
     }
+    above
 }
 
 /// Masks one block: keeps alive elements with key `> t`, then the first `quota` alive ones
 /// with key `== t` (in index order; `quota` is decremented), zeroes (`+0.0`) every other
 /// weight and writes the new mask words. `s` holds the scores of `w`; `mask` has
 /// `ceil(len / 64)` words, the bits after the last element are cleared. Returns the number
-/// kept. `ahead` is prefetched as in [`classify_words`].
+/// kept. `ahead` is prefetched as in [`count_words`].
 pub fn apply_words(
     s: &[f32],
     w: &mut [f32],
@@ -214,77 +364,88 @@ pub fn apply_words(
     quota: &mut u64,
     ahead: &[f32],
 ) -> usize {
-    debug_assert_eq!(s.len(), w.len());
-    debug_assert_eq!(mask.len(), s.len().div_ceil(64));
+    assert_eq!(s.len(), w.len());
+    assert_eq!(mask.len(), s.len().div_ceil(64));
     let n = s.len();
-    let mut kept = 0usize;
-    let mut q = *quota;
-    // Keep bits of one word from its comparison bits.
-    let mut keep_bits = |wi: usize, gt: u64, eq: u64, mask: &mut [u64]| -> u64 {
-        let valid = if (wi + 1) * 64 <= n {
-            u64::MAX
-        } else {
-            (1u64 << (n % 64)) - 1
-        };
-        let alive = mask[wi] & valid;
-        let mut keep = gt & alive;
-        let mut ties = eq & alive;
-        while q > 0 && ties != 0 {
-            keep |= ties & ties.wrapping_neg();
-            ties &= ties - 1;
-            q -= 1;
-        }
-        mask[wi] = keep;
-        kept += keep.count_ones() as usize;
-        keep
-    };
     let full = n / 64;
-    match isa() {
+    let b = Bounds::new(t, t);
+    let mut kept = match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512F is present; `s` and `w` hold `full` words.
-        ISA_AVX512 => unsafe {
-            x86::apply512(
-                &s[..full * 64],
-                &mut w[..full * 64],
-                t,
-                ahead,
-                &mut |wi, g, e| keep_bits(wi, g, e, mask),
-            )
-        },
+        // SAFETY: AVX-512F and POPCNT are present; `s` and `w` hold `full` words.
+        ISA_AVX512 => unsafe { x86::apply512(s, w, mask, &b, full, quota, ahead) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2 is present; `s` and `w` hold `full` words.
-        ISA_AVX2 => unsafe {
-            x86::apply256(
-                &s[..full * 64],
-                &mut w[..full * 64],
-                t,
-                ahead,
-                &mut |wi, g, e| keep_bits(wi, g, e, mask),
-            )
-        },
-        _ => {
-            for wi in 0..full {
-                let (g, e) = classify_scalar(&s[wi * 64..wi * 64 + 64], t, t);
-                let keep = keep_bits(wi, g, e, mask);
-                zero_scalar(&mut w[wi * 64..wi * 64 + 64], keep);
-            }
-        }
-    }
+        // SAFETY: AVX2 and POPCNT are present; as above.
+        ISA_AVX2 => unsafe { x86::apply256(s, w, mask, &b, full, quota, ahead) },
+        // SAFETY: as above.
+        _ => unsafe { apply_core(&Scalar { lo: t, hi: t }, s, w, mask, full, quota, ahead) },
+    };
     if full * 64 < n {
         let (g, e) = classify_scalar(&s[full * 64..], t, t);
-        let keep = keep_bits(full, g, e, mask);
+        let a = mask[full] & ((1u64 << (n % 64)) - 1);
+        let mut keep = g & a;
+        let mut ties = e & a;
+        while *quota > 0 && ties != 0 {
+            keep |= ties & ties.wrapping_neg();
+            ties &= ties - 1;
+            *quota -= 1;
+        }
+        mask[full] = keep;
+        kept += keep.count_ones() as usize;
         zero_scalar(&mut w[full * 64..], keep);
     }
-    *quota = q;
     kept
 }
 
-fn zero_scalar(w: &mut [f32], keep: u64) {
-    for (j, x) in w.iter_mut().enumerate() {
-        if (keep >> j) & 1 == 0 {
-            *x = 0.0;
+/// Masks `w` by precomputed keep bits: writes `mask[i] = keep[i]` (bits after the last
+/// element cleared) and zeroes (`+0.0`) every weight whose bit is clear. Returns the number
+/// kept. The keep bits must already exclude pruned elements.
+pub fn zero_words(w: &mut [f32], keep: &[u64], mask: &mut [u64]) -> usize {
+    let n = w.len();
+    assert_eq!(keep.len(), n.div_ceil(64));
+    assert_eq!(mask.len(), keep.len());
+    let full = n / 64;
+    let mut kept = match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F and POPCNT are present; `w` holds `full` words.
+        ISA_AVX512 => unsafe { x86::zero512(w, keep, mask, full) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and POPCNT are present; as above.
+        ISA_AVX2 => unsafe { x86::zero256(w, keep, mask, full) },
+        // SAFETY: as above.
+        _ => unsafe { zero_core(&Scalar { lo: 0, hi: 0 }, w, keep, mask, full) },
+    };
+    if full * 64 < n {
+        let k = keep[full] & ((1u64 << (n % 64)) - 1);
+        mask[full] = k;
+        kept += k.count_ones() as usize;
+        zero_scalar(&mut w[full * 64..], k);
+    }
+    kept
+}
+
+/// The full words of [`zero_words`].
+///
+/// # Safety
+/// `w` holds `full` words, `keep` and `mask` at least `full`.
+#[inline(always)]
+unsafe fn zero_core<O: Ops>(
+    o: &O,
+    w: &mut [f32],
+    keep: &[u64],
+    mask: &mut [u64],
+    full: usize,
+) -> usize {
+    let mut kept = 0usize;
+    for wi in 0..full {
+        let k = keep[wi];
+        mask[wi] = k;
+        kept += k.count_ones() as usize;
+        if k != u64::MAX {
+            // SAFETY: word `wi < full` of `w`.
+            unsafe { o.zero(w.as_mut_ptr().add(64 * wi), k) };
         }
     }
+    kept
 }
 
 /// Whether any of `w` is NaN or infinite (alive or not).
@@ -309,205 +470,211 @@ fn max_bits(w: &[f32]) -> u32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Bounds, Mode};
-
-    /// Prefetches the four cache lines of word `wi` of `ahead`, if it has that word.
-    #[inline(always)]
-    unsafe fn prefetch_word(ahead: &[f32], wi: usize) {
-        if 64 * wi + 64 <= ahead.len() {
-            let p = ahead.as_ptr().add(64 * wi) as *const i8;
-            for l in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(p.add(64 * l));
-            }
-        }
-    }
+    use super::{apply_core, count_core, zero_core, Bounds, Mode, Ops};
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn max_bits256(w: &[f32]) -> u32 {
         super::max_bits(w)
     }
 
-    /// The in-range lanes of one 16-lane vector.
+    const RANGE: u8 = 0;
+    const FROM_NAN: u8 = 1;
+    const NAN_ONLY: u8 = 2;
+
     #[inline(always)]
-    unsafe fn in512(x: __m512, lo: __m512, hi: __m512, mode: Mode) -> u16 {
-        match mode {
-            Mode::Range => {
-                let h = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, hi);
-                _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(h, x, lo)
+    unsafe fn prefetch_line4(p: *const f32) {
+        let p = p as *const i8;
+        for l in 0..4 {
+            _mm_prefetch::<_MM_HINT_T0>(p.add(64 * l));
+        }
+    }
+
+    struct Avx512<const M: u8> {
+        gt: __m512,
+        lo: __m512,
+        hi: __m512,
+    }
+
+    impl<const M: u8> Avx512<M> {
+        #[inline(always)]
+        unsafe fn new(b: &Bounds) -> Self {
+            Avx512 {
+                gt: _mm512_set1_ps(b.gt),
+                lo: _mm512_set1_ps(b.lo),
+                hi: _mm512_set1_ps(b.hi),
             }
-            Mode::FromNan => _mm512_cmp_ps_mask::<_CMP_NGT_UQ>(x, hi),
-            Mode::NanOnly => _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x),
         }
     }
 
-    #[inline(always)]
-    unsafe fn word512(p: *const f32, gt: __m512, lo: __m512, hi: __m512, mode: Mode) -> (u64, u64) {
-        let (mut g, mut i) = (0u64, 0u64);
-        for q in 0..4 {
-            let x = _mm512_loadu_ps(p.add(16 * q));
-            g |= (_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, gt) as u64) << (16 * q);
-            i |= (in512(x, lo, hi, mode) as u64) << (16 * q);
+    impl<const M: u8> Ops for Avx512<M> {
+        #[inline(always)]
+        unsafe fn classify(&self, p: *const f32) -> (u64, u64) {
+            let (mut g, mut i) = (0u64, 0u64);
+            for q in 0..4 {
+                let x = _mm512_loadu_ps(p.add(16 * q));
+                let gm = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, self.gt);
+                let im = match M {
+                    RANGE => {
+                        let h = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, self.hi);
+                        _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(h, x, self.lo)
+                    }
+                    FROM_NAN => _mm512_cmp_ps_mask::<_CMP_NGT_UQ>(x, self.hi),
+                    _ => _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x),
+                };
+                g |= (gm as u64) << (16 * q);
+                i |= (im as u64) << (16 * q);
+            }
+            (g, i)
         }
-        (g, i)
+
+        #[inline(always)]
+        unsafe fn zero(&self, p: *mut f32, keep: u64) {
+            for q in 0..4 {
+                let a = p.add(16 * q);
+                let m = (keep >> (16 * q)) as u16;
+                _mm512_storeu_ps(a, _mm512_maskz_mov_ps(m, _mm512_loadu_ps(a)));
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn prefetch(&self, p: *const f32) {
+            prefetch_line4(p)
+        }
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn classify512(
+    struct Avx2<const M: u8> {
+        gt: __m256,
+        lo: __m256,
+        hi: __m256,
+        lane_bits: __m256i,
+    }
+
+    impl<const M: u8> Avx2<M> {
+        #[inline(always)]
+        unsafe fn new(b: &Bounds) -> Self {
+            Avx2 {
+                gt: _mm256_set1_ps(b.gt),
+                lo: _mm256_set1_ps(b.lo),
+                hi: _mm256_set1_ps(b.hi),
+                lane_bits: _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128),
+            }
+        }
+    }
+
+    impl<const M: u8> Ops for Avx2<M> {
+        #[inline(always)]
+        unsafe fn classify(&self, p: *const f32) -> (u64, u64) {
+            let (mut g, mut i) = (0u64, 0u64);
+            for q in 0..8 {
+                let x = _mm256_loadu_ps(p.add(8 * q));
+                let gm = _mm256_cmp_ps::<_CMP_GE_OQ>(x, self.gt);
+                let im = match M {
+                    RANGE => _mm256_and_ps(
+                        _mm256_cmp_ps::<_CMP_GE_OQ>(x, self.lo),
+                        _mm256_cmp_ps::<_CMP_LE_OQ>(x, self.hi),
+                    ),
+                    FROM_NAN => _mm256_cmp_ps::<_CMP_NGT_UQ>(x, self.hi),
+                    _ => _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x),
+                };
+                g |= (_mm256_movemask_ps(gm) as u32 as u64) << (8 * q);
+                i |= (_mm256_movemask_ps(im) as u32 as u64) << (8 * q);
+            }
+            (g, i)
+        }
+
+        #[inline(always)]
+        unsafe fn zero(&self, p: *mut f32, keep: u64) {
+            for q in 0..8 {
+                // Lane j keeps its weight when bit j of this byte of `keep` is set.
+                let byte = _mm256_set1_epi32(((keep >> (8 * q)) & 0xff) as i32);
+                let m = _mm256_cmpeq_epi32(_mm256_and_si256(byte, self.lane_bits), self.lane_bits);
+                let a = p.add(8 * q);
+                _mm256_storeu_ps(a, _mm256_and_ps(_mm256_loadu_ps(a), _mm256_castsi256_ps(m)));
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn prefetch(&self, p: *const f32) {
+            prefetch_line4(p)
+        }
+    }
+
+    macro_rules! by_mode {
+        ($ops:ident, $b:expr, $f:ident($($arg:expr),*)) => {
+            match $b.mode {
+                Mode::Range => $f(&$ops::<RANGE>::new($b), $($arg),*),
+                Mode::FromNan => $f(&$ops::<FROM_NAN>::new($b), $($arg),*),
+                Mode::NanOnly => $f(&$ops::<NAN_ONLY>::new($b), $($arg),*),
+            }
+        };
+    }
+
+    #[target_feature(enable = "avx512f,popcnt")]
+    pub unsafe fn count512(
         s: &[f32],
+        mask: &[u64],
         b: &Bounds,
+        full: usize,
         ahead: &[f32],
-        f: &mut impl FnMut(usize, u64, u64),
-    ) {
-        let (gt, lo, hi) = (
-            _mm512_set1_ps(b.gt),
-            _mm512_set1_ps(b.lo),
-            _mm512_set1_ps(b.hi),
-        );
-        let p = s.as_ptr();
-        macro_rules! run {
-            ($mode:expr) => {
-                for w in 0..s.len() / 64 {
-                    prefetch_word(ahead, w);
-                    let (g, i) = word512(p.add(64 * w), gt, lo, hi, $mode);
-                    f(w, g, i);
-                }
-            };
-        }
-        match b.mode {
-            Mode::Range => run!(Mode::Range),
-            Mode::FromNan => run!(Mode::FromNan),
-            Mode::NanOnly => run!(Mode::NanOnly),
-        }
+        above_out: &mut [u64],
+        on_in: &mut impl FnMut(usize, u64),
+    ) -> usize {
+        by_mode!(
+            Avx512,
+            b,
+            count_core(s, mask, full, ahead, above_out, on_in)
+        )
     }
 
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx2,popcnt")]
+    pub unsafe fn count256(
+        s: &[f32],
+        mask: &[u64],
+        b: &Bounds,
+        full: usize,
+        ahead: &[f32],
+        above_out: &mut [u64],
+        on_in: &mut impl FnMut(usize, u64),
+    ) -> usize {
+        by_mode!(Avx2, b, count_core(s, mask, full, ahead, above_out, on_in))
+    }
+
+    #[target_feature(enable = "avx512f,popcnt")]
+    pub unsafe fn zero512(w: &mut [f32], keep: &[u64], mask: &mut [u64], full: usize) -> usize {
+        let b = Bounds::new(0, 0);
+        zero_core(&Avx512::<RANGE>::new(&b), w, keep, mask, full)
+    }
+
+    #[target_feature(enable = "avx2,popcnt")]
+    pub unsafe fn zero256(w: &mut [f32], keep: &[u64], mask: &mut [u64], full: usize) -> usize {
+        let b = Bounds::new(0, 0);
+        zero_core(&Avx2::<RANGE>::new(&b), w, keep, mask, full)
+    }
+
+    #[target_feature(enable = "avx512f,popcnt")]
     pub unsafe fn apply512(
         s: &[f32],
         w: &mut [f32],
-        t: u32,
-        ahead: &[f32],
-        keep: &mut impl FnMut(usize, u64, u64) -> u64,
-    ) {
-        let b = Bounds::new(t, t);
-        let (gt, lo, hi) = (
-            _mm512_set1_ps(b.gt),
-            _mm512_set1_ps(b.lo),
-            _mm512_set1_ps(b.hi),
-        );
-        let zero = _mm512_setzero_ps();
-        let (p, o) = (s.as_ptr(), w.as_mut_ptr());
-        macro_rules! run {
-            ($mode:expr) => {
-                for wi in 0..s.len() / 64 {
-                    prefetch_word(ahead, wi);
-                    let (g, e) = word512(p.add(64 * wi), gt, lo, hi, $mode);
-                    let k = !keep(wi, g, e);
-                    for q in 0..4 {
-                        let m = (k >> (16 * q)) as u16;
-                        _mm512_mask_storeu_ps(o.add(64 * wi + 16 * q), m, zero);
-                    }
-                }
-            };
-        }
-        match b.mode {
-            Mode::Range => run!(Mode::Range),
-            Mode::FromNan => run!(Mode::FromNan),
-            Mode::NanOnly => run!(Mode::NanOnly),
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn in256(x: __m256, lo: __m256, hi: __m256, mode: Mode) -> __m256 {
-        match mode {
-            Mode::Range => _mm256_and_ps(
-                _mm256_cmp_ps::<_CMP_GE_OQ>(x, lo),
-                _mm256_cmp_ps::<_CMP_LE_OQ>(x, hi),
-            ),
-            Mode::FromNan => _mm256_cmp_ps::<_CMP_NGT_UQ>(x, hi),
-            Mode::NanOnly => _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x),
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn word256(p: *const f32, gt: __m256, lo: __m256, hi: __m256, mode: Mode) -> (u64, u64) {
-        let (mut g, mut i) = (0u64, 0u64);
-        for q in 0..8 {
-            let x = _mm256_loadu_ps(p.add(8 * q));
-            let a = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(x, gt)) as u32 as u64;
-            let b = _mm256_movemask_ps(in256(x, lo, hi, mode)) as u32 as u64;
-            g |= a << (8 * q);
-            i |= b << (8 * q);
-        }
-        (g, i)
-    }
-
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn classify256(
-        s: &[f32],
+        mask: &mut [u64],
         b: &Bounds,
+        full: usize,
+        quota: &mut u64,
         ahead: &[f32],
-        f: &mut impl FnMut(usize, u64, u64),
-    ) {
-        let (gt, lo, hi) = (
-            _mm256_set1_ps(b.gt),
-            _mm256_set1_ps(b.lo),
-            _mm256_set1_ps(b.hi),
-        );
-        let p = s.as_ptr();
-        macro_rules! run {
-            ($mode:expr) => {
-                for w in 0..s.len() / 64 {
-                    prefetch_word(ahead, w);
-                    let (g, i) = word256(p.add(64 * w), gt, lo, hi, $mode);
-                    f(w, g, i);
-                }
-            };
-        }
-        match b.mode {
-            Mode::Range => run!(Mode::Range),
-            Mode::FromNan => run!(Mode::FromNan),
-            Mode::NanOnly => run!(Mode::NanOnly),
-        }
+    ) -> usize {
+        by_mode!(Avx512, b, apply_core(s, w, mask, full, quota, ahead))
     }
 
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,popcnt")]
     pub unsafe fn apply256(
         s: &[f32],
         w: &mut [f32],
-        t: u32,
+        mask: &mut [u64],
+        b: &Bounds,
+        full: usize,
+        quota: &mut u64,
         ahead: &[f32],
-        keep: &mut impl FnMut(usize, u64, u64) -> u64,
-    ) {
-        let b = Bounds::new(t, t);
-        let (gt, lo, hi) = (
-            _mm256_set1_ps(b.gt),
-            _mm256_set1_ps(b.lo),
-            _mm256_set1_ps(b.hi),
-        );
-        // Lane j of the vector for bits 8q..8q+8 tests bit j of the shifted byte.
-        let lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-        let (p, o) = (s.as_ptr(), w.as_mut_ptr());
-        macro_rules! run {
-            ($mode:expr) => {
-                for wi in 0..s.len() / 64 {
-                    prefetch_word(ahead, wi);
-                    let (g, e) = word256(p.add(64 * wi), gt, lo, hi, $mode);
-                    let k = keep(wi, g, e);
-                    for q in 0..8 {
-                        let byte = _mm256_set1_epi32(((k >> (8 * q)) & 0xff) as i32);
-                        let m = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bits), lane_bits);
-                        let a = o.add(64 * wi + 8 * q);
-                        let x = _mm256_loadu_ps(a);
-                        _mm256_storeu_ps(a, _mm256_and_ps(x, _mm256_castsi256_ps(m)));
-                    }
-                }
-            };
-        }
-        match b.mode {
-            Mode::Range => run!(Mode::Range),
-            Mode::FromNan => run!(Mode::FromNan),
-            Mode::NanOnly => run!(Mode::NanOnly),
-        }
+    ) -> usize {
+        by_mode!(Avx2, b, apply_core(s, w, mask, full, quota, ahead))
     }
 }
 
@@ -588,20 +755,38 @@ mod tests {
     }
 
     #[test]
-    fn classify_matches_keys() {
+    fn count_matches_keys() {
         let s = specials();
         let ks = keys_of_interest(&s);
+        let mask: Vec<u64> = (0..s.len().div_ceil(64))
+            .map(|i| 0xfff7_7fff_ffbf_ffffu64.rotate_left(i as u32 * 7))
+            .collect();
         all_isas(|| {
             for (i, &lo) in ks.iter().enumerate().step_by(3) {
                 for &hi in ks[i..].iter().step_by(5).chain([&u32::MAX]) {
-                    let mut seen = 0;
-                    classify_words(&s, lo, hi, &[], |w, g, inr| {
-                        let end = (w * 64 + 64).min(s.len());
-                        let (eg, ei) = classify_scalar(&s[w * 64..end], lo, hi);
-                        assert_eq!((g, inr), (eg, ei), "{} lo {lo:#x} hi {hi:#x}", isa_name());
-                        seen += 1;
+                    let mut want_above = 0;
+                    let mut want_in = vec![0u64; mask.len()];
+                    for (j, &x) in s.iter().enumerate() {
+                        let k = score_key(x);
+                        if (mask[j / 64] >> (j % 64)) & 1 == 1 {
+                            want_above += (k > hi) as usize;
+                            want_in[j / 64] |= ((lo <= k && k <= hi) as u64) << (j % 64);
+                        }
+                    }
+                    let mut got_in = vec![0u64; mask.len()];
+                    let mut got_above = vec![0u64; mask.len()];
+                    let above = count_words(&s, &mask, lo, hi, &[], &mut got_above, |w, bits| {
+                        got_in[w] = bits
                     });
-                    assert_eq!(seen, s.len().div_ceil(64));
+                    assert_eq!(above, want_above, "{} lo {lo:#x} hi {hi:#x}", isa_name());
+                    let bits: usize = got_above.iter().map(|w| w.count_ones() as usize).sum();
+                    assert_eq!(bits, want_above);
+                    for (j, &x) in s.iter().enumerate() {
+                        let alive = (mask[j / 64] >> (j % 64)) & 1 == 1;
+                        let bit = (got_above[j / 64] >> (j % 64)) & 1 == 1;
+                        assert_eq!(bit, alive && score_key(x) > hi);
+                    }
+                    assert_eq!(got_in, want_in, "{} lo {lo:#x} hi {hi:#x}", isa_name());
                 }
             }
         });
@@ -647,6 +832,32 @@ mod tests {
                     assert_eq!(mask[mask.len() - 1] >> last, 0);
                     assert_eq!((kept, q), (n, rq));
                 }
+            }
+        });
+    }
+
+    #[test]
+    fn zero_words_follow_bits() {
+        all_isas(|| {
+            for n in [0usize, 5, 64, 100, 257] {
+                let w0: Vec<f32> = (0..n).map(|i| i as f32 - 3.5).collect();
+                let keep: Vec<u64> = (0..n.div_ceil(64))
+                    .map(|i| 0x0123_4567_89ab_cdefu64.rotate_left(i as u32 * 13) | (i as u64))
+                    .collect();
+                let mut w = w0.clone();
+                let mut mask = vec![u64::MAX; keep.len()];
+                let kept = zero_words(&mut w, &keep, &mut mask);
+                let mut want = 0;
+                for i in 0..n {
+                    let k = (keep[i / 64] >> (i % 64)) & 1 == 1;
+                    want += k as usize;
+                    assert_eq!(w[i].to_bits(), if k { w0[i] } else { 0.0 }.to_bits());
+                    assert_eq!((mask[i / 64] >> (i % 64)) & 1 == 1, k);
+                }
+                if n % 64 != 0 {
+                    assert_eq!(mask[n / 64] >> (n % 64), 0);
+                }
+                assert_eq!(kept, want);
             }
         });
     }

@@ -34,6 +34,9 @@ pub(super) struct Gen<'a, 'b> {
     pub(super) col: Variable,
     pub(super) row: Variable,
     pub(super) uses_pos: bool,
+    /// f32x4 constants made once in the entry block (loops reuse the register).
+    pub(super) abs_mask: Value,
+    pub(super) sign_mask: Value,
 }
 
 impl Gen<'_, '_> {
@@ -194,8 +197,17 @@ impl Gen<'_, '_> {
             KExpr::Unary(op, a) => {
                 let x = self.v_eval(a, i, col, row);
                 match op {
-                    UnOp::Neg => self.b.ins().fneg(x),
-                    UnOp::Abs => self.b.ins().fabs(x),
+                    // Bitwise, like fneg / fabs, with the masks hoisted out of the loops.
+                    UnOp::Neg => {
+                        let xi = self.as_i(x);
+                        let r = self.b.ins().bxor(xi, self.sign_mask);
+                        self.as_f(r)
+                    }
+                    UnOp::Abs => {
+                        let xi = self.as_i(x);
+                        let r = self.b.ins().band(xi, self.abs_mask);
+                        self.as_f(r)
+                    }
                     UnOp::Sq => self.b.ins().fmul(x, x),
                     UnOp::Sqrt => self.b.ins().sqrt(x),
                     UnOp::Log => self.per_lane1(0, x),
