@@ -24,6 +24,8 @@ fn bench_reports_all_cases() {
             "ratio_to_streaming",
             "candle_seconds",
             "speedup_vs_candle",
+            "read_seconds",
+            "two_pass_bound",
         ] {
             let x = c[k].as_f64().unwrap();
             assert!(x.is_finite() && x > 0.0, "{k} = {x}");

@@ -7,6 +7,12 @@
 //! written, statistics read), the plain read+write streaming time of the same weights
 //! measured in the same run, the same computation written as a chain of candle tensor ops,
 //! and the peak extra resident memory during the JIT run.
+//!
+//! It also times a plain parallel read of the weights and reports `two_pass_bound` =
+//! streaming / (read + streaming): the best ratio to streaming that any method reaches when
+//! it must read every weight once before it may write any (an exact global cut needs every
+//! score first; a finiteness check must pass before anything changes), given this machine's
+//! read and read+write bandwidths.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -114,6 +120,22 @@ fn stream(layers: &mut [Layer]) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// Plain parallel read of every weight (a max-reduction), in the same chunks: what one
+/// reading pass over the weights costs at best.
+fn read_pass(layers: &[Layer]) -> f64 {
+    let t = Instant::now();
+    let mut m = 0.0f32;
+    for l in layers {
+        m = m.max(
+            l.w.par_chunks(CHUNK)
+                .map(|c| c.iter().fold(0.0f32, |a, &x| a.max(x)))
+                .reduce(|| 0.0, f32::max),
+        );
+    }
+    black_box(m);
+    t.elapsed().as_secs_f64()
+}
+
 /// The same pruning as a chain of candle ops (scores, threshold, compare, multiply, copy
 /// back). candle has no k-th value op: the global threshold is taken from the scores with
 /// `select_nth_unstable` in Rust, which favours the baseline; per-row uses `sort_last_dim`.
@@ -188,6 +210,9 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
         let stream_s = (0..REPEATS)
             .map(|_| stream(&mut work))
             .fold(f64::INFINITY, f64::min);
+        let read_s = (0..REPEATS)
+            .map(|_| read_pass(&work))
+            .fold(f64::INFINITY, f64::min);
         for (name, expr) in [
             ("magnitude", KExpr::magnitude()),
             ("wanda", KExpr::wanda(0)),
@@ -257,6 +282,8 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
                     "streaming_seconds": stream_s,
                     "streaming_gb_per_s": stream_gbs,
                     "ratio_to_streaming": gbs / stream_gbs,
+                    "read_seconds": read_s,
+                    "two_pass_bound": stream_s / (read_s + stream_s),
                     "candle_seconds": candle_s,
                     "speedup_vs_candle": candle_s / best,
                     "weights_bytes": weight_bytes,
@@ -278,12 +305,12 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
 /// A Markdown table of a [`bench_kernels`] result.
 pub fn bench_table(v: &Value) -> String {
     let mut s = String::from(
-        "| params | criterion | selection | seconds | cpu s | GB/s | streaming GB/s | ratio | candle s | speedup | peak extra |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| params | criterion | selection | seconds | cpu s | GB/s | streaming GB/s | ratio | 2-pass bound | candle s | speedup | peak extra |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for c in v["cases"].as_array().into_iter().flatten() {
         let f = |k: &str| c[k].as_f64().unwrap_or(f64::NAN);
         s.push_str(&format!(
-            "| {} | {} | {} | {:.4} | {:.2} | {:.1} | {:.1} | {:.0}% | {:.3} | {:.1}x | {} |\n",
+            "| {} | {} | {} | {:.4} | {:.2} | {:.1} | {:.1} | {:.0}% | {:.0}% | {:.3} | {:.1}x | {} |\n",
             c["params"],
             c["criterion"].as_str().unwrap_or(""),
             c["selection"].as_str().unwrap_or(""),
@@ -292,6 +319,7 @@ pub fn bench_table(v: &Value) -> String {
             f("gb_per_s"),
             f("streaming_gb_per_s"),
             100.0 * f("ratio_to_streaming"),
+            100.0 * f("two_pass_bound"),
             f("candle_seconds"),
             f("speedup_vs_candle"),
             match c["peak_extra_fraction"].as_f64() {

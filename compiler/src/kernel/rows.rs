@@ -229,7 +229,8 @@ fn per_row_unit(
     let margin = row_margin(keep, cols);
     let cap = 4 * margin + 64;
     let mut bracket = seed;
-    let mut cands: Vec<u32> = Vec::with_capacity(cap);
+    let mut cands: Vec<u64> = Vec::with_capacity(cap);
+    let mut tie_pos: Vec<usize> = Vec::new();
     let mut tmp: Vec<u32> = Vec::with_capacity(cols);
     let mut hist = vec![0u32; 2048];
     let mut ties_at: Vec<(usize, u64)> = Vec::new();
@@ -255,53 +256,6 @@ fn per_row_unit(
             // The next row of the unit, prefetched while this one is selected and masked.
             // SAFETY: this worker owns the unit's rows; the next row is only read here.
             let ahead = unsafe { raw.weights(s1, if r + 1 < r1 { s1 + cols } else { s1 }) };
-            let (t, ties) = {
-                // SAFETY: this worker owns the row; nothing else writes its words.
-                let mask = unsafe { raw.mask_words(s0 / 64, s1 / 64) };
-                let alive: usize = mask.iter().map(|w| w.count_ones() as usize).sum();
-                if keep == 0 {
-                    (u32::MAX, 0)
-                } else if keep >= alive {
-                    (0, alive)
-                } else {
-                    let fast = bracket.and_then(|(lo, hi)| {
-                        cands.clear();
-                        let mut inr = 0usize;
-                        let above =
-                            simd::count_words(buf, mask, lo, hi, ahead, &mut [], |wi, bits| {
-                                let mut m = bits;
-                                inr += m.count_ones() as usize;
-                                if inr <= cap {
-                                    while m != 0 {
-                                        let j = wi * 64 + m.trailing_zeros() as usize;
-                                        cands.push(score_key(buf[j]));
-                                        m &= m - 1;
-                                    }
-                                }
-                            });
-                        if above >= keep || above + inr < keep || inr > cap {
-                            return None;
-                        }
-                        let rank = keep - above - 1;
-                        let (gt, &mut t, _) = cands.select_nth_unstable_by(rank, |a, b| b.cmp(a));
-                        let greater = gt.iter().filter(|&&x| x > t).count();
-                        // The next bracket: `margin` ranks either side of this row's cut, at
-                        // the keys-per-rank density this bracket showed.
-                        let span = (hi - lo) as u64 * margin as u64 / inr as u64 + 1;
-                        let nhi = (t as u64 + span).min(u32::MAX as u64) as u32;
-                        let nlo = (t as u64).saturating_sub(span) as u32;
-                        bracket = Some((nlo, nhi));
-                        Some((t, rank + 1 - greater))
-                    });
-                    fast.unwrap_or_else(|| {
-                        tmp.clear();
-                        tmp.extend(alive_keys(buf, mask));
-                        bracket = Some(bracket_of(&mut tmp, keep, margin));
-                        row_cut(&mut tmp, keep, &mut hist)
-                    })
-                }
-            };
-            // Keep bits: alive keys above `t`, then the first `ties` alive keys equal to it.
             // SAFETY: this worker owns the row's words; the mask is only read.
             let (mask, side) = unsafe {
                 (
@@ -309,17 +263,85 @@ fn per_row_unit(
                     raw.side_words_mut(s0 / 64, s1 / 64),
                 )
             };
-            ties_at.clear();
-            simd::count_words(buf, mask, t, t, ahead, side, |wi, bits| {
-                ties_at.push((wi, bits))
-            });
-            let mut q = ties;
-            for &(wi, bits) in &ties_at {
-                let mut b = bits;
-                while q > 0 && b != 0 {
-                    side[wi] |= b & b.wrapping_neg();
-                    b &= b - 1;
-                    q -= 1;
+            let alive: usize = mask.iter().map(|w| w.count_ones() as usize).sum();
+            // Fast path: the bracket splits the row; the side words get the alive elements
+            // above it, then the kept candidates.
+            let fast = if keep == 0 || keep >= alive {
+                None
+            } else {
+                bracket.and_then(|(lo, hi)| {
+                    cands.clear();
+                    let mut inr = 0usize;
+                    let above = simd::count_words(buf, mask, lo, hi, ahead, side, |wi, bits| {
+                        let mut m = bits;
+                        inr += m.count_ones() as usize;
+                        if inr <= cap {
+                            while m != 0 {
+                                let j = wi * 64 + m.trailing_zeros() as usize;
+                                cands.push(((score_key(buf[j]) as u64) << 32) | j as u64);
+                                m &= m - 1;
+                            }
+                        }
+                    });
+                    if above >= keep || above + inr < keep || inr > cap {
+                        return None;
+                    }
+                    let rank = keep - above - 1;
+                    let (gt, &mut tc, _) = cands.select_nth_unstable_by(rank, |a, b| b.cmp(a));
+                    let t = (tc >> 32) as u32;
+                    let greater = gt.iter().filter(|&&x| (x >> 32) as u32 > t).count();
+                    let mut ties = rank + 1 - greater;
+                    // Candidates above `t` are kept, and the first `ties` equal to it.
+                    tie_pos.clear();
+                    for &c in cands.iter() {
+                        let (key, j) = ((c >> 32) as u32, c as u32 as usize);
+                        if key > t {
+                            side[j / 64] |= 1u64 << (j % 64);
+                        } else if key == t {
+                            tie_pos.push(j);
+                        }
+                    }
+                    tie_pos.sort_unstable();
+                    for &j in &tie_pos {
+                        if ties == 0 {
+                            break;
+                        }
+                        side[j / 64] |= 1u64 << (j % 64);
+                        ties -= 1;
+                    }
+                    // The next bracket: `margin` ranks either side of this row's cut, at the
+                    // keys-per-rank density this bracket showed.
+                    let span = (hi - lo) as u64 * margin as u64 / inr as u64 + 1;
+                    let nhi = (t as u64 + span).min(u32::MAX as u64) as u32;
+                    let nlo = (t as u64).saturating_sub(span) as u32;
+                    bracket = Some((nlo, nhi));
+                    Some(())
+                })
+            };
+            if fast.is_none() {
+                let (t, ties) = if keep == 0 {
+                    (u32::MAX, 0)
+                } else if keep >= alive {
+                    (0, alive)
+                } else {
+                    tmp.clear();
+                    tmp.extend(alive_keys(buf, mask));
+                    bracket = Some(bracket_of(&mut tmp, keep, margin));
+                    row_cut(&mut tmp, keep, &mut hist)
+                };
+                // Keep bits: alive keys above `t`, then the first `ties` alive keys equal to it.
+                ties_at.clear();
+                simd::count_words(buf, mask, t, t, ahead, side, |wi, bits| {
+                    ties_at.push((wi, bits))
+                });
+                let mut q = ties;
+                for &(wi, bits) in &ties_at {
+                    let mut b = bits;
+                    while q > 0 && b != 0 {
+                        side[wi] |= b & b.wrapping_neg();
+                        b &= b - 1;
+                        q -= 1;
+                    }
                 }
             }
         }
