@@ -113,7 +113,7 @@ fn scan_chunk(
                 while m != 0 {
                     let j = wi * 64 + m.trailing_zeros() as usize;
                     m &= m - 1;
-                    let key = score_key(buf[j]);
+                    let key = simd::key_of(buf[j]);
                     hist[((key - lo) >> shift) as usize] += 1;
                     if (in_range as usize) < CAP {
                         cands.push(((key as u64) << 32) | (base + j) as u64);

@@ -128,7 +128,6 @@ impl RawTensor {
         a.col_stats = self.col_ptrs.as_ptr();
         a.row_stats = self.row_ptrs.as_ptr();
         a.scalars = self.scalars.as_ptr();
-        a.mask = self.mask;
         a.cols = self.cols as u64;
         a.start = start as u64;
         a.end = end as u64;
@@ -138,9 +137,8 @@ impl RawTensor {
     /// Runs `f` on `args`.
     ///
     /// # Safety
-    /// `args` must come from [`RawTensor::args`] with `start <= end <= len`, with `out`,
-    /// `hist` and `cands` sized for the kernel, and no other thread may touch the same
-    /// elements or mask words while a writing kernel (apply) runs.
+    /// `args` must come from [`RawTensor::args`] with `start <= end <= len` and `out` sized
+    /// for `end - start` scores; kernels only read the tensor.
     pub unsafe fn run(&self, f: KernelFn, args: &mut KArgs) {
         debug_assert!(args.start <= args.end && args.end as usize <= self.len);
         // SAFETY: guaranteed by the caller, see above.

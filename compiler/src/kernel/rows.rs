@@ -278,7 +278,7 @@ fn per_row_unit(
                         if inr <= cap {
                             while m != 0 {
                                 let j = wi * 64 + m.trailing_zeros() as usize;
-                                cands.push(((score_key(buf[j]) as u64) << 32) | j as u64);
+                                cands.push(((simd::key_of(buf[j]) as u64) << 32) | j as u64);
                                 m &= m - 1;
                             }
                         }
@@ -349,11 +349,12 @@ fn per_row_unit(
     })
 }
 
-/// Ranks `keep - margin` and `keep + margin` bound the next row's cut: about 3 standard
-/// deviations of the count above a fixed score from row to row.
+/// Ranks `keep - margin` and `keep + margin` bound the next row's cut: about 4 standard
+/// deviations of the count above a fixed score from row to row (a miss costs an exact
+/// selection over the whole row).
 fn row_margin(keep: usize, cols: usize) -> usize {
     let var = (keep as f64) * (cols.saturating_sub(keep) as f64) / cols.max(1) as f64;
-    (3.0 * var.sqrt()).ceil() as usize + 8
+    (4.0 * var.sqrt()).ceil() as usize + 8
 }
 
 /// The keys of the alive elements of a row (`s` its scores, `mask` its words), in order.

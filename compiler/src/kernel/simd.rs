@@ -153,6 +153,18 @@ pub fn force_scalar(on: bool) {
     ISA.store(if on { ISA_SCALAR } else { detect() }, Ordering::Relaxed);
 }
 
+/// [`score_key`] without branches (for candidate loops).
+#[inline(always)]
+pub fn key_of(s: f32) -> u32 {
+    let b = (s + 0.0).to_bits();
+    let k = b ^ ((((b as i32) >> 31) as u32) | 0x8000_0000);
+    if s.is_nan() {
+        0
+    } else {
+        k
+    }
+}
+
 /// The scalar tests of one (possibly partial) word: `(key > hi, lo <= key <= hi)` bits.
 fn classify_scalar(s: &[f32], lo: u32, hi: u32) -> (u64, u64) {
     let (mut gt, mut inr) = (0u64, 0u64);
@@ -860,6 +872,19 @@ mod tests {
                 assert_eq!(kept, want);
             }
         });
+    }
+
+    #[test]
+    fn key_of_is_score_key() {
+        let mut x = 0x9e37_79b9u32;
+        for &s in specials().iter() {
+            assert_eq!(key_of(s), score_key(s), "{s:?}");
+        }
+        for _ in 0..100_000 {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let s = f32::from_bits(x);
+            assert_eq!(key_of(s), score_key(s), "{:#x}", x);
+        }
     }
 
     #[test]

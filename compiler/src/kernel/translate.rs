@@ -1,7 +1,7 @@
 //! Translation of a kernel expression into cranelift IR, per element (f32) and per f32x4 group.
 
 use cranelift_codegen::ir::condcodes::FloatCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
+use cranelift_codegen::ir::types::{F32, F32X4, I32X4, I64};
 use cranelift_codegen::ir::{Endianness, FuncRef, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::{FunctionBuilder, Variable};
 
@@ -21,7 +21,6 @@ pub(super) fn vmf() -> MemFlagsData {
 
 pub(super) struct Gen<'a, 'b> {
     pub(super) b: &'a mut FunctionBuilder<'b>,
-    pub(super) expr: &'a KExpr,
     pub(super) calls: [FuncRef; 3],
     pub(super) w: Value,
     pub(super) grad: Value,
@@ -29,7 +28,6 @@ pub(super) struct Gen<'a, 'b> {
     pub(super) col_ptrs: Vec<Option<Value>>,
     pub(super) row_ptrs: Vec<Option<Value>>,
     pub(super) scalars: Vec<Option<Value>>,
-    pub(super) start: Value,
     pub(super) i: Variable,
     pub(super) col: Variable,
     pub(super) row: Variable,
@@ -47,11 +45,6 @@ impl Gen<'_, '_> {
     pub(super) fn vf(&mut self, x: f32) -> Value {
         let s = self.b.ins().f32const(x);
         self.b.ins().splat(F32X4, s)
-    }
-
-    pub(super) fn vi(&mut self, x: i32) -> Value {
-        let s = self.b.ins().iconst(I32, x as i64);
-        self.b.ins().splat(I32X4, s)
     }
 
     /// `base + idx * 4`.
@@ -278,44 +271,6 @@ impl Gen<'_, '_> {
             r = self.b.ins().insertlane(r, v, l);
         }
         r
-    }
-
-    /// Signed rank key of a scalar score (NaN = i32::MIN; unsigned key = signed ^ 0x8000_0000).
-    pub(super) fn s_key(&mut self, s: Value) -> Value {
-        let zero = self.b.ins().f32const(0.0);
-        let s0 = self.b.ins().fadd(s, zero);
-        let bits = self.b.ins().bitcast(I32, MemFlagsData::new(), s0);
-        let sh = self.ic(I32, 31);
-        let m = self.b.ins().sshr(bits, sh);
-        let low = self.ic(I32, 0x7fff_ffff);
-        let m = self.b.ins().band(m, low);
-        let k = self.b.ins().bxor(bits, m);
-        let nan = self.b.ins().fcmp(FloatCC::Unordered, s, s);
-        let min = self.ic(I32, i32::MIN as i64);
-        self.b.ins().select(nan, min, k)
-    }
-
-    pub(super) fn v_key(&mut self, s: Value) -> Value {
-        let zero = self.vf(0.0);
-        let s0 = self.b.ins().fadd(s, zero);
-        let bits = self.as_i(s0);
-        let sh = self.ic(I32, 31);
-        let m = self.b.ins().sshr(bits, sh);
-        let low = self.vi(0x7fff_ffff);
-        let m = self.b.ins().band(m, low);
-        let k = self.b.ins().bxor(bits, m);
-        let nan = self.b.ins().fcmp(FloatCC::Unordered, s, s);
-        let min = self.vi(i32::MIN);
-        self.b.ins().bitselect(nan, min, k)
-    }
-
-    /// i64 0/1: whether bit `i & 63` of `word` is set.
-    pub(super) fn bit_of(&mut self, word: Value, i: Value) -> Value {
-        let m63 = self.ic(I64, 63);
-        let sh = self.b.ins().band(i, m63);
-        let x = self.b.ins().ushr(word, sh);
-        let one = self.ic(I64, 1);
-        self.b.ins().band(x, one)
     }
 
     pub(super) fn positions(&mut self) -> (Value, Value, Value) {
