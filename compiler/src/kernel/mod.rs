@@ -177,20 +177,23 @@ pub fn prune_jit_with(
     let mut kept = vec![0usize; raws.len()];
     if row_local {
         if let Selection::PerRow { keep_per_row } = *sel {
-            let failed = (0..raws.len()).any(|t| {
-                two_pass[t]
-                    && rows::per_row_select(&k, &raws[t], shapes[t].0, keep_per_row, check).is_err()
-            });
-            if failed {
+            let which: Vec<(usize, usize)> = (0..raws.len())
+                .filter(|&t| two_pass[t])
+                .map(|t| (t, shapes[t].0))
+                .collect();
+            if rows::per_row_select(&k, &raws, &which, keep_per_row, check).is_err() {
                 drop(raws);
                 check_finite(tensors)?;
                 unreachable!("a per-row pass saw a non-finite weight that the check did not");
+            }
+            let ts: Vec<usize> = which.iter().map(|&(t, _)| t).collect();
+            for (&t, n) in ts.iter().zip(rows::apply_sides(&raws, &ts)) {
+                kept[t] = n;
             }
         }
         for (t, raw) in raws.iter().enumerate() {
             let rows = shapes[t].0;
             if two_pass[t] {
-                kept[t] = rows::apply_side(raw);
                 continue;
             }
             kept[t] = match *sel {

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::cut::NonFiniteIn;
 use super::expr::score_key;
 use super::jit::CompiledKernel;
-use super::raw::{chunks_of, with_scratch, RawTensor, CHUNK};
+use super::raw::{chunks_of, with_scratch, Chunk, RawTensor, CHUNK};
 use super::simd;
 use super::types::blocks_to_keep;
 
@@ -154,47 +154,58 @@ pub fn per_row_aligned(cols: usize) -> bool {
     cols > 0 && cols.is_multiple_of(64)
 }
 
-/// First pass of the per-row selection for a tensor whose rows are a multiple of 64 long: it
-/// only reads the tensor, and writes the new mask into the tensor's side bitmap (see
-/// [`RawTensor::set_side`]). With `check`, an alive non-finite weight stops it with
-/// [`NonFiniteIn`] before anything was written; [`apply_side`] is the second pass.
+/// First pass of the per-row selection for tensors whose rows are a multiple of 64 long
+/// (`which`, with their row counts): it only reads the tensors, and writes the new masks
+/// into their side bitmaps (see [`RawTensor::set_side`]). With `check`, an alive non-finite
+/// weight stops it with [`NonFiniteIn`] before anything was written; [`apply_sides`] is the
+/// second pass. Units of all the tensors run in one parallel loop.
 pub fn per_row_select(
     k: &CompiledKernel,
-    raw: &RawTensor,
-    rows: usize,
+    raws: &[RawTensor],
+    which: &[(usize, usize)],
     keep: usize,
     check: bool,
 ) -> Result<(), NonFiniteIn> {
-    let cols = raw.cols;
-    assert!(per_row_aligned(cols));
-    let per = rows_per_unit(rows, cols, 1);
-    let margin = row_margin(keep, cols);
-    // Every unit starts from the bracket of the tensor's first row.
-    let seed = if rows > 0 && keep > 0 {
-        with_scratch(|buf| {
-            raw.score_into(k.score_raw, 0, cols, buf);
-            // SAFETY: nothing writes the tensor during this pass.
-            let mask = unsafe { raw.mask_words(0, cols / 64) };
-            let mut keys = alive_keys(buf, mask);
-            (keep < keys.len()).then(|| bracket_of(&mut keys, keep, margin))
-        })
-    } else {
-        None
-    };
-    units(rows, per)
-        .par_iter()
-        .map(|&(r0, r1)| per_row_unit(k, raw, r0, r1, keep, seed, check))
+    let mut jobs = Vec::new();
+    for &(t, rows) in which {
+        let raw = &raws[t];
+        let cols = raw.cols;
+        assert!(per_row_aligned(cols));
+        let margin = row_margin(keep, cols);
+        // Every unit of a tensor starts from the bracket of the tensor's first row.
+        let seed = if rows > 0 && keep > 0 {
+            with_scratch(|buf| {
+                raw.score_into(k.score_raw, 0, cols, buf);
+                // SAFETY: nothing writes the tensor during this pass.
+                let mask = unsafe { raw.mask_words(0, cols / 64) };
+                let mut keys = alive_keys(buf, mask);
+                (keep < keys.len()).then(|| bracket_of(&mut keys, keep, margin))
+            })
+        } else {
+            None
+        };
+        for u in units(rows, rows_per_unit(rows, cols, 1)) {
+            jobs.push((t, u, seed));
+        }
+    }
+    jobs.par_iter()
+        .map(|&(t, (r0, r1), seed)| per_row_unit(k, &raws[t], r0, r1, keep, seed, check))
         .collect::<Result<Vec<()>, _>>()
         .map(|_| ())
 }
 
-/// Second pass: the side bitmap becomes the mask, and weights whose bit is clear are zeroed.
-/// Returns the kept count.
-pub fn apply_side(raw: &RawTensor) -> usize {
-    chunks_of(0, raw.len)
-        .collect::<Vec<_>>()
+/// Second pass: each side bitmap becomes its tensor's mask, and weights whose bit is clear
+/// are zeroed. Returns the kept count of each tensor of `which`, in order.
+pub fn apply_sides(raws: &[RawTensor], which: &[usize]) -> Vec<usize> {
+    let jobs: Vec<(usize, Chunk)> = which
+        .iter()
+        .enumerate()
+        .flat_map(|(n, &t)| chunks_of(t, raws[t].len).map(move |c| (n, c)))
+        .collect();
+    let counts: Vec<(usize, usize)> = jobs
         .par_iter()
-        .map(|c| {
+        .map(|&(n, c)| {
+            let raw = &raws[c.tensor];
             let (w0, w1) = (c.start / 64, c.end.div_ceil(64));
             // SAFETY: chunks are disjoint and start at multiples of 64: this worker owns the
             // chunk's weights, mask words and side words.
@@ -205,9 +216,14 @@ pub fn apply_side(raw: &RawTensor) -> usize {
                     raw.side_words_mut(w0, w1),
                 )
             };
-            simd::zero_words(w, side, m)
+            (n, simd::zero_words(w, side, m))
         })
-        .sum()
+        .collect();
+    let mut kept = vec![0; which.len()];
+    for (n, x) in counts {
+        kept[n] += x;
+    }
+    kept
 }
 
 /// Per-row selection of rows `[r0, r1)` whose length is a multiple of 64 (each row owns its
