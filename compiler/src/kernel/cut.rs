@@ -94,7 +94,7 @@ fn scan_chunk(
     check: bool,
 ) -> ChunkScan {
     let mut hist = vec![0u32; BUCKETS];
-    let mut cands = Vec::new();
+    let mut cands = Vec::with_capacity(CAP);
     let (mut above, mut in_range, mut nonfinite) = (0u64, 0u64, 0u64);
     with_scratch(|buf| {
         let mut b0 = c.start;

@@ -309,13 +309,13 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
     for &(head, body, wrap) in loops {
         gen.b.switch_to_block(head);
         let gv = gen.b.use_var(g);
-        let four = gen.ic(I64, 4);
-        let more = gen.b.ins().icmp(IntCC::UnsignedLessThan, gv, four);
+        let two = gen.ic(I64, 2);
+        let more = gen.b.ins().icmp(IntCC::UnsignedLessThan, gv, two);
         gen.b.ins().brif(more, body, &[], word_end, &[]);
 
         gen.b.switch_to_block(body);
-        // Four groups of four lanes per iteration, four iterations per word.
-        for _ in 0..4 {
+        // Eight groups of four lanes per iteration, two iterations per word.
+        for _ in 0..8 {
             let (i, c, r) = gen.positions();
             let s = gen.v_eval(expr, i, c, r);
             let s = if canonical {
