@@ -909,6 +909,12 @@ impl Exec<'_> {
     pub(super) fn calibrate(&mut self, s: &Stage) -> Result<(), RunError> {
         let (name, data_name) = self.model_and_data(s)?;
         let data = &self.datasets[&data_name];
+        if self.progress {
+            eprintln!(
+                "calibrate {name} on {data_name}: {} batches",
+                CALIBRATION_BATCHES.min(data.num_batches())
+            );
+        }
         let stats =
             rt::calib::activation_norms(&self.models[&name].model, data, CALIBRATION_BATCHES)
                 .map_err(rt_err(s.span, "calibration"))?;
