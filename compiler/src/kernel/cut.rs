@@ -1,10 +1,13 @@
-//! Exact, tie-aware cuts without sorting: range-narrowing radix select over JIT scan passes.
+//! Exact, tie-aware cuts without sorting: range-narrowing radix select over scan passes (the
+//! JIT scores blocks, [`simd::count_words`] compares them with the range).
 //!
 //! A pool is an ordered list of member tensors sharing one ranking (score key descending,
 //! then member order, then element index). Its cut is the shortest prefix of that ranking
 //! whose clamped per-member counts `sum(clamp(taken_m, min_m, max_m))` reach `keep`. A cut is
 //! stored as a key `t` plus, per chunk, how many elements with key exactly `t` to keep (the
-//! first ones in index order): the apply kernel keeps `key > t`, then ties up to the quota.
+//! first ones in index order): applying keeps `key > t`, then ties up to the quota. A cut
+//! resolved from candidates also carries each chunk's kept candidates, which with the scan's
+//! side bitmap (alive elements above the range) are the chunk's new mask.
 //!
 //! Each round scans every chunk once with a key range `[lo, hi]`: it counts alive elements
 //! above the range, histograms those inside it (2048 buckets) and collects up to `CAP`

@@ -1,8 +1,9 @@
 //! Row-local selections on the JIT path: per-row top-k (Wanda), N:M and blocks.
 //!
 //! Work units are whole rows starting at a multiple of 64 elements, so each unit owns its
-//! mask words. A unit is scored by the JIT score kernel into a buffer that stays in cache,
-//! then selected and masked in plain Rust.
+//! mask words. Per-row selection on rows of whole mask words runs in two passes (select into
+//! side bitmaps while reading, then apply); the other cases score a unit with the JIT into a
+//! buffer that stays in cache, then select and mask in plain Rust.
 
 use rayon::prelude::*;
 
