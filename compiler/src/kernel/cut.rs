@@ -96,7 +96,9 @@ fn scan_chunk(
     shift: u32,
     check: bool,
 ) -> ChunkScan {
-    let mut hist = vec![0u32; BUCKETS];
+    // Only a chunk whose candidates overflow keeps a histogram (of all its in-range keys);
+    // the others' come from their candidates when needed.
+    let mut hist: Vec<u32> = Vec::new();
     let mut cands = Vec::with_capacity(CAP);
     let (mut above, mut in_range, mut nonfinite) = (0u64, 0u64, 0u64);
     with_scratch(|buf| {
@@ -117,9 +119,16 @@ fn scan_chunk(
                     let j = wi * 64 + m.trailing_zeros() as usize;
                     m &= m - 1;
                     let key = simd::key_of(buf[j]);
-                    hist[((key - lo) >> shift) as usize] += 1;
                     if (in_range as usize) < CAP {
                         cands.push(((key as u64) << 32) | (base + j) as u64);
+                    } else {
+                        if hist.is_empty() {
+                            hist = vec![0u32; BUCKETS];
+                            for &c in &cands {
+                                hist[(((c >> 32) as u32 - lo) >> shift) as usize] += 1;
+                            }
+                        }
+                        hist[((key - lo) >> shift) as usize] += 1;
                     }
                     in_range += 1;
                 }
@@ -144,6 +153,19 @@ fn scan_chunk(
         nonfinite,
         hist,
         cands,
+    }
+}
+
+/// Adds a chunk's histogram of in-range keys (bucket `(key - lo) >> shift`) to `into`.
+fn add_hist(into: &mut [usize], s: &ChunkScan, lo: u32, shift: u32) {
+    if s.hist.is_empty() {
+        for &c in &s.cands {
+            into[(((c >> 32) as u32 - lo) >> shift) as usize] += 1;
+        }
+    } else {
+        for (h, &x) in into.iter_mut().zip(&s.hist) {
+            *h += x as usize;
+        }
     }
 }
 
@@ -420,9 +442,7 @@ fn step(pool: &Pool, chunks: &[(usize, Chunk)], sc: &[ChunkScan], lo: u32, hi: u
     let shift = shift_for(lo, hi);
     let mut hist = vec![vec![0usize; BUCKETS]; nm];
     for (&(mi, _), s) in chunks.iter().zip(sc) {
-        for (h, &x) in hist[mi].iter_mut().zip(&s.hist) {
-            *h += x as usize;
-        }
+        add_hist(&mut hist[mi], s, lo, shift);
     }
     let mut cum = vec![0usize; nm];
     for b in (0..BUCKETS).rev() {
@@ -452,9 +472,7 @@ fn resolve_candidates(
     let shift = shift_for(lo, hi);
     let mut hist = vec![vec![0usize; BUCKETS]; nm];
     for (&(mi, _), s) in chunks.iter().zip(sc) {
-        for (h, &x) in hist[mi].iter_mut().zip(&s.hist) {
-            *h += x as usize;
-        }
+        add_hist(&mut hist[mi], s, lo, shift);
     }
     let total_of =
         |t: &[usize]| -> usize { pool.members.iter().zip(t).map(|(m, &x)| clamp(m, x)).sum() };
