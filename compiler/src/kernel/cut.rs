@@ -114,14 +114,24 @@ fn scan_chunk(
             // SAFETY: this worker owns the chunk's side words.
             let side = unsafe { raw.side_words_mut(b0 / 64, b1.div_ceil(64)) };
             above += simd::count_words(buf, mask, lo, hi, ahead, side, |wi, inr| {
+                let n = inr.count_ones() as usize;
                 let mut m = inr;
-                while m != 0 {
-                    let j = wi * 64 + m.trailing_zeros() as usize;
-                    m &= m - 1;
-                    let key = simd::key_of(buf[j]);
-                    if (in_range as usize) < CAP {
-                        cands.push(((key as u64) << 32) | (base + j) as u64);
-                    } else {
+                if cands.len() + n <= CAP && hist.is_empty() {
+                    // Common case: the word's candidates all fit.
+                    while m != 0 {
+                        let j = wi * 64 + m.trailing_zeros() as usize;
+                        m &= m - 1;
+                        cands.push(((simd::key_of(buf[j]) as u64) << 32) | (base + j) as u64);
+                    }
+                } else {
+                    while m != 0 {
+                        let j = wi * 64 + m.trailing_zeros() as usize;
+                        m &= m - 1;
+                        let key = simd::key_of(buf[j]);
+                        if cands.len() < CAP {
+                            cands.push(((key as u64) << 32) | (base + j) as u64);
+                            continue;
+                        }
                         if hist.is_empty() {
                             hist = vec![0u32; BUCKETS];
                             for &c in &cands {
@@ -130,8 +140,8 @@ fn scan_chunk(
                         }
                         hist[((key - lo) >> shift) as usize] += 1;
                     }
-                    in_range += 1;
                 }
+                in_range += n as u64;
             }) as u64;
             if check {
                 // SAFETY: as above.
