@@ -768,18 +768,35 @@ fn rewinding_to_an_epoch_not_trained_yet_is_a_clear_error() {
     require_data("digits/digits.csv.gz", "digits");
     let dir = tempfile::tempdir().unwrap();
     let recipe = dir.path().join("rewind.prune");
-    std::fs::write(
-        &recipe,
-        "recipe r { version = 1, seed = 1 }\nuse std.magnitude\nmodel net = mlp(inputs = 64, hidden = [64], classes = 10)\n\
-         dataset train = digits(\"data/digits/digits.csv.gz\", split = \"train\", batch = 32)\n\
-         pipeline {\n  train net on train (epochs = 2)\n  prune net by magnitude to 50% (schedule = iterative(rounds = 2, rewind = epoch 3)) {\n    each round: train net on train (epochs = 1)\n  }\n  export net to \"x.safetensors\"\n}\n",
-    )
-    .unwrap();
+    let write = |train: &str| {
+        std::fs::write(
+            &recipe,
+            format!(
+                "recipe r {{ version = 1, seed = 1 }}\nuse std.magnitude\nmodel net = mlp(inputs = 64, hidden = [64], classes = 10)\n\
+                 dataset train = digits(\"data/digits/digits.csv.gz\", split = \"train\", batch = 32)\n\
+                 pipeline {{\n  train net on train ({train})\n  prune net by magnitude to 50% (schedule = iterative(rounds = 2, rewind = epoch 2)) {{\n    each round: train net on train (epochs = 1)\n  }}\n  export net to \"x.safetensors\"\n}}\n"
+            ),
+        )
+        .unwrap();
+    };
+    // Known epochs: `check` refuses it before any compute.
+    write("epochs = 1");
     let out = dir.path().join("out");
     let (code, text) = run_into(&recipe, &out);
     assert_eq!(code, 1, "{text}");
     assert!(
-        text.contains("rewind = epoch 3") && text.contains("trained only 2"),
+        text.contains("P024")
+            && text.contains("past the 1 epoch")
+            && text.contains("nothing was run"),
+        "{text}"
+    );
+    // `steps` (60 steps: one full epoch of 45 batches and part of another):
+    // only the run can tell, and stops at the prune stage.
+    write("steps = 60");
+    let (code, text) = run_into(&recipe, &out);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("rewind = epoch 2") && text.contains("trained only 1"),
         "{text}"
     );
     assert!(files_in(&out).is_empty());

@@ -336,8 +336,9 @@ struct StageHook<'a, 'g> {
     init: &'a rt::Snapshot,
     /// Calibration data of a gradual criterion that reads `act(x)`.
     calib: Option<&'a rt::Dataset>,
-    /// Epochs this model trained in earlier stages.
+    /// Full epochs this model trained in earlier stages, and in this one so far.
     epochs_before: usize,
+    epochs_done: usize,
     /// Epoch counts whose weights a later `rewind = epoch k` needs.
     rewind_points: &'a mut BTreeMap<usize, Option<rt::Snapshot>>,
 }
@@ -386,6 +387,7 @@ impl rt::TrainHooks for StageHook<'_, '_> {
     }
 
     fn after_epoch(&mut self, epoch: usize, model: &rt::Model) -> rt::Result<Control> {
+        self.epochs_done = epoch + 1;
         let done = self.epochs_before + epoch + 1;
         if let Some(slot @ None) = self.rewind_points.get_mut(&done) {
             *slot = Some(model.snapshot()?);
@@ -746,6 +748,7 @@ impl Exec<'_> {
             init,
             calib,
             epochs_before: *epochs_trained,
+            epochs_done: 0,
             rewind_points,
         };
         let data = &self.datasets[&data_name];
@@ -757,9 +760,8 @@ impl Exec<'_> {
             return Err(e);
         }
         match result {
-            Ok(rep) => {
-                *epochs_trained += rep.epoch_losses.len();
-            }
+            // Full epochs only: a run cut short by `steps` ends mid-epoch.
+            Ok(_) => *epochs_trained += hooks.epochs_done,
             Err(rt::RuntimeError::Diverged { epoch, step, loss }) => {
                 return Err(RunError::User {
                     span: Some(s.span),

@@ -30,6 +30,9 @@ struct Evaluated {
     labels: BTreeMap<String, (Span, BTreeSet<String>)>,
     /// Models a `calibrate` stage collected activation statistics of.
     calibrated: BTreeSet<String>,
+    /// Per model: epochs trained by the top-level stages so far, and whether
+    /// that count is exact (no `steps`, no training inside blocks or `during`).
+    trained: BTreeMap<String, (u64, bool)>,
 }
 
 impl Checker<'_> {
@@ -393,6 +396,18 @@ impl Checker<'_> {
                             .with_label(s.args.as_ref().unwrap().span, "both given"),
                     );
                 }
+                if let (false, Some(m)) = (
+                    s.kind == Calibrate,
+                    s.subject.first().and_then(|e| e.as_name()),
+                ) {
+                    let t = ev.trained.entry(m.name.clone()).or_insert((0, true));
+                    let epochs = options.get("epochs").and_then(|v| v.as_i64());
+                    match (parent, epochs, options.contains_key("steps")) {
+                        (None, Some(n), false) => t.0 += n.max(0) as u64,
+                        (None, None, false) => t.0 += 1,
+                        _ => t.1 = false,
+                    }
+                }
             }
             Prune => self.check_prune(s, &options, ev, parent),
             Evaluate => {
@@ -527,6 +542,7 @@ impl Checker<'_> {
         parent: Option<&Stage>,
     ) {
         self.expect_model(s);
+        self.check_rewind(s, options, ev);
         if let Some(p) = parent {
             self.push(
                 Diagnostic::new(
@@ -753,6 +769,44 @@ impl Checker<'_> {
                     "a gradual schedule prunes during training",
                 )
                 .with_label(s.keyword_span, "add `during train MODEL on DATA (...)`"),
+            );
+        }
+    }
+
+    /// `rewind = epoch k` needs `k` epochs of training before the stage.
+    fn check_rewind(&mut self, s: &Stage, options: &BTreeMap<String, Value>, ev: &Evaluated) {
+        let sched = match options.get("schedule") {
+            Some(Value::Ref(r)) => self.symbols.get(r).and_then(|s| s.value.clone()),
+            other => other.cloned(),
+        };
+        let Some(Value::Duration {
+            count: k,
+            unit: Unit::Epoch,
+        }) = sched.as_ref().and_then(|v| v.arg("rewind"))
+        else {
+            return;
+        };
+        let Some(m) = s.subject.first().and_then(|e| e.as_name()) else {
+            return;
+        };
+        let (n, exact) = ev.trained.get(&m.name).copied().unwrap_or((0, true));
+        if exact && *k > n {
+            let span = s
+                .args
+                .as_ref()
+                .and_then(|a| a.named("schedule"))
+                .map(|a| a.value.span)
+                .unwrap_or(s.keyword_span);
+            self.push(
+                Diagnostic::new(
+                    Code::OutOfRange,
+                    format!(
+                        "`rewind = epoch {k}` is past the {n} epoch(s) `{}` trains before this stage",
+                        m.name
+                    ),
+                )
+                .with_label(span, "rewinds to weights that never exist")
+                .with_help("rewind to an epoch the model reaches before pruning (late rewinding uses a small k), or `rewind = init`"),
             );
         }
     }
