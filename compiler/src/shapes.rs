@@ -52,6 +52,7 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
         }
     }
     let mut data_shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut batches: BTreeMap<String, usize> = BTreeMap::new();
     for (name, sym) in &r.symbols {
         if sym.kind != SymKind::Dataset {
             continue;
@@ -77,6 +78,12 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             rt::Split::Train
         };
         let spec = rt::DatasetSpec::new(kind, split).data_dir(root.unwrap_or_default());
+        // Batches per epoch, as a run will see them (batch size, limit, validation).
+        if let Ok((spec, _)) = crate::exec::dataset_spec(v, r.seed, sym.span) {
+            if let Ok(meta) = spec.meta() {
+                batches.insert(name.clone(), meta.len.div_ceil(spec.batch_size.max(1)));
+            }
+        }
         match spec.meta() {
             Ok(meta) => {
                 data_shapes.insert(name.clone(), meta.sample_shape);
@@ -119,10 +126,69 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
         }
         if s.kind == StageKind::Prune {
             prune_shapes(r, s, shapes, &mut diags);
+            if let Some(d) = &s.during {
+                gradual_fits(r, s, d, &batches, &mut diags);
+            }
         }
     }
     diags.sort_by_key(|d| d.sort_key());
     diags
+}
+
+/// A gradual schedule must end inside the training it runs during.
+fn gradual_fits(
+    r: &CheckedRecipe,
+    s: &Stage,
+    during: &Stage,
+    batches: &BTreeMap<String, usize>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let sched = match r.option(s, "schedule") {
+        Some(Value::Ref(n)) => r.symbols.get(n).and_then(|x| x.value.clone()),
+        other => other.cloned(),
+    };
+    let Some(sched) = sched.filter(|v| v.call_name() == Some("gradual")) else {
+        return;
+    };
+    let Some(b) = during
+        .on
+        .as_ref()
+        .and_then(|e| e.as_name())
+        .and_then(|n| batches.get(&n.name))
+        .copied()
+    else {
+        return;
+    };
+    let total = match r.option(during, "steps").and_then(|v| v.as_i64()) {
+        Some(st) => st.max(1) as usize,
+        None => {
+            r.option(during, "epochs")
+                .and_then(|v| v.as_i64())
+                .unwrap_or(1)
+                .max(1) as usize
+                * b
+        }
+    };
+    if let Err(crate::exec::RunError::User { message, help, .. }) =
+        crate::exec::gradual_plan(&sched, b, total, s.span)
+    {
+        let span = s
+            .args
+            .as_ref()
+            .and_then(|a| a.named("schedule"))
+            .map(|a| a.value.span)
+            .unwrap_or(s.keyword_span);
+        let mut d = Diagnostic::new(Code::OutOfRange, message)
+            .with_label(span, "this schedule")
+            .with_label(
+                during.keyword_span,
+                format!("{total} steps ({b} batches per epoch)"),
+            );
+        if let Some(h) = help {
+            d = d.with_help(h);
+        }
+        diags.push(d);
+    }
 }
 
 fn collect<'a>(s: &'a Stage, out: &mut Vec<&'a Stage>) {

@@ -801,3 +801,37 @@ fn rewinding_to_an_epoch_not_trained_yet_is_a_clear_error() {
     );
     assert!(files_in(&out).is_empty());
 }
+
+#[test]
+fn a_gradual_schedule_longer_than_its_training_is_caught_by_check() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    // 4 epochs of 469 batches end before the schedule's `end = epoch 5`.
+    let (code, text) = prunec(
+        &["check", "--set", "epochs=4", "examples/agp_cubic.prune"],
+        &[],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("P024") && text.contains("step 2345") && text.contains("1876 steps"),
+        "{text}"
+    );
+    // The data's `limit` shortens epochs, and the check follows it.
+    let (code, text) = prunec(
+        &[
+            "check",
+            "--set",
+            "epochs=5",
+            "--set",
+            "samples=6000",
+            "examples/agp_cubic.prune",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("step 235") && text.contains("235 steps"),
+        "{text}"
+    );
+    let (code, text) = prunec(&["check", "examples/agp_cubic.prune"], &[]);
+    assert_eq!(code, 0, "{text}");
+}

@@ -5,6 +5,8 @@
 mod llm;
 mod prune;
 
+pub use prune::gradual_plan;
+
 use crate::lower::{self, LowerError};
 use crate::report::{Evaluation, Layer, Report, Round, Timing};
 use prunec_lang::ast::{BinaryOp, Expr, ExprKind, Stage, StageKind, UnaryOp};
@@ -512,81 +514,7 @@ impl Exec<'_> {
     }
 
     fn dataset_spec(&mut self, v: &Value, span: Span) -> Result<rt::DatasetSpec, RunError> {
-        let kind = match v.call_name() {
-            Some("mnist") => rt::DatasetKind::Mnist,
-            Some("fashion_mnist") => rt::DatasetKind::FashionMnist,
-            Some("digits") => rt::DatasetKind::Digits,
-            other => {
-                return Err(RunError::user(
-                    span,
-                    format!(
-                        "`{}` data sets cannot be run by `prunec run` yet",
-                        other.unwrap_or("?")
-                    ),
-                ));
-            }
-        };
-        let path = PathBuf::from(v.arg("path").and_then(|p| p.as_str()).unwrap_or(""));
-        // The runtime reads `<root>/mnist`, `<root>/fashion-mnist`, `<root>/digits/digits.csv.gz`.
-        let (expected, root) = match kind {
-            rt::DatasetKind::Mnist => ("mnist", path.parent()),
-            rt::DatasetKind::FashionMnist => ("fashion-mnist", path.parent()),
-            rt::DatasetKind::Digits => ("digits", path.parent().and_then(|p| p.parent())),
-        };
-        let folder_ok = match kind {
-            rt::DatasetKind::Digits => path
-                .parent()
-                .and_then(|p| p.file_name())
-                .is_some_and(|f| f == expected),
-            _ => path.file_name().is_some_and(|f| f == expected),
-        };
-        if !folder_ok {
-            return Err(RunError::User {
-                span: Some(span),
-                message: format!("the data path `{}` must be a folder named `{expected}` as `scripts/fetch-data.sh` lays it out", path.display()),
-                help: Some(format!("e.g. \"data/{expected}\"")),
-            });
-        }
-        let split = match v.arg("split").and_then(|s| s.as_str()) {
-            Some("test") => rt::Split::Test,
-            _ => rt::Split::Train,
-        };
-        let mut spec = rt::DatasetSpec::new(kind, split).data_dir(root.unwrap_or(Path::new(".")));
-        if let Some(b) = v.arg("batch").and_then(|b| b.as_i64()) {
-            spec = spec.batch_size(b.max(1) as usize);
-        }
-        if matches!(v.arg("shuffle"), Some(Value::Bool(true))) {
-            spec = spec.shuffled(self.r.seed);
-        }
-        if let Some(l) = v.arg("limit").and_then(|l| l.as_i64()).filter(|l| *l > 0) {
-            spec = spec.limit(l as usize);
-        }
-        if let Some(f) = v
-            .arg("validation")
-            .and_then(|f| f.as_f64())
-            .filter(|f| *f > 0.0)
-        {
-            let len = spec
-                .meta()
-                .map_err(rt_err(span, "cannot read the data set"))?
-                .len;
-            spec = spec.validation(((len as f64) * f).round() as usize);
-        }
-        // Missing or malformed files are reported (with the fetch command) before hashing.
-        spec.meta()
-            .map_err(rt_err(span, "cannot read the data set"))?;
-        // Hash the files this data set reads.
-        let files: Vec<PathBuf> = match kind {
-            rt::DatasetKind::Digits => {
-                vec![root.unwrap_or(Path::new(".")).join("digits/digits.csv.gz")]
-            }
-            _ => {
-                let (a, b) = spec
-                    .idx_files(split == rt::Split::Test)
-                    .map_err(rt_err(span, "data set"))?;
-                vec![a, b]
-            }
-        };
+        let (spec, files) = dataset_spec(v, self.r.seed, span)?;
         for f in files {
             self.hash_input(&f, span)?;
         }
@@ -1114,6 +1042,91 @@ impl Exec<'_> {
         self.report.counts = Some(counts);
         Ok(())
     }
+}
+
+/// The runtime spec of a `dataset` declaration's constructor call, checked
+/// against the files' headers, and the files it reads.
+pub fn dataset_spec(
+    v: &Value,
+    seed: u64,
+    span: Span,
+) -> Result<(rt::DatasetSpec, Vec<PathBuf>), RunError> {
+    let kind = match v.call_name() {
+        Some("mnist") => rt::DatasetKind::Mnist,
+        Some("fashion_mnist") => rt::DatasetKind::FashionMnist,
+        Some("digits") => rt::DatasetKind::Digits,
+        other => {
+            return Err(RunError::user(
+                span,
+                format!(
+                    "`{}` data sets cannot be run by `prunec run` yet",
+                    other.unwrap_or("?")
+                ),
+            ));
+        }
+    };
+    let path = PathBuf::from(v.arg("path").and_then(|p| p.as_str()).unwrap_or(""));
+    // The runtime reads `<root>/mnist`, `<root>/fashion-mnist`, `<root>/digits/digits.csv.gz`.
+    let (expected, root) = match kind {
+        rt::DatasetKind::Mnist => ("mnist", path.parent()),
+        rt::DatasetKind::FashionMnist => ("fashion-mnist", path.parent()),
+        rt::DatasetKind::Digits => ("digits", path.parent().and_then(|p| p.parent())),
+    };
+    let folder_ok = match kind {
+        rt::DatasetKind::Digits => path
+            .parent()
+            .and_then(|p| p.file_name())
+            .is_some_and(|f| f == expected),
+        _ => path.file_name().is_some_and(|f| f == expected),
+    };
+    if !folder_ok {
+        return Err(RunError::User {
+            span: Some(span),
+            message: format!("the data path `{}` must be a folder named `{expected}` as `scripts/fetch-data.sh` lays it out", path.display()),
+            help: Some(format!("e.g. \"data/{expected}\"")),
+        });
+    }
+    let split = match v.arg("split").and_then(|s| s.as_str()) {
+        Some("test") => rt::Split::Test,
+        _ => rt::Split::Train,
+    };
+    let mut spec = rt::DatasetSpec::new(kind, split).data_dir(root.unwrap_or(Path::new(".")));
+    if let Some(b) = v.arg("batch").and_then(|b| b.as_i64()) {
+        spec = spec.batch_size(b.max(1) as usize);
+    }
+    if matches!(v.arg("shuffle"), Some(Value::Bool(true))) {
+        spec = spec.shuffled(seed);
+    }
+    if let Some(l) = v.arg("limit").and_then(|l| l.as_i64()).filter(|l| *l > 0) {
+        spec = spec.limit(l as usize);
+    }
+    if let Some(f) = v
+        .arg("validation")
+        .and_then(|f| f.as_f64())
+        .filter(|f| *f > 0.0)
+    {
+        let len = spec
+            .meta()
+            .map_err(rt_err(span, "cannot read the data set"))?
+            .len;
+        spec = spec.validation(((len as f64) * f).round() as usize);
+    }
+    // Missing or malformed files are reported (with the fetch command) before hashing.
+    spec.meta()
+        .map_err(rt_err(span, "cannot read the data set"))?;
+    // The files this data set reads.
+    let files: Vec<PathBuf> = match kind {
+        rt::DatasetKind::Digits => {
+            vec![root.unwrap_or(Path::new(".")).join("digits/digits.csv.gz")]
+        }
+        _ => {
+            let (a, b) = spec
+                .idx_files(split == rt::Split::Test)
+                .map_err(rt_err(span, "data set"))?;
+            vec![a, b]
+        }
+    };
+    Ok((spec, files))
 }
 
 /// The runtime spec of a `model` declaration's constructor call.
