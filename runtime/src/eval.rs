@@ -133,14 +133,17 @@ fn check_pq(p: f64, q: f64) -> Result<()> {
     Ok(())
 }
 
-fn pqi_from_sums(sp: f64, sq: f64, d: usize, p: f64, q: f64) -> f64 {
+/// The PQ index from `sp = sum |w|^p`, `sq = sum |w|^q` over `d` kept weights;
+/// 0 for no weight. Mathematically in [0, 1); rounding below 0 (equal
+/// magnitudes) is clamped to 0.
+pub fn pqi_from_sums(sp: f64, sq: f64, d: usize, p: f64, q: f64) -> f64 {
     if d == 0 || sq == 0.0 {
         return 0.0;
     }
     let d = d as f64;
     let norm_p = sp.powf(1.0 / p);
     let norm_q = sq.powf(1.0 / q);
-    1.0 - d.powf(1.0 / q - 1.0 / p) * norm_p / norm_q
+    (1.0 - d.powf(1.0 / q - 1.0 / p) * norm_p / norm_q).max(0.0)
 }
 
 /// PQ index of the kept (non-zero) weights of `w` (METHODS.md, Diao et al. 2023):

@@ -383,24 +383,7 @@ impl Exec<'_> {
     }
 
     fn llm_export(&mut self, s: &Stage, model: &str) -> Result<(), RunError> {
-        let to =
-            s.to.as_ref()
-                .ok_or_else(|| RunError::user(s.keyword_span, "no path"))?;
-        let rel = match &to.kind {
-            ExprKind::Str(p) => PathBuf::from(p),
-            _ => return Err(RunError::user(to.span, "expected a path")),
-        };
-        if rel.is_absolute()
-            || rel
-                .components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
-            return Err(RunError::user(
-                to.span,
-                "export paths are relative to the output folder and stay inside it",
-            ));
-        }
-        let path = self.staging.join(&rel);
+        let (_, path, to_span) = self.export_target(s)?;
         let format = self
             .option(s, "format")
             .and_then(|f| f.as_str().map(String::from))
@@ -408,14 +391,10 @@ impl Exec<'_> {
         let m = &self.llms[model];
         match format.as_str() {
             "compressed_24" => {
-                if let Some(p) = path.parent() {
-                    std::fs::create_dir_all(p)
-                        .map_err(|e| RunError::user(to.span, format!("{}: {e}", p.display())))?;
-                }
-                llm::save_compressed(m, &path, 2, 4).map_err(rt_err_llm(to.span, "export"))?;
+                llm::save_compressed(m, &path, 2, 4).map_err(rt_err_llm(to_span, "export"))?;
             }
             _ => {
-                llm::save_hf(m, &path).map_err(rt_err_llm(to.span, "export"))?;
+                llm::save_hf(m, &path).map_err(rt_err_llm(to_span, "export"))?;
             }
         }
         // Hash every file written.

@@ -941,8 +941,10 @@ impl Exec<'_> {
         Ok(())
     }
 
-    fn export(&mut self, s: &Stage) -> Result<(), RunError> {
-        let (name, span) = Self::subject_name(s)?;
+    /// An export stage's path: relative, inside the output folder; returns
+    /// it, its place in the staging folder (parent folders created) and the
+    /// span of the `to` clause.
+    fn export_target(&self, s: &Stage) -> Result<(PathBuf, PathBuf, Span), RunError> {
         let to =
             s.to.as_ref()
                 .ok_or_else(|| RunError::user(s.keyword_span, "no path"))?;
@@ -961,6 +963,18 @@ impl Exec<'_> {
                 help: Some("write a relative path such as \"model.safetensors\"; choose the folder with `--out DIR`".into()),
             });
         }
+        let path = self.staging.join(&rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                RunError::user(to.span, format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+        Ok((rel, path, to.span))
+    }
+
+    fn export(&mut self, s: &Stage) -> Result<(), RunError> {
+        let (name, span) = Self::subject_name(s)?;
+        let (rel, path, to_span) = self.export_target(s)?;
         if let Some(f) = self
             .option(s, "format")
             .and_then(|f| f.as_str().map(String::from))
@@ -973,17 +987,11 @@ impl Exec<'_> {
             }
         }
         self.model(&name, span)?;
-        let path = self.staging.join(&rel);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                RunError::user(to.span, format!("cannot create {}: {e}", parent.display()))
-            })?;
-        }
         let inputs: Vec<&Path> = self.inputs.keys().map(|p| p.as_path()).collect();
         let hash = self.models[&name]
             .model
             .save(&path, &inputs)
-            .map_err(rt_err(to.span, "export failed"))?;
+            .map_err(rt_err(to_span, "export failed"))?;
         self.report.outputs.push((rel.display().to_string(), hash));
         self.report.exported.get_or_insert(name);
         Ok(())

@@ -3,13 +3,16 @@
 //! the model's weights and masks by the JIT kernels. Shared by one-shot and
 //! iterative stages, gradual pruning during training and SAP.
 
-use super::{rt_err, RunError};
+use super::{rt_err, Exec, ModelState, RunError, GRADIENT_BATCHES};
 use crate::kernel::{self, PruneOptions, Selection, TensorView};
-use crate::lower::LoweredCriterion;
+use crate::lower::{self, LoweredCriterion, Side};
+use crate::report::Round;
+use prunec_lang::ast::{Expr, ExprKind, Stage};
 use prunec_lang::check::Value;
 use prunec_lang::Span;
 use prunec_runtime as rt;
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 
 /// Per-element and per-column inputs a criterion reads besides the weights.
 #[derive(Default)]
@@ -332,16 +335,28 @@ impl Pruner {
                 .map_err(|e| fail("pruning", e))?;
         }
         for ((n, w), m) in names.iter().zip(&b.weights).zip(&b.masks) {
-            model
-                .set_param_f32(n, w)
-                .map_err(rt_err(span, "write weights"))?;
-            let keep: Vec<u8> = (0..w.len()).map(|i| kernel::mask_bit(m, i) as u8).collect();
-            masks
-                .insert_u8(model, n, &keep)
-                .map_err(rt_err(span, "write mask"))?;
+            self.write_back(model, masks, n, w, m)?;
         }
         masks.apply(model).map_err(rt_err(span, "apply mask"))?;
         Ok(())
+    }
+
+    /// Writes one tensor's pruned weights and its mask back into the model.
+    fn write_back(
+        &self,
+        model: &rt::Model,
+        masks: &mut rt::Masks,
+        name: &str,
+        w: &[f32],
+        m: &[u64],
+    ) -> Result<(), RunError> {
+        model
+            .set_param_f32(name, w)
+            .map_err(rt_err(self.span, "write weights"))?;
+        let keep: Vec<u8> = (0..w.len()).map(|i| kernel::mask_bit(m, i) as u8).collect();
+        masks
+            .insert_u8(model, name, &keep)
+            .map_err(rt_err(self.span, "write mask"))
     }
 
     /// Prunes with an explicit number of weights to keep in every row of
@@ -400,15 +415,7 @@ impl Pruner {
                     w[j] = 0.0;
                 }
             }
-            model
-                .set_param_f32(n, &w)
-                .map_err(rt_err(span, "write weights"))?;
-            let keep_u8: Vec<u8> = (0..w.len())
-                .map(|j| kernel::mask_bit(&m, j) as u8)
-                .collect();
-            masks
-                .insert_u8(model, n, &keep_u8)
-                .map_err(rt_err(span, "write mask"))?;
+            self.write_back(model, masks, n, &w, &m)?;
         }
         masks.apply(model).map_err(rt_err(span, "apply mask"))?;
         Ok(())
@@ -597,7 +604,7 @@ impl Gradual {
             return Ok(());
         }
         let selected = &self.pruner.selected;
-        if let Some(crate::lower::Side::Accumulate(step)) = &self.pruner.crit.side {
+        if let Some(Side::Accumulate(step)) = &self.pruner.crit.side {
             let acc = self.acc.get_or_insert_with(BTreeMap::new);
             for (n, g) in grads.iter().filter(|(n, _)| selected.contains(n)) {
                 let g = to_vec(g)?;
@@ -659,7 +666,7 @@ impl Gradual {
         let selected = self.pruner.selected.clone();
         let mut side = SideInputs::default();
         match &self.pruner.crit.side {
-            Some(crate::lower::Side::Rand) => {
+            Some(Side::Rand) => {
                 let mut draws = BTreeMap::new();
                 for n in &selected {
                     let len = model.param(n)?.numel();
@@ -667,7 +674,7 @@ impl Gradual {
                 }
                 side.grad = Some(draws);
             }
-            Some(crate::lower::Side::Accumulate(_)) => side.grad = self.acc.clone(),
+            Some(Side::Accumulate(_)) => side.grad = self.acc.clone(),
             None if self.pruner.crit.expr.needs_grad() => {
                 if let Some((sum, count)) = self.grad_sum.take() {
                     let inv = 1.0 / count.max(1) as f32;
@@ -744,19 +751,8 @@ pub(super) fn pq_index(alive: impl Iterator<Item = f32>, p: f64, q: f64) -> (usi
         sq += a.powf(q);
         d += 1;
     }
-    if d == 0 || sq == 0.0 {
-        return (d, 0.0);
-    }
-    let i = 1.0 - (d as f64).powf(1.0 / q - 1.0 / p) * sp.powf(1.0 / p) / sq.powf(1.0 / q);
-    // 0 <= I < 1 exactly; rounding can dip below 0 for equal magnitudes.
-    (d, i.max(0.0))
+    (d, rt::eval::pqi_from_sums(sp, sq, d, p, q))
 }
-
-use super::{Exec, ModelState, GRADIENT_BATCHES};
-use crate::lower::{self, Side};
-use crate::report::Round;
-use prunec_lang::ast::{Expr, ExprKind, Stage};
-use std::sync::atomic::Ordering;
 
 impl Exec<'_> {
     /// `rewind = epoch k` points the recipe's prune stages on `model` need.
@@ -1196,7 +1192,7 @@ impl Exec<'_> {
         let side = SideInputs::default();
         for round in 1..=rounds {
             let state = self.models.get_mut(name).unwrap();
-            let mut b = pruner.buffers(&state.model, &state.masks, &state.init)?;
+            let b = pruner.buffers(&state.model, &state.masks, &state.init)?;
             let alive = |b: &Buffers, t: usize, range: std::ops::Range<usize>| -> Vec<f32> {
                 range
                     .filter(|&j| kernel::mask_bit(&b.masks[t], j))
@@ -1222,7 +1218,6 @@ impl Exec<'_> {
                             d - k
                         })
                         .collect();
-                    b.weights.clear();
                     pruner.select(
                         &state.model,
                         &mut state.masks,
