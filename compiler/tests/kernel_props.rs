@@ -192,7 +192,7 @@ fn opts(nonfinite: bool) -> PruneOptions {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
 
     #[test]
     fn scores_agree(ds in tensors(1, true, 1), e in expr()) {
