@@ -74,32 +74,59 @@ fn run(
     sel: &Selection,
     jit: bool,
 ) -> Result<PruneSummary, KernelError> {
+    run_with(ds, e, sel, jit, &PruneOptions::default())
+}
+
+fn run_with(
+    ds: &mut [Data],
+    e: &KExpr,
+    sel: &Selection,
+    jit: bool,
+    o: &PruneOptions,
+) -> Result<PruneSummary, KernelError> {
     let mut views: Vec<TensorView> = ds.iter_mut().map(|d| d.view()).collect();
-    let o = PruneOptions::default();
     if jit {
-        prune_jit(e, sel, &mut views, &o)
+        prune_jit(e, sel, &mut views, o)
     } else {
-        prune_reference(e, sel, &mut views, &o)
+        prune_reference(e, sel, &mut views, o)
     }
 }
 
-/// JIT and reference give the same summary, masks and weight bits; returns the JIT summary.
+/// JIT (with and without `single_pass`) and reference give the same summary, masks and
+/// weight bits; returns the JIT summary.
 fn check_same(ds: &[Data], e: &KExpr, sel: &Selection) -> PruneSummary {
-    let (mut a, mut b) = (ds.to_vec(), ds.to_vec());
-    let sa = run(&mut a, e, sel, true).expect("jit");
+    let mut b = ds.to_vec();
     let sb = run(&mut b, e, sel, false).expect("reference");
-    assert_eq!(format!("{sa:?}"), format!("{sb:?}"), "{e} {sel:?}");
-    for (x, y) in a.iter().zip(&b) {
-        assert!(x.mask == y.mask, "mask of {} differs", x.name);
-        assert!(
-            x.w.iter()
-                .zip(&y.w)
-                .all(|(p, q)| p.to_bits() == q.to_bits()),
-            "weights of {} differ",
-            x.name
+    let mut out = None;
+    for single_pass in [false, true] {
+        let mut a = ds.to_vec();
+        let o = PruneOptions {
+            single_pass,
+            ..PruneOptions::default()
+        };
+        let sa = run_with(&mut a, e, sel, true, &o).expect("jit");
+        assert_eq!(
+            format!("{sa:?}"),
+            format!("{sb:?}"),
+            "{e} {sel:?} single pass {single_pass}"
         );
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                x.mask == y.mask,
+                "mask of {} differs (single pass {single_pass})",
+                x.name
+            );
+            assert!(
+                x.w.iter()
+                    .zip(&y.w)
+                    .all(|(p, q)| p.to_bits() == q.to_bits()),
+                "weights of {} differ (single pass {single_pass})",
+                x.name
+            );
+        }
+        out = Some(sa);
     }
-    sa
+    out.expect("ran")
 }
 
 fn model(f: impl Fn(&mut Rng) -> f32 + Copy) -> Vec<Data> {

@@ -318,6 +318,7 @@ impl Exec<'_> {
                         &PruneOptions {
                             scalars: vec![0.0],
                             allow_nonfinite: false,
+                            ..PruneOptions::default()
                         },
                     )
                     .map_err(|e| llm::LlmError::Invalid(e.to_string()))?;

@@ -295,9 +295,11 @@ impl Pruner {
                 },
             }
         };
-        let opts = PruneOptions {
+        let mut opts = PruneOptions {
             scalars: vec![0.0],
             allow_nonfinite: self.allow_nonfinite,
+            // The kernel works on these copies, which are only written back on success.
+            single_pass: true,
         };
         // Per-row sums the criterion reads (channel norms), from the current weights,
         // summed in f64 in row order: deterministic whatever the threads.
@@ -320,7 +322,7 @@ impl Pruner {
             }
             row_stats.push(per_slot);
         }
-        {
+        loop {
             let mut views: Vec<TensorView> = Vec::new();
             for (i, (w, m)) in b.weights.iter_mut().zip(b.masks.iter_mut()).enumerate() {
                 let (rows, cols) = b.shapes[i];
@@ -331,8 +333,21 @@ impl Pruner {
                 v.row_stats = row_stats[i].iter().map(|r| r.as_slice()).collect();
                 views.push(v);
             }
-            kernel::prune_jit(&self.crit.expr, selection, &mut views, &opts)
-                .map_err(|e| fail("pruning", e))?;
+            match kernel::prune_jit(&self.crit.expr, selection, &mut views, &opts) {
+                Ok(_) => break,
+                // The single pass zeroed weights its sampled range wrongly excluded: start
+                // again from the model's weights with the two-pass kernel.
+                Err(kernel::KernelError::SampleMissed { .. }) if opts.single_pass => {
+                    drop(views);
+                    opts.single_pass = false;
+                    for (i, n) in names.iter().enumerate() {
+                        b.weights[i] = model.param_f32(n).map_err(rt_err(span, "read weights"))?;
+                        b.masks[i] = mask_words(masks, n, b.weights[i].len())
+                            .map_err(rt_err(span, "read mask"))?;
+                    }
+                }
+                Err(e) => return Err(fail("pruning", e)),
+            }
         }
         for ((n, w), m) in names.iter().zip(&b.weights).zip(&b.masks) {
             self.write_back(model, masks, n, w, m)?;
@@ -374,6 +389,7 @@ impl Pruner {
         let opts = PruneOptions {
             scalars: vec![0.0],
             allow_nonfinite: self.allow_nonfinite,
+            ..PruneOptions::default()
         };
         for (i, n) in self.selected.iter().enumerate() {
             let (rows, cols) = b.shapes[i];
@@ -616,6 +632,7 @@ impl Gradual {
                 let opts = PruneOptions {
                     scalars: vec![0.0],
                     allow_nonfinite: self.pruner.allow_nonfinite,
+                    ..PruneOptions::default()
                 };
                 let s = match kernel::score_jit(step, &v, &opts) {
                     Ok(s) => s,

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use super::expr::score_key;
 use super::jit::CompiledKernel;
-use super::raw::{chunks_of, with_scratch, Chunk, RawTensor, BLOCK};
+use super::raw::{chunks_of, with_scratch, Chunk, RawTensor, BLOCK, CHUNK};
 use super::simd;
 
 /// Candidates collected per chunk and round.
@@ -31,7 +31,7 @@ const BUCKETS: usize = 2048;
 /// between `SAMPLE_STRIDE` and `SAMPLE_STRIDE_MAX` aiming at `SAMPLE_RUNS` runs (so the
 /// sample holds at most about 200K keys: selecting in it stays cheap).
 const SAMPLE_RUN: usize = 64;
-const SAMPLE_STRIDE: usize = 8192;
+const SAMPLE_STRIDE: usize = 1024;
 const SAMPLE_STRIDE_MAX: usize = 32768;
 const SAMPLE_RUNS: usize = 3072;
 
@@ -50,6 +50,10 @@ pub struct Pool {
     pub keep: usize,
     /// Estimated fraction of alive elements kept, to seed the first range from a sample.
     pub alive: usize,
+    /// Whether the first scan may zero the alive elements below the sampled range (single
+    /// pass, see [`find_cuts`]). Only for pools whose guards cannot bind, since a guarded
+    /// member may have to keep elements far below the pool's cut.
+    pub speculate: bool,
 }
 
 /// How a resolved cut treats one chunk.
@@ -58,10 +62,33 @@ pub struct ChunkCut {
     pub chunk: Chunk,
     /// Alive elements with key equal to the cut kept (the first ones in index order).
     pub quota: u64,
-    /// When the cut was resolved from this round's candidates: the local indices of the
-    /// candidates kept. Together with the side bitmap of the same scan (alive elements above
-    /// the range) they are the chunk's new mask, so applying needs no scoring.
-    pub kept: Option<Vec<u32>>,
+    /// When the cut was resolved from this round's candidates: all of them, as
+    /// `key << 32 | local index` in index order. Those with key above the cut, then the first
+    /// `quota` equal to it, are kept ([`ChunkCut::each_candidate`]); with the side bitmap of
+    /// the same scan (alive elements above the range) they are the chunk's new mask, so
+    /// applying needs no scoring.
+    pub cands: Option<Vec<u64>>,
+    /// `Some(above)` when the cut was resolved in a speculative first scan, which already
+    /// zeroed the alive elements below the range and left the mask holding those in and
+    /// above it (`above` of them above): applying only zeroes the candidates not kept and
+    /// clears their mask bits.
+    pub fixup: Option<u64>,
+}
+
+impl ChunkCut {
+    /// Calls `f(local index, kept)` for every candidate, in index order, under cut `t`.
+    pub fn each_candidate(&self, t: u32, mut f: impl FnMut(usize, bool)) {
+        let mut q = self.quota;
+        for &x in self.cands.iter().flatten() {
+            let key = (x >> 32) as u32;
+            let keep = key > t
+                || (key == t && q > 0 && {
+                    q -= 1;
+                    true
+                });
+            f(x as u32 as usize, keep);
+        }
+    }
 }
 
 /// A resolved cut.
@@ -85,8 +112,14 @@ struct ChunkScan {
 }
 
 /// Scans one chunk block by block: the JIT scores a block into a cache-resident buffer, then
-/// the buffer is compared with the range in the float domain ([`simd::classify_words`]).
+/// the buffer is compared with the range in the float domain ([`simd::count_words`]).
 /// Non-finite alive weights are counted only when `check` is set.
+///
+/// With `zero_below` the scan also writes, block by block while the block is in cache: the
+/// alive elements below the range are zeroed and leave the mask (which keeps the alive ones
+/// in and above the range). A block holding an alive non-finite weight (with `check`) stops
+/// the writing for the rest of the chunk, so that weight stays where it was.
+#[allow(clippy::too_many_arguments)]
 fn scan_chunk(
     k: &CompiledKernel,
     raw: &RawTensor,
@@ -95,25 +128,22 @@ fn scan_chunk(
     hi: u32,
     shift: u32,
     check: bool,
+    zero_below: bool,
 ) -> ChunkScan {
     // Only a chunk whose candidates overflow keeps a histogram (of all its in-range keys);
     // the others' come from their candidates when needed.
     let mut hist: Vec<u32> = Vec::new();
     let mut cands = Vec::with_capacity(CAP);
     let (mut above, mut in_range, mut nonfinite) = (0u64, 0u64, 0u64);
+    let mut writing = zero_below;
     with_scratch(|buf| {
         let mut b0 = c.start;
         while b0 < c.end {
             let b1 = (b0 + BLOCK).min(c.end);
             raw.score_into(k.score_raw, b0, b1, buf);
-            // SAFETY: nothing writes the tensor during the search.
-            let mask = unsafe { raw.mask_words(b0 / 64, b1.div_ceil(64)) };
             let base = b0 - c.start;
-            // SAFETY: as above.
-            let ahead = unsafe { raw.weights(b1, (b1 + BLOCK).min(c.end)) };
-            // SAFETY: this worker owns the chunk's side words.
-            let side = unsafe { raw.side_words_mut(b0 / 64, b1.div_ceil(64)) };
-            above += simd::count_words(buf, mask, lo, hi, ahead, side, |wi, inr| {
+            let buf = &buf[..];
+            let mut on_in = |wi: usize, inr: u64| {
                 let n = inr.count_ones() as usize;
                 let mut m = inr;
                 if cands.len() + n <= CAP && hist.is_empty() {
@@ -142,17 +172,47 @@ fn scan_chunk(
                     }
                 }
                 in_range += n as u64;
-            }) as u64;
+            };
             if check {
-                // SAFETY: as above.
-                let w = unsafe { raw.weights(b0, b1) };
+                // SAFETY: nothing writes this block yet.
+                let (w, mask) = unsafe {
+                    (
+                        raw.weights(b0, b1),
+                        raw.mask_words(b0 / 64, b1.div_ceil(64)),
+                    )
+                };
                 if simd::any_nonfinite(w) {
-                    nonfinite += w
+                    let bad = w
                         .iter()
                         .enumerate()
                         .filter(|&(j, x)| (mask[j / 64] >> (j % 64)) & 1 == 1 && !x.is_finite())
                         .count() as u64;
+                    nonfinite += bad;
+                    // Leave this block, and the rest of the chunk, as they are.
+                    writing &= bad == 0;
                 }
+            }
+            // SAFETY: as above.
+            let ahead = unsafe { raw.weights(b1, (b1 + BLOCK).min(c.end)) };
+            if writing {
+                // SAFETY: this worker owns the chunk, its weights and mask words.
+                let (w, mask) = unsafe {
+                    (
+                        raw.weights_mut(b0, b1),
+                        raw.mask_words_mut(b0 / 64, b1.div_ceil(64)),
+                    )
+                };
+                above += simd::count_zero_words(buf, w, mask, lo, hi, ahead, &mut on_in) as u64;
+            } else {
+                // SAFETY: nothing writes the tensor during a read-only scan; this worker owns
+                // the chunk's side words.
+                let (mask, side) = unsafe {
+                    (
+                        raw.mask_words(b0 / 64, b1.div_ceil(64)),
+                        raw.side_words_mut(b0 / 64, b1.div_ceil(64)),
+                    )
+                };
+                above += simd::count_words(buf, mask, lo, hi, ahead, side, &mut on_in) as u64;
             }
             b0 = b1;
         }
@@ -202,13 +262,37 @@ enum State {
 /// A scan saw an alive weight that is NaN or infinite.
 pub struct NonFiniteIn;
 
+/// Why [`find_cuts`] stopped.
+pub enum CutError {
+    /// An alive weight is NaN or infinite (the weights holding one are untouched).
+    NonFinite,
+    /// The speculative first scan of this pool zeroed elements that the cut keeps.
+    SampleMissed(usize),
+}
+
+impl From<NonFiniteIn> for CutError {
+    fn from(_: NonFiniteIn) -> Self {
+        CutError::NonFinite
+    }
+}
+
 /// Finds the cut of every pool. Pools must not share tensors.
+///
+/// **Single pass.** For a pool with `speculate`, the first scan is also the apply pass for
+/// most of the weights: it zeroes the alive elements below the sampled range (their mask
+/// bits cleared), keeps the others' mask bits, and collects the candidates inside the range.
+/// When the cut lies in the range (the sample's purpose), only the candidates remain to be
+/// written ([`ChunkCut::fixup`]); when it lies above, the zeroed elements were below it
+/// anyway and the search goes on with the read-only rounds; when it lies below, elements
+/// the cut keeps are gone and the pool returns [`CutError::SampleMissed`]. The range is
+/// therefore wider below (8 standard deviations of the sampled rank, estimated from the
+/// spread between sample runs) than above (4).
 pub fn find_cuts(
     k: &CompiledKernel,
     raws: &[RawTensor],
     pools: &[Pool],
     check_finite: bool,
-) -> Result<Vec<Cut>, NonFiniteIn> {
+) -> Result<Vec<Cut>, CutError> {
     let pool_chunks: Vec<Vec<(usize, Chunk)>> = pools
         .iter()
         .map(|p| {
@@ -219,6 +303,7 @@ pub fn find_cuts(
                 .collect()
         })
         .collect();
+    let mut narrow = vec![false; pools.len()];
     let mut states: Vec<State> = pools
         .iter()
         .enumerate()
@@ -228,7 +313,15 @@ pub fn find_cuts(
                 State::Done(nothing_taken(pool, &pool_chunks[p]))
             } else {
                 let t0 = std::time::Instant::now();
-                let (lo, hi) = sample_range(k, raws, pool, &pool_chunks[p]);
+                let below = if pool.speculate { 6.0 } else { 4.0 };
+                let (lo, hi, band) = sample_range(k, raws, pool, &pool_chunks[p], below);
+                #[cfg(test)]
+                let (lo, hi, band) = tests::FORCE_RANGE
+                    .with(|f| f.get())
+                    .map_or((lo, hi, band), |(l, h)| (l, h, 0.0));
+                // Writing only pays when the round will likely resolve from candidates;
+                // otherwise the scan stays read-only and the cut takes two passes.
+                narrow[p] = band * (CHUNK as f64) <= 0.75 * CAP as f64;
                 if std::env::var_os("PRUNEC_TRACE_CUT").is_some() {
                     eprintln!("  sample {:.4}s", t0.elapsed().as_secs_f64());
                 }
@@ -242,13 +335,22 @@ pub fn find_cuts(
             if matches!(s, State::Done(_)) {
                 for m in &pools[p].members {
                     if has_nonfinite(&raws[m.tensor]) {
-                        return Err(NonFiniteIn);
+                        return Err(CutError::NonFinite);
                     }
                 }
             }
         }
     }
     let mut first = check_finite;
+    // Pools whose first scan writes: a sampled range that excludes something below it.
+    let mut speculating: Vec<bool> = states
+        .iter()
+        .zip(pools)
+        .zip(&narrow)
+        .map(|((s, pool), &narrow)| {
+            pool.speculate && narrow && matches!(s, State::Search { lo, .. } if *lo > 0)
+        })
+        .collect();
     loop {
         let work: Vec<(usize, usize, Chunk, u32, u32)> = states
             .iter()
@@ -274,10 +376,11 @@ pub fn find_cuts(
             }
         }
         let t0 = std::time::Instant::now();
-        let scans: Vec<ChunkScan> = work
+        let mut scans: Vec<ChunkScan> = work
             .par_iter()
-            .map(|&(_, _, c, lo, hi)| {
-                scan_chunk(k, &raws[c.tensor], c, lo, hi, shift_for(lo, hi), first)
+            .map(|&(p, _, c, lo, hi)| {
+                let raw = &raws[c.tensor];
+                scan_chunk(k, raw, c, lo, hi, shift_for(lo, hi), first, speculating[p])
             })
             .collect();
         if std::env::var_os("PRUNEC_TRACE_CUT").is_some() {
@@ -286,10 +389,11 @@ pub fn find_cuts(
         }
         if first {
             if scans.iter().any(|s| s.nonfinite > 0) {
-                return Err(NonFiniteIn);
+                return Err(CutError::NonFinite);
             }
             first = false;
         }
+        let t1 = std::time::Instant::now();
         // Results are in `work` order: pool by pool, chunk by chunk.
         let mut at = 0;
         for (p, pool) in pools.iter().enumerate() {
@@ -297,10 +401,21 @@ pub fn find_cuts(
                 continue;
             };
             let n = pool_chunks[p].len();
-            let sc = &scans[at..at + n];
+            let sc = &mut scans[at..at + n];
             at += n;
-            states[p] = step(pool, &pool_chunks[p], sc, lo, hi);
+            states[p] = step(pool, &pool_chunks[p], sc, lo, hi, speculating[p]);
+            if speculating[p] {
+                #[cfg(test)]
+                tests::SPECULATED.with(|c| c.set(c.get() + 1));
+                if let State::Search { hi: h, .. } = states[p] {
+                    if h < lo {
+                        return Err(CutError::SampleMissed(p));
+                    }
+                }
+                speculating[p] = false;
+            }
         }
+        super::raw::trace("resolve", t1);
     }
     Ok(states
         .into_iter()
@@ -325,7 +440,8 @@ fn nothing_taken(pool: &Pool, chunks: &[(usize, Chunk)]) -> Cut {
         per[mi].push(ChunkCut {
             chunk: c,
             quota: 0,
-            kept: None,
+            cands: None,
+            fixup: None,
         });
     }
     Cut {
@@ -336,16 +452,21 @@ fn nothing_taken(pool: &Pool, chunks: &[(usize, Chunk)]) -> Cut {
 }
 
 /// A first key range from a deterministic sample, wide enough to hold the cut with high
-/// probability (the rounds correct it when it does not).
+/// probability (the rounds correct it when it does not): `below` standard deviations of the
+/// sampled rank under the estimated cut, 4 above. The deviation is the larger of the
+/// binomial one and the one measured between sample runs (neighbouring weights are often
+/// alike, so a run of 64 can count for much less than 64 independent draws).
 fn sample_range(
     k: &CompiledKernel,
     raws: &[RawTensor],
     pool: &Pool,
     chunks: &[(usize, Chunk)],
-) -> (u32, u32) {
+    below: f64,
+) -> (u32, u32, f64) {
     if pool.alive < 64 * SAMPLE_STRIDE {
-        return (0, u32::MAX);
+        return (0, u32::MAX, 1.0);
     }
+    let t_s = std::time::Instant::now();
     let stride = (pool.alive / SAMPLE_RUNS)
         .next_power_of_two()
         .clamp(SAMPLE_STRIDE, SAMPLE_STRIDE_MAX);
@@ -365,63 +486,121 @@ fn sample_range(
             })
         })
         .collect();
-    let mut keys: Vec<u32> = runs
-        .par_chunks(64)
-        .flat_map_iter(|group| {
+    // Per run, its alive keys (a run starts at a multiple of 64 and holds at most 64
+    // elements: one mask word).
+    // Runs are far apart, so each costs a trip to memory: a group of runs prefetches the
+    // weights and mask word of the run `AHEAD` places on while it scores the current one.
+    const AHEAD: usize = 8;
+    let groups: Vec<(Vec<u32>, Vec<u8>)> = runs
+        .par_chunks(128)
+        .map(|group| {
             let mut buf = Vec::with_capacity(SAMPLE_RUN);
-            let mut out = Vec::with_capacity(group.len() * SAMPLE_RUN);
-            for &c in group {
-                let raw = &raws[c.tensor];
+            let mut keys = Vec::with_capacity(group.len() * SAMPLE_RUN);
+            let mut lens = Vec::with_capacity(group.len());
+            for (i, &c) in group.iter().enumerate() {
+                if let Some(&n) = group.get(i + AHEAD) {
+                    let raw = &raws[n.tensor];
+                    if n.start < n.end {
+                        // SAFETY: inside the tensor; nothing writes it during the search.
+                        unsafe {
+                            let w = raw.weights(n.start, n.end);
+                            for line in (0..w.len()).step_by(16) {
+                                simd::prefetch(w.as_ptr().add(line) as *const u8);
+                            }
+                            let m = raw.mask_words(n.start / 64, n.start / 64 + 1);
+                            simd::prefetch(m.as_ptr() as *const u8);
+                        }
+                    }
+                }
                 if c.start == c.end {
+                    lens.push(0);
                     continue;
                 }
+                let raw = &raws[c.tensor];
                 raw.score_into(k.score_raw, c.start, c.end, &mut buf);
-                // A run starts at a multiple of 64 and holds at most 64 elements: one word.
                 // SAFETY: nothing writes the tensor during the search.
                 let word = unsafe { raw.mask_word(c.start / 64) };
-                out.extend(
+                let before = keys.len();
+                keys.extend(
                     buf.iter()
                         .enumerate()
                         .filter(|&(j, _)| (word >> j) & 1 == 1)
                         .map(|(_, &x)| score_key(x)),
                 );
+                lens.push((keys.len() - before) as u8);
             }
-            out
+            (keys, lens)
         })
         .collect();
+    super::raw::trace("sample keys", t_s);
+    let mut keys: Vec<u32> = groups.iter().flat_map(|g| g.0.iter().copied()).collect();
     if keys.len() < 1024 {
-        return (0, u32::MAX);
+        return (0, u32::MAX, 1.0);
     }
     let n = keys.len() as f64;
     let q = (pool.keep as f64 / pool.alive as f64).clamp(0.0, 1.0);
     let pos = q * n;
-    let margin = 4.0 * (n * q * (1.0 - q)).sqrt() + 0.0002 * n + 16.0;
     let last = keys.len() - 1;
-    let top = ((pos - margin).max(0.0) as usize).min(last);
-    let bottom = ((pos + margin) as usize).min(last);
-    // Keys at two ranks of the descending order, by selection instead of a full sort.
     let desc = |a: &u32, b: &u32| b.cmp(a);
+    // The estimated cut, and how the share of keys above it varies between runs.
+    let at = (pos as usize).min(last);
+    let kq = *keys.select_nth_unstable_by(at, desc).1;
+    let (mut ss, mut m) = (0.0f64, 0.0f64);
+    for (gk, gl) in &groups {
+        let mut at = 0;
+        for &len in gl.iter().filter(|&&l| l > 0) {
+            let r = &gk[at..at + len as usize];
+            at += len as usize;
+            let c = r.iter().filter(|&&x| x > kq).count() as f64;
+            let d = c - q * len as f64;
+            ss += d * d;
+            m += 1.0;
+        }
+    }
+    let cluster = if m > 1.0 {
+        (ss * m / (m - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    let sigma = (n * q * (1.0 - q)).sqrt().max(cluster);
+    let slack = 0.0002 * n + 16.0;
+    let top = ((pos - 4.0 * sigma - slack).max(0.0) as usize).min(last);
+    let bottom = ((pos + below * sigma + slack) as usize).min(last);
+    // Keys at two ranks of the descending order, by selection instead of a full sort: the
+    // first selection left the `at` highest keys before `kq` and the others after it.
     let lo = if bottom == last {
         0
+    } else if bottom == at {
+        kq
     } else {
-        *keys.select_nth_unstable_by(bottom, desc).1
+        *keys[at + 1..]
+            .select_nth_unstable_by(bottom - at - 1, desc)
+            .1
     };
-    // After the first selection, the `bottom` highest keys sit in `keys[..bottom]`.
-    let upper = if bottom == last { keys.len() } else { bottom };
-    let hi = if top == 0 || top >= upper {
+    let hi = if top == 0 {
         u32::MAX
+    } else if top == at {
+        kq
     } else {
-        *keys[..upper].select_nth_unstable_by(top, desc).1
+        *keys[..at].select_nth_unstable_by(top, desc).1
     };
-    (lo, hi)
+    super::raw::trace("sample select", t_s);
+    (lo, hi, (bottom - top) as f64 / n)
 }
 
 /// One round's decision for a pool.
-fn step(pool: &Pool, chunks: &[(usize, Chunk)], sc: &[ChunkScan], lo: u32, hi: u32) -> State {
+fn step(
+    pool: &Pool,
+    chunks: &[(usize, Chunk)],
+    sc: &mut [ChunkScan],
+    lo: u32,
+    hi: u32,
+    spec: bool,
+) -> State {
     let nm = pool.members.len();
     let mut above = vec![0usize; nm];
     let mut inr = vec![0usize; nm];
-    for (&(mi, _), s) in chunks.iter().zip(sc) {
+    for (&(mi, _), s) in chunks.iter().zip(sc.iter()) {
         above[mi] += s.above as usize;
         inr[mi] += s.in_range as usize;
     }
@@ -443,17 +622,14 @@ fn step(pool: &Pool, chunks: &[(usize, Chunk)], sc: &[ChunkScan], lo: u32, hi: u
     }
     let complete = sc.iter().all(|s| s.in_range as usize <= CAP);
     if complete {
-        return State::Done(resolve_candidates(pool, chunks, sc, &above, lo, hi));
+        return State::Done(resolve_candidates(pool, chunks, sc, &above, lo, hi, spec));
     }
     if lo == hi {
         return State::Done(resolve_ties(pool, chunks, sc, &above, lo));
     }
     // Narrow to the bucket holding the end of the shortest prefix.
     let shift = shift_for(lo, hi);
-    let mut hist = vec![vec![0usize; BUCKETS]; nm];
-    for (&(mi, _), s) in chunks.iter().zip(sc) {
-        add_hist(&mut hist[mi], s, lo, shift);
-    }
+    let hist = member_hists(nm, chunks, sc, lo, shift);
     let mut cum = vec![0usize; nm];
     for b in (0..BUCKETS).rev() {
         for mi in 0..nm {
@@ -468,22 +644,51 @@ fn step(pool: &Pool, chunks: &[(usize, Chunk)], sc: &[ChunkScan], lo: u32, hi: u
     unreachable!("the whole range reaches keep")
 }
 
+/// Per member, the histogram of its chunks' in-range keys (integer sums: any order gives
+/// the same counts, so the chunks are summed in parallel).
+fn member_hists(
+    nm: usize,
+    chunks: &[(usize, Chunk)],
+    sc: &[ChunkScan],
+    lo: u32,
+    shift: u32,
+) -> Vec<Vec<usize>> {
+    let empty = || vec![vec![0usize; BUCKETS]; nm];
+    chunks
+        .par_iter()
+        .zip(sc)
+        .fold(empty, |mut h, (&(mi, _), s)| {
+            add_hist(&mut h[mi], s, lo, shift);
+            h
+        })
+        .reduce(empty, |mut a, b| {
+            for (x, y) in a.iter_mut().zip(b) {
+                for (p, q) in x.iter_mut().zip(y) {
+                    *p += q;
+                }
+            }
+            a
+        })
+}
+
+/// Resolves a cut that lies in the range from every chunk's candidates, which move into
+/// the cut. With `spec` (the scan was speculative) every chunk is marked for the fixup.
 fn resolve_candidates(
     pool: &Pool,
     chunks: &[(usize, Chunk)],
-    sc: &[ChunkScan],
+    sc: &mut [ChunkScan],
     above: &[usize],
     lo: u32,
     hi: u32,
+    spec: bool,
 ) -> Cut {
     // The histogram finds the bucket where the prefix reaches `keep`; every candidate in a
     // higher bucket is taken, so only that bucket's candidates need ordering.
     let nm = pool.members.len();
     let shift = shift_for(lo, hi);
-    let mut hist = vec![vec![0usize; BUCKETS]; nm];
-    for (&(mi, _), s) in chunks.iter().zip(sc) {
-        add_hist(&mut hist[mi], s, lo, shift);
-    }
+    let t0 = std::time::Instant::now();
+    let hist = member_hists(nm, chunks, sc, lo, shift);
+    super::raw::trace("hist", t0);
     let total_of =
         |t: &[usize]| -> usize { pool.members.iter().zip(t).map(|(m, &x)| clamp(m, x)).sum() };
     let mut taken: Vec<usize> = above.to_vec();
@@ -497,17 +702,20 @@ fn resolve_candidates(
         taken = next;
     }
     let in_bucket = |key: u32| ((key - lo) >> shift) as usize == bucket;
-    // (key, chunk position, local index): a stable sort by key keeps the ranking order.
-    let mut cands: Vec<(u32, usize)> = Vec::new();
-    for (ci, s) in sc.iter().enumerate() {
-        cands.extend(
+    // (key, chunk position) in chunk order, then index order: a stable sort by key keeps the
+    // ranking order.
+    let mut cands: Vec<(u32, usize)> = sc
+        .par_iter()
+        .enumerate()
+        .flat_map_iter(|(ci, s)| {
             s.cands
                 .iter()
-                .map(|&x| ((x >> 32) as u32, ci))
-                .filter(|&(key, _)| in_bucket(key)),
-        );
-    }
+                .map(move |&x| ((x >> 32) as u32, ci))
+                .filter(|&(key, _)| in_bucket(key))
+        })
+        .collect();
     cands.sort_by_key(|c| std::cmp::Reverse(c.0));
+    super::raw::trace("bucket", t0);
     let mut total = total_of(&taken);
     let mut quota = vec![0u64; chunks.len()];
     let mut t = u32::MAX;
@@ -525,27 +733,15 @@ fn resolve_candidates(
         }
         quota[ci] += 1;
     }
-    // The kept candidates of every chunk, in index order: keys above `t`, then ties.
-    let kept = sc
-        .iter()
-        .zip(&quota)
-        .map(|(s, &q)| {
-            let mut q = q;
-            s.cands
-                .iter()
-                .filter(|&&x| {
-                    let key = (x >> 32) as u32;
-                    key > t
-                        || (key == t && q > 0 && {
-                            q -= 1;
-                            true
-                        })
-                })
-                .map(|&x| x as u32)
-                .collect()
-        })
+    #[cfg(test)]
+    if spec {
+        tests::FIXUPS.with(|c| c.set(c.get() + 1));
+    }
+    let cands: Vec<(Vec<u64>, Option<u64>)> = sc
+        .iter_mut()
+        .map(|s| (std::mem::take(&mut s.cands), spec.then_some(s.above)))
         .collect();
-    finish(pool, chunks, t, quota, taken, Some(kept))
+    finish(pool, chunks, t, quota, taken, Some(cands))
 }
 
 fn resolve_ties(
@@ -591,20 +787,278 @@ fn finish(
     t: u32,
     quota: Vec<u64>,
     taken: Vec<usize>,
-    kept: Option<Vec<Vec<u32>>>,
+    cands: Option<Vec<(Vec<u64>, Option<u64>)>>,
 ) -> Cut {
     let mut per = vec![Vec::new(); pool.members.len()];
-    let mut kept = kept.map(|k| k.into_iter());
+    let mut cands = cands.map(|k| k.into_iter());
     for (&(mi, c), q) in chunks.iter().zip(quota) {
+        let (cands, fixup) = match cands.as_mut().and_then(|k| k.next()) {
+            Some((k, f)) => (Some(k), f),
+            None => (None, None),
+        };
         per[mi].push(ChunkCut {
             chunk: c,
             quota: q,
-            kept: kept.as_mut().and_then(|k| k.next()),
+            cands,
+            fixup,
         });
     }
     Cut {
         t,
         chunks: per,
         taken,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::super::expr::score_key;
+    use super::super::{
+        full_mask, prune_jit, prune_reference, KExpr, KernelError, PruneOptions, Selection,
+        TensorView,
+    };
+
+    thread_local! {
+        /// Replaces the sampled range of every pool (calling thread only).
+        pub static FORCE_RANGE: Cell<Option<(u32, u32)>> = const { Cell::new(None) };
+        /// Speculative scans run (calling thread only).
+        pub static SPECULATED: Cell<usize> = const { Cell::new(0) };
+        /// Cuts resolved from a speculative scan's candidates (calling thread only).
+        pub static FIXUPS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    #[derive(Clone)]
+    struct T {
+        rows: usize,
+        cols: usize,
+        w: Vec<f32>,
+        mask: Vec<u64>,
+    }
+
+    /// Two tensors, 616K elements in all (enough for a sample), with holes in the masks and
+    /// `levels` distinct magnitudes when non-zero (ties).
+    fn data(seed: u64, levels: u32, row_scales: bool) -> Vec<T> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        [(512usize, 640usize), (400, 720)]
+            .iter()
+            .map(|&(rows, cols)| {
+                let n = rows * cols;
+                let w = (0..n)
+                    .map(|i| {
+                        let r = next();
+                        let u = (r >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                        // Rows of different scales, as in real layers.
+                        let v = if row_scales {
+                            u * (1.0 + (i / cols % 7) as f32)
+                        } else {
+                            u
+                        };
+                        if levels > 0 {
+                            (v * levels as f32).round() / levels as f32
+                        } else {
+                            v
+                        }
+                    })
+                    .collect();
+                let mut mask = full_mask(n);
+                for i in (0..n).step_by(13) {
+                    mask[i / 64] &= !(1u64 << (i % 64));
+                }
+                T {
+                    rows,
+                    cols,
+                    w,
+                    mask,
+                }
+            })
+            .collect()
+    }
+
+    fn prune(ds: &mut [T], sel: &Selection, o: &PruneOptions, jit: bool) -> Result<String, String> {
+        let mut views: Vec<TensorView> = ds
+            .iter_mut()
+            .enumerate()
+            .map(|(i, t)| TensorView::new(&format!("t{i}"), t.rows, t.cols, &mut t.w, &mut t.mask))
+            .collect();
+        let r = if jit {
+            prune_jit(&KExpr::magnitude(), sel, &mut views, o)
+        } else {
+            prune_reference(&KExpr::magnitude(), sel, &mut views, o)
+        };
+        r.map(|s| format!("{s:?}")).map_err(|e| e.to_string())
+    }
+
+    /// The alive keys of `ds` by magnitude, descending.
+    fn keys(ds: &[T]) -> Vec<u32> {
+        let mut k: Vec<u32> = ds
+            .iter()
+            .flat_map(|t| {
+                (0..t.w.len())
+                    .filter(|&i| (t.mask[i / 64] >> (i % 64)) & 1 == 1)
+                    .map(|i| score_key(t.w[i].abs()))
+            })
+            .collect();
+        k.sort_unstable_by(|a, b| b.cmp(a));
+        k
+    }
+
+    fn single() -> PruneOptions {
+        PruneOptions {
+            single_pass: true,
+            ..PruneOptions::default()
+        }
+    }
+
+    /// Runs the single-pass JIT with `range` forced (or sampled) and checks it against the
+    /// reference bit for bit; returns the number of speculative scans and of cuts resolved
+    /// from their candidates.
+    fn agrees(ds: &[T], sel: &Selection, range: Option<(u32, u32)>) -> (usize, usize) {
+        let (mut a, mut b) = (ds.to_vec(), ds.to_vec());
+        FORCE_RANGE.with(|f| f.set(range));
+        SPECULATED.with(|c| c.set(0));
+        FIXUPS.with(|c| c.set(0));
+        let ra = prune(&mut a, sel, &single(), true);
+        FORCE_RANGE.with(|f| f.set(None));
+        let rb = prune(&mut b, sel, &single(), false);
+        assert_eq!(ra, rb, "{sel:?} {range:x?}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.mask == y.mask, "{sel:?} {range:x?}");
+            assert!(x
+                .w
+                .iter()
+                .zip(&y.w)
+                .all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
+        (SPECULATED.with(|c| c.get()), FIXUPS.with(|c| c.get()))
+    }
+
+    fn global(keep: usize) -> Selection {
+        Selection::Global {
+            keep,
+            min_keep: vec![],
+            max_keep: vec![],
+        }
+    }
+
+    #[test]
+    fn speculative_scans_match_the_reference() {
+        for (seed, levels, row_scales) in [(1, 0, false), (2, 0, true), (3, 40, false)] {
+            let ds = data(seed, levels, row_scales);
+            let k = keys(&ds);
+            for frac in [0.1, 0.5, 0.93] {
+                let keep = (k.len() as f64 * frac) as usize;
+                // As sampled (a pool this small gets a sample too small for a range narrow
+                // enough to write in the first scan).
+                agrees(&ds, &global(keep), None);
+                // A narrow range holding the cut, as a large sample gives: the scan writes,
+                // and the cut resolves from its candidates (or ties, with few levels).
+                let near = (k[keep - 1 + 1200], k[keep - 1 - 600]);
+                let (spec, fix) = agrees(&ds, &global(keep), Some(near));
+                assert_eq!((spec, fix), (1, usize::from(levels == 0)), "{seed} {frac}");
+                // A range under the cut: the scan zeroed only elements below it, and the
+                // search goes on upwards.
+                let low = (k[keep + 2000], k[keep + 1000]);
+                if low.1 < k[keep - 1] {
+                    assert_eq!(agrees(&ds, &global(keep), Some(low)), (1, 0));
+                }
+                // A range too wide for the candidate buffers: the round narrows it.
+                let wide = (k[k.len() - 1].max(1), k[keep.saturating_sub(200_000)]);
+                assert_eq!(agrees(&ds, &global(keep), Some(wide)), (1, 0));
+            }
+            // Per-tensor cuts speculate per tensor, without a sample here (too small).
+            let per = Selection::PerTensor {
+                keep: vec![30_000, 100_000],
+            };
+            agrees(&ds, &per, None);
+        }
+    }
+
+    #[test]
+    fn a_range_above_the_cut_is_reported_and_two_passes_recover() {
+        let ds = data(4, 0, true);
+        let k = keys(&ds);
+        let keep = k.len() / 2;
+        // The cut lies below the forced range: elements it keeps were zeroed.
+        let high = (k[keep - 5000], k[keep - 6000]);
+        let mut a = ds.to_vec();
+        FORCE_RANGE.with(|f| f.set(Some(high)));
+        let r = prune(&mut a, &global(keep), &single(), true);
+        let plain = prune(
+            &mut ds.to_vec(),
+            &global(keep),
+            &PruneOptions::default(),
+            true,
+        );
+        FORCE_RANGE.with(|f| f.set(None));
+        assert_eq!(
+            r,
+            Err(KernelError::SampleMissed {
+                tensor: "t0".into()
+            }
+            .to_string())
+        );
+        // Without single_pass a wrong range only costs rounds.
+        assert_eq!(
+            plain,
+            prune(&mut ds.to_vec(), &global(keep), &single(), false)
+        );
+    }
+
+    #[test]
+    fn non_finite_weights_stop_the_writing_scan_where_they_are() {
+        let mut ds = data(5, 0, true);
+        ds[1].w[70_001] = f32::NAN;
+        ds[0].w[200_000] = f32::INFINITY;
+        let keep = keys(&ds).len() / 10;
+        let mut a = ds.to_vec();
+        SPECULATED.with(|c| c.set(0));
+        let r = prune(&mut a, &global(keep), &single(), true);
+        let want = prune(&mut ds.to_vec(), &global(keep), &single(), false);
+        assert!(want.is_err());
+        assert_eq!(r, want);
+        // Blocks holding them were not written.
+        assert_eq!(a[0].w[200_000], f32::INFINITY);
+        assert!(a[1].w[70_001].is_nan());
+        // With allow_nonfinite they rank lowest and the single pass matches the reference.
+        let o = PruneOptions {
+            allow_nonfinite: true,
+            ..single()
+        };
+        let mut a = ds.to_vec();
+        let mut b = ds.to_vec();
+        assert_eq!(
+            prune(&mut a, &global(keep), &o, true),
+            prune(&mut b, &global(keep), &o, false)
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.mask == y.mask);
+            assert!(x
+                .w
+                .iter()
+                .zip(&y.w)
+                .all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
+    }
+
+    #[test]
+    fn guarded_pools_do_not_speculate() {
+        let ds = data(6, 0, false);
+        let n = keys(&ds).len();
+        let sel = Selection::Global {
+            keep: n / 10,
+            min_keep: vec![40_000, 0],
+            max_keep: vec![],
+        };
+        let k = keys(&ds);
+        let near = (k[n / 10 + 1200], k[n / 10 - 600]);
+        assert_eq!(agrees(&ds, &sel, Some(near)), (0, 0));
     }
 }

@@ -266,6 +266,7 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         uses_pos,
         abs_mask,
         sign_mask,
+        off: 0,
     };
     let word_head = gen.b.create_block();
     let word_body = gen.b.create_block();
@@ -314,9 +315,18 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         gen.b.ins().brif(more, body, &[], word_end, &[]);
 
         gen.b.switch_to_block(body);
-        // Eight groups of four lanes per iteration, two iterations per word.
-        for _ in 0..8 {
-            let (i, c, r) = gen.positions();
+        // Eight groups of four lanes per iteration, two iterations per word. Without row
+        // wraps the groups share one position and address their lanes by offsets.
+        let mut shared = None;
+        for g in 0..8 {
+            let (i, c, r) = match shared {
+                Some(p) => p,
+                None => gen.positions(),
+            };
+            if !wrap {
+                shared = Some((i, c, r));
+                gen.off = 16 * g;
+            }
             let s = gen.v_eval(expr, i, c, r);
             let s = if canonical {
                 let nan = gen.b.ins().fcmp(FloatCC::Unordered, s, s);
@@ -326,8 +336,14 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
                 s
             };
             let a = gen.addr4(out_base, i);
-            gen.b.ins().store(mf(), s, a, 0);
-            advance(&mut gen, 4, cols, wrap);
+            gen.b.ins().store(mf(), s, a, gen.off);
+            if wrap {
+                advance(&mut gen, 4, cols, true);
+            }
+        }
+        if !wrap {
+            gen.off = 0;
+            advance(&mut gen, 32, cols, false);
         }
         let gv = gen.b.use_var(g);
         let one = gen.ic(I64, 1);

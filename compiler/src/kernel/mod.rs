@@ -31,7 +31,7 @@ pub use types::{
     TensorSummary, TensorView,
 };
 
-use cut::{find_cuts, Cut, Member, NonFiniteIn, Pool};
+use cut::{find_cuts, Cut, CutError, Member, Pool};
 use expr::key_score;
 use raw::{chunks_of, with_scratch, RawTensor};
 use types::{check_finite, count_alive, global_guards, validate};
@@ -81,12 +81,15 @@ pub fn prune_jit_with(
     tensors: &mut [TensorView],
     opts: &PruneOptions,
 ) -> Result<PruneSummary, KernelError> {
+    let start = std::time::Instant::now();
     validate(expr, sel, tensors, opts)?;
     let k = cache.get(expr)?;
+    raw::trace("validate", start);
     let alive: Vec<usize> = tensors
         .iter()
         .map(|t| count_alive(t.mask, t.len()))
         .collect();
+    raw::trace("alive", start);
     let scalars = Arc::new(opts.scalars.clone());
     let names: Vec<String> = tensors.iter().map(|t| t.name.clone()).collect();
     let shapes: Vec<(usize, usize)> = tensors.iter().map(|t| (t.rows, t.cols)).collect();
@@ -122,6 +125,10 @@ pub fn prune_jit_with(
             max_keep,
         } => {
             let guards = global_guards(*keep, min_keep, max_keep, tensors, &alive)?;
+            let unguarded = guards
+                .iter()
+                .zip(&alive)
+                .all(|(&(min, max), &a)| min == 0 && max >= a);
             pools.push(Pool {
                 members: guards
                     .iter()
@@ -134,6 +141,7 @@ pub fn prune_jit_with(
                     .collect(),
                 keep: *keep,
                 alive: alive.iter().sum(),
+                speculate: opts.single_pass && unguarded,
             });
         }
         Selection::PerTensor { keep } => {
@@ -145,11 +153,12 @@ pub fn prune_jit_with(
                         alive: alive[t],
                     });
                 }
-                pools.push(single(t, keep[t], alive[t]));
+                pools.push(single(t, keep[t], alive[t], opts.single_pass));
             }
         }
         _ => {}
     }
+    raw::trace("pools", start);
     // Side bitmaps (1/32 of the weights' size) for the two-pass selections and global cuts.
     let mut sides: Vec<Vec<u64>> = tensors
         .iter()
@@ -175,19 +184,29 @@ pub fn prune_jit_with(
         })
         .collect();
     let mut kept = vec![0usize; raws.len()];
+    raw::trace("setup", start);
     if row_local {
         if let Selection::PerRow { keep_per_row } = *sel {
             let which: Vec<(usize, usize)> = (0..raws.len())
                 .filter(|&t| two_pass[t])
                 .map(|t| (t, shapes[t].0))
                 .collect();
-            if rows::per_row_select(&k, &raws, &which, keep_per_row, check).is_err() {
+            let single = opts.single_pass;
+            let Ok(counts) = rows::per_row_select(&k, &raws, &which, keep_per_row, check, single)
+            else {
+                // Rows holding a non-finite weight are never written, so the check finds the
+                // same first one as on untouched tensors.
                 drop(raws);
                 check_finite(tensors)?;
                 unreachable!("a per-row pass saw a non-finite weight that the check did not");
-            }
+            };
             let ts: Vec<usize> = which.iter().map(|&(t, _)| t).collect();
-            for (&t, n) in ts.iter().zip(rows::apply_sides(&raws, &ts)) {
+            let counts = if single {
+                counts
+            } else {
+                rows::apply_sides(&raws, &ts)
+            };
+            for (&t, n) in ts.iter().zip(counts) {
                 kept[t] = n;
             }
         }
@@ -210,12 +229,21 @@ pub fn prune_jit_with(
     } else {
         let cuts = match find_cuts(&k, &raws, &pools, check) {
             Ok(c) => c,
-            Err(NonFiniteIn) => {
+            Err(CutError::NonFinite) => {
+                // Blocks holding a non-finite weight are never written, so the check finds
+                // the same first one as on untouched tensors.
                 drop(raws);
                 check_finite(tensors)?;
                 unreachable!("a scan saw a non-finite weight that the check did not");
             }
+            Err(CutError::SampleMissed(p)) => {
+                let t = pools[p].members[0].tensor;
+                return Err(KernelError::SampleMissed {
+                    tensor: names[t].clone(),
+                });
+            }
         };
+        raw::trace("cuts", start);
         // Members whose prefix count was clamped by a guard select their own top count.
         let mut plan: Vec<(Cut, Vec<usize>)> = Vec::new();
         let mut second: Vec<Pool> = Vec::new();
@@ -226,7 +254,7 @@ pub fn prune_jit_with(
                 if want == cut.taken[mi] {
                     direct.push(mi);
                 } else {
-                    second.push(single(m.tensor, want, alive[m.tensor]));
+                    second.push(single(m.tensor, want, alive[m.tensor], false));
                 }
             }
             let tensors_of: Vec<usize> = pool.members.iter().map(|m| m.tensor).collect();
@@ -238,7 +266,8 @@ pub fn prune_jit_with(
                 .collect();
         }
         if !second.is_empty() {
-            let cuts = find_cuts(&k, &raws, &second, false).unwrap_or_else(|_| unreachable!());
+            let cuts = find_cuts(&k, &raws, &second, false)
+                .unwrap_or_else(|_| unreachable!("no check and no speculation"));
             for (pool, cut) in second.iter().zip(cuts) {
                 plan.push((cut, vec![pool.members[0].tensor]));
             }
@@ -248,18 +277,39 @@ pub fn prune_jit_with(
             for (t, chunks) in ts.iter().zip(&cut.chunks) {
                 thresholds[*t] = Some(cut.t);
                 for cc in chunks {
-                    work.push((cc.chunk, cc.quota, cut.t, cc.kept.as_deref()));
+                    work.push((cc, cut.t));
                 }
             }
         }
         let t0 = std::time::Instant::now();
+        raw::trace("plan", start);
         // Backwards: the chunks the scan read last may still be in the last-level cache.
         let counts: Vec<(usize, usize)> = work
             .par_iter()
             .rev()
-            .map(|&(c, quota, t, kept)| {
+            .map(|&(cc, t)| {
+                let c = cc.chunk;
                 let raw = &raws[c.tensor];
-                if let Some(kept) = kept {
+                if let Some(above) = cc.fixup {
+                    // The speculative scan zeroed the elements below the range and left the
+                    // mask holding those in and above it: only dropped candidates remain.
+                    let mut n = above as usize;
+                    cc.each_candidate(t, |j, keep| {
+                        let i = c.start + j;
+                        if keep {
+                            n += 1;
+                        } else {
+                            // SAFETY: element `i` and its mask word lie in this worker's chunk.
+                            unsafe {
+                                raw.set_weight(i, 0.0);
+                                let m = raw.mask_word(i / 64) & !(1u64 << (i % 64));
+                                raw.set_mask_word(i / 64, m);
+                            }
+                        }
+                    });
+                    return (c.tensor, n);
+                }
+                if cc.cands.is_some() {
                     // Resolved from this chunk's candidates: the scan's side bits (alive,
                     // above the range) plus the kept candidates are the new mask.
                     let (w0, w1) = (c.start / 64, c.end.div_ceil(64));
@@ -272,12 +322,14 @@ pub fn prune_jit_with(
                             raw.side_words_mut(w0, w1),
                         )
                     };
-                    for &j in kept {
-                        side[j as usize / 64] |= 1u64 << (j % 64);
-                    }
+                    cc.each_candidate(t, |j, keep| {
+                        if keep {
+                            side[j / 64] |= 1u64 << (j % 64);
+                        }
+                    });
                     return (c.tensor, simd::zero_words(w, side, m));
                 }
-                let mut quota = quota;
+                let mut quota = cc.quota;
                 let mut n = 0;
                 with_scratch(|buf| {
                     let mut b0 = c.start;
@@ -309,6 +361,7 @@ pub fn prune_jit_with(
     }
     drop(raws);
     drop(sides);
+    raw::trace("total", start);
     Ok(PruneSummary {
         tensors: (0..names.len())
             .map(|t| TensorSummary {
@@ -326,7 +379,7 @@ pub fn prune_jit_with(
     })
 }
 
-fn single(t: usize, keep: usize, alive: usize) -> Pool {
+fn single(t: usize, keep: usize, alive: usize, speculate: bool) -> Pool {
     Pool {
         members: vec![Member {
             tensor: t,
@@ -335,5 +388,6 @@ fn single(t: usize, keep: usize, alive: usize) -> Pool {
         }],
         keep,
         alive,
+        speculate,
     }
 }

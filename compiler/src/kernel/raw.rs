@@ -18,6 +18,19 @@ pub const CHUNK: usize = 1 << 18;
 /// and 35 ms at 16384 elements per block, against 23 ms for a plain Rust read.
 pub const BLOCK: usize = 1 << 10;
 
+/// Whether `PRUNEC_TRACE_CUT` asks for timings on stderr.
+pub fn tracing() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("PRUNEC_TRACE_CUT").is_some())
+}
+
+/// Prints `what` with the seconds since `since` when [`tracing`].
+pub fn trace(what: &str, since: std::time::Instant) {
+    if tracing() {
+        eprintln!("  {what} {:.4}s", since.elapsed().as_secs_f64());
+    }
+}
+
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }

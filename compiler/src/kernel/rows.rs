@@ -155,20 +155,24 @@ pub fn per_row_aligned(cols: usize) -> bool {
     cols > 0 && cols.is_multiple_of(64)
 }
 
-/// First pass of the per-row selection for tensors whose rows are a multiple of 64 long
-/// (`which`, with their row counts): it only reads the tensors, and writes the new masks
-/// into their side bitmaps (see [`RawTensor::set_side`]). With `check`, an alive non-finite
-/// weight stops it with [`NonFiniteIn`] before anything was written; [`apply_sides`] is the
-/// second pass. Units of all the tensors run in one parallel loop.
+/// Per-row selection for tensors whose rows are a multiple of 64 long (`which`, with their
+/// row counts). Each row's new mask goes to the side bitmap (see [`RawTensor::set_side`]).
+/// Without `apply` this is the first of two passes: it only reads the tensors, an alive
+/// non-finite weight (with `check`) stops it with [`NonFiniteIn`] before anything was
+/// written, and [`apply_sides`] is the second pass. With `apply` every row is masked while
+/// it is still in cache (one pass; a non-finite weight then stops it with earlier rows
+/// already masked, though never the row holding it). Returns the kept count per entry of
+/// `which` (zeros without `apply`). Units of all the tensors run in one parallel loop.
 pub fn per_row_select(
     k: &CompiledKernel,
     raws: &[RawTensor],
     which: &[(usize, usize)],
     keep: usize,
     check: bool,
-) -> Result<(), NonFiniteIn> {
+    apply: bool,
+) -> Result<Vec<usize>, NonFiniteIn> {
     let mut jobs = Vec::new();
-    for &(t, rows) in which {
+    for (n, &(t, rows)) in which.iter().enumerate() {
         let raw = &raws[t];
         let cols = raw.cols;
         assert!(per_row_aligned(cols));
@@ -186,13 +190,21 @@ pub fn per_row_select(
             None
         };
         for u in units(rows, rows_per_unit(rows, cols, 1)) {
-            jobs.push((t, u, seed));
+            jobs.push((n, u, seed));
         }
     }
-    jobs.par_iter()
-        .map(|&(t, (r0, r1), seed)| per_row_unit(k, &raws[t], r0, r1, keep, seed, check))
-        .collect::<Result<Vec<()>, _>>()
-        .map(|_| ())
+    let counts = jobs
+        .par_iter()
+        .map(|&(n, (r0, r1), seed)| {
+            let raw = &raws[which[n].0];
+            per_row_unit(k, raw, r0, r1, keep, seed, check, apply).map(|c| (n, c))
+        })
+        .collect::<Result<Vec<(usize, usize)>, _>>()?;
+    let mut kept = vec![0; which.len()];
+    for (n, c) in counts {
+        kept[n] += c;
+    }
+    Ok(kept)
 }
 
 /// Second pass: each side bitmap becomes its tensor's mask, and weights whose bit is clear
@@ -232,7 +244,10 @@ pub fn apply_sides(raws: &[RawTensor], which: &[usize]) -> Vec<usize> {
 /// `[lo, hi]` learnt from the previous row splits it into kept-for-sure (above), candidates
 /// (inside, collected and selected) and pruned (below); the row's keep bits go to the side
 /// bitmap. A row whose cut falls outside the bracket takes the exact radix path on all its
-/// keys and sets the bracket for the next row.
+/// keys and sets the bracket for the next row. With `apply` the row is then masked (its
+/// side words become its mask words, other weights are zeroed) while it is in cache, and the
+/// kept count is returned.
+#[allow(clippy::too_many_arguments)]
 fn per_row_unit(
     k: &CompiledKernel,
     raw: &RawTensor,
@@ -241,7 +256,9 @@ fn per_row_unit(
     keep: usize,
     seed: Option<(u32, u32)>,
     check: bool,
-) -> Result<(), NonFiniteIn> {
+    apply: bool,
+) -> Result<usize, NonFiniteIn> {
+    let mut kept = 0usize;
     let cols = raw.cols;
     let margin = row_margin(keep, cols);
     let cap = 4 * margin + 64;
@@ -361,8 +378,19 @@ fn per_row_unit(
                     }
                 }
             }
+            if apply {
+                // SAFETY: this worker owns the row; the shared views above are not used again.
+                let (w, m, side) = unsafe {
+                    (
+                        raw.weights_mut(s0, s1),
+                        raw.mask_words_mut(s0 / 64, s1 / 64),
+                        raw.side_words_mut(s0 / 64, s1 / 64),
+                    )
+                };
+                kept += simd::zero_words(w, side, m);
+            }
         }
-        Ok(())
+        Ok(kept)
     })
 }
 

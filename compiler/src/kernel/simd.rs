@@ -261,6 +261,46 @@ unsafe fn count_core<O: Ops>(
     above
 }
 
+/// The full words of [`count_zero_words`].
+///
+/// # Safety
+/// `s` and `w` hold `full` words, `mask` at least `full`.
+// The word index also addresses `s`, `w` and `ahead` through pointers.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn count_zero_core<O: Ops>(
+    o: &O,
+    s: &[f32],
+    w: &mut [f32],
+    mask: &mut [u64],
+    full: usize,
+    ahead: &[f32],
+    on_in: &mut impl FnMut(usize, u64),
+) -> usize {
+    let mut above = 0usize;
+    for wi in 0..full {
+        if 64 * wi + 64 <= ahead.len() {
+            // SAFETY: inside `ahead`.
+            unsafe { o.prefetch(ahead.as_ptr().add(64 * wi)) };
+        }
+        // SAFETY: word `wi < full` of `s`.
+        let (g, i) = unsafe { o.classify(s.as_ptr().add(64 * wi)) };
+        let a = mask[wi];
+        above += (g & a).count_ones() as usize;
+        let m = i & a;
+        if m != 0 {
+            on_in(wi, m);
+        }
+        let keep = (g | i) & a;
+        mask[wi] = keep;
+        if keep != u64::MAX {
+            // SAFETY: word `wi < full` of `w`.
+            unsafe { o.zero(w.as_mut_ptr().add(64 * wi), keep) };
+        }
+    }
+    above
+}
+
 /// The masking of the full words of a block; see [`apply_words`].
 ///
 /// # Safety
@@ -363,6 +403,47 @@ pub fn count_words(
     above
 }
 
+/// [`count_words`] that also masks the block in the same loop: the alive elements below
+/// `lo` are zeroed (`+0.0`, as are already-pruned ones) and their mask bits cleared, so the
+/// mask keeps the alive elements in and above the range. `s` holds the scores of `w`.
+/// Returns the number above the range.
+pub fn count_zero_words(
+    s: &[f32],
+    w: &mut [f32],
+    mask: &mut [u64],
+    lo: u32,
+    hi: u32,
+    ahead: &[f32],
+    mut on_in: impl FnMut(usize, u64),
+) -> usize {
+    assert_eq!(s.len(), w.len());
+    assert_eq!(mask.len(), s.len().div_ceil(64));
+    let full = s.len() / 64;
+    let b = Bounds::new(lo, hi);
+    let mut above = match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F and POPCNT are present; `s` and `w` hold `full` words.
+        ISA_AVX512 => unsafe { x86::count_zero512(s, w, mask, &b, full, ahead, &mut on_in) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and POPCNT are present; as above.
+        ISA_AVX2 => unsafe { x86::count_zero256(s, w, mask, &b, full, ahead, &mut on_in) },
+        // SAFETY: as above.
+        _ => unsafe { count_zero_core(&Scalar { lo, hi }, s, w, mask, full, ahead, &mut on_in) },
+    };
+    if full * 64 < s.len() {
+        let (g, i) = classify_scalar(&s[full * 64..], lo, hi);
+        let a = mask[full] & ((1u64 << (s.len() % 64)) - 1);
+        above += (g & a).count_ones() as usize;
+        if i & a != 0 {
+            on_in(full, i & a);
+        }
+        let keep = (g | i) & a;
+        mask[full] = keep;
+        zero_scalar(&mut w[full * 64..], keep);
+    }
+    above
+}
+
 /// Masks one block: keeps alive elements with key `> t`, then the first `quota` alive ones
 /// with key `== t` (in index order; `quota` is decremented), zeroes (`+0.0`) every other
 /// weight and writes the new mask words. `s` holds the scores of `w`; `mask` has
@@ -460,6 +541,33 @@ unsafe fn zero_core<O: Ops>(
     kept
 }
 
+/// The number of set bits in `words`, in parallel pieces, with the POPCNT instruction where
+/// the CPU has it.
+pub fn count_bits(words: &[u64]) -> usize {
+    use rayon::prelude::*;
+    words
+        .par_chunks(1 << 16)
+        .map(|w| match isa() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has POPCNT when it has AVX2 or AVX-512.
+            ISA_AVX512 | ISA_AVX2 => unsafe { x86::count_bits_popcnt(w) },
+            _ => w.iter().map(|x| x.count_ones() as usize).sum(),
+        })
+        .sum()
+}
+
+/// Starts loading the cache line at `p` (a hint: never faults, does nothing off x86-64).
+#[inline(always)]
+pub fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Whether any of `w` is NaN or infinite (alive or not).
 pub fn any_nonfinite(w: &[f32]) -> bool {
     let m = match isa() {
@@ -482,11 +590,16 @@ fn max_bits(w: &[f32]) -> u32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{apply_core, count_core, zero_core, Bounds, Mode, Ops};
+    use super::{apply_core, count_core, count_zero_core, zero_core, Bounds, Mode, Ops};
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn max_bits256(w: &[f32]) -> u32 {
         super::max_bits(w)
+    }
+
+    #[target_feature(enable = "popcnt")]
+    pub unsafe fn count_bits_popcnt(w: &[u64]) -> usize {
+        w.iter().map(|x| x.count_ones() as usize).sum()
     }
 
     const RANGE: u8 = 0;
@@ -526,10 +639,9 @@ mod x86 {
                 let x = _mm512_loadu_ps(p.add(16 * q));
                 let gm = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, self.gt);
                 let im = match M {
-                    RANGE => {
-                        let h = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, self.hi);
-                        _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(h, x, self.lo)
-                    }
+                    // For a score that is not NaN, `s <= hi` is `!(s >= gt)` (no score has a
+                    // key between them); NaN fails `s >= lo`.
+                    RANGE => _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(!gm, x, self.lo),
                     FROM_NAN => _mm512_cmp_ps_mask::<_CMP_NGT_UQ>(x, self.hi),
                     _ => _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x),
                 };
@@ -544,7 +656,7 @@ mod x86 {
             for q in 0..4 {
                 let a = p.add(16 * q);
                 let m = (keep >> (16 * q)) as u16;
-                _mm512_storeu_ps(a, _mm512_maskz_mov_ps(m, _mm512_loadu_ps(a)));
+                _mm512_mask_storeu_ps(a, !m, _mm512_setzero_ps());
             }
         }
 
@@ -581,10 +693,8 @@ mod x86 {
                 let x = _mm256_loadu_ps(p.add(8 * q));
                 let gm = _mm256_cmp_ps::<_CMP_GE_OQ>(x, self.gt);
                 let im = match M {
-                    RANGE => _mm256_and_ps(
-                        _mm256_cmp_ps::<_CMP_GE_OQ>(x, self.lo),
-                        _mm256_cmp_ps::<_CMP_LE_OQ>(x, self.hi),
-                    ),
+                    // As for AVX-512: `s <= hi` is `!(s >= gt)` when `s >= lo`.
+                    RANGE => _mm256_andnot_ps(gm, _mm256_cmp_ps::<_CMP_GE_OQ>(x, self.lo)),
                     FROM_NAN => _mm256_cmp_ps::<_CMP_NGT_UQ>(x, self.hi),
                     _ => _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x),
                 };
@@ -649,6 +759,32 @@ mod x86 {
         on_in: &mut impl FnMut(usize, u64),
     ) -> usize {
         by_mode!(Avx2, b, count_core(s, mask, full, ahead, above_out, on_in))
+    }
+
+    #[target_feature(enable = "avx512f,popcnt")]
+    pub unsafe fn count_zero512(
+        s: &[f32],
+        w: &mut [f32],
+        mask: &mut [u64],
+        b: &Bounds,
+        full: usize,
+        ahead: &[f32],
+        on_in: &mut impl FnMut(usize, u64),
+    ) -> usize {
+        by_mode!(Avx512, b, count_zero_core(s, w, mask, full, ahead, on_in))
+    }
+
+    #[target_feature(enable = "avx2,popcnt")]
+    pub unsafe fn count_zero256(
+        s: &[f32],
+        w: &mut [f32],
+        mask: &mut [u64],
+        b: &Bounds,
+        full: usize,
+        ahead: &[f32],
+        on_in: &mut impl FnMut(usize, u64),
+    ) -> usize {
+        by_mode!(Avx2, b, count_zero_core(s, w, mask, full, ahead, on_in))
     }
 
     #[target_feature(enable = "avx512f,popcnt")]

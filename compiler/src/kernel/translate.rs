@@ -35,6 +35,10 @@ pub(super) struct Gen<'a, 'b> {
     /// f32x4 constants made once in the entry block (loops reuse the register).
     pub(super) abs_mask: Value,
     pub(super) sign_mask: Value,
+    /// Byte offset added to the f32x4 loads of element and column inputs: in the unrolled
+    /// loop that does not wrap rows, the groups of one iteration share the position values
+    /// and differ by this immediate (an address mode, not an instruction).
+    pub(super) off: i32,
 }
 
 impl Gen<'_, '_> {
@@ -185,7 +189,7 @@ impl Gen<'_, '_> {
                     i
                 };
                 let a = self.addr4(base, idx);
-                self.b.ins().load(F32X4, mf(), a, 0)
+                self.b.ins().load(F32X4, mf(), a, self.off)
             }
             KExpr::Unary(op, a) => {
                 let x = self.v_eval(a, i, col, row);

@@ -114,6 +114,16 @@ pub struct PruneOptions {
     pub scalars: Vec<f32>,
     /// Accept NaN / infinite weights (NaN scores rank lowest) instead of reporting an error.
     pub allow_nonfinite: bool,
+    /// Read the weights once where the selection allows, writing while reading: per-row
+    /// selections on rows of whole mask words mask each row while it is in cache, and global
+    /// and per-tensor cuts without guards zero the weights below a sampled key range in their
+    /// first scan (see `docs/kernels.md`). The results are identical; what changes is the
+    /// state of the views after an error: **with `single_pass`, any error may leave the
+    /// weights and masks partly written**, so the caller must work on copies it can discard.
+    /// A global or per-tensor cut whose sample proved wrong in the one direction that cannot
+    /// be undone returns [`KernelError::SampleMissed`]: retry on fresh copies without
+    /// `single_pass`.
+    pub single_pass: bool,
 }
 
 /// What happened to one tensor.
@@ -224,6 +234,8 @@ pub enum KernelError {
         hi: usize,
         tensor: String,
     },
+    #[error("the sampled key range of the single-pass cut over `{tensor}` was too high (the cut lies below it); the weights were partly written, retry on fresh copies without single_pass")]
+    SampleMissed { tensor: String },
     #[error("selection is malformed: {0}")]
     BadSelection(String),
     #[error("kernel compilation failed for `{expr}`: {reason}")]
@@ -390,7 +402,7 @@ pub fn check_finite(tensors: &[TensorView]) -> Result<(), KernelError> {
 /// Number of kept (1) bits among the first `n` elements of `mask`.
 pub fn count_alive(mask: &[u64], n: usize) -> usize {
     let full = n / 64;
-    let mut c: usize = mask[..full].iter().map(|w| w.count_ones() as usize).sum();
+    let mut c = super::simd::count_bits(&mask[..full]);
     if !n.is_multiple_of(64) {
         c += (mask[full] & ((1u64 << (n % 64)) - 1)).count_ones() as usize;
     }
