@@ -1348,6 +1348,68 @@ mod tests {
         assert_eq!(&random_draws(7, 1, "fc1.weight", 10)[..], &a[..10]);
     }
 
+    /// A single-pass cut whose sampled range lies above the cut zeroes weights the cut
+    /// keeps; the executor notices (`SampleMissed`) and prunes again, two-pass, from the
+    /// model's untouched weights: the result is the one an accurate range gives.
+    #[test]
+    fn a_missed_sample_is_retried_from_the_model() {
+        let spec = rt::ModelSpec::mlp(&[1000, 700, 10], rt::Activation::Relu);
+        let pruner = Pruner {
+            span: Span::default(),
+            model: "net".into(),
+            selected: vec!["fc1.weight".into()],
+            crit: LoweredCriterion {
+                expr: KExpr::un(UnOp::Abs, KExpr::Input(KInput::Weight)),
+                row_sums: vec![],
+                side: None,
+            },
+            scope: "global".into(),
+            pattern: None,
+            keep_min: None,
+            keep_max: None,
+            allow_nonfinite: false,
+        };
+        let keep = 70_000;
+        let sel = Selection::Global {
+            keep,
+            min_keep: vec![],
+            max_keep: vec![],
+        };
+        let run = |range: Option<(u32, u32)>| {
+            let model = spec.build(3, &candle_core::Device::Cpu).unwrap();
+            let init = model.snapshot().unwrap();
+            let mut masks = rt::Masks::new();
+            kernel::force_sample_range(range);
+            let r = pruner.select(&model, &mut masks, &init, &SideInputs::default(), &sel);
+            kernel::force_sample_range(None);
+            r.unwrap();
+            let w = model.param_f32("fc1.weight").unwrap();
+            let m = mask_words(&masks, "fc1.weight", w.len()).unwrap();
+            (w, m)
+        };
+        let (w0, m0) = run(None);
+        // Keys of the weights' magnitudes, descending: a range well above the cut.
+        let model = spec.build(3, &candle_core::Device::Cpu).unwrap();
+        let mut keys: Vec<u32> = model
+            .param_f32("fc1.weight")
+            .unwrap()
+            .iter()
+            .map(|x| crate::kernel::expr::score_key(x.abs()))
+            .collect();
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        let high = (keys[keep / 2], keys[keep / 4]);
+        kernel::take_speculated();
+        let (w1, m1) = run(Some(high));
+        // The first attempt wrote, so it missed (the cut is below the range) and was retried.
+        assert_eq!(kernel::take_speculated(), 1);
+        assert_eq!(m0, m1);
+        assert!(w0.iter().zip(&w1).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert_eq!(
+            m1.iter().map(|w| w.count_ones() as usize).sum::<usize>(),
+            keep
+        );
+    }
+
     fn gradual(args: &[(&str, Value)]) -> Gradual {
         let pruner = Pruner {
             span: Span::default(),

@@ -811,7 +811,7 @@ fn finish(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::cell::Cell;
 
     use super::super::expr::score_key;

@@ -32,6 +32,19 @@ pub use types::{
 };
 
 use cut::{find_cuts, Cut, CutError, Member, Pool};
+
+/// Test hook: replaces the sampled key range of every global or per-tensor cut made on the
+/// calling thread (`None`: sample as usual).
+#[cfg(test)]
+pub(crate) fn force_sample_range(range: Option<(u32, u32)>) {
+    cut::tests::FORCE_RANGE.with(|f| f.set(range));
+}
+
+/// Test hook: the writing (single-pass) scans run on the calling thread since the last call.
+#[cfg(test)]
+pub(crate) fn take_speculated() -> usize {
+    cut::tests::SPECULATED.with(|c| c.replace(0))
+}
 use expr::key_score;
 use raw::{chunks_of, with_scratch, RawTensor};
 use types::{check_finite, count_alive, global_guards, validate};

@@ -297,7 +297,7 @@ fn per_row_unit(
                     raw.side_words_mut(s0 / 64, s1 / 64),
                 )
             };
-            let alive: usize = mask.iter().map(|w| w.count_ones() as usize).sum();
+            let alive = simd::popcount(mask);
             // Fast path: the bracket splits the row; the side words get the alive elements
             // above it, then the kept candidates.
             let fast = if keep == 0 || keep >= alive {

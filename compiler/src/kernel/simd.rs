@@ -541,6 +541,16 @@ unsafe fn zero_core<O: Ops>(
     kept
 }
 
+/// The number of set bits in `words` (one thread), with POPCNT where the CPU has it.
+pub fn popcount(words: &[u64]) -> usize {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has POPCNT when it has AVX2 or AVX-512.
+        ISA_AVX512 | ISA_AVX2 => unsafe { x86::count_bits_popcnt(words) },
+        _ => words.iter().map(|x| x.count_ones() as usize).sum(),
+    }
+}
+
 /// The number of set bits in `words`, in parallel pieces, with the POPCNT instruction where
 /// the CPU has it.
 pub fn count_bits(words: &[u64]) -> usize {
