@@ -1348,16 +1348,12 @@ mod tests {
         assert_eq!(&random_draws(7, 1, "fc1.weight", 10)[..], &a[..10]);
     }
 
-    /// A single-pass cut whose sampled range lies above the cut zeroes weights the cut
-    /// keeps; the executor notices (`SampleMissed`) and prunes again, two-pass, from the
-    /// model's untouched weights: the result is the one an accurate range gives.
-    #[test]
-    fn a_missed_sample_is_retried_from_the_model() {
-        let spec = rt::ModelSpec::mlp(&[1000, 700, 10], rt::Activation::Relu);
-        let pruner = Pruner {
+    /// A global magnitude pruner of `selected` in model `net`.
+    fn magnitude_pruner(selected: &[&str]) -> Pruner {
+        Pruner {
             span: Span::default(),
             model: "net".into(),
-            selected: vec!["fc1.weight".into()],
+            selected: selected.iter().map(|s| s.to_string()).collect(),
             crit: LoweredCriterion {
                 expr: KExpr::un(UnOp::Abs, KExpr::Input(KInput::Weight)),
                 row_sums: vec![],
@@ -1368,7 +1364,16 @@ mod tests {
             keep_min: None,
             keep_max: None,
             allow_nonfinite: false,
-        };
+        }
+    }
+
+    /// A single-pass cut whose sampled range lies above the cut zeroes weights the cut
+    /// keeps; the executor notices (`SampleMissed`) and prunes again, two-pass, from the
+    /// model's untouched weights: the result is the one an accurate range gives.
+    #[test]
+    fn a_missed_sample_is_retried_from_the_model() {
+        let spec = rt::ModelSpec::mlp(&[1000, 700, 10], rt::Activation::Relu);
+        let pruner = magnitude_pruner(&["fc1.weight"]);
         let keep = 70_000;
         let sel = Selection::Global {
             keep,
@@ -1411,21 +1416,7 @@ mod tests {
     }
 
     fn gradual(args: &[(&str, Value)]) -> Gradual {
-        let pruner = Pruner {
-            span: Span::default(),
-            model: "net".into(),
-            selected: vec![],
-            crit: LoweredCriterion {
-                expr: KExpr::un(UnOp::Abs, KExpr::Input(KInput::Weight)),
-                row_sums: vec![],
-                side: None,
-            },
-            scope: "global".into(),
-            pattern: None,
-            keep_min: None,
-            keep_max: None,
-            allow_nonfinite: false,
-        };
+        let pruner = magnitude_pruner(&[]);
         let schedule = Value::Call {
             name: "gradual".into(),
             args: args
