@@ -582,8 +582,11 @@ pub fn prefetch(p: *const u8) {
 pub fn any_nonfinite(w: &[f32]) -> bool {
     let m = match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX2 when the ISA is AVX2 or AVX-512.
-        ISA_AVX512 | ISA_AVX2 => unsafe { x86::max_bits256(w) },
+        // SAFETY: the CPU has AVX-512F.
+        ISA_AVX512 => unsafe { x86::max_bits512(w) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2.
+        ISA_AVX2 => unsafe { x86::max_bits256(w) },
         _ => max_bits(w),
     };
     m >= 0x7f80_0000
@@ -605,6 +608,19 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn max_bits256(w: &[f32]) -> u32 {
         super::max_bits(w)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn max_bits512(w: &[f32]) -> u32 {
+        let m = _mm512_set1_epi32(0x7fff_ffff);
+        let mut acc = _mm512_setzero_si512();
+        let chunks = w.chunks_exact(16);
+        let rest = chunks.remainder();
+        for c in chunks {
+            let x = _mm512_loadu_si512(c.as_ptr() as *const _);
+            acc = _mm512_max_epu32(acc, _mm512_and_si512(x, m));
+        }
+        _mm512_reduce_max_epu32(acc).max(super::max_bits(rest))
     }
 
     #[target_feature(enable = "popcnt")]
@@ -1038,12 +1054,15 @@ mod tests {
         all_isas(|| {
             let mut w = vec![1.0f32; 1000];
             assert!(!any_nonfinite(&w));
-            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
-                w[777] = bad;
-                assert!(any_nonfinite(&w));
+            // Inside the vector loops, and in the tail after the last whole vector.
+            for at in [0, 777, 995, 999] {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+                    w[at] = bad;
+                    assert!(any_nonfinite(&w), "{at}");
+                }
+                w[at] = f32::MAX;
+                assert!(!any_nonfinite(&w));
             }
-            w[777] = f32::MAX;
-            assert!(!any_nonfinite(&w));
         });
     }
 }
