@@ -6,15 +6,16 @@
 //! whose clamped per-member counts `sum(clamp(taken_m, min_m, max_m))` reach `keep`. A cut is
 //! stored as a key `t` plus, per chunk, how many elements with key exactly `t` to keep (the
 //! first ones in index order): applying keeps `key > t`, then ties up to the quota. A cut
-//! resolved from candidates also carries each chunk's kept candidates, which with the scan's
-//! side bitmap (alive elements above the range) are the chunk's new mask.
+//! resolved from candidates also carries each chunk's candidates, whose kept ones with the
+//! scan's side bitmap (alive elements above the range) are the chunk's new mask.
 //!
 //! Each round scans every chunk once with a key range `[lo, hi]`: it counts alive elements
 //! above the range, histograms those inside it (2048 buckets) and collects up to `CAP`
 //! of them per chunk. The first round's range comes from a deterministic sample. A round
 //! either resolves the cut from the collected candidates, moves the range up or down, or
 //! narrows it to one histogram bucket; a range of one key with too many elements to collect
-//! resolves from per-chunk tie counts.
+//! resolves from per-chunk tie counts. With single-pass pools the first round also writes
+//! (see [`find_cuts`]).
 
 use rayon::prelude::*;
 
@@ -270,12 +271,6 @@ pub enum CutError {
     SampleMissed(usize),
 }
 
-impl From<NonFiniteIn> for CutError {
-    fn from(_: NonFiniteIn) -> Self {
-        CutError::NonFinite
-    }
-}
-
 /// Finds the cut of every pool. Pools must not share tensors.
 ///
 /// **Single pass.** For a pool with `speculate`, the first scan is also the apply pass for
@@ -285,8 +280,9 @@ impl From<NonFiniteIn> for CutError {
 /// written ([`ChunkCut::fixup`]); when it lies above, the zeroed elements were below it
 /// anyway and the search goes on with the read-only rounds; when it lies below, elements
 /// the cut keeps are gone and the pool returns [`CutError::SampleMissed`]. The range is
-/// therefore wider below (8 standard deviations of the sampled rank, estimated from the
-/// spread between sample runs) than above (4).
+/// therefore wider below (6 standard deviations of the sampled rank, estimated from the
+/// spread between sample runs) than above (4), and a scan writes only when the range is
+/// narrow enough to likely resolve in that round.
 pub fn find_cuts(
     k: &CompiledKernel,
     raws: &[RawTensor],

@@ -32,6 +32,9 @@ pub use types::{
 };
 
 use cut::{find_cuts, Cut, CutError, Member, Pool};
+use expr::key_score;
+use raw::{chunks_of, with_scratch, RawTensor};
+use types::{check_finite, count_alive, global_guards, validate};
 
 /// Test hook: replaces the sampled key range of every global or per-tensor cut made on the
 /// calling thread (`None`: sample as usual).
@@ -45,9 +48,6 @@ pub(crate) fn force_sample_range(range: Option<(u32, u32)>) {
 pub(crate) fn take_speculated() -> usize {
     cut::tests::SPECULATED.with(|c| c.replace(0))
 }
-use expr::key_score;
-use raw::{chunks_of, with_scratch, RawTensor};
-use types::{check_finite, count_alive, global_guards, validate};
 
 /// Scores every element of `t` (pruned ones included) with the JIT; NaN scores are canonical.
 pub fn score_jit(
