@@ -172,12 +172,7 @@ fn gradual_fits(
     if let Err(crate::exec::RunError::User { message, help, .. }) =
         crate::exec::gradual_plan(&sched, b, total, s.span)
     {
-        let span = s
-            .args
-            .as_ref()
-            .and_then(|a| a.named("schedule"))
-            .map(|a| a.value.span)
-            .unwrap_or(s.keyword_span);
+        let span = s.value_span("schedule");
         let mut d = Diagnostic::new(Code::OutOfRange, message)
             .with_label(span, "this schedule")
             .with_label(
@@ -211,7 +206,7 @@ fn decl_value_span(r: &CheckedRecipe, name: &str) -> Option<Span> {
 }
 
 fn option(r: &CheckedRecipe, s: &Stage, key: &str) -> Option<(Value, Option<Span>)> {
-    let span = s.args.as_ref().and_then(|a| a.named(key)).map(|a| a.span);
+    let span = s.arg(key).map(|a| a.span);
     r.option(s, key).map(|v| (v.clone(), span))
 }
 

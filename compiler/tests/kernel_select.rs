@@ -110,23 +110,53 @@ fn check_same(ds: &[Data], e: &KExpr, sel: &Selection) -> PruneSummary {
             format!("{sb:?}"),
             "{e} {sel:?} single pass {single_pass}"
         );
-        for (x, y) in a.iter().zip(&b) {
-            assert!(
-                x.mask == y.mask,
-                "mask of {} differs (single pass {single_pass})",
-                x.name
-            );
-            assert!(
-                x.w.iter()
-                    .zip(&y.w)
-                    .all(|(p, q)| p.to_bits() == q.to_bits()),
-                "weights of {} differ (single pass {single_pass})",
-                x.name
-            );
-        }
+        assert_same_bits(&a, &b, &format!("single pass {single_pass}"));
         out = Some(sa);
     }
     out.expect("ran")
+}
+
+/// The tensors of `a` and `b` have the same masks and weight bits.
+fn assert_same_bits(a: &[Data], b: &[Data], what: &str) {
+    for (x, y) in a.iter().zip(b) {
+        assert!(x.mask == y.mask, "mask of {} differs ({what})", x.name);
+        assert!(
+            x.w.iter()
+                .zip(&y.w)
+                .all(|(p, q)| p.to_bits() == q.to_bits()),
+            "weights of {} differ ({what})",
+            x.name
+        );
+    }
+}
+
+/// The JIT gives the same summary, weights and masks with 1, 2 and 3 threads, with and
+/// without `single_pass`.
+fn assert_thread_independent(ds: &[Data], e: &KExpr, sel: &Selection) {
+    for single_pass in [false, true] {
+        let o = PruneOptions {
+            single_pass,
+            ..PruneOptions::default()
+        };
+        let mut outs = Vec::new();
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut d = ds.to_vec();
+            let s = pool.install(|| run_with(&mut d, e, sel, true, &o)).unwrap();
+            outs.push((format!("{s:?}"), d));
+        }
+        for w in outs.windows(2) {
+            assert_eq!(w[0].0, w[1].0, "{sel:?} single pass {single_pass}");
+            assert_same_bits(
+                &w[0].1,
+                &w[1].1,
+                &format!("{sel:?} single pass {single_pass}"),
+            );
+        }
+    }
 }
 
 fn model(f: impl Fn(&mut Rng) -> f32 + Copy) -> Vec<Data> {
@@ -284,24 +314,7 @@ fn results_do_not_depend_on_thread_count() {
         Selection::PerRow { keep_per_row: 99 },
     ];
     for sel in &sels {
-        let mut outs = Vec::new();
-        for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let mut d = ds.clone();
-            let s = pool
-                .install(|| run(&mut d, &KExpr::wanda(0), sel, true))
-                .unwrap();
-            outs.push((
-                format!("{s:?}"),
-                d.iter()
-                    .map(|x| (x.w.clone(), x.mask.clone()))
-                    .collect::<Vec<_>>(),
-            ));
-        }
-        assert!(outs.windows(2).all(|w| w[0] == w[1]), "{sel:?}");
+        assert_thread_independent(&ds, &KExpr::wanda(0), sel);
     }
 }
 
@@ -476,42 +489,11 @@ fn aligned_rows_nonfinite_and_threads() {
         let rb = run(&mut b, &KExpr::wanda(0), &sel, false).map_err(|e| e.to_string());
         assert_eq!(ra.is_err(), alive);
         assert_eq!(format!("{ra:?}"), format!("{rb:?}"));
-        for (x, y) in a.iter().zip(&b) {
-            assert!(x.mask == y.mask);
-            assert!(x
-                .w
-                .iter()
-                .zip(&y.w)
-                .all(|(p, q)| p.to_bits() == q.to_bits()));
-        }
+        assert_same_bits(&a, &b, "jit and reference");
         if alive {
             // Nothing was modified.
-            for (x, y) in a.iter().zip(&ds) {
-                assert!(x.mask == y.mask);
-                assert!(x
-                    .w
-                    .iter()
-                    .zip(&y.w)
-                    .all(|(p, q)| p.to_bits() == q.to_bits()));
-            }
+            assert_same_bits(&a, &ds, "untouched on error");
         }
     }
-    let mut outs = Vec::new();
-    for threads in [1, 2, 3] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        let mut d = base.clone();
-        let s = pool
-            .install(|| run(&mut d, &KExpr::magnitude(), &sel, true))
-            .unwrap();
-        outs.push((
-            format!("{s:?}"),
-            d.iter()
-                .map(|x| (x.w.clone(), x.mask.clone()))
-                .collect::<Vec<_>>(),
-        ));
-    }
-    assert!(outs.windows(2).all(|w| w[0] == w[1]));
+    assert_thread_independent(&base, &KExpr::magnitude(), &sel);
 }

@@ -256,6 +256,18 @@ pub struct Stage {
     pub span: Span,
 }
 
+impl Stage {
+    /// The named argument `key = value` of the stage's parentheses, if written.
+    pub fn arg(&self, key: &str) -> Option<&Arg> {
+        self.args.as_ref().and_then(|a| a.named(key))
+    }
+
+    /// Where argument `key`'s value is written, or the stage keyword when it is not.
+    pub fn value_span(&self, key: &str) -> Span {
+        self.arg(key).map_or(self.keyword_span, |a| a.value.span)
+    }
+}
+
 /// `{ each round: stage* }`
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Block {

@@ -724,12 +724,7 @@ impl Exec<'_> {
             .map(String::from)
             .collect();
         if names.is_empty() {
-            let span = s
-                .args
-                .as_ref()
-                .and_then(|a| a.named("targets"))
-                .map(|a| a.span)
-                .unwrap_or(s.keyword_span);
+            let span = s.arg("targets").map_or(s.keyword_span, |a| a.span);
             return Err(RunError::User {
                 span: Some(span),
                 message: format!(

@@ -838,9 +838,7 @@ impl Exec<'_> {
 
     /// The data set a criterion's statistics are computed on: `calibrate = D`, else `on D`.
     fn stats_data(&self, s: &Stage) -> Option<Expr> {
-        s.args
-            .as_ref()
-            .and_then(|a| a.named("calibrate"))
+        s.arg("calibrate")
             .map(|a| a.value.clone())
             .or_else(|| s.on.clone())
     }

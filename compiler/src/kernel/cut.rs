@@ -318,9 +318,7 @@ pub fn find_cuts(
                 // Writing only pays when the round will likely resolve from candidates;
                 // otherwise the scan stays read-only and the cut takes two passes.
                 narrow[p] = band * (CHUNK as f64) <= 0.75 * CAP as f64;
-                if std::env::var_os("PRUNEC_TRACE_CUT").is_some() {
-                    eprintln!("  sample {:.4}s", t0.elapsed().as_secs_f64());
-                }
+                super::raw::trace("sample", t0);
                 State::Search { lo, hi }
             }
         })
@@ -364,7 +362,7 @@ pub fn find_cuts(
         if work.is_empty() {
             break;
         }
-        if std::env::var_os("PRUNEC_TRACE_CUT").is_some() {
+        if super::raw::tracing() {
             for (p, s) in states.iter().enumerate() {
                 if let State::Search { lo, hi } = s {
                     eprintln!("pool {p}: scan [{lo:#x}, {hi:#x}]");
@@ -379,7 +377,7 @@ pub fn find_cuts(
                 scan_chunk(k, raw, c, lo, hi, shift_for(lo, hi), first, speculating[p])
             })
             .collect();
-        if std::env::var_os("PRUNEC_TRACE_CUT").is_some() {
+        if super::raw::tracing() {
             let inr: u64 = scans.iter().map(|s| s.in_range).sum();
             eprintln!("  round {:.4}s, in range {inr}", t0.elapsed().as_secs_f64());
         }

@@ -172,12 +172,17 @@ pub fn prune_jit_with(
         _ => {}
     }
     raw::trace("pools", start);
-    // Side bitmaps (1/32 of the weights' size) for the two-pass selections and global cuts.
+    // Side bitmaps (1/32 of the weights' size) for the two-pass per-row selections and
+    // global cuts (single-pass rows use a row buffer).
+    let needs_side: Vec<bool> = two_pass
+        .iter()
+        .map(|&tp| (tp && !opts.single_pass) || !row_local)
+        .collect();
     let mut sides: Vec<Vec<u64>> = tensors
         .iter()
-        .zip(&two_pass)
-        .map(|(t, &tp)| {
-            if tp || !row_local {
+        .zip(&needs_side)
+        .map(|(t, &ns)| {
+            if ns {
                 vec![0u64; t.len().div_ceil(64)]
             } else {
                 Vec::new()
@@ -187,10 +192,10 @@ pub fn prune_jit_with(
     let raws: Vec<RawTensor> = tensors
         .iter_mut()
         .zip(sides.iter_mut())
-        .zip(&two_pass)
-        .map(|((t, side), &tp)| {
+        .zip(&needs_side)
+        .map(|((t, side), &ns)| {
             let mut r = RawTensor::new(t, scalars.clone());
-            if tp || !row_local {
+            if ns {
                 r.set_side(side);
             }
             r
@@ -365,9 +370,7 @@ pub fn prune_jit_with(
                 (c.tensor, n)
             })
             .collect();
-        if std::env::var_os("PRUNEC_TRACE_CUT").is_some() {
-            eprintln!("  apply {:.4}s", t0.elapsed().as_secs_f64());
-        }
+        raw::trace("apply", t0);
         for (t, n) in counts {
             kept[t] += n;
         }

@@ -156,11 +156,11 @@ pub fn per_row_aligned(cols: usize) -> bool {
 }
 
 /// Per-row selection for tensors whose rows are a multiple of 64 long (`which`, with their
-/// row counts). Each row's new mask goes to the side bitmap (see [`RawTensor::set_side`]).
-/// Without `apply` this is the first of two passes: it only reads the tensors, an alive
-/// non-finite weight (with `check`) stops it with [`NonFiniteIn`] before anything was
-/// written, and [`apply_sides`] is the second pass. With `apply` every row is masked while
-/// it is still in cache (one pass; a non-finite weight then stops it with earlier rows
+/// row counts). Without `apply` each row's new mask goes to the side bitmap (see
+/// [`RawTensor::set_side`]) and this is the first of two passes: it only reads the tensors,
+/// an alive non-finite weight (with `check`) stops it with [`NonFiniteIn`] before anything
+/// was written, and [`apply_sides`] is the second pass. With `apply` every row is masked
+/// while it is still in cache (one pass; a non-finite weight then stops it with earlier rows
 /// already masked, though never the row holding it). Returns the kept count per entry of
 /// `which` (zeros without `apply`). Units of all the tensors run in one parallel loop.
 pub fn per_row_select(
@@ -260,6 +260,11 @@ fn per_row_unit(
 ) -> Result<usize, NonFiniteIn> {
     let mut kept = 0usize;
     let cols = raw.cols;
+    let mut row_side = if apply {
+        vec![0u64; cols / 64]
+    } else {
+        Vec::new()
+    };
     let margin = row_margin(keep, cols);
     let cap = 4 * margin + 64;
     let mut bracket = seed;
@@ -291,11 +296,14 @@ fn per_row_unit(
             // SAFETY: this worker owns the unit's rows; the next row is only read here.
             let ahead = unsafe { raw.weights(s1, if r + 1 < r1 { s1 + cols } else { s1 }) };
             // SAFETY: this worker owns the row's words; the mask is only read.
-            let (mask, side) = unsafe {
-                (
-                    raw.mask_words(s0 / 64, s1 / 64),
-                    raw.side_words_mut(s0 / 64, s1 / 64),
-                )
+            let mask = unsafe { raw.mask_words(s0 / 64, s1 / 64) };
+            // The row's new mask: a row buffer when it is applied at once, else the side
+            // bitmap for the second pass. Every word is written before it is read.
+            let side: &mut [u64] = if apply {
+                &mut row_side
+            } else {
+                // SAFETY: this worker owns the row's side words.
+                unsafe { raw.side_words_mut(s0 / 64, s1 / 64) }
             };
             let alive = simd::popcount(mask);
             // Fast path: the bracket splits the row; the side words get the alive elements
@@ -380,14 +388,13 @@ fn per_row_unit(
             }
             if apply {
                 // SAFETY: this worker owns the row; the shared views above are not used again.
-                let (w, m, side) = unsafe {
+                let (w, m) = unsafe {
                     (
                         raw.weights_mut(s0, s1),
                         raw.mask_words_mut(s0 / 64, s1 / 64),
-                        raw.side_words_mut(s0 / 64, s1 / 64),
                     )
                 };
-                kept += simd::zero_words(w, side, m);
+                kept += simd::zero_words(w, &row_side, m);
             }
         }
         Ok(kept)

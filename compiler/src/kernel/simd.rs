@@ -372,10 +372,10 @@ pub fn count_words(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512F and POPCNT (checked by `detect`); `s` holds `full`
         // words and `mask` more.
-        ISA_AVX512 => unsafe { x86::count512(s, mask, &b, full, ahead, above_out, &mut on_in) },
+        ISA_AVX512 => unsafe { x86::count512(&b, s, mask, full, ahead, above_out, &mut on_in) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX2 and POPCNT (checked by `detect`); as above.
-        ISA_AVX2 => unsafe { x86::count256(s, mask, &b, full, ahead, above_out, &mut on_in) },
+        ISA_AVX2 => unsafe { x86::count256(&b, s, mask, full, ahead, above_out, &mut on_in) },
         // SAFETY: as above.
         _ => unsafe {
             count_core(
@@ -423,10 +423,10 @@ pub fn count_zero_words(
     let mut above = match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F and POPCNT are present; `s` and `w` hold `full` words.
-        ISA_AVX512 => unsafe { x86::count_zero512(s, w, mask, &b, full, ahead, &mut on_in) },
+        ISA_AVX512 => unsafe { x86::count_zero512(&b, s, w, mask, full, ahead, &mut on_in) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 and POPCNT are present; as above.
-        ISA_AVX2 => unsafe { x86::count_zero256(s, w, mask, &b, full, ahead, &mut on_in) },
+        ISA_AVX2 => unsafe { x86::count_zero256(&b, s, w, mask, full, ahead, &mut on_in) },
         // SAFETY: as above.
         _ => unsafe { count_zero_core(&Scalar { lo, hi }, s, w, mask, full, ahead, &mut on_in) },
     };
@@ -465,10 +465,10 @@ pub fn apply_words(
     let mut kept = match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F and POPCNT are present; `s` and `w` hold `full` words.
-        ISA_AVX512 => unsafe { x86::apply512(s, w, mask, &b, full, quota, ahead) },
+        ISA_AVX512 => unsafe { x86::apply512(&b, s, w, mask, full, quota, ahead) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 and POPCNT are present; as above.
-        ISA_AVX2 => unsafe { x86::apply256(s, w, mask, &b, full, quota, ahead) },
+        ISA_AVX2 => unsafe { x86::apply256(&b, s, w, mask, full, quota, ahead) },
         // SAFETY: as above.
         _ => unsafe { apply_core(&Scalar { lo: t, hi: t }, s, w, mask, full, quota, ahead) },
     };
@@ -757,61 +757,48 @@ mod x86 {
         };
     }
 
-    #[target_feature(enable = "avx512f,popcnt")]
-    pub unsafe fn count512(
+    /// Defines `$n512` (AVX-512) and `$n256` (AVX2), which run `$core` with the operations of
+    /// the bounds' mode; `b: &Bounds` comes first, then the core's own arguments.
+    macro_rules! per_isa {
+        ($n512:ident, $n256:ident, $core:ident($($a:ident: $t:ty),*)) => {
+            #[target_feature(enable = "avx512f,popcnt")]
+            pub unsafe fn $n512(b: &Bounds, $($a: $t),*) -> usize {
+                by_mode!(Avx512, b, $core($($a),*))
+            }
+
+            #[target_feature(enable = "avx2,popcnt")]
+            pub unsafe fn $n256(b: &Bounds, $($a: $t),*) -> usize {
+                by_mode!(Avx2, b, $core($($a),*))
+            }
+        };
+    }
+
+    per_isa!(count512, count256, count_core(
         s: &[f32],
         mask: &[u64],
-        b: &Bounds,
         full: usize,
         ahead: &[f32],
         above_out: &mut [u64],
-        on_in: &mut impl FnMut(usize, u64),
-    ) -> usize {
-        by_mode!(
-            Avx512,
-            b,
-            count_core(s, mask, full, ahead, above_out, on_in)
-        )
-    }
+        on_in: &mut impl FnMut(usize, u64)
+    ));
 
-    #[target_feature(enable = "avx2,popcnt")]
-    pub unsafe fn count256(
-        s: &[f32],
-        mask: &[u64],
-        b: &Bounds,
-        full: usize,
-        ahead: &[f32],
-        above_out: &mut [u64],
-        on_in: &mut impl FnMut(usize, u64),
-    ) -> usize {
-        by_mode!(Avx2, b, count_core(s, mask, full, ahead, above_out, on_in))
-    }
-
-    #[target_feature(enable = "avx512f,popcnt")]
-    pub unsafe fn count_zero512(
+    per_isa!(count_zero512, count_zero256, count_zero_core(
         s: &[f32],
         w: &mut [f32],
         mask: &mut [u64],
-        b: &Bounds,
         full: usize,
         ahead: &[f32],
-        on_in: &mut impl FnMut(usize, u64),
-    ) -> usize {
-        by_mode!(Avx512, b, count_zero_core(s, w, mask, full, ahead, on_in))
-    }
+        on_in: &mut impl FnMut(usize, u64)
+    ));
 
-    #[target_feature(enable = "avx2,popcnt")]
-    pub unsafe fn count_zero256(
+    per_isa!(apply512, apply256, apply_core(
         s: &[f32],
         w: &mut [f32],
         mask: &mut [u64],
-        b: &Bounds,
         full: usize,
-        ahead: &[f32],
-        on_in: &mut impl FnMut(usize, u64),
-    ) -> usize {
-        by_mode!(Avx2, b, count_zero_core(s, w, mask, full, ahead, on_in))
-    }
+        quota: &mut u64,
+        ahead: &[f32]
+    ));
 
     #[target_feature(enable = "avx512f,popcnt")]
     pub unsafe fn zero512(w: &mut [f32], keep: &[u64], mask: &mut [u64], full: usize) -> usize {
@@ -823,32 +810,6 @@ mod x86 {
     pub unsafe fn zero256(w: &mut [f32], keep: &[u64], mask: &mut [u64], full: usize) -> usize {
         let b = Bounds::new(0, 0);
         zero_core(&Avx2::<RANGE>::new(&b), w, keep, mask, full)
-    }
-
-    #[target_feature(enable = "avx512f,popcnt")]
-    pub unsafe fn apply512(
-        s: &[f32],
-        w: &mut [f32],
-        mask: &mut [u64],
-        b: &Bounds,
-        full: usize,
-        quota: &mut u64,
-        ahead: &[f32],
-    ) -> usize {
-        by_mode!(Avx512, b, apply_core(s, w, mask, full, quota, ahead))
-    }
-
-    #[target_feature(enable = "avx2,popcnt")]
-    pub unsafe fn apply256(
-        s: &[f32],
-        w: &mut [f32],
-        mask: &mut [u64],
-        b: &Bounds,
-        full: usize,
-        quota: &mut u64,
-        ahead: &[f32],
-    ) -> usize {
-        by_mode!(Avx2, b, apply_core(s, w, mask, full, quota, ahead))
     }
 }
 

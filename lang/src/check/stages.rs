@@ -600,12 +600,10 @@ impl Checker<'_> {
             }
         }
         // Target.
-        let written = |key: &str| s.args.as_ref().is_some_and(|a| a.named(key).is_some());
+        let written = |key: &str| s.arg(key).is_some();
         // An N:M pattern fixes the sparsity; a block pattern takes a `to` target.
         let block_written = s
-            .args
-            .as_ref()
-            .and_then(|a| a.named("pattern"))
+            .arg("pattern")
             .is_some_and(|a| matches!(a.value.kind, ExprKind::Call { .. }));
         let has_pattern = match all.get("pattern") {
             Some(Value::Call { .. }) => false,
@@ -791,12 +789,7 @@ impl Checker<'_> {
         };
         let (n, exact) = ev.trained.get(&m.name).copied().unwrap_or((0, true));
         if exact && *k > n {
-            let span = s
-                .args
-                .as_ref()
-                .and_then(|a| a.named("schedule"))
-                .map(|a| a.value.span)
-                .unwrap_or(s.keyword_span);
+            let span = s.value_span("schedule");
             self.push(
                 Diagnostic::new(
                     Code::OutOfRange,
