@@ -35,6 +35,10 @@ const SAMPLE_RUN: usize = 64;
 const SAMPLE_STRIDE: usize = 1024;
 const SAMPLE_STRIDE_MAX: usize = 32768;
 const SAMPLE_RUNS: usize = 3072;
+/// The first key range reaches this many standard deviations of the sampled rank above the
+/// estimated cut, and `SPECULATE_BELOW` (single-pass pools) or `ABOVE_SIGMAS` below it.
+const ABOVE_SIGMAS: f64 = 3.5;
+const SPECULATE_BELOW: f64 = 4.5;
 
 /// One tensor of a pool with its guard `[min, max]` (max already capped at its alive count).
 #[derive(Clone, Debug)]
@@ -280,12 +284,17 @@ pub enum CutError {
 /// written ([`ChunkCut::fixup`]); when it lies above, the zeroed elements were below it
 /// anyway and the search goes on with the read-only rounds; when it lies below, elements
 /// the cut keeps are gone and the pool returns [`CutError::SampleMissed`]. The range is
-/// therefore wider below (6 standard deviations of the sampled rank, estimated from the
-/// spread between sample runs) than above (4), and a scan writes only when the range is
-/// narrow enough to likely resolve in that round.
+/// therefore wider below ([`SPECULATE_BELOW`] standard deviations of the sampled rank,
+/// estimated from the spread between sample runs) than above ([`ABOVE_SIGMAS`]), and a scan
+/// writes only when the range is narrow enough to likely resolve in that round.
+///
+/// Side bitmaps are attached on demand: `sides[t]`, empty until a read-only round scans
+/// tensor `t`, then `ceil(len / 64)` words attached to `raws[t]`. A single-pass cut that
+/// resolves in its first round never needs one.
 pub fn find_cuts(
     k: &CompiledKernel,
-    raws: &[RawTensor],
+    raws: &mut [RawTensor],
+    sides: &mut [Vec<u64>],
     pools: &[Pool],
     check_finite: bool,
 ) -> Result<Vec<Cut>, CutError> {
@@ -309,7 +318,11 @@ pub fn find_cuts(
                 State::Done(nothing_taken(pool, &pool_chunks[p]))
             } else {
                 let t0 = std::time::Instant::now();
-                let below = if pool.speculate { 6.0 } else { 4.0 };
+                let below = if pool.speculate {
+                    SPECULATE_BELOW
+                } else {
+                    ABOVE_SIGMAS
+                };
                 let (lo, hi, band) = sample_range(k, raws, pool, &pool_chunks[p], below);
                 #[cfg(test)]
                 let (lo, hi, band) = tests::FORCE_RANGE
@@ -362,6 +375,19 @@ pub fn find_cuts(
         if work.is_empty() {
             break;
         }
+        for (p, pool) in pools.iter().enumerate() {
+            if speculating[p] || !matches!(states[p], State::Search { .. }) {
+                continue;
+            }
+            for m in &pool.members {
+                let t = m.tensor;
+                if sides[t].is_empty() && raws[t].len > 0 {
+                    sides[t] = vec![0u64; raws[t].len.div_ceil(64)];
+                    raws[t].set_side(&mut sides[t]);
+                }
+            }
+        }
+        let raws: &[RawTensor] = raws;
         if super::raw::tracing() {
             for (p, s) in states.iter().enumerate() {
                 if let State::Search { lo, hi } = s {
@@ -447,7 +473,7 @@ fn nothing_taken(pool: &Pool, chunks: &[(usize, Chunk)]) -> Cut {
 
 /// A first key range from a deterministic sample, wide enough to hold the cut with high
 /// probability (the rounds correct it when it does not): `below` standard deviations of the
-/// sampled rank under the estimated cut, 4 above. The deviation is the larger of the
+/// sampled rank under the estimated cut, [`ABOVE_SIGMAS`] above. The deviation is the larger of the
 /// binomial one and the one measured between sample runs (neighbouring weights are often
 /// alike, so a run of 64 can count for much less than 64 independent draws).
 fn sample_range(
@@ -527,7 +553,7 @@ fn sample_range(
         })
         .collect();
     super::raw::trace("sample keys", t_s);
-    let mut keys: Vec<u32> = groups.iter().flat_map(|g| g.0.iter().copied()).collect();
+    let keys: Vec<u32> = groups.iter().flat_map(|g| g.0.iter().copied()).collect();
     if keys.len() < 1024 {
         return (0, u32::MAX, 1.0);
     }
@@ -535,10 +561,10 @@ fn sample_range(
     let q = (pool.keep as f64 / pool.alive as f64).clamp(0.0, 1.0);
     let pos = q * n;
     let last = keys.len() - 1;
-    let desc = |a: &u32, b: &u32| b.cmp(a);
+    let ranks = Ranks::new(&keys);
     // The estimated cut, and how the share of keys above it varies between runs.
     let at = (pos as usize).min(last);
-    let kq = *keys.select_nth_unstable_by(at, desc).1;
+    let kq = ranks.key_at(&keys, at);
     let (mut ss, mut m) = (0.0f64, 0.0f64);
     for (gk, gl) in &groups {
         let mut at = 0;
@@ -558,28 +584,59 @@ fn sample_range(
     };
     let sigma = (n * q * (1.0 - q)).sqrt().max(cluster);
     let slack = 0.0002 * n + 16.0;
-    let top = ((pos - 4.0 * sigma - slack).max(0.0) as usize).min(last);
+    let top = ((pos - ABOVE_SIGMAS * sigma - slack).max(0.0) as usize).min(last);
     let bottom = ((pos + below * sigma + slack) as usize).min(last);
-    // Keys at two ranks of the descending order, by selection instead of a full sort: the
-    // first selection left the `at` highest keys before `kq` and the others after it.
     let lo = if bottom == last {
         0
-    } else if bottom == at {
-        kq
     } else {
-        *keys[at + 1..]
-            .select_nth_unstable_by(bottom - at - 1, desc)
-            .1
+        ranks.key_at(&keys, bottom)
     };
     let hi = if top == 0 {
         u32::MAX
-    } else if top == at {
-        kq
     } else {
-        *keys[..at].select_nth_unstable_by(top, desc).1
+        ranks.key_at(&keys, top)
     };
     super::raw::trace("sample select", t_s);
     (lo, hi, (bottom - top) as f64 / n)
+}
+
+/// Keys by rank in descending order, without sorting: a histogram of the top 16 bits finds
+/// the bucket holding a rank, and only that bucket's keys are selected in.
+struct Ranks {
+    /// `ge[b]`: how many keys lie in bucket `b` or above (non-increasing in `b`).
+    ge: Vec<u32>,
+    hist: Vec<u32>,
+}
+
+impl Ranks {
+    fn new(keys: &[u32]) -> Self {
+        let mut hist = vec![0u32; 1 << 16];
+        for &k in keys {
+            hist[(k >> 16) as usize] += 1;
+        }
+        let mut ge = vec![0u32; 1 << 16];
+        let mut sum = 0u32;
+        for b in (0..1 << 16).rev() {
+            sum += hist[b];
+            ge[b] = sum;
+        }
+        Ranks { ge, hist }
+    }
+
+    /// The key at `rank` (0 = the largest) of `keys`, the slice the histogram was built from.
+    fn key_at(&self, keys: &[u32], rank: usize) -> u32 {
+        assert!(rank < keys.len());
+        let r = rank as u32;
+        // The highest bucket with more than `rank` keys at or above it holds the rank.
+        let b = self.ge.partition_point(|&g| g > r) - 1;
+        let mut inside: Vec<u32> = keys
+            .iter()
+            .copied()
+            .filter(|&k| (k >> 16) as usize == b)
+            .collect();
+        let i = (r - (self.ge[b] - self.hist[b])) as usize;
+        *inside.select_nth_unstable_by(i, |a, b| b.cmp(a)).1
+    }
 }
 
 /// One round's decision for a pool.
@@ -1054,5 +1111,38 @@ pub(super) mod tests {
         let k = keys(&ds);
         let near = (k[n / 10 + 1200], k[n / 10 - 600]);
         assert_eq!(agrees(&ds, &sel, Some(near)), (0, 0));
+    }
+
+    #[test]
+    fn ranks_match_a_sort() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let sets: Vec<Vec<u32>> = vec![
+            (0..5000).map(|_| next() as u32).collect(),
+            // Few distinct keys (ties), some in one 16-bit bucket, and the extremes.
+            (0..5000)
+                .map(|_| match next() % 5 {
+                    0 => 0,
+                    1 => u32::MAX,
+                    2 => 0x3f80_0000 + (next() % 3) as u32,
+                    _ => 0x3f80_0000 | ((next() % 4) as u32) << 16,
+                })
+                .collect(),
+            vec![7; 300],
+            vec![42],
+        ];
+        for keys in sets {
+            let ranks = super::Ranks::new(&keys);
+            let mut sorted = keys.clone();
+            sorted.sort_unstable_by(|a, b| b.cmp(a));
+            for r in (0..keys.len()).step_by(37).chain([0, keys.len() - 1]) {
+                assert_eq!(ranks.key_at(&keys, r), sorted[r], "rank {r}");
+            }
+        }
     }
 }

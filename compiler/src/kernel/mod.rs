@@ -172,12 +172,9 @@ pub fn prune_jit_with(
         _ => {}
     }
     raw::trace("pools", start);
-    // Side bitmaps (1/32 of the weights' size) for the two-pass per-row selections and
-    // global cuts (single-pass rows use a row buffer).
-    let needs_side: Vec<bool> = two_pass
-        .iter()
-        .map(|&tp| (tp && !opts.single_pass) || !row_local)
-        .collect();
+    // Side bitmaps (1/32 of the weights' size) for the two-pass per-row selections (single-pass
+    // rows use a row buffer); global and per-tensor cuts attach theirs when a round needs them.
+    let needs_side: Vec<bool> = two_pass.iter().map(|&tp| tp && !opts.single_pass).collect();
     let mut sides: Vec<Vec<u64>> = tensors
         .iter()
         .zip(&needs_side)
@@ -189,7 +186,7 @@ pub fn prune_jit_with(
             }
         })
         .collect();
-    let raws: Vec<RawTensor> = tensors
+    let mut raws: Vec<RawTensor> = tensors
         .iter_mut()
         .zip(sides.iter_mut())
         .zip(&needs_side)
@@ -245,7 +242,7 @@ pub fn prune_jit_with(
             };
         }
     } else {
-        let cuts = match find_cuts(&k, &raws, &pools, check) {
+        let cuts = match find_cuts(&k, &mut raws, &mut sides, &pools, check) {
             Ok(c) => c,
             Err(CutError::NonFinite) => {
                 // Blocks holding a non-finite weight are never written, so the check finds
@@ -284,7 +281,7 @@ pub fn prune_jit_with(
                 .collect();
         }
         if !second.is_empty() {
-            let cuts = find_cuts(&k, &raws, &second, false)
+            let cuts = find_cuts(&k, &mut raws, &mut sides, &second, false)
                 .unwrap_or_else(|_| unreachable!("no check and no speculation"));
             for (pool, cut) in second.iter().zip(cuts) {
                 plan.push((cut, vec![pool.members[0].tensor]));
