@@ -553,14 +553,15 @@ fn sample_range(
         })
         .collect();
     super::raw::trace("sample keys", t_s);
-    let keys: Vec<u32> = groups.iter().flat_map(|g| g.0.iter().copied()).collect();
-    if keys.len() < 1024 {
+    let keys: Vec<&[u32]> = groups.iter().map(|g| &g.0[..]).collect();
+    let len: usize = keys.iter().map(|k| k.len()).sum();
+    if len < 1024 {
         return (0, u32::MAX, 1.0);
     }
-    let n = keys.len() as f64;
+    let n = len as f64;
     let q = (pool.keep as f64 / pool.alive as f64).clamp(0.0, 1.0);
     let pos = q * n;
-    let last = keys.len() - 1;
+    let last = len - 1;
     let ranks = Ranks::new(&keys);
     // The estimated cut, and how the share of keys above it varies between runs.
     let at = (pos as usize).min(last);
@@ -600,8 +601,9 @@ fn sample_range(
     (lo, hi, (bottom - top) as f64 / n)
 }
 
-/// Keys by rank in descending order, without sorting: a histogram of the top 16 bits finds
-/// the bucket holding a rank, and only that bucket's keys are selected in.
+/// Keys by rank in descending order, without sorting: a histogram of the top 12 bits (sign,
+/// exponent and 3 mantissa bits of a score) finds the bucket holding a rank, and only that
+/// bucket's keys are selected in. The keys come in parts (the sample's groups).
 struct Ranks {
     /// `ge[b]`: how many keys lie in bucket `b` or above (non-increasing in `b`).
     ge: Vec<u32>,
@@ -609,30 +611,33 @@ struct Ranks {
 }
 
 impl Ranks {
-    fn new(keys: &[u32]) -> Self {
-        let mut hist = vec![0u32; 1 << 16];
-        for &k in keys {
-            hist[(k >> 16) as usize] += 1;
+    const SHIFT: u32 = 20;
+
+    fn new(parts: &[&[u32]]) -> Self {
+        let mut hist = vec![0u32; 1 << (32 - Self::SHIFT)];
+        for &k in parts.iter().flat_map(|p| p.iter()) {
+            hist[(k >> Self::SHIFT) as usize] += 1;
         }
-        let mut ge = vec![0u32; 1 << 16];
+        let mut ge = vec![0u32; hist.len()];
         let mut sum = 0u32;
-        for b in (0..1 << 16).rev() {
+        for b in (0..hist.len()).rev() {
             sum += hist[b];
             ge[b] = sum;
         }
         Ranks { ge, hist }
     }
 
-    /// The key at `rank` (0 = the largest) of `keys`, the slice the histogram was built from.
-    fn key_at(&self, keys: &[u32], rank: usize) -> u32 {
-        assert!(rank < keys.len());
+    /// The key at `rank` (0 = the largest) of the keys the histogram was built from.
+    fn key_at(&self, parts: &[&[u32]], rank: usize) -> u32 {
         let r = rank as u32;
+        assert!(r < self.ge[0], "rank {rank} of {} keys", self.ge[0]);
         // The highest bucket with more than `rank` keys at or above it holds the rank.
         let b = self.ge.partition_point(|&g| g > r) - 1;
-        let mut inside: Vec<u32> = keys
+        let mut inside: Vec<u32> = parts
             .iter()
+            .flat_map(|p| p.iter())
             .copied()
-            .filter(|&k| (k >> 16) as usize == b)
+            .filter(|&k| (k >> Self::SHIFT) as usize == b)
             .collect();
         let i = (r - (self.ge[b] - self.hist[b])) as usize;
         *inside.select_nth_unstable_by(i, |a, b| b.cmp(a)).1
@@ -1134,14 +1139,18 @@ pub(super) mod tests {
                 })
                 .collect(),
             vec![7; 300],
-            vec![42],
+            vec![42; 11],
         ];
         for keys in sets {
-            let ranks = super::Ranks::new(&keys);
+            let ranks = super::Ranks::new(&[&keys[..10], &keys[10..]]);
             let mut sorted = keys.clone();
             sorted.sort_unstable_by(|a, b| b.cmp(a));
             for r in (0..keys.len()).step_by(37).chain([0, keys.len() - 1]) {
-                assert_eq!(ranks.key_at(&keys, r), sorted[r], "rank {r}");
+                assert_eq!(
+                    ranks.key_at(&[&keys[..10], &keys[10..]], r),
+                    sorted[r],
+                    "rank {r}"
+                );
             }
         }
     }
