@@ -175,6 +175,58 @@ fn jit_blocks(
     above + cands.len() as u64
 }
 
+/// The fused JIT scan over one chunk: the kernel classifies and zeroes each block in its
+/// own loop; Rust then updates the mask words and collects the candidates.
+fn jit_fused(
+    scan: prunec::kernel::jit::KernelFn,
+    w: &mut [f32],
+    mask: &mut [u64],
+    lo: f32,
+    gt: f32,
+) -> u64 {
+    let mut buf = vec![0.0f32; BLOCK];
+    let mut ge = [0u16; BLOCK / 16];
+    let mut over = [0u16; BLOCK / 16];
+    let mut bad = [0u16; BLOCK / 16];
+    let mut cands: Vec<u64> = Vec::with_capacity(4096);
+    let mut above = 0u64;
+    let mut nonfinite = false;
+    for b0 in (0..w.len()).step_by(BLOCK) {
+        let b1 = (b0 + BLOCK).min(w.len());
+        let mut a = KArgs::empty();
+        a.w = w[b0..].as_mut_ptr();
+        a.out = buf.as_mut_ptr();
+        a.cols = COLS as u64;
+        a.end = (b1 - b0) as u64;
+        a.lo = [lo; 4];
+        a.gt = [gt; 4];
+        a.keep_all = [0; 4];
+        a.ge = ge.as_mut_ptr();
+        a.over = over.as_mut_ptr();
+        a.bad = bad.as_mut_ptr();
+        // SAFETY: the kernel reads and writes `b1 - b0` weights (whole words), writes as many
+        // scores into `buf` and one bit per element into `ge`, `over` and `bad`.
+        unsafe { scan(&mut a) };
+        nonfinite |= bad.iter().any(|&b| b != 0);
+        for (wi, m) in mask[b0 / 64..b1 / 64].iter_mut().enumerate() {
+            let word = |h: &[u16]| (0..4).fold(0u64, |x, q| x | (h[q] as u64) << (16 * q));
+            let g = word(&ge[4 * wi..]);
+            let o = word(&over[4 * wi..]);
+            let keep = g & *m;
+            above += (o & *m).count_ones() as u64;
+            *m = keep;
+            let mut band = keep & !o;
+            while band != 0 && cands.len() < cands.capacity() {
+                let j = wi * 64 + band.trailing_zeros() as usize;
+                band &= band - 1;
+                cands.push(((simd::key_of(buf[j]) as u64) << 32) | (b0 + j) as u64);
+            }
+        }
+    }
+    assert!(!nonfinite);
+    above + cands.len() as u64
+}
+
 fn main() {
     #[cfg(target_arch = "x86_64")]
     let ok = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("popcnt");
@@ -201,12 +253,18 @@ fn main() {
     let (lo_k, hi_k) = (simd::key_of(lo), simd::key_of(hi));
     let mut w = pristine.clone();
     let mut mask = vec![!0u64; n / 64];
-    let score = compile(&KExpr::magnitude()).expect("compiles").score_raw;
+    let kernel = compile(&KExpr::magnitude()).expect("compiles");
+    let score = kernel.score_raw;
+    let (lo_f, gt_f) = (
+        simd::ge_bound(lo_k).expect("above zero"),
+        simd::gt_bound(hi_k),
+    );
     let names = [
         "streaming",
         "fused avx512",
         "fused sse",
         "jit blocks",
+        "jit fused",
         "prune_jit",
     ];
     let mut times = vec![Vec::new(); names.len()];
@@ -246,6 +304,11 @@ fn main() {
                     .par_chunks_mut(CHUNK)
                     .zip(mask.par_chunks_mut(CHUNK / 64))
                     .map(|(c, m)| jit_blocks(score, c, m, lo_k, hi_k))
+                    .sum::<u64>(),
+                4 => w
+                    .par_chunks_mut(CHUNK)
+                    .zip(mask.par_chunks_mut(CHUNK / 64))
+                    .map(|(c, m)| jit_fused(kernel.scan, c, m, lo_f, gt_f))
                     .sum::<u64>(),
                 _ => {
                     let mut views = vec![TensorView::new("w", n / COLS, COLS, &mut w, &mut mask)];

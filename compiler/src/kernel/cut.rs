@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use super::expr::score_key;
 use super::jit::CompiledKernel;
-use super::raw::{chunks_of, with_scratch, Chunk, RawTensor, BLOCK, CHUNK};
+use super::raw::{chunks_of, with_scratch, Chunk, RawTensor, ScanBits, ScanRange, BLOCK, CHUNK};
 use super::simd;
 
 /// Candidates collected per chunk and round.
@@ -39,6 +39,51 @@ const SAMPLE_RUNS: usize = 3072;
 /// estimated cut, and `SPECULATE_BELOW` (single-pass pools) or `ABOVE_SIGMAS` below it.
 const ABOVE_SIGMAS: f64 = 3.5;
 const SPECULATE_BELOW: f64 = 4.5;
+
+/// Candidate buffers (`CAP` entries) kept between calls, at most this many: a fresh buffer
+/// costs a page fault on each page it fills, and at 100M weights those faults took longer
+/// than resolving the cut from the candidates.
+const POOLED: usize = 512;
+static CAND_POOL: std::sync::Mutex<Vec<Vec<u64>>> = std::sync::Mutex::new(Vec::new());
+
+/// A chunk's candidates, `key << 32 | local index`; the buffer goes back to a pool when
+/// dropped.
+#[derive(Clone, Debug, Default)]
+pub struct CandBuf(Vec<u64>);
+
+impl CandBuf {
+    fn take() -> Self {
+        let v = CAND_POOL.lock().ok().and_then(|mut p| p.pop());
+        CandBuf(v.unwrap_or_else(|| Vec::with_capacity(CAP)))
+    }
+}
+
+impl Drop for CandBuf {
+    fn drop(&mut self) {
+        if self.0.capacity() == CAP {
+            let mut v = std::mem::take(&mut self.0);
+            v.clear();
+            if let Ok(mut p) = CAND_POOL.lock() {
+                if p.len() < POOLED {
+                    p.push(v);
+                }
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for CandBuf {
+    type Target = Vec<u64>;
+    fn deref(&self) -> &Vec<u64> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for CandBuf {
+    fn deref_mut(&mut self) -> &mut Vec<u64> {
+        &mut self.0
+    }
+}
 
 /// One tensor of a pool with its guard `[min, max]` (max already capped at its alive count).
 #[derive(Clone, Debug)]
@@ -72,7 +117,7 @@ pub struct ChunkCut {
     /// `quota` equal to it, are kept ([`ChunkCut::each_candidate`]); with the side bitmap of
     /// the same scan (alive elements above the range) they are the chunk's new mask, so
     /// applying needs no scoring.
-    pub cands: Option<Vec<u64>>,
+    pub cands: Option<CandBuf>,
     /// `Some(above)` when the cut was resolved in a speculative first scan, which already
     /// zeroed the alive elements below the range and left the mask holding those in and
     /// above it (`above` of them above): applying only zeroes the candidates not kept and
@@ -84,7 +129,7 @@ impl ChunkCut {
     /// Calls `f(local index, kept)` for every candidate, in index order, under cut `t`.
     pub fn each_candidate(&self, t: u32, mut f: impl FnMut(usize, bool)) {
         let mut q = self.quota;
-        for &x in self.cands.iter().flatten() {
+        for &x in self.cands.iter().flat_map(|c| c.iter()) {
             let key = (x >> 32) as u32;
             let keep = key > t
                 || (key == t && q > 0 && {
@@ -113,7 +158,7 @@ struct ChunkScan {
     in_range: u64,
     nonfinite: u64,
     hist: Vec<u32>,
-    cands: Vec<u64>,
+    cands: CandBuf,
 }
 
 /// Scans one chunk block by block: the JIT scores a block into a cache-resident buffer, then
@@ -138,86 +183,161 @@ fn scan_chunk(
     // Only a chunk whose candidates overflow keeps a histogram (of all its in-range keys);
     // the others' come from their candidates when needed.
     let mut hist: Vec<u32> = Vec::new();
-    let mut cands = Vec::with_capacity(CAP);
+    let mut cands = CandBuf::take();
     let (mut above, mut in_range, mut nonfinite) = (0u64, 0u64, 0u64);
     let mut writing = zero_below;
+    // The fused scan kernel classifies (and zeroes) whole words in the JIT's own loop; the
+    // elements after a block's last whole word, and tensors it cannot run on, take the score
+    // buffer and the vectorised classification.
+    let fused = k.scan_ok(raw.cols);
+    let lo_f = simd::ge_bound(lo);
+    let gt_f = simd::gt_bound(hi);
     with_scratch(|buf| {
+        let mut bits = ScanBits::new();
+        let mut keeps = [0u64; BLOCK / 64];
         let mut b0 = c.start;
         while b0 < c.end {
             let b1 = (b0 + BLOCK).min(c.end);
-            raw.score_into(k.score_raw, b0, b1, buf);
-            let base = b0 - c.start;
-            let buf = &buf[..];
-            let mut on_in = |wi: usize, inr: u64| {
-                let n = inr.count_ones() as usize;
-                let mut m = inr;
-                if cands.len() + n <= CAP && hist.is_empty() {
-                    // Common case: the word's candidates all fit.
-                    while m != 0 {
-                        let j = wi * 64 + m.trailing_zeros() as usize;
-                        m &= m - 1;
-                        cands.push(((simd::key_of(buf[j]) as u64) << 32) | (base + j) as u64);
-                    }
-                } else {
-                    while m != 0 {
-                        let j = wi * 64 + m.trailing_zeros() as usize;
-                        m &= m - 1;
-                        let key = simd::key_of(buf[j]);
-                        if cands.len() < CAP {
-                            cands.push(((key as u64) << 32) | (base + j) as u64);
-                            continue;
-                        }
-                        if hist.is_empty() {
-                            hist = vec![0u32; BUCKETS];
-                            for &c in &cands {
-                                hist[(((c >> 32) as u32 - lo) >> shift) as usize] += 1;
-                            }
-                        }
-                        hist[((key - lo) >> shift) as usize] += 1;
-                    }
+            let whole = if fused { b0 + (b1 - b0) / 64 * 64 } else { b0 };
+            // The part scored and classified by the fused kernel, then the rest.
+            for (p0, p1, fuse) in [(b0, whole, true), (whole, b1, false)] {
+                if p0 == p1 {
+                    continue;
                 }
-                in_range += n as u64;
-            };
-            if check {
-                // SAFETY: nothing writes this block yet.
-                let (w, mask) = unsafe {
-                    (
-                        raw.weights(b0, b1),
-                        raw.mask_words(b0 / 64, b1.div_ceil(64)),
-                    )
+                let base = p0 - c.start;
+                let mut on_in = |buf: &[f32], wi: usize, inr: u64| {
+                    let n = inr.count_ones() as usize;
+                    let mut m = inr;
+                    if cands.len() + n <= CAP && hist.is_empty() {
+                        // Common case: the word's candidates all fit.
+                        while m != 0 {
+                            let j = wi * 64 + m.trailing_zeros() as usize;
+                            m &= m - 1;
+                            cands.push(((simd::key_of(buf[j]) as u64) << 32) | (base + j) as u64);
+                        }
+                    } else {
+                        while m != 0 {
+                            let j = wi * 64 + m.trailing_zeros() as usize;
+                            m &= m - 1;
+                            let key = simd::key_of(buf[j]);
+                            if cands.len() < CAP {
+                                cands.push(((key as u64) << 32) | (base + j) as u64);
+                                continue;
+                            }
+                            if hist.is_empty() {
+                                hist = vec![0u32; BUCKETS];
+                                for &c in cands.iter() {
+                                    hist[(((c >> 32) as u32 - lo) >> shift) as usize] += 1;
+                                }
+                            }
+                            hist[((key - lo) >> shift) as usize] += 1;
+                        }
+                    }
+                    in_range += n as u64;
                 };
-                if simd::any_nonfinite(w) {
+                // Alive non-finite weights of `[p0, p1)`: an error, and nothing more is
+                // written in this chunk.
+                let mut bad_in = |writing: &mut bool| -> bool {
+                    // SAFETY: the calling worker owns the chunk; only read here.
+                    let (w, mask) = unsafe {
+                        (
+                            raw.weights(p0, p1),
+                            raw.mask_words(p0 / 64, p1.div_ceil(64)),
+                        )
+                    };
                     let bad = w
                         .iter()
                         .enumerate()
                         .filter(|&(j, x)| (mask[j / 64] >> (j % 64)) & 1 == 1 && !x.is_finite())
                         .count() as u64;
                     nonfinite += bad;
-                    // Leave this block, and the rest of the chunk, as they are.
-                    writing &= bad == 0;
+                    *writing &= bad == 0;
+                    bad > 0
+                };
+                if fuse {
+                    let range = ScanRange {
+                        lo: lo_f.unwrap_or(f32::NEG_INFINITY),
+                        gt: gt_f,
+                        write: writing && lo_f.is_some(),
+                        allow: !check,
+                    };
+                    // SAFETY: this worker owns the chunk (it only writes with `writing`).
+                    unsafe { raw.scan_into(k.scan, p0, p1, &range, buf, &mut bits) };
+                    let words = (p1 - p0) / 64;
+                    let any_bad = bits.bad[..4 * words].iter().any(|&b| b != 0);
+                    if check && any_bad && bad_in(&mut writing) {
+                        // The kernel left the non-finite weights as they were (the round
+                        // ends in an error, so this part's counts do not matter).
+                        continue;
+                    }
+                    let was_writing = range.write;
+                    // SAFETY: this worker owns the chunk's mask and side words.
+                    let (mask, side) = unsafe {
+                        (
+                            raw.mask_words_mut(p0 / 64, p1 / 64),
+                            raw.side_words_mut(p0 / 64, p1 / 64),
+                        )
+                    };
+                    let mut dead = false;
+                    for wi in 0..words {
+                        let g = ScanBits::word(&bits.ge, wi);
+                        let o = ScanBits::word(&bits.over, wi);
+                        let a = mask[wi];
+                        let keep = if lo_f.is_some() { g & a } else { a };
+                        above += (o & a).count_ones() as u64;
+                        let inr = keep & !o;
+                        if inr != 0 {
+                            on_in(buf, wi, inr);
+                        }
+                        if was_writing {
+                            dead |= a != u64::MAX;
+                            keeps[wi] = keep;
+                        } else if !side.is_empty() {
+                            side[wi] = o & a;
+                        }
+                    }
+                    if was_writing {
+                        if dead {
+                            // Pruned elements the kernel did not zero (not below the range).
+                            // SAFETY: this worker owns the chunk.
+                            let w = unsafe { raw.weights_mut(p0, p1) };
+                            simd::zero_words(w, &keeps[..words], mask);
+                        } else {
+                            mask.copy_from_slice(&keeps[..words]);
+                        }
+                    }
+                    continue;
                 }
-            }
-            // SAFETY: as above.
-            let ahead = unsafe { raw.weights(b1, (b1 + BLOCK).min(c.end)) };
-            if writing {
-                // SAFETY: this worker owns the chunk, its weights and mask words.
-                let (w, mask) = unsafe {
-                    (
-                        raw.weights_mut(b0, b1),
-                        raw.mask_words_mut(b0 / 64, b1.div_ceil(64)),
-                    )
-                };
-                above += simd::count_zero_words(buf, w, mask, lo, hi, ahead, &mut on_in) as u64;
-            } else {
-                // SAFETY: nothing writes the tensor during a read-only scan; this worker owns
-                // the chunk's side words.
-                let (mask, side) = unsafe {
-                    (
-                        raw.mask_words(b0 / 64, b1.div_ceil(64)),
-                        raw.side_words_mut(b0 / 64, b1.div_ceil(64)),
-                    )
-                };
-                above += simd::count_words(buf, mask, lo, hi, ahead, side, &mut on_in) as u64;
+                raw.score_into(k.score_raw, p0, p1, buf);
+                // SAFETY: nothing writes this part yet.
+                if check && simd::any_nonfinite(unsafe { raw.weights(p0, p1) }) {
+                    // Leave this part, and the rest of the chunk, as they are.
+                    bad_in(&mut writing);
+                }
+                let buf = &buf[..];
+                // SAFETY: as above.
+                let ahead = unsafe { raw.weights(p1, (p1 + BLOCK).min(c.end)) };
+                let on_in = |wi: usize, inr: u64| on_in(buf, wi, inr);
+                if writing {
+                    // SAFETY: this worker owns the chunk, its weights and mask words.
+                    let (w, mask) = unsafe {
+                        (
+                            raw.weights_mut(p0, p1),
+                            raw.mask_words_mut(p0 / 64, p1.div_ceil(64)),
+                        )
+                    };
+                    above += simd::count_zero_words(buf, w, mask, lo, hi, ahead, on_in) as u64;
+                } else {
+                    // SAFETY: nothing writes the tensor during a read-only scan; this worker
+                    // owns the chunk's side words.
+                    let (mask, side) = unsafe {
+                        (
+                            raw.mask_words(p0 / 64, p1.div_ceil(64)),
+                            raw.side_words_mut(p0 / 64, p1.div_ceil(64)),
+                        )
+                    };
+                    above += simd::count_words(buf, mask, lo, hi, ahead, side, on_in) as u64;
+                }
             }
             b0 = b1;
         }
@@ -234,7 +354,7 @@ fn scan_chunk(
 /// Adds a chunk's histogram of in-range keys (bucket `(key - lo) >> shift`) to `into`.
 fn add_hist(into: &mut [usize], s: &ChunkScan, lo: u32, shift: u32) {
     if s.hist.is_empty() {
-        for &c in &s.cands {
+        for &c in s.cands.iter() {
             into[(((c >> 32) as u32 - lo) >> shift) as usize] += 1;
         }
     } else {
@@ -793,7 +913,7 @@ fn resolve_candidates(
     if spec {
         tests::FIXUPS.with(|c| c.set(c.get() + 1));
     }
-    let cands: Vec<(Vec<u64>, Option<u64>)> = sc
+    let cands: Vec<(CandBuf, Option<u64>)> = sc
         .iter_mut()
         .map(|s| (std::mem::take(&mut s.cands), spec.then_some(s.above)))
         .collect();
@@ -843,7 +963,7 @@ fn finish(
     t: u32,
     quota: Vec<u64>,
     taken: Vec<usize>,
-    cands: Option<Vec<(Vec<u64>, Option<u64>)>>,
+    cands: Option<Vec<(CandBuf, Option<u64>)>>,
 ) -> Cut {
     let mut per = vec![Vec::new(); pool.members.len()];
     let mut cands = cands.map(|k| k.into_iter());

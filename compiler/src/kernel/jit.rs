@@ -9,7 +9,7 @@
 //! statistics, a word inside one row skips the per-group row bookkeeping.
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32, I32, I32X4, I64, I8};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8};
 use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, Value};
 use cranelift_codegen::settings::Configurable;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
@@ -18,7 +18,7 @@ use cranelift_module::{default_libcall_names, Linkage, Module};
 use std::mem::offset_of;
 
 use super::expr::{prunec_expf, prunec_logf, prunec_powf, KExpr, KInput, CANONICAL_NAN};
-use super::translate::{mf, off, Gen};
+use super::translate::{mf, off, vmf, Gen};
 
 /// The argument block every kernel receives (one pointer).
 #[repr(C)]
@@ -37,6 +37,22 @@ pub struct KArgs {
     pub cols: u64,
     pub start: u64,
     pub end: u64,
+    /// Scan kernels: a score `s` is at or above the range's low end iff `s >= lo`, above its
+    /// high end iff `s >= gt` (ordered comparisons: NaN is neither); all lanes equal.
+    pub lo: [f32; 4],
+    pub gt: [f32; 4],
+    /// Scan kernels: all ones when the weights below the range are kept (the scan only
+    /// classifies), zero when they are zeroed...
+    pub keep_all: [u32; 4],
+    /// ...except non-finite weights while this is all ones.
+    pub keep_bad: [u32; 4],
+    /// Scan kernels: one `u16` per 16 elements of the range, bit `j` for element `16 k + j`:
+    /// `ge` the elements at or above the low end, `over` those above the high end. (Read
+    /// them as `u16`: wider loads of what narrower stores just wrote stall the CPU.)
+    pub ge: *mut u16,
+    pub over: *mut u16,
+    /// Scan kernels: the same for the weights that are NaN or infinite.
+    pub bad: *mut u16,
 }
 
 impl KArgs {
@@ -53,6 +69,13 @@ impl KArgs {
             cols: 0,
             start: 0,
             end: 0,
+            lo: [0.0; 4],
+            gt: [0.0; 4],
+            keep_all: [u32::MAX; 4],
+            keep_bad: [u32::MAX; 4],
+            ge: std::ptr::null_mut(),
+            over: std::ptr::null_mut(),
+            bad: std::ptr::null_mut(),
         }
     }
 }
@@ -68,12 +91,27 @@ pub struct CompiledKernel {
     /// `score` without canonicalising NaN scores (any NaN bits may be written): for
     /// internal score buffers that are only compared, never reported.
     pub score_raw: KernelFn,
+    /// `score_raw` fused with the classification against a key range and the zeroing of
+    /// the weights below it, in the same loop (see [`KArgs::lo`] and the fields after it).
+    /// Only for ranges of whole 64-element words, and only where [`Self::scan_ok`].
+    pub scan: KernelFn,
+    /// Whether the expression reads row or column statistics (the f32x4 loops then need
+    /// rows a multiple of 4 long).
+    pub uses_pos: bool,
+}
+
+impl CompiledKernel {
+    /// Whether [`Self::scan`] can run on a tensor of `cols` columns.
+    pub fn scan_ok(&self, cols: usize) -> bool {
+        !self.uses_pos || cols.is_multiple_of(4)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Score,
     ScoreRaw,
+    Scan,
 }
 
 /// Compiles the kernels of `expr` into a fresh JIT module.
@@ -114,7 +152,10 @@ pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut fids = Vec::new();
-    for (n, kind) in [Kind::Score, Kind::ScoreRaw].into_iter().enumerate() {
+    for (n, kind) in [Kind::Score, Kind::ScoreRaw, Kind::Scan]
+        .into_iter()
+        .enumerate()
+    {
         let fid = module
             .declare_function(&format!("kernel{n}"), Linkage::Local, &sig)
             .map_err(|e| e.to_string())?;
@@ -150,9 +191,15 @@ pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
         // `fn(*mut KArgs)` in the host's default calling convention.
         unsafe { std::mem::transmute::<*const u8, KernelFn>(p) }
     };
+    let uses_pos = expr
+        .inputs()
+        .iter()
+        .any(|i| matches!(i, KInput::ColStat(_) | KInput::RowStat(_)));
     let k = CompiledKernel {
         score: get(fids[0]),
         score_raw: get(fids[1]),
+        scan: get(fids[2]),
+        uses_pos,
     };
     // The module's code memory must outlive every copy of the function pointers; the kernel
     // cache keeps them for the whole program, so the module is deliberately never freed.
@@ -250,6 +297,32 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
     let abs_mask = b.ins().splat(I32X4, abs_c);
     let sign_c = b.ins().iconst(I32, i32::MIN as i64);
     let sign_mask = b.ins().splat(I32X4, sign_c);
+    let scan = (kind == Kind::Scan).then(|| {
+        // Vectors loaded once (not splats, which cranelift would redo in the loop).
+        let lo = b.ins().load(F32X4, vmf(), a, off(offset_of!(KArgs, lo)));
+        let gt = b.ins().load(F32X4, vmf(), a, off(offset_of!(KArgs, gt)));
+        let keep_all = b
+            .ins()
+            .load(I32X4, vmf(), a, off(offset_of!(KArgs, keep_all)));
+        let keep_bad = b
+            .ins()
+            .load(I32X4, vmf(), a, off(offset_of!(KArgs, keep_bad)));
+        let fin_c = b.ins().iconst(I32, 0x7f7f_ffff);
+        let below_inf = b.ins().splat(I32X4, fin_c);
+        let ge = ld(b, I64, offset_of!(KArgs, ge));
+        let over = ld(b, I64, offset_of!(KArgs, over));
+        let bad = ld(b, I64, offset_of!(KArgs, bad));
+        Scan {
+            lo,
+            gt,
+            keep_all,
+            keep_bad,
+            below_inf,
+            ge,
+            over,
+            bad,
+        }
+    });
 
     let mut gen = Gen {
         b,
@@ -267,6 +340,7 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         abs_mask,
         sign_mask,
         off: 0,
+        w_loaded: None,
     };
     let word_head = gen.b.create_block();
     let word_body = gen.b.create_block();
@@ -317,6 +391,16 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         gen.b.switch_to_block(body);
         // Eight groups of four lanes per iteration, two iterations per word. Without row
         // wraps the groups share one position and address their lanes by offsets.
+        let i0 = gen.b.use_var(iv);
+        // Scan: the lane masks and magnitudes of the current four groups, and where the
+        // iteration's bits go (its 32 elements start a multiple of 32 after `start`).
+        let mut masks: Vec<(Value, Value, Value)> = Vec::new();
+        let bits_at = scan.as_ref().map(|_| {
+            let rel = gen.b.ins().isub(i0, start);
+            let three = gen.ic(I64, 3);
+            gen.b.ins().ushr(rel, three)
+        });
+        let mut quad = 0;
         let mut shared = None;
         for g in 0..8 {
             let (i, c, r) = match shared {
@@ -327,7 +411,15 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
                 shared = Some((i, c, r));
                 gen.off = 16 * g;
             }
+            // A scan loads the group's weights first, and the score reuses them.
+            let wv = scan.as_ref().map(|_| {
+                let wa = gen.addr4(gen.w, i);
+                let wv = gen.b.ins().load(I32X4, vmf(), wa, gen.off);
+                gen.w_loaded = Some((i, gen.off, wv));
+                (wa, wv)
+            });
             let s = gen.v_eval(expr, i, c, r);
+            gen.w_loaded = None;
             let s = if canonical {
                 let nan = gen.b.ins().fcmp(FloatCC::Unordered, s, s);
                 let cn = gen.vf(f32::from_bits(CANONICAL_NAN));
@@ -337,6 +429,17 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
             };
             let a = gen.addr4(out_base, i);
             gen.b.ins().store(mf(), s, a, gen.off);
+            if let (Some(sc), Some(at)) = (&scan, bits_at) {
+                let (wa, wv) = wv.expect("loaded for a scan");
+                masks.push(scan_group(&mut gen, sc, s, wa, wv));
+                if masks.len() == 4 {
+                    // Stored per quad: the stores pin the packing here, so few vectors stay
+                    // live (cranelift places pure instructions at their first use).
+                    scan_quad(&mut gen, sc, &masks, at, quad);
+                    masks.clear();
+                    quad += 1;
+                }
+            }
             if wrap {
                 advance(&mut gen, 4, cols, true);
             }
@@ -388,6 +491,56 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
 
     gen.b.switch_to_block(exit);
     gen.b.ins().return_(&[]);
+}
+
+/// The values a scan kernel keeps in registers.
+struct Scan {
+    lo: Value,
+    gt: Value,
+    /// All ones in lanes when the scan does not write.
+    keep_all: Value,
+    /// All ones when non-finite weights are left alone (not `allow`).
+    keep_bad: Value,
+    /// The largest finite magnitude bits.
+    below_inf: Value,
+    ge: Value,
+    over: Value,
+    bad: Value,
+}
+
+/// One group of a scan: classifies the scores `s` of four elements (weights `wv`, loaded from
+/// `wa` at the current offset) and zeroes their weights below the range when asked. Returns the lane masks
+/// `s >= lo`, `s >= gt` and "the weight is NaN or infinite".
+fn scan_group(gen: &mut Gen, sc: &Scan, s: Value, wa: Value, wv: Value) -> (Value, Value, Value) {
+    let mag = gen.b.ins().band(wv, gen.abs_mask);
+    let ge = gen.b.ins().fcmp(FloatCC::GreaterThanOrEqual, s, sc.lo);
+    let over = gen.b.ins().fcmp(FloatCC::GreaterThanOrEqual, s, sc.gt);
+    // A lane keeps its weight if it is at or above the range, or the scan does not write,
+    // or it is non-finite while those are left alone (`keep_bad`).
+    let bad = gen
+        .b
+        .ins()
+        .icmp(IntCC::SignedGreaterThan, mag, sc.below_inf);
+    let spare = gen.b.ins().band(bad, sc.keep_bad);
+    let keep = gen.b.ins().bor(ge, sc.keep_all);
+    let keep = gen.b.ins().bor(keep, spare);
+    let nw = gen.b.ins().band(wv, keep);
+    gen.b.ins().store(vmf(), nw, wa, gen.off);
+    (ge, over, bad)
+}
+
+/// After four groups of a scan: stores their `ge`, `over` and `bad` bits (16 each, as `u16`
+/// number `quad` of the iteration's bits at byte `at`).
+fn scan_quad(gen: &mut Gen, sc: &Scan, m: &[(Value, Value, Value)], at: Value, quad: i32) {
+    for (base, pick) in [(sc.ge, 0), (sc.over, 1), (sc.bad, 2)] {
+        let v: Vec<Value> = m.iter().map(|x| [x.0, x.1, x.2][pick]).collect();
+        let a = gen.b.ins().snarrow(v[0], v[1]);
+        let b = gen.b.ins().snarrow(v[2], v[3]);
+        let c = gen.b.ins().snarrow(a, b);
+        let bits = gen.b.ins().vhigh_bits(I32, c);
+        let addr = gen.b.ins().iadd(base, at);
+        gen.b.ins().istore16(mf(), bits, addr, 2 * quad);
+    }
 }
 
 /// `i += n`, and column / row bookkeeping (a group of 4 never crosses a row when used);

@@ -93,6 +93,51 @@ impl KernelCache {
 ///
 /// Workers only ever write disjoint element ranges that start at a multiple of 64 (so they
 /// also own disjoint mask words), and the pointers come from slices that outlive the call.
+/// The float-domain range a fused scan classifies against (see [`RawTensor::scan_into`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ScanRange {
+    /// Scores `s >= lo` are at or above the range's low end (ordered: not NaN).
+    pub lo: f32,
+    /// Scores `s >= gt` are above its high end.
+    pub gt: f32,
+    /// Zero the weights below the range.
+    pub write: bool,
+    /// Zero non-finite weights below the range too (otherwise they are left as they are).
+    pub allow: bool,
+}
+
+/// What a fused scan of at most one block writes besides the scores: per 16 elements one
+/// `u16` (bit `j` for element `16 k + j`) of those at or above the range (`ge`), above it
+/// (`over`), and whose weight is NaN or infinite (`bad`).
+pub struct ScanBits {
+    pub ge: [u16; BLOCK / 16],
+    pub over: [u16; BLOCK / 16],
+    pub bad: [u16; BLOCK / 16],
+}
+
+impl ScanBits {
+    pub fn new() -> Self {
+        ScanBits {
+            ge: [0; BLOCK / 16],
+            over: [0; BLOCK / 16],
+            bad: [0; BLOCK / 16],
+        }
+    }
+
+    /// Word `wi` (64 elements) of a bit array.
+    #[inline(always)]
+    pub fn word(h: &[u16; BLOCK / 16], wi: usize) -> u64 {
+        let q = &h[4 * wi..4 * wi + 4];
+        q[0] as u64 | (q[1] as u64) << 16 | (q[2] as u64) << 32 | (q[3] as u64) << 48
+    }
+}
+
+impl Default for ScanBits {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 pub struct RawTensor {
     w: *mut f32,
     grad: *const f32,
@@ -171,6 +216,45 @@ impl RawTensor {
         a.out = buf.as_mut_ptr();
         // SAFETY: a score kernel only reads the tensor and writes all `end - start` values,
         // which the capacity holds; after it they are initialised.
+        unsafe {
+            self.run(f, &mut a);
+            buf.set_len(end - start);
+        }
+    }
+
+    /// Runs the fused scan kernel `f` ([`super::jit::CompiledKernel::scan`]) on `[start, end)`,
+    /// a whole number of 64-element words, at most a block: scores go to `buf` (resized), the
+    /// classification against `range` and the non-finite weights to `bits`; with
+    /// `range.write` the weights below the range are zeroed (non-finite ones only with
+    /// `range.allow`).
+    ///
+    /// # Safety
+    /// With `range.write`, the calling worker owns the weights `[start, end)`.
+    pub unsafe fn scan_into(
+        &self,
+        f: KernelFn,
+        start: usize,
+        end: usize,
+        range: &ScanRange,
+        buf: &mut Vec<f32>,
+        bits: &mut ScanBits,
+    ) {
+        assert!(start <= end && end <= self.len && (end - start).is_multiple_of(64));
+        assert!(end - start <= BLOCK);
+        buf.clear();
+        buf.reserve(end - start);
+        let mut a = self.args(start, end);
+        a.out = buf.as_mut_ptr();
+        a.lo = [range.lo; 4];
+        a.gt = [range.gt; 4];
+        a.keep_all = [if range.write { 0 } else { u32::MAX }; 4];
+        a.keep_bad = [if range.allow { 0 } else { u32::MAX }; 4];
+        a.ge = bits.ge.as_mut_ptr();
+        a.over = bits.over.as_mut_ptr();
+        a.bad = bits.bad.as_mut_ptr();
+        // SAFETY: the scan kernel reads the tensor, writes `end - start` scores (the capacity
+        // holds them, so they are initialised after it) and one bit per element to `bits`,
+        // and writes weights of `[start, end)` only with `write`, which the caller owns then.
         unsafe {
             self.run(f, &mut a);
             buf.set_len(end - start);

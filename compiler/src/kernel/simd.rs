@@ -104,6 +104,20 @@ impl Bounds {
     }
 }
 
+/// The float form of `key >= lo` for `lo >= 1`: `s >= ge_bound(lo)` (ordered; NaN, key 0,
+/// is below). `None` for `lo == 0`, which every key reaches.
+pub fn ge_bound(lo: u32) -> Option<f32> {
+    if lo == 0 {
+        return None;
+    }
+    Some(up(lo).map_or(f32::NAN, key_score))
+}
+
+/// The float form of `key > hi`: `s >= gt_bound(hi)` (ordered; NaN means never).
+pub fn gt_bound(hi: u32) -> f32 {
+    Bounds::new(0, hi).gt
+}
+
 const ISA_UNKNOWN: u8 = 0;
 const ISA_SCALAR: u8 = 1;
 const ISA_AVX2: u8 = 2;

@@ -39,6 +39,9 @@ pub(super) struct Gen<'a, 'b> {
     /// loop that does not wrap rows, the groups of one iteration share the position values
     /// and differ by this immediate (an address mode, not an instruction).
     pub(super) off: i32,
+    /// The weights of the current group when a scan kernel has loaded them already (for
+    /// position `i` at offset `off`): the score reuses them instead of loading again.
+    pub(super) w_loaded: Option<(Value, i32, Value)>,
 }
 
 impl Gen<'_, '_> {
@@ -59,11 +62,32 @@ impl Gen<'_, '_> {
     }
 
     pub(super) fn as_i(&mut self, v: Value) -> Value {
-        self.b.ins().bitcast(I32X4, vmf(), v)
+        self.cast(I32X4, v)
     }
 
     pub(super) fn as_f(&mut self, v: Value) -> Value {
-        self.b.ins().bitcast(F32X4, vmf(), v)
+        self.cast(F32X4, v)
+    }
+
+    /// `v` as `ty`, looking through a bitcast (so equal values stay equal to cranelift).
+    fn cast(&mut self, ty: cranelift_codegen::ir::Type, v: Value) -> Value {
+        let dfg = &self.b.func.dfg;
+        if dfg.value_type(v) == ty {
+            return v;
+        }
+        if let cranelift_codegen::ir::ValueDef::Result(inst, _) = dfg.value_def(v) {
+            if let cranelift_codegen::ir::InstructionData::LoadNoOffset {
+                opcode: cranelift_codegen::ir::Opcode::Bitcast,
+                arg,
+                ..
+            } = dfg.insts[inst]
+            {
+                if dfg.value_type(arg) == ty {
+                    return arg;
+                }
+            }
+        }
+        self.b.ins().bitcast(ty, vmf(), v)
     }
 
     /// Lane-wise `mask ? a : b` on f32x4 values with an i32x4 mask.
@@ -180,6 +204,14 @@ impl Gen<'_, '_> {
             KExpr::Input(KInput::RowStat(_)) => {
                 let s = self.s_eval(e, i, col, row);
                 self.b.ins().splat(F32X4, s)
+            }
+            KExpr::Input(KInput::Weight)
+                if self
+                    .w_loaded
+                    .is_some_and(|(at, o, _)| at == i && o == self.off) =>
+            {
+                let v = self.w_loaded.expect("checked").2;
+                self.as_f(v)
             }
             KExpr::Input(inp) => {
                 let (base, _) = self.input_ptr(*inp);
