@@ -187,7 +187,6 @@ fn jit_fused(
     let mut buf = vec![0.0f32; BLOCK];
     let mut ge = [0u16; BLOCK / 16];
     let mut over = [0u16; BLOCK / 16];
-    let mut bad = [0u16; BLOCK / 16];
     let mut cands: Vec<u64> = Vec::with_capacity(4096);
     let mut above = 0u64;
     let mut nonfinite = false;
@@ -200,14 +199,12 @@ fn jit_fused(
         a.end = (b1 - b0) as u64;
         a.lo = [lo; 4];
         a.gt = [gt; 4];
-        a.keep_all = [0; 4];
         a.ge = ge.as_mut_ptr();
         a.over = over.as_mut_ptr();
-        a.bad = bad.as_mut_ptr();
         // SAFETY: the kernel reads and writes `b1 - b0` weights (whole words), writes as many
-        // scores into `buf` and one bit per element into `ge`, `over` and `bad`.
+        // scores into `buf` and one bit per element into `ge` and `over`.
         unsafe { scan(&mut a) };
-        nonfinite |= bad.iter().any(|&b| b != 0);
+        nonfinite |= simd::any_nonfinite(&w[b0..b1]);
         for (wi, m) in mask[b0 / 64..b1 / 64].iter_mut().enumerate() {
             let word = |h: &[u16]| (0..4).fold(0u64, |x, q| x | (h[q] as u64) << (16 * q));
             let g = word(&ge[4 * wi..]);
@@ -266,6 +263,7 @@ fn main() {
         "jit blocks",
         "jit fused",
         "prune_jit",
+        "  (blocked)",
     ];
     let mut times = vec![Vec::new(); names.len()];
     for _ in 0..REPEATS {
@@ -308,9 +306,10 @@ fn main() {
                 4 => w
                     .par_chunks_mut(CHUNK)
                     .zip(mask.par_chunks_mut(CHUNK / 64))
-                    .map(|(c, m)| jit_fused(kernel.scan, c, m, lo_f, gt_f))
+                    .map(|(c, m)| jit_fused(kernel.scan_zero, c, m, lo_f, gt_f))
                     .sum::<u64>(),
                 _ => {
+                    prunec::kernel::force_blocked_scan(v == 6);
                     let mut views = vec![TensorView::new("w", n / COLS, COLS, &mut w, &mut mask)];
                     let sel = Selection::Global {
                         keep: n / 10,

@@ -266,3 +266,81 @@ proptest! {
         same(&ds, &e, &Selection::PerRow { keep_per_row: 2 }, &opts(false))?;
     }
 }
+
+/// Checks the fused scan kernels on `d` against the interpreter's scores: the scores (by
+/// key), the `ge` / `over` bits and, when writing, the zeroed weights.
+fn scan_agrees(d: &Data, e: &KExpr, lo: u32, hi: u32) -> Result<(), TestCaseError> {
+    use prunec::kernel::expr::score_key;
+    use prunec::kernel::raw::{RawTensor, ScanBits, ScanRange, BLOCK};
+    use prunec::kernel::{simd, KernelCache};
+    let o = opts(true);
+    let k = KernelCache::global().get(e).unwrap();
+    if !k.scan_ok(d.cols) {
+        return Ok(());
+    }
+    let want = score_reference(e, &d.clone().view(0), &o).unwrap();
+    let whole = d.w.len() / 64 * 64;
+    for (write, allow) in [(false, false), (true, false), (true, true)] {
+        let mut dd = d.clone();
+        let raw = RawTensor::new(&mut dd.view(0), std::sync::Arc::new(o.scalars.clone()));
+        let range = ScanRange {
+            lo: simd::ge_bound(lo).expect("lo >= 1"),
+            gt: simd::gt_bound(hi),
+            write,
+            allow,
+        };
+        let mut bits = ScanBits::new();
+        let mut out = vec![0.0f32; BLOCK];
+        for p0 in (0..whole).step_by(BLOCK) {
+            let p1 = (p0 + BLOCK).min(whole);
+            // SAFETY: this test owns the tensor.
+            unsafe { raw.scan_into(&k, p0, p1, &range, &mut out[..p1 - p0], &mut bits) };
+            for j in 0..p1 - p0 {
+                let key = score_key(want[p0 + j]);
+                let bit = |h: &[u16; BLOCK / 16]| (h[j / 16] >> (j % 16)) & 1 == 1;
+                prop_assert_eq!(score_key(out[j]), key, "{} score {}", e, p0 + j);
+                prop_assert_eq!(
+                    bit(&bits.ge),
+                    key >= lo,
+                    "{} ge {} key {:#x}",
+                    e,
+                    p0 + j,
+                    key
+                );
+                prop_assert_eq!(bit(&bits.over), key > hi, "{} over {}", e, p0 + j);
+            }
+        }
+        drop(raw);
+        for i in 0..d.w.len() {
+            let w0 = d.w[i];
+            let zeroed = write && i < whole && score_key(want[i]) < lo && (allow || w0.is_finite());
+            let expect = if zeroed { 0.0f32 } else { w0 };
+            prop_assert_eq!(dd.w[i].to_bits(), expect.to_bits(), "{} weight {}", e, i);
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+
+    #[test]
+    fn scan_kernels_agree(ds in tensors(1, true, 4), e in expr(), a in any::<u32>(), b in any::<u32>(), pick in 0usize..3) {
+        let d = &ds[0];
+        // Ranges around keys the data has, or arbitrary ones.
+        let keys: Vec<u32> = {
+            let o = opts(true);
+            let mut k: Vec<u32> = score_reference(&e, &d.clone().view(0), &o).unwrap()
+                .iter().map(|&s| prunec::kernel::expr::score_key(s)).collect();
+            k.sort_unstable();
+            k
+        };
+        let (lo, hi) = match pick {
+            0 => (keys[a as usize % keys.len()], keys[b as usize % keys.len()]),
+            1 => (a, b),
+            _ => (a, a),
+        };
+        let (lo, hi) = (lo.min(hi).max(1), lo.max(hi).max(1));
+        scan_agrees(d, &e, lo, hi)?;
+    }
+}

@@ -40,6 +40,17 @@ const SAMPLE_RUNS: usize = 3072;
 const ABOVE_SIGMAS: f64 = 3.5;
 const SPECULATE_BELOW: f64 = 4.5;
 
+/// Scans with the score kernel and the vectorised classification instead of the fused scan
+/// kernel (for comparisons: `scan_bound` times both).
+static BLOCKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes global and per-tensor cuts scan block by block (score kernel, then vectorised
+/// classification) instead of with the fused scan kernel (`true`), or go back (`false`).
+/// The results are identical; `examples/scan_bound.rs` compares the speed.
+pub fn force_blocked_scan(on: bool) {
+    BLOCKED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Candidate buffers (`CAP` entries) kept between calls, at most this many: a fresh buffer
 /// costs a page fault on each page it fills, and at 100M weights those faults took longer
 /// than resolving the cut from the candidates.
@@ -189,7 +200,7 @@ fn scan_chunk(
     // The fused scan kernel classifies (and zeroes) whole words in the JIT's own loop; the
     // elements after a block's last whole word, and tensors it cannot run on, take the score
     // buffer and the vectorised classification.
-    let fused = k.scan_ok(raw.cols);
+    let fused = k.scan_ok(raw.cols) && !BLOCKED.load(std::sync::atomic::Ordering::Relaxed);
     let lo_f = simd::ge_bound(lo);
     let gt_f = simd::gt_bound(hi);
     with_scratch(|buf| {
@@ -262,10 +273,12 @@ fn scan_chunk(
                         allow: !check,
                     };
                     // SAFETY: this worker owns the chunk (it only writes with `writing`).
-                    unsafe { raw.scan_into(k.scan, p0, p1, &range, buf, &mut bits) };
+                    buf.resize(p1 - p0, 0.0);
+                    unsafe { raw.scan_into(k, p0, p1, &range, buf, &mut bits) };
                     let words = (p1 - p0) / 64;
-                    let any_bad = bits.bad[..4 * words].iter().any(|&b| b != 0);
-                    if check && any_bad && bad_in(&mut writing) {
+                    // SAFETY: as above; the weights are in cache now.
+                    let any_bad = check && simd::any_nonfinite(unsafe { raw.weights(p0, p1) });
+                    if any_bad && bad_in(&mut writing) {
                         // The kernel left the non-finite weights as they were (the round
                         // ends in an error, so this part's counts do not matter).
                         continue;

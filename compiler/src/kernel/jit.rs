@@ -41,18 +41,11 @@ pub struct KArgs {
     /// high end iff `s >= gt` (ordered comparisons: NaN is neither); all lanes equal.
     pub lo: [f32; 4],
     pub gt: [f32; 4],
-    /// Scan kernels: all ones when the weights below the range are kept (the scan only
-    /// classifies), zero when they are zeroed...
-    pub keep_all: [u32; 4],
-    /// ...except non-finite weights while this is all ones.
-    pub keep_bad: [u32; 4],
     /// Scan kernels: one `u16` per 16 elements of the range, bit `j` for element `16 k + j`:
     /// `ge` the elements at or above the low end, `over` those above the high end. (Read
     /// them as `u16`: wider loads of what narrower stores just wrote stall the CPU.)
     pub ge: *mut u16,
     pub over: *mut u16,
-    /// Scan kernels: the same for the weights that are NaN or infinite.
-    pub bad: *mut u16,
 }
 
 impl KArgs {
@@ -71,11 +64,8 @@ impl KArgs {
             end: 0,
             lo: [0.0; 4],
             gt: [0.0; 4],
-            keep_all: [u32::MAX; 4],
-            keep_bad: [u32::MAX; 4],
             ge: std::ptr::null_mut(),
             over: std::ptr::null_mut(),
-            bad: std::ptr::null_mut(),
         }
     }
 }
@@ -91,17 +81,22 @@ pub struct CompiledKernel {
     /// `score` without canonicalising NaN scores (any NaN bits may be written): for
     /// internal score buffers that are only compared, never reported.
     pub score_raw: KernelFn,
-    /// `score_raw` fused with the classification against a key range and the zeroing of
-    /// the weights below it, in the same loop (see [`KArgs::lo`] and the fields after it).
-    /// Only for ranges of whole 64-element words, and only where [`Self::scan_ok`].
-    pub scan: KernelFn,
+    /// `score_raw` fused with the classification against a key range (see [`KArgs::lo`] and
+    /// the fields after it), in the same loop; reads the tensor only. Only for ranges of
+    /// whole 64-element words, and only where [`Self::scan_ok`].
+    pub scan_read: KernelFn,
+    /// `scan_read` that also zeroes the finite weights below the range (callers check the
+    /// block for non-finite weights afterwards: they are still there).
+    pub scan_zero: KernelFn,
+    /// `scan_read` that also zeroes every weight below the range, non-finite ones too.
+    pub scan_zero_all: KernelFn,
     /// Whether the expression reads row or column statistics (the f32x4 loops then need
     /// rows a multiple of 4 long).
     pub uses_pos: bool,
 }
 
 impl CompiledKernel {
-    /// Whether [`Self::scan`] can run on a tensor of `cols` columns.
+    /// Whether the scan kernels can run on a tensor of `cols` columns.
     pub fn scan_ok(&self, cols: usize) -> bool {
         !self.uses_pos || cols.is_multiple_of(4)
     }
@@ -111,7 +106,10 @@ impl CompiledKernel {
 enum Kind {
     Score,
     ScoreRaw,
-    Scan,
+    /// The scans: read only, zeroing the finite weights below the range, zeroing all of them.
+    ScanRead,
+    ScanZero,
+    ScanZeroAll,
 }
 
 /// Compiles the kernels of `expr` into a fresh JIT module.
@@ -152,10 +150,14 @@ pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut fids = Vec::new();
-    for (n, kind) in [Kind::Score, Kind::ScoreRaw, Kind::Scan]
-        .into_iter()
-        .enumerate()
-    {
+    let kinds = [
+        Kind::Score,
+        Kind::ScoreRaw,
+        Kind::ScanRead,
+        Kind::ScanZero,
+        Kind::ScanZeroAll,
+    ];
+    for (n, kind) in kinds.into_iter().enumerate() {
         let fid = module
             .declare_function(&format!("kernel{n}"), Linkage::Local, &sig)
             .map_err(|e| e.to_string())?;
@@ -198,7 +200,9 @@ pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
     let k = CompiledKernel {
         score: get(fids[0]),
         score_raw: get(fids[1]),
-        scan: get(fids[2]),
+        scan_read: get(fids[2]),
+        scan_zero: get(fids[3]),
+        scan_zero_all: get(fids[4]),
         uses_pos,
     };
     // The module's code memory must outlive every copy of the function pointers; the kernel
@@ -297,30 +301,22 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
     let abs_mask = b.ins().splat(I32X4, abs_c);
     let sign_c = b.ins().iconst(I32, i32::MIN as i64);
     let sign_mask = b.ins().splat(I32X4, sign_c);
-    let scan = (kind == Kind::Scan).then(|| {
+    let scan_kind = matches!(kind, Kind::ScanRead | Kind::ScanZero | Kind::ScanZeroAll);
+    let scan = scan_kind.then(|| {
         // Vectors loaded once (not splats, which cranelift would redo in the loop).
         let lo = b.ins().load(F32X4, vmf(), a, off(offset_of!(KArgs, lo)));
         let gt = b.ins().load(F32X4, vmf(), a, off(offset_of!(KArgs, gt)));
-        let keep_all = b
-            .ins()
-            .load(I32X4, vmf(), a, off(offset_of!(KArgs, keep_all)));
-        let keep_bad = b
-            .ins()
-            .load(I32X4, vmf(), a, off(offset_of!(KArgs, keep_bad)));
         let fin_c = b.ins().iconst(I32, 0x7f7f_ffff);
         let below_inf = b.ins().splat(I32X4, fin_c);
         let ge = ld(b, I64, offset_of!(KArgs, ge));
         let over = ld(b, I64, offset_of!(KArgs, over));
-        let bad = ld(b, I64, offset_of!(KArgs, bad));
         Scan {
+            kind,
             lo,
             gt,
-            keep_all,
-            keep_bad,
             below_inf,
             ge,
             over,
-            bad,
         }
     });
 
@@ -394,7 +390,7 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         let i0 = gen.b.use_var(iv);
         // Scan: the lane masks and magnitudes of the current four groups, and where the
         // iteration's bits go (its 32 elements start a multiple of 32 after `start`).
-        let mut masks: Vec<(Value, Value, Value)> = Vec::new();
+        let mut masks: Vec<(Value, Value)> = Vec::new();
         let bits_at = scan.as_ref().map(|_| {
             let rel = gen.b.ins().isub(i0, start);
             let three = gen.ic(I64, 3);
@@ -495,45 +491,48 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
 
 /// The values a scan kernel keeps in registers.
 struct Scan {
+    kind: Kind,
     lo: Value,
     gt: Value,
-    /// All ones in lanes when the scan does not write.
-    keep_all: Value,
-    /// All ones when non-finite weights are left alone (not `allow`).
-    keep_bad: Value,
     /// The largest finite magnitude bits.
     below_inf: Value,
     ge: Value,
     over: Value,
-    bad: Value,
 }
 
 /// One group of a scan: classifies the scores `s` of four elements (weights `wv`, loaded from
-/// `wa` at the current offset) and zeroes their weights below the range when asked. Returns the lane masks
-/// `s >= lo`, `s >= gt` and "the weight is NaN or infinite".
-fn scan_group(gen: &mut Gen, sc: &Scan, s: Value, wa: Value, wv: Value) -> (Value, Value, Value) {
-    let mag = gen.b.ins().band(wv, gen.abs_mask);
+/// `wa` at the current offset) and zeroes their weights below the range if the kind says so
+/// (`ScanZero` keeps the non-finite ones). Returns the lane masks `s >= lo` and `s >= gt`.
+fn scan_group(gen: &mut Gen, sc: &Scan, s: Value, wa: Value, wv: Value) -> (Value, Value) {
     let ge = gen.b.ins().fcmp(FloatCC::GreaterThanOrEqual, s, sc.lo);
     let over = gen.b.ins().fcmp(FloatCC::GreaterThanOrEqual, s, sc.gt);
-    // A lane keeps its weight if it is at or above the range, or the scan does not write,
-    // or it is non-finite while those are left alone (`keep_bad`).
-    let bad = gen
-        .b
-        .ins()
-        .icmp(IntCC::SignedGreaterThan, mag, sc.below_inf);
-    let spare = gen.b.ins().band(bad, sc.keep_bad);
-    let keep = gen.b.ins().bor(ge, sc.keep_all);
-    let keep = gen.b.ins().bor(keep, spare);
-    let nw = gen.b.ins().band(wv, keep);
-    gen.b.ins().store(vmf(), nw, wa, gen.off);
-    (ge, over, bad)
+    let keep = match sc.kind {
+        Kind::ScanZero => {
+            let mag = gen.b.ins().band(wv, gen.abs_mask);
+            let bad = gen
+                .b
+                .ins()
+                .icmp(IntCC::SignedGreaterThan, mag, sc.below_inf);
+            Some(gen.b.ins().bor(ge, bad))
+        }
+        Kind::ScanZeroAll => Some(ge),
+        _ => None,
+    };
+    if let Some(keep) = keep {
+        let nw = gen.b.ins().band(wv, keep);
+        gen.b.ins().store(vmf(), nw, wa, gen.off);
+    }
+    (ge, over)
 }
 
-/// After four groups of a scan: stores their `ge`, `over` and `bad` bits (16 each, as `u16`
-/// number `quad` of the iteration's bits at byte `at`).
-fn scan_quad(gen: &mut Gen, sc: &Scan, m: &[(Value, Value, Value)], at: Value, quad: i32) {
-    for (base, pick) in [(sc.ge, 0), (sc.over, 1), (sc.bad, 2)] {
-        let v: Vec<Value> = m.iter().map(|x| [x.0, x.1, x.2][pick]).collect();
+/// After four groups of a scan: stores their `ge` and `over` bits (16 each, as `u16` number
+/// `quad` of the iteration's bits at byte `at`).
+fn scan_quad(gen: &mut Gen, sc: &Scan, m: &[(Value, Value)], at: Value, quad: i32) {
+    for (base, pick) in [(sc.ge, 0), (sc.over, 1)] {
+        let v: Vec<Value> = m
+            .iter()
+            .map(|x| if pick == 0 { x.0 } else { x.1 })
+            .collect();
         let a = gen.b.ins().snarrow(v[0], v[1]);
         let b = gen.b.ins().snarrow(v[2], v[3]);
         let c = gen.b.ins().snarrow(a, b);

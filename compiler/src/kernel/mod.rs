@@ -31,6 +31,7 @@ pub use types::{
     TensorSummary, TensorView,
 };
 
+pub use cut::force_blocked_scan;
 use cut::{find_cuts, Cut, CutError, Member, Pool};
 use expr::key_score;
 use raw::{chunks_of, with_scratch, RawTensor};

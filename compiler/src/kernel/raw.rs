@@ -107,12 +107,11 @@ pub struct ScanRange {
 }
 
 /// What a fused scan of at most one block writes besides the scores: per 16 elements one
-/// `u16` (bit `j` for element `16 k + j`) of those at or above the range (`ge`), above it
-/// (`over`), and whose weight is NaN or infinite (`bad`).
+/// `u16` (bit `j` for element `16 k + j`) of those at or above the range (`ge`) and above it
+/// (`over`).
 pub struct ScanBits {
     pub ge: [u16; BLOCK / 16],
     pub over: [u16; BLOCK / 16],
-    pub bad: [u16; BLOCK / 16],
 }
 
 impl ScanBits {
@@ -120,7 +119,6 @@ impl ScanBits {
         ScanBits {
             ge: [0; BLOCK / 16],
             over: [0; BLOCK / 16],
-            bad: [0; BLOCK / 16],
         }
     }
 
@@ -222,43 +220,40 @@ impl RawTensor {
         }
     }
 
-    /// Runs the fused scan kernel `f` ([`super::jit::CompiledKernel::scan`]) on `[start, end)`,
-    /// a whole number of 64-element words, at most a block: scores go to `buf` (resized), the
-    /// classification against `range` and the non-finite weights to `bits`; with
+    /// Runs the fused scan kernel of `k` that `range` asks for on `[start, end)`,
+    /// a whole number of 64-element words, at most a block: scores go to `out`
+    /// (`end - start` of them), the classification against `range` to `bits`; with
     /// `range.write` the weights below the range are zeroed (non-finite ones only with
-    /// `range.allow`).
+    /// `range.allow`: otherwise they stay, for the caller's check).
     ///
     /// # Safety
     /// With `range.write`, the calling worker owns the weights `[start, end)`.
     pub unsafe fn scan_into(
         &self,
-        f: KernelFn,
+        k: &CompiledKernel,
         start: usize,
         end: usize,
         range: &ScanRange,
-        buf: &mut Vec<f32>,
+        out: &mut [f32],
         bits: &mut ScanBits,
     ) {
         assert!(start <= end && end <= self.len && (end - start).is_multiple_of(64));
-        assert!(end - start <= BLOCK);
-        buf.clear();
-        buf.reserve(end - start);
+        assert!(end - start <= BLOCK && out.len() == end - start);
         let mut a = self.args(start, end);
-        a.out = buf.as_mut_ptr();
+        a.out = out.as_mut_ptr();
         a.lo = [range.lo; 4];
         a.gt = [range.gt; 4];
-        a.keep_all = [if range.write { 0 } else { u32::MAX }; 4];
-        a.keep_bad = [if range.allow { 0 } else { u32::MAX }; 4];
         a.ge = bits.ge.as_mut_ptr();
         a.over = bits.over.as_mut_ptr();
-        a.bad = bits.bad.as_mut_ptr();
-        // SAFETY: the scan kernel reads the tensor, writes `end - start` scores (the capacity
-        // holds them, so they are initialised after it) and one bit per element to `bits`,
-        // and writes weights of `[start, end)` only with `write`, which the caller owns then.
-        unsafe {
-            self.run(f, &mut a);
-            buf.set_len(end - start);
-        }
+        let f = match (range.write, range.allow) {
+            (false, _) => k.scan_read,
+            (true, false) => k.scan_zero,
+            (true, true) => k.scan_zero_all,
+        };
+        // SAFETY: the scan kernel reads the tensor, writes `end - start` scores to `out` and
+        // one bit per element to `bits`, and writes weights of `[start, end)` only with
+        // `write`, which the caller owns then.
+        unsafe { self.run(f, &mut a) };
     }
 
     /// The weights `[start, end)`.
