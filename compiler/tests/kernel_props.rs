@@ -311,11 +311,10 @@ fn scan_agrees(d: &Data, e: &KExpr, lo: u32, hi: u32) -> Result<(), TestCaseErro
             }
         }
         drop(raw);
-        for i in 0..d.w.len() {
-            let w0 = d.w[i];
-            let zeroed = write && i < whole && score_key(want[i]) < lo && (allow || w0.is_finite());
+        for (i, ((&w0, &w1), &s)) in d.w.iter().zip(&dd.w).zip(&want).enumerate() {
+            let zeroed = write && i < whole && score_key(s) < lo && (allow || w0.is_finite());
             let expect = if zeroed { 0.0f32 } else { w0 };
-            prop_assert_eq!(dd.w[i].to_bits(), expect.to_bits(), "{} weight {}", e, i);
+            prop_assert_eq!(w1.to_bits(), expect.to_bits(), "{} weight {}", e, i);
         }
     }
     Ok(())
