@@ -44,6 +44,13 @@ const SPECULATE_BELOW: f64 = 4.5;
 /// kernel (for comparisons: `scan_bound` times both).
 static BLOCKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Whether scans go block by block: [`force_blocked_scan`], or `PRUNEC_KERNEL_BLOCKED=1`.
+fn blocked_scan() -> bool {
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    BLOCKED.load(std::sync::atomic::Ordering::Relaxed)
+        || *ENV.get_or_init(|| std::env::var_os("PRUNEC_KERNEL_BLOCKED").is_some())
+}
+
 /// Makes global and per-tensor cuts scan block by block (score kernel, then vectorised
 /// classification) instead of with the fused scan kernel (`true`), or go back (`false`).
 /// The results are identical; `examples/scan_bound.rs` compares the speed.
@@ -200,7 +207,7 @@ fn scan_chunk(
     // The fused scan kernel classifies (and zeroes) whole words in the JIT's own loop; the
     // elements after a block's last whole word, and tensors it cannot run on, take the score
     // buffer and the vectorised classification.
-    let fused = k.scan_ok(raw.cols) && !BLOCKED.load(std::sync::atomic::Ordering::Relaxed);
+    let fused = k.fuse && k.scan_ok(raw.cols) && !blocked_scan();
     let lo_f = simd::ge_bound(lo);
     let gt_f = simd::gt_bound(hi);
     with_scratch(|buf| {

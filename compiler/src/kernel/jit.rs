@@ -93,6 +93,12 @@ pub struct CompiledKernel {
     /// Whether the expression reads row or column statistics (the f32x4 loops then need
     /// rows a multiple of 4 long).
     pub uses_pos: bool,
+    /// Whether the fused scans pay off: measured on the 100M benchmark, a fused loop over
+    /// the weights alone (magnitude) stays bound by memory and beats scoring a block and
+    /// classifying it with AVX-512; with a second input stream (Wanda's column statistics)
+    /// its 4-lane compares, packing and spills make it slower than that, so such
+    /// expressions scan block by block.
+    pub fuse: bool,
 }
 
 impl CompiledKernel {
@@ -193,10 +199,13 @@ pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
         // `fn(*mut KArgs)` in the host's default calling convention.
         unsafe { std::mem::transmute::<*const u8, KernelFn>(p) }
     };
-    let uses_pos = expr
-        .inputs()
+    let inputs = expr.inputs();
+    let uses_pos = inputs
         .iter()
         .any(|i| matches!(i, KInput::ColStat(_) | KInput::RowStat(_)));
+    let fuse = inputs
+        .iter()
+        .all(|i| matches!(i, KInput::Weight | KInput::Scalar(_)));
     let k = CompiledKernel {
         score: get(fids[0]),
         score_raw: get(fids[1]),
@@ -204,6 +213,7 @@ pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
         scan_zero: get(fids[3]),
         scan_zero_all: get(fids[4]),
         uses_pos,
+        fuse,
     };
     // The module's code memory must outlive every copy of the function pointers; the kernel
     // cache keeps them for the whole program, so the module is deliberately never freed.
