@@ -204,7 +204,9 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
             .collect();
         let restore = |work: &mut [Layer], pristine: &[Layer]| {
             for (a, b) in work.iter_mut().zip(pristine) {
-                a.w.copy_from_slice(&b.w);
+                a.w.par_chunks_mut(CHUNK)
+                    .zip(b.w.par_chunks(CHUNK))
+                    .for_each(|(x, y)| x.copy_from_slice(y));
                 a.mask.copy_from_slice(&b.mask);
             }
         };

@@ -119,7 +119,8 @@ pub struct PruneOptions {
     /// and per-tensor cuts without guards zero the weights below a sampled key range in their
     /// first scan (see `docs/kernels.md`). The results are identical; what changes is the
     /// state of the views after an error: **with `single_pass`, any error may leave the
-    /// weights and masks partly written**, so the caller must work on copies it can discard.
+    /// weights and masks partly written** (never a non-finite weight itself, so the error
+    /// names the same one), so the caller must work on copies it can discard.
     /// A global or per-tensor cut whose sample proved wrong in the one direction that cannot
     /// be undone returns [`KernelError::SampleMissed`]: retry on fresh copies without
     /// `single_pass`.
