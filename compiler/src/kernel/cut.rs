@@ -651,11 +651,20 @@ fn sample_range(
     // Runs are far apart, so each costs a trip to memory: a group of runs prefetches the
     // weights and mask word of the run `AHEAD` places on while it scores the current one.
     const AHEAD: usize = 8;
-    let groups: Vec<(Vec<u32>, Vec<u8>)> = runs
-        .par_chunks(128)
-        .map(|group| {
+    // The keys go to a buffer kept between calls (a fresh one page-faults on every call).
+    static KEYS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+    let mut store = KEYS
+        .lock()
+        .map(|mut k| std::mem::take(&mut *k))
+        .unwrap_or_default();
+    const GROUP: usize = 128;
+    store.resize(runs.len() * SAMPLE_RUN, 0);
+    let groups: Vec<(usize, Vec<u8>)> = runs
+        .par_chunks(GROUP)
+        .zip(store.par_chunks_mut(GROUP * SAMPLE_RUN))
+        .map(|(group, out)| {
             let mut buf = Vec::with_capacity(SAMPLE_RUN);
-            let mut keys = Vec::with_capacity(group.len() * SAMPLE_RUN);
+            let mut n = 0;
             let mut lens = Vec::with_capacity(group.len());
             for (i, &c) in group.iter().enumerate() {
                 if let Some(&n) = group.get(i + AHEAD) {
@@ -680,20 +689,40 @@ fn sample_range(
                 raw.score_into(k.score_raw, c.start, c.end, &mut buf);
                 // SAFETY: nothing writes the tensor during the search.
                 let word = unsafe { raw.mask_word(c.start / 64) };
-                let before = keys.len();
-                keys.extend(
-                    buf.iter()
-                        .enumerate()
-                        .filter(|&(j, _)| (word >> j) & 1 == 1)
-                        .map(|(_, &x)| score_key(x)),
-                );
-                lens.push((keys.len() - before) as u8);
+                let before = n;
+                for (j, &x) in buf.iter().enumerate() {
+                    if (word >> j) & 1 == 1 {
+                        out[n] = score_key(x);
+                        n += 1;
+                    }
+                }
+                lens.push((n - before) as u8);
             }
-            (keys, lens)
+            (n, lens)
         })
         .collect();
     super::raw::trace("sample keys", t_s);
-    let keys: Vec<&[u32]> = groups.iter().map(|g| &g.0[..]).collect();
+    let keys: Vec<&[u32]> = store
+        .chunks(GROUP * SAMPLE_RUN)
+        .zip(&groups)
+        .map(|(k, g)| &k[..g.0])
+        .collect();
+    let result = sample_cut(pool, &keys, &groups, below);
+    if let Ok(mut k) = KEYS.lock() {
+        *k = store;
+    }
+    super::raw::trace("sample select", t_s);
+    result
+}
+
+/// The sample's range from its keys (`keys`, in groups; `groups` holds each group's count and
+/// the alive keys of each of its runs), see [`sample_range`].
+fn sample_cut(
+    pool: &Pool,
+    keys: &[&[u32]],
+    groups: &[(usize, Vec<u8>)],
+    below: f64,
+) -> (u32, u32, f64) {
     let len: usize = keys.iter().map(|k| k.len()).sum();
     if len < 1024 {
         return (0, u32::MAX, 1.0);
@@ -702,12 +731,12 @@ fn sample_range(
     let q = (pool.keep as f64 / pool.alive as f64).clamp(0.0, 1.0);
     let pos = q * n;
     let last = len - 1;
-    let ranks = Ranks::new(&keys);
+    let ranks = Ranks::new(keys);
     // The estimated cut, and how the share of keys above it varies between runs.
     let at = (pos as usize).min(last);
-    let kq = ranks.key_at(&keys, at);
+    let kq = ranks.key_at(keys, at);
     let (mut ss, mut m) = (0.0f64, 0.0f64);
-    for (gk, gl) in &groups {
+    for (gk, (_, gl)) in keys.iter().zip(groups) {
         let mut at = 0;
         for &len in gl.iter().filter(|&&l| l > 0) {
             let r = &gk[at..at + len as usize];
@@ -730,14 +759,13 @@ fn sample_range(
     let lo = if bottom == last {
         0
     } else {
-        ranks.key_at(&keys, bottom)
+        ranks.key_at(keys, bottom)
     };
     let hi = if top == 0 {
         u32::MAX
     } else {
-        ranks.key_at(&keys, top)
+        ranks.key_at(keys, top)
     };
-    super::raw::trace("sample select", t_s);
     (lo, hi, (bottom - top) as f64 / n)
 }
 
