@@ -1,7 +1,10 @@
-//! Cranelift code generation: one criterion expression becomes two native score loops over a
-//! range of one tensor, f32x4 where possible: `score` (NaN scores canonical, for callers that
-//! report scores) and `score_raw` (any NaN bits, for internal score buffers that are only
-//! compared). Selection and masking run over those buffers in [`super::simd`].
+//! Cranelift code generation: one criterion expression becomes native loops over a range of
+//! one tensor, f32x4 where possible: `score` (NaN scores canonical, for callers that report
+//! scores) and `score_raw` (any NaN bits, for internal score buffers that are only compared),
+//! whose buffers selection and masking read in [`super::simd`]; and three fused scans
+//! (`scan_read`, `scan_zero`, `scan_zero_all`) that also classify each score against a key
+//! range, record the bits per word and, for the last two, zero the weights below the range in
+//! the same loop (see `docs/kernels.md`).
 //!
 //! A loop walks `[start, end)` in 64-element words of 16 groups of 4 lanes; elements after the
 //! last full word, and whole ranges whose rows are not a multiple of 4 long while the
