@@ -130,6 +130,16 @@ mod x86 {
     }
 }
 
+/// Kernel arguments for weights `[b0, b1)` of a chunk, scores into `buf`.
+fn block_args(w: &mut [f32], b0: usize, b1: usize, buf: &mut [f32]) -> KArgs {
+    let mut a = KArgs::empty();
+    a.w = w[b0..].as_mut_ptr();
+    a.out = buf.as_mut_ptr();
+    a.cols = COLS as u64;
+    a.end = (b1 - b0) as u64;
+    a
+}
+
 /// prunec's blocked scan over one chunk: JIT scores per block, then classify and zero.
 fn jit_blocks(
     score: prunec::kernel::jit::KernelFn,
@@ -144,11 +154,7 @@ fn jit_blocks(
     let len = w.len();
     for b0 in (0..len).step_by(BLOCK) {
         let b1 = (b0 + BLOCK).min(len);
-        let mut a = KArgs::empty();
-        a.w = w[b0..].as_mut_ptr();
-        a.out = buf.as_mut_ptr();
-        a.cols = COLS as u64;
-        a.end = (b1 - b0) as u64;
+        let mut a = block_args(w, b0, b1, &mut buf);
         // SAFETY: the kernel reads `b1 - b0` weights and writes as many scores into `buf`.
         unsafe { score(&mut a) };
         assert!(!simd::any_nonfinite(&w[b0..b1]));
@@ -192,11 +198,7 @@ fn jit_fused(
     let mut nonfinite = false;
     for b0 in (0..w.len()).step_by(BLOCK) {
         let b1 = (b0 + BLOCK).min(w.len());
-        let mut a = KArgs::empty();
-        a.w = w[b0..].as_mut_ptr();
-        a.out = buf.as_mut_ptr();
-        a.cols = COLS as u64;
-        a.end = (b1 - b0) as u64;
+        let mut a = block_args(w, b0, b1, &mut buf);
         a.lo = [lo; 4];
         a.gt = [gt; 4];
         a.ge = ge.as_mut_ptr();

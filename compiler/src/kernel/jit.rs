@@ -401,8 +401,8 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         // Eight groups of four lanes per iteration, two iterations per word. Without row
         // wraps the groups share one position and address their lanes by offsets.
         let i0 = gen.b.use_var(iv);
-        // Scan: the lane masks and magnitudes of the current four groups, and where the
-        // iteration's bits go (its 32 elements start a multiple of 32 after `start`).
+        // Scan: the lane masks of the current four groups, and where the iteration's bits
+        // go (its 32 elements start a multiple of 32 after `start`).
         let mut masks: Vec<(Value, Value)> = Vec::new();
         let bits_at = scan.as_ref().map(|_| {
             let rel = gen.b.ins().isub(i0, start);

@@ -246,7 +246,8 @@ pub fn prune_jit_with(
         let cuts = match find_cuts(&k, &mut raws, &mut sides, &pools, check) {
             Ok(c) => c,
             Err(CutError::NonFinite) => {
-                // Blocks holding a non-finite weight are never written, so the check finds
+                // Non-finite weights are never written (the scans stop writing at the block
+                // holding one, and never zero it), so the check finds
                 // the same first one as on untouched tensors.
                 drop(raws);
                 check_finite(tensors)?;

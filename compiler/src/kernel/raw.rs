@@ -89,10 +89,6 @@ impl KernelCache {
     }
 }
 
-/// Raw pointers to one tensor's buffers, shared by the parallel workers.
-///
-/// Workers only ever write disjoint element ranges that start at a multiple of 64 (so they
-/// also own disjoint mask words), and the pointers come from slices that outlive the call.
 /// The float-domain range a fused scan classifies against (see [`RawTensor::scan_into`]).
 #[derive(Clone, Copy, Debug)]
 pub struct ScanRange {
@@ -136,6 +132,10 @@ impl Default for ScanBits {
     }
 }
 
+/// Raw pointers to one tensor's buffers, shared by the parallel workers.
+///
+/// Workers only ever write disjoint element ranges that start at a multiple of 64 (so they
+/// also own disjoint mask words), and the pointers come from slices that outlive the call.
 pub struct RawTensor {
     w: *mut f32,
     grad: *const f32,
@@ -239,6 +239,7 @@ impl RawTensor {
     ) {
         assert!(start <= end && end <= self.len && (end - start).is_multiple_of(64));
         assert!(end - start <= BLOCK && out.len() == end - start);
+        assert!(k.scan_ok(self.cols), "a scan kernel on rows it cannot walk");
         let mut a = self.args(start, end);
         a.out = out.as_mut_ptr();
         a.lo = [range.lo; 4];

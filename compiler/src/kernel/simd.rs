@@ -403,18 +403,26 @@ pub fn count_words(
             )
         },
     };
-    if full * 64 < s.len() {
-        let (g, i) = classify_scalar(&s[full * 64..], lo, hi);
-        let a = mask[full] & ((1u64 << (s.len() % 64)) - 1);
-        above += (g & a).count_ones() as usize;
+    if let Some((g, i)) = tail_word(s, mask, full, lo, hi) {
+        above += g.count_ones() as usize;
         if !above_out.is_empty() {
-            above_out[full] = g & a;
+            above_out[full] = g;
         }
-        if i & a != 0 {
-            on_in(full, i & a);
+        if i != 0 {
+            on_in(full, i);
         }
     }
     above
+}
+
+/// The partial word after `full` whole words of `s`, if any: its alive elements above the
+/// range and inside it.
+fn tail_word(s: &[f32], mask: &[u64], full: usize, lo: u32, hi: u32) -> Option<(u64, u64)> {
+    (full * 64 < s.len()).then(|| {
+        let (g, i) = classify_scalar(&s[full * 64..], lo, hi);
+        let a = mask[full] & ((1u64 << (s.len() % 64)) - 1);
+        (g & a, i & a)
+    })
 }
 
 /// [`count_words`] that also masks the block in the same loop: the alive elements below
@@ -444,16 +452,13 @@ pub fn count_zero_words(
         // SAFETY: as above.
         _ => unsafe { count_zero_core(&Scalar { lo, hi }, s, w, mask, full, ahead, &mut on_in) },
     };
-    if full * 64 < s.len() {
-        let (g, i) = classify_scalar(&s[full * 64..], lo, hi);
-        let a = mask[full] & ((1u64 << (s.len() % 64)) - 1);
-        above += (g & a).count_ones() as usize;
-        if i & a != 0 {
-            on_in(full, i & a);
+    if let Some((g, i)) = tail_word(s, mask, full, lo, hi) {
+        above += g.count_ones() as usize;
+        if i != 0 {
+            on_in(full, i);
         }
-        let keep = (g | i) & a;
-        mask[full] = keep;
-        zero_scalar(&mut w[full * 64..], keep);
+        mask[full] = g | i;
+        zero_scalar(&mut w[full * 64..], g | i);
     }
     above
 }
