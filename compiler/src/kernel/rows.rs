@@ -268,7 +268,10 @@ fn per_row_unit(
     let margin = row_margin(keep, cols);
     let cap = 4 * margin + 64;
     let mut bracket = seed;
-    let mut cands: Vec<u64> = Vec::with_capacity(cap);
+    // The row's candidates, `key << 32 | index`, in the first `inr` entries. A slice written
+    // by index, not a `Vec` pushed to: pushes reload and store the length through memory,
+    // chaining the candidates one after another.
+    let mut cands = vec![0u64; cap];
     let mut tie_pos: Vec<usize> = Vec::new();
     let mut tmp: Vec<u32> = Vec::with_capacity(cols);
     let mut hist = vec![0u32; 2048];
@@ -312,23 +315,25 @@ fn per_row_unit(
                 None
             } else {
                 bracket.and_then(|(lo, hi)| {
-                    cands.clear();
                     let mut inr = 0usize;
                     let above = simd::count_words(buf, mask, lo, hi, ahead, side, |wi, bits| {
                         let mut m = bits;
-                        inr += m.count_ones() as usize;
-                        if inr <= cap {
-                            while m != 0 {
+                        let n = m.count_ones() as usize;
+                        if inr + n <= cap {
+                            let out = &mut cands[inr..inr + n];
+                            for c in out.iter_mut() {
                                 let j = wi * 64 + m.trailing_zeros() as usize;
-                                cands.push(((simd::key_of(buf[j]) as u64) << 32) | j as u64);
+                                *c = ((simd::key_of(buf[j]) as u64) << 32) | j as u64;
                                 m &= m - 1;
                             }
                         }
+                        inr += n;
                     });
                     if above >= keep || above + inr < keep || inr > cap {
                         return None;
                     }
                     let rank = keep - above - 1;
+                    let cands = &mut cands[..inr];
                     let (gt, &mut tc, _) = cands.select_nth_unstable_by(rank, |a, b| b.cmp(a));
                     let t = (tc >> 32) as u32;
                     let greater = gt.iter().filter(|&&x| (x >> 32) as u32 > t).count();
