@@ -903,7 +903,9 @@ fn step(
 }
 
 /// Per member, the histogram of its chunks' in-range keys (integer sums: any order gives
-/// the same counts, so the chunks are summed in parallel).
+/// the same counts, so the chunks are summed in parallel). A member's histogram is allocated
+/// only in the parallel pieces that meet one of its chunks: each piece zeroing and merging
+/// every member's took longer than the counting itself.
 fn member_hists(
     nm: usize,
     chunks: &[(usize, Chunk)],
@@ -911,22 +913,31 @@ fn member_hists(
     lo: u32,
     shift: u32,
 ) -> Vec<Vec<usize>> {
-    let empty = || vec![vec![0usize; BUCKETS]; nm];
-    chunks
+    let empty = || vec![Vec::new(); nm];
+    let mut hists = chunks
         .par_iter()
         .zip(sc)
-        .fold(empty, |mut h, (&(mi, _), s)| {
+        .fold(empty, |mut h: Vec<Vec<usize>>, (&(mi, _), s)| {
+            if h[mi].is_empty() {
+                h[mi] = vec![0usize; BUCKETS];
+            }
             add_hist(&mut h[mi], s, lo, shift);
             h
         })
         .reduce(empty, |mut a, b| {
             for (x, y) in a.iter_mut().zip(b) {
-                for (p, q) in x.iter_mut().zip(y) {
-                    *p += q;
+                if x.is_empty() {
+                    *x = y;
+                } else if !y.is_empty() {
+                    x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
                 }
             }
             a
-        })
+        });
+    for h in hists.iter_mut().filter(|h| h.is_empty()) {
+        *h = vec![0usize; BUCKETS];
+    }
+    hists
 }
 
 /// Resolves a cut that lies in the range from every chunk's candidates, which move into
