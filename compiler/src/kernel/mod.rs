@@ -99,8 +99,9 @@ pub fn prune_jit_with(
     validate(expr, sel, tensors, opts)?;
     let k = cache.get(expr)?;
     raw::trace("validate", start);
+    // All tensors at once: one parallel loop each left the threads idle at every end.
     let alive: Vec<usize> = tensors
-        .iter()
+        .par_iter()
         .map(|t| count_alive(t.mask, t.len()))
         .collect();
     raw::trace("alive", start);
