@@ -12,7 +12,12 @@
 //!   cache, then `simd::count_zero_words` classifies and zeroes them and candidates are
 //!   collected, after the finiteness check;
 //! - `prune_jit`: the whole single-pass call (sample, scan, resolution, fixup) on the same
-//!   data, for the fixed costs.
+//!   data, for the fixed costs;
+//! - `  (blocked)`: the same call with the blocked scan (`force_blocked_scan`);
+//! - `score only` and `blocks, no writes`: parts of `jit blocks`, to see where its time goes:
+//!   the JIT scoring each block into the buffer and nothing else (the part that streams the
+//!   weights in), then that plus the finiteness check and the classification without the
+//!   zeroing writes (`simd::count_words`) or candidates.
 //!
 //! The variants run interleaved, 12 times each; it prints the minimum and the median in ms.
 //! `cargo run --release -p prunec --example scan_bound [-- PARAMS]` (default 100M). Needs an
@@ -181,6 +186,42 @@ fn jit_blocks(
     above + cands.len() as u64
 }
 
+/// Parts of [`jit_blocks`]: the JIT scores each block into the buffer; with `classify`
+/// the block is also checked for non-finite weights and classified against the range
+/// (`simd::count_words`, which prefetches the next block as `jit_blocks` does), without
+/// zeroing anything or collecting candidates. Returns the in-range count (0 without
+/// `classify`).
+fn jit_blocks_read(
+    score: prunec::kernel::jit::KernelFn,
+    w: &mut [f32],
+    mask: &[u64],
+    lo: u32,
+    hi: u32,
+    classify: bool,
+) -> u64 {
+    let mut buf = vec![0.0f32; BLOCK];
+    let mut side = [0u64; BLOCK / 64];
+    let mut inr = 0u64;
+    let len = w.len();
+    for b0 in (0..len).step_by(BLOCK) {
+        let b1 = (b0 + BLOCK).min(len);
+        let mut a = block_args(w, b0, b1, &mut buf);
+        // SAFETY: the kernel reads `b1 - b0` weights and writes as many scores into `buf`.
+        unsafe { score(&mut a) };
+        if !classify {
+            continue;
+        }
+        assert!(!simd::any_nonfinite(&w[b0..b1]));
+        let ahead = &w[b1..(b1 + BLOCK).min(len)];
+        let s = &buf[..b1 - b0];
+        let m = &mask[b0 / 64..b1 / 64];
+        simd::count_words(s, m, lo, hi, ahead, &mut side[..m.len()], |_, bits| {
+            inr += bits.count_ones() as u64
+        });
+    }
+    inr
+}
+
 /// The fused JIT scan over one chunk: the kernel classifies and zeroes each block in its
 /// own loop; Rust then updates the mask words and collects the candidates.
 fn jit_fused(
@@ -266,6 +307,8 @@ fn main() {
         "jit fused",
         "prune_jit",
         "  (blocked)",
+        "score only",
+        "blocks, no writes",
     ];
     let mut times = vec![Vec::new(); names.len()];
     for _ in 0..REPEATS {
@@ -310,6 +353,11 @@ fn main() {
                     .zip(mask.par_chunks_mut(CHUNK / 64))
                     .map(|(c, m)| jit_fused(kernel.scan_zero, c, m, lo_f, gt_f))
                     .sum::<u64>(),
+                7 | 8 => w
+                    .par_chunks_mut(CHUNK)
+                    .zip(mask.par_chunks_mut(CHUNK / 64))
+                    .map(|(c, m)| jit_blocks_read(score, c, m, lo_k, hi_k, v == 8))
+                    .sum::<u64>(),
                 _ => {
                     prunec::kernel::force_blocked_scan(v == 6);
                     let mut views = vec![TensorView::new("w", n / COLS, COLS, &mut w, &mut mask)];
@@ -337,7 +385,7 @@ fn main() {
     for (name, t) in names.iter().zip(&mut times) {
         t.sort_by(f64::total_cmp);
         println!(
-            "{name:>13}: min {:6.2} ms   median {:6.2} ms",
+            "{name:>17}: min {:6.2} ms   median {:6.2} ms",
             t[0],
             t[t.len() / 2]
         );
