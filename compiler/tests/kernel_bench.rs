@@ -22,6 +22,7 @@ fn bench_reports_all_cases() {
             "gb_per_s",
             "streaming_gb_per_s",
             "ratio_to_streaming",
+            "paired_ratio_median",
             "candle_seconds",
             "speedup_vs_candle",
             "read_seconds",
