@@ -97,10 +97,10 @@ pub struct CompiledKernel {
     /// rows a multiple of 4 long).
     pub uses_pos: bool,
     /// Whether the fused scans pay off: measured on the 100M benchmark, a fused loop over
-    /// the weights alone (magnitude) stays bound by memory and beats scoring a block and
-    /// classifying it with AVX-512; with a second input stream (Wanda's column statistics)
-    /// its 4-lane compares, packing and spills make it slower than that, so such
-    /// expressions scan block by block.
+    /// the weights alone (magnitude) beats scoring a block and classifying it with AVX-512;
+    /// the 4-lane loop is bound by instructions (about three per weight), and with a second
+    /// input stream (Wanda's column statistics: a load and a multiply more per four weights)
+    /// it is slower than the blocked scan, so such expressions scan block by block.
     pub fuse: bool,
 }
 
