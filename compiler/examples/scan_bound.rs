@@ -145,6 +145,19 @@ fn block_args(w: &mut [f32], b0: usize, b1: usize, buf: &mut [f32]) -> KArgs {
     a
 }
 
+/// The JIT's score kernel on weights `[b0, b1)` of a chunk, scores into `buf`.
+fn score_block(
+    score: prunec::kernel::jit::KernelFn,
+    w: &mut [f32],
+    b0: usize,
+    b1: usize,
+    buf: &mut [f32],
+) {
+    let mut a = block_args(w, b0, b1, buf);
+    // SAFETY: the kernel reads `b1 - b0` weights and writes as many scores into `buf`.
+    unsafe { score(&mut a) };
+}
+
 /// prunec's blocked scan over one chunk: JIT scores per block, then classify and zero.
 fn jit_blocks(
     score: prunec::kernel::jit::KernelFn,
@@ -159,9 +172,7 @@ fn jit_blocks(
     let len = w.len();
     for b0 in (0..len).step_by(BLOCK) {
         let b1 = (b0 + BLOCK).min(len);
-        let mut a = block_args(w, b0, b1, &mut buf);
-        // SAFETY: the kernel reads `b1 - b0` weights and writes as many scores into `buf`.
-        unsafe { score(&mut a) };
+        score_block(score, w, b0, b1, &mut buf);
         assert!(!simd::any_nonfinite(&w[b0..b1]));
         let (head, tail) = w.split_at_mut(b1);
         let ahead = &tail[..BLOCK.min(tail.len())];
@@ -205,9 +216,7 @@ fn jit_blocks_read(
     let len = w.len();
     for b0 in (0..len).step_by(BLOCK) {
         let b1 = (b0 + BLOCK).min(len);
-        let mut a = block_args(w, b0, b1, &mut buf);
-        // SAFETY: the kernel reads `b1 - b0` weights and writes as many scores into `buf`.
-        unsafe { score(&mut a) };
+        score_block(score, w, b0, b1, &mut buf);
         if !classify {
             continue;
         }
