@@ -278,10 +278,9 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
     let start = ld(b, I64, offset_of!(KArgs, start));
     let end = ld(b, I64, offset_of!(KArgs, end));
     let out = ld(b, I64, offset_of!(KArgs, out));
-    // `out_base + 4 i` is the output of element `i` (wrapping arithmetic).
-    let two = b.ins().iconst(I64, 2);
-    let start4 = b.ins().ishl(start, two);
-    let out_base = b.ins().isub(out, start4);
+    // The output of element `i` is at `out + 4 (i - start)`, the offset computed where it is
+    // used: a base `out - 4 start` computed here would be recomputed in every iteration, as
+    // cranelift rematerialises a shift by a constant in each block that uses it.
     let uses_pos = inputs
         .iter()
         .any(|i| matches!(i, KInput::ColStat(_) | KInput::RowStat(_)));
@@ -436,7 +435,8 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
             } else {
                 s
             };
-            let a = gen.addr4(out_base, i);
+            let rel = gen.b.ins().isub(i, start);
+            let a = gen.addr4(out, rel);
             gen.b.ins().store(mf(), s, a, gen.off);
             if let (Some(sc), Some(at)) = (&scan, bits_at) {
                 let (wa, wv) = wv.expect("loaded for a scan");
@@ -493,7 +493,8 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
         let cn = gen.b.ins().f32const(f32::from_bits(CANONICAL_NAN));
         s = gen.b.ins().select(nan, cn, s);
     }
-    let a = gen.addr4(out_base, i);
+    let rel = gen.b.ins().isub(i, start);
+    let a = gen.addr4(out, rel);
     gen.b.ins().store(mf(), s, a, 0);
     advance(&mut gen, 1, cols, true);
     gen.b.ins().jump(tail_head, &[]);
