@@ -145,17 +145,22 @@ fn block_args(w: &mut [f32], b0: usize, b1: usize, buf: &mut [f32]) -> KArgs {
     a
 }
 
-/// The JIT's score kernel on weights `[b0, b1)` of a chunk, scores into `buf`.
-fn score_block(
+/// The JIT's score kernel block by block over a chunk, each block's scores into one buffer;
+/// `then(w, b0, b1, scores)` runs after each block.
+fn score_blocks(
     score: prunec::kernel::jit::KernelFn,
     w: &mut [f32],
-    b0: usize,
-    b1: usize,
-    buf: &mut [f32],
+    mut then: impl FnMut(&mut [f32], usize, usize, &[f32]),
 ) {
-    let mut a = block_args(w, b0, b1, buf);
-    // SAFETY: the kernel reads `b1 - b0` weights and writes as many scores into `buf`.
-    unsafe { score(&mut a) };
+    let mut buf = vec![0.0f32; BLOCK];
+    let len = w.len();
+    for b0 in (0..len).step_by(BLOCK) {
+        let b1 = (b0 + BLOCK).min(len);
+        let mut a = block_args(w, b0, b1, &mut buf);
+        // SAFETY: the kernel reads `b1 - b0` weights and writes as many scores into `buf`.
+        unsafe { score(&mut a) };
+        then(w, b0, b1, &buf[..b1 - b0]);
+    }
 }
 
 /// prunec's blocked scan over one chunk: JIT scores per block, then classify and zero.
@@ -166,17 +171,12 @@ fn jit_blocks(
     lo: u32,
     hi: u32,
 ) -> u64 {
-    let mut buf = vec![0.0f32; BLOCK];
     let mut cands: Vec<u64> = Vec::with_capacity(4096);
     let mut above = 0u64;
-    let len = w.len();
-    for b0 in (0..len).step_by(BLOCK) {
-        let b1 = (b0 + BLOCK).min(len);
-        score_block(score, w, b0, b1, &mut buf);
+    score_blocks(score, w, |w, b0, b1, s| {
         assert!(!simd::any_nonfinite(&w[b0..b1]));
         let (head, tail) = w.split_at_mut(b1);
         let ahead = &tail[..BLOCK.min(tail.len())];
-        let s = &buf[..b1 - b0];
         above += simd::count_zero_words(
             s,
             &mut head[b0..],
@@ -193,7 +193,7 @@ fn jit_blocks(
                 }
             },
         ) as u64;
-    }
+    });
     above + cands.len() as u64
 }
 
@@ -210,24 +210,19 @@ fn jit_blocks_read(
     hi: u32,
     classify: bool,
 ) -> u64 {
-    let mut buf = vec![0.0f32; BLOCK];
     let mut side = [0u64; BLOCK / 64];
     let mut inr = 0u64;
-    let len = w.len();
-    for b0 in (0..len).step_by(BLOCK) {
-        let b1 = (b0 + BLOCK).min(len);
-        score_block(score, w, b0, b1, &mut buf);
+    score_blocks(score, w, |w, b0, b1, s| {
         if !classify {
-            continue;
+            return;
         }
         assert!(!simd::any_nonfinite(&w[b0..b1]));
-        let ahead = &w[b1..(b1 + BLOCK).min(len)];
-        let s = &buf[..b1 - b0];
+        let ahead = &w[b1..(b1 + BLOCK).min(w.len())];
         let m = &mask[b0 / 64..b1 / 64];
         simd::count_words(s, m, lo, hi, ahead, &mut side[..m.len()], |_, bits| {
             inr += bits.count_ones() as u64
         });
-    }
+    });
     inr
 }
 

@@ -121,6 +121,13 @@ enum Kind {
     ScanZeroAll,
 }
 
+/// Whether inputs read row or column statistics, so the loops track rows and columns.
+fn reads_position(inputs: &[KInput]) -> bool {
+    inputs
+        .iter()
+        .any(|i| matches!(i, KInput::ColStat(_) | KInput::RowStat(_)))
+}
+
 /// Compiles the kernels of `expr` into a fresh JIT module.
 pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
     let mut flags = cranelift_codegen::settings::builder();
@@ -203,9 +210,7 @@ pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
         unsafe { std::mem::transmute::<*const u8, KernelFn>(p) }
     };
     let inputs = expr.inputs();
-    let uses_pos = inputs
-        .iter()
-        .any(|i| matches!(i, KInput::ColStat(_) | KInput::RowStat(_)));
+    let uses_pos = reads_position(&inputs);
     let fuse = inputs
         .iter()
         .all(|i| matches!(i, KInput::Weight | KInput::Scalar(_)));
@@ -281,9 +286,7 @@ fn build(kind: Kind, expr: &KExpr, b: &mut FunctionBuilder, calls: [FuncRef; 3])
     // The output of element `i` is at `out + 4 (i - start)`, the offset computed where it is
     // used: a base `out - 4 start` computed here would be recomputed in every iteration, as
     // cranelift rematerialises a shift by a constant in each block that uses it.
-    let uses_pos = inputs
-        .iter()
-        .any(|i| matches!(i, KInput::ColStat(_) | KInput::RowStat(_)));
+    let uses_pos = reads_position(&inputs);
     let canonical = kind == Kind::Score;
 
     let iv = b.declare_var(I64);

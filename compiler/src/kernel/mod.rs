@@ -248,8 +248,8 @@ pub fn prune_jit_with(
             Ok(c) => c,
             Err(CutError::NonFinite) => {
                 // Non-finite weights are never written (the scans stop writing at the block
-                // holding one, and never zero it), so the check finds
-                // the same first one as on untouched tensors.
+                // holding one, and never zero it), so the check finds the same first one as
+                // on untouched tensors.
                 drop(raws);
                 check_finite(tensors)?;
                 unreachable!("a scan saw a non-finite weight that the check did not");
