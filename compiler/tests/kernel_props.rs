@@ -133,6 +133,29 @@ fn expr() -> impl Strategy<Value = KExpr> {
         Just(BinOp::Max),
         Just(BinOp::Pow)
     ];
+    exprs(un.boxed(), bin.boxed())
+}
+
+/// Expressions in the AVX-512 scans' subset (no `log`, `exp`, `sign`, `pow`).
+fn wide_expr() -> impl Strategy<Value = KExpr> {
+    let un = prop_oneof![
+        Just(UnOp::Neg),
+        Just(UnOp::Abs),
+        Just(UnOp::Sq),
+        Just(UnOp::Sqrt)
+    ];
+    let bin = prop_oneof![
+        Just(BinOp::Add),
+        Just(BinOp::Sub),
+        Just(BinOp::Mul),
+        Just(BinOp::Div),
+        Just(BinOp::Min),
+        Just(BinOp::Max)
+    ];
+    exprs(un.boxed(), bin.boxed())
+}
+
+fn exprs(un: BoxedStrategy<UnOp>, bin: BoxedStrategy<BinOp>) -> impl Strategy<Value = KExpr> {
     let cmp = prop_oneof![
         Just(CmpOp::Lt),
         Just(CmpOp::Le),
@@ -275,12 +298,21 @@ fn scan_agrees(d: &Data, e: &KExpr, lo: u32, hi: u32) -> Result<(), TestCaseErro
     use prunec::kernel::{simd, KernelCache};
     let o = opts(true);
     let k = KernelCache::global().get(e).unwrap();
-    if !k.scan_ok(d.cols) {
-        return Ok(());
+    // Both code generators: the AVX-512 scans where this host has them, and cranelift's.
+    let narrow = prunec::kernel::jit::CompiledKernel { wide: None, ..k };
+    let mut kernels = vec![];
+    if k.wide_for(d.cols).is_some() {
+        kernels.push(k);
+    }
+    if narrow.scan_ok(d.cols) {
+        kernels.push(narrow);
     }
     let want = score_reference(e, &d.clone().view(0), &o).unwrap();
     let whole = d.w.len() / 64 * 64;
-    for (write, allow) in [(false, false), (true, false), (true, true)] {
+    for (k, write, allow) in kernels
+        .iter()
+        .flat_map(|k| [(k, false, false), (k, true, false), (k, true, true)])
+    {
         let mut dd = d.clone();
         let raw = RawTensor::new(&mut dd.view(0), std::sync::Arc::new(o.scalars.clone()));
         let range = ScanRange {
@@ -289,35 +321,114 @@ fn scan_agrees(d: &Data, e: &KExpr, lo: u32, hi: u32) -> Result<(), TestCaseErro
             write,
             allow,
         };
+        // The AVX-512 writing scans also settle the mask: alive elements at or above the
+        // range stay, and alive non-finite ones (unless allowed); all other weights become
+        // +0.0; `ge` then holds the kept elements not above the range.
+        let settles = write && k.wide_for(d.cols).is_some();
+        let alive = |i: usize| (d.mask[i / 64] >> (i % 64)) & 1 == 1;
+        let kept = |i: usize| {
+            alive(i) && (score_key(want[i]) >= lo || (settles && !allow && !d.w[i].is_finite()))
+        };
         let mut bits = ScanBits::new();
         let mut out = vec![0.0f32; BLOCK];
         for p0 in (0..whole).step_by(BLOCK) {
             let p1 = (p0 + BLOCK).min(whole);
             // SAFETY: this test owns the tensor.
-            unsafe { raw.scan_into(&k, p0, p1, &range, &mut out[..p1 - p0], &mut bits) };
+            let st = unsafe { raw.scan_into(k, p0, p1, &range, &mut out[..p1 - p0], &mut bits) };
+            prop_assert_eq!(st.is_some(), settles);
+            if let Some(st) = st {
+                let above = (p0..p1)
+                    .filter(|&i| alive(i) && score_key(want[i]) > hi)
+                    .count();
+                let bad = (p0..p1).any(|i| alive(i) && !d.w[i].is_finite());
+                prop_assert_eq!(st.above, above as u64, "{} above", e);
+                prop_assert_eq!(st.bad, bad && !allow, "{} bad", e);
+            }
             for j in 0..p1 - p0 {
-                let key = score_key(want[p0 + j]);
+                let i = p0 + j;
+                let key = score_key(want[i]);
                 let bit = |h: &[u16; BLOCK / 16]| (h[j / 16] >> (j % 16)) & 1 == 1;
-                prop_assert_eq!(score_key(out[j]), key, "{} score {}", e, p0 + j);
-                prop_assert_eq!(
-                    bit(&bits.ge),
-                    key >= lo,
-                    "{} ge {} key {:#x}",
-                    e,
-                    p0 + j,
-                    key
-                );
-                prop_assert_eq!(bit(&bits.over), key > hi, "{} over {}", e, p0 + j);
+                prop_assert_eq!(score_key(out[j]), key, "{} score {}", e, i);
+                if settles {
+                    prop_assert_eq!(bit(&bits.ge), kept(i) && key <= hi, "{} in {}", e, i);
+                    continue;
+                }
+                prop_assert_eq!(bit(&bits.ge), key >= lo, "{} ge {} key {:#x}", e, i, key);
+                prop_assert_eq!(bit(&bits.over), key > hi, "{} over {}", e, i);
             }
         }
         drop(raw);
         for (i, ((&w0, &w1), &s)) in d.w.iter().zip(&dd.w).zip(&want).enumerate() {
-            let zeroed = write && i < whole && score_key(s) < lo && (allow || w0.is_finite());
+            let zeroed = if settles {
+                i < whole && !kept(i)
+            } else {
+                write && i < whole && score_key(s) < lo && (allow || w0.is_finite())
+            };
             let expect = if zeroed { 0.0f32 } else { w0 };
             prop_assert_eq!(w1.to_bits(), expect.to_bits(), "{} weight {}", e, i);
+            let m = (dd.mask[i / 64] >> (i % 64)) & 1 == 1;
+            let want_m = if settles && i < whole {
+                kept(i)
+            } else {
+                alive(i)
+            };
+            prop_assert_eq!(m, want_m, "{} mask {}", e, i);
         }
     }
     Ok(())
+}
+
+/// Tensors whose rows are a multiple of 64 long, where the AVX-512 scans also run
+/// expressions reading row and column statistics.
+fn wide_tensors(max_tensors: usize) -> impl Strategy<Value = Vec<Data>> {
+    prop::collection::vec((1usize..6, 1usize..4), 1..=max_tensors).prop_flat_map(|shapes| {
+        shapes
+            .into_iter()
+            .map(|(r, c)| data(r, c * 64, true))
+            .collect::<Vec<_>>()
+    })
+}
+
+/// A key range around keys the scores of `e` on `d` have (`pick` 0), arbitrary (1), or one
+/// arbitrary key (2).
+fn scan_range(d: &Data, e: &KExpr, a: u32, b: u32, pick: usize) -> (u32, u32) {
+    let keys: Vec<u32> = {
+        let o = opts(true);
+        let mut k: Vec<u32> = score_reference(e, &d.clone().view(0), &o)
+            .unwrap()
+            .iter()
+            .map(|&s| prunec::kernel::expr::score_key(s))
+            .collect();
+        k.sort_unstable();
+        k
+    };
+    let (lo, hi) = match pick {
+        0 => (keys[a as usize % keys.len()], keys[b as usize % keys.len()]),
+        1 => (a, b),
+        _ => (a, a),
+    };
+    (lo.min(hi).max(1), lo.max(hi).max(1))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn wide_scan_kernels_agree(ds in wide_tensors(1), e in wide_expr(), a in any::<u32>(), b in any::<u32>(), pick in 0usize..3) {
+        let (lo, hi) = scan_range(&ds[0], &e, a, b, pick);
+        scan_agrees(&ds[0], &e, lo, hi)?;
+    }
+
+    #[test]
+    fn wide_cuts_agree(ds in wide_tensors(3), e in wide_expr(), frac in 0.0f64..=1.0) {
+        let alive: Vec<usize> = ds.iter().map(|d| d.mask.iter().map(|w| w.count_ones() as usize).sum()).collect();
+        let keep = (alive.iter().sum::<usize>() as f64 * frac) as usize;
+        same(&ds, &e, &Selection::Global { keep, min_keep: vec![], max_keep: vec![] }, &opts(true))?;
+        let keep = alive.iter().map(|&a| (a as f64 * frac) as usize).collect();
+        same(&ds, &e, &Selection::PerTensor { keep }, &opts(true))?;
+        let keep = ds.iter().map(|d| d.mask.iter().map(|w| w.count_ones() as usize).sum::<usize>()).sum::<usize>() * 9 / 10;
+        same(&ds, &e, &Selection::Global { keep, min_keep: vec![], max_keep: vec![] }, &opts(false))?;
+    }
 }
 
 proptest! {
@@ -326,20 +437,36 @@ proptest! {
     #[test]
     fn scan_kernels_agree(ds in tensors(1, true, 4), e in expr(), a in any::<u32>(), b in any::<u32>(), pick in 0usize..3) {
         let d = &ds[0];
-        // Ranges around keys the data has, or arbitrary ones.
-        let keys: Vec<u32> = {
-            let o = opts(true);
-            let mut k: Vec<u32> = score_reference(&e, &d.clone().view(0), &o).unwrap()
-                .iter().map(|&s| prunec::kernel::expr::score_key(s)).collect();
-            k.sort_unstable();
-            k
-        };
-        let (lo, hi) = match pick {
-            0 => (keys[a as usize % keys.len()], keys[b as usize % keys.len()]),
-            1 => (a, b),
-            _ => (a, a),
-        };
-        let (lo, hi) = (lo.min(hi).max(1), lo.max(hi).max(1));
+        let (lo, hi) = scan_range(d, &e, a, b, pick);
         scan_agrees(d, &e, lo, hi)?;
+    }
+}
+
+/// `min` / `max` order `-0 < +0` and return NaN for NaN in both code generators: visible
+/// through `1 / min(w, -w)` (`-inf` for either zero) and `1 / max(w, -w)` (`+inf`).
+#[test]
+fn min_max_signed_zeros_and_nan() {
+    let n = 128;
+    let w: Vec<f32> = (0..n)
+        .map(|i| [0.0, -0.0, f32::NAN, 1.5, -2.0, f32::INFINITY][i % 6])
+        .collect();
+    let d = Data {
+        rows: 2,
+        cols: 64,
+        grad: w.iter().rev().copied().collect(),
+        init: vec![0.0; n],
+        col: vec![1.0; 64],
+        row: vec![1.0; 2],
+        mask: full_mask(n),
+        w,
+    };
+    let neg_w = KExpr::un(UnOp::Neg, KExpr::weight());
+    for op in [BinOp::Min, BinOp::Max] {
+        let m = KExpr::bin(op, KExpr::weight(), neg_w.clone());
+        let e = KExpr::bin(BinOp::Div, KExpr::Const(1.0), m);
+        scan_agrees(&d, &e, 1, u32::MAX - 1).unwrap();
+        let g = KExpr::bin(op, KExpr::Input(KInput::Grad), KExpr::weight());
+        let e = KExpr::bin(BinOp::Div, KExpr::Const(1.0), g);
+        scan_agrees(&d, &e, 0x8000_0000, 0xff00_0000).unwrap();
     }
 }

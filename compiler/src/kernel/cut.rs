@@ -210,7 +210,7 @@ fn scan_chunk(
     // The fused scan kernel classifies (and zeroes) whole words in the JIT's own loop; the
     // elements after a block's last whole word, and tensors it cannot run on, take the score
     // buffer and the vectorised classification.
-    let fused = k.fuse && k.scan_ok(raw.cols) && !blocked_scan();
+    let fused = k.fused_for(raw.cols) && !blocked_scan();
     let lo_f = simd::ge_bound(lo);
     let gt_f = simd::gt_bound(hi);
     with_scratch(|buf| {
@@ -283,7 +283,23 @@ fn scan_chunk(
                     };
                     buf.resize(p1 - p0, 0.0);
                     // SAFETY: this worker owns the chunk (it only writes with `writing`).
-                    unsafe { raw.scan_into(k, p0, p1, &range, buf, &mut bits) };
+                    let settled = unsafe { raw.scan_into(k, p0, p1, &range, buf, &mut bits) };
+                    if let Some(st) = settled {
+                        // The AVX-512 kernel settled the mask and zeroed the weights itself.
+                        if check && st.bad {
+                            // It left the alive non-finite weights alive and as they were.
+                            bad_in(&mut writing);
+                            continue;
+                        }
+                        above += st.above;
+                        for wi in 0..(p1 - p0) / 64 {
+                            let inr = ScanBits::word(&bits.ge, wi);
+                            if inr != 0 {
+                                on_in(buf, wi, inr);
+                            }
+                        }
+                        continue;
+                    }
                     // SAFETY: as above; the weights are in cache now.
                     let any_bad = check && simd::any_nonfinite(unsafe { raw.weights(p0, p1) });
                     if any_bad && bad_in(&mut writing) {
@@ -1085,8 +1101,8 @@ pub(super) mod tests {
 
     use super::super::expr::score_key;
     use super::super::{
-        full_mask, prune_jit, prune_reference, KExpr, KernelError, PruneOptions, Selection,
-        TensorView,
+        full_mask, prune_jit_with, prune_reference, KExpr, KernelCache, KernelError, PruneOptions,
+        Selection, TensorView,
     };
 
     thread_local! {
@@ -1096,6 +1112,18 @@ pub(super) mod tests {
         pub static SPECULATED: Cell<usize> = const { Cell::new(0) };
         /// Cuts resolved from a speculative scan's candidates (calling thread only).
         pub static FIXUPS: Cell<usize> = const { Cell::new(0) };
+        /// `prune` uses cranelift's scans only, not the AVX-512 ones (calling thread only).
+        static NARROW: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Runs `f` with each code generator for the scans: the AVX-512 one (where the host has
+    /// it) and cranelift's.
+    fn each_generator(mut f: impl FnMut()) {
+        for narrow in [false, true] {
+            NARROW.with(|n| n.set(narrow));
+            f();
+        }
+        NARROW.with(|n| n.set(false));
     }
 
     #[derive(Clone)]
@@ -1157,8 +1185,14 @@ pub(super) mod tests {
             .enumerate()
             .map(|(i, t)| TensorView::new(&format!("t{i}"), t.rows, t.cols, &mut t.w, &mut t.mask))
             .collect();
+        static NARROW_CACHE: std::sync::OnceLock<KernelCache> = std::sync::OnceLock::new();
+        let cache = if NARROW.with(|n| n.get()) {
+            NARROW_CACHE.get_or_init(KernelCache::narrow)
+        } else {
+            KernelCache::global()
+        };
         let r = if jit {
-            prune_jit(&KExpr::magnitude(), sel, &mut views, o)
+            prune_jit_with(cache, &KExpr::magnitude(), sel, &mut views, o)
         } else {
             prune_reference(&KExpr::magnitude(), sel, &mut views, o)
         };
@@ -1219,6 +1253,10 @@ pub(super) mod tests {
 
     #[test]
     fn speculative_scans_match_the_reference() {
+        each_generator(speculative_scans_agree);
+    }
+
+    fn speculative_scans_agree() {
         for (seed, levels, row_scales) in [(1, 0, false), (2, 0, true), (3, 40, false)] {
             let ds = data(seed, levels, row_scales);
             let k = keys(&ds);
@@ -1283,6 +1321,10 @@ pub(super) mod tests {
 
     #[test]
     fn non_finite_weights_stop_the_writing_scan_where_they_are() {
+        each_generator(non_finite_weights_stop_the_writing_scan);
+    }
+
+    fn non_finite_weights_stop_the_writing_scan() {
         let mut ds = data(5, 0, true);
         ds[1].w[70_001] = f32::NAN;
         ds[0].w[200_000] = f32::INFINITY;

@@ -22,6 +22,7 @@ use std::mem::offset_of;
 
 use super::expr::{prunec_expf, prunec_logf, prunec_powf, KExpr, KInput, CANONICAL_NAN};
 use super::translate::{mf, off, vmf, Gen};
+use super::wide::WideScans;
 
 /// The argument block every kernel receives (one pointer).
 #[repr(C)]
@@ -49,6 +50,13 @@ pub struct KArgs {
     /// them as `u16`: wider loads of what narrower stores just wrote stall the CPU.)
     pub ge: *mut u16,
     pub over: *mut u16,
+    /// The AVX-512 writing scans ([`super::wide`]) also settle the mask: the mask word of
+    /// element `start`, updated in place.
+    pub mask: *mut u64,
+    /// Out, from the AVX-512 writing scans: per lane, the alive elements above the range.
+    pub above: [u32; 16],
+    /// Out, from the AVX-512 writing scans: nonzero if an alive weight is not finite.
+    pub bad: u16,
 }
 
 impl KArgs {
@@ -69,6 +77,9 @@ impl KArgs {
             gt: [0.0; 4],
             ge: std::ptr::null_mut(),
             over: std::ptr::null_mut(),
+            mask: std::ptr::null_mut(),
+            above: [0; 16],
+            bad: 0,
         }
     }
 }
@@ -102,12 +113,26 @@ pub struct CompiledKernel {
     /// input stream (Wanda's column statistics: a load and a multiply more per four weights)
     /// it is slower than the blocked scan, so such expressions scan block by block.
     pub fuse: bool,
+    /// The same three scans in AVX-512 machine code ([`super::wide`]), on hosts with
+    /// AVX-512 and for expressions in its subset; used instead of the cranelift scans
+    /// wherever [`WideScans::ok`], and then worth fusing whatever the inputs.
+    pub wide: Option<WideScans>,
 }
 
 impl CompiledKernel {
     /// Whether the scan kernels can run on a tensor of `cols` columns.
     pub fn scan_ok(&self, cols: usize) -> bool {
         !self.uses_pos || cols.is_multiple_of(4)
+    }
+
+    /// The AVX-512 scans, if there are any that run on a tensor of `cols` columns.
+    pub fn wide_for(&self, cols: usize) -> Option<WideScans> {
+        self.wide.filter(|w| w.ok(cols))
+    }
+
+    /// Whether cuts should scan a tensor of `cols` columns with a fused scan kernel.
+    pub fn fused_for(&self, cols: usize) -> bool {
+        self.wide_for(cols).is_some() || (self.fuse && self.scan_ok(cols))
     }
 }
 
@@ -222,6 +247,7 @@ pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
         scan_zero_all: get(fids[4]),
         uses_pos,
         fuse,
+        wide: super::wide::compile(expr),
     };
     // The module's code memory must outlive every copy of the function pointers; the kernel
     // cache keeps them for the whole program, so the module is deliberately never freed.

@@ -17,6 +17,7 @@ mod rows;
 pub mod simd;
 mod translate;
 pub mod types;
+pub mod wide;
 
 use std::sync::Arc;
 

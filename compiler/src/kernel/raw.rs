@@ -49,12 +49,23 @@ pub fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
 #[derive(Default)]
 pub struct KernelCache {
     kernels: Mutex<HashMap<String, CompiledKernel>>,
+    /// Never use the AVX-512 scans (for comparisons).
+    narrow: bool,
 }
 
 impl KernelCache {
     /// An empty cache.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty cache whose kernels only ever run cranelift's code (no AVX-512 scans), for
+    /// comparisons of the two code generators in one process.
+    pub fn narrow() -> Self {
+        KernelCache {
+            narrow: true,
+            ..Self::default()
+        }
     }
 
     /// The process-wide cache `prune_jit` uses.
@@ -70,10 +81,13 @@ impl KernelCache {
         if let Some(k) = map.get(&key) {
             return Ok(*k);
         }
-        let k = compile(expr).map_err(|reason| KernelError::Compile {
+        let mut k = compile(expr).map_err(|reason| KernelError::Compile {
             expr: expr.to_string(),
             reason,
         })?;
+        if self.narrow {
+            k.wide = None;
+        }
         map.insert(key, k);
         Ok(k)
     }
@@ -100,6 +114,15 @@ pub struct ScanRange {
     pub write: bool,
     /// Zero non-finite weights below the range too (otherwise they are left as they are).
     pub allow: bool,
+}
+
+/// What an AVX-512 writing scan of a block found (see [`RawTensor::scan_into`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Settled {
+    /// Alive elements above the range.
+    pub above: u64,
+    /// Whether an alive weight is not finite (only when non-finite weights are not allowed).
+    pub bad: bool,
 }
 
 /// What a fused scan of at most one block writes besides the scores: per 16 elements one
@@ -221,6 +244,10 @@ impl RawTensor {
     }
 
     /// Runs the fused scan kernel of `k` that `range` asks for on `[start, end)`,
+    /// returning what it settled itself: `Some` for the AVX-512 writing scans (see
+    /// [`super::wide`]), which also update the mask (alive elements at or above the range,
+    /// and alive non-finite ones, stay), zero every other weight (pruned ones too) and leave
+    /// in `bits.ge` the alive elements inside the range; `None` for the others,
     /// a whole number of 64-element words, at most a block: scores go to `out`
     /// (`end - start` of them), the classification against `range` to `bits`; with
     /// `range.write` the weights below the range are zeroed (non-finite ones only with
@@ -236,25 +263,41 @@ impl RawTensor {
         range: &ScanRange,
         out: &mut [f32],
         bits: &mut ScanBits,
-    ) {
+    ) -> Option<Settled> {
         assert!(start <= end && end <= self.len && (end - start).is_multiple_of(64));
         assert!(end - start <= BLOCK && out.len() == end - start);
-        assert!(k.scan_ok(self.cols), "a scan kernel on rows it cannot walk");
+        let wide = k.wide_for(self.cols);
+        assert!(
+            wide.is_some() || k.scan_ok(self.cols),
+            "a scan kernel on rows it cannot walk"
+        );
         let mut a = self.args(start, end);
         a.out = out.as_mut_ptr();
         a.lo = [range.lo; 4];
         a.gt = [range.gt; 4];
         a.ge = bits.ge.as_mut_ptr();
         a.over = bits.over.as_mut_ptr();
-        let f = match (range.write, range.allow) {
-            (false, _) => k.scan_read,
-            (true, false) => k.scan_zero,
-            (true, true) => k.scan_zero_all,
+        let f = match (range.write, range.allow, wide) {
+            (false, _, Some(w)) => w.read,
+            (true, false, Some(w)) => w.zero,
+            (true, true, Some(w)) => w.zero_all,
+            (false, _, None) => k.scan_read,
+            (true, false, None) => k.scan_zero,
+            (true, true, None) => k.scan_zero_all,
         };
+        let settles = wide.is_some() && range.write;
+        if settles {
+            // SAFETY: `start` is a multiple of 64 within the tensor, so its mask word exists.
+            a.mask = unsafe { self.mask.add(start / 64) };
+        }
         // SAFETY: the scan kernel reads the tensor, writes `end - start` scores to `out` and
-        // one bit per element to `bits`, and writes weights of `[start, end)` only with
-        // `write`, which the caller owns then.
+        // one bit per element to `bits`, and writes weights (and, AVX-512, mask words) of
+        // `[start, end)` only with `write`, which the caller owns then.
         unsafe { self.run(f, &mut a) };
+        settles.then(|| Settled {
+            above: a.above.iter().map(|&x| x as u64).sum(),
+            bad: a.bad != 0,
+        })
     }
 
     /// The weights `[start, end)`.
