@@ -1,10 +1,37 @@
 //! Selection tests at sizes that exercise every round of the JIT cut (sampling, narrowing,
 //! candidate overflow, massive ties), thread-count independence, and the error messages.
 
+use std::cell::Cell;
+
 use prunec::kernel::{
-    full_mask, mask_bit, prune_jit, prune_reference, KExpr, KInput, KernelError, PruneOptions,
-    PruneSummary, Selection, TensorView,
+    full_mask, mask_bit, prune_jit_with, prune_reference, KExpr, KInput, KernelCache, KernelError,
+    PruneOptions, PruneSummary, Selection, TensorView,
 };
+
+thread_local! {
+    /// The JIT runs use cranelift's scans only, not the AVX-512 ones (this thread).
+    static NARROW: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The kernel cache the JIT runs use (see [`NARROW`]).
+fn cache() -> &'static KernelCache {
+    static NARROW_CACHE: std::sync::OnceLock<KernelCache> = std::sync::OnceLock::new();
+    if NARROW.with(|n| n.get()) {
+        NARROW_CACHE.get_or_init(KernelCache::narrow)
+    } else {
+        KernelCache::global()
+    }
+}
+
+/// Runs `f` with each code generator for the scans: the AVX-512 one (where the host has it)
+/// and cranelift's.
+fn each_generator(mut f: impl FnMut()) {
+    for narrow in [false, true] {
+        NARROW.with(|n| n.set(narrow));
+        f();
+    }
+    NARROW.with(|n| n.set(false));
+}
 
 /// A small deterministic generator (splitmix64), so tests need no data files.
 struct Rng(u64);
@@ -86,7 +113,7 @@ fn run_with(
 ) -> Result<PruneSummary, KernelError> {
     let mut views: Vec<TensorView> = ds.iter_mut().map(|d| d.view()).collect();
     if jit {
-        prune_jit(e, sel, &mut views, o)
+        prune_jit_with(cache(), e, sel, &mut views, o)
     } else {
         prune_reference(e, sel, &mut views, o)
     }
@@ -98,21 +125,28 @@ fn check_same(ds: &[Data], e: &KExpr, sel: &Selection) -> PruneSummary {
     let mut b = ds.to_vec();
     let sb = run(&mut b, e, sel, false).expect("reference");
     let mut out = None;
-    for single_pass in [false, true] {
-        let mut a = ds.to_vec();
-        let o = PruneOptions {
-            single_pass,
-            ..PruneOptions::default()
-        };
-        let sa = run_with(&mut a, e, sel, true, &o).expect("jit");
-        assert_eq!(
-            format!("{sa:?}"),
-            format!("{sb:?}"),
-            "{e} {sel:?} single pass {single_pass}"
-        );
-        assert_same_bits(&a, &b, &format!("single pass {single_pass}"));
-        out = Some(sa);
-    }
+    each_generator(|| {
+        for single_pass in [false, true] {
+            let mut a = ds.to_vec();
+            let o = PruneOptions {
+                single_pass,
+                ..PruneOptions::default()
+            };
+            let sa = run_with(&mut a, e, sel, true, &o).expect("jit");
+            let narrow = NARROW.with(|n| n.get());
+            assert_eq!(
+                format!("{sa:?}"),
+                format!("{sb:?}"),
+                "{e} {sel:?} single pass {single_pass} narrow {narrow}"
+            );
+            assert_same_bits(
+                &a,
+                &b,
+                &format!("single pass {single_pass} narrow {narrow}"),
+            );
+            out = Some(sa);
+        }
+    });
     out.expect("ran")
 }
 
@@ -374,7 +408,7 @@ fn user_errors_name_the_tensor() {
     let mut views: Vec<TensorView> = ds.iter_mut().map(|d| d.view()).collect();
     views[0].grad = None;
     let e = KExpr::Input(KInput::Grad);
-    let m = prune_jit(
+    let m = prunec::kernel::prune_jit(
         &e,
         &Selection::PerRow { keep_per_row: 1 },
         &mut views,
@@ -478,15 +512,20 @@ fn aligned_rows_nonfinite_and_threads() {
         Data::new("b.weight", 33, 64, 22, |r| r.normal()),
     ];
     let sel = Selection::PerRow { keep_per_row: 9 };
+    each_generator(|| aligned_rows_nonfinite(&base, &sel));
+    assert_thread_independent(&base, &KExpr::magnitude(), &sel);
+}
+
+fn aligned_rows_nonfinite(base: &[Data], sel: &Selection) {
     for (t, i, alive) in [(1usize, 700usize, true), (0, 5000, true), (1, 3, false)] {
-        let mut ds = base.clone();
+        let mut ds = base.to_vec();
         ds[t].w[i] = if i % 2 == 0 { f32::NAN } else { f32::INFINITY };
         if !alive {
             ds[t].mask[i / 64] &= !(1u64 << (i % 64));
         }
         let (mut a, mut b) = (ds.clone(), ds.clone());
-        let ra = run(&mut a, &KExpr::wanda(0), &sel, true).map_err(|e| e.to_string());
-        let rb = run(&mut b, &KExpr::wanda(0), &sel, false).map_err(|e| e.to_string());
+        let ra = run(&mut a, &KExpr::wanda(0), sel, true).map_err(|e| e.to_string());
+        let rb = run(&mut b, &KExpr::wanda(0), sel, false).map_err(|e| e.to_string());
         assert_eq!(ra.is_err(), alive);
         assert_eq!(format!("{ra:?}"), format!("{rb:?}"));
         assert_same_bits(&a, &b, "jit and reference");
@@ -495,5 +534,4 @@ fn aligned_rows_nonfinite_and_threads() {
             assert_same_bits(&a, &ds, "untouched on error");
         }
     }
-    assert_thread_independent(&base, &KExpr::magnitude(), &sel);
 }

@@ -284,13 +284,21 @@ fn scan_chunk(
                     buf.resize(p1 - p0, 0.0);
                     // SAFETY: this worker owns the chunk (it only writes with `writing`).
                     let settled = unsafe { raw.scan_into(k, p0, p1, &range, buf, &mut bits) };
-                    if let Some(st) = settled {
+                    // The AVX-512 kernels flag alive non-finite weights themselves; otherwise
+                    // the block, in cache now, is checked.
+                    let any_bad = check
+                        && settled.map_or_else(
+                            // SAFETY: as above.
+                            || simd::any_nonfinite(unsafe { raw.weights(p0, p1) }),
+                            |st| st.bad,
+                        );
+                    if any_bad && bad_in(&mut writing) {
+                        // The kernel left the non-finite weights as they were, and alive (the
+                        // round ends in an error, so this part's counts do not matter).
+                        continue;
+                    }
+                    if let Some(st) = settled.filter(|_| range.write) {
                         // The AVX-512 kernel settled the mask and zeroed the weights itself.
-                        if check && st.bad {
-                            // It left the alive non-finite weights alive and as they were.
-                            bad_in(&mut writing);
-                            continue;
-                        }
                         above += st.above;
                         for wi in 0..(p1 - p0) / 64 {
                             let inr = ScanBits::word(&bits.ge, wi);
@@ -298,13 +306,6 @@ fn scan_chunk(
                                 on_in(buf, wi, inr);
                             }
                         }
-                        continue;
-                    }
-                    // SAFETY: as above; the weights are in cache now.
-                    let any_bad = check && simd::any_nonfinite(unsafe { raw.weights(p0, p1) });
-                    if any_bad && bad_in(&mut writing) {
-                        // The kernel left the non-finite weights as they were (the round
-                        // ends in an error, so this part's counts do not matter).
                         continue;
                     }
                     // SAFETY: this worker owns the chunk, its mask and side words.

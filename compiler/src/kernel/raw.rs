@@ -116,12 +116,12 @@ pub struct ScanRange {
     pub allow: bool,
 }
 
-/// What an AVX-512 writing scan of a block found (see [`RawTensor::scan_into`]).
+/// What an AVX-512 scan of a block counted (see [`RawTensor::scan_into`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Settled {
     /// Alive elements above the range.
     pub above: u64,
-    /// Whether an alive weight is not finite (only when non-finite weights are not allowed).
+    /// Whether an alive weight is not finite (the writing scans that allow them do not look).
     pub bad: bool,
 }
 
@@ -143,7 +143,7 @@ impl ScanBits {
 
     /// Word `wi` (64 elements) of a bit array.
     #[inline(always)]
-    pub fn word(h: &[u16; BLOCK / 16], wi: usize) -> u64 {
+    pub fn word(h: &[u16], wi: usize) -> u64 {
         let q = &h[4 * wi..4 * wi + 4];
         q[0] as u64 | (q[1] as u64) << 16 | (q[2] as u64) << 32 | (q[3] as u64) << 48
     }
@@ -243,11 +243,13 @@ impl RawTensor {
         }
     }
 
-    /// Runs the fused scan kernel of `k` that `range` asks for on `[start, end)`,
-    /// returning what it settled itself: `Some` for the AVX-512 writing scans (see
-    /// [`super::wide`]), which also update the mask (alive elements at or above the range,
-    /// and alive non-finite ones, stay), zero every other weight (pruned ones too) and leave
-    /// in `bits.ge` the alive elements inside the range; `None` for the others,
+    /// Runs the fused scan kernel of `k` that `range` asks for on `[start, end)`.
+    /// The AVX-512 scans (see [`super::wide`]) also count, and return `Some`: the alive
+    /// elements above the range and whether an alive weight is not finite (unless a writing
+    /// scan with `range.allow`). Their writing scans also settle the mask (alive elements at or above
+    /// the range, and alive non-finite ones, stay), zero every other weight (pruned ones
+    /// too) and leave in `bits.ge` the kept elements inside the range. The others return
+    /// `None`;
     /// a whole number of 64-element words, at most a block: scores go to `out`
     /// (`end - start` of them), the classification against `range` to `bits`; with
     /// `range.write` the weights below the range are zeroed (non-finite ones only with
@@ -285,8 +287,7 @@ impl RawTensor {
             (true, false, None) => k.scan_zero,
             (true, true, None) => k.scan_zero_all,
         };
-        let settles = wide.is_some() && range.write;
-        if settles {
+        if wide.is_some() {
             // SAFETY: `start` is a multiple of 64 within the tensor, so its mask word exists.
             a.mask = unsafe { self.mask.add(start / 64) };
         }
@@ -294,7 +295,7 @@ impl RawTensor {
         // one bit per element to `bits`, and writes weights (and, AVX-512, mask words) of
         // `[start, end)` only with `write`, which the caller owns then.
         unsafe { self.run(f, &mut a) };
-        settles.then(|| Settled {
+        wide.map(|_| Settled {
             above: a.above.iter().map(|&x| x as u64).sum(),
             bad: a.bad != 0,
         })
