@@ -8,9 +8,12 @@
 //!   masked zero store, mask and band bits): what a 16-lane code generator could emit;
 //! - `fused sse`: the same fused loop 4 lanes at a time, packing the compare results into bit
 //!   words as a 128-bit JIT must (cranelift's widest vectors on x86-64);
-//! - `jit blocks`: prunec's design: the JIT scores 2048 weights into a buffer that stays in
+//! - `jit blocks`: the blocked design: the JIT scores 2048 weights into a buffer that stays in
 //!   cache, then `simd::count_zero_words` classifies and zeroes them and candidates are
 //!   collected, after the finiteness check;
+//! - `wide fused`: the fused scan from the AVX-512 code generator (`kernel::wide`), which
+//!   settles the mask and counts in its loop, so Rust only collects the candidates (what
+//!   global and per-tensor cuts run on such hosts);
 //! - `prune_jit`: the whole single-pass call (sample, scan, resolution, fixup) on the same
 //!   data, for the fixed costs;
 //! - `  (blocked)`: the same call with the blocked scan (`force_blocked_scan`);
@@ -271,6 +274,44 @@ fn jit_fused(
     above + cands.len() as u64
 }
 
+/// The AVX-512 code generator's writing scan (`kernel::wide`), block by block: it also
+/// settles the mask and counts, so Rust only collects the candidates.
+fn wide_fused(
+    scan: prunec::kernel::jit::KernelFn,
+    w: &mut [f32],
+    mask: &mut [u64],
+    lo: f32,
+    gt: f32,
+) -> u64 {
+    let mut buf = vec![0.0f32; BLOCK];
+    let mut ge = [0u16; BLOCK / 16];
+    let mut cands: Vec<u64> = Vec::with_capacity(4096);
+    let (mut above, mut bad) = (0u64, false);
+    for b0 in (0..w.len()).step_by(BLOCK) {
+        let b1 = (b0 + BLOCK).min(w.len());
+        let mut a = block_args(w, b0, b1, &mut buf);
+        a.lo = [lo; 4];
+        a.gt = [gt; 4];
+        a.ge = ge.as_mut_ptr();
+        a.mask = mask[b0 / 64..].as_mut_ptr();
+        // SAFETY: the kernel reads and writes `b1 - b0` weights (whole words) and their mask
+        // words, writes as many scores into `buf` and one bit per element into `ge`.
+        unsafe { scan(&mut a) };
+        bad |= a.bad != 0;
+        above += a.above.iter().map(|&x| x as u64).sum::<u64>();
+        for wi in 0..(b1 - b0) / 64 {
+            let mut band = (0..4).fold(0u64, |x, q| x | (ge[4 * wi + q] as u64) << (16 * q));
+            while band != 0 && cands.len() < cands.capacity() {
+                let j = wi * 64 + band.trailing_zeros() as usize;
+                band &= band - 1;
+                cands.push(((simd::key_of(buf[j]) as u64) << 32) | (b0 + j) as u64);
+            }
+        }
+    }
+    assert!(!bad);
+    above + cands.len() as u64
+}
+
 fn main() {
     #[cfg(target_arch = "x86_64")]
     let ok = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("popcnt");
@@ -299,6 +340,7 @@ fn main() {
     let mut mask = vec![!0u64; n / 64];
     let kernel = compile(&KExpr::magnitude()).expect("compiles");
     let score = kernel.score_raw;
+    let wide = prunec::kernel::wide::compile(&KExpr::magnitude()).expect("AVX-512F detected");
     let (lo_f, gt_f) = (
         simd::ge_bound(lo_k).expect("above zero"),
         simd::gt_bound(hi_k),
@@ -309,6 +351,7 @@ fn main() {
         "fused sse",
         "jit blocks",
         "jit fused",
+        "wide fused",
         "prune_jit",
         "  (blocked)",
         "score only",
@@ -357,13 +400,18 @@ fn main() {
                     .zip(mask.par_chunks_mut(CHUNK / 64))
                     .map(|(c, m)| jit_fused(kernel.scan_zero, c, m, lo_f, gt_f))
                     .sum::<u64>(),
-                7 | 8 => w
+                5 => w
                     .par_chunks_mut(CHUNK)
                     .zip(mask.par_chunks_mut(CHUNK / 64))
-                    .map(|(c, m)| jit_blocks_read(score, c, m, lo_k, hi_k, v == 8))
+                    .map(|(c, m)| wide_fused(wide.zero, c, m, lo_f, gt_f))
+                    .sum::<u64>(),
+                8 | 9 => w
+                    .par_chunks_mut(CHUNK)
+                    .zip(mask.par_chunks_mut(CHUNK / 64))
+                    .map(|(c, m)| jit_blocks_read(score, c, m, lo_k, hi_k, v == 9))
                     .sum::<u64>(),
                 _ => {
-                    prunec::kernel::force_blocked_scan(v == 6);
+                    prunec::kernel::force_blocked_scan(v == 7);
                     let mut views = vec![TensorView::new("w", n / COLS, COLS, &mut w, &mut mask)];
                     let sel = Selection::Global {
                         keep: n / 10,

@@ -32,6 +32,16 @@ fn bench_reports_all_cases() {
             assert!(x.is_finite() && x > 0.0, "{k} = {x}");
         }
     }
+    // Which code ran is reported.
+    let scans = v["scan_code"].as_str().unwrap();
+    assert_eq!(
+        scans == "avx512",
+        prunec::kernel::wide::available(),
+        "{scans}"
+    );
+    assert!(["avx512", "avx2", "scalar"].contains(&v["selection_code"].as_str().unwrap()));
     let table = bench_table(&v);
-    assert_eq!(table.lines().count(), 2 + 4);
+    // Header, separator, four cases, a blank line and the line naming the code.
+    assert_eq!(table.lines().count(), 2 + 4 + 2);
+    assert!(table.contains(&format!("Scans: {scans} code")));
 }

@@ -339,7 +339,21 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
             .next()
             .and_then(|x| x.parse::<f64>().ok())
     });
-    Ok(json!({ "threads": threads, "keep_fraction": KEEP, "load_average": load, "cases": cases }))
+    // Which code the scans and the selection ran: the AVX-512 scans of `super::wide` (where
+    // the host has them; otherwise cranelift's) and the vectorised Rust of `super::simd`.
+    let scans = if super::wide::available() {
+        "avx512"
+    } else {
+        "cranelift"
+    };
+    Ok(json!({
+        "threads": threads,
+        "keep_fraction": KEEP,
+        "load_average": load,
+        "scan_code": scans,
+        "selection_code": super::simd::isa_name(),
+        "cases": cases,
+    }))
 }
 
 /// A Markdown table of a [`bench_kernels`] result.
@@ -375,5 +389,11 @@ pub fn bench_table(v: &Value) -> String {
             },
         ));
     }
+    s.push_str(&format!(
+        "\nScans: {} code; selection: {} code; {} threads.\n",
+        v["scan_code"].as_str().unwrap_or("?"),
+        v["selection_code"].as_str().unwrap_or("?"),
+        v["threads"],
+    ));
     s
 }

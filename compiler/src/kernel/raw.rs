@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use super::expr::KExpr;
 use super::jit::{compile, CompiledKernel, KArgs, KernelFn};
 use super::types::{KernelError, TensorView};
+use super::wide::WideScans;
 
 /// Elements per parallel work unit: fixed, so results never depend on the thread count.
 /// A multiple of 64, so every chunk owns whole mask words.
@@ -299,6 +300,48 @@ impl RawTensor {
             above: a.above.iter().map(|&x| x as u64).sum(),
             bad: a.bad != 0,
         })
+    }
+
+    /// Runs the read-only AVX-512 scan of `w` on `[start, end)`, whole 64-element words of
+    /// any number: the scores go to `out` (resized to fit), and per 16 elements one `u16` of
+    /// those with `s >= lo` to `ge` and with `s >= gt` to `over`; returns the counts (see
+    /// [`Self::scan_into`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn scan_wide_read(
+        &self,
+        w: &WideScans,
+        start: usize,
+        end: usize,
+        lo: f32,
+        gt: f32,
+        out: &mut Vec<f32>,
+        ge: &mut [u16],
+        over: &mut [u16],
+    ) -> Settled {
+        assert!(start <= end && end <= self.len && (end - start).is_multiple_of(64));
+        assert!(w.ok(self.cols) && start.is_multiple_of(64));
+        let n = end - start;
+        assert!(ge.len() == n / 16 && over.len() == n / 16);
+        out.clear();
+        out.reserve(n);
+        let mut a = self.args(start, end);
+        a.out = out.as_mut_ptr();
+        a.lo = [lo; 4];
+        a.gt = [gt; 4];
+        a.ge = ge.as_mut_ptr();
+        a.over = over.as_mut_ptr();
+        // SAFETY: `start` is a multiple of 64 within the tensor, so its mask word exists.
+        a.mask = unsafe { self.mask.add(start / 64) };
+        // SAFETY: the read-only scan reads the tensor and its mask, writes `n` scores (the
+        // capacity holds them; after it they are initialised) and `n / 16` of each bits.
+        unsafe {
+            self.run(w.read, &mut a);
+            out.set_len(n);
+        }
+        Settled {
+            above: a.above.iter().map(|&x| x as u64).sum(),
+            bad: a.bad != 0,
+        }
     }
 
     /// The weights `[start, end)`.

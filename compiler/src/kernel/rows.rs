@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::cut::NonFiniteIn;
 use super::expr::score_key;
 use super::jit::CompiledKernel;
-use super::raw::{chunks_of, with_scratch, Chunk, RawTensor, CHUNK};
+use super::raw::{chunks_of, with_scratch, Chunk, RawTensor, ScanBits, CHUNK};
 use super::simd;
 use super::types::blocks_to_keep;
 
@@ -276,10 +276,29 @@ fn per_row_unit(
     let mut tmp: Vec<u32> = Vec::with_capacity(cols);
     let mut hist = vec![0u32; 2048];
     let mut ties_at: Vec<(usize, u64)> = Vec::new();
+    // The AVX-512 read-only scan scores a row, compares it with the bracket and checks it in
+    // one loop; its bits, one `u16` per 16 elements.
+    let wide = k.wide_for(cols);
+    let nbits = if wide.is_some() { cols / 16 } else { 0 };
+    let (mut ge_bits, mut over_bits) = (vec![0u16; nbits], vec![0u16; nbits]);
     with_scratch(|buf| {
         for r in r0..r1 {
             let (s0, s1) = (r * cols, (r + 1) * cols);
-            if check {
+            // With the AVX-512 scan: its counts, and whether the bracket has a low end.
+            let mut counted = None;
+            if let Some(wk) = &wide {
+                let (lo, gt) = match bracket {
+                    Some((lo, hi)) => (simd::ge_bound(lo), simd::gt_bound(hi)),
+                    None => (None, f32::NAN),
+                };
+                let lo_f = lo.unwrap_or(f32::NEG_INFINITY);
+                let st =
+                    raw.scan_wide_read(wk, s0, s1, lo_f, gt, buf, &mut ge_bits, &mut over_bits);
+                if check && st.bad {
+                    return Err(NonFiniteIn);
+                }
+                counted = Some((st.above as usize, lo.is_some()));
+            } else if check {
                 // SAFETY: nothing writes the tensor during this pass.
                 let w = unsafe { raw.weights(s0, s1) };
                 if simd::any_nonfinite(w) {
@@ -294,7 +313,9 @@ fn per_row_unit(
                     }
                 }
             }
-            raw.score_into(k.score_raw, s0, s1, buf);
+            if counted.is_none() {
+                raw.score_into(k.score_raw, s0, s1, buf);
+            }
             // The next row of the unit, prefetched while this one is selected and masked.
             // SAFETY: this worker owns the unit's rows; the next row is only read here.
             let ahead = unsafe { raw.weights(s1, if r + 1 < r1 { s1 + cols } else { s1 }) };
@@ -316,7 +337,7 @@ fn per_row_unit(
             } else {
                 bracket.and_then(|(lo, hi)| {
                     let mut inr = 0usize;
-                    let above = simd::count_words(buf, mask, lo, hi, ahead, side, |wi, bits| {
+                    let mut collect = |wi: usize, bits: u64| {
                         let mut m = bits;
                         let n = m.count_ones() as usize;
                         if inr + n <= cap {
@@ -328,7 +349,26 @@ fn per_row_unit(
                             }
                         }
                         inr += n;
-                    });
+                    };
+                    let above = match counted {
+                        Some((above, has_lo)) => {
+                            for (wi, (a, sw)) in mask.iter().zip(side.iter_mut()).enumerate() {
+                                let o = ScanBits::word(&over_bits, wi);
+                                let g = if has_lo {
+                                    ScanBits::word(&ge_bits, wi)
+                                } else {
+                                    !0
+                                };
+                                *sw = o & a;
+                                let bits = g & a & !o;
+                                if bits != 0 {
+                                    collect(wi, bits);
+                                }
+                            }
+                            above
+                        }
+                        None => simd::count_words(buf, mask, lo, hi, ahead, side, &mut collect),
+                    };
                     if above >= keep || above + inr < keep || inr > cap {
                         return None;
                     }
