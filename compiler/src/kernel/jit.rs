@@ -50,12 +50,13 @@ pub struct KArgs {
     /// them as `u16`: wider loads of what narrower stores just wrote stall the CPU.)
     pub ge: *mut u16,
     pub over: *mut u16,
-    /// The AVX-512 writing scans ([`super::wide`]) also settle the mask: the mask word of
-    /// element `start`, updated in place.
+    /// The AVX-512 scans ([`super::wide`]): the mask word of element `start`, whose alive
+    /// bits they read and the writing ones update in place.
     pub mask: *mut u64,
-    /// Out, from the AVX-512 writing scans: per lane, the alive elements above the range.
+    /// Out, from the AVX-512 scans: per lane, the alive elements above the range.
     pub above: [u32; 16],
-    /// Out, from the AVX-512 writing scans: nonzero if an alive weight is not finite.
+    /// Out, from the AVX-512 scans: nonzero if an alive weight is not finite (not looked
+    /// for by the writing scan that allows them).
     pub bad: u16,
 }
 

@@ -5,10 +5,12 @@
 //! per weight and run 1.35-1.5 times slower than a streaming pass, while the same loop 16
 //! lanes wide runs at streaming speed (`docs/kernels.md`). So on hosts with AVX-512F, the
 //! three scan kernels of expressions in the subset below are also emitted here, directly as
-//! machine code, with the same argument block ([`KArgs`]) and the same results bit for bit
-//! (scores by key, `ge` / `over` bits, zeroed weights): the property tests check both
-//! generators against the interpreter. Everything else (the score kernels, other
-//! expressions, hosts without AVX-512) stays with cranelift.
+//! machine code, with the same argument block ([`KArgs`]) and the same scores (by key) and
+//! bits; they also do the work Rust did after cranelift's scans (see
+//! [`super::raw::RawTensor::scan_into`]): the writing scans settle the mask and zero pruned
+//! weights too, and all count the alive elements above the range and flag alive non-finite
+//! weights. The property tests check both generators against the interpreter. Everything
+//! else (the score kernels, other expressions, hosts without AVX-512) stays with cranelift.
 //!
 //! The subset: constants; the weight, gradient, initial weight, scalars, up to two column
 //! statistics and one row statistic; `neg`, `abs`, `sq`, `sqrt`, `+`, `-`, `*`, `/`, `min`,
@@ -16,10 +18,11 @@
 //! Expressions reading statistics run only on tensors whose rows are a multiple of 64 long,
 //! so a 64-element word never crosses a row.
 //!
-//! The loop, per 64-element word (four groups of 16): load the weights, evaluate the score
-//! into vector registers, store it, compare it with the range's bounds into two mask
-//! registers, store those as `u16`, and (zeroing kinds) store the weights with the lanes
-//! below the range cleared.
+//! The loop, per 64-element word (four groups of 16): prefetch, load the weights, evaluate
+//! the score into vector registers, store it, compare it with the range's bounds into two
+//! mask registers and load the alive bits; then either store the two comparisons as `u16`
+//! (reading) or store the new mask bits, the weights with the other lanes cleared, and the
+//! kept elements inside the range (writing); count per lane.
 
 use std::mem::offset_of;
 
@@ -161,18 +164,19 @@ const R14: u8 = 14;
 const R15: u8 = 15;
 const SAVED: [u8; 6] = [RBX, RBP, R12, R13, R14, R15];
 
-// Vector registers with fixed roles; the rest, from `TEMP`, hold an expression's values.
+// Vector registers with fixed roles; the rest, from `Plan::temp`, hold the scan's scratch
+// value and an expression's values.
 const ZW: u8 = 0;
 const ZLO: u8 = 1;
 const ZGT: u8 = 2;
 const ZROW: u8 = 3;
-/// The writing scans' per-lane count of alive elements above the range.
+/// The per-lane count of alive elements above the range.
 const ZCNT: u8 = 4;
 /// Constants and scalars, broadcast once before the loop.
 const ZCONST: u8 = 5;
 
 /// How far ahead the loop prefetches the weights, in bytes. Measured on 100M weights in
-/// 4096-column tensors (`examples/scan_bound.rs` and a harness timing the kernels alone):
+/// 4096-column tensors (`examples/scan_kernels.rs`, the kernels alone, read-only):
 /// without prefetching Wanda's scan took 25 ms, prefetching into L1 (`prefetcht0`) 4 KB ahead
 /// 20 ms, as its column statistics were evicted and re-read, and into L2 (`prefetcht1`) 8 KB
 /// ahead 13-16 ms, as fast as the magnitude scan; 2 KB ahead was slower, 12-16 KB no faster.
@@ -194,7 +198,7 @@ struct Plan {
     scalars: Vec<u8>,
     /// Constant bit patterns, broadcast into the registers after the scalars'.
     consts: Vec<u32>,
-    /// The first temporary register.
+    /// The scan's scratch register; the expression's temporaries follow it (`Cx::temp`).
     temp: u8,
 }
 
