@@ -229,6 +229,21 @@ fn jit_blocks_read(
     inr
 }
 
+/// Word `wi` of bits stored as one `u16` per 16 elements.
+fn bits_word(h: &[u16], wi: usize) -> u64 {
+    (0..4).fold(0u64, |x, q| x | (h[4 * wi + q] as u64) << (16 * q))
+}
+
+/// Collects the candidates `band` of word `wi` of the block at `b0` (scores in `buf`), as
+/// far as `cands` has room.
+fn collect(cands: &mut Vec<u64>, buf: &[f32], b0: usize, wi: usize, mut band: u64) {
+    while band != 0 && cands.len() < cands.capacity() {
+        let j = wi * 64 + band.trailing_zeros() as usize;
+        band &= band - 1;
+        cands.push(((simd::key_of(buf[j]) as u64) << 32) | (b0 + j) as u64);
+    }
+}
+
 /// The fused JIT scan over one chunk: the kernel classifies and zeroes each block in its
 /// own loop; Rust then updates the mask words and collects the candidates.
 fn jit_fused(
@@ -256,18 +271,11 @@ fn jit_fused(
         unsafe { scan(&mut a) };
         nonfinite |= simd::any_nonfinite(&w[b0..b1]);
         for (wi, m) in mask[b0 / 64..b1 / 64].iter_mut().enumerate() {
-            let word = |h: &[u16]| (0..4).fold(0u64, |x, q| x | (h[q] as u64) << (16 * q));
-            let g = word(&ge[4 * wi..]);
-            let o = word(&over[4 * wi..]);
+            let (g, o) = (bits_word(&ge, wi), bits_word(&over, wi));
             let keep = g & *m;
             above += (o & *m).count_ones() as u64;
             *m = keep;
-            let mut band = keep & !o;
-            while band != 0 && cands.len() < cands.capacity() {
-                let j = wi * 64 + band.trailing_zeros() as usize;
-                band &= band - 1;
-                cands.push(((simd::key_of(buf[j]) as u64) << 32) | (b0 + j) as u64);
-            }
+            collect(&mut cands, &buf, b0, wi, keep & !o);
         }
     }
     assert!(!nonfinite);
@@ -300,12 +308,7 @@ fn wide_fused(
         bad |= a.bad != 0;
         above += a.above.iter().map(|&x| x as u64).sum::<u64>();
         for wi in 0..(b1 - b0) / 64 {
-            let mut band = (0..4).fold(0u64, |x, q| x | (ge[4 * wi + q] as u64) << (16 * q));
-            while band != 0 && cands.len() < cands.capacity() {
-                let j = wi * 64 + band.trailing_zeros() as usize;
-                band &= band - 1;
-                cands.push(((simd::key_of(buf[j]) as u64) << 32) | (b0 + j) as u64);
-            }
+            collect(&mut cands, &buf, b0, wi, bits_word(&ge, wi));
         }
     }
     assert!(!bad);
