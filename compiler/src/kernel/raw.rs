@@ -244,20 +244,22 @@ impl RawTensor {
         }
     }
 
-    /// Runs the fused scan kernel of `k` that `range` asks for on `[start, end)`.
-    /// The AVX-512 scans (see [`super::wide`]) also count, and return `Some`: the alive
-    /// elements above the range and whether an alive weight is not finite (unless a writing
-    /// scan with `range.allow`). Their writing scans also settle the mask (alive elements at or above
-    /// the range, and alive non-finite ones, stay), zero every other weight (pruned ones
-    /// too) and leave in `bits.ge` the kept elements inside the range. The others return
-    /// `None`;
-    /// a whole number of 64-element words, at most a block: scores go to `out`
-    /// (`end - start` of them), the classification against `range` to `bits`; with
-    /// `range.write` the weights below the range are zeroed (non-finite ones only with
-    /// `range.allow`: otherwise they stay, for the caller's check).
+    /// Runs the fused scan kernel of `k` that `range` asks for on `[start, end)`, a whole
+    /// number of 64-element words, at most a block: scores go to `out` (`end - start` of
+    /// them), the classification against `range` to `bits`; with `range.write` the weights
+    /// below the range are zeroed (non-finite ones only with `range.allow`: otherwise they
+    /// stay, for the caller's check). Returns `None` for cranelift's scans.
+    ///
+    /// The AVX-512 scans (see [`super::wide`]) run where the tensor allows and return
+    /// `Some` with what they also counted: the alive elements above the range, and whether
+    /// an alive weight is not finite (the writing scan with `range.allow` does not look).
+    /// Their writing scans also settle the mask (alive elements at or above the range, and
+    /// alive non-finite ones, stay), zero every other weight (pruned ones too) and leave in
+    /// `bits.ge` the kept elements inside the range (`bits.over` is not written).
     ///
     /// # Safety
-    /// With `range.write`, the calling worker owns the weights `[start, end)`.
+    /// With `range.write`, the calling worker owns the weights and mask words of
+    /// `[start, end)`.
     pub unsafe fn scan_into(
         &self,
         k: &CompiledKernel,
