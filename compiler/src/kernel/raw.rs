@@ -253,9 +253,12 @@ impl RawTensor {
     /// The AVX-512 scans (see [`super::wide`]) run where the tensor allows and return
     /// `Some` with what they also counted: the alive elements above the range, and whether
     /// an alive weight is not finite (the writing scan with `range.allow` does not look).
-    /// Their writing scans also settle the mask (alive elements at or above the range, and
-    /// alive non-finite ones, stay), zero every other weight (pruned ones too) and leave in
-    /// `bits.ge` the kept elements inside the range (`bits.over` is not written).
+    /// Their bits only hold alive elements: the read scan leaves in `bits.ge` those inside
+    /// the range (at or above its low end, not above its high end) and in `bits.over` those
+    /// above it, which is what [`ScanBits`] readers derive from cranelift's bits and the mask
+    /// anyway. Their writing scans also settle the mask (alive elements at or above the
+    /// range, and alive non-finite ones, stay), zero every other weight (pruned ones too) and
+    /// leave in `bits.ge` the kept elements inside the range (`bits.over` is not written).
     ///
     /// # Safety
     /// With `range.write`, the calling worker owns the weights and mask words of
@@ -305,9 +308,9 @@ impl RawTensor {
     }
 
     /// Runs the read-only AVX-512 scan of `w` on `[start, end)`, whole 64-element words of
-    /// any number: the scores go to `out` (resized to fit), and per 16 elements one `u16` of
-    /// those with `s >= lo` to `ge` and with `s >= gt` to `over`; returns the counts (see
-    /// [`Self::scan_into`]).
+    /// any number: the scores go to `out` (resized to fit), and one bit per element, as
+    /// words like the mask's, of the alive elements with `lo <= s < gt` to `inside` and of
+    /// those with `s >= gt` to `above`; returns the counts (see [`Self::scan_into`]).
     #[allow(clippy::too_many_arguments)]
     pub fn scan_wide_read(
         &self,
@@ -317,25 +320,27 @@ impl RawTensor {
         lo: f32,
         gt: f32,
         out: &mut Vec<f32>,
-        ge: &mut [u16],
-        over: &mut [u16],
+        inside: &mut [u64],
+        above: &mut [u64],
     ) -> Settled {
         assert!(start <= end && end <= self.len && (end - start).is_multiple_of(64));
         assert!(w.ok(self.cols) && start.is_multiple_of(64));
         let n = end - start;
-        assert!(ge.len() == n / 16 && over.len() == n / 16);
+        assert!(inside.len() == n / 64 && above.len() == n / 64);
         out.clear();
         out.reserve(n);
         let mut a = self.args(start, end);
         a.out = out.as_mut_ptr();
         a.lo = [lo; 4];
         a.gt = [gt; 4];
-        a.ge = ge.as_mut_ptr();
-        a.over = over.as_mut_ptr();
+        // The kernel stores a `u16` per 16 elements: in little-endian order, the words.
+        a.ge = inside.as_mut_ptr() as *mut u16;
+        a.over = above.as_mut_ptr() as *mut u16;
         // SAFETY: `start` is a multiple of 64 within the tensor, so its mask word exists.
         a.mask = unsafe { self.mask.add(start / 64) };
         // SAFETY: the read-only scan reads the tensor and its mask, writes `n` scores (the
-        // capacity holds them; after it they are initialised) and `n / 16` of each bits.
+        // capacity holds them; after it they are initialised) and `n / 64` words of each
+        // bits.
         unsafe {
             self.run(w.read, &mut a);
             out.set_len(n);

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::cut::NonFiniteIn;
 use super::expr::score_key;
 use super::jit::CompiledKernel;
-use super::raw::{chunks_of, with_scratch, Chunk, RawTensor, ScanBits, CHUNK};
+use super::raw::{chunks_of, with_scratch, Chunk, RawTensor, CHUNK};
 use super::simd;
 use super::types::blocks_to_keep;
 
@@ -277,10 +277,10 @@ fn per_row_unit(
     let mut hist = vec![0u32; 2048];
     let mut ties_at: Vec<(usize, u64)> = Vec::new();
     // The AVX-512 read-only scan scores a row, compares it with the bracket and checks it in
-    // one loop; its bits, one `u16` per 16 elements.
+    // one loop; the row's words of alive elements inside the bracket, and above it.
     let wide = k.wide_for(cols);
-    let nbits = if wide.is_some() { cols / 16 } else { 0 };
-    let (mut ge_bits, mut over_bits) = (vec![0u16; nbits], vec![0u16; nbits]);
+    let nwords = if wide.is_some() { cols / 64 } else { 0 };
+    let (mut inside, mut above_words) = (vec![0u64; nwords], vec![0u64; nwords]);
     with_scratch(|buf| {
         for r in r0..r1 {
             let (s0, s1) = (r * cols, (r + 1) * cols);
@@ -293,7 +293,7 @@ fn per_row_unit(
                 };
                 let lo_f = lo.unwrap_or(f32::NEG_INFINITY);
                 let st =
-                    raw.scan_wide_read(wk, s0, s1, lo_f, gt, buf, &mut ge_bits, &mut over_bits);
+                    raw.scan_wide_read(wk, s0, s1, lo_f, gt, buf, &mut inside, &mut above_words);
                 if check && st.bad {
                     return Err(NonFiniteIn);
                 }
@@ -352,15 +352,10 @@ fn per_row_unit(
                     };
                     let above = match counted {
                         Some((above, has_lo)) => {
-                            for (wi, (a, sw)) in mask.iter().zip(side.iter_mut()).enumerate() {
-                                let o = ScanBits::word(&over_bits, wi);
-                                let g = if has_lo {
-                                    ScanBits::word(&ge_bits, wi)
-                                } else {
-                                    !0
-                                };
-                                *sw = o & a;
-                                let bits = g & a & !o;
+                            side.copy_from_slice(&above_words);
+                            for (wi, (&a, &o)) in mask.iter().zip(&above_words).enumerate() {
+                                // Without a low end every alive key not above is inside.
+                                let bits = if has_lo { inside[wi] } else { a & !o };
                                 if bits != 0 {
                                     collect(wi, bits);
                                 }

@@ -20,9 +20,10 @@
 //!
 //! The loop, per 64-element word (four groups of 16): prefetch, load the weights, evaluate
 //! the score into vector registers, store it, compare it with the range's bounds into two
-//! mask registers and load the alive bits; then either store the two comparisons as `u16`
-//! (reading) or store the new mask bits, the weights with the other lanes cleared, and the
-//! kept elements inside the range (writing); count per lane.
+//! mask registers and load the alive bits; then either store, as `u16`, the alive elements
+//! inside the range and those above it (reading) or store the new mask bits, the weights
+//! with the other lanes cleared, and the kept elements inside the range (writing); count
+//! per lane.
 
 use std::mem::offset_of;
 
@@ -669,8 +670,10 @@ fn emit(a: &mut Asm, p: &Plan, expr: &KExpr, kind: Kind) -> Option<()> {
         }
         match kind {
             Kind::Read => {
-                a.kstore(ge, 1);
-                a.kstore(at_idx(R12, RDI, 0, 2 * g), 2);
+                // Inside the range: alive, at or above its low end and not above it.
+                a.kandn(6, 2, 1);
+                a.kand(6, 6, 5);
+                a.kstore(ge, 6);
             }
             Kind::Zero | Kind::ZeroAll => {
                 // k4: kept, i.e. alive and at or above the range, or (`Zero`) not finite.
@@ -688,8 +691,11 @@ fn emit(a: &mut Asm, p: &Plan, expr: &KExpr, kind: Kind) -> Option<()> {
                 a.kstore(ge, 6);
             }
         }
-        // Alive and above the range, counted per lane.
+        // Alive and above the range (stored by the read scan), counted per lane.
         a.kand(3, 2, 5);
+        if kind == Kind::Read {
+            a.kstore(at_idx(R12, RDI, 0, 2 * g), 3);
+        }
         a.vpsubd_masked(ZCNT, 3, ZCNT, p.const_reg(ALL));
     }
     a.add_imm(RAX, 64);
