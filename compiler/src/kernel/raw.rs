@@ -126,6 +126,16 @@ pub struct Settled {
     pub bad: bool,
 }
 
+impl Settled {
+    /// What an AVX-512 scan left in its arguments.
+    fn of(a: &KArgs) -> Self {
+        Settled {
+            above: a.above.iter().map(|&x| x as u64).sum(),
+            bad: a.bad != 0,
+        }
+    }
+}
+
 /// What a fused scan of at most one block writes besides the scores: per 16 elements one
 /// `u16` (bit `j` for element `16 k + j`) of those at or above the range (`ge`) and above it
 /// (`over`).
@@ -279,12 +289,8 @@ impl RawTensor {
             wide.is_some() || k.scan_ok(self.cols),
             "a scan kernel on rows it cannot walk"
         );
-        let mut a = self.args(start, end);
-        a.out = out.as_mut_ptr();
-        a.lo = [range.lo; 4];
-        a.gt = [range.gt; 4];
-        a.ge = bits.ge.as_mut_ptr();
-        a.over = bits.over.as_mut_ptr();
+        let (ge, over) = (bits.ge.as_mut_ptr(), bits.over.as_mut_ptr());
+        let mut a = self.scan_args(start, end, range.lo, range.gt, out.as_mut_ptr(), ge, over);
         let f = match (range.write, range.allow, wide) {
             (false, _, Some(w)) => w.read,
             (true, false, Some(w)) => w.zero,
@@ -293,18 +299,37 @@ impl RawTensor {
             (true, false, None) => k.scan_zero,
             (true, true, None) => k.scan_zero_all,
         };
-        if wide.is_some() {
-            // SAFETY: `start` is a multiple of 64 within the tensor, so its mask word exists.
-            a.mask = unsafe { self.mask.add(start / 64) };
-        }
         // SAFETY: the scan kernel reads the tensor, writes `end - start` scores to `out` and
         // one bit per element to `bits`, and writes weights (and, AVX-512, mask words) of
         // `[start, end)` only with `write`, which the caller owns then.
         unsafe { self.run(f, &mut a) };
-        wide.map(|_| Settled {
-            above: a.above.iter().map(|&x| x as u64).sum(),
-            bad: a.bad != 0,
-        })
+        wide.map(|_| Settled::of(&a))
+    }
+
+    /// Arguments for a scan kernel over `[start, end)` (`start` a multiple of 64): the
+    /// range's float bounds, the score and bit outputs, and the mask word of `start`, which
+    /// the AVX-512 scans read (cranelift's ignore it).
+    #[allow(clippy::too_many_arguments)]
+    fn scan_args(
+        &self,
+        start: usize,
+        end: usize,
+        lo: f32,
+        gt: f32,
+        out: *mut f32,
+        ge: *mut u16,
+        over: *mut u16,
+    ) -> KArgs {
+        let mut a = self.args(start, end);
+        a.out = out;
+        a.lo = [lo; 4];
+        a.gt = [gt; 4];
+        a.ge = ge;
+        a.over = over;
+        // SAFETY: `start <= len` is a multiple of 64, so this is at most one past the last
+        // mask word.
+        a.mask = unsafe { self.mask.add(start / 64) };
+        a
     }
 
     /// Runs the read-only AVX-512 scan of `w` on `[start, end)`, whole 64-element words of
@@ -329,15 +354,12 @@ impl RawTensor {
         assert!(inside.len() == n / 64 && above.len() == n / 64);
         out.clear();
         out.reserve(n);
-        let mut a = self.args(start, end);
-        a.out = out.as_mut_ptr();
-        a.lo = [lo; 4];
-        a.gt = [gt; 4];
         // The kernel stores a `u16` per 16 elements: in little-endian order, the words.
-        a.ge = inside.as_mut_ptr() as *mut u16;
-        a.over = above.as_mut_ptr() as *mut u16;
-        // SAFETY: `start` is a multiple of 64 within the tensor, so its mask word exists.
-        a.mask = unsafe { self.mask.add(start / 64) };
+        let (ge, over) = (
+            inside.as_mut_ptr() as *mut u16,
+            above.as_mut_ptr() as *mut u16,
+        );
+        let mut a = self.scan_args(start, end, lo, gt, out.as_mut_ptr(), ge, over);
         // SAFETY: the read-only scan reads the tensor and its mask, writes `n` scores (the
         // capacity holds them; after it they are initialised) and `n / 64` words of each
         // bits.
@@ -345,10 +367,7 @@ impl RawTensor {
             self.run(w.read, &mut a);
             out.set_len(n);
         }
-        Settled {
-            above: a.above.iter().map(|&x| x as u64).sum(),
-            bad: a.bad != 0,
-        }
+        Settled::of(&a)
     }
 
     /// The weights `[start, end)`.

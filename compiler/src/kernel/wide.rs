@@ -71,6 +71,8 @@ pub fn compile(expr: &KExpr) -> Option<WideScans> {
         return None;
     }
     let plan = Plan::of(expr)?;
+    // The constants the kernels broadcast, for as long as their code lives.
+    let pool: &'static [u32] = Box::leak(plan.consts.clone().into_boxed_slice());
     let mut fns = Vec::new();
     let mut code = Vec::new();
     for kind in [Kind::Read, Kind::Zero, Kind::ZeroAll] {
@@ -79,7 +81,7 @@ pub fn compile(expr: &KExpr) -> Option<WideScans> {
         }
         fns.push(code.len());
         let mut a = Asm::default();
-        emit(&mut a, &plan, expr, kind)?;
+        emit(&mut a, &plan, pool, expr, kind)?;
         if std::env::var_os("PRUNEC_DUMP_JIT").is_some() {
             eprintln!("== AVX-512 {kind:?} of {expr}\n{}", hex(&a.code));
         }
@@ -562,9 +564,9 @@ impl Asm {
     }
 }
 
-/// Emits one scan kernel `fn(*mut KArgs)`; `None` when the expression needs more registers
-/// than there are.
-fn emit(a: &mut Asm, p: &Plan, expr: &KExpr, kind: Kind) -> Option<()> {
+/// Emits one scan kernel `fn(*mut KArgs)` (`pool` holds `p.consts` and outlives the code);
+/// `None` when the expression needs more registers than there are.
+fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -> Option<()> {
     for r in SAVED {
         a.push(r);
     }
@@ -619,8 +621,6 @@ fn emit(a: &mut Asm, p: &Plan, expr: &KExpr, kind: Kind) -> Option<()> {
             a.vbroadcast(p.scalar_reg(s), at(RAX, 4 * s as usize));
         }
     }
-    // The constants live as long as the code.
-    let pool: &'static [u32] = Box::leak(p.consts.clone().into_boxed_slice());
     a.mov_imm64(RAX, pool.as_ptr() as u64);
     for (i, &c) in p.consts.iter().enumerate() {
         a.vbroadcast(p.const_reg(c), at(RAX, 4 * i));
