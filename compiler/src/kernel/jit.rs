@@ -58,6 +58,12 @@ pub struct KArgs {
     /// Out, from the AVX-512 scans: nonzero if an alive weight is not finite (not looked
     /// for by the writing scan that allows them).
     pub bad: u16,
+    /// The AVX-512 row scan ([`super::wide::WideScans::collect`]): the scores of the alive
+    /// elements inside the range, in order, with room for `end - start + 16` (it stores 16
+    /// lanes at a time).
+    pub cand_scores: *mut f32,
+    /// Out, from the row scan: how many candidates it wrote.
+    pub cands: u64,
 }
 
 impl KArgs {
@@ -81,6 +87,8 @@ impl KArgs {
             mask: std::ptr::null_mut(),
             above: [0; 16],
             bad: 0,
+            cand_scores: std::ptr::null_mut(),
+            cands: 0,
         }
     }
 }
@@ -114,9 +122,10 @@ pub struct CompiledKernel {
     /// input stream (Wanda's column statistics: a load and a multiply more per four weights)
     /// it is slower than the blocked scan, so such expressions scan block by block.
     pub fuse: bool,
-    /// The same three scans in AVX-512 machine code ([`super::wide`]), on hosts with
-    /// AVX-512 and for expressions in its subset; used instead of the cranelift scans
-    /// wherever [`WideScans::ok`], and then worth fusing whatever the inputs.
+    /// The same three scans in AVX-512 machine code ([`super::wide`]), and a row scan for
+    /// per-row selections, on hosts with AVX-512 and for expressions in its subset; used
+    /// instead of the cranelift scans wherever [`WideScans::ok`], and then worth fusing
+    /// whatever the inputs.
     pub wide: Option<WideScans>,
 }
 

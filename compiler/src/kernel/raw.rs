@@ -370,6 +370,47 @@ impl RawTensor {
         Settled::of(&a)
     }
 
+    /// Runs the AVX-512 row scan `w.collect` on `[start, end)`, whole 64-element words of
+    /// one row from its first column: the scores of the alive elements with `lo <= s < gt`
+    /// go to `scores` (resized to hold them, in order), and one bit per element, as words
+    /// like the mask's, of those same elements to `inside` and of the alive ones with
+    /// `s >= gt` to `above`; returns the counts (see [`Self::scan_into`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn scan_wide_collect(
+        &self,
+        w: &WideScans,
+        start: usize,
+        end: usize,
+        lo: f32,
+        gt: f32,
+        scores: &mut Vec<f32>,
+        inside: &mut [u64],
+        above: &mut [u64],
+    ) -> Settled {
+        assert!(start <= end && end <= self.len && (end - start).is_multiple_of(64));
+        assert!(w.ok(self.cols) && start.is_multiple_of(self.cols.max(1)));
+        let n = end - start;
+        assert!(n <= self.cols && above.len() == n / 64 && inside.len() == n / 64);
+        // The kernel stores 16 lanes at a time, up to 15 past the last candidate.
+        scores.clear();
+        scores.reserve(n + 16);
+        let (ge, over) = (
+            inside.as_mut_ptr() as *mut u16,
+            above.as_mut_ptr() as *mut u16,
+        );
+        let mut a = self.scan_args(start, end, lo, gt, std::ptr::null_mut(), ge, over);
+        a.cand_scores = scores.as_mut_ptr();
+        // SAFETY: the row scan reads the tensor and its mask, writes `n / 64` words of each
+        // bits and at most `n + 16` scores, of which the first `cands` are initialised after
+        // it; it does not write `out`.
+        unsafe {
+            self.run(w.collect, &mut a);
+            assert!(a.cands as usize <= n);
+            scores.set_len(a.cands as usize);
+        }
+        Settled::of(&a)
+    }
+
     /// The weights `[start, end)`.
     ///
     /// # Safety

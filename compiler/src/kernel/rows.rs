@@ -246,7 +246,10 @@ pub fn apply_sides(raws: &[RawTensor], which: &[usize]) -> Vec<usize> {
 /// bitmap. A row whose cut falls outside the bracket takes the exact radix path on all its
 /// keys and sets the bracket for the next row. With `apply` the row is then masked (its
 /// side words become its mask words, other weights are zeroed) while it is in cache, and the
-/// kept count is returned.
+/// kept count is returned. With the AVX-512 row scan and a bracket with a low end, the scan
+/// itself hands over the candidates' scores, packed, and their bits; the cut among them
+/// comes from [`simd::top_keys`] and their kept bits go into the row's words by
+/// [`simd::merge_kept`], with no loop over single bits or candidates' positions.
 #[allow(clippy::too_many_arguments)]
 fn per_row_unit(
     k: &CompiledKernel,
@@ -281,19 +284,41 @@ fn per_row_unit(
     let wide = k.wide_for(cols);
     let nwords = if wide.is_some() { cols / 64 } else { 0 };
     let (mut inside, mut above_words) = (vec![0u64; nwords], vec![0u64; nwords]);
+    // With a bracket that has a low end, the AVX-512 row scan collects the candidates itself:
+    // their scores in order, then their keys, and which of them are kept.
+    let (mut cscores, mut ckeys, mut ckept) = (Vec::new(), Vec::new(), Vec::new());
     with_scratch(|buf| {
         for r in r0..r1 {
             let (s0, s1) = (r * cols, (r + 1) * cols);
             // With the AVX-512 scan: its counts, and whether the bracket has a low end.
             let mut counted = None;
+            // Whether the row scan collected the candidates (and left no scores in `buf`).
+            let mut collected = false;
             if let Some(wk) = &wide {
                 let (lo, gt) = match bracket {
                     Some((lo, hi)) => (simd::ge_bound(lo), simd::gt_bound(hi)),
                     None => (None, f32::NAN),
                 };
                 let lo_f = lo.unwrap_or(f32::NEG_INFINITY);
-                let st =
-                    raw.scan_wide_read(wk, s0, s1, lo_f, gt, buf, &mut inside, &mut above_words);
+                let row_scan = lo.map(|_| {
+                    raw.scan_wide_collect(
+                        wk,
+                        s0,
+                        s1,
+                        lo_f,
+                        gt,
+                        &mut cscores,
+                        &mut inside,
+                        &mut above_words,
+                    )
+                });
+                collected = row_scan.is_some();
+                let st = match row_scan {
+                    Some(st) => st,
+                    None => {
+                        raw.scan_wide_read(wk, s0, s1, lo_f, gt, buf, &mut inside, &mut above_words)
+                    }
+                };
                 if check && st.bad {
                     return Err(NonFiniteIn);
                 }
@@ -334,6 +359,20 @@ fn per_row_unit(
             // above it, then the kept candidates.
             let fast = if keep == 0 || keep >= alive {
                 None
+            } else if collected {
+                bracket.and_then(|(lo, hi)| {
+                    let above = counted.map_or(0, |(above, _)| above);
+                    let inr = cscores.len();
+                    if above >= keep || above + inr < keep {
+                        return None;
+                    }
+                    ckeys.clear();
+                    ckeys.extend(cscores.iter().map(|&s| simd::key_of(s)));
+                    let t = simd::top_keys(&ckeys, keep - above, &mut ckept);
+                    simd::merge_kept(side, &above_words, &inside, &ckept);
+                    bracket = Some(next_bracket(t, lo, hi, margin, inr));
+                    Some(())
+                })
             } else {
                 bracket.and_then(|(lo, hi)| {
                     let mut inr = 0usize;
@@ -391,16 +430,15 @@ fn per_row_unit(
                         side[j / 64] |= 1u64 << (j % 64);
                         ties -= 1;
                     }
-                    // The next bracket: `margin` ranks either side of this row's cut, at the
-                    // keys-per-rank density this bracket showed.
-                    let span = (hi - lo) as u64 * margin as u64 / inr as u64 + 1;
-                    let nhi = (t as u64 + span).min(u32::MAX as u64) as u32;
-                    let nlo = (t as u64).saturating_sub(span) as u32;
-                    bracket = Some((nlo, nhi));
+                    bracket = Some(next_bracket(t, lo, hi, margin, inr));
                     Some(())
                 })
             };
             if fast.is_none() {
+                if collected {
+                    // The row scan left no scores: the row is in cache, score it again.
+                    raw.score_into(k.score_raw, s0, s1, buf);
+                }
                 let (t, ties) = if keep == 0 {
                     (u32::MAX, 0)
                 } else if keep >= alive {
@@ -439,6 +477,15 @@ fn per_row_unit(
         }
         Ok(kept)
     })
+}
+
+/// The next row's bracket: `margin` ranks either side of this row's cut key `t`, at the
+/// keys-per-rank density this row's bracket `[lo, hi]` showed (`inr` keys inside it).
+fn next_bracket(t: u32, lo: u32, hi: u32, margin: usize, inr: usize) -> (u32, u32) {
+    let span = (hi - lo) as u64 * margin as u64 / inr as u64 + 1;
+    let nhi = (t as u64 + span).min(u32::MAX as u64) as u32;
+    let nlo = (t as u64).saturating_sub(span) as u32;
+    (nlo, nhi)
 }
 
 /// Ranks `keep - margin` and `keep + margin` bound the next row's cut: about 4 standard

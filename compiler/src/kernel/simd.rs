@@ -597,6 +597,137 @@ pub fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// A row's cut among its candidates' keys (`keys`, in offset order): of the `need` largest,
+/// the earlier of equal keys first (`1 <= need <= keys.len()`), returns the smallest key and
+/// sets bit `i % 64` of word `i / 64` of `kept` for each (`kept` is resized to
+/// `keys.len() / 64 + 2` words, the last always zero, see [`merge_kept`]). The key is found
+/// by bisecting the keys' range with counts, which vectorise, rather than by partitioning.
+pub fn top_keys(keys: &[u32], need: usize, kept: &mut Vec<u64>) -> u32 {
+    assert!(need >= 1 && need <= keys.len());
+    kept.clear();
+    kept.resize(keys.len() / 64 + 2, 0);
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F (and POPCNT with it).
+        ISA_AVX512 => unsafe { x86::top_keys512(keys, need, kept) },
+        _ => top_keys_scalar(keys, need, kept),
+    }
+}
+
+/// [`top_keys`] in plain Rust (`kept` already zeroed and sized).
+fn top_keys_scalar(keys: &[u32], need: usize, kept: &mut [u64]) -> u32 {
+    let t = bisect_keys(
+        keys,
+        need,
+        |x| keys.iter().filter(|&&k| k >= x).count(),
+        |lo, hi, few| {
+            let mut n = 0;
+            for &k in keys.iter().filter(|&&k| k >= lo && k <= hi) {
+                few[n] = k;
+                n += 1;
+            }
+            n
+        },
+    );
+    let mut ties = need;
+    for (i, &k) in keys.iter().enumerate() {
+        kept[i / 64] |= u64::from(k > t) << (i % 64);
+        ties -= usize::from(k > t);
+    }
+    for (i, &k) in keys.iter().enumerate() {
+        if ties == 0 {
+            break;
+        }
+        if k == t {
+            kept[i / 64] |= 1 << (i % 64);
+            ties -= 1;
+        }
+    }
+    t
+}
+
+/// The largest key `t` with at least `need` of `keys` at or above it (`count_ge(x)` counts
+/// those at or above `x`). The keys' range `[lo, hi]` narrows by counts at points
+/// interpolated from the counts at its ends (a row's candidates are spread about evenly
+/// across their bracket), every other step halving it so that uneven keys cost at most
+/// twice the steps of bisection; once at most 16 keys lie inside, they are picked out and
+/// sorted.
+/// `pick(lo, hi, few)` copies the keys inside `[lo, hi]` (at most 16) to the start of `few`
+/// and returns how many there are.
+#[inline(always)]
+fn bisect_keys(
+    keys: &[u32],
+    need: usize,
+    count_ge: impl Fn(u32) -> usize,
+    pick: impl Fn(u32, u32, &mut [u32; 32]) -> usize,
+) -> u32 {
+    let (mut lo, mut hi) = keys
+        .iter()
+        .fold((u32::MAX, 0), |(a, b), &k| (a.min(k), b.max(k)));
+    // Keys at or above `lo`, and above `hi`: `c_lo >= need > c_hi`.
+    let (mut c_lo, mut c_hi) = (keys.len(), 0usize);
+    let mut step = 0u32;
+    while lo < hi && c_lo - c_hi > 16 {
+        let span = (hi - lo) as u64;
+        let mid = if step.is_multiple_of(2) {
+            // Where the count would reach `need` if the keys inside were evenly spread.
+            let d = span * (need - c_hi) as u64 / (c_lo - c_hi) as u64;
+            (hi as u64 - d).clamp(lo as u64 + 1, hi as u64) as u32
+        } else {
+            lo + (hi - lo).div_ceil(2)
+        };
+        step += 1;
+        let c = count_ge(mid);
+        if c >= need {
+            (lo, c_lo) = (mid, c);
+        } else {
+            (hi, c_hi) = (mid - 1, c);
+        }
+    }
+    if lo == hi {
+        return lo;
+    }
+    // The `need - c_hi`-th largest of the few keys inside `[lo, hi]`.
+    let mut few = [0u32; 32];
+    let n = pick(lo, hi, &mut few);
+    let few = &mut few[..n];
+    few.sort_unstable_by(|a, b| b.cmp(a));
+    few[need - c_hi - 1]
+}
+
+/// A row's new mask words: `side[w] = above[w]` plus those of the elements in `inside[w]`
+/// (the candidates, in order: the `i`-th set bit of `inside` is candidate `i`) whose bit
+/// in `kept` is set ([`top_keys`]'s flags, with a zero word after the last candidate's).
+pub fn merge_kept(side: &mut [u64], above: &[u64], inside: &[u64], kept: &[u64]) {
+    assert!(side.len() == above.len() && side.len() == inside.len());
+    let total: usize = popcount(inside);
+    assert!(kept.len() > total / 64 + 1);
+    #[cfg(target_arch = "x86_64")]
+    if isa() != ISA_SCALAR && is_x86_feature_detected!("bmi2") {
+        // SAFETY: the CPU has BMI2 and POPCNT; the lengths are checked above.
+        unsafe { x86::merge_kept_pdep(side, above, inside, kept) };
+        return;
+    }
+    merge_kept_scalar(side, above, inside, kept);
+}
+
+/// [`merge_kept`] in plain Rust, bit by bit.
+fn merge_kept_scalar(side: &mut [u64], above: &[u64], inside: &[u64], kept: &[u64]) {
+    let mut i = 0usize;
+    for ((s, &a), &m) in side.iter_mut().zip(above).zip(inside) {
+        let mut w = a;
+        let mut b = m;
+        while b != 0 {
+            if (kept[i / 64] >> (i % 64)) & 1 == 1 {
+                w |= b & b.wrapping_neg();
+            }
+            b &= b - 1;
+            i += 1;
+        }
+        *s = w;
+    }
+}
+
 /// Whether any of `w` is NaN or infinite (alive or not).
 pub fn any_nonfinite(w: &[f32]) -> bool {
     let m = match isa() {
@@ -623,6 +754,93 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{apply_core, count_core, count_zero_core, zero_core, Bounds, Mode, Ops};
+
+    /// [`super::top_keys`] with 16 keys per compare (the last group masked).
+    #[target_feature(enable = "avx512f,popcnt")]
+    pub unsafe fn top_keys512(keys: &[u32], need: usize, kept: &mut [u64]) -> u32 {
+        let n = keys.len();
+        let groups = n.div_ceil(16);
+        let lanes = |g: usize| -> u16 {
+            let rem = n - 16 * g;
+            if rem >= 16 {
+                u16::MAX
+            } else {
+                (1u16 << rem) - 1
+            }
+        };
+        // SAFETY: group `g < groups` holds `lanes(g)` keys from `16 g`; the masked load
+        // reads no others.
+        let load = |g: usize| unsafe {
+            _mm512_maskz_loadu_epi32(lanes(g), keys.as_ptr().add(16 * g) as *const i32)
+        };
+        let count_ge = |x: u32| {
+            let v = _mm512_set1_epi32(x as i32);
+            let one = _mm512_set1_epi32(1);
+            let mut c = _mm512_setzero_si512();
+            for g in 0..groups {
+                let m = _mm512_mask_cmpge_epu32_mask(lanes(g), load(g), v);
+                c = _mm512_mask_add_epi32(c, m, c, one);
+            }
+            _mm512_reduce_add_epi32(c) as usize
+        };
+        let pick = |lo: u32, hi: u32, few: &mut [u32; 32]| {
+            let (l, h) = (_mm512_set1_epi32(lo as i32), _mm512_set1_epi32(hi as i32));
+            let mut n = 0usize;
+            for g in 0..groups {
+                let k = load(g);
+                let m = _mm512_mask_cmple_epu32_mask(
+                    _mm512_mask_cmpge_epu32_mask(lanes(g), k, l),
+                    k,
+                    h,
+                );
+                // Packed in a register and stored 16 lanes wide (`few` has room for 16 more
+                // than the at most 16 keys inside): compressing into memory is slow.
+                // SAFETY: `n <= 16`, so `few[n..n + 16]` is in bounds.
+                unsafe {
+                    _mm512_storeu_si512(
+                        few.as_mut_ptr().add(n) as *mut _,
+                        _mm512_maskz_compress_epi32(m, k),
+                    )
+                };
+                n += m.count_ones() as usize;
+            }
+            n
+        };
+        let t = super::bisect_keys(keys, need, count_ge, pick);
+        // The keys above `t`, then the first ties at it.
+        let v = _mm512_set1_epi32(t as i32);
+        let mut ties = need;
+        for g in 0..groups {
+            let gt = _mm512_mask_cmpgt_epu32_mask(lanes(g), load(g), v);
+            kept[g / 4] |= u64::from(gt) << (16 * (g % 4));
+            ties -= gt.count_ones() as usize;
+        }
+        for g in 0..groups {
+            if ties == 0 {
+                break;
+            }
+            let mut eq = _mm512_mask_cmpeq_epu32_mask(lanes(g), load(g), v);
+            while ties > 0 && eq != 0 {
+                kept[g / 4] |= u64::from(eq & eq.wrapping_neg()) << (16 * (g % 4));
+                eq &= eq - 1;
+                ties -= 1;
+            }
+        }
+        t
+    }
+
+    /// [`super::merge_kept`]: each word's candidates take their flags with `pdep`.
+    #[target_feature(enable = "bmi2,popcnt")]
+    pub unsafe fn merge_kept_pdep(side: &mut [u64], above: &[u64], inside: &[u64], kept: &[u64]) {
+        let mut pos = 0usize;
+        for ((s, &a), &m) in side.iter_mut().zip(above).zip(inside) {
+            let (q, r) = (pos / 64, pos % 64);
+            // Flags `pos..pos + 64`; the word after the last candidate's is zero.
+            let flags = (kept[q] >> r) | ((kept[q + 1] << 1) << (63 - r));
+            *s = a | _pdep_u64(flags, m);
+            pos += m.count_ones() as usize;
+        }
+    }
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn max_bits256(w: &[f32]) -> u32 {
@@ -1014,6 +1232,78 @@ mod tests {
                 assert_eq!(kept, want);
             }
         });
+    }
+
+    /// `top_keys` and `merge_kept`, every implementation this host runs, against sorting:
+    /// random candidates with few or many equal keys.
+    #[test]
+    fn row_cut_helpers_match_sorting() {
+        let mut x = 0x2545_f491u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for case in 0..600 {
+            let n = 1 + next() as usize % 300;
+            let spread = [1u32, 3, 50, 1 << 20, u32::MAX][case % 5];
+            let base = next() / 2;
+            let keys: Vec<u32> = (0..n)
+                .map(|_| base.saturating_add(next() % spread))
+                .collect();
+            let need = 1 + next() as usize % n;
+            // The reference: by key, higher first, then the earlier.
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| keys[b].cmp(&keys[a]).then(a.cmp(&b)));
+            let t_want = keys[order[need - 1]];
+            let mut want = vec![0u64; n / 64 + 2];
+            for &i in &order[..need] {
+                want[i / 64] |= 1 << (i % 64);
+            }
+            let mut kept = Vec::new();
+            assert_eq!(top_keys(&keys, need, &mut kept), t_want, "case {case}");
+            assert_eq!(kept, want, "case {case}");
+            let mut kept = vec![0u64; n / 64 + 2];
+            assert_eq!(
+                top_keys_scalar(&keys, need, &mut kept),
+                t_want,
+                "case {case}"
+            );
+            assert_eq!(kept, want, "case {case}");
+
+            // Spread the candidates over a row's words, beside elements above them.
+            let words = n.div_ceil(64) + 1 + next() as usize % 4;
+            let mut inside = vec![0u64; words];
+            let mut placed = 0;
+            while placed < n {
+                let b = next() as usize % (64 * words);
+                if inside[b / 64] >> (b % 64) & 1 == 0 {
+                    inside[b / 64] |= 1 << (b % 64);
+                    placed += 1;
+                }
+            }
+            let above: Vec<u64> = inside
+                .iter()
+                .map(|&m| !m & (u64::from(next()) << 32 | u64::from(next())))
+                .collect();
+            let mut expect = above.clone();
+            let mut i = 0;
+            for b in 0..64 * words {
+                if inside[b / 64] >> (b % 64) & 1 == 1 {
+                    if want[i / 64] >> (i % 64) & 1 == 1 {
+                        expect[b / 64] |= 1 << (b % 64);
+                    }
+                    i += 1;
+                }
+            }
+            let mut side = vec![0u64; words];
+            merge_kept(&mut side, &above, &inside, &want);
+            assert_eq!(side, expect, "case {case}");
+            let mut side = vec![0u64; words];
+            merge_kept_scalar(&mut side, &above, &inside, &want);
+            assert_eq!(side, expect, "case {case}");
+        }
     }
 
     #[test]

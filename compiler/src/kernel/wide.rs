@@ -9,8 +9,11 @@
 //! bits; they also do the work Rust did after cranelift's scans (see
 //! [`super::raw::RawTensor::scan_into`]): the writing scans settle the mask and zero pruned
 //! weights too, and all count the alive elements above the range and flag alive non-finite
-//! weights. The property tests check both generators against the interpreter. Everything
-//! else (the score kernels, other expressions, hosts without AVX-512) stays with cranelift.
+//! weights. A fourth, the row scan of per-row selections, has no cranelift counterpart: it
+//! packs the scores of the candidates (the alive elements inside the range) with
+//! `vpcompressd` instead of storing every score. The property tests check the kernels
+//! against the interpreter. Everything else (the score kernels, other expressions, hosts
+//! without AVX-512) stays with cranelift.
 //!
 //! The subset: constants; the weight, gradient, initial weight, scalars, up to two column
 //! statistics and one row statistic; `neg`, `abs`, `sq`, `sqrt`, `+`, `-`, `*`, `/`, `min`,
@@ -23,19 +26,26 @@
 //! mask registers and load the alive bits; then either store, as `u16`, the alive elements
 //! inside the range and those above it (reading) or store the new mask bits, the weights
 //! with the other lanes cleared, and the kept elements inside the range (writing); count
-//! per lane.
+//! per lane. The row scan stores no scores: it packs those of the elements inside the range
+//! into a register, stores it 16 lanes wide at the candidates' end, and moves the end by
+//! their count.
 
 use std::mem::offset_of;
 
 use super::expr::{BinOp, CmpOp, KExpr, KInput, UnOp};
 use super::jit::{KArgs, KernelFn};
 
-/// The three fused scans of one expression in AVX-512 machine code.
+/// The three fused scans of one expression in AVX-512 machine code, and the row scan.
 #[derive(Clone, Copy, Debug)]
 pub struct WideScans {
     pub read: KernelFn,
     pub zero: KernelFn,
     pub zero_all: KernelFn,
+    /// The read scan of one row for per-row selections: instead of every score, it writes
+    /// the scores of the alive elements inside the range, packed in order (see
+    /// [`KArgs::cand_scores`]), and the bits and counts as `read` does. Runs on
+    /// `[start, end)` with `start` at a row's first column and `end` in the same row.
+    pub collect: KernelFn,
     /// Whether the expression reads row or column statistics.
     pub uses_pos: bool,
 }
@@ -75,7 +85,7 @@ pub fn compile(expr: &KExpr) -> Option<WideScans> {
     let pool: &'static [u32] = Box::leak(plan.consts.clone().into_boxed_slice());
     let mut fns = Vec::new();
     let mut code = Vec::new();
-    for kind in [Kind::Read, Kind::Zero, Kind::ZeroAll] {
+    for kind in [Kind::Read, Kind::Zero, Kind::ZeroAll, Kind::Collect] {
         while code.len() % 64 != 0 {
             code.push(0xcc);
         }
@@ -98,6 +108,7 @@ pub fn compile(expr: &KExpr) -> Option<WideScans> {
         read: get(fns[0]),
         zero: get(fns[1]),
         zero_all: get(fns[2]),
+        collect: get(fns[3]),
         uses_pos: plan.uses_pos,
     })
 }
@@ -146,6 +157,8 @@ enum Kind {
     Read,
     Zero,
     ZeroAll,
+    /// The row scan that collects the candidates (`WideScans::collect`).
+    Collect,
 }
 
 // General-purpose registers.
@@ -562,6 +575,30 @@ impl Asm {
     fn kor(&mut self, dst: u8, a: u8, b: u8) {
         self.vex(true, 0x45, dst, a, Rm::Reg(b));
     }
+
+    /// `kmovw r32, k`.
+    fn kmov_to_gp(&mut self, r: u8, k: u8) {
+        self.vex(false, 0x93, r, 0, Rm::Reg(k));
+    }
+
+    /// `vpcompressd dst{k}{z}, src`: the lanes of `k`, packed into the low lanes of `dst`,
+    /// the rest zero. (The register form: compressing into memory is much slower.)
+    fn vcompress(&mut self, dst: u8, src: u8, k: u8) {
+        self.evex(2, 1, 0x8b, src, 0, Rm::Reg(dst), k, true);
+    }
+
+    fn popcnt(&mut self, dst: u8, src: u8) {
+        self.byte(0xf3);
+        self.op(true, &[0x0f, 0xb8], dst, Rm::Reg(src));
+    }
+
+    fn add(&mut self, dst: u8, src: u8) {
+        self.op(true, &[0x01], src, Rm::Reg(dst));
+    }
+
+    fn mov_store(&mut self, m: Mem, src: u8) {
+        self.op(true, &[0x89], src, Rm::Mem(m));
+    }
 }
 
 /// Emits one scan kernel `fn(*mut KArgs)` (`pool` holds `p.consts` and outlives the code);
@@ -611,8 +648,22 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
             a.mov_load(R15, at(R15, 8 * s as usize));
         }
     }
-    // rdx: the score output.
-    a.mov_load(RDX, at(RDI, offset_of!(KArgs, out)));
+    let collect = kind == Kind::Collect;
+    if collect {
+        // One row from its first column: the column is the element offset (rax), and the row
+        // statistic is broadcast once. rbp: the candidates' scores; rbx: how many there are.
+        if p.row_slot.is_some() {
+            a.vbroadcast(ZROW, at_idx(R15, RBP, 2, 0));
+        }
+        a.mov_load(RBP, at(RDI, offset_of!(KArgs, cand_scores)));
+        a.zero(RBX);
+        // The length moves to the stack (the row length is not needed again): rcx counts
+        // each group's candidates.
+        a.mov_store(at(RSP, 0), RCX);
+    } else {
+        // rdx: the score output.
+        a.mov_load(RDX, at(RDI, offset_of!(KArgs, out)));
+    }
     a.vbroadcast(ZLO, at(RDI, offset_of!(KArgs, lo)));
     a.vbroadcast(ZGT, at(RDI, offset_of!(KArgs, gt)));
     if !p.scalars.is_empty() {
@@ -634,10 +685,14 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
     a.test(RCX);
     let skip = a.jcc(0x4); // je
     let top = a.code.len();
-    if p.row_slot.is_some() {
+    if p.row_slot.is_some() && !collect {
         a.vbroadcast(ZROW, at_idx(R15, RBP, 2, 0));
     }
-    let cx = Cx { p, group: 0 };
+    let cx = Cx {
+        p,
+        group: 0,
+        col: if collect { RAX } else { RBX },
+    };
     // The magnitude's score is what the finiteness check needs.
     let score_is_abs = matches!(expr, KExpr::Unary(UnOp::Abs, x) if **x == KExpr::weight());
     for g in 0..4 {
@@ -648,7 +703,9 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
         a.prefetch(at_idx(RSI, RAX, 2, off + PREFETCH));
         a.vload(ZW, at_idx(RSI, RAX, 2, off));
         let s = cx.eval(a, expr, 0)?;
-        a.vstore(at_idx(RDX, RAX, 2, off), s);
+        if !collect {
+            a.vstore(at_idx(RDX, RAX, 2, off), s);
+        }
         // k1: at or above the range's low end, k2: above its high end, k5: alive.
         a.vcmp(1, s, ZLO, GE_OQ);
         a.vcmp(2, s, ZGT, GE_OQ);
@@ -669,11 +726,20 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
             a.kor(7, 7, 3);
         }
         match kind {
-            Kind::Read => {
+            Kind::Read | Kind::Collect => {
                 // Inside the range: alive, at or above its low end and not above it.
                 a.kandn(6, 2, 1);
                 a.kand(6, 6, 5);
                 a.kstore(ge, 6);
+                if collect {
+                    // Their scores, packed and stored 16 lanes wide (the buffer has room),
+                    // then the count moves past them.
+                    a.vcompress(t, s, 6);
+                    a.vstore(at_idx(RBP, RBX, 2, 0), t);
+                    a.kmov_to_gp(RCX, 6);
+                    a.popcnt(RCX, RCX);
+                    a.add(RBX, RCX);
+                }
             }
             Kind::Zero | Kind::ZeroAll => {
                 // k4: kept, i.e. alive and at or above the range, or (`Zero`) not finite.
@@ -693,14 +759,14 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
         }
         // Alive and above the range (stored by the read scan), counted per lane.
         a.kand(3, 2, 5);
-        if kind == Kind::Read {
+        if kind == Kind::Read || collect {
             a.kstore(at_idx(R12, RDI, 0, 2 * g), 3);
         }
         a.vpsubd_masked(ZCNT, 3, ZCNT, p.const_reg(ALL));
     }
     a.add_imm(RAX, 64);
     a.add_imm(RDI, 8);
-    if p.uses_pos {
+    if p.uses_pos && !collect {
         a.add_imm(RBX, 64);
         a.op(true, &[0x3b], RBX, Rm::Mem(at(RSP, 0))); // cmp rbx, [rsp]
         let same_row = a.jcc(0x5); // jne
@@ -709,7 +775,11 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
         let here = a.code.len();
         a.patch(same_row, here);
     }
-    a.cmp(RAX, RCX);
+    if collect {
+        a.op(true, &[0x3b], RAX, Rm::Mem(at(RSP, 0))); // cmp rax, [rsp]
+    } else {
+        a.cmp(RAX, RCX);
+    }
     let back = a.jcc(0x2); // jb
     a.patch(back, top);
     let exit = a.code.len();
@@ -718,6 +788,9 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
     a.pop(RDI);
     a.vstore(at(RDI, offset_of!(KArgs, above)), ZCNT);
     a.kstore(at(RDI, offset_of!(KArgs, bad)), 7);
+    if collect {
+        a.mov_store(at(RDI, offset_of!(KArgs, cands)), RBX);
+    }
     // vzeroupper: no penalty for SSE code after the kernel.
     a.code.extend_from_slice(&[0xc5, 0xf8, 0x77]);
     for r in SAVED.iter().rev() {
@@ -733,6 +806,8 @@ struct Cx<'a> {
     p: &'a Plan,
     /// The group within the word (its byte offset is `64 * group`).
     group: i32,
+    /// The register holding the column of the word's first element.
+    col: u8,
 }
 
 impl Cx<'_> {
@@ -762,7 +837,7 @@ impl Cx<'_> {
                 }
                 KInput::ColStat(s) => {
                     let i = self.p.col_slots.iter().position(|&x| x == s)?;
-                    a.vload(d, at_idx([R13, R14][i], RBX, 2, off));
+                    a.vload(d, at_idx([R13, R14][i], self.col, 2, off));
                     d
                 }
                 KInput::RowStat(_) => ZROW,
@@ -895,5 +970,18 @@ mod tests {
         a.mov_load(R13, at(RAX, 8));
         // mov r13, [rax + 8]
         assert_eq!(a.code, [0x4c, 0x8b, 0xac, 0x20, 8, 0, 0, 0]);
+        let mut a = Asm::default();
+        a.vcompress(11, 12, 6);
+        // vpcompressd zmm11{k6}{z}, zmm12
+        assert_eq!(a.code, [0x62, 0x52, 0x7d, 0xce, 0x8b, 0xe3]);
+        let mut a = Asm::default();
+        a.kmov_to_gp(RCX, 6);
+        a.popcnt(RCX, RCX);
+        a.add(RBX, RCX);
+        // kmovw ecx, k6; popcnt rcx, rcx; add rbx, rcx
+        assert_eq!(
+            a.code,
+            [0xc4, 0xe1, 0x78, 0x93, 0xce, 0xf3, 0x48, 0x0f, 0xb8, 0xc9, 0x48, 0x01, 0xcb]
+        );
     }
 }
