@@ -782,7 +782,7 @@ fn sample_cut(
     let q = (pool.keep as f64 / pool.alive as f64).clamp(0.0, 1.0);
     let pos = q * n;
     let last = len - 1;
-    let ranks = Ranks::new(keys);
+    let mut ranks = Ranks::new(keys);
     // The estimated cut, and how the share of keys above it varies between runs.
     let at = (pos as usize).min(last);
     let kq = ranks.key_at(keys, at);
@@ -827,6 +827,8 @@ struct Ranks {
     /// `ge[b]`: how many keys lie in bucket `b` or above (non-increasing in `b`).
     ge: Vec<u32>,
     hist: Vec<u32>,
+    /// The last bucket whose keys were gathered, and its keys (in any order).
+    gathered: Option<(usize, Vec<u32>)>,
 }
 
 impl Ranks {
@@ -843,21 +845,31 @@ impl Ranks {
             sum += hist[b];
             ge[b] = sum;
         }
-        Ranks { ge, hist }
+        Ranks {
+            ge,
+            hist,
+            gathered: None,
+        }
     }
 
     /// The key at `rank` (0 = the largest) of the keys the histogram was built from.
-    fn key_at(&self, parts: &[&[u32]], rank: usize) -> u32 {
+    fn key_at(&mut self, parts: &[&[u32]], rank: usize) -> u32 {
         let r = rank as u32;
         assert!(r < self.ge[0], "rank {rank} of {} keys", self.ge[0]);
         // The highest bucket with more than `rank` keys at or above it holds the rank.
         let b = self.ge.partition_point(|&g| g > r) - 1;
-        let mut inside: Vec<u32> = parts
-            .iter()
-            .flat_map(|p| p.iter())
-            .copied()
-            .filter(|&k| (k >> Self::SHIFT) as usize == b)
-            .collect();
+        // Its keys, gathered once: the three ranks a sample needs often share a bucket.
+        if self.gathered.as_ref().is_none_or(|(g, _)| *g != b) {
+            let mut inside = self.gathered.take().map(|(_, v)| v).unwrap_or_default();
+            inside.clear();
+            let lo = (b as u32) << Self::SHIFT;
+            let hi = lo | ((1 << Self::SHIFT) - 1);
+            for p in parts {
+                simd::keys_between(p, lo, hi, &mut inside);
+            }
+            self.gathered = Some((b, inside));
+        }
+        let inside = &mut self.gathered.as_mut().expect("gathered above").1;
         let i = (r - (self.ge[b] - self.hist[b])) as usize;
         *inside.select_nth_unstable_by(i, |a, b| b.cmp(a)).1
     }
@@ -1398,7 +1410,7 @@ pub(super) mod tests {
             vec![42; 11],
         ];
         for keys in sets {
-            let ranks = super::Ranks::new(&[&keys[..10], &keys[10..]]);
+            let mut ranks = super::Ranks::new(&[&keys[..10], &keys[10..]]);
             let mut sorted = keys.clone();
             sorted.sort_unstable_by(|a, b| b.cmp(a));
             for r in (0..keys.len()).step_by(37).chain([0, keys.len() - 1]) {

@@ -171,26 +171,30 @@ pub fn per_row_select(
     check: bool,
     apply: bool,
 ) -> Result<Vec<usize>, NonFiniteIn> {
-    let mut jobs = Vec::new();
-    for (n, &(t, rows)) in which.iter().enumerate() {
-        let raw = &raws[t];
-        let cols = raw.cols;
-        assert!(per_row_aligned(cols));
-        let margin = row_margin(keep, cols);
-        // Every unit of a tensor starts from the bracket of the tensor's first row.
-        let seed = if rows > 0 && keep > 0 {
+    // Every unit of a tensor starts from the bracket of the tensor's first row (the tensors'
+    // first rows in parallel).
+    let seeds: Vec<Option<(u32, u32)>> = which
+        .par_iter()
+        .map(|&(t, rows)| {
+            let raw = &raws[t];
+            let cols = raw.cols;
+            assert!(per_row_aligned(cols));
+            if rows == 0 || keep == 0 {
+                return None;
+            }
             with_scratch(|buf| {
                 raw.score_into(k.score_raw, 0, cols, buf);
                 // SAFETY: nothing writes the tensor during this pass.
                 let mask = unsafe { raw.mask_words(0, cols / 64) };
                 let mut keys = alive_keys(buf, mask);
-                (keep < keys.len()).then(|| bracket_of(&mut keys, keep, margin))
+                (keep < keys.len()).then(|| bracket_of(&mut keys, keep, row_margin(keep, cols)))
             })
-        } else {
-            None
-        };
-        for u in units(rows, rows_per_unit(rows, cols, 1)) {
-            jobs.push((n, u, seed));
+        })
+        .collect();
+    let mut jobs = Vec::new();
+    for (n, &(t, rows)) in which.iter().enumerate() {
+        for u in units(rows, rows_per_unit(rows, raws[t].cols, 1)) {
+            jobs.push((n, u, seeds[n]));
         }
     }
     let counts = jobs

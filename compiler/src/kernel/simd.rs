@@ -728,6 +728,16 @@ fn merge_kept_scalar(side: &mut [u64], above: &[u64], inside: &[u64], kept: &[u6
     }
 }
 
+/// Appends the keys of `keys` inside `[lo, hi]` to `out`, in order.
+pub fn keys_between(keys: &[u32], lo: u32, hi: u32, out: &mut Vec<u32>) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F.
+        ISA_AVX512 => unsafe { x86::keys_between512(keys, lo, hi, out) },
+        _ => out.extend(keys.iter().filter(|&&k| k >= lo && k <= hi)),
+    }
+}
+
 /// Whether any of `w` is NaN or infinite (alive or not).
 pub fn any_nonfinite(w: &[f32]) -> bool {
     let m = match isa() {
@@ -827,6 +837,30 @@ mod x86 {
             }
         }
         t
+    }
+
+    /// [`super::keys_between`], 16 keys per compare, packed in a register and stored 16
+    /// lanes wide (compressing into memory is slow).
+    #[target_feature(enable = "avx512f,popcnt")]
+    pub unsafe fn keys_between512(keys: &[u32], lo: u32, hi: u32, out: &mut Vec<u32>) {
+        let (l, h) = (_mm512_set1_epi32(lo as i32), _mm512_set1_epi32(hi as i32));
+        let full = keys.len() / 16;
+        let mut n = out.len();
+        out.reserve(keys.len() + 16);
+        let dst = out.as_mut_ptr();
+        for g in 0..full {
+            // SAFETY: group `g` of 16 keys is inside `keys`; `out` has room for all of them
+            // and 16 more past its length.
+            unsafe {
+                let k = _mm512_loadu_si512(keys.as_ptr().add(16 * g) as *const _);
+                let m = _mm512_mask_cmple_epu32_mask(_mm512_cmpge_epu32_mask(k, l), k, h);
+                _mm512_storeu_si512(dst.add(n) as *mut _, _mm512_maskz_compress_epi32(m, k));
+                n += m.count_ones() as usize;
+            }
+        }
+        // SAFETY: the first `n` entries are written.
+        unsafe { out.set_len(n) };
+        out.extend(keys[16 * full..].iter().filter(|&&k| k >= lo && k <= hi));
     }
 
     /// [`super::merge_kept`]: each word's candidates take their flags with `pdep`.
@@ -1303,6 +1337,34 @@ mod tests {
             let mut side = vec![0u64; words];
             merge_kept_scalar(&mut side, &above, &inside, &want);
             assert_eq!(side, expect, "case {case}");
+        }
+    }
+
+    /// `keys_between` keeps the keys of the range, bounds included, in order, after what the
+    /// output held; lengths that are not a multiple of 16 included.
+    #[test]
+    fn keys_between_filters_in_order() {
+        let mut x = 0x9e37_79b9u32;
+        for n in [0usize, 1, 15, 16, 17, 100, 1000] {
+            let keys: Vec<u32> = (0..n)
+                .map(|i| {
+                    x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    [0, u32::MAX, 500, 1000, x % 2000][i % 5]
+                })
+                .collect();
+            for (lo, hi) in [
+                (500, 1000),
+                (0, 0),
+                (0, u32::MAX),
+                (1001, 999),
+                (u32::MAX, u32::MAX),
+            ] {
+                let mut out = vec![9, 9];
+                keys_between(&keys, lo, hi, &mut out);
+                let mut want = vec![9, 9];
+                want.extend(keys.iter().filter(|&&k| k >= lo && k <= hi));
+                assert_eq!(out, want, "{n} keys in [{lo}, {hi}]");
+            }
         }
     }
 
