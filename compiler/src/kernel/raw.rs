@@ -408,7 +408,11 @@ impl RawTensor {
             assert!(a.cands as usize <= n);
             scores.set_len(a.cands as usize);
         }
-        Settled::of(&a)
+        // The row scan leaves the count of the elements above to its bits.
+        Settled {
+            above: super::simd::popcount(above) as u64,
+            bad: a.bad != 0,
+        }
     }
 
     /// The weights `[start, end)`.

@@ -519,15 +519,15 @@ impl Asm {
         self.evex(1, 1, opcode, dst, a, Rm::Reg(b), 0, false);
     }
 
-    /// `k = cmp(a, b)` per lane with a `vcmpps` predicate.
-    fn vcmp(&mut self, k: u8, a: u8, b: u8, pred: u8) {
-        self.evex(1, 0, 0xc2, k, a, Rm::Reg(b), 0, false);
+    /// `k = cmp(a, b) & m` per lane with a `vcmpps` predicate (`m` 0: no mask).
+    fn vcmp(&mut self, k: u8, a: u8, b: u8, pred: u8, m: u8) {
+        self.evex(1, 0, 0xc2, k, a, Rm::Reg(b), m, false);
         self.byte(pred);
     }
 
-    /// `k = a > b` as signed dwords.
-    fn vpcmpgtd(&mut self, k: u8, a: u8, b: u8) {
-        self.evex(1, 1, 0x66, k, a, Rm::Reg(b), 0, false);
+    /// `k = (a > b) & m` as signed dwords (`m` 0: no mask).
+    fn vpcmpgtd(&mut self, k: u8, a: u8, b: u8, m: u8) {
+        self.evex(1, 1, 0x66, k, a, Rm::Reg(b), m, false);
     }
 
     /// `dst = k ? b : a` per lane.
@@ -706,12 +706,13 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
         if !collect {
             a.vstore(at_idx(RDX, RAX, 2, off), s);
         }
-        // k1: at or above the range's low end, k2: above its high end, k5: alive.
-        a.vcmp(1, s, ZLO, GE_OQ);
-        a.vcmp(2, s, ZGT, GE_OQ);
+        // k5: alive; compared under it (the lanes outside it come out clear), k1: alive and
+        // at or above the range's low end, k2: alive and above its high end.
         let mask = at_idx(R10, RDI, 0, 2 * g);
         let ge = at_idx(R11, RDI, 0, 2 * g);
         a.kload(5, mask);
+        a.vcmp(1, s, ZLO, GE_OQ, 5);
+        a.vcmp(2, s, ZGT, GE_OQ, 5);
         let t = p.temp;
         // k3: alive and not finite (`ZeroAll` allows them: not counted).
         if kind != Kind::ZeroAll {
@@ -721,15 +722,13 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
                 a.vpd(0xdb, t, ZW, p.const_reg(ABS));
                 t
             };
-            a.vpcmpgtd(3, mag, p.const_reg(FINITE));
-            a.kand(3, 3, 5);
+            a.vpcmpgtd(3, mag, p.const_reg(FINITE), 5);
             a.kor(7, 7, 3);
         }
         match kind {
             Kind::Read | Kind::Collect => {
                 // Inside the range: alive, at or above its low end and not above it.
                 a.kandn(6, 2, 1);
-                a.kand(6, 6, 5);
                 a.kstore(ge, 6);
                 if collect {
                     // Their scores, packed and stored 16 lanes wide (the buffer has room),
@@ -743,26 +742,28 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
             }
             Kind::Zero | Kind::ZeroAll => {
                 // k4: kept, i.e. alive and at or above the range, or (`Zero`) not finite.
-                if kind == Kind::Zero {
+                let kept = if kind == Kind::Zero {
                     a.kor(4, 1, 3);
-                    a.kand(4, 4, 5);
+                    4
                 } else {
-                    a.kand(4, 1, 5);
-                }
-                a.kstore(mask, 4);
-                a.vmov_zeroing(t, ZW, 4);
+                    1
+                };
+                a.kstore(mask, kept);
+                a.vmov_zeroing(t, ZW, kept);
                 a.vstore(at_idx(RSI, RAX, 2, off), t);
                 // Inside the range: kept and not above it.
-                a.kandn(6, 2, 4);
+                a.kandn(6, 2, kept);
                 a.kstore(ge, 6);
             }
         }
-        // Alive and above the range (stored by the read scan), counted per lane.
-        a.kand(3, 2, 5);
+        // Alive and above the range: stored by the read scans, counted per lane by the
+        // others (the row scan's caller counts the stored bits).
         if kind == Kind::Read || collect {
-            a.kstore(at_idx(R12, RDI, 0, 2 * g), 3);
+            a.kstore(at_idx(R12, RDI, 0, 2 * g), 2);
         }
-        a.vpsubd_masked(ZCNT, 3, ZCNT, p.const_reg(ALL));
+        if !collect {
+            a.vpsubd_masked(ZCNT, 2, ZCNT, p.const_reg(ALL));
+        }
     }
     a.add_imm(RAX, 64);
     a.add_imm(RDI, 8);
@@ -879,7 +880,7 @@ impl Cx<'_> {
                     // NEQ_UQ: true when either side is NaN.
                     CmpOp::Ne => 0x04,
                 };
-                a.vcmp(4, x, y, pred);
+                a.vcmp(4, x, y, pred, 0);
                 a.vmov_zeroing(d, self.p.const_reg(ONE), 4);
                 d
             }
@@ -890,7 +891,7 @@ impl Cx<'_> {
                 let f2 = if Some(x) == self.temp(f1) { f1 + 1 } else { f1 };
                 let y = self.eval(a, y, f2)?;
                 // NEQ_OQ: `c` neither ±0 nor NaN.
-                a.vcmp(4, c, self.p.const_reg(ZERO), 0x0c);
+                a.vcmp(4, c, self.p.const_reg(ZERO), 0x0c, 0);
                 a.vblend(d, 4, y, x);
                 d
             }
@@ -909,7 +910,7 @@ impl Cx<'_> {
         a.vps(op, t, y, x);
         a.vps(op, u, x, y);
         a.vpd(if min { 0xeb } else { 0xdb }, t, t, u);
-        a.vcmp(5, x, y, 0x03); // UNORD_Q
+        a.vcmp(5, x, y, 0x03, 0); // UNORD_Q
         a.vps_masked(0x58, t, 5, x, y);
         a.vmov(d, t);
         Some(())
@@ -959,7 +960,7 @@ mod tests {
             [0x62, 0xf1, 0x7c, 0x48, 0x10, 0x84, 0x86, 0x40, 0, 0, 0]
         );
         let mut a = Asm::default();
-        a.vcmp(1, 17, ZLO, GE_OQ);
+        a.vcmp(1, 17, ZLO, GE_OQ, 0);
         // vcmpps k1, zmm17, zmm1, 0x1d
         assert_eq!(a.code, [0x62, 0xf1, 0x74, 0x40, 0xc2, 0xc9, 0x1d]);
         let mut a = Asm::default();
