@@ -555,10 +555,6 @@ impl Asm {
         self.vex(false, 0x90, k, 0, Rm::Mem(m));
     }
 
-    fn kand(&mut self, dst: u8, a: u8, b: u8) {
-        self.vex(true, 0x41, dst, a, Rm::Reg(b));
-    }
-
     /// `dst = !a & b`.
     fn kandn(&mut self, dst: u8, a: u8, b: u8) {
         self.vex(true, 0x42, dst, a, Rm::Reg(b));
