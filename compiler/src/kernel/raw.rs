@@ -332,6 +332,32 @@ impl RawTensor {
         a
     }
 
+    /// Checks an AVX-512 read or row scan's range (whole 64-element words) and bits (a word
+    /// per 64 elements of each) and builds its arguments.
+    #[allow(clippy::too_many_arguments)]
+    fn wide_args(
+        &self,
+        w: &WideScans,
+        start: usize,
+        end: usize,
+        lo: f32,
+        gt: f32,
+        out: *mut f32,
+        inside: &mut [u64],
+        above: &mut [u64],
+    ) -> KArgs {
+        assert!(start <= end && end <= self.len && (end - start).is_multiple_of(64));
+        assert!(w.ok(self.cols) && start.is_multiple_of(64));
+        let words = (end - start) / 64;
+        assert!(inside.len() == words && above.len() == words);
+        // The kernel stores a `u16` per 16 elements: in little-endian order, the words.
+        let (ge, over) = (
+            inside.as_mut_ptr() as *mut u16,
+            above.as_mut_ptr() as *mut u16,
+        );
+        self.scan_args(start, end, lo, gt, out, ge, over)
+    }
+
     /// Runs the read-only AVX-512 scan of `w` on `[start, end)`, whole 64-element words of
     /// any number: the scores go to `out` (resized to fit), and one bit per element, as
     /// words like the mask's, of the alive elements with `lo <= s < gt` to `inside` and of
@@ -348,18 +374,10 @@ impl RawTensor {
         inside: &mut [u64],
         above: &mut [u64],
     ) -> Settled {
-        assert!(start <= end && end <= self.len && (end - start).is_multiple_of(64));
-        assert!(w.ok(self.cols) && start.is_multiple_of(64));
         let n = end - start;
-        assert!(inside.len() == n / 64 && above.len() == n / 64);
         out.clear();
         out.reserve(n);
-        // The kernel stores a `u16` per 16 elements: in little-endian order, the words.
-        let (ge, over) = (
-            inside.as_mut_ptr() as *mut u16,
-            above.as_mut_ptr() as *mut u16,
-        );
-        let mut a = self.scan_args(start, end, lo, gt, out.as_mut_ptr(), ge, over);
+        let mut a = self.wide_args(w, start, end, lo, gt, out.as_mut_ptr(), inside, above);
         // SAFETY: the read-only scan reads the tensor and its mask, writes `n` scores (the
         // capacity holds them; after it they are initialised) and `n / 64` words of each
         // bits.
@@ -387,18 +405,13 @@ impl RawTensor {
         inside: &mut [u64],
         above: &mut [u64],
     ) -> Settled {
-        assert!(start <= end && end <= self.len && (end - start).is_multiple_of(64));
-        assert!(w.ok(self.cols) && start.is_multiple_of(self.cols.max(1)));
+        assert!(start.is_multiple_of(self.cols.max(1)) && end - start <= self.cols);
         let n = end - start;
-        assert!(n <= self.cols && above.len() == n / 64 && inside.len() == n / 64);
         // The kernel stores 16 lanes at a time, up to 15 past the last candidate.
         scores.clear();
         scores.reserve(n + 16);
-        let (ge, over) = (
-            inside.as_mut_ptr() as *mut u16,
-            above.as_mut_ptr() as *mut u16,
-        );
-        let mut a = self.scan_args(start, end, lo, gt, std::ptr::null_mut(), ge, over);
+        let null = std::ptr::null_mut();
+        let mut a = self.wide_args(w, start, end, lo, gt, null, inside, above);
         a.cand_scores = scores.as_mut_ptr();
         // SAFETY: the row scan reads the tensor and its mask, writes `n / 64` words of each
         // bits and at most `n + 16` scores, of which the first `cands` are initialised after
