@@ -53,7 +53,8 @@ pub struct KArgs {
     /// The AVX-512 scans ([`super::wide`]): the mask word of element `start`, whose alive
     /// bits they read and the writing ones update in place.
     pub mask: *mut u64,
-    /// Out, from the AVX-512 scans: per lane, the alive elements above the range.
+    /// Out, from the AVX-512 scans but the row scan: per lane, the alive elements above the
+    /// range.
     pub above: [u32; 16],
     /// Out, from the AVX-512 scans: nonzero if an alive weight is not finite (not looked
     /// for by the writing scan that allows them).

@@ -405,7 +405,8 @@ impl RawTensor {
         inside: &mut [u64],
         above: &mut [u64],
     ) -> Settled {
-        assert!(start.is_multiple_of(self.cols.max(1)) && end - start <= self.cols);
+        assert!(start <= end && start.is_multiple_of(self.cols.max(1)));
+        assert!(end - start <= self.cols);
         let n = end - start;
         // The kernel stores 16 lanes at a time, up to 15 past the last candidate.
         scores.clear();

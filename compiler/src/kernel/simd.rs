@@ -131,10 +131,15 @@ fn detect() -> u8 {
         if std::env::var_os("PRUNEC_KERNEL_SCALAR").is_some() {
             return ISA_SCALAR;
         }
-        if is_x86_feature_detected!("avx512f") && std::env::var_os("PRUNEC_KERNEL_AVX2").is_none() {
+        // The vector paths count with POPCNT too (every AVX2 or AVX-512 CPU has it).
+        let popcnt = is_x86_feature_detected!("popcnt");
+        if is_x86_feature_detected!("avx512f")
+            && popcnt
+            && std::env::var_os("PRUNEC_KERNEL_AVX2").is_none()
+        {
             return ISA_AVX512;
         }
-        if is_x86_feature_detected!("avx2") {
+        if is_x86_feature_detected!("avx2") && popcnt {
             return ISA_AVX2;
         }
     }

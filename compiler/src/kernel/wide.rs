@@ -43,7 +43,8 @@ pub struct WideScans {
     pub zero_all: KernelFn,
     /// The read scan of one row for per-row selections: instead of every score, it writes
     /// the scores of the alive elements inside the range, packed in order (see
-    /// [`KArgs::cand_scores`]), and the bits and counts as `read` does. Runs on
+    /// [`KArgs::cand_scores`]), and the bits and the non-finite flag as `read` does, but
+    /// not the count of elements above (the caller counts the `over` bits). Runs on
     /// `[start, end)` with `start` at a row's first column and `end` in the same row.
     pub collect: KernelFn,
     /// Whether the expression reads row or column statistics.
@@ -64,7 +65,9 @@ pub fn available() -> bool {
     {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *ON.get_or_init(|| {
+            // The row scan counts with `popcnt`, which every AVX-512 CPU has; checked anyway.
             std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("popcnt")
                 && std::env::var_os("PRUNEC_KERNEL_NARROW").is_none()
         })
     }
@@ -752,8 +755,8 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
                 a.kstore(ge, 6);
             }
         }
-        // Alive and above the range: stored by the read scans, counted per lane by the
-        // others (the row scan's caller counts the stored bits).
+        // Alive and above the range: stored by the read and row scans, counted per lane by
+        // all but the row scan (whose caller counts the stored bits).
         if kind == Kind::Read || collect {
             a.kstore(at_idx(R12, RDI, 0, 2 * g), 2);
         }
@@ -922,6 +925,7 @@ mod tests {
         #[cfg(all(target_arch = "x86_64", unix))]
         {
             std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("popcnt")
                 && std::env::var_os("PRUNEC_KERNEL_NARROW").is_none()
         }
         #[cfg(not(all(target_arch = "x86_64", unix)))]
@@ -967,6 +971,10 @@ mod tests {
         a.mov_load(R13, at(RAX, 8));
         // mov r13, [rax + 8]
         assert_eq!(a.code, [0x4c, 0x8b, 0xac, 0x20, 8, 0, 0, 0]);
+        let mut a = Asm::default();
+        a.vcmp(1, 12, ZLO, GE_OQ, 5);
+        // vcmpps k1{k5}, zmm12, zmm1, 0x1d
+        assert_eq!(a.code, [0x62, 0xf1, 0x1c, 0x4d, 0xc2, 0xc9, 0x1d]);
         let mut a = Asm::default();
         a.vcompress(11, 12, 6);
         // vpcompressd zmm11{k6}{z}, zmm12
