@@ -148,6 +148,21 @@ fn block_args(w: &mut [f32], b0: usize, b1: usize, buf: &mut [f32]) -> KArgs {
     a
 }
 
+/// [`block_args`] for a scan kernel: the range's bounds and the `ge` bits.
+fn scan_block_args(
+    w: &mut [f32],
+    (b0, b1): (usize, usize),
+    buf: &mut [f32],
+    (lo, gt): (f32, f32),
+    ge: &mut [u16],
+) -> KArgs {
+    let mut a = block_args(w, b0, b1, buf);
+    a.lo = [lo; 4];
+    a.gt = [gt; 4];
+    a.ge = ge.as_mut_ptr();
+    a
+}
+
 /// The JIT's score kernel block by block over a chunk, each block's scores into one buffer;
 /// `then(w, b0, b1, scores)` runs after each block.
 fn score_blocks(
@@ -261,10 +276,7 @@ fn jit_fused(
     let mut nonfinite = false;
     for b0 in (0..w.len()).step_by(BLOCK) {
         let b1 = (b0 + BLOCK).min(w.len());
-        let mut a = block_args(w, b0, b1, &mut buf);
-        a.lo = [lo; 4];
-        a.gt = [gt; 4];
-        a.ge = ge.as_mut_ptr();
+        let mut a = scan_block_args(w, (b0, b1), &mut buf, (lo, gt), &mut ge);
         a.over = over.as_mut_ptr();
         // SAFETY: the kernel reads and writes `b1 - b0` weights (whole words), writes as many
         // scores into `buf` and one bit per element into `ge` and `over`.
@@ -297,10 +309,7 @@ fn wide_fused(
     let (mut above, mut bad) = (0u64, false);
     for b0 in (0..w.len()).step_by(BLOCK) {
         let b1 = (b0 + BLOCK).min(w.len());
-        let mut a = block_args(w, b0, b1, &mut buf);
-        a.lo = [lo; 4];
-        a.gt = [gt; 4];
-        a.ge = ge.as_mut_ptr();
+        let mut a = scan_block_args(w, (b0, b1), &mut buf, (lo, gt), &mut ge);
         a.mask = mask[b0 / 64..].as_mut_ptr();
         // SAFETY: the kernel reads and writes `b1 - b0` weights (whole words) and their mask
         // words, writes as many scores into `buf` and one bit per element into `ge`.

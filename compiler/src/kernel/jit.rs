@@ -164,8 +164,14 @@ fn reads_position(inputs: &[KInput]) -> bool {
         .any(|i| matches!(i, KInput::ColStat(_) | KInput::RowStat(_)))
 }
 
-/// Compiles the kernels of `expr` into a fresh JIT module.
+/// Compiles the kernels of `expr` into a fresh JIT module, with the AVX-512 scans where the
+/// host has them.
 pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
+    compile_with(expr, true)
+}
+
+/// [`compile`], with the AVX-512 scans only if `wide` (and the host has them).
+pub fn compile_with(expr: &KExpr, wide: bool) -> Result<CompiledKernel, String> {
     let mut flags = cranelift_codegen::settings::builder();
     flags.set("opt_level", "speed").map_err(|e| e.to_string())?;
     flags
@@ -258,7 +264,11 @@ pub fn compile(expr: &KExpr) -> Result<CompiledKernel, String> {
         scan_zero_all: get(fids[4]),
         uses_pos,
         fuse,
-        wide: super::wide::compile(expr),
+        wide: if wide {
+            super::wide::compile(expr)
+        } else {
+            None
+        },
     };
     // The module's code memory must outlive every copy of the function pointers; the kernel
     // cache keeps them for the whole program, so the module is deliberately never freed.

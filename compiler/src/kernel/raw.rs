@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::expr::KExpr;
-use super::jit::{compile, CompiledKernel, KArgs, KernelFn};
+use super::jit::{compile_with, CompiledKernel, KArgs, KernelFn};
 use super::types::{KernelError, TensorView};
 use super::wide::WideScans;
 
@@ -82,13 +82,10 @@ impl KernelCache {
         if let Some(k) = map.get(&key) {
             return Ok(*k);
         }
-        let mut k = compile(expr).map_err(|reason| KernelError::Compile {
+        let k = compile_with(expr, !self.narrow).map_err(|reason| KernelError::Compile {
             expr: expr.to_string(),
             reason,
         })?;
-        if self.narrow {
-            k.wide = None;
-        }
         map.insert(key, k);
         Ok(k)
     }
