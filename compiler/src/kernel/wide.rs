@@ -606,8 +606,8 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
     for r in SAVED {
         a.push(r);
     }
-    // The stack: the row length at [rsp], the arguments at [rsp + 8] (for the counts written
-    // at the end). rdi: the arguments until the loop, where it becomes the bits' byte offset
+    // The stack: the row length at [rsp] (the row scan puts the range's length there once
+    // it has its row), the arguments at [rsp + 8] (for the counts written at the end). rdi: the arguments until the loop, where it becomes the bits' byte offset
     // (2 per 16 elements, which is also the mask words' byte offset).
     a.push(RDI);
     a.op(false, &[0xff], 6, Rm::Mem(at(RDI, offset_of!(KArgs, cols))));
