@@ -295,7 +295,9 @@ fn jit_fused(
 }
 
 /// The AVX-512 code generator's writing scan (`kernel::wide`), block by block: it also
-/// settles the mask and counts, so Rust only collects the candidates.
+/// settles the mask and counts, so Rust only collects the candidates. The magnitude's
+/// writing scan stores no scores (`WideScans::zero_scores`): the candidates' keys come from
+/// the magnitudes of their weights, which it left as they were.
 fn wide_fused(
     scan: prunec::kernel::jit::KernelFn,
     w: &mut [f32],
@@ -312,12 +314,18 @@ fn wide_fused(
         let mut a = scan_block_args(w, (b0, b1), &mut buf, (lo, gt), &mut ge);
         a.mask = mask[b0 / 64..].as_mut_ptr();
         // SAFETY: the kernel reads and writes `b1 - b0` weights (whole words) and their mask
-        // words, writes as many scores into `buf` and one bit per element into `ge`.
+        // words and writes one bit per element into `ge`.
         unsafe { scan(&mut a) };
         bad |= a.bad != 0;
         above += a.above.iter().map(|&x| x as u64).sum::<u64>();
         for wi in 0..(b1 - b0) / 64 {
-            collect(&mut cands, &buf, b0, wi, bits_word(&ge, wi));
+            let mut band = bits_word(&ge, wi);
+            while band != 0 && cands.len() < cands.capacity() {
+                let j = wi * 64 + band.trailing_zeros() as usize;
+                band &= band - 1;
+                let key = simd::key_of(w[b0 + j].abs()) as u64;
+                cands.push((key << 32) | (b0 + j) as u64);
+            }
         }
     }
     assert!(!bad);
@@ -353,6 +361,11 @@ fn main() {
     let kernel = compile(&KExpr::magnitude()).expect("compiles");
     let score = kernel.score_raw;
     let wide = prunec::kernel::wide::compile(&KExpr::magnitude()).expect("AVX-512F detected");
+    // `wide_fused` takes the candidates' keys from their weights.
+    assert!(
+        !wide.zero_scores,
+        "the magnitude's writing scan stores no scores"
+    );
     let (lo_f, gt_f) = (
         simd::ge_bound(lo_k).expect("above zero"),
         simd::gt_bound(hi_k),

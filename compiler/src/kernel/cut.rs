@@ -225,7 +225,10 @@ fn scan_chunk(
                     continue;
                 }
                 let base = p0 - c.start;
-                let mut on_in = |buf: &[f32], wi: usize, inr: u64| {
+                // The candidates of word `wi`: their scores are `src`'s values with the bits
+                // of `keep` (all of them, or all but the sign for weights' magnitudes).
+                let mut on_in = |src: &[f32], keep: u32, wi: usize, inr: u64| {
+                    let score = |j: usize| f32::from_bits(src[j].to_bits() & keep);
                     let n = inr.count_ones() as usize;
                     let mut m = inr;
                     if cands.len() + n <= CAP && hist.is_empty() {
@@ -233,13 +236,14 @@ fn scan_chunk(
                         while m != 0 {
                             let j = wi * 64 + m.trailing_zeros() as usize;
                             m &= m - 1;
-                            cands.push(((simd::key_of(buf[j]) as u64) << 32) | (base + j) as u64);
+                            let key = simd::key_of(score(j)) as u64;
+                            cands.push((key << 32) | (base + j) as u64);
                         }
                     } else {
                         while m != 0 {
                             let j = wi * 64 + m.trailing_zeros() as usize;
                             m &= m - 1;
-                            let key = simd::key_of(buf[j]);
+                            let key = simd::key_of(score(j));
                             if cands.len() < CAP {
                                 cands.push(((key as u64) << 32) | (base + j) as u64);
                                 continue;
@@ -298,12 +302,20 @@ fn scan_chunk(
                         continue;
                     }
                     if let Some(st) = settled.filter(|_| range.write) {
-                        // The AVX-512 kernel settled the mask and zeroed the weights itself.
+                        // The AVX-512 kernel settled the mask and zeroed the weights itself. The
+                        // magnitude's kept weights are as they were: their magnitudes are the
+                        // scores (`Settled::scores`).
                         above += st.above;
+                        let (src, keep) = if st.scores {
+                            (&buf[..], !0)
+                        } else {
+                            // SAFETY: this worker owns the chunk; only read here.
+                            (unsafe { raw.weights(p0, p1) }, 0x7fff_ffff)
+                        };
                         for wi in 0..(p1 - p0) / 64 {
                             let inr = ScanBits::word(&bits.ge, wi);
                             if inr != 0 {
-                                on_in(buf, wi, inr);
+                                on_in(src, keep, wi, inr);
                             }
                         }
                         continue;
@@ -317,7 +329,7 @@ fn scan_chunk(
                             &bits,
                             range.write,
                             lo_f.is_some(),
-                            |wi, inr| on_in(buf, wi, inr),
+                            |wi, inr| on_in(buf, !0, wi, inr),
                         )
                     };
                     continue;
@@ -331,7 +343,7 @@ fn scan_chunk(
                 let buf = &buf[..];
                 // SAFETY: as above.
                 let ahead = unsafe { raw.weights(p1, (p1 + BLOCK).min(c.end)) };
-                let on_in = |wi: usize, inr: u64| on_in(buf, wi, inr);
+                let on_in = |wi: usize, inr: u64| on_in(buf, !0, wi, inr);
                 if writing {
                     // SAFETY: this worker owns the chunk, its weights and mask words.
                     let (w, mask) = unsafe {

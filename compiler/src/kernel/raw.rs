@@ -121,14 +121,19 @@ pub struct Settled {
     pub above: u64,
     /// Whether an alive weight is not finite (the writing scans that allow them do not look).
     pub bad: bool,
+    /// Whether the scores were stored. When not (the magnitude's writing scans, see
+    /// [`super::wide::WideScans::zero_scores`]), a kept element's score is the magnitude of
+    /// its weight, which the scan left as it was.
+    pub scores: bool,
 }
 
 impl Settled {
     /// What an AVX-512 scan left in its arguments.
-    fn of(a: &KArgs) -> Self {
+    fn of(a: &KArgs, scores: bool) -> Self {
         Settled {
             above: a.above.iter().map(|&x| x as u64).sum(),
             bad: a.bad != 0,
+            scores,
         }
     }
 }
@@ -259,7 +264,8 @@ impl RawTensor {
     ///
     /// The AVX-512 scans (see [`super::wide`]) run where the tensor allows and return
     /// `Some` with what they also counted: the alive elements above the range, and whether
-    /// an alive weight is not finite (the writing scan with `range.allow` does not look).
+    /// an alive weight is not finite (the writing scan with `range.allow` does not look);
+    /// the magnitude's writing scans leave `out` alone ([`Settled::scores`]).
     /// Their bits only hold alive elements: the read scan leaves in `bits.ge` those inside
     /// the range (at or above its low end, not above its high end) and in `bits.over` those
     /// above it, which is what [`ScanBits`] readers derive from cranelift's bits and the mask
@@ -300,7 +306,7 @@ impl RawTensor {
         // one bit per element to `bits`, and writes weights (and, AVX-512, mask words) of
         // `[start, end)` only with `write`, which the caller owns then.
         unsafe { self.run(f, &mut a) };
-        wide.map(|_| Settled::of(&a))
+        wide.map(|w| Settled::of(&a, !range.write || w.zero_scores))
     }
 
     /// Arguments for a scan kernel over `[start, end)` (`start` a multiple of 64): the
@@ -382,7 +388,7 @@ impl RawTensor {
             self.run(w.read, &mut a);
             out.set_len(n);
         }
-        Settled::of(&a)
+        Settled::of(&a, true)
     }
 
     /// Runs the AVX-512 row scan `w.collect` on `[start, end)`, whole 64-element words of
@@ -423,6 +429,7 @@ impl RawTensor {
         Settled {
             above: super::simd::popcount(above) as u64,
             bad: a.bad != 0,
+            scores: true,
         }
     }
 

@@ -28,7 +28,9 @@
 //! with the other lanes cleared, and the kept elements inside the range (writing); count
 //! per lane. The row scan stores no scores: it packs those of the elements inside the range
 //! into a register, stores it 16 lanes wide at the candidates' end, and moves the end by
-//! their count.
+//! their count. The magnitude's writing scans store none either (the kept weights'
+//! magnitudes are their scores, see [`WideScans::zero_scores`]), and they do not prefetch
+//! (see [`prefetches`]).
 
 use std::mem::offset_of;
 
@@ -49,6 +51,12 @@ pub struct WideScans {
     pub collect: KernelFn,
     /// Whether the expression reads row or column statistics.
     pub uses_pos: bool,
+    /// Whether the writing scans (`zero`, `zero_all`) store the scores. The magnitude's do
+    /// not: the scores a caller needs are those of the kept elements, whose weights the scan
+    /// left as they were, so each is its weight's magnitude (bit for bit: the scan's
+    /// absolute value also clears the sign bit). Storing a score per weight cost the
+    /// magnitude's global cut at 10M weights 8-10% of its time.
+    pub zero_scores: bool,
 }
 
 impl WideScans {
@@ -113,7 +121,13 @@ pub fn compile(expr: &KExpr) -> Option<WideScans> {
         zero_all: get(fns[2]),
         collect: get(fns[3]),
         uses_pos: plan.uses_pos,
+        zero_scores: !score_is_abs(expr),
     })
+}
+
+/// Whether the expression is the magnitude of the weight, `abs(w)`.
+fn score_is_abs(expr: &KExpr) -> bool {
+    matches!(expr, KExpr::Unary(UnOp::Abs, x) if **x == KExpr::weight())
 }
 
 fn hex(code: &[u8]) -> String {
@@ -199,7 +213,22 @@ const ZCONST: u8 = 5;
 /// without prefetching Wanda's scan took 25 ms, prefetching into L1 (`prefetcht0`) 4 KB ahead
 /// 20 ms, as its column statistics were evicted and re-read, and into L2 (`prefetcht1`) 8 KB
 /// ahead 13-16 ms, as fast as the magnitude scan; 2 KB ahead was slower, 12-16 KB no faster.
+/// The writing scans of an expression that reads the weights alone do not prefetch (see
+/// [`prefetches`]).
 const PREFETCH: i32 = 8192;
+
+/// Whether a kernel prefetches the weights. The writing scans of an expression that reads
+/// nothing but the weights leave it to the hardware prefetcher: one stream, read and written
+/// in place, which it follows on its own. Measured in one process, alternating (magnitude,
+/// global cut, 8 tensors of 4096 columns): 10M weights 2.32-2.39 ms against 2.42-2.50 with
+/// the prefetch; 100M weights no different when streaming runs at 55-60 GB/s, and the scan
+/// alone 10.2 against 11.3 ms when it runs at 90 (`examples/scan_bound.rs`). The row scan and
+/// Wanda's scans need it: without it per-row magnitude took 25 against 20 ms at 100M, and
+/// Wanda 29-31 against 20 ms.
+fn prefetches(p: &Plan, kind: Kind) -> bool {
+    let weights_only = !p.uses_pos && !p.grad && !p.init;
+    !(weights_only && matches!(kind, Kind::Zero | Kind::ZeroAll))
+}
 
 // `vcmpps` predicates (quiet: exceptions are masked anyway).
 const GE_OQ: u8 = 0x1d;
@@ -648,6 +677,7 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
         }
     }
     let collect = kind == Kind::Collect;
+    let prefetch = prefetches(p, kind);
     if collect {
         // One row from its first column: the column is the element offset (rax), and the row
         // statistic is broadcast once. rbp: the candidates' scores; rbx: how many there are.
@@ -693,16 +723,21 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
         col: if collect { RAX } else { RBX },
     };
     // The magnitude's score is what the finiteness check needs.
-    let score_is_abs = matches!(expr, KExpr::Unary(UnOp::Abs, x) if **x == KExpr::weight());
+    let score_is_abs = score_is_abs(expr);
+    // The scores go out but from the row scan (which packs the candidates' own) and the
+    // magnitude's writing scans (see `WideScans::zero_scores`).
+    let store_scores = !collect && (kind == Kind::Read || !score_is_abs);
     for g in 0..4 {
         let cx = Cx { group: g, ..cx };
         let off = 64 * g;
         // One line per group, 8 KB ahead into L2 (see `PREFETCH`): the hardware prefetcher
-        // alone left the loop waiting on memory.
-        a.prefetch(at_idx(RSI, RAX, 2, off + PREFETCH));
+        // alone left the loop waiting on memory, but for a lone stream (`prefetches`).
+        if prefetch {
+            a.prefetch(at_idx(RSI, RAX, 2, off + PREFETCH));
+        }
         a.vload(ZW, at_idx(RSI, RAX, 2, off));
         let s = cx.eval(a, expr, 0)?;
-        if !collect {
+        if store_scores {
             a.vstore(at_idx(RDX, RAX, 2, off), s);
         }
         // k5: alive; compared under it (the lanes outside it come out clear), k1: alive and
