@@ -221,10 +221,10 @@ const PREFETCH: i32 = 8192;
 /// nothing but the weights leave it to the hardware prefetcher: one stream, read and written
 /// in place, which it follows on its own. Measured in one process, alternating (magnitude,
 /// global cut, 8 tensors of 4096 columns): 10M weights 2.32-2.39 ms against 2.42-2.50 with
-/// the prefetch; 100M weights no different when streaming runs at 55-60 GB/s, and the scan
-/// alone 10.2 against 11.3 ms when it runs at 90 (`examples/scan_bound.rs`). The row scan and
-/// Wanda's scans need it: without it per-row magnitude took 25 against 20 ms at 100M, and
-/// Wanda 29-31 against 20 ms.
+/// the prefetch; 100M weights 18.5-20.4 against 19.1-21.0 ms when streaming runs at 80-95
+/// GB/s (the scan alone 10.2 against 11.3 ms, `examples/scan_bound.rs`), no clear difference
+/// at 55-60 GB/s. The row scan and Wanda's scans need it: without it per-row magnitude took
+/// 25 against 20 ms at 100M, and Wanda 29-33 against 20-21 ms (global and per-row).
 fn prefetches(p: &Plan, kind: Kind) -> bool {
     let weights_only = !p.uses_pos && !p.grad && !p.init;
     !(weights_only && matches!(kind, Kind::Zero | Kind::ZeroAll))
