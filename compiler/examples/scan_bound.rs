@@ -249,13 +249,20 @@ fn bits_word(h: &[u16], wi: usize) -> u64 {
     (0..4).fold(0u64, |x, q| x | (h[4 * wi + q] as u64) << (16 * q))
 }
 
-/// Collects the candidates `band` of word `wi` of the block at `b0` (scores in `buf`), as
+/// Collects the candidates `band` of word `wi` of the block at `b0` (`score(j)` gives the
+/// score of the block's element `j`: from the score buffer, or a kept weight's magnitude), as
 /// far as `cands` has room.
-fn collect(cands: &mut Vec<u64>, buf: &[f32], b0: usize, wi: usize, mut band: u64) {
+fn collect(
+    cands: &mut Vec<u64>,
+    score: impl Fn(usize) -> f32,
+    b0: usize,
+    wi: usize,
+    mut band: u64,
+) {
     while band != 0 && cands.len() < cands.capacity() {
         let j = wi * 64 + band.trailing_zeros() as usize;
         band &= band - 1;
-        cands.push(((simd::key_of(buf[j]) as u64) << 32) | (b0 + j) as u64);
+        cands.push(((simd::key_of(score(j)) as u64) << 32) | (b0 + j) as u64);
     }
 }
 
@@ -287,7 +294,7 @@ fn jit_fused(
             let keep = g & *m;
             above += (o & *m).count_ones() as u64;
             *m = keep;
-            collect(&mut cands, &buf, b0, wi, keep & !o);
+            collect(&mut cands, |j| buf[j], b0, wi, keep & !o);
         }
     }
     assert!(!nonfinite);
@@ -319,13 +326,7 @@ fn wide_fused(
         bad |= a.bad != 0;
         above += a.above.iter().map(|&x| x as u64).sum::<u64>();
         for wi in 0..(b1 - b0) / 64 {
-            let mut band = bits_word(&ge, wi);
-            while band != 0 && cands.len() < cands.capacity() {
-                let j = wi * 64 + band.trailing_zeros() as usize;
-                band &= band - 1;
-                let key = simd::key_of(w[b0 + j].abs()) as u64;
-                cands.push((key << 32) | (b0 + j) as u64);
-            }
+            collect(&mut cands, |j| w[b0 + j].abs(), b0, wi, bits_word(&ge, wi));
         }
     }
     assert!(!bad);
