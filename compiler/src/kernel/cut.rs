@@ -608,7 +608,7 @@ pub fn find_cuts(
             .collect();
         if super::raw::tracing() {
             let inr: u64 = scans.iter().map(|s| s.in_range).sum();
-            eprintln!("  round {:.4}s, in range {inr}", t0.elapsed().as_secs_f64());
+            eprintln!("  round {:.6}s, in range {inr}", t0.elapsed().as_secs_f64());
         }
         if first {
             if scans.iter().any(|s| s.nonfinite > 0) {

@@ -29,7 +29,7 @@ pub fn tracing() -> bool {
 /// Prints `what` with the seconds since `since` when [`tracing`].
 pub fn trace(what: &str, since: std::time::Instant) {
     if tracing() {
-        eprintln!("  {what} {:.4}s", since.elapsed().as_secs_f64());
+        eprintln!("  {what} {:.6}s", since.elapsed().as_secs_f64());
     }
 }
 
