@@ -3,7 +3,7 @@
 //! For each size, weights of that many parameters are spread over 8 tensors of 4096
 //! columns. Four cases run: magnitude and Wanda scores, each with a global cut and a per-row
 //! cut, keeping 10% of the weights (global) or of every row (per-row). Each case reports the
-//! best of three JIT runs, the bytes it must move (weights read and written, mask read and
+//! best of its JIT runs (nine up to 20M parameters, three above), the bytes it must move (weights read and written, mask read and
 //! written, statistics read), the plain read+write streaming time of the same weights
 //! measured in the same run, the same computation written as a chain of candle tensor ops,
 //! and the peak extra resident memory during the JIT run.
@@ -35,7 +35,15 @@ use super::{prune_jit, KernelCache};
 const TENSORS: usize = 8;
 const COLS: usize = 4096;
 const KEEP: f64 = 0.1;
-const REPEATS: usize = 3;
+/// Runs per case (and streaming passes before the first case): more for small sizes, whose
+/// calls take milliseconds and vary by half from one call to the next on this machine.
+fn repeats(params: usize) -> usize {
+    if params <= 20_000_000 {
+        9
+    } else {
+        3
+    }
+}
 
 struct Layer {
     rows: usize,
@@ -217,14 +225,15 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
         };
         // Streaming is measured again next to every case's runs: this machine's bandwidth
         // drifts, and each ratio compares times taken in the same moments.
-        let first_stream = (0..REPEATS)
+        let runs = repeats(params);
+        let first_stream = (0..runs)
             .map(|_| stream(&mut work))
             .fold(f64::INFINITY, f64::min);
         let single = PruneOptions {
             single_pass: true,
             ..PruneOptions::default()
         };
-        let read_s = (0..REPEATS)
+        let read_s = (0..runs)
             .map(|_| read_pass(&work))
             .fold(f64::INFINITY, f64::min);
         for (name, expr) in [
@@ -253,8 +262,8 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
                 let mut kept = 0;
                 let mut stream_s = first_stream;
                 // Per run: the streaming pass just before it over the run's time.
-                let mut paired = Vec::with_capacity(REPEATS);
-                for _ in 0..REPEATS {
+                let mut paired = Vec::with_capacity(runs);
+                for _ in 0..runs {
                     let stream_now = stream(&mut work);
                     stream_s = stream_s.min(stream_now);
                     restore(&mut work, &pristine);
@@ -311,6 +320,7 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
                     "criterion": name,
                     "selection": if global { "global" } else { "per-row" },
                     "kept": kept,
+                    "runs": runs,
                     "seconds": best,
                     "cpu_seconds": best_cpu,
                     "bytes_moved": bytes,
