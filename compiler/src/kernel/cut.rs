@@ -572,7 +572,8 @@ pub fn find_cuts(
             .flat_map(|(p, lo, hi)| {
                 pool_chunks[p]
                     .iter()
-                    .map(move |&(mi, c)| (p, mi, c, lo, hi))
+                    .enumerate()
+                    .map(move |(ci, &(_, c))| (p, ci, c, lo, hi))
             })
             .collect();
         if work.is_empty() {
@@ -599,13 +600,14 @@ pub fn find_cuts(
             }
         }
         let t0 = std::time::Instant::now();
-        let mut scans: Vec<ChunkScan> = work
-            .par_iter()
-            .map(|&(p, _, c, lo, hi)| {
-                let raw = &raws[c.tensor];
-                scan_chunk(k, raw, c, lo, hi, shift_for(lo, hi), first, speculating[p])
-            })
-            .collect();
+        let (mut scans, narrowed) = scan_round(k, raws, pools, &work, &speculating, first);
+        for (p, r) in narrowed.into_iter().enumerate() {
+            if let Some((lo, hi)) = r {
+                #[cfg(test)]
+                tests::NARROWED.with(|c| c.set(c.get() + 1));
+                states[p] = State::Search { lo, hi };
+            }
+        }
         if super::raw::tracing() {
             let inr: u64 = scans.iter().map(|s| s.in_range).sum();
             eprintln!("  round {:.6}s, in range {inr}", t0.elapsed().as_secs_f64());
@@ -647,6 +649,233 @@ pub fn find_cuts(
             State::Search { .. } => unreachable!("loop ends when every pool is done"),
         })
         .collect())
+}
+
+/// One round's scans of `work` (pool, chunk index in the pool, chunk, range), in its order,
+/// and per pool the narrower range the round ended with, if any.
+///
+/// A speculative pool of at least [`PHASE_ONE_MIN`] chunks is scanned in two phases. The
+/// first scans an evenly spaced eighth of its chunks (at least 8, rounded up to the thread
+/// count) with the sampled range; their candidates, with their alive and above counts, then
+/// estimate the cut from that share of the weights, many times more than the sample's
+/// keys, and so give a range several times narrower ([`narrower`]). The first phase's
+/// chunks are brought to it (their candidates below it zeroed, those above it counted above,
+/// see [`restrict`]) and the second phase scans the other chunks with it: fewer candidates
+/// to collect and resolve, and fewer for the fixup to write, where each write is a cache
+/// miss (at 100M weights, some 340K of them took 3 ms).
+fn scan_round(
+    k: &CompiledKernel,
+    raws: &[RawTensor],
+    pools: &[Pool],
+    work: &[(usize, usize, Chunk, u32, u32)],
+    speculating: &[bool],
+    first: bool,
+) -> (Vec<ChunkScan>, Vec<Option<(u32, u32)>>) {
+    let scan = |i: usize, lo: u32, hi: u32| {
+        let (p, _, c, ..) = work[i];
+        let raw = &raws[c.tensor];
+        scan_chunk(k, raw, c, lo, hi, shift_for(lo, hi), first, speculating[p])
+    };
+    // Per pool: its chunks this round, and how many the first phase scans (0: one phase).
+    let mut counts = vec![0usize; pools.len()];
+    for &(p, ..) in work {
+        counts[p] += 1;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let ones: Vec<usize> = counts
+        .iter()
+        .enumerate()
+        .map(|(p, &n)| {
+            if !speculating[p] || n < phase_one_min() {
+                0
+            } else {
+                ((n / 8).max(phase_one_parts()).div_ceil(threads) * threads).min(n / 2)
+            }
+        })
+        .collect();
+    // Chunk `ci` of `n` is in the first phase when it is the first at or after `j * n / n1`
+    // for some `j`.
+    let in_one = |i: usize| {
+        let (p, ci, ..) = work[i];
+        let (n, n1) = (counts[p], ones[p]);
+        n1 > 0 && (ci * n1).div_ceil(n) != ((ci + 1) * n1).div_ceil(n)
+    };
+    let one: Vec<usize> = (0..work.len()).filter(|&i| in_one(i)).collect();
+    let mut ranges: Vec<Option<(u32, u32)>> = vec![None; pools.len()];
+    let mut slots: Vec<Option<ChunkScan>> = (0..work.len()).map(|_| None).collect();
+    if !one.is_empty() {
+        let t0 = std::time::Instant::now();
+        let mut firsts: Vec<(ChunkScan, usize)> = one
+            .par_iter()
+            .map(|&i| {
+                let (_, _, c, lo, hi) = work[i];
+                // The alive elements, counted before the scan changes the mask.
+                let alive = alive_in(&raws[c.tensor], c);
+                (scan(i, lo, hi), alive)
+            })
+            .collect();
+        for (p, pool) in pools.iter().enumerate() {
+            let Some(&(.., lo, hi)) = one.iter().map(|&i| &work[i]).find(|w| w.0 == p) else {
+                continue;
+            };
+            let mine: Vec<usize> = (0..one.len()).filter(|&j| work[one[j]].0 == p).collect();
+            let parts: Vec<&(ChunkScan, usize)> = mine.iter().map(|&j| &firsts[j]).collect();
+            let r = narrower(pool, lo, hi, &parts);
+            if super::raw::tracing() {
+                let n = parts.len();
+                eprintln!("pool {p}: first phase of {n} chunks, range {r:x?}");
+            }
+            let Some((lo2, hi2)) = r else {
+                continue;
+            };
+            ranges[p] = Some((lo2, hi2));
+            firsts
+                .par_iter_mut()
+                .zip(&one)
+                .filter(|(_, &i)| work[i].0 == p)
+                .for_each(|((s, _), &i)| restrict(&raws[work[i].2.tensor], work[i].2, s, lo2, hi2));
+        }
+        for (&i, (s, _)) in one.iter().zip(firsts) {
+            slots[i] = Some(s);
+        }
+        super::raw::trace("first phase", t0);
+    }
+    let rest: Vec<usize> = (0..work.len()).filter(|&i| slots[i].is_none()).collect();
+    let rest_scans: Vec<ChunkScan> = rest
+        .par_iter()
+        .map(|&i| {
+            let (p, _, _, lo, hi) = work[i];
+            let (lo, hi) = ranges[p].unwrap_or((lo, hi));
+            scan(i, lo, hi)
+        })
+        .collect();
+    for (&i, s) in rest.iter().zip(rest_scans) {
+        slots[i] = Some(s);
+    }
+    let scans = slots
+        .into_iter()
+        .map(|s| s.expect("every chunk scanned"))
+        .collect();
+    (scans, ranges)
+}
+
+/// Pools of at least this many chunks are scanned in two phases (see [`scan_round`]).
+const PHASE_ONE_MIN: usize = 16;
+/// The first phase scans at least this many chunks: the spread between them is part of
+/// the narrower range's width.
+const PHASE_ONE_PARTS: usize = 8;
+
+fn phase_one_min() -> usize {
+    #[cfg(test)]
+    if tests::SPLIT_ALWAYS.with(|s| s.get()) {
+        return 4;
+    }
+    PHASE_ONE_MIN
+}
+
+fn phase_one_parts() -> usize {
+    #[cfg(test)]
+    if tests::SPLIT_ALWAYS.with(|s| s.get()) {
+        return 2;
+    }
+    PHASE_ONE_PARTS
+}
+
+/// The alive elements of chunk `c`.
+fn alive_in(raw: &RawTensor, c: Chunk) -> usize {
+    // SAFETY: nothing writes the chunk's mask words during the call (its worker is here).
+    let words = unsafe { raw.mask_words(c.start / 64, c.end.div_ceil(64)) };
+    let full = (c.end - c.start) / 64;
+    let mut n = simd::count_bits(&words[..full]);
+    if full < words.len() {
+        n += (words[full] & ((1u64 << ((c.end - c.start) % 64)) - 1)).count_ones() as usize;
+    }
+    n
+}
+
+/// A range inside `[lo, hi]` from a speculative first phase's chunks (their scans with
+/// `[lo, hi]` and alive counts), as [`sample_cut`] makes one from the sample: the estimated
+/// cut is the candidate key where, counted from the top and with the elements above the
+/// range, they reach the share of `keep` those chunks would hold in proportion to their
+/// alive elements; the range reaches [`SPECULATE_BELOW`] standard deviations of that rank
+/// below it and [`ABOVE_SIGMAS`] above, the deviation being the larger of the binomial one
+/// and the one measured between the chunks. `None` where a chunk's candidates overflowed or
+/// it met a non-finite weight, or the estimate falls outside the candidates.
+fn narrower(pool: &Pool, lo: u32, hi: u32, parts: &[&(ChunkScan, usize)]) -> Option<(u32, u32)> {
+    let m = parts.len();
+    if pool.alive == 0
+        || m < phase_one_parts()
+        || parts
+            .iter()
+            .any(|(s, _)| !s.hist.is_empty() || s.nonfinite > 0)
+    {
+        return None;
+    }
+    let alive: usize = parts.iter().map(|(_, a)| a).sum();
+    let above: u64 = parts.iter().map(|(s, _)| s.above).sum();
+    let mut keys: Vec<u32> = parts
+        .iter()
+        .flat_map(|(s, _)| s.cands.iter().map(|&x| (x >> 32) as u32))
+        .collect();
+    let n = keys.len();
+    let q = (pool.keep as f64 / pool.alive as f64).clamp(0.0, 1.0);
+    let want = (q * alive as f64 - above as f64).round();
+    if want < 1.0 || want > n as f64 {
+        return None;
+    }
+    let at = want as usize - 1;
+    let desc = |a: &u32, b: &u32| b.cmp(a);
+    let kq = *keys.select_nth_unstable_by(at, desc).1;
+    // How the count at or above the estimate varies between the chunks.
+    let (mut ss, mut mf) = (0.0f64, 0.0f64);
+    for (s, a) in parts {
+        let c = s.above + s.cands.iter().filter(|&&x| (x >> 32) as u32 >= kq).count() as u64;
+        let d = c as f64 - q * *a as f64;
+        ss += d * d;
+        mf += 1.0;
+    }
+    let cluster = (ss * mf / (mf - 1.0)).sqrt();
+    let sigma = (alive as f64 * q * (1.0 - q)).sqrt().max(cluster);
+    let slack = 0.0002 * alive as f64 + 16.0;
+    let bottom = want + SPECULATE_BELOW * sigma + slack;
+    let top = want - ABOVE_SIGMAS * sigma - slack;
+    // The rank `r` (from 1) among the keys: those after `at` are at most `kq`, those
+    // before it at least.
+    let lo2 = if bottom >= n as f64 {
+        lo
+    } else {
+        let r = bottom as usize - 1;
+        *keys[at + 1..].select_nth_unstable_by(r - at - 1, desc).1
+    };
+    let hi2 = if top < 1.0 {
+        hi
+    } else {
+        let r = top as usize - 1;
+        *keys[..at].select_nth_unstable_by(r, desc).1
+    };
+    (lo <= lo2 && lo2 <= hi2 && hi2 <= hi).then_some((lo2, hi2))
+}
+
+/// Brings a first-phase chunk scanned speculatively with a wider range to `[lo, hi]`, as
+/// if scanned with it: its candidates below it are zeroed and leave the mask, those above
+/// it count as above.
+fn restrict(raw: &RawTensor, c: Chunk, s: &mut ChunkScan, lo: u32, hi: u32) {
+    let mut above = 0;
+    s.cands.retain(|&x| {
+        let key = (x >> 32) as u32;
+        if key < lo {
+            let i = c.start + x as u32 as usize;
+            // SAFETY: the calling worker owns the chunk's weights and mask words.
+            unsafe {
+                raw.set_weight(i, 0.0);
+                raw.set_mask_word(i / 64, raw.mask_word(i / 64) & !(1u64 << (i % 64)));
+            }
+        }
+        above += (key > hi) as u64;
+        lo <= key && key <= hi
+    });
+    s.above += above;
+    s.in_range = s.cands.len() as u64;
 }
 
 fn has_nonfinite(raw: &RawTensor) -> bool {
@@ -1137,6 +1366,11 @@ pub(super) mod tests {
         pub static SPECULATED: Cell<usize> = const { Cell::new(0) };
         /// Cuts resolved from a speculative scan's candidates (calling thread only).
         pub static FIXUPS: Cell<usize> = const { Cell::new(0) };
+        /// Speculative scans of pools of four chunks or more run in two phases, the first
+        /// on two chunks or more (calling thread only).
+        pub static SPLIT_ALWAYS: Cell<bool> = const { Cell::new(false) };
+        /// Rounds whose first phase narrowed the range (calling thread only).
+        pub static NARROWED: Cell<usize> = const { Cell::new(0) };
         /// `prune` uses cranelift's scans only, not the AVX-512 ones (calling thread only).
         static NARROW: Cell<bool> = const { Cell::new(false) };
     }
@@ -1279,6 +1513,75 @@ pub(super) mod tests {
     #[test]
     fn speculative_scans_match_the_reference() {
         each_generator(speculative_scans_agree);
+    }
+
+    /// Eight tensors of one chunk each (2M elements), with holes in the masks; with
+    /// `scaled`, rows of different scales in every other tensor.
+    fn many(seed: u64, scaled: bool) -> Vec<T> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..8)
+            .map(|t| {
+                let (rows, cols) = (256usize, 1024usize);
+                let n = rows * cols;
+                let w = (0..n)
+                    .map(|i| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                        u * (1.0 + (scaled as usize * (t % 2) * (i / cols % 5)) as f32)
+                    })
+                    .collect();
+                let mut mask = full_mask(n);
+                for i in (0..n).step_by(11) {
+                    mask[i / 64] &= !(1u64 << (i % 64));
+                }
+                T {
+                    rows,
+                    cols,
+                    w,
+                    mask,
+                }
+            })
+            .collect()
+    }
+
+    /// Speculative scans in two phases: the first phase's chunks narrow the range for the
+    /// others, whether it holds the cut (resolved from the candidates), lies under it (the
+    /// search goes on upwards) or is too wide for the candidate buffers; bit for bit as the
+    /// reference either way.
+    #[test]
+    fn two_phase_scans_match_the_reference() {
+        SPLIT_ALWAYS.with(|s| s.set(true));
+        each_generator(|| {
+            // The first phase (two chunks of eight here) misjudges the cut when its chunks
+            // are not like the others: the results are still exact.
+            let ds = many(8, true);
+            let k = keys(&ds);
+            for frac in [0.1, 0.5] {
+                let keep = (k.len() as f64 * frac) as usize;
+                let near = (k[keep - 1 + 12_000], k[keep - 1 - 6_000]);
+                agrees(&ds, &global(keep), Some(near));
+            }
+            let ds = many(7, false);
+            let k = keys(&ds);
+            for frac in [0.1, 0.5] {
+                let keep = (k.len() as f64 * frac) as usize;
+                NARROWED.with(|c| c.set(0));
+                let near = (k[keep - 1 + 12_000], k[keep - 1 - 6_000]);
+                assert_eq!(agrees(&ds, &global(keep), Some(near)), (1, 1), "{frac}");
+                assert_eq!(NARROWED.with(|c| c.get()), 1, "{frac}");
+                // Under the cut: everything zeroed was below it anyway.
+                let low = (k[keep + 20_000], k[keep + 10_000]);
+                assert_eq!(agrees(&ds, &global(keep), Some(low)), (1, 0));
+                // Too wide for the buffers: the first phase does not narrow it.
+                NARROWED.with(|c| c.set(0));
+                let wide = (k[k.len() - 1].max(1), k[keep.saturating_sub(400_000)]);
+                assert_eq!(agrees(&ds, &global(keep), Some(wide)), (1, 0));
+                assert_eq!(NARROWED.with(|c| c.get()), 0, "{frac}");
+            }
+        });
+        SPLIT_ALWAYS.with(|s| s.set(false));
     }
 
     fn speculative_scans_agree() {
