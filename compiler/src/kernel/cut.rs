@@ -1424,18 +1424,23 @@ pub(super) mod tests {
                         }
                     })
                     .collect();
-                let mut mask = full_mask(n);
-                for i in (0..n).step_by(13) {
-                    mask[i / 64] &= !(1u64 << (i % 64));
-                }
-                T {
-                    rows,
-                    cols,
-                    w,
-                    mask,
-                }
+                with_holes(rows, cols, w, 13)
             })
             .collect()
+    }
+
+    /// A tensor of weights `w` whose every `every`-th element is pruned.
+    fn with_holes(rows: usize, cols: usize, w: Vec<f32>, every: usize) -> T {
+        let mut mask = full_mask(w.len());
+        for i in (0..w.len()).step_by(every) {
+            mask[i / 64] &= !(1u64 << (i % 64));
+        }
+        T {
+            rows,
+            cols,
+            w,
+            mask,
+        }
     }
 
     fn prune(ds: &mut [T], sel: &Selection, o: &PruneOptions, jit: bool) -> Result<String, String> {
@@ -1532,16 +1537,7 @@ pub(super) mod tests {
                         u * (1.0 + (scaled as usize * (t % 2) * (i / cols % 5)) as f32)
                     })
                     .collect();
-                let mut mask = full_mask(n);
-                for i in (0..n).step_by(11) {
-                    mask[i / 64] &= !(1u64 << (i % 64));
-                }
-                T {
-                    rows,
-                    cols,
-                    w,
-                    mask,
-                }
+                with_holes(rows, cols, w, 11)
             })
             .collect()
     }
