@@ -999,7 +999,8 @@ fn sample_range(
         .zip(&groups)
         .map(|(k, g)| &k[..g.0])
         .collect();
-    let result = sample_cut(pool, &keys, &groups, below);
+    let tensor_of: Vec<usize> = runs.iter().map(|r| r.tensor).collect();
+    let result = sample_cut(pool, &keys, &groups, &tensor_of, below);
     if let Ok(mut k) = KEYS.lock() {
         *k = store;
     }
@@ -1008,11 +1009,19 @@ fn sample_range(
 }
 
 /// The sample's range from its keys (`keys`, in groups; `groups` holds each group's count and
-/// the alive keys of each of its runs), see [`sample_range`].
+/// the alive keys of each of its runs; `tensor_of`, each run's tensor), see
+/// [`sample_range`].
+///
+/// The deviation between runs is taken within each tensor, around that tensor's own share
+/// of keys above the estimate: the runs cover every tensor in proportion to its size, so
+/// tensors of different scales do not make the estimate less certain, and counting their
+/// differences as noise made the range of a pool of unlike tensors too wide for the first
+/// scan to write.
 fn sample_cut(
     pool: &Pool,
     keys: &[&[u32]],
     groups: &[(usize, Vec<u8>)],
+    tensor_of: &[usize],
     below: f64,
 ) -> (u32, u32, f64) {
     let len: usize = keys.iter().map(|k| k.len()).sum();
@@ -1027,20 +1036,39 @@ fn sample_cut(
     // The estimated cut, and how the share of keys above it varies between runs.
     let at = (pos as usize).min(last);
     let kq = ranks.key_at(keys, at);
-    let (mut ss, mut m) = (0.0f64, 0.0f64);
+    // Per run with keys: its tensor, keys above the estimate, keys.
+    let mut counts: Vec<(usize, f64, f64)> = Vec::with_capacity(tensor_of.len());
+    let mut run = 0;
     for (gk, (_, gl)) in keys.iter().zip(groups) {
         let mut at = 0;
-        for &len in gl.iter().filter(|&&l| l > 0) {
+        for &len in gl {
+            let t = tensor_of[run];
+            run += 1;
+            if len == 0 {
+                continue;
+            }
             let r = &gk[at..at + len as usize];
             at += len as usize;
             let c = r.iter().filter(|&&x| x > kq).count() as f64;
-            let d = c - q * len as f64;
-            ss += d * d;
-            m += 1.0;
+            counts.push((t, c, len as f64));
         }
     }
-    let cluster = if m > 1.0 {
-        (ss * m / (m - 1.0)).sqrt()
+    let tensors = tensor_of.iter().max().map_or(0, |&t| t + 1);
+    let mut share = vec![(0.0f64, 0.0f64); tensors];
+    for &(t, c, l) in &counts {
+        share[t].0 += c;
+        share[t].1 += l;
+    }
+    let (mut ss, mut m) = (0.0f64, 0.0f64);
+    for &(t, c, l) in &counts {
+        let d = c - share[t].0 / share[t].1 * l;
+        ss += d * d;
+        m += 1.0;
+    }
+    // One degree of freedom less per tensor with keys (its share is estimated).
+    let strata = share.iter().filter(|s| s.1 > 0.0).count() as f64;
+    let cluster = if m > strata + 1.0 {
+        (ss * m / (m - strata)).sqrt()
     } else {
         0.0
     };
@@ -1521,8 +1549,9 @@ pub(super) mod tests {
     }
 
     /// Eight tensors of one chunk each (2M elements), with holes in the masks; with
-    /// `scaled`, rows of different scales in every other tensor.
-    fn many(seed: u64, scaled: bool) -> Vec<T> {
+    /// `scaled`, rows of different scales in every other tensor; every other tensor `by`
+    /// times larger.
+    fn many(seed: u64, scaled: bool, by: f32) -> Vec<T> {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         (0..8)
             .map(|t| {
@@ -1534,12 +1563,25 @@ pub(super) mod tests {
                         x ^= x >> 7;
                         x ^= x << 17;
                         let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                        u * (1.0 + (scaled as usize * (t % 2) * (i / cols % 5)) as f32)
+                        let big = if t % 2 == 1 { by } else { 1.0 };
+                        big * u * (1.0 + (scaled as usize * (t % 2) * (i / cols % 5)) as f32)
                     })
                     .collect();
                 with_holes(rows, cols, w, 11)
             })
             .collect()
+    }
+
+    /// The sample's range is as narrow for a pool of tensors of different scales as for one
+    /// of alike tensors (its deviation is taken within each tensor), so the first scan
+    /// writes for both.
+    #[test]
+    fn tensors_of_different_scales_still_speculate() {
+        for by in [1.0, 4.0] {
+            let ds = many(9, false, by);
+            let keep = keys(&ds).len() / 10;
+            assert_eq!(agrees(&ds, &global(keep), None).0, 1, "{by}");
+        }
     }
 
     /// Speculative scans in two phases: the first phase's chunks narrow the range for the
@@ -1552,14 +1594,14 @@ pub(super) mod tests {
         each_generator(|| {
             // The first phase (two chunks of eight here) misjudges the cut when its chunks
             // are not like the others: the results are still exact.
-            let ds = many(8, true);
+            let ds = many(8, true, 1.0);
             let k = keys(&ds);
             for frac in [0.1, 0.5] {
                 let keep = (k.len() as f64 * frac) as usize;
                 let near = (k[keep - 1 + 12_000], k[keep - 1 - 6_000]);
                 agrees(&ds, &global(keep), Some(near));
             }
-            let ds = many(7, false);
+            let ds = many(7, false, 1.0);
             let k = keys(&ds);
             for frac in [0.1, 0.5] {
                 let keep = (k.len() as f64 * frac) as usize;
