@@ -303,7 +303,7 @@ fn jit_fused(
 
 /// The AVX-512 code generator's writing scan (`kernel::wide`), block by block: it also
 /// settles the mask and counts, so Rust only collects the candidates. The magnitude's
-/// writing scan stores no scores (`WideScans::zero_scores`): the candidates' keys come from
+/// writing scan stores no scores (`WideScans::zero_stores_scores`): the candidates' keys come from
 /// the magnitudes of their weights, which it left as they were.
 fn wide_fused(
     scan: prunec::kernel::jit::KernelFn,
@@ -364,7 +364,7 @@ fn main() {
     let wide = prunec::kernel::wide::compile(&KExpr::magnitude()).expect("AVX-512F detected");
     // `wide_fused` takes the candidates' keys from their weights.
     assert!(
-        !wide.zero_scores,
+        !wide.zero_stores_scores,
         "the magnitude's writing scan stores no scores"
     );
     let (lo_f, gt_f) = (

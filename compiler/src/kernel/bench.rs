@@ -3,8 +3,9 @@
 //! For each size, weights of that many parameters are spread over 8 tensors of 4096
 //! columns. Four cases run: magnitude and Wanda scores, each with a global cut and a per-row
 //! cut, keeping 10% of the weights (global) or of every row (per-row). Each case reports the
-//! best of its JIT runs (nine up to 20M parameters, three above), the bytes it must move (weights read and written, mask read and
-//! written, statistics read), the plain read+write streaming time of the same weights
+//! best of its JIT runs (nine up to 20M parameters, three above), the bytes it must move
+//! (weights read and written, mask read and written, statistics read), the plain read+write
+//! streaming time of the same weights
 //! measured in the same run, the same computation written as a chain of candle tensor ops,
 //! and the peak extra resident memory during the JIT run.
 //!

@@ -781,16 +781,11 @@ fn phase_one_parts() -> usize {
     PHASE_ONE_PARTS
 }
 
-/// The alive elements of chunk `c`.
+/// The alive elements of chunk `c` (which starts a mask word).
 fn alive_in(raw: &RawTensor, c: Chunk) -> usize {
     // SAFETY: nothing writes the chunk's mask words during the call (its worker is here).
     let words = unsafe { raw.mask_words(c.start / 64, c.end.div_ceil(64)) };
-    let full = (c.end - c.start) / 64;
-    let mut n = simd::count_bits(&words[..full]);
-    if full < words.len() {
-        n += (words[full] & ((1u64 << ((c.end - c.start) % 64)) - 1)).count_ones() as usize;
-    }
-    n
+    super::types::count_alive(words, c.end - c.start)
 }
 
 /// A range inside `[lo, hi]` from a speculative first phase's chunks (their scans with

@@ -122,7 +122,7 @@ pub struct Settled {
     /// Whether an alive weight is not finite (the writing scans that allow them do not look).
     pub bad: bool,
     /// Whether the scores were stored. When not (the magnitude's writing scans, see
-    /// [`super::wide::WideScans::zero_scores`]), a kept element's score is the magnitude of
+    /// [`super::wide::WideScans::zero_stores_scores`]), a kept element's score is the magnitude of
     /// its weight, which the scan left as it was.
     pub scores: bool,
 }
@@ -306,7 +306,7 @@ impl RawTensor {
         // one bit per element to `bits`, and writes weights (and, AVX-512, mask words) of
         // `[start, end)` only with `write`, which the caller owns then.
         unsafe { self.run(f, &mut a) };
-        wide.map(|w| Settled::of(&a, !range.write || w.zero_scores))
+        wide.map(|w| Settled::of(&a, !range.write || w.zero_stores_scores))
     }
 
     /// Arguments for a scan kernel over `[start, end)` (`start` a multiple of 64): the

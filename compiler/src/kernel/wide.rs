@@ -29,8 +29,8 @@
 //! per lane. The row scan stores no scores: it packs those of the elements inside the range
 //! into a register, stores it 16 lanes wide at the candidates' end, and moves the end by
 //! their count. The magnitude's writing scans store none either (the kept weights'
-//! magnitudes are their scores, see [`WideScans::zero_scores`]), and they do not prefetch
-//! (see [`prefetches`]).
+//! magnitudes are their scores, see [`WideScans::zero_stores_scores`]), and they do not
+//! prefetch (see [`prefetches`]).
 
 use std::mem::offset_of;
 
@@ -56,7 +56,7 @@ pub struct WideScans {
     /// left as they were, so each is its weight's magnitude (bit for bit: the scan's
     /// absolute value also clears the sign bit). Storing a score per weight cost the
     /// magnitude's global cut at 10M weights 8-10% of its time.
-    pub zero_scores: bool,
+    pub zero_stores_scores: bool,
 }
 
 impl WideScans {
@@ -121,7 +121,7 @@ pub fn compile(expr: &KExpr) -> Option<WideScans> {
         zero_all: get(fns[2]),
         collect: get(fns[3]),
         uses_pos: plan.uses_pos,
-        zero_scores: !score_is_abs(expr),
+        zero_stores_scores: !score_is_abs(expr),
     })
 }
 
@@ -725,7 +725,7 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
     // The magnitude's score is what the finiteness check needs.
     let score_is_abs = score_is_abs(expr);
     // The scores go out but from the row scan (which packs the candidates' own) and the
-    // magnitude's writing scans (see `WideScans::zero_scores`).
+    // magnitude's writing scans (see `WideScans::zero_stores_scores`).
     let store_scores = !collect && (kind == Kind::Read || !score_is_abs);
     for g in 0..4 {
         let cx = Cx { group: g, ..cx };
