@@ -30,11 +30,15 @@ pub const CAP: usize = 4096;
 const BUCKETS: usize = 2048;
 /// Sample: one run of `SAMPLE_RUN` elements every `stride` elements, `stride` a power of two
 /// between `SAMPLE_STRIDE` and `SAMPLE_STRIDE_MAX` aiming at `SAMPLE_RUNS` runs (so the
-/// sample holds at most about 200K keys: selecting in it stays cheap).
-const SAMPLE_RUN: usize = 64;
-const SAMPLE_STRIDE: usize = 1024;
-const SAMPLE_STRIDE_MAX: usize = 32768;
-const SAMPLE_RUNS: usize = 3072;
+/// sample holds at most about 200K keys: selecting in it stays cheap), in pools of at least
+/// `SAMPLE_MIN` alive elements. A run is a KiB of weights: runs far apart each cost a trip
+/// to memory and a page walk, and a run of 64 elements (the length until November 2026)
+/// spent four times as long per key.
+const SAMPLE_RUN: usize = 256;
+const SAMPLE_STRIDE: usize = 4096;
+const SAMPLE_STRIDE_MAX: usize = 131072;
+const SAMPLE_RUNS: usize = 768;
+const SAMPLE_MIN: usize = 65536;
 /// The first key range reaches this many standard deviations of the sampled rank above the
 /// estimated cut, and `SPECULATE_BELOW` (single-pass pools) or `ABOVE_SIGMAS` below it.
 const ABOVE_SIGMAS: f64 = 3.5;
@@ -902,7 +906,7 @@ fn nothing_taken(pool: &Pool, chunks: &[(usize, Chunk)]) -> Cut {
 /// probability (the rounds correct it when it does not): `below` standard deviations of the
 /// sampled rank under the estimated cut, [`ABOVE_SIGMAS`] above. The deviation is the larger
 /// of the binomial one and the one measured between sample runs (neighbouring weights are
-/// often alike, so a run of 64 can count for much less than 64 independent draws).
+/// often alike, so a run of 256 can count for much less than 256 independent draws).
 fn sample_range(
     k: &CompiledKernel,
     raws: &[RawTensor],
@@ -910,7 +914,7 @@ fn sample_range(
     chunks: &[(usize, Chunk)],
     below: f64,
 ) -> (u32, u32, f64) {
-    if pool.alive < 64 * SAMPLE_STRIDE {
+    if pool.alive < SAMPLE_MIN {
         return (0, u32::MAX, 1.0);
     }
     let t_s = std::time::Instant::now();
@@ -933,69 +937,45 @@ fn sample_range(
             })
         })
         .collect();
-    // Per run, its alive keys (a run starts at a multiple of 64 and holds at most 64
-    // elements: one mask word).
-    // Runs are far apart, so each costs a trip to memory: a group of runs prefetches the
-    // weights and mask word of the run `AHEAD` places on while it scores the current one.
-    const AHEAD: usize = 8;
     // The keys go to a buffer kept between calls (a fresh one page-faults on every call).
     static KEYS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
     let mut store = KEYS
         .lock()
         .map(|mut k| std::mem::take(&mut *k))
         .unwrap_or_default();
-    const GROUP: usize = 128;
+    // A few groups of runs per thread, each with its own histogram for `Ranks`.
+    let group = runs
+        .len()
+        .div_ceil(4 * rayon::current_num_threads().max(1))
+        .max(1);
     store.resize(runs.len() * SAMPLE_RUN, 0);
-    let groups: Vec<(usize, Vec<u8>)> = runs
-        .par_chunks(GROUP)
-        .zip(store.par_chunks_mut(GROUP * SAMPLE_RUN))
-        .map(|(group, out)| {
-            let mut buf = Vec::with_capacity(SAMPLE_RUN);
-            let mut n = 0;
-            let mut lens = Vec::with_capacity(group.len());
-            for (i, &c) in group.iter().enumerate() {
-                if let Some(&n) = group.get(i + AHEAD) {
-                    let raw = &raws[n.tensor];
-                    if n.start < n.end {
-                        // SAFETY: inside the tensor; nothing writes it during the search.
-                        unsafe {
-                            let w = raw.weights(n.start, n.end);
-                            for line in (0..w.len()).step_by(16) {
-                                simd::prefetch(w.as_ptr().add(line) as *const u8);
-                            }
-                            let m = raw.mask_words(n.start / 64, n.start / 64 + 1);
-                            simd::prefetch(m.as_ptr() as *const u8);
-                        }
-                    }
-                }
-                if c.start == c.end {
-                    lens.push(0);
-                    continue;
-                }
-                let raw = &raws[c.tensor];
-                raw.score_into(k.score_raw, c.start, c.end, &mut buf);
-                // SAFETY: nothing writes the tensor during the search.
-                let word = unsafe { raw.mask_word(c.start / 64) };
-                let before = n;
-                for (j, &x) in buf.iter().enumerate() {
-                    if (word >> j) & 1 == 1 {
-                        out[n] = score_key(x);
-                        n += 1;
-                    }
-                }
-                lens.push((n - before) as u8);
-            }
-            (n, lens)
-        })
+    let groups: Vec<SampleGroup> = runs
+        .par_chunks(group)
+        .zip(store.par_chunks_mut(group * SAMPLE_RUN))
+        .map(|(runs, out)| sample_group(k, raws, runs, out))
         .collect();
     super::raw::trace("sample keys", t_s);
     let keys: Vec<&[u32]> = store
-        .chunks(GROUP * SAMPLE_RUN)
+        .chunks(group * SAMPLE_RUN)
         .zip(&groups)
-        .map(|(k, g)| &k[..g.0])
+        .map(|(k, g)| &k[..g.keys])
         .collect();
+    let mut hist = vec![0u32; Ranks::BUCKETS];
+    for g in &groups {
+        for (h, &x) in hist.iter_mut().zip(&g.hist) {
+            *h += x;
+        }
+    }
+    let lens: Vec<&[u16]> = groups.iter().map(|g| &g.lens[..]).collect();
     let tensor_of: Vec<usize> = runs.iter().map(|r| r.tensor).collect();
-    let result = sample_cut(pool, &keys, &groups, &tensor_of, below);
+    let result = sample_cut(
+        pool,
+        &keys,
+        &lens,
+        Ranks::from_hist(hist),
+        &tensor_of,
+        below,
+    );
     if let Ok(mut k) = KEYS.lock() {
         *k = store;
     }
@@ -1003,8 +983,81 @@ fn sample_range(
     result
 }
 
-/// The sample's range from its keys (`keys`, in groups; `groups` holds each group's count and
-/// the alive keys of each of its runs; `tensor_of`, each run's tensor), see
+/// One group of sample runs: its keys' count, each run's count and the keys' histogram.
+struct SampleGroup {
+    keys: usize,
+    lens: Vec<u16>,
+    hist: Vec<u32>,
+}
+
+/// The alive keys of `runs` (each starts at a multiple of 64, so it covers whole mask
+/// words, and holds at most [`SAMPLE_RUN`] elements), in order, to the front of `out`.
+fn sample_group(
+    k: &CompiledKernel,
+    raws: &[RawTensor],
+    runs: &[Chunk],
+    out: &mut [u32],
+) -> SampleGroup {
+    // Runs are far apart, so each costs a trip to memory: the weights and mask words of the
+    // run `AHEAD` places on are prefetched while the current one is scored.
+    const AHEAD: usize = 2;
+    let mut buf = Vec::with_capacity(SAMPLE_RUN);
+    let mut g = SampleGroup {
+        keys: 0,
+        lens: Vec::with_capacity(runs.len()),
+        hist: vec![0; Ranks::BUCKETS],
+    };
+    for (i, &c) in runs.iter().enumerate() {
+        if let Some(&n) = runs.get(i + AHEAD) {
+            if n.start < n.end {
+                let raw = &raws[n.tensor];
+                // SAFETY: inside the tensor; nothing writes it during the search.
+                unsafe {
+                    let w = raw.weights(n.start, n.end);
+                    for line in (0..w.len()).step_by(16) {
+                        simd::prefetch(w.as_ptr().add(line) as *const u8);
+                    }
+                    let m = raw.mask_words(n.start / 64, n.end.div_ceil(64));
+                    simd::prefetch(m.as_ptr() as *const u8);
+                }
+            }
+        }
+        let before = g.keys;
+        if c.start < c.end {
+            let raw = &raws[c.tensor];
+            raw.score_into(k.score_raw, c.start, c.end, &mut buf);
+            // SAFETY: nothing writes the tensor during the search.
+            let words = unsafe { raw.mask_words(c.start / 64, c.end.div_ceil(64)) };
+            for (xs, &word) in buf.chunks(64).zip(words) {
+                let dst = &mut out[g.keys..g.keys + xs.len()];
+                if word == u64::MAX && xs.len() == 64 {
+                    // All alive: a loop the compiler vectorises.
+                    for (d, &x) in dst.iter_mut().zip(xs) {
+                        *d = score_key(x);
+                    }
+                    g.keys += 64;
+                } else {
+                    let mut n = 0;
+                    for (j, &x) in xs.iter().enumerate() {
+                        if (word >> j) & 1 == 1 {
+                            dst[n] = score_key(x);
+                            n += 1;
+                        }
+                    }
+                    g.keys += n;
+                }
+            }
+            for &key in &out[before..g.keys] {
+                g.hist[Ranks::bucket(key)] += 1;
+            }
+        }
+        g.lens.push((g.keys - before) as u16);
+    }
+    g
+}
+
+/// The sample's range from its keys (`keys`, in groups; `lens`, per group the alive keys of
+/// each of its runs; `ranks`, built from all the keys; `tensor_of`, each run's tensor), see
 /// [`sample_range`].
 ///
 /// The deviation between runs is taken within each tensor, around that tensor's own share
@@ -1015,7 +1068,8 @@ fn sample_range(
 fn sample_cut(
     pool: &Pool,
     keys: &[&[u32]],
-    groups: &[(usize, Vec<u8>)],
+    lens: &[&[u16]],
+    mut ranks: Ranks,
     tensor_of: &[usize],
     below: f64,
 ) -> (u32, u32, f64) {
@@ -1027,16 +1081,15 @@ fn sample_cut(
     let q = (pool.keep as f64 / pool.alive as f64).clamp(0.0, 1.0);
     let pos = q * n;
     let last = len - 1;
-    let mut ranks = Ranks::new(keys);
     // The estimated cut, and how the share of keys above it varies between runs.
     let at = (pos as usize).min(last);
     let kq = ranks.key_at(keys, at);
     // Per run with keys: its tensor, keys above the estimate, keys.
     let mut counts: Vec<(usize, f64, f64)> = Vec::with_capacity(tensor_of.len());
     let mut run = 0;
-    for (gk, (_, gl)) in keys.iter().zip(groups) {
+    for (gk, gl) in keys.iter().zip(lens) {
         let mut at = 0;
-        for &len in gl {
+        for &len in gl.iter() {
             let t = tensor_of[run];
             run += 1;
             if len == 0 {
@@ -1097,12 +1150,23 @@ struct Ranks {
 
 impl Ranks {
     const SHIFT: u32 = 20;
+    const BUCKETS: usize = 1 << (32 - Self::SHIFT);
 
+    fn bucket(key: u32) -> usize {
+        (key >> Self::SHIFT) as usize
+    }
+
+    #[cfg(test)]
     fn new(parts: &[&[u32]]) -> Self {
-        let mut hist = vec![0u32; 1 << (32 - Self::SHIFT)];
+        let mut hist = vec![0u32; Self::BUCKETS];
         for &k in parts.iter().flat_map(|p| p.iter()) {
-            hist[(k >> Self::SHIFT) as usize] += 1;
+            hist[Self::bucket(k)] += 1;
         }
+        Self::from_hist(hist)
+    }
+
+    /// From the histogram of the keys' buckets ([`Ranks::bucket`]).
+    fn from_hist(hist: Vec<u32>) -> Self {
         let mut ge = vec![0u32; hist.len()];
         let mut sum = 0u32;
         for b in (0..hist.len()).rev() {
@@ -1732,6 +1796,63 @@ pub(super) mod tests {
         let k = keys(&ds);
         let near = (k[n / 10 + 1200], k[n / 10 - 600]);
         assert_eq!(agrees(&ds, &sel, Some(near)), (0, 0));
+    }
+
+    /// A sample group's keys are the alive scores of its runs, in order, counted per run and
+    /// in the histogram: runs over whole alive words, over words with holes, and one cut
+    /// short by the tensor's end.
+    #[test]
+    fn sample_groups_hold_the_alive_keys() {
+        let n = 3 * 1000;
+        let w: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let mut full = T {
+            rows: 3,
+            cols: 1000,
+            w: w.clone(),
+            mask: full_mask(n),
+        };
+        let mut holes = with_holes(3, 1000, w, 3);
+        let k = KernelCache::global().get(&KExpr::magnitude()).unwrap();
+        let scalars = std::sync::Arc::new(Vec::new());
+        let mut views: Vec<TensorView> = [&mut full, &mut holes]
+            .into_iter()
+            .map(|t| TensorView::new("t", t.rows, t.cols, &mut t.w, &mut t.mask))
+            .collect();
+        let raws: Vec<super::RawTensor> = views
+            .iter_mut()
+            .map(|v| super::RawTensor::new(v, scalars.clone()))
+            .collect();
+        let runs: Vec<super::Chunk> = [(0, 0), (1, 64), (0, 2816), (1, 2816), (0, 1024), (1, 0)]
+            .iter()
+            .map(|&(tensor, start)| super::Chunk {
+                tensor,
+                start,
+                end: (start + super::SAMPLE_RUN).min(n),
+            })
+            .collect();
+        let mut out = vec![0u32; runs.len() * super::SAMPLE_RUN];
+        let g = super::sample_group(&k, &raws, &runs, &mut out);
+        let mut want = Vec::new();
+        let mut lens = Vec::new();
+        for c in &runs {
+            let t = if c.tensor == 0 { &full } else { &holes };
+            let before = want.len();
+            for i in c.start..c.end {
+                if (t.mask[i / 64] >> (i % 64)) & 1 == 1 {
+                    want.push(score_key(t.w[i].abs()));
+                }
+            }
+            lens.push((want.len() - before) as u16);
+        }
+        assert_eq!(&out[..g.keys], &want[..]);
+        assert_eq!(g.lens, lens);
+        let mut hist = vec![0u32; super::Ranks::BUCKETS];
+        for &key in &want {
+            hist[super::Ranks::bucket(key)] += 1;
+        }
+        assert_eq!(g.hist, hist);
     }
 
     #[test]
