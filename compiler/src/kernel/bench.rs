@@ -121,6 +121,50 @@ fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// Evicts the weights from the caches before each timed pass, so that every pass, the
+/// streaming baseline as much as the kernels, moves its bytes to and from memory: it reads a
+/// buffer twice the size of the last-level cache (64 MiB at least), one byte per cache line.
+/// Without it, a pass right after the weights were restored from the pristine copy found
+/// part of them still in the last-level cache: at 10M parameters (40 MB against this
+/// machine's 32 MB) the streaming pass then reached 62-78 GB/s, against the 52-60 GB/s it
+/// gets from memory at 100M, and how much of that a kernel got depended on the order in
+/// which it read the weights rather than on how fast it moved them.
+struct Evict {
+    junk: Vec<u8>,
+}
+
+impl Evict {
+    fn new() -> Self {
+        let llc = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size")
+            .ok()
+            .and_then(|s| {
+                let s = s.trim();
+                let (n, unit) =
+                    s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+                let n: usize = n.parse().ok()?;
+                Some(match unit {
+                    "K" => n << 10,
+                    "M" => n << 20,
+                    _ => n,
+                })
+            })
+            .unwrap_or(32 << 20);
+        Evict {
+            // Non-zero, so every page is really allocated (not the shared zero page).
+            junk: vec![1u8; (2 * llc).max(64 << 20)],
+        }
+    }
+
+    fn run(&self) {
+        let sum: u64 = self
+            .junk
+            .par_chunks(1 << 20)
+            .map(|c| c.iter().step_by(64).map(|&x| x as u64).sum::<u64>())
+            .sum();
+        black_box(sum);
+    }
+}
+
 /// Plain parallel read+write of every weight, in the same chunks the kernels use.
 fn stream(layers: &mut [Layer]) -> f64 {
     let f = black_box(1.0f32);
@@ -205,6 +249,7 @@ fn candle_chain(layers: &mut [Layer], wanda: bool, global: bool) -> candle_core:
 pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
     let _ = json; // The caller chooses the rendering: JSON as is, or `bench_table`.
     let threads = rayon::current_num_threads();
+    let evict = Evict::new();
     let mut cases = Vec::new();
     for &size in sizes {
         let rows = (size / TENSORS).div_ceil(COLS).max(1);
@@ -228,14 +273,20 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
         // drifts, and each ratio compares times taken in the same moments.
         let runs = repeats(params);
         let first_stream = (0..runs)
-            .map(|_| stream(&mut work))
+            .map(|_| {
+                evict.run();
+                stream(&mut work)
+            })
             .fold(f64::INFINITY, f64::min);
         let single = PruneOptions {
             single_pass: true,
             ..PruneOptions::default()
         };
         let read_s = (0..runs)
-            .map(|_| read_pass(&work))
+            .map(|_| {
+                evict.run();
+                read_pass(&work)
+            })
             .fold(f64::INFINITY, f64::min);
         for (name, expr) in [
             ("magnitude", KExpr::magnitude()),
@@ -265,9 +316,11 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
                 // Per run: the streaming pass just before it over the run's time.
                 let mut paired = Vec::with_capacity(runs);
                 for _ in 0..runs {
+                    evict.run();
                     let stream_now = stream(&mut work);
                     stream_s = stream_s.min(stream_now);
                     restore(&mut work, &pristine);
+                    evict.run();
                     let before = rss();
                     let reset = reset_peak();
                     let t = Instant::now();
@@ -289,6 +342,7 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
                         peak_extra = Some(peak_extra.map_or(extra, |p: u64| p.max(extra)));
                     }
                     restore(&mut work, &pristine);
+                    evict.run();
                     let t = Instant::now();
                     let s2 = {
                         let mut v = views(&mut work);
@@ -301,6 +355,7 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
                     }
                 }
                 restore(&mut work, &pristine);
+                evict.run();
                 let candle_s =
                     candle_chain(&mut work, name == "wanda", global).map_err(|e| e.to_string())?;
                 let mask_bytes = (params as u64).div_ceil(8);
@@ -359,6 +414,7 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
     };
     Ok(json!({
         "threads": threads,
+        "evicted_bytes": evict.junk.len(),
         "keep_fraction": KEEP,
         "load_average": load,
         "scan_code": scans,
@@ -401,10 +457,12 @@ pub fn bench_table(v: &Value) -> String {
         ));
     }
     s.push_str(&format!(
-        "\nScans: {} code; selection: {} code; {} threads.\n",
+        "\nScans: {} code; selection: {} code; {} threads; caches evicted before every timed \
+         pass ({:.0} MB read).\n",
         v["scan_code"].as_str().unwrap_or("?"),
         v["selection_code"].as_str().unwrap_or("?"),
         v["threads"],
+        v["evicted_bytes"].as_f64().unwrap_or(0.0) / 1e6,
     ));
     s
 }
