@@ -943,7 +943,9 @@ fn sample_range(
         .lock()
         .map(|mut k| std::mem::take(&mut *k))
         .unwrap_or_default();
-    // A few groups of runs per thread, each with its own histogram for `Ranks`.
+    // A few groups of runs per thread, each with its own histogram for `Ranks`. The range
+    // does not depend on the grouping (so not on the thread count): the keys stay in run
+    // order, and the histogram and counts are integer sums.
     let group = runs
         .len()
         .div_ceil(4 * rayon::current_num_threads().max(1))
