@@ -40,8 +40,11 @@ fn bench_reports_all_cases() {
         "{scans}"
     );
     assert!(["avx512", "avx2", "scalar"].contains(&v["selection_code"].as_str().unwrap()));
+    // Every timed pass starts with the caches evicted, by reading at least 64 MiB.
+    assert!(v["evicted_bytes"].as_u64().unwrap() >= 64 << 20);
     let table = bench_table(&v);
     // Header, separator, four cases, a blank line and the line naming the code.
     assert_eq!(table.lines().count(), 2 + 4 + 2);
     assert!(table.contains(&format!("Scans: {scans} code")));
+    assert!(table.contains("caches evicted before every timed pass"));
 }

@@ -139,17 +139,7 @@ impl Evict {
     fn new() -> Self {
         let llc = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size")
             .ok()
-            .and_then(|s| {
-                let s = s.trim();
-                let (n, unit) =
-                    s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-                let n: usize = n.parse().ok()?;
-                Some(match unit {
-                    "K" => n << 10,
-                    "M" => n << 20,
-                    _ => n,
-                })
-            })
+            .and_then(|s| cache_bytes(&s))
             .unwrap_or(32 << 20);
         Evict {
             // Non-zero, so every page is really allocated (not the shared zero page).
@@ -164,6 +154,19 @@ impl Evict {
             .map(|c| c.iter().step_by(64).map(|&x| x as u64).sum::<u64>())
             .sum();
         black_box(sum);
+    }
+}
+
+/// A cache size as sysfs writes it (`32768K`, `1M`, or bytes).
+fn cache_bytes(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: usize = n.parse().ok()?;
+    match unit {
+        "K" => Some(n << 10),
+        "M" => Some(n << 20),
+        "" => Some(n),
+        _ => None,
     }
 }
 
@@ -467,4 +470,16 @@ pub fn bench_table(v: &Value) -> String {
         v["evicted_bytes"].as_f64().unwrap_or(0.0) / 1e6,
     ));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cache_sizes_parse_as_sysfs_writes_them() {
+        assert_eq!(super::cache_bytes("32768K\n"), Some(32 << 20));
+        assert_eq!(super::cache_bytes("1M"), Some(1 << 20));
+        assert_eq!(super::cache_bytes("4096"), Some(4096));
+        assert_eq!(super::cache_bytes("12G"), None);
+        assert_eq!(super::cache_bytes(""), None);
+    }
 }
