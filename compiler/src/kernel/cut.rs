@@ -718,27 +718,30 @@ fn scan_round(
                 (scan(i, lo, hi), alive)
             })
             .collect();
+        // Per pool, its first-phase scans (positions in `firsts`).
+        let mut mine: Vec<Vec<usize>> = vec![Vec::new(); pools.len()];
+        for (j, &i) in one.iter().enumerate() {
+            mine[work[i].0].push(j);
+        }
         for (p, pool) in pools.iter().enumerate() {
-            let Some(&(.., lo, hi)) = one.iter().map(|&i| &work[i]).find(|w| w.0 == p) else {
+            let Some(&j0) = mine[p].first() else {
                 continue;
             };
-            let mine: Vec<usize> = (0..one.len()).filter(|&j| work[one[j]].0 == p).collect();
-            let parts: Vec<&(ChunkScan, usize)> = mine.iter().map(|&j| &firsts[j]).collect();
-            let r = narrower(pool, lo, hi, &parts);
+            let (.., lo, hi) = work[one[j0]];
+            let parts: Vec<&(ChunkScan, usize)> = mine[p].iter().map(|&j| &firsts[j]).collect();
+            ranges[p] = narrower(pool, lo, hi, &parts);
             if super::raw::tracing() {
-                let n = parts.len();
+                let (n, r) = (parts.len(), ranges[p]);
                 eprintln!("pool {p}: first phase of {n} chunks, range {r:x?}");
             }
-            let Some((lo2, hi2)) = r else {
-                continue;
-            };
-            ranges[p] = Some((lo2, hi2));
-            firsts
-                .par_iter_mut()
-                .zip(&one)
-                .filter(|(_, &i)| work[i].0 == p)
-                .for_each(|((s, _), &i)| restrict(&raws[work[i].2.tensor], work[i].2, s, lo2, hi2));
         }
+        // Every pool's first-phase chunks brought to its narrower range, in one pass.
+        firsts.par_iter_mut().zip(&one).for_each(|((s, _), &i)| {
+            let (p, _, c, ..) = work[i];
+            if let Some((lo2, hi2)) = ranges[p] {
+                restrict(&raws[c.tensor], c, s, lo2, hi2);
+            }
+        });
         for (&i, (s, _)) in one.iter().zip(firsts) {
             slots[i] = Some(s);
         }
