@@ -395,11 +395,13 @@ impl RawTensor {
     /// one row from its first column: the scores of the alive elements with `lo <= s < gt`
     /// go to `scores` (resized to hold them, in order), and one bit per element, as words
     /// like the mask's, of those same elements to `inside` and of the alive ones with
-    /// `s >= gt` to `above`; returns the counts (see [`Self::scan_into`]).
+    /// `s >= gt` to `above`; returns the counts (see [`Self::scan_into`]). With `dense`
+    /// (every element of the range alive) it runs `w.collect_dense`.
     #[allow(clippy::too_many_arguments)]
     pub fn scan_wide_collect(
         &self,
         w: &WideScans,
+        dense: bool,
         start: usize,
         end: usize,
         lo: f32,
@@ -421,7 +423,7 @@ impl RawTensor {
         // bits and at most `n + 16` scores, of which the first `cands` are initialised after
         // it; it does not write `out`.
         unsafe {
-            self.run(w.collect, &mut a);
+            self.run(if dense { w.collect_dense } else { w.collect }, &mut a);
             assert!(a.cands as usize <= n);
             scores.set_len(a.cands as usize);
         }

@@ -294,6 +294,10 @@ fn per_row_unit(
     with_scratch(|buf| {
         for r in r0..r1 {
             let (s0, s1) = (r * cols, (r + 1) * cols);
+            // SAFETY: this worker owns the row's words; the mask is only read until the row
+            // is masked, after the last use of this view.
+            let mask = unsafe { raw.mask_words(s0 / 64, s1 / 64) };
+            let alive = simd::popcount(mask);
             // With the AVX-512 scan: its counts, and whether the bracket has a low end.
             let mut counted = None;
             // Whether the row scan collected the candidates (and left no scores in `buf`).
@@ -307,6 +311,7 @@ fn per_row_unit(
                 let row_scan = lo.map(|_| {
                     raw.scan_wide_collect(
                         wk,
+                        alive == cols,
                         s0,
                         s1,
                         lo_f,
@@ -348,8 +353,6 @@ fn per_row_unit(
             // The next row of the unit, prefetched while this one is selected and masked.
             // SAFETY: this worker owns the unit's rows; the next row is only read here.
             let ahead = unsafe { raw.weights(s1, if r + 1 < r1 { s1 + cols } else { s1 }) };
-            // SAFETY: this worker owns the row's words; the mask is only read.
-            let mask = unsafe { raw.mask_words(s0 / 64, s1 / 64) };
             // The row's new mask: a row buffer when it is applied at once, else the side
             // bitmap for the second pass. Every word is written before it is read.
             let side: &mut [u64] = if apply {
@@ -358,9 +361,10 @@ fn per_row_unit(
                 // SAFETY: this worker owns the row's side words.
                 unsafe { raw.side_words_mut(s0 / 64, s1 / 64) }
             };
-            let alive = simd::popcount(mask);
             // Fast path: the bracket splits the row; the side words get the alive elements
-            // above it, then the kept candidates.
+            // above it, then the kept candidates. When the row is masked at once, the
+            // collected path leaves that to the masking, which merges them as it goes.
+            let mut merge_when_masking = false;
             let fast = if keep == 0 || keep >= alive {
                 None
             } else if collected {
@@ -373,7 +377,11 @@ fn per_row_unit(
                     ckeys.clear();
                     ckeys.extend(cscores.iter().map(|&s| simd::key_of(s)));
                     let t = simd::top_keys(&ckeys, keep - above, &mut ckept);
-                    simd::merge_kept(side, &above_words, &inside, &ckept);
+                    if apply {
+                        merge_when_masking = true;
+                    } else {
+                        simd::merge_kept(side, &above_words, &inside, &ckept);
+                    }
                     bracket = Some(next_bracket(t, lo, hi, margin, inr));
                     Some(())
                 })
@@ -476,7 +484,11 @@ fn per_row_unit(
                         raw.mask_words_mut(s0 / 64, s1 / 64),
                     )
                 };
-                kept += simd::zero_words(w, &row_side, m);
+                kept += if merge_when_masking {
+                    simd::zero_merged(w, m, &above_words, &inside, &ckept)
+                } else {
+                    simd::zero_words(w, &row_side, m)
+                };
             }
         }
         Ok(kept)

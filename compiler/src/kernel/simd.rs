@@ -718,6 +718,31 @@ pub fn merge_kept(side: &mut [u64], above: &[u64], inside: &[u64], kept: &[u64])
     merge_kept_scalar(side, above, inside, kept);
 }
 
+/// [`merge_kept`] and [`zero_words`] in one pass over a row of whole words: each word's
+/// keep bits are `above[w]` plus those of its candidates whose flag in `kept` is set; they
+/// become the mask word, and the weights whose bit is clear are zeroed. Returns the kept
+/// count.
+pub fn zero_merged(
+    w: &mut [f32],
+    mask: &mut [u64],
+    above: &[u64],
+    inside: &[u64],
+    kept: &[u64],
+) -> usize {
+    let words = mask.len();
+    assert!(w.len() == 64 * words && above.len() == words && inside.len() == words);
+    debug_assert!(kept.len() > popcount(inside) / 64 + 1);
+    #[cfg(target_arch = "x86_64")]
+    if isa() == ISA_AVX512 && is_x86_feature_detected!("bmi2") {
+        // SAFETY: the CPU has AVX-512F, BMI2 and POPCNT; `w` holds a word of weights per
+        // mask word, and `kept` is indexed with bounds checks.
+        return unsafe { x86::zero_merged512(w, mask, above, inside, kept) };
+    }
+    let mut side = vec![0u64; words];
+    merge_kept_scalar(&mut side, above, inside, kept);
+    zero_words(w, &side, mask)
+}
+
 /// [`merge_kept`] in plain Rust, bit by bit.
 fn merge_kept_scalar(side: &mut [u64], above: &[u64], inside: &[u64], kept: &[u64]) {
     let mut i = 0usize;
@@ -868,6 +893,32 @@ mod x86 {
         // SAFETY: the first `n` entries are written.
         unsafe { out.set_len(n) };
         out.extend(keys[16 * full..].iter().filter(|&&k| k >= lo && k <= hi));
+    }
+
+    /// [`super::zero_merged`] with `pdep` and masked stores.
+    #[target_feature(enable = "avx512f,bmi2,popcnt")]
+    pub unsafe fn zero_merged512(
+        w: &mut [f32],
+        mask: &mut [u64],
+        above: &[u64],
+        inside: &[u64],
+        kept: &[u64],
+    ) -> usize {
+        let o = Avx512::<RANGE>::new(&Bounds::new(0, 0));
+        let (mut pos, mut n) = (0usize, 0usize);
+        for (wi, (mw, (&a, &m))) in mask.iter_mut().zip(above.iter().zip(inside)).enumerate() {
+            let (q, r) = (pos / 64, pos % 64);
+            let flags = (kept[q] >> r) | ((kept[q + 1] << 1) << (63 - r));
+            let k = a | _pdep_u64(flags, m);
+            pos += m.count_ones() as usize;
+            *mw = k;
+            n += k.count_ones() as usize;
+            if k != u64::MAX {
+                // SAFETY: word `wi` of `w` holds 64 weights (checked by the caller).
+                unsafe { o.zero(w.as_mut_ptr().add(64 * wi), k) };
+            }
+        }
+        n
     }
 
     /// [`super::merge_kept`]: each word's candidates take their flags with `pdep`.
@@ -1344,6 +1395,24 @@ mod tests {
             let mut side = vec![0u64; words];
             merge_kept_scalar(&mut side, &above, &inside, &want);
             assert_eq!(side, expect, "case {case}");
+
+            // Merged while masking: the mask words become the keep bits, the other weights
+            // are zeroed.
+            let w0: Vec<f32> = (0..64 * words).map(|i| i as f32 - 7.5).collect();
+            all_isas(|| {
+                let (mut w, mut mask) = (w0.clone(), vec![u64::MAX; words]);
+                let n = zero_merged(&mut w, &mut mask, &above, &inside, &want);
+                assert_eq!(mask, expect, "case {case}");
+                assert_eq!(n, popcount(&expect), "case {case}");
+                for (i, (&a, &b)) in w.iter().zip(&w0).enumerate() {
+                    let k = expect[i / 64] >> (i % 64) & 1 == 1;
+                    assert_eq!(
+                        a.to_bits(),
+                        if k { b } else { 0.0 }.to_bits(),
+                        "case {case}"
+                    );
+                }
+            });
         }
     }
 
