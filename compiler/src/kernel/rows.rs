@@ -275,6 +275,8 @@ fn per_row_unit(
     let margin = row_margin(keep, cols);
     let cap = 4 * margin + 64;
     let mut bracket = seed;
+    // The rows' cut keys so far, smoothed: the next row's bracket is centred on it.
+    let mut center: Option<u32> = None;
     // The row's candidates, `key << 32 | index`, in the first `inr` entries. A slice written
     // by index, not a `Vec` pushed to: pushes reload and store the length through memory,
     // chaining the candidates one after another.
@@ -382,7 +384,8 @@ fn per_row_unit(
                     } else {
                         simd::merge_kept(side, &above_words, &inside, &ckept);
                     }
-                    bracket = Some(next_bracket(t, lo, hi, margin, inr));
+                    let c = smoothed_cut(&mut center, t);
+                    bracket = Some(next_bracket(c, lo, hi, margin, inr));
                     Some(())
                 })
             } else {
@@ -442,7 +445,8 @@ fn per_row_unit(
                         side[j / 64] |= 1u64 << (j % 64);
                         ties -= 1;
                     }
-                    bracket = Some(next_bracket(t, lo, hi, margin, inr));
+                    let c = smoothed_cut(&mut center, t);
+                    bracket = Some(next_bracket(c, lo, hi, margin, inr));
                     Some(())
                 })
             };
@@ -459,6 +463,7 @@ fn per_row_unit(
                     tmp.clear();
                     tmp.extend(alive_keys(buf, mask));
                     bracket = Some(bracket_of(&mut tmp, keep, margin));
+                    center = None;
                     row_cut(&mut tmp, keep, &mut hist)
                 };
                 // Keep bits: alive keys above `t`, then the first `ties` alive keys equal to it.
@@ -495,8 +500,26 @@ fn per_row_unit(
     })
 }
 
-/// The next row's bracket: `margin` ranks either side of this row's cut key `t`, at the
-/// keys-per-rank density this row's bracket `[lo, hi]` showed (`inr` keys inside it).
+/// How many rows the smoothed cut key averages over, about: each row's cut moves it a
+/// quarter of the way.
+const SMOOTH: u64 = 4;
+
+/// Moves `center` towards this row's cut key `t` (to `t` when there is none yet) and returns
+/// it. A row's cut is the population's cut plus the row's own deviation; centring the next
+/// row's bracket on the last row's cut adds that deviation to the next row's, and the
+/// brackets of `bench kernels`' 100M per-row case missed 93 of 24416 rows (0.4%; a miss costs
+/// an exact selection over the row, some 15 µs). Centred on the smoothed cut, 8.
+fn smoothed_cut(center: &mut Option<u32>, t: u32) -> u32 {
+    let c = match *center {
+        Some(c) => ((c as u64 * (SMOOTH - 1) + t as u64) / SMOOTH) as u32,
+        None => t,
+    };
+    *center = Some(c);
+    c
+}
+
+/// The next row's bracket: `margin` ranks either side of the key `t` (the smoothed cut), at
+/// the keys-per-rank density this row's bracket `[lo, hi]` showed (`inr` keys inside it).
 fn next_bracket(t: u32, lo: u32, hi: u32, margin: usize, inr: usize) -> (u32, u32) {
     let span = (hi - lo) as u64 * margin as u64 / inr as u64 + 1;
     let nhi = (t as u64 + span).min(u32::MAX as u64) as u32;
@@ -674,4 +697,19 @@ pub fn blocks(
             }
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_smoothed_cut_starts_at_the_first_and_moves_a_quarter_of_the_way() {
+        let mut c = None;
+        assert_eq!(smoothed_cut(&mut c, 1000), 1000);
+        assert_eq!(smoothed_cut(&mut c, 2000), 1250);
+        assert_eq!(smoothed_cut(&mut c, 1250), 1250);
+        assert_eq!(smoothed_cut(&mut c, u32::MAX), 1250 + (u32::MAX - 1250) / 4);
+        assert_eq!(c, Some(1250 + (u32::MAX - 1250) / 4));
+    }
 }
