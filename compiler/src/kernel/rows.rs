@@ -252,7 +252,7 @@ pub fn apply_sides(raws: &[RawTensor], which: &[usize]) -> Vec<usize> {
 /// side words become its mask words, other weights are zeroed) while it is in cache, and the
 /// kept count is returned. With the AVX-512 row scan and a bracket with a low end, the scan
 /// itself hands over the candidates' scores, packed, and their bits; the cut among them
-/// comes from [`simd::top_keys`] and their kept bits go into the row's words by
+/// comes from [`simd::top_scores`] and their kept bits go into the row's words by
 /// [`simd::merge_kept`], with no loop over single bits or candidates' positions.
 #[allow(clippy::too_many_arguments)]
 fn per_row_unit(
@@ -291,8 +291,8 @@ fn per_row_unit(
     let nwords = if wide.is_some() { cols / 64 } else { 0 };
     let (mut inside, mut above_words) = (vec![0u64; nwords], vec![0u64; nwords]);
     // With a bracket that has a low end, the AVX-512 row scan collects the candidates itself:
-    // their scores in order, then their keys, and which of them are kept.
-    let (mut cscores, mut ckeys, mut ckept) = (Vec::new(), Vec::new(), Vec::new());
+    // their scores in order, and which of them are kept.
+    let (mut cscores, mut ckept) = (Vec::new(), Vec::new());
     with_scratch(|buf| {
         for r in r0..r1 {
             let (s0, s1) = (r * cols, (r + 1) * cols);
@@ -376,9 +376,7 @@ fn per_row_unit(
                     if above >= keep || above + inr < keep {
                         return None;
                     }
-                    ckeys.clear();
-                    ckeys.extend(cscores.iter().map(|&s| simd::key_of(s)));
-                    let t = simd::top_keys(&ckeys, keep - above, &mut ckept);
+                    let t = simd::top_scores(&cscores, keep - above, &mut ckept);
                     if apply {
                         merge_when_masking = true;
                     } else {

@@ -602,38 +602,49 @@ pub fn prefetch(p: *const u8) {
     let _ = p;
 }
 
-/// A row's cut among its candidates' keys (`keys`, in offset order): of the `need` largest,
-/// the earlier of equal keys first (`1 <= need <= keys.len()`), returns the smallest key and
-/// sets bit `i % 64` of word `i / 64` of `kept` for each (`kept` is resized to
-/// `keys.len() / 64 + 2` words, the last always zero, see [`merge_kept`]). The key is found
-/// by bisecting the keys' range with counts, which vectorise, rather than by partitioning.
-pub fn top_keys(keys: &[u32], need: usize, kept: &mut Vec<u64>) -> u32 {
-    assert!(need >= 1 && need <= keys.len());
+/// A row's cut among its candidates' scores (`scores`, in offset order, none NaN): of the
+/// `need` highest by key ([`key_of`]; `-0.0` and `+0.0` tie), the earlier of equal keys
+/// first (`1 <= need <= scores.len()`), returns the smallest key and sets bit `i % 64` of
+/// word `i / 64` of `kept` for each (`kept` is resized to `scores.len() / 64 + 2` words,
+/// the last always zero, see [`merge_kept`]). Without NaN, scores compare as floats in the
+/// order of their keys, so the vector code compares the scores themselves, against the
+/// floats that bound keys ([`ge_bound`], [`gt_bound`]); the key is found by narrowing the
+/// keys' range with counts ([`narrow_cut`]), which vectorise, rather than by partitioning.
+pub fn top_scores(scores: &[f32], need: usize, kept: &mut Vec<u64>) -> u32 {
+    assert!(need >= 1 && need <= scores.len());
+    debug_assert!(!scores.iter().any(|s| s.is_nan()));
     kept.clear();
-    kept.resize(keys.len() / 64 + 2, 0);
+    kept.resize(scores.len() / 64 + 2, 0);
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512F (and POPCNT with it).
-        ISA_AVX512 => unsafe { x86::top_keys512(keys, need, kept) },
-        _ => top_keys_scalar(keys, need, kept),
+        ISA_AVX512 => unsafe { x86::top_scores512(scores, need, kept) },
+        _ => {
+            let keys: Vec<u32> = scores.iter().map(|&s| key_of(s)).collect();
+            top_keys_scalar(&keys, need, kept)
+        }
     }
 }
 
-/// [`top_keys`] in plain Rust (`kept` already zeroed and sized).
+/// [`top_scores`] on the scores' keys, in plain Rust (`kept` already zeroed and sized).
 fn top_keys_scalar(keys: &[u32], need: usize, kept: &mut [u64]) -> u32 {
-    let t = bisect_keys(
-        keys,
-        need,
-        |x| keys.iter().filter(|&&k| k >= x).count(),
-        |lo, hi, few| {
-            let mut n = 0;
-            for &k in keys.iter().filter(|&&k| k >= lo && k <= hi) {
-                few[n] = k;
-                n += 1;
-            }
-            n
-        },
-    );
+    let (lo, hi) = keys
+        .iter()
+        .fold((u32::MAX, 0), |(a, b), &k| (a.min(k), b.max(k)));
+    let count = |x: u32| keys.iter().filter(|&&k| k >= x).count();
+    let (lo, hi, above) = narrow_cut(keys.len(), need, lo, hi, |a, b| (count(a), count(b)));
+    let t = if lo == hi {
+        lo
+    } else {
+        // The `need - above`-th largest of the few keys inside `[lo, hi]`.
+        let mut few: Vec<u32> = keys
+            .iter()
+            .copied()
+            .filter(|&k| k >= lo && k <= hi)
+            .collect();
+        few.sort_unstable_by(|a, b| b.cmp(a));
+        few[need - above - 1]
+    };
     let mut ties = need;
     for (i, &k) in keys.iter().enumerate() {
         kept[i / 64] |= u64::from(k > t) << (i % 64);
@@ -651,58 +662,62 @@ fn top_keys_scalar(keys: &[u32], need: usize, kept: &mut [u64]) -> u32 {
     t
 }
 
-/// The largest key `t` with at least `need` of `keys` at or above it (`count_ge(x)` counts
-/// those at or above `x`). The keys' range `[lo, hi]` narrows by counts at points
-/// interpolated from the counts at its ends (a row's candidates are spread about evenly
-/// across their bracket), every other step halving it so that uneven keys cost at most
-/// twice the steps of bisection; once at most 16 keys lie inside, they are picked out and
-/// sorted.
-/// `pick(lo, hi, few)` copies the keys inside `[lo, hi]` (at most 16) to the start of `few`
-/// and returns how many there are.
+/// At most this many keys are left inside the range [`narrow_cut`] returns (unless they are
+/// all equal).
+const FEW: usize = 16;
+
+/// Narrows the range `[lo, hi]` holding all `n` keys to one holding the `need`-th largest
+/// key (`1 <= need <= n`): returns `(lo, hi, above)` with `above` keys above `hi`, and
+/// either `lo == hi` or at most [`FEW`] keys inside. `count_ge2(a, b)`, `a <= b`, counts
+/// the keys at or above `a` and at or above `b` in one pass. A row's candidates are spread
+/// about evenly across their bracket, so each pass counts at two keys interpolated either
+/// side of where the `need`-th would be if they were, about one standard deviation of that
+/// guess apart (172 candidates: 7 ranks either side): the cut usually falls between them and
+/// the next pass finishes. The fourth and later passes bisect instead, so that keys spread
+/// unevenly cost a bounded number of passes.
 #[inline(always)]
-fn bisect_keys(
-    keys: &[u32],
+fn narrow_cut(
+    n: usize,
     need: usize,
-    count_ge: impl Fn(u32) -> usize,
-    pick: impl Fn(u32, u32, &mut [u32; 32]) -> usize,
-) -> u32 {
-    let (mut lo, mut hi) = keys
-        .iter()
-        .fold((u32::MAX, 0), |(a, b), &k| (a.min(k), b.max(k)));
+    mut lo: u32,
+    mut hi: u32,
+    count_ge2: impl Fn(u32, u32) -> (usize, usize),
+) -> (u32, u32, usize) {
     // Keys at or above `lo`, and above `hi`: `c_lo >= need > c_hi`.
-    let (mut c_lo, mut c_hi) = (keys.len(), 0usize);
-    let mut step = 0u32;
-    while lo < hi && c_lo - c_hi > 16 {
-        let span = (hi - lo) as u64;
-        let mid = if step.is_multiple_of(2) {
-            // Where the count would reach `need` if the keys inside were evenly spread.
-            let d = span * (need - c_hi) as u64 / (c_lo - c_hi) as u64;
-            (hi as u64 - d).clamp(lo as u64 + 1, hi as u64) as u32
+    let (mut c_lo, mut c_hi) = (n, 0usize);
+    let mut pass = 0u32;
+    while lo < hi && c_lo - c_hi > FEW {
+        let (m, span) = ((c_lo - c_hi) as u64, (hi - lo) as u64);
+        let (a, b) = if pass < 3 {
+            // Where `r` of the keys inside would be at or above, if evenly spread.
+            let at = |r: u64| (hi as u64 - span * r.min(m) / m) as u32;
+            let (r, d) = ((need - c_hi) as u64, (m as f64).sqrt() as u64 / 2 + 1);
+            (at(r + d), at(r.saturating_sub(d)))
         } else {
-            lo + (hi - lo).div_ceil(2)
+            let mid = lo + (hi - lo).div_ceil(2);
+            (mid, mid)
         };
-        step += 1;
-        let c = count_ge(mid);
-        if c >= need {
-            (lo, c_lo) = (mid, c);
-        } else {
-            (hi, c_hi) = (mid - 1, c);
+        pass += 1;
+        // Points inside `(lo, hi]`, so that each count narrows the range.
+        let a = a.clamp(lo + 1, hi);
+        let b = b.clamp(a, hi);
+        let (ca, cb) = count_ge2(a, b);
+        for (x, c) in [(a, ca), (b, cb)] {
+            if x > lo && x <= hi {
+                if c >= need {
+                    (lo, c_lo) = (x, c);
+                } else {
+                    (hi, c_hi) = (x - 1, c);
+                }
+            }
         }
     }
-    if lo == hi {
-        return lo;
-    }
-    // The `need - c_hi`-th largest of the few keys inside `[lo, hi]`.
-    let mut few = [0u32; 32];
-    let n = pick(lo, hi, &mut few);
-    let few = &mut few[..n];
-    few.sort_unstable_by(|a, b| b.cmp(a));
-    few[need - c_hi - 1]
+    (lo, hi, c_hi)
 }
 
 /// A row's new mask words: `side[w] = above[w]` plus those of the elements in `inside[w]`
 /// (the candidates, in order: the `i`-th set bit of `inside` is candidate `i`) whose bit
-/// in `kept` is set ([`top_keys`]'s flags, with a zero word after the last candidate's).
+/// in `kept` is set ([`top_scores`]' flags, with a zero word after the last candidate's).
 pub fn merge_kept(side: &mut [u64], above: &[u64], inside: &[u64], kept: &[u64]) {
     assert!(side.len() == above.len() && side.len() == inside.len());
     // Checked in debug builds only: it would count the row's candidates again per row, and
@@ -797,10 +812,10 @@ mod x86 {
 
     use super::{apply_core, count_core, count_zero_core, zero_core, Bounds, Mode, Ops};
 
-    /// [`super::top_keys`] with 16 keys per compare (the last group masked).
+    /// [`super::top_scores`] with 16 scores per compare (the last group masked).
     #[target_feature(enable = "avx512f,popcnt")]
-    pub unsafe fn top_keys512(keys: &[u32], need: usize, kept: &mut [u64]) -> u32 {
-        let n = keys.len();
+    pub unsafe fn top_scores512(s: &[f32], need: usize, kept: &mut [u64]) -> u32 {
+        let n = s.len();
         let groups = n.div_ceil(16);
         let lanes = |g: usize| -> u16 {
             let rem = n - 16 * g;
@@ -810,58 +825,76 @@ mod x86 {
                 (1u16 << rem) - 1
             }
         };
-        // SAFETY: group `g < groups` holds `lanes(g)` keys from `16 g`; the masked load
+        // SAFETY: group `g < groups` holds `lanes(g)` scores from `16 g`; the masked load
         // reads no others.
-        let load = |g: usize| unsafe {
-            _mm512_maskz_loadu_epi32(lanes(g), keys.as_ptr().add(16 * g) as *const i32)
-        };
-        let count_ge = |x: u32| {
-            let v = _mm512_set1_epi32(x as i32);
+        let load = |g: usize| unsafe { _mm512_maskz_loadu_ps(lanes(g), s.as_ptr().add(16 * g)) };
+        // Keys at or above `k`: scores at or above its bound (all of them without one).
+        let ge = |k: u32| _mm512_set1_ps(super::ge_bound(k).unwrap_or(f32::NEG_INFINITY));
+        let (mut mn, mut mx) = (
+            _mm512_set1_ps(f32::INFINITY),
+            _mm512_set1_ps(f32::NEG_INFINITY),
+        );
+        for g in 0..groups {
+            let v = load(g);
+            mn = _mm512_mask_min_ps(mn, lanes(g), mn, v);
+            mx = _mm512_mask_max_ps(mx, lanes(g), mx, v);
+        }
+        let (lo, hi) = (
+            super::key_of(_mm512_reduce_min_ps(mn)),
+            super::key_of(_mm512_reduce_max_ps(mx)),
+        );
+        let count_ge2 = |a: u32, b: u32| {
+            let (fa, fb) = (ge(a), ge(b));
             let one = _mm512_set1_epi32(1);
-            let mut c = _mm512_setzero_si512();
+            let (mut ca, mut cb) = (_mm512_setzero_si512(), _mm512_setzero_si512());
             for g in 0..groups {
-                let m = _mm512_mask_cmpge_epu32_mask(lanes(g), load(g), v);
-                c = _mm512_mask_add_epi32(c, m, c, one);
+                let v = load(g);
+                let ma = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(lanes(g), v, fa);
+                let mb = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(lanes(g), v, fb);
+                ca = _mm512_mask_add_epi32(ca, ma, ca, one);
+                cb = _mm512_mask_add_epi32(cb, mb, cb, one);
             }
-            _mm512_reduce_add_epi32(c) as usize
+            (
+                _mm512_reduce_add_epi32(ca) as usize,
+                _mm512_reduce_add_epi32(cb) as usize,
+            )
         };
-        let pick = |lo: u32, hi: u32, few: &mut [u32; 32]| {
-            let (l, h) = (_mm512_set1_epi32(lo as i32), _mm512_set1_epi32(hi as i32));
-            let mut n = 0usize;
+        let (lo, hi, above) = super::narrow_cut(n, need, lo, hi, count_ge2);
+        let t = if lo == hi {
+            lo
+        } else {
+            // The keys inside `[lo, hi]`, at most 16: packed in a register and stored 16
+            // lanes wide (`few` has room for 16 more; compressing into memory is slow).
+            let (l, h) = (ge(lo), _mm512_set1_ps(super::gt_bound(hi)));
+            let mut few = [0f32; 32];
+            let mut k = 0usize;
             for g in 0..groups {
-                let k = load(g);
-                let m = _mm512_mask_cmple_epu32_mask(
-                    _mm512_mask_cmpge_epu32_mask(lanes(g), k, l),
-                    k,
-                    h,
-                );
-                // Packed in a register and stored 16 lanes wide (`few` has room for 16 more
-                // than the at most 16 keys inside): compressing into memory is slow.
-                // SAFETY: `n <= 16`, so `few[n..n + 16]` is in bounds.
+                let v = load(g);
+                let m = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(lanes(g), v, l);
+                let m = _mm512_mask_cmp_ps_mask::<_CMP_NGE_UQ>(m, v, h);
+                // SAFETY: `k <= 16` before the store, so `few[k..k + 16]` is in bounds.
                 unsafe {
-                    _mm512_storeu_si512(
-                        few.as_mut_ptr().add(n) as *mut _,
-                        _mm512_maskz_compress_epi32(m, k),
-                    )
+                    _mm512_storeu_ps(few.as_mut_ptr().add(k), _mm512_maskz_compress_ps(m, v))
                 };
-                n += m.count_ones() as usize;
+                k += m.count_ones() as usize;
             }
-            n
+            rank16(&few, k, need - above - 1)
         };
-        let t = super::bisect_keys(keys, need, count_ge, pick);
-        // The keys above `t`, then the first ties at it.
-        let v = _mm512_set1_epi32(t as i32);
+        // The scores above `t`, then the first ties at it.
+        let (gt, at) = (_mm512_set1_ps(super::gt_bound(t)), ge(t));
         let mut ties = need;
         for g in 0..groups {
-            let gt = _mm512_mask_cmpgt_epu32_mask(lanes(g), load(g), v);
-            kept[g / 4] |= u64::from(gt) << (16 * (g % 4));
-            ties -= gt.count_ones() as usize;
+            let m = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(lanes(g), load(g), gt);
+            kept[g / 4] |= u64::from(m) << (16 * (g % 4));
+            ties -= m.count_ones() as usize;
         }
         for g in 0..groups {
             if ties == 0 {
                 break;
             }
-            let mut eq = _mm512_mask_cmpeq_epu32_mask(lanes(g), load(g), v);
+            let v = load(g);
+            let m = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(lanes(g), v, at);
+            let mut eq = _mm512_mask_cmp_ps_mask::<_CMP_NGE_UQ>(m, v, gt);
             while ties > 0 && eq != 0 {
                 kept[g / 4] |= u64::from(eq & eq.wrapping_neg()) << (16 * (g % 4));
                 eq &= eq - 1;
@@ -869,6 +902,35 @@ mod x86 {
             }
         }
         t
+    }
+
+    /// The key of rank `r` (0: the largest) among the first `n` of `few` (`r < n <= 16`),
+    /// without branching on the data: per lane, the count of the others above it and at or
+    /// above it, and the lane whose counts bracket `r`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rank16(few: &[f32; 32], n: usize, r: usize) -> u32 {
+        debug_assert!(r < n && n <= 16);
+        let valid = ((1u32 << n) - 1) as u16;
+        // The keys of the scores (`key_of`, branch-free: none is NaN).
+        let b = _mm512_castps_si512(_mm512_add_ps(
+            _mm512_maskz_loadu_ps(valid, few.as_ptr()),
+            _mm512_setzero_ps(),
+        ));
+        let flip = _mm512_or_si512(_mm512_srai_epi32::<31>(b), _mm512_set1_epi32(i32::MIN));
+        let keys = _mm512_xor_si512(b, flip);
+        let one = _mm512_set1_epi32(1);
+        let (mut gt, mut ge) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        let mut kbuf = [0u32; 16];
+        // SAFETY: 16 lanes into 16 words.
+        unsafe { _mm512_storeu_si512(kbuf.as_mut_ptr() as *mut _, keys) };
+        for &kj in &kbuf[..n] {
+            let bj = _mm512_set1_epi32(kj as i32);
+            gt = _mm512_mask_add_epi32(gt, _mm512_mask_cmplt_epu32_mask(valid, keys, bj), gt, one);
+            ge = _mm512_mask_add_epi32(ge, _mm512_mask_cmple_epu32_mask(valid, keys, bj), ge, one);
+        }
+        let rv = _mm512_set1_epi32(r as i32);
+        let hit = _mm512_mask_cmpgt_epu32_mask(_mm512_mask_cmple_epu32_mask(valid, gt, rv), ge, rv);
+        kbuf[hit.trailing_zeros() as usize]
     }
 
     /// [`super::keys_between`], 16 keys per compare, packed in a register and stored 16
@@ -1326,8 +1388,8 @@ mod tests {
         });
     }
 
-    /// `top_keys` and `merge_kept`, every implementation this host runs, against sorting:
-    /// random candidates with few or many equal keys.
+    /// `top_scores` and `merge_kept`, every implementation this host runs, against sorting:
+    /// random candidates with few or many equal keys (`-0.0` and `+0.0` among them).
     #[test]
     fn row_cut_helpers_match_sorting() {
         let mut x = 0x2545_f491u32;
@@ -1337,13 +1399,33 @@ mod tests {
             x ^= x << 5;
             x
         };
-        for case in 0..600 {
+        for case in 0..1500 {
             let n = 1 + next() as usize % 300;
             let spread = [1u32, 3, 50, 1 << 20, u32::MAX][case % 5];
-            let base = next() / 2;
-            let keys: Vec<u32> = (0..n)
-                .map(|_| base.saturating_add(next() % spread))
+            // Keys of scores that are not NaN: from `-inf`'s to `+inf`'s.
+            let span = POS_INF_KEY - NEG_INF_KEY;
+            let base = if case % 7 == 0 {
+                // About zero.
+                NEG_ZERO_KEY + 1 - spread.min(64) / 2
+            } else {
+                NEG_INF_KEY + next() % span
+            };
+            let scores: Vec<f32> = (0..n)
+                .map(|_| {
+                    let k = NEG_INF_KEY
+                        + (base - NEG_INF_KEY)
+                            .saturating_add(next() % spread)
+                            .min(span);
+                    let s = key_score(k);
+                    // Some zeros negative: they tie with the positive ones.
+                    if s == 0.0 && next() % 2 == 0 {
+                        -0.0
+                    } else {
+                        s
+                    }
+                })
                 .collect();
+            let keys: Vec<u32> = scores.iter().map(|&s| score_key(s)).collect();
             let need = 1 + next() as usize % n;
             // The reference: by key, higher first, then the earlier.
             let mut order: Vec<usize> = (0..n).collect();
@@ -1353,16 +1435,11 @@ mod tests {
             for &i in &order[..need] {
                 want[i / 64] |= 1 << (i % 64);
             }
-            let mut kept = Vec::new();
-            assert_eq!(top_keys(&keys, need, &mut kept), t_want, "case {case}");
-            assert_eq!(kept, want, "case {case}");
-            let mut kept = vec![0u64; n / 64 + 2];
-            assert_eq!(
-                top_keys_scalar(&keys, need, &mut kept),
-                t_want,
-                "case {case}"
-            );
-            assert_eq!(kept, want, "case {case}");
+            all_isas(|| {
+                let mut kept = Vec::new();
+                assert_eq!(top_scores(&scores, need, &mut kept), t_want, "case {case}");
+                assert_eq!(kept, want, "case {case}");
+            });
 
             // Spread the candidates over a row's words, beside elements above them.
             let words = n.div_ceil(64) + 1 + next() as usize % 4;
