@@ -253,7 +253,9 @@ pub fn apply_sides(raws: &[RawTensor], which: &[usize]) -> Vec<usize> {
 /// kept count is returned. With the AVX-512 row scan and a bracket with a low end, the scan
 /// itself hands over the candidates' scores, packed, and their bits; the cut among them
 /// comes from [`simd::top_scores`] and their kept bits go into the row's words by
-/// [`simd::merge_kept`], with no loop over single bits or candidates' positions.
+/// [`simd::merge_kept`] (with `apply`, [`simd::zero_merged`] while masking), with no loop over
+/// single bits or candidates' positions. Each next bracket is centred on the rows' smoothed
+/// cut ([`smoothed_cut`]).
 #[allow(clippy::too_many_arguments)]
 fn per_row_unit(
     k: &CompiledKernel,

@@ -826,10 +826,10 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
                 if collect {
                     // Their scores, packed, then the count moves past them. Stored eight
                     // lanes wide, and sixteen only when there are more than eight, which
-                    // is rare (the buffer has room either way): a 64-byte store costs two
-                    // of the one-per-cycle 32-byte stores of the AMD Zen 4 this was
-                    // measured on, and the row scan of a 4096-column row went from 449 to
-                    // 422 ns in cache (`bench kernels`' rows, one thread, alternating).
+                    // is rare (the buffer has room either way): the AMD Zen 4 this was
+                    // measured on runs 512-bit operations as two 256-bit halves, and the row
+                    // scan of a 4096-column row went from 449 to 422 ns in cache (`bench
+                    // kernels`' rows, one thread, alternating).
                     a.vcompress(t, s, 6);
                     a.vstore256(at_idx(RBP, RBX, 2, 0), t);
                     a.kmov_to_gp(RCX, 6);
