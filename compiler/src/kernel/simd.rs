@@ -872,6 +872,9 @@ mod x86 {
                 let v = load(g);
                 let m = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(lanes(g), v, l);
                 let m = _mm512_mask_cmp_ps_mask::<_CMP_NGE_UQ>(m, v, h);
+                // At most `FEW` keys lie inside `[lo, hi]` (`narrow_cut`); checked, as the
+                // store relies on it.
+                assert!(k <= super::FEW);
                 // SAFETY: `k <= 16` before the store, so `few[k..k + 16]` is in bounds.
                 unsafe {
                     _mm512_storeu_ps(few.as_mut_ptr().add(k), _mm512_maskz_compress_ps(m, v))
