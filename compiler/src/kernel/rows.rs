@@ -560,28 +560,11 @@ fn alive_keys(s: &[f32], mask: &[u64]) -> Vec<u32> {
 fn bracket_of(keys: &[u32], keep: usize, margin: usize, hist: &mut [u32]) -> (u32, u32) {
     let n = keys.len();
     debug_assert!(keep > 0 && keep < n);
-    let (lo, hi) = keys
-        .iter()
-        .fold((u32::MAX, 0u32), |(a, b), &x| (a.min(x), b.max(x)));
-    let mut shift = 0;
-    while ((hi - lo) >> shift) as usize >= hist.len() {
-        shift += 1;
-    }
-    hist.iter_mut().for_each(|h| *h = 0);
-    for &x in keys {
-        hist[((x - lo) >> shift) as usize] += 1;
-    }
-    // The key of descending rank `r` (1-based): the bucket holding it, from the top, then
-    // its place among that bucket's keys.
+    let (lo, shift) = key_hist(keys, hist);
+    // The key of descending rank `r` (1-based): the bucket holding it, then its place among
+    // that bucket's keys.
     let at_rank = |r: usize| -> u32 {
-        let (mut above, mut b) = (0usize, hist.len());
-        loop {
-            b -= 1;
-            if above + hist[b] as usize >= r {
-                break;
-            }
-            above += hist[b] as usize;
-        }
+        let (b, above) = bucket_of_rank(hist, r);
         let mut few: Vec<u32> = keys
             .iter()
             .copied()
@@ -602,6 +585,37 @@ fn bracket_of(keys: &[u32], keep: usize, margin: usize, hist: &mut [u32]) -> (u3
     (bottom, top)
 }
 
+/// A histogram of `keys` in `hist`'s buckets, which span the keys' own range (so they spread
+/// a row's keys well): returns `(lo, shift)`, key `x` falling in bucket `(x - lo) >> shift`.
+fn key_hist(keys: &[u32], hist: &mut [u32]) -> (u32, u32) {
+    let (lo, hi) = keys
+        .iter()
+        .fold((u32::MAX, 0u32), |(a, b), &x| (a.min(x), b.max(x)));
+    let mut shift = 0;
+    while ((hi - lo) >> shift) as usize >= hist.len() {
+        shift += 1;
+    }
+    hist.iter_mut().for_each(|h| *h = 0);
+    for &x in keys {
+        hist[((x - lo) >> shift) as usize] += 1;
+    }
+    (lo, shift)
+}
+
+/// The bucket of `hist` holding the key of descending rank `r` (1-based, at most the keys'
+/// count) and how many keys the buckets above it hold.
+fn bucket_of_rank(hist: &[u32], r: usize) -> (usize, usize) {
+    let (mut above, mut b) = (0usize, hist.len());
+    while b > 0 {
+        b -= 1;
+        if above + hist[b] as usize >= r {
+            break;
+        }
+        above += hist[b] as usize;
+    }
+    (b, above)
+}
+
 /// The cut `(t, ties)` keeping the top `k` of `keys`: keep keys above `t` and the first
 /// `ties` equal to it. `t = u32::MAX` keeps nothing above; `k >= len` keeps everything.
 /// A radix pass over the row's key range finds the bucket, then only that bucket is selected.
@@ -613,27 +627,8 @@ fn row_cut(keys: &mut Vec<u32>, k: usize, hist: &mut [u32]) -> (u32, usize) {
         return (0, keys.len());
     }
     if keys.len() > 256 {
-        // Buckets span the row's own key range, so they spread the keys well.
-        let (lo, hi) = keys
-            .iter()
-            .fold((u32::MAX, 0u32), |(a, b), &x| (a.min(x), b.max(x)));
-        let mut shift = 0;
-        while ((hi - lo) >> shift) as usize >= hist.len() {
-            shift += 1;
-        }
-        hist.iter_mut().for_each(|h| *h = 0);
-        for &x in keys.iter() {
-            hist[((x - lo) >> shift) as usize] += 1;
-        }
-        let mut above = 0usize;
-        let mut b = hist.len();
-        while b > 0 {
-            b -= 1;
-            if above + hist[b] as usize >= k {
-                break;
-            }
-            above += hist[b] as usize;
-        }
+        let (lo, shift) = key_hist(keys, hist);
+        let (b, above) = bucket_of_rank(hist, k);
         keys.retain(|&x| ((x - lo) >> shift) as usize == b);
         return select_cut(keys, k - above);
     }
