@@ -753,26 +753,41 @@ pub fn zero_merged(
         // mask word, and `kept` is indexed with bounds checks.
         return unsafe { x86::zero_merged512(w, mask, above, inside, kept) };
     }
-    let mut side = vec![0u64; words];
-    merge_kept_scalar(&mut side, above, inside, kept);
-    zero_words(w, &side, mask)
+    let mut i = 0usize;
+    let mut n = 0;
+    for (wi, (mw, (&a, &m))) in mask.iter_mut().zip(above.iter().zip(inside)).enumerate() {
+        let k = merged_word(a, m, kept, &mut i);
+        n += zero_words(
+            &mut w[64 * wi..64 * wi + 64],
+            &[k],
+            std::slice::from_mut(mw),
+        );
+    }
+    n
 }
 
 /// [`merge_kept`] in plain Rust, bit by bit.
 fn merge_kept_scalar(side: &mut [u64], above: &[u64], inside: &[u64], kept: &[u64]) {
     let mut i = 0usize;
     for ((s, &a), &m) in side.iter_mut().zip(above).zip(inside) {
-        let mut w = a;
-        let mut b = m;
-        while b != 0 {
-            if (kept[i / 64] >> (i % 64)) & 1 == 1 {
-                w |= b & b.wrapping_neg();
-            }
-            b &= b - 1;
-            i += 1;
-        }
-        *s = w;
+        *s = merged_word(a, m, kept, &mut i);
     }
+}
+
+/// One word of [`merge_kept`], bit by bit: `above` plus the candidates of `inside` whose
+/// flag in `kept` is set, the word's first candidate being candidate `*i` (moved past the
+/// word's).
+#[inline(always)]
+fn merged_word(above: u64, inside: u64, kept: &[u64], i: &mut usize) -> u64 {
+    let (mut w, mut b) = (above, inside);
+    while b != 0 {
+        if (kept[*i / 64] >> (*i % 64)) & 1 == 1 {
+            w |= b & b.wrapping_neg();
+        }
+        b &= b - 1;
+        *i += 1;
+    }
+    w
 }
 
 /// Appends the keys of `keys` inside `[lo, hi]` to `out`, in order.
@@ -972,10 +987,7 @@ mod x86 {
         let o = Avx512::<RANGE>::new(&Bounds::new(0, 0));
         let (mut pos, mut n) = (0usize, 0usize);
         for (wi, (mw, (&a, &m))) in mask.iter_mut().zip(above.iter().zip(inside)).enumerate() {
-            let (q, r) = (pos / 64, pos % 64);
-            let flags = (kept[q] >> r) | ((kept[q + 1] << 1) << (63 - r));
-            let k = a | _pdep_u64(flags, m);
-            pos += m.count_ones() as usize;
+            let k = merged_word_pdep(a, m, kept, &mut pos);
             *mw = k;
             n += k.count_ones() as usize;
             if k != u64::MAX {
@@ -991,12 +1003,19 @@ mod x86 {
     pub unsafe fn merge_kept_pdep(side: &mut [u64], above: &[u64], inside: &[u64], kept: &[u64]) {
         let mut pos = 0usize;
         for ((s, &a), &m) in side.iter_mut().zip(above).zip(inside) {
-            let (q, r) = (pos / 64, pos % 64);
-            // Flags `pos..pos + 64`; the word after the last candidate's is zero.
-            let flags = (kept[q] >> r) | ((kept[q + 1] << 1) << (63 - r));
-            *s = a | _pdep_u64(flags, m);
-            pos += m.count_ones() as usize;
+            *s = merged_word_pdep(a, m, kept, &mut pos);
         }
+    }
+
+    /// [`super::merged_word`] with `pdep`: the word's candidates take flags `*pos..` at once.
+    #[target_feature(enable = "bmi2,popcnt")]
+    #[inline]
+    fn merged_word_pdep(above: u64, inside: u64, kept: &[u64], pos: &mut usize) -> u64 {
+        let (q, r) = (*pos / 64, *pos % 64);
+        // Flags `pos..pos + 64`; the word after the last candidate's is zero.
+        let flags = (kept[q] >> r) | ((kept[q + 1] << 1) << (63 - r));
+        *pos += inside.count_ones() as usize;
+        above | _pdep_u64(flags, inside)
     }
 
     #[target_feature(enable = "avx2")]
