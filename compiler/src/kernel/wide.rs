@@ -30,8 +30,8 @@
 //! per lane. The row scan stores no scores: it packs those of the elements inside the range
 //! into a register, stores it 16 lanes wide at the candidates' end, and moves the end by
 //! their count. The magnitude's writing scans store none either (the kept weights'
-//! magnitudes are their scores, see [`WideScans::zero_stores_scores`]), and they do not
-//! prefetch (see [`prefetches`]).
+//! magnitudes are their scores, see [`WideScans::zero_stores_scores`]). Every scan prefetches
+//! the weights ahead (see [`PREFETCH`]).
 
 use std::mem::offset_of;
 
@@ -225,22 +225,18 @@ const ZCONST: u8 = 5;
 /// without prefetching Wanda's scan took 25 ms, prefetching into L1 (`prefetcht0`) 4 KB ahead
 /// 20 ms, as its column statistics were evicted and re-read, and into L2 (`prefetcht1`) 8 KB
 /// ahead 13-16 ms, as fast as the magnitude scan; 2 KB ahead was slower, 12-16 KB no faster.
-/// The writing scans of an expression that reads the weights alone do not prefetch (see
-/// [`prefetches`]).
+///
+/// Every scan prefetches, the magnitude's writing scans too, though a lone stream read and
+/// written in place is one the hardware prefetcher can follow on its own. How well it does
+/// depends on the host. On a host with a 32 MB last-level cache and 52-93 GB/s streaming
+/// (until 2026-11-29) the magnitude's global cut was slightly faster without the prefetch:
+/// at 10M weights 2.32-2.39 against 2.42-2.50 ms, at 100M 18.5-20.4 against 19.1-21.0 ms.
+/// On an Emerald Rapids host with a 260 MB last-level cache and 25-40 GB/s streaming, where
+/// one core's bandwidth is bound by how many misses it keeps in flight, it was much slower
+/// without: 3.9-4.7 against 3.4 ms at 10M, 36-37 against 27 ms at 100M (minima, alternated
+/// in one process, `docs/kernels.md`). A few percent on one host against a quarter on the
+/// other: the prefetch stays. 4 or 16 KB instead of 8 made no clear difference on the second.
 const PREFETCH: i32 = 8192;
-
-/// Whether a kernel prefetches the weights. The writing scans of an expression that reads
-/// nothing but the weights leave it to the hardware prefetcher: one stream, read and written
-/// in place, which it follows on its own. Measured in one process, alternating (magnitude,
-/// global cut, 8 tensors of 4096 columns): 10M weights 2.32-2.39 ms against 2.42-2.50 with
-/// the prefetch; 100M weights 18.5-20.4 against 19.1-21.0 ms when streaming runs at 80-95
-/// GB/s (the scan alone 10.2 against 11.3 ms, `examples/scan_bound.rs`), no clear difference
-/// at 55-60 GB/s. The row scan and Wanda's scans need it: without it per-row magnitude took
-/// 25 against 20 ms at 100M, and Wanda 29-33 against 20-21 ms (global and per-row).
-fn prefetches(p: &Plan, kind: Kind) -> bool {
-    let weights_only = !p.uses_pos && !p.grad && !p.init;
-    !(weights_only && matches!(kind, Kind::Zero | Kind::ZeroAll))
-}
 
 // `vcmpps` predicates (quiet: exceptions are masked anyway).
 const GE_OQ: u8 = 0x1d;
@@ -724,7 +720,6 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
     let collect = matches!(kind, Kind::Collect | Kind::CollectDense);
     // The mask register of the alive lanes (none: all are).
     let alive = if kind == Kind::CollectDense { 0 } else { 5 };
-    let prefetch = prefetches(p, kind);
     if collect {
         // One row from its first column: the column is the element offset (rax), and the row
         // statistic is broadcast once. rbp: the candidates' scores; rbx: how many there are.
@@ -778,10 +773,8 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
         let cx = Cx { group: g, ..cx };
         let off = 64 * g;
         // One line per group, 8 KB ahead into L2 (see `PREFETCH`): the hardware prefetcher
-        // alone left the loop waiting on memory, but for a lone stream (`prefetches`).
-        if prefetch {
-            a.prefetch(at_idx(RSI, RAX, 2, off + PREFETCH));
-        }
+        // alone left the loop waiting on memory.
+        a.prefetch(at_idx(RSI, RAX, 2, off + PREFETCH));
         a.vload(ZW, at_idx(RSI, RAX, 2, off));
         let s = cx.eval(a, expr, 0)?;
         if store_scores {
