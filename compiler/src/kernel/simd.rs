@@ -602,6 +602,18 @@ pub fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// [`prefetch`] into the second-level cache only (`prefetcht1`), as the AVX-512 scans do.
+#[inline(always)]
+pub fn prefetch_l2(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// A row's cut among its candidates' scores (`scores`, in offset order, none NaN): of the
 /// `need` highest by key ([`key_of`]; `-0.0` and `+0.0` tie), the earlier of equal keys
 /// first (`1 <= need <= scores.len()`), returns the smallest key and sets bit `i % 64` of
@@ -1036,9 +1048,19 @@ mod x86 {
         _mm512_reduce_max_epu32(acc).max(super::max_bits(rest))
     }
 
+    /// Prefetching 8 KB ahead into L2, as the scans do: counting the masks of the 100M
+    /// benchmark (12.5 MB, caches evicted) took 0.58-0.90 against 0.95-1.6 ms without, on a
+    /// host whose cores are bound by the misses they keep in flight (alternated in one
+    /// process, 2026-11-29).
     #[target_feature(enable = "popcnt")]
     pub unsafe fn count_bits_popcnt(w: &[u64]) -> usize {
-        w.iter().map(|x| x.count_ones() as usize).sum()
+        const AHEAD: usize = 1024;
+        let mut n = 0;
+        for (i, line) in w.chunks(8).enumerate() {
+            _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().wrapping_add(8 * i + AHEAD) as *const i8);
+            n += line.iter().map(|x| x.count_ones() as usize).sum::<usize>();
+        }
+        n
     }
 
     const RANGE: u8 = 0;
@@ -1300,6 +1322,35 @@ mod tests {
             }
         }
         ISA.store(best, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn bits_are_counted_at_every_length() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let words: Vec<u64> = (0..70_000 + 13)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Some all-set and all-clear words among the random ones.
+                match i % 7 {
+                    0 => u64::MAX,
+                    1 => 0,
+                    _ => x,
+                }
+            })
+            .collect();
+        let naive = |w: &[u64]| w.iter().map(|x| x.count_ones() as usize).sum::<usize>();
+        // Lengths around the 8-word lines and the parallel pieces (65536 words).
+        for n in (0..40).chain([1023, 1024, 1025, 65535, 65536, 65537, words.len()]) {
+            assert_eq!(count_bits(&words[..n]), naive(&words[..n]), "{n} words");
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("popcnt") {
+                // SAFETY: the CPU has POPCNT.
+                let c = unsafe { x86::count_bits_popcnt(&words[3..n.max(3)]) };
+                assert_eq!(c, naive(&words[3..n.max(3)]), "{n} words from the third");
+            }
+        }
     }
 
     #[test]
