@@ -23,6 +23,8 @@ fn bench_reports_all_cases() {
             "streaming_gb_per_s",
             "ratio_to_streaming",
             "paired_ratio_median",
+            "prefetched_streaming_gb_per_s",
+            "ratio_to_prefetched_streaming",
             "candle_seconds",
             "speedup_vs_candle",
             "read_seconds",
