@@ -265,6 +265,8 @@ fn lenet300_magnitude_reduced_keeps_accuracy_at_92_percent_sparsity() {
             "epochs=1",
             "--set",
             "retrain=1",
+            "--set",
+            "final_epochs=1",
             "--out",
             out.to_str().unwrap(),
         ],
