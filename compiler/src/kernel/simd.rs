@@ -593,22 +593,26 @@ pub fn count_bits(words: &[u64]) -> usize {
 /// Starts loading the cache line at `p` (a hint: never faults, does nothing off x86-64).
 #[inline(always)]
 pub fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch never faults, whatever the address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+    prefetch_into::<false>(p)
 }
 
 /// [`prefetch`] into the second-level cache only (`prefetcht1`), as the AVX-512 scans do.
 #[inline(always)]
 pub fn prefetch_l2(p: *const u8) {
+    prefetch_into::<true>(p)
+}
+
+#[inline(always)]
+fn prefetch_into<const L2: bool>(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch never faults, whatever the address.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        if L2 {
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+        } else {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+        }
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
