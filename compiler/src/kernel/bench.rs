@@ -12,7 +12,10 @@
 //! Each case's ratio to streaming is taken two ways: its best run against the best
 //! streaming pass (`ratio_to_streaming`, the one the targets are judged by), and, per run,
 //! against the streaming pass just before it (`paired_ratio_median`, the median over the
-//! runs): the two agree when the machine's bandwidth held still during the case.
+//! runs): the two agree when the machine's bandwidth held still during the case. A third
+//! ratio (`ratio_to_prefetched_streaming`) is against the same read+write prefetching 8 KB
+//! ahead as the kernels do: stricter on hosts whose hardware prefetcher alone leaves a plain
+//! loop short of what memory can do.
 //!
 //! The timed runs use [`PruneOptions::single_pass`], as the executor does (it works on copies
 //! of the weights). Each case also times the same call without it (`two_pass_seconds`): the
