@@ -130,14 +130,14 @@ pub(crate) struct Checker<'a> {
     criteria: BTreeMap<String, Expr>,
     pub(crate) stage_options: BTreeMap<usize, BTreeMap<String, Value>>,
     /// `--set` values by param name, as written.
-    pub(crate) overrides: BTreeMap<String, String>,
+    pub(crate) overrides: BTreeMap<String, &'a str>,
 }
 
 /// Checks a parsed recipe; returns the checked recipe or every diagnostic.
-pub fn ast_to_checked(
+pub fn ast_to_checked<'a>(
     recipe: &Recipe,
-    src: &str,
-    overrides: &[Override],
+    src: &'a str,
+    overrides: &'a [Override],
 ) -> Result<CheckedRecipe, Vec<Diagnostic>> {
     let mut c = Checker {
         src,
@@ -259,7 +259,7 @@ pub fn expr_needs(r: &CheckedRecipe, e: &Expr) -> Needs {
     needs
 }
 
-impl Checker<'_> {
+impl<'a> Checker<'a> {
     pub(crate) fn push(&mut self, d: Diagnostic) {
         self.diags.push(d);
     }
@@ -443,7 +443,7 @@ impl Checker<'_> {
         }
     }
 
-    fn apply_overrides(&mut self, overrides: &[Override]) {
+    fn apply_overrides(&mut self, overrides: &'a [Override]) {
         for o in overrides {
             let Some(sym) = self.symbols.get(&o.name).cloned() else {
                 let names: Vec<&str> = self
@@ -484,7 +484,7 @@ impl Checker<'_> {
                 );
                 continue;
             }
-            self.overrides.insert(o.name.clone(), o.value.clone());
+            self.overrides.insert(o.name.clone(), &o.value);
         }
     }
 }

@@ -35,7 +35,7 @@ struct Evaluated {
     trained: BTreeMap<String, (u64, bool)>,
 }
 
-impl Checker<'_> {
+impl<'a> Checker<'a> {
     pub(super) fn check_decls(&mut self, recipe: &Recipe) {
         for item in &recipe.items {
             match item {
@@ -114,8 +114,8 @@ impl Checker<'_> {
             _ => self.eval(&p.value, Ty::Float, Range::any()),
         };
         let mut value = default.clone();
-        if let Some(text) = self.overrides.get(&p.name.name).cloned() {
-            value = self.override_value(p, &text, default.as_ref());
+        if let Some(text) = self.overrides.get(&p.name.name).copied() {
+            value = self.override_value(p, text, default.as_ref());
         }
         if let Some(s) = self.symbols.get_mut(&p.name.name) {
             if s.span == p.name.span {
@@ -128,7 +128,7 @@ impl Checker<'_> {
     fn override_value(
         &mut self,
         p: &ParamDecl,
-        text: &str,
+        text: &'a str,
         default: Option<&Value>,
     ) -> Option<Value> {
         let default = default?;
@@ -167,9 +167,10 @@ impl Checker<'_> {
                 });
                 match ty {
                     Some(ty) => {
-                        // Evaluate against the override's own text, reporting in its terms.
+                        // Evaluate against the override's own text (the spans of `expr` index
+                        // it), reporting in its terms.
                         let before = self.diags.len();
-                        let saved = std::mem::take(&mut self.src);
+                        let saved = std::mem::replace(&mut self.src, text);
                         let v = self.eval(&expr, ty, Range::any());
                         self.src = saved;
                         let errs: Vec<Diagnostic> = self.diags.drain(before..).collect();

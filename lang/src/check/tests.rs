@@ -129,6 +129,13 @@ fn overrides_are_type_checked() {
         check_with(&src, &["tagret=0.5"]),
         ["P050: `--set tagret`: the recipe has no param `tagret`"]
     );
+    // The value is quoted from the override, not from the recipe.
+    let src =
+        format!("{BASE}param epochs = 3\npipeline {{\ntrain net on train (epochs = epochs)\n}}\n");
+    assert_eq!(
+        check_with(&src, &["epochs=1.5"]),
+        ["P050: `--set epochs=1.5`: expected an integer, found `1.5`"]
+    );
 }
 
 #[test]
