@@ -1488,13 +1488,8 @@ pub(super) mod tests {
     /// Two tensors, 616K elements in all (enough for a sample), with holes in the masks and
     /// `levels` distinct magnitudes when non-zero (ties).
     fn data(seed: u64, levels: u32, row_scales: bool) -> Vec<T> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next =
+            crate::kernel::testing::xorshift64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         [(512usize, 640usize), (400, 720)]
             .iter()
             .map(|&(rows, cols)| {
@@ -1616,16 +1611,15 @@ pub(super) mod tests {
     /// `scaled`, rows of different scales in every other tensor; every other tensor `by`
     /// times larger.
     fn many(seed: u64, scaled: bool, by: f32) -> Vec<T> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next =
+            crate::kernel::testing::xorshift64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         (0..8)
             .map(|t| {
                 let (rows, cols) = (256usize, 1024usize);
                 let n = rows * cols;
                 let w = (0..n)
                     .map(|i| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
+                        let x = next();
                         let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
                         let big = if t % 2 == 1 { by } else { 1.0 };
                         big * u * (1.0 + (scaled as usize * (t % 2) * (i / cols % 5)) as f32)
@@ -1862,13 +1856,7 @@ pub(super) mod tests {
 
     #[test]
     fn ranks_match_a_sort() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = crate::kernel::testing::xorshift64(0x2545_f491_4f6c_dd1d);
         let sets: Vec<Vec<u32>> = vec![
             (0..5000).map(|_| next() as u32).collect(),
             // Few distinct keys (ties), many in one 12-bit bucket, and the extremes.

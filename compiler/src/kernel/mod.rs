@@ -15,6 +15,8 @@ pub mod raw;
 pub mod reference;
 mod rows;
 pub mod simd;
+#[cfg(test)]
+mod testing;
 mod translate;
 pub mod types;
 pub mod wide;

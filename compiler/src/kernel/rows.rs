@@ -739,13 +739,7 @@ mod tests {
     /// ranks inside the row and past either end.
     #[test]
     fn brackets_match_sorting() {
-        let mut x = 0x1234_5678u32;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x
-        };
+        let mut next = crate::kernel::testing::xorshift32(0x1234_5678);
         let mut hist = vec![0u32; 2048];
         for case in 0..400 {
             let n = 2 + next() as usize % 5000;

@@ -1330,12 +1330,10 @@ mod tests {
 
     #[test]
     fn bits_are_counted_at_every_length() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = crate::kernel::testing::xorshift64(0x9e37_79b9_7f4a_7c15);
         let words: Vec<u64> = (0..70_000 + 13)
             .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                let x = next();
                 // Some all-set and all-clear words among the random ones.
                 match i % 7 {
                     0 => u64::MAX,
@@ -1469,13 +1467,7 @@ mod tests {
     /// random candidates with few or many equal keys (`-0.0` and `+0.0` among them).
     #[test]
     fn row_cut_helpers_match_sorting() {
-        let mut x = 0x2545_f491u32;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x
-        };
+        let mut next = crate::kernel::testing::xorshift32(0x2545_f491);
         for case in 0..1500 {
             let n = 1 + next() as usize % 300;
             let spread = [1u32, 3, 50, 1 << 20, u32::MAX][case % 5];
@@ -1495,7 +1487,7 @@ mod tests {
                             .min(span);
                     let s = key_score(k);
                     // Some zeros negative: they tie with the positive ones.
-                    if s == 0.0 && next() % 2 == 0 {
+                    if s == 0.0 && next().is_multiple_of(2) {
                         -0.0
                     } else {
                         s
