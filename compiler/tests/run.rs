@@ -140,6 +140,60 @@ fn a_run_writes_its_outputs_and_verifies() {
 }
 
 #[test]
+fn a_run_removes_staging_folders_of_killed_runs_but_not_of_live_ones() {
+    require_data("digits/digits.csv.gz", "digits");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // What a killed run leaves: a staging folder with a partial output.
+    let stale = out.join(".prunec-staging-abc");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("net.safetensors"), "partial").unwrap();
+    // A run still alive holds a lock on its staging folder.
+    let live = out.join(".prunec-staging-live");
+    std::fs::create_dir_all(&live).unwrap();
+    std::fs::write(live.join("net.safetensors"), "in progress").unwrap();
+    let held = std::fs::File::open(&live).unwrap();
+    // SAFETY: `flock` on a descriptor this test owns.
+    let r = unsafe {
+        libc::flock(
+            std::os::unix::io::AsRawFd::as_raw_fd(&held),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    // Unrelated entries, some with similar names.
+    std::fs::create_dir_all(out.join("other")).unwrap();
+    std::fs::write(out.join("other/file.txt"), "x").unwrap();
+    std::fs::create_dir_all(out.join("prunec-staging-abc")).unwrap();
+    std::fs::write(out.join(".prunec-staging-file"), "a file, not a folder").unwrap();
+    std::fs::write(out.join("keep.txt"), "earlier output").unwrap();
+    let (code, text) = run_into(&root().join(RECIPE), &out);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        files_in(&out),
+        [
+            ".prunec-staging-file",
+            ".prunec-staging-live",
+            "keep.txt",
+            "net.safetensors",
+            "other",
+            "prune.lock",
+            "prunec-staging-abc",
+            "report.json",
+            "report.md",
+            "rounds.svg",
+            "sparsity.svg"
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(live.join("net.safetensors")).unwrap(),
+        "in progress"
+    );
+    assert!(out.join("other/file.txt").exists());
+    drop(held);
+}
+
+#[test]
 fn outputs_are_identical_with_one_and_two_threads() {
     require_data("digits/digits.csv.gz", "digits");
     let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@
 
 mod llm;
 mod prune;
+mod staging;
 
 pub use prune::gradual_plan;
 
@@ -211,7 +212,9 @@ fn interrupt_flag() -> Arc<AtomicBool> {
 
 /// Runs a checked recipe. Outputs are written to a staging folder inside
 /// `opts.out_dir` and moved into place at the end; on any error the staging
-/// folder is removed and the output folder holds no new file.
+/// folder is removed and the output folder holds no new file. Staging
+/// folders that killed runs left in `opts.out_dir` are removed first (not
+/// those of runs still alive: see `exec/staging.rs`).
 pub fn run(
     recipe: &CheckedRecipe,
     recipe_path: &Path,
@@ -226,19 +229,17 @@ pub fn run(
         ),
         help: Some("choose another folder with `--out DIR`".into()),
     })?;
-    let staging = tempfile::Builder::new()
-        .prefix(".prunec-staging-")
-        .tempdir_in(&opts.out_dir)
-        .map_err(|e| RunError::User {
-            span: None,
-            message: format!(
-                "cannot write in the output folder {}: {e}",
-                opts.out_dir.display()
-            ),
-            help: Some(
-                "check its permissions and free space, or choose another with `--out DIR`".into(),
-            ),
-        })?;
+    staging::remove_stale(&opts.out_dir);
+    let staging = staging::Staging::create(&opts.out_dir).map_err(|e| RunError::User {
+        span: None,
+        message: format!(
+            "cannot write in the output folder {}: {e}",
+            opts.out_dir.display()
+        ),
+        help: Some(
+            "check its permissions and free space, or choose another with `--out DIR`".into(),
+        ),
+    })?;
     let mut ex = Exec {
         r: recipe,
         device: rt::DeviceSpec::Cpu
