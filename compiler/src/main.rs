@@ -34,7 +34,7 @@ enum Command {
     Explain(ExplainArgs),
     /// Check and run a recipe: writes the model(s), report.json, report.md, plots and prune.lock.
     Run(RunArgs),
-    /// Re-run the recipe a prune.lock records and compare every output hash.
+    /// Check the outputs beside a prune.lock against its hashes, then re-run the recipe and compare again.
     Verify(VerifyArgs),
     /// Print the pipeline IR as Graphviz DOT.
     Graph(GraphArgs),
@@ -432,6 +432,10 @@ fn cmd_verify(a: VerifyArgs) -> u8 {
         Ok(v) => v,
         Err(e) => return fail(format!("{} is not a prune.lock: {e}", a.lock.display())),
     };
+    if let Err(m) = check_outputs_beside(&a.lock, &lock) {
+        eprintln!("verify: {m}");
+        return exit::USER;
+    }
     let recipe_path = PathBuf::from(lock["recipe"]["path"].as_str().unwrap_or(""));
     let recipe_hash = lock["recipe"]["sha256"].as_str().unwrap_or("");
     match std::fs::read(&recipe_path) {
@@ -499,17 +503,82 @@ fn cmd_verify(a: VerifyArgs) -> u8 {
         .collect();
     for out in lock["outputs"].as_array().into_iter().flatten() {
         let p = out["path"].as_str().unwrap_or("");
-        if fresh.get(p).copied() != out["sha256"].as_str() {
-            eprintln!("verify: {p} differs from the lock");
-            return exit::USER;
+        let expected = out["sha256"].as_str().unwrap_or("");
+        match fresh.get(p).copied() {
+            Some(h) if h == expected => {}
+            Some(h) => {
+                eprintln!(
+                    "verify: the re-run's {p} differs from the lock: expected sha256 {}…, found {}…",
+                    sha_prefix(expected),
+                    sha_prefix(h)
+                );
+                return exit::USER;
+            }
+            None => {
+                eprintln!("verify: the re-run wrote no {p}, which the lock lists");
+                return exit::USER;
+            }
         }
     }
     eprintln!(
-        "verify: all {} outputs match {}",
+        "verify: all {} outputs match {}, both the files beside it and a re-run",
         fresh.len(),
         a.lock.display()
     );
     exit::OK
+}
+
+/// The first 16 characters of a hash, for messages.
+fn sha_prefix(h: &str) -> String {
+    h.chars().take(16).collect()
+}
+
+/// Checks that every output the lock lists is in the lock's folder with its
+/// locked sha256; the message names the first that is missing or differs.
+fn check_outputs_beside(
+    lock_path: &std::path::Path,
+    lock: &serde_json::Value,
+) -> Result<(), String> {
+    let dir = match lock_path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    for out in lock["outputs"].as_array().into_iter().flatten() {
+        let rel = std::path::Path::new(out["path"].as_str().unwrap_or(""));
+        let expected = out["sha256"].as_str().unwrap_or("");
+        if rel.as_os_str().is_empty()
+            || rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(format!(
+                "the lock lists an output `{}` that is not a path inside its folder",
+                rel.display()
+            ));
+        }
+        let path = dir.join(rel);
+        if !path.is_file() {
+            return Err(format!(
+                "{} is missing beside the lock (expected sha256 {}…)",
+                path.display(),
+                sha_prefix(expected)
+            ));
+        }
+        match prunec_runtime::io::sha256_file(&path) {
+            Ok(h) if h == expected => {}
+            Ok(h) => {
+                return Err(format!(
+                    "{} differs from the lock: expected sha256 {}…, found {}…",
+                    path.display(),
+                    sha_prefix(expected),
+                    sha_prefix(&h)
+                ))
+            }
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        }
+    }
+    Ok(())
 }
 
 fn optimized_ir(

@@ -125,6 +125,27 @@ fn a_run_writes_its_outputs_and_verifies() {
     let lock = out.join("prune.lock");
     let (code, text) = prunec(&["verify", lock.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{text}");
+    // An output beside the lock with one byte changed fails before any
+    // re-run, naming the file and both hashes; a missing one fails too.
+    let model = out.join("net.safetensors");
+    let good = std::fs::read(&model).unwrap();
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    std::fs::write(&model, &bad).unwrap();
+    let (code, text) = prunec(&["verify", lock.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("net.safetensors differs from the lock: expected sha256 "),
+        "{text}"
+    );
+    std::fs::remove_file(&model).unwrap();
+    let (code, text) = prunec(&["verify", lock.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("net.safetensors is missing"), "{text}");
+    std::fs::write(&model, &good).unwrap();
+    let (code, text) = prunec(&["verify", lock.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{text}");
     // A lock whose output hash differs fails, naming the output.
     let tampered =
         std::fs::read_to_string(&lock)
