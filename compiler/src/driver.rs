@@ -90,7 +90,9 @@ pub fn source_to_checked(file: SourceFile, overrides: &[Override]) -> Checked {
     }
     let result = ast_to_checked(&parsed.recipe, &file.text, overrides).and_then(|r| {
         // Stage 4: shapes and files, from headers only.
-        let diags = crate::shapes::check_shapes(&r);
+        let mut diags = crate::lower::check_criteria(&r);
+        diags.extend(crate::shapes::check_shapes(&r));
+        diags.sort_by_key(|d| d.sort_key());
         if diags.is_empty() {
             Ok(r)
         } else {

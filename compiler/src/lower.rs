@@ -4,6 +4,7 @@
 use crate::kernel::{BinOp, CmpOp, KExpr, KInput, UnOp};
 use prunec_lang::ast::{BinaryOp, Expr, ExprKind, UnaryOp};
 use prunec_lang::check::{SymKind, Value};
+use prunec_lang::diag::{Code, Diagnostic};
 use prunec_lang::{CheckedRecipe, Span};
 
 /// An error while lowering, with the recipe span it concerns.
@@ -258,6 +259,113 @@ fn lower(r: &CheckedRecipe, e: &Expr, depth: usize, cx: &mut Cx) -> Result<KExpr
         }
         _ => return err(e.span, "this is not part of a criterion"),
     })
+}
+
+/// The scope a prune stage compares scores in: as written, else `row` for
+/// criteria that read `act(x)` (Wanda compares within each output row, as in
+/// the paper) and `global` for the others.
+pub fn scope_of(written: Option<&Value>, reads_acts: bool) -> &str {
+    match written.and_then(|v| v.as_str()) {
+        Some(s) => s,
+        None if reads_acts => "row",
+        None => "global",
+    }
+}
+
+/// Whether `by` names a method (`sparsegpt`, `sap`) rather than a criterion.
+pub fn is_method(r: &CheckedRecipe, by: &Expr) -> bool {
+    let name = match &by.kind {
+        ExprKind::Call { callee, .. } => &callee.name,
+        ExprKind::Name(id) if !r.symbols.contains_key(&id.name) => &id.name,
+        _ => return false,
+    };
+    prunec_lang::builtins::lookup(name)
+        .is_some_and(|b| b.kind == prunec_lang::builtins::Kind::Method)
+}
+
+/// Lowers every prune stage's criterion the way a run will, so that a
+/// criterion that does not compile into a kernel, or reads what its model
+/// cannot provide, is a `check` error (P045) with its span, before any compute.
+pub fn check_criteria(r: &CheckedRecipe) -> Vec<Diagnostic> {
+    let mut diags = Vec::new();
+    for s in &r.pipeline().stages {
+        if s.kind != prunec_lang::ast::StageKind::Prune {
+            continue;
+        }
+        let Some(by) = &s.by else { continue };
+        if is_method(r, by) {
+            continue;
+        }
+        let model = s
+            .subject
+            .first()
+            .and_then(|e| e.as_name())
+            .map(|n| n.name.clone())
+            .unwrap_or_default();
+        let lowered = match criterion_to_kernel(r, by) {
+            Ok(l) => l,
+            Err(e) => {
+                diags.push(
+                    Diagnostic::new(Code::Unsupported, e.message)
+                        .with_label(e.span, "cannot be compiled into a scoring kernel")
+                        .with_help(
+                            "see `prunec explain` for what each criterion function supports",
+                        ),
+                );
+                continue;
+            }
+        };
+        let mut reads_step = false;
+        lowered
+            .expr
+            .visit_inputs(&mut |i| reads_step |= i == KInput::Scalar(0));
+        if let Some(Side::Accumulate(step)) = &lowered.side {
+            step.visit_inputs(&mut |i| reads_step |= i == KInput::Scalar(0));
+        }
+        let lm = prunec_lang::check::models::is_language_model(&r.symbols, &model);
+        let mut unsupported = |what: &str, help: &str| {
+            diags.push(
+                Diagnostic::new(
+                    Code::Unsupported,
+                    format!(
+                        "this criterion reads {what}, which {}",
+                        if lm {
+                            format!(
+                                "one-shot pruning of the language model `{model}` does not provide"
+                            )
+                        } else {
+                            "only a `during` stage provides".to_string()
+                        }
+                    ),
+                )
+                .with_label(by.span, format!("reads {what}"))
+                .with_help(help),
+            );
+        };
+        if lm {
+            let grad = lowered.side.is_none() && lowered.expr.needs_grad();
+            let read: [(bool, &str); 6] = [
+                (grad, "`grad(w)`"),
+                (lowered.expr.needs_init(), "`init(w)`"),
+                (!lowered.row_sums.is_empty(), "a group sum"),
+                (matches!(lowered.side, Some(Side::Rand)), "`rand()`"),
+                (
+                    matches!(lowered.side, Some(Side::Accumulate(_))),
+                    "`accumulate(...)`",
+                ),
+                (reads_step, "`step`"),
+            ];
+            for (_, what) in read.iter().filter(|(on, _)| *on) {
+                unsupported(
+                    what,
+                    "language-model criteria read the weight `w` and `act(x)` only",
+                );
+            }
+        } else if reads_step && s.during.is_none() {
+            unsupported("`step`", "`step` counts the training steps of `prune ... during train ...`; outside training it would always be 0");
+        }
+    }
+    diags
 }
 
 /// Whether a parameter name matches a glob (`*` matches any run of characters).

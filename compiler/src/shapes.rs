@@ -9,7 +9,6 @@ use prunec_lang::ast::{Stage, StageKind};
 use prunec_lang::check::{SymKind, Value};
 use prunec_lang::diag::{Code, Diagnostic};
 use prunec_lang::{CheckedRecipe, Span};
-use prunec_runtime as rt;
 use std::collections::BTreeMap;
 
 struct Shapes {
@@ -58,44 +57,36 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             continue;
         }
         let Some(v) = &sym.value else { continue };
-        let kind = match v.call_name() {
-            Some("mnist") => rt::DatasetKind::Mnist,
-            Some("fashion_mnist") => rt::DatasetKind::FashionMnist,
-            Some("digits") => rt::DatasetKind::Digits,
-            _ => continue,
-        };
-        let path = std::path::PathBuf::from(v.arg("path").and_then(|p| p.as_str()).unwrap_or(""));
-        let root = match kind {
-            rt::DatasetKind::Digits => path
-                .parent()
-                .and_then(|p| p.parent())
-                .map(|p| p.to_path_buf()),
-            _ => path.parent().map(|p| p.to_path_buf()),
-        };
-        let split = if v.arg("split").and_then(|s| s.as_str()) == Some("test") {
-            rt::Split::Test
-        } else {
-            rt::Split::Train
-        };
-        let spec = rt::DatasetSpec::new(kind, split).data_dir(root.unwrap_or_default());
-        // Batches per epoch, as a run will see them (batch size, limit, validation).
-        if let Ok((spec, _)) = crate::exec::dataset_spec(v, r.seed, sym.span) {
-            if let Ok(meta) = spec.meta() {
-                batches.insert(name.clone(), meta.len.div_ceil(spec.batch_size.max(1)));
-            }
+        if !matches!(v.call_name(), Some("mnist" | "fashion_mnist" | "digits")) {
+            continue;
         }
-        match spec.meta() {
-            Ok(meta) => {
+        // The spec a run builds: the same files, batch size, limit and validation.
+        let spec = crate::exec::dataset_spec(v, r.seed, sym.span).and_then(|(spec, _)| {
+            spec.meta()
+                .map(|meta| (spec, meta))
+                .map_err(|e| crate::exec::RunError::Internal(e.to_string()))
+        });
+        match spec {
+            Ok((spec, meta)) => {
+                batches.insert(name.clone(), meta.len.div_ceil(spec.batch_size.max(1)));
                 data_shapes.insert(name.clone(), meta.sample_shape);
             }
-            Err(e) => diags.push(
-                Diagnostic::new(Code::DataFile, format!("data set `{name}`: {e}"))
-                    .with_label(
-                        decl_value_span(r, name).unwrap_or(sym.span),
-                        "this data cannot be read",
-                    )
-                    .with_help("run `scripts/fetch-data.sh` to fetch the data sets"),
-            ),
+            Err(e) => {
+                let message = match e {
+                    crate::exec::RunError::User { message, .. }
+                    | crate::exec::RunError::Internal(message) => message,
+                    crate::exec::RunError::Assert { message, .. } => message,
+                    crate::exec::RunError::Interrupted => "interrupted".into(),
+                };
+                diags.push(
+                    Diagnostic::new(Code::DataFile, format!("data set `{name}`: {message}"))
+                        .with_label(
+                            decl_value_span(r, name).unwrap_or(sym.span),
+                            "this data cannot be read",
+                        )
+                        .with_help("check the path; `scripts/fetch-data.sh` fetches the data sets"),
+                )
+            }
         }
     }
     let mut stages: Vec<&Stage> = Vec::new();

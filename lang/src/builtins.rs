@@ -285,7 +285,7 @@ const fn needs(mut bi: Builtin, n: Needs) -> Builtin {
 const SPLITS: Ty = Ty::Enum(&["train", "test"]);
 const ACTIVATIONS: Ty = Ty::Enum(&["relu", "tanh", "sigmoid", "gelu"]);
 const SCOPES: Ty = Ty::Enum(&["global", "layer", "row", "neuron"]);
-const AXES: Ty = Ty::Enum(&["out_channel", "in_channel", "row", "col", "all"]);
+const AXES: Ty = Ty::Enum(&["out_channel", "row"]);
 const FORMATS: Ty = Ty::Enum(&["safetensors", "hf", "compressed_24"]);
 const REWINDS: Ty = Ty::Enum(&["none", "init"]);
 
@@ -351,8 +351,7 @@ pub static BUILTINS: &[Builtin] = &[
     ], "The pretrained digit-recognizer CNN (conv3x3 32→64→128, FC 1152→256→10), loaded from its PyTorch state dict."),
     b("safetensors", Kind::Model, &[
         p("path", Ty::Str, None, Range::any(), "a `.safetensors` file or a Hugging Face model folder"),
-        p("config", Ty::Str, Some("\"config.json\""), Range::any(), "the model config inside the folder"),
-    ], "A model from safetensors weights (Hugging Face layout for language models)."),
+    ], "A classifier from safetensors weights; the architecture follows from the tensor names and shapes (`fc1.weight`, ... for MLPs, `conv1.weight`, ... for CNNs)."),
     b("gguf", Kind::Model, &[
         p("path", Ty::Str, None, Range::any(), "a `.gguf` file (data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)"),
     ], "A LLaMA-family causal language model from GGUF, dequantized to f32, with its tokenizer."),
@@ -376,7 +375,7 @@ pub static BUILTINS: &[Builtin] = &[
         "The loss gradient of the weight, averaged over the stage's data."), Needs { grad: true, activations: false, training: false }),
     needs(b("act", Kind::ScoreFn, &[
         p("of", Ty::Score, None, Range::any(), "the layer input: `act(x)`"),
-        p("stat", Ty::Enum(&["norm", "mean", "sq_mean"]), Some("norm"), Range::any(), "which per-input-column statistic"),
+        p("stat", Ty::Enum(&["norm"]), Some("norm"), Range::any(), "which per-input-column statistic (`norm` is the one the runtime computes)"),
     ], "A per-input-column statistic of the layer's input over the calibration data (`norm`: the L2 norm, Wanda's ||X_j||)."),
         Needs { grad: false, activations: true, training: false }),
     b("init", Kind::ScoreFn, &[p("of", Ty::Score, None, Range::any(), "the weight: `init(w)`")], "The weight's value at initialisation."),
@@ -397,7 +396,7 @@ pub static BUILTINS: &[Builtin] = &[
     ], "`then` where `cond` holds, `else` elsewhere."),
     b("sum", Kind::ScoreFn, &[
         p("of", Ty::Score, None, Range::any(), ""),
-        p("over", AXES, Some("all"), Range::any(), "the group summed over; every element of a group gets the group's sum"),
+        p("over", AXES, Some("out_channel"), Range::any(), "the group summed over (an output channel, i.e. a weight row); every element of a group gets the group's sum"),
     ], "Sum of a score over a group (`out_channel` for channel criteria)."),
     b("rand", Kind::ScoreFn, &[], "A uniform draw in [0, 1) from the recipe's seeded generator (random pruning)."),
     // ---- standard-library criteria and methods (`use std.NAME`)
@@ -484,14 +483,14 @@ pub static BUILTINS: &[Builtin] = &[
     b("reinit", Kind::StageOption, &[p("value", Ty::Bool, Some("false"), Range::any(), "")], "Re-initialise the kept weights before training, keeping the mask (scratch-E, Liu et al. 2019)."),
     b("schedule", Kind::StageOption, &[p("value", Ty::Of(Kind::Schedule), Some("oneshot()"), Range::any(), "")], "How the target is reached (prune)."),
     b("constraints", Kind::StageOption, &[p("value", Ty::Of(Kind::Constraints), None, Range::any(), "")], "A constraint set (prune)."),
-    b("scope", Kind::StageOption, &[p("value", SCOPES, Some("global"), Range::any(), "")], "Where scores are compared: one global threshold, per layer, or per output row (prune)."),
+    b("scope", Kind::StageOption, &[p("value", SCOPES, Some("global"), Range::any(), "")], "Where scores are compared: one global threshold, per layer, or per output row (prune). The default is `row` for criteria that read `act(x)` (Wanda compares within each output row, as in the paper) and `global` for the others; language models take `row` or `layer`."),
     b("pattern", Kind::StageOption, &[p("value", Ty::Pattern, None, Range::any(), "")], "`N:M`: keep N of every M consecutive weights along the input dimension; `block(rows, cols)`: keep or prune whole blocks (prune)."),
     b("targets", Kind::StageOption, &[p("value", Ty::Globs, Some("[\"*.weight\"]"), Range::any(), "")], "Parameters to prune, by name pattern (prune)."),
     b("skip", Kind::StageOption, &[p("value", Ty::Globs, Some("[]"), Range::any(), "")], "Parameters never pruned, by name pattern (prune)."),
     b("keep_min", Kind::StageOption, &[p("value", Ty::FractionOrCount, Some("0"), Range::non_negative(), "")], "Least kept per layer (`2% per layer` or a count): Global MP's guard against layer collapse (prune)."),
     b("keep_max", Kind::StageOption, &[p("value", Ty::FractionOrCount, Some("100%"), Range::non_negative(), "")], "Most kept per layer (prune)."),
     b("calibrate", Kind::StageOption, &[p("value", Ty::Of(Kind::Dataset), None, Range::any(), "")], "Calibration data for activation statistics and Hessians (prune)."),
-    b("sequential", Kind::StageOption, &[p("value", Ty::Bool, Some("true"), Range::any(), "")], "Calibrate each block on the outputs of the already-pruned blocks (prune)."),
+    b("sequential", Kind::StageOption, &[p("value", Ty::Bool, Some("true"), Range::any(), "")], "Language models: calibrate each block on the outputs of the already-pruned blocks (`true`), or every block on the dense model's activations (`false`) (prune)."),
     b("rounds", Kind::StageOption, &[p("value", Ty::Int, None, Range::at_least(1.0), "")], "Rounds of an adaptive method (prune)."),
     b("allow_nonfinite", Kind::StageOption, &[p("value", Ty::Bool, Some("false"), Range::any(), "")], "Accept NaN/inf weights, scoring them lowest, instead of stopping (prune)."),
     b("format", Kind::StageOption, &[p("value", FORMATS, Some("safetensors"), Range::any(), "")], "Output format (export)."),

@@ -31,6 +31,7 @@ pub enum Code {
     UnknownMetric,
     StageClause,
     StageBlock,
+    Unsupported,
     Override,
     ModelFile,
     ShapeMismatch,
@@ -39,7 +40,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 28] = [
+    pub const ALL: [Code; 29] = [
         Code::NotUtf8,
         Code::Syntax,
         Code::TooDeep,
@@ -63,6 +64,7 @@ impl Code {
         Code::UnknownMetric,
         Code::StageClause,
         Code::StageBlock,
+        Code::Unsupported,
         Code::Override,
         Code::ModelFile,
         Code::ShapeMismatch,
@@ -96,6 +98,7 @@ impl Code {
             Code::UnknownMetric => "P042",
             Code::StageClause => "P043",
             Code::StageBlock => "P044",
+            Code::Unsupported => "P045",
             Code::Override => "P050",
             Code::ModelFile => "P060",
             Code::ShapeMismatch => "P061",
@@ -130,6 +133,7 @@ impl Code {
             Code::UnknownMetric => "unknown metric",
             Code::StageClause => "clause not allowed or missing in a stage",
             Code::StageBlock => "misplaced stage block",
+            Code::Unsupported => "not supported by this model kind or the runtime",
             Code::Override => "bad `--set` override",
             Code::ModelFile => "model file unreadable",
             Code::ShapeMismatch => "shapes do not fit",

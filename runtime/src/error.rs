@@ -13,6 +13,10 @@ pub enum RuntimeError {
     #[error("missing file {path}: run `scripts/fetch-data.sh {fetch}` (or set PRUNEC_DATA to the folder holding it)")]
     MissingFile { path: PathBuf, fetch: String },
 
+    /// A file at a path the user named (a recipe's data folder) is absent.
+    #[error("missing file {path}")]
+    MissingNamedFile { path: PathBuf },
+
     /// Reading or writing a file failed.
     #[error("{action} {path}: {source}")]
     Io {

@@ -28,6 +28,16 @@ pub fn require_file(path: PathBuf, fetch: &str) -> Result<PathBuf> {
     }
 }
 
+/// Returns `path` if it exists, else a [`RuntimeError::MissingNamedFile`]: for
+/// paths a user wrote, where no fetch command or data folder applies.
+pub fn require_named(path: PathBuf) -> Result<PathBuf> {
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(RuntimeError::MissingNamedFile { path })
+    }
+}
+
 /// Reads a whole file, gunzipping it when its name ends in `.gz`.
 pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| RuntimeError::io("cannot read", path, e))?;

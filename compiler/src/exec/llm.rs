@@ -32,6 +32,33 @@ fn text_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
 }
 
+/// The options of a `text(...)` data set, with the builtin table's defaults.
+struct TextSpec {
+    seq: usize,
+    samples: usize,
+    offset: usize,
+    batch: usize,
+    /// The language model whose tokenizer cuts the text.
+    tokenizer: String,
+}
+
+impl TextSpec {
+    fn of(v: &Value) -> TextSpec {
+        let int = |k: &str, d: i64| v.arg(k).and_then(|x| x.as_i64()).unwrap_or(d).max(0) as usize;
+        TextSpec {
+            seq: int("seq", 256).max(2),
+            samples: int("samples", 0),
+            offset: int("offset", 0),
+            batch: int("batch", 1).max(1),
+            tokenizer: v
+                .arg("tokenizer")
+                .and_then(|t| t.as_str())
+                .unwrap_or_default()
+                .to_string(),
+        }
+    }
+}
+
 impl Exec<'_> {
     /// Whether `name` is a language model.
     pub(super) fn is_llm(&self, name: &str) -> bool {
@@ -91,11 +118,18 @@ impl Exec<'_> {
         Ok((v, files))
     }
 
-    fn tokenizer(&self, model: &str, span: Span) -> Result<llm::TextTokenizer, RunError> {
-        self.llms[model]
-            .tokenizer
-            .clone()
-            .ok_or_else(|| RunError::user(span, "the model file carries no tokenizer"))
+    /// The tokenizer of the language model a `text(tokenizer = M)` names.
+    fn tokenizer(&mut self, spec: &TextSpec, span: Span) -> Result<llm::TextTokenizer, RunError> {
+        let m = self.llm(&spec.tokenizer, span)?;
+        m.tokenizer.clone().ok_or_else(|| {
+            RunError::user(
+                span,
+                format!(
+                    "the model file of `{}` carries no tokenizer",
+                    spec.tokenizer
+                ),
+            )
+        })
     }
 
     /// The fraction of zero weights over the blocks' linear layers.
@@ -134,15 +168,10 @@ impl Exec<'_> {
             s.on.as_ref()
                 .ok_or_else(|| RunError::user(s.keyword_span, "no data"))?;
         let (v, files) = self.text_data(on)?;
-        let seq = v.arg("seq").and_then(|x| x.as_i64()).unwrap_or(256).max(2) as usize;
-        let samples = v
-            .arg("samples")
-            .and_then(|x| x.as_i64())
-            .unwrap_or(0)
-            .max(0) as usize;
-        let batch = v.arg("batch").and_then(|x| x.as_i64()).unwrap_or(1).max(1) as usize;
-        let max_tokens = if samples > 0 {
-            samples * seq
+        let spec = TextSpec::of(&v);
+        let (seq, batch) = (spec.seq, spec.batch);
+        let max_tokens = if spec.samples > 0 {
+            spec.samples * seq
         } else {
             DEFAULT_EVAL_TOKENS
         };
@@ -153,9 +182,21 @@ impl Exec<'_> {
                     .map_err(|e| RunError::user(on.span, format!("{}: {e}", f.display())))?,
             );
         }
-        let tok = self.tokenizer(model, s.span)?;
-        let tokens = llm::leading_tokens(&tok, &text, max_tokens)
+        let tok = self.tokenizer(&spec, on.span)?;
+        // `offset` skips the text's first tokens (a split disjoint from calibration).
+        let mut tokens = llm::leading_tokens(&tok, &text, max_tokens + spec.offset)
             .map_err(rt_err_llm(s.span, "tokenizing"))?;
+        if tokens.len() <= spec.offset {
+            return Err(RunError::user(
+                on.span,
+                format!(
+                    "the text has {} tokens, none after `offset = {}`",
+                    tokens.len(),
+                    spec.offset
+                ),
+            ));
+        }
+        tokens.drain(..spec.offset);
         let wanted = super::wanted_metrics(s);
         let mut out = BTreeMap::new();
         for m in &wanted {
@@ -200,6 +241,7 @@ impl Exec<'_> {
             }
         };
         let mut config = llm::OneShotConfig::new(pattern);
+        config.sequential = !matches!(self.option(s, "sequential"), Some(Value::Bool(false)));
         if let Some(t) = self.option(s, "targets") {
             config.targets = lower::strings(Some(&t));
         }
@@ -225,38 +267,40 @@ impl Exec<'_> {
                     span: s.span,
                 };
                 let (v, files) = self.text_data(&e)?;
-                let seq = v.arg("seq").and_then(|x| x.as_i64()).unwrap_or(256).max(2) as usize;
-                let samples = v
-                    .arg("samples")
-                    .and_then(|x| x.as_i64())
-                    .unwrap_or(0)
-                    .max(0) as usize;
-                let count = if samples > 0 {
-                    samples
+                let spec = TextSpec::of(&v);
+                let count = if spec.samples > 0 {
+                    spec.samples
                 } else {
                     DEFAULT_CALIBRATION
                 };
-                let tok = self.tokenizer(model, s.span)?;
-                llm::calibration_windows(&tok, &files, count, seq, self.r.seed)
-                    .map_err(rt_err_llm(s.span, "calibration text"))?
+                // The data set's batch is the calibration forward's chunk of sequences.
+                config.batch = spec.batch;
+                let tok = self.tokenizer(&spec, s.span)?;
+                llm::calibration_windows_after(
+                    &tok,
+                    &files,
+                    count,
+                    spec.seq,
+                    spec.offset,
+                    self.r.seed,
+                )
+                .map_err(rt_err_llm(s.span, "calibration text"))?
             }
             None => Vec::new(),
         };
         let report = match &by.kind {
-            ExprKind::Call { callee, .. } if callee.name == "sparsegpt" => {
-                let args = match self.resolved_by(s) {
-                    Some(Value::Call { args, .. }) => args,
-                    _ => Vec::new(),
-                };
-                let get = |k: &str| {
-                    args.iter()
-                        .find(|(n, _)| n == k)
-                        .and_then(|(_, v)| v.as_f64())
+            ExprKind::Call { callee, args } if callee.name == "sparsegpt" => {
+                // Arguments are positional (block, damp) or named, numbers or params.
+                let get = |k: &str, i: usize, d: f64| -> Result<f64, RunError> {
+                    let a = args
+                        .named(k)
+                        .or_else(|| args.items.iter().filter(|a| a.name.is_none()).nth(i));
+                    a.map_or(Ok(d), |a| self.number(&a.value))
                 };
                 let mut pruner = llm::SparseGptPruner {
                     config: llm::SparseGptConfig {
-                        block_size: get("block").unwrap_or(128.0) as usize,
-                        damp: get("damp").unwrap_or(0.01),
+                        block_size: get("block", 0, 128.0)?.max(1.0) as usize,
+                        damp: get("damp", 1, 0.01)?,
                     },
                 };
                 let mut shown = self.layer_progress(model, &config, &mut pruner);
@@ -287,16 +331,17 @@ impl Exec<'_> {
                         "this criterion reads activations: add `calibrate = DATASET`",
                     ));
                 }
-                let scope = match self
-                    .option(s, "scope")
-                    .and_then(|v| v.as_str().map(String::from))
-                    .as_deref()
-                {
-                    Some("row") | Some("neuron") => llm::Scope::Row,
-                    Some("layer") => llm::Scope::Layer,
-                    // Wanda compares within each output row; plain scores per layer.
-                    _ if reads_acts => llm::Scope::Row,
-                    _ => llm::Scope::Layer,
+                // `prunec check` admits `row`/`neuron` and `layer` on language
+                // models, and an unwritten scope only for criteria reading
+                // `act(x)`, whose default is `row` everywhere.
+                let scope = match lower::scope_of(self.option(s, "scope").as_ref(), reads_acts) {
+                    "row" | "neuron" => llm::Scope::Row,
+                    "layer" => llm::Scope::Layer,
+                    other => {
+                        return Err(RunError::Internal(format!(
+                            "`scope = {other}` reached a language model's prune stage"
+                        )))
+                    }
                 };
                 let method = self.src_text(by.span);
                 let score = move |name: &str,
@@ -351,28 +396,6 @@ impl Exec<'_> {
             );
         }
         Ok(())
-    }
-
-    fn resolved_by(&self, s: &Stage) -> Option<Value> {
-        let by = s.by.as_ref()?;
-        let ExprKind::Call { callee, args } = &by.kind else {
-            return None;
-        };
-        let mut out = Vec::new();
-        for a in &args.items {
-            let name = a.name.as_ref().map(|n| n.name.clone())?;
-            let v = match &a.value.kind {
-                ExprKind::Number { value, .. } | ExprKind::Percent { value, .. } => {
-                    Value::Float(*value)
-                }
-                _ => continue,
-            };
-            out.push((name, v));
-        }
-        Some(Value::Call {
-            name: callee.name.clone(),
-            args: out,
-        })
     }
 
     fn src_text(&self, span: Span) -> String {

@@ -65,6 +65,7 @@ impl From<LowerError> for RunError {
 fn rt_err(stage: Span, what: &str) -> impl Fn(rt::RuntimeError) -> RunError + '_ {
     move |e| match e {
         rt::RuntimeError::Candle { .. } => RunError::Internal(format!("{what}: {e}")),
+        other if what.is_empty() => RunError::user(stage, other.to_string()),
         other => RunError::user(stage, format!("{what}: {other}")),
     }
 }
@@ -349,12 +350,12 @@ struct StageHook<'a, 'g> {
 impl rt::TrainHooks for StageHook<'_, '_> {
     fn on_gradients(
         &mut self,
-        _info: &rt::StepInfo,
+        info: &rt::StepInfo,
         model: &rt::Model,
         grads: &[(String, candle_core::Tensor)],
     ) -> rt::Result<()> {
         if let Some(g) = self.gradual.as_deref_mut() {
-            g.on_gradients(model, grads)?;
+            g.on_gradients(info.step, model, grads)?;
         }
         Ok(())
     }
@@ -1069,32 +1070,13 @@ pub fn dataset_spec(
             ));
         }
     };
+    // The files are read from exactly the folder (or file) the recipe names.
     let path = PathBuf::from(v.arg("path").and_then(|p| p.as_str()).unwrap_or(""));
-    // The runtime reads `<root>/mnist`, `<root>/fashion-mnist`, `<root>/digits/digits.csv.gz`.
-    let (expected, root) = match kind {
-        rt::DatasetKind::Mnist => ("mnist", path.parent()),
-        rt::DatasetKind::FashionMnist => ("fashion-mnist", path.parent()),
-        rt::DatasetKind::Digits => ("digits", path.parent().and_then(|p| p.parent())),
-    };
-    let folder_ok = match kind {
-        rt::DatasetKind::Digits => path
-            .parent()
-            .and_then(|p| p.file_name())
-            .is_some_and(|f| f == expected),
-        _ => path.file_name().is_some_and(|f| f == expected),
-    };
-    if !folder_ok {
-        return Err(RunError::User {
-            span: Some(span),
-            message: format!("the data path `{}` must be a folder named `{expected}` as `scripts/fetch-data.sh` lays it out", path.display()),
-            help: Some(format!("e.g. \"data/{expected}\"")),
-        });
-    }
     let split = match v.arg("split").and_then(|s| s.as_str()) {
         Some("test") => rt::Split::Test,
         _ => rt::Split::Train,
     };
-    let mut spec = rt::DatasetSpec::new(kind, split).data_dir(root.unwrap_or(Path::new(".")));
+    let mut spec = rt::DatasetSpec::new(kind, split).files_at(&path);
     if let Some(b) = v.arg("batch").and_then(|b| b.as_i64()) {
         spec = spec.batch_size(b.max(1) as usize);
     }
@@ -1109,19 +1091,15 @@ pub fn dataset_spec(
         .and_then(|f| f.as_f64())
         .filter(|f| *f > 0.0)
     {
-        let len = spec
-            .meta()
-            .map_err(rt_err(span, "cannot read the data set"))?
-            .len;
+        let len = spec.meta().map_err(rt_err(span, ""))?.len;
         spec = spec.validation(((len as f64) * f).round() as usize);
     }
     // Missing or malformed files are reported (with the fetch command) before hashing.
-    spec.meta()
-        .map_err(rt_err(span, "cannot read the data set"))?;
+    spec.meta().map_err(rt_err(span, ""))?;
     // The files this data set reads.
     let files: Vec<PathBuf> = match kind {
         rt::DatasetKind::Digits => {
-            vec![root.unwrap_or(Path::new(".")).join("digits/digits.csv.gz")]
+            vec![spec.digits_file().map_err(rt_err(span, "data set"))?]
         }
         _ => {
             let (a, b) = spec

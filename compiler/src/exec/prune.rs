@@ -23,6 +23,9 @@ pub(super) struct SideInputs {
     pub grad: Option<BTreeMap<String, Vec<f32>>>,
     /// Per-input-column activation norms (`act(x)`), by parameter.
     pub act: Option<BTreeMap<String, Vec<f32>>>,
+    /// The criterion input `step`: the training step of the `during` stage
+    /// at which this pruning step runs (0 outside training).
+    pub step: f32,
 }
 
 /// How a prune stage selects: everything but the target fraction.
@@ -296,7 +299,7 @@ impl Pruner {
             }
         };
         let mut opts = PruneOptions {
-            scalars: vec![0.0],
+            scalars: vec![side.step],
             allow_nonfinite: self.allow_nonfinite,
             // The kernel works on these copies, which are only written back on success.
             single_pass: true,
@@ -387,7 +390,7 @@ impl Pruner {
         let span = self.span;
         let b = self.buffers(model, masks, init)?;
         let opts = PruneOptions {
-            scalars: vec![0.0],
+            scalars: vec![side.step],
             allow_nonfinite: self.allow_nonfinite,
             ..PruneOptions::default()
         };
@@ -613,6 +616,7 @@ impl Gradual {
 
     pub fn on_gradients(
         &mut self,
+        train_step: usize,
         model: &rt::Model,
         grads: &[(String, candle_core::Tensor)],
     ) -> rt::Result<()> {
@@ -630,7 +634,7 @@ impl Gradual {
                 let mut v = TensorView::new(n, rows, cols, &mut w, &mut m);
                 v.grad = Some(&g);
                 let opts = PruneOptions {
-                    scalars: vec![0.0],
+                    scalars: vec![train_step as f32],
                     allow_nonfinite: self.pruner.allow_nonfinite,
                     ..PruneOptions::default()
                 };
@@ -681,7 +685,10 @@ impl Gradual {
             return Ok(false);
         }
         let selected = self.pruner.selected.clone();
-        let mut side = SideInputs::default();
+        let mut side = SideInputs {
+            step: step as f32,
+            ..SideInputs::default()
+        };
         match &self.pruner.crit.side {
             Some(Side::Rand) => {
                 let mut draws = BTreeMap::new();
@@ -820,15 +827,15 @@ impl Exec<'_> {
         self.model(name, span)?;
         let selected = self.select_params(s, &self.models[name].model)?;
         self.targets = Some(selected.clone());
+        let written = self.option(s, "scope");
+        let scope =
+            lower::scope_of(written.as_ref(), !crit.expr.col_stats().is_empty()).to_string();
         Ok(Pruner {
             span: s.span,
             model: name.to_string(),
             selected,
             crit,
-            scope: self
-                .option(s, "scope")
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_else(|| "global".into()),
+            scope,
             pattern: self.option(s, "pattern"),
             keep_min: self.option(s, "keep_min"),
             keep_max: self.option(s, "keep_max"),

@@ -468,10 +468,8 @@ impl Lowerer<'_> {
                 ));
             }
         }
-        let scope = self
-            .option(s, "scope")
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_else(|| "global".into());
+        let scope =
+            crate::lower::scope_of(self.option(s, "scope").as_ref(), needs.activations).to_string();
         let pattern = match self.option(s, "pattern") {
             Some(Value::Pattern { n, m }) => Some((n, m)),
             _ => None,

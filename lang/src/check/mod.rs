@@ -2,6 +2,7 @@
 //! all without a model file. Every problem is reported, not only the first.
 
 mod expr;
+pub mod models;
 mod stages;
 pub mod value;
 
@@ -131,6 +132,8 @@ pub(crate) struct Checker<'a> {
     pub(crate) stage_options: BTreeMap<usize, BTreeMap<String, Value>>,
     /// `--set` values by param name, as written.
     pub(crate) overrides: BTreeMap<String, &'a str>,
+    /// Prune stages (by span start) whose criterion reads `act(x)`.
+    pub(crate) stage_reads_acts: std::collections::BTreeSet<usize>,
 }
 
 /// Checks a parsed recipe; returns the checked recipe or every diagnostic.
@@ -148,6 +151,7 @@ pub fn ast_to_checked<'a>(
         criteria: BTreeMap::new(),
         stage_options: BTreeMap::new(),
         overrides: BTreeMap::new(),
+        stage_reads_acts: Default::default(),
     };
     let (name, version, seed) = c.check_header(recipe);
     c.collect(recipe);
@@ -160,7 +164,10 @@ pub fn ast_to_checked<'a>(
                 .with_label(Span::new(0, 0), "nothing would run")
                 .with_help("add `pipeline { ... }` with the stages to run"),
         ),
-        [p] => c.check_pipeline(p),
+        [p] => {
+            c.check_pipeline(p);
+            c.check_model_kinds(p);
+        }
         [first, rest @ ..] => {
             for p in rest {
                 c.push(
@@ -212,6 +219,7 @@ pub fn library_needs(src: &str, name: &str) -> Result<Needs, Vec<Diagnostic>> {
         criteria: BTreeMap::new(),
         stage_options: BTreeMap::new(),
         overrides: BTreeMap::new(),
+        stage_reads_acts: Default::default(),
     };
     c.collect(&parsed.recipe);
     c.check_decls(&parsed.recipe);
@@ -253,6 +261,7 @@ pub fn expr_needs(r: &CheckedRecipe, e: &Expr) -> Needs {
             .collect(),
         stage_options: BTreeMap::new(),
         overrides: BTreeMap::new(),
+        stage_reads_acts: Default::default(),
     };
     let mut needs = Needs::default();
     c.check_score(e, &mut needs, 0);

@@ -600,6 +600,9 @@ impl<'a> Checker<'a> {
                 _ => self.check_score(by, &mut needs, 0),
             }
         }
+        if needs.activations {
+            self.stage_reads_acts.insert(s.span.start);
+        }
         // Target.
         let written = |key: &str| s.arg(key).is_some();
         // An N:M pattern fixes the sparsity; a block pattern takes a `to` target.

@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{CandleContext, Result, RuntimeError};
-use crate::paths::{data_dir, require_file};
+use crate::paths::{data_dir, require_file, require_named};
 
 /// Which data set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -56,6 +56,10 @@ pub struct DatasetSpec {
     pub shuffle_seed: Option<u64>,
     /// Folder holding the fetched data; `None` means [`data_dir`].
     pub data_dir: Option<PathBuf>,
+    /// The exact folder of the IDX files (or the digits CSV file, or its
+    /// folder), whatever it is named; overrides `data_dir`'s layout.
+    #[serde(default)]
+    pub files_at: Option<PathBuf>,
 }
 
 /// What can be known about a data set from file headers alone.
@@ -80,6 +84,7 @@ impl DatasetSpec {
             batch_size: 64,
             shuffle_seed: None,
             data_dir: None,
+            files_at: None,
         }
     }
 
@@ -113,6 +118,13 @@ impl DatasetSpec {
         self
     }
 
+    /// Reads the files from exactly `path`: the folder holding the IDX files,
+    /// or the digits CSV (or the folder holding `digits.csv.gz`).
+    pub fn files_at(mut self, path: impl Into<PathBuf>) -> Self {
+        self.files_at = Some(path.into());
+        self
+    }
+
     fn root(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(data_dir)
     }
@@ -137,13 +149,18 @@ impl DatasetSpec {
             }
         };
         let stem = if test_file { "t10k" } else { "train" };
-        let dir = self.root().join(folder);
+        let dir = match &self.files_at {
+            Some(d) => d.clone(),
+            None => self.root().join(folder),
+        };
         let pick = |name: String| -> Result<PathBuf> {
             let plain = dir.join(&name);
             let zipped = dir.join(format!("{name}.gz"));
             let (first, second) = if gz { (zipped, plain) } else { (plain, zipped) };
             if second.is_file() && !first.is_file() {
                 Ok(second)
+            } else if self.files_at.is_some() {
+                require_named(first)
             } else {
                 require_file(first, self.fetch_name())
             }
@@ -154,8 +171,13 @@ impl DatasetSpec {
         ))
     }
 
-    fn digits_file(&self) -> Result<PathBuf> {
-        require_file(self.root().join("digits").join("digits.csv.gz"), "digits")
+    /// The digits CSV file this spec reads.
+    pub fn digits_file(&self) -> Result<PathBuf> {
+        match &self.files_at {
+            Some(p) if p.is_dir() => require_named(p.join("digits.csv.gz")),
+            Some(p) => require_named(p.clone()),
+            None => require_file(self.root().join("digits").join("digits.csv.gz"), "digits"),
+        }
     }
 
     fn check(&self) -> Result<()> {

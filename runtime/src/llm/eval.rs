@@ -86,6 +86,19 @@ pub fn calibration_windows(
     window: usize,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
+    calibration_windows_after(tokenizer, files, count, window, 0, seed)
+}
+
+/// [`calibration_windows`] drawn from each file's tokens after its first `offset`
+/// (`text(offset = N)`, for calibration text disjoint from an evaluation split).
+pub fn calibration_windows_after(
+    tokenizer: &TextTokenizer,
+    files: &[PathBuf],
+    count: usize,
+    window: usize,
+    offset: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
     if files.is_empty() {
         return Err(LlmError::Invalid("no calibration files".into()));
     }
@@ -105,7 +118,8 @@ pub fn calibration_windows(
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let text = super::data::read_text(&files[f])?;
-                e.insert(tokenizer.encode(&text)?)
+                let ids = tokenizer.encode(&text)?;
+                e.insert(ids.get(offset..).unwrap_or_default().to_vec())
             }
         };
         if ids.len() <= window {

@@ -210,6 +210,9 @@ pub struct OneShotConfig {
     pub skip: Vec<String>,
     /// Calibration sequences per forward chunk (a fixed chunking keeps sums thread-independent).
     pub batch: usize,
+    /// Calibrate each block on the outputs of the already-pruned blocks before it (`true`),
+    /// or every block on the dense model's activations (`false`).
+    pub sequential: bool,
 }
 
 impl OneShotConfig {
@@ -220,6 +223,7 @@ impl OneShotConfig {
             targets: vec!["*".into()],
             skip: vec!["model.embed_tokens.weight".into(), "lm_head.weight".into()],
             batch: 8,
+            sequential: true,
         }
     }
 
@@ -359,7 +363,7 @@ pub fn prune_one_shot(
             v
         };
         let mut stats: BTreeMap<LinearInput, LayerStats> = BTreeMap::new();
-        for x in &chunks {
+        for x in chunks.iter_mut() {
             let mut sink = |input: LinearInput, a: &Tensor| -> Result<()> {
                 if wanted.contains(&input) {
                     let cols = a.dim(1)?;
@@ -370,15 +374,19 @@ pub fn prune_one_shot(
                 }
                 Ok(())
             };
-            model.block_forward(l, x, Some(&mut sink))?;
+            let dense_out = model.block_forward(l, x, Some(&mut sink))?;
+            if !config.sequential {
+                // The next block calibrates on this block's dense outputs.
+                *x = dense_out;
+            }
         }
         report.calibration_seconds += t0.elapsed().as_secs_f64();
         for &proj in block_targets {
             let s = stats.get(&proj.input());
             prune_linear(model, l, proj, s, config.pattern, pruner, &mut report)?;
         }
-        if l == last {
-            break;
+        if l == last || !config.sequential {
+            continue;
         }
         // Feed the next block with this block's pruned outputs.
         let t0 = Instant::now();

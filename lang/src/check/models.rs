@@ -1,0 +1,405 @@
+//! What each kind of model can run. A `gguf(...)` model is a causal language
+//! model, pruned one-shot block by block; every other model is a classifier.
+//! Stages, options, data and metrics that one kind cannot run are P045 here,
+//! so that no recipe `check` accepts fails (or is quietly changed) at run time.
+
+use super::Checker;
+use crate::ast::*;
+use crate::check::value::Value;
+use crate::diag::{Code, Diagnostic};
+use std::collections::BTreeMap;
+
+/// Whether the model declared as `name` is a language model.
+pub fn is_language_model(symbols: &BTreeMap<String, super::Symbol>, name: &str) -> bool {
+    symbols
+        .get(name)
+        .and_then(|s| s.value.as_ref())
+        .and_then(|v| v.call_name())
+        == Some("gguf")
+}
+
+/// The options of a prune stage that a language model's one-shot pruning
+/// does not read, with what to write instead.
+const LM_UNSUPPORTED: [(&str, &str); 5] = [
+    (
+        "schedule",
+        "language models are pruned one-shot; remove `schedule`",
+    ),
+    (
+        "rounds",
+        "language models are pruned one-shot; remove `rounds`",
+    ),
+    (
+        "keep_min",
+        "per-layer guards apply to `scope = global` on classifiers; remove `keep_min`",
+    ),
+    (
+        "keep_max",
+        "per-layer guards apply to `scope = global` on classifiers; remove `keep_max`",
+    ),
+    (
+        "allow_nonfinite",
+        "language-model weights are always checked for NaN and inf; remove `allow_nonfinite`",
+    ),
+];
+
+impl Checker<'_> {
+    /// Checks every stage against the kind of model it runs on.
+    pub(super) fn check_model_kinds(&mut self, p: &Pipeline) {
+        for s in &p.stages {
+            self.model_kind_stage(s);
+        }
+        self.check_text_data();
+    }
+
+    fn subject_model(&self, s: &Stage) -> Option<(String, bool)> {
+        let name = s.subject.first()?.as_name()?.name.clone();
+        let sym = self.symbols.get(&name)?;
+        (sym.kind == super::SymKind::Model)
+            .then(|| (name.clone(), is_language_model(&self.symbols, &name)))
+    }
+
+    fn dataset_constructor(&self, e: &Expr) -> Option<String> {
+        let name = e.as_name()?;
+        self.symbols
+            .get(&name.name)
+            .and_then(|s| s.value.as_ref())
+            .and_then(|v| v.call_name())
+            .map(String::from)
+    }
+
+    fn unsupported(&mut self, span: Span, message: String, label: &str, help: &str) {
+        self.push(
+            Diagnostic::new(Code::Unsupported, message)
+                .with_label(span, label)
+                .with_help(help),
+        );
+    }
+
+    /// An option of a prune stage as resolved, with the span to show: where
+    /// it is written, or the `constraints = NAME` that brings it in.
+    fn prune_option(&self, s: &Stage, key: &str) -> Option<(Value, Span)> {
+        let opts = self.stage_options.get(&s.span.start)?;
+        if let Some(v) = opts.get(key) {
+            return Some((v.clone(), s.value_span(key)));
+        }
+        let Some(Value::Ref(c)) = opts.get("constraints") else {
+            return None;
+        };
+        match self.symbols.get(c).and_then(|s| s.value.as_ref()) {
+            Some(Value::Call { args, .. }) => args
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| (v.clone(), s.value_span("constraints"))),
+            _ => None,
+        }
+    }
+
+    fn model_kind_stage(&mut self, s: &Stage) {
+        if let Some(b) = &s.block {
+            for inner in &b.stages {
+                self.model_kind_stage(inner);
+            }
+        }
+        if let Some(d) = &s.during {
+            self.model_kind_stage(d);
+        }
+        let Some((model, lm)) = self.subject_model(s) else {
+            return;
+        };
+        // Data: language models read `text(...)`, classifiers read images and features.
+        if let Some(on) = &s.on {
+            if let Some(ctor) = self.dataset_constructor(on) {
+                if lm && ctor != "text" && s.kind == StageKind::Evaluate {
+                    self.unsupported(
+                        on.span,
+                        format!("the language model `{model}` is evaluated on `text(...)` data, not `{ctor}(...)`"),
+                        "not text",
+                        "declare `dataset d = text(\"PATH\", tokenizer = MODEL)`",
+                    );
+                }
+                if !lm && ctor == "text" {
+                    self.unsupported(
+                        on.span,
+                        format!("`{model}` is a classifier; `text(...)` data feeds language models (`gguf(...)`)"),
+                        "token sequences",
+                        "use an image or feature data set (`mnist`, `fashion_mnist`, `digits`)",
+                    );
+                }
+            }
+        }
+        if let Some((Value::Ref(d), span)) = self.prune_option(s, "calibrate") {
+            let ctor = self
+                .symbols
+                .get(&d)
+                .and_then(|s| s.value.as_ref())
+                .and_then(|v| v.call_name())
+                .map(String::from);
+            match (lm, ctor.as_deref()) {
+                (true, Some(c)) if c != "text" => self.unsupported(
+                    span,
+                    format!("the language model `{model}` calibrates on `text(...)` data, not `{c}(...)`"),
+                    "not text",
+                    "declare `dataset d = text(\"PATH\", tokenizer = MODEL)`",
+                ),
+                (false, Some("text")) => self.unsupported(
+                    span,
+                    format!("`{model}` is a classifier; `text(...)` data calibrates language models"),
+                    "token sequences",
+                    "calibrate on an image or feature data set",
+                ),
+                _ => {}
+            }
+        }
+        match s.kind {
+            StageKind::Train | StageKind::Finetune | StageKind::Calibrate if lm => {
+                self.unsupported(
+                    s.keyword_span,
+                    format!("`{}` stages on language models are not supported: prunec prunes them one-shot from calibration text", s.kind),
+                    "not for a language model",
+                    "prune with `calibrate = DATA` on the prune stage; evaluate with `evaluate MODEL on TEXT -> [perplexity]`",
+                );
+            }
+            StageKind::Prune => self.model_kind_prune(s, &model, lm),
+            StageKind::Evaluate => {
+                let Some(out) = &s.out else { return };
+                let items: Vec<&Expr> = match &out.kind {
+                    ExprKind::List(v) => v.iter().collect(),
+                    _ => vec![out],
+                };
+                for m in items {
+                    let Some(name) = m.as_name().map(|n| n.name.as_str()) else {
+                        continue;
+                    };
+                    let ok = if lm {
+                        matches!(name, "perplexity" | "sparsity")
+                    } else {
+                        name != "perplexity"
+                    };
+                    if !ok {
+                        let (what, help) = if lm {
+                            (
+                                "a language model",
+                                "language models measure `perplexity` and `sparsity`",
+                            )
+                        } else {
+                            (
+                                "a classifier",
+                                "`perplexity` is measured on language models (`gguf(...)`)",
+                            )
+                        };
+                        self.unsupported(
+                            m.span,
+                            format!("`{name}` cannot be measured on {what}"),
+                            "not measured here",
+                            help,
+                        );
+                    }
+                }
+            }
+            StageKind::Export => {
+                let format = self
+                    .stage_options
+                    .get(&s.span.start)
+                    .and_then(|o| o.get("format"))
+                    .and_then(|v| v.as_str())
+                    .map(String::from);
+                if let (false, Some(f @ ("hf" | "compressed_24"))) = (lm, format.as_deref()) {
+                    self.unsupported(
+                        s.value_span("format"),
+                        format!("`format = {f}` writes language models; `{model}` is a classifier"),
+                        "for language models only",
+                        "classifiers are exported as `format = safetensors`",
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn model_kind_prune(&mut self, s: &Stage, model: &str, lm: bool) {
+        let method = s.by.as_ref().and_then(|by| match &by.kind {
+            ExprKind::Call { callee, .. } => Some(callee.name.clone()),
+            ExprKind::Name(id) => Some(id.name.clone()),
+            _ => None,
+        });
+        let pattern = self.prune_option(s, "pattern");
+        // A scope has no effect where a pattern decides the selection.
+        if let (Some((_, pspan)), Some((scope, span))) = (&pattern, self.prune_option(s, "scope")) {
+            if method.as_deref() != Some("sap") {
+                let scope = scope.as_str().unwrap_or("?").to_string();
+                self.push(
+                    Diagnostic::new(
+                        Code::Unsupported,
+                        format!("`scope = {scope}` has no effect with a `pattern`"),
+                    )
+                    .with_label(span, "ignored by the pattern")
+                    .with_label(*pspan, "the pattern decides what is kept")
+                    .with_help("remove `scope`: an N:M pattern selects within each group of M weights, a block pattern within each tensor"),
+                );
+            }
+        }
+        if !lm {
+            if method.as_deref() == Some("sparsegpt") {
+                let span = s.by.as_ref().map_or(s.keyword_span, |b| b.span);
+                self.unsupported(
+                    span,
+                    format!(
+                        "`sparsegpt` reconstructs language-model layers; `{model}` is a classifier"
+                    ),
+                    "for language models only",
+                    "prune classifiers by a criterion (`magnitude`, `wanda`, ...) or `sap`",
+                );
+            }
+            if let Some((_, span)) = self.prune_option(s, "sequential") {
+                self.unsupported(
+                    span,
+                    format!("`sequential` applies to language models; `{model}` is a classifier"),
+                    "no effect on a classifier",
+                    "remove it: a classifier's prune stage scores every layer from one calibration pass",
+                );
+            }
+            if method.as_deref() == Some("sap") {
+                for key in ["pattern", "keep_min", "keep_max", "schedule"] {
+                    if let Some((_, span)) = self.prune_option(s, key) {
+                        self.unsupported(
+                            span,
+                            format!("`sap` does not read `{key}`"),
+                            "no effect with `sap`",
+                            "SAP prunes unstructured weights each round by its PQ-index rule: remove it",
+                        );
+                    }
+                }
+                if let Some(to) = &s.to {
+                    self.unsupported(
+                        to.span,
+                        "`sap` sets its own sparsity from the PQ index; it takes no `to` target"
+                            .into(),
+                        "no effect with `sap`",
+                        "remove `to ...` and choose `rounds = N` (and `gamma`, `beta`)",
+                    );
+                }
+                return;
+            }
+            // Per-layer guards act on the one global selection only.
+            let global = match self.prune_option(s, "scope") {
+                Some((v, _)) => v.as_str() == Some("global"),
+                None => !self.stage_reads_acts.contains(&s.span.start),
+            };
+            let block = pattern.is_some();
+            if !global || block {
+                for key in ["keep_min", "keep_max"] {
+                    if let Some((_, span)) = self.prune_option(s, key) {
+                        let why = if block {
+                            "a `pattern` decides what each layer keeps"
+                        } else {
+                            "each layer or row is pruned to the target by itself"
+                        };
+                        self.unsupported(
+                            span,
+                            format!(
+                                "`{key}` guards the layers of a `scope = global` selection; {why}"
+                            ),
+                            "no effect here",
+                            &format!("remove `{key}`, or prune with `scope = global`"),
+                        );
+                    }
+                }
+            }
+            return;
+        }
+        for (key, help) in LM_UNSUPPORTED {
+            if let Some((_, span)) = self.prune_option(s, key) {
+                self.unsupported(
+                    span,
+                    format!("`{key}` is not supported when pruning the language model `{model}`"),
+                    "not read by one-shot pruning",
+                    help,
+                );
+            }
+        }
+        if let Some((v, span)) = &pattern {
+            if v.call_name() == Some("block") {
+                self.unsupported(
+                    *span,
+                    format!("block patterns are not supported on the language model `{model}`"),
+                    "not for a language model",
+                    "use an N:M pattern (`pattern = 2:4`) or an unstructured target (`to 50%`)",
+                );
+            }
+        }
+        if let Some(b) = &s.block {
+            self.unsupported(
+                Span::new(b.span.start, b.span.start + 1),
+                format!("round blocks are not supported on the language model `{model}`"),
+                "language models are pruned one-shot",
+                "remove the block",
+            );
+        }
+        if method.as_deref() == Some("sap") {
+            let span = s.by.as_ref().map_or(s.keyword_span, |b| b.span);
+            self.unsupported(
+                span,
+                format!("`sap` is not supported on the language model `{model}`"),
+                "for classifiers",
+                "prune language models by a criterion (`wanda`, `magnitude`) or `sparsegpt()`",
+            );
+        }
+        if method.as_deref() == Some("sparsegpt") {
+            if let Some((_, span)) = self.prune_option(s, "scope") {
+                self.unsupported(
+                    span,
+                    "`sparsegpt` selects by its own reconstruction error; it does not read `scope`"
+                        .into(),
+                    "no effect with `sparsegpt`",
+                    "remove `scope`",
+                );
+            }
+        } else if pattern.is_none() {
+            let scope = self.prune_option(s, "scope");
+            let reads_acts = self.stage_reads_acts.contains(&s.span.start);
+            match scope {
+                Some((v, span)) if v.as_str() == Some("global") => self.unsupported(
+                    span,
+                    format!("`scope = global` is not supported on the language model `{model}`"),
+                    "one threshold over every layer",
+                    "write `scope = layer` or `scope = row`",
+                ),
+                None if !reads_acts => {
+                    let span = s.by.as_ref().map_or(s.keyword_span, |b| b.span);
+                    self.unsupported(
+                        span,
+                        format!("this criterion defaults to `scope = global`, which is not supported on the language model `{model}`"),
+                        "compared over every layer by default",
+                        "write `scope = layer` or `scope = row` (criteria that read `act(x)` default to `row`)",
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// `text(tokenizer = M)` needs a language model's tokenizer.
+    fn check_text_data(&mut self) {
+        let mut bad = Vec::new();
+        for (name, sym) in &self.symbols {
+            let Some(v) = &sym.value else { continue };
+            if v.call_name() != Some("text") {
+                continue;
+            }
+            if let Some(Value::Ref(m)) = v.arg("tokenizer") {
+                if !is_language_model(&self.symbols, m) {
+                    bad.push((name.clone(), m.clone(), sym.span));
+                }
+            }
+        }
+        for (name, m, span) in bad {
+            self.unsupported(
+                span,
+                format!("the text data set `{name}` is cut by the tokenizer of `{m}`, which is not a language model"),
+                "no tokenizer",
+                "name a `gguf(...)` model: `tokenizer = lm`",
+            );
+        }
+    }
+}
