@@ -1,7 +1,7 @@
 //! Stage 4 of ARCHITECTURE.md: checks a checked recipe against model and
 //! data file headers (never weights) — unreadable files, target globs that
 //! match nothing, N:M patterns that do not divide a layer's input width, and
-//! data whose samples do not fit the model's input.
+//! data whose samples or classes do not fit the model.
 
 use crate::exec::model_spec;
 use crate::lower::{glob_match, strings};
@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 struct Shapes {
     params: Vec<(String, Vec<usize>)>,
     input: Option<Vec<usize>>,
+    /// Outputs of the model (its classes).
+    classes: Option<usize>,
 }
 
 /// Every shape problem of a recipe (empty when it fits).
@@ -26,7 +28,22 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
         }
         let Some(v) = &sym.value else { continue };
         if v.call_name() == Some("gguf") {
-            // Language models are checked by the LLM driver when loaded.
+            // A language model's header: readable, complete, not truncated.
+            let path = v.arg("path").and_then(|p| p.as_str()).unwrap_or("");
+            let checked = prunec_runtime::llm::gguf::GgufFile::open(std::path::Path::new(path))
+                .and_then(|f| f.check());
+            if let Err(e) = checked {
+                diags.push(
+                    Diagnostic::new(Code::ModelFile, format!("model `{name}`: {e}"))
+                        .with_label(
+                            decl_value_span(r, name).unwrap_or(sym.span),
+                            "this model cannot be read",
+                        )
+                        .with_help(
+                            "`scripts/fetch-data.sh smollm2` fetches SmolLM2; check the path",
+                        ),
+                );
+            }
             continue;
         }
         let spec = match model_spec(v, sym.span) {
@@ -35,8 +52,19 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
         };
         match spec.param_shapes() {
             Ok(params) => {
-                let input = spec.resolve_architecture().ok().map(|a| a.input_shape());
-                models.insert(name.clone(), Shapes { params, input });
+                let arch = spec.resolve_architecture().ok();
+                let input = arch.as_ref().map(|a| a.input_shape());
+                let classes = arch
+                    .and_then(|a| a.shape_check().ok())
+                    .map(|(_, classes)| classes);
+                models.insert(
+                    name.clone(),
+                    Shapes {
+                        params,
+                        input,
+                        classes,
+                    },
+                );
             }
             Err(e) => diags.push(
                 Diagnostic::new(Code::ModelFile, format!("model `{name}`: {e}"))
@@ -51,12 +79,34 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
         }
     }
     let mut data_shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut data_classes: BTreeMap<String, usize> = BTreeMap::new();
     let mut batches: BTreeMap<String, usize> = BTreeMap::new();
     for (name, sym) in &r.symbols {
         if sym.kind != SymKind::Dataset {
             continue;
         }
         let Some(v) = &sym.value else { continue };
+        if v.call_name() == Some("text") {
+            let path = v.arg("path").and_then(|p| p.as_str()).unwrap_or("");
+            let problem = match crate::exec::llm::text_files(std::path::Path::new(path)) {
+                Err(e) => Some(format!("cannot read {path}: {e}")),
+                Ok(files) if files.is_empty() => Some(format!("{path} holds no .txt file")),
+                Ok(_) => None,
+            };
+            if let Some(message) = problem {
+                diags.push(
+                    Diagnostic::new(Code::DataFile, format!("data set `{name}`: {message}"))
+                        .with_label(
+                            decl_value_span(r, name).unwrap_or(sym.span),
+                            "this data cannot be read",
+                        )
+                        .with_help(
+                            "check the path; `scripts/fetch-data.sh text` fetches the texts",
+                        ),
+                );
+            }
+            continue;
+        }
         if !matches!(v.call_name(), Some("mnist" | "fashion_mnist" | "digits")) {
             continue;
         }
@@ -70,6 +120,7 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             Ok((spec, meta)) => {
                 batches.insert(name.clone(), meta.len.div_ceil(spec.batch_size.max(1)));
                 data_shapes.insert(name.clone(), meta.sample_shape);
+                data_classes.insert(name.clone(), meta.classes);
             }
             Err(e) => {
                 let message = match e {
@@ -93,6 +144,8 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
     for s in &r.pipeline().stages {
         collect(s, &mut stages);
     }
+    // Each (model, data) pair whose classes do not fit is reported once.
+    let mut class_pairs = std::collections::BTreeSet::new();
     for s in stages {
         let model = s
             .subject
@@ -111,6 +164,23 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                         Diagnostic::new(Code::ShapeMismatch, format!("samples of shape {sample:?} do not fit the model's input {input:?}"))
                             .with_label(on.span, format!("samples are {sample:?}"))
                             .with_label(s.subject[0].span, format!("expects {input:?}")),
+                    );
+                }
+            }
+        }
+        // The model must output every class of its data.
+        if let (Some(on), Some(classes)) = (&s.on, shapes.classes) {
+            if let Some(&wanted) = on.as_name().and_then(|n| data_classes.get(&n.name)) {
+                let pair = (model.clone(), on.as_name().map(|n| n.name.clone()));
+                if wanted > classes && class_pairs.insert(pair) {
+                    diags.push(
+                        Diagnostic::new(
+                            Code::ShapeMismatch,
+                            format!("the data has {wanted} classes; the model outputs {classes}"),
+                        )
+                        .with_label(on.span, format!("{wanted} classes"))
+                        .with_label(s.subject[0].span, format!("{classes} outputs"))
+                        .with_help(format!("declare the model with `classes = {wanted}`")),
                     );
                 }
             }

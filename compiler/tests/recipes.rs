@@ -37,8 +37,12 @@ fn overrides(args: &[String]) -> Vec<Override> {
         .collect()
 }
 
-/// Checks a file the way `prunec check` does; returns the rendered diagnostics.
+/// Checks a file the way `prunec check` does from the repository root (where
+/// the recipes' relative data and model paths point, as in the README's
+/// commands); returns the rendered diagnostics. Every caller sets the same
+/// folder, so tests running side by side agree on it.
 fn check_file(path: &Path, args: &[String]) -> Option<String> {
+    std::env::set_current_dir(root()).unwrap();
     let rel = path
         .strip_prefix(root())
         .unwrap_or(path)
@@ -73,6 +77,18 @@ fn run_cli(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn invalid_recipes_give_their_snapshot_diagnostics() {
+    // Fixtures are checked against real file headers (shapes, classes).
+    for (rel, fetch) in [
+        ("data/mnist/train-images-idx3-ubyte", "mnist"),
+        ("data/digits/digits.csv.gz", "digits"),
+        ("data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"),
+        ("data/text/sotu", "text"),
+    ] {
+        assert!(
+            root().join(rel).exists(),
+            "{rel} is missing: run `scripts/fetch-data.sh {fetch}`"
+        );
+    }
     let files = prune_files(&root().join("tests/recipes/invalid"));
     assert!(files.len() >= 30, "only {} invalid fixtures", files.len());
     for path in files {

@@ -439,6 +439,17 @@ fn nan_weights_stop_the_run_naming_the_tensor() {
     assert!(files_in(&out2).is_empty(), "{:?}", files_in(&out2));
     // The input model was not modified.
     assert_eq!(std::fs::read(&model).unwrap(), bytes);
+    // With `allow_nonfinite = true` the NaN scores lowest and is pruned.
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("to 50%", "to 50% (allow_nonfinite = true)");
+    std::fs::write(&recipe, text).unwrap();
+    let out3 = dir.path().join("out3");
+    let (code, text) = run_into(&recipe, &out3);
+    assert_eq!(code, 0, "{text}");
+    let pruned = tensor_f32(&out3.join("x.safetensors"), "fc2.weight");
+    assert_eq!(pruned[0], 0.0, "the NaN weight is pruned");
+    assert!(pruned.iter().all(|v| v.is_finite()));
 }
 
 #[test]
@@ -813,6 +824,44 @@ fn a_truncated_model_file_is_reported_before_any_compute() {
     assert!(files_in(&o).is_empty());
     // The input is never modified.
     assert_eq!(std::fs::read(&model).unwrap(), &good[..good.len() / 3]);
+}
+
+#[test]
+fn a_truncated_gguf_or_missing_text_is_a_check_error() {
+    require_data("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2");
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("cut.gguf");
+    let full = std::fs::read(root().join("data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    // The header is intact; the weights stop two thirds of the way in.
+    std::fs::write(&model, &full[..full.len() * 2 / 3]).unwrap();
+    let recipe = dir.path().join("t.prune");
+    let text = dir.path().join("no-such-text");
+    std::fs::write(
+        &recipe,
+        format!(
+            "recipe t {{ version = 1, seed = 0 }}\nmodel lm = gguf(\"{}\")\n\
+             dataset words = text(\"{}\", tokenizer = lm, seq = 32)\n\
+             pipeline {{\n  evaluate lm on words -> [perplexity]\n}}\n",
+            model.display(),
+            text.display()
+        ),
+    )
+    .unwrap();
+    let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("P060") && out.contains("cut.gguf") && out.contains("truncated"),
+        "{out}"
+    );
+    assert!(
+        out.contains("P063") && out.contains("no-such-text"),
+        "{out}"
+    );
+    // An empty folder holds no text either.
+    std::fs::create_dir(&text).unwrap();
+    let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("holds no .txt file"), "{out}");
 }
 
 #[test]

@@ -282,7 +282,7 @@ const fn needs(mut bi: Builtin, n: Needs) -> Builtin {
     bi
 }
 
-const SPLITS: Ty = Ty::Enum(&["train", "test"]);
+const SPLITS: Ty = Ty::Enum(&["train", "validation", "test"]);
 const ACTIVATIONS: Ty = Ty::Enum(&["relu", "tanh", "sigmoid", "gelu"]);
 const SCOPES: Ty = Ty::Enum(&["global", "layer", "row", "neuron"]);
 const AXES: Ty = Ty::Enum(&["out_channel", "row"]);
@@ -302,7 +302,7 @@ const DATA_PARAMS: [Param; 6] = [
         SPLITS,
         Some("train"),
         Range::any(),
-        "which part of the data set",
+        "which part of the data set (`validation`: the train file's held-out end, see `validation`)",
     ),
     p(
         "batch",
@@ -330,7 +330,7 @@ const DATA_PARAMS: [Param; 6] = [
         Ty::Fraction,
         Some("0%"),
         Range::sparsity(),
-        "hold out this fraction of the training split for validation",
+        "hold out this last fraction of the train file: the `train` split leaves it out, the `validation` split reads it",
     ),
 ];
 
@@ -493,7 +493,7 @@ pub static BUILTINS: &[Builtin] = &[
     b("sequential", Kind::StageOption, &[p("value", Ty::Bool, Some("true"), Range::any(), "")], "Language models: calibrate each block on the outputs of the already-pruned blocks (`true`), or every block on the dense model's activations (`false`) (prune)."),
     b("rounds", Kind::StageOption, &[p("value", Ty::Int, None, Range::at_least(1.0), "")], "Rounds of an adaptive method (prune)."),
     b("allow_nonfinite", Kind::StageOption, &[p("value", Ty::Bool, Some("false"), Range::any(), "")], "Accept NaN/inf weights, scoring them lowest, instead of stopping (prune)."),
-    b("format", Kind::StageOption, &[p("value", FORMATS, Some("safetensors"), Range::any(), "")], "Output format (export)."),
+    b("format", Kind::StageOption, &[p("value", FORMATS, Some("safetensors"), Range::any(), "")], "Output format (export): `safetensors` for classifiers (their default); `hf` (a Hugging Face folder, their default) or `compressed_24` for language models."),
 ];
 
 /// The built-in with this name.

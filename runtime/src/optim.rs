@@ -136,34 +136,23 @@ pub enum LrSchedule {
     /// The base rate throughout.
     #[default]
     Constant,
-    /// Multiply by `gamma` every `every_epochs` epochs.
-    Step { every_epochs: usize, gamma: f64 },
+    /// Multiply by `gamma` every `every_steps` optimizer steps.
+    Step { every_steps: usize, gamma: f64 },
     /// Cosine annealing from the base rate to `min_lr` over the remaining steps.
     Cosine { min_lr: f64 },
 }
 
 impl LrSchedule {
-    /// The rate at global `step` (0-based) of `total_steps`, with `steps_per_epoch`
-    /// batches per epoch and a linear warm-up over the first `warmup_steps` steps.
-    pub fn lr_at(
-        &self,
-        base: f64,
-        step: usize,
-        total_steps: usize,
-        steps_per_epoch: usize,
-        warmup_steps: usize,
-    ) -> f64 {
+    /// The rate at global `step` (0-based) of `total_steps`, with a linear
+    /// warm-up over the first `warmup_steps` steps.
+    pub fn lr_at(&self, base: f64, step: usize, total_steps: usize, warmup_steps: usize) -> f64 {
         if step < warmup_steps {
             return base * (step + 1) as f64 / warmup_steps as f64;
         }
         match self {
             LrSchedule::Constant => base,
-            LrSchedule::Step {
-                every_epochs,
-                gamma,
-            } => {
-                let epoch = step / steps_per_epoch.max(1);
-                base * gamma.powi((epoch / (*every_epochs).max(1)) as i32)
+            LrSchedule::Step { every_steps, gamma } => {
+                base * gamma.powi((step / (*every_steps).max(1)) as i32)
             }
             LrSchedule::Cosine { min_lr } => {
                 let span = total_steps.saturating_sub(warmup_steps).max(1) as f64;

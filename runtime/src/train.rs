@@ -207,7 +207,6 @@ pub fn train_masked(
     let mut optimizer = Optimizer::new(cfg.optimizer.clone(), model)?;
     masks.apply(model)?;
     let total = cfg.total_steps(data);
-    let per_epoch = data.num_batches();
     let base = cfg.optimizer.lr();
     let mut report = TrainReport {
         steps: 0,
@@ -225,7 +224,7 @@ pub fn train_masked(
             let batch = batch?;
             let lr = cfg
                 .schedule
-                .lr_at(base, report.steps, total, per_epoch, cfg.warmup_steps);
+                .lr_at(base, report.steps, total, cfg.warmup_steps);
             let loss = batch_loss(model, &batch)?;
             let loss_value = loss
                 .to_scalar::<f32>()

@@ -216,16 +216,17 @@ fn hooks_see_every_gradient_and_match_the_gradients_function() {
 #[test]
 fn schedules_and_bad_configs() {
     let s = LrSchedule::Step {
-        every_epochs: 2,
+        every_steps: 20,
         gamma: 0.1,
     };
-    assert_eq!(s.lr_at(1.0, 0, 100, 10, 0), 1.0);
-    assert!((s.lr_at(1.0, 25, 100, 10, 0) - 0.1).abs() < 1e-12);
-    assert!((s.lr_at(1.0, 45, 100, 10, 0) - 0.01).abs() < 1e-12);
+    assert_eq!(s.lr_at(1.0, 0, 100, 0), 1.0);
+    assert_eq!(s.lr_at(1.0, 19, 100, 0), 1.0);
+    assert!((s.lr_at(1.0, 25, 100, 0) - 0.1).abs() < 1e-12);
+    assert!((s.lr_at(1.0, 45, 100, 0) - 0.01).abs() < 1e-12);
     let c = LrSchedule::Cosine { min_lr: 0.1 };
-    assert_eq!(c.lr_at(1.0, 0, 101, 10, 0), 1.0);
-    assert!((c.lr_at(1.0, 50, 101, 10, 0) - 0.55).abs() < 0.01);
-    assert!((c.lr_at(1.0, 100, 101, 10, 0) - 0.1).abs() < 1e-3);
+    assert_eq!(c.lr_at(1.0, 0, 101, 0), 1.0);
+    assert!((c.lr_at(1.0, 50, 101, 0) - 0.55).abs() < 0.01);
+    assert!((c.lr_at(1.0, 100, 101, 0) - 0.1).abs() < 1e-3);
     let data = load(DatasetKind::Digits, Split::Test, 50, None);
     let mut model = digits_mlp(0);
     let bad = TrainConfig::new(1, OptimizerSpec::sgd(-1.0, 0.9, 0.0));

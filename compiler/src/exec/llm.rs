@@ -18,7 +18,7 @@ pub const DEFAULT_EVAL_TOKENS: usize = 16_384;
 pub const DEFAULT_CALIBRATION: usize = 32;
 
 /// The files of a `text` data set: one file, or the `.txt` files of a folder in name order.
-fn text_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+pub(crate) fn text_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     if path.is_dir() {
         let mut v: Vec<PathBuf> = std::fs::read_dir(path)?
             .filter_map(|e| e.ok().map(|e| e.path()))

@@ -2,7 +2,7 @@
 //! JIT-compiled kernels, and stages every output in a temporary folder that
 //! is moved into place only when the run succeeds.
 
-mod llm;
+pub(crate) mod llm;
 mod prune;
 mod staging;
 
@@ -608,9 +608,9 @@ impl Exec<'_> {
                         .warmup(steps_of(lr.arg("warmup")));
                 }
                 Some("step_decay") => {
-                    let every = steps_of(lr.arg("every"));
+                    // `every` in steps (`N epochs` counts the stage's batches).
                     cfg = cfg.schedule(rt::LrSchedule::Step {
-                        every_epochs: (every / batches.max(1)).max(1),
+                        every_steps: steps_of(lr.arg("every")).max(1),
                         gamma: lr.arg("gamma").and_then(|g| g.as_f64()).unwrap_or(0.1),
                     });
                 }
@@ -1074,6 +1074,7 @@ pub fn dataset_spec(
     let path = PathBuf::from(v.arg("path").and_then(|p| p.as_str()).unwrap_or(""));
     let split = match v.arg("split").and_then(|s| s.as_str()) {
         Some("test") => rt::Split::Test,
+        Some("validation") => rt::Split::Validation,
         _ => rt::Split::Train,
     };
     let mut spec = rt::DatasetSpec::new(kind, split).files_at(&path);
@@ -1083,16 +1084,19 @@ pub fn dataset_spec(
     if matches!(v.arg("shuffle"), Some(Value::Bool(true))) {
         spec = spec.shuffled(seed);
     }
-    if let Some(l) = v.arg("limit").and_then(|l| l.as_i64()).filter(|l| *l > 0) {
-        spec = spec.limit(l as usize);
-    }
+    // The hold-out is a fraction of the whole train file; `limit` then takes
+    // the first samples of whichever part the split reads.
     if let Some(f) = v
         .arg("validation")
         .and_then(|f| f.as_f64())
         .filter(|f| *f > 0.0)
     {
-        let len = spec.meta().map_err(rt_err(span, ""))?.len;
+        let whole = rt::DatasetSpec::new(kind, rt::Split::Train).files_at(&path);
+        let len = whole.meta().map_err(rt_err(span, ""))?.len;
         spec = spec.validation(((len as f64) * f).round() as usize);
+    }
+    if let Some(l) = v.arg("limit").and_then(|l| l.as_i64()).filter(|l| *l > 0) {
+        spec = spec.limit(l as usize);
     }
     // Missing or malformed files are reported (with the fetch command) before hashing.
     spec.meta().map_err(rt_err(span, ""))?;
@@ -1130,12 +1134,7 @@ pub fn model_spec(v: &Value, span: Span) -> Result<rt::ModelSpec, RunError> {
             };
             rt::ModelSpec::mlp(&widths, act)
         }
-        "lenet5" => {
-            if int("classes") != 10 {
-                return Err(RunError::user(span, "lenet5 is built for 10 classes"));
-            }
-            rt::ModelSpec::lenet5()
-        }
+        "lenet5" => rt::ModelSpec::lenet5_for(int("classes")),
         "pretrained_cnn" => rt::ModelSpec::pretrained_cnn_from(v.arg("path").and_then(|p| p.as_str()).unwrap_or("")),
         "safetensors" => rt::ModelSpec::safetensors(v.arg("path").and_then(|p| p.as_str()).unwrap_or("")),
         other => {

@@ -50,6 +50,7 @@ impl Checker<'_> {
             self.model_kind_stage(s);
         }
         self.check_text_data();
+        self.check_data_splits();
     }
 
     fn subject_model(&self, s: &Stage) -> Option<(String, bool)> {
@@ -210,6 +211,14 @@ impl Checker<'_> {
                         format!("`format = {f}` writes language models; `{model}` is a classifier"),
                         "for language models only",
                         "classifiers are exported as `format = safetensors`",
+                    );
+                }
+                if let (true, Some("safetensors")) = (lm, format.as_deref()) {
+                    self.unsupported(
+                        s.value_span("format"),
+                        format!("`format = safetensors` writes classifiers; `{model}` is a language model"),
+                        "for classifiers only",
+                        "language models are exported as a Hugging Face folder (`format = hf`, the default for them) or `format = compressed_24`",
                     );
                 }
             }
@@ -400,6 +409,36 @@ impl Checker<'_> {
                 "no tokenizer",
                 "name a `gguf(...)` model: `tokenizer = lm`",
             );
+        }
+    }
+
+    /// `validation = F` holds out the last fraction of the train file: the
+    /// `train` split leaves it out and the `validation` split reads it, so it
+    /// means nothing on the test split, and a validation split needs it.
+    fn check_data_splits(&mut self) {
+        let mut bad = Vec::new();
+        for (name, sym) in &self.symbols {
+            let Some(v) = &sym.value else { continue };
+            if !matches!(v.call_name(), Some("mnist" | "fashion_mnist" | "digits")) {
+                continue;
+            }
+            let held = v.arg("validation").and_then(|f| f.as_f64()).unwrap_or(0.0);
+            match v.arg("split").and_then(|s| s.as_str()) {
+                Some("test") if held > 0.0 => bad.push((
+                    sym.span,
+                    format!("`validation` holds out part of the train file; the test split of `{name}` does not read it"),
+                    "remove `validation`, or read `split = \"validation\"`",
+                )),
+                Some("validation") if held <= 0.0 => bad.push((
+                    sym.span,
+                    format!("the validation split of `{name}` is empty: nothing is held out"),
+                    "hold out part of the train file: `validation = 10%`",
+                )),
+                _ => {}
+            }
+        }
+        for (span, message, help) in bad {
+            self.unsupported(span, message, "this data set", help);
         }
     }
 }

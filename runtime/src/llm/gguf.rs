@@ -29,6 +29,34 @@ impl GgufFile {
         })
     }
 
+    /// Checks the header against the file without reading weights: the
+    /// configuration is complete and every tensor lies inside the file (a
+    /// truncated download fails here, naming the first tensor cut off).
+    pub fn check(&self) -> Result<LlamaConfig> {
+        let config = self.config()?;
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| LlmError::io(&self.path, e))?
+            .len();
+        let mut infos: Vec<_> = self.content.tensor_infos.iter().collect();
+        infos.sort_by_key(|(name, _)| name.as_str());
+        for (name, info) in infos {
+            let dtype = info.ggml_dtype;
+            let bytes = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+            let end = self.content.tensor_data_offset + info.offset + bytes as u64;
+            if end > len {
+                return Err(LlmError::format(
+                    &self.path,
+                    format!(
+                        "truncated: tensor `{name}` ends at byte {end}, the file has {len} bytes"
+                    ),
+                ));
+            }
+        }
+        Ok(config)
+    }
+
     /// The parsed header (metadata and tensor infos).
     pub fn content(&self) -> &gguf_file::Content {
         &self.content

@@ -61,8 +61,17 @@ impl ModelSpec {
 
     /// LeNet-5 for 1x28x28 inputs, freshly initialised.
     pub fn lenet5() -> Self {
+        Self::lenet5_for(10)
+    }
+
+    /// LeNet-5 with `classes` outputs.
+    pub fn lenet5_for(classes: usize) -> Self {
+        let mut architecture = Architecture::lenet5();
+        if let Architecture::Lenet5 { classes: c, .. } = &mut architecture {
+            *c = classes;
+        }
         ModelSpec {
-            architecture: Some(Architecture::lenet5()),
+            architecture: Some(architecture),
             weights: WeightSource::Init(InitScheme::default()),
         }
     }

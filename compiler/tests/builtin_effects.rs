@@ -1,0 +1,711 @@
+//! Nothing a recipe says is silently ignored: every built-in of
+//! `lang/src/builtins.rs` — each parameter of a constructor, method, schedule
+//! or optimizer, each stage option, each criterion function, input and metric —
+//! has evidence here that it is read. The test walks the built-in table and
+//! fails for any entry without evidence, and for evidence that does not hold:
+//!
+//! - `Changes`: a small recipe, run with the option changed, gives different
+//!   outputs (models, evaluations, per-layer counts) than the recipe as it was;
+//!   both runs must succeed. The runs are on the 8x8 digits (and MNIST, and
+//!   two blocks of SmolLM2 for language-model options), so they take seconds.
+//! - `Checked`: an invalid fixture under `tests/recipes/invalid` in which
+//!   `check` reads the value and rejects it with a span (paths that do not
+//!   exist, enum values no kernel computes).
+//! - `Tested`: a named run test in `compiler/tests/run.rs` that uses it.
+
+use prunec_lang::builtins::{Kind, Ty, BUILTINS};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The evidence that a built-in has an effect.
+enum Ev {
+    /// `base` with `from` (which occurs exactly once) replaced by `to`.
+    Changes(Base, &'static str, &'static str),
+    /// An invalid fixture (file stem) whose text uses the built-in.
+    Checked(&'static str),
+    /// A test in `compiler/tests/run.rs` whose body uses the built-in, for
+    /// effects a small recipe cannot show (a model file with NaN weights).
+    Tested(&'static str),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Base {
+    /// An MLP on the digits: train, calibrate, prune, fine-tune, evaluate, export.
+    Digits,
+    /// The same on MNIST (a few hundred images).
+    Mnist,
+    /// The same on Fashion-MNIST.
+    Fashion,
+    /// `Digits` with Adam, AdamW, a step decay or a cosine schedule.
+    Adam,
+    AdamW,
+    StepDecay,
+    Cosine,
+    /// `Digits` pruned by the criterion `c`.
+    Criterion,
+    /// Gradual pruning `during` training by the criterion `c`.
+    Gradual,
+    /// Iterative pruning with a round block.
+    Iterative,
+    /// Iterative Taylor pruning without retraining (gradients re-read each round).
+    IterativeTaylor,
+    /// An N:M pattern; a block pattern.
+    Pattern,
+    Block,
+    /// Two constraint sets.
+    Constraints,
+    /// Wanda with `calibrate = DATA` on the stage.
+    Calibrate,
+    /// SAP with a round block.
+    Sap,
+    /// LeNet-5 on MNIST.
+    Lenet,
+    /// SparseGPT on two blocks of SmolLM2, then perplexity.
+    Llm,
+    /// Wanda 2:4 on one block of SmolLM2, exported.
+    LlmExport,
+}
+
+const DIGITS: &str = r#"recipe t { version = 1, seed = 1 }
+use std.{magnitude, random, taylor, snip, wanda, l1_channel, l2_channel, movement, sap}
+model net = mlp(inputs = 64, hidden = [32], classes = 10, act = relu)
+dataset train = DATA(PATH, split = "train", batch = 64, shuffle = false, limit = LIMIT, validation = 0%)
+dataset test = DATA(PATH, split = "test", batch = 360, limit = 300)
+criterion c = w
+pipeline {
+  train net on train (epochs = 2, optimizer = sgd(lr = 0.05, momentum = 0.9, weight_decay = 0, nesterov = false), lr_schedule = constant())
+  calibrate net on train
+  prune net by magnitude to 70% (scope = global, targets = ["*.weight"], skip = [], allow_nonfinite = false, keep_min = 0, keep_max = 100%) on train
+  finetune net on train (epochs = 1, reinit = false)
+  evaluate net on test -> [accuracy]
+  export net to "net.safetensors" (format = safetensors)
+}
+"#;
+
+const LLM: &str = r#"recipe t { version = 1, seed = 1 }
+use std.{wanda, sparsegpt}
+model lm = gguf("data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+dataset calib = text("data/text/sotu", tokenizer = lm, seq = 32, samples = 4, offset = 0, batch = 1)
+dataset heldout = text("data/text/moby-dick.txt", tokenizer = lm, seq = 32, samples = 2)
+pipeline {
+  prune lm by sparsegpt(block = 128, damp = 0.01) to 50% (targets = ["model.layers.0.*", "model.layers.1.*"], calibrate = calib, sequential = true)
+  evaluate lm on heldout -> [perplexity]
+}
+"#;
+
+const LLM_EXPORT: &str = r#"recipe t { version = 1, seed = 1 }
+use std.wanda
+model lm = gguf("data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+dataset calib = text("data/text/sotu", tokenizer = lm, seq = 32, samples = 2)
+pipeline {
+  prune lm by wanda (pattern = 2:4, targets = ["model.layers.0.*"], calibrate = calib)
+  export lm to "model" (format = hf)
+}
+"#;
+
+const PRUNE_LINE: &str = r#"  prune net by magnitude to 70% (scope = global, targets = ["*.weight"], skip = [], allow_nonfinite = false, keep_min = 0, keep_max = 100%) on train"#;
+
+fn digits_on(data: &str, path: &str, inputs: usize, limit: usize) -> String {
+    DIGITS
+        .replace("DATA(PATH", &format!("{data}({path:?}"))
+        .replace("inputs = 64", &format!("inputs = {inputs}"))
+        .replace("LIMIT", &limit.to_string())
+}
+
+fn base_text(b: Base) -> String {
+    let digits = digits_on("digits", "data/digits/digits.csv.gz", 64, 0);
+    let sgd = "sgd(lr = 0.05, momentum = 0.9, weight_decay = 0, nesterov = false)";
+    match b {
+        Base::Digits => digits,
+        Base::Mnist => digits_on("mnist", "data/mnist", 784, 600),
+        Base::Fashion => digits_on("fashion_mnist", "data/fashion-mnist", 784, 600),
+        Base::Adam => digits.replace(
+            sgd,
+            "adam(lr = 0.001, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0)",
+        ),
+        Base::AdamW => digits.replace(
+            sgd,
+            "adamw(lr = 0.001, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01)",
+        ),
+        Base::StepDecay => digits.replace(
+            "constant()",
+            "step_decay(every = 10 steps, gamma = 0.1)",
+        ),
+        Base::Cosine => digits.replace("constant()", "cosine(warmup = 0 steps)"),
+        Base::Criterion => digits.replace("by magnitude", "by c"),
+        Base::Gradual => digits.replace("criterion c = w", "criterion c = abs(w)").replace(
+            PRUNE_LINE,
+            "  prune net by c (schedule = gradual(from = 0%, to = 60%, start = step 0, end = step 30, every = 10 steps, curve = cubic)) during\n    train net on train (epochs = 2)",
+        ),
+        Base::Iterative => digits.replace(
+            PRUNE_LINE,
+            "  prune net by magnitude to 70% (schedule = iterative(rounds = 2, rewind = none)) {\n    each round:\n      train net on train (epochs = 1)\n  }",
+        ),
+        Base::IterativeTaylor => digits.replace(
+            "by magnitude to 70% (scope",
+            "by taylor to 70% (schedule = iterative(rounds = 3), scope",
+        ),
+        Base::Pattern => digits.replace(PRUNE_LINE, "  prune net by magnitude (pattern = 2:4)"),
+        Base::Block => digits.replace(
+            PRUNE_LINE,
+            "  prune net by magnitude to 50% (pattern = block(4, 4), targets = [\"fc1.weight\"])",
+        ),
+        Base::Constraints => digits
+            .replace(
+                "criterion c = w",
+                "constraints first { targets = [\"fc1.weight\"] }\nconstraints all { targets = [\"*.weight\"] }",
+            )
+            .replace(PRUNE_LINE, "  prune net by magnitude to 70% (constraints = all)"),
+        Base::Calibrate => digits
+            .replace("  calibrate net on train\n", "")
+            .replace(PRUNE_LINE, "  prune net by wanda to 50% (calibrate = train)"),
+        Base::Sap => digits.replace(
+            PRUNE_LINE,
+            "  prune net by sap(p = 0.5, q = 1.0, eta = 0.001, gamma = 1.2, beta = 0.9) (rounds = 2, scope = neuron) {\n    each round:\n      finetune net on train (epochs = 1)\n  }",
+        ),
+        Base::Lenet => digits_on("mnist", "data/mnist", 784, 300)
+            .replace(
+                "mlp(inputs = 784, hidden = [32], classes = 10, act = relu)",
+                "lenet5(classes = 10)",
+            )
+            .replace("epochs = 2,", "epochs = 1,"),
+        Base::Llm => LLM.to_string(),
+        Base::LlmExport => LLM_EXPORT.to_string(),
+    }
+}
+
+/// The evidence for each key (`name` or `name.param`) of the built-in table.
+fn evidence() -> BTreeMap<&'static str, Ev> {
+    use Base::*;
+    use Ev::*;
+    let mut e: BTreeMap<&'static str, Ev> = BTreeMap::new();
+    let mut add = |k: &'static str, ev: Ev| assert!(e.insert(k, ev).is_none(), "{k} twice");
+    // Models.
+    add("mlp.inputs", Checked("P061_samples_do_not_fit"));
+    add(
+        "mlp.hidden",
+        Changes(Digits, "hidden = [32]", "hidden = [24]"),
+    );
+    add(
+        "mlp.classes",
+        Changes(Digits, "classes = 10", "classes = 12"),
+    );
+    add("mlp.act", Changes(Digits, "act = relu", "act = tanh"));
+    add(
+        "lenet5.classes",
+        Changes(Lenet, "classes = 10", "classes = 11"),
+    );
+    add("pretrained_cnn.path", Checked("P060_missing_model_file"));
+    add(
+        "safetensors.path",
+        Checked("P060_missing_model_and_data_files"),
+    );
+    add("gguf.path", Checked("P060_missing_model_and_data_files"));
+    // Data sets: the same parameters for the three image/feature sets.
+    for (base, name) in [
+        (Digits, "digits"),
+        (Mnist, "mnist"),
+        (Fashion, "fashion_mnist"),
+    ] {
+        let key = |p: &str| -> &'static str { Box::leak(format!("{name}.{p}").into_boxed_str()) };
+        add(
+            key("split"),
+            Changes(base, "split = \"train\"", "split = \"test\""),
+        );
+        add(key("batch"), Changes(base, "batch = 64", "batch = 16"));
+        add(
+            key("shuffle"),
+            Changes(base, "shuffle = false", "shuffle = true"),
+        );
+        add(
+            key("validation"),
+            Changes(base, "validation = 0%", "validation = 99.5%"),
+        );
+    }
+    add("digits.path", Checked("P060_missing_model_and_data_files"));
+    add(
+        "mnist.path",
+        Changes(
+            Mnist,
+            "mnist(\"data/mnist\", split = \"train\"",
+            "mnist(path = \"data/fashion-mnist\", split = \"train\"",
+        ),
+    );
+    add(
+        "fashion_mnist.path",
+        Changes(
+            Fashion,
+            "fashion_mnist(\"data/fashion-mnist\", split = \"train\"",
+            "fashion_mnist(path = \"data/mnist\", split = \"train\"",
+        ),
+    );
+    add("digits.limit", Changes(Digits, "limit = 0", "limit = 500"));
+    add("mnist.limit", Changes(Mnist, "limit = 600", "limit = 400"));
+    add(
+        "fashion_mnist.limit",
+        Changes(Fashion, "limit = 600", "limit = 400"),
+    );
+    add(
+        "text.path",
+        Changes(
+            Llm,
+            "text(\"data/text/sotu\"",
+            "text(path = \"data/text/moby-dick.txt\"",
+        ),
+    );
+    add("text.tokenizer", Checked("P045_text_data_for_classifier"));
+    add(
+        "text.seq",
+        Changes(Llm, "seq = 32, samples = 4", "seq = 24, samples = 4"),
+    );
+    add("text.samples", Changes(Llm, "samples = 4", "samples = 3"));
+    add("text.offset", Changes(Llm, "offset = 0", "offset = 500"));
+    add("text.batch", Changes(Llm, "batch = 1", "batch = 3"));
+    // Criterion inputs and functions.
+    add("w", Changes(Criterion, "c = w", "c = rand()"));
+    add("x", Changes(Criterion, "c = w", "c = abs(w) * act(x)"));
+    add(
+        "step",
+        Changes(
+            Gradual,
+            "c = abs(w)",
+            "c = where(step > 15, abs(w), 0 - abs(w))",
+        ),
+    );
+    add("grad", Changes(Criterion, "c = w", "c = abs(grad(w))"));
+    add("act", Changes(Criterion, "c = w", "c = act(x)"));
+    add("act.stat", Checked("P023_act_statistic_not_computed"));
+    add("init", Changes(Criterion, "c = w", "c = init(w)"));
+    add(
+        "accumulate",
+        Changes(Gradual, "c = abs(w)", "c = accumulate(abs(w))"),
+    );
+    add("abs", Changes(Criterion, "c = w", "c = abs(w)"));
+    add("sq", Changes(Criterion, "c = w", "c = sq(w)"));
+    add("sqrt", Changes(Criterion, "c = w", "c = sqrt(abs(w))"));
+    add("log", Changes(Criterion, "c = w", "c = log(abs(w) + 1e-6)"));
+    add("exp", Changes(Criterion, "c = w", "c = exp(abs(w))"));
+    add("sign", Changes(Criterion, "c = w", "c = sign(w)"));
+    add("min", Changes(Criterion, "c = w", "c = min(w, 0 - w)"));
+    add("max", Changes(Criterion, "c = w", "c = max(w, 0 - w)"));
+    add(
+        "where",
+        Changes(Criterion, "c = w", "c = where(w > 0, w, 0 - w)"),
+    );
+    add(
+        "sum",
+        Changes(Criterion, "c = w", "c = sum(abs(w), over = out_channel)"),
+    );
+    add("sum.over", Checked("P023_sum_over_input_channels"));
+    add("rand", Changes(Criterion, "c = w", "c = w + rand()"));
+    // Standard-library criteria and methods.
+    for (k, by) in [
+        ("random", "by random"),
+        ("taylor", "by taylor"),
+        ("snip", "by snip"),
+        ("wanda", "by wanda"),
+        ("l1_channel", "by l1_channel"),
+        ("l2_channel", "by l2_channel"),
+    ] {
+        add(k, Changes(Digits, "by magnitude", by));
+    }
+    add("magnitude", Changes(Iterative, "by magnitude", "by random"));
+    add("movement", Changes(Gradual, "by c", "by movement"));
+    add("sparsegpt.block", Changes(Llm, "block = 128", "block = 16"));
+    add("sparsegpt.damp", Changes(Llm, "damp = 0.01", "damp = 0.5"));
+    add("sap.p", Changes(Sap, "p = 0.5", "p = 0.8"));
+    add("sap.q", Changes(Sap, "q = 1.0", "q = 2.0"));
+    add("sap.eta", Changes(Sap, "eta = 0.001", "eta = 0.5"));
+    add("sap.gamma", Changes(Sap, "gamma = 1.2", "gamma = 2.0"));
+    add("sap.beta", Changes(Sap, "beta = 0.9", "beta = 0.02"));
+    // Patterns and schedules.
+    add(
+        "block.rows",
+        Changes(Block, "block(4, 4)", "block(rows = 2, cols = 4)"),
+    );
+    add(
+        "block.cols",
+        Changes(Block, "block(4, 4)", "block(rows = 4, cols = 2)"),
+    );
+    add(
+        "oneshot",
+        Changes(IterativeTaylor, "iterative(rounds = 3)", "oneshot()"),
+    );
+    add(
+        "iterative.rounds",
+        Changes(Iterative, "rounds = 2", "rounds = 3"),
+    );
+    add(
+        "iterative.rewind",
+        Changes(Iterative, "rewind = none", "rewind = init"),
+    );
+    add("gradual.from", Changes(Gradual, "from = 0%", "from = 30%"));
+    add("gradual.to", Changes(Gradual, "to = 60%", "to = 70%"));
+    add(
+        "gradual.start",
+        Changes(Gradual, "start = step 0", "start = step 10"),
+    );
+    add(
+        "gradual.end",
+        Changes(Gradual, "end = step 30", "end = step 40"),
+    );
+    add(
+        "gradual.every",
+        Changes(Gradual, "every = 10 steps", "every = 5 steps"),
+    );
+    add(
+        "gradual.curve",
+        Changes(Gradual, "curve = cubic", "curve = linear"),
+    );
+    // Optimizers and learning-rate schedules.
+    add("sgd.lr", Changes(Digits, "lr = 0.05", "lr = 0.02"));
+    add(
+        "sgd.momentum",
+        Changes(Digits, "momentum = 0.9", "momentum = 0.5"),
+    );
+    add(
+        "sgd.weight_decay",
+        Changes(Digits, "weight_decay = 0,", "weight_decay = 0.01,"),
+    );
+    add(
+        "sgd.nesterov",
+        Changes(Digits, "nesterov = false", "nesterov = true"),
+    );
+    for (base, name, wd_from, wd_to) in [
+        (Adam, "adam", "weight_decay = 0)", "weight_decay = 0.1)"),
+        (
+            AdamW,
+            "adamw",
+            "weight_decay = 0.01)",
+            "weight_decay = 0.5)",
+        ),
+    ] {
+        let key = |p: &str| -> &'static str { Box::leak(format!("{name}.{p}").into_boxed_str()) };
+        add(key("lr"), Changes(base, "lr = 0.001", "lr = 0.003"));
+        add(key("beta1"), Changes(base, "beta1 = 0.9", "beta1 = 0.5"));
+        add(key("beta2"), Changes(base, "beta2 = 0.999", "beta2 = 0.9"));
+        add(key("eps"), Changes(base, "eps = 1e-8", "eps = 0.01"));
+        add(key("weight_decay"), Changes(base, wd_from, wd_to));
+    }
+    add(
+        "constant",
+        Changes(Cosine, "cosine(warmup = 0 steps)", "constant()"),
+    );
+    add(
+        "step_decay.every",
+        Changes(StepDecay, "every = 10 steps", "every = 5 steps"),
+    );
+    add(
+        "step_decay.gamma",
+        Changes(StepDecay, "gamma = 0.1", "gamma = 0.5"),
+    );
+    add(
+        "cosine.warmup",
+        Changes(Cosine, "warmup = 0 steps", "warmup = 10 steps"),
+    );
+    // Metrics.
+    add("accuracy", Changes(Digits, "-> [accuracy]", "-> [loss]"));
+    add(
+        "loss",
+        Changes(Digits, "-> [accuracy]", "-> [accuracy, loss]"),
+    );
+    add(
+        "sparsity",
+        Changes(Digits, "-> [accuracy]", "-> [accuracy, sparsity]"),
+    );
+    add(
+        "pqi",
+        Changes(Digits, "-> [accuracy]", "-> [accuracy, pqi]"),
+    );
+    add(
+        "params",
+        Changes(Digits, "-> [accuracy]", "-> [accuracy, params]"),
+    );
+    add(
+        "flops",
+        Changes(Digits, "-> [accuracy]", "-> [accuracy, flops]"),
+    );
+    add(
+        "perplexity",
+        Changes(Llm, "-> [perplexity]", "-> [sparsity]"),
+    );
+    // Stage options.
+    add("epochs", Changes(Digits, "epochs = 2", "epochs = 3"));
+    add("steps", Changes(Digits, "epochs = 2,", "steps = 7,"));
+    add(
+        "optimizer",
+        Changes(
+            Digits,
+            "optimizer = sgd(lr = 0.05, momentum = 0.9, weight_decay = 0, nesterov = false)",
+            "optimizer = adam(lr = 0.01)",
+        ),
+    );
+    add(
+        "lr_schedule",
+        Changes(Digits, "lr_schedule = constant()", "lr_schedule = cosine()"),
+    );
+    add("reinit", Changes(Digits, "reinit = false", "reinit = true"));
+    add(
+        "schedule",
+        Changes(
+            Iterative,
+            "schedule = iterative(rounds = 2",
+            "schedule = iterative(rounds = 4",
+        ),
+    );
+    add(
+        "constraints",
+        Changes(Constraints, "constraints = all", "constraints = first"),
+    );
+    add("scope", Changes(Digits, "scope = global, targets = [\"*.weight\"], skip = [], allow_nonfinite = false, keep_min = 0, keep_max = 100%", "scope = layer"));
+    add(
+        "pattern",
+        Changes(Pattern, "pattern = 2:4", "pattern = 1:4"),
+    );
+    add(
+        "targets",
+        Changes(
+            Digits,
+            "targets = [\"*.weight\"]",
+            "targets = [\"fc1.weight\"]",
+        ),
+    );
+    add(
+        "skip",
+        Changes(Digits, "skip = []", "skip = [\"fc2.weight\"]"),
+    );
+    add(
+        "keep_min",
+        Changes(Digits, "keep_min = 0", "keep_min = 250"),
+    );
+    add(
+        "keep_max",
+        Changes(Digits, "keep_max = 100%", "keep_max = 31% per layer"),
+    );
+    add(
+        "calibrate",
+        Changes(Calibrate, "calibrate = train", "calibrate = test"),
+    );
+    add(
+        "sequential",
+        Changes(Llm, "sequential = true", "sequential = false"),
+    );
+    add("rounds", Changes(Sap, "rounds = 2", "rounds = 3"));
+    add(
+        "allow_nonfinite",
+        Tested("nan_weights_stop_the_run_naming_the_tensor"),
+    );
+    add(
+        "format",
+        Changes(LlmExport, "format = hf", "format = compressed_24"),
+    );
+    e
+}
+
+/// Every key of the built-in table: a built-in's own name where it has no
+/// parameters (or only criterion-expression operands), and `name.param` for
+/// each parameter that is not an operand.
+fn keys() -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for b in BUILTINS {
+        let named: Vec<_> = b
+            .params
+            .iter()
+            .filter(|p| p.ty != Ty::Score && b.kind != Kind::StageOption)
+            .collect();
+        if b.kind == Kind::ScoreFn || b.kind == Kind::StageOption || b.params.is_empty() {
+            keys.insert(b.name.to_string());
+        }
+        for p in named {
+            keys.insert(format!("{}.{}", b.name, p.name));
+        }
+    }
+    keys
+}
+
+/// What a run produced, less what depends on the recipe's text (spans,
+/// timings, the lock, which pins the recipe's hash).
+#[derive(PartialEq, Debug)]
+struct Outcome {
+    evaluations: serde_json::Value,
+    layers: serde_json::Value,
+    files: BTreeMap<String, String>,
+}
+
+fn strip_spans(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove("span");
+            m.values_mut().for_each(strip_spans);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_spans),
+        _ => {}
+    }
+}
+
+fn hash_files(dir: &Path, rel: &str, out: &mut BTreeMap<String, String>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = format!("{rel}{}", e.file_name().to_string_lossy());
+        if e.path().is_dir() {
+            hash_files(&e.path(), &format!("{name}/"), out);
+        } else if !(name.starts_with("report.") || name.ends_with(".lock")) {
+            let h = Sha256::digest(std::fs::read(e.path()).unwrap());
+            out.insert(name, format!("{h:x}"));
+        }
+    }
+}
+
+/// Runs a recipe text; the outcome, or the run's output when it failed.
+fn run(text: &str, dir: &Path, tag: &str) -> Result<Outcome, String> {
+    let recipe = dir.join(format!("{tag}.prune"));
+    std::fs::write(&recipe, text).unwrap();
+    let out = dir.join(tag);
+    let o = Command::new(env!("CARGO_BIN_EXE_prunec"))
+        .args(["run", "-q"])
+        .arg(&recipe)
+        .arg("--out")
+        .arg(&out)
+        .current_dir(root())
+        .output()
+        .expect("run prunec");
+    if !o.status.success() {
+        return Err(format!(
+            "exit {:?}\n{}{}",
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let mut report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    strip_spans(&mut report);
+    let mut files = BTreeMap::new();
+    hash_files(&out, "", &mut files);
+    std::fs::remove_dir_all(&out).unwrap();
+    Ok(Outcome {
+        evaluations: report["evaluations"].take(),
+        layers: report["layers"].take(),
+        files,
+    })
+}
+
+fn have(rel: &str) -> bool {
+    root().join("data").join(rel).exists()
+}
+
+#[test]
+fn every_builtin_option_has_an_effect_or_is_rejected_by_check() {
+    for (rel, fetch) in [
+        ("digits/digits.csv.gz", "digits"),
+        ("mnist/train-images-idx3-ubyte", "mnist"),
+        ("fashion-mnist/train-images-idx3-ubyte.gz", "fashion"),
+        ("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"),
+        ("text/moby-dick.txt", "text"),
+    ] {
+        assert!(
+            have(rel),
+            "data/{rel} is missing: run `scripts/fetch-data.sh {fetch}`"
+        );
+    }
+    let evidence = evidence();
+    let keys = keys();
+    let mut problems = Vec::new();
+    for k in &keys {
+        if !evidence.contains_key(k.as_str()) {
+            problems.push(format!(
+                "{k}: no evidence that it has an effect or is rejected"
+            ));
+        }
+    }
+    for k in evidence.keys() {
+        if !keys.contains(*k) {
+            problems.push(format!("{k}: evidence for a key the built-in table lacks"));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut bases: BTreeMap<Base, Result<Outcome, String>> = BTreeMap::new();
+    for (i, (k, ev)) in evidence.iter().enumerate() {
+        let name = k.split('.').next().unwrap();
+        match ev {
+            Ev::Checked(stem) => {
+                let fixture = root().join(format!("tests/recipes/invalid/{stem}.prune"));
+                let snapshot =
+                    root().join(format!("compiler/tests/snapshots/recipes__{stem}.snap"));
+                match std::fs::read_to_string(&fixture) {
+                    Err(_) => problems.push(format!("{k}: no fixture {}", fixture.display())),
+                    Ok(text) if !text.contains(name) => {
+                        problems.push(format!("{k}: {stem} does not use `{name}`"))
+                    }
+                    Ok(_) if !snapshot.is_file() => {
+                        problems.push(format!("{k}: {stem} has no snapshot"))
+                    }
+                    Ok(_) => {}
+                }
+            }
+            Ev::Tested(test) => {
+                let source = std::fs::read_to_string(root().join("compiler/tests/run.rs")).unwrap();
+                let body = source
+                    .split_once(&format!("fn {test}()"))
+                    .map(|(_, rest)| rest.split("\n#[test]").next().unwrap_or(rest));
+                match body {
+                    None => {
+                        problems.push(format!("{k}: no test `{test}` in compiler/tests/run.rs"))
+                    }
+                    Some(b) if !b.contains(name) => {
+                        problems.push(format!("{k}: the test `{test}` does not use `{name}`"))
+                    }
+                    Some(_) => {}
+                }
+            }
+            Ev::Changes(base, from, to) => {
+                let text = base_text(*base);
+                if text.matches(from).count() != 1 {
+                    problems.push(format!("{k}: `{from}` is not in the {base:?} recipe once"));
+                    continue;
+                }
+                let changed = text.replacen(from, to, 1);
+                // `name.param`: the recipe calls `name` and the change is to `param`.
+                let (name, param) = k.split_once('.').unwrap_or(("", k));
+                if !changed.contains(name) || !(from.contains(param) || to.contains(param)) {
+                    problems.push(format!(
+                        "{k}: the change `{from}` -> `{to}` is not to `{k}`"
+                    ));
+                }
+                let before = bases
+                    .entry(*base)
+                    .or_insert_with(|| run(&text, dir.path(), &format!("{base:?}")));
+                let before = match before {
+                    Ok(o) => o,
+                    Err(e) => {
+                        problems.push(format!("{k}: the {base:?} recipe fails: {e}"));
+                        continue;
+                    }
+                };
+                match run(&changed, dir.path(), &format!("v{i}")) {
+                    Err(e) => problems.push(format!("{k}: `{from}` -> `{to}` fails: {e}")),
+                    Ok(after) if &after == before => problems.push(format!(
+                        "{k}: `{from}` -> `{to}` in the {base:?} recipe changes nothing"
+                    )),
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
