@@ -6,7 +6,6 @@ pub mod driver;
 pub mod exec;
 pub mod io;
 pub mod ir;
-pub mod kernel;
 pub mod lower;
 pub mod plan;
 pub mod report;

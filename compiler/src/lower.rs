@@ -1,7 +1,7 @@
 //! Checked recipe → runtime values: criterion expressions to kernel expressions,
 //! constructor calls to runtime specs, globs to parameter selections.
 
-use crate::kernel::{BinOp, CmpOp, KExpr, KInput, UnOp};
+use prunec_kernels::{BinOp, CmpOp, KExpr, KInput, UnOp};
 use prunec_lang::ast::{BinaryOp, Expr, ExprKind, UnaryOp};
 use prunec_lang::check::{SymKind, Value};
 use prunec_lang::diag::{Code, Diagnostic};

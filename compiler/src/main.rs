@@ -647,12 +647,12 @@ fn cmd_plan(a: PlanArgs) -> u8 {
 }
 
 fn cmd_bench_kernels(a: BenchKernelsArgs) -> u8 {
-    match prunec::kernel::bench_kernels(&a.params, a.json) {
+    match prunec_kernels::bench_kernels(&a.params, a.json) {
         Ok(v) => {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
-                print!("{}", prunec::kernel::bench_table(&v));
+                print!("{}", prunec_kernels::bench_table(&v));
             }
             exit::OK
         }

@@ -3,8 +3,8 @@
 //! compiled to a scoring kernel, or SparseGPT — and Hugging Face export.
 
 use super::{rt_err_llm, Exec, RunError};
-use crate::kernel::{self, PruneOptions, TensorView};
 use crate::lower;
+use prunec_kernels::{PruneOptions, TensorView};
 use prunec_lang::ast::{ExprKind, Stage, StageKind};
 use prunec_lang::check::Value;
 use prunec_lang::Span;
@@ -352,12 +352,12 @@ impl Exec<'_> {
                                   out: &mut [f32]|
                       -> llm::Result<()> {
                     let mut weights = w.to_vec();
-                    let mut mask = kernel::full_mask(weights.len());
+                    let mut mask = prunec_kernels::full_mask(weights.len());
                     let mut view = TensorView::new(name, rows, cols, &mut weights, &mut mask);
                     if reads_acts {
                         view.col_stats = vec![norms];
                     }
-                    let scores = kernel::score_jit(
+                    let scores = prunec_kernels::score_jit(
                         &expr,
                         &view,
                         &PruneOptions {

@@ -4,9 +4,9 @@
 //! iterative stages, gradual pruning during training and SAP.
 
 use super::{rt_err, Exec, ModelState, RunError, GRADIENT_BATCHES};
-use crate::kernel::{self, PruneOptions, Selection, TensorView};
 use crate::lower::{self, LoweredCriterion, Side};
 use crate::report::Round;
+use prunec_kernels::{PruneOptions, Selection, TensorView};
 use prunec_lang::ast::{Expr, ExprKind, Stage};
 use prunec_lang::check::Value;
 use prunec_lang::Span;
@@ -56,7 +56,7 @@ pub(super) fn mask_words(masks: &rt::Masks, name: &str, len: usize) -> rt::Resul
     Ok(match masks.get(name) {
         Some(_) => {
             let m = masks.to_u8(name)?;
-            let mut words = vec![0u64; kernel::mask_words(m.len())];
+            let mut words = vec![0u64; prunec_kernels::mask_words(m.len())];
             for (i, b) in m.iter().enumerate() {
                 if *b != 0 {
                     words[i / 64] |= 1 << (i % 64);
@@ -64,7 +64,7 @@ pub(super) fn mask_words(masks: &rt::Masks, name: &str, len: usize) -> rt::Resul
             }
             words
         }
-        None => kernel::full_mask(len),
+        None => prunec_kernels::full_mask(len),
     })
 }
 
@@ -268,7 +268,7 @@ impl Pruner {
         selection: &Selection,
     ) -> Result<(), RunError> {
         let span = self.span;
-        let fail = |what: &str, e: kernel::KernelError| RunError::User {
+        let fail = |what: &str, e: prunec_kernels::KernelError| RunError::User {
             span: Some(span),
             message: format!("{what} `{}` failed: {e}", self.model),
             help: None,
@@ -315,7 +315,8 @@ impl Pruner {
                 v.grad = grad_of(&names[i])?;
                 v.init = b.inits.get(i).map(|x| x.as_slice());
                 v.col_stats = act_of(&names[i], cols)?;
-                let scores = kernel::score_jit(inner, &v, &opts).map_err(|e| fail("scoring", e))?;
+                let scores =
+                    prunec_kernels::score_jit(inner, &v, &opts).map_err(|e| fail("scoring", e))?;
                 per_slot.push(
                     scores
                         .chunks(cols.max(1))
@@ -336,11 +337,11 @@ impl Pruner {
                 v.row_stats = row_stats[i].iter().map(|r| r.as_slice()).collect();
                 views.push(v);
             }
-            match kernel::prune_jit(&self.crit.expr, selection, &mut views, &opts) {
+            match prunec_kernels::prune_jit(&self.crit.expr, selection, &mut views, &opts) {
                 Ok(_) => break,
                 // The single pass zeroed weights its sampled range wrongly excluded: start
                 // again from the model's weights with the two-pass kernel.
-                Err(kernel::KernelError::SampleMissed { .. }) if opts.single_pass => {
+                Err(prunec_kernels::KernelError::SampleMissed { .. }) if opts.single_pass => {
                     drop(views);
                     opts.single_pass = false;
                     for (i, n) in names.iter().enumerate() {
@@ -371,7 +372,9 @@ impl Pruner {
         model
             .set_param_f32(name, w)
             .map_err(rt_err(self.span, "write weights"))?;
-        let keep: Vec<u8> = (0..w.len()).map(|i| kernel::mask_bit(m, i) as u8).collect();
+        let keep: Vec<u8> = (0..w.len())
+            .map(|i| prunec_kernels::mask_bit(m, i) as u8)
+            .collect();
         masks
             .insert_u8(model, name, &keep)
             .map_err(rt_err(self.span, "write mask"))
@@ -406,10 +409,12 @@ impl Pruner {
                     .and_then(|g| g.get(n))
                     .map(|g| g.as_slice());
                 v.init = b.inits.get(i).map(|x| x.as_slice());
-                kernel::score_jit(&self.crit.expr, &v, &opts).map_err(|e| RunError::User {
-                    span: Some(span),
-                    message: format!("scoring `{}` failed: {e}", self.model),
-                    help: None,
+                prunec_kernels::score_jit(&self.crit.expr, &v, &opts).map_err(|e| {
+                    RunError::User {
+                        span: Some(span),
+                        message: format!("scoring `{}` failed: {e}", self.model),
+                        help: None,
+                    }
                 })?
             };
             if keep[i].len() != rows {
@@ -420,13 +425,13 @@ impl Pruner {
             }
             for (r, &keep_r) in keep[i].iter().enumerate() {
                 let mut alive: Vec<usize> = (r * cols..(r + 1) * cols)
-                    .filter(|&j| kernel::mask_bit(&m, j))
+                    .filter(|&j| prunec_kernels::mask_bit(&m, j))
                     .collect();
                 let k = keep_r.min(alive.len());
                 // Highest score first; ties keep the earlier weight (the kernels' rule).
                 alive.sort_by(|&a, &c| {
-                    kernel::expr::score_key(scores[c])
-                        .cmp(&kernel::expr::score_key(scores[a]))
+                    prunec_kernels::expr::score_key(scores[c])
+                        .cmp(&prunec_kernels::expr::score_key(scores[a]))
                         .then(a.cmp(&c))
                 });
                 for &j in &alive[k..] {
@@ -630,7 +635,7 @@ impl Gradual {
                 let g = to_vec(g)?;
                 let mut w = model.param_f32(n)?;
                 let (rows, cols) = matrix_shape(model, n)?;
-                let mut m = kernel::full_mask(w.len());
+                let mut m = prunec_kernels::full_mask(w.len());
                 let mut v = TensorView::new(n, rows, cols, &mut w, &mut m);
                 v.grad = Some(&g);
                 let opts = PruneOptions {
@@ -638,7 +643,7 @@ impl Gradual {
                     allow_nonfinite: self.pruner.allow_nonfinite,
                     ..PruneOptions::default()
                 };
-                let s = match kernel::score_jit(step, &v, &opts) {
+                let s = match prunec_kernels::score_jit(step, &v, &opts) {
                     Ok(s) => s,
                     Err(e) => {
                         self.error = Some(RunError::user(
@@ -727,7 +732,7 @@ impl Gradual {
             let m = mask_words(masks, n, w.len())?;
             total += w.len();
             for (j, x) in w.iter().enumerate() {
-                if kernel::mask_bit(&m, j) {
+                if prunec_kernels::mask_bit(&m, j) {
                     kept += 1;
                     values.push(*x);
                 }
@@ -1192,9 +1197,9 @@ impl Exec<'_> {
             ));
         }
         let magnitude = LoweredCriterion {
-            expr: crate::kernel::KExpr::un(
-                crate::kernel::UnOp::Abs,
-                crate::kernel::KExpr::Input(crate::kernel::KInput::Weight),
+            expr: prunec_kernels::KExpr::un(
+                prunec_kernels::UnOp::Abs,
+                prunec_kernels::KExpr::Input(prunec_kernels::KInput::Weight),
             ),
             row_sums: vec![],
             side: None,
@@ -1217,14 +1222,14 @@ impl Exec<'_> {
             let b = pruner.buffers(&state.model, &state.masks, &state.init)?;
             let alive = |b: &Buffers, t: usize, range: std::ops::Range<usize>| -> Vec<f32> {
                 range
-                    .filter(|&j| kernel::mask_bit(&b.masks[t], j))
+                    .filter(|&j| prunec_kernels::mask_bit(&b.masks[t], j))
                     .map(|j| b.weights[t][j])
                     .collect()
             };
             let counts: Vec<usize> = (0..b.weights.len())
                 .map(|t| {
                     (0..b.weights[t].len())
-                        .filter(|&j| kernel::mask_bit(&b.masks[t], j))
+                        .filter(|&j| prunec_kernels::mask_bit(&b.masks[t], j))
                         .count()
                 })
                 .collect();
@@ -1308,7 +1313,7 @@ impl Exec<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::{KExpr, KInput, UnOp};
+    use prunec_kernels::{KExpr, KInput, UnOp};
 
     #[test]
     fn pq_index_is_zero_for_equal_weights_and_grows_with_sparsity() {
@@ -1389,9 +1394,9 @@ mod tests {
             let model = spec.build(3, &candle_core::Device::Cpu).unwrap();
             let init = model.snapshot().unwrap();
             let mut masks = rt::Masks::new();
-            kernel::force_sample_range(range);
+            prunec_kernels::force_sample_range(range);
             let r = pruner.select(&model, &mut masks, &init, &SideInputs::default(), &sel);
-            kernel::force_sample_range(None);
+            prunec_kernels::force_sample_range(None);
             r.unwrap();
             let w = model.param_f32("fc1.weight").unwrap();
             let m = mask_words(&masks, "fc1.weight", w.len()).unwrap();
@@ -1404,14 +1409,14 @@ mod tests {
             .param_f32("fc1.weight")
             .unwrap()
             .iter()
-            .map(|x| crate::kernel::expr::score_key(x.abs()))
+            .map(|x| prunec_kernels::expr::score_key(x.abs()))
             .collect();
         keys.sort_unstable_by(|a, b| b.cmp(a));
         let high = (keys[keep / 2], keys[keep / 4]);
-        kernel::take_speculated();
+        prunec_kernels::take_speculated();
         let (w1, m1) = run(Some(high));
         // The first attempt wrote, so it missed (the cut is below the range) and was retried.
-        assert_eq!(kernel::take_speculated(), 1);
+        assert_eq!(prunec_kernels::take_speculated(), 1);
         assert_eq!(m0, m1);
         assert!(w0.iter().zip(&w1).all(|(a, b)| a.to_bits() == b.to_bits()));
         assert_eq!(

@@ -1,5 +1,5 @@
 //! The fused scan kernels alone, both code generators: cranelift's 4-lane loops and the
-//! AVX-512 machine code of `kernel::wide`, for magnitude and Wanda scores.
+//! AVX-512 machine code of `prunec_kernels::wide`, for magnitude and Wanda scores.
 //!
 //! On 100M weights (8 tensors of 4096 columns, pseudo-normal) it scans every block of every
 //! chunk in parallel against a fixed key range, as a global cut's first round does, and
@@ -7,11 +7,11 @@
 //! the kernels also zero the weights below the range (cranelift's leave the mask to Rust;
 //! the AVX-512 ones settle it themselves). Compare with a streaming pass from `scan_bound`.
 //!
-//! `cargo run --release -p prunec --example scan_kernels [-- --write]`; needs AVX-512F for
+//! `cargo run --release -p prunec-kernels --example scan_kernels [-- --write]`; needs AVX-512F for
 //! the `wide` rows (they print as missing otherwise).
 
-use prunec::kernel::raw::{RawTensor, ScanBits, ScanRange, BLOCK, CHUNK};
-use prunec::kernel::{full_mask, simd, KExpr, KernelCache, TensorView};
+use prunec_kernels::raw::{RawTensor, ScanBits, ScanRange, BLOCK, CHUNK};
+use prunec_kernels::{full_mask, simd, KExpr, KernelCache, TensorView};
 use rayon::prelude::*;
 
 const COLS: usize = 4096;

@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 
-use prunec::kernel::{
+use prunec_kernels::{
     full_mask, mask_bit, prune_jit_with, prune_reference, KExpr, KInput, KernelCache, KernelError,
     PruneOptions, PruneSummary, Selection, TensorView,
 };
@@ -292,9 +292,9 @@ fn wanda_rows_taylor_and_iterative_rounds_match_reference() {
         &Selection::PerRow { keep_per_row: 150 },
     );
     let taylor = KExpr::un(
-        prunec::kernel::UnOp::Abs,
+        prunec_kernels::UnOp::Abs,
         KExpr::bin(
-            prunec::kernel::BinOp::Mul,
+            prunec_kernels::BinOp::Mul,
             KExpr::weight(),
             KExpr::Input(KInput::Grad),
         ),
@@ -408,7 +408,7 @@ fn user_errors_name_the_tensor() {
     let mut views: Vec<TensorView> = ds.iter_mut().map(|d| d.view()).collect();
     views[0].grad = None;
     let e = KExpr::Input(KInput::Grad);
-    let m = prunec::kernel::prune_jit(
+    let m = prunec_kernels::prune_jit(
         &e,
         &Selection::PerRow { keep_per_row: 1 },
         &mut views,
@@ -473,7 +473,7 @@ fn aligned_rows_with_shifting_scales_ties_and_holes() {
         }
     }
     for scalar in [false, true] {
-        prunec::kernel::simd::force_scalar(scalar);
+        prunec_kernels::simd::force_scalar(scalar);
         for keep in [0, 1, 7, 40, 409, 1000, 5000] {
             check_same(
                 &ds,
@@ -499,7 +499,7 @@ fn aligned_rows_with_shifting_scales_ties_and_holes() {
             );
         }
     }
-    prunec::kernel::simd::force_scalar(false);
+    prunec_kernels::simd::force_scalar(false);
 }
 
 /// The two-pass per-row path checks finiteness in its reading pass: an alive non-finite

@@ -42,15 +42,17 @@ use types::{check_finite, count_alive, global_guards, validate};
 
 /// Test hook: replaces the sampled key range of every global or per-tensor cut made on the
 /// calling thread (`None`: sample as usual).
-#[cfg(test)]
-pub(crate) fn force_sample_range(range: Option<(u32, u32)>) {
-    cut::tests::FORCE_RANGE.with(|f| f.set(range));
+#[cfg(any(test, feature = "test-hooks"))]
+#[doc(hidden)]
+pub fn force_sample_range(range: Option<(u32, u32)>) {
+    cut::hooks::FORCE_RANGE.with(|f| f.set(range));
 }
 
 /// Test hook: the writing (single-pass) scans run on the calling thread since the last call.
-#[cfg(test)]
-pub(crate) fn take_speculated() -> usize {
-    cut::tests::SPECULATED.with(|c| c.replace(0))
+#[cfg(any(test, feature = "test-hooks"))]
+#[doc(hidden)]
+pub fn take_speculated() -> usize {
+    cut::hooks::SPECULATED.with(|c| c.replace(0))
 }
 
 /// Scores every element of `t` (pruned ones included) with the JIT; NaN scores are canonical.
@@ -105,7 +107,7 @@ pub fn prune_jit_with(
     tensors: &mut [TensorView],
     opts: &PruneOptions,
 ) -> Result<PruneSummary, KernelError> {
-    if cfg!(test) || rayon::current_thread_index().is_some() {
+    if cfg!(any(test, feature = "test-hooks")) || rayon::current_thread_index().is_some() {
         prune_here(cache, expr, sel, tensors, opts)
     } else {
         rayon::scope(|_| prune_here(cache, expr, sel, tensors, opts))

@@ -1330,7 +1330,7 @@ mod tests {
 
     #[test]
     fn bits_are_counted_at_every_length() {
-        let mut next = crate::kernel::testing::xorshift64(0x9e37_79b9_7f4a_7c15);
+        let mut next = crate::testing::xorshift64(0x9e37_79b9_7f4a_7c15);
         let words: Vec<u64> = (0..70_000 + 13)
             .map(|i| {
                 let x = next();
@@ -1467,7 +1467,7 @@ mod tests {
     /// random candidates with few or many equal keys (`-0.0` and `+0.0` among them).
     #[test]
     fn row_cut_helpers_match_sorting() {
-        let mut next = crate::kernel::testing::xorshift32(0x2545_f491);
+        let mut next = crate::testing::xorshift32(0x2545_f491);
         for case in 0..1500 {
             let n = 1 + next() as usize % 300;
             let spread = [1u32, 3, 50, 1 << 20, u32::MAX][case % 5];

@@ -739,7 +739,7 @@ mod tests {
     /// ranks inside the row and past either end.
     #[test]
     fn brackets_match_sorting() {
-        let mut next = crate::kernel::testing::xorshift32(0x1234_5678);
+        let mut next = crate::testing::xorshift32(0x1234_5678);
         let mut hist = vec![0u32; 2048];
         for case in 0..400 {
             let n = 2 + next() as usize % 5000;

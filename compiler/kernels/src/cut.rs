@@ -531,8 +531,8 @@ pub fn find_cuts(
                     ABOVE_SIGMAS
                 };
                 let (lo, hi, band) = sample_range(k, raws, pool, &pool_chunks[p], below);
-                #[cfg(test)]
-                let (lo, hi, band) = tests::FORCE_RANGE
+                #[cfg(any(test, feature = "test-hooks"))]
+                let (lo, hi, band) = hooks::FORCE_RANGE
                     .with(|f| f.get())
                     .map_or((lo, hi, band), |(l, h)| (l, h, 0.0));
                 // Writing only pays when the round will likely resolve from candidates;
@@ -634,8 +634,8 @@ pub fn find_cuts(
             at += n;
             states[p] = step(pool, &pool_chunks[p], sc, lo, hi, speculating[p]);
             if speculating[p] {
-                #[cfg(test)]
-                tests::SPECULATED.with(|c| c.set(c.get() + 1));
+                #[cfg(any(test, feature = "test-hooks"))]
+                hooks::SPECULATED.with(|c| c.set(c.get() + 1));
                 if let State::Search { hi: h, .. } = states[p] {
                     if h < lo {
                         return Err(CutError::SampleMissed(p));
@@ -1441,9 +1441,25 @@ fn finish(
     }
 }
 
+/// Thread-local hooks for tests, of this crate and (with the `test-hooks` feature) of the
+/// prunec crate.
+#[cfg(any(test, feature = "test-hooks"))]
+pub(super) mod hooks {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Replaces the sampled range of every pool (calling thread only).
+        pub static FORCE_RANGE: Cell<Option<(u32, u32)>> = const { Cell::new(None) };
+        /// Speculative scans run (calling thread only).
+        pub static SPECULATED: Cell<usize> = const { Cell::new(0) };
+    }
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use std::cell::Cell;
+
+    pub use super::hooks::{FORCE_RANGE, SPECULATED};
 
     use super::super::expr::score_key;
     use super::super::{
@@ -1452,10 +1468,6 @@ pub(super) mod tests {
     };
 
     thread_local! {
-        /// Replaces the sampled range of every pool (calling thread only).
-        pub static FORCE_RANGE: Cell<Option<(u32, u32)>> = const { Cell::new(None) };
-        /// Speculative scans run (calling thread only).
-        pub static SPECULATED: Cell<usize> = const { Cell::new(0) };
         /// Cuts resolved from a speculative scan's candidates (calling thread only).
         pub static FIXUPS: Cell<usize> = const { Cell::new(0) };
         /// Speculative scans of pools of four chunks or more run in two phases, the first
@@ -1488,8 +1500,7 @@ pub(super) mod tests {
     /// Two tensors, 616K elements in all (enough for a sample), with holes in the masks and
     /// `levels` distinct magnitudes when non-zero (ties).
     fn data(seed: u64, levels: u32, row_scales: bool) -> Vec<T> {
-        let mut next =
-            crate::kernel::testing::xorshift64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut next = crate::testing::xorshift64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         [(512usize, 640usize), (400, 720)]
             .iter()
             .map(|&(rows, cols)| {
@@ -1611,8 +1622,7 @@ pub(super) mod tests {
     /// `scaled`, rows of different scales in every other tensor; every other tensor `by`
     /// times larger.
     fn many(seed: u64, scaled: bool, by: f32) -> Vec<T> {
-        let mut next =
-            crate::kernel::testing::xorshift64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut next = crate::testing::xorshift64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         (0..8)
             .map(|t| {
                 let (rows, cols) = (256usize, 1024usize);
@@ -1856,7 +1866,7 @@ pub(super) mod tests {
 
     #[test]
     fn ranks_match_a_sort() {
-        let mut next = crate::kernel::testing::xorshift64(0x2545_f491_4f6c_dd1d);
+        let mut next = crate::testing::xorshift64(0x2545_f491_4f6c_dd1d);
         let sets: Vec<Vec<u32>> = vec![
             (0..5000).map(|_| next() as u32).collect(),
             // Few distinct keys (ties), many in one 12-bit bucket, and the extremes.

@@ -11,7 +11,7 @@
 //! - `jit blocks`: the blocked design: the JIT scores 2048 weights into a buffer that stays in
 //!   cache, then `simd::count_zero_words` classifies and zeroes them and candidates are
 //!   collected, after the finiteness check;
-//! - `wide fused`: the fused scan from the AVX-512 code generator (`kernel::wide`), which
+//! - `wide fused`: the fused scan from the AVX-512 code generator (`prunec_kernels::wide`), which
 //!   settles the mask and counts in its loop, so Rust only collects the candidates (what
 //!   global and per-tensor cuts run on such hosts);
 //! - `prune_jit`: the whole single-pass call (sample, scan, resolution, fixup) on the same
@@ -23,14 +23,14 @@
 //!   zeroing writes (`simd::count_words`) or candidates.
 //!
 //! The variants run interleaved, 12 times each; it prints the minimum and the median in ms.
-//! `cargo run --release -p prunec --example scan_bound [-- PARAMS]` (default 100M). Needs an
+//! `cargo run --release -p prunec-kernels --example scan_bound [-- PARAMS]` (default 100M). Needs an
 //! x86-64 CPU with AVX-512F; see `docs/kernels.md` for results.
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use prunec::kernel::jit::{compile, KArgs};
-use prunec::kernel::{prune_jit, simd, KExpr, PruneOptions, Selection, TensorView};
+use prunec_kernels::jit::{compile, KArgs};
+use prunec_kernels::{prune_jit, simd, KExpr, PruneOptions, Selection, TensorView};
 use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 18;
@@ -166,7 +166,7 @@ fn scan_block_args(
 /// The JIT's score kernel block by block over a chunk, each block's scores into one buffer;
 /// `then(w, b0, b1, scores)` runs after each block.
 fn score_blocks(
-    score: prunec::kernel::jit::KernelFn,
+    score: prunec_kernels::jit::KernelFn,
     w: &mut [f32],
     mut then: impl FnMut(&mut [f32], usize, usize, &[f32]),
 ) {
@@ -183,7 +183,7 @@ fn score_blocks(
 
 /// prunec's blocked scan over one chunk: JIT scores per block, then classify and zero.
 fn jit_blocks(
-    score: prunec::kernel::jit::KernelFn,
+    score: prunec_kernels::jit::KernelFn,
     w: &mut [f32],
     mask: &mut [u64],
     lo: u32,
@@ -221,7 +221,7 @@ fn jit_blocks(
 /// zeroing anything or collecting candidates. Returns the in-range count (0 without
 /// `classify`).
 fn jit_blocks_read(
-    score: prunec::kernel::jit::KernelFn,
+    score: prunec_kernels::jit::KernelFn,
     w: &mut [f32],
     mask: &[u64],
     lo: u32,
@@ -269,7 +269,7 @@ fn collect(
 /// The fused JIT scan over one chunk: the kernel classifies and zeroes each block in its
 /// own loop; Rust then updates the mask words and collects the candidates.
 fn jit_fused(
-    scan: prunec::kernel::jit::KernelFn,
+    scan: prunec_kernels::jit::KernelFn,
     w: &mut [f32],
     mask: &mut [u64],
     lo: f32,
@@ -301,12 +301,12 @@ fn jit_fused(
     above + cands.len() as u64
 }
 
-/// The AVX-512 code generator's writing scan (`kernel::wide`), block by block: it also
+/// The AVX-512 code generator's writing scan (`prunec_kernels::wide`), block by block: it also
 /// settles the mask and counts, so Rust only collects the candidates. The magnitude's
 /// writing scan stores no scores (`WideScans::zero_stores_scores`): the candidates' keys come from
 /// the magnitudes of their weights, which it left as they were.
 fn wide_fused(
-    scan: prunec::kernel::jit::KernelFn,
+    scan: prunec_kernels::jit::KernelFn,
     w: &mut [f32],
     mask: &mut [u64],
     lo: f32,
@@ -361,7 +361,7 @@ fn main() {
     let mut mask = vec![!0u64; n / 64];
     let kernel = compile(&KExpr::magnitude()).expect("compiles");
     let score = kernel.score_raw;
-    let wide = prunec::kernel::wide::compile(&KExpr::magnitude()).expect("AVX-512F detected");
+    let wide = prunec_kernels::wide::compile(&KExpr::magnitude()).expect("AVX-512F detected");
     // `wide_fused` takes the candidates' keys from their weights.
     assert!(
         !wide.zero_stores_scores,
@@ -437,7 +437,7 @@ fn main() {
                     .map(|(c, m)| jit_blocks_read(score, c, m, lo_k, hi_k, v == 9))
                     .sum::<u64>(),
                 _ => {
-                    prunec::kernel::force_blocked_scan(v == 7);
+                    prunec_kernels::force_blocked_scan(v == 7);
                     let mut views = vec![TensorView::new("w", n / COLS, COLS, &mut w, &mut mask)];
                     let sel = Selection::Global {
                         keep: n / 10,

@@ -1,6 +1,6 @@
 //! The kernel benchmark runs end to end at a tiny size and reports every field it promises.
 
-use prunec::kernel::{bench_kernels, bench_table};
+use prunec_kernels::{bench_kernels, bench_table};
 
 #[test]
 fn bench_reports_all_cases() {
@@ -38,7 +38,7 @@ fn bench_reports_all_cases() {
     let scans = v["scan_code"].as_str().unwrap();
     assert_eq!(
         scans == "avx512",
-        prunec::kernel::wide::available(),
+        prunec_kernels::wide::available(),
         "{scans}"
     );
     assert!(["avx512", "avx2", "scalar"].contains(&v["selection_code"].as_str().unwrap()));

@@ -1,7 +1,7 @@
 //! Property tests: the JIT kernels and the reference interpreter agree bit for bit.
 
 use proptest::prelude::*;
-use prunec::kernel::{
+use prunec_kernels::{
     full_mask, prune_jit, prune_reference, score_jit, score_reference, BinOp, CmpOp, KExpr, KInput,
     PruneOptions, PruneSummary, Selection, TensorView, UnOp,
 };
@@ -297,13 +297,13 @@ proptest! {
 /// key), the `ge` / `over` bits and, when writing, the zeroed weights; on rows of whole
 /// words, also the AVX-512 row scan (its candidates' scores, bits and counts).
 fn scan_agrees(d: &Data, e: &KExpr, lo: u32, hi: u32) -> Result<(), TestCaseError> {
-    use prunec::kernel::expr::score_key;
-    use prunec::kernel::raw::{RawTensor, ScanBits, ScanRange, BLOCK};
-    use prunec::kernel::{simd, KernelCache};
+    use prunec_kernels::expr::score_key;
+    use prunec_kernels::raw::{RawTensor, ScanBits, ScanRange, BLOCK};
+    use prunec_kernels::{simd, KernelCache};
     let o = opts(true);
     let k = KernelCache::global().get(e).unwrap();
     // Both code generators: the AVX-512 scans where this host has them, and cranelift's.
-    let narrow = prunec::kernel::jit::CompiledKernel { wide: None, ..k };
+    let narrow = prunec_kernels::jit::CompiledKernel { wide: None, ..k };
     let mut kernels = vec![];
     if k.wide_for(d.cols).is_some() {
         kernels.push(k);
@@ -463,7 +463,7 @@ fn scan_range(d: &Data, e: &KExpr, a: u32, b: u32, pick: usize) -> (u32, u32) {
         let mut k: Vec<u32> = score_reference(e, &d.clone().view(0), &o)
             .unwrap()
             .iter()
-            .map(|&s| prunec::kernel::expr::score_key(s))
+            .map(|&s| prunec_kernels::expr::score_key(s))
             .collect();
         k.sort_unstable();
         k
