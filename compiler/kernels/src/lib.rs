@@ -7,6 +7,7 @@
 //! Results never depend on the number of threads: work is cut into fixed chunks
 //! ([`raw::CHUNK`] elements) and merged in order. See `docs/kernels.md`.
 
+pub mod abi;
 pub mod bench;
 mod cut;
 pub mod expr;

@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::abi::{KArgs, KernelFn};
 use super::expr::KExpr;
-use super::jit::{compile_with, CompiledKernel, KArgs, KernelFn};
+use super::jit::{compile_with, CompiledKernel};
 use super::types::{KernelError, TensorView};
 use super::wide::WideScans;
 

@@ -35,8 +35,8 @@
 
 use std::mem::offset_of;
 
+use super::abi::{KArgs, KernelFn};
 use super::expr::{BinOp, CmpOp, KExpr, KInput, UnOp};
-use super::jit::{KArgs, KernelFn};
 
 /// The three fused scans of one expression in AVX-512 machine code, and the row scan.
 #[derive(Clone, Copy, Debug)]
