@@ -24,7 +24,7 @@
 //!
 //! The variants run interleaved, 12 times each; it prints the minimum and the median in ms.
 //! `cargo run --release -p prunec-kernels --example scan_bound [-- PARAMS]` (default 100M). Needs an
-//! x86-64 CPU with AVX-512F; see `docs/kernels.md` for results.
+//! x86-64 CPU with AVX-512F; see `docs/benchmarks/kernels.md` for results.
 
 use std::hint::black_box;
 use std::time::Instant;

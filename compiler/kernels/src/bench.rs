@@ -40,9 +40,9 @@ const TENSORS: usize = 8;
 const COLS: usize = 4096;
 const KEEP: f64 = 0.1;
 /// Runs per case (and streaming passes before the first case): more for small sizes, whose
-/// calls take milliseconds and vary by half from one call to the next on this machine; five
-/// above (three until 2026-11-29 10:00 UTC), as a slow phase of this machine can last
-/// through three runs of a 100M case.
+/// calls take milliseconds and vary most from one call to the next; five above, as a slow
+/// phase of the machine can last through several runs of a large case
+/// (`docs/benchmarks/kernels.md`).
 fn repeats(params: usize) -> usize {
     if params <= 20_000_000 {
         9
@@ -129,11 +129,11 @@ fn reset_peak() -> bool {
 /// Evicts the weights from the caches before each timed pass, so that every pass, the
 /// streaming baseline as much as the kernels, moves its bytes to and from memory: it reads a
 /// buffer twice the size of the last-level cache (64 MiB at least), one byte per cache line.
-/// Without it, a pass right after the weights were restored from the pristine copy found
-/// part of them still in the last-level cache: at 10M parameters (40 MB against this
-/// machine's 32 MB) the streaming pass then reached 62-78 GB/s, against the 52-60 GB/s it
-/// gets from memory at 100M, and how much of that a kernel got depended on the order in
-/// which it read the weights rather than on how fast it moved them.
+/// Without it, a pass right after the weights were restored from the pristine copy finds
+/// part of them still in the last-level cache when they are not much larger than it: the
+/// streaming baseline is then partly the cache's bandwidth, and how much of that a kernel
+/// gets depends on the order in which it reads the weights rather than on how fast it
+/// moves them (`docs/benchmarks/kernels.md`).
 struct Evict {
     junk: Vec<u8>,
 }
@@ -189,9 +189,8 @@ fn stream(layers: &mut [Layer]) -> f64 {
 
 /// The same read+write, each line prefetched 8 KB ahead into the second-level cache as the
 /// kernels' scans do (`wide::PREFETCH`): a stricter baseline than [`stream`] on hosts where
-/// the hardware prefetcher alone leaves a plain loop short of what memory can do (on the
-/// Emerald Rapids host of 2026-11-29 afternoon, one core's bandwidth is bound by the misses
-/// it keeps in flight, and this loop ran 20-25% faster than the plain one).
+/// the hardware prefetcher alone leaves a plain loop short of what memory can do (where one
+/// core's bandwidth is bound by the misses it keeps in flight; `docs/benchmarks/kernels.md`).
 fn stream_prefetched(layers: &mut [Layer]) -> f64 {
     const AHEAD: usize = 8192 / 4;
     let f = black_box(1.0f32);
@@ -301,8 +300,8 @@ pub fn bench_kernels(sizes: &[usize], json: bool) -> Result<Value, String> {
                 a.mask.copy_from_slice(&b.mask);
             }
         };
-        // Streaming is measured again next to every case's runs: this machine's bandwidth
-        // drifts, and each ratio compares times taken in the same moments.
+        // Streaming is measured again next to every case's runs: a machine's bandwidth can
+        // drift, and each ratio compares times taken in the same moments.
         let runs = repeats(params);
         let first_stream = (0..runs)
             .map(|_| {

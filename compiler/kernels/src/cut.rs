@@ -32,8 +32,8 @@ const BUCKETS: usize = 2048;
 /// between `SAMPLE_STRIDE` and `SAMPLE_STRIDE_MAX` aiming at `SAMPLE_RUNS` runs (so the
 /// sample holds at most about 200K keys: selecting in it stays cheap), in pools of at least
 /// `SAMPLE_MIN` alive elements. A run is a KiB of weights: runs far apart each cost a trip
-/// to memory and a page walk, and a run of 64 elements (the length until November 2026)
-/// spent four times as long per key.
+/// to memory and a page walk, which shorter runs spread over fewer keys
+/// (`docs/benchmarks/kernels.md`).
 const SAMPLE_RUN: usize = 256;
 const SAMPLE_STRIDE: usize = 4096;
 const SAMPLE_STRIDE_MAX: usize = 131072;
@@ -666,7 +666,7 @@ pub fn find_cuts(
 /// chunks are brought to it (their candidates below it zeroed, those above it counted above,
 /// see [`restrict`]) and the second phase scans the other chunks with it: fewer candidates
 /// to collect and resolve, and fewer for the fixup to write, where each write is a cache
-/// miss (at 100M weights, some 340K of them took 3 ms).
+/// miss.
 fn scan_round(
     k: &CompiledKernel,
     raws: &[RawTensor],

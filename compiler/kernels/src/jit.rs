@@ -45,11 +45,11 @@ pub struct CompiledKernel {
     /// Whether the expression reads row or column statistics (the f32x4 loops then need
     /// rows a multiple of 4 long).
     pub uses_pos: bool,
-    /// Whether the fused scans pay off: measured on the 100M benchmark, a fused loop over
-    /// the weights alone (magnitude) beats scoring a block and classifying it with AVX-512;
-    /// the 4-lane loop is bound by instructions (about three per weight), and with a second
-    /// input stream (Wanda's column statistics: a load and a multiply more per four weights)
-    /// it is slower than the blocked scan, so such expressions scan block by block.
+    /// Whether the fused scans pay off: a fused loop over the weights alone (magnitude) beats
+    /// scoring a block and classifying it with AVX-512; the 4-lane loop is bound by
+    /// instructions, and with a second input stream (Wanda's column statistics: a load and a
+    /// multiply more per four weights) it is slower than the blocked scan, so such
+    /// expressions scan block by block (`docs/benchmarks/kernels.md`).
     pub fuse: bool,
     /// The same three scans in AVX-512 machine code ([`super::wide`]), and a row scan for
     /// per-row selections, on hosts with AVX-512 and for expressions in its subset; used

@@ -97,10 +97,9 @@ pub fn prune_jit(
 ///
 /// Called from outside the thread pool, the whole call moves onto one of its workers (and
 /// the caller waits): each parallel step then starts on a worker, instead of handing its
-/// work to the pool and being woken at its end. Each such round trip cost tens of
-/// microseconds, and a global cut takes five or six steps: at 10M weights the call was
-/// 0.1-0.2 ms faster this way (`docs/kernels.md`). The unit tests keep the calling thread:
-/// their hooks are thread-local.
+/// work to the pool and being woken at its end, a round trip per step, and a global cut
+/// takes five or six steps (`docs/benchmarks/kernels.md`). The unit tests (and callers
+/// with the `test-hooks` feature) keep the calling thread: their hooks are thread-local.
 pub fn prune_jit_with(
     cache: &KernelCache,
     expr: &KExpr,

@@ -15,10 +15,8 @@ pub const CHUNK: usize = 1 << 18;
 
 /// Elements scored at a time into a cache-resident buffer before selection or masking: 8 KB
 /// of scores, so buffer, weights and the next block (prefetched while this one is compared)
-/// stay in the 32 KB L1. Measured on the development machine, the single-thread writing scan
-/// (score, classify, zero below the range) over 100M weights took 49 ms at 1024, 45 ms at
-/// 2048 and 51 ms at 4096 elements per block: larger blocks spread the per-block calls,
-/// smaller ones keep more in L1.
+/// stay in the 32 KB L1. Larger blocks spread the per-block calls, smaller ones keep more in
+/// L1; this size was the fastest of 1024, 2048 and 4096 (`docs/benchmarks/kernels.md`).
 pub const BLOCK: usize = 1 << 11;
 
 /// Whether `PRUNEC_TRACE_CUT` asks for timings on stderr.

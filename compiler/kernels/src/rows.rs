@@ -508,9 +508,9 @@ const SMOOTH: u64 = 4;
 
 /// Moves `center` towards this row's cut key `t` (to `t` when there is none yet) and returns
 /// it. A row's cut is the population's cut plus the row's own deviation; centring the next
-/// row's bracket on the last row's cut adds that deviation to the next row's, and the
-/// brackets of `bench kernels`' 100M per-row case missed 93 of 24416 rows (0.4%; a miss costs
-/// an exact selection over the row, some 15 µs). Centred on the smoothed cut, 8.
+/// row's bracket on the last row's cut adds that deviation to the next row's, so brackets
+/// miss more often, and a miss costs an exact selection over the row; centring on the
+/// smoothed cut misses far fewer (`docs/benchmarks/kernels.md`).
 fn smoothed_cut(center: &mut Option<u32>, t: u32) -> u32 {
     let c = match *center {
         Some(c) => ((c as u64 * (SMOOTH - 1) + t as u64) / SMOOTH) as u32,
@@ -555,8 +555,7 @@ fn alive_keys(s: &[f32], mask: &[u64]) -> Vec<u32> {
 /// One histogram over the keys' own range (`hist`'s buckets) finds the bucket of each rank,
 /// and a selection among that bucket's few keys the key, instead of two `select_nth_unstable`
 /// over all of them. It runs for every tensor's first row and every row that misses its
-/// bracket: the seeds of `bench kernels`' 10M Wanda per-row call (eight first rows of 4096)
-/// went from 0.13 to 0.11 ms.
+/// bracket.
 fn bracket_of(keys: &[u32], keep: usize, margin: usize, hist: &mut [u32]) -> (u32, u32) {
     let n = keys.len();
     debug_assert!(keep > 0 && keep < n);

@@ -1052,10 +1052,8 @@ mod x86 {
         _mm512_reduce_max_epu32(acc).max(super::max_bits(rest))
     }
 
-    /// Prefetching 8 KB ahead into L2, as the scans do: counting the masks of the 100M
-    /// benchmark (12.5 MB, caches evicted) took 0.58-0.90 against 0.95-1.6 ms without, on a
-    /// host whose cores are bound by the misses they keep in flight (alternated in one
-    /// process, 2026-11-29).
+    /// Prefetching 8 KB ahead into L2, as the scans do: it helps on hosts whose cores are
+    /// bound by the misses they keep in flight (`docs/benchmarks/kernels.md`).
     #[target_feature(enable = "popcnt")]
     pub unsafe fn count_bits_popcnt(w: &[u64]) -> usize {
         const AHEAD: usize = 1024;

@@ -1,9 +1,9 @@
 //! A second code generator for the fused scans: x86-64 machine code with AVX-512, 16 lanes
-//! per instruction where cranelift emits at most 4 (`shared/design/STACK.md`).
+//! per instruction where cranelift emits at most 4 (128-bit vectors on x86-64).
 //!
-//! Measured on the 100M benchmark, the 4-lane fused scans execute about three instructions
-//! per weight and run 1.35-1.5 times slower than a streaming pass, while the same loop 16
-//! lanes wide runs at streaming speed (`docs/kernels.md`). So on hosts with AVX-512F, the
+//! The 4-lane fused scans are bound by the instructions they execute per weight and run
+//! slower than a streaming pass, while the same loop 16 lanes wide runs at streaming speed
+//! (`docs/benchmarks/kernels.md`). So on hosts with AVX-512F, the
 //! three scan kernels of expressions in the subset below are also emitted here, directly as
 //! machine code, with the same argument block ([`KArgs`]) and the same scores (by key) and
 //! bits; they also do the work Rust did after cranelift's scans (see
@@ -57,8 +57,8 @@ pub struct WideScans {
     /// Whether the writing scans (`zero`, `zero_all`) store the scores. The magnitude's do
     /// not: the scores a caller needs are those of the kept elements, whose weights the scan
     /// left as they were, so each is its weight's magnitude (bit for bit: the scan's
-    /// absolute value also clears the sign bit). Storing a score per weight cost the
-    /// magnitude's global cut at 10M weights 8-10% of its time.
+    /// absolute value also clears the sign bit), and storing a score per weight would cost
+    /// the magnitude's global cut a noticeable share of its time.
     pub zero_stores_scores: bool,
 }
 
@@ -220,22 +220,16 @@ const ZCNT: u8 = 4;
 /// Constants and scalars, broadcast once before the loop.
 const ZCONST: u8 = 5;
 
-/// How far ahead the loop prefetches the weights, in bytes. Measured on 100M weights in
-/// 4096-column tensors (`examples/scan_kernels.rs`, the kernels alone, read-only):
-/// without prefetching Wanda's scan took 25 ms, prefetching into L1 (`prefetcht0`) 4 KB ahead
-/// 20 ms, as its column statistics were evicted and re-read, and into L2 (`prefetcht1`) 8 KB
-/// ahead 13-16 ms, as fast as the magnitude scan; 2 KB ahead was slower, 12-16 KB no faster.
+/// How far ahead the loop prefetches the weights, in bytes, into L2 (`prefetcht1`):
+/// prefetching into L1 evicts the column statistics, which are then read again, and
+/// without prefetching a scan with a second input stream (Wanda's) falls well behind the
+/// magnitude's; shorter distances were slower, longer ones no faster.
 ///
 /// Every scan prefetches, the magnitude's writing scans too, though a lone stream read and
-/// written in place is one the hardware prefetcher can follow on its own. How well it does
-/// depends on the host. On a host with a 32 MB last-level cache and 52-93 GB/s streaming
-/// (until 2026-11-29) the magnitude's global cut was slightly faster without the prefetch:
-/// at 10M weights 2.32-2.39 against 2.42-2.50 ms, at 100M 18.5-20.4 against 19.1-21.0 ms.
-/// On an Emerald Rapids host with a 260 MB last-level cache and 25-40 GB/s streaming, where
-/// one core's bandwidth is bound by how many misses it keeps in flight, it was much slower
-/// without: 3.9-4.7 against 3.4 ms at 10M, 36-37 against 27 ms at 100M (minima, alternated
-/// in one process, `docs/kernels.md`). A few percent on one host against a quarter on the
-/// other: the prefetch stays. 4 or 16 KB instead of 8 made no clear difference on the second.
+/// written in place is one the hardware prefetcher can follow on its own: how well it does
+/// depends on the host. Where one core's bandwidth is bound by how many misses it keeps in
+/// flight, the prefetch saves much more than it costs where the hardware prefetcher keeps
+/// up, so it stays (measurements in `docs/benchmarks/kernels.md`).
 const PREFETCH: i32 = 8192;
 
 // `vcmpps` predicates (quiet: exceptions are masked anyway).
@@ -819,10 +813,9 @@ fn emit(a: &mut Asm, p: &Plan, pool: &'static [u32], expr: &KExpr, kind: Kind) -
                 if collect {
                     // Their scores, packed, then the count moves past them. Stored eight
                     // lanes wide, and sixteen only when there are more than eight, which
-                    // is rare (the buffer has room either way): the AMD Zen 4 this was
-                    // measured on runs 512-bit operations as two 256-bit halves, and the row
-                    // scan of a 4096-column row went from 449 to 422 ns in cache (`bench
-                    // kernels`' rows, one thread, alternating).
+                    // is rare (the buffer has room either way): CPUs that run 512-bit
+                    // operations as two 256-bit halves then do half the work
+                    // (`docs/benchmarks/kernels.md`).
                     a.vcompress(t, s, 6);
                     a.vstore256(at_idx(RBP, RBX, 2, 0), t);
                     a.kmov_to_gp(RCX, 6);
