@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use prunec::driver::{self, SourceFile};
+use prunec::exec::sweep::{SweepArg, SweepOutcome, Variant};
 use prunec_lang::diag::Diagnostic;
 use prunec_lang::Override;
 use std::io::{IsTerminal, Write};
@@ -97,6 +98,11 @@ struct RunArgs {
     /// Override a param: `--set target=0.95` (repeatable).
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<Override>,
+    /// Run one variant per value (`--sweep target=50%,70%,90%`; several make
+    /// a grid): the work the variants share runs once, each variant's outputs
+    /// go to `OUT/<variant>/`, and `OUT/sweep.md` compares them.
+    #[arg(long = "sweep", value_name = "NAME=V1,V2,...")]
+    sweep: Vec<SweepArg>,
     /// Output folder (default: `out/<recipe name>`).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -156,7 +162,15 @@ struct ExplainArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A command-line mistake is a user error (exit 1; clap's own 2 would
+    // read as a failed assert); `--help` and `--version` exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USER } else { exit::OK });
+        }
+    };
     let code = match cli.command {
         Command::Check(a) => cmd_check(a),
         Command::Fmt(a) => cmd_fmt(a),
@@ -351,13 +365,17 @@ fn run_recipe(
         out_dir: out,
         progress: !quiet,
     };
-    match prunec::exec::run(recipe, path, &file.text, &opts) {
-        Ok(o) => Ok(o),
-        Err(prunec::exec::RunError::User {
+    prunec::exec::run(recipe, path, &file.text, &opts).map_err(|e| run_error(file, e))
+}
+
+/// Prints why a run stopped; its exit code.
+fn run_error(file: &SourceFile, e: prunec::exec::RunError) -> u8 {
+    match e {
+        prunec::exec::RunError::User {
             span,
             message,
             help,
-        }) => {
+        } => {
             let mut d = Diagnostic::new(prunec_lang::Code::StageClause, message.clone());
             match span {
                 Some(s) => {
@@ -375,23 +393,132 @@ fn run_recipe(
                 }
             }
             eprintln!("{}: the run stopped; no output was written", file.name);
-            Err(exit::USER)
+            exit::USER
         }
-        Err(prunec::exec::RunError::Interrupted) => {
+        prunec::exec::RunError::Interrupted => {
             eprintln!("interrupted: no output was written");
-            Err(exit::INTERRUPTED)
+            exit::INTERRUPTED
         }
-        Err(prunec::exec::RunError::Internal(m)) => {
+        prunec::exec::RunError::Internal(m) => {
             eprintln!("internal error: {m}");
-            Err(exit::INTERNAL)
+            exit::INTERNAL
         }
-        Err(prunec::exec::RunError::Assert { .. }) => {
+        prunec::exec::RunError::Assert { .. } => {
             unreachable!("asserts end the run with outputs")
         }
     }
 }
 
+/// Checks every variant of a sweep, runs them together into `out` and
+/// writes the comparison and the sweep's lock; diagnostics are printed here.
+fn run_sweep(
+    path: &std::path::Path,
+    set: &[Override],
+    sweep: &[SweepArg],
+    out: Option<PathBuf>,
+    quiet: bool,
+) -> Result<(SourceFile, PathBuf, Vec<String>, SweepOutcome), u8> {
+    for a in sweep {
+        if set.iter().any(|o| o.name == a.name) {
+            eprintln!(
+                "error: `{}` is both set (`--set`) and swept (`--sweep`); give it one way",
+                a.name
+            );
+            return Err(exit::USER);
+        }
+    }
+    let grid = prunec::exec::sweep::sweep_grid(sweep).map_err(|m| {
+        eprintln!("error: {m}");
+        exit::USER
+    })?;
+    let mut checked = Vec::with_capacity(grid.len());
+    for (name, values) in &grid {
+        let mut overrides = set.to_vec();
+        overrides.extend(values.iter().map(|(k, v)| Override {
+            name: k.clone(),
+            value: v.clone(),
+        }));
+        match checked_recipe(path, &overrides) {
+            Ok(x) => checked.push(x),
+            Err(code) => {
+                eprintln!("(in the sweep's variant {name})");
+                return Err(code);
+            }
+        }
+    }
+    let file = checked[0].0.clone();
+    let recipe_name = checked[0].1.name.clone();
+    let out = out.unwrap_or_else(|| PathBuf::from("out").join(recipe_name));
+    let variants: Vec<Variant<'_>> = grid
+        .iter()
+        .zip(&checked)
+        .map(|((name, values), (_, recipe))| Variant {
+            name: name.clone(),
+            values: values.clone(),
+            recipe,
+        })
+        .collect();
+    let spec = prunec::report::SweepSpec {
+        swept: sweep
+            .iter()
+            .map(|a| (a.name.clone(), a.values.clone()))
+            .collect(),
+        set: set
+            .iter()
+            .map(|o| (o.name.clone(), o.value.clone()))
+            .collect(),
+    };
+    let opts = prunec::exec::RunOptions {
+        out_dir: out.clone(),
+        progress: !quiet,
+    };
+    let write = |dir: &std::path::Path, o: &SweepOutcome| {
+        let rows: Vec<prunec::report::SweepRow<'_>> = variants
+            .iter()
+            .zip(&o.variants)
+            .map(|(v, r)| prunec::report::SweepRow {
+                name: &v.name,
+                values: &v.values,
+                report: &r.report,
+            })
+            .collect();
+        prunec::report::write_sweep(dir, &spec, &rows, &o.steps)
+    };
+    match prunec::exec::run_sweep(&variants, path, &file.text, &opts, &write) {
+        Ok(o) => Ok((file, out, grid.into_iter().map(|(n, _)| n).collect(), o)),
+        Err(e) => Err(run_error(&file, e)),
+    }
+}
+
+fn cmd_run_sweep(a: RunArgs) -> u8 {
+    let (file, out, names, outcome) = match run_sweep(&a.file, &a.set, &a.sweep, a.out, a.quiet) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    if !a.quiet {
+        eprintln!(
+            "wrote {} ({} variants in their folders; sweep.md, sweep.svg, sweep.json and prune.lock)",
+            out.display(),
+            outcome.variants.len()
+        );
+    }
+    let mut code = exit::OK;
+    for (name, v) in names.iter().zip(&outcome.variants) {
+        if let Some((span, message)) = &v.failed_assert {
+            let d = Diagnostic::new(prunec_lang::Code::StageClause, message.clone())
+                .with_label(*span, "this assertion does not hold");
+            eprintln!("in the variant {name}:");
+            eprint!("{}", driver::render_run_error(&file, &d, color()));
+            code = exit::ASSERT;
+        }
+    }
+    code
+}
+
 fn cmd_run(a: RunArgs) -> u8 {
+    if !a.sweep.is_empty() {
+        return cmd_run_sweep(a);
+    }
     let (file, recipe) = match checked_recipe(&a.file, &a.set) {
         Ok(x) => x,
         Err(code) => return code,
@@ -483,28 +610,72 @@ fn cmd_verify(a: VerifyArgs) -> u8 {
             })
         })
         .collect();
-    let (file, recipe) = match checked_recipe(&recipe_path, &set) {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
     let dir = match tempfile::tempdir() {
         Ok(d) => d,
         Err(e) => return fail(format!("cannot create a temporary folder: {e}")),
     };
-    let outcome = match run_recipe(&file, &recipe, &recipe_path, dir.path().to_path_buf(), true) {
-        Ok(o) => o,
-        Err(code) => return code,
+    let fresh: std::collections::BTreeMap<String, String> = match lock.get("sweep") {
+        Some(sweep) => {
+            // A sweep's lock: replay every variant, then compare what the
+            // re-run's own lock lists.
+            let sweep: Vec<SweepArg> = sweep
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| SweepArg {
+                    name: e["param"].as_str().unwrap_or("").to_string(),
+                    values: e["values"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect(),
+                })
+                .collect();
+            if let Err(code) = run_sweep(
+                &recipe_path,
+                &set,
+                &sweep,
+                Some(dir.path().to_path_buf()),
+                true,
+            ) {
+                return code;
+            }
+            let relock: serde_json::Value =
+                match std::fs::read_to_string(dir.path().join("prune.lock"))
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+                {
+                    Ok(v) => v,
+                    Err(e) => return fail(format!("cannot read the re-run's lock: {e}")),
+                };
+            relock["outputs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|o| {
+                    (
+                        o["path"].as_str().unwrap_or("").to_string(),
+                        o["sha256"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        }
+        None => {
+            let (file, recipe) = match checked_recipe(&recipe_path, &set) {
+                Ok(x) => x,
+                Err(code) => return code,
+            };
+            match run_recipe(&file, &recipe, &recipe_path, dir.path().to_path_buf(), true) {
+                Ok(o) => o.report.outputs.into_iter().collect(),
+                Err(code) => return code,
+            }
+        }
     };
-    let fresh: std::collections::BTreeMap<&str, &str> = outcome
-        .report
-        .outputs
-        .iter()
-        .map(|(p, h)| (p.as_str(), h.as_str()))
-        .collect();
     for out in lock["outputs"].as_array().into_iter().flatten() {
         let p = out["path"].as_str().unwrap_or("");
         let expected = out["sha256"].as_str().unwrap_or("");
-        match fresh.get(p).copied() {
+        match fresh.get(p).map(String::as_str) {
             Some(h) if h == expected => {}
             Some(h) => {
                 eprintln!(

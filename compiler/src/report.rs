@@ -6,12 +6,14 @@ use serde_json::{json, Value as Json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+#[derive(Clone)]
 pub struct Evaluation {
     pub label: String,
     pub span: Span,
     pub metrics: BTreeMap<String, f64>,
 }
 
+#[derive(Clone)]
 pub struct Round {
     pub round: usize,
     pub sparsity: f64,
@@ -19,6 +21,7 @@ pub struct Round {
     pub metrics: BTreeMap<String, f64>,
 }
 
+#[derive(Clone)]
 pub struct Layer {
     /// The model the parameter belongs to.
     pub model: String,
@@ -28,13 +31,20 @@ pub struct Layer {
     pub kept: usize,
 }
 
-pub struct Timing {
-    pub stage: String,
+/// One executed step: a pipeline stage run once on one model state, shared
+/// by every sweep variant in `variants` (empty for a run without a sweep).
+#[derive(Clone)]
+pub struct Step {
+    pub kind: String,
+    /// The model the stage works on (empty for `assert` and `report`).
+    pub model: String,
     pub span: Span,
+    pub variants: Vec<String>,
     pub seconds: f64,
 }
 
 /// Everything a run reports.
+#[derive(Clone)]
 pub struct Report {
     pub recipe_path: String,
     pub recipe_sha256: String,
@@ -51,7 +61,7 @@ pub struct Report {
     pub counts: Option<ModelCounts>,
     /// Files written, relative to the output folder, with their sha256.
     pub outputs: Vec<(String, String)>,
-    pub timings: Vec<Timing>,
+    pub steps: Vec<Step>,
     /// `report STAGE` requests: SVG path and the metrics to plot per round.
     pub plots: Vec<(PathBuf, Vec<String>)>,
     pub exported: Option<String>,
@@ -68,23 +78,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 impl Report {
     pub fn new(r: &CheckedRecipe, path: &Path, text: &str) -> Report {
-        let params = r
-            .symbols
-            .iter()
-            .filter(|(_, s)| s.kind == prunec_lang::check::SymKind::Param)
-            .map(|(n, s)| {
-                (
-                    n.clone(),
-                    s.value.as_ref().map(value_json).unwrap_or(Json::Null),
-                )
-            })
-            .collect();
-        let params_text = r
-            .symbols
-            .iter()
-            .filter(|(_, s)| s.kind == prunec_lang::check::SymKind::Param)
-            .filter_map(|(n, s)| s.value.as_ref().map(|v| (n.clone(), v.to_string())))
-            .collect();
+        let (params, params_text) = params_of(r);
         Report {
             params_text,
             recipe_path: path.display().to_string(),
@@ -99,12 +93,24 @@ impl Report {
             final_sparsity: 0.0,
             counts: None,
             outputs: vec![],
-            timings: vec![],
+            steps: vec![],
             plots: vec![],
             exported: None,
             failed_assert: None,
             source: text.to_string(),
         }
+    }
+
+    /// Takes the params of `r` (a sweep variant forked from a shared state).
+    pub fn set_params(&mut self, r: &CheckedRecipe) {
+        (self.params, self.params_text) = params_of(r);
+    }
+
+    pub fn step_json(&self, t: &Step) -> Json {
+        json!({
+            "kind": t.kind, "model": t.model, "span": self.span_json(t.span),
+            "variants": t.variants, "seconds": t.seconds,
+        })
     }
 
     fn span_json(&self, s: Span) -> Json {
@@ -141,9 +147,7 @@ impl Report {
                 "flops_dense": c.flops_dense, "flops_kept": c.flops_kept,
             },
             "outputs": self.outputs.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
-            "timings": self.timings.iter().map(|t| json!({
-                "stage": t.stage, "span": self.span_json(t.span), "seconds": t.seconds,
-            })).collect::<Vec<_>>(),
+            "steps": self.steps.iter().map(|t| self.step_json(t)).collect::<Vec<_>>(),
             "failed_assert": self.failed_assert,
         })
     }
@@ -216,6 +220,28 @@ impl Report {
         }
         md
     }
+}
+
+/// Every param's resolved value, as JSON and as recipe text.
+fn params_of(r: &CheckedRecipe) -> (BTreeMap<String, Json>, BTreeMap<String, String>) {
+    let params = r
+        .symbols
+        .iter()
+        .filter(|(_, s)| s.kind == prunec_lang::check::SymKind::Param)
+        .map(|(n, s)| {
+            (
+                n.clone(),
+                s.value.as_ref().map(value_json).unwrap_or(Json::Null),
+            )
+        })
+        .collect();
+    let params_text = r
+        .symbols
+        .iter()
+        .filter(|(_, s)| s.kind == prunec_lang::check::SymKind::Param)
+        .filter_map(|(n, s)| s.value.as_ref().map(|v| (n.clone(), v.to_string())))
+        .collect();
+    (params, params_text)
 }
 
 fn value_json(v: &prunec_lang::check::Value) -> Json {
@@ -359,4 +385,308 @@ pub fn write_all(report: &mut Report, dir: &Path) -> std::io::Result<()> {
         serde_json::to_string_pretty(&lock).unwrap() + "\n",
     )?;
     Ok(())
+}
+
+/// A sweep as the command line gave it: the swept params with their values
+/// as written, and the `--set` overrides every variant shares.
+pub struct SweepSpec {
+    pub swept: Vec<(String, Vec<String>)>,
+    pub set: Vec<(String, String)>,
+}
+
+/// One finished variant of a sweep.
+pub struct SweepRow<'a> {
+    pub name: &'a str,
+    pub values: &'a [(String, String)],
+    pub report: &'a Report,
+}
+
+/// The metrics of a variant the comparison shows: each evaluation's metrics
+/// as `label.metric`, then the final sparsity and parameters kept.
+fn sweep_metrics(r: &Report) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = Vec::new();
+    for e in &r.evaluations {
+        for (k, v) in &e.metrics {
+            let key = format!("{}.{k}", e.label);
+            match out.iter_mut().find(|(n, _)| *n == key) {
+                // A label evaluated again (in rounds) shows its last value.
+                Some(slot) => slot.1 = *v,
+                None => out.push((key, *v)),
+            }
+        }
+    }
+    out.push(("final.sparsity".into(), r.final_sparsity));
+    if let Some(c) = &r.counts {
+        out.push(("final.params".into(), c.params_kept as f64));
+    }
+    out
+}
+
+/// A swept value as a number (`50%` is 0.5), if it is one.
+fn swept_number(text: &str) -> Option<f64> {
+    match text.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().ok().map(|v| v / 100.0),
+        None => text.trim().parse::<f64>().ok(),
+    }
+}
+
+/// One panel per metric against the first swept param (numeric axis when
+/// every value is a number, evenly spaced otherwise); one line per value of
+/// the other swept params.
+fn sweep_svg(spec: &SweepSpec, rows: &[SweepRow<'_>], metrics: &[String]) -> String {
+    let (pw, ph) = (300.0, 180.0);
+    let cols = metrics.len().clamp(1, 3);
+    let panels_down = metrics.len().div_ceil(3).max(1);
+    let w = 40.0 + (pw + 60.0) * cols as f64;
+    let h = 20.0 + (ph + 80.0) * panels_down as f64;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let Some((xname, xvalues)) = spec.swept.first() else {
+        svg.push_str("</svg>\n");
+        return svg;
+    };
+    let numeric: Option<Vec<f64>> = xvalues.iter().map(|v| swept_number(v)).collect();
+    let xpos = |text: &str| -> f64 {
+        let i = xvalues.iter().position(|v| v == text).unwrap_or(0);
+        match &numeric {
+            Some(nums) => {
+                let (lo, hi) = nums
+                    .iter()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                        (a.min(*v), b.max(*v))
+                    });
+                if hi > lo {
+                    (nums[i] - lo) / (hi - lo)
+                } else {
+                    0.5
+                }
+            }
+            None if xvalues.len() > 1 => i as f64 / (xvalues.len() - 1) as f64,
+            None => 0.5,
+        }
+    };
+    // Series: the values of every swept param but the first.
+    let series_of = |row: &SweepRow<'_>| -> String {
+        row.values
+            .iter()
+            .skip(1)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut series: Vec<String> = Vec::new();
+    for row in rows {
+        let s = series_of(row);
+        if !series.contains(&s) {
+            series.push(s);
+        }
+    }
+    const COLORS: [&str; 6] = [
+        "#c0392b", "#2c7fb8", "#27ae60", "#8e44ad", "#d35400", "#7f8c8d",
+    ];
+    for (k, m) in metrics.iter().enumerate() {
+        let x0 = 40.0 + (pw + 60.0) * (k % 3) as f64;
+        let y0 = 30.0 + (ph + 80.0) * (k / 3) as f64;
+        svg.push_str(&format!(
+            r#"<text x="{x0}" y="{}" font-weight="bold">{} against {}</text>"#,
+            y0 - 10.0,
+            xml_escape(m),
+            xml_escape(xname)
+        ));
+        svg.push_str(&format!(
+            r##"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>"##
+        ));
+        let vals: Vec<f64> = rows
+            .iter()
+            .filter_map(|r| {
+                sweep_metrics(r.report)
+                    .into_iter()
+                    .find(|(n, _)| n == m)
+                    .map(|(_, v)| v)
+            })
+            .collect();
+        if vals.is_empty() {
+            continue;
+        }
+        let (lo, hi) = vals
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                (a.min(*v), b.max(*v))
+            });
+        let span = if hi > lo { hi - lo } else { 1.0 };
+        for (si, s) in series.iter().enumerate() {
+            let color = COLORS[si % COLORS.len()];
+            let mut pts: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| series_of(r) == *s)
+                .filter_map(|r| {
+                    let x = xpos(&r.values.first()?.1);
+                    let v = sweep_metrics(r.report).into_iter().find(|(n, _)| n == m)?.1;
+                    Some((
+                        x0 + 10.0 + (pw - 20.0) * x,
+                        y0 + ph - 10.0 - (ph - 20.0) * (v - lo) / span,
+                    ))
+                })
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let text: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+            svg.push_str(&format!(
+                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
+                text.join(" ")
+            ));
+            for (x, y) in &pts {
+                svg.push_str(&format!(
+                    r#"<circle cx="{x:.1}" cy="{y:.1}" r="3" fill="{color}"/>"#
+                ));
+            }
+            if !s.is_empty() && k == 0 {
+                svg.push_str(&format!(
+                    r#"<text x="{}" y="{}" fill="{color}">{}</text>"#,
+                    x0 + 10.0,
+                    y0 + 15.0 + 14.0 * si as f64,
+                    xml_escape(s)
+                ));
+            }
+        }
+        svg.push_str(&format!(
+            r#"<text x="{x0}" y="{}">{lo:.4} .. {hi:.4}; {} = {}</text>"#,
+            y0 + ph + 18.0,
+            xml_escape(xname),
+            xml_escape(&xvalues.join(", "))
+        ));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Writes a sweep's comparison (`sweep.md`, `sweep.json`, `sweep.svg`) and
+/// its `prune.lock` into `dir`, beside the variants' folders. The lock lists
+/// every variant's outputs (as `VARIANT/PATH`) and the plot, so that
+/// `prunec verify` can replay the whole sweep.
+pub fn write_sweep(
+    dir: &Path,
+    spec: &SweepSpec,
+    rows: &[SweepRow<'_>],
+    steps: &[Step],
+) -> std::io::Result<()> {
+    let Some(first) = rows.first() else {
+        return Ok(());
+    };
+    let mut metrics: Vec<String> = Vec::new();
+    for row in rows {
+        for (m, _) in sweep_metrics(row.report) {
+            if !metrics.contains(&m) {
+                metrics.push(m);
+            }
+        }
+    }
+    let svg = sweep_svg(spec, rows, &metrics);
+    std::fs::write(dir.join("sweep.svg"), &svg)?;
+    // The comparison table.
+    let mut md = format!(
+        "# prunec sweep: `{}`\n\nRecipe `{}` (sha256 `{}`), seed {}; {} variants.\n\n",
+        first.report.recipe_name,
+        first.report.recipe_path,
+        &first.report.recipe_sha256[..16],
+        first.report.seed,
+        rows.len()
+    );
+    let swept: Vec<&str> = spec.swept.iter().map(|(n, _)| n.as_str()).collect();
+    md.push_str(&format!(
+        "| variant | {} | {} | assert |\n|---|{}{}---|\n",
+        swept.join(" | "),
+        metrics.join(" | "),
+        "---|".repeat(swept.len()),
+        "---|".repeat(metrics.len())
+    ));
+    for row in rows {
+        let vals = sweep_metrics(row.report);
+        let cells: Vec<String> = metrics
+            .iter()
+            .map(|m| {
+                vals.iter()
+                    .find(|(n, _)| n == m)
+                    .map(|(n, v)| crate::exec::fmt_metric(n.rsplit('.').next().unwrap_or(n), *v))
+                    .unwrap_or_else(|| "-".into())
+            })
+            .collect();
+        md.push_str(&format!(
+            "| [{}]({}/report.md) | {} | {} | {} |\n",
+            row.name,
+            row.name,
+            row.values
+                .iter()
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+                .join(" | "),
+            cells.join(" | "),
+            row.report.failed_assert.as_deref().unwrap_or("holds")
+        ));
+    }
+    md.push_str("\n![metrics against the swept value](sweep.svg)\n\n## Steps\n\nEach step ran once, for the variants listed.\n\n| step | model | line | variants | seconds |\n|---|---|---|---|---|\n");
+    for s in steps {
+        let (line, _) = prunec_lang::diag::line_col(&first.report.source, s.span.start);
+        md.push_str(&format!(
+            "| {} | {} | {line} | {} | {:.2} |\n",
+            s.kind,
+            s.model,
+            s.variants.join(", "),
+            s.seconds
+        ));
+    }
+    std::fs::write(dir.join("sweep.md"), md)?;
+    let json = json!({
+        "prunec_version": env!("CARGO_PKG_VERSION"),
+        "recipe": {"path": first.report.recipe_path, "sha256": first.report.recipe_sha256, "name": first.report.recipe_name},
+        "swept": spec.swept.iter().map(|(n, v)| json!({"param": n, "values": v})).collect::<Vec<_>>(),
+        "variants": rows.iter().map(|r| json!({
+            "name": r.name,
+            "values": r.values.iter().map(|(k, v)| (k.clone(), Json::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
+            "metrics": sweep_metrics(r.report).into_iter().map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<_, _>>(),
+            "failed_assert": r.report.failed_assert,
+        })).collect::<Vec<_>>(),
+        "steps": steps.iter().map(|s| first.report.step_json(s)).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        dir.join("sweep.json"),
+        serde_json::to_string_pretty(&json).unwrap() + "\n",
+    )?;
+    let mut inputs: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut outputs: Vec<(String, String)> = Vec::new();
+    for row in rows {
+        inputs.extend(
+            row.report
+                .inputs
+                .iter()
+                .map(|(p, h)| (p.as_str(), h.as_str())),
+        );
+        outputs.extend(
+            row.report
+                .outputs
+                .iter()
+                .map(|(p, h)| (format!("{}/{p}", row.name), h.clone())),
+        );
+    }
+    outputs.push(("sweep.svg".into(), sha256_hex(svg.as_bytes())));
+    let lock = json!({
+        "prunec_version": env!("CARGO_PKG_VERSION"),
+        "recipe": {"path": first.report.recipe_path, "sha256": first.report.recipe_sha256},
+        "seed": first.report.seed,
+        "params_text": spec.set.iter().cloned().collect::<BTreeMap<_, _>>(),
+        "sweep": spec.swept.iter().map(|(n, v)| json!({"param": n, "values": v})).collect::<Vec<_>>(),
+        "inputs": inputs.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
+        "outputs": outputs.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        dir.join("prune.lock"),
+        serde_json::to_string_pretty(&lock).unwrap() + "\n",
+    )
 }

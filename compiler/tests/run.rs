@@ -94,7 +94,7 @@ fn a_run_writes_its_outputs_and_verifies() {
         "layers",
         "final",
         "outputs",
-        "timings",
+        "steps",
     ] {
         assert!(report.get(key).is_some(), "report.json lacks `{key}`");
     }

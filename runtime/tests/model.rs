@@ -105,6 +105,22 @@ fn init_is_seeded_and_follows_the_scheme_bounds() {
 }
 
 #[test]
+fn a_fork_owns_its_values_and_a_clone_shares_them() {
+    let m = ModelSpec::mlp(&[4, 3, 2], Activation::Tanh)
+        .build(0, &Device::Cpu)
+        .or_panic();
+    let before = m.param_f32("fc1.weight").or_panic();
+    let fork = m.fork().or_panic();
+    let shared = m.clone();
+    let vals: Vec<f32> = (0..12).map(|i| i as f32).collect();
+    m.set_param_f32("fc1.weight", &vals).or_panic();
+    assert_eq!(fork.param_f32("fc1.weight").or_panic(), before);
+    assert_eq!(shared.param_f32("fc1.weight").or_panic(), vals);
+    fork.set_param_f32("fc2.weight", &[0.5; 6]).or_panic();
+    assert_ne!(m.param_f32("fc2.weight").or_panic(), vec![0.5; 6]);
+}
+
+#[test]
 fn raw_f32_access_snapshots_and_restore() {
     let m = ModelSpec::mlp(&[4, 3, 2], Activation::Tanh)
         .build(0, &Device::Cpu)

@@ -5,11 +5,12 @@
 pub(crate) mod llm;
 mod prune;
 mod staging;
+pub mod sweep;
 
 pub use prune::gradual_plan;
 
 use crate::lower::{self, LowerError};
-use crate::report::{Evaluation, Layer, Report, Round, Timing};
+use crate::report::{Evaluation, Layer, Report, Round, Step};
 use prunec_lang::ast::{BinaryOp, Expr, ExprKind, Stage, StageKind, UnaryOp};
 use prunec_lang::check::Value;
 use prunec_lang::{CheckedRecipe, Span};
@@ -102,9 +103,14 @@ struct ModelState {
 
 struct Exec<'a> {
     r: &'a CheckedRecipe,
+    /// The recipes of every sweep variant this state stands for (`r` alone
+    /// without a sweep), and their names, recorded on each step.
+    group: Vec<&'a CheckedRecipe>,
+    variants: Vec<String>,
     device: candle_core::Device,
     models: BTreeMap<String, ModelState>,
-    datasets: BTreeMap<String, rt::Dataset>,
+    /// Loaded once and shared by every fork.
+    datasets: BTreeMap<String, Arc<rt::Dataset>>,
     /// Latest value of each metric, and labelled evaluations.
     latest: BTreeMap<String, f64>,
     labels: BTreeMap<String, BTreeMap<String, f64>>,
@@ -122,13 +128,15 @@ struct Exec<'a> {
     /// Sparsity after each round of a prune stage (by the stage's span start),
     /// from the optimized IR's folded select / fused prune nodes.
     round_targets: BTreeMap<usize, Vec<f64>>,
+    /// The `assert` that failed; the variant runs no further stage.
+    failed_assert: Option<(Span, String)>,
 }
 
 /// What the executor takes from the optimized IR.
-struct IrPlan {
+pub(super) struct IrPlan {
     /// Top-level pipeline stages (indices) in the IR's topological order.
-    order: Vec<usize>,
-    round_targets: BTreeMap<usize, Vec<f64>>,
+    pub(super) order: Vec<usize>,
+    pub(super) round_targets: BTreeMap<usize, Vec<f64>>,
 }
 
 impl IrPlan {
@@ -211,103 +219,186 @@ fn interrupt_flag() -> Arc<AtomicBool> {
     .clone()
 }
 
+/// Creates the output folder and a staging folder inside it, after removing
+/// the staging folders that killed runs left there (not those of runs still
+/// alive: see `exec/staging.rs`).
+fn create_staging(out_dir: &Path) -> Result<staging::Staging, RunError> {
+    std::fs::create_dir_all(out_dir).map_err(|e| RunError::User {
+        span: None,
+        message: format!("cannot create the output folder {}: {e}", out_dir.display()),
+        help: Some("choose another folder with `--out DIR`".into()),
+    })?;
+    staging::remove_stale(out_dir);
+    staging::Staging::create(out_dir).map_err(|e| RunError::User {
+        span: None,
+        message: format!(
+            "cannot write in the output folder {}: {e}",
+            out_dir.display()
+        ),
+        help: Some(
+            "check its permissions and free space, or choose another with `--out DIR`".into(),
+        ),
+    })
+}
+
 /// Runs a checked recipe. Outputs are written to a staging folder inside
 /// `opts.out_dir` and moved into place at the end; on any error the staging
 /// folder is removed and the output folder holds no new file. Staging
-/// folders that killed runs left in `opts.out_dir` are removed first (not
-/// those of runs still alive: see `exec/staging.rs`).
+/// folders that killed runs left in `opts.out_dir` are removed first.
 pub fn run(
     recipe: &CheckedRecipe,
     recipe_path: &Path,
     recipe_text: &str,
     opts: &RunOptions,
 ) -> Result<RunOutcome, RunError> {
-    std::fs::create_dir_all(&opts.out_dir).map_err(|e| RunError::User {
-        span: None,
-        message: format!(
-            "cannot create the output folder {}: {e}",
-            opts.out_dir.display()
-        ),
-        help: Some("choose another folder with `--out DIR`".into()),
-    })?;
-    staging::remove_stale(&opts.out_dir);
-    let staging = staging::Staging::create(&opts.out_dir).map_err(|e| RunError::User {
-        span: None,
-        message: format!(
-            "cannot write in the output folder {}: {e}",
-            opts.out_dir.display()
-        ),
-        help: Some(
-            "check its permissions and free space, or choose another with `--out DIR`".into(),
-        ),
-    })?;
-    let mut ex = Exec {
-        r: recipe,
-        device: rt::DeviceSpec::Cpu
-            .device()
-            .map_err(|e| RunError::Internal(e.to_string()))?,
-        models: BTreeMap::new(),
-        datasets: BTreeMap::new(),
-        latest: BTreeMap::new(),
-        labels: BTreeMap::new(),
-        report: Report::new(recipe, recipe_path, recipe_text),
-        inputs: BTreeMap::new(),
-        staging: staging.path().to_path_buf(),
-        interrupted: interrupt_flag(),
-        progress: opts.progress,
-        targets: None,
-        round: None,
-        llms: BTreeMap::new(),
-        round_targets: BTreeMap::new(),
+    let solo = sweep::Variant {
+        name: String::new(),
+        values: vec![],
+        recipe,
     };
-    ex.interrupted.store(false, Ordering::SeqCst);
-    // The optimized IR decides the stage order and every prune stage's
-    // per-round sparsities (folded before running, as `prunec plan` shows).
-    let mut ir = crate::ir::checked_to_ir(recipe, recipe_text);
-    crate::ir::passes::optimize(&mut ir, recipe).map_err(RunError::Internal)?;
-    let plan = IrPlan::new(&ir, recipe)?;
-    ex.round_targets = plan.round_targets;
-    let mut failed_assert = None;
-    for stage in plan.order.iter().map(|&i| &recipe.pipeline().stages[i]) {
-        match ex.stage(stage) {
-            Ok(()) => {}
-            Err(RunError::Assert { span, message }) => {
-                failed_assert = Some((span, message));
-                break;
-            }
-            Err(e) => return Err(e),
-        }
-        if ex.interrupted.load(Ordering::SeqCst) {
-            return Err(RunError::Interrupted);
-        }
+    let mut out = sweep::run_variants(&[solo], recipe_path, recipe_text, opts, &|_, _| Ok(()))?;
+    Ok(out.variants.remove(0))
+}
+
+/// Runs the variants of a sweep into `opts.out_dir/<variant>/`, sharing the
+/// work their prefixes have in common; `write_extra` writes the comparison
+/// and the sweep's lock into the output folder. All or nothing, as `run`.
+pub fn run_sweep(
+    variants: &[sweep::Variant<'_>],
+    recipe_path: &Path,
+    recipe_text: &str,
+    opts: &RunOptions,
+    write_extra: &dyn Fn(&Path, &sweep::SweepOutcome) -> std::io::Result<()>,
+) -> Result<sweep::SweepOutcome, RunError> {
+    sweep::run_variants(variants, recipe_path, recipe_text, opts, write_extra)
+}
+
+impl<'a> Exec<'a> {
+    fn new(
+        r: &'a CheckedRecipe,
+        group: Vec<&'a CheckedRecipe>,
+        variants: Vec<String>,
+        recipe_path: &Path,
+        recipe_text: &str,
+        staging: PathBuf,
+        progress: bool,
+    ) -> Result<Self, RunError> {
+        let ex = Exec {
+            r,
+            group,
+            variants,
+            device: rt::DeviceSpec::Cpu
+                .device()
+                .map_err(|e| RunError::Internal(e.to_string()))?,
+            models: BTreeMap::new(),
+            datasets: BTreeMap::new(),
+            latest: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            report: Report::new(r, recipe_path, recipe_text),
+            inputs: BTreeMap::new(),
+            staging,
+            interrupted: interrupt_flag(),
+            progress,
+            targets: None,
+            round: None,
+            llms: BTreeMap::new(),
+            round_targets: BTreeMap::new(),
+            failed_assert: None,
+        };
+        ex.interrupted.store(false, Ordering::SeqCst);
+        Ok(ex)
     }
-    ex.finish_report()?;
-    let mut report = ex.report;
-    report.inputs = ex
-        .inputs
-        .iter()
-        .map(|(p, h)| (p.display().to_string(), h.clone()))
-        .collect();
-    report.failed_assert = failed_assert.as_ref().map(|(_, m)| m.clone());
-    // Plots, report and lock, then move everything into place.
-    crate::report::write_all(&mut report, &ex.staging).map_err(|e| RunError::User {
-        span: None,
-        message: format!("cannot write the report: {e}"),
-        help: None,
-    })?;
-    if ex.interrupted.load(Ordering::SeqCst) {
-        return Err(RunError::Interrupted);
+
+    /// Points this state at another (group of) variant(s): the recipe it
+    /// reads from now on, the report's params and where it writes.
+    fn retarget(
+        &mut self,
+        r: &'a CheckedRecipe,
+        group: Vec<&'a CheckedRecipe>,
+        variants: Vec<String>,
+        staging: PathBuf,
+    ) {
+        self.r = r;
+        self.group = group;
+        self.variants = variants;
+        self.staging = staging;
+        self.report.set_params(r);
     }
-    publish(&ex.staging, &opts.out_dir).map_err(|e| RunError::User {
-        span: None,
-        message: format!("cannot move outputs into {}: {e}", opts.out_dir.display()),
-        help: None,
-    })?;
-    drop(staging);
-    Ok(RunOutcome {
-        report,
-        failed_assert,
-    })
+
+    /// An independent copy of this state for other variants: models copied,
+    /// data sets and language-model tensors (never written in place) shared.
+    fn fork(
+        &self,
+        r: &'a CheckedRecipe,
+        group: Vec<&'a CheckedRecipe>,
+        variants: Vec<String>,
+        staging: PathBuf,
+    ) -> Result<Self, RunError> {
+        let mut models = BTreeMap::new();
+        for (name, m) in &self.models {
+            models.insert(
+                name.clone(),
+                ModelState {
+                    model: m
+                        .model
+                        .fork()
+                        .map_err(|e| RunError::Internal(format!("copying `{name}`: {e}")))?,
+                    masks: m.masks.clone(),
+                    init: m.init.clone(),
+                    spec: m.spec.clone(),
+                    epochs_trained: m.epochs_trained,
+                    rewind_points: m.rewind_points.clone(),
+                    calibration: m.calibration.clone(),
+                },
+            );
+        }
+        let mut f = Exec {
+            r: self.r,
+            group: vec![],
+            variants: vec![],
+            device: self.device.clone(),
+            models,
+            datasets: self.datasets.clone(),
+            latest: self.latest.clone(),
+            labels: self.labels.clone(),
+            report: self.report.clone(),
+            inputs: self.inputs.clone(),
+            staging: PathBuf::new(),
+            interrupted: self.interrupted.clone(),
+            progress: self.progress,
+            targets: self.targets.clone(),
+            round: self.round.clone(),
+            llms: self.llms.clone(),
+            round_targets: self.round_targets.clone(),
+            failed_assert: self.failed_assert.clone(),
+        };
+        f.retarget(r, group, variants, staging);
+        Ok(f)
+    }
+
+    /// Ends a variant: the report's tables, then its plots, report and lock
+    /// written into its staging folder.
+    fn finish(mut self) -> Result<RunOutcome, RunError> {
+        self.finish_report()?;
+        let mut report = self.report;
+        report.inputs = self
+            .inputs
+            .iter()
+            .map(|(p, h)| (p.display().to_string(), h.clone()))
+            .collect();
+        report.failed_assert = self.failed_assert.as_ref().map(|(_, m)| m.clone());
+        std::fs::create_dir_all(&self.staging)
+            .and_then(|()| crate::report::write_all(&mut report, &self.staging))
+            .map_err(|e| RunError::User {
+                span: None,
+                message: format!("cannot write the report: {e}"),
+                help: None,
+            })?;
+        Ok(RunOutcome {
+            report,
+            failed_assert: self.failed_assert,
+        })
+    }
 }
 
 /// Moves every file of `staging` (recursively) into `out`, each by an atomic rename.
@@ -439,11 +530,7 @@ impl Exec<'_> {
             (StageKind::Assert | StageKind::Report, _) => {}
             (_, Some((name, span))) if self.is_llm(&name) => {
                 self.llm_stage(s, &name, span)?;
-                self.report.timings.push(Timing {
-                    stage: s.kind.keyword().to_string(),
-                    span: s.span,
-                    seconds: t0.elapsed().as_secs_f64(),
-                });
+                self.push_step(s, t0);
                 return Ok(());
             }
             _ => {}
@@ -453,16 +540,39 @@ impl Exec<'_> {
             StageKind::Calibrate => self.calibrate(s)?,
             StageKind::Prune => self.prune(s)?,
             StageKind::Evaluate => self.evaluate(s)?,
-            StageKind::Assert => self.assert(s)?,
+            StageKind::Assert => {
+                // A failed assert ran too: it shows among the steps.
+                let held = self.assert(s);
+                if held.is_err() {
+                    self.push_step(s, t0);
+                }
+                held?
+            }
             StageKind::Export => self.export(s)?,
             StageKind::Report => self.report_stage(s)?,
         }
-        self.report.timings.push(Timing {
-            stage: s.kind.keyword().to_string(),
+        self.push_step(s, t0);
+        Ok(())
+    }
+
+    /// Records a stage that ran, with the variants that share it.
+    fn push_step(&mut self, s: &Stage, t0: Instant) {
+        let model = match s.kind {
+            StageKind::Assert | StageKind::Report => String::new(),
+            _ => s
+                .subject
+                .first()
+                .and_then(|e| e.as_name())
+                .map(|n| n.name.clone())
+                .unwrap_or_default(),
+        };
+        self.report.steps.push(Step {
+            kind: s.kind.keyword().to_string(),
+            model,
             span: s.span,
+            variants: self.variants.clone(),
             seconds: t0.elapsed().as_secs_f64(),
         });
-        Ok(())
     }
 
     fn model(&mut self, name: &str, span: Span) -> Result<&mut ModelState, RunError> {
@@ -510,7 +620,7 @@ impl Exec<'_> {
                 e.span,
                 &format!("cannot load the data set `{name}`"),
             ))?;
-            self.datasets.insert(name.clone(), data);
+            self.datasets.insert(name.clone(), Arc::new(data));
         }
         Ok(&self.datasets[&name])
     }
@@ -670,7 +780,7 @@ impl Exec<'_> {
             .as_ref()
             .and_then(|g| g.calib.as_ref())
             .and_then(|c| c.as_name())
-            .map(|c| &self.datasets[&c.name]);
+            .map(|c| &*self.datasets[&c.name]);
         let mut hooks = StageHook {
             flag: self.interrupted.clone(),
             bar,

@@ -784,7 +784,9 @@ pub(super) fn pq_index(alive: impl Iterator<Item = f32>, p: f64, q: f64) -> (usi
 }
 
 impl Exec<'_> {
-    /// `rewind = epoch k` points the recipe's prune stages on `model` need.
+    /// `rewind = epoch k` points the recipe's prune stages on `model` need,
+    /// in every variant this state stands for (a shared training keeps the
+    /// weights each of them rewinds to).
     pub(super) fn rewind_epochs(&self, model: &str) -> BTreeMap<usize, Option<rt::Snapshot>> {
         fn walk<'s>(stages: &'s [Stage], out: &mut Vec<&'s Stage>) {
             for s in stages {
@@ -794,27 +796,36 @@ impl Exec<'_> {
                 }
             }
         }
-        let mut all = Vec::new();
-        walk(&self.r.pipeline().stages, &mut all);
         let mut points = BTreeMap::new();
-        for s in all {
-            let on_model = s
-                .subject
-                .first()
-                .and_then(|e| e.as_name())
-                .map(|n| n.name.as_str())
-                == Some(model);
-            if s.kind != prunec_lang::ast::StageKind::Prune || !on_model {
-                continue;
-            }
-            let sched = self.option(s, "schedule").map(|v| self.resolve(&v).clone());
-            if let Some(Value::Duration {
-                count,
-                unit: prunec_lang::ast::Unit::Epoch,
-            }) = sched.as_ref().and_then(|v| v.arg("rewind"))
-            {
-                if *count > 0 {
-                    points.insert(*count as usize, None);
+        for r in self.group.iter().copied().chain([self.r]) {
+            let mut all = Vec::new();
+            walk(&r.pipeline().stages, &mut all);
+            for s in all {
+                let on_model = s
+                    .subject
+                    .first()
+                    .and_then(|e| e.as_name())
+                    .map(|n| n.name.as_str())
+                    == Some(model);
+                if s.kind != prunec_lang::ast::StageKind::Prune || !on_model {
+                    continue;
+                }
+                let sched = r.option(s, "schedule").map(|v| match v {
+                    Value::Ref(name) => r
+                        .symbols
+                        .get(name)
+                        .and_then(|s| s.value.clone())
+                        .unwrap_or_else(|| v.clone()),
+                    other => other.clone(),
+                });
+                if let Some(Value::Duration {
+                    count,
+                    unit: prunec_lang::ast::Unit::Epoch,
+                }) = sched.as_ref().and_then(|v| v.arg("rewind"))
+                {
+                    if *count > 0 {
+                        points.insert(*count as usize, None);
+                    }
                 }
             }
         }

@@ -581,6 +581,22 @@ impl Model {
             .sum()
     }
 
+    /// An independent copy: the same architecture and values in fresh
+    /// variables, so training one copy leaves the other as it was (a plain
+    /// `clone` shares the variables).
+    pub fn fork(&self) -> Result<Model> {
+        let mut m = self.clone();
+        for p in &mut m.params {
+            let t = p
+                .var
+                .as_tensor()
+                .copy()
+                .ctx(|| format!("copying `{}`", p.name))?;
+            p.var = Var::from_tensor(&t).ctx(|| format!("copying `{}`", p.name))?;
+        }
+        Ok(m)
+    }
+
     /// A copy of every parameter.
     pub fn snapshot(&self) -> Result<Snapshot> {
         let tensors = self
