@@ -41,6 +41,9 @@ pub struct Step {
     pub span: Span,
     pub variants: Vec<String>,
     pub seconds: f64,
+    /// Set when the stage did not run because the model named already held
+    /// its result (same declaration, same training so far): its state was copied.
+    pub copied_from: Option<String>,
 }
 
 /// Everything a run reports.
@@ -68,6 +71,17 @@ pub struct Report {
     pub failed_assert: Option<String>,
     /// Line and column of spans, for the JSON.
     source: String,
+}
+
+/// A metric as people read it.
+pub fn fmt_metric(name: &str, v: f64) -> String {
+    match name {
+        "accuracy" | "sparsity" | "target_sparsity" | "prune_ratio" => {
+            format!("{:.2}%", v * 100.0)
+        }
+        "params" | "flops" | "step" => format!("{v:.0}"),
+        _ => format!("{v:.4}"),
+    }
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -109,7 +123,7 @@ impl Report {
     pub fn step_json(&self, t: &Step) -> Json {
         json!({
             "kind": t.kind, "model": t.model, "span": self.span_json(t.span),
-            "variants": t.variants, "seconds": t.seconds,
+            "variants": t.variants, "seconds": t.seconds, "copied_from": t.copied_from,
         })
     }
 
@@ -179,7 +193,7 @@ impl Report {
                 let m: Vec<String> = e
                     .metrics
                     .iter()
-                    .map(|(k, v)| format!("{k} {}", crate::exec::fmt_metric(k, *v)))
+                    .map(|(k, v)| format!("{k} {}", fmt_metric(k, *v)))
                     .collect();
                 md.push_str(&format!("| {} | {} |\n", e.label, m.join(", ")));
             }
@@ -191,7 +205,7 @@ impl Report {
                 let m: Vec<String> = r
                     .metrics
                     .iter()
-                    .map(|(k, v)| format!("{k} {}", crate::exec::fmt_metric(k, *v)))
+                    .map(|(k, v)| format!("{k} {}", fmt_metric(k, *v)))
                     .collect();
                 md.push_str(&format!(
                     "| {} | {:.2}% | {:.4} | {} |\n",
@@ -614,7 +628,7 @@ pub fn write_sweep(
             .map(|m| {
                 vals.iter()
                     .find(|(n, _)| n == m)
-                    .map(|(n, v)| crate::exec::fmt_metric(n.rsplit('.').next().unwrap_or(n), *v))
+                    .map(|(n, v)| fmt_metric(n.rsplit('.').next().unwrap_or(n), *v))
                     .unwrap_or_else(|| "-".into())
             })
             .collect();

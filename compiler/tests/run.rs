@@ -380,6 +380,18 @@ fn global_mp_keepmin_reduced_guard_keeps_every_layer_at_its_minimum() {
     assert_eq!(code, 0, "{text}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    // The two copies are declared and trained alike: one trains, the other
+    // takes its weights.
+    let trains: Vec<&serde_json::Value> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["kind"] == "train")
+        .collect();
+    assert_eq!(trains.len(), 2);
+    assert!(trains[0]["copied_from"].is_null(), "{}", trains[0]);
+    assert_eq!(trains[1]["model"], "unguarded");
+    assert_eq!(trains[1]["copied_from"], "guarded");
     let mut guard_binds = false;
     for l in report["layers"].as_array().unwrap() {
         if !l["name"].as_str().unwrap().ends_with(".weight") {
@@ -960,4 +972,72 @@ fn a_gradual_schedule_longer_than_its_training_is_caught_by_check() {
     );
     let (code, text) = prunec(&["check", "examples/agp_cubic.prune"], &[]);
     assert_eq!(code, 0, "{text}");
+}
+
+/// A model declared and trained like another takes its weights instead of
+/// training again, and they are the weights its own training gives.
+#[test]
+fn a_twin_model_copies_the_training_it_shares_bit_for_bit() {
+    require_data("digits/digits.csv.gz", "digits");
+    let dir = tempfile::tempdir().unwrap();
+    let head = "recipe twins { version = 1, seed = 5 }\n\
+        model a = mlp(inputs = 64, hidden = [32], classes = 10)\n\
+        model b = mlp(inputs = 64, hidden = [32], classes = 10)\n\
+        dataset train = digits(\"data/digits/digits.csv.gz\", split = \"train\", batch = 32, shuffle = true)\n";
+    let fit = |m: &str, epochs: u32| {
+        format!("  train {m} on train (epochs = {epochs}, optimizer = sgd(lr = 0.05, momentum = 0.9))\n")
+    };
+    let cases = [
+        // b's training is a's: copied.
+        (
+            "twin",
+            format!(
+                "{}{}  export b to \"b.safetensors\"\n",
+                fit("a", 3),
+                fit("b", 3)
+            ),
+            Some("a"),
+        ),
+        // b alone: trained.
+        (
+            "alone",
+            format!("{}  export b to \"b.safetensors\"\n", fit("b", 3)),
+            None,
+        ),
+        // b trains differently: trained, and its weights differ.
+        (
+            "other",
+            format!(
+                "{}{}  export b to \"b.safetensors\"\n",
+                fit("a", 3),
+                fit("b", 2)
+            ),
+            None,
+        ),
+    ];
+    let mut hashes = Vec::new();
+    for (name, pipeline, copied) in &cases {
+        let recipe = dir.path().join(format!("{name}.prune"));
+        std::fs::write(&recipe, format!("{head}pipeline {{\n{pipeline}}}\n")).unwrap();
+        let out = dir.path().join(name);
+        let (code, text) = run_into(&recipe, &out);
+        assert_eq!(code, 0, "{name}: {text}");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+                .unwrap();
+        let last = report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .rfind(|s| s["kind"] == "train")
+            .unwrap()
+            .clone();
+        assert_eq!(last["copied_from"].as_str(), *copied, "{name}: {last}");
+        hashes.push(std::fs::read(out.join("b.safetensors")).unwrap());
+    }
+    assert!(
+        hashes[0] == hashes[1],
+        "the copied weights differ from b's own training"
+    );
+    assert!(hashes[0] != hashes[2]);
 }

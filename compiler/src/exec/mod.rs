@@ -10,7 +10,7 @@ pub mod sweep;
 pub use prune::gradual_plan;
 
 use crate::lower::{self, LowerError};
-use crate::report::{Evaluation, Layer, Report, Round, Step};
+use crate::report::{fmt_metric, Evaluation, Layer, Report, Round, Step};
 use prunec_lang::ast::{BinaryOp, Expr, ExprKind, Stage, StageKind, UnaryOp};
 use prunec_lang::check::Value;
 use prunec_lang::{CheckedRecipe, Span};
@@ -130,6 +130,13 @@ struct Exec<'a> {
     round_targets: BTreeMap<usize, Vec<f64>>,
     /// The `assert` that failed; the variant runs no further stage.
     failed_assert: Option<(Span, String)>,
+    /// How each model's current state came about: its declaration, then
+    /// every training stage (kind, data, resolved options); a stage that
+    /// changes it otherwise makes it unique. Two models with the same
+    /// history hold the same weights.
+    lineage: BTreeMap<String, String>,
+    /// The model whose state the current step copied instead of running.
+    copied_from: Option<String>,
 }
 
 /// What the executor takes from the optimized IR.
@@ -304,6 +311,8 @@ impl<'a> Exec<'a> {
             llms: BTreeMap::new(),
             round_targets: BTreeMap::new(),
             failed_assert: None,
+            lineage: BTreeMap::new(),
+            copied_from: None,
         };
         ex.interrupted.store(false, Ordering::SeqCst);
         Ok(ex)
@@ -371,6 +380,8 @@ impl<'a> Exec<'a> {
             llms: self.llms.clone(),
             round_targets: self.round_targets.clone(),
             failed_assert: self.failed_assert.clone(),
+            lineage: self.lineage.clone(),
+            copied_from: None,
         };
         f.retarget(r, group, variants, staging);
         Ok(f)
@@ -526,7 +537,7 @@ impl Exec<'_> {
             .first()
             .and_then(|e| e.as_name())
             .map(|n| (n.name.clone(), n.span));
-        match (s.kind, subject) {
+        match (s.kind, subject.clone()) {
             (StageKind::Assert | StageKind::Report, _) => {}
             (_, Some((name, span))) if self.is_llm(&name) => {
                 self.llm_stage(s, &name, span)?;
@@ -536,9 +547,23 @@ impl Exec<'_> {
             _ => {}
         }
         match s.kind {
-            StageKind::Train | StageKind::Finetune => self.train(s)?,
-            StageKind::Calibrate => self.calibrate(s)?,
-            StageKind::Prune => self.prune(s)?,
+            StageKind::Train | StageKind::Finetune => {
+                if !self.train_from_twin(s)? {
+                    self.train(s)?
+                }
+            }
+            StageKind::Calibrate | StageKind::Prune => {
+                // The state (mask, statistics) is this model's own from now on.
+                if let Some((name, _)) = &subject {
+                    self.lineage
+                        .insert(name.clone(), format!("{name} after @{}", s.span.start));
+                }
+                if s.kind == StageKind::Prune {
+                    self.prune(s)?
+                } else {
+                    self.calibrate(s)?
+                }
+            }
             StageKind::Evaluate => self.evaluate(s)?,
             StageKind::Assert => {
                 // A failed assert ran too: it shows among the steps.
@@ -572,7 +597,56 @@ impl Exec<'_> {
             span: s.span,
             variants: self.variants.clone(),
             seconds: t0.elapsed().as_secs_f64(),
+            copied_from: self.copied_from.take(),
         });
+    }
+
+    /// A training stage whose result another model already holds (declared
+    /// the same way and trained the same way so far, as the two copies of
+    /// `examples/global_mp_keepmin.prune`) copies that model's state instead
+    /// of training again: the same weights, bit for bit. True when it did.
+    fn train_from_twin(&mut self, s: &Stage) -> Result<bool, RunError> {
+        let (name, span) = Self::subject_name(s)?;
+        self.model(&name, span)?;
+        let on =
+            s.on.as_ref()
+                .and_then(|e| e.as_name())
+                .map(|n| n.name.clone());
+        let key = format!(
+            "{} | {} on {:?} with {:?}",
+            self.lineage[&name],
+            s.kind,
+            on,
+            self.r.options(s)
+        );
+        let twin = self
+            .lineage
+            .iter()
+            .find(|(m, l)| **m != name && **l == key)
+            .map(|(m, _)| m.clone());
+        self.lineage.insert(name.clone(), key);
+        let Some(twin) = twin else { return Ok(false) };
+        let (from, to) = (&self.models[&twin], &self.models[&name]);
+        // The snapshots a later rewind of this model needs must be there too.
+        if !from.rewind_points.keys().eq(to.rewind_points.keys()) {
+            return Ok(false);
+        }
+        let model = from
+            .model
+            .fork()
+            .map_err(|e| RunError::Internal(format!("copying `{twin}`: {e}")))?;
+        let copy = ModelState {
+            model,
+            masks: from.masks.clone(),
+            init: to.init.clone(),
+            spec: to.spec.clone(),
+            epochs_trained: from.epochs_trained,
+            rewind_points: from.rewind_points.clone(),
+            calibration: from.calibration.clone(),
+        };
+        self.models.insert(name, copy);
+        self.copied_from = Some(twin);
+        Ok(true)
     }
 
     fn model(&mut self, name: &str, span: Span) -> Result<&mut ModelState, RunError> {
@@ -589,6 +663,8 @@ impl Exec<'_> {
                 self.hash_input(file, span)?;
             }
             let init = model.snapshot().map_err(rt_err(span, "snapshot"))?;
+            self.lineage
+                .insert(name.to_string(), format!("{value:?} seed {}", self.r.seed));
             self.models.insert(
                 name.to_string(),
                 ModelState {
@@ -1266,16 +1342,5 @@ fn wanted_metrics(s: &Stage) -> Vec<String> {
             .collect(),
         Some(ExprKind::Name(n)) => vec![n.name.clone()],
         _ => vec![],
-    }
-}
-
-/// A metric as people read it.
-pub fn fmt_metric(name: &str, v: f64) -> String {
-    match name {
-        "accuracy" | "sparsity" | "target_sparsity" | "prune_ratio" => {
-            format!("{:.2}%", v * 100.0)
-        }
-        "params" | "flops" | "step" => format!("{v:.0}"),
-        _ => format!("{v:.4}"),
     }
 }
