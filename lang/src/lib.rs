@@ -9,6 +9,7 @@ pub mod ast;
 pub mod builtins;
 pub mod check;
 pub mod diag;
+pub mod eval;
 pub mod fmt;
 pub mod parse;
 pub mod stdlib;

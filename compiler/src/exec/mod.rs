@@ -1021,46 +1021,37 @@ impl Exec<'_> {
         });
     }
 
-    /// The value of an assert operand.
+    /// The value of an assert operand (the one constant evaluator, with
+    /// names resolved to params, then to the latest metrics, and
+    /// `label.metric` to labelled evaluations).
     fn number(&self, e: &Expr) -> Result<f64, RunError> {
-        Ok(match &e.kind {
-            ExprKind::Number { value, .. } | ExprKind::Percent { value, .. } => *value,
-            ExprKind::Paren(inner) => self.number(inner)?,
-            ExprKind::Unary {
-                op: UnaryOp::Neg,
-                operand,
-            } => -self.number(operand)?,
-            ExprKind::Binary { op, lhs, rhs } => {
-                let (a, b) = (self.number(lhs)?, self.number(rhs)?);
-                match op {
-                    BinaryOp::Add => a + b,
-                    BinaryOp::Sub => a - b,
-                    BinaryOp::Mul => a * b,
-                    BinaryOp::Div => a / b,
-                    BinaryOp::Pow => a.powf(b),
-                    _ => return Err(RunError::user(e.span, "not a number")),
+        let mut leaf = |x: &Expr| -> Result<f64, RunError> {
+            match &x.kind {
+                ExprKind::Name(id) => match self.r.param(&id.name).and_then(|v| v.as_f64()) {
+                    Some(v) => Ok(v),
+                    None => self.latest.get(&id.name).copied().ok_or_else(|| {
+                        RunError::user(id.span, format!("`{}` has not been evaluated", id.name))
+                    }),
+                },
+                ExprKind::Member { base, member } => {
+                    let label = base.as_name().map(|n| n.name.clone()).unwrap_or_default();
+                    self.labels
+                        .get(&label)
+                        .and_then(|m| m.get(&member.name))
+                        .copied()
+                        .ok_or_else(|| {
+                            RunError::user(
+                                x.span,
+                                format!("`{label}.{}` has not been evaluated", member.name),
+                            )
+                        })
                 }
+                _ => Err(RunError::user(x.span, "not a number")),
             }
-            ExprKind::Name(id) => match self.r.param(&id.name).and_then(|v| v.as_f64()) {
-                Some(v) => v,
-                None => *self.latest.get(&id.name).ok_or_else(|| {
-                    RunError::user(id.span, format!("`{}` has not been evaluated", id.name))
-                })?,
-            },
-            ExprKind::Member { base, member } => {
-                let label = base.as_name().map(|n| n.name.clone()).unwrap_or_default();
-                *self
-                    .labels
-                    .get(&label)
-                    .and_then(|m| m.get(&member.name))
-                    .ok_or_else(|| {
-                        RunError::user(
-                            e.span,
-                            format!("`{label}.{}` has not been evaluated", member.name),
-                        )
-                    })?
-            }
-            _ => return Err(RunError::user(e.span, "not a number")),
+        };
+        prunec_lang::eval::number(e, &mut leaf).map_err(|err| match err {
+            prunec_lang::eval::EvalError::NotNumeric(span) => RunError::user(span, "not a number"),
+            prunec_lang::eval::EvalError::Lookup(e) => e,
         })
     }
 
@@ -1091,15 +1082,8 @@ impl Exec<'_> {
                         values.push(format!("{} = {}", prunec_lang::fmt::expr(side), v));
                     }
                 }
-                match op {
-                    BinaryOp::Lt => a < b,
-                    BinaryOp::Le => a <= b,
-                    BinaryOp::Gt => a > b,
-                    BinaryOp::Ge => a >= b,
-                    BinaryOp::Eq => a == b,
-                    BinaryOp::Ne => a != b,
-                    _ => return Err(RunError::user(e.span, "not a condition")),
-                }
+                prunec_lang::eval::compare(*op, a, b)
+                    .ok_or_else(|| RunError::user(e.span, "not a condition"))?
             }
             _ => return Err(RunError::user(e.span, "not a condition")),
         })

@@ -14,6 +14,20 @@ use prunec_lang::{CheckedRecipe, Span};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+/// An expression of the recipe as the checker saw it, with its source text
+/// for printing: passes work on `expr` and never parse `text` again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Written {
+    pub expr: Expr,
+    pub text: String,
+}
+
+impl std::fmt::Display for Written {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
 /// What a node does.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -35,20 +49,20 @@ pub enum Op {
         hessian: bool,
     },
     Score {
-        criterion: String,
+        criterion: Written,
     },
     /// `sparsities` is the target after each round, known before running once folded.
     Select {
         scope: String,
         pattern: Option<(u64, u64)>,
-        target: Option<String>,
+        target: Option<Written>,
         sparsities: Vec<f64>,
         rounds: usize,
     },
     Mask,
     /// Score, select and mask fused into one kernel.
     FusedPrune {
-        criterion: String,
+        criterion: Written,
         scope: String,
         pattern: Option<(u64, u64)>,
         sparsities: Vec<f64>,
@@ -66,7 +80,7 @@ pub enum Op {
         label: Option<String>,
     },
     Assert {
-        condition: String,
+        condition: Written,
     },
     Export {
         path: String,
@@ -122,7 +136,10 @@ impl Op {
             } => {
                 let what = match pattern {
                     Some((n, m)) => format!("{n}:{m}"),
-                    None => format!("{scope} to {}", target.as_deref().unwrap_or("?")),
+                    None => format!(
+                        "{scope} to {}",
+                        target.as_ref().map_or("?", |t| t.text.as_str())
+                    ),
                 };
                 if sparsities.is_empty() {
                     format!("select {what}, {rounds} round(s)")
@@ -305,6 +322,13 @@ impl Lowerer<'_> {
             .to_string()
     }
 
+    fn written(&self, e: &Expr) -> Written {
+        Written {
+            expr: e.clone(),
+            text: self.text(e),
+        }
+    }
+
     fn name_of(e: Option<&Expr>) -> String {
         e.and_then(|e| e.as_name())
             .map(|n| n.name.clone())
@@ -383,7 +407,9 @@ impl Lowerer<'_> {
                 );
             }
             StageKind::Assert => {
-                let condition = s.subject.first().map(|e| self.text(e)).unwrap_or_default();
+                let Some(condition) = s.subject.first().map(|e| self.written(e)) else {
+                    return;
+                };
                 self.g.add_node(Node {
                     op: Op::Assert { condition },
                     span: s.span,
@@ -414,7 +440,7 @@ impl Lowerer<'_> {
 
     fn prune(&mut self, s: &Stage, model: &str) {
         let Some(by) = s.by.as_ref() else { return };
-        let criterion = self.text(by);
+        let criterion = self.written(by);
         let method = match &by.kind {
             ExprKind::Call { callee, .. }
                 if matches!(callee.name.as_str(), "sparsegpt" | "sap") =>
@@ -490,7 +516,7 @@ impl Lowerer<'_> {
             .or_else(|| self.option(s, "rounds").and_then(|r| r.as_i64()))
             .unwrap_or(1)
             .max(1) as usize;
-        let target = s.to.as_ref().map(|e| self.text(e));
+        let target = s.to.as_ref().map(|e| self.written(e));
         let score = self.on_model(
             model,
             Node {

@@ -185,13 +185,8 @@ impl Checker<'_> {
         let operand_ty = if ty == Ty::Int { Ty::Int } else { Ty::Float };
         let a = self.eval_inner(lhs, operand_ty)?.as_f64()?;
         let b = self.eval_inner(rhs, operand_ty)?.as_f64()?;
-        let r = match op {
-            BinaryOp::Add => a + b,
-            BinaryOp::Sub => a - b,
-            BinaryOp::Mul => a * b,
-            BinaryOp::Div => a / b,
-            BinaryOp::Pow => a.powf(b),
-            _ => return self.mismatch(e, ty, "a condition"),
+        let Some(r) = crate::eval::arith(op, a, b) else {
+            return self.mismatch(e, ty, "a condition");
         };
         if !r.is_finite() {
             self.push(

@@ -16,10 +16,7 @@ pub fn fuse(ir: &mut Ir, r: &CheckedRecipe) {
         let Op::Score { criterion } = &ir.graph[score].op else {
             continue;
         };
-        let Ok(expr) = prunec_lang::parse::source_to_expr(criterion) else {
-            continue;
-        };
-        if crate::lower::criterion_to_kexpr(r, &expr).is_err() {
+        if crate::lower::criterion_to_kexpr(r, &criterion.expr).is_err() {
             continue;
         }
         let Some(select) = ir
