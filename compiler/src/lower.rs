@@ -261,26 +261,9 @@ fn lower(r: &CheckedRecipe, e: &Expr, depth: usize, cx: &mut Cx) -> Result<KExpr
     })
 }
 
-/// The scope a prune stage compares scores in: as written, else `row` for
-/// criteria that read `act(x)` (Wanda compares within each output row, as in
-/// the paper) and `global` for the others.
-pub fn scope_of(written: Option<&Value>, reads_acts: bool) -> &str {
-    match written.and_then(|v| v.as_str()) {
-        Some(s) => s,
-        None if reads_acts => "row",
-        None => "global",
-    }
-}
-
 /// Whether `by` names a method (`sparsegpt`, `sap`) rather than a criterion.
 pub fn is_method(r: &CheckedRecipe, by: &Expr) -> bool {
-    let name = match &by.kind {
-        ExprKind::Call { callee, .. } => &callee.name,
-        ExprKind::Name(id) if !r.symbols.contains_key(&id.name) => &id.name,
-        _ => return false,
-    };
-    prunec_lang::builtins::lookup(name)
-        .is_some_and(|b| b.kind == prunec_lang::builtins::Kind::Method)
+    prunec_lang::resolved::Method::of(r, by) != prunec_lang::resolved::Method::Criterion
 }
 
 /// Lowers every prune stage's criterion the way a run will, so that a

@@ -89,6 +89,10 @@ struct PlanArgs {
     /// Override a param: `--set target=0.95` (repeatable).
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<Override>,
+    /// Print the steps as JSON (id, kind, model, line, each_round), the ids
+    /// `report.json` names executed steps by.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -790,7 +794,21 @@ fn cmd_plan(a: PlanArgs) -> u8 {
         Ok(ir) => ir,
         Err(code) => return code,
     };
-    match prunec::plan::render(&recipe, &ir) {
+    let plan = match prunec::plan::ir_to_plan(&ir, &recipe) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("internal error: {e}");
+            return exit::INTERNAL;
+        }
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plan.to_json(&recipe)).unwrap_or_default()
+        );
+        return exit::OK;
+    }
+    match prunec::plan::render(&recipe, &plan) {
         Ok(text) => {
             print!("{text}");
             exit::OK

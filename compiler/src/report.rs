@@ -35,6 +35,8 @@ pub struct Layer {
 /// by every sweep variant in `variants` (empty for a run without a sweep).
 #[derive(Clone)]
 pub struct Step {
+    /// The plan step it ran (`prunec plan` lists them by this id).
+    pub id: String,
     pub kind: String,
     /// The model the stage works on (empty for `assert` and `report`).
     pub model: String,
@@ -65,6 +67,8 @@ pub struct Report {
     /// Files written, relative to the output folder, with their sha256.
     pub outputs: Vec<(String, String)>,
     pub steps: Vec<Step>,
+    /// Stages the plan dropped (dead-code elimination), which did not run.
+    pub dropped: Vec<crate::plan::Dropped>,
     /// `report STAGE` requests: SVG path and the metrics to plot per round.
     pub plots: Vec<(PathBuf, Vec<String>)>,
     pub exported: Option<String>,
@@ -108,6 +112,7 @@ impl Report {
             counts: None,
             outputs: vec![],
             steps: vec![],
+            dropped: vec![],
             plots: vec![],
             exported: None,
             failed_assert: None,
@@ -122,7 +127,7 @@ impl Report {
 
     pub fn step_json(&self, t: &Step) -> Json {
         json!({
-            "kind": t.kind, "model": t.model, "span": self.span_json(t.span),
+            "id": t.id, "kind": t.kind, "model": t.model, "span": self.span_json(t.span),
             "variants": t.variants, "seconds": t.seconds, "copied_from": t.copied_from,
         })
     }
@@ -162,6 +167,9 @@ impl Report {
             },
             "outputs": self.outputs.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
             "steps": self.steps.iter().map(|t| self.step_json(t)).collect::<Vec<_>>(),
+            "dropped": self.dropped.iter().map(|d| json!({
+                "id": d.id, "kind": d.kind.keyword(), "span": self.span_json(d.span), "why": d.why,
+            })).collect::<Vec<_>>(),
             "failed_assert": self.failed_assert,
         })
     }
@@ -229,6 +237,14 @@ impl Report {
                     l.kept,
                     100.0 * (1.0 - l.kept as f64 / l.total.max(1) as f64)
                 ));
+            }
+            md.push('\n');
+        }
+        if !self.dropped.is_empty() {
+            md.push_str("## Not run\n\nDropped by dead-code elimination.\n\n| step | kind | line | why |\n|---|---|---|---|\n");
+            for d in &self.dropped {
+                let (line, _) = prunec_lang::diag::line_col(&self.source, d.span.start);
+                md.push_str(&format!("| {} | {} | {line} | {} |\n", d.id, d.kind, d.why));
             }
             md.push('\n');
         }
@@ -645,11 +661,12 @@ pub fn write_sweep(
             row.report.failed_assert.as_deref().unwrap_or("holds")
         ));
     }
-    md.push_str("\n![metrics against the swept value](sweep.svg)\n\n## Steps\n\nEach step ran once, for the variants listed.\n\n| step | model | line | variants | seconds |\n|---|---|---|---|---|\n");
+    md.push_str("\n![metrics against the swept value](sweep.svg)\n\n## Steps\n\nEach step ran once, for the variants listed.\n\n| step | kind | model | line | variants | seconds |\n|---|---|---|---|---|---|\n");
     for s in steps {
         let (line, _) = prunec_lang::diag::line_col(&first.report.source, s.span.start);
         md.push_str(&format!(
-            "| {} | {} | {line} | {} | {:.2} |\n",
+            "| {} | {} | {} | {line} | {} | {:.2} |\n",
+            s.id,
             s.kind,
             s.model,
             s.variants.join(", "),

@@ -101,6 +101,9 @@ fn graph_and_plan_work_on_every_example() {
             text,
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(text.contains("stages (optimized IR)"), "{p}: {text}");
+        assert!(
+            text.contains("steps (what `prunec run` executes, in order)"),
+            "{p}: {text}"
+        );
     }
 }

@@ -548,7 +548,49 @@ fn run_ok(args: &[&str]) -> (tempfile::TempDir, PathBuf, serde_json::Value) {
     assert_eq!(code, 0, "{text}");
     let report =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_steps_follow_the_plan(args, &report);
     (dir, out, report)
+}
+
+/// The steps a run executed (`report.json` `steps`, by id) are exactly those
+/// `prunec plan --json` lists for the same recipe and `--set`s, in its
+/// order: a round block's steps once per round, before their prune step.
+fn assert_steps_follow_the_plan(args: &[&str], report: &serde_json::Value) {
+    let mut plan_args = vec!["plan", "--json", args[0]];
+    for pair in args[1..].windows(2) {
+        if pair[0] == "--set" {
+            plan_args.extend_from_slice(pair);
+        }
+    }
+    let (code, text) = prunec(&plan_args, &[]);
+    assert_eq!(code, 0, "{text}");
+    let plan: serde_json::Value = serde_json::from_str(&text).unwrap();
+    fn expand(step: &serde_json::Value, out: &mut Vec<String>) {
+        let inner = step["each_round"].as_array().unwrap();
+        let rounds = if inner.is_empty() {
+            0
+        } else {
+            step["rounds"].as_u64().unwrap()
+        };
+        for _ in 0..rounds {
+            inner.iter().for_each(|s| expand(s, out));
+        }
+        out.push(step["id"].as_str().unwrap().to_string());
+    }
+    let mut planned = Vec::new();
+    plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .for_each(|s| expand(s, &mut planned));
+    let executed: Vec<String> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!executed.is_empty());
+    assert_eq!(executed, planned, "{}", args[0]);
 }
 
 fn tensor_f32(file: &Path, name: &str) -> Vec<f32> {
@@ -1040,4 +1082,122 @@ fn a_twin_model_copies_the_training_it_shares_bit_for_bit() {
         "the copied weights differ from b's own training"
     );
     assert!(hashes[0] != hashes[2]);
+}
+
+#[test]
+fn every_run_fixture_executes_exactly_the_steps_its_plan_lists() {
+    require_data("digits/digits.csv.gz", "digits");
+    let mut fixtures: Vec<PathBuf> = std::fs::read_dir(root().join("tests/recipes/run"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "prune"))
+        .collect();
+    fixtures.sort();
+    assert!(fixtures.len() >= 4);
+    for f in fixtures {
+        let rel = f
+            .strip_prefix(root())
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        // `run_ok` compares the executed steps with `prunec plan --json`.
+        let (_dir, _out, report) = run_ok(&[&rel]);
+        let kinds: Vec<&str> = report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["kind"].as_str().unwrap())
+            .collect();
+        if rel.ends_with("digits_stats.prune") {
+            // Taylor's gradients and Wanda's activation norms: a step each.
+            assert_eq!(kinds.iter().filter(|k| **k == "statistics").count(), 2);
+        }
+    }
+}
+
+#[test]
+fn layout_and_comments_do_not_change_what_a_run_writes() {
+    require_data("digits/digits.csv.gz", "digits");
+    // Random pruning draws from a generator salted by the stage: by its id,
+    // not by where it sits in the file.
+    let recipe = r#"recipe layout { version = 1, seed = 5 }
+use std.random
+model net = mlp(inputs = 64, hidden = [32], classes = 10)
+dataset train = digits("data/digits/digits.csv.gz", split = "train", batch = 32)
+pipeline {
+  train net on train (epochs = 1, optimizer = sgd(lr = 0.05))
+  prune net by random to 50% (scope = layer)
+  export net to "net.safetensors"
+}
+"#;
+    let moved = format!(
+        "# The same recipe, moved down by a comment\n\n\n{}",
+        recipe.replace("  prune", "\n      prune")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut hashes = Vec::new();
+    for (i, text) in [recipe.to_string(), moved].iter().enumerate() {
+        let file = dir.path().join(format!("r{i}.prune"));
+        std::fs::write(&file, text).unwrap();
+        let out = dir.path().join(format!("out{i}"));
+        let (code, log) = run_into(&file, &out);
+        assert_eq!(code, 0, "{log}");
+        hashes.push(std::fs::read(out.join("net.safetensors")).unwrap());
+    }
+    assert!(
+        hashes[0] == hashes[1],
+        "the moved recipe pruned other weights"
+    );
+}
+
+#[test]
+fn a_calibration_nothing_reads_is_dropped_and_reported() {
+    require_data("digits/digits.csv.gz", "digits");
+    // Magnitude reads no activations: the `calibrate` stage is dead. The
+    // second model's Wanda reads the statistics of its `calibrate`: kept.
+    let recipe = r#"recipe dead { version = 1, seed = 6 }
+use std.{magnitude, wanda}
+model a = mlp(inputs = 64, hidden = [32], classes = 10)
+model b = mlp(inputs = 64, hidden = [16], classes = 10)
+dataset train = digits("data/digits/digits.csv.gz", split = "train", batch = 32)
+pipeline {
+  train a on train (epochs = 1, optimizer = sgd(lr = 0.05))
+  calibrate a on train
+  prune a by magnitude to 50%
+  calibrate b on train
+  prune b by wanda to 50%
+}
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dead.prune");
+    std::fs::write(&file, recipe).unwrap();
+    let (code, text) = prunec(&["plan", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("2. [line 8] calibrate: no prune step reads the statistics"),
+        "{text}"
+    );
+    let (_d, out, report) = run_ok(&[file.to_str().unwrap()]);
+    let dropped = report["dropped"].as_array().unwrap();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert_eq!(dropped[0]["id"], "2");
+    assert_eq!(dropped[0]["kind"], "calibrate");
+    let ran: Vec<(&str, &str)> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap(), s["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        ran,
+        vec![
+            ("1", "train"),
+            ("3", "prune"),
+            ("4", "calibrate"),
+            ("5", "prune")
+        ]
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Not run"), "{md}");
 }

@@ -328,3 +328,33 @@ fn lenet300_magnitude_sweep_reduced_trains_the_dense_network_once() {
     solo.push("target=70%");
     assert_same_as_solo(recipe, &solo, &out.join("target-70pct"), tmp.path());
 }
+
+#[test]
+fn a_sweep_computes_the_statistics_its_variants_share_once() {
+    require_data("digits/digits.csv.gz", "digits");
+    const STATS: &str = "tests/recipes/run/digits_stats.prune";
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("stats");
+    let (code, text) = prunec(&[
+        "run",
+        "-q",
+        STATS,
+        "--sweep",
+        "target=40%,70%",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let sweep = json(&out.join("sweep.json"));
+    let both = vec!["target-40pct".to_string(), "target-70pct".to_string()];
+    // Gradients (Taylor) and activation norms (Wanda): each once, for both
+    // variants; the prunes that read them fork by target.
+    assert_eq!(steps_of(&sweep, "statistics"), vec![both.clone(), both]);
+    assert_eq!(steps_of(&sweep, "prune").len(), 4);
+    for (v, set) in [
+        ("target-40pct", "target=40%"),
+        ("target-70pct", "target=70%"),
+    ] {
+        assert_same_as_solo(STATS, &[set], &out.join(v), tmp.path());
+    }
+}

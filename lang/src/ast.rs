@@ -242,6 +242,10 @@ impl fmt::Display for StageKind {
 /// clauses a stage kind accepts is checked by the checker, not the grammar.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Stage {
+    /// Stable id: the stage's position among the recipe's stages in source
+    /// order (nested round-block and `during` stages after their parent).
+    /// Checked options are keyed by it; it does not move when layout does.
+    pub id: StageId,
     pub kind: StageKind,
     pub keyword_span: Span,
     pub subject: Vec<Expr>,
@@ -265,6 +269,30 @@ impl Stage {
     /// Where argument `key`'s value is written, or the stage keyword when it is not.
     pub fn value_span(&self, key: &str) -> Span {
         self.arg(key).map_or(self.keyword_span, |a| a.value.span)
+    }
+}
+
+/// The id of a stage, see [`Stage::id`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct StageId(pub u32);
+
+/// Numbers every stage of `items` in source order (see [`Stage::id`]).
+pub fn number_stages(items: &mut [Item]) {
+    fn walk(s: &mut Stage, next: &mut u32) {
+        s.id = StageId(*next);
+        *next += 1;
+        if let Some(b) = &mut s.block {
+            b.stages.iter_mut().for_each(|i| walk(i, next));
+        }
+        if let Some(d) = &mut s.during {
+            walk(d, next);
+        }
+    }
+    let mut next = 0;
+    for item in items {
+        if let Item::Pipeline(p) = item {
+            p.stages.iter_mut().for_each(|s| walk(s, &mut next));
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod diag;
 pub mod eval;
 pub mod fmt;
 pub mod parse;
+pub mod resolved;
 pub mod stdlib;
 
 pub use ast::Span;

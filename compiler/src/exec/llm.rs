@@ -4,9 +4,11 @@
 
 use super::{rt_err_llm, Exec, RunError};
 use crate::lower;
+use crate::plan::{Action, Prune, Step};
 use prunec_kernels::{PruneOptions, TensorView};
-use prunec_lang::ast::{ExprKind, Stage, StageKind};
+use prunec_lang::ast::{ExprKind, Stage};
 use prunec_lang::check::Value;
+use prunec_lang::resolved::{Method, Scope};
 use prunec_lang::Span;
 use prunec_runtime::llm;
 use std::collections::BTreeMap;
@@ -150,15 +152,24 @@ impl Exec<'_> {
         Ok(zeros as f64 / total.max(1) as f64)
     }
 
-    pub(super) fn llm_stage(&mut self, s: &Stage, model: &str, span: Span) -> Result<(), RunError> {
+    pub(super) fn llm_stage(
+        &mut self,
+        step: &Step,
+        s: &Stage,
+        model: &str,
+        span: Span,
+    ) -> Result<(), RunError> {
         self.llm(model, span)?;
-        match s.kind {
-            StageKind::Evaluate => self.llm_evaluate(s, model),
-            StageKind::Prune => self.llm_prune(s, model),
-            StageKind::Export => self.llm_export(s, model),
-            other => Err(RunError::user(
+        match &step.action {
+            Action::Evaluate { .. } => self.llm_evaluate(s, model),
+            Action::Prune(p) => self.llm_prune(s, p, model),
+            Action::Export { .. } => self.llm_export(s, model),
+            _ => Err(RunError::user(
                 s.keyword_span,
-                format!("`{other}` stages on language models are not supported yet"),
+                format!(
+                    "`{}` stages on language models are not supported yet",
+                    s.kind
+                ),
             )),
         }
     }
@@ -218,7 +229,7 @@ impl Exec<'_> {
         Ok(())
     }
 
-    fn llm_prune(&mut self, s: &Stage, model: &str) -> Result<(), RunError> {
+    fn llm_prune(&mut self, s: &Stage, p: &Prune, model: &str) -> Result<(), RunError> {
         let by =
             s.by.as_ref()
                 .ok_or_else(|| RunError::user(s.keyword_span, "no criterion"))?;
@@ -289,7 +300,7 @@ impl Exec<'_> {
             None => Vec::new(),
         };
         let report = match &by.kind {
-            ExprKind::Call { callee, args } if callee.name == "sparsegpt" => {
+            ExprKind::Call { args, .. } if p.method == Method::SparseGpt => {
                 // Arguments are positional (block, damp) or named, numbers or params.
                 let get = |k: &str, i: usize, d: f64| -> Result<f64, RunError> {
                     let a = args
@@ -334,13 +345,13 @@ impl Exec<'_> {
                 // `prunec check` admits `row`/`neuron` and `layer` on language
                 // models, and an unwritten scope only for criteria reading
                 // `act(x)`, whose default is `row` everywhere.
-                let scope = match lower::scope_of(self.option(s, "scope").as_ref(), reads_acts) {
-                    "row" | "neuron" => llm::Scope::Row,
-                    "layer" => llm::Scope::Layer,
-                    other => {
-                        return Err(RunError::Internal(format!(
-                            "`scope = {other}` reached a language model's prune stage"
-                        )))
+                let scope = match p.scope {
+                    Scope::Row => llm::Scope::Row,
+                    Scope::Layer => llm::Scope::Layer,
+                    Scope::Global => {
+                        return Err(RunError::Internal(
+                            "`scope = global` reached a language model's prune stage".into(),
+                        ))
                     }
                 };
                 let method = self.src_text(by.span);

@@ -10,8 +10,9 @@ pub mod sweep;
 pub use prune::gradual_plan;
 
 use crate::lower::{self, LowerError};
-use crate::report::{fmt_metric, Evaluation, Layer, Report, Round, Step};
-use prunec_lang::ast::{BinaryOp, Expr, ExprKind, Stage, StageKind, UnaryOp};
+use crate::plan::{Action, Step};
+use crate::report::{fmt_metric, Evaluation, Layer, Report, Round};
+use prunec_lang::ast::{BinaryOp, Expr, ExprKind, Stage, UnaryOp};
 use prunec_lang::check::Value;
 use prunec_lang::{CheckedRecipe, Span};
 use prunec_runtime as rt;
@@ -99,6 +100,8 @@ struct ModelState {
     rewind_points: BTreeMap<usize, Option<rt::Snapshot>>,
     /// Activation norms from the last `calibrate` stage, by parameter.
     calibration: Option<BTreeMap<String, Vec<f32>>>,
+    /// What a `Statistics` step computed for the prune step after it.
+    stats: Option<prune::Stats>,
 }
 
 struct Exec<'a> {
@@ -125,9 +128,6 @@ struct Exec<'a> {
     round: Option<Round>,
     /// Language models, by name.
     llms: BTreeMap<String, rt::llm::LlamaModel>,
-    /// Sparsity after each round of a prune stage (by the stage's span start),
-    /// from the optimized IR's folded select / fused prune nodes.
-    round_targets: BTreeMap<usize, Vec<f64>>,
     /// The `assert` that failed; the variant runs no further stage.
     failed_assert: Option<(Span, String)>,
     /// How each model's current state came about: its declaration, then
@@ -137,74 +137,6 @@ struct Exec<'a> {
     lineage: BTreeMap<String, String>,
     /// The model whose state the current step copied instead of running.
     copied_from: Option<String>,
-}
-
-/// What the executor takes from the optimized IR.
-pub(super) struct IrPlan {
-    /// Top-level pipeline stages (indices) in the IR's topological order.
-    pub(super) order: Vec<usize>,
-    pub(super) round_targets: BTreeMap<usize, Vec<f64>>,
-}
-
-impl IrPlan {
-    fn new(ir: &crate::ir::Ir, r: &CheckedRecipe) -> Result<Self, RunError> {
-        use petgraph::visit::EdgeRef;
-        use std::cmp::Reverse;
-        let g = &ir.graph;
-        // Kahn's algorithm, smallest node index first: the pipeline's order
-        // wherever the data flow does not force another.
-        let mut indeg: Vec<usize> = g
-            .node_indices()
-            .map(|n| g.edges_directed(n, petgraph::Direction::Incoming).count())
-            .collect();
-        let mut ready: std::collections::BinaryHeap<Reverse<usize>> = g
-            .node_indices()
-            .filter(|n| indeg[n.index()] == 0)
-            .map(|n| Reverse(n.index()))
-            .collect();
-        let stages = &r.pipeline().stages;
-        let stage_of = |span: Span| {
-            stages
-                .iter()
-                .position(|s| s.span.start <= span.start && span.end <= s.span.end)
-        };
-        let mut order = Vec::new();
-        let mut round_targets = BTreeMap::new();
-        while let Some(Reverse(i)) = ready.pop() {
-            let n = petgraph::graph::NodeIndex::new(i);
-            for e in g.edges_directed(n, petgraph::Direction::Outgoing) {
-                let t = e.target().index();
-                indeg[t] -= 1;
-                if indeg[t] == 0 {
-                    ready.push(Reverse(t));
-                }
-            }
-            let node = &g[n];
-            if let crate::ir::Op::FusedPrune { sparsities, .. }
-            | crate::ir::Op::Select { sparsities, .. } = &node.op
-            {
-                if !sparsities.is_empty() {
-                    round_targets.insert(node.span.start, sparsities.clone());
-                }
-            }
-            if let Some(s) = stage_of(node.span) {
-                if !order.contains(&s) {
-                    order.push(s);
-                }
-            }
-        }
-        if order.len() != stages.len() {
-            return Err(RunError::Internal(format!(
-                "the optimized IR covers {} of the {} pipeline stages",
-                order.len(),
-                stages.len()
-            )));
-        }
-        Ok(IrPlan {
-            order,
-            round_targets,
-        })
-    }
 }
 
 /// Maps a language-model runtime error at a stage to a run error.
@@ -309,7 +241,6 @@ impl<'a> Exec<'a> {
             targets: None,
             round: None,
             llms: BTreeMap::new(),
-            round_targets: BTreeMap::new(),
             failed_assert: None,
             lineage: BTreeMap::new(),
             copied_from: None,
@@ -358,6 +289,7 @@ impl<'a> Exec<'a> {
                     epochs_trained: m.epochs_trained,
                     rewind_points: m.rewind_points.clone(),
                     calibration: m.calibration.clone(),
+                    stats: m.stats.clone(),
                 },
             );
         }
@@ -378,7 +310,6 @@ impl<'a> Exec<'a> {
             targets: self.targets.clone(),
             round: self.round.clone(),
             llms: self.llms.clone(),
-            round_targets: self.round_targets.clone(),
             failed_assert: self.failed_assert.clone(),
             lineage: self.lineage.clone(),
             copied_from: None,
@@ -512,13 +443,6 @@ impl Exec<'_> {
         self.r.symbols.get(name).and_then(|s| s.value.as_ref())
     }
 
-    fn resolve<'v>(&'v self, v: &'v Value) -> &'v Value {
-        match v {
-            Value::Ref(name) => self.declared(name).unwrap_or(v),
-            other => other,
-        }
-    }
-
     fn subject_name(stage: &Stage) -> Result<(String, Span), RunError> {
         let e = stage
             .subject
@@ -530,70 +454,68 @@ impl Exec<'_> {
         Ok((id.name.clone(), id.span))
     }
 
-    fn stage(&mut self, s: &Stage) -> Result<(), RunError> {
+    /// Runs one plan step: what it does comes from the step (its action,
+    /// method, schedule, sparsities); the stage it came from gives the
+    /// options the runtime reads.
+    fn step(&mut self, step: &Step) -> Result<(), RunError> {
         let t0 = Instant::now();
-        let subject = s
-            .subject
-            .first()
-            .and_then(|e| e.as_name())
-            .map(|n| (n.name.clone(), n.span));
-        match (s.kind, subject.clone()) {
-            (StageKind::Assert | StageKind::Report, _) => {}
-            (_, Some((name, span))) if self.is_llm(&name) => {
-                self.llm_stage(s, &name, span)?;
-                self.push_step(s, t0);
-                return Ok(());
-            }
-            _ => {}
+        let s = step.stage(self.r);
+        if let Some(name) = step.model.as_deref().filter(|m| self.is_llm(m)) {
+            let span = s.subject.first().map_or(s.span, |e| e.span);
+            self.llm_stage(step, s, name, span)?;
+            self.push_step(step, t0);
+            return Ok(());
         }
-        match s.kind {
-            StageKind::Train | StageKind::Finetune => {
+        match &step.action {
+            Action::Train { .. } => {
                 if !self.train_from_twin(s)? {
                     self.train(s)?
                 }
             }
-            StageKind::Calibrate | StageKind::Prune => {
+            Action::Calibrate { .. } | Action::Prune(_) => {
                 // The state (mask, statistics) is this model's own from now on.
-                if let Some((name, _)) = &subject {
+                if let Some(name) = &step.model {
                     self.lineage
-                        .insert(name.clone(), format!("{name} after @{}", s.span.start));
+                        .insert(name.clone(), format!("{name} after step {}", step.id));
                 }
-                if s.kind == StageKind::Prune {
-                    self.prune(s)?
-                } else {
-                    self.calibrate(s)?
+                match &step.action {
+                    Action::Prune(p) => self.prune(step, p)?,
+                    _ => self.calibrate(s)?,
                 }
             }
-            StageKind::Evaluate => self.evaluate(s)?,
-            StageKind::Assert => {
+            Action::Statistics {
+                gradients,
+                activations,
+            } => {
+                let name = step.model.clone().unwrap_or_default();
+                self.statistics(s, &name, gradients.as_deref(), activations.as_deref())?
+            }
+            Action::Evaluate { .. } => self.evaluate(s)?,
+            Action::Assert { .. } => {
                 // A failed assert ran too: it shows among the steps.
                 let held = self.assert(s);
                 if held.is_err() {
-                    self.push_step(s, t0);
+                    self.push_step(step, t0);
                 }
                 held?
             }
-            StageKind::Export => self.export(s)?,
-            StageKind::Report => self.report_stage(s)?,
+            Action::Export { .. } => self.export(s)?,
+            Action::Report { .. } => self.report_stage(s)?,
         }
-        self.push_step(s, t0);
+        self.push_step(step, t0);
         Ok(())
     }
 
-    /// Records a stage that ran, with the variants that share it.
-    fn push_step(&mut self, s: &Stage, t0: Instant) {
-        let model = match s.kind {
-            StageKind::Assert | StageKind::Report => String::new(),
-            _ => s
-                .subject
-                .first()
-                .and_then(|e| e.as_name())
-                .map(|n| n.name.clone())
-                .unwrap_or_default(),
-        };
-        self.report.steps.push(Step {
-            kind: s.kind.keyword().to_string(),
-            model,
+    /// Records a step that ran, with the variants that share it.
+    fn push_step(&mut self, step: &Step, t0: Instant) {
+        let s = step.stage(self.r);
+        self.report.steps.push(crate::report::Step {
+            id: step.id.clone(),
+            kind: match step.action {
+                Action::Statistics { .. } => "statistics".to_string(),
+                _ => s.kind.keyword().to_string(),
+            },
+            model: step.model.clone().unwrap_or_default(),
             span: s.span,
             variants: self.variants.clone(),
             seconds: t0.elapsed().as_secs_f64(),
@@ -643,6 +565,7 @@ impl Exec<'_> {
             epochs_trained: from.epochs_trained,
             rewind_points: from.rewind_points.clone(),
             calibration: from.calibration.clone(),
+            stats: from.stats.clone(),
         };
         self.models.insert(name, copy);
         self.copied_from = Some(twin);
@@ -675,6 +598,7 @@ impl Exec<'_> {
                     epochs_trained: 0,
                     rewind_points: self.rewind_epochs(name),
                     calibration: None,
+                    stats: None,
                 },
             );
         }
@@ -686,19 +610,24 @@ impl Exec<'_> {
             .as_name()
             .ok_or_else(|| RunError::user(e.span, "expected a dataset name"))?;
         let name = id.name.clone();
-        if !self.datasets.contains_key(&name) {
-            let v = self
-                .declared(&name)
-                .cloned()
-                .ok_or_else(|| RunError::user(e.span, format!("`{name}` is not a dataset")))?;
-            let spec = self.dataset_spec(&v, e.span)?;
-            let data = spec.load(&self.device).map_err(rt_err(
-                e.span,
-                &format!("cannot load the data set `{name}`"),
-            ))?;
-            self.datasets.insert(name.clone(), Arc::new(data));
-        }
+        self.dataset_named(&name, e.span)?;
         Ok(&self.datasets[&name])
+    }
+
+    /// A declared data set, loaded on first use (`span`: where it is read).
+    fn dataset_named(&mut self, name: &str, span: Span) -> Result<Arc<rt::Dataset>, RunError> {
+        if !self.datasets.contains_key(name) {
+            let v = self
+                .declared(name)
+                .cloned()
+                .ok_or_else(|| RunError::user(span, format!("`{name}` is not a dataset")))?;
+            let spec = self.dataset_spec(&v, span)?;
+            let data = spec
+                .load(&self.device)
+                .map_err(rt_err(span, &format!("cannot load the data set `{name}`")))?;
+            self.datasets.insert(name.to_string(), Arc::new(data));
+        }
+        Ok(self.datasets[name].clone())
     }
 
     fn dataset_spec(&mut self, v: &Value, span: Span) -> Result<rt::DatasetSpec, RunError> {

@@ -5,10 +5,12 @@
 
 use super::{rt_err, Exec, ModelState, RunError, GRADIENT_BATCHES};
 use crate::lower::{self, LoweredCriterion, Side};
+use crate::plan::{Prune, Step};
 use crate::report::Round;
 use prunec_kernels::{PruneOptions, Selection, TensorView};
 use prunec_lang::ast::{Expr, ExprKind, Stage};
 use prunec_lang::check::Value;
+use prunec_lang::resolved::{Method, Schedule, Scope};
 use prunec_lang::Span;
 use prunec_runtime as rt;
 use std::collections::BTreeMap;
@@ -28,6 +30,14 @@ pub(super) struct SideInputs {
     pub step: f32,
 }
 
+/// Statistics of one model state, by parameter, computed by a plan's
+/// `Statistics` step for the prune step after it.
+#[derive(Clone, Default)]
+pub(super) struct Stats {
+    pub grad: Option<BTreeMap<String, Vec<f32>>>,
+    pub act: Option<BTreeMap<String, Vec<f32>>>,
+}
+
 /// How a prune stage selects: everything but the target fraction.
 pub(super) struct Pruner {
     /// The stage (errors point here).
@@ -36,7 +46,7 @@ pub(super) struct Pruner {
     /// The targeted parameters, in model order.
     pub selected: Vec<String>,
     pub crit: LoweredCriterion,
-    pub scope: String,
+    pub scope: Scope,
     pub pattern: Option<Value>,
     pub keep_min: Option<Value>,
     pub keep_max: Option<Value>,
@@ -157,27 +167,27 @@ impl Pruner {
                     keep: keep_frac,
                 }
             }
-            _ => match self.scope.as_str() {
+            _ => match self.scope {
                 // Channel criteria score whole rows alike: keep whole rows.
-                "layer" if !self.crit.row_sums.is_empty() => Selection::PerTensor {
+                Scope::Layer if !self.crit.row_sums.is_empty() => Selection::PerTensor {
                     keep: shapes
                         .iter()
                         .map(|&(rows, cols)| ((rows as f64) * keep_frac).round() as usize * cols)
                         .collect(),
                 },
-                "layer" => Selection::PerTensor {
+                Scope::Layer => Selection::PerTensor {
                     keep: sizes
                         .iter()
                         .map(|&n| ((n as f64) * keep_frac).round() as usize)
                         .collect(),
                 },
-                "row" | "neuron" => {
+                Scope::Row => {
                     // Per-row keep counts follow each tensor's width: one call per tensor.
                     return self.per_tensor(model, masks, b, side, |(_, cols)| Selection::PerRow {
                         keep_per_row: ((cols as f64) * keep_frac).round() as usize,
                     });
                 }
-                _ => {
+                Scope::Global => {
                     let total: usize = sizes.iter().sum();
                     let min_keep: Vec<usize> = if self.keep_min.is_some() {
                         sizes
@@ -810,18 +820,14 @@ impl Exec<'_> {
                 if s.kind != prunec_lang::ast::StageKind::Prune || !on_model {
                     continue;
                 }
-                let sched = r.option(s, "schedule").map(|v| match v {
-                    Value::Ref(name) => r
-                        .symbols
-                        .get(name)
-                        .and_then(|s| s.value.clone())
-                        .unwrap_or_else(|| v.clone()),
-                    other => other.clone(),
-                });
+                let rewind = match Schedule::of(r, s) {
+                    Schedule::Iterative { rewind, .. } => rewind,
+                    _ => None,
+                };
                 if let Some(Value::Duration {
                     count,
                     unit: prunec_lang::ast::Unit::Epoch,
-                }) = sched.as_ref().and_then(|v| v.arg("rewind"))
+                }) = rewind.as_ref()
                 {
                     if *count > 0 {
                         points.insert(*count as usize, None);
@@ -839,13 +845,11 @@ impl Exec<'_> {
         name: &str,
         span: Span,
         crit: LoweredCriterion,
+        scope: Scope,
     ) -> Result<Pruner, RunError> {
         self.model(name, span)?;
         let selected = self.select_params(s, &self.models[name].model)?;
         self.targets = Some(selected.clone());
-        let written = self.option(s, "scope");
-        let scope =
-            lower::scope_of(written.as_ref(), !crit.expr.col_stats().is_empty()).to_string();
         Ok(Pruner {
             span: s.span,
             model: name.to_string(),
@@ -875,6 +879,16 @@ impl Exec<'_> {
     ) -> Result<SideInputs, RunError> {
         let mut side = SideInputs::default();
         let name = pruner.model.clone();
+        // Round one of a step whose statistics the step before computed.
+        let pre = match self.models.get_mut(&name).and_then(|m| m.stats.take()) {
+            Some(stats) if round == 1 => stats,
+            _ => Stats::default(),
+        };
+        let pick = |m: BTreeMap<String, Vec<f32>>| -> BTreeMap<String, Vec<f32>> {
+            m.into_iter()
+                .filter(|(n, _)| pruner.selected.contains(n))
+                .collect()
+        };
         match &pruner.crit.side {
             Some(Side::Rand) => {
                 let model = &self.models[&name].model;
@@ -884,7 +898,7 @@ impl Exec<'_> {
                         .param(n)
                         .map_err(rt_err(s.span, "read weights"))?
                         .numel();
-                    let salt = ((s.span.start as u64) << 20) ^ round as u64;
+                    let salt = ((s.id.0 as u64) << 20) ^ round as u64;
                     draws.insert(n.clone(), random_draws(self.r.seed, salt, n, len));
                 }
                 side.grad = Some(draws);
@@ -895,6 +909,9 @@ impl Exec<'_> {
                     message: "`accumulate(...)` sums a score over training steps: this prune stage trains no step".into(),
                     help: Some("prune gradually during training: `prune ... (schedule = gradual(...)) during train ...`".into()),
                 });
+            }
+            None if pruner.crit.expr.needs_grad() && pre.grad.is_some() => {
+                side.grad = pre.grad.map(pick);
             }
             None if pruner.crit.expr.needs_grad() => {
                 let on = s.on.as_ref().ok_or_else(|| {
@@ -924,7 +941,9 @@ impl Exec<'_> {
             }
             None => {}
         }
-        if !pruner.crit.expr.col_stats().is_empty() {
+        if let (false, Some(act)) = (pruner.crit.expr.col_stats().is_empty(), pre.act) {
+            side.act = Some(pick(act));
+        } else if !pruner.crit.expr.col_stats().is_empty() {
             let state = &self.models[&name];
             side.act = Some(match (&state.calibration, self.stats_data(s)) {
                 (_, Some(d)) => {
@@ -949,6 +968,54 @@ impl Exec<'_> {
         Ok(side)
     }
 
+    /// A `Statistics` step: loss gradients and activation norms of every
+    /// weight of `name`'s current state, for the prune step after it.
+    pub(super) fn statistics(
+        &mut self,
+        s: &Stage,
+        name: &str,
+        gradients: Option<&str>,
+        activations: Option<&str>,
+    ) -> Result<(), RunError> {
+        let span = s.subject.first().map_or(s.span, |e| e.span);
+        self.model(name, span)?;
+        let mut stats = Stats::default();
+        if let Some(d) = gradients {
+            let data = self.dataset_named(d, s.span)?;
+            if self.progress {
+                eprintln!(
+                    "gradients of {name}: {} batches",
+                    GRADIENT_BATCHES.min(data.num_batches())
+                );
+            }
+            let g = rt::gradients(&self.models[name].model, &data, GRADIENT_BATCHES)
+                .map_err(rt_err(s.span, "computing gradients"))?;
+            let mut out = BTreeMap::new();
+            for (n, t) in g {
+                out.insert(
+                    n,
+                    to_vec(&t).map_err(|e| RunError::Internal(e.to_string()))?,
+                );
+            }
+            stats.grad = Some(out);
+        }
+        if let Some(d) = activations {
+            let data = self.dataset_named(d, s.span)?;
+            if self.progress {
+                eprintln!(
+                    "calibrate {name}: {} batches",
+                    CALIBRATION_BATCHES.min(data.num_batches())
+                );
+            }
+            let act =
+                rt::calib::activation_norms(&self.models[name].model, &data, CALIBRATION_BATCHES)
+                    .map_err(rt_err(s.span, "calibration"))?;
+            stats.act = Some(act.into_iter().collect());
+        }
+        self.models.get_mut(name).unwrap().stats = Some(stats);
+        Ok(())
+    }
+
     /// `calibrate MODEL on DATA`: activation statistics for later prune stages.
     pub(super) fn calibrate(&mut self, s: &Stage) -> Result<(), RunError> {
         let (name, data_name) = self.model_and_data(s)?;
@@ -966,54 +1033,42 @@ impl Exec<'_> {
         Ok(())
     }
 
-    pub(super) fn prune(&mut self, s: &Stage) -> Result<(), RunError> {
+    /// A prune step: the method, schedule, scope and per-round sparsities
+    /// the plan resolved; the round block's steps after each round.
+    pub(super) fn prune(&mut self, step: &Step, p: &Prune) -> Result<(), RunError> {
+        let s = step.stage(self.r);
         let (name, span) = Self::subject_name(s)?;
-        let by =
-            s.by.as_ref()
-                .ok_or_else(|| RunError::user(s.keyword_span, "no criterion"))?;
-        let method = match &by.kind {
-            ExprKind::Call { callee, .. } => Some(callee.name.as_str()),
-            ExprKind::Name(id) => Some(id.name.as_str()),
-            _ => None,
-        };
-        match method {
-            Some("sap") => return self.prune_sap(s, &name, span, by),
-            Some("sparsegpt") => {
+        let by = &p.by.expr;
+        match p.method {
+            Method::Sap => return self.prune_sap(step, p, &name, span, by),
+            Method::SparseGpt => {
                 return Err(RunError::User {
                     span: Some(by.span),
                     message: "SparseGPT reconstructs the linear layers of language models; `prunec run` does not apply it to classifiers".into(),
                     help: Some("prune classifiers with a criterion such as `std.magnitude` or `std.wanda`".into()),
                 })
             }
-            _ => {}
+            Method::Criterion => {}
         }
         let crit = lower::criterion_to_kernel(self.r, by)?;
-        let pruner = self.pruner(s, &name, span, crit)?;
-        let schedule = self.option(s, "schedule").map(|v| self.resolve(&v).clone());
-        let sched_name = schedule
-            .as_ref()
-            .and_then(|v| v.call_name().map(String::from));
-        if let Some(inner) = &s.during {
-            if sched_name.as_deref() != Some("gradual") {
+        let pruner = self.pruner(s, &name, span, crit, p.scope)?;
+        if let Some(during) = p.during {
+            let Schedule::Gradual(schedule) = &p.schedule else {
                 return Err(RunError::User {
                     span: Some(s.keyword_span),
                     message: "pruning `during` training needs a gradual schedule".into(),
                     help: Some("add `schedule = gradual(to = 90%, end = step 2000)`".into()),
                 });
-            }
-            return self.prune_during(s, inner, pruner, schedule.unwrap());
+            };
+            let inner = during
+                .stage(self.r)
+                .ok_or_else(|| RunError::Internal("a `during` stage the recipe lacks".into()))?;
+            return self.prune_during(s, inner, pruner, schedule.clone());
         }
-        let (rounds, rewind) = match sched_name.as_deref() {
-            Some("iterative") => {
-                let sched = schedule.as_ref().unwrap();
-                let rounds = sched
-                    .arg("rounds")
-                    .and_then(|r| r.as_i64())
-                    .unwrap_or(1)
-                    .max(1) as usize;
-                (rounds, sched.arg("rewind").cloned())
-            }
-            Some("gradual") => {
+        let (rounds, rewind) = match &p.schedule {
+            Schedule::Iterative { rounds, rewind } => (*rounds, rewind.clone()),
+            Schedule::OneShot { rounds } => (*rounds, None),
+            Schedule::Gradual(_) => {
                 return Err(RunError::User {
                     span: Some(s.keyword_span),
                     message: "a gradual schedule prunes during training".into(),
@@ -1023,23 +1078,15 @@ impl Exec<'_> {
                     ),
                 })
             }
-            _ => (
-                self.option(s, "rounds")
-                    .and_then(|r| r.as_i64())
-                    .unwrap_or(1)
-                    .max(1) as usize,
-                None,
-            ),
         };
         let target = match &s.to {
             Some(to) => self.number(to)?,
             None => 0.0,
         };
         // The optimized IR folded the target into per-round sparsities.
-        let planned = self.round_targets.get(&s.span.start).cloned();
         for round in 1..=rounds {
-            let keep_frac = match &planned {
-                Some(p) if p.len() == rounds => 1.0 - p[round - 1],
+            let keep_frac = match &p.sparsities {
+                planned if planned.len() == rounds => 1.0 - planned[round - 1],
                 _ => (1.0 - target).powf(round as f64 / rounds as f64),
             };
             let side = self.side_inputs(s, &pruner, round)?;
@@ -1059,10 +1106,10 @@ impl Exec<'_> {
             }
             self.rewind(s, &name, rewind.as_ref())?;
             self.after_round(
-                s,
+                step,
                 &name,
                 round,
-                rounds > 1 || s.block.is_some(),
+                rounds > 1 || !step.each_round.is_empty(),
                 BTreeMap::new(),
             )?;
         }
@@ -1105,25 +1152,23 @@ impl Exec<'_> {
     /// Records a round and runs the stage's round block.
     fn after_round(
         &mut self,
-        s: &Stage,
+        step: &Step,
         name: &str,
         round: usize,
         record: bool,
         metrics: BTreeMap<String, f64>,
     ) -> Result<(), RunError> {
-        let (sparsity, pqi) = self.sparsity_pqi(name, s.span)?;
+        let (sparsity, pqi) = self.sparsity_pqi(name, step.span)?;
         self.round = Some(Round {
             round,
             sparsity,
             pqi,
             metrics,
         });
-        if let Some(block) = &s.block {
-            for inner in &block.stages {
-                self.stage(inner)?;
-                if self.interrupted.load(Ordering::SeqCst) {
-                    return Err(RunError::Interrupted);
-                }
+        for inner in &step.each_round {
+            self.step(inner)?;
+            if self.interrupted.load(Ordering::SeqCst) {
+                return Err(RunError::Interrupted);
             }
         }
         let r = self.round.take().unwrap();
@@ -1189,7 +1234,15 @@ impl Exec<'_> {
 
     /// SAP (Diao et al. 2023): each round, the PQ index of every group's
     /// surviving weights sets how many of them to prune by magnitude.
-    fn prune_sap(&mut self, s: &Stage, name: &str, span: Span, by: &Expr) -> Result<(), RunError> {
+    fn prune_sap(
+        &mut self,
+        step: &Step,
+        plan: &Prune,
+        name: &str,
+        span: Span,
+        by: &Expr,
+    ) -> Result<(), RunError> {
+        let s = step.stage(self.r);
         let arg = |k: &str, d: f64| -> Result<f64, RunError> {
             match &by.kind {
                 ExprKind::Call { args, .. } => match args.named(k) {
@@ -1215,18 +1268,14 @@ impl Exec<'_> {
             row_sums: vec![],
             side: None,
         };
-        let pruner = self.pruner(s, name, span, magnitude)?;
+        let pruner = self.pruner(s, name, span, magnitude, plan.scope)?;
         if pruner.pattern.is_some() {
             return Err(RunError::user(
                 s.span,
                 "SAP prunes unstructured weights: drop `pattern`",
             ));
         }
-        let rounds = self
-            .option(s, "rounds")
-            .and_then(|r| r.as_i64())
-            .unwrap_or(1)
-            .max(1) as usize;
+        let rounds = plan.schedule.rounds().unwrap_or(1);
         let side = SideInputs::default();
         for round in 1..=rounds {
             let state = self.models.get_mut(name).unwrap();
@@ -1245,8 +1294,8 @@ impl Exec<'_> {
                 })
                 .collect();
             let mut pruned = 0usize;
-            match pruner.scope.as_str() {
-                "layer" => {
+            match pruner.scope {
+                Scope::Layer => {
                     let keep: Vec<usize> = (0..b.weights.len())
                         .map(|t| {
                             let (d, i) =
@@ -1264,7 +1313,7 @@ impl Exec<'_> {
                         &Selection::PerTensor { keep },
                     )?;
                 }
-                "row" | "neuron" => {
+                Scope::Row => {
                     let keep: Vec<Vec<usize>> = (0..b.weights.len())
                         .map(|t| {
                             let (rows, cols) = b.shapes[t];
@@ -1284,7 +1333,7 @@ impl Exec<'_> {
                         .collect();
                     pruner.rows_keep(&state.model, &mut state.masks, &state.init, &side, &keep)?;
                 }
-                _ => {
+                Scope::Global => {
                     let values =
                         (0..b.weights.len()).flat_map(|t| alive(&b, t, 0..b.weights[t].len()));
                     let (d, i) = pq_index(values, p, q);
@@ -1315,7 +1364,7 @@ impl Exec<'_> {
                     pruned as f64 / alive_before as f64
                 },
             )]);
-            self.after_round(s, name, round, true, metrics)?;
+            self.after_round(step, name, round, true, metrics)?;
         }
         Ok(())
     }
@@ -1380,7 +1429,7 @@ mod tests {
                 row_sums: vec![],
                 side: None,
             },
-            scope: "global".into(),
+            scope: Scope::Global,
             pattern: None,
             keep_min: None,
             keep_max: None,

@@ -80,6 +80,13 @@ fn stage_names(s: &Stage, out: &mut BTreeSet<String>) {
 /// through the declarations (params, models, data sets, criteria, schedules,
 /// constraint sets) they name.
 pub fn stage_params(r: &CheckedRecipe, s: &Stage) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    stage_names(s, &mut seen);
+    params_of(r, seen)
+}
+
+/// The params among `names` and the declarations they name, transitively.
+fn params_of(r: &CheckedRecipe, mut seen: BTreeSet<String>) -> BTreeSet<String> {
     let mut decls: BTreeMap<&str, Vec<&Expr>> = BTreeMap::new();
     for item in &r.ast.items {
         match item {
@@ -92,8 +99,6 @@ pub fn stage_params(r: &CheckedRecipe, s: &Stage) -> BTreeSet<String> {
             _ => {}
         }
     }
-    let mut seen = BTreeSet::new();
-    stage_names(s, &mut seen);
     let mut todo: Vec<String> = seen.iter().cloned().collect();
     while let Some(n) = todo.pop() {
         for e in decls.get(n.as_str()).into_iter().flatten() {
@@ -109,6 +114,18 @@ pub fn stage_params(r: &CheckedRecipe, s: &Stage) -> BTreeSet<String> {
     seen.into_iter()
         .filter(|n| r.symbols.get(n).is_some_and(|s| s.kind == SymKind::Param))
         .collect()
+}
+
+/// The params a plan step reads: those of its stage; a `Statistics` step
+/// reads only the model (whose state the group shares) and the data sets.
+fn step_params(r: &CheckedRecipe, step: &crate::plan::Step) -> BTreeSet<String> {
+    match &step.action {
+        crate::plan::Action::Statistics {
+            gradients,
+            activations,
+        } => params_of(r, gradients.iter().chain(activations).cloned().collect()),
+        _ => stage_params(r, step.stage(r)),
+    }
 }
 
 /// What a stage does in one variant, as far as the variants can differ: the
@@ -151,24 +168,25 @@ pub(super) fn run_variants<'a>(
         .ok_or_else(|| RunError::Internal("no variant to run".into()))?;
     let staging = super::create_staging(&opts.out_dir)?;
     let root = staging.path().to_path_buf();
-    // Every variant's optimized IR: the stage order (the same for all: the
-    // variants share the recipe's text) and its per-round sparsities.
+    // Every variant's plan, from its optimized IR: the same steps for all
+    // (the variants share the recipe's text), with their own sparsities.
     let mut plans = Vec::with_capacity(variants.len());
     for v in variants {
         let mut ir = crate::ir::checked_to_ir(v.recipe, recipe_text);
         crate::ir::passes::optimize(&mut ir, v.recipe).map_err(RunError::Internal)?;
-        plans.push(super::IrPlan::new(&ir, v.recipe)?);
+        plans.push(crate::plan::ir_to_plan(&ir, v.recipe).map_err(RunError::Internal)?);
     }
-    let order = plans[0].order.clone();
-    if plans.iter().any(|p| p.order != order) {
+    let ids = |p: &crate::plan::Plan| p.all().iter().map(|s| s.id.clone()).collect::<Vec<_>>();
+    if plans.iter().any(|p| ids(p) != ids(&plans[0])) {
         return Err(RunError::Internal(
-            "sweep variants differ in their stage order".into(),
+            "sweep variants differ in their plan's steps".into(),
         ));
     }
-    let stages = &first.recipe.pipeline().stages;
-    let params: Vec<BTreeSet<String>> = stages
+    let steps_count = plans[0].steps.len();
+    let params: Vec<BTreeSet<String>> = plans[0]
+        .steps
         .iter()
-        .map(|s| stage_params(first.recipe, s))
+        .map(|step| step_params(first.recipe, step))
         .collect();
     let names = |group: &[usize]| -> Vec<String> {
         if variants.len() == 1 {
@@ -187,10 +205,10 @@ pub(super) fn run_variants<'a>(
         root.clone(),
         opts.progress,
     )?;
-    root_ex.round_targets = plans[0].round_targets.clone();
     if variants.len() == 1 {
         root_ex.staging = root.join(&first.name);
     }
+    root_ex.report.dropped = plans[0].dropped.clone();
     let mut stack = vec![Pending {
         ex: root_ex,
         group: all,
@@ -201,13 +219,12 @@ pub(super) fn run_variants<'a>(
     // Forks `ex` for `group`, led by its first variant.
     let fork = |ex: &Exec<'a>, group: &[usize]| -> Result<Exec<'a>, RunError> {
         let lead = &variants[group[0]];
-        let mut f = ex.fork(
+        let f = ex.fork(
             lead.recipe,
             group.iter().map(|&i| variants[i].recipe).collect(),
             names(group),
             root.join(&lead.name),
         )?;
-        f.round_targets = plans[group[0]].round_targets.clone();
         Ok(f)
     };
     while let Some(Pending {
@@ -216,7 +233,7 @@ pub(super) fn run_variants<'a>(
         next,
     }) = stack.pop()
     {
-        if next == order.len() || ex.failed_assert.is_some() {
+        if next == steps_count || ex.failed_assert.is_some() {
             // Each variant finishes on its own copy (outputs, report, lock).
             let (&last, rest) = group.split_last().expect("a group is never empty");
             for &v in rest {
@@ -232,10 +249,10 @@ pub(super) fn run_variants<'a>(
             done[last] = Some(ex.finish()?);
             continue;
         }
-        let stage = &stages[order[next]];
+        let stage = plans[group[0]].steps[next].stage(first.recipe);
         let mut parts: Vec<(String, Vec<usize>)> = Vec::new();
         for &v in &group {
-            let fp = fingerprint(&variants[v], stage, &params[order[next]]);
+            let fp = fingerprint(&variants[v], stage, &params[next]);
             match parts.iter_mut().find(|(f, _)| *f == fp) {
                 Some((_, p)) => p.push(v),
                 None => parts.push((fp, vec![v])),
@@ -269,7 +286,6 @@ pub(super) fn run_variants<'a>(
                 names(&parts[last].1),
                 root.join(&lead.name),
             );
-            ex.round_targets = plans[parts[last].1[0]].round_targets.clone();
             forks.push(ex);
             for (f, (_, p)) in forks.into_iter().zip(parts).rev() {
                 stack.push(Pending {
@@ -281,7 +297,8 @@ pub(super) fn run_variants<'a>(
             continue;
         }
         let before = ex.report.steps.len();
-        match ex.stage(stage) {
+        // `ex` reads the recipe of its group's first variant: run that plan's step.
+        match ex.step(&plans[group[0]].steps[next]) {
             Ok(()) => {}
             Err(RunError::Assert { span, message }) => ex.failed_assert = Some((span, message)),
             Err(e) => return Err(e),

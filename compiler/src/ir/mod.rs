@@ -10,6 +10,7 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use prunec_lang::ast::{Expr, ExprKind, Stage, StageKind};
 use prunec_lang::check::{SymKind, Value};
+use prunec_lang::resolved::{Method, Schedule, Scope};
 use prunec_lang::{CheckedRecipe, Span};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -53,7 +54,7 @@ pub enum Op {
     },
     /// `sparsities` is the target after each round, known before running once folded.
     Select {
-        scope: String,
+        scope: Scope,
         pattern: Option<(u64, u64)>,
         target: Option<Written>,
         sparsities: Vec<f64>,
@@ -63,12 +64,12 @@ pub enum Op {
     /// Score, select and mask fused into one kernel.
     FusedPrune {
         criterion: Written,
-        scope: String,
+        scope: Scope,
         pattern: Option<(u64, u64)>,
         sparsities: Vec<f64>,
     },
     Reconstruct {
-        method: String,
+        method: Method,
     },
     Train {
         kind: StageKind,
@@ -91,11 +92,40 @@ pub enum Op {
     },
 }
 
-/// A node: an operation and the recipe span it came from.
+/// Which pipeline stage a node belongs to: its position among the
+/// pipeline's stages, and inside that stage's round block (or, one past
+/// the block, the training a gradual prune runs `during`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StageRef {
+    pub top: usize,
+    pub inner: Option<usize>,
+}
+
+impl StageRef {
+    /// The stage itself in the checked recipe.
+    pub fn stage(self, r: &CheckedRecipe) -> Option<&Stage> {
+        let s = r.pipeline().stages.get(self.top)?;
+        match self.inner {
+            None => Some(s),
+            Some(j) => {
+                let block = s.block.as_ref().map_or(&[][..], |b| &b.stages[..]);
+                match block.get(j) {
+                    Some(inner) => Some(inner),
+                    None if j == block.len() => s.during.as_deref(),
+                    None => None,
+                }
+            }
+        }
+    }
+}
+
+/// A node: an operation, the recipe span it came from and the pipeline
+/// stage it belongs to (none for declarations).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Node {
     pub op: Op,
     pub span: Span,
+    pub stage: Option<StageRef>,
 }
 
 /// What flows along an edge.
@@ -156,14 +186,14 @@ impl Op {
             } => {
                 let what = match pattern {
                     Some((n, m)) => format!("{n}:{m}"),
-                    None => scope.clone(),
+                    None => scope.to_string(),
                 };
                 format!(
                     "fused score+select+mask {criterion} ({what}) at {}",
                     fmt_fracs(sparsities)
                 )
             }
-            Op::Reconstruct { method } => format!("reconstruct {method}"),
+            Op::Reconstruct { method } => format!("reconstruct ({method:?})"),
             Op::Train { kind, data } => format!("{kind} on {data}"),
             Op::Evaluate {
                 data,
@@ -266,6 +296,11 @@ struct Lowerer<'a> {
     model_head: BTreeMap<String, NodeIndex>,
     data: BTreeMap<String, NodeIndex>,
     src: &'a str,
+    /// The stage being lowered.
+    at: Option<StageRef>,
+    /// The latest `calibrate` stage's node of each model: a prune whose
+    /// criterion reads activations without data of its own reads them.
+    calibrations: BTreeMap<String, NodeIndex>,
 }
 
 /// Lowers a checked recipe to the IR, one chain of model-state edges per model.
@@ -276,6 +311,8 @@ pub fn checked_to_ir(r: &CheckedRecipe, src: &str) -> Ir {
         model_head: BTreeMap::new(),
         data: BTreeMap::new(),
         src,
+        at: None,
+        calibrations: BTreeMap::new(),
     };
     for (name, sym) in &r.symbols {
         let ctor = sym
@@ -292,6 +329,7 @@ pub fn checked_to_ir(r: &CheckedRecipe, src: &str) -> Ir {
                         ctor,
                     },
                     span: sym.span,
+                    stage: None,
                 });
                 l.model_head.insert(name.clone(), n);
             }
@@ -302,13 +340,15 @@ pub fn checked_to_ir(r: &CheckedRecipe, src: &str) -> Ir {
                         ctor,
                     },
                     span: sym.span,
+                    stage: None,
                 });
                 l.data.insert(name.clone(), n);
             }
             _ => {}
         }
     }
-    for s in &r.pipeline().stages {
+    for (top, s) in r.pipeline().stages.iter().enumerate() {
+        l.at = Some(StageRef { top, inner: None });
         l.stage(s);
     }
     Ir { graph: l.g }
@@ -378,7 +418,19 @@ impl Lowerer<'_> {
                         data: data.clone(),
                     }
                 };
-                self.on_model(&model, Node { op, span: s.span }, Some(&data), !calibrate);
+                let n = self.on_model(
+                    &model,
+                    Node {
+                        op,
+                        span: s.span,
+                        stage: self.at,
+                    },
+                    Some(&data),
+                    !calibrate,
+                );
+                if calibrate {
+                    self.calibrations.insert(model.clone(), n);
+                }
             }
             StageKind::Prune => self.prune(s, &model),
             StageKind::Evaluate => {
@@ -401,6 +453,7 @@ impl Lowerer<'_> {
                             label,
                         },
                         span: s.span,
+                        stage: self.at,
                     },
                     Some(&data),
                     false,
@@ -413,6 +466,7 @@ impl Lowerer<'_> {
                 self.g.add_node(Node {
                     op: Op::Assert { condition },
                     span: s.span,
+                    stage: self.at,
                 });
             }
             StageKind::Export => {
@@ -422,6 +476,7 @@ impl Lowerer<'_> {
                     Node {
                         op: Op::Export { path },
                         span: s.span,
+                        stage: self.at,
                     },
                     None,
                     false,
@@ -433,6 +488,7 @@ impl Lowerer<'_> {
                 self.g.add_node(Node {
                     op: Op::Report { metrics, path },
                     span: s.span,
+                    stage: self.at,
                 });
             }
         }
@@ -441,14 +497,7 @@ impl Lowerer<'_> {
     fn prune(&mut self, s: &Stage, model: &str) {
         let Some(by) = s.by.as_ref() else { return };
         let criterion = self.written(by);
-        let method = match &by.kind {
-            ExprKind::Call { callee, .. }
-                if matches!(callee.name.as_str(), "sparsegpt" | "sap") =>
-            {
-                Some(callee.name.clone())
-            }
-            _ => None,
-        };
+        let method = Method::of(self.r, by);
         let needs = prunec_lang::check::expr_needs(self.r, by);
         let calib = match self.option(s, "calibrate") {
             Some(Value::Ref(d)) => Some(d),
@@ -471,6 +520,7 @@ impl Lowerer<'_> {
                     Node {
                         op: Op::Gradients { data: d.clone() },
                         span: by.span,
+                        stage: self.at,
                     },
                     Some(&d),
                     false,
@@ -479,7 +529,7 @@ impl Lowerer<'_> {
         }
         if needs.activations {
             if let Some(d) = &calib {
-                let hessian = method.as_deref() == Some("sparsegpt");
+                let hessian = method == Method::SparseGpt;
                 stats.push(self.on_model(
                     model,
                     Node {
@@ -488,34 +538,19 @@ impl Lowerer<'_> {
                             hessian,
                         },
                         span: by.span,
+                        stage: self.at,
                     },
                     Some(d),
                     false,
                 ));
             }
         }
-        let scope =
-            crate::lower::scope_of(self.option(s, "scope").as_ref(), needs.activations).to_string();
+        let scope = Scope::of(self.option(s, "scope").as_ref(), needs.activations);
         let pattern = match self.option(s, "pattern") {
             Some(Value::Pattern { n, m }) => Some((n, m)),
             _ => None,
         };
-        let schedule = self.option(s, "schedule").map(|v| match v {
-            Value::Ref(r) => self
-                .r
-                .symbols
-                .get(&r)
-                .and_then(|s| s.value.clone())
-                .unwrap_or(Value::Ref(r)),
-            other => other,
-        });
-        let rounds = schedule
-            .as_ref()
-            .filter(|v| v.call_name() == Some("iterative"))
-            .and_then(|v| v.arg("rounds").and_then(|r| r.as_i64()))
-            .or_else(|| self.option(s, "rounds").and_then(|r| r.as_i64()))
-            .unwrap_or(1)
-            .max(1) as usize;
+        let rounds = Schedule::of(self.r, s).rounds().unwrap_or(1);
         let target = s.to.as_ref().map(|e| self.written(e));
         let score = self.on_model(
             model,
@@ -524,12 +559,19 @@ impl Lowerer<'_> {
                     criterion: criterion.clone(),
                 },
                 span: by.span,
+                stage: self.at,
             },
             None,
             false,
         );
         for st in stats {
             self.g.add_edge(st, score, Flow::Stats);
+        }
+        if needs.activations && calib.is_none() {
+            // The statistics of the model's latest `calibrate` stage.
+            if let Some(&c) = self.calibrations.get(model) {
+                self.g.add_edge(c, score, Flow::Stats);
+            }
         }
         let select = self.g.add_node(Node {
             op: Op::Select {
@@ -540,6 +582,7 @@ impl Lowerer<'_> {
                 rounds,
             },
             span: s.span,
+            stage: self.at,
         });
         self.g.add_edge(score, select, Flow::Scores);
         let mask = self.on_model(
@@ -547,31 +590,43 @@ impl Lowerer<'_> {
             Node {
                 op: Op::Mask,
                 span: s.span,
+                stage: self.at,
             },
             None,
             true,
         );
         self.g.add_edge(select, mask, Flow::Mask);
-        if let Some(m) = method.filter(|m| m == "sparsegpt") {
+        if method == Method::SparseGpt {
+            let m = method;
             let rec = self.on_model(
                 model,
                 Node {
                     op: Op::Reconstruct { method: m },
                     span: by.span,
+                    stage: self.at,
                 },
                 None,
                 true,
             );
             let _ = rec;
         }
-        if let Some(block) = &s.block {
-            for inner in &block.stages {
-                self.stage(inner);
-            }
+        let outer = self.at;
+        let block = s.block.as_ref().map_or(&[][..], |b| &b.stages[..]);
+        for (j, inner) in block.iter().enumerate() {
+            self.at = outer.map(|a| StageRef {
+                top: a.top,
+                inner: Some(j),
+            });
+            self.stage(inner);
         }
         if let Some(d) = &s.during {
+            self.at = outer.map(|a| StageRef {
+                top: a.top,
+                inner: Some(block.len()),
+            });
             self.stage(d);
         }
+        self.at = outer;
     }
 }
 

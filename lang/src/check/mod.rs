@@ -80,8 +80,8 @@ pub struct CheckedRecipe {
     pub symbols: BTreeMap<String, Symbol>,
     /// Imported standard-library names.
     pub imports: Vec<String>,
-    /// Resolved stage options, by the span of the stage they belong to.
-    pub stage_options: BTreeMap<usize, BTreeMap<String, Value>>,
+    /// Resolved stage options, by the id of the stage they belong to.
+    pub stage_options: BTreeMap<StageId, BTreeMap<String, Value>>,
 }
 
 impl CheckedRecipe {
@@ -101,7 +101,7 @@ impl CheckedRecipe {
 
     /// The resolved options of a stage.
     pub fn options(&self, stage: &Stage) -> Option<&BTreeMap<String, Value>> {
-        self.stage_options.get(&stage.span.start)
+        self.stage_options.get(&stage.id)
     }
 
     /// One option of a stage, falling back to the constraint set it names
@@ -129,11 +129,11 @@ pub(crate) struct Checker<'a> {
     pub(crate) diags: Vec<Diagnostic>,
     pub(crate) criterion_stack: Vec<String>,
     criteria: BTreeMap<String, Expr>,
-    pub(crate) stage_options: BTreeMap<usize, BTreeMap<String, Value>>,
+    pub(crate) stage_options: BTreeMap<StageId, BTreeMap<String, Value>>,
     /// `--set` values by param name, as written.
     pub(crate) overrides: BTreeMap<String, &'a str>,
-    /// Prune stages (by span start) whose criterion reads `act(x)`.
-    pub(crate) stage_reads_acts: std::collections::BTreeSet<usize>,
+    /// Prune stages whose criterion reads `act(x)`.
+    pub(crate) stage_reads_acts: std::collections::BTreeSet<StageId>,
 }
 
 /// Checks a parsed recipe; returns the checked recipe or every diagnostic.

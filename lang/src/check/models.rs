@@ -80,7 +80,7 @@ impl Checker<'_> {
     /// An option of a prune stage as resolved, with the span to show: where
     /// it is written, or the `constraints = NAME` that brings it in.
     fn prune_option(&self, s: &Stage, key: &str) -> Option<(Value, Span)> {
-        let opts = self.stage_options.get(&s.span.start)?;
+        let opts = self.stage_options.get(&s.id)?;
         if let Some(v) = opts.get(key) {
             return Some((v.clone(), s.value_span(key)));
         }
@@ -201,7 +201,7 @@ impl Checker<'_> {
             StageKind::Export => {
                 let format = self
                     .stage_options
-                    .get(&s.span.start)
+                    .get(&s.id)
                     .and_then(|o| o.get("format"))
                     .and_then(|v| v.as_str())
                     .map(String::from);
@@ -293,7 +293,7 @@ impl Checker<'_> {
             // Per-layer guards act on the one global selection only.
             let global = match self.prune_option(s, "scope") {
                 Some((v, _)) => v.as_str() == Some("global"),
-                None => !self.stage_reads_acts.contains(&s.span.start),
+                None => !self.stage_reads_acts.contains(&s.id),
             };
             let block = pattern.is_some();
             if !global || block {
@@ -366,7 +366,7 @@ impl Checker<'_> {
             }
         } else if pattern.is_none() {
             let scope = self.prune_option(s, "scope");
-            let reads_acts = self.stage_reads_acts.contains(&s.span.start);
+            let reads_acts = self.stage_reads_acts.contains(&s.id);
             match scope {
                 Some((v, span)) if v.as_str() == Some("global") => self.unsupported(
                     span,

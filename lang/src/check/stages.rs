@@ -532,7 +532,7 @@ impl<'a> Checker<'a> {
                 }
             }
         }
-        self.stage_options.insert(s.span.start, options);
+        self.stage_options.insert(s.id, options);
     }
 
     fn check_prune(
@@ -601,7 +601,7 @@ impl<'a> Checker<'a> {
             }
         }
         if needs.activations {
-            self.stage_reads_acts.insert(s.span.start);
+            self.stage_reads_acts.insert(s.id);
         }
         // Target.
         let written = |key: &str| s.arg(key).is_some();

@@ -84,7 +84,8 @@ pub fn source_to_ast(src: &str) -> Parsed {
             errors,
         };
     }
-    let items = recover::parse_items(src, &mut errors);
+    let mut items = recover::parse_items(src, &mut errors);
+    crate::ast::number_stages(&mut items);
     if items.is_empty() && errors.is_empty() {
         errors.push(
             Diagnostic::new(Code::Empty, "the recipe is empty")
@@ -284,6 +285,7 @@ pub(crate) fn build_stage(p: Pair<'_, Rule>, base: usize) -> Stage {
     let kw = it.next().unwrap();
     let kind = StageKind::from_keyword(kw.as_str()).expect("stage keyword");
     let mut stage = Stage {
+        id: StageId::default(),
         kind,
         keyword_span: span_of(&kw, base),
         subject: vec![],

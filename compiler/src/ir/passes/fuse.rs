@@ -58,8 +58,8 @@ pub fn fuse(ir: &mut Ir, r: &CheckedRecipe) {
     }
     for (score, select, mask, op) in fused {
         // The mask node becomes the fused node; score and select fold into it.
-        let span = ir.graph[select].span;
-        ir.graph[mask] = Node { op, span };
+        let (span, stage) = (ir.graph[select].span, ir.graph[select].stage);
+        ir.graph[mask] = Node { op, span, stage };
         redirect.insert(score, mask);
         redirect.insert(select, mask);
     }

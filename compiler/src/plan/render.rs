@@ -1,11 +1,12 @@
-//! `prunec plan`: the resolved plan of a recipe from model and data file
-//! headers only — per-layer targets, parameter and FLOP counts before and
-//! after, and the data each stage reads.
+//! `prunec plan`: the steps `prunec run` executes, with what model and data
+//! file headers alone tell — per-layer targets, parameter and FLOP counts
+//! before and after, and the data each step reads.
 
+use super::{Action, Plan, Step};
 use crate::exec::{model_spec, RunError};
-use crate::ir::{Ir, Op};
 use crate::lower::{glob_match, strings};
 use prunec_lang::check::{SymKind, Value};
+use prunec_lang::resolved::{Schedule, Scope};
 use prunec_lang::CheckedRecipe;
 use prunec_runtime as rt;
 use std::collections::BTreeMap;
@@ -51,7 +52,7 @@ fn flops(info: &ModelInfo, kept: &BTreeMap<String, f64>) -> (u64, u64) {
 }
 
 /// Renders the plan of an optimized IR.
-pub fn render(r: &CheckedRecipe, ir: &Ir) -> Result<String, RunError> {
+pub fn render(r: &CheckedRecipe, plan: &Plan) -> Result<String, RunError> {
     let mut out = format!("recipe {} (seed {})\n\n", r.name, r.seed);
     let mut infos = BTreeMap::new();
     for (name, sym) in &r.symbols {
@@ -87,84 +88,74 @@ pub fn render(r: &CheckedRecipe, ir: &Ir) -> Result<String, RunError> {
             _ => {}
         }
     }
-    out.push_str("\nstages (optimized IR):\n");
-    let mut i = 0;
-    for n in ir.graph.node_indices() {
-        let node = &ir.graph[n];
-        if matches!(node.op, Op::LoadModel { .. } | Op::LoadData { .. }) {
-            continue;
-        }
-        i += 1;
-        let (line, _) = prunec_lang::diag::line_col(&r.source, node.span.start);
-        let _ = writeln!(out, "{i:>3}. [line {line}] {}", op_line(&node.op));
-        if let Op::FusedPrune {
-            scope,
-            pattern,
-            sparsities,
-            ..
-        }
-        | Op::Select {
-            scope,
-            pattern,
-            sparsities,
-            ..
-        } = &node.op
-        {
-            // The prune stage this node came from.
-            let stage = r
-                .pipeline()
-                .stages
-                .iter()
-                .chain(
-                    r.pipeline()
-                        .stages
-                        .iter()
-                        .flat_map(|s| s.block.iter().flat_map(|b| b.stages.iter())),
-                )
-                .find(|s| s.span == node.span);
-            if let Some(stage) = stage {
-                let model = stage
-                    .subject
-                    .first()
-                    .and_then(|e| e.as_name())
-                    .map(|n| n.name.clone())
-                    .unwrap_or_default();
-                // A gradual schedule's final target, and when it prunes.
-                let sched = r.option(stage, "schedule").map(|v| match v {
-                    Value::Ref(name) => r
-                        .symbols
-                        .get(name)
-                        .and_then(|s| s.value.clone())
-                        .unwrap_or_else(|| v.clone()),
-                    other => other.clone(),
-                });
-                let gradual = sched.filter(|v| v.call_name() == Some("gradual"));
-                if let Some(g) = &gradual {
-                    let arg = |k: &str, d: &str| {
-                        g.arg(k).map(|v| v.to_string()).unwrap_or_else(|| d.into())
-                    };
-                    let _ = writeln!(
-                        out,
-                        "       gradual: from {} to {} between {} and {}, every {} ({}), during the training stage",
-                        arg("from", "0%"),
-                        arg("to", "?"),
-                        arg("start", "step 0"),
-                        arg("end", "?"),
-                        arg("every", "100 steps"),
-                        arg("curve", "cubic")
-                    );
-                }
-                let last = sparsities
-                    .last()
-                    .copied()
-                    .or_else(|| gradual.as_ref().and_then(|g| g.arg("to")?.as_f64()));
-                if let Some(info) = infos.get(&model) {
-                    out.push_str(&prune_table(r, stage, info, scope, *pattern, last));
-                }
+    out.push_str("\nsteps (what `prunec run` executes, in order):\n");
+    for step in &plan.steps {
+        render_step(r, step, &infos, "", &mut out);
+        if !step.each_round.is_empty() {
+            let rounds = match &step.action {
+                Action::Prune(p) => p.schedule.rounds().unwrap_or(1),
+                _ => 1,
+            };
+            let _ = writeln!(out, "       after each of its {rounds} round(s):");
+            for inner in &step.each_round {
+                render_step(r, inner, &infos, "    ", &mut out);
             }
         }
     }
+    if !plan.dropped.is_empty() {
+        out.push_str("\ndropped by dead-code elimination (not run):\n");
+        for d in &plan.dropped {
+            let (line, _) = prunec_lang::diag::line_col(&r.source, d.span.start);
+            let _ = writeln!(out, "{:>8}. [line {line}] {}: {}", d.id, d.kind, d.why);
+        }
+    }
     Ok(out)
+}
+
+fn render_step(
+    r: &CheckedRecipe,
+    step: &Step,
+    infos: &BTreeMap<String, ModelInfo>,
+    indent: &str,
+    out: &mut String,
+) {
+    let (line, _) = prunec_lang::diag::line_col(&r.source, step.span.start);
+    let _ = writeln!(
+        out,
+        "{indent}{:>8}. [line {line}] {}",
+        step.id,
+        step.label()
+    );
+    let Action::Prune(p) = &step.action else {
+        return;
+    };
+    let stage = step.stage(r);
+    // A gradual schedule's final target, and when it prunes.
+    let gradual = match &p.schedule {
+        Schedule::Gradual(g) => Some(g),
+        _ => None,
+    };
+    if let Some(g) = gradual {
+        let arg = |k: &str, d: &str| g.arg(k).map(|v| v.to_string()).unwrap_or_else(|| d.into());
+        let _ = writeln!(
+            out,
+            "{indent}       gradual: from {} to {} between {} and {}, every {} ({}), during the training stage",
+            arg("from", "0%"),
+            arg("to", "?"),
+            arg("start", "step 0"),
+            arg("end", "?"),
+            arg("every", "100 steps"),
+            arg("curve", "cubic")
+        );
+    }
+    let last = p
+        .sparsities
+        .last()
+        .copied()
+        .or_else(|| gradual.and_then(|g| g.arg("to")?.as_f64()));
+    if let Some(info) = step.model.as_ref().and_then(|m| infos.get(m)) {
+        out.push_str(&prune_table(r, stage, info, p.scope, p.pattern, last));
+    }
 }
 
 fn data_line(v: Option<&Value>, ctor: &str) -> String {
@@ -177,39 +168,11 @@ fn data_line(v: Option<&Value>, ctor: &str) -> String {
     )
 }
 
-fn op_line(op: &Op) -> String {
-    match op {
-        Op::FusedPrune {
-            criterion,
-            scope,
-            pattern,
-            sparsities,
-        } => {
-            let sel = match pattern {
-                Some((n, m)) => format!("{n}:{m}"),
-                None => format!("{scope} scope"),
-            };
-            let rounds: Vec<String> = sparsities
-                .iter()
-                .map(|s| format!("{:.2}%", s * 100.0))
-                .collect();
-            if rounds.is_empty() {
-                format!(
-                    "prune by `{criterion}` ({sel}), one fused kernel per round or pruning step"
-                )
-            } else {
-                format!("prune by `{criterion}` ({sel}), one fused kernel per round; sparsity after each round: {}", rounds.join(", "))
-            }
-        }
-        other => other.label(),
-    }
-}
-
 fn prune_table(
     r: &CheckedRecipe,
     stage: &prunec_lang::ast::Stage,
     info: &ModelInfo,
-    scope: &str,
+    scope: Scope,
     pattern: Option<(u64, u64)>,
     last: Option<f64>,
 ) -> String {
@@ -230,7 +193,7 @@ fn prune_table(
     for (n, shape) in &selected {
         let target = match (pattern, last) {
             (Some((k, m)), _) => format!("{:.2}% ({k}:{m})", 100.0 * (1.0 - k as f64 / m as f64)),
-            (None, Some(s)) if scope == "global" => {
+            (None, Some(s)) if scope == Scope::Global => {
                 format!("{:.2}% overall; per layer decided at run time", s * 100.0)
             }
             (None, Some(s)) => format!("{:.2}% ({scope})", s * 100.0),
@@ -263,7 +226,7 @@ fn prune_table(
         out,
         "       parameters {total} → {:.0}, forward FLOPs {fd} → {fa}{}{guard}",
         after,
-        if scope == "global" && pattern.is_none() {
+        if scope == Scope::Global && pattern.is_none() {
             " (at uniform sparsity)"
         } else {
             ""

@@ -1,0 +1,605 @@
+//! The execution plan: `ir_to_plan` turns the optimized IR into the ordered
+//! steps `prunec run` executes, and the executor reads nothing else for what
+//! to run, in which order, with which method, schedule, scope and per-round
+//! sparsities. `prunec plan` prints these steps (`render`).
+
+mod render;
+
+pub use render::render;
+
+use crate::ir::{Ir, Op, StageRef, Written};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+use prunec_lang::ast::{Stage, StageKind};
+use prunec_lang::resolved::{Method, Schedule, Scope};
+use prunec_lang::{CheckedRecipe, Span};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+/// The steps of one recipe, in execution order, and the stages the
+/// optimizer dropped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub dropped: Vec<Dropped>,
+}
+
+/// A stage that does not run: dead-code elimination found nothing that
+/// reads its result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dropped {
+    /// The id it would have had.
+    pub id: String,
+    pub span: Span,
+    pub kind: StageKind,
+    pub why: String,
+}
+
+/// One step: a pipeline stage as the optimized IR lowered it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    /// Stable id: the stage's position in the pipeline (`3`), and in its
+    /// round block (`3.1`); `report.json` names each executed step by it.
+    pub id: String,
+    pub at: StageRef,
+    pub span: Span,
+    /// The model it reads or changes (none for `assert` and `report`).
+    pub model: Option<String>,
+    pub action: Action,
+    /// A prune stage's round block, run after each round.
+    pub each_round: Vec<Step>,
+    /// The optimized IR's nodes this step runs, in topological order.
+    pub nodes: Vec<usize>,
+}
+
+/// What a step does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    Train {
+        kind: StageKind,
+        data: String,
+    },
+    Calibrate {
+        data: String,
+    },
+    /// The statistics a one-round prune reads (loss gradients, activation
+    /// norms), computed as a step of their own: they depend on the model
+    /// state and the data, not on the target, so the variants of a sweep
+    /// share them even where they prune differently.
+    Statistics {
+        gradients: Option<String>,
+        activations: Option<String>,
+    },
+    Prune(Box<Prune>),
+    Evaluate {
+        data: String,
+        metrics: Vec<String>,
+        label: Option<String>,
+    },
+    Assert {
+        condition: Written,
+    },
+    Export {
+        path: String,
+    },
+    Report {
+        metrics: Vec<String>,
+    },
+}
+
+/// A resolved prune stage.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prune {
+    pub method: Method,
+    /// The criterion, for `Method::Criterion` (and SparseGPT's call as written).
+    pub by: Written,
+    /// Score, select and mask run as one fused kernel.
+    pub fused: bool,
+    pub scope: Scope,
+    pub pattern: Option<(u64, u64)>,
+    pub schedule: Schedule,
+    /// Sparsity after each round, folded from the target (empty when the
+    /// stage has no numeric target: a pattern alone, SAP, or gradual).
+    pub sparsities: Vec<f64>,
+    /// The statistics the criterion reads that this stage computes itself,
+    /// and the data they come from (none where the optimized IR shares them
+    /// with an earlier `calibrate` stage on the same model state).
+    pub gradients: Option<String>,
+    pub activations: Option<String>,
+    /// Round one reads the statistics of step `ID.stats`, run earlier.
+    pub stats_step: bool,
+    /// The earlier step whose statistics it reads (an explicit `calibrate`).
+    pub reads_from: Option<String>,
+    /// A language model: pruned layer by layer, each layer calibrated on
+    /// the outputs of the layers pruned before it (the runtime's
+    /// sequential driver, not the fused kernels).
+    pub layerwise: bool,
+    /// The training stage a gradual schedule prunes during.
+    pub during: Option<StageRef>,
+}
+
+impl Step {
+    /// The checked stage this step runs.
+    pub fn stage<'r>(&self, r: &'r CheckedRecipe) -> &'r Stage {
+        self.at
+            .stage(r)
+            .expect("a plan step refers to a stage of its recipe")
+    }
+
+    /// A one-line description.
+    pub fn label(&self) -> String {
+        let on = |m: &Option<String>| m.as_deref().unwrap_or("?").to_string();
+        match &self.action {
+            Action::Train { kind, data } => format!("{kind} {} on {data}", on(&self.model)),
+            Action::Calibrate { data } => format!("calibrate {} on {data}", on(&self.model)),
+            Action::Statistics {
+                gradients,
+                activations,
+            } => {
+                let mut what = Vec::new();
+                if let Some(d) = gradients {
+                    what.push(format!("loss gradients on {d}"));
+                }
+                if let Some(d) = activations {
+                    what.push(format!("activation norms on {d}"));
+                }
+                format!("statistics of {}: {}", on(&self.model), what.join(", "))
+            }
+            Action::Prune(p) => {
+                let what = match p.method {
+                    Method::Criterion => format!("by `{}`", p.by),
+                    Method::Sap => format!("by SAP `{}`", p.by),
+                    Method::SparseGpt => format!("by SparseGPT `{}`", p.by),
+                };
+                let select = match p.pattern {
+                    Some((n, m)) => format!("{n}:{m}"),
+                    None => format!("{} scope", p.scope),
+                };
+                let mut line = format!("prune {} {what} ({select})", on(&self.model));
+                if p.fused {
+                    line.push_str(", one fused kernel per round");
+                }
+                if !p.sparsities.is_empty() {
+                    let rounds: Vec<String> = p
+                        .sparsities
+                        .iter()
+                        .map(|s| format!("{:.2}%", s * 100.0))
+                        .collect();
+                    line.push_str(&format!(
+                        "; sparsity after each round: {}",
+                        rounds.join(", ")
+                    ));
+                } else if let Some(r) = p.schedule.rounds().filter(|&r| r > 1) {
+                    line.push_str(&format!("; {r} rounds"));
+                }
+                if p.layerwise {
+                    line.push_str(", layer by layer");
+                    if let Some(d) = &p.activations {
+                        line.push_str(&format!(
+                            "; each layer calibrated on {d} after the layers before it are pruned"
+                        ));
+                    }
+                } else if let Some(from) = &p.reads_from {
+                    line.push_str(&format!("; activation norms from step {from}"));
+                } else if p.stats_step {
+                    line.push_str(&format!("; statistics from step {}.stats", self.id));
+                } else {
+                    if let Some(d) = &p.gradients {
+                        line.push_str(&format!("; gradients on {d}, each round"));
+                    }
+                    if let Some(d) = &p.activations {
+                        line.push_str(&format!("; activation norms on {d}, each round"));
+                    }
+                }
+                if p.during.is_some() {
+                    line.push_str("; during the training below");
+                }
+                line
+            }
+            Action::Evaluate {
+                data,
+                metrics,
+                label,
+            } => format!(
+                "evaluate {} on {data} -> [{}]{}",
+                on(&self.model),
+                metrics.join(", "),
+                label
+                    .as_ref()
+                    .map(|l| format!(" as {l}"))
+                    .unwrap_or_default()
+            ),
+            Action::Assert { condition } => format!("assert {condition}"),
+            Action::Export { path } => format!("export {} to {path}", on(&self.model)),
+            Action::Report { metrics } => format!("report {}", metrics.join(", ")),
+        }
+    }
+
+    /// This step and its round block's steps, depth first.
+    pub fn all(&self) -> Vec<&Step> {
+        let mut v = vec![self];
+        for s in &self.each_round {
+            v.extend(s.all());
+        }
+        v
+    }
+}
+
+impl Plan {
+    /// Every step, round blocks included, depth first.
+    pub fn all(&self) -> Vec<&Step> {
+        self.steps.iter().flat_map(|s| s.all()).collect()
+    }
+}
+
+/// The optimized IR's nodes in execution order: topological, smallest node
+/// index first, so the pipeline's order wherever the data flow does not
+/// force another.
+fn topological(ir: &Ir) -> Vec<petgraph::graph::NodeIndex> {
+    let g = &ir.graph;
+    let mut indeg: Vec<usize> = g
+        .node_indices()
+        .map(|n| g.edges_directed(n, Direction::Incoming).count())
+        .collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = g
+        .node_indices()
+        .filter(|n| indeg[n.index()] == 0)
+        .map(|n| Reverse(n.index()))
+        .collect();
+    let mut order = Vec::with_capacity(g.node_count());
+    while let Some(Reverse(i)) = ready.pop() {
+        let n = petgraph::graph::NodeIndex::new(i);
+        for e in g.edges_directed(n, Direction::Outgoing) {
+            let t = e.target().index();
+            indeg[t] -= 1;
+            if indeg[t] == 0 {
+                ready.push(Reverse(t));
+            }
+        }
+        order.push(n);
+    }
+    order
+}
+
+/// The plan of an optimized IR: one step per pipeline stage that has nodes,
+/// in the order of their first node; a prune stage's round block becomes its
+/// `each_round` steps, and the training it runs `during` part of the step.
+pub fn ir_to_plan(ir: &Ir, r: &CheckedRecipe) -> Result<Plan, String> {
+    let order = topological(ir);
+    if order.len() != ir.graph.node_count() {
+        return Err("the IR has a cycle".into());
+    }
+    // Nodes by stage, stages in order of their first node.
+    let mut tops: Vec<usize> = Vec::new();
+    let mut by_stage: BTreeMap<StageRef, Vec<usize>> = BTreeMap::new();
+    let mut inner_order: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for n in &order {
+        let Some(at) = ir.graph[*n].stage else {
+            continue;
+        };
+        if !tops.contains(&at.top) {
+            tops.push(at.top);
+        }
+        by_stage.entry(at).or_default().push(n.index());
+        if let Some(j) = at.inner {
+            let inner = inner_order.entry(at.top).or_default();
+            if !inner.contains(&j) {
+                inner.push(j);
+            }
+        }
+    }
+    let mut steps = Vec::new();
+    for top in tops {
+        let at = StageRef { top, inner: None };
+        let mut step = step_of(ir, r, at, &by_stage, id_of(at))?;
+        for j in inner_order.get(&top).into_iter().flatten() {
+            let inner = StageRef {
+                top,
+                inner: Some(*j),
+            };
+            if let Action::Prune(p) = &step.action {
+                if p.during == Some(inner) {
+                    // The training a gradual prune runs during: its nodes are this step's.
+                    step.nodes.extend(by_stage[&inner].iter().copied());
+                    continue;
+                }
+            }
+            step.each_round
+                .push(step_of(ir, r, inner, &by_stage, id_of(inner))?);
+        }
+        // Language models calibrate layer by layer inside their prune step
+        // (each layer's inputs come from the layers pruned before it).
+        let llm = step
+            .model
+            .as_ref()
+            .and_then(|m| r.symbols.get(m)?.value.as_ref()?.call_name())
+            == Some("gguf");
+        if let Some(stats) = split_statistics(ir, &mut step, llm) {
+            // Statistics read only their model's state and immutable data:
+            // they run as soon as that state exists, right after the last
+            // step on the same model, so that the variants of a sweep that
+            // fork at an earlier step still share them.
+            let at = steps
+                .iter()
+                .rposition(|s: &Step| s.model == stats.model)
+                .map_or(0, |i| i + 1);
+            steps.insert(at, stats);
+        }
+        steps.push(step);
+    }
+    Ok(Plan {
+        steps,
+        dropped: dropped(r, &by_stage),
+    })
+}
+
+/// The pipeline's stages that have no node left in the optimized IR.
+fn dropped(r: &CheckedRecipe, by_stage: &BTreeMap<StageRef, Vec<usize>>) -> Vec<Dropped> {
+    let mut out = Vec::new();
+    let mut visit = |at: StageRef, s: &Stage| {
+        if !by_stage.contains_key(&at) {
+            out.push(Dropped {
+                id: id_of(at),
+                span: s.span,
+                kind: s.kind,
+                why: match s.kind {
+                    StageKind::Calibrate => {
+                        "no prune step reads the statistics it would compute".into()
+                    }
+                    _ => "nothing reads its result".into(),
+                },
+            });
+        }
+    };
+    for (top, s) in r.pipeline().stages.iter().enumerate() {
+        visit(StageRef { top, inner: None }, s);
+        for (j, inner) in s.block.iter().flat_map(|b| b.stages.iter()).enumerate() {
+            let at = StageRef {
+                top,
+                inner: Some(j),
+            };
+            visit(at, inner);
+        }
+    }
+    out
+}
+
+/// Splits the statistics nodes of a one-round criterion prune into a step
+/// of their own (`3.stats` for step `3`).
+fn split_statistics(ir: &Ir, step: &mut Step, llm: bool) -> Option<Step> {
+    let Action::Prune(p) = &mut step.action else {
+        return None;
+    };
+    if llm {
+        p.layerwise = true;
+        p.fused = false;
+        return None;
+    }
+    let one_round = p.schedule.rounds() == Some(1) && step.each_round.is_empty();
+    if p.method != Method::Criterion
+        || !one_round
+        || p.during.is_some()
+        || (p.gradients.is_none() && p.activations.is_none())
+    {
+        return None;
+    }
+    p.stats_step = true;
+    let (stats, rest): (Vec<usize>, Vec<usize>) = step.nodes.iter().partition(|&&i| {
+        matches!(
+            ir.graph[petgraph::graph::NodeIndex::new(i)].op,
+            Op::Gradients { .. } | Op::Calibrate { .. }
+        )
+    });
+    step.nodes = rest;
+    Some(Step {
+        id: format!("{}.stats", step.id),
+        at: step.at,
+        span: step.span,
+        model: step.model.clone(),
+        action: Action::Statistics {
+            gradients: p.gradients.clone(),
+            activations: p.activations.clone(),
+        },
+        each_round: vec![],
+        nodes: stats,
+    })
+}
+
+/// The id of a stage: `3`, or `3.1` inside stage 3's round block.
+fn id_of(at: StageRef) -> String {
+    match at.inner {
+        None => format!("{}", at.top + 1),
+        Some(j) => format!("{}.{}", at.top + 1, j + 1),
+    }
+}
+
+fn step_of(
+    ir: &Ir,
+    r: &CheckedRecipe,
+    at: StageRef,
+    by_stage: &BTreeMap<StageRef, Vec<usize>>,
+    id: String,
+) -> Result<Step, String> {
+    let s = at
+        .stage(r)
+        .ok_or_else(|| format!("an IR node refers to a stage the recipe lacks ({at:?})"))?;
+    let nodes = by_stage.get(&at).cloned().unwrap_or_default();
+    let ops: Vec<&Op> = nodes
+        .iter()
+        .map(|&i| &ir.graph[petgraph::graph::NodeIndex::new(i)].op)
+        .collect();
+    let model = match s.kind {
+        StageKind::Assert | StageKind::Report => None,
+        _ => s
+            .subject
+            .first()
+            .and_then(|e| e.as_name())
+            .map(|n| n.name.clone()),
+    };
+    let missing = |what: &str| format!("the IR of stage {id} has no {what} node");
+    let action = match s.kind {
+        StageKind::Train | StageKind::Finetune => match ops.as_slice() {
+            [Op::Train { kind, data }] => Action::Train {
+                kind: *kind,
+                data: data.clone(),
+            },
+            _ => return Err(missing("train")),
+        },
+        StageKind::Calibrate => match ops.as_slice() {
+            [Op::Calibrate { data, .. }] => Action::Calibrate { data: data.clone() },
+            _ => return Err(missing("calibrate")),
+        },
+        StageKind::Evaluate => match ops.as_slice() {
+            [Op::Evaluate {
+                data,
+                metrics,
+                label,
+            }] => Action::Evaluate {
+                data: data.clone(),
+                metrics: metrics.clone(),
+                label: label.clone(),
+            },
+            _ => return Err(missing("evaluate")),
+        },
+        StageKind::Assert => match ops.as_slice() {
+            [Op::Assert { condition }] => Action::Assert {
+                condition: condition.clone(),
+            },
+            _ => return Err(missing("assert")),
+        },
+        StageKind::Export => match ops.as_slice() {
+            [Op::Export { path }] => Action::Export { path: path.clone() },
+            _ => return Err(missing("export")),
+        },
+        StageKind::Report => match ops.as_slice() {
+            [Op::Report { metrics, .. }] => Action::Report {
+                metrics: metrics.clone(),
+            },
+            _ => return Err(missing("report")),
+        },
+        StageKind::Prune => {
+            let mut p = prune_of(r, s, at, &ops).ok_or_else(|| missing("prune"))?;
+            // Statistics flowing in from another stage's node.
+            p.reads_from = nodes.iter().find_map(|&i| {
+                ir.graph
+                    .edges_directed(petgraph::graph::NodeIndex::new(i), Direction::Incoming)
+                    .filter(|e| *e.weight() == crate::ir::Flow::Stats)
+                    .filter_map(|e| ir.graph[e.source()].stage)
+                    .find(|from| *from != at)
+                    .map(id_of)
+            });
+            Action::Prune(Box::new(p))
+        }
+    };
+    Ok(Step {
+        id,
+        at,
+        span: s.span,
+        model,
+        action,
+        each_round: vec![],
+        nodes,
+    })
+}
+
+/// A prune stage from its nodes: the fused kernel (or score, select, mask),
+/// the statistics it reads, and the reconstruction of a solver.
+fn prune_of(r: &CheckedRecipe, s: &Stage, at: StageRef, ops: &[&Op]) -> Option<Prune> {
+    let by = s.by.as_ref()?;
+    let mut p = Prune {
+        method: Method::of(r, by),
+        by: Written {
+            expr: by.clone(),
+            text: r
+                .source
+                .get(by.span.start..by.span.end)
+                .unwrap_or("?")
+                .to_string(),
+        },
+        fused: false,
+        scope: Scope::Global,
+        pattern: None,
+        schedule: Schedule::of(r, s),
+        sparsities: vec![],
+        gradients: None,
+        activations: None,
+        stats_step: false,
+        reads_from: None,
+        layerwise: false,
+        during: s.during.as_ref().map(|_| StageRef {
+            top: at.top,
+            inner: Some(s.block.as_ref().map_or(0, |b| b.stages.len())),
+        }),
+    };
+    let mut selects = false;
+    for op in ops {
+        match op {
+            Op::FusedPrune {
+                scope,
+                pattern,
+                sparsities,
+                ..
+            } => {
+                p.fused = true;
+                (p.scope, p.pattern, p.sparsities) = (*scope, *pattern, sparsities.clone());
+                selects = true;
+            }
+            Op::Select {
+                scope,
+                pattern,
+                sparsities,
+                ..
+            } => {
+                (p.scope, p.pattern, p.sparsities) = (*scope, *pattern, sparsities.clone());
+                selects = true;
+            }
+            Op::Gradients { data } => p.gradients = Some(data.clone()),
+            Op::Calibrate { data, .. } => p.activations = Some(data.clone()),
+            _ => {}
+        }
+    }
+    selects.then_some(p)
+}
+
+impl Step {
+    /// The step as JSON: id, kind, model, line, label and its round block.
+    pub fn to_json(&self, r: &CheckedRecipe) -> serde_json::Value {
+        let (line, _) = prunec_lang::diag::line_col(&r.source, self.span.start);
+        serde_json::json!({
+            "id": self.id,
+            "kind": match self.action {
+                Action::Statistics { .. } => "statistics",
+                _ => self.stage(r).kind.keyword(),
+            },
+            "model": self.model,
+            "line": line,
+            "label": self.label(),
+            "each_round": self.each_round.iter().map(|s| s.to_json(r)).collect::<Vec<_>>(),
+            "rounds": match &self.action {
+                Action::Prune(p) => p.schedule.rounds(),
+                _ => None,
+            },
+        })
+    }
+}
+
+impl Plan {
+    /// The plan as JSON: `{"steps": [...], "dropped": [...]}`.
+    pub fn to_json(&self, r: &CheckedRecipe) -> serde_json::Value {
+        serde_json::json!({
+            "steps": self.steps.iter().map(|s| s.to_json(r)).collect::<Vec<_>>(),
+            "dropped": self.dropped_json(r),
+        })
+    }
+
+    /// The dropped stages as JSON: id, kind, line and why.
+    pub fn dropped_json(&self, r: &CheckedRecipe) -> serde_json::Value {
+        self.dropped
+            .iter()
+            .map(|d| {
+                let (line, _) = prunec_lang::diag::line_col(&r.source, d.span.start);
+                serde_json::json!({"id": d.id, "kind": d.kind.keyword(), "line": line, "why": d.why})
+            })
+            .collect()
+    }
+}

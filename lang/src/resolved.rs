@@ -1,0 +1,127 @@
+//! Typed forms of the choices a checked recipe makes with names: where a
+//! prune stage compares scores, which method prunes, which schedule reaches
+//! the target. Later stages match on these enums, never on the names.
+
+use crate::ast::{Expr, ExprKind};
+use crate::builtins::{self, Kind};
+use crate::check::{CheckedRecipe, Value};
+
+/// Where a prune stage compares scores (`scope = ...`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// One threshold over every targeted weight.
+    Global,
+    /// One threshold per tensor.
+    Layer,
+    /// One threshold per output row (`row`, or its synonym `neuron`).
+    Row,
+}
+
+impl Scope {
+    /// The scope as written, else `row` for criteria that read `act(x)`
+    /// (Wanda compares within each output row, as in the paper) and
+    /// `global` for the others.
+    pub fn of(written: Option<&Value>, reads_acts: bool) -> Scope {
+        match written.and_then(|v| v.as_str()) {
+            Some("layer") => Scope::Layer,
+            Some("row" | "neuron") => Scope::Row,
+            Some(_) => Scope::Global,
+            None if reads_acts => Scope::Row,
+            None => Scope::Global,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Global => "global",
+            Scope::Layer => "layer",
+            Scope::Row => "row",
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What prunes: a scoring criterion, or one of the built-in methods that
+/// decide what to remove themselves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Criterion,
+    /// SparseGPT: OBS reconstruction of language-model linear layers.
+    SparseGpt,
+    /// SAP: PQ-index-driven adaptive pruning.
+    Sap,
+}
+
+impl Method {
+    /// The method a `by` expression names.
+    pub fn of(r: &CheckedRecipe, by: &Expr) -> Method {
+        let name = match &by.kind {
+            ExprKind::Call { callee, .. } => &callee.name,
+            ExprKind::Name(id) if !r.symbols.contains_key(&id.name) => &id.name,
+            _ => return Method::Criterion,
+        };
+        match builtins::lookup(name).filter(|b| b.kind == Kind::Method) {
+            Some(b) if b.name == "sparsegpt" => Method::SparseGpt,
+            Some(b) if b.name == "sap" => Method::Sap,
+            _ => Method::Criterion,
+        }
+    }
+}
+
+/// How a prune stage reaches its target (`schedule = ...`), its arguments
+/// resolved to values.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub enum Schedule {
+    /// Everything at once (also `rounds = k` without a schedule: `k` rounds).
+    OneShot { rounds: usize },
+    /// `iterative(rounds, rewind)`: the target in `rounds` geometric steps.
+    Iterative {
+        rounds: usize,
+        rewind: Option<Value>,
+    },
+    /// `gradual(...)`: pruning steps during a training stage.
+    Gradual(Value),
+}
+
+impl Schedule {
+    /// The schedule of a prune stage, following a named schedule declaration.
+    pub fn of(r: &CheckedRecipe, stage: &crate::ast::Stage) -> Schedule {
+        let written = r.option(stage, "schedule").map(|v| match v {
+            Value::Ref(name) => r
+                .symbols
+                .get(name)
+                .and_then(|s| s.value.clone())
+                .unwrap_or_else(|| v.clone()),
+            other => other.clone(),
+        });
+        let count = |v: Option<&Value>| v.and_then(|r| r.as_i64()).unwrap_or(1).max(1) as usize;
+        match written.as_ref().and_then(|v| v.call_name()) {
+            Some("iterative") => {
+                let v = written.as_ref().expect("a call");
+                Schedule::Iterative {
+                    rounds: count(v.arg("rounds")),
+                    rewind: v.arg("rewind").cloned(),
+                }
+            }
+            Some("gradual") => Schedule::Gradual(written.expect("a call")),
+            _ => Schedule::OneShot {
+                rounds: count(r.option(stage, "rounds")),
+            },
+        }
+    }
+
+    /// Rounds of pruning before the stage ends (gradual: decided by training).
+    pub fn rounds(&self) -> Option<usize> {
+        match self {
+            Schedule::OneShot { rounds } | Schedule::Iterative { rounds, .. } => Some(*rounds),
+            Schedule::Gradual(_) => None,
+        }
+    }
+}
