@@ -3,6 +3,7 @@
 #![doc = include_str!("../../spec/ARCHITECTURE.md")]
 
 pub mod driver;
+pub mod error;
 pub mod exec;
 pub mod io;
 pub mod ir;
@@ -10,3 +11,4 @@ pub mod lower;
 pub mod plan;
 pub mod report;
 pub mod shapes;
+pub mod specs;

@@ -78,11 +78,6 @@ pub fn criterion_to_kernel(
     })
 }
 
-/// The per-element kernel expression of a criterion (whether it compiles at all).
-pub fn criterion_to_kexpr(recipe: &CheckedRecipe, e: &Expr) -> Result<KExpr, LowerError> {
-    criterion_to_kernel(recipe, e).map(|l| l.expr)
-}
-
 fn lower(r: &CheckedRecipe, e: &Expr, depth: usize, cx: &mut Cx) -> Result<KExpr, LowerError> {
     if depth > 32 {
         return err(e.span, "criteria refer to each other too deeply");

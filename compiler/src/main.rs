@@ -373,9 +373,9 @@ fn run_recipe(
 }
 
 /// Prints why a run stopped; its exit code.
-fn run_error(file: &SourceFile, e: prunec::exec::RunError) -> u8 {
+fn run_error(file: &SourceFile, e: prunec::error::RunError) -> u8 {
     match e {
-        prunec::exec::RunError::User {
+        prunec::error::RunError::User {
             span,
             message,
             help,
@@ -399,15 +399,15 @@ fn run_error(file: &SourceFile, e: prunec::exec::RunError) -> u8 {
             eprintln!("{}: the run stopped; no output was written", file.name);
             exit::USER
         }
-        prunec::exec::RunError::Interrupted => {
+        prunec::error::RunError::Interrupted => {
             eprintln!("interrupted: no output was written");
             exit::INTERRUPTED
         }
-        prunec::exec::RunError::Internal(m) => {
+        prunec::error::RunError::Internal(m) => {
             eprintln!("internal error: {m}");
             exit::INTERNAL
         }
-        prunec::exec::RunError::Assert { .. } => {
+        prunec::error::RunError::Assert { .. } => {
             unreachable!("asserts end the run with outputs")
         }
     }
@@ -813,7 +813,7 @@ fn cmd_plan(a: PlanArgs) -> u8 {
             print!("{text}");
             exit::OK
         }
-        Err(prunec::exec::RunError::User {
+        Err(prunec::error::RunError::User {
             span,
             message,
             help,

@@ -3,8 +3,9 @@
 //! match nothing, N:M patterns that do not divide a layer's input width, and
 //! data whose samples or classes do not fit the model.
 
-use crate::exec::model_spec;
+use crate::error::RunError;
 use crate::lower::{glob_match, strings};
+use crate::specs::{dataset_spec, gradual_plan, model_spec, text_files};
 use prunec_lang::ast::{Stage, StageKind};
 use prunec_lang::check::{SymKind, Value};
 use prunec_lang::diag::{Code, Diagnostic};
@@ -88,7 +89,7 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
         let Some(v) = &sym.value else { continue };
         if v.call_name() == Some("text") {
             let path = v.arg("path").and_then(|p| p.as_str()).unwrap_or("");
-            let problem = match crate::exec::llm::text_files(std::path::Path::new(path)) {
+            let problem = match text_files(std::path::Path::new(path)) {
                 Err(e) => Some(format!("cannot read {path}: {e}")),
                 Ok(files) if files.is_empty() => Some(format!("{path} holds no .txt file")),
                 Ok(_) => None,
@@ -111,10 +112,10 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             continue;
         }
         // The spec a run builds: the same files, batch size, limit and validation.
-        let spec = crate::exec::dataset_spec(v, r.seed, sym.span).and_then(|(spec, _)| {
+        let spec = dataset_spec(v, r.seed, sym.span).and_then(|(spec, _)| {
             spec.meta()
                 .map(|meta| (spec, meta))
-                .map_err(|e| crate::exec::RunError::Internal(e.to_string()))
+                .map_err(|e| RunError::Internal(e.to_string()))
         });
         match spec {
             Ok((spec, meta)) => {
@@ -124,10 +125,9 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             }
             Err(e) => {
                 let message = match e {
-                    crate::exec::RunError::User { message, .. }
-                    | crate::exec::RunError::Internal(message) => message,
-                    crate::exec::RunError::Assert { message, .. } => message,
-                    crate::exec::RunError::Interrupted => "interrupted".into(),
+                    RunError::User { message, .. } | RunError::Internal(message) => message,
+                    RunError::Assert { message, .. } => message,
+                    RunError::Interrupted => "interrupted".into(),
                 };
                 diags.push(
                     Diagnostic::new(Code::DataFile, format!("data set `{name}`: {message}"))
@@ -230,9 +230,7 @@ fn gradual_fits(
                 * b
         }
     };
-    if let Err(crate::exec::RunError::User { message, help, .. }) =
-        crate::exec::gradual_plan(&sched, b, total, s.span)
-    {
+    if let Err(RunError::User { message, help, .. }) = gradual_plan(&sched, b, total, s.span) {
         let span = s.value_span("schedule");
         let mut d = Diagnostic::new(Code::OutOfRange, message)
             .with_label(span, "this schedule")

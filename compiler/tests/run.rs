@@ -1201,3 +1201,60 @@ pipeline {
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("## Not run"), "{md}");
 }
+
+#[test]
+fn a_language_model_prunes_with_one_global_threshold_under_guards() {
+    require_data("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2");
+    let (_dir, out, _report) = run_ok(&["tests/recipes/valid/llm_global_magnitude.prune"]);
+    let bytes = std::fs::read(out.join("model/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (mut zeros, mut total, mut spread) = (0usize, 0usize, Vec::new());
+    for (name, t) in st.tensors() {
+        if !name.starts_with("model.layers.") || !name.ends_with("proj.weight") {
+            continue;
+        }
+        let w: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let z = w.iter().filter(|x| **x == 0.0).count();
+        let kept = 1.0 - z as f64 / w.len() as f64;
+        assert!(kept >= 0.4 - 1e-6, "{name} keeps {kept}");
+        spread.push(kept);
+        zeros += z;
+        total += w.len();
+    }
+    // One threshold over all 210 linears: 50% overall, unevenly spread.
+    assert_eq!(spread.len(), 210);
+    let sparsity = zeros as f64 / total as f64;
+    assert!((0.5..0.505).contains(&sparsity), "sparsity {sparsity}");
+    let (lo, hi) = spread
+        .iter()
+        .fold((1.0f64, 0.0f64), |(l, h), k| (l.min(*k), h.max(*k)));
+    assert!(hi - lo > 0.05, "layers kept {lo}..{hi}: not a global cut");
+}
+
+#[test]
+fn llm_table_reduced_ranks_the_calibrated_methods_above_magnitude() {
+    require_data("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2");
+    require_data("text/moby-dick.txt", "text");
+    // One variant of the README's table sweep, on little text.
+    let (_dir, _out, report) = run_ok(&[
+        "examples/llm_table.prune",
+        "--set",
+        "target=2:4",
+        "--set",
+        "calib_samples=2",
+        "--set",
+        "eval_samples=1",
+    ]);
+    let ppl = |label: &str| evaluation(&report, label, "perplexity");
+    let (dense, mag) = (ppl("dense"), ppl("magnitude"));
+    assert!(dense < ppl("wanda") && dense < ppl("sparsegpt"), "{report}");
+    assert!(ppl("wanda") < mag && ppl("sparsegpt") < mag, "{report}");
+    for m in ["magnitude", "wanda", "sparsegpt"] {
+        let s = evaluation(&report, m, "sparsity");
+        assert!((0.5..0.51).contains(&s), "{m}: sparsity {s}");
+    }
+}

@@ -67,10 +67,41 @@ impl Method {
             ExprKind::Name(id) if !r.symbols.contains_key(&id.name) => &id.name,
             _ => return Method::Criterion,
         };
-        match builtins::lookup(name).filter(|b| b.kind == Kind::Method) {
-            Some(b) if b.name == "sparsegpt" => Method::SparseGpt,
-            Some(b) if b.name == "sap" => Method::Sap,
-            _ => Method::Criterion,
+        Method::named(name).unwrap_or(Method::Criterion)
+    }
+
+    /// The built-in method of this name (`sparsegpt`, `sap`), if it is one.
+    pub fn named(name: &str) -> Option<Method> {
+        match builtins::lookup(name)
+            .filter(|b| b.kind == Kind::Method)?
+            .name
+        {
+            "sparsegpt" => Some(Method::SparseGpt),
+            "sap" => Some(Method::Sap),
+            _ => None,
+        }
+    }
+}
+
+/// Which schedule a `schedule = ...` value names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScheduleKind {
+    OneShot,
+    Iterative,
+    Gradual,
+}
+
+impl ScheduleKind {
+    /// The schedule constructor of this name.
+    pub fn named(name: &str) -> Option<ScheduleKind> {
+        match builtins::lookup(name)
+            .filter(|b| b.kind == Kind::Schedule)?
+            .name
+        {
+            "oneshot" => Some(ScheduleKind::OneShot),
+            "iterative" => Some(ScheduleKind::Iterative),
+            "gradual" => Some(ScheduleKind::Gradual),
+            _ => None,
         }
     }
 }
@@ -102,15 +133,19 @@ impl Schedule {
             other => other.clone(),
         });
         let count = |v: Option<&Value>| v.and_then(|r| r.as_i64()).unwrap_or(1).max(1) as usize;
-        match written.as_ref().and_then(|v| v.call_name()) {
-            Some("iterative") => {
+        match written
+            .as_ref()
+            .and_then(|v| v.call_name())
+            .and_then(ScheduleKind::named)
+        {
+            Some(ScheduleKind::Iterative) => {
                 let v = written.as_ref().expect("a call");
                 Schedule::Iterative {
                     rounds: count(v.arg("rounds")),
                     rewind: v.arg("rewind").cloned(),
                 }
             }
-            Some("gradual") => Schedule::Gradual(written.expect("a call")),
+            Some(ScheduleKind::Gradual) => Schedule::Gradual(written.expect("a call")),
             _ => Schedule::OneShot {
                 rounds: count(r.option(stage, "rounds")),
             },

@@ -5,34 +5,20 @@
 use super::{rt_err_llm, Exec, RunError};
 use crate::lower;
 use crate::plan::{Action, Prune, Step};
-use prunec_kernels::{PruneOptions, TensorView};
+use crate::specs::text_files;
+use prunec_kernels::{PruneOptions, Selection, TensorView};
 use prunec_lang::ast::{ExprKind, Stage};
 use prunec_lang::check::Value;
 use prunec_lang::resolved::{Method, Scope};
 use prunec_lang::Span;
 use prunec_runtime::llm;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Tokens evaluated when a `text` data set gives no `samples`.
 pub const DEFAULT_EVAL_TOKENS: usize = 16_384;
 /// Calibration sequences when a `text` data set gives no `samples`.
 pub const DEFAULT_CALIBRATION: usize = 32;
-
-/// The files of a `text` data set: one file, or the `.txt` files of a folder in name order.
-pub(crate) fn text_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
-    if path.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(path)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
-            .collect();
-        v.sort();
-        Ok(v)
-    } else {
-        std::fs::metadata(path)?;
-        Ok(vec![path.to_path_buf()])
-    }
-}
 
 /// The options of a `text(...)` data set, with the builtin table's defaults.
 struct TextSpec {
@@ -321,7 +307,10 @@ impl Exec<'_> {
                 r.map_err(rt_err_llm(s.span, "SparseGPT"))?
             }
             _ => {
-                let lowered = lower::criterion_to_kernel(self.r, by)?;
+                let lowered = match &p.kernel {
+                    Some(k) => k.clone(),
+                    None => lower::criterion_to_kernel(self.r, by)?,
+                };
                 if !lowered.row_sums.is_empty() {
                     return Err(RunError::user(
                         by.span,
@@ -345,50 +334,22 @@ impl Exec<'_> {
                 // `prunec check` admits `row`/`neuron` and `layer` on language
                 // models, and an unwritten scope only for criteria reading
                 // `act(x)`, whose default is `row` everywhere.
-                let scope = match p.scope {
-                    Scope::Row => llm::Scope::Row,
-                    Scope::Layer => llm::Scope::Layer,
-                    Scope::Global => {
-                        return Err(RunError::Internal(
-                            "`scope = global` reached a language model's prune stage".into(),
-                        ))
-                    }
-                };
-                let method = self.src_text(by.span);
-                let score = move |name: &str,
-                                  w: &[f32],
-                                  rows: usize,
-                                  cols: usize,
-                                  norms: &[f32],
-                                  out: &mut [f32]|
-                      -> llm::Result<()> {
-                    let mut weights = w.to_vec();
-                    let mut mask = prunec_kernels::full_mask(weights.len());
-                    let mut view = TensorView::new(name, rows, cols, &mut weights, &mut mask);
+                if let (Scope::Global, llm::SparsityPattern::Unstructured(target)) =
+                    (p.scope, config.pattern)
+                {
                     if reads_acts {
-                        view.col_stats = vec![norms];
+                        return Err(RunError::Internal(
+                            "`scope = global` with activations reached a language model".into(),
+                        ));
                     }
-                    let scores = prunec_kernels::score_jit(
-                        &expr,
-                        &view,
-                        &PruneOptions {
-                            scalars: vec![0.0],
-                            allow_nonfinite: false,
-                            ..PruneOptions::default()
-                        },
-                    )
-                    .map_err(|e| llm::LlmError::Invalid(e.to_string()))?;
-                    out.copy_from_slice(&scores);
-                    Ok(())
-                };
-                let mut pruner = llm::ScoredPruner {
-                    method,
-                    needs: llm::StatsNeeds {
-                        col_norms: reads_acts,
-                        hessian: false,
-                    },
+                    return self.llm_prune_global(s, model, &config, &expr, target);
+                }
+                let scope = p.scope;
+                let mut pruner = KernelPruner {
+                    method: self.src_text(by.span),
+                    expr,
+                    reads_acts,
                     scope,
-                    score,
                 };
                 let mut shown = self.layer_progress(model, &config, &mut pruner);
                 let m = self.llms.get_mut(model).unwrap();
@@ -404,6 +365,102 @@ impl Exec<'_> {
                 report.total_seconds,
                 report.calibration_seconds,
                 report.calibration_tokens
+            );
+        }
+        Ok(())
+    }
+
+    /// One global selection over every targeted linear layer, with the
+    /// `keep_min` / `keep_max` guards: the classifiers' global kernel, for
+    /// criteria that read the weights only (no calibration).
+    fn llm_prune_global(
+        &mut self,
+        s: &Stage,
+        model: &str,
+        config: &llm::OneShotConfig,
+        expr: &prunec_kernels::KExpr,
+        target: f64,
+    ) -> Result<(), RunError> {
+        let err = |e: llm::LlmError| RunError::user(s.span, format!("pruning: {e}"));
+        let tensor_err = |e: candle_core::Error| RunError::Internal(format!("pruning: {e}"));
+        for special in ["model.embed_tokens.weight", "lm_head.weight"] {
+            if config.selects(special) {
+                return Err(RunError::user(
+                    s.span,
+                    format!("`{special}` is targeted, but one-shot methods prune the blocks' linear layers only; add it to skip"),
+                ));
+            }
+        }
+        let (keep_min, keep_max) = (self.option(s, "keep_min"), self.option(s, "keep_max"));
+        let m = &self.llms[model];
+        let mut layers = Vec::new();
+        for l in 0..m.num_layers() {
+            for proj in llm::Proj::ALL {
+                let name = llm::linear_name(l, proj);
+                if !config.selects(&name) {
+                    continue;
+                }
+                let w = m.linear_weight(l, proj).map_err(err)?;
+                let (rows, cols) = w.dims2().map_err(tensor_err)?;
+                let values = w
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(tensor_err)?;
+                layers.push((l, proj, name, rows, cols, values));
+            }
+        }
+        if layers.is_empty() {
+            return Err(RunError::user(
+                s.span,
+                format!(
+                    "no layer matches targets {:?} minus skip {:?}",
+                    config.targets, config.skip
+                ),
+            ));
+        }
+        let sizes: Vec<usize> = layers.iter().map(|x| x.3 * x.4).collect();
+        let total: usize = sizes.iter().sum();
+        let guard = |v: &Option<Value>, default: fn(usize) -> usize| -> Vec<usize> {
+            match v {
+                Some(_) => sizes
+                    .iter()
+                    .map(|&n| super::prune::per_layer(v.as_ref(), n, default(n)).min(n))
+                    .collect(),
+                None => vec![],
+            }
+        };
+        let selection = Selection::Global {
+            keep: ((total as f64) * (1.0 - target)).round() as usize,
+            min_keep: guard(&keep_min, |_| 0),
+            max_keep: guard(&keep_max, |n| n),
+        };
+        let mut masks: Vec<Vec<u64>> = sizes
+            .iter()
+            .map(|&n| prunec_kernels::full_mask(n))
+            .collect();
+        let mut views: Vec<TensorView> = layers
+            .iter_mut()
+            .zip(masks.iter_mut())
+            .map(|((_, _, name, rows, cols, w), mask)| TensorView::new(name, *rows, *cols, w, mask))
+            .collect();
+        let opts = PruneOptions {
+            scalars: vec![0.0],
+            allow_nonfinite: false,
+            single_pass: false,
+        };
+        prunec_kernels::prune_jit(expr, &selection, &mut views, &opts)
+            .map_err(|e| RunError::user(s.span, format!("pruning `{model}` failed: {e}")))?;
+        drop(views);
+        let m = self.llms.get_mut(model).unwrap();
+        let device = m.device().clone();
+        for (l, proj, _, rows, cols, w) in layers {
+            let t = candle_core::Tensor::from_vec(w, (rows, cols), &device).map_err(tensor_err)?;
+            m.set_linear_weight(l, proj, t).map_err(err)?;
+        }
+        if self.progress {
+            eprintln!(
+                "prune {model}: one global selection over {} layers",
+                sizes.len()
             );
         }
         Ok(())
@@ -453,6 +510,65 @@ impl Exec<'_> {
             self.report.outputs.push((rel_f, h));
         }
         Ok(())
+    }
+}
+
+/// The compiled criterion on one language-model layer: the same fused
+/// score → select → mask kernels as classifiers (per row, per layer, N:M),
+/// on the layer's weights and the activation norms the sequential driver
+/// collected for it.
+struct KernelPruner {
+    method: String,
+    expr: prunec_kernels::KExpr,
+    reads_acts: bool,
+    scope: Scope,
+}
+
+impl llm::LayerPruner for KernelPruner {
+    fn method(&self) -> &str {
+        &self.method
+    }
+    fn needs(&self) -> llm::StatsNeeds {
+        llm::StatsNeeds {
+            col_norms: self.reads_acts,
+            hessian: false,
+        }
+    }
+    fn prune_layer(&mut self, layer: llm::LayerToPrune<'_>) -> llm::Result<usize> {
+        let (rows, cols) = (layer.rows, layer.cols);
+        let keep = |n: usize, s: f64| ((n as f64) * (1.0 - s)).round() as usize;
+        let selection = match layer.pattern {
+            llm::SparsityPattern::NofM { n, m } => Selection::NM { n, m },
+            llm::SparsityPattern::Unstructured(s) => match self.scope {
+                Scope::Row => Selection::PerRow {
+                    keep_per_row: keep(cols, s),
+                },
+                _ => Selection::PerTensor {
+                    keep: vec![keep(rows * cols, s)],
+                },
+            },
+        };
+        let norms = if self.reads_acts {
+            layer.stats.col_norms()
+        } else {
+            vec![]
+        };
+        let mut mask = prunec_kernels::full_mask(rows * cols);
+        let mut view = TensorView::new(layer.name, rows, cols, layer.weight, &mut mask);
+        if self.reads_acts {
+            view.col_stats = vec![&norms];
+        }
+        let opts = PruneOptions {
+            scalars: vec![0.0],
+            allow_nonfinite: false,
+            // Two passes: the layer's weights are written in place, so a
+            // single pass that misses its sample could not start again.
+            single_pass: false,
+        };
+        prunec_kernels::prune_jit(&self.expr, &selection, &mut [view], &opts)
+            .map_err(|e| llm::LlmError::Invalid(format!("{}: {e}", layer.name)))?;
+        let kept: usize = mask.iter().map(|w| w.count_ones() as usize).sum();
+        Ok(rows * cols - kept)
     }
 }
 
@@ -522,5 +638,62 @@ impl Exec<'_> {
             b
         });
         LayerProgress { inner: pruner, bar }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llm::LayerPruner as _;
+    use prunec_kernels::{KExpr, KInput, UnOp};
+
+    /// The kernels' selections prune what the runtime's reference selection
+    /// prunes, for magnitude per row, per layer and N:M (distinct scores: no
+    /// ties; targets whose counts are whole, since the kernels keep
+    /// `round(n (1 - s))` as on classifiers where the reference prunes
+    /// `floor(n s)`).
+    #[test]
+    fn kernel_pruner_agrees_with_the_runtime_selection() {
+        let (rows, cols) = (8, 64);
+        let weights: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1009) as f32 - 500.0) / 97.0 + i as f32 * 1e-4)
+            .collect();
+        let magnitude = KExpr::un(UnOp::Abs, KExpr::Input(KInput::Weight));
+        let stats = llm::prune::LayerStats::new(cols, llm::StatsNeeds::default());
+        let cases = [
+            (llm::SparsityPattern::NofM { n: 4, m: 8 }, Scope::Layer),
+            (llm::SparsityPattern::NofM { n: 2, m: 4 }, Scope::Row),
+            (llm::SparsityPattern::Unstructured(0.5), Scope::Row),
+            (llm::SparsityPattern::Unstructured(0.25), Scope::Layer),
+        ];
+        for (pattern, scope) in cases {
+            let mut ours = weights.clone();
+            let mut pruner = KernelPruner {
+                method: "magnitude".into(),
+                expr: magnitude.clone(),
+                reads_acts: false,
+                scope,
+            };
+            let pruned = pruner
+                .prune_layer(llm::LayerToPrune {
+                    name: "w",
+                    rows,
+                    cols,
+                    weight: &mut ours,
+                    stats: &stats,
+                    pattern,
+                })
+                .unwrap();
+            let scores = llm::select::magnitude_scores(&weights);
+            let rt_scope = match scope {
+                Scope::Row => llm::Scope::Row,
+                _ => llm::Scope::Layer,
+            };
+            let mask = llm::select::choose_pruned(&scores, rows, cols, pattern, rt_scope).unwrap();
+            let mut theirs = weights.clone();
+            let count = llm::select::apply_pruned(&mut theirs, &mask);
+            assert_eq!(pruned, count, "{pattern:?} {scope:?}");
+            assert_eq!(ours, theirs, "{pattern:?} {scope:?}");
+        }
     }
 }

@@ -7,11 +7,12 @@ mod prune;
 mod staging;
 pub mod sweep;
 
-pub use prune::gradual_plan;
-
-use crate::lower::{self, LowerError};
+use crate::error::rt_err;
+use crate::error::RunError;
+use crate::lower;
 use crate::plan::{Action, Step};
 use crate::report::{fmt_metric, Evaluation, Layer, Report, Round};
+use crate::specs::{dataset_spec, model_spec};
 use prunec_lang::ast::{BinaryOp, Expr, ExprKind, Stage, UnaryOp};
 use prunec_lang::check::Value;
 use prunec_lang::{CheckedRecipe, Span};
@@ -25,52 +26,6 @@ use std::time::Instant;
 
 /// Batches whose gradients a gradient-reading criterion averages.
 pub const GRADIENT_BATCHES: usize = 16;
-
-/// Why a run stopped.
-#[derive(Debug)]
-pub enum RunError {
-    /// Something the user can fix: a recipe span (if any), a message, a hint.
-    User {
-        span: Option<Span>,
-        message: String,
-        help: Option<String>,
-    },
-    /// An `assert` in the recipe failed.
-    Assert { span: Span, message: String },
-    /// Ctrl-C.
-    Interrupted,
-    /// A bug.
-    Internal(String),
-}
-
-impl RunError {
-    fn user(span: Span, message: impl Into<String>) -> Self {
-        RunError::User {
-            span: Some(span),
-            message: message.into(),
-            help: None,
-        }
-    }
-}
-
-impl From<LowerError> for RunError {
-    fn from(e: LowerError) -> Self {
-        RunError::User {
-            span: Some(e.span),
-            message: e.message,
-            help: None,
-        }
-    }
-}
-
-/// Maps a runtime error at a stage to a run error.
-fn rt_err(stage: Span, what: &str) -> impl Fn(rt::RuntimeError) -> RunError + '_ {
-    move |e| match e {
-        rt::RuntimeError::Candle { .. } => RunError::Internal(format!("{what}: {e}")),
-        other if what.is_empty() => RunError::user(stage, other.to_string()),
-        other => RunError::user(stage, format!("{what}: {other}")),
-    }
-}
 
 /// Where and how to run.
 #[derive(Clone, Debug)]
@@ -1146,104 +1101,6 @@ impl Exec<'_> {
         self.report.counts = Some(counts);
         Ok(())
     }
-}
-
-/// The runtime spec of a `dataset` declaration's constructor call, checked
-/// against the files' headers, and the files it reads.
-pub fn dataset_spec(
-    v: &Value,
-    seed: u64,
-    span: Span,
-) -> Result<(rt::DatasetSpec, Vec<PathBuf>), RunError> {
-    let kind = match v.call_name() {
-        Some("mnist") => rt::DatasetKind::Mnist,
-        Some("fashion_mnist") => rt::DatasetKind::FashionMnist,
-        Some("digits") => rt::DatasetKind::Digits,
-        other => {
-            return Err(RunError::user(
-                span,
-                format!(
-                    "`{}` data sets cannot be run by `prunec run` yet",
-                    other.unwrap_or("?")
-                ),
-            ));
-        }
-    };
-    // The files are read from exactly the folder (or file) the recipe names.
-    let path = PathBuf::from(v.arg("path").and_then(|p| p.as_str()).unwrap_or(""));
-    let split = match v.arg("split").and_then(|s| s.as_str()) {
-        Some("test") => rt::Split::Test,
-        Some("validation") => rt::Split::Validation,
-        _ => rt::Split::Train,
-    };
-    let mut spec = rt::DatasetSpec::new(kind, split).files_at(&path);
-    if let Some(b) = v.arg("batch").and_then(|b| b.as_i64()) {
-        spec = spec.batch_size(b.max(1) as usize);
-    }
-    if matches!(v.arg("shuffle"), Some(Value::Bool(true))) {
-        spec = spec.shuffled(seed);
-    }
-    // The hold-out is a fraction of the whole train file; `limit` then takes
-    // the first samples of whichever part the split reads.
-    if let Some(f) = v
-        .arg("validation")
-        .and_then(|f| f.as_f64())
-        .filter(|f| *f > 0.0)
-    {
-        let whole = rt::DatasetSpec::new(kind, rt::Split::Train).files_at(&path);
-        let len = whole.meta().map_err(rt_err(span, ""))?.len;
-        spec = spec.validation(((len as f64) * f).round() as usize);
-    }
-    if let Some(l) = v.arg("limit").and_then(|l| l.as_i64()).filter(|l| *l > 0) {
-        spec = spec.limit(l as usize);
-    }
-    // Missing or malformed files are reported (with the fetch command) before hashing.
-    spec.meta().map_err(rt_err(span, ""))?;
-    // The files this data set reads.
-    let files: Vec<PathBuf> = match kind {
-        rt::DatasetKind::Digits => {
-            vec![spec.digits_file().map_err(rt_err(span, "data set"))?]
-        }
-        _ => {
-            let (a, b) = spec
-                .idx_files(split == rt::Split::Test)
-                .map_err(rt_err(span, "data set"))?;
-            vec![a, b]
-        }
-    };
-    Ok((spec, files))
-}
-
-/// The runtime spec of a `model` declaration's constructor call.
-pub fn model_spec(v: &Value, span: Span) -> Result<rt::ModelSpec, RunError> {
-    let name = v.call_name().unwrap_or("");
-    let int = |k: &str| v.arg(k).and_then(|x| x.as_i64()).unwrap_or(0).max(0) as usize;
-    Ok(match name {
-        "mlp" => {
-            let mut widths = vec![int("inputs")];
-            if let Some(Value::List(h)) = v.arg("hidden") {
-                widths.extend(h.iter().filter_map(|x| x.as_i64()).map(|x| x as usize));
-            }
-            widths.push(int("classes"));
-            let act = match v.arg("act").and_then(|a| a.as_str()).unwrap_or("relu") {
-                "tanh" => rt::Activation::Tanh,
-                "sigmoid" => rt::Activation::Sigmoid,
-                "gelu" => rt::Activation::Gelu,
-                _ => rt::Activation::Relu,
-            };
-            rt::ModelSpec::mlp(&widths, act)
-        }
-        "lenet5" => rt::ModelSpec::lenet5_for(int("classes")),
-        "pretrained_cnn" => rt::ModelSpec::pretrained_cnn_from(v.arg("path").and_then(|p| p.as_str()).unwrap_or("")),
-        "safetensors" => rt::ModelSpec::safetensors(v.arg("path").and_then(|p| p.as_str()).unwrap_or("")),
-        other => {
-            return Err(RunError::User {
-                span: Some(span),
-                message: format!("`{other}` models cannot be run by `prunec run` yet"),
-                help: Some("language models are pruned through the runtime's LLM driver (docs/llm.md); the recipe executor runs mlp, lenet5, pretrained_cnn and safetensors classifiers".into()),
-            })
-        }
-    })
 }
 
 /// The metric names an `evaluate` stage asks for (`-> [a, b]` or `-> a`).

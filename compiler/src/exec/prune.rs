@@ -7,6 +7,7 @@ use super::{rt_err, Exec, ModelState, RunError, GRADIENT_BATCHES};
 use crate::lower::{self, LoweredCriterion, Side};
 use crate::plan::{Prune, Step};
 use crate::report::Round;
+use crate::specs::gradual_plan;
 use prunec_kernels::{PruneOptions, Selection, TensorView};
 use prunec_lang::ast::{Expr, ExprKind, Stage};
 use prunec_lang::check::Value;
@@ -87,7 +88,7 @@ pub(super) fn matrix_shape(model: &rt::Model, name: &str) -> rt::Result<(usize, 
 }
 
 /// Keep count of a `keep_min` / `keep_max` value for a tensor of `n` weights.
-fn per_layer(v: Option<&Value>, n: usize, default: usize) -> usize {
+pub(super) fn per_layer(v: Option<&Value>, n: usize, default: usize) -> usize {
     let inner = match v {
         Some(Value::PerUnit(inner, _)) => Some(inner.as_ref()),
         other => other,
@@ -499,71 +500,6 @@ pub(super) fn act_norms(
             .filter(|(n, _)| selected.contains(n))
             .collect(),
     )
-}
-
-/// The `(step, sparsity)` pruning steps of a `gradual(...)` schedule for a
-/// training run of `total` steps with `batches` per epoch; an error (at `span`)
-/// when the schedule does not fit the run.
-pub fn gradual_plan(
-    sched: &Value,
-    batches: usize,
-    total: usize,
-    span: Span,
-) -> Result<Vec<(usize, f64)>, RunError> {
-    let frac = |k: &str, d: f64| sched.arg(k).and_then(|v| v.as_f64()).unwrap_or(d);
-    let steps = |k: &str, d: usize| -> Result<usize, RunError> {
-        match sched.arg(k) {
-            None => Ok(d),
-            Some(Value::Duration { count, unit }) => match unit {
-                prunec_lang::ast::Unit::Step => Ok(*count as usize),
-                prunec_lang::ast::Unit::Epoch => Ok(*count as usize * batches),
-                prunec_lang::ast::Unit::Round => Err(RunError::user(
-                    span,
-                    format!(
-                        "`{k}` of a gradual schedule is counted in steps or epochs, not rounds"
-                    ),
-                )),
-            },
-            Some(v) => Ok(v.as_i64().unwrap_or(0).max(0) as usize),
-        }
-    };
-    let (s_i, s_f) = (frac("from", 0.0), frac("to", 0.0));
-    let t0 = steps("start", 0)?;
-    let t_end = steps("end", total.saturating_sub(1))?;
-    let dt = steps("every", 100)?.max(1);
-    let cubic = sched.arg("curve").and_then(|c| c.as_str()) != Some("linear");
-    if t_end < t0 {
-        return Err(RunError::user(
-            span,
-            format!("the gradual schedule ends (step {t_end}) before it starts (step {t0})"),
-        ));
-    }
-    if t_end >= total {
-        return Err(RunError::User {
-            span: Some(span),
-            message: format!(
-                "the gradual schedule's last pruning step is step {t_end}, but the training stage runs only {total} steps (0 to {})",
-                total.saturating_sub(1)
-            ),
-            help: Some("train for more epochs or steps, or end the schedule earlier".into()),
-        });
-    }
-    let at = |t: usize| -> f64 {
-        if t_end == t0 {
-            return s_f;
-        }
-        let x = (t - t0) as f64 / (t_end - t0) as f64;
-        if cubic {
-            s_f + (s_i - s_f) * (1.0 - x).powi(3)
-        } else {
-            s_i + (s_f - s_i) * x
-        }
-    };
-    let mut plan: Vec<(usize, f64)> = (t0..=t_end).step_by(dt).map(|t| (t, at(t))).collect();
-    if plan.last().map(|p| p.0) != Some(t_end) {
-        plan.push((t_end, s_f));
-    }
-    Ok(plan)
 }
 
 /// One pruning step of a gradual schedule, as applied.
@@ -1050,7 +986,10 @@ impl Exec<'_> {
             }
             Method::Criterion => {}
         }
-        let crit = lower::criterion_to_kernel(self.r, by)?;
+        let crit = match &p.kernel {
+            Some(k) => k.clone(),
+            None => lower::criterion_to_kernel(self.r, by)?,
+        };
         let pruner = self.pruner(s, &name, span, crit, p.scope)?;
         if let Some(during) = p.during {
             let Schedule::Gradual(schedule) = &p.schedule else {
@@ -1079,9 +1018,10 @@ impl Exec<'_> {
                 })
             }
         };
-        let target = match &s.to {
-            Some(to) => self.number(to)?,
-            None => 0.0,
+        // A fraction; an N:M target (`to 2:4`) is the step's pattern.
+        let target = match (&s.to, p.pattern) {
+            (Some(to), None) => self.number(to)?,
+            _ => 0.0,
         };
         // The optimized IR folded the target into per-round sparsities.
         for round in 1..=rounds {

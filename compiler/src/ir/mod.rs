@@ -61,9 +61,11 @@ pub enum Op {
         rounds: usize,
     },
     Mask,
-    /// Score, select and mask fused into one kernel.
+    /// Score, select and mask fused into one kernel: the criterion as
+    /// written and lowered to the kernel expression that runs.
     FusedPrune {
         criterion: Written,
+        kernel: crate::lower::LoweredCriterion,
         scope: Scope,
         pattern: Option<(u64, u64)>,
         sparsities: Vec<f64>,
@@ -183,6 +185,7 @@ impl Op {
                 scope,
                 pattern,
                 sparsities,
+                ..
             } => {
                 let what = match pattern {
                     Some((n, m)) => format!("{n}:{m}"),
@@ -551,7 +554,11 @@ impl Lowerer<'_> {
             _ => None,
         };
         let rounds = Schedule::of(self.r, s).rounds().unwrap_or(1);
-        let target = s.to.as_ref().map(|e| self.written(e));
+        // `to 2:4` is the stage's N:M pattern (the checker records it so), not a fraction.
+        let target =
+            s.to.as_ref()
+                .filter(|_| pattern.is_none())
+                .map(|e| self.written(e));
         let score = self.on_model(
             model,
             Node {

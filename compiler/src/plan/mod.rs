@@ -95,6 +95,10 @@ pub struct Prune {
     pub by: Written,
     /// Score, select and mask run as one fused kernel.
     pub fused: bool,
+    /// The criterion lowered to the kernel expression that runs (from the
+    /// fused IR node); none for methods, or where it does not lower (the
+    /// executor then reports why, with its span).
+    pub kernel: Option<crate::lower::LoweredCriterion>,
     pub scope: Scope,
     pub pattern: Option<(u64, u64)>,
     pub schedule: Schedule,
@@ -517,6 +521,7 @@ fn prune_of(r: &CheckedRecipe, s: &Stage, at: StageRef, ops: &[&Op]) -> Option<P
                 .to_string(),
         },
         fused: false,
+        kernel: None,
         scope: Scope::Global,
         pattern: None,
         schedule: Schedule::of(r, s),
@@ -535,12 +540,14 @@ fn prune_of(r: &CheckedRecipe, s: &Stage, at: StageRef, ops: &[&Op]) -> Option<P
     for op in ops {
         match op {
             Op::FusedPrune {
+                kernel,
                 scope,
                 pattern,
                 sparsities,
                 ..
             } => {
                 p.fused = true;
+                p.kernel = Some(kernel.clone());
                 (p.scope, p.pattern, p.sparsities) = (*scope, *pattern, sparsities.clone());
                 selects = true;
             }

@@ -3,8 +3,9 @@
 //! before and after, and the data each step reads.
 
 use super::{Action, Plan, Step};
-use crate::exec::{model_spec, RunError};
+use crate::error::RunError;
 use crate::lower::{glob_match, strings};
+use crate::specs::model_spec;
 use prunec_lang::check::{SymKind, Value};
 use prunec_lang::resolved::{Schedule, Scope};
 use prunec_lang::CheckedRecipe;

@@ -7,6 +7,7 @@ use super::Checker;
 use crate::ast::*;
 use crate::check::value::Value;
 use crate::diag::{Code, Diagnostic};
+use crate::resolved::Method;
 use std::collections::BTreeMap;
 
 /// Whether the model declared as `name` is a language model.
@@ -20,7 +21,7 @@ pub fn is_language_model(symbols: &BTreeMap<String, super::Symbol>, name: &str) 
 
 /// The options of a prune stage that a language model's one-shot pruning
 /// does not read, with what to write instead.
-const LM_UNSUPPORTED: [(&str, &str); 5] = [
+const LM_UNSUPPORTED: [(&str, &str); 3] = [
     (
         "schedule",
         "language models are pruned one-shot; remove `schedule`",
@@ -28,14 +29,6 @@ const LM_UNSUPPORTED: [(&str, &str); 5] = [
     (
         "rounds",
         "language models are pruned one-shot; remove `rounds`",
-    ),
-    (
-        "keep_min",
-        "per-layer guards apply to `scope = global` on classifiers; remove `keep_min`",
-    ),
-    (
-        "keep_max",
-        "per-layer guards apply to `scope = global` on classifiers; remove `keep_max`",
     ),
     (
         "allow_nonfinite",
@@ -228,14 +221,20 @@ impl Checker<'_> {
 
     fn model_kind_prune(&mut self, s: &Stage, model: &str, lm: bool) {
         let method = s.by.as_ref().and_then(|by| match &by.kind {
-            ExprKind::Call { callee, .. } => Some(callee.name.clone()),
-            ExprKind::Name(id) => Some(id.name.clone()),
+            ExprKind::Call { callee, .. } => Method::named(&callee.name),
+            ExprKind::Name(id) if !self.symbols.contains_key(&id.name) => Method::named(&id.name),
             _ => None,
         });
-        let pattern = self.prune_option(s, "pattern");
+        let pattern = self
+            .prune_option(s, "pattern")
+            .map(|(v, span)| match &s.to {
+                // `to 2:4`: the target is the pattern.
+                Some(to) if s.arg("pattern").is_none() => (v, to.span),
+                _ => (v, span),
+            });
         // A scope has no effect where a pattern decides the selection.
         if let (Some((_, pspan)), Some((scope, span))) = (&pattern, self.prune_option(s, "scope")) {
-            if method.as_deref() != Some("sap") {
+            if method != Some(Method::Sap) {
                 let scope = scope.as_str().unwrap_or("?").to_string();
                 self.push(
                     Diagnostic::new(
@@ -249,7 +248,7 @@ impl Checker<'_> {
             }
         }
         if !lm {
-            if method.as_deref() == Some("sparsegpt") {
+            if method == Some(Method::SparseGpt) {
                 let span = s.by.as_ref().map_or(s.keyword_span, |b| b.span);
                 self.unsupported(
                     span,
@@ -268,7 +267,7 @@ impl Checker<'_> {
                     "remove it: a classifier's prune stage scores every layer from one calibration pass",
                 );
             }
-            if method.as_deref() == Some("sap") {
+            if method == Some(Method::Sap) {
                 for key in ["pattern", "keep_min", "keep_max", "schedule"] {
                     if let Some((_, span)) = self.prune_option(s, key) {
                         self.unsupported(
@@ -290,31 +289,7 @@ impl Checker<'_> {
                 }
                 return;
             }
-            // Per-layer guards act on the one global selection only.
-            let global = match self.prune_option(s, "scope") {
-                Some((v, _)) => v.as_str() == Some("global"),
-                None => !self.stage_reads_acts.contains(&s.id),
-            };
-            let block = pattern.is_some();
-            if !global || block {
-                for key in ["keep_min", "keep_max"] {
-                    if let Some((_, span)) = self.prune_option(s, key) {
-                        let why = if block {
-                            "a `pattern` decides what each layer keeps"
-                        } else {
-                            "each layer or row is pruned to the target by itself"
-                        };
-                        self.unsupported(
-                            span,
-                            format!(
-                                "`{key}` guards the layers of a `scope = global` selection; {why}"
-                            ),
-                            "no effect here",
-                            &format!("remove `{key}`, or prune with `scope = global`"),
-                        );
-                    }
-                }
-            }
+            self.check_guards(s, pattern.is_some());
             return;
         }
         for (key, help) in LM_UNSUPPORTED {
@@ -345,7 +320,7 @@ impl Checker<'_> {
                 "remove the block",
             );
         }
-        if method.as_deref() == Some("sap") {
+        if method == Some(Method::Sap) {
             let span = s.by.as_ref().map_or(s.keyword_span, |b| b.span);
             self.unsupported(
                 span,
@@ -354,7 +329,7 @@ impl Checker<'_> {
                 "prune language models by a criterion (`wanda`, `magnitude`) or `sparsegpt()`",
             );
         }
-        if method.as_deref() == Some("sparsegpt") {
+        if method == Some(Method::SparseGpt) {
             if let Some((_, span)) = self.prune_option(s, "scope") {
                 self.unsupported(
                     span,
@@ -364,26 +339,58 @@ impl Checker<'_> {
                     "remove `scope`",
                 );
             }
-        } else if pattern.is_none() {
-            let scope = self.prune_option(s, "scope");
-            let reads_acts = self.stage_reads_acts.contains(&s.id);
-            match scope {
-                Some((v, span)) if v.as_str() == Some("global") => self.unsupported(
-                    span,
-                    format!("`scope = global` is not supported on the language model `{model}`"),
-                    "one threshold over every layer",
-                    "write `scope = layer` or `scope = row`",
-                ),
-                None if !reads_acts => {
-                    let span = s.by.as_ref().map_or(s.keyword_span, |b| b.span);
+            for key in ["keep_min", "keep_max"] {
+                if let Some((_, span)) = self.prune_option(s, key) {
                     self.unsupported(
                         span,
-                        format!("this criterion defaults to `scope = global`, which is not supported on the language model `{model}`"),
-                        "compared over every layer by default",
-                        "write `scope = layer` or `scope = row` (criteria that read `act(x)` default to `row`)",
+                        format!("`sparsegpt` selects by its own reconstruction error; it does not read `{key}`"),
+                        "no effect with `sparsegpt`",
+                        &format!("remove `{key}`"),
                     );
                 }
-                _ => {}
+            }
+        } else {
+            // One threshold over every layer needs every layer's scores at
+            // once: criteria that read activations are calibrated layer by
+            // layer (each on the outputs of the layers pruned before it).
+            if let (None, Some((v, span))) = (&pattern, self.prune_option(s, "scope")) {
+                if v.as_str() == Some("global") && self.stage_reads_acts.contains(&s.id) {
+                    self.unsupported(
+                        span,
+                        format!("`scope = global` with a criterion that reads `act(x)` is not supported on the language model `{model}`"),
+                        "one threshold over every layer",
+                        "its layers are calibrated one after another: write `scope = row` (the default) or `scope = layer`",
+                    );
+                }
+            }
+            self.check_guards(s, pattern.is_some());
+        }
+    }
+
+    /// `keep_min` / `keep_max` guard the layers of one global selection:
+    /// anywhere else they have no effect.
+    fn check_guards(&mut self, s: &Stage, pattern: bool) {
+        // Per-layer guards act on the one global selection only.
+        let global = match self.prune_option(s, "scope") {
+            Some((v, _)) => v.as_str() == Some("global"),
+            None => !self.stage_reads_acts.contains(&s.id),
+        };
+        let block = pattern;
+        if !global || block {
+            for key in ["keep_min", "keep_max"] {
+                if let Some((_, span)) = self.prune_option(s, key) {
+                    let why = if block {
+                        "a `pattern` decides what each layer keeps"
+                    } else {
+                        "each layer or row is pruned to the target by itself"
+                    };
+                    self.unsupported(
+                        span,
+                        format!("`{key}` guards the layers of a `scope = global` selection; {why}"),
+                        "no effect here",
+                        &format!("remove `{key}`, or prune with `scope = global`"),
+                    );
+                }
             }
         }
     }

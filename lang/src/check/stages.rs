@@ -4,6 +4,7 @@ use super::{Checker, SymKind, Value};
 use crate::ast::*;
 use crate::builtins::{self, Kind, Needs, Range, Ty};
 use crate::diag::{did_you_mean, Code, Diagnostic};
+use crate::resolved::{Method, ScheduleKind};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The type of a param, inferred from its default.
@@ -158,7 +159,17 @@ impl<'a> Checker<'a> {
             (ExprKind::Name(id), Value::Word(_)) => Some(Value::Word(id.name.clone())),
             (_, Value::Word(_)) => None,
             (_, d) => {
-                let ty = param_type(d).or(match d {
+                // A sparsity target is a fraction or an N:M pattern (`to 50%`,
+                // `to 2:4`): a param declared as one takes the other too; a use
+                // that needs the declared kind reports the mismatch there.
+                let target = match (&expr.kind, d) {
+                    (ExprKind::Pattern { .. }, Value::Fraction(_)) => Some(Ty::Pattern),
+                    (ExprKind::Percent { .. } | ExprKind::Number { .. }, Value::Pattern { .. }) => {
+                        Some(Ty::Fraction)
+                    }
+                    _ => None,
+                };
+                let ty = target.or(param_type(d)).or(match d {
                     Value::List(items) if items.iter().all(|i| matches!(i, Value::Str(_))) => {
                         Some(Ty::Globs)
                     }
@@ -378,7 +389,7 @@ impl<'a> Checker<'a> {
             None => vec![],
         };
         let what = format!("{} stage", s.kind.a());
-        let options = self.check_options(&opts, allowed, &what);
+        let mut options = self.check_options(&opts, allowed, &what);
 
         match s.kind {
             Train | Finetune | Calibrate => {
@@ -410,7 +421,7 @@ impl<'a> Checker<'a> {
                     }
                 }
             }
-            Prune => self.check_prune(s, &options, ev, parent),
+            Prune => self.check_prune(s, &mut options, ev, parent),
             Evaluate => {
                 self.expect_model(s);
                 if self.require(s, "on DATASET", s.on.is_some()) {
@@ -538,7 +549,7 @@ impl<'a> Checker<'a> {
     fn check_prune(
         &mut self,
         s: &Stage,
-        options: &BTreeMap<String, Value>,
+        options: &mut BTreeMap<String, Value>,
         ev: &mut Evaluated,
         parent: Option<&Stage>,
     ) {
@@ -570,7 +581,7 @@ impl<'a> Checker<'a> {
         }
         // What the method reads.
         let mut needs = Needs::default();
-        let mut method: Option<String> = None;
+        let mut method: Option<Method> = None;
         if self.require(s, "by CRITERION", s.by.is_some()) {
             let by = s.by.as_ref().unwrap();
             match &by.kind {
@@ -584,7 +595,7 @@ impl<'a> Checker<'a> {
                         self.check_args(bi, args, callee.span);
                     }
                     needs = bi.needs;
-                    method = Some(bi.name.to_string());
+                    method = Method::named(bi.name);
                 }
                 ExprKind::Name(id)
                     if builtins::lookup(&id.name).is_some_and(|b| b.kind == Kind::Method)
@@ -595,7 +606,7 @@ impl<'a> Checker<'a> {
                         self.undefined(id, Some(Kind::Criterion));
                     }
                     needs = bi.needs;
-                    method = Some(bi.name.to_string());
+                    method = Method::named(bi.name);
                 }
                 _ => self.check_score(by, &mut needs, 0),
             }
@@ -614,8 +625,35 @@ impl<'a> Checker<'a> {
             Some(_) => true,
             None => written("pattern") && !block_written,
         };
-        let gradual = matches!(options.get("schedule"), Some(v) if self.schedule_name(v).as_deref() == Some("gradual"));
-        if let Some(to) = &s.to {
+        let gradual = matches!(options.get("schedule"), Some(v) if self.schedule_kind(v) == Some(ScheduleKind::Gradual));
+        // `to 2:4` (or `to p` with `param p = 2:4`) prunes to an N:M pattern:
+        // the same as `pattern = 2:4`, recorded as that option.
+        let to_pattern = s.to.as_ref().is_some_and(|to| match &to.kind {
+            ExprKind::Pattern { .. } => true,
+            ExprKind::Name(id) => matches!(
+                self.symbols
+                    .get(&id.name)
+                    .map(|s| (s.kind, s.value.as_ref())),
+                Some((SymKind::Param, Some(Value::Pattern { .. })))
+            ),
+            _ => false,
+        });
+        if let (true, Some(to)) = (to_pattern, &s.to) {
+            let v = self.eval(to, Ty::Pattern, Range::any());
+            if written("pattern") || all.contains_key("pattern") {
+                self.push(
+                    Diagnostic::new(
+                        Code::StageClause,
+                        "the pattern is given twice: as the target and as `pattern`",
+                    )
+                    .with_label(to.span, "the target is an N:M pattern")
+                    .with_label(s.value_span("pattern"), "and so is this")
+                    .with_help("keep one: `to 2:4`, or `pattern = 2:4` without `to`"),
+                );
+            } else if let Some(v) = v {
+                options.insert("pattern".into(), v);
+            }
+        } else if let Some(to) = &s.to {
             self.eval(to, Ty::Fraction, Range::sparsity());
             if has_pattern {
                 self.push(
@@ -627,11 +665,7 @@ impl<'a> Checker<'a> {
                     .with_help("remove `to ...`: `2:4` means 50% sparsity"),
                 );
             }
-        } else if !has_pattern
-            && !gradual
-            && !written("schedule")
-            && method.as_deref() != Some("sap")
-        {
+        } else if !has_pattern && !gradual && !written("schedule") && method != Some(Method::Sap) {
             self.push(
                 Diagnostic::new(
                     Code::StageClause,
@@ -686,8 +720,8 @@ impl<'a> Checker<'a> {
         }
         // Rounds and blocks.
         let rounds = options.get("rounds").is_some()
-            || method.as_deref() == Some("sap")
-            || matches!(options.get("schedule"), Some(v) if self.schedule_name(v).as_deref() == Some("iterative"));
+            || method == Some(Method::Sap)
+            || matches!(options.get("schedule"), Some(v) if self.schedule_kind(v) == Some(ScheduleKind::Iterative));
         if let Some(b) = &s.block {
             if !rounds {
                 self.push(
@@ -808,17 +842,17 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn schedule_name(&self, v: &Value) -> Option<String> {
-        match v {
-            Value::Call { name, .. } => Some(name.clone()),
+    fn schedule_kind(&self, v: &Value) -> Option<ScheduleKind> {
+        let name = match v {
+            Value::Call { name, .. } => Some(name.as_str()),
             Value::Ref(r) => self
                 .symbols
                 .get(r)
                 .and_then(|s| s.value.as_ref())
-                .and_then(|v| v.call_name())
-                .map(String::from),
+                .and_then(|v| v.call_name()),
             _ => None,
-        }
+        };
+        name.and_then(ScheduleKind::named)
     }
 
     /// Checks an `assert` condition: comparisons over evaluated metrics.

@@ -227,7 +227,7 @@ impl OneShotConfig {
         }
     }
 
-    fn selects(&self, name: &str) -> bool {
+    pub fn selects(&self, name: &str) -> bool {
         self.targets.iter().any(|g| glob_match(g, name))
             && !self.skip.iter().any(|g| glob_match(g, name))
     }

@@ -16,9 +16,9 @@ pub fn fuse(ir: &mut Ir, r: &CheckedRecipe) {
         let Op::Score { criterion } = &ir.graph[score].op else {
             continue;
         };
-        if crate::lower::criterion_to_kexpr(r, &criterion.expr).is_err() {
+        let Ok(kernel) = crate::lower::criterion_to_kernel(r, &criterion.expr) else {
             continue;
-        }
+        };
         let Some(select) = ir
             .graph
             .edges_directed(score, Direction::Outgoing)
@@ -50,6 +50,7 @@ pub fn fuse(ir: &mut Ir, r: &CheckedRecipe) {
             mask,
             Op::FusedPrune {
                 criterion: criterion.clone(),
+                kernel,
                 scope,
                 pattern,
                 sparsities,
