@@ -1258,3 +1258,50 @@ fn llm_table_reduced_ranks_the_calibrated_methods_above_magnitude() {
         assert!((0.5..0.51).contains(&s), "{m}: sparsity {s}");
     }
 }
+
+#[test]
+fn a_prune_reuses_the_statistics_of_a_calibrate_stage_on_the_same_state() {
+    require_data("digits/digits.csv.gz", "digits");
+    // `calibrate net on train` and Wanda's `calibrate = train` read the same
+    // model state and data: CSE merges them and the run calibrates once,
+    // pruning exactly as the recipe without the `calibrate` stage does.
+    let with = r#"recipe shared { version = 1, seed = 8 }
+use std.wanda
+model net = mlp(inputs = 64, hidden = [32], classes = 10)
+dataset train = digits("data/digits/digits.csv.gz", split = "train", batch = 32)
+pipeline {
+  train net on train (epochs = 1, optimizer = sgd(lr = 0.05))
+  calibrate net on train
+  prune net by wanda to 50% (calibrate = train)
+  export net to "net.safetensors"
+}
+"#;
+    let without = with.replace("  calibrate net on train\n", "");
+    let dir = tempfile::tempdir().unwrap();
+    let mut weights = Vec::new();
+    for (i, text) in [with.to_string(), without].iter().enumerate() {
+        let file = dir.path().join(format!("r{i}.prune"));
+        std::fs::write(&file, text).unwrap();
+        let out = dir.path().join(format!("out{i}"));
+        let (code, log) = prunec(
+            &[
+                "run",
+                file.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{log}");
+        let passes = log.lines().filter(|l| l.starts_with("calibrate ")).count();
+        assert_eq!(passes, 1, "{log}");
+        weights.push(std::fs::read(out.join("net.safetensors")).unwrap());
+    }
+    assert!(weights[0] == weights[1]);
+    let (code, plan) = prunec(
+        &["plan", dir.path().join("r0.prune").to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 0, "{plan}");
+    assert!(plan.contains("activation norms from step 2"), "{plan}");
+}

@@ -160,3 +160,76 @@ impl Schedule {
         }
     }
 }
+
+/// What an `evaluate` stage measures (`-> [accuracy, sparsity]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    Accuracy,
+    Loss,
+    Perplexity,
+    Sparsity,
+    Pqi,
+    Params,
+    Flops,
+}
+
+impl Metric {
+    /// The built-in metric of this name.
+    pub fn named(name: &str) -> Option<Metric> {
+        Some(
+            match builtins::lookup(name)
+                .filter(|b| b.kind == Kind::Metric)?
+                .name
+            {
+                "accuracy" => Metric::Accuracy,
+                "loss" => Metric::Loss,
+                "perplexity" => Metric::Perplexity,
+                "sparsity" => Metric::Sparsity,
+                "pqi" => Metric::Pqi,
+                "params" => Metric::Params,
+                "flops" => Metric::Flops,
+                _ => return None,
+            },
+        )
+    }
+
+    /// The metric's name, as recipes and reports write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Accuracy => "accuracy",
+            Metric::Loss => "loss",
+            Metric::Perplexity => "perplexity",
+            Metric::Sparsity => "sparsity",
+            Metric::Pqi => "pqi",
+            Metric::Params => "params",
+            Metric::Flops => "flops",
+        }
+    }
+}
+
+impl std::fmt::Display for Metric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_builtin_metric_has_a_variant_with_its_name() {
+        let metrics: Vec<&str> = builtins::BUILTINS
+            .iter()
+            .filter(|b| b.kind == Kind::Metric)
+            .map(|b| b.name)
+            .collect();
+        assert!(metrics.len() >= 7);
+        for name in metrics {
+            let m = Metric::named(name).unwrap_or_else(|| panic!("no variant for `{name}`"));
+            assert_eq!(m.as_str(), name);
+        }
+        assert_eq!(Metric::named("nope"), None);
+    }
+}

@@ -67,6 +67,23 @@ pub enum RuntimeError {
         loss: f32,
     },
 
+    /// A model file is malformed, or of a kind or version the runtime does not read.
+    #[error("{path}: {reason}")]
+    Format { path: PathBuf, reason: String },
+
+    /// The tokenizer failed or could not be built.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A request is inconsistent (a bad sparsity, an N:M pattern that does
+    /// not divide a layer's width, a layer that does not exist...).
+    #[error("{0}")]
+    Invalid(String),
+
+    /// A numerical failure inside a solver (a Hessian that is not positive definite).
+    #[error("layer `{layer}`: {reason}")]
+    Numeric { layer: String, reason: String },
+
     /// A candle operation failed; `context` says which tensor or layer.
     #[error("{context}: {source}")]
     Candle {
@@ -86,11 +103,30 @@ impl RuntimeError {
         }
     }
 
+    /// A malformed or unsupported model file at `path`.
+    pub fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        RuntimeError::Format {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
     /// A corrupt-file error for `path`.
     pub fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         RuntimeError::CorruptFile {
             path: path.into(),
             reason: reason.into(),
+        }
+    }
+}
+
+/// A candle failure where no tensor or layer is named (the language-model
+/// code's `?` on tensor operations).
+impl From<candle_core::Error> for RuntimeError {
+    fn from(source: candle_core::Error) -> Self {
+        RuntimeError::Candle {
+            context: "tensor operation failed".into(),
+            source,
         }
     }
 }

@@ -4,7 +4,7 @@ use prunec_runtime::llm::{self, data, OneShotConfig, Proj, SparsityPattern};
 
 #[test]
 fn pruned_weights_do_not_depend_on_the_thread_count() {
-    let fail = |e: llm::LlmError| -> ! { panic!("{e}") };
+    let fail = |e: llm::RuntimeError| -> ! { panic!("{e}") };
     let model = llm::load_gguf(&data::smollm2_gguf().unwrap_or_else(|e| fail(e)))
         .unwrap_or_else(|e| fail(e));
     let tok = model.tokenizer.clone().unwrap();

@@ -13,7 +13,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let fail = |e: llm::LlmError| -> ! { panic!("{e}") };
+        let fail = |e: llm::RuntimeError| -> ! { panic!("{e}") };
         let model = llm::load_gguf(&data::smollm2_gguf().unwrap_or_else(|e| fail(e)))
             .unwrap_or_else(|e| fail(e));
         let tok = model.tokenizer.clone().unwrap();

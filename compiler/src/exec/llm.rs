@@ -9,7 +9,7 @@ use crate::specs::text_files;
 use prunec_kernels::{PruneOptions, Selection, TensorView};
 use prunec_lang::ast::{ExprKind, Stage};
 use prunec_lang::check::Value;
-use prunec_lang::resolved::{Method, Scope};
+use prunec_lang::resolved::{Method, Metric, Scope};
 use prunec_lang::Span;
 use prunec_runtime::llm;
 use std::collections::BTreeMap;
@@ -147,7 +147,7 @@ impl Exec<'_> {
     ) -> Result<(), RunError> {
         self.llm(model, span)?;
         match &step.action {
-            Action::Evaluate { .. } => self.llm_evaluate(s, model),
+            Action::Evaluate { metrics, .. } => self.llm_evaluate(s, model, metrics),
             Action::Prune(p) => self.llm_prune(s, p, model),
             Action::Export { .. } => self.llm_export(s, model),
             _ => Err(RunError::user(
@@ -160,7 +160,7 @@ impl Exec<'_> {
         }
     }
 
-    fn llm_evaluate(&mut self, s: &Stage, model: &str) -> Result<(), RunError> {
+    fn llm_evaluate(&mut self, s: &Stage, model: &str, wanted: &[Metric]) -> Result<(), RunError> {
         let on =
             s.on.as_ref()
                 .ok_or_else(|| RunError::user(s.keyword_span, "no data"))?;
@@ -194,21 +194,20 @@ impl Exec<'_> {
             ));
         }
         tokens.drain(..spec.offset);
-        let wanted = super::wanted_metrics(s);
         let mut out = BTreeMap::new();
-        for m in &wanted {
-            let value = match m.as_str() {
-                "perplexity" => llm::perplexity(&self.llms[model], &tokens, seq, batch)
+        for &m in wanted {
+            let value = match m {
+                Metric::Perplexity => llm::perplexity(&self.llms[model], &tokens, seq, batch)
                     .map_err(rt_err_llm(s.span, "perplexity"))?,
-                "sparsity" => self.llm_sparsity(model, s.span)?,
+                Metric::Sparsity => self.llm_sparsity(model, s.span)?,
                 other => {
                     return Err(RunError::user(
-                        s.out.as_ref().unwrap().span,
+                        s.out.as_ref().map_or(s.span, |o| o.span),
                         format!("`{other}` cannot be measured on a language model"),
                     ))
                 }
             };
-            out.insert(m.clone(), value);
+            out.insert(m.as_str().to_string(), value);
         }
         let data = on.as_name().map(|n| n.name.clone()).unwrap_or_default();
         self.record_evaluation(s, model, &data, out);
@@ -381,7 +380,7 @@ impl Exec<'_> {
         expr: &prunec_kernels::KExpr,
         target: f64,
     ) -> Result<(), RunError> {
-        let err = |e: llm::LlmError| RunError::user(s.span, format!("pruning: {e}"));
+        let err = |e: llm::RuntimeError| RunError::user(s.span, format!("pruning: {e}"));
         let tensor_err = |e: candle_core::Error| RunError::Internal(format!("pruning: {e}"));
         for special in ["model.embed_tokens.weight", "lm_head.weight"] {
             if config.selects(special) {
@@ -566,7 +565,7 @@ impl llm::LayerPruner for KernelPruner {
             single_pass: false,
         };
         prunec_kernels::prune_jit(&self.expr, &selection, &mut [view], &opts)
-            .map_err(|e| llm::LlmError::Invalid(format!("{}: {e}", layer.name)))?;
+            .map_err(|e| llm::RuntimeError::Invalid(format!("{}: {e}", layer.name)))?;
         let kept: usize = mask.iter().map(|w| w.count_ones() as usize).sum();
         Ok(rows * cols - kept)
     }

@@ -15,6 +15,7 @@ use crate::report::{fmt_metric, Evaluation, Layer, Report, Round};
 use crate::specs::{dataset_spec, model_spec};
 use prunec_lang::ast::{BinaryOp, Expr, ExprKind, Stage, UnaryOp};
 use prunec_lang::check::Value;
+use prunec_lang::resolved::Metric;
 use prunec_lang::{CheckedRecipe, Span};
 use prunec_runtime as rt;
 use rt::train::Control;
@@ -95,7 +96,7 @@ struct Exec<'a> {
 }
 
 /// Maps a language-model runtime error at a stage to a run error.
-fn rt_err_llm(stage: Span, what: &str) -> impl Fn(rt::llm::LlmError) -> RunError + '_ {
+fn rt_err_llm(stage: Span, what: &str) -> impl Fn(rt::RuntimeError) -> RunError + '_ {
     move |e| RunError::user(stage, format!("{what}: {e}"))
 }
 
@@ -445,7 +446,7 @@ impl Exec<'_> {
                 let name = step.model.clone().unwrap_or_default();
                 self.statistics(s, &name, gradients.as_deref(), activations.as_deref())?
             }
-            Action::Evaluate { .. } => self.evaluate(s)?,
+            Action::Evaluate { metrics, .. } => self.evaluate(s, metrics)?,
             Action::Assert { .. } => {
                 // A failed assert ran too: it shows among the steps.
                 let held = self.assert(s);
@@ -834,36 +835,38 @@ impl Exec<'_> {
         Ok((name, on.as_name().unwrap().name.clone()))
     }
 
-    fn evaluate(&mut self, s: &Stage) -> Result<(), RunError> {
+    fn evaluate(&mut self, s: &Stage, wanted: &[Metric]) -> Result<(), RunError> {
         let (name, data_name) = self.model_and_data(s)?;
-        let wanted = wanted_metrics(s);
-        let mut metrics = BTreeMap::new();
-        let needs_eval = wanted.iter().any(|m| m == "accuracy" || m == "loss");
-        if needs_eval {
-            let m = rt::evaluate(&self.models[&name].model, &self.datasets[&data_name])
-                .map_err(rt_err(s.span, "evaluation failed"))?;
-            metrics.insert("accuracy".to_string(), m.accuracy);
-            metrics.insert("loss".to_string(), m.loss);
-        }
+        let needs_eval = wanted
+            .iter()
+            .any(|m| matches!(m, Metric::Accuracy | Metric::Loss));
+        let measured = match needs_eval {
+            true => Some(
+                rt::evaluate(&self.models[&name].model, &self.datasets[&data_name])
+                    .map_err(rt_err(s.span, "evaluation failed"))?,
+            ),
+            false => None,
+        };
         let (sparsity, pqi) = self.sparsity_pqi(&name, s.span)?;
         let counts =
             rt::eval::model_counts(&self.models[&name].model).map_err(rt_err(s.span, "counts"))?;
         let mut out = BTreeMap::new();
-        for m in &wanted {
-            let v = match m.as_str() {
-                "accuracy" | "loss" => metrics[m],
-                "sparsity" => sparsity,
-                "pqi" => pqi,
-                "params" => counts.params_kept as f64,
-                "flops" => counts.flops_kept as f64,
-                other => {
+        for &m in wanted {
+            let v = match (m, &measured) {
+                (Metric::Accuracy, Some(e)) => e.accuracy,
+                (Metric::Loss, Some(e)) => e.loss,
+                (Metric::Sparsity, _) => sparsity,
+                (Metric::Pqi, _) => pqi,
+                (Metric::Params, _) => counts.params_kept as f64,
+                (Metric::Flops, _) => counts.flops_kept as f64,
+                (other, _) => {
                     return Err(RunError::user(
-                        s.out.as_ref().unwrap().span,
+                        s.out.as_ref().map_or(s.span, |o| o.span),
                         format!("`{other}` cannot be measured on this model"),
                     ));
                 }
             };
-            out.insert(m.clone(), v);
+            out.insert(m.as_str().to_string(), v);
         }
         self.record_evaluation(s, &name, &data_name, out);
         Ok(())
@@ -1100,17 +1103,5 @@ impl Exec<'_> {
         self.report.final_sparsity = sparsity;
         self.report.counts = Some(counts);
         Ok(())
-    }
-}
-
-/// The metric names an `evaluate` stage asks for (`-> [a, b]` or `-> a`).
-fn wanted_metrics(s: &Stage) -> Vec<String> {
-    match s.out.as_ref().map(|e| &e.kind) {
-        Some(ExprKind::List(items)) => items
-            .iter()
-            .filter_map(|i| i.as_name().map(|n| n.name.clone()))
-            .collect(),
-        Some(ExprKind::Name(n)) => vec![n.name.clone()],
-        _ => vec![],
     }
 }

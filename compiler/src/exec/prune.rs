@@ -807,19 +807,26 @@ impl Exec<'_> {
     }
 
     /// Gradients, random draws and activation statistics for one round.
+    /// `shared`: the optimized IR merged this stage's calibration into an
+    /// earlier `calibrate` stage's (same model state, same data), whose
+    /// statistics round one reuses.
     fn side_inputs(
         &mut self,
         s: &Stage,
         pruner: &Pruner,
         round: usize,
+        shared: bool,
     ) -> Result<SideInputs, RunError> {
         let mut side = SideInputs::default();
         let name = pruner.model.clone();
-        // Round one of a step whose statistics the step before computed.
-        let pre = match self.models.get_mut(&name).and_then(|m| m.stats.take()) {
+        // Round one of a step whose statistics an earlier step computed.
+        let mut pre = match self.models.get_mut(&name).and_then(|m| m.stats.take()) {
             Some(stats) if round == 1 => stats,
             _ => Stats::default(),
         };
+        if shared && round == 1 && pre.act.is_none() {
+            pre.act = self.models[&name].calibration.clone();
+        }
         let pick = |m: BTreeMap<String, Vec<f32>>| -> BTreeMap<String, Vec<f32>> {
             m.into_iter()
                 .filter(|(n, _)| pruner.selected.contains(n))
@@ -1029,7 +1036,8 @@ impl Exec<'_> {
                 planned if planned.len() == rounds => 1.0 - planned[round - 1],
                 _ => (1.0 - target).powf(round as f64 / rounds as f64),
             };
-            let side = self.side_inputs(s, &pruner, round)?;
+            let shared = p.reads_from.is_some() && p.activations.is_none();
+            let side = self.side_inputs(s, &pruner, round, shared)?;
             let state = self.models.get_mut(&name).unwrap();
             pruner.round(
                 &state.model,

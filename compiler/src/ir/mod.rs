@@ -10,7 +10,7 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use prunec_lang::ast::{Expr, ExprKind, Stage, StageKind};
 use prunec_lang::check::{SymKind, Value};
-use prunec_lang::resolved::{Method, Schedule, Scope};
+use prunec_lang::resolved::{Method, Metric, Schedule, Scope};
 use prunec_lang::{CheckedRecipe, Span};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -79,7 +79,7 @@ pub enum Op {
     },
     Evaluate {
         data: String,
-        metrics: Vec<String>,
+        metrics: Vec<Metric>,
         label: Option<String>,
     },
     Assert {
@@ -205,7 +205,11 @@ impl Op {
             } => {
                 format!(
                     "evaluate on {data} -> [{}]{}",
-                    metrics.join(", "),
+                    metrics
+                        .iter()
+                        .map(|m| m.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     label
                         .as_ref()
                         .map(|l| format!(" as {l}"))
@@ -438,14 +442,19 @@ impl Lowerer<'_> {
             StageKind::Prune => self.prune(s, &model),
             StageKind::Evaluate => {
                 let data = Self::name_of(s.on.as_ref());
-                let metrics = match s.out.as_ref().map(|e| &e.kind) {
-                    Some(ExprKind::List(items)) => items
-                        .iter()
-                        .filter_map(|i| i.as_name().map(|n| n.name.clone()))
-                        .collect(),
-                    Some(ExprKind::Name(n)) => vec![n.name.clone()],
-                    _ => vec![],
+                // The checker resolved every name to a built-in metric.
+                let names: Vec<&Expr> = match s.out.as_ref() {
+                    Some(Expr {
+                        kind: ExprKind::List(items),
+                        ..
+                    }) => items.iter().collect(),
+                    Some(e) => vec![e],
+                    None => vec![],
                 };
+                let metrics = names
+                    .into_iter()
+                    .filter_map(|e| Metric::named(&e.as_name()?.name))
+                    .collect();
                 let label = s.label.as_ref().map(|l| l.name.clone());
                 self.on_model(
                     &model,

@@ -11,7 +11,7 @@ use crate::ir::{Ir, Op, StageRef, Written};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use prunec_lang::ast::{Stage, StageKind};
-use prunec_lang::resolved::{Method, Schedule, Scope};
+use prunec_lang::resolved::{Method, Metric, Schedule, Scope};
 use prunec_lang::{CheckedRecipe, Span};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -73,7 +73,7 @@ pub enum Action {
     Prune(Box<Prune>),
     Evaluate {
         data: String,
-        metrics: Vec<String>,
+        metrics: Vec<Metric>,
         label: Option<String>,
     },
     Assert {
@@ -207,7 +207,11 @@ impl Step {
             } => format!(
                 "evaluate {} on {data} -> [{}]{}",
                 on(&self.model),
-                metrics.join(", "),
+                metrics
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 label
                     .as_ref()
                     .map(|l| format!(" as {l}"))

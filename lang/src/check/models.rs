@@ -7,7 +7,7 @@ use super::Checker;
 use crate::ast::*;
 use crate::check::value::Value;
 use crate::diag::{Code, Diagnostic};
-use crate::resolved::Method;
+use crate::resolved::{Method, Metric};
 use std::collections::BTreeMap;
 
 /// Whether the model declared as `name` is a language model.
@@ -165,10 +165,11 @@ impl Checker<'_> {
                     let Some(name) = m.as_name().map(|n| n.name.as_str()) else {
                         continue;
                     };
+                    let metric = Metric::named(name);
                     let ok = if lm {
-                        matches!(name, "perplexity" | "sparsity")
+                        matches!(metric, Some(Metric::Perplexity | Metric::Sparsity))
                     } else {
-                        name != "perplexity"
+                        metric != Some(Metric::Perplexity)
                     };
                     if !ok {
                         let (what, help) = if lm {

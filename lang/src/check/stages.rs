@@ -4,7 +4,7 @@ use super::{Checker, SymKind, Value};
 use crate::ast::*;
 use crate::builtins::{self, Kind, Needs, Range, Ty};
 use crate::diag::{did_you_mean, Code, Diagnostic};
-use crate::resolved::{Method, ScheduleKind};
+use crate::resolved::{Method, Metric, ScheduleKind};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The type of a param, inferred from its default.
@@ -522,12 +522,17 @@ impl<'a> Checker<'a> {
                     ) {
                         for item in items {
                             if let Value::Word(name) = item {
-                                if !ev.metrics.contains_key(&name)
-                                    && !matches!(
-                                        name.as_str(),
-                                        "sparsity" | "pqi" | "params" | "flops"
+                                // Measured on the model at any time, unlike data metrics.
+                                let structural = matches!(
+                                    Metric::named(&name),
+                                    Some(
+                                        Metric::Sparsity
+                                            | Metric::Pqi
+                                            | Metric::Params
+                                            | Metric::Flops
                                     )
-                                {
+                                );
+                                if !ev.metrics.contains_key(&name) && !structural {
                                     self.push(
                                         Diagnostic::new(Code::MetricNotEvaluated, format!("`{name}` is reported but never evaluated"))
                                             .with_label(base.span, "no earlier stage evaluates it")

@@ -7,7 +7,7 @@
 //! their positions in the group, `ceil(log2 m)` bits each, packed least-significant bit first.
 
 use super::config::LlamaConfig;
-use super::error::{LlmError, Result};
+use super::error::{Result, RuntimeError};
 use super::hf::write_atomic;
 use super::model::{Block, LinearWeight, LlamaModel, Proj, RopeStyle};
 use super::tokenizer::TextTokenizer;
@@ -162,7 +162,7 @@ pub fn save_compressed(
         tensors: entries,
     };
     let header = serde_json::to_vec(&header)
-        .map_err(|e| LlmError::format(path, format!("cannot encode header: {e}")))?;
+        .map_err(|e| RuntimeError::format(path, format!("cannot encode header: {e}")))?;
     let mut file = Vec::with_capacity(16 + header.len() + data.len());
     file.extend_from_slice(MAGIC);
     file.extend_from_slice(&(header.len() as u64).to_le_bytes());
@@ -178,8 +178,8 @@ pub fn save_compressed(
 
 /// Loads a model written by [`save_compressed`].
 pub fn load_compressed(path: &Path) -> Result<LlamaModel> {
-    let bytes = std::fs::read(path).map_err(|e| LlmError::io(path, e))?;
-    let bad = |reason: String| LlmError::format(path, reason);
+    let bytes = std::fs::read(path).map_err(|e| RuntimeError::io("reading", path, e))?;
+    let bad = |reason: String| RuntimeError::format(path, reason);
     if bytes.len() < 16 || &bytes[..8] != MAGIC {
         return Err(bad("not a prunec N:M file (bad magic)".into()));
     }
@@ -221,10 +221,12 @@ pub fn load_compressed(path: &Path) -> Result<LlamaModel> {
         );
     }
     let mut take = |name: &str| {
-        tensors.remove(name).ok_or_else(|| LlmError::MissingTensor {
-            path: path.to_path_buf(),
-            name: name.to_string(),
-        })
+        tensors
+            .remove(name)
+            .ok_or_else(|| RuntimeError::TensorNotFound {
+                name: name.to_string(),
+                context: path.display().to_string(),
+            })
     };
     let c = header.config.clone();
     let mut blocks = Vec::with_capacity(c.num_hidden_layers);

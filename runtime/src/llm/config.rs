@@ -1,6 +1,6 @@
 //! The LLaMA-family model configuration, read from GGUF metadata or a Hugging Face `config.json`.
 
-use super::error::{LlmError, Result};
+use super::error::{Result, RuntimeError};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -45,7 +45,7 @@ impl LlamaConfig {
 
     /// Checks the divisibility rules the forward relies on.
     pub fn validate(&self, origin: &Path) -> Result<()> {
-        let bad = |reason: String| Err(LlmError::format(origin, reason));
+        let bad = |reason: String| Err(RuntimeError::format(origin, reason));
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return bad("head counts must be positive".into());
         }
@@ -75,9 +75,10 @@ impl LlamaConfig {
 
     /// Reads a Hugging Face `config.json`.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| LlmError::io(path, e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| RuntimeError::io("reading", path, e))?;
         let config: LlamaConfig = serde_json::from_str(&text)
-            .map_err(|e| LlmError::format(path, format!("not a LLaMA config.json: {e}")))?;
+            .map_err(|e| RuntimeError::format(path, format!("not a LLaMA config.json: {e}")))?;
         config.validate(path)?;
         Ok(config)
     }

@@ -1,6 +1,6 @@
 //! Where the fetched data lives, and the text corpora used for calibration and evaluation.
 
-use super::error::{LlmError, Result};
+use super::error::{Result, RuntimeError};
 use std::path::{Path, PathBuf};
 
 /// The data folder: `$PRUNEC_DATA`, else `<workspace root>/data`.
@@ -20,9 +20,9 @@ pub fn require_data_file(relative: &str, package: &str) -> Result<PathBuf> {
     if path.exists() {
         Ok(path)
     } else {
-        Err(LlmError::MissingData {
+        Err(RuntimeError::MissingFile {
             path,
-            package: package.to_string(),
+            fetch: package.to_string(),
         })
     }
 }
@@ -41,15 +41,15 @@ pub fn moby_dick() -> Result<PathBuf> {
 pub fn sotu_files() -> Result<Vec<PathBuf>> {
     let dir = require_data_file("text/sotu", "text")?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map_err(|e| LlmError::io(&dir, e))?
+        .map_err(|e| RuntimeError::io("reading", &dir, e))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "txt"))
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(LlmError::MissingData {
+        return Err(RuntimeError::MissingFile {
             path: dir.join("*.txt"),
-            package: "text".into(),
+            fetch: "text".into(),
         });
     }
     Ok(files)
@@ -57,5 +57,5 @@ pub fn sotu_files() -> Result<Vec<PathBuf>> {
 
 /// Reads a whole text file.
 pub fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| LlmError::io(path, e))
+    std::fs::read_to_string(path).map_err(|e| RuntimeError::io("reading", path, e))
 }

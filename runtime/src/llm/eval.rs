@@ -1,6 +1,6 @@
 //! Perplexity over fixed windows of held-out text, and seeded calibration windows.
 
-use super::error::{LlmError, Result};
+use super::error::{Result, RuntimeError};
 use super::model::{token_nll, LlamaModel};
 use super::tokenizer::TextTokenizer;
 use candle_core::Tensor;
@@ -44,13 +44,13 @@ pub fn leading_tokens(
 /// predictions. `batch` windows run per forward. The trailing partial window is dropped.
 pub fn perplexity(model: &LlamaModel, tokens: &[u32], window: usize, batch: usize) -> Result<f64> {
     if window < 2 {
-        return Err(LlmError::Invalid(format!(
+        return Err(RuntimeError::Invalid(format!(
             "perplexity window {window} must be at least 2"
         )));
     }
     let windows = tokens.len() / window;
     if windows == 0 {
-        return Err(LlmError::Invalid(format!(
+        return Err(RuntimeError::Invalid(format!(
             "{} evaluation tokens are fewer than one window of {window}",
             tokens.len()
         )));
@@ -100,7 +100,7 @@ pub fn calibration_windows_after(
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
     if files.is_empty() {
-        return Err(LlmError::Invalid("no calibration files".into()));
+        return Err(RuntimeError::Invalid("no calibration files".into()));
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut cache: std::collections::HashMap<usize, Vec<u32>> = Default::default();
@@ -109,7 +109,7 @@ pub fn calibration_windows_after(
     while out.len() < count {
         attempts += 1;
         if attempts > 100 * count + 1000 {
-            return Err(LlmError::Invalid(format!(
+            return Err(RuntimeError::Invalid(format!(
                 "calibration files are too short for {count} windows of {window} tokens"
             )));
         }

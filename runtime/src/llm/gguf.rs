@@ -1,7 +1,7 @@
 //! Loads a LLaMA-family model from a GGUF file: dequantized f32 weights (prunable) or candle's quantized reference.
 
 use super::config::LlamaConfig;
-use super::error::{LlmError, Result};
+use super::error::{Result, RuntimeError};
 use super::model::{Block, LinearWeight, LlamaModel, RopeStyle};
 use super::tokenizer::TextTokenizer;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
@@ -19,9 +19,10 @@ pub struct GgufFile {
 impl GgufFile {
     /// Opens a GGUF file and reads its header.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file = std::fs::File::open(path).map_err(|e| LlmError::io(path, e))?;
+        let mut file =
+            std::fs::File::open(path).map_err(|e| RuntimeError::io("reading", path, e))?;
         let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| LlmError::format(path, format!("not a readable GGUF file: {e}")))?;
+            .map_err(|e| RuntimeError::format(path, format!("not a readable GGUF file: {e}")))?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             file,
@@ -37,7 +38,7 @@ impl GgufFile {
         let len = self
             .file
             .metadata()
-            .map_err(|e| LlmError::io(&self.path, e))?
+            .map_err(|e| RuntimeError::io("reading", &self.path, e))?
             .len();
         let mut infos: Vec<_> = self.content.tensor_infos.iter().collect();
         infos.sort_by_key(|(name, _)| name.as_str());
@@ -46,7 +47,7 @@ impl GgufFile {
             let bytes = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
             let end = self.content.tensor_data_offset + info.offset + bytes as u64;
             if end > len {
-                return Err(LlmError::format(
+                return Err(RuntimeError::format(
                     &self.path,
                     format!(
                         "truncated: tensor `{name}` ends at byte {end}, the file has {len} bytes"
@@ -66,7 +67,7 @@ impl GgufFile {
     pub fn config(&self) -> Result<LlamaConfig> {
         let arch = self.meta_str("general.architecture")?;
         if arch != "llama" {
-            return Err(LlmError::format(
+            return Err(RuntimeError::format(
                 &self.path,
                 format!("architecture `{arch}` is not supported (only `llama`)"),
             ));
@@ -115,14 +116,14 @@ impl GgufFile {
     /// Reads one tensor in its stored (possibly quantized) form.
     pub fn qtensor(&mut self, name: &str) -> Result<QTensor> {
         if !self.content.tensor_infos.contains_key(name) {
-            return Err(LlmError::MissingTensor {
-                path: self.path.clone(),
+            return Err(RuntimeError::TensorNotFound {
                 name: name.to_string(),
+                context: self.path.display().to_string(),
             });
         }
         self.content
             .tensor(&mut self.file, name, &Device::Cpu)
-            .map_err(|e| LlmError::format(&self.path, format!("tensor `{name}`: {e}")))
+            .map_err(|e| RuntimeError::format(&self.path, format!("tensor `{name}`: {e}")))
     }
 
     /// Reads one tensor and dequantizes it to f32.
@@ -134,32 +135,32 @@ impl GgufFile {
     /// The raw bytes of a stored tensor (its quantized blocks), for independent checks.
     pub fn raw_bytes(&mut self, name: &str, len: usize) -> Result<Vec<u8>> {
         use std::io::{Read, Seek, SeekFrom};
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| LlmError::MissingTensor {
-                path: self.path.clone(),
-                name: name.to_string(),
-            })?;
+        let info =
+            self.content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| RuntimeError::TensorNotFound {
+                    name: name.to_string(),
+                    context: self.path.display().to_string(),
+                })?;
         let start = self.content.tensor_data_offset + info.offset;
         let mut buf = vec![0u8; len];
         self.file
             .seek(SeekFrom::Start(start))
             .and_then(|_| self.file.read_exact(&mut buf))
-            .map_err(|e| LlmError::io(&self.path, e))?;
+            .map_err(|e| RuntimeError::io("reading", &self.path, e))?;
         Ok(buf)
     }
 
     fn meta(&self, key: &str) -> Result<&gguf_file::Value> {
         self.content.metadata.get(key).ok_or_else(|| {
-            LlmError::format(&self.path, format!("GGUF metadata `{key}` is missing"))
+            RuntimeError::format(&self.path, format!("GGUF metadata `{key}` is missing"))
         })
     }
 
     fn meta_str(&self, key: &str) -> Result<String> {
         self.meta(key)?.to_string().cloned().map_err(|_| {
-            LlmError::format(&self.path, format!("GGUF metadata `{key}` is not a string"))
+            RuntimeError::format(&self.path, format!("GGUF metadata `{key}` is not a string"))
         })
     }
 
@@ -178,7 +179,7 @@ impl GgufFile {
             _ => -1,
         };
         usize::try_from(n).map_err(|_| {
-            LlmError::format(
+            RuntimeError::format(
                 &self.path,
                 format!("GGUF metadata `{key}` is not a count: {v:?}"),
             )
@@ -192,7 +193,7 @@ impl GgufFile {
             .map(|x| x.to_string().parse::<f64>().unwrap_or(x as f64))
             .or_else(|_| v.to_f64())
             .map_err(|_| {
-                LlmError::format(&self.path, format!("GGUF metadata `{key}` is not a number"))
+                RuntimeError::format(&self.path, format!("GGUF metadata `{key}` is not a number"))
             })
     }
 }

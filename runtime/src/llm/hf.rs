@@ -1,7 +1,7 @@
 //! Hugging Face layout: `model.safetensors` + `config.json` + `tokenizer.json`, read and written atomically.
 
 use super::config::LlamaConfig;
-use super::error::{LlmError, Result};
+use super::error::{Result, RuntimeError};
 use super::model::{linear_name, Block, LinearWeight, LlamaModel, Proj, RopeStyle};
 use super::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Tensor};
@@ -18,11 +18,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".prunec-")
         .tempfile_in(dir)
-        .map_err(|e| LlmError::io(dir, e))?;
+        .map_err(|e| RuntimeError::io("writing", dir, e))?;
     tmp.write_all(bytes)
         .and_then(|_| tmp.as_file().sync_all())
-        .map_err(|e| LlmError::io(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| LlmError::io(path, e.error))?;
+        .map_err(|e| RuntimeError::io("writing", tmp.path(), e))?;
+    tmp.persist(path)
+        .map_err(|e| RuntimeError::io("writing", path, e.error))?;
     Ok(())
 }
 
@@ -32,7 +33,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// `config.json`, and `tokenizer.json` when the model has a tokenizer. Returns the size in bytes
 /// of `model.safetensors`.
 pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
-    std::fs::create_dir_all(dir).map_err(|e| LlmError::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io("writing", dir, e))?;
     let tensors: Vec<(String, Tensor)> = model
         .named_tensors()?
         .into_iter()
@@ -43,7 +44,7 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
     meta.insert("format".to_string(), "pt".to_string());
     let bytes =
         safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
-            .map_err(|e| LlmError::format(&weights, format!("cannot serialize: {e}")))?;
+            .map_err(|e| RuntimeError::format(&weights, format!("cannot serialize: {e}")))?;
     write_atomic(&weights, &bytes)?;
     write_atomic(
         &dir.join("config.json"),
@@ -59,14 +60,15 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
 pub fn load_hf(dir: &Path) -> Result<LlamaModel> {
     let config = LlamaConfig::from_json_file(&dir.join("config.json"))?;
     let weights = dir.join("model.safetensors");
-    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
-        .map_err(|e| LlmError::format(&weights, format!("not a readable safetensors file: {e}")))?;
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| {
+        RuntimeError::format(&weights, format!("not a readable safetensors file: {e}"))
+    })?;
     let mut take = |name: &str| -> Result<Tensor> {
         let t = tensors
             .remove(name)
-            .ok_or_else(|| LlmError::MissingTensor {
-                path: weights.clone(),
+            .ok_or_else(|| RuntimeError::TensorNotFound {
                 name: name.to_string(),
+                context: weights.display().to_string(),
             })?;
         Ok(t.to_dtype(DType::F32)?)
     };

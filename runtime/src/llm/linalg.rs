@@ -1,6 +1,6 @@
 //! Dense symmetric positive-definite linear algebra in f64: Cholesky with inverse, and SparseGPT's upper factor of H⁻¹.
 
-use super::error::{LlmError, Result};
+use super::error::{Result, RuntimeError};
 use candle_core::{DType, Device, Tensor};
 
 /// Below this size the factorization runs as plain loops; above it, recursively with candle matmuls.
@@ -14,7 +14,7 @@ const LEAF: usize = 64;
 pub fn cholesky_with_inverse(a: &Tensor, what: &str) -> Result<(Tensor, Tensor)> {
     let (n, n2) = a.dims2()?;
     if n != n2 {
-        return Err(LlmError::Invalid(format!(
+        return Err(RuntimeError::Invalid(format!(
             "{what}: {n}x{n2} matrix is not square"
         )));
     }
@@ -58,7 +58,7 @@ fn leaf(a: &Tensor, n: usize, what: &str) -> Result<(Tensor, Tensor)> {
             d -= l[j * n + p] * l[j * n + p];
         }
         if d.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !d.is_finite() {
-            return Err(LlmError::Numeric {
+            return Err(RuntimeError::Numeric {
                 layer: what.to_string(),
                 reason: format!(
                     "matrix is not positive definite (pivot {d:e}); raise the dampening"

@@ -1,7 +1,7 @@
 //! The LLaMA-family causal language model: weights, full-sequence f32 forward, and named access to its linear layers.
 
 use super::config::LlamaConfig;
-use super::error::{LlmError, Result};
+use super::error::{Result, RuntimeError};
 use super::tokenizer::TextTokenizer;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -175,7 +175,7 @@ impl LlamaModel {
         check_shape("model.embed_tokens.weight", &embed, &[c.vocab_size, d])?;
         check_shape("model.norm.weight", &norm, &[d])?;
         if blocks.len() != c.num_hidden_layers {
-            return Err(LlmError::Invalid(format!(
+            return Err(RuntimeError::Invalid(format!(
                 "config says {} layers but {} blocks were loaded",
                 c.num_hidden_layers,
                 blocks.len()
@@ -253,14 +253,14 @@ impl LlamaModel {
     /// The f32 weight (out, in) of a block's linear layer.
     pub fn linear_weight(&self, layer: usize, proj: Proj) -> Result<&Tensor> {
         let block = self.blocks.get(layer).ok_or_else(|| {
-            LlmError::Invalid(format!(
+            RuntimeError::Invalid(format!(
                 "layer {layer} does not exist (model has {})",
                 self.blocks.len()
             ))
         })?;
         match block.linear(proj) {
             LinearWeight::Dense(w) => Ok(w),
-            LinearWeight::Quantized(_) => Err(LlmError::Invalid(format!(
+            LinearWeight::Quantized(_) => Err(RuntimeError::Invalid(format!(
                 "`{}` is quantized; load the model dequantized to prune it",
                 linear_name(layer, proj)
             ))),
@@ -296,7 +296,7 @@ impl LlamaModel {
         match &self.lm_head {
             Some(LinearWeight::Dense(w)) => out.push(("lm_head.weight".to_string(), w.clone())),
             Some(LinearWeight::Quantized(_)) => {
-                return Err(LlmError::Invalid("lm_head is quantized".into()))
+                return Err(RuntimeError::Invalid("lm_head is quantized".into()))
             }
             None => {}
         }
@@ -392,7 +392,7 @@ impl LlamaModel {
     /// Logits of the last position of one sequence.
     pub fn last_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         if ids.is_empty() {
-            return Err(LlmError::Invalid(
+            return Err(RuntimeError::Invalid(
                 "cannot run the model on an empty sequence".into(),
             ));
         }
@@ -418,7 +418,7 @@ impl LlamaModel {
 
     fn apply_rope(&self, x: &Tensor, t: usize) -> Result<Tensor> {
         if t > self.cos.dim(0)? {
-            return Err(LlmError::Invalid(format!(
+            return Err(RuntimeError::Invalid(format!(
                 "sequence of {t} tokens is longer than the model's {} positions",
                 self.cos.dim(0)?
             )));
@@ -445,8 +445,9 @@ pub fn argmax(values: &[f32]) -> usize {
 
 fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
     if t.dims() != expected {
-        return Err(LlmError::Shape {
+        return Err(RuntimeError::ShapeMismatch {
             name: name.to_string(),
+            context: "the model's configuration".into(),
             expected: expected.to_vec(),
             found: t.dims().to_vec(),
         });

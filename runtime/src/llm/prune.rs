@@ -1,6 +1,6 @@
 //! Sequential layer-wise one-shot pruning: calibrate block l on the already-pruned blocks' outputs, then prune its linears.
 
-use super::error::{LlmError, Result};
+use super::error::{Result, RuntimeError};
 use super::model::{linear_name, LinearInput, LlamaModel, Proj};
 use super::select::{
     apply_pruned, choose_pruned, glob_match, magnitude_scores, wanda_scores, Scope, SparsityPattern,
@@ -281,7 +281,7 @@ pub fn prune_one_shot(
     config.pattern.validate(None)?;
     for special in ["model.embed_tokens.weight", "lm_head.weight"] {
         if config.selects(special) {
-            return Err(LlmError::Invalid(format!(
+            return Err(RuntimeError::Invalid(format!(
                 "`{special}` is targeted, but one-shot methods prune the blocks' linear layers only; add it to skip"
             )));
         }
@@ -296,7 +296,7 @@ pub fn prune_one_shot(
         })
         .collect();
     if targets.iter().all(|t| t.is_empty()) {
-        return Err(LlmError::Invalid(format!(
+        return Err(RuntimeError::Invalid(format!(
             "no layer matches targets {:?} minus skip {:?}",
             config.targets, config.skip
         )));
@@ -312,20 +312,20 @@ pub fn prune_one_shot(
     if needs.any() {
         let len = calibration.first().map(|s| s.len()).unwrap_or(0);
         if len == 0 {
-            return Err(LlmError::Invalid(format!(
+            return Err(RuntimeError::Invalid(format!(
                 "`{}` needs calibration data, but none (or an empty sequence) was given",
                 pruner.method()
             )));
         }
         if let Some(bad) = calibration.iter().position(|s| s.len() != len) {
-            return Err(LlmError::Invalid(format!(
+            return Err(RuntimeError::Invalid(format!(
                 "calibration sequence {bad} has {} tokens, the first has {len}; all must be equal",
                 calibration[bad].len()
             )));
         }
         let vocab = model.config.vocab_size as u32;
         if let Some(t) = calibration.iter().flatten().find(|&&t| t >= vocab) {
-            return Err(LlmError::Invalid(format!(
+            return Err(RuntimeError::Invalid(format!(
                 "calibration token id {t} is outside the vocabulary of {vocab}"
             )));
         }

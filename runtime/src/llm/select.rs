@@ -1,6 +1,6 @@
 //! Sparsity patterns and score-based mask selection (per layer, per output row, N:M), with magnitude and Wanda scores.
 
-use super::error::{LlmError, Result};
+use super::error::{Result, RuntimeError};
 use std::cmp::Ordering;
 
 /// How many weights a pruned layer keeps, and where.
@@ -17,7 +17,7 @@ impl SparsityPattern {
     pub fn parse(text: &str) -> Result<Self> {
         let t = text.trim();
         let bad = || {
-            LlmError::Invalid(format!(
+            RuntimeError::Invalid(format!(
                 "`{text}` is not a sparsity pattern (expected e.g. `50%`, `0.5`, `2:4`)"
             ))
         };
@@ -37,14 +37,14 @@ impl SparsityPattern {
     /// Checks the pattern, and that N:M groups tile a row of `cols` weights.
     pub fn validate(&self, cols: Option<(&str, usize)>) -> Result<()> {
         match *self {
-            SparsityPattern::Unstructured(s) if !(0.0..1.0).contains(&s) => {
-                Err(LlmError::Invalid(format!("sparsity {s} must be in [0, 1)")))
-            }
-            SparsityPattern::NofM { n, m } if m == 0 || n > m => Err(LlmError::Invalid(format!(
-                "N:M pattern {n}:{m} needs 0 <= N <= M and M > 0"
-            ))),
+            SparsityPattern::Unstructured(s) if !(0.0..1.0).contains(&s) => Err(
+                RuntimeError::Invalid(format!("sparsity {s} must be in [0, 1)")),
+            ),
+            SparsityPattern::NofM { n, m } if m == 0 || n > m => Err(RuntimeError::Invalid(
+                format!("N:M pattern {n}:{m} needs 0 <= N <= M and M > 0"),
+            )),
             SparsityPattern::NofM { m, .. } => match cols {
-                Some((name, c)) if c % m != 0 => Err(LlmError::Invalid(format!(
+                Some((name, c)) if c % m != 0 => Err(RuntimeError::Invalid(format!(
                     "layer `{name}`: {c} input columns are not a multiple of the N:M group size {m}"
                 ))),
                 _ => Ok(()),
@@ -116,7 +116,7 @@ pub fn choose_pruned(
     scope: Scope,
 ) -> Result<Vec<bool>> {
     if scores.len() != rows * cols {
-        return Err(LlmError::Invalid(format!(
+        return Err(RuntimeError::Invalid(format!(
             "{} scores for a {rows}x{cols} layer",
             scores.len()
         )));
@@ -172,7 +172,7 @@ pub fn magnitude_scores(weight: &[f32]) -> Vec<f32> {
 /// Wanda score `|w_ij| * ||X_j||_2` for a (rows, cols) weight and per-input-column norms.
 pub fn wanda_scores(weight: &[f32], cols: usize, col_norms: &[f32]) -> Result<Vec<f32>> {
     if col_norms.len() != cols || !weight.len().is_multiple_of(cols.max(1)) {
-        return Err(LlmError::Invalid(format!(
+        return Err(RuntimeError::Invalid(format!(
             "wanda: {} column norms for a weight of {} values with {cols} columns",
             col_norms.len(),
             weight.len()

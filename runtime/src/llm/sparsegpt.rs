@@ -1,6 +1,6 @@
 //! SparseGPT (Frantar & Alistarh 2023): prune a linear layer and update the kept weights with OBS, column block by column block.
 
-use super::error::{LlmError, Result};
+use super::error::{Result, RuntimeError};
 use super::linalg::inverse_upper_cholesky;
 use super::prune::LayerToPrune;
 use super::select::{choose_pruned, Scope, SparsityPattern};
@@ -44,14 +44,14 @@ pub fn sparsegpt_prune(layer: LayerToPrune<'_>, config: SparseGptConfig) -> Resu
     } = layer;
     let (xtx, tokens) = (&stats.xtx, stats.tokens);
     if weight.len() != rows * cols || xtx.len() != cols * cols {
-        return Err(LlmError::Invalid(format!(
+        return Err(RuntimeError::Invalid(format!(
             "sparsegpt `{name}`: weight has {} values for {rows}x{cols} and the Hessian {} for {cols}x{cols}",
             weight.len(),
             xtx.len()
         )));
     }
     if tokens == 0 {
-        return Err(LlmError::Invalid(format!(
+        return Err(RuntimeError::Invalid(format!(
             "sparsegpt `{name}`: no calibration tokens"
         )));
     }

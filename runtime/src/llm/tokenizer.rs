@@ -1,6 +1,6 @@
 //! The byte-level BPE tokenizer of LLaMA-family models, built from GGUF metadata or a `tokenizer.json`.
 
-use super::error::{LlmError, Result};
+use super::error::{Result, RuntimeError};
 use candle_core::quantized::gguf_file;
 use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -22,23 +22,23 @@ impl std::fmt::Debug for TextTokenizer {
     }
 }
 
-fn tok_err(e: impl std::fmt::Display) -> LlmError {
-    LlmError::Tokenizer(e.to_string())
+fn tok_err(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Tokenizer(e.to_string())
 }
 
 fn string_array(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<Vec<String>> {
     let value = ct
         .metadata
         .get(key)
-        .ok_or_else(|| LlmError::format(path, format!("GGUF metadata `{key}` is missing")))?;
-    let items = value
-        .to_vec()
-        .map_err(|_| LlmError::format(path, format!("GGUF metadata `{key}` is not an array")))?;
+        .ok_or_else(|| RuntimeError::format(path, format!("GGUF metadata `{key}` is missing")))?;
+    let items = value.to_vec().map_err(|_| {
+        RuntimeError::format(path, format!("GGUF metadata `{key}` is not an array"))
+    })?;
     items
         .iter()
         .map(|v| {
             v.to_string().map(|s| s.to_string()).map_err(|_| {
-                LlmError::format(path, format!("GGUF metadata `{key}` holds a non-string"))
+                RuntimeError::format(path, format!("GGUF metadata `{key}` holds a non-string"))
             })
         })
         .collect()
@@ -57,7 +57,7 @@ impl TextTokenizer {
             .cloned()
             .unwrap_or_default();
         if model != "gpt2" {
-            return Err(LlmError::format(
+            return Err(RuntimeError::format(
                 path,
                 format!("tokenizer model `{model}` is not supported (only byte-level BPE `gpt2`)"),
             ));
@@ -74,7 +74,7 @@ impl TextTokenizer {
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| LlmError::format(path, format!("bad BPE merge `{m}`")))
+                    .ok_or_else(|| RuntimeError::format(path, format!("bad BPE merge `{m}`")))
             })
             .collect::<Result<_>>()?;
         let vocab: tokenizers::models::bpe::Vocab = tokens
@@ -99,7 +99,7 @@ impl TextTokenizer {
                 inner.with_pre_tokenizer(Some(byte_level));
             }
             other => {
-                return Err(LlmError::format(
+                return Err(RuntimeError::format(
                     path,
                     format!("pre-tokenizer `{other}` is not supported (smollm, gpt2)"),
                 ))
@@ -127,13 +127,14 @@ impl TextTokenizer {
     /// Reads a Hugging Face `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {
-            return Err(LlmError::io(
+            return Err(RuntimeError::io(
+                "reading",
                 path,
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
             ));
         }
         let inner = Tokenizer::from_file(path)
-            .map_err(|e| LlmError::format(path, format!("not a tokenizer.json: {e}")))?;
+            .map_err(|e| RuntimeError::format(path, format!("not a tokenizer.json: {e}")))?;
         Ok(TextTokenizer { inner })
     }
 
