@@ -375,15 +375,6 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     i == p.len()
 }
 
-/// `(rows, cols)` of a `block(rows, cols)` pattern value.
-pub fn block_shape(v: &Value) -> Option<(usize, usize)> {
-    if v.call_name() != Some("block") {
-        return None;
-    }
-    let side = |k: &str| v.arg(k).and_then(|x| x.as_i64()).unwrap_or(1).max(1) as usize;
-    Some((side("rows"), side("cols")))
-}
-
 /// Strings of a resolved list value.
 pub fn strings(v: Option<&Value>) -> Vec<String> {
     match v {

@@ -9,6 +9,7 @@ use crate::specs::{dataset_spec, gradual_plan, model_spec, text_files};
 use prunec_lang::ast::{Stage, StageKind};
 use prunec_lang::check::{SymKind, Value};
 use prunec_lang::diag::{Code, Diagnostic};
+use prunec_lang::resolved::Pattern;
 use prunec_lang::{CheckedRecipe, Span};
 use std::collections::BTreeMap;
 
@@ -315,8 +316,10 @@ fn prune_shapes(r: &CheckedRecipe, s: &Stage, shapes: &Shapes, diags: &mut Vec<D
             );
         }
     }
-    let block = option(r, s, "pattern")
-        .and_then(|(v, pspan)| crate::lower::block_shape(&v).map(|b| (b, pspan)));
+    let block = option(r, s, "pattern").and_then(|(v, pspan)| match Pattern::of(&v) {
+        Some(Pattern::Block { rows, cols }) => Some(((rows, cols), pspan)),
+        _ => None,
+    });
     if let Some(((br, bc), pspan)) = block {
         for (name, shape) in selected.iter() {
             let rows = shape.first().copied().unwrap_or(1).max(1);

@@ -107,3 +107,29 @@ fn graph_and_plan_work_on_every_example() {
         );
     }
 }
+
+/// The plans of the run fixtures, as `prunec plan` prints them: the steps a
+/// run executes with their ids, the statistics steps and what DCE dropped.
+#[test]
+fn plans_of_the_run_fixtures() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("tests/recipes/run"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for f in files {
+        let rel = f
+            .strip_prefix(root())
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let r = checked(&rel);
+        let mut g = ir::checked_to_ir(&r, &r.source);
+        passes::optimize(&mut g, &r).unwrap();
+        let plan = prunec::plan::ir_to_plan(&g, &r).unwrap();
+        let text = prunec::plan::render(&r, &plan).unwrap();
+        let name = f.file_stem().unwrap().to_string_lossy().into_owned();
+        insta::assert_snapshot!(format!("plan_{name}"), text);
+    }
+}

@@ -233,3 +233,47 @@ mod tests {
         assert_eq!(Metric::named("nope"), None);
     }
 }
+
+/// How a prune stage groups what it keeps (`pattern = ...`, or `to 2:4`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Pattern {
+    /// Keep the `n` highest-scoring of every `m` consecutive weights along a row.
+    NM { n: u64, m: u64 },
+    /// Keep or prune whole `rows x cols` blocks, to the stage's target.
+    Block { rows: usize, cols: usize },
+}
+
+impl Pattern {
+    /// The pattern a resolved `pattern` value names.
+    pub fn of(v: &Value) -> Option<Pattern> {
+        match v {
+            Value::Pattern { n, m } => Some(Pattern::NM { n: *n, m: *m }),
+            Value::Call { name, .. } if name == "block" => {
+                let side = |k: &str| v.arg(k).and_then(|x| x.as_i64()).unwrap_or(1).max(1) as usize;
+                Some(Pattern::Block {
+                    rows: side("rows"),
+                    cols: side("cols"),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The sparsity an N:M pattern fixes (`1 - n/m`); none for blocks,
+    /// which prune to the stage's target.
+    pub fn fixed_sparsity(self) -> Option<f64> {
+        match self {
+            Pattern::NM { n, m } => Some(1.0 - n as f64 / m as f64),
+            Pattern::Block { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pattern::NM { n, m } => write!(f, "{n}:{m}"),
+            Pattern::Block { rows, cols } => write!(f, "block({rows}, {cols})"),
+        }
+    }
+}

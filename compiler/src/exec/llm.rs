@@ -9,7 +9,7 @@ use crate::specs::text_files;
 use prunec_kernels::{PruneOptions, Selection, TensorView};
 use prunec_lang::ast::{ExprKind, Stage};
 use prunec_lang::check::Value;
-use prunec_lang::resolved::{Method, Metric, Scope};
+use prunec_lang::resolved::{Method, Metric, Pattern, Scope};
 use prunec_lang::Span;
 use prunec_runtime::llm;
 use std::collections::BTreeMap;
@@ -218,12 +218,17 @@ impl Exec<'_> {
         let by =
             s.by.as_ref()
                 .ok_or_else(|| RunError::user(s.keyword_span, "no criterion"))?;
-        let pattern = match self.option(s, "pattern") {
-            Some(Value::Pattern { n, m }) => llm::SparsityPattern::NofM {
+        let pattern = match p.pattern {
+            Some(Pattern::NM { n, m }) => llm::SparsityPattern::NofM {
                 n: n as usize,
                 m: m as usize,
             },
-            _ => {
+            Some(Pattern::Block { .. }) => {
+                return Err(RunError::Internal(
+                    "a block pattern reached a language model's prune step".into(),
+                ))
+            }
+            None => {
                 let target = match &s.to {
                     Some(to) => self.number(to)?,
                     None => {

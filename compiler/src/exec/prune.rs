@@ -11,7 +11,7 @@ use crate::specs::gradual_plan;
 use prunec_kernels::{PruneOptions, Selection, TensorView};
 use prunec_lang::ast::{Expr, ExprKind, Stage};
 use prunec_lang::check::Value;
-use prunec_lang::resolved::{Method, Schedule, Scope};
+use prunec_lang::resolved::{Method, Pattern, Schedule, Scope};
 use prunec_lang::Span;
 use prunec_runtime as rt;
 use std::collections::BTreeMap;
@@ -48,7 +48,7 @@ pub(super) struct Pruner {
     pub selected: Vec<String>,
     pub crit: LoweredCriterion,
     pub scope: Scope,
-    pub pattern: Option<Value>,
+    pub pattern: Option<Pattern>,
     pub keep_min: Option<Value>,
     pub keep_max: Option<Value>,
     pub allow_nonfinite: bool,
@@ -155,19 +155,16 @@ impl Pruner {
         let b = self.buffers(model, masks, init)?;
         let sizes: Vec<usize> = b.weights.iter().map(|w| w.len()).collect();
         let shapes = b.shapes.clone();
-        let selection = match &self.pattern {
-            Some(Value::Pattern { n, m }) => Selection::NM {
-                n: *n as usize,
-                m: *m as usize,
+        let selection = match self.pattern {
+            Some(Pattern::NM { n, m }) => Selection::NM {
+                n: n as usize,
+                m: m as usize,
             },
-            Some(v) if lower::block_shape(v).is_some() => {
-                let (rows, cols) = lower::block_shape(v).unwrap();
-                Selection::Block {
-                    rows,
-                    cols,
-                    keep: keep_frac,
-                }
-            }
+            Some(Pattern::Block { rows, cols }) => Selection::Block {
+                rows,
+                cols,
+                keep: keep_frac,
+            },
             _ => match self.scope {
                 // Channel criteria score whole rows alike: keep whole rows.
                 Scope::Layer if !self.crit.row_sums.is_empty() => Selection::PerTensor {
@@ -781,7 +778,7 @@ impl Exec<'_> {
         name: &str,
         span: Span,
         crit: LoweredCriterion,
-        scope: Scope,
+        (scope, pattern): (Scope, Option<Pattern>),
     ) -> Result<Pruner, RunError> {
         self.model(name, span)?;
         let selected = self.select_params(s, &self.models[name].model)?;
@@ -792,7 +789,7 @@ impl Exec<'_> {
             selected,
             crit,
             scope,
-            pattern: self.option(s, "pattern"),
+            pattern,
             keep_min: self.option(s, "keep_min"),
             keep_max: self.option(s, "keep_max"),
             allow_nonfinite: matches!(self.option(s, "allow_nonfinite"), Some(Value::Bool(true))),
@@ -997,7 +994,7 @@ impl Exec<'_> {
             Some(k) => k.clone(),
             None => lower::criterion_to_kernel(self.r, by)?,
         };
-        let pruner = self.pruner(s, &name, span, crit, p.scope)?;
+        let pruner = self.pruner(s, &name, span, crit, (p.scope, p.pattern))?;
         if let Some(during) = p.during {
             let Schedule::Gradual(schedule) = &p.schedule else {
                 return Err(RunError::User {
@@ -1027,7 +1024,7 @@ impl Exec<'_> {
         };
         // A fraction; an N:M target (`to 2:4`) is the step's pattern.
         let target = match (&s.to, p.pattern) {
-            (Some(to), None) => self.number(to)?,
+            (Some(to), None | Some(Pattern::Block { .. })) => self.number(to)?,
             _ => 0.0,
         };
         // The optimized IR folded the target into per-round sparsities.
@@ -1216,7 +1213,7 @@ impl Exec<'_> {
             row_sums: vec![],
             side: None,
         };
-        let pruner = self.pruner(s, name, span, magnitude, plan.scope)?;
+        let pruner = self.pruner(s, name, span, magnitude, (plan.scope, plan.pattern))?;
         if pruner.pattern.is_some() {
             return Err(RunError::user(
                 s.span,

@@ -10,7 +10,7 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use prunec_lang::ast::{Expr, ExprKind, Stage, StageKind};
 use prunec_lang::check::{SymKind, Value};
-use prunec_lang::resolved::{Method, Metric, Schedule, Scope};
+use prunec_lang::resolved::{Method, Metric, Pattern, Schedule, Scope};
 use prunec_lang::{CheckedRecipe, Span};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -55,7 +55,7 @@ pub enum Op {
     /// `sparsities` is the target after each round, known before running once folded.
     Select {
         scope: Scope,
-        pattern: Option<(u64, u64)>,
+        pattern: Option<Pattern>,
         target: Option<Written>,
         sparsities: Vec<f64>,
         rounds: usize,
@@ -67,7 +67,7 @@ pub enum Op {
         criterion: Written,
         kernel: crate::lower::LoweredCriterion,
         scope: Scope,
-        pattern: Option<(u64, u64)>,
+        pattern: Option<Pattern>,
         sparsities: Vec<f64>,
     },
     Reconstruct {
@@ -166,12 +166,11 @@ impl Op {
                 sparsities,
                 rounds,
             } => {
+                let to = target.as_ref().map_or("?", |t| t.text.as_str());
                 let what = match pattern {
-                    Some((n, m)) => format!("{n}:{m}"),
-                    None => format!(
-                        "{scope} to {}",
-                        target.as_ref().map_or("?", |t| t.text.as_str())
-                    ),
+                    Some(p @ Pattern::NM { .. }) => p.to_string(),
+                    Some(p) => format!("{p} to {to}"),
+                    None => format!("{scope} to {to}"),
                 };
                 if sparsities.is_empty() {
                     format!("select {what}, {rounds} round(s)")
@@ -188,7 +187,7 @@ impl Op {
                 ..
             } => {
                 let what = match pattern {
-                    Some((n, m)) => format!("{n}:{m}"),
+                    Some(p) => p.to_string(),
                     None => scope.to_string(),
                 };
                 format!(
@@ -558,15 +557,12 @@ impl Lowerer<'_> {
             }
         }
         let scope = Scope::of(self.option(s, "scope").as_ref(), needs.activations);
-        let pattern = match self.option(s, "pattern") {
-            Some(Value::Pattern { n, m }) => Some((n, m)),
-            _ => None,
-        };
+        let pattern = self.option(s, "pattern").as_ref().and_then(Pattern::of);
         let rounds = Schedule::of(self.r, s).rounds().unwrap_or(1);
         // `to 2:4` is the stage's N:M pattern (the checker records it so), not a fraction.
         let target =
             s.to.as_ref()
-                .filter(|_| pattern.is_none())
+                .filter(|_| !matches!(pattern, Some(Pattern::NM { .. })))
                 .map(|e| self.written(e));
         let score = self.on_model(
             model,

@@ -11,7 +11,7 @@ use crate::ir::{Ir, Op, StageRef, Written};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use prunec_lang::ast::{Stage, StageKind};
-use prunec_lang::resolved::{Method, Metric, Schedule, Scope};
+use prunec_lang::resolved::{Method, Metric, Pattern, Schedule, Scope};
 use prunec_lang::{CheckedRecipe, Span};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -100,7 +100,7 @@ pub struct Prune {
     /// executor then reports why, with its span).
     pub kernel: Option<crate::lower::LoweredCriterion>,
     pub scope: Scope,
-    pub pattern: Option<(u64, u64)>,
+    pub pattern: Option<Pattern>,
     pub schedule: Schedule,
     /// Sparsity after each round, folded from the target (empty when the
     /// stage has no numeric target: a pattern alone, SAP, or gradual).
@@ -156,7 +156,7 @@ impl Step {
                     Method::SparseGpt => format!("by SparseGPT `{}`", p.by),
                 };
                 let select = match p.pattern {
-                    Some((n, m)) => format!("{n}:{m}"),
+                    Some(pattern) => pattern.to_string(),
                     None => format!("{} scope", p.scope),
                 };
                 let mut line = format!("prune {} {what} ({select})", on(&self.model));
@@ -196,7 +196,7 @@ impl Step {
                     }
                 }
                 if p.during.is_some() {
-                    line.push_str("; during the training below");
+                    line.push_str("; pruning steps while it trains (`during`)");
                 }
                 line
             }

@@ -7,7 +7,7 @@ use crate::error::RunError;
 use crate::lower::{glob_match, strings};
 use crate::specs::model_spec;
 use prunec_lang::check::{SymKind, Value};
-use prunec_lang::resolved::{Schedule, Scope};
+use prunec_lang::resolved::{Pattern, Schedule, Scope};
 use prunec_lang::CheckedRecipe;
 use prunec_runtime as rt;
 use std::collections::BTreeMap;
@@ -174,7 +174,7 @@ fn prune_table(
     stage: &prunec_lang::ast::Stage,
     info: &ModelInfo,
     scope: Scope,
-    pattern: Option<(u64, u64)>,
+    pattern: Option<Pattern>,
     last: Option<f64>,
 ) -> String {
     let targets = match r.option(stage, "targets") {
@@ -193,18 +193,15 @@ fn prune_table(
     let mut kept = BTreeMap::new();
     for (n, shape) in &selected {
         let target = match (pattern, last) {
-            (Some((k, m)), _) => format!("{:.2}% ({k}:{m})", 100.0 * (1.0 - k as f64 / m as f64)),
+            (Some(p @ Pattern::NM { .. }), Some(s)) => format!("{:.2}% ({p})", s * 100.0),
+            (Some(p), Some(s)) => format!("{:.2}% of its blocks ({p})", s * 100.0),
             (None, Some(s)) if scope == Scope::Global => {
                 format!("{:.2}% overall; per layer decided at run time", s * 100.0)
             }
             (None, Some(s)) => format!("{:.2}% ({scope})", s * 100.0),
-            (None, None) => "decided at run time".into(),
+            (_, None) => "decided at run time".into(),
         };
-        let frac = match (pattern, last) {
-            (Some((k, m)), _) => k as f64 / m as f64,
-            (None, Some(s)) => 1.0 - s,
-            _ => 1.0,
-        };
+        let frac = last.map_or(1.0, |s| 1.0 - s);
         kept.insert(n.clone(), frac);
         let _ = writeln!(
             out,

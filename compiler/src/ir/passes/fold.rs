@@ -29,8 +29,8 @@ pub fn fold(ir: &mut Ir, r: &CheckedRecipe) {
             ..
         } = &mut ir.graph[n].op
         {
-            if let Some((k, m)) = pattern {
-                *sparsities = vec![1.0 - *k as f64 / *m as f64];
+            if let Some(fixed) = pattern.and_then(|p| p.fixed_sparsity()) {
+                *sparsities = vec![fixed];
             } else if let Some(s) = target.as_ref().and_then(|t| constant(r, &t.expr)) {
                 let rr = *rounds as f64;
                 *sparsities = (1..=*rounds)
