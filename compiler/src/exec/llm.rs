@@ -148,8 +148,8 @@ impl Exec<'_> {
         self.llm(model, span)?;
         match &step.action {
             Action::Evaluate { metrics, .. } => self.llm_evaluate(s, model, metrics),
-            Action::Prune(p) => self.llm_prune(s, p, model),
-            Action::Export { .. } => self.llm_export(s, model),
+            Action::Prune(p) => self.llm_prune(step, p, model),
+            Action::Export { .. } => self.llm_export(step, model),
             _ => Err(RunError::user(
                 s.keyword_span,
                 format!(
@@ -214,7 +214,8 @@ impl Exec<'_> {
         Ok(())
     }
 
-    fn llm_prune(&mut self, s: &Stage, p: &Prune, model: &str) -> Result<(), RunError> {
+    fn llm_prune(&mut self, step: &Step, p: &Prune, model: &str) -> Result<(), RunError> {
+        let s = step.stage(self.r);
         let by =
             s.by.as_ref()
                 .ok_or_else(|| RunError::user(s.keyword_span, "no criterion"))?;
@@ -242,15 +243,15 @@ impl Exec<'_> {
             }
         };
         let mut config = llm::OneShotConfig::new(pattern);
-        config.sequential = !matches!(self.option(s, "sequential"), Some(Value::Bool(false)));
-        if let Some(t) = self.option(s, "targets") {
+        config.sequential = !matches!(self.option(step, "sequential"), Some(Value::Bool(false)));
+        if let Some(t) = self.option(step, "targets") {
             config.targets = lower::strings(Some(&t));
         }
         config
             .skip
-            .extend(lower::strings(self.option(s, "skip").as_ref()));
+            .extend(lower::strings(self.option(step, "skip").as_ref()));
         // Calibration text.
-        let calib = match self.option(s, "calibrate") {
+        let calib = match self.option(step, "calibrate") {
             Some(Value::Ref(d)) => Some(d),
             _ => {
                 s.on.as_ref()
@@ -346,7 +347,7 @@ impl Exec<'_> {
                             "`scope = global` with activations reached a language model".into(),
                         ));
                     }
-                    return self.llm_prune_global(s, model, &config, &expr, target);
+                    return self.llm_prune_global(step, model, &config, &expr, target);
                 }
                 let scope = p.scope;
                 let mut pruner = KernelPruner {
@@ -379,12 +380,13 @@ impl Exec<'_> {
     /// criteria that read the weights only (no calibration).
     fn llm_prune_global(
         &mut self,
-        s: &Stage,
+        step: &Step,
         model: &str,
         config: &llm::OneShotConfig,
         expr: &prunec_kernels::KExpr,
         target: f64,
     ) -> Result<(), RunError> {
+        let s = step.stage(self.r);
         let err = |e: llm::RuntimeError| RunError::user(s.span, format!("pruning: {e}"));
         let tensor_err = |e: candle_core::Error| RunError::Internal(format!("pruning: {e}"));
         for special in ["model.embed_tokens.weight", "lm_head.weight"] {
@@ -395,7 +397,7 @@ impl Exec<'_> {
                 ));
             }
         }
-        let (keep_min, keep_max) = (self.option(s, "keep_min"), self.option(s, "keep_max"));
+        let (keep_min, keep_max) = (self.option(step, "keep_min"), self.option(step, "keep_max"));
         let m = &self.llms[model];
         let mut layers = Vec::new();
         for l in 0..m.num_layers() {
@@ -478,10 +480,11 @@ impl Exec<'_> {
             .to_string()
     }
 
-    fn llm_export(&mut self, s: &Stage, model: &str) -> Result<(), RunError> {
+    fn llm_export(&mut self, step: &Step, model: &str) -> Result<(), RunError> {
+        let s = step.stage(self.r);
         let (_, path, to_span) = self.export_target(s)?;
         let format = self
-            .option(s, "format")
+            .option(step, "format")
             .and_then(|f| f.as_str().map(String::from))
             .unwrap_or_else(|| "hf".into());
         let m = &self.llms[model];

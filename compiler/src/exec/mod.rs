@@ -390,8 +390,10 @@ impl rt::TrainHooks for StageHook<'_, '_> {
 }
 
 impl Exec<'_> {
-    fn option(&self, stage: &Stage, key: &str) -> Option<Value> {
-        self.r.option(stage, key).cloned()
+    /// A resolved option of the step (the plan carries every option a
+    /// stage's run reads).
+    fn option(&self, step: &Step, key: &str) -> Option<Value> {
+        step.options.get(key).cloned()
     }
 
     /// A declared value by name (following `Ref`s).
@@ -424,8 +426,8 @@ impl Exec<'_> {
         }
         match &step.action {
             Action::Train { .. } => {
-                if !self.train_from_twin(s)? {
-                    self.train(s)?
+                if !self.train_from_twin(step)? {
+                    self.train(step)?
                 }
             }
             Action::Calibrate { .. } | Action::Prune(_) => {
@@ -455,7 +457,7 @@ impl Exec<'_> {
                 }
                 held?
             }
-            Action::Export { .. } => self.export(s)?,
+            Action::Export { .. } => self.export(step)?,
             Action::Report { .. } => self.report_stage(s)?,
         }
         self.push_step(step, t0);
@@ -483,7 +485,8 @@ impl Exec<'_> {
     /// the same way and trained the same way so far, as the two copies of
     /// `examples/global_mp_keepmin.prune`) copies that model's state instead
     /// of training again: the same weights, bit for bit. True when it did.
-    fn train_from_twin(&mut self, s: &Stage) -> Result<bool, RunError> {
+    fn train_from_twin(&mut self, step: &Step) -> Result<bool, RunError> {
+        let s = step.stage(self.r);
         let (name, span) = Self::subject_name(s)?;
         self.model(&name, span)?;
         let on =
@@ -492,10 +495,7 @@ impl Exec<'_> {
                 .map(|n| n.name.clone());
         let key = format!(
             "{} | {} on {:?} with {:?}",
-            self.lineage[&name],
-            s.kind,
-            on,
-            self.r.options(s)
+            self.lineage[&name], s.kind, on, step.options
         );
         let twin = self
             .lineage
@@ -602,16 +602,17 @@ impl Exec<'_> {
         Ok(())
     }
 
-    fn train(&mut self, s: &Stage) -> Result<(), RunError> {
-        self.train_with(s, None)
+    fn train(&mut self, step: &Step) -> Result<(), RunError> {
+        self.train_with(step, None)
     }
 
     /// Runs a `train` / `finetune` stage; `gradual` prunes during it.
     fn train_with(
         &mut self,
-        s: &Stage,
+        step: &Step,
         mut gradual: Option<&mut prune::Gradual>,
     ) -> Result<(), RunError> {
+        let s = step.stage(self.r);
         let (name, span) = Self::subject_name(s)?;
         let on =
             s.on.as_ref()
@@ -619,12 +620,12 @@ impl Exec<'_> {
         self.dataset(on)?;
         let data_name = on.as_name().unwrap().name.clone();
         let epochs = self
-            .option(s, "epochs")
+            .option(step, "epochs")
             .and_then(|v| v.as_i64())
             .unwrap_or(1)
             .max(1) as usize;
-        let steps = self.option(s, "steps").and_then(|v| v.as_i64());
-        let opt = self.option(s, "optimizer").unwrap_or(Value::Call {
+        let steps = self.option(step, "steps").and_then(|v| v.as_i64());
+        let opt = self.option(step, "optimizer").unwrap_or(Value::Call {
             name: "sgd".into(),
             args: vec![
                 ("lr".into(), Value::Float(0.01)),
@@ -663,7 +664,7 @@ impl Exec<'_> {
             cfg = cfg.max_steps(st.max(1) as usize);
             cfg.epochs = (st.max(1) as usize).div_ceil(batches.max(1));
         }
-        if let Some(lr) = self.option(s, "lr_schedule") {
+        if let Some(lr) = self.option(step, "lr_schedule") {
             let steps_of = |v: Option<&Value>| match v {
                 Some(Value::Duration {
                     count,
@@ -688,7 +689,7 @@ impl Exec<'_> {
                 _ => {}
             }
         }
-        let reinit = matches!(self.option(s, "reinit"), Some(Value::Bool(true)));
+        let reinit = matches!(self.option(step, "reinit"), Some(Value::Bool(true)));
         let seed = self.r.seed;
         let device = self.device.clone();
         let state = self.model(&name, span)?;
@@ -781,12 +782,13 @@ impl Exec<'_> {
     }
 
     /// Names of the weights a prune stage targets.
-    fn select_params(&self, s: &Stage, model: &rt::Model) -> Result<Vec<String>, RunError> {
-        let targets = match self.option(s, "targets") {
+    fn select_params(&self, step: &Step, model: &rt::Model) -> Result<Vec<String>, RunError> {
+        let s = step.stage(self.r);
+        let targets = match self.option(step, "targets") {
             Some(v) => lower::strings(Some(&v)),
             None => vec!["*.weight".to_string()],
         };
-        let skip = lower::strings(self.option(s, "skip").as_ref());
+        let skip = lower::strings(self.option(step, "skip").as_ref());
         let names: Vec<String> = model
             .names()
             .into_iter()
@@ -1026,11 +1028,12 @@ impl Exec<'_> {
         Ok((rel, path, to.span))
     }
 
-    fn export(&mut self, s: &Stage) -> Result<(), RunError> {
+    fn export(&mut self, step: &Step) -> Result<(), RunError> {
+        let s = step.stage(self.r);
         let (name, span) = Self::subject_name(s)?;
         let (rel, path, to_span) = self.export_target(s)?;
         if let Some(f) = self
-            .option(s, "format")
+            .option(step, "format")
             .and_then(|f| f.as_str().map(String::from))
         {
             if f != "safetensors" {

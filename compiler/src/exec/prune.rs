@@ -774,25 +774,28 @@ impl Exec<'_> {
     /// The pruner of a prune stage with a lowered criterion.
     fn pruner(
         &mut self,
-        s: &Stage,
+        step: &Step,
         name: &str,
         span: Span,
         crit: LoweredCriterion,
         (scope, pattern): (Scope, Option<Pattern>),
     ) -> Result<Pruner, RunError> {
         self.model(name, span)?;
-        let selected = self.select_params(s, &self.models[name].model)?;
+        let selected = self.select_params(step, &self.models[name].model)?;
         self.targets = Some(selected.clone());
         Ok(Pruner {
-            span: s.span,
+            span: step.span,
             model: name.to_string(),
             selected,
             crit,
             scope,
             pattern,
-            keep_min: self.option(s, "keep_min"),
-            keep_max: self.option(s, "keep_max"),
-            allow_nonfinite: matches!(self.option(s, "allow_nonfinite"), Some(Value::Bool(true))),
+            keep_min: self.option(step, "keep_min"),
+            keep_max: self.option(step, "keep_max"),
+            allow_nonfinite: matches!(
+                self.option(step, "allow_nonfinite"),
+                Some(Value::Bool(true))
+            ),
         })
     }
 
@@ -994,8 +997,8 @@ impl Exec<'_> {
             Some(k) => k.clone(),
             None => lower::criterion_to_kernel(self.r, by)?,
         };
-        let pruner = self.pruner(s, &name, span, crit, (p.scope, p.pattern))?;
-        if let Some(during) = p.during {
+        let pruner = self.pruner(step, &name, span, crit, (p.scope, p.pattern))?;
+        if let Some(during) = &p.during_step {
             let Schedule::Gradual(schedule) = &p.schedule else {
                 return Err(RunError::User {
                     span: Some(s.keyword_span),
@@ -1003,10 +1006,7 @@ impl Exec<'_> {
                     help: Some("add `schedule = gradual(to = 90%, end = step 2000)`".into()),
                 });
             };
-            let inner = during
-                .stage(self.r)
-                .ok_or_else(|| RunError::Internal("a `during` stage the recipe lacks".into()))?;
-            return self.prune_during(s, inner, pruner, schedule.clone());
+            return self.prune_during(s, during, pruner, schedule.clone());
         }
         let (rounds, rewind) = match &p.schedule {
             Schedule::Iterative { rounds, rewind } => (*rounds, rewind.clone()),
@@ -1127,10 +1127,11 @@ impl Exec<'_> {
     fn prune_during(
         &mut self,
         s: &Stage,
-        inner: &Stage,
+        during: &Step,
         pruner: Pruner,
         schedule: Value,
     ) -> Result<(), RunError> {
+        let inner = during.stage(self.r);
         if !matches!(
             inner.kind,
             prunec_lang::ast::StageKind::Train | prunec_lang::ast::StageKind::Finetune
@@ -1154,7 +1155,7 @@ impl Exec<'_> {
             self.stats_data(s).or_else(|| inner.on.clone())
         };
         let mut g = Gradual::new(pruner, schedule, self.r.seed, calib);
-        self.train_with(inner, Some(&mut g))?;
+        self.train_with(during, Some(&mut g))?;
         for (i, a) in g.applied.iter().enumerate() {
             let metrics = BTreeMap::from([
                 ("step".to_string(), a.step as f64),
@@ -1213,7 +1214,7 @@ impl Exec<'_> {
             row_sums: vec![],
             side: None,
         };
-        let pruner = self.pruner(s, name, span, magnitude, (plan.scope, plan.pattern))?;
+        let pruner = self.pruner(step, name, span, magnitude, (plan.scope, plan.pattern))?;
         if pruner.pattern.is_some() {
             return Err(RunError::user(
                 s.span,

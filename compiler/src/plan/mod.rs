@@ -11,6 +11,7 @@ use crate::ir::{Ir, Op, StageRef, Written};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use prunec_lang::ast::{Stage, StageKind};
+use prunec_lang::check::Value;
 use prunec_lang::resolved::{Method, Metric, Pattern, Schedule, Scope};
 use prunec_lang::{CheckedRecipe, Span};
 use std::cmp::Reverse;
@@ -50,6 +51,10 @@ pub struct Step {
     pub each_round: Vec<Step>,
     /// The optimized IR's nodes this step runs, in topological order.
     pub nodes: Vec<usize>,
+    /// The stage's resolved options, with those of the constraint set it
+    /// names (`constraints = guard`) where the stage does not set them:
+    /// every option the executor reads.
+    pub options: BTreeMap<String, Value>,
 }
 
 /// What a step does.
@@ -120,6 +125,9 @@ pub struct Prune {
     pub layerwise: bool,
     /// The training stage a gradual schedule prunes during.
     pub during: Option<StageRef>,
+    /// That training, as the step the pruning runs inside (same id as the
+    /// prune step: it is not a step of its own).
+    pub during_step: Option<Box<Step>>,
 }
 
 impl Step {
@@ -305,12 +313,14 @@ pub fn ir_to_plan(ir: &Ir, r: &CheckedRecipe) -> Result<Plan, String> {
                 top,
                 inner: Some(*j),
             };
-            if let Action::Prune(p) = &step.action {
-                if p.during == Some(inner) {
-                    // The training a gradual prune runs during: its nodes are this step's.
-                    step.nodes.extend(by_stage[&inner].iter().copied());
-                    continue;
+            if matches!(&step.action, Action::Prune(p) if p.during == Some(inner)) {
+                // The training a gradual prune runs during: its nodes are this step's.
+                let during = step_of(ir, r, inner, &by_stage, step.id.clone())?;
+                step.nodes.extend(by_stage[&inner].iter().copied());
+                if let Action::Prune(p) = &mut step.action {
+                    p.during_step = Some(Box::new(during));
                 }
+                continue;
             }
             step.each_round
                 .push(step_of(ir, r, inner, &by_stage, id_of(inner))?);
@@ -410,6 +420,7 @@ fn split_statistics(ir: &Ir, step: &mut Step, llm: bool) -> Option<Step> {
         },
         each_round: vec![],
         nodes: stats,
+        options: step.options.clone(),
     })
 }
 
@@ -507,7 +518,21 @@ fn step_of(
         action,
         each_round: vec![],
         nodes,
+        options: resolved_options(r, s),
     })
+}
+
+/// A stage's options, falling back to its constraint set's.
+fn resolved_options(r: &CheckedRecipe, s: &Stage) -> BTreeMap<String, Value> {
+    let mut options = r.options(s).cloned().unwrap_or_default();
+    if let Some(Value::Ref(c)) = options.get("constraints").cloned() {
+        if let Some(Value::Call { args, .. }) = r.symbols.get(&c).and_then(|x| x.value.clone()) {
+            for (k, v) in args {
+                options.entry(k).or_insert(v);
+            }
+        }
+    }
+    options
 }
 
 /// A prune stage from its nodes: the fused kernel (or score, select, mask),
@@ -535,6 +560,7 @@ fn prune_of(r: &CheckedRecipe, s: &Stage, at: StageRef, ops: &[&Op]) -> Option<P
         stats_step: false,
         reads_from: None,
         layerwise: false,
+        during_step: None,
         during: s.during.as_ref().map(|_| StageRef {
             top: at.top,
             inner: Some(s.block.as_ref().map_or(0, |b| b.stages.len())),
