@@ -917,13 +917,21 @@ impl<'a> Checker<'a> {
                     }
                     if sym.kind == SymKind::Param {
                         let span = sym.span;
+                        // Name the value it has, which an override may have changed.
+                        let declared = match (self.overrides.get(&id.name), &sym.value) {
+                            (Some(text), _) => {
+                                format!("declared here; `{text}` on the command line")
+                            }
+                            (None, Some(v)) => format!("declared here as {}", v.type_name()),
+                            (None, None) => "declared here".into(),
+                        };
                         self.push(
                             Diagnostic::new(
                                 Code::WrongType,
                                 format!("param `{}` is not a number", id.name),
                             )
                             .with_label(id.span, "compared here")
-                            .with_label(span, "declared here"),
+                            .with_label(span, declared),
                         );
                         return;
                     }
