@@ -713,6 +713,27 @@ impl<'a> Checker<'a> {
                     .with_help("add `calibrate = DATASET` to the stage options (or `on DATASET`), or a `calibrate MODEL on DATASET` stage before it"),
             );
         }
+        // Calibration data, and calibrating layer after layer, feed criteria
+        // that read activations; for any other they would do nothing.
+        if !needs.activations {
+            for key in ["calibrate", "sequential"] {
+                if all.contains_key(key) {
+                    let span = match s.arg(key) {
+                        Some(a) => a.value.span,
+                        None => s.value_span("constraints"),
+                    };
+                    self.push(
+                        Diagnostic::new(
+                            Code::Unsupported,
+                            format!("`{key}` has no effect: this criterion reads no activations"),
+                        )
+                        .with_label(span, "no effect here")
+                        .with_label(by_span, "reads no `act(x)`")
+                        .with_help(format!("remove `{key}`, or prune by a criterion that reads `act(x)` (such as `std.wanda`)")),
+                    );
+                }
+            }
+        }
         if needs.training && !training {
             self.push(
                 Diagnostic::new(
