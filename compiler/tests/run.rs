@@ -536,6 +536,31 @@ fn llm_recipe_prunes_smollm2_with_the_compiled_wanda_criterion() {
     }
 }
 
+/// Writes each recipe text to a file of a fresh folder and runs it (with
+/// progress on stderr) into a folder of its own; expects success and returns
+/// the folder and, per text, its output folder and log.
+fn run_texts(texts: &[String]) -> (tempfile::TempDir, Vec<(PathBuf, String)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        let file = dir.path().join(format!("r{i}.prune"));
+        std::fs::write(&file, text).unwrap();
+        let out = dir.path().join(format!("out{i}"));
+        let (code, log) = prunec(
+            &[
+                "run",
+                file.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{log}");
+        runs.push((out, log));
+    }
+    (dir, runs)
+}
+
 /// Runs `prunec run -q` with `args` into a fresh folder; expects success and
 /// returns the folder and the parsed report.
 fn run_ok(args: &[&str]) -> (tempfile::TempDir, PathBuf, serde_json::Value) {
@@ -1135,16 +1160,11 @@ pipeline {
         "# The same recipe, moved down by a comment\n\n\n{}",
         recipe.replace("  prune", "\n      prune")
     );
-    let dir = tempfile::tempdir().unwrap();
-    let mut hashes = Vec::new();
-    for (i, text) in [recipe.to_string(), moved].iter().enumerate() {
-        let file = dir.path().join(format!("r{i}.prune"));
-        std::fs::write(&file, text).unwrap();
-        let out = dir.path().join(format!("out{i}"));
-        let (code, log) = run_into(&file, &out);
-        assert_eq!(code, 0, "{log}");
-        hashes.push(std::fs::read(out.join("net.safetensors")).unwrap());
-    }
+    let (_dir, runs) = run_texts(&[recipe.to_string(), moved]);
+    let hashes: Vec<Vec<u8>> = runs
+        .iter()
+        .map(|(out, _)| std::fs::read(out.join("net.safetensors")).unwrap())
+        .collect();
     assert!(
         hashes[0] == hashes[1],
         "the moved recipe pruned other weights"
@@ -1277,22 +1297,9 @@ pipeline {
 }
 "#;
     let without = with.replace("  calibrate net on train\n", "");
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, runs) = run_texts(&[with.to_string(), without]);
     let mut weights = Vec::new();
-    for (i, text) in [with.to_string(), without].iter().enumerate() {
-        let file = dir.path().join(format!("r{i}.prune"));
-        std::fs::write(&file, text).unwrap();
-        let out = dir.path().join(format!("out{i}"));
-        let (code, log) = prunec(
-            &[
-                "run",
-                file.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            &[],
-        );
-        assert_eq!(code, 0, "{log}");
+    for (out, log) in &runs {
         let passes = log.lines().filter(|l| l.starts_with("calibrate ")).count();
         assert_eq!(passes, 1, "{log}");
         weights.push(std::fs::read(out.join("net.safetensors")).unwrap());
@@ -1304,4 +1311,39 @@ pipeline {
     );
     assert_eq!(code, 0, "{plan}");
     assert!(plan.contains("activation norms from step 2"), "{plan}");
+}
+
+#[test]
+fn statistics_computed_for_one_step_are_read_by_no_other() {
+    require_data("digits/digits.csv.gz", "digits");
+    // `b` copies `a`'s training (twins); `a`'s Wanda norms on `train` are a
+    // step of their own right after that training. `b`'s two-round Wanda
+    // calibrates on one test sample itself (norms far from `train`'s) and
+    // must prune as it does without `a`.
+    let twins = r#"recipe twins { version = 1, seed = 9 }
+use std.wanda
+model a = mlp(inputs = 64, hidden = [32], classes = 10)
+model b = mlp(inputs = 64, hidden = [32], classes = 10)
+dataset train = digits("data/digits/digits.csv.gz", split = "train", batch = 32)
+dataset one = digits("data/digits/digits.csv.gz", split = "test", batch = 1, limit = 1)
+pipeline {
+  train a on train (epochs = 1, optimizer = sgd(lr = 0.05))
+  train b on train (epochs = 1, optimizer = sgd(lr = 0.05))
+  prune a by wanda to 50% (calibrate = train)
+  prune b by wanda to 50% (calibrate = one, schedule = iterative(rounds = 2))
+  export b to "b.safetensors"
+}
+"#;
+    let alone = twins
+        .replace(
+            "  train a on train (epochs = 1, optimizer = sgd(lr = 0.05))\n",
+            "",
+        )
+        .replace("  prune a by wanda to 50% (calibrate = train)\n", "");
+    let (_dir, runs) = run_texts(&[twins.to_string(), alone]);
+    let b: Vec<Vec<u8>> = runs
+        .iter()
+        .map(|(out, _)| std::fs::read(out.join("b.safetensors")).unwrap())
+        .collect();
+    assert!(b[0] == b[1], "`b` pruned on statistics computed for `a`");
 }

@@ -389,23 +389,13 @@ impl Exec<'_> {
         let s = step.stage(self.r);
         let err = |e: llm::RuntimeError| RunError::user(s.span, format!("pruning: {e}"));
         let tensor_err = |e: candle_core::Error| RunError::Internal(format!("pruning: {e}"));
-        for special in ["model.embed_tokens.weight", "lm_head.weight"] {
-            if config.selects(special) {
-                return Err(RunError::user(
-                    s.span,
-                    format!("`{special}` is targeted, but one-shot methods prune the blocks' linear layers only; add it to skip"),
-                ));
-            }
-        }
+        let targeted = config.targeted(&self.llms[model]).map_err(err)?;
         let (keep_min, keep_max) = (self.option(step, "keep_min"), self.option(step, "keep_max"));
         let m = &self.llms[model];
         let mut layers = Vec::new();
-        for l in 0..m.num_layers() {
-            for proj in llm::Proj::ALL {
+        for (l, projs) in targeted.into_iter().enumerate() {
+            for proj in projs {
                 let name = llm::linear_name(l, proj);
-                if !config.selects(&name) {
-                    continue;
-                }
                 let w = m.linear_weight(l, proj).map_err(err)?;
                 let (rows, cols) = w.dims2().map_err(tensor_err)?;
                 let values = w
@@ -414,15 +404,6 @@ impl Exec<'_> {
                     .map_err(tensor_err)?;
                 layers.push((l, proj, name, rows, cols, values));
             }
-        }
-        if layers.is_empty() {
-            return Err(RunError::user(
-                s.span,
-                format!(
-                    "no layer matches targets {:?} minus skip {:?}",
-                    config.targets, config.skip
-                ),
-            ));
         }
         let sizes: Vec<usize> = layers.iter().map(|x| x.3 * x.4).collect();
         let total: usize = sizes.iter().sum();

@@ -412,9 +412,9 @@ impl Exec<'_> {
         Ok((id.name.clone(), id.span))
     }
 
-    /// Runs one plan step: what it does comes from the step (its action,
-    /// method, schedule, sparsities); the stage it came from gives the
-    /// options the runtime reads.
+    /// Runs one plan step: what it does and every option come from the
+    /// step (action, method, schedule, sparsities, options); the stage it
+    /// came from gives the clauses' data names and spans.
     fn step(&mut self, step: &Step) -> Result<(), RunError> {
         let t0 = Instant::now();
         let s = step.stage(self.r);
@@ -442,11 +442,18 @@ impl Exec<'_> {
                 }
             }
             Action::Statistics {
+                for_step,
                 gradients,
                 activations,
             } => {
                 let name = step.model.clone().unwrap_or_default();
-                self.statistics(s, &name, gradients.as_deref(), activations.as_deref())?
+                self.statistics(
+                    s,
+                    for_step,
+                    &name,
+                    gradients.as_deref(),
+                    activations.as_deref(),
+                )?
             }
             Action::Evaluate { metrics, .. } => self.evaluate(s, metrics)?,
             Action::Assert { .. } => {
@@ -521,7 +528,8 @@ impl Exec<'_> {
             epochs_trained: from.epochs_trained,
             rewind_points: from.rewind_points.clone(),
             calibration: from.calibration.clone(),
-            stats: from.stats.clone(),
+            // Statistics belong to the step they were computed for.
+            stats: None,
         };
         self.models.insert(name, copy);
         self.copied_from = Some(twin);

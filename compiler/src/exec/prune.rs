@@ -32,9 +32,10 @@ pub(super) struct SideInputs {
 }
 
 /// Statistics of one model state, by parameter, computed by a plan's
-/// `Statistics` step for the prune step after it.
+/// `Statistics` step for the prune step `for_step` (no other reads them).
 #[derive(Clone, Default)]
 pub(super) struct Stats {
+    pub for_step: String,
     pub grad: Option<BTreeMap<String, Vec<f32>>>,
     pub act: Option<BTreeMap<String, Vec<f32>>>,
 }
@@ -806,27 +807,17 @@ impl Exec<'_> {
             .or_else(|| s.on.clone())
     }
 
-    /// Gradients, random draws and activation statistics for one round.
-    /// `shared`: the optimized IR merged this stage's calibration into an
-    /// earlier `calibrate` stage's (same model state, same data), whose
-    /// statistics round one reuses.
+    /// Gradients, random draws and activation statistics for one round;
+    /// `pre`: those an earlier step computed for it (round one).
     fn side_inputs(
         &mut self,
         s: &Stage,
         pruner: &Pruner,
         round: usize,
-        shared: bool,
+        pre: Stats,
     ) -> Result<SideInputs, RunError> {
         let mut side = SideInputs::default();
         let name = pruner.model.clone();
-        // Round one of a step whose statistics an earlier step computed.
-        let mut pre = match self.models.get_mut(&name).and_then(|m| m.stats.take()) {
-            Some(stats) if round == 1 => stats,
-            _ => Stats::default(),
-        };
-        if shared && round == 1 && pre.act.is_none() {
-            pre.act = self.models[&name].calibration.clone();
-        }
         let pick = |m: BTreeMap<String, Vec<f32>>| -> BTreeMap<String, Vec<f32>> {
             m.into_iter()
                 .filter(|(n, _)| pruner.selected.contains(n))
@@ -863,24 +854,8 @@ impl Exec<'_> {
                         "this criterion reads gradients: add `on DATASET`",
                     )
                 })?;
-                self.dataset(on)?;
-                let data = &self.datasets[&on.as_name().unwrap().name];
-                if self.progress {
-                    eprintln!(
-                        "gradients of {name}: {} batches",
-                        GRADIENT_BATCHES.min(data.num_batches())
-                    );
-                }
-                let g = rt::gradients(&self.models[&name].model, data, GRADIENT_BATCHES)
-                    .map_err(rt_err(s.span, "computing gradients"))?;
-                let mut out = BTreeMap::new();
-                for (n, t) in g.into_iter().filter(|(n, _)| pruner.selected.contains(n)) {
-                    out.insert(
-                        n,
-                        to_vec(&t).map_err(|e| RunError::Internal(e.to_string()))?,
-                    );
-                }
-                side.grad = Some(out);
+                let data = on.as_name().map(|n| n.name.clone()).unwrap_or_default();
+                side.grad = Some(pick(self.loss_gradients(&name, &data, s.span)?));
             }
             None => {}
         }
@@ -890,13 +865,8 @@ impl Exec<'_> {
             let state = &self.models[&name];
             side.act = Some(match (&state.calibration, self.stats_data(s)) {
                 (_, Some(d)) => {
-                    self.dataset(&d)?;
-                    let data = &self.datasets[&d.as_name().unwrap().name];
-                    if self.progress {
-                        eprintln!("calibrate {name}: {} batches", CALIBRATION_BATCHES.min(data.num_batches()));
-                    }
-                    act_norms(&self.models[&name].model, data, &pruner.selected)
-                        .map_err(rt_err(s.span, "calibration"))?
+                    let data = d.as_name().map(|n| n.name.clone()).unwrap_or_default();
+                    pick(self.activation_norms(&name, &data, d.span)?)
                 }
                 (Some(c), None) => c.clone(),
                 (None, None) => {
@@ -916,63 +886,81 @@ impl Exec<'_> {
     pub(super) fn statistics(
         &mut self,
         s: &Stage,
+        for_step: &str,
         name: &str,
         gradients: Option<&str>,
         activations: Option<&str>,
     ) -> Result<(), RunError> {
         let span = s.subject.first().map_or(s.span, |e| e.span);
         self.model(name, span)?;
-        let mut stats = Stats::default();
-        if let Some(d) = gradients {
-            let data = self.dataset_named(d, s.span)?;
-            if self.progress {
-                eprintln!(
-                    "gradients of {name}: {} batches",
-                    GRADIENT_BATCHES.min(data.num_batches())
-                );
-            }
-            let g = rt::gradients(&self.models[name].model, &data, GRADIENT_BATCHES)
-                .map_err(rt_err(s.span, "computing gradients"))?;
-            let mut out = BTreeMap::new();
-            for (n, t) in g {
-                out.insert(
-                    n,
-                    to_vec(&t).map_err(|e| RunError::Internal(e.to_string()))?,
-                );
-            }
-            stats.grad = Some(out);
-        }
-        if let Some(d) = activations {
-            let data = self.dataset_named(d, s.span)?;
-            if self.progress {
-                eprintln!(
-                    "calibrate {name}: {} batches",
-                    CALIBRATION_BATCHES.min(data.num_batches())
-                );
-            }
-            let act =
-                rt::calib::activation_norms(&self.models[name].model, &data, CALIBRATION_BATCHES)
-                    .map_err(rt_err(s.span, "calibration"))?;
-            stats.act = Some(act.into_iter().collect());
-        }
+        let stats = Stats {
+            for_step: for_step.to_string(),
+            grad: match gradients {
+                Some(d) => Some(self.loss_gradients(name, d, s.span)?),
+                None => None,
+            },
+            act: match activations {
+                Some(d) => Some(self.activation_norms(name, d, s.span)?),
+                None => None,
+            },
+        };
         self.models.get_mut(name).unwrap().stats = Some(stats);
         Ok(())
+    }
+
+    /// Mean loss gradients of every weight of `name`'s current state over
+    /// the first batches of `data` (`span`: the stage, for errors).
+    fn loss_gradients(
+        &mut self,
+        name: &str,
+        data: &str,
+        span: Span,
+    ) -> Result<BTreeMap<String, Vec<f32>>, RunError> {
+        let data = self.dataset_named(data, span)?;
+        if self.progress {
+            eprintln!(
+                "gradients of {name}: {} batches",
+                GRADIENT_BATCHES.min(data.num_batches())
+            );
+        }
+        let g = rt::gradients(&self.models[name].model, &data, GRADIENT_BATCHES)
+            .map_err(rt_err(span, "computing gradients"))?;
+        g.into_iter()
+            .map(|(n, t)| {
+                Ok((
+                    n,
+                    to_vec(&t).map_err(|e| RunError::Internal(e.to_string()))?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Input-column activation norms of every weight of `name`'s current
+    /// state over the first batches of `data`.
+    fn activation_norms(
+        &mut self,
+        name: &str,
+        data: &str,
+        span: Span,
+    ) -> Result<BTreeMap<String, Vec<f32>>, RunError> {
+        let data = self.dataset_named(data, span)?;
+        if self.progress {
+            eprintln!(
+                "calibrate {name}: {} batches",
+                CALIBRATION_BATCHES.min(data.num_batches())
+            );
+        }
+        let norms =
+            rt::calib::activation_norms(&self.models[name].model, &data, CALIBRATION_BATCHES)
+                .map_err(rt_err(span, "calibration"))?;
+        Ok(norms.into_iter().collect())
     }
 
     /// `calibrate MODEL on DATA`: activation statistics for later prune stages.
     pub(super) fn calibrate(&mut self, s: &Stage) -> Result<(), RunError> {
         let (name, data_name) = self.model_and_data(s)?;
-        let data = &self.datasets[&data_name];
-        if self.progress {
-            eprintln!(
-                "calibrate {name} on {data_name}: {} batches",
-                CALIBRATION_BATCHES.min(data.num_batches())
-            );
-        }
-        let stats =
-            rt::calib::activation_norms(&self.models[&name].model, data, CALIBRATION_BATCHES)
-                .map_err(rt_err(s.span, "calibration"))?;
-        self.models.get_mut(&name).unwrap().calibration = Some(stats.into_iter().collect());
+        let stats = self.activation_norms(&name, &data_name, s.span)?;
+        self.models.get_mut(&name).unwrap().calibration = Some(stats);
         Ok(())
     }
 
@@ -1027,14 +1015,25 @@ impl Exec<'_> {
             (Some(to), None | Some(Pattern::Block { .. })) => self.number(to)?,
             _ => 0.0,
         };
+        // Round one reads what the plan's `ID.stats` step computed for this
+        // step, and the norms of an earlier `calibrate` stage the optimized
+        // IR merged this stage's calibration into (same state, same data).
+        let mut pre = self
+            .models
+            .get_mut(&name)
+            .and_then(|m| m.stats.take())
+            .filter(|st| st.for_step == step.id)
+            .unwrap_or_default();
+        if p.reads_from.is_some() && p.activations.is_none() && pre.act.is_none() {
+            pre.act = self.models[&name].calibration.clone();
+        }
         // The optimized IR folded the target into per-round sparsities.
         for round in 1..=rounds {
             let keep_frac = match &p.sparsities {
                 planned if planned.len() == rounds => 1.0 - planned[round - 1],
                 _ => (1.0 - target).powf(round as f64 / rounds as f64),
             };
-            let shared = p.reads_from.is_some() && p.activations.is_none();
-            let side = self.side_inputs(s, &pruner, round, shared)?;
+            let side = self.side_inputs(s, &pruner, round, std::mem::take(&mut pre))?;
             let state = self.models.get_mut(&name).unwrap();
             pruner.round(
                 &state.model,

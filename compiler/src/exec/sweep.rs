@@ -123,6 +123,7 @@ fn step_params(r: &CheckedRecipe, step: &crate::plan::Step) -> BTreeSet<String> 
         crate::plan::Action::Statistics {
             gradients,
             activations,
+            ..
         } => params_of(r, gradients.iter().chain(activations).cloned().collect()),
         _ => stage_params(r, step.stage(r)),
     }

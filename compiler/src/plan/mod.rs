@@ -72,6 +72,8 @@ pub enum Action {
     /// state and the data, not on the target, so the variants of a sweep
     /// share them even where they prune differently.
     Statistics {
+        /// The prune step that reads them (`3` for `3.stats`).
+        for_step: String,
         gradients: Option<String>,
         activations: Option<String>,
     },
@@ -123,10 +125,8 @@ pub struct Prune {
     /// the outputs of the layers pruned before it (the runtime's
     /// sequential driver, not the fused kernels).
     pub layerwise: bool,
-    /// The training stage a gradual schedule prunes during.
-    pub during: Option<StageRef>,
-    /// That training, as the step the pruning runs inside (same id as the
-    /// prune step: it is not a step of its own).
+    /// The training a gradual schedule prunes during, as the step the
+    /// pruning runs inside (same id as the prune step: not a step of its own).
     pub during_step: Option<Box<Step>>,
 }
 
@@ -147,6 +147,7 @@ impl Step {
             Action::Statistics {
                 gradients,
                 activations,
+                ..
             } => {
                 let mut what = Vec::new();
                 if let Some(d) = gradients {
@@ -203,7 +204,7 @@ impl Step {
                         line.push_str(&format!("; activation norms on {d}, each round"));
                     }
                 }
-                if p.during.is_some() {
+                if p.during_step.is_some() {
                     line.push_str("; pruning steps while it trains (`during`)");
                 }
                 line
@@ -313,7 +314,10 @@ pub fn ir_to_plan(ir: &Ir, r: &CheckedRecipe) -> Result<Plan, String> {
                 top,
                 inner: Some(*j),
             };
-            if matches!(&step.action, Action::Prune(p) if p.during == Some(inner)) {
+            // A stage's `during` training is lowered one past its round block.
+            let stage = step.stage(r);
+            let block_len = stage.block.as_ref().map_or(0, |b| b.stages.len());
+            if stage.during.is_some() && *j == block_len {
                 // The training a gradual prune runs during: its nodes are this step's.
                 let during = step_of(ir, r, inner, &by_stage, step.id.clone())?;
                 step.nodes.extend(by_stage[&inner].iter().copied());
@@ -396,7 +400,7 @@ fn split_statistics(ir: &Ir, step: &mut Step, llm: bool) -> Option<Step> {
     let one_round = p.schedule.rounds() == Some(1) && step.each_round.is_empty();
     if p.method != Method::Criterion
         || !one_round
-        || p.during.is_some()
+        || p.during_step.is_some()
         || (p.gradients.is_none() && p.activations.is_none())
     {
         return None;
@@ -415,6 +419,7 @@ fn split_statistics(ir: &Ir, step: &mut Step, llm: bool) -> Option<Step> {
         span: step.span,
         model: step.model.clone(),
         action: Action::Statistics {
+            for_step: step.id.clone(),
             gradients: p.gradients.clone(),
             activations: p.activations.clone(),
         },
@@ -497,7 +502,7 @@ fn step_of(
             _ => return Err(missing("report")),
         },
         StageKind::Prune => {
-            let mut p = prune_of(r, s, at, &ops).ok_or_else(|| missing("prune"))?;
+            let mut p = prune_of(r, s, &ops).ok_or_else(|| missing("prune"))?;
             // Statistics flowing in from another stage's node.
             p.reads_from = nodes.iter().find_map(|&i| {
                 ir.graph
@@ -518,26 +523,13 @@ fn step_of(
         action,
         each_round: vec![],
         nodes,
-        options: resolved_options(r, s),
+        options: r.resolved_options(s),
     })
-}
-
-/// A stage's options, falling back to its constraint set's.
-fn resolved_options(r: &CheckedRecipe, s: &Stage) -> BTreeMap<String, Value> {
-    let mut options = r.options(s).cloned().unwrap_or_default();
-    if let Some(Value::Ref(c)) = options.get("constraints").cloned() {
-        if let Some(Value::Call { args, .. }) = r.symbols.get(&c).and_then(|x| x.value.clone()) {
-            for (k, v) in args {
-                options.entry(k).or_insert(v);
-            }
-        }
-    }
-    options
 }
 
 /// A prune stage from its nodes: the fused kernel (or score, select, mask),
 /// the statistics it reads, and the reconstruction of a solver.
-fn prune_of(r: &CheckedRecipe, s: &Stage, at: StageRef, ops: &[&Op]) -> Option<Prune> {
+fn prune_of(r: &CheckedRecipe, s: &Stage, ops: &[&Op]) -> Option<Prune> {
     let by = s.by.as_ref()?;
     let mut p = Prune {
         method: Method::of(r, by),
@@ -561,10 +553,6 @@ fn prune_of(r: &CheckedRecipe, s: &Stage, at: StageRef, ops: &[&Op]) -> Option<P
         reads_from: None,
         layerwise: false,
         during_step: None,
-        during: s.during.as_ref().map(|_| StageRef {
-            top: at.top,
-            inner: Some(s.block.as_ref().map_or(0, |b| b.stages.len())),
-        }),
     };
     let mut selects = false;
     for op in ops {

@@ -107,16 +107,33 @@ impl CheckedRecipe {
     /// One option of a stage, falling back to the constraint set it names
     /// (`constraints = guard`).
     pub fn option(&self, stage: &Stage, key: &str) -> Option<&Value> {
-        let opts = self.options(stage)?;
-        if let Some(v) = opts.get(key) {
-            return Some(v);
+        self.options(stage)?.get(key).or_else(|| {
+            self.constraint_args(stage)
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v)
+        })
+    }
+
+    /// Every option of a stage, those of the constraint set it names
+    /// included where the stage does not set them.
+    pub fn resolved_options(&self, stage: &Stage) -> BTreeMap<String, Value> {
+        let mut options = self.options(stage).cloned().unwrap_or_default();
+        for (k, v) in self.constraint_args(stage) {
+            options.entry(k.clone()).or_insert_with(|| v.clone());
         }
-        let Some(Value::Ref(c)) = opts.get("constraints") else {
-            return None;
+        options
+    }
+
+    /// The options of the constraint set a stage names, if it names one.
+    fn constraint_args(&self, stage: &Stage) -> &[(String, Value)] {
+        let c = match self.options(stage).and_then(|o| o.get("constraints")) {
+            Some(Value::Ref(c)) => c,
+            _ => return &[],
         };
         match self.symbols.get(c).and_then(|s| s.value.as_ref()) {
-            Some(Value::Call { args, .. }) => args.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
+            Some(Value::Call { args, .. }) => args,
+            _ => &[],
         }
     }
 }

@@ -227,6 +227,35 @@ impl OneShotConfig {
         }
     }
 
+    /// The linear layers it prunes, by block; an error when it targets the
+    /// embedding or `lm_head` (one-shot methods prune block linears only) or
+    /// selects no layer at all.
+    pub fn targeted(&self, model: &LlamaModel) -> Result<Vec<Vec<Proj>>> {
+        for special in ["model.embed_tokens.weight", "lm_head.weight"] {
+            if self.selects(special) {
+                return Err(RuntimeError::Invalid(format!(
+                    "`{special}` is targeted, but one-shot methods prune the blocks' linear layers only; add it to skip"
+                )));
+            }
+        }
+        let targets: Vec<Vec<Proj>> = (0..model.num_layers())
+            .map(|l| {
+                Proj::ALL
+                    .into_iter()
+                    .filter(|&p| self.selects(&linear_name(l, p)))
+                    .collect()
+            })
+            .collect();
+        if targets.iter().all(|t| t.is_empty()) {
+            return Err(RuntimeError::Invalid(format!(
+                "no layer matches targets {:?} minus skip {:?}",
+                self.targets, self.skip
+            )));
+        }
+        Ok(targets)
+    }
+
+    /// Whether the layer `name` is pruned: it matches a target glob and no skip glob.
     pub fn selects(&self, name: &str) -> bool {
         self.targets.iter().any(|g| glob_match(g, name))
             && !self.skip.iter().any(|g| glob_match(g, name))
@@ -279,28 +308,7 @@ pub fn prune_one_shot(
 ) -> Result<PruneReport> {
     let start = Instant::now();
     config.pattern.validate(None)?;
-    for special in ["model.embed_tokens.weight", "lm_head.weight"] {
-        if config.selects(special) {
-            return Err(RuntimeError::Invalid(format!(
-                "`{special}` is targeted, but one-shot methods prune the blocks' linear layers only; add it to skip"
-            )));
-        }
-    }
-    let layers = model.num_layers();
-    let targets: Vec<Vec<Proj>> = (0..layers)
-        .map(|l| {
-            Proj::ALL
-                .into_iter()
-                .filter(|&p| config.selects(&linear_name(l, p)))
-                .collect()
-        })
-        .collect();
-    if targets.iter().all(|t| t.is_empty()) {
-        return Err(RuntimeError::Invalid(format!(
-            "no layer matches targets {:?} minus skip {:?}",
-            config.targets, config.skip
-        )));
-    }
+    let targets = config.targeted(model)?;
     let needs = pruner.needs();
     let mut report = PruneReport {
         method: pruner.method().to_string(),
