@@ -7,7 +7,7 @@ use super::Checker;
 use crate::ast::*;
 use crate::check::value::Value;
 use crate::diag::{Code, Diagnostic};
-use crate::resolved::{Method, Metric};
+use crate::resolved::{Method, Metric, Scope};
 use std::collections::BTreeMap;
 
 /// Whether the model declared as `name` is a language model.
@@ -371,16 +371,13 @@ impl Checker<'_> {
     /// `keep_min` / `keep_max` guard the layers of one global selection:
     /// anywhere else they have no effect.
     fn check_guards(&mut self, s: &Stage, pattern: bool) {
-        // Per-layer guards act on the one global selection only.
-        let global = match self.prune_option(s, "scope") {
-            Some((v, _)) => v.as_str() == Some("global"),
-            None => !self.stage_reads_acts.contains(&s.id),
-        };
-        let block = pattern;
-        if !global || block {
+        let scope = self.prune_option(s, "scope").map(|(v, _)| v);
+        let global =
+            Scope::of(scope.as_ref(), self.stage_reads_acts.contains(&s.id)) == Scope::Global;
+        if !global || pattern {
             for key in ["keep_min", "keep_max"] {
                 if let Some((_, span)) = self.prune_option(s, key) {
-                    let why = if block {
+                    let why = if pattern {
                         "a `pattern` decides what each layer keeps"
                     } else {
                         "each layer or row is pruned to the target by itself"

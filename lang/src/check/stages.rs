@@ -652,7 +652,13 @@ impl<'a> Checker<'a> {
                         "the pattern is given twice: as the target and as `pattern`",
                     )
                     .with_label(to.span, "the target is an N:M pattern")
-                    .with_label(s.value_span("pattern"), "and so is this")
+                    .with_label(
+                        match s.arg("pattern") {
+                            Some(a) => a.value.span,
+                            None => s.value_span("constraints"),
+                        },
+                        "and so is this",
+                    )
                     .with_help("keep one: `to 2:4`, or `pattern = 2:4` without `to`"),
                 );
             } else if let Some(v) = v {
