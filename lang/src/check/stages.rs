@@ -489,7 +489,10 @@ impl<'a> Checker<'a> {
             Export => {
                 self.expect_model(s);
                 if self.require(s, "to \"PATH\"", s.to.is_some()) {
-                    self.eval(s.to.as_ref().unwrap(), Ty::Str, Range::any());
+                    let to = s.to.as_ref().unwrap();
+                    if let Some(Value::Str(path)) = self.eval(to, Ty::Str, Range::any()) {
+                        self.check_export_path(to, &path);
+                    }
                 }
             }
             Report => {
@@ -596,8 +599,8 @@ impl<'a> Checker<'a> {
                     let bi = builtins::lookup(&callee.name).unwrap();
                     if bi.stdlib && !self.imports.contains_key(bi.name) {
                         self.undefined(callee, Some(Kind::Criterion));
-                    } else {
-                        self.check_args(bi, args, callee.span);
+                    } else if let Some(resolved) = self.check_args(bi, args, callee.span) {
+                        self.check_method_args(bi.name, by, &resolved);
                     }
                     needs = bi.needs;
                     method = Method::named(bi.name);
@@ -1047,4 +1050,48 @@ fn stage_usage(kind: StageKind) -> String {
         StageKind::Report => "report METRIC, ... [per round] -> \"PATH.svg\"",
     };
     format!("usage: `{usage}`")
+}
+
+impl Checker<'_> {
+    /// An export path stays inside the output folder: relative, no `..`.
+    fn check_export_path(&mut self, to: &Expr, path: &str) {
+        let p = std::path::Path::new(path);
+        let escapes = p.is_absolute()
+            || path.starts_with('/')
+            || path.starts_with('\\')
+            || p.components()
+                .any(|c| matches!(c, std::path::Component::ParentDir));
+        if path.is_empty() || escapes {
+            self.push(
+                Diagnostic::new(
+                    Code::StageClause,
+                    "export paths are relative to the output folder and stay inside it",
+                )
+                .with_label(to.span, "not a path inside the output folder")
+                .with_help("write a relative path such as \"model.safetensors\"; choose the folder with `--out DIR`"),
+            );
+        }
+    }
+
+    /// Constraints between a built-in method's arguments that their
+    /// ranges alone do not express (SAP's `p < q`).
+    fn check_method_args(&mut self, name: &str, by: &Expr, args: &[(String, Value)]) {
+        let get = |k: &str| {
+            args.iter()
+                .find(|(n, _)| n == k)
+                .and_then(|(_, v)| v.as_f64())
+        };
+        if let ("sap", Some(p), Some(q)) = (name, get("p"), get("q")) {
+            if p >= q {
+                self.push(
+                    Diagnostic::new(
+                        Code::OutOfRange,
+                        format!("SAP needs p < q, got p = {p}, q = {q}"),
+                    )
+                    .with_label(by.span, "the PQ index compares norms with p < q")
+                    .with_help("the paper uses p = 0.5, q = 1 (the defaults)"),
+                );
+            }
+        }
+    }
 }
