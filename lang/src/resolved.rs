@@ -5,6 +5,8 @@
 use crate::ast::{Expr, ExprKind};
 use crate::builtins::{self, Kind};
 use crate::check::{CheckedRecipe, Value};
+use crate::Span;
+use std::collections::BTreeMap;
 
 /// Where a prune stage compares scores (`scope = ...`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -68,6 +70,47 @@ impl Method {
             _ => return Method::Criterion,
         };
         Method::named(name).unwrap_or(Method::Criterion)
+    }
+
+    /// A built-in method's numeric arguments as the call gives them
+    /// (`sparsegpt(block = 64)`, `sap(0.5, 1.0)`): positional ones named by
+    /// the built-in's signature, unwritten ones at their defaults, params
+    /// folded. None for a criterion; `Err` with the span of an argument
+    /// that is not a constant number.
+    pub fn arguments(r: &CheckedRecipe, by: &Expr) -> Result<BTreeMap<String, f64>, Span> {
+        let (name, args) = match &by.kind {
+            ExprKind::Call { callee, args } => (&callee.name, Some(args)),
+            ExprKind::Name(id) => (&id.name, None),
+            _ => return Ok(BTreeMap::new()),
+        };
+        if Method::of(r, by) == Method::Criterion {
+            return Ok(BTreeMap::new());
+        }
+        let Some(b) = builtins::lookup(name) else {
+            return Ok(BTreeMap::new());
+        };
+        let positional: Vec<&Expr> = args
+            .into_iter()
+            .flat_map(|a| a.items.iter())
+            .filter(|a| a.name.is_none())
+            .map(|a| &a.value)
+            .collect();
+        let mut out = BTreeMap::new();
+        for (i, p) in b.params.iter().enumerate() {
+            let written = args
+                .and_then(|a| a.named(p.name))
+                .map(|a| &a.value)
+                .or_else(|| positional.get(i).copied());
+            let value = match written {
+                Some(e) => r.constant(e).ok_or(e.span)?,
+                None => match p.default.and_then(|d| crate::parse::source_to_expr(d).ok()) {
+                    Some(d) => r.constant(&d).ok_or(by.span)?,
+                    None => continue,
+                },
+            };
+            out.insert(p.name.to_string(), value);
+        }
+        Ok(out)
     }
 
     /// The built-in method of this name (`sparsegpt`, `sap`), if it is one.
@@ -231,6 +274,33 @@ mod tests {
             assert_eq!(m.as_str(), name);
         }
         assert_eq!(Metric::named("nope"), None);
+    }
+
+    fn prune_args(by: &str) -> BTreeMap<String, f64> {
+        let src = format!(
+            "recipe t {{ version = 1, seed = 1 }}\nuse std.{{sap, magnitude}}\nparam q = 2\n\
+             model net = mlp(inputs = 784, hidden = [30], classes = 10)\n\
+             pipeline {{\n  prune net by {by} (rounds = 2)\n}}\n"
+        );
+        let parsed = crate::source_to_ast(&src);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let r = crate::ast_to_checked(&parsed.recipe, &src, &[]).expect("checks");
+        let stage = &r.pipeline().stages[0];
+        Method::arguments(&r, stage.by.as_ref().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn method_arguments_are_named_folded_and_defaulted() {
+        let a = prune_args("sap(0.25, q, gamma = 1.5)");
+        assert_eq!(a["p"], 0.25, "positional, by the signature's order");
+        assert_eq!(a["q"], 2.0, "a param, folded");
+        assert_eq!(a["gamma"], 1.5, "named");
+        assert_eq!((a["eta"], a["beta"]), (0.001, 0.9), "defaults");
+        assert_eq!(prune_args("sap")["q"], 1.0, "without a call: all defaults");
+        assert!(
+            prune_args("magnitude to 50%").is_empty(),
+            "a criterion has none"
+        );
     }
 }
 

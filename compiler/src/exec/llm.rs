@@ -4,10 +4,10 @@
 
 use super::{rt_err_llm, Exec, RunError};
 use crate::lower;
-use crate::plan::{Action, Prune, Step};
+use crate::plan::{Action, DataRef, Prune, Step};
 use crate::specs::text_files;
 use prunec_kernels::{PruneOptions, Selection, TensorView};
-use prunec_lang::ast::{ExprKind, Stage};
+
 use prunec_lang::check::Value;
 use prunec_lang::resolved::{Method, Metric, Pattern, Scope};
 use prunec_lang::Span;
@@ -76,8 +76,8 @@ impl Exec<'_> {
     }
 
     /// The `text(...)` declaration behind a data set expression, with its files.
-    fn text_data(&mut self, e: &prunec_lang::ast::Expr) -> Result<(Value, Vec<PathBuf>), RunError> {
-        let name = e.as_name().map(|n| n.name.clone()).unwrap_or_default();
+    fn text_data(&mut self, e: &DataRef) -> Result<(Value, Vec<PathBuf>), RunError> {
+        let name = e.name.clone();
         let v = self
             .declared(&name)
             .cloned()
@@ -141,29 +141,34 @@ impl Exec<'_> {
     pub(super) fn llm_stage(
         &mut self,
         step: &Step,
-        s: &Stage,
         model: &str,
         span: Span,
     ) -> Result<(), RunError> {
         self.llm(model, span)?;
         match &step.action {
-            Action::Evaluate { metrics, .. } => self.llm_evaluate(s, model, metrics),
+            Action::Evaluate { metrics, label, .. } => {
+                self.llm_evaluate(step, model, metrics, label.as_deref())
+            }
             Action::Prune(p) => self.llm_prune(step, p, model),
             Action::Export { .. } => self.llm_export(step, model),
             _ => Err(RunError::user(
-                s.keyword_span,
+                step.site.keyword,
                 format!(
                     "`{}` stages on language models are not supported yet",
-                    s.kind
+                    step.site.kind
                 ),
             )),
         }
     }
 
-    fn llm_evaluate(&mut self, s: &Stage, model: &str, wanted: &[Metric]) -> Result<(), RunError> {
-        let on =
-            s.on.as_ref()
-                .ok_or_else(|| RunError::user(s.keyword_span, "no data"))?;
+    fn llm_evaluate(
+        &mut self,
+        step: &Step,
+        model: &str,
+        wanted: &[Metric],
+        label: Option<&str>,
+    ) -> Result<(), RunError> {
+        let on = Self::on_data(step)?;
         let (v, files) = self.text_data(on)?;
         let spec = TextSpec::of(&v);
         let (seq, batch) = (spec.seq, spec.batch);
@@ -182,7 +187,7 @@ impl Exec<'_> {
         let tok = self.tokenizer(&spec, on.span)?;
         // `offset` skips the text's first tokens (a split disjoint from calibration).
         let mut tokens = llm::leading_tokens(&tok, &text, max_tokens + spec.offset)
-            .map_err(rt_err_llm(s.span, "tokenizing"))?;
+            .map_err(rt_err_llm(step.span, "tokenizing"))?;
         if tokens.len() <= spec.offset {
             return Err(RunError::user(
                 on.span,
@@ -198,27 +203,24 @@ impl Exec<'_> {
         for &m in wanted {
             let value = match m {
                 Metric::Perplexity => llm::perplexity(&self.llms[model], &tokens, seq, batch)
-                    .map_err(rt_err_llm(s.span, "perplexity"))?,
-                Metric::Sparsity => self.llm_sparsity(model, s.span)?,
+                    .map_err(rt_err_llm(step.span, "perplexity"))?,
+                Metric::Sparsity => self.llm_sparsity(model, step.span)?,
                 other => {
                     return Err(RunError::user(
-                        s.out.as_ref().map_or(s.span, |o| o.span),
+                        step.site.out.unwrap_or(step.span),
                         format!("`{other}` cannot be measured on a language model"),
                     ))
                 }
             };
             out.insert(m.as_str().to_string(), value);
         }
-        let data = on.as_name().map(|n| n.name.clone()).unwrap_or_default();
-        self.record_evaluation(s, model, &data, out);
+        let data = on.name.clone();
+        self.record_evaluation(step.span, label, model, &data, out);
         Ok(())
     }
 
     fn llm_prune(&mut self, step: &Step, p: &Prune, model: &str) -> Result<(), RunError> {
-        let s = step.stage(self.r);
-        let by =
-            s.by.as_ref()
-                .ok_or_else(|| RunError::user(s.keyword_span, "no criterion"))?;
+        let by = &p.by.expr;
         let pattern = match p.pattern {
             Some(Pattern::NM { n, m }) => llm::SparsityPattern::NofM {
                 n: n as usize,
@@ -230,15 +232,12 @@ impl Exec<'_> {
                 ))
             }
             None => {
-                let target = match &s.to {
-                    Some(to) => self.number(to)?,
-                    None => {
-                        return Err(RunError::user(
-                            s.keyword_span,
-                            "give a target (`to 50%`) or a `pattern`",
-                        ))
-                    }
-                };
+                let target = p.target.ok_or_else(|| {
+                    RunError::user(
+                        step.site.to.unwrap_or(step.site.keyword),
+                        "give a constant target (`to 50%`) or a `pattern`",
+                    )
+                })?;
                 llm::SparsityPattern::Unstructured(target)
             }
         };
@@ -250,25 +249,10 @@ impl Exec<'_> {
         config
             .skip
             .extend(lower::strings(self.option(step, "skip").as_ref()));
-        // Calibration text.
-        let calib = match self.option(step, "calibrate") {
-            Some(Value::Ref(d)) => Some(d),
-            _ => {
-                s.on.as_ref()
-                    .and_then(|e| e.as_name())
-                    .map(|n| n.name.clone())
-            }
-        };
-        let windows = match &calib {
+        // Calibration text: `calibrate = D`, else `on D`.
+        let windows = match &p.stats_data {
             Some(d) => {
-                let e = prunec_lang::ast::Expr {
-                    kind: ExprKind::Name(prunec_lang::ast::Ident {
-                        name: d.clone(),
-                        span: s.span,
-                    }),
-                    span: s.span,
-                };
-                let (v, files) = self.text_data(&e)?;
+                let (v, files) = self.text_data(d)?;
                 let spec = TextSpec::of(&v);
                 let count = if spec.samples > 0 {
                     spec.samples
@@ -277,7 +261,7 @@ impl Exec<'_> {
                 };
                 // The data set's batch is the calibration forward's chunk of sequences.
                 config.batch = spec.batch;
-                let tok = self.tokenizer(&spec, s.span)?;
+                let tok = self.tokenizer(&spec, step.span)?;
                 llm::calibration_windows_after(
                     &tok,
                     &files,
@@ -286,30 +270,32 @@ impl Exec<'_> {
                     spec.offset,
                     self.r.seed,
                 )
-                .map_err(rt_err_llm(s.span, "calibration text"))?
+                .map_err(rt_err_llm(step.span, "calibration text"))?
             }
             None => Vec::new(),
         };
-        let report = match &by.kind {
-            ExprKind::Call { args, .. } if p.method == Method::SparseGpt => {
-                // Arguments are positional (block, damp) or named, numbers or params.
-                let get = |k: &str, i: usize, d: f64| -> Result<f64, RunError> {
-                    let a = args
-                        .named(k)
-                        .or_else(|| args.items.iter().filter(|a| a.name.is_none()).nth(i));
-                    a.map_or(Ok(d), |a| self.number(&a.value))
+        let report = match p.method {
+            Method::SparseGpt => {
+                // The plan resolved the arguments, defaults included.
+                let get = |k: &str| {
+                    p.args.get(k).copied().ok_or_else(|| {
+                        RunError::Internal(format!(
+                            "step {}: SparseGPT has no argument `{k}`",
+                            step.id
+                        ))
+                    })
                 };
                 let mut pruner = llm::SparseGptPruner {
                     config: llm::SparseGptConfig {
-                        block_size: get("block", 0, 128.0)?.max(1.0) as usize,
-                        damp: get("damp", 1, 0.01)?,
+                        block_size: get("block")?.max(1.0) as usize,
+                        damp: get("damp")?,
                     },
                 };
                 let mut shown = self.layer_progress(model, &config, &mut pruner);
                 let m = self.llms.get_mut(model).unwrap();
                 let r = llm::prune_one_shot(m, &windows, &config, &mut shown);
                 shown.finish();
-                r.map_err(rt_err_llm(s.span, "SparseGPT"))?
+                r.map_err(rt_err_llm(step.span, "SparseGPT"))?
             }
             _ => {
                 let lowered = match &p.kernel {
@@ -360,7 +346,7 @@ impl Exec<'_> {
                 let m = self.llms.get_mut(model).unwrap();
                 let r = llm::prune_one_shot(m, &windows, &config, &mut shown);
                 shown.finish();
-                r.map_err(rt_err_llm(s.span, "pruning"))?
+                r.map_err(rt_err_llm(step.span, "pruning"))?
             }
         };
         if self.progress {
@@ -386,8 +372,7 @@ impl Exec<'_> {
         expr: &prunec_kernels::KExpr,
         target: f64,
     ) -> Result<(), RunError> {
-        let s = step.stage(self.r);
-        let err = |e: llm::RuntimeError| RunError::user(s.span, format!("pruning: {e}"));
+        let err = |e: llm::RuntimeError| RunError::user(step.span, format!("pruning: {e}"));
         let tensor_err = |e: candle_core::Error| RunError::Internal(format!("pruning: {e}"));
         let targeted = config.targeted(&self.llms[model]).map_err(err)?;
         let (keep_min, keep_max) = (self.option(step, "keep_min"), self.option(step, "keep_max"));
@@ -436,7 +421,7 @@ impl Exec<'_> {
             single_pass: false,
         };
         prunec_kernels::prune_jit(expr, &selection, &mut views, &opts)
-            .map_err(|e| RunError::user(s.span, format!("pruning `{model}` failed: {e}")))?;
+            .map_err(|e| RunError::user(step.span, format!("pruning `{model}` failed: {e}")))?;
         drop(views);
         let m = self.llms.get_mut(model).unwrap();
         let device = m.device().clone();
@@ -462,8 +447,7 @@ impl Exec<'_> {
     }
 
     fn llm_export(&mut self, step: &Step, model: &str) -> Result<(), RunError> {
-        let s = step.stage(self.r);
-        let (_, path, to_span) = self.export_target(s)?;
+        let (_, path, to_span) = self.export_target(step)?;
         let format = self
             .option(step, "format")
             .and_then(|f| f.as_str().map(String::from))

@@ -10,16 +10,16 @@ pub mod sweep;
 use crate::error::rt_err;
 use crate::error::RunError;
 use crate::lower;
-use crate::plan::{Action, Step};
+use crate::plan::{Action, DataRef, Step};
 use crate::report::{fmt_metric, Evaluation, Layer, Report, Round};
 use crate::specs::{dataset_spec, model_spec};
-use prunec_lang::ast::{BinaryOp, Expr, ExprKind, Stage, UnaryOp};
+use prunec_lang::ast::{BinaryOp, Expr, ExprKind, UnaryOp};
 use prunec_lang::check::Value;
 use prunec_lang::resolved::Metric;
 use prunec_lang::{CheckedRecipe, Span};
 use prunec_runtime as rt;
 use rt::train::Control;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -62,9 +62,10 @@ struct ModelState {
 
 struct Exec<'a> {
     r: &'a CheckedRecipe,
-    /// The recipes of every sweep variant this state stands for (`r` alone
-    /// without a sweep), and their names, recorded on each step.
-    group: Vec<&'a CheckedRecipe>,
+    /// The epochs the plans of every sweep variant this state stands for
+    /// rewind each model to (a shared training keeps those weights), and
+    /// the variants' names, recorded on each step.
+    rewinds: BTreeMap<String, BTreeSet<usize>>,
     variants: Vec<String>,
     device: candle_core::Device,
     models: BTreeMap<String, ModelState>,
@@ -171,7 +172,7 @@ pub fn run_sweep(
 impl<'a> Exec<'a> {
     fn new(
         r: &'a CheckedRecipe,
-        group: Vec<&'a CheckedRecipe>,
+        rewinds: BTreeMap<String, BTreeSet<usize>>,
         variants: Vec<String>,
         recipe_path: &Path,
         recipe_text: &str,
@@ -180,7 +181,7 @@ impl<'a> Exec<'a> {
     ) -> Result<Self, RunError> {
         let ex = Exec {
             r,
-            group,
+            rewinds,
             variants,
             device: rt::DeviceSpec::Cpu
                 .device()
@@ -210,12 +211,12 @@ impl<'a> Exec<'a> {
     fn retarget(
         &mut self,
         r: &'a CheckedRecipe,
-        group: Vec<&'a CheckedRecipe>,
+        rewinds: BTreeMap<String, BTreeSet<usize>>,
         variants: Vec<String>,
         staging: PathBuf,
     ) {
         self.r = r;
-        self.group = group;
+        self.rewinds = rewinds;
         self.variants = variants;
         self.staging = staging;
         self.report.set_params(r);
@@ -226,7 +227,7 @@ impl<'a> Exec<'a> {
     fn fork(
         &self,
         r: &'a CheckedRecipe,
-        group: Vec<&'a CheckedRecipe>,
+        rewinds: BTreeMap<String, BTreeSet<usize>>,
         variants: Vec<String>,
         staging: PathBuf,
     ) -> Result<Self, RunError> {
@@ -251,7 +252,7 @@ impl<'a> Exec<'a> {
         }
         let mut f = Exec {
             r: self.r,
-            group: vec![],
+            rewinds: BTreeMap::new(),
             variants: vec![],
             device: self.device.clone(),
             models,
@@ -270,7 +271,7 @@ impl<'a> Exec<'a> {
             lineage: self.lineage.clone(),
             copied_from: None,
         };
-        f.retarget(r, group, variants, staging);
+        f.retarget(r, rewinds, variants, staging);
         Ok(f)
     }
 
@@ -401,26 +402,28 @@ impl Exec<'_> {
         self.r.symbols.get(name).and_then(|s| s.value.as_ref())
     }
 
-    fn subject_name(stage: &Stage) -> Result<(String, Span), RunError> {
-        let e = stage
-            .subject
-            .first()
-            .ok_or_else(|| RunError::Internal("stage without subject".into()))?;
-        let id = e
-            .as_name()
-            .ok_or_else(|| RunError::user(e.span, "expected a model name"))?;
-        Ok((id.name.clone(), id.span))
+    /// The model a step reads or changes, and where its name is written.
+    fn subject_name(step: &Step) -> Result<(String, Span), RunError> {
+        let name = step
+            .model
+            .clone()
+            .ok_or_else(|| RunError::Internal(format!("step {} has no model", step.id)))?;
+        Ok((name, step.site.subject))
     }
 
-    /// Runs one plan step: what it does and every option come from the
-    /// step (action, method, schedule, sparsities, options); the stage it
-    /// came from gives the clauses' data names and spans.
+    /// The data set a step's `on` clause names.
+    fn on_data(step: &Step) -> Result<&DataRef, RunError> {
+        step.on
+            .as_ref()
+            .ok_or_else(|| RunError::user(step.site.keyword, "no data"))
+    }
+
+    /// Runs one plan step: what it does, every option, the data it reads
+    /// and where to report errors all come from the step.
     fn step(&mut self, step: &Step) -> Result<(), RunError> {
         let t0 = Instant::now();
-        let s = step.stage(self.r);
         if let Some(name) = step.model.as_deref().filter(|m| self.is_llm(m)) {
-            let span = s.subject.first().map_or(s.span, |e| e.span);
-            self.llm_stage(step, s, name, span)?;
+            self.llm_stage(step, name, step.site.subject)?;
             self.push_step(step, t0);
             return Ok(());
         }
@@ -438,7 +441,7 @@ impl Exec<'_> {
                 }
                 match &step.action {
                     Action::Prune(p) => self.prune(step, p)?,
-                    _ => self.calibrate(s)?,
+                    _ => self.calibrate(step)?,
                 }
             }
             Action::Statistics {
@@ -448,24 +451,30 @@ impl Exec<'_> {
             } => {
                 let name = step.model.clone().unwrap_or_default();
                 self.statistics(
-                    s,
+                    step,
                     for_step,
                     &name,
                     gradients.as_deref(),
                     activations.as_deref(),
                 )?
             }
-            Action::Evaluate { metrics, .. } => self.evaluate(s, metrics)?,
-            Action::Assert { .. } => {
+            Action::Evaluate { metrics, label, .. } => {
+                self.evaluate(step, metrics, label.as_deref())?
+            }
+            Action::Assert { condition } => {
                 // A failed assert ran too: it shows among the steps.
-                let held = self.assert(s);
+                let held = self.assert(&condition.expr);
                 if held.is_err() {
                     self.push_step(step, t0);
                 }
                 held?
             }
             Action::Export { .. } => self.export(step)?,
-            Action::Report { .. } => self.report_stage(s)?,
+            Action::Report { metrics, path } => {
+                if let Some(p) = path {
+                    self.report.plots.push((PathBuf::from(p), metrics.clone()));
+                }
+            }
         }
         self.push_step(step, t0);
         Ok(())
@@ -473,15 +482,14 @@ impl Exec<'_> {
 
     /// Records a step that ran, with the variants that share it.
     fn push_step(&mut self, step: &Step, t0: Instant) {
-        let s = step.stage(self.r);
         self.report.steps.push(crate::report::Step {
             id: step.id.clone(),
             kind: match step.action {
                 Action::Statistics { .. } => "statistics".to_string(),
-                _ => s.kind.keyword().to_string(),
+                _ => step.site.kind.keyword().to_string(),
             },
             model: step.model.clone().unwrap_or_default(),
-            span: s.span,
+            span: step.span,
             variants: self.variants.clone(),
             seconds: t0.elapsed().as_secs_f64(),
             copied_from: self.copied_from.take(),
@@ -493,16 +501,12 @@ impl Exec<'_> {
     /// `examples/global_mp_keepmin.prune`) copies that model's state instead
     /// of training again: the same weights, bit for bit. True when it did.
     fn train_from_twin(&mut self, step: &Step) -> Result<bool, RunError> {
-        let s = step.stage(self.r);
-        let (name, span) = Self::subject_name(s)?;
+        let (name, span) = Self::subject_name(step)?;
         self.model(&name, span)?;
-        let on =
-            s.on.as_ref()
-                .and_then(|e| e.as_name())
-                .map(|n| n.name.clone());
+        let on = step.on.as_ref().map(|d| d.name.clone());
         let key = format!(
             "{} | {} on {:?} with {:?}",
-            self.lineage[&name], s.kind, on, step.options
+            self.lineage[&name], step.site.kind, on, step.options
         );
         let twin = self
             .lineage
@@ -560,22 +564,19 @@ impl Exec<'_> {
                     init,
                     spec,
                     epochs_trained: 0,
-                    rewind_points: self.rewind_epochs(name),
+                    rewind_points: self
+                        .rewinds
+                        .get(name)
+                        .into_iter()
+                        .flatten()
+                        .map(|&k| (k, None))
+                        .collect(),
                     calibration: None,
                     stats: None,
                 },
             );
         }
         Ok(self.models.get_mut(name).unwrap())
-    }
-
-    fn dataset(&mut self, e: &Expr) -> Result<&rt::Dataset, RunError> {
-        let id = e
-            .as_name()
-            .ok_or_else(|| RunError::user(e.span, "expected a dataset name"))?;
-        let name = id.name.clone();
-        self.dataset_named(&name, e.span)?;
-        Ok(&self.datasets[&name])
     }
 
     /// A declared data set, loaded on first use (`span`: where it is read).
@@ -620,13 +621,10 @@ impl Exec<'_> {
         step: &Step,
         mut gradual: Option<&mut prune::Gradual>,
     ) -> Result<(), RunError> {
-        let s = step.stage(self.r);
-        let (name, span) = Self::subject_name(s)?;
-        let on =
-            s.on.as_ref()
-                .ok_or_else(|| RunError::user(s.keyword_span, "no data"))?;
-        self.dataset(on)?;
-        let data_name = on.as_name().unwrap().name.clone();
+        let (name, span) = Self::subject_name(step)?;
+        let on = Self::on_data(step)?;
+        self.dataset_named(&on.name, on.span)?;
+        let data_name = on.name.clone();
         let epochs = self
             .option(step, "epochs")
             .and_then(|v| v.as_i64())
@@ -726,15 +724,14 @@ impl Exec<'_> {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
-            b.set_prefix(format!("{} {name}", s.kind));
+            b.set_prefix(format!("{} {name}", step.site.kind));
             b
         });
         let total = cfg.total_steps(&self.datasets[&data_name]);
         if let Some(g) = gradual.as_deref_mut() {
             g.make_plan(batches, total)?;
-            if let Some(c) = &g.calib {
-                let c = c.clone();
-                self.dataset(&c)?;
+            if let Some(c) = g.calib.clone() {
+                self.dataset_named(&c.name, c.span)?;
             }
         }
         let state = self.models.get_mut(&name).unwrap();
@@ -749,7 +746,6 @@ impl Exec<'_> {
         let calib = gradual
             .as_ref()
             .and_then(|g| g.calib.as_ref())
-            .and_then(|c| c.as_name())
             .map(|c| &*self.datasets[&c.name]);
         let mut hooks = StageHook {
             flag: self.interrupted.clone(),
@@ -772,16 +768,20 @@ impl Exec<'_> {
         match result {
             // Full epochs only: a run cut short by `steps` ends mid-epoch.
             Ok(_) => *epochs_trained += hooks.epochs_done,
-            Err(rt::RuntimeError::Diverged { epoch, step, loss }) => {
+            Err(rt::RuntimeError::Diverged {
+                epoch,
+                step: at,
+                loss,
+            }) => {
                 return Err(RunError::User {
-                    span: Some(s.span),
+                    span: Some(step.span),
                     message: format!(
-                    "training `{name}` diverged at epoch {epoch}, step {step}: the loss is {loss}"
+                    "training `{name}` diverged at epoch {epoch}, step {at}: the loss is {loss}"
                 ),
                     help: Some("lower the learning rate".into()),
                 })
             }
-            Err(e) => return Err(rt_err(s.span, "training failed")(e)),
+            Err(e) => return Err(rt_err(step.span, "training failed")(e)),
         }
         if self.interrupted.load(Ordering::SeqCst) {
             return Err(RunError::Interrupted);
@@ -791,7 +791,6 @@ impl Exec<'_> {
 
     /// Names of the weights a prune stage targets.
     fn select_params(&self, step: &Step, model: &rt::Model) -> Result<Vec<String>, RunError> {
-        let s = step.stage(self.r);
         let targets = match self.option(step, "targets") {
             Some(v) => lower::strings(Some(&v)),
             None => vec!["*.weight".to_string()],
@@ -807,7 +806,7 @@ impl Exec<'_> {
             .map(String::from)
             .collect();
         if names.is_empty() {
-            let span = s.arg("targets").map_or(s.keyword_span, |a| a.span);
+            let span = step.site.targets.unwrap_or(step.site.keyword);
             return Err(RunError::User {
                 span: Some(span),
                 message: format!(
@@ -834,32 +833,36 @@ impl Exec<'_> {
         Ok((sp.total, pqi))
     }
 
-    /// Loads a stage's model and its `on` data; their names.
-    fn model_and_data(&mut self, s: &Stage) -> Result<(String, String), RunError> {
-        let (name, span) = Self::subject_name(s)?;
-        let on =
-            s.on.as_ref()
-                .ok_or_else(|| RunError::user(s.keyword_span, "no data"))?;
-        self.dataset(on)?;
+    /// Loads a step's model and its `on` data; their names.
+    fn model_and_data(&mut self, step: &Step) -> Result<(String, String), RunError> {
+        let (name, span) = Self::subject_name(step)?;
+        let on = Self::on_data(step)?;
+        self.dataset_named(&on.name, on.span)?;
         self.model(&name, span)?;
-        Ok((name, on.as_name().unwrap().name.clone()))
+        Ok((name, on.name.clone()))
     }
 
-    fn evaluate(&mut self, s: &Stage, wanted: &[Metric]) -> Result<(), RunError> {
-        let (name, data_name) = self.model_and_data(s)?;
+    fn evaluate(
+        &mut self,
+        step: &Step,
+        wanted: &[Metric],
+        label: Option<&str>,
+    ) -> Result<(), RunError> {
+        let s = &step.site;
+        let (name, data_name) = self.model_and_data(step)?;
         let needs_eval = wanted
             .iter()
             .any(|m| matches!(m, Metric::Accuracy | Metric::Loss));
         let measured = match needs_eval {
             true => Some(
                 rt::evaluate(&self.models[&name].model, &self.datasets[&data_name])
-                    .map_err(rt_err(s.span, "evaluation failed"))?,
+                    .map_err(rt_err(step.span, "evaluation failed"))?,
             ),
             false => None,
         };
-        let (sparsity, pqi) = self.sparsity_pqi(&name, s.span)?;
-        let counts =
-            rt::eval::model_counts(&self.models[&name].model).map_err(rt_err(s.span, "counts"))?;
+        let (sparsity, pqi) = self.sparsity_pqi(&name, step.span)?;
+        let counts = rt::eval::model_counts(&self.models[&name].model)
+            .map_err(rt_err(step.span, "counts"))?;
         let mut out = BTreeMap::new();
         for &m in wanted {
             let v = match (m, &measured) {
@@ -871,21 +874,22 @@ impl Exec<'_> {
                 (Metric::Flops, _) => counts.flops_kept as f64,
                 (other, _) => {
                     return Err(RunError::user(
-                        s.out.as_ref().map_or(s.span, |o| o.span),
+                        s.out.unwrap_or(step.span),
                         format!("`{other}` cannot be measured on this model"),
                     ));
                 }
             };
             out.insert(m.as_str().to_string(), v);
         }
-        self.record_evaluation(s, &name, &data_name, out);
+        self.record_evaluation(step.span, label, &name, &data_name, out);
         Ok(())
     }
 
     /// Records an evaluation: latest values, its label, the current round, the report.
     fn record_evaluation(
         &mut self,
-        s: &Stage,
+        span: Span,
+        label: Option<&str>,
         model: &str,
         data: &str,
         out: BTreeMap<String, f64>,
@@ -893,16 +897,14 @@ impl Exec<'_> {
         for (k, v) in &out {
             self.latest.insert(k.clone(), *v);
         }
-        if let Some(l) = &s.label {
-            self.labels.insert(l.name.clone(), out.clone());
+        if let Some(l) = label {
+            self.labels.insert(l.to_string(), out.clone());
         }
         if let Some(r) = &mut self.round {
             r.metrics.extend(out.clone());
         }
-        let label = s
-            .label
-            .as_ref()
-            .map(|l| l.name.clone())
+        let label = label
+            .map(String::from)
             .unwrap_or_else(|| format!("{model} on {data}"));
         if self.progress {
             let shown: Vec<String> = out
@@ -913,7 +915,7 @@ impl Exec<'_> {
         }
         self.report.evaluations.push(Evaluation {
             label,
-            span: s.span,
+            span,
             metrics: out,
         });
     }
@@ -986,11 +988,7 @@ impl Exec<'_> {
         })
     }
 
-    fn assert(&mut self, s: &Stage) -> Result<(), RunError> {
-        let cond = s
-            .subject
-            .first()
-            .ok_or_else(|| RunError::user(s.keyword_span, "no condition"))?;
+    fn assert(&mut self, cond: &Expr) -> Result<(), RunError> {
         let mut values = Vec::new();
         if !self.truth(cond, &mut values)? {
             return Err(RunError::Assert {
@@ -1008,21 +1006,21 @@ impl Exec<'_> {
     /// An export stage's path: relative, inside the output folder; returns
     /// it, its place in the staging folder (parent folders created) and the
     /// span of the `to` clause.
-    fn export_target(&self, s: &Stage) -> Result<(PathBuf, PathBuf, Span), RunError> {
-        let to =
-            s.to.as_ref()
-                .ok_or_else(|| RunError::user(s.keyword_span, "no path"))?;
-        let rel = match &to.kind {
-            ExprKind::Str(p) => PathBuf::from(p),
-            _ => return Err(RunError::user(to.span, "expected a path")),
+    fn export_target(&self, step: &Step) -> Result<(PathBuf, PathBuf, Span), RunError> {
+        let (Action::Export { path }, Some(span)) = (&step.action, step.site.to) else {
+            return Err(RunError::Internal(format!(
+                "step {} exports nothing",
+                step.id
+            )));
         };
+        let rel = PathBuf::from(path);
         if rel.is_absolute()
             || rel
                 .components()
                 .any(|c| matches!(c, std::path::Component::ParentDir))
         {
             return Err(RunError::User {
-                span: Some(to.span),
+                span: Some(span),
                 message: "export paths are relative to the output folder and stay inside it".into(),
                 help: Some("write a relative path such as \"model.safetensors\"; choose the folder with `--out DIR`".into()),
             });
@@ -1030,23 +1028,22 @@ impl Exec<'_> {
         let path = self.staging.join(&rel);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| {
-                RunError::user(to.span, format!("cannot create {}: {e}", parent.display()))
+                RunError::user(span, format!("cannot create {}: {e}", parent.display()))
             })?;
         }
-        Ok((rel, path, to.span))
+        Ok((rel, path, span))
     }
 
     fn export(&mut self, step: &Step) -> Result<(), RunError> {
-        let s = step.stage(self.r);
-        let (name, span) = Self::subject_name(s)?;
-        let (rel, path, to_span) = self.export_target(s)?;
+        let (name, span) = Self::subject_name(step)?;
+        let (rel, path, to_span) = self.export_target(step)?;
         if let Some(f) = self
             .option(step, "format")
             .and_then(|f| f.as_str().map(String::from))
         {
             if f != "safetensors" {
                 return Err(RunError::user(
-                    s.span,
+                    step.span,
                     format!("`format = {f}` is available for language models only"),
                 ));
             }
@@ -1059,24 +1056,6 @@ impl Exec<'_> {
             .map_err(rt_err(to_span, "export failed"))?;
         self.report.outputs.push((rel.display().to_string(), hash));
         self.report.exported.get_or_insert(name);
-        Ok(())
-    }
-
-    fn report_stage(&mut self, s: &Stage) -> Result<(), RunError> {
-        let metrics: Vec<String> = s
-            .subject
-            .iter()
-            .filter_map(|e| match &e.kind {
-                ExprKind::Per { base, .. } => base.as_name().map(|n| n.name.clone()),
-                ExprKind::Name(n) => Some(n.name.clone()),
-                _ => None,
-            })
-            .collect();
-        if let Some(out) = &s.out {
-            if let ExprKind::Str(p) = &out.kind {
-                self.report.plots.push((PathBuf::from(p), metrics));
-            }
-        }
         Ok(())
     }
 

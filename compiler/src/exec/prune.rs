@@ -5,11 +5,10 @@
 
 use super::{rt_err, Exec, ModelState, RunError, GRADIENT_BATCHES};
 use crate::lower::{self, LoweredCriterion, Side};
-use crate::plan::{Prune, Step};
+use crate::plan::{Action, DataRef, Prune, Step};
 use crate::report::Round;
 use crate::specs::gradual_plan;
 use prunec_kernels::{PruneOptions, Selection, TensorView};
-use prunec_lang::ast::{Expr, ExprKind, Stage};
 use prunec_lang::check::Value;
 use prunec_lang::resolved::{Method, Pattern, Schedule, Scope};
 use prunec_lang::Span;
@@ -521,7 +520,7 @@ pub(super) struct Gradual {
     pub schedule: Value,
     pub seed: u64,
     /// Data for `act(x)` (the stage's `calibrate = D`, or the training data).
-    pub calib: Option<prunec_lang::ast::Expr>,
+    pub calib: Option<DataRef>,
     /// `(step, sparsity)` of every pruning step.
     pub plan: Vec<(usize, f64)>,
     next: usize,
@@ -535,12 +534,7 @@ pub(super) struct Gradual {
 }
 
 impl Gradual {
-    pub fn new(
-        pruner: Pruner,
-        schedule: Value,
-        seed: u64,
-        calib: Option<prunec_lang::ast::Expr>,
-    ) -> Self {
+    pub fn new(pruner: Pruner, schedule: Value, seed: u64, calib: Option<DataRef>) -> Self {
         Gradual {
             pruner,
             schedule,
@@ -728,50 +722,6 @@ pub(super) fn pq_index(alive: impl Iterator<Item = f32>, p: f64, q: f64) -> (usi
 }
 
 impl Exec<'_> {
-    /// `rewind = epoch k` points the recipe's prune stages on `model` need,
-    /// in every variant this state stands for (a shared training keeps the
-    /// weights each of them rewinds to).
-    pub(super) fn rewind_epochs(&self, model: &str) -> BTreeMap<usize, Option<rt::Snapshot>> {
-        fn walk<'s>(stages: &'s [Stage], out: &mut Vec<&'s Stage>) {
-            for s in stages {
-                out.push(s);
-                if let Some(b) = &s.block {
-                    walk(&b.stages, out);
-                }
-            }
-        }
-        let mut points = BTreeMap::new();
-        for r in self.group.iter().copied().chain([self.r]) {
-            let mut all = Vec::new();
-            walk(&r.pipeline().stages, &mut all);
-            for s in all {
-                let on_model = s
-                    .subject
-                    .first()
-                    .and_then(|e| e.as_name())
-                    .map(|n| n.name.as_str())
-                    == Some(model);
-                if s.kind != prunec_lang::ast::StageKind::Prune || !on_model {
-                    continue;
-                }
-                let rewind = match Schedule::of(r, s) {
-                    Schedule::Iterative { rewind, .. } => rewind,
-                    _ => None,
-                };
-                if let Some(Value::Duration {
-                    count,
-                    unit: prunec_lang::ast::Unit::Epoch,
-                }) = rewind.as_ref()
-                {
-                    if *count > 0 {
-                        points.insert(*count as usize, None);
-                    }
-                }
-            }
-        }
-        points
-    }
-
     /// The pruner of a prune stage with a lowered criterion.
     fn pruner(
         &mut self,
@@ -800,18 +750,12 @@ impl Exec<'_> {
         })
     }
 
-    /// The data set a criterion's statistics are computed on: `calibrate = D`, else `on D`.
-    fn stats_data(&self, s: &Stage) -> Option<Expr> {
-        s.arg("calibrate")
-            .map(|a| a.value.clone())
-            .or_else(|| s.on.clone())
-    }
-
     /// Gradients, random draws and activation statistics for one round;
     /// `pre`: those an earlier step computed for it (round one).
     fn side_inputs(
         &mut self,
-        s: &Stage,
+        step: &Step,
+        stats_data: Option<&DataRef>,
         pruner: &Pruner,
         round: usize,
         pre: Stats,
@@ -830,16 +774,16 @@ impl Exec<'_> {
                 for n in &pruner.selected {
                     let len = model
                         .param(n)
-                        .map_err(rt_err(s.span, "read weights"))?
+                        .map_err(rt_err(step.span, "read weights"))?
                         .numel();
-                    let salt = ((s.id.0 as u64) << 20) ^ round as u64;
+                    let salt = ((step.stage.0 as u64) << 20) ^ round as u64;
                     draws.insert(n.clone(), random_draws(self.r.seed, salt, n, len));
                 }
                 side.grad = Some(draws);
             }
             Some(Side::Accumulate(_)) => {
                 return Err(RunError::User {
-                    span: s.by.as_ref().map(|b| b.span),
+                    span: step.site.by,
                     message: "`accumulate(...)` sums a score over training steps: this prune stage trains no step".into(),
                     help: Some("prune gradually during training: `prune ... (schedule = gradual(...)) during train ...`".into()),
                 });
@@ -848,14 +792,13 @@ impl Exec<'_> {
                 side.grad = pre.grad.map(pick);
             }
             None if pruner.crit.expr.needs_grad() => {
-                let on = s.on.as_ref().ok_or_else(|| {
+                let on = step.on.as_ref().ok_or_else(|| {
                     RunError::user(
-                        s.keyword_span,
+                        step.site.keyword,
                         "this criterion reads gradients: add `on DATASET`",
                     )
                 })?;
-                let data = on.as_name().map(|n| n.name.clone()).unwrap_or_default();
-                side.grad = Some(pick(self.loss_gradients(&name, &data, s.span)?));
+                side.grad = Some(pick(self.loss_gradients(&name, &on.name, step.span)?));
             }
             None => {}
         }
@@ -863,15 +806,12 @@ impl Exec<'_> {
             side.act = Some(pick(act));
         } else if !pruner.crit.expr.col_stats().is_empty() {
             let state = &self.models[&name];
-            side.act = Some(match (&state.calibration, self.stats_data(s)) {
-                (_, Some(d)) => {
-                    let data = d.as_name().map(|n| n.name.clone()).unwrap_or_default();
-                    pick(self.activation_norms(&name, &data, d.span)?)
-                }
+            side.act = Some(match (&state.calibration, stats_data) {
+                (_, Some(d)) => pick(self.activation_norms(&name, &d.name, d.span)?),
                 (Some(c), None) => c.clone(),
                 (None, None) => {
                     return Err(RunError::User {
-                        span: s.by.as_ref().map(|b| b.span),
+                        span: step.site.by,
                         message: "this criterion reads activation statistics (`act(x)`), but no calibration data is given".into(),
                         help: Some("add `calibrate = DATASET` to the stage options, or a `calibrate MODEL on DATASET` stage before it".into()),
                     })
@@ -885,22 +825,21 @@ impl Exec<'_> {
     /// weight of `name`'s current state, for the prune step after it.
     pub(super) fn statistics(
         &mut self,
-        s: &Stage,
+        step: &Step,
         for_step: &str,
         name: &str,
         gradients: Option<&str>,
         activations: Option<&str>,
     ) -> Result<(), RunError> {
-        let span = s.subject.first().map_or(s.span, |e| e.span);
-        self.model(name, span)?;
+        self.model(name, step.site.subject)?;
         let stats = Stats {
             for_step: for_step.to_string(),
             grad: match gradients {
-                Some(d) => Some(self.loss_gradients(name, d, s.span)?),
+                Some(d) => Some(self.loss_gradients(name, d, step.span)?),
                 None => None,
             },
             act: match activations {
-                Some(d) => Some(self.activation_norms(name, d, s.span)?),
+                Some(d) => Some(self.activation_norms(name, d, step.span)?),
                 None => None,
             },
         };
@@ -957,9 +896,9 @@ impl Exec<'_> {
     }
 
     /// `calibrate MODEL on DATA`: activation statistics for later prune stages.
-    pub(super) fn calibrate(&mut self, s: &Stage) -> Result<(), RunError> {
-        let (name, data_name) = self.model_and_data(s)?;
-        let stats = self.activation_norms(&name, &data_name, s.span)?;
+    pub(super) fn calibrate(&mut self, step: &Step) -> Result<(), RunError> {
+        let (name, data_name) = self.model_and_data(step)?;
+        let stats = self.activation_norms(&name, &data_name, step.span)?;
         self.models.get_mut(&name).unwrap().calibration = Some(stats);
         Ok(())
     }
@@ -967,11 +906,10 @@ impl Exec<'_> {
     /// A prune step: the method, schedule, scope and per-round sparsities
     /// the plan resolved; the round block's steps after each round.
     pub(super) fn prune(&mut self, step: &Step, p: &Prune) -> Result<(), RunError> {
-        let s = step.stage(self.r);
-        let (name, span) = Self::subject_name(s)?;
+        let (name, span) = Self::subject_name(step)?;
         let by = &p.by.expr;
         match p.method {
-            Method::Sap => return self.prune_sap(step, p, &name, span, by),
+            Method::Sap => return self.prune_sap(step, p, &name, span),
             Method::SparseGpt => {
                 return Err(RunError::User {
                     span: Some(by.span),
@@ -989,19 +927,19 @@ impl Exec<'_> {
         if let Some(during) = &p.during_step {
             let Schedule::Gradual(schedule) = &p.schedule else {
                 return Err(RunError::User {
-                    span: Some(s.keyword_span),
+                    span: Some(step.site.keyword),
                     message: "pruning `during` training needs a gradual schedule".into(),
                     help: Some("add `schedule = gradual(to = 90%, end = step 2000)`".into()),
                 });
             };
-            return self.prune_during(s, during, pruner, schedule.clone());
+            return self.prune_during(p, during, pruner, schedule.clone());
         }
         let (rounds, rewind) = match &p.schedule {
             Schedule::Iterative { rounds, rewind } => (*rounds, rewind.clone()),
             Schedule::OneShot { rounds } => (*rounds, None),
             Schedule::Gradual(_) => {
                 return Err(RunError::User {
-                    span: Some(s.keyword_span),
+                    span: Some(step.site.keyword),
                     message: "a gradual schedule prunes during training".into(),
                     help: Some(
                         "write `prune ... (schedule = ...) during train MODEL on DATA (...)`"
@@ -1011,8 +949,11 @@ impl Exec<'_> {
             }
         };
         // A fraction; an N:M target (`to 2:4`) is the step's pattern.
-        let target = match (&s.to, p.pattern) {
-            (Some(to), None | Some(Pattern::Block { .. })) => self.number(to)?,
+        let target = match (p.target, step.site.to, p.pattern) {
+            (Some(t), _, None | Some(Pattern::Block { .. })) => t,
+            (None, Some(to), None) => {
+                return Err(RunError::user(to, "the target is not a constant fraction"))
+            }
             _ => 0.0,
         };
         // Round one reads what the plan's `ID.stats` step computed for this
@@ -1033,7 +974,13 @@ impl Exec<'_> {
                 planned if planned.len() == rounds => 1.0 - planned[round - 1],
                 _ => (1.0 - target).powf(round as f64 / rounds as f64),
             };
-            let side = self.side_inputs(s, &pruner, round, std::mem::take(&mut pre))?;
+            let side = self.side_inputs(
+                step,
+                p.stats_data.as_ref(),
+                &pruner,
+                round,
+                std::mem::take(&mut pre),
+            )?;
             let state = self.models.get_mut(&name).unwrap();
             pruner.round(
                 &state.model,
@@ -1048,7 +995,7 @@ impl Exec<'_> {
                     keep_frac * 100.0
                 );
             }
-            self.rewind(s, &name, rewind.as_ref())?;
+            self.rewind(step.span, &name, rewind.as_ref())?;
             self.after_round(
                 step,
                 &name,
@@ -1062,7 +1009,7 @@ impl Exec<'_> {
 
     /// Rewinds the survivors (lottery tickets): to their initial values or to
     /// their values after `k` epochs of training.
-    fn rewind(&mut self, s: &Stage, name: &str, rewind: Option<&Value>) -> Result<(), RunError> {
+    fn rewind(&mut self, span: Span, name: &str, rewind: Option<&Value>) -> Result<(), RunError> {
         let state: &mut ModelState = self.models.get_mut(name).unwrap();
         let snap = match rewind {
             Some(Value::Duration { count: 0, .. }) => &state.init,
@@ -1071,7 +1018,7 @@ impl Exec<'_> {
                 Some(Some(snap)) => snap,
                 _ => {
                     return Err(RunError::User {
-                        span: Some(s.span),
+                        span: Some(span),
                         message: format!(
                             "`rewind = epoch {count}` needs the weights after {count} epochs of training, but `{name}` trained only {} epoch(s) before this stage",
                             state.epochs_trained
@@ -1082,14 +1029,11 @@ impl Exec<'_> {
             },
             _ => return Ok(()),
         };
-        state
-            .model
-            .restore(snap)
-            .map_err(rt_err(s.span, "rewind"))?;
+        state.model.restore(snap).map_err(rt_err(span, "rewind"))?;
         state
             .masks
             .apply(&state.model)
-            .map_err(rt_err(s.span, "rewind"))?;
+            .map_err(rt_err(span, "rewind"))?;
         Ok(())
     }
 
@@ -1125,33 +1069,29 @@ impl Exec<'_> {
     /// `prune ... (schedule = gradual(...)) during train ...`.
     fn prune_during(
         &mut self,
-        s: &Stage,
+        p: &Prune,
         during: &Step,
         pruner: Pruner,
         schedule: Value,
     ) -> Result<(), RunError> {
-        let inner = during.stage(self.r);
-        if !matches!(
-            inner.kind,
-            prunec_lang::ast::StageKind::Train | prunec_lang::ast::StageKind::Finetune
-        ) {
+        if !matches!(during.action, Action::Train { .. }) {
             return Err(RunError::user(
-                inner.keyword_span,
+                during.site.keyword,
                 "pruning runs during a `train` or `finetune` stage",
             ));
         }
         let name = pruner.model.clone();
-        let (inner_name, _) = Self::subject_name(inner)?;
+        let (inner_name, _) = Self::subject_name(during)?;
         if inner_name != name {
             return Err(RunError::user(
-                inner.span,
+                during.span,
                 format!("pruning `{name}` during the training of another model (`{inner_name}`)"),
             ));
         }
         let calib = if pruner.crit.expr.col_stats().is_empty() {
             None
         } else {
-            self.stats_data(s).or_else(|| inner.on.clone())
+            p.stats_data.clone().or_else(|| during.on.clone())
         };
         let mut g = Gradual::new(pruner, schedule, self.r.seed, calib);
         self.train_with(during, Some(&mut g))?;
@@ -1185,26 +1125,15 @@ impl Exec<'_> {
         plan: &Prune,
         name: &str,
         span: Span,
-        by: &Expr,
     ) -> Result<(), RunError> {
-        let s = step.stage(self.r);
-        let arg = |k: &str, d: f64| -> Result<f64, RunError> {
-            match &by.kind {
-                ExprKind::Call { args, .. } => match args.named(k) {
-                    Some(a) => self.number(&a.value),
-                    None => Ok(d),
-                },
-                _ => Ok(d),
-            }
+        // `check` resolved every argument (defaults included) and p < q.
+        let arg = |k: &str| {
+            plan.args.get(k).copied().ok_or_else(|| {
+                RunError::Internal(format!("step {}: SAP has no argument `{k}`", step.id))
+            })
         };
-        let (p, q) = (arg("p", 0.5)?, arg("q", 1.0)?);
-        let (eta, gamma, beta) = (arg("eta", 0.001)?, arg("gamma", 1.2)?, arg("beta", 0.9)?);
-        if !(p > 0.0 && q > p) {
-            return Err(RunError::user(
-                by.span,
-                format!("SAP needs 0 < p < q, got p = {p}, q = {q}"),
-            ));
-        }
+        let (p, q) = (arg("p")?, arg("q")?);
+        let (eta, gamma, beta) = (arg("eta")?, arg("gamma")?, arg("beta")?);
         let magnitude = LoweredCriterion {
             expr: prunec_kernels::KExpr::un(
                 prunec_kernels::UnOp::Abs,
@@ -1216,7 +1145,7 @@ impl Exec<'_> {
         let pruner = self.pruner(step, name, span, magnitude, (plan.scope, plan.pattern))?;
         if pruner.pattern.is_some() {
             return Err(RunError::user(
-                s.span,
+                step.span,
                 "SAP prunes unstructured weights: drop `pattern`",
             ));
         }

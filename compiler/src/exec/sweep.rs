@@ -1,15 +1,13 @@
 //! Running several variants of one recipe (a `--sweep`, or a single run) as
-//! a tree: the variants walk the pipeline together while every stage they
+//! a tree: the variants walk their plans together while every step they
 //! reach reads the same param values, so a shared prefix (dense training,
-//! calibration, a dense evaluation) runs once; where a stage reads a param
+//! calibration, a dense evaluation) runs once; where a step reads a param
 //! whose values differ, the state forks (models copied, data shared) and
-//! each branch goes on alone. A stage's params are those its clauses and
-//! options name, followed through the declarations they name.
+//! each branch goes on alone. A step's params are in the plan
+//! (`Step::params`).
 
 use super::{Exec, RunError, RunOptions, RunOutcome};
 use crate::report::Step;
-use prunec_lang::ast::{Expr, ExprKind, Item, Stage, StageKind};
-use prunec_lang::check::SymKind;
 use prunec_lang::CheckedRecipe;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -31,116 +29,19 @@ pub struct SweepOutcome {
     pub steps: Vec<Step>,
 }
 
-fn expr_names(e: &Expr, out: &mut BTreeSet<String>) {
-    match &e.kind {
-        ExprKind::Name(id) => {
-            out.insert(id.name.clone());
-        }
-        ExprKind::List(items) => items.iter().for_each(|i| expr_names(i, out)),
-        ExprKind::Call { callee, args } => {
-            out.insert(callee.name.clone());
-            args.items.iter().for_each(|a| expr_names(&a.value, out));
-        }
-        ExprKind::Member { base, .. } => expr_names(base, out),
-        ExprKind::Per { base, .. } => expr_names(base, out),
-        ExprKind::Unary { operand, .. } => expr_names(operand, out),
-        ExprKind::Binary { lhs, rhs, .. } => {
-            expr_names(lhs, out);
-            expr_names(rhs, out);
-        }
-        ExprKind::Paren(i) => expr_names(i, out),
-        ExprKind::Number { .. }
-        | ExprKind::Percent { .. }
-        | ExprKind::Pattern { .. }
-        | ExprKind::Duration { .. }
-        | ExprKind::Str(_)
-        | ExprKind::Bool(_) => {}
-    }
-}
-
-fn stage_names(s: &Stage, out: &mut BTreeSet<String>) {
-    let clauses = s.subject.iter().chain(
-        [&s.on, &s.by, &s.to, &s.out]
-            .into_iter()
-            .filter_map(|c| c.as_ref()),
-    );
-    clauses.for_each(|e| expr_names(e, out));
-    if let Some(args) = &s.args {
-        args.items.iter().for_each(|a| expr_names(&a.value, out));
-    }
-    if let Some(b) = &s.block {
-        b.stages.iter().for_each(|i| stage_names(i, out));
-    }
-    if let Some(d) = &s.during {
-        stage_names(d, out);
-    }
-}
-
-/// The params a stage reads: the names in its clauses and options, followed
-/// through the declarations (params, models, data sets, criteria, schedules,
-/// constraint sets) they name.
-pub fn stage_params(r: &CheckedRecipe, s: &Stage) -> BTreeSet<String> {
-    let mut seen = BTreeSet::new();
-    stage_names(s, &mut seen);
-    params_of(r, seen)
-}
-
-/// The params among `names` and the declarations they name, transitively.
-fn params_of(r: &CheckedRecipe, mut seen: BTreeSet<String>) -> BTreeSet<String> {
-    let mut decls: BTreeMap<&str, Vec<&Expr>> = BTreeMap::new();
-    for item in &r.ast.items {
-        match item {
-            Item::Param(p) => decls.entry(&p.name.name).or_default().push(&p.value),
-            Item::Decl(d) => decls.entry(&d.name.name).or_default().push(&d.value),
-            Item::Constraints(c) => decls
-                .entry(&c.name.name)
-                .or_default()
-                .extend(c.fields.iter().map(|f| &f.value)),
-            _ => {}
-        }
-    }
-    let mut todo: Vec<String> = seen.iter().cloned().collect();
-    while let Some(n) = todo.pop() {
-        for e in decls.get(n.as_str()).into_iter().flatten() {
-            let mut found = BTreeSet::new();
-            expr_names(e, &mut found);
-            for f in found {
-                if seen.insert(f.clone()) {
-                    todo.push(f);
-                }
-            }
-        }
-    }
-    seen.into_iter()
-        .filter(|n| r.symbols.get(n).is_some_and(|s| s.kind == SymKind::Param))
-        .collect()
-}
-
-/// The params a plan step reads: those of its stage; a `Statistics` step
-/// reads only the model (whose state the group shares) and the data sets.
-fn step_params(r: &CheckedRecipe, step: &crate::plan::Step) -> BTreeSet<String> {
-    match &step.action {
-        crate::plan::Action::Statistics {
-            gradients,
-            activations,
-            ..
-        } => params_of(r, gradients.iter().chain(activations).cloned().collect()),
-        _ => stage_params(r, step.stage(r)),
-    }
-}
-
-/// What a stage does in one variant, as far as the variants can differ: the
+/// What a step does in one variant, as far as the variants can differ: the
 /// values of the params it reads. Exports write each variant's own files,
 /// so an export never merges variants.
-fn fingerprint(v: &Variant<'_>, s: &Stage, params: &BTreeSet<String>) -> String {
-    let mut fp: Vec<String> = params
+fn fingerprint(v: &Variant<'_>, step: &crate::plan::Step) -> String {
+    let mut fp: Vec<String> = step
+        .params
         .iter()
         .map(|p| {
             let value = v.recipe.param(p).map(|x| x.to_string()).unwrap_or_default();
             format!("{p}={value}")
         })
         .collect();
-    if s.kind == StageKind::Export {
+    if matches!(step.action, crate::plan::Action::Export { .. }) {
         fp.push(format!("variant {}", v.name));
     }
     fp.join(", ")
@@ -184,11 +85,16 @@ pub(super) fn run_variants<'a>(
         ));
     }
     let steps_count = plans[0].steps.len();
-    let params: Vec<BTreeSet<String>> = plans[0]
-        .steps
-        .iter()
-        .map(|step| step_params(first.recipe, step))
-        .collect();
+    // The rewind points a state keeps: those of every variant it stands for.
+    let rewinds = |group: &[usize]| {
+        let mut out: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
+        for &i in group {
+            for (model, epochs) in plans[i].rewind_epochs() {
+                out.entry(model).or_default().extend(epochs);
+            }
+        }
+        out
+    };
     let names = |group: &[usize]| -> Vec<String> {
         if variants.len() == 1 {
             vec![]
@@ -199,7 +105,7 @@ pub(super) fn run_variants<'a>(
     let all: Vec<usize> = (0..variants.len()).collect();
     let mut root_ex = Exec::new(
         first.recipe,
-        variants.iter().map(|v| v.recipe).collect(),
+        rewinds(&all),
         names(&all),
         recipe_path,
         recipe_text,
@@ -222,7 +128,7 @@ pub(super) fn run_variants<'a>(
         let lead = &variants[group[0]];
         let f = ex.fork(
             lead.recipe,
-            group.iter().map(|&i| variants[i].recipe).collect(),
+            rewinds(group),
             names(group),
             root.join(&lead.name),
         )?;
@@ -243,17 +149,17 @@ pub(super) fn run_variants<'a>(
             let lead = &variants[last];
             ex.retarget(
                 lead.recipe,
-                vec![lead.recipe],
+                rewinds(&[last]),
                 names(&[last]),
                 root.join(&lead.name),
             );
             done[last] = Some(ex.finish()?);
             continue;
         }
-        let stage = plans[group[0]].steps[next].stage(first.recipe);
+        let step = &plans[group[0]].steps[next];
         let mut parts: Vec<(String, Vec<usize>)> = Vec::new();
         for &v in &group {
-            let fp = fingerprint(&variants[v], stage, &params[next]);
+            let fp = fingerprint(&variants[v], step);
             match parts.iter_mut().find(|(f, _)| *f == fp) {
                 Some((_, p)) => p.push(v),
                 None => parts.push((fp, vec![v])),
@@ -261,7 +167,7 @@ pub(super) fn run_variants<'a>(
         }
         if parts.len() > 1 {
             if opts.progress {
-                let (line, _) = prunec_lang::diag::line_col(recipe_text, stage.span.start);
+                let (line, _) = prunec_lang::diag::line_col(recipe_text, step.span.start);
                 eprintln!(
                     "sweep: {} branches from line {line} ({})",
                     parts.len(),
@@ -283,7 +189,7 @@ pub(super) fn run_variants<'a>(
             let lead = &variants[parts[last].1[0]];
             ex.retarget(
                 lead.recipe,
-                parts[last].1.iter().map(|&i| variants[i].recipe).collect(),
+                rewinds(&parts[last].1),
                 names(&parts[last].1),
                 root.join(&lead.name),
             );

@@ -85,9 +85,11 @@ pub enum Op {
     Assert {
         condition: Written,
     },
+    /// `path`: the string as given, relative to the output folder.
     Export {
         path: String,
     },
+    /// The metrics plotted per round, and the plot's path.
     Report {
         metrics: Vec<String>,
         path: Option<String>,
@@ -216,12 +218,12 @@ impl Op {
                 )
             }
             Op::Assert { condition } => format!("assert {condition}"),
-            Op::Export { path } => format!("export to {path}"),
+            Op::Export { path } => format!("export to {path:?}"),
             Op::Report { metrics, path } => format!(
-                "report {}{}",
+                "report {} per round{}",
                 metrics.join(", "),
                 path.as_ref()
-                    .map(|p| format!(" -> {p}"))
+                    .map(|p| format!(" -> {p:?}"))
                     .unwrap_or_default()
             ),
         }
@@ -361,6 +363,7 @@ pub fn checked_to_ir(r: &CheckedRecipe, src: &str) -> Ir {
 }
 
 impl Lowerer<'_> {
+    /// The text of a name or expression as written (node labels).
     fn text(&self, e: &Expr) -> String {
         self.src
             .get(e.span.start..e.span.end)
@@ -481,7 +484,7 @@ impl Lowerer<'_> {
                 });
             }
             StageKind::Export => {
-                let path = s.to.as_ref().map(|e| self.text(e)).unwrap_or_default();
+                let path = s.to.as_ref().and_then(string).unwrap_or_default();
                 self.on_model(
                     &model,
                     Node {
@@ -494,8 +497,16 @@ impl Lowerer<'_> {
                 );
             }
             StageKind::Report => {
-                let metrics = s.subject.iter().map(|e| self.text(e)).collect();
-                let path = s.out.as_ref().map(|e| self.text(e));
+                // Metric names: every report is `per round`.
+                let metrics = s
+                    .subject
+                    .iter()
+                    .map(|e| match &e.kind {
+                        ExprKind::Per { base, .. } => self.text(base),
+                        _ => self.text(e),
+                    })
+                    .collect();
+                let path = s.out.as_ref().and_then(string);
                 self.g.add_node(Node {
                     op: Op::Report { metrics, path },
                     span: s.span,
@@ -690,4 +701,12 @@ pub fn changes_model(op: &Op) -> bool {
         op,
         Op::Train { .. } | Op::Mask | Op::FusedPrune { .. } | Op::Reconstruct { .. }
     )
+}
+
+/// The value of a string literal (`"model.safetensors"`).
+fn string(e: &Expr) -> Option<String> {
+    match &e.kind {
+        ExprKind::Str(s) => Some(s.clone()),
+        _ => None,
+    }
 }

@@ -3,6 +3,7 @@
 //! to run, in which order, with which method, schedule, scope and per-round
 //! sparsities. `prunec plan` prints these steps (`render`).
 
+mod params;
 mod render;
 
 pub use render::render;
@@ -10,12 +11,12 @@ pub use render::render;
 use crate::ir::{Ir, Op, StageRef, Written};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
-use prunec_lang::ast::{Stage, StageKind};
+use prunec_lang::ast::{Stage, StageId, StageKind};
 use prunec_lang::check::Value;
 use prunec_lang::resolved::{Method, Metric, Pattern, Schedule, Scope};
 use prunec_lang::{CheckedRecipe, Span};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 /// The steps of one recipe, in execution order, and the stages the
 /// optimizer dropped.
@@ -43,6 +44,8 @@ pub struct Step {
     /// round block (`3.1`); `report.json` names each executed step by it.
     pub id: String,
     pub at: StageRef,
+    /// The checked stage's id (it salts the random draws of `rand()`).
+    pub stage: StageId,
     pub span: Span,
     /// The model it reads or changes (none for `assert` and `report`).
     pub model: Option<String>,
@@ -55,6 +58,36 @@ pub struct Step {
     /// names (`constraints = guard`) where the stage does not set them:
     /// every option the executor reads.
     pub options: BTreeMap<String, Value>,
+    /// Where its clauses are written: the executor reports every error at
+    /// one of these spans and reads no stage text.
+    pub site: Site,
+    /// The data set its `on` clause names.
+    pub on: Option<DataRef>,
+    /// The params it reads, through the declarations it names: the variants
+    /// of a sweep share the step where these have the same values.
+    pub params: BTreeSet<String>,
+}
+
+/// Where a step's stage and its clauses are written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Site {
+    pub kind: StageKind,
+    pub keyword: Span,
+    /// The subject: the model, or an assert's condition (the stage's span
+    /// where it has none).
+    pub subject: Span,
+    pub by: Option<Span>,
+    pub to: Option<Span>,
+    pub out: Option<Span>,
+    /// The value of the `targets` option.
+    pub targets: Option<Span>,
+}
+
+/// A data set a clause or option names, and where.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataRef {
+    pub name: String,
+    pub span: Span,
 }
 
 /// What a step does.
@@ -91,6 +124,8 @@ pub enum Action {
     },
     Report {
         metrics: Vec<String>,
+        /// The plot it writes (`-> "curve.svg"`).
+        path: Option<String>,
     },
 }
 
@@ -109,6 +144,14 @@ pub struct Prune {
     pub scope: Scope,
     pub pattern: Option<Pattern>,
     pub schedule: Schedule,
+    /// The target fraction (`to 90%`, params folded); none for an N:M
+    /// target (`to 2:4` is the pattern) or a stage without `to`.
+    pub target: Option<f64>,
+    /// A built-in method's arguments, defaults filled in (SparseGPT's
+    /// `block` and `damp`, SAP's `p`, `q`, `eta`, `gamma`, `beta`).
+    pub args: BTreeMap<String, f64>,
+    /// Where its criterion reads statistics from: `calibrate = D`, else `on D`.
+    pub stats_data: Option<DataRef>,
     /// Sparsity after each round, folded from the target (empty when the
     /// stage has no numeric target: a pattern alone, SAP, or gradual).
     pub sparsities: Vec<f64>,
@@ -130,14 +173,15 @@ pub struct Prune {
     pub during_step: Option<Box<Step>>,
 }
 
-impl Step {
-    /// The checked stage this step runs.
-    pub fn stage<'r>(&self, r: &'r CheckedRecipe) -> &'r Stage {
-        self.at
-            .stage(r)
-            .expect("a plan step refers to a stage of its recipe")
-    }
+/// The checked stage a step runs (for the plan's own rendering; the
+/// executor reads the step).
+fn stage_of<'r>(step: &Step, r: &'r CheckedRecipe) -> &'r Stage {
+    step.at
+        .stage(r)
+        .expect("a plan step refers to a stage of its recipe")
+}
 
+impl Step {
     /// A one-line description.
     pub fn label(&self) -> String {
         let on = |m: &Option<String>| m.as_deref().unwrap_or("?").to_string();
@@ -227,8 +271,14 @@ impl Step {
                     .unwrap_or_default()
             ),
             Action::Assert { condition } => format!("assert {condition}"),
-            Action::Export { path } => format!("export {} to {path}", on(&self.model)),
-            Action::Report { metrics } => format!("report {}", metrics.join(", ")),
+            Action::Export { path } => format!("export {} to {path:?}", on(&self.model)),
+            Action::Report { metrics, path } => format!(
+                "report {} per round{}",
+                metrics.join(", "),
+                path.as_ref()
+                    .map(|p| format!(" -> {p:?}"))
+                    .unwrap_or_default()
+            ),
         }
     }
 
@@ -246,6 +296,33 @@ impl Plan {
     /// Every step, round blocks included, depth first.
     pub fn all(&self) -> Vec<&Step> {
         self.steps.iter().flat_map(|s| s.all()).collect()
+    }
+
+    /// The epochs its prune steps rewind to (`rewind = epoch k`), by model:
+    /// training keeps the weights after each of them.
+    pub fn rewind_epochs(&self) -> BTreeMap<String, BTreeSet<usize>> {
+        let mut out: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
+        for step in self.all() {
+            let (Some(model), Action::Prune(p)) = (&step.model, &step.action) else {
+                continue;
+            };
+            if let Schedule::Iterative {
+                rewind:
+                    Some(Value::Duration {
+                        count,
+                        unit: prunec_lang::ast::Unit::Epoch,
+                    }),
+                ..
+            } = &p.schedule
+            {
+                if *count > 0 {
+                    out.entry(model.clone())
+                        .or_default()
+                        .insert(*count as usize);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -315,7 +392,7 @@ pub fn ir_to_plan(ir: &Ir, r: &CheckedRecipe) -> Result<Plan, String> {
                 inner: Some(*j),
             };
             // A stage's `during` training is lowered one past its round block.
-            let stage = step.stage(r);
+            let stage = stage_of(&step, r);
             let block_len = stage.block.as_ref().map_or(0, |b| b.stages.len());
             if stage.during.is_some() && *j == block_len {
                 // The training a gradual prune runs during: its nodes are this step's.
@@ -336,7 +413,18 @@ pub fn ir_to_plan(ir: &Ir, r: &CheckedRecipe) -> Result<Plan, String> {
             .as_ref()
             .and_then(|m| r.symbols.get(m)?.value.as_ref()?.call_name())
             == Some("gguf");
-        if let Some(stats) = split_statistics(ir, &mut step, llm) {
+        if let Some(mut stats) = split_statistics(ir, &mut step, llm) {
+            // It reads only the model's state (shared by the group that
+            // reaches it) and the data sets.
+            if let Action::Statistics {
+                gradients,
+                activations,
+                ..
+            } = &stats.action
+            {
+                let data = gradients.iter().chain(activations).cloned().collect();
+                stats.params = params::params_of(r, data);
+            }
             // Statistics read only their model's state and immutable data:
             // they run as soon as that state exists, right after the last
             // step on the same model, so that the variants of a sweep that
@@ -416,6 +504,7 @@ fn split_statistics(ir: &Ir, step: &mut Step, llm: bool) -> Option<Step> {
     Some(Step {
         id: format!("{}.stats", step.id),
         at: step.at,
+        stage: step.stage,
         span: step.span,
         model: step.model.clone(),
         action: Action::Statistics {
@@ -426,6 +515,9 @@ fn split_statistics(ir: &Ir, step: &mut Step, llm: bool) -> Option<Step> {
         each_round: vec![],
         nodes: stats,
         options: step.options.clone(),
+        site: step.site.clone(),
+        on: step.on.clone(),
+        params: BTreeSet::new(),
     })
 }
 
@@ -496,13 +588,25 @@ fn step_of(
             _ => return Err(missing("export")),
         },
         StageKind::Report => match ops.as_slice() {
-            [Op::Report { metrics, .. }] => Action::Report {
+            [Op::Report { metrics, path }] => Action::Report {
                 metrics: metrics.clone(),
+                path: path.clone(),
             },
             _ => return Err(missing("report")),
         },
         StageKind::Prune => {
             let mut p = prune_of(r, s, &ops).ok_or_else(|| missing("prune"))?;
+            p.args = Method::arguments(r, &p.by.expr).map_err(|span| {
+                format!(
+                    "stage {id}: the argument at {}..{} is not a constant number",
+                    span.start, span.end
+                )
+            })?;
+            p.stats_data = s
+                .arg("calibrate")
+                .map(|a| &a.value)
+                .or(s.on.as_ref())
+                .and_then(data_ref);
             // Statistics flowing in from another stage's node.
             p.reads_from = nodes.iter().find_map(|&i| {
                 ir.graph
@@ -518,12 +622,32 @@ fn step_of(
     Ok(Step {
         id,
         at,
+        stage: s.id,
         span: s.span,
         model,
         action,
         each_round: vec![],
         nodes,
         options: r.resolved_options(s),
+        site: Site {
+            kind: s.kind,
+            keyword: s.keyword_span,
+            subject: s.subject.first().map_or(s.span, |e| e.span),
+            by: s.by.as_ref().map(|e| e.span),
+            to: s.to.as_ref().map(|e| e.span),
+            out: s.out.as_ref().map(|e| e.span),
+            targets: s.arg("targets").map(|a| a.value.span),
+        },
+        on: s.on.as_ref().and_then(data_ref),
+        params: params::stage_params(r, s),
+    })
+}
+
+/// The data set a clause names.
+fn data_ref(e: &prunec_lang::ast::Expr) -> Option<DataRef> {
+    e.as_name().map(|id| DataRef {
+        name: id.name.clone(),
+        span: e.span,
     })
 }
 
@@ -546,6 +670,10 @@ fn prune_of(r: &CheckedRecipe, s: &Stage, ops: &[&Op]) -> Option<Prune> {
         scope: Scope::Global,
         pattern: None,
         schedule: Schedule::of(r, s),
+        // `to 2:4` is the pattern (check recorded it as that option).
+        target: s.to.as_ref().and_then(|to| r.constant(to)),
+        args: BTreeMap::new(),
+        stats_data: None,
         sparsities: vec![],
         gradients: None,
         activations: None,
@@ -594,7 +722,7 @@ impl Step {
             "id": self.id,
             "kind": match self.action {
                 Action::Statistics { .. } => "statistics",
-                _ => self.stage(r).kind.keyword(),
+                _ => self.site.kind.keyword(),
             },
             "model": self.model,
             "line": line,

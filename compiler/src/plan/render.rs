@@ -130,7 +130,7 @@ fn render_step(
     let Action::Prune(p) = &step.action else {
         return;
     };
-    let stage = step.stage(r);
+    let stage = super::stage_of(step, r);
     // A gradual schedule's final target, and when it prunes.
     let gradual = match &p.schedule {
         Schedule::Gradual(g) => Some(g),

@@ -99,6 +99,19 @@ impl CheckedRecipe {
             .and_then(|s| s.value.as_ref())
     }
 
+    /// The value of a constant numeric expression (`92%`, `target`,
+    /// `1 - keep`): the one constant evaluator, names resolved to numeric
+    /// params; none where it reads anything else.
+    pub fn constant(&self, e: &Expr) -> Option<f64> {
+        let mut params = |x: &Expr| {
+            x.as_name()
+                .and_then(|id| self.param(&id.name))
+                .and_then(|v| v.as_f64())
+                .ok_or(())
+        };
+        crate::eval::number(e, &mut params).ok()
+    }
+
     /// The resolved options of a stage.
     pub fn options(&self, stage: &Stage) -> Option<&BTreeMap<String, Value>> {
         self.stage_options.get(&stage.id)

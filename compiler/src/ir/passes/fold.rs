@@ -1,20 +1,7 @@
 //! Constant folding: params into prune targets, schedules into per-round sparsities.
 
 use crate::ir::{Ir, Op};
-use prunec_lang::ast::Expr;
 use prunec_lang::CheckedRecipe;
-
-/// Evaluates a constant target such as `92%`, `target` or `1 - keep` with
-/// the one constant evaluator, names resolved to numeric params.
-fn constant(r: &CheckedRecipe, e: &Expr) -> Option<f64> {
-    let mut params = |x: &Expr| {
-        x.as_name()
-            .and_then(|id| r.param(&id.name))
-            .and_then(|v| v.as_f64())
-            .ok_or(())
-    };
-    prunec_lang::eval::number(e, &mut params).ok()
-}
 
 /// Folds params into prune targets and expands schedules: the sparsity
 /// after every round is known before running (IMP removes the same fraction
@@ -31,7 +18,7 @@ pub fn fold(ir: &mut Ir, r: &CheckedRecipe) {
         {
             if let Some(fixed) = pattern.and_then(|p| p.fixed_sparsity()) {
                 *sparsities = vec![fixed];
-            } else if let Some(s) = target.as_ref().and_then(|t| constant(r, &t.expr)) {
+            } else if let Some(s) = target.as_ref().and_then(|t| r.constant(&t.expr)) {
                 let rr = *rounds as f64;
                 *sparsities = (1..=*rounds)
                     .map(|i| 1.0 - (1.0 - s).powf(i as f64 / rr))
