@@ -2,7 +2,6 @@
 //! stopped — something the user can fix (with a recipe span), a failed
 //! `assert`, Ctrl-C, or a bug.
 
-use crate::lower::LowerError;
 use prunec_lang::Span;
 use prunec_runtime as rt;
 
@@ -31,14 +30,22 @@ impl RunError {
             help: None,
         }
     }
-}
 
-impl From<LowerError> for RunError {
-    fn from(e: LowerError) -> Self {
-        RunError::User {
-            span: Some(e.span),
-            message: e.message,
-            help: None,
+    /// The message alone (a user error's, without its span and help).
+    pub fn message(&self) -> String {
+        match self {
+            RunError::User { message, .. } | RunError::Assert { message, .. } => message.clone(),
+            RunError::Interrupted => "interrupted".into(),
+            RunError::Internal(m) => m.clone(),
+        }
+    }
+
+    /// The recipe span it points at, if any.
+    pub fn span(&self) -> Option<Span> {
+        match self {
+            RunError::User { span, .. } => *span,
+            RunError::Assert { span, .. } => Some(*span),
+            RunError::Interrupted | RunError::Internal(_) => None,
         }
     }
 }

@@ -1,24 +1,16 @@
 //! Checked recipe → runtime values: criterion expressions to kernel expressions,
 //! constructor calls to runtime specs, globs to parameter selections.
 
+use crate::error::RunError;
 use prunec_kernels::{BinOp, CmpOp, KExpr, KInput, UnOp};
 use prunec_lang::ast::{BinaryOp, Expr, ExprKind, UnaryOp};
 use prunec_lang::check::{SymKind, Value};
 use prunec_lang::diag::{Code, Diagnostic};
 use prunec_lang::{CheckedRecipe, Span};
 
-/// An error while lowering, with the recipe span it concerns.
-#[derive(Debug, Clone)]
-pub struct LowerError {
-    pub span: Span,
-    pub message: String,
-}
-
-fn err<T>(span: Span, message: impl Into<String>) -> Result<T, LowerError> {
-    Err(LowerError {
-        span,
-        message: message.into(),
-    })
+/// A criterion that does not lower: a user error at `span`.
+fn err<T>(span: Span, message: impl Into<String>) -> Result<T, RunError> {
+    Err(RunError::user(span, message))
 }
 
 /// A per-element input the executor computes outside the scoring kernel and
@@ -55,10 +47,7 @@ struct Cx {
 
 /// Lowers a criterion expression (as written after `by`, or a declared or
 /// standard criterion) for the kernels.
-pub fn criterion_to_kernel(
-    recipe: &CheckedRecipe,
-    e: &Expr,
-) -> Result<LoweredCriterion, LowerError> {
+pub fn criterion_to_kernel(recipe: &CheckedRecipe, e: &Expr) -> Result<LoweredCriterion, RunError> {
     let mut cx = Cx::default();
     let expr = lower(recipe, e, 0, &mut cx)?;
     if let (Some((side, span)), Some(_)) = (&cx.side, cx.grad) {
@@ -78,7 +67,7 @@ pub fn criterion_to_kernel(
     })
 }
 
-fn lower(r: &CheckedRecipe, e: &Expr, depth: usize, cx: &mut Cx) -> Result<KExpr, LowerError> {
+fn lower(r: &CheckedRecipe, e: &Expr, depth: usize, cx: &mut Cx) -> Result<KExpr, RunError> {
     if depth > 32 {
         return err(e.span, "criteria refer to each other too deeply");
     }
@@ -143,23 +132,24 @@ fn lower(r: &CheckedRecipe, e: &Expr, depth: usize, cx: &mut Cx) -> Result<KExpr
                             }
                             _ => None,
                         })
-                        .ok_or(LowerError {
-                            span: id.span,
-                            message: format!("criterion `{name}` has no definition"),
+                        .ok_or_else(|| {
+                            RunError::user(id.span, format!("criterion `{name}` has no definition"))
                         })?;
                     lower(r, decl, depth + 1, cx)?
                 }
                 _ => match prunec_lang::stdlib::criterion(name) {
-                    Some(def) => lower(r, def, depth + 1, cx).map_err(|e| LowerError {
-                        span: id.span,
-                        message: format!("in the standard criterion `{name}`: {}", e.message),
+                    Some(def) => lower(r, def, depth + 1, cx).map_err(|e| {
+                        RunError::user(
+                            id.span,
+                            format!("in the standard criterion `{name}`: {}", e.message()),
+                        )
                     })?,
                     None => return err(id.span, format!("`{name}` is not a criterion")),
                 },
             },
         },
         ExprKind::Call { callee, args } => {
-            let mut arg = |i: usize| -> Result<KExpr, LowerError> {
+            let mut arg = |i: usize| -> Result<KExpr, RunError> {
                 match args.items.get(i) {
                     Some(a) => lower(r, &a.value, depth, cx),
                     None => err(
@@ -284,8 +274,11 @@ pub fn check_criteria(r: &CheckedRecipe) -> Vec<Diagnostic> {
             Ok(l) => l,
             Err(e) => {
                 diags.push(
-                    Diagnostic::new(Code::Unsupported, e.message)
-                        .with_label(e.span, "cannot be compiled into a scoring kernel")
+                    Diagnostic::new(Code::Unsupported, e.message())
+                        .with_label(
+                            e.span().unwrap_or(by.span),
+                            "cannot be compiled into a scoring kernel",
+                        )
                         .with_help(
                             "see `prunec explain` for what each criterion function supports",
                         ),
