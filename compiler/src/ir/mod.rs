@@ -219,13 +219,7 @@ impl Op {
             }
             Op::Assert { condition } => format!("assert {condition}"),
             Op::Export { path } => format!("export to {path:?}"),
-            Op::Report { metrics, path } => format!(
-                "report {} per round{}",
-                metrics.join(", "),
-                path.as_ref()
-                    .map(|p| format!(" -> {p:?}"))
-                    .unwrap_or_default()
-            ),
+            Op::Report { metrics, path } => report_text(metrics, path.as_deref()),
         }
     }
 }
@@ -709,4 +703,13 @@ fn string(e: &Expr) -> Option<String> {
         ExprKind::Str(s) => Some(s.clone()),
         _ => None,
     }
+}
+
+/// A report step as it reads: `report accuracy, pqi per round -> "rounds.svg"`.
+pub(crate) fn report_text(metrics: &[String], path: Option<&str>) -> String {
+    format!(
+        "report {} per round{}",
+        metrics.join(", "),
+        path.map(|p| format!(" -> {p:?}")).unwrap_or_default()
+    )
 }

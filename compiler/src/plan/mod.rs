@@ -272,13 +272,7 @@ impl Step {
             ),
             Action::Assert { condition } => format!("assert {condition}"),
             Action::Export { path } => format!("export {} to {path:?}", on(&self.model)),
-            Action::Report { metrics, path } => format!(
-                "report {} per round{}",
-                metrics.join(", "),
-                path.as_ref()
-                    .map(|p| format!(" -> {p:?}"))
-                    .unwrap_or_default()
-            ),
+            Action::Report { metrics, path } => crate::ir::report_text(metrics, path.as_deref()),
         }
     }
 
