@@ -1347,3 +1347,61 @@ pipeline {
         .collect();
     assert!(b[0] == b[1], "`b` pruned on statistics computed for `a`");
 }
+
+/// A language-model run gives the same bytes whichever vector width the
+/// products run at (SparseGPT: calibration forwards, the f64 solver,
+/// evaluation), once with the widest instruction set of this machine and
+/// once with AVX2 forced (`PRUNEC_KERNEL_AVX2=1`). On a machine without AVX-512
+/// both runs use AVX2; the unit tests of `prunec_runtime::gemm` compare
+/// scalar, AVX2 and AVX-512 bit for bit on any machine that has them.
+#[test]
+fn language_model_runs_are_the_same_bytes_at_every_vector_width() {
+    require_data("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2");
+    require_data("text/moby-dick.txt", "text");
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("lm.prune");
+    std::fs::write(
+        &recipe,
+        r#"recipe lm_widths { version = 1, seed = 0 }
+use std.sparsegpt
+model a = gguf("data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+dataset calib = text("data/text/sotu", tokenizer = a, seq = 32, samples = 2)
+dataset heldout = text("data/text/moby-dick.txt", tokenizer = a, seq = 32, samples = 2)
+pipeline {
+  prune a by sparsegpt() to 50% (calibrate = calib)
+  evaluate a on heldout -> [perplexity]
+  export a to "a" (format = hf)
+}
+"#,
+    )
+    .unwrap();
+    let run = |env: &[(&str, &str)], name: &str| {
+        let out = dir.path().join(name);
+        let (code, text) = prunec(
+            &[
+                "run",
+                "-q",
+                recipe.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            env,
+        );
+        assert_eq!(code, 0, "{text}");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+                .unwrap();
+        let ppl: Vec<f64> = report["evaluations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["metrics"]["perplexity"].as_f64().unwrap())
+            .collect();
+        let weights = std::fs::read(out.join("a").join("model.safetensors")).unwrap();
+        (ppl, weights)
+    };
+    let (wide, wide_weights) = run(&[], "widest");
+    let (avx2, avx2_weights) = run(&[("PRUNEC_KERNEL_AVX2", "1")], "avx2");
+    assert_eq!(wide, avx2, "perplexities differ");
+    assert!(wide_weights == avx2_weights, "pruned weights differ");
+}

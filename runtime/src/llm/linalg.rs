@@ -1,16 +1,17 @@
 //! Dense symmetric positive-definite linear algebra in f64: Cholesky with inverse, and SparseGPT's upper factor of H⁻¹.
 
 use super::error::{Result, RuntimeError};
+use crate::gemm::matmul;
 use candle_core::{DType, Device, Tensor};
 
-/// Below this size the factorization runs as plain loops; above it, recursively with candle matmuls.
+/// Below this size the factorization runs as plain loops; above it, recursively with fixed-order matmuls.
 const LEAF: usize = 64;
 
 /// Cholesky factor and its inverse of a symmetric positive-definite `a` (n, n), f64:
 /// returns `(l, l_inv)` with `a = l lᵀ`, `l` lower triangular.
 ///
-/// Recursive 2x2 block algorithm: the off-diagonal panel and the Schur complement are candle
-/// matmuls, so the cost is dominated by gemm. `what` names the matrix in errors.
+/// Recursive 2x2 block algorithm: the off-diagonal panel and the Schur complement are
+/// `gemm::matmul` products, so the cost is dominated by gemm. `what` names the matrix in errors.
 pub fn cholesky_with_inverse(a: &Tensor, what: &str) -> Result<(Tensor, Tensor)> {
     let (n, n2) = a.dims2()?;
     if n != n2 {
@@ -27,10 +28,10 @@ pub fn cholesky_with_inverse(a: &Tensor, what: &str) -> Result<(Tensor, Tensor)>
     let a21 = a.narrow(0, k, n - k)?.narrow(1, 0, k)?;
     let a22 = a.narrow(0, k, n - k)?.narrow(1, k, n - k)?;
     let (l11, i11) = cholesky_with_inverse(&a11, what)?;
-    let l21 = a21.matmul(&i11.t()?)?;
-    let schur = (a22 - l21.matmul(&l21.t()?)?)?;
+    let l21 = matmul(&a21, &i11.t()?)?;
+    let schur = (a22 - matmul(&l21, &l21.t()?)?)?;
     let (l22, i22) = cholesky_with_inverse(&schur, what)?;
-    let i21 = i22.matmul(&l21)?.matmul(&i11)?.neg()?;
+    let i21 = matmul(&matmul(&i22, &l21)?, &i11)?.neg()?;
     let zeros = Tensor::zeros((k, n - k), DType::F64, a.device())?;
     let l = Tensor::cat(
         &[

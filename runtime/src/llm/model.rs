@@ -82,7 +82,7 @@ pub enum LinearWeight {
 impl LinearWeight {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Dense(w) => crate::gemm::matmul(x, &w.t()?)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
         })
     }
@@ -345,11 +345,10 @@ impl LlamaModel {
         let v = heads(&blk.v, nkv)?;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = (crate::gemm::matmul(&q, &k.t()?)? * scale)?;
         let mask = causal_mask(t, x.device())?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-        let att = probs
-            .matmul(&v)?
+        let att = crate::gemm::matmul(&probs, &v)?
             .transpose(1, 2)?
             .reshape((b * t, d))?
             .contiguous()?;
@@ -374,7 +373,7 @@ impl LlamaModel {
         } else {
             match &self.lm_head {
                 Some(w) => w.forward(&h)?,
-                None => h.matmul(&self.embed.t()?)?,
+                None => crate::gemm::matmul(&h, &self.embed.t()?)?,
             }
         };
         Ok(logits.reshape((b, t, self.config.vocab_size))?)

@@ -66,7 +66,7 @@ impl LayerStats {
             }
         }
         if !self.xtx.is_empty() {
-            let g: Vec<f32> = x.t()?.matmul(x)?.flatten_all()?.to_vec1()?;
+            let g: Vec<f32> = crate::gemm::matmul(&x.t()?, x)?.flatten_all()?.to_vec1()?;
             for (acc, v) in self.xtx.iter_mut().zip(g) {
                 *acc += v as f64;
             }

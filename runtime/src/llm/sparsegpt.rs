@@ -148,7 +148,9 @@ pub fn sparsegpt_prune(layer: LayerToPrune<'_>, config: SparseGptConfig) -> Resu
             // Lazy batch update: W[:, i2..] -= Err1 · U[i1..i2, i2..].
             let e = Tensor::from_slice(&err1, (rows, count), &Device::Cpu)?;
             let u_block = u.narrow(0, i1, count)?.narrow(1, i2, cols - i2)?;
-            let delta: Vec<f32> = e.matmul(&u_block)?.flatten_all()?.to_vec1()?;
+            let delta: Vec<f32> = crate::gemm::matmul(&e, &u_block)?
+                .flatten_all()?
+                .to_vec1()?;
             let rest = cols - i2;
             for r in 0..rows {
                 let dst = &mut weight[r * cols + i2..(r + 1) * cols];
