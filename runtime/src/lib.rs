@@ -11,6 +11,7 @@ pub mod io;
 pub mod llm;
 pub mod masks;
 pub mod model;
+mod native;
 pub mod optim;
 pub mod paths;
 pub mod train;

@@ -117,12 +117,24 @@ pub trait TrainHooks {
     fn after_epoch(&mut self, _epoch: usize, _model: &Model) -> Result<Control> {
         Ok(Control::Continue)
     }
+
+    /// Whether `on_gradients`, `after_step` or `update_masks` look at the
+    /// model or the gradients at every step. When they do not, the native
+    /// trainer hands them empty gradients and updates the model's tensors
+    /// only at epoch ends and when training stops.
+    fn reads_every_step(&self) -> bool {
+        true
+    }
 }
 
 /// Hooks that do nothing.
 pub struct NoHooks;
 
-impl TrainHooks for NoHooks {}
+impl TrainHooks for NoHooks {
+    fn reads_every_step(&self) -> bool {
+        false
+    }
+}
 
 /// What a training run did.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,6 +218,9 @@ pub fn train_masked(
     model.check_data(data)?;
     let mut optimizer = Optimizer::new(cfg.optimizer.clone(), model)?;
     masks.apply(model)?;
+    // The native step where it covers the model (CPU, fully connected).
+    let mut native = crate::native::Native::new(model, masks, &cfg.optimizer)?;
+    let every_step = hooks.reads_every_step();
     let total = cfg.total_steps(data);
     let base = cfg.optimizer.lr();
     let mut report = TrainReport {
@@ -225,10 +240,19 @@ pub fn train_masked(
             let lr = cfg
                 .schedule
                 .lr_at(base, report.steps, total, cfg.warmup_steps);
-            let loss = batch_loss(model, &batch)?;
-            let loss_value = loss
-                .to_scalar::<f32>()
-                .ctx(|| "reading the loss".to_string())?;
+            let (loss_value, grads) = match native.as_mut() {
+                Some(n) => {
+                    let (x, t) = crate::native::batch_values(&batch)?;
+                    (n.forward_backward(&x, &t), None)
+                }
+                None => {
+                    let loss = batch_loss(model, &batch)?;
+                    let value = loss
+                        .to_scalar::<f32>()
+                        .ctx(|| "reading the loss".to_string())?;
+                    (value, Some(loss))
+                }
+            };
             if !loss_value.is_finite() {
                 return Err(RuntimeError::Diverged {
                     epoch,
@@ -236,9 +260,6 @@ pub fn train_masked(
                     loss: loss_value,
                 });
             }
-            let grads = loss
-                .backward()
-                .ctx(|| format!("backward pass at step {}", report.steps))?;
             let info = StepInfo {
                 epoch,
                 batch: b,
@@ -246,8 +267,25 @@ pub fn train_masked(
                 lr,
                 loss: loss_value,
             };
-            hooks.on_gradients(&info, model, &named_grads(model, &grads)?)?;
-            optimizer.step(model, &grads, masks, lr)?;
+            match (native.as_mut(), grads) {
+                (Some(n), _) => {
+                    if every_step {
+                        hooks.on_gradients(&info, model, &n.named_grads(model)?)?;
+                    }
+                    n.update(lr);
+                    if every_step {
+                        n.write_back(model)?;
+                    }
+                }
+                (None, Some(loss)) => {
+                    let grads = loss
+                        .backward()
+                        .ctx(|| format!("backward pass at step {}", report.steps))?;
+                    hooks.on_gradients(&info, model, &named_grads(model, &grads)?)?;
+                    optimizer.step(model, &grads, masks, lr)?;
+                }
+                (None, None) => unreachable!("candle steps keep their loss"),
+            }
             report.steps += 1;
             report.final_lr = lr;
             loss_sum += loss_value as f64;
@@ -255,20 +293,33 @@ pub fn train_masked(
             if hooks.after_step(&info, model)? == Control::Stop {
                 report.epoch_losses.push(loss_sum / batches as f64);
                 report.stopped_by_hook = true;
+                if let Some(n) = &native {
+                    n.write_back(model)?;
+                }
                 return Ok(report);
             }
             if hooks.update_masks(&info, model, masks)? {
                 check_masks(model, masks)?;
                 masks.apply(model)?;
+                if let Some(n) = native.as_mut() {
+                    n.reload(model, masks)?;
+                }
             }
         }
         if batches > 0 {
             report.epoch_losses.push(loss_sum / batches as f64);
         }
+        if let Some(n) = &native {
+            n.write_back(model)?;
+        }
         if hooks.after_epoch(epoch, model)? == Control::Stop {
             report.stopped_by_hook = true;
             break;
         }
+    }
+    // A run cut short by `max_steps` ends mid-epoch.
+    if let Some(n) = &native {
+        n.write_back(model)?;
     }
     Ok(report)
 }
@@ -283,15 +334,27 @@ pub fn gradients(model: &Model, data: &Dataset, batches: usize) -> Result<Vec<(S
         ));
     }
     model.check_data(data)?;
+    // The same step as training, so a criterion reads the gradients training sees.
+    let update = OptimizerSpec::sgd(1.0, 0.0, 0.0);
+    let mut native = crate::native::Native::new(model, &Masks::new(), &update)?;
     let mut sum: Option<Vec<(String, Tensor)>> = None;
     let mut n = 0usize;
     for batch in data.batches(0).take(batches) {
         let batch = batch?;
-        let loss = batch_loss(model, &batch)?;
-        let grads = loss
-            .backward()
-            .ctx(|| "backward pass for gradients".to_string())?;
-        let named = named_grads(model, &grads)?;
+        let named = match native.as_mut() {
+            Some(nv) => {
+                let (x, t) = crate::native::batch_values(&batch)?;
+                nv.forward_backward(&x, &t);
+                nv.named_grads(model)?
+            }
+            None => {
+                let loss = batch_loss(model, &batch)?;
+                let grads = loss
+                    .backward()
+                    .ctx(|| "backward pass for gradients".to_string())?;
+                named_grads(model, &grads)?
+            }
+        };
         sum = Some(match sum {
             None => named,
             Some(acc) => acc

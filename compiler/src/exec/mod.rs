@@ -380,6 +380,12 @@ impl rt::TrainHooks for StageHook<'_, '_> {
         }
     }
 
+    /// Gradual pruning reads gradients and weights at its steps; progress
+    /// and Ctrl-C need neither.
+    fn reads_every_step(&self) -> bool {
+        self.gradual.is_some()
+    }
+
     fn after_epoch(&mut self, epoch: usize, model: &rt::Model) -> rt::Result<Control> {
         self.epochs_done = epoch + 1;
         let done = self.epochs_before + epoch + 1;

@@ -435,6 +435,11 @@ impl Model {
         &self.params
     }
 
+    /// The layers, in order.
+    pub(crate) fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
     /// Parameter names in order.
     pub fn names(&self) -> Vec<&str> {
         self.params.iter().map(|p| p.name.as_str()).collect()
