@@ -1405,3 +1405,53 @@ pipeline {
     assert_eq!(wide, avx2, "perplexities differ");
     assert!(wide_weights == avx2_weights, "pruned weights differ");
 }
+
+/// Training a fully connected classifier gives the same bytes whichever
+/// vector width the products run at and with any thread count: the widest
+/// instruction set of this machine, AVX2 forced, the scalar code forced, one
+/// thread. Covers the native training step (SGD with momentum, Adam), the
+/// loss gradients a Taylor criterion reads and the masked fine-tuning.
+#[test]
+fn classifier_training_is_the_same_bytes_at_every_vector_width() {
+    require_data("digits/digits.csv.gz", "digits");
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("widths.prune");
+    std::fs::write(
+        &recipe,
+        r#"recipe widths { version = 1, seed = 3 }
+use std.taylor
+model net = mlp(inputs = 64, hidden = [48, 32], classes = 10)
+dataset train = digits("data/digits/digits.csv.gz", split = "train", batch = 32, shuffle = true)
+pipeline {
+  train net on train (epochs = 2, optimizer = sgd(lr = 0.05, momentum = 0.9, weight_decay = 0.0001))
+  prune net by taylor on train to 70%
+  finetune net on train (epochs = 1, optimizer = adam(lr = 0.001))
+  export net to "net.safetensors"
+}
+"#,
+    )
+    .unwrap();
+    let weights = |env: &[(&str, &str)], name: &str| {
+        let out = dir.path().join(name);
+        let (code, text) = prunec(
+            &[
+                "run",
+                "-q",
+                recipe.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            env,
+        );
+        assert_eq!(code, 0, "{text}");
+        std::fs::read(out.join("net.safetensors")).unwrap()
+    };
+    let widest = weights(&[], "widest");
+    for (env, what) in [
+        (("PRUNEC_KERNEL_AVX2", "1"), "AVX2"),
+        (("PRUNEC_KERNEL_SCALAR", "1"), "scalar"),
+        (("RAYON_NUM_THREADS", "1"), "one thread"),
+    ] {
+        assert!(weights(&[env], what) == widest, "{what} differs");
+    }
+}
