@@ -197,7 +197,9 @@ pub fn gemm_on<T: Elem>(isa: Isa, a: Mat<'_, T>, b: Mat<'_, T>, c: &mut [T], acc
     // A narrow `C` (few columns, many rows) is computed as `Cᵀ = Bᵀ Aᵀ`, so
     // the vector lanes run along its long side: each output is the same
     // chain (`fma(a, b, c)` and `fma(b, a, c)` round alike).
-    if n < 32 && m >= 4 * n {
+    // Only where that packs no more than the direct product would.
+    let packed = |b_cs: usize, k: usize, n: usize| if b_cs == 1 { 0 } else { k * n };
+    if n < 32 && m >= 4 * n && packed(a.rs, k, m) <= packed(b.cs, k, n) {
         let mut ct = vec![T::default(); n * m];
         if accumulate {
             for i in 0..m {

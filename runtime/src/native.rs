@@ -1,14 +1,20 @@
-//! A native training step for the fully connected classifiers (input
-//! normalisation, flatten, linear layers, elementwise activations): forward,
-//! cross-entropy, backward and the optimizer update on buffers allocated
-//! once, with every matrix product on [`crate::gemm`] (one summation order,
+//! A native training step for the built-in classifiers (input
+//! normalisation, stride-1 convolutions, max-pooling, flatten, linear
+//! layers, elementwise activations): forward, cross-entropy, backward and
+//! the optimizer update on buffers allocated once, with every matrix product on [`crate::gemm`] (one summation order,
 //! the same bits on any x86-64 machine) and every other reduction in a
 //! fixed sequential order. `train_masked` uses it on CPU for the
 //! architectures it covers and keeps the candle model in step wherever a
 //! hook can look; candle's autograd stays the path for everything else and
 //! the reference in tests.
+//!
+//! Images flow through the convolutional part channel-major, `[c][b][h][w]`
+//! (all samples' positions of a channel side by side), so a convolution is
+//! one product over the whole batch and writes that layout directly; the
+//! input is transposed into it and `flatten` transposes back to `[b][c*h*w]`.
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use crate::error::{CandleContext, Result};
 use crate::gemm::{gemm, Mat};
@@ -32,6 +38,54 @@ enum Op {
         outputs: usize,
     },
     Act(Activation),
+    /// `[b][c][hw]` to `[c][b][hw]` (the input of a convolutional model).
+    ToChannels {
+        c: usize,
+        hw: usize,
+    },
+    /// `[c][b][hw]` to `[b][c * hw]` (`flatten` after the convolutions).
+    ToRows {
+        c: usize,
+        hw: usize,
+    },
+    /// A stride-1 convolution of `[c][b][h][w]` into `[o][b][oh][ow]`, as im2col
+    /// (`cols`, kept for the backward pass) and one product.
+    Conv {
+        w: usize,
+        b: usize,
+        c: usize,
+        h: usize,
+        wd: usize,
+        o: usize,
+        k: usize,
+        pad: usize,
+        cols: usize,
+    },
+    /// `k x k` max-pooling with stride `k` of `[c][b][h][w]`; the argmax of each
+    /// window (the first maximum, as PyTorch) is kept in `argmax`.
+    Pool {
+        planes: usize,
+        h: usize,
+        wd: usize,
+        k: usize,
+        argmax: usize,
+    },
+}
+
+/// Where the layers are: per-sample features, or channel-major images.
+#[derive(Clone, Copy)]
+enum Shape {
+    Flat(usize),
+    Image(usize, usize, usize),
+}
+
+impl Shape {
+    fn size(self) -> usize {
+        match self {
+            Shape::Flat(n) => n,
+            Shape::Image(c, h, w) => c * h * w,
+        }
+    }
 }
 
 /// The trainer's state: parameters, their gradients and optimizer moments
@@ -52,6 +106,11 @@ pub(crate) struct Native {
     widths: Vec<usize>,
     /// Gradient buffers for the backward pass (two, swapped per op).
     d: [Vec<f32>; 2],
+    /// im2col columns of each convolution, argmax indices of each pooling,
+    /// and the columns' gradient.
+    cols: Vec<Vec<f32>>,
+    argmax: Vec<Vec<u32>>,
+    scratch: Vec<f32>,
     spec: OptimizerSpec,
     steps: usize,
     batch: usize,
@@ -66,20 +125,36 @@ impl Native {
         }
         let index = |name: &str| model.params().iter().position(|p| p.name == name);
         let mut ops = Vec::new();
-        let mut width: usize = model.architecture().input_shape().iter().product();
-        let mut widths = vec![width];
+        let input = model.architecture().input_shape();
+        let mut shape = match input[..] {
+            [c, h, w] => Shape::Image(c, h, w),
+            _ => Shape::Flat(input.iter().product()),
+        };
+        let mut widths = vec![shape.size()];
+        let (mut n_cols, mut n_argmax) = (0, 0);
+        if let Shape::Image(c, h, w) = shape {
+            ops.push(Op::ToChannels { c, hw: h * w });
+            widths.push(shape.size());
+        }
         for layer in model.layers() {
-            let op = match layer {
-                Layer::Normalize { mean, std } => Op::Normalize {
+            let op = match (layer, shape) {
+                (Layer::Normalize { mean, std }, _) => Op::Normalize {
                     mul: (1.0 / std) as f32,
                     add: (-mean / std) as f32,
                 },
-                Layer::Flatten => continue,
-                Layer::Linear {
-                    name,
-                    inputs,
-                    outputs,
-                } => {
+                (Layer::Flatten, Shape::Flat(_)) => continue,
+                (Layer::Flatten, Shape::Image(c, h, w)) => {
+                    shape = Shape::Flat(c * h * w);
+                    Op::ToRows { c, hw: h * w }
+                }
+                (
+                    Layer::Linear {
+                        name,
+                        inputs,
+                        outputs,
+                    },
+                    Shape::Flat(width),
+                ) => {
                     let (Some(w), Some(b)) = (
                         index(&format!("{name}.weight")),
                         index(&format!("{name}.bias")),
@@ -89,7 +164,7 @@ impl Native {
                     if *inputs != width {
                         return Ok(None);
                     }
-                    width = *outputs;
+                    shape = Shape::Flat(*outputs);
                     Op::Linear {
                         w,
                         b,
@@ -97,18 +172,67 @@ impl Native {
                         outputs: *outputs,
                     }
                 }
-                Layer::Act(
-                    a @ (Activation::Relu
-                    | Activation::Tanh
-                    | Activation::Sigmoid
-                    | Activation::Identity),
-                ) => Op::Act(*a),
-                Layer::Act(Activation::Gelu) | Layer::Conv2d { .. } | Layer::MaxPool2d(_) => {
-                    return Ok(None)
+                (
+                    Layer::Conv2d {
+                        name,
+                        in_channels,
+                        out_channels,
+                        kernel,
+                        padding,
+                    },
+                    Shape::Image(c, h, wd),
+                ) => {
+                    let (Some(w), Some(b)) = (
+                        index(&format!("{name}.weight")),
+                        index(&format!("{name}.bias")),
+                    ) else {
+                        return Ok(None);
+                    };
+                    let (k, pad) = (*kernel, *padding);
+                    if *in_channels != c || h + 2 * pad < k || wd + 2 * pad < k {
+                        return Ok(None);
+                    }
+                    shape = Shape::Image(*out_channels, h + 2 * pad - k + 1, wd + 2 * pad - k + 1);
+                    n_cols += 1;
+                    Op::Conv {
+                        w,
+                        b,
+                        c,
+                        h,
+                        wd,
+                        o: *out_channels,
+                        k,
+                        pad,
+                        cols: n_cols - 1,
+                    }
                 }
+                (Layer::MaxPool2d(k), Shape::Image(c, h, wd)) if *k >= 1 && h >= *k && wd >= *k => {
+                    shape = Shape::Image(c, h / k, wd / k);
+                    n_argmax += 1;
+                    Op::Pool {
+                        planes: c,
+                        h,
+                        wd,
+                        k: *k,
+                        argmax: n_argmax - 1,
+                    }
+                }
+                (
+                    Layer::Act(
+                        a @ (Activation::Relu
+                        | Activation::Tanh
+                        | Activation::Sigmoid
+                        | Activation::Identity),
+                    ),
+                    _,
+                ) => Op::Act(*a),
+                _ => return Ok(None),
             };
             ops.push(op);
-            widths.push(width);
+            widths.push(shape.size());
+        }
+        if !matches!(shape, Shape::Flat(_)) {
+            return Ok(None);
         }
         let params = model.params();
         let mut n = Native {
@@ -123,6 +247,9 @@ impl Native {
             acts: vec![vec![]; widths.len()],
             widths,
             d: [vec![], vec![]],
+            cols: vec![vec![]; n_cols],
+            argmax: vec![vec![]; n_argmax],
+            scratch: vec![],
             spec: spec.clone(),
             steps: 0,
             batch: 0,
@@ -212,6 +339,41 @@ impl Native {
                         *o = act(*a, *v);
                     }
                 }
+                Op::ToChannels { c, hw } => transpose_planes(x, y, b, *c, *hw),
+                Op::ToRows { c, hw } => transpose_planes(x, y, *c, b, *hw),
+                Op::Conv {
+                    w,
+                    b: bias,
+                    c,
+                    h,
+                    wd,
+                    o,
+                    k,
+                    pad,
+                    cols,
+                } => {
+                    let geo = Geometry::new(b, *c, *h, *wd, *k, *pad);
+                    let col = &mut self.cols[*cols];
+                    col.resize(geo.rows() * geo.n(), 0.0);
+                    geo.im2col(x, col);
+                    let wm = Mat::new(&self.w[*w], *o, geo.rows());
+                    gemm(wm, Mat::new(col, geo.rows(), geo.n()), y, false);
+                    for (row, bv) in y.chunks_mut(geo.n()).zip(&self.w[*bias]) {
+                        for v in row {
+                            *v += bv;
+                        }
+                    }
+                }
+                Op::Pool {
+                    planes,
+                    h,
+                    wd,
+                    k,
+                    argmax,
+                } => {
+                    let am = &mut self.argmax[*argmax];
+                    max_pool(x, y, am, planes * b, *h, *wd, *k);
+                }
             }
         }
         // Cross-entropy and its gradient with respect to the logits.
@@ -244,7 +406,7 @@ impl Native {
             let (x, y) = (&self.acts[i], &self.acts[i + 1]);
             let first_param = self.ops[..i]
                 .iter()
-                .all(|o| !matches!(o, Op::Linear { .. }));
+                .all(|o| !matches!(o, Op::Linear { .. } | Op::Conv { .. }));
             match &self.ops[i] {
                 Op::Normalize { .. } => break,
                 Op::Linear {
@@ -280,6 +442,66 @@ impl Native {
                     for ((dv, &xv), &yv) in self.d[0].iter_mut().zip(x).zip(y) {
                         *dv *= act_grad(*a, xv, yv);
                     }
+                }
+                Op::ToChannels { .. } => break,
+                Op::ToRows { c, hw } => {
+                    let (d0, d1) = self.d.split_at_mut(1);
+                    d1[0].resize(d0[0].len(), 0.0);
+                    transpose_planes(&d0[0], &mut d1[0], b, *c, *hw);
+                    self.d.swap(0, 1);
+                }
+                Op::Conv {
+                    w,
+                    b: bias,
+                    c,
+                    h,
+                    wd,
+                    o,
+                    k,
+                    pad,
+                    cols,
+                } => {
+                    let geo = Geometry::new(b, *c, *h, *wd, *k, *pad);
+                    let (rows, n) = (geo.rows(), geo.n());
+                    // `dWᵀ = cols dYᵀ` (the same sums as `dY colsᵀ`, with the
+                    // smaller operand packed), then transposed into place.
+                    let dy = Mat::new(&self.d[0], *o, n);
+                    let col = Mat::new(&self.cols[*cols], rows, n);
+                    let dwt = &mut self.scratch;
+                    dwt.resize(rows * o, 0.0);
+                    gemm(col, dy.t(), dwt, false);
+                    transpose_planes(dwt, &mut self.g[*w], rows, *o, 1);
+                    let gb = &mut self.g[*bias];
+                    for (g, row) in gb.iter_mut().zip(self.d[0].chunks(n)) {
+                        *g = row.iter().fold(0.0, |acc, v| acc + v);
+                    }
+                    if first_param {
+                        break;
+                    }
+                    let dcols = &mut self.scratch;
+                    dcols.resize(rows * n, 0.0);
+                    let wm = Mat::new(&self.w[*w], *o, rows);
+                    gemm(wm.t(), Mat::new(&self.d[0], *o, n), dcols, false);
+                    let dx = &mut self.d[1];
+                    dx.clear();
+                    dx.resize(geo.c * b * geo.h * geo.wd, 0.0);
+                    geo.col2im(dcols, dx);
+                    self.d.swap(0, 1);
+                }
+                Op::Pool {
+                    planes,
+                    h,
+                    wd,
+                    argmax,
+                    ..
+                } => {
+                    let (d0, d1) = self.d.split_at_mut(1);
+                    d1[0].clear();
+                    d1[0].resize(planes * b * h * wd, 0.0);
+                    for (j, &at) in self.argmax[*argmax].iter().enumerate() {
+                        d1[0][at as usize] += d0[0][j];
+                    }
+                    self.d.swap(0, 1);
                 }
             }
         }
@@ -413,6 +635,159 @@ pub(crate) fn batch_values(batch: &crate::data::Batch) -> Result<(Vec<f32>, Vec<
     Ok((x, t))
 }
 
+/// `y[j][i][p] = x[i][j][p]` for `i < n`, `j < m`, `p < len` (planes of `len`).
+fn transpose_planes(x: &[f32], y: &mut [f32], n: usize, m: usize, len: usize) {
+    for i in 0..n {
+        for j in 0..m {
+            let src = &x[(i * m + j) * len..(i * m + j + 1) * len];
+            y[(j * n + i) * len..(j * n + i + 1) * len].copy_from_slice(src);
+        }
+    }
+}
+
+/// The shapes of a stride-1 convolution over a channel-major batch.
+struct Geometry {
+    b: usize,
+    c: usize,
+    h: usize,
+    wd: usize,
+    k: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    fn new(b: usize, c: usize, h: usize, wd: usize, k: usize, pad: usize) -> Self {
+        let (oh, ow) = (h + 2 * pad - k + 1, wd + 2 * pad - k + 1);
+        Geometry {
+            b,
+            c,
+            h,
+            wd,
+            k,
+            pad,
+            oh,
+            ow,
+        }
+    }
+
+    /// Rows of the im2col matrix: `(channel, ky, kx)` in the weight's order.
+    fn rows(&self) -> usize {
+        self.c * self.k * self.k
+    }
+
+    /// Its columns: `(sample, oy, ox)`.
+    fn n(&self) -> usize {
+        self.b * self.oh * self.ow
+    }
+
+    /// The input row `oy + ky - pad` (none in the padding).
+    fn source(&self, o: usize, kk: usize, size: usize) -> Option<usize> {
+        (o + kk).checked_sub(self.pad).filter(|&v| v < size)
+    }
+
+    /// The output columns `lo..hi` whose input column `ox + kx - pad` is
+    /// inside the image.
+    fn columns(&self, kx: usize) -> (usize, usize) {
+        let lo = self.pad.saturating_sub(kx).min(self.ow);
+        let hi = (self.wd + self.pad).saturating_sub(kx).min(self.ow);
+        (lo, hi.max(lo))
+    }
+
+    /// `col[(ci, ky, kx)][(s, oy, ox)] = x[ci][s][oy + ky - pad][ox + kx - pad]`.
+    fn im2col(&self, x: &[f32], col: &mut [f32]) {
+        let n = self.n();
+        col.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+            let (ci, ky, kx) = (r / (self.k * self.k), r / self.k % self.k, r % self.k);
+            for s in 0..self.b {
+                let plane = &x[(ci * self.b + s) * self.h * self.wd..][..self.h * self.wd];
+                for oy in 0..self.oh {
+                    let dst = &mut row[(s * self.oh + oy) * self.ow..][..self.ow];
+                    let Some(iy) = self.source(oy, ky, self.h) else {
+                        dst.fill(0.0);
+                        continue;
+                    };
+                    let (lo, hi) = self.columns(kx);
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    if lo < hi {
+                        let from = iy * self.wd + lo + kx - self.pad;
+                        dst[lo..hi].copy_from_slice(&plane[from..from + hi - lo]);
+                    }
+                }
+            }
+        });
+    }
+
+    /// The adjoint of `im2col`: adds each column entry back onto its input
+    /// position, rows in order, so the sums have one order.
+    fn col2im(&self, col: &[f32], dx: &mut [f32]) {
+        let (n, kk) = (self.n(), self.k * self.k);
+        // One task per input channel: its rows only add onto its own planes.
+        let per_channel = self.b * self.h * self.wd;
+        dx.par_chunks_mut(per_channel)
+            .enumerate()
+            .for_each(|(ci, planes)| {
+                for r in ci * kk..(ci + 1) * kk {
+                    let row = &col[r * n..(r + 1) * n];
+                    let (ky, kx) = (r / self.k % self.k, r % self.k);
+                    for s in 0..self.b {
+                        let plane = &mut planes[s * self.h * self.wd..][..self.h * self.wd];
+                        for oy in 0..self.oh {
+                            let Some(iy) = self.source(oy, ky, self.h) else {
+                                continue;
+                            };
+                            let src = &row[(s * self.oh + oy) * self.ow..][..self.ow];
+                            let (lo, hi) = self.columns(kx);
+                            if lo < hi {
+                                let to = iy * self.wd + lo + kx - self.pad;
+                                let dst = &mut plane[to..to + hi - lo];
+                                for (d, v) in dst.iter_mut().zip(&src[lo..hi]) {
+                                    *d += v;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+    }
+}
+
+/// `k x k` max-pooling with stride `k` of `planes` planes of `h x wd`; the
+/// index in `x` of each window's first maximum goes to `argmax`.
+fn max_pool(
+    x: &[f32],
+    y: &mut [f32],
+    argmax: &mut Vec<u32>,
+    planes: usize,
+    h: usize,
+    wd: usize,
+    k: usize,
+) {
+    let (oh, ow) = (h / k, wd / k);
+    argmax.resize(planes * oh * ow, 0);
+    for p in 0..planes {
+        let base = p * h * wd;
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut best = base + oy * k * wd + ox * k;
+                for dy in 0..k {
+                    for dx in 0..k {
+                        let at = base + (oy * k + dy) * wd + ox * k + dx;
+                        if x[at] > x[best] {
+                            best = at;
+                        }
+                    }
+                }
+                let j = (p * oh + oy) * ow + ox;
+                y[j] = x[best];
+                argmax[j] = best as u32;
+            }
+        }
+    }
+}
+
 fn act(a: Activation, x: f32) -> f32 {
     match a {
         Activation::Relu => x.max(0.0),
@@ -453,38 +828,99 @@ mod tests {
         (x, t)
     }
 
+    /// Central differences of the loss against the gradients of the last
+    /// `forward_backward`, on a few weights of every parameter.
+    fn check_by_differences(n: &mut Native, x: &[f32], t: &[u32]) {
+        n.forward_backward(x, t);
+        let grads = n.g.clone();
+        for (p, g) in grads.iter().enumerate() {
+            for j in [0, g.len() / 3, g.len() - 1] {
+                let (w0, eps) = (n.w[p][j], 1e-2f32);
+                n.w[p][j] = w0 + eps;
+                let up = n.forward_backward(x, t) as f64;
+                n.w[p][j] = w0 - eps;
+                let down = n.forward_backward(x, t) as f64;
+                n.w[p][j] = w0;
+                let numeric = (up - down) / (2.0 * eps as f64);
+                let analytic = g[j] as f64;
+                assert!(
+                    (numeric - analytic).abs() < 2e-3 + 0.02 * analytic.abs(),
+                    "{}[{j}]: finite differences {numeric}, gradient {analytic}",
+                    n.names[p]
+                );
+            }
+        }
+        n.forward_backward(x, t);
+    }
+
     /// The native step agrees with candle's autograd and optimizer (to
-    /// rounding): loss, gradients and the weights after a few masked steps.
+    /// rounding): loss, gradients and the weights after a few masked steps,
+    /// for fully connected and convolutional models.
     #[test]
     fn native_steps_match_candle_autograd() {
-        for (act, spec) in [
-            (Activation::Relu, OptimizerSpec::sgd(0.1, 0.9, 1e-4)),
-            (Activation::Tanh, OptimizerSpec::adam(1e-2)),
-            (Activation::Sigmoid, OptimizerSpec::adamw(1e-2, 0.05)),
+        use crate::model::Architecture;
+        let lenet5 = || {
+            ModelSpec::lenet5().with_architecture(Architecture::Lenet5 {
+                input_shape: vec![2, 17, 15],
+                classes: 5,
+                activation: Activation::Tanh,
+            })
+        };
+        for (spec_of, features, first, act, opt) in [
+            (
+                (|| ModelSpec::mlp(&[20, 16, 12, 5], Activation::Relu)) as fn() -> ModelSpec,
+                20,
+                ("fc1.weight", 16 * 20),
+                "relu",
+                OptimizerSpec::sgd(0.1, 0.9, 1e-4),
+            ),
+            (
+                || ModelSpec::mlp(&[20, 16, 12, 5], Activation::Tanh),
+                20,
+                ("fc1.weight", 16 * 20),
+                "tanh",
+                OptimizerSpec::adam(1e-2),
+            ),
+            (
+                || ModelSpec::mlp(&[20, 16, 12, 5], Activation::Sigmoid),
+                20,
+                ("fc1.weight", 16 * 20),
+                "sigmoid",
+                OptimizerSpec::adamw(1e-2, 0.05),
+            ),
+            (
+                lenet5,
+                2 * 17 * 15,
+                ("conv2.weight", 16 * 6 * 25),
+                "lenet5",
+                OptimizerSpec::sgd(0.05, 0.9, 0.0),
+            ),
         ] {
             let dev = Device::Cpu;
-            let model = ModelSpec::mlp(&[20, 16, 12, 5], act)
-                .build(3, &dev)
-                .unwrap();
-            let reference = ModelSpec::mlp(&[20, 16, 12, 5], act)
-                .build(3, &dev)
-                .unwrap();
+            let model = spec_of().build(3, &dev).unwrap();
+            let reference = spec_of().build(3, &dev).unwrap();
+            let input_shape = model.architecture().input_shape();
             let mut masks = Masks::new();
-            let keep: Vec<u8> = (0..16 * 20).map(|i| (i % 3 != 0) as u8).collect();
-            masks.insert_u8(&model, "fc1.weight", &keep).unwrap();
+            let keep: Vec<u8> = (0..first.1).map(|i| (i % 3 != 0) as u8).collect();
+            masks.insert_u8(&model, first.0, &keep).unwrap();
             masks.apply(&model).unwrap();
             masks.apply(&reference).unwrap();
-            let mut native = Native::new(&model, &masks, &spec).unwrap().unwrap();
-            let mut opt = Optimizer::new(spec.clone(), &reference).unwrap();
-            for step in 0..4 {
-                let (x, t) = batch(9, 20, 5, step);
+            let mut native = Native::new(&model, &masks, &opt).unwrap().unwrap();
+            let mut optim = Optimizer::new(opt.clone(), &reference).unwrap();
+            // The convolutional reference parts ways after its first update
+            // (see the max-pool note below): one step there.
+            let steps = if act == "lenet5" { 1 } else { 4 };
+            for step in 0..steps {
+                let (x, t) = batch(9, features, 5, step);
                 let loss = native.forward_backward(&x, &t);
-                let inputs = Tensor::from_vec(x.clone(), (9, 20), &dev).unwrap();
+                let mut dims = vec![9];
+                dims.extend(&input_shape);
+                let inputs = Tensor::from_vec(x.clone(), dims, &dev).unwrap();
                 let targets = Tensor::from_vec(t.clone(), 9, &dev).unwrap();
                 let b = crate::data::Batch { inputs, targets };
                 let l = crate::train::batch_loss(&reference, &b).unwrap();
                 let want = l.to_scalar::<f32>().unwrap();
-                assert!((loss - want).abs() < 1e-5, "loss {loss} vs {want}");
+                assert!((loss - want).abs() < 1e-5, "{act}: loss {loss} vs {want}");
                 let grads = l.backward().unwrap();
                 for (i, p) in reference.params().iter().enumerate() {
                     let g: Vec<f32> = grads
@@ -499,16 +935,29 @@ mod tests {
                         .zip(&native.g[i])
                         .map(|(a, b)| (a - b).abs())
                         .fold(0.0f32, f32::max);
+                    // candle's max-pool backward scales the gradient by the
+                    // window's share of maxima (a quarter for one maximum
+                    // of four), PyTorch and this step pass it whole: the
+                    // convolutions are checked by finite differences below.
+                    if act == "lenet5" && p.name.starts_with("conv") {
+                        continue;
+                    }
                     assert!(
                         diff < 1e-5,
-                        "{act:?} step {step}: gradient of {} off by {diff}",
+                        "{act} step {step}: gradient of {} off by {diff}",
                         p.name
                     );
                 }
+                if act == "lenet5" {
+                    check_by_differences(&mut native, &x, &t);
+                }
                 native.update(0.1);
-                opt.step(&reference, &grads, &masks, 0.1).unwrap();
+                optim.step(&reference, &grads, &masks, 0.1).unwrap();
             }
             native.write_back(&model).unwrap();
+            if act == "lenet5" {
+                continue;
+            }
             for p in reference.params() {
                 let a = model.param_f32(&p.name).unwrap();
                 let b = reference.param_f32(&p.name).unwrap();
