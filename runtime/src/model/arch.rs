@@ -337,7 +337,7 @@ pub(crate) fn apply_layer(
             let w = param(&format!("{name}.weight"))?;
             let b = param(&format!("{name}.bias"))?;
             let ctx = || format!("layer {name}: input {:?}, weight {:?}", x.dims(), w.dims());
-            x.matmul(&w.t().ctx(ctx)?)
+            crate::gemm::matmul(x, &w.t().ctx(ctx)?)
                 .ctx(ctx)?
                 .broadcast_add(&b)
                 .ctx(ctx)
@@ -419,7 +419,7 @@ fn conv2d_im2col(
         .and_then(|t| t.reshape((c * k * k, oh * ow * batch)))
         .ctx(ctx)?;
     let wmat = w.reshape((o, c * k * k)).ctx(ctx)?;
-    wmat.matmul(&cols)
+    crate::gemm::matmul(&wmat, &cols)
         .and_then(|y| y.reshape((o, oh, ow, batch)))
         .and_then(|y| y.permute((3, 0, 1, 2)))
         .and_then(|y| y.contiguous())
