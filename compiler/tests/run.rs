@@ -1455,3 +1455,40 @@ pipeline {
         assert!(weights(&[env], what) == widest, "{what} differs");
     }
 }
+
+/// The locks checked into `locks/` (reduced runs made on the development
+/// machine) verify by re-running here; a lock whose output hash was changed
+/// does not.
+#[test]
+fn checked_in_locks_verify_by_rerunning() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    require_data("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2");
+    let mut locks: Vec<PathBuf> = std::fs::read_dir(root().join("locks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "lock"))
+        .collect();
+    locks.sort();
+    assert_eq!(locks.len(), 3, "{locks:?}");
+    for lock in &locks {
+        let (code, text) = prunec(&["verify", "--rerun-only", lock.to_str().unwrap()], &[]);
+        assert_eq!(code, 0, "{}: {text}", lock.display());
+        assert!(text.contains("in a re-run"), "{text}");
+    }
+    // One output hash changed: the re-run no longer matches.
+    let dir = tempfile::tempdir().unwrap();
+    let tampered = dir.path().join("tampered.lock");
+    let mut lock: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("locks/lenet300_magnitude.lock")).unwrap(),
+    )
+    .unwrap();
+    lock["outputs"][0]["sha256"] = serde_json::Value::String("0".repeat(64));
+    std::fs::write(&tampered, serde_json::to_string_pretty(&lock).unwrap()).unwrap();
+    let (code, text) = prunec(&["verify", "--rerun-only", tampered.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("differs from the lock"), "{text}");
+    // Without `--rerun-only` the outputs must be beside the lock.
+    let (code, text) = prunec(&["verify", tampered.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("missing beside the lock"), "{text}");
+}
