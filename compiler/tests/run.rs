@@ -1348,6 +1348,20 @@ pipeline {
     assert!(b[0] == b[1], "`b` pruned on statistics computed for `a`");
 }
 
+/// `prunec run -q RECIPE --out OUT` with `env`; expects success and returns `out`.
+fn run_with_env(recipe: &Path, out: &Path, env: &[(&str, &str)]) -> PathBuf {
+    let args = [
+        "run",
+        "-q",
+        recipe.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (code, text) = prunec(&args, env);
+    assert_eq!(code, 0, "{text}");
+    out.to_path_buf()
+}
+
 /// A language-model run gives the same bytes whichever vector width the
 /// products run at (SparseGPT: calibration forwards, the f64 solver,
 /// evaluation), once with the widest instruction set of this machine and
@@ -1376,18 +1390,7 @@ pipeline {
     )
     .unwrap();
     let run = |env: &[(&str, &str)], name: &str| {
-        let out = dir.path().join(name);
-        let (code, text) = prunec(
-            &[
-                "run",
-                "-q",
-                recipe.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            env,
-        );
-        assert_eq!(code, 0, "{text}");
+        let out = run_with_env(&recipe, &dir.path().join(name), env);
         let report: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
                 .unwrap();
@@ -1432,18 +1435,7 @@ pipeline {
     )
     .unwrap();
     let weights = |env: &[(&str, &str)], name: &str| {
-        let out = dir.path().join(name);
-        let (code, text) = prunec(
-            &[
-                "run",
-                "-q",
-                recipe.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            env,
-        );
-        assert_eq!(code, 0, "{text}");
+        let out = run_with_env(&recipe, &dir.path().join(name), env);
         std::fs::read(out.join("net.safetensors")).unwrap()
     };
     let widest = weights(&[], "widest");
