@@ -693,6 +693,7 @@ fn cmd_verify(a: VerifyArgs) -> u8 {
                     sha_prefix(expected),
                     sha_prefix(h)
                 );
+                eprintln!("{}", mismatch_context(&lock));
                 return exit::USER;
             }
             None => {
@@ -712,6 +713,27 @@ fn cmd_verify(a: VerifyArgs) -> u8 {
         }
     );
     exit::OK
+}
+
+/// What explains a re-run that differs from its lock: which prunec and
+/// which summation contract made the lock, which run here, and on which
+/// instruction set.
+fn mismatch_context(lock: &serde_json::Value) -> String {
+    let made = |k: &str| lock[k].as_str().unwrap_or("not recorded").to_string();
+    let numerics = made("numerics");
+    let mut m = format!(
+        "  the lock: prunec {}, numerics {numerics}; this run: prunec {}, numerics {}, products on {:?}",
+        made("prunec_version"),
+        env!("CARGO_PKG_VERSION"),
+        prunec_runtime::gemm::NUMERICS,
+        prunec_runtime::gemm::isa(),
+    );
+    if numerics != prunec_runtime::gemm::NUMERICS {
+        m.push_str("\n  help: the lock was made under another summation contract: re-make it with this prunec");
+    } else {
+        m.push_str("\n  help: the same contract gives the same bytes on every instruction set (try PRUNEC_KERNEL_AVX2=1 or PRUNEC_KERNEL_SCALAR=1); a difference means the recipe's code path or an input changed");
+    }
+    m
 }
 
 /// The first 16 characters of a hash, for messages.

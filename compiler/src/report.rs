@@ -403,6 +403,7 @@ pub fn write_all(report: &mut Report, dir: &Path) -> std::io::Result<()> {
     std::fs::write(dir.join("report.md"), report.to_markdown())?;
     let lock = json!({
         "prunec_version": env!("CARGO_PKG_VERSION"),
+        "numerics": prunec_runtime::gemm::NUMERICS,
         "recipe": {"path": report.recipe_path, "sha256": report.recipe_sha256},
         "seed": report.seed,
         "params": report.params,
@@ -709,6 +710,7 @@ pub fn write_sweep(
     outputs.push(("sweep.svg".into(), sha256_hex(svg.as_bytes())));
     let lock = json!({
         "prunec_version": env!("CARGO_PKG_VERSION"),
+        "numerics": prunec_runtime::gemm::NUMERICS,
         "recipe": {"path": first.report.recipe_path, "sha256": first.report.recipe_sha256},
         "seed": first.report.seed,
         "params_text": spec.set.iter().cloned().collect::<BTreeMap<_, _>>(),

@@ -1479,6 +1479,11 @@ fn checked_in_locks_verify_by_rerunning() {
     let (code, text) = prunec(&["verify", "--rerun-only", tampered.to_str().unwrap()], &[]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("differs from the lock"), "{text}");
+    // The message says what made the lock and what ran here.
+    assert!(
+        text.contains("numerics fixed-order-fma-1") && text.contains("products on"),
+        "{text}"
+    );
     // Without `--rerun-only` the outputs must be beside the lock.
     let (code, text) = prunec(&["verify", tampered.to_str().unwrap()], &[]);
     assert_eq!(code, 1, "{text}");

@@ -18,6 +18,11 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 use std::thread::LocalKey;
 
+/// The summation contract of every product, recorded in locks: it changes
+/// whenever an order of summation does, so `verify` can tell a lock made
+/// under another contract from a real difference.
+pub const NUMERICS: &str = "fixed-order-fma-1";
+
 /// Rows of `C` one micro-kernel call computes.
 const MR: usize = 6;
 /// Row blocks (of `MR` rows) and column panels (of `nr` columns) per
