@@ -47,20 +47,12 @@ pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
         if std::env::var_os("PRUNEC_KERNEL_SCALAR").is_some() {
-            return Isa::Scalar;
+            Isa::Scalar
+        } else if std::env::var_os("PRUNEC_KERNEL_AVX2").is_some() {
+            Isa::Avx2.supported()
+        } else {
+            isa_detected()
         }
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f")
-                && std::env::var_os("PRUNEC_KERNEL_AVX2").is_none()
-            {
-                return Isa::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Scalar
     })
 }
 
@@ -171,6 +163,18 @@ impl<'a, T: Copy> Mat<'a, T> {
         }
     }
 
+    /// Whether every element `(i, j)` lies inside `data` (the kernels read
+    /// through raw pointers, so `gemm` checks this first).
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1)
+                .checked_mul(self.rs)
+                .zip((self.cols - 1).checked_mul(self.cs))
+                .and_then(|(r, c)| r.checked_add(c))
+                .is_some_and(|last| last < self.data.len())
+    }
+
     #[inline]
     fn at(&self, i: usize, j: usize) -> T {
         self.data[i * self.rs + j * self.cs]
@@ -188,6 +192,7 @@ pub fn gemm_on<T: Elem>(isa: Isa, a: Mat<'_, T>, b: Mat<'_, T>, c: &mut [T], acc
     let isa = isa.supported();
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "inner dimensions differ");
+    assert!(a.fits() && b.fits(), "a matrix view reaches past its data");
     assert!(c.len() >= m * n, "output too short");
     let c = &mut c[..m * n];
     if m == 0 || n == 0 {
@@ -347,18 +352,21 @@ impl Isa {
     }
 }
 
-/// What the machine has, ignoring the environment.
+/// What the machine has, ignoring the environment (detected once).
 fn isa_detected() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            return Isa::Avx512;
+    static DETECTED: OnceLock<Isa> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Isa::Avx2;
-        }
-    }
-    Isa::Scalar
+        Isa::Scalar
+    })
 }
 
 /// Packs `B` into column panels of width `nr`: for each panel, `k` rows of
@@ -692,6 +700,23 @@ mod tests {
                 prop_assert!(same, "f64 on {isa:?} differs for {m}x{k}x{n}");
             }
         }
+    }
+
+    /// A strided view that reaches past its data is refused before any
+    /// kernel reads through it.
+    #[test]
+    #[should_panic(expected = "reaches past its data")]
+    fn a_view_past_its_data_is_refused() {
+        let (a, b) = (vec![1.0f32; 6], vec![1.0f32; 6]);
+        let bad = Mat {
+            data: &a,
+            rows: 3,
+            cols: 2,
+            rs: 3,
+            cs: 1,
+        };
+        let mut c = vec![0.0; 9];
+        gemm(bad, Mat::new(&b, 2, 3), &mut c, false);
     }
 
     #[test]

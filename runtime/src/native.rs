@@ -53,12 +53,8 @@ enum Op {
     Conv {
         w: usize,
         b: usize,
-        c: usize,
-        h: usize,
-        wd: usize,
         o: usize,
-        k: usize,
-        pad: usize,
+        shape: ConvShape,
         cols: usize,
     },
     /// `k x k` max-pooling with stride `k` of `[c][b][h][w]`; the argmax of each
@@ -113,7 +109,6 @@ pub(crate) struct Native {
     scratch: Vec<f32>,
     spec: OptimizerSpec,
     steps: usize,
-    batch: usize,
 }
 
 impl Native {
@@ -197,12 +192,8 @@ impl Native {
                     Op::Conv {
                         w,
                         b,
-                        c,
-                        h,
-                        wd,
                         o: *out_channels,
-                        k,
-                        pad,
+                        shape: ConvShape { c, h, wd, k, pad },
                         cols: n_cols - 1,
                     }
                 }
@@ -252,7 +243,6 @@ impl Native {
             scratch: vec![],
             spec: spec.clone(),
             steps: 0,
-            batch: 0,
         };
         n.reload(model, masks)?;
         Ok(Some(n))
@@ -306,7 +296,6 @@ impl Native {
     /// the mean cross-entropy, with every parameter's gradient in `self.g`.
     pub(crate) fn forward_backward(&mut self, inputs: &[f32], targets: &[u32]) -> f32 {
         let b = targets.len();
-        self.batch = b;
         for (a, &w) in self.acts.iter_mut().zip(&self.widths) {
             a.resize(b * w, 0.0);
         }
@@ -344,15 +333,11 @@ impl Native {
                 Op::Conv {
                     w,
                     b: bias,
-                    c,
-                    h,
-                    wd,
                     o,
-                    k,
-                    pad,
+                    shape,
                     cols,
                 } => {
-                    let geo = Geometry::new(b, *c, *h, *wd, *k, *pad);
+                    let geo = Geometry::new(b, *shape);
                     let col = &mut self.cols[*cols];
                     col.resize(geo.rows() * geo.n(), 0.0);
                     geo.im2col(x, col);
@@ -453,15 +438,11 @@ impl Native {
                 Op::Conv {
                     w,
                     b: bias,
-                    c,
-                    h,
-                    wd,
                     o,
-                    k,
-                    pad,
+                    shape,
                     cols,
                 } => {
-                    let geo = Geometry::new(b, *c, *h, *wd, *k, *pad);
+                    let geo = Geometry::new(b, *shape);
                     let (rows, n) = (geo.rows(), geo.n());
                     // `dWᵀ = cols dYᵀ` (the same sums as `dY colsᵀ`, with the
                     // smaller operand packed), then transposed into place.
@@ -645,6 +626,16 @@ fn transpose_planes(x: &[f32], y: &mut [f32], n: usize, m: usize, len: usize) {
     }
 }
 
+/// A stride-1 convolution's input channels and size, kernel and padding.
+#[derive(Clone, Copy, Debug)]
+struct ConvShape {
+    c: usize,
+    h: usize,
+    wd: usize,
+    k: usize,
+    pad: usize,
+}
+
 /// The shapes of a stride-1 convolution over a channel-major batch.
 struct Geometry {
     b: usize,
@@ -658,7 +649,8 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn new(b: usize, c: usize, h: usize, wd: usize, k: usize, pad: usize) -> Self {
+    fn new(b: usize, shape: ConvShape) -> Self {
+        let ConvShape { c, h, wd, k, pad } = shape;
         let (oh, ow) = (h + 2 * pad - k + 1, wd + 2 * pad - k + 1);
         Geometry {
             b,
