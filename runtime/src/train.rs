@@ -216,9 +216,10 @@ pub fn train_masked(
     }
     check_masks(model, masks)?;
     model.check_data(data)?;
+    // Checks the optimizer's settings for both paths; steps only candle's.
     let mut optimizer = Optimizer::new(cfg.optimizer.clone(), model)?;
     masks.apply(model)?;
-    // The native step where it covers the model (CPU, fully connected).
+    // The native step where it covers the model (CPU, built-in layers).
     let mut native = crate::native::Native::new(model, masks, &cfg.optimizer)?;
     let every_step = hooks.reads_every_step();
     let total = cfg.total_steps(data);
