@@ -1481,7 +1481,8 @@ fn checked_in_locks_verify_by_rerunning() {
     assert!(text.contains("differs from the lock"), "{text}");
     // The message says what made the lock and what ran here.
     assert!(
-        text.contains("numerics fixed-order-fma-1") && text.contains("products on"),
+        text.contains(&format!("numerics {}", prunec_runtime::gemm::NUMERICS))
+            && text.contains("products on"),
         "{text}"
     );
     // Without `--rerun-only` the outputs must be beside the lock.

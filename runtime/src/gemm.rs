@@ -18,10 +18,13 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 use std::thread::LocalKey;
 
-/// The summation contract of every product, recorded in locks: it changes
-/// whenever an order of summation does, so `verify` can tell a lock made
-/// under another contract from a real difference.
-pub const NUMERICS: &str = "fixed-order-fma-1";
+/// The summation contract of every product and reduction, recorded in
+/// locks: it changes whenever an order of summation does, so `verify` can
+/// tell a lock made under another contract from a real difference.
+/// (2: the language model's norms, softmax and losses summed left to right
+/// by prunec rather than by candle's vector kernels, its residual adds
+/// fused into the output products, Wanda's column norms summed in `f64`.)
+pub const NUMERICS: &str = "fixed-order-fma-2";
 
 /// Rows of `C` one micro-kernel call computes.
 const MR: usize = 6;
@@ -189,6 +192,23 @@ pub fn gemm<T: Elem>(a: Mat<'_, T>, b: Mat<'_, T>, c: &mut [T], accumulate: bool
 /// [`gemm`] on a given instruction set (tests compare them; one the machine
 /// lacks falls back to the next narrower).
 pub fn gemm_on<T: Elem>(isa: Isa, a: Mat<'_, T>, b: Mat<'_, T>, c: &mut [T], accumulate: bool) {
+    product(isa, a, b, c, accumulate, true)
+}
+
+/// [`gemm`] on the calling thread only (the same bits), for small products
+/// that run inside an outer parallel loop.
+pub fn gemm_serial<T: Elem>(a: Mat<'_, T>, b: Mat<'_, T>, c: &mut [T], accumulate: bool) {
+    product(isa(), a, b, c, accumulate, false)
+}
+
+fn product<T: Elem>(
+    isa: Isa,
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    c: &mut [T],
+    accumulate: bool,
+    threads: bool,
+) {
     let isa = isa.supported();
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "inner dimensions differ");
@@ -218,7 +238,7 @@ pub fn gemm_on<T: Elem>(isa: Isa, a: Mat<'_, T>, b: Mat<'_, T>, c: &mut [T], acc
                 }
             }
         }
-        gemm_on(isa, b.t(), a.t(), &mut ct, accumulate);
+        product(isa, b.t(), a.t(), &mut ct, accumulate, threads);
         for i in 0..m {
             for j in 0..n {
                 c[i * n + j] = ct[j * m + i];
@@ -226,21 +246,14 @@ pub fn gemm_on<T: Elem>(isa: Isa, a: Mat<'_, T>, b: Mat<'_, T>, c: &mut [T], acc
         }
         return;
     }
-    // Narrow outputs waste half of a wide tile; the narrower kernel gives
-    // the same bits.
-    let isa = match isa {
-        Isa::Avx512 if n <= T::nr(Isa::Avx2) => Isa::Avx2,
-        other => other,
-    };
+    let isa = tile_isa::<T>(isa, n);
     let nr = T::nr(isa);
-    let (blocks, panels) = (m.div_ceil(MR), n.div_ceil(nr));
-    let threads = rayon::current_num_threads();
-    let parallel = m * n * k >= PARALLEL_WORK && threads > 1;
     // The buffers leave their thread-local slot while in use: a rayon worker
     // waiting for this product may run another one meanwhile.
     // `B` is read in place where its rows are contiguous; other panels
     // (and a last partial one, zero-padded) are packed. `A` is read in place.
     let direct = b.cs == 1;
+    let parallel = threads && m * n * k >= PARALLEL_WORK && rayon::current_num_threads() > 1;
     let mut buf_b = T::buffers().with(|b| b[1].take());
     pack_b(
         &b,
@@ -249,6 +262,149 @@ pub fn gemm_on<T: Elem>(isa: Isa, a: Mat<'_, T>, b: Mat<'_, T>, c: &mut [T], acc
         &mut buf_b,
         parallel && k * n >= PARALLEL_PACK,
     );
+    let bp = Shared(b.data.as_ptr());
+    let pb = &buf_b[..];
+    tiles(isa, a, k, n, c, accumulate, parallel, |p| {
+        let ccount = nr.min(n - p * nr);
+        if direct && ccount == nr {
+            (bp.get().wrapping_add(p * nr), b.rs)
+        } else {
+            let at = if direct { 0 } else { p * k * nr };
+            (pb[at..at + k * nr].as_ptr(), nr)
+        }
+    });
+    T::buffers().with(|b| b[1].replace(buf_b));
+}
+
+/// The instruction set the tiles of an `n`-column product run on: narrow
+/// outputs waste half of a wide tile, and the narrower kernel gives the
+/// same bits.
+fn tile_isa<T: Elem>(isa: Isa, n: usize) -> Isa {
+    match isa {
+        Isa::Avx512 if n <= T::nr(Isa::Avx2) => Isa::Avx2,
+        other => other,
+    }
+}
+
+/// `B` packed once into the column panels the micro-kernels read, for
+/// operands used in many products (a model's weights): [`gemm_packed`]
+/// then gives the same bits as [`gemm`] without packing on every call.
+#[derive(Clone, Debug)]
+pub struct PackedB<T = f32> {
+    k: usize,
+    n: usize,
+    isa: Isa,
+    data: Vec<T>,
+}
+
+impl<T: Elem> PackedB<T> {
+    /// Packs `b` (`k x n`, any strides) for this machine's instruction set.
+    pub fn new(b: Mat<'_, T>) -> Self {
+        assert!(b.fits(), "a matrix view reaches past its data");
+        let isa = tile_isa::<T>(isa().supported(), b.cols);
+        let mut data = Vec::new();
+        if b.rows > 0 && b.cols > 0 {
+            pack_b(
+                &b,
+                T::nr(isa),
+                false,
+                &mut data,
+                b.rows * b.cols >= PARALLEL_PACK,
+            );
+        }
+        PackedB {
+            k: b.rows,
+            n: b.cols,
+            isa,
+            data,
+        }
+    }
+
+    /// `[W_1; W_2; ...]ᵀ` packed, each `W_i` row-major with `k` columns
+    /// (weights of linear layers that read the same input, as one product
+    /// whose output columns are their outputs side by side).
+    pub fn from_stacked_rows(parts: &[&[T]], k: usize) -> Self {
+        let rows: Vec<&[T]> = parts
+            .iter()
+            .flat_map(|p| {
+                assert_eq!(
+                    p.len() % k.max(1),
+                    0,
+                    "a weight is not a whole number of rows"
+                );
+                p.chunks_exact(k.max(1))
+            })
+            .collect();
+        let n = if k == 0 { 0 } else { rows.len() };
+        let isa = tile_isa::<T>(isa().supported(), n);
+        let nr = T::nr(isa);
+        let mut data = vec![T::default(); n.div_ceil(nr) * k * nr];
+        let pack = |(p, dst): (usize, &mut [T])| {
+            let cb = p * nr;
+            for k0 in (0..k).step_by(16) {
+                let k1 = (k0 + 16).min(k);
+                for (j, row) in rows[cb..(cb + nr).min(n)].iter().enumerate() {
+                    for (kk, v) in (k0..k1).zip(&row[k0..k1]) {
+                        dst[kk * nr + j] = *v;
+                    }
+                }
+            }
+        };
+        if k > 0 {
+            data.par_chunks_mut(k * nr).enumerate().for_each(pack);
+        }
+        PackedB { k, n, isa, data }
+    }
+
+    /// Rows and columns of the packed matrix.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+}
+
+/// `C = A B` (or `C += A B`) with `B` packed beforehand: the same bits as
+/// [`gemm`] on the unpacked `B`.
+pub fn gemm_packed<T: Elem>(a: Mat<'_, T>, b: &PackedB<T>, c: &mut [T], accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.n);
+    assert_eq!(b.k, k, "inner dimensions differ");
+    assert!(a.fits(), "a matrix view reaches past its data");
+    assert!(c.len() >= m * n, "output too short");
+    let c = &mut c[..m * n];
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(T::default());
+        }
+        return;
+    }
+    let nr = T::nr(b.isa);
+    let data = &b.data[..];
+    let parallel = m * n * k >= PARALLEL_WORK && rayon::current_num_threads() > 1;
+    tiles(b.isa, a, k, n, c, accumulate, parallel, |p| {
+        (data[p * k * nr..(p + 1) * k * nr].as_ptr(), nr)
+    });
+}
+
+/// Runs the micro-kernels over every `MR x nr` tile of `C` (`m x n`,
+/// row-major), in parallel rectangles of tiles when the product is large;
+/// `panel(p)` gives where column panel `p` of `B` starts and its row stride.
+#[allow(clippy::too_many_arguments)]
+fn tiles<T: Elem>(
+    isa: Isa,
+    a: Mat<'_, T>,
+    k: usize,
+    n: usize,
+    c: &mut [T],
+    accumulate: bool,
+    parallel: bool,
+    panel: impl Fn(usize) -> (*const T, usize) + Sync,
+) {
+    let m = a.rows;
+    let nr = T::nr(isa);
+    let (blocks, panels) = (m.div_ceil(MR), n.div_ceil(nr));
+    let threads = rayon::current_num_threads();
     // Tasks: rectangles of `bpt x ppt` tiles, each written by one task only;
     // smaller rectangles until every thread has a few.
     let (mut bpt, mut ppt) = (BLOCKS_PER_TASK, PANELS_PER_TASK);
@@ -263,8 +419,7 @@ pub fn gemm_on<T: Elem>(isa: Isa, a: Mat<'_, T>, b: Mat<'_, T>, c: &mut [T], acc
     let row_tasks = blocks.div_ceil(bpt);
     let tasks = count(bpt, ppt);
     let out = SharedOut(c.as_mut_ptr());
-    let pb = &buf_b[..];
-    let (ap, bp) = (Shared(a.data.as_ptr()), Shared(b.data.as_ptr()));
+    let ap = Shared(a.data.as_ptr());
     let run = |task: usize| {
         let (rt, pt) = (task % row_tasks, task / row_tasks);
         for blk in rt * bpt..((rt + 1) * bpt).min(blocks) {
@@ -276,18 +431,14 @@ pub fn gemm_on<T: Elem>(isa: Isa, a: Mat<'_, T>, b: Mat<'_, T>, c: &mut [T], acc
             for p in pt * ppt..((pt + 1) * ppt).min(panels) {
                 let cb = p * nr;
                 let ccount = nr.min(n - cb);
-                let (bsrc, b_rs) = if direct && ccount == nr {
-                    (bp.get().wrapping_add(cb), b.rs)
-                } else {
-                    let at = if direct { 0 } else { p * k * nr };
-                    (pb[at..at + k * nr].as_ptr(), nr)
-                };
+                let (bsrc, b_rs) = panel(p);
                 let mut tile = [T::default(); TILE];
                 // SAFETY: this task alone reads and writes rows
                 // `rb..rb + rcount`, columns `cb..cb + ccount` of `c`; the
                 // operands' addresses stay inside their data (`Mat::new`
-                // checks the length; packed panels hold `k * nr` values);
-                // `supported` chose an instruction set the CPU has.
+                // checks the length, `gemm` the views; packed panels hold
+                // `k * nr` values); `supported` chose an instruction set
+                // the CPU has.
                 unsafe {
                     if accumulate {
                         for r in 0..rcount {
@@ -309,7 +460,6 @@ pub fn gemm_on<T: Elem>(isa: Isa, a: Mat<'_, T>, b: Mat<'_, T>, c: &mut [T], acc
     } else {
         (0..tasks).for_each(run);
     }
-    T::buffers().with(|b| b[1].replace(buf_b));
 }
 
 /// An operand's data, read by every task.
@@ -385,6 +535,21 @@ fn pack_b<T: Elem>(b: &Mat<'_, T>, nr: usize, last_only: bool, out: &mut Vec<T>,
     let pack = |(i, dst): (usize, &mut [T])| {
         let cb = (first + i) * nr;
         let cc = nr.min(n - cb);
+        if b.rs == 1 && b.cs != 1 {
+            // A transposed row-major matrix (a weight `W` read as `Wᵀ`):
+            // its columns are contiguous, so copy strips of 16 rows column
+            // by column (reads along a cache line, writes within 16 rows).
+            for k0 in (0..k).step_by(16) {
+                let k1 = (k0 + 16).min(k);
+                for j in 0..cc {
+                    let src = &b.data[(cb + j) * b.cs + k0..(cb + j) * b.cs + k1];
+                    for (kk, v) in (k0..k1).zip(src) {
+                        dst[kk * nr + j] = *v;
+                    }
+                }
+            }
+            return;
+        }
         for kk in 0..k {
             let row = &mut dst[kk * nr..kk * nr + cc];
             if b.cs == 1 {
@@ -699,6 +864,21 @@ mod tests {
                 let same = c.iter().zip(&want64).all(|(x, y)| x.to_bits() == y.to_bits());
                 prop_assert!(same, "f64 on {isa:?} differs for {m}x{k}x{n}");
             }
+            // Packed once beforehand, on this machine's instruction set.
+            let mut c = c0.clone();
+            gemm_packed(a, &PackedB::new(b), &mut c, accumulate);
+            let same = c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+            prop_assert!(same, "packed f32 differs for {m}x{k}x{n}");
+            // `B` as the transpose of two weights stacked by rows.
+            if k > 0 {
+                let w: Vec<f32> = (0..n * k).map(|i| b.at(i % k, i / k)).collect();
+                let split = (n / 3) * k;
+                let packed = PackedB::from_stacked_rows(&[&w[..split], &w[split..]], k);
+                let mut c = c0.clone();
+                gemm_packed(a, &packed, &mut c, accumulate);
+                let same = c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                prop_assert!(same, "stacked f32 differs for {m}x{k}x{n}");
+            }
         }
     }
 
@@ -725,6 +905,11 @@ mod tests {
         let (av, bv) = (values(m * k, 5), values(k * n, 6));
         let (a, b) = (Mat::new(&av, m, k), Mat::new(&bv, k, n));
         let want = reference(a, b, None);
+        // The same product with `B` stored transposed (a weight read as
+        // `Wᵀ`), packed per call and packed once.
+        let bt: Vec<f32> = (0..n * k).map(|i| bv[(i % k) * n + i / k]).collect();
+        let b_t = Mat::new(&bt, n, k).t();
+        let packed = PackedB::new(b_t);
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -735,6 +920,18 @@ mod tests {
             assert!(
                 c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{threads} threads"
+            );
+            let mut c = vec![0.0; m * n];
+            pool.install(|| gemm(a, b_t, &mut c, false));
+            assert!(
+                c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{threads} threads, transposed B"
+            );
+            let mut c = vec![0.0; m * n];
+            pool.install(|| gemm_packed(a, &packed, &mut c, false));
+            assert!(
+                c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{threads} threads, packed B"
             );
         }
     }

@@ -161,3 +161,58 @@ fn missing_model_file_names_the_file_and_the_fetch_script() {
         "{msg}"
     );
 }
+
+/// The slice forward (packed weights, fused products, in-place RoPE,
+/// attention on strided views) computes what the candle-op forward computes:
+/// the logits of two windows agree to float rounding, and so do the
+/// next-token losses perplexity is made of.
+#[test]
+fn slice_forward_matches_the_candle_op_forward() {
+    let mut m = smollm2().clone();
+    m.truncate_layers(4);
+    let tok = m.tokenizer.as_ref().unwrap();
+    let text = llm::data::read_text(&data::moby_dick().unwrap()).unwrap();
+    let ids = llm::leading_tokens(tok, &text, 96).unwrap();
+    let t =
+        candle_core::Tensor::from_slice(&ids[..96], (2, 48), &candle_core::Device::Cpu).unwrap();
+    let fast: Vec<f32> = m
+        .forward(&t)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let slow: Vec<f32> = m
+        .forward_candle(&t)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(fast.len(), slow.len());
+    let scale = slow.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let worst = fast
+        .iter()
+        .zip(&slow)
+        .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    assert!(
+        worst <= 1e-4 * scale,
+        "logits differ by {worst} (largest logit {scale})"
+    );
+    let nll = m.next_token_nll(&ids[..96], 2, 48).unwrap();
+    assert_eq!(nll.len(), 2 * 47);
+    let vocab = m.config.vocab_size;
+    for (i, got) in nll.iter().enumerate() {
+        let (s, p) = (i / 47, i % 47);
+        let row = &slow[(s * 48 + p) * vocab..(s * 48 + p + 1) * vocab];
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
+        let lse = max
+            + row
+                .iter()
+                .map(|&v| (v as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let want = lse - row[ids[s * 48 + p + 1] as usize] as f64;
+        assert!((got - want).abs() < 1e-3, "position {i}: {got} vs {want}");
+    }
+}

@@ -1,9 +1,8 @@
 //! Perplexity over fixed windows of held-out text, and seeded calibration windows.
 
 use super::error::{Result, RuntimeError};
-use super::model::{token_nll, LlamaModel};
+use super::model::LlamaModel;
 use super::tokenizer::TextTokenizer;
-use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 
@@ -61,15 +60,8 @@ pub fn perplexity(model: &LlamaModel, tokens: &[u32], window: usize, batch: usiz
     for start in (0..windows).step_by(batch) {
         let b = batch.min(windows - start);
         let chunk = &tokens[start * window..(start + b) * window];
-        let ids = Tensor::from_slice(chunk, (b, window), model.device())?;
-        let logits = model.forward(&ids)?;
-        let vocab = logits.dim(2)?;
-        let inputs = logits
-            .narrow(1, 0, window - 1)?
-            .reshape((b * (window - 1), vocab))?;
-        let targets = ids.narrow(1, 1, window - 1)?.flatten_all()?.contiguous()?;
-        let nll = token_nll(&inputs.contiguous()?, &targets)?.to_vec1::<f32>()?;
-        total += nll.iter().map(|&x| x as f64).sum::<f64>();
+        let nll = model.next_token_nll(chunk, b, window)?;
+        total += nll.iter().sum::<f64>();
         count += nll.len();
     }
     Ok((total / count as f64).exp())

@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+mod forward;
 pub mod gguf;
 pub mod hf;
 pub mod linalg;

@@ -4,7 +4,7 @@ use super::config::LlamaConfig;
 use super::error::{Result, RuntimeError};
 use super::tokenizer::TextTokenizer;
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 
 /// The seven linear layers of one transformer block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -154,6 +154,11 @@ pub struct LlamaModel {
     pub(crate) rope: RopeStyle,
     cos: Tensor,
     sin: Tensor,
+    /// The same tables as plain values (positions x head_dim/2), for the slice forward.
+    pub(crate) cos_v: Vec<f32>,
+    pub(crate) sin_v: Vec<f32>,
+    /// Weights packed for the slice forward's products.
+    pub(crate) packs: super::forward::Packs,
 }
 
 /// Called with every linear-layer input during a block forward, as a (tokens, features) matrix.
@@ -208,6 +213,10 @@ impl LlamaModel {
             check_shape("lm_head.weight", w, &[c.vocab_size, d])?;
         }
         let (cos, sin) = rope_tables(c, embed.device())?;
+        let (cos_v, sin_v) = (
+            cos.flatten_all()?.to_vec1::<f32>()?,
+            sin.flatten_all()?.to_vec1::<f32>()?,
+        );
         Ok(LlamaModel {
             config,
             tokenizer: None,
@@ -219,6 +228,9 @@ impl LlamaModel {
             rope,
             cos,
             sin,
+            cos_v,
+            sin_v,
+            packs: Default::default(),
         })
     }
 
@@ -320,6 +332,35 @@ impl LlamaModel {
         x: &Tensor,
         mut sink: Option<ActivationSink<'_>>,
     ) -> Result<Tensor> {
+        if !self.runs_on_slices() {
+            return self.block_forward_candle(layer, x, sink);
+        }
+        let (b, t, d) = x.dims3()?;
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        let device = x.device().clone();
+        match sink.as_mut() {
+            Some(s) => {
+                let mut each = |input: LinearInput, a: &[f32], cols: usize| -> Result<()> {
+                    s(
+                        input,
+                        &Tensor::from_slice(a, (a.len() / cols, cols), &device)?,
+                    )
+                };
+                self.block_slices(layer, &mut v, b, t, Some(&mut each))?;
+            }
+            None => self.block_slices(layer, &mut v, b, t, None)?,
+        }
+        Ok(Tensor::from_vec(v, (b, t, d), &device)?)
+    }
+
+    /// [`Self::block_forward`] as candle operations: the reference the
+    /// slice forward is tested against, and the path of quantized weights.
+    pub fn block_forward_candle(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        mut sink: Option<ActivationSink<'_>>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let blk = &self.blocks[layer];
         let (b, t, d) = x.dims3()?;
@@ -365,6 +406,20 @@ impl LlamaModel {
 
     /// Final norm and output projection: residual stream (batch, time, hidden) to logits (batch, time, vocab).
     pub fn head_forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.runs_on_slices() {
+            return self.head_forward_candle(x);
+        }
+        let (b, t, _) = x.dims3()?;
+        let logits = self.head_slices(&x.flatten_all()?.to_vec1::<f32>()?, b * t)?;
+        Ok(Tensor::from_vec(
+            logits,
+            (b, t, self.config.vocab_size),
+            x.device(),
+        )?)
+    }
+
+    /// [`Self::head_forward`] as candle operations.
+    pub fn head_forward_candle(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let h = candle_nn::ops::rms_norm(x, &self.norm, self.config.rms_norm_eps as f32)?
             .reshape((b * t, d))?;
@@ -381,11 +436,26 @@ impl LlamaModel {
 
     /// Full-sequence forward: token ids (batch, time) to every position's logits (batch, time, vocab).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        if self.runs_on_slices() {
+            let (b, t) = ids.dims2()?;
+            let flat = ids.flatten_all()?.to_vec1::<u32>()?;
+            let logits = self.logits_slices(&flat, b, t)?;
+            return Ok(Tensor::from_vec(
+                logits,
+                (b, t, self.config.vocab_size),
+                ids.device(),
+            )?);
+        }
+        self.forward_candle(ids)
+    }
+
+    /// [`Self::forward`] as candle operations (the reference of the slice forward).
+    pub fn forward_candle(&self, ids: &Tensor) -> Result<Tensor> {
         let mut x = self.embed_tokens(ids)?;
         for l in 0..self.blocks.len() {
-            x = self.block_forward(l, &x, None)?;
+            x = self.block_forward_candle(l, &x, None)?;
         }
-        self.head_forward(&x)
+        self.head_forward_candle(&x)
     }
 
     /// Logits of the last position of one sequence.
@@ -488,12 +558,4 @@ fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
         .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Ok(Tensor::from_vec(mask, (t, t), device)?)
-}
-
-/// Reads the last dimension-wise softmax-free log-probability helpers used by evaluation.
-pub(crate) fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    // logits (n, vocab), targets (n) u32 -> nll (n) = logsumexp(logits) - logits[target]
-    let lse = logits.log_sum_exp(D::Minus1)?;
-    let picked = logits.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-    Ok((lse - picked)?)
 }

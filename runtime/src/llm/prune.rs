@@ -57,21 +57,39 @@ impl LayerStats {
     /// Adds a chunk of inputs (tokens, cols). Chunks are added in a fixed order, so the sums do
     /// not depend on the number of threads.
     pub fn add(&mut self, x: &Tensor) -> Result<()> {
-        let (n, _) = x.dims2()?;
+        let (n, cols) = x.dims2()?;
+        let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        self.add_rows(&v, n, cols);
+        Ok(())
+    }
+
+    /// [`Self::add`] on a row-major `(n, cols)` slice: squares summed in
+    /// `f64` row after row, `XᵀX` as one fixed-order product added in `f64`.
+    pub fn add_rows(&mut self, x: &[f32], n: usize, cols: usize) {
+        use crate::gemm::{gemm, Mat};
+        use rayon::prelude::*;
         self.tokens += n;
         if !self.col_sq_norms.is_empty() {
-            let sq: Vec<f32> = x.sqr()?.sum(0)?.to_vec1()?;
-            for (acc, v) in self.col_sq_norms.iter_mut().zip(sq) {
-                *acc += v as f64;
+            for row in x.chunks_exact(cols).take(n) {
+                for (acc, &v) in self.col_sq_norms.iter_mut().zip(row) {
+                    let v = v as f64;
+                    *acc += v * v;
+                }
             }
         }
         if !self.xtx.is_empty() {
-            let g: Vec<f32> = crate::gemm::matmul(&x.t()?, x)?.flatten_all()?.to_vec1()?;
-            for (acc, v) in self.xtx.iter_mut().zip(g) {
-                *acc += v as f64;
-            }
+            let mut g = vec![0f32; cols * cols];
+            let m = Mat::new(x, n, cols);
+            gemm(m.t(), m, &mut g, false);
+            self.xtx
+                .par_chunks_mut(cols)
+                .zip(g.par_chunks(cols))
+                .for_each(|(acc, g)| {
+                    for (a, v) in acc.iter_mut().zip(g) {
+                        *a += *v as f64;
+                    }
+                });
         }
-        Ok(())
     }
 
     /// Per-column L2 norms `||X_:j||` (Wanda's activation norm).

@@ -1,6 +1,7 @@
 //! Sparsity patterns and score-based mask selection (per layer, per output row, N:M), with magnitude and Wanda scores.
 
 use super::error::{Result, RuntimeError};
+use rayon::prelude::*;
 use std::cmp::Ordering;
 
 /// How many weights a pruned layer keeps, and where.
@@ -131,22 +132,29 @@ pub fn choose_pruned(
                 prune_lowest(scores, &mut idx, count, &mut pruned);
             }
             Scope::Row => {
+                // Rows are independent: one task per row, the same choice.
                 let count = (s * cols as f64).floor() as usize;
-                let mut idx: Vec<u32> = Vec::with_capacity(cols);
-                for r in 0..rows {
-                    idx.clear();
-                    idx.extend((r * cols) as u32..((r + 1) * cols) as u32);
-                    prune_lowest(scores, &mut idx, count, &mut pruned);
-                }
+                pruned
+                    .par_chunks_mut(cols.max(1))
+                    .zip(scores.par_chunks(cols.max(1)))
+                    .for_each(|(p, row)| {
+                        let mut idx: Vec<u32> = (0..cols as u32).collect();
+                        prune_lowest(row, &mut idx, count, p);
+                    });
             }
         },
         SparsityPattern::NofM { n, m } => {
-            let mut idx: Vec<u32> = Vec::with_capacity(m);
-            for g in 0..rows * cols / m {
-                idx.clear();
-                idx.extend((g * m) as u32..((g + 1) * m) as u32);
-                prune_lowest(scores, &mut idx, m - n, &mut pruned);
-            }
+            pruned
+                .par_chunks_mut(cols.max(1))
+                .zip(scores.par_chunks(cols.max(1)))
+                .for_each(|(p, row)| {
+                    let mut idx: Vec<u32> = Vec::with_capacity(m);
+                    for g in 0..cols / m {
+                        idx.clear();
+                        idx.extend((g * m) as u32..((g + 1) * m) as u32);
+                        prune_lowest(row, &mut idx, m - n, p);
+                    }
+                });
         }
     }
     Ok(pruned)

@@ -1,0 +1,381 @@
+//! The language model's forward pass on plain `f32` slices: RMSNorm, fused
+//! q/k/v and gate/up products on weights packed once, RoPE in place, causal
+//! grouped-query attention read straight from the q/k/v rows (no head
+//! transposes, no repeated k/v), SwiGLU, residual adds fused into the output
+//! products, and the next-token losses without materialising a softmax.
+//!
+//! Every sum has one order: products through [`crate::gemm`] (one fused
+//! multiply-add chain per output), norms and softmax sums left to right, so
+//! the same inputs give the same bits at any thread count and vector width.
+
+use super::error::Result;
+use super::model::{Block, LinearInput, LinearWeight, LlamaModel, Proj, RopeStyle};
+use crate::gemm::{gemm_packed, gemm_serial, Mat, PackedB};
+use candle_core::{CpuStorage, Storage, Tensor, TensorId};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Weights packed for the products, by (layer, group); an entry is reused
+/// while the tensors it was packed from are the model's current ones.
+#[derive(Default)]
+pub(crate) struct Packs {
+    map: Mutex<HashMap<(usize, usize), Packed>>,
+}
+
+/// A packed product and the tensors it was packed from.
+type Packed = (Vec<TensorId>, Arc<PackedB>);
+
+/// Sees each linear layer's input: which one, the rows, their width.
+pub(crate) type SliceSink<'a> = &'a mut dyn FnMut(LinearInput, &[f32], usize) -> Result<()>;
+
+impl Clone for Packs {
+    /// A clone starts empty: its weights may be replaced independently.
+    fn clone(&self) -> Self {
+        Packs::default()
+    }
+}
+
+impl std::fmt::Debug for Packs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Packs")
+    }
+}
+
+/// The products of a block that share an input, computed as one.
+const QKV: usize = 0;
+const O: usize = 1;
+const GATE_UP: usize = 2;
+const DOWN: usize = 3;
+/// The output projection's key (`layer` slot).
+const HEAD: usize = usize::MAX;
+
+impl Packs {
+    /// `[W_1; W_2; ...]ᵀ` packed (the weights stacked by rows, read
+    /// transposed), cached under `key`.
+    fn get(&self, key: (usize, usize), weights: &[&Tensor]) -> Result<Arc<PackedB>> {
+        let ids: Vec<TensorId> = weights.iter().map(|w| w.id()).collect();
+        if let Some((have, p)) = self.map.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            if *have == ids {
+                return Ok(p.clone());
+            }
+        }
+        let cols = weights[0].dim(1)?;
+        let guards: Vec<_> = weights.iter().map(|w| w.storage_and_layout()).collect();
+        let mut parts = Vec::with_capacity(weights.len());
+        for (storage, layout) in &guards {
+            match (&**storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => parts.push(&v[a..b]),
+                _ => {
+                    return Err(super::RuntimeError::Invalid(
+                        "a linear weight is not a contiguous f32 tensor on the CPU".into(),
+                    ))
+                }
+            }
+        }
+        let packed = Arc::new(PackedB::from_stacked_rows(&parts, cols));
+        drop(guards);
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (ids, packed.clone()));
+        Ok(packed)
+    }
+}
+
+/// `y = x Wᵀ` (or `y += x Wᵀ`) for `rows` rows of `x`.
+fn linear(x: &[f32], rows: usize, w: &PackedB, y: &mut [f32], accumulate: bool) {
+    let (k, _) = w.dims();
+    gemm_packed(Mat::new(x, rows, k), w, y, accumulate);
+}
+
+/// Row-wise RMSNorm: `y = x / sqrt(mean(x²) + eps) * g`, the mean summed left to right.
+fn rms_norm(x: &[f32], g: &[f32], eps: f32, y: &mut [f32]) {
+    let d = g.len();
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(yr, xr)| {
+            let sum2 = xr.iter().fold(0.0f32, |acc, v| acc + v * v);
+            let m = (sum2 / d as f32 + eps).sqrt();
+            for ((o, v), a) in yr.iter_mut().zip(xr).zip(g) {
+                *o = *v / m * *a;
+            }
+        });
+}
+
+/// Rotates `heads` heads of `hd` values starting at each row's `offset`
+/// (row `r` is position `r % t`), in place.
+#[allow(clippy::too_many_arguments)]
+fn rope(
+    x: &mut [f32],
+    row_len: usize,
+    offset: usize,
+    heads: usize,
+    hd: usize,
+    t: usize,
+    style: RopeStyle,
+    cos: &[f32],
+    sin: &[f32],
+) {
+    let half = hd / 2;
+    x.par_chunks_mut(row_len).enumerate().for_each(|(r, row)| {
+        let p = r % t;
+        let (c, s) = (
+            &cos[p * half..(p + 1) * half],
+            &sin[p * half..(p + 1) * half],
+        );
+        for h in 0..heads {
+            let v = &mut row[offset + h * hd..offset + (h + 1) * hd];
+            for i in 0..half {
+                let (i1, i2) = match style {
+                    RopeStyle::HalfSplit => (i, i + half),
+                    RopeStyle::AdjacentPairs => (2 * i, 2 * i + 1),
+                };
+                let (a, b) = (v[i1], v[i2]);
+                v[i1] = a * c[i] - b * s[i];
+                v[i2] = a * s[i] + b * c[i];
+            }
+        }
+    });
+}
+
+/// Query rows per attention block.
+const ATT_ROWS: usize = 64;
+
+/// Causal softmax of score rows of `keys` entries, the first row being
+/// query `first`: row `i` over `j <= first + i` after scaling; later
+/// entries become zero.
+fn causal_softmax(scores: &mut [f32], keys: usize, first: usize, scale: f32) {
+    for (i, row) in scores.chunks_mut(keys).enumerate() {
+        let (live, dead) = row.split_at_mut(first + i + 1);
+        let mut max = f32::NEG_INFINITY;
+        for v in live.iter_mut() {
+            *v *= scale;
+            max = max.max(*v);
+        }
+        let mut sum = 0.0f32;
+        for v in live.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        for v in live.iter_mut() {
+            *v /= sum;
+        }
+        dead.fill(0.0);
+    }
+}
+
+impl LlamaModel {
+    /// Whether every weight is dense `f32` (the slice forward's condition;
+    /// quantized reference models run on candle's kernels).
+    pub(crate) fn runs_on_slices(&self) -> bool {
+        self.lm_head_quantized.is_none()
+            && !matches!(self.lm_head, Some(LinearWeight::Quantized(_)))
+            && self.blocks.iter().all(|b| {
+                Proj::ALL
+                    .iter()
+                    .all(|&p| matches!(b.linear(p), LinearWeight::Dense(_)))
+            })
+    }
+
+    fn dense(block: &Block, p: Proj) -> &Tensor {
+        match block.linear(p) {
+            LinearWeight::Dense(w) => w,
+            LinearWeight::Quantized(_) => unreachable!("checked by runs_on_slices"),
+        }
+    }
+
+    /// Block `layer` on the residual stream `x` (`b` sequences of `t`
+    /// tokens, row-major `(b t) x hidden`), in place; `sink` sees each
+    /// linear layer's input as a `(b t) x features` matrix.
+    pub(crate) fn block_slices(
+        &self,
+        layer: usize,
+        x: &mut [f32],
+        b: usize,
+        t: usize,
+        mut sink: Option<SliceSink<'_>>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let blk = &self.blocks[layer];
+        let (d, hd) = (c.hidden_size, c.head_dim());
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let (kv, inter) = (nkv * hd, c.intermediate_size);
+        let rows = b * t;
+        let eps = c.rms_norm_eps as f32;
+        let mut observe = |input: LinearInput, a: &[f32], cols: usize| -> Result<()> {
+            match sink.as_mut() {
+                Some(s) => s(input, a, cols),
+                None => Ok(()),
+            }
+        };
+        let packs = &self.packs;
+        let w = |p: Proj| Self::dense(blk, p);
+
+        // Attention.
+        let mut h = vec![0.0f32; rows * d];
+        rms_norm(x, &blk.attn_norm.to_vec1::<f32>()?, eps, &mut h);
+        observe(LinearInput::Attention, &h, d)?;
+        let qkv_w = packs.get((layer, QKV), &[w(Proj::Q), w(Proj::K), w(Proj::V)])?;
+        let width = d + 2 * kv;
+        let mut qkv = vec![0.0f32; rows * width];
+        linear(&h, rows, &qkv_w, &mut qkv, false);
+        rope(
+            &mut qkv,
+            width,
+            0,
+            nh,
+            hd,
+            t,
+            self.rope,
+            &self.cos_v,
+            &self.sin_v,
+        );
+        rope(
+            &mut qkv,
+            width,
+            d,
+            nkv,
+            hd,
+            t,
+            self.rope,
+            &self.cos_v,
+            &self.sin_v,
+        );
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let group = nh / nkv;
+        // One task per (sequence, head, block of query rows): its scores,
+        // softmax and output rows. A block sees only the keys up to its
+        // last row (the causal mask), so masked scores are never computed;
+        // the products over the kept keys are the same chains (a masked
+        // weight is an exact zero). Products run serially inside a task.
+        let blocks = t.div_ceil(ATT_ROWS);
+        let heads: Vec<Vec<f32>> = (0..b * nh * blocks)
+            .into_par_iter()
+            .map(|task| {
+                let (s, head, i0) = (
+                    task / (nh * blocks),
+                    task / blocks % nh,
+                    task % blocks * ATT_ROWS,
+                );
+                let g = head / group;
+                let base = &qkv[s * t * width..(s + 1) * t * width];
+                let view = |offset: usize, rows: usize, cols: usize, rs: usize, cs: usize| Mat {
+                    data: &base[offset..],
+                    rows,
+                    cols,
+                    rs,
+                    cs,
+                };
+                let (rows, keys) = (ATT_ROWS.min(t - i0), (i0 + ATT_ROWS).min(t));
+                let q = view(i0 * width + head * hd, rows, hd, width, 1);
+                let kt = view(d + g * hd, hd, keys, 1, width);
+                let v = view(d + kv + g * hd, keys, hd, width, 1);
+                let mut scores = vec![0.0f32; rows * keys];
+                gemm_serial(q, kt, &mut scores, false);
+                causal_softmax(&mut scores, keys, i0, scale);
+                let mut out = vec![0.0f32; rows * hd];
+                gemm_serial(Mat::new(&scores, rows, keys), v, &mut out, false);
+                out
+            })
+            .collect();
+        drop(qkv);
+        let mut att = h;
+        for (task, out) in heads.iter().enumerate() {
+            let (s, head, i0) = (
+                task / (nh * blocks),
+                task / blocks % nh,
+                task % blocks * ATT_ROWS,
+            );
+            for (i, src) in out.chunks(hd).enumerate() {
+                let at = (s * t + i0 + i) * d + head * hd;
+                att[at..at + hd].copy_from_slice(src);
+            }
+        }
+        drop(heads);
+        observe(LinearInput::AttentionOutput, &att, d)?;
+        let o_w = packs.get((layer, O), &[w(Proj::O)])?;
+        linear(&att, rows, &o_w, x, true);
+
+        // SwiGLU feed-forward.
+        let mut h = att;
+        rms_norm(x, &blk.ffn_norm.to_vec1::<f32>()?, eps, &mut h);
+        observe(LinearInput::Mlp, &h, d)?;
+        let gu_w = packs.get((layer, GATE_UP), &[w(Proj::Gate), w(Proj::Up)])?;
+        let mut gu = vec![0.0f32; rows * 2 * inter];
+        linear(&h, rows, &gu_w, &mut gu, false);
+        let mut act = vec![0.0f32; rows * inter];
+        act.par_chunks_mut(inter)
+            .zip(gu.par_chunks(2 * inter))
+            .for_each(|(a, gu)| {
+                let (g, u) = gu.split_at(inter);
+                for ((o, &gv), &uv) in a.iter_mut().zip(g).zip(u) {
+                    *o = gv / (1.0 + (-gv).exp()) * uv;
+                }
+            });
+        drop(gu);
+        observe(LinearInput::MlpDown, &act, inter)?;
+        let down_w = packs.get((layer, DOWN), &[w(Proj::Down)])?;
+        linear(&act, rows, &down_w, x, true);
+        Ok(())
+    }
+
+    /// The residual stream of token ids (`b` sequences of `t`), row-major.
+    pub(crate) fn embed_slices(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let t = Tensor::from_slice(ids, (1, ids.len()), self.device())?;
+        Ok(self.embed_tokens(&t)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// The final norm and output projection of `rows` rows of `x`: logits, row-major.
+    pub(crate) fn head_slices(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let mut h = vec![0.0f32; rows * c.hidden_size];
+        rms_norm(
+            x,
+            &self.norm.to_vec1::<f32>()?,
+            c.rms_norm_eps as f32,
+            &mut h,
+        );
+        let head = match &self.lm_head {
+            Some(LinearWeight::Dense(w)) => w,
+            _ => &self.embed,
+        };
+        let packed = self.packs.get((HEAD, 0), &[head])?;
+        let mut logits = vec![0.0f32; rows * c.vocab_size];
+        linear(&h, rows, &packed, &mut logits, false);
+        Ok(logits)
+    }
+
+    /// The whole forward of `b` sequences of `t` token ids: logits `(b t) x vocab`.
+    pub(crate) fn logits_slices(&self, ids: &[u32], b: usize, t: usize) -> Result<Vec<f32>> {
+        let mut x = self.embed_slices(ids)?;
+        for l in 0..self.blocks.len() {
+            self.block_slices(l, &mut x, b, t, None)?;
+        }
+        self.head_slices(&x, b * t)
+    }
+
+    /// Negative log-likelihood of each next token: for `b` sequences of
+    /// `t` ids, the `b (t - 1)` values `logsumexp(logits) - logit[next]`
+    /// (the sum of exponentials in `f64`, left to right).
+    pub fn next_token_nll(&self, ids: &[u32], b: usize, t: usize) -> Result<Vec<f64>> {
+        let vocab = self.config.vocab_size;
+        let logits = if self.runs_on_slices() {
+            self.logits_slices(ids, b, t)?
+        } else {
+            let ids = Tensor::from_slice(ids, (b, t), self.device())?;
+            self.forward(&ids)?.flatten_all()?.to_vec1::<f32>()?
+        };
+        let nll: Vec<f64> = (0..b * t)
+            .into_par_iter()
+            .filter(|r| r % t != t - 1)
+            .map(|r| {
+                let row = &logits[r * vocab..(r + 1) * vocab];
+                let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                let sum = row.iter().fold(0.0f64, |a, &v| a + (v - max).exp() as f64);
+                max as f64 + sum.ln() - row[ids[r + 1] as usize] as f64
+            })
+            .collect();
+        Ok(nll)
+    }
+}
