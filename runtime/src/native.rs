@@ -106,7 +106,8 @@ pub(crate) struct Native {
     /// and the columns' gradient.
     cols: Vec<Vec<f32>>,
     argmax: Vec<Vec<u32>>,
-    scratch: Vec<f32>,
+    /// The convolutions' weight gradient (transposed) and columns' gradient.
+    scratch: [Vec<f32>; 2],
     spec: OptimizerSpec,
     steps: usize,
 }
@@ -240,7 +241,7 @@ impl Native {
             d: [vec![], vec![]],
             cols: vec![vec![]; n_cols],
             argmax: vec![vec![]; n_argmax],
-            scratch: vec![],
+            scratch: [vec![], vec![]],
             spec: spec.clone(),
             steps: 0,
         };
@@ -294,6 +295,10 @@ impl Native {
 
     /// Forward and backward over one batch (`inputs` row-major `[b, features]`):
     /// the mean cross-entropy, with every parameter's gradient in `self.g`.
+    ///
+    /// Elementwise passes run in parallel over fixed chunks, each value
+    /// computed alone, so the bits do not depend on the thread count.
+    /// Gradient buffers only grow: each op writes the whole prefix it uses.
     pub(crate) fn forward_backward(&mut self, inputs: &[f32], targets: &[u32]) -> f32 {
         let b = targets.len();
         for (a, &w) in self.acts.iter_mut().zip(&self.widths) {
@@ -305,9 +310,8 @@ impl Native {
             let (x, y) = (&head[i], &mut tail[0]);
             match &self.ops[i] {
                 Op::Normalize { mul, add } => {
-                    for (o, v) in y.iter_mut().zip(x) {
-                        *o = v * mul + add;
-                    }
+                    let (mul, add) = (*mul, *add);
+                    map2(y, x, move |v| v * mul + add);
                 }
                 Op::Linear {
                     w,
@@ -317,16 +321,23 @@ impl Native {
                 } => {
                     let wm = Mat::new(&self.w[*w], *outputs, *inputs);
                     gemm(Mat::new(x, b, *inputs), wm.t(), y, false);
-                    for row in y.chunks_mut(*outputs) {
-                        for (o, bv) in row.iter_mut().zip(&self.w[*bias]) {
-                            *o += bv;
+                    let bias = &self.w[*bias];
+                    let add = |rows: &mut [f32]| {
+                        for row in rows.chunks_mut(bias.len()) {
+                            for (o, bv) in row.iter_mut().zip(bias) {
+                                *o += bv;
+                            }
                         }
+                    };
+                    if y.len() >= PARALLEL {
+                        y.par_chunks_mut(*outputs * ROWS_PER_TASK).for_each(add);
+                    } else {
+                        add(y);
                     }
                 }
                 Op::Act(a) => {
-                    for (o, v) in y.iter_mut().zip(x) {
-                        *o = act(*a, *v);
-                    }
+                    let a = *a;
+                    map2(y, x, move |v| act(a, v));
                 }
                 Op::ToChannels { c, hw } => transpose_planes(x, y, b, *c, *hw),
                 Op::ToRows { c, hw } => transpose_planes(x, y, *c, b, *hw),
@@ -343,11 +354,13 @@ impl Native {
                     geo.im2col(x, col);
                     let wm = Mat::new(&self.w[*w], *o, geo.rows());
                     gemm(wm, Mat::new(col, geo.rows(), geo.n()), y, false);
-                    for (row, bv) in y.chunks_mut(geo.n()).zip(&self.w[*bias]) {
-                        for v in row {
-                            *v += bv;
-                        }
-                    }
+                    y.par_chunks_mut(geo.n())
+                        .zip(&self.w[*bias])
+                        .for_each(|(row, bv)| {
+                            for v in row {
+                                *v += bv;
+                            }
+                        });
                 }
                 Op::Pool {
                     planes,
@@ -364,8 +377,7 @@ impl Native {
         // Cross-entropy and its gradient with respect to the logits.
         let classes = *self.widths.last().unwrap();
         let logits = self.acts.last().unwrap();
-        let d = &mut self.d[0];
-        d.resize(b * classes, 0.0);
+        let d = grow(&mut self.d[0], b * classes);
         let mut loss = 0.0f32;
         for (s, (row, drow)) in logits
             .chunks(classes)
@@ -387,7 +399,11 @@ impl Native {
         }
         loss /= b as f32;
         // Backward, last op first; `d[0]` holds the gradient of the op's output.
+        let mut skip = false;
         for i in (0..self.ops.len()).rev() {
+            if std::mem::take(&mut skip) {
+                continue;
+            }
             let (x, y) = (&self.acts[i], &self.acts[i + 1]);
             let first_param = self.ops[..i]
                 .iter()
@@ -404,7 +420,7 @@ impl Native {
                     gemm(dy.t(), Mat::new(x, b, *inputs), &mut self.g[*w], false);
                     let gb = &mut self.g[*bias];
                     gb.fill(0.0);
-                    for row in self.d[0].chunks(*outputs) {
+                    for row in self.d[0][..b * outputs].chunks(*outputs) {
                         for (g, v) in gb.iter_mut().zip(row) {
                             *g += v;
                         }
@@ -413,26 +429,32 @@ impl Native {
                         break;
                     }
                     let (d0, d1) = self.d.split_at_mut(1);
-                    d1[0].resize(b * inputs, 0.0);
+                    let dx = grow(&mut d1[0], b * inputs);
                     let dy = Mat::new(&d0[0], b, *outputs);
-                    gemm(
-                        dy,
-                        Mat::new(&self.w[*w], *outputs, *inputs),
-                        &mut d1[0],
-                        false,
-                    );
+                    gemm(dy, Mat::new(&self.w[*w], *outputs, *inputs), dx, false);
                     self.d.swap(0, 1);
                 }
                 Op::Act(a) => {
-                    for ((dv, &xv), &yv) in self.d[0].iter_mut().zip(x).zip(y) {
-                        *dv *= act_grad(*a, xv, yv);
+                    let a = *a;
+                    let dv = &mut self.d[0][..y.len()];
+                    let run = |(d, (x, y)): (&mut [f32], (&[f32], &[f32]))| {
+                        for ((dv, &xv), &yv) in d.iter_mut().zip(x).zip(y) {
+                            *dv *= act_grad(a, xv, yv);
+                        }
+                    };
+                    if dv.len() >= PARALLEL {
+                        dv.par_chunks_mut(CHUNK)
+                            .zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+                            .for_each(run);
+                    } else {
+                        run((dv, (x, y)));
                     }
                 }
                 Op::ToChannels { .. } => break,
                 Op::ToRows { c, hw } => {
                     let (d0, d1) = self.d.split_at_mut(1);
-                    d1[0].resize(d0[0].len(), 0.0);
-                    transpose_planes(&d0[0], &mut d1[0], b, *c, *hw);
+                    let len = b * c * hw;
+                    transpose_planes(&d0[0][..len], grow(&mut d1[0], len), b, *c, *hw);
                     self.d.swap(0, 1);
                 }
                 Op::Conv {
@@ -444,28 +466,24 @@ impl Native {
                 } => {
                     let geo = Geometry::new(b, *shape);
                     let (rows, n) = (geo.rows(), geo.n());
-                    // `dWᵀ = cols dYᵀ` (the same sums as `dY colsᵀ`, with the
-                    // smaller operand packed), then transposed into place.
                     let dy = Mat::new(&self.d[0], *o, n);
+                    // `dWᵀ = cols dYᵀ` (the same sums as `dY colsᵀ`, with
+                    // the smaller operand packed), then transposed into place.
                     let col = Mat::new(&self.cols[*cols], rows, n);
-                    let dwt = &mut self.scratch;
-                    dwt.resize(rows * o, 0.0);
+                    let dwt = grow(&mut self.scratch[0], rows * o);
                     gemm(col, dy.t(), dwt, false);
                     transpose_planes(dwt, &mut self.g[*w], rows, *o, 1);
                     let gb = &mut self.g[*bias];
-                    for (g, row) in gb.iter_mut().zip(self.d[0].chunks(n)) {
-                        *g = row.iter().fold(0.0, |acc, v| acc + v);
-                    }
+                    gb.par_iter_mut()
+                        .zip(self.d[0].par_chunks(n))
+                        .for_each(|(g, row)| *g = row.iter().fold(0.0, |acc, v| acc + v));
                     if first_param {
                         break;
                     }
-                    let dcols = &mut self.scratch;
-                    dcols.resize(rows * n, 0.0);
+                    let dcols = grow(&mut self.scratch[1], rows * n);
                     let wm = Mat::new(&self.w[*w], *o, rows);
                     gemm(wm.t(), Mat::new(&self.d[0], *o, n), dcols, false);
-                    let dx = &mut self.d[1];
-                    dx.clear();
-                    dx.resize(geo.c * b * geo.h * geo.wd, 0.0);
+                    let dx = grow(&mut self.d[1], geo.c * b * geo.h * geo.wd);
                     geo.col2im(dcols, dx);
                     self.d.swap(0, 1);
                 }
@@ -473,16 +491,44 @@ impl Native {
                     planes,
                     h,
                     wd,
+                    k,
                     argmax,
-                    ..
                 } => {
                     let (d0, d1) = self.d.split_at_mut(1);
-                    d1[0].clear();
-                    d1[0].resize(planes * b * h * wd, 0.0);
-                    for (j, &at) in self.argmax[*argmax].iter().enumerate() {
-                        d1[0][at as usize] += d0[0][j];
-                    }
+                    let (plane, out) = (h * wd, (h / k) * (wd / k));
+                    let dx = grow(&mut d1[0], planes * b * plane);
+                    // An activation right before the pooling is
+                    // differentiated here too, plane by plane (the same
+                    // products as its own pass, which is then skipped).
+                    let before = match i.checked_sub(1).map(|j| &self.ops[j]) {
+                        Some(Op::Act(a)) => Some((*a, &self.acts[i - 1])),
+                        _ => None,
+                    };
+                    // Each input belongs to one window: zero a plane, then
+                    // route each window's gradient to its first maximum.
+                    dx.par_chunks_mut(plane)
+                        .zip(self.argmax[*argmax].par_chunks(out))
+                        .zip(d0[0].par_chunks(out))
+                        .enumerate()
+                        .for_each(|(p, ((dxp, am), dy))| {
+                            dxp.fill(0.0);
+                            for (&at, &g) in am.iter().zip(dy) {
+                                dxp[at as usize - p * plane] += g;
+                            }
+                            if let Some((a, ax)) = before {
+                                let (ax, ay) = (
+                                    &ax[p * plane..(p + 1) * plane],
+                                    &x[p * plane..(p + 1) * plane],
+                                );
+                                for ((dv, &xv), &yv) in dxp.iter_mut().zip(ax).zip(ay) {
+                                    *dv *= act_grad(a, xv, yv);
+                                }
+                            }
+                        });
                     self.d.swap(0, 1);
+                    if before.is_some() {
+                        skip = true;
+                    }
                 }
             }
         }
@@ -618,12 +664,49 @@ pub(crate) fn batch_values(batch: &crate::data::Batch) -> Result<(Vec<f32>, Vec<
 
 /// `y[j][i][p] = x[i][j][p]` for `i < n`, `j < m`, `p < len` (planes of `len`).
 fn transpose_planes(x: &[f32], y: &mut [f32], n: usize, m: usize, len: usize) {
-    for i in 0..n {
-        for j in 0..m {
+    let run = |(j, dst): (usize, &mut [f32])| {
+        for i in 0..n {
             let src = &x[(i * m + j) * len..(i * m + j + 1) * len];
-            y[(j * n + i) * len..(j * n + i + 1) * len].copy_from_slice(src);
+            dst[i * len..(i + 1) * len].copy_from_slice(src);
         }
+    };
+    let y = &mut y[..n * m * len];
+    if n * m * len >= PARALLEL {
+        y.par_chunks_mut((n * len).max(1)).enumerate().for_each(run);
+    } else {
+        y.chunks_mut((n * len).max(1)).enumerate().for_each(run);
     }
+}
+
+/// Values per task of the elementwise passes, rows per task of the bias adds.
+const CHUNK: usize = 1 << 14;
+/// Below this many values a pass runs on the calling thread.
+const PARALLEL: usize = 1 << 16;
+const ROWS_PER_TASK: usize = 32;
+
+/// `y[i] = f(x[i])`, in parallel chunks when there are several.
+fn map2(y: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32 + Sync) {
+    let run = |(y, x): (&mut [f32], &[f32])| {
+        for (o, v) in y.iter_mut().zip(x) {
+            *o = f(*v);
+        }
+    };
+    if y.len() >= PARALLEL {
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(run);
+    } else {
+        run((y, x));
+    }
+}
+
+/// The first `len` values of a buffer that only grows (its content is
+/// whatever the last user left: every caller overwrites what it reads).
+fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
 }
 
 /// A stride-1 convolution's input channels and size, kernel and padding.
@@ -692,6 +775,7 @@ impl Geometry {
         let n = self.n();
         col.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
             let (ci, ky, kx) = (r / (self.k * self.k), r / self.k % self.k, r % self.k);
+            let (lo, hi) = self.columns(kx);
             for s in 0..self.b {
                 let plane = &x[(ci * self.b + s) * self.h * self.wd..][..self.h * self.wd];
                 for oy in 0..self.oh {
@@ -700,7 +784,6 @@ impl Geometry {
                         dst.fill(0.0);
                         continue;
                     };
-                    let (lo, hi) = self.columns(kx);
                     dst[..lo].fill(0.0);
                     dst[hi..].fill(0.0);
                     if lo < hi {
@@ -712,8 +795,8 @@ impl Geometry {
         });
     }
 
-    /// The adjoint of `im2col`: adds each column entry back onto its input
-    /// position, rows in order, so the sums have one order.
+    /// The adjoint of `im2col` (overwriting `dx`): adds each column entry
+    /// back onto its input position, rows in order, so the sums have one order.
     fn col2im(&self, col: &[f32], dx: &mut [f32]) {
         let (n, kk) = (self.n(), self.k * self.k);
         // One task per input channel: its rows only add onto its own planes.
@@ -721,9 +804,14 @@ impl Geometry {
         dx.par_chunks_mut(per_channel)
             .enumerate()
             .for_each(|(ci, planes)| {
+                planes.fill(0.0);
                 for r in ci * kk..(ci + 1) * kk {
                     let row = &col[r * n..(r + 1) * n];
                     let (ky, kx) = (r / self.k % self.k, r % self.k);
+                    let (lo, hi) = self.columns(kx);
+                    if lo >= hi {
+                        continue;
+                    }
                     for s in 0..self.b {
                         let plane = &mut planes[s * self.h * self.wd..][..self.h * self.wd];
                         for oy in 0..self.oh {
@@ -731,13 +819,9 @@ impl Geometry {
                                 continue;
                             };
                             let src = &row[(s * self.oh + oy) * self.ow..][..self.ow];
-                            let (lo, hi) = self.columns(kx);
-                            if lo < hi {
-                                let to = iy * self.wd + lo + kx - self.pad;
-                                let dst = &mut plane[to..to + hi - lo];
-                                for (d, v) in dst.iter_mut().zip(&src[lo..hi]) {
-                                    *d += v;
-                                }
+                            let to = iy * self.wd + lo + kx - self.pad;
+                            for (d, v) in plane[to..to + hi - lo].iter_mut().zip(&src[lo..hi]) {
+                                *d += v;
                             }
                         }
                     }
@@ -759,25 +843,56 @@ fn max_pool(
 ) {
     let (oh, ow) = (h / k, wd / k);
     argmax.resize(planes * oh * ow, 0);
-    for p in 0..planes {
-        let base = p * h * wd;
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let mut best = base + oy * k * wd + ox * k;
-                for dy in 0..k {
-                    for dx in 0..k {
-                        let at = base + (oy * k + dy) * wd + ox * k + dx;
-                        if x[at] > x[best] {
-                            best = at;
+    y[..planes * oh * ow]
+        .par_chunks_mut(oh * ow)
+        .zip(argmax.par_chunks_mut(oh * ow))
+        .enumerate()
+        .for_each(|(p, (y, argmax))| {
+            let base = p * h * wd;
+            if k == 2 {
+                // The common window, unrolled: the same comparisons in the same order.
+                for oy in 0..oh {
+                    let r0 = base + 2 * oy * wd;
+                    let (top, bottom) = (&x[r0..r0 + wd], &x[r0 + wd..r0 + 2 * wd]);
+                    let (yr, ar) = (
+                        &mut y[oy * ow..(oy + 1) * ow],
+                        &mut argmax[oy * ow..(oy + 1) * ow],
+                    );
+                    for ox in 0..ow {
+                        let c = 2 * ox;
+                        let (mut best, mut at) = (top[c], r0 + c);
+                        if top[c + 1] > best {
+                            (best, at) = (top[c + 1], r0 + c + 1);
                         }
+                        if bottom[c] > best {
+                            (best, at) = (bottom[c], r0 + wd + c);
+                        }
+                        if bottom[c + 1] > best {
+                            (best, at) = (bottom[c + 1], r0 + wd + c + 1);
+                        }
+                        yr[ox] = best;
+                        ar[ox] = at as u32;
                     }
                 }
-                let j = (p * oh + oy) * ow + ox;
-                y[j] = x[best];
-                argmax[j] = best as u32;
+                return;
             }
-        }
-    }
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut best = base + oy * k * wd + ox * k;
+                    for dy in 0..k {
+                        for dx in 0..k {
+                            let at = base + (oy * k + dy) * wd + ox * k + dx;
+                            if x[at] > x[best] {
+                                best = at;
+                            }
+                        }
+                    }
+                    let j = oy * ow + ox;
+                    y[j] = x[best];
+                    argmax[j] = best as u32;
+                }
+            }
+        });
 }
 
 fn act(a: Activation, x: f32) -> f32 {
