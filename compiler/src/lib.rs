@@ -2,6 +2,7 @@
 //! shapes, IR, passes and cranelift codegen.
 #![doc = include_str!("../../spec/ARCHITECTURE.md")]
 
+pub mod bench;
 pub mod driver;
 pub mod error;
 pub mod exec;

@@ -50,6 +50,60 @@ enum Command {
 enum BenchCommand {
     /// Fused score+select+mask kernels vs. streaming bandwidth and a candle op chain.
     Kernels(BenchKernelsArgs),
+    /// Classifier training (samples/s) next to PyTorch on the same data, same run.
+    Train(BenchTrainArgs),
+    /// SmolLM2 perplexity and whole-model Wanda 2:4 (tokens/s) next to PyTorch, same run.
+    Llm(BenchLlmArgs),
+}
+
+/// Where the PyTorch side comes from and where the results go.
+#[derive(Args)]
+struct BenchTorchArgs {
+    /// Python with torch for the PyTorch side (default: $PRUNEC_BENCH_PYTHON, else
+    /// .venv-bench/bin/python made by scripts/bench-venv.sh; none: prunec only).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Skip the PyTorch side.
+    #[arg(long)]
+    no_torch: bool,
+    /// Append the dated results to this Markdown log (e.g. docs/benchmarks/bench.md).
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// Print JSON instead of a Markdown table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchTrainArgs {
+    /// Models, comma-separated: lenet300, lenet5, digit_cnn.
+    #[arg(long, default_value = "lenet300,lenet5", value_delimiter = ',')]
+    models: Vec<String>,
+    /// MNIST training samples in the timed epoch.
+    #[arg(long, default_value_t = 60_000)]
+    samples: usize,
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    #[command(flatten)]
+    torch: BenchTorchArgs,
+}
+
+#[derive(Args)]
+struct BenchLlmArgs {
+    /// Evaluation windows (Moby-Dick).
+    #[arg(long, default_value_t = 16)]
+    eval_windows: usize,
+    /// Calibration windows (State of the Union).
+    #[arg(long, default_value_t = 32)]
+    calib_windows: usize,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Windows per forward.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[command(flatten)]
+    torch: BenchTorchArgs,
 }
 
 #[derive(Args)]
@@ -169,7 +223,22 @@ struct ExplainArgs {
     all: bool,
 }
 
+/// Keeps freed buffers of up to 32 MB in the process instead of returning
+/// them to the kernel: the training and forward loops free and allocate
+/// the same activation sizes every step, and a fresh mapping costs a page
+/// fault and a page of zeroing per 4 KB touched.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's allocation thresholds; called
+    // before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     // A command-line mistake is a user error (exit 1; clap's own 2 would
     // read as a failed assert); `--help` and `--version` exit 0.
     let cli = match Cli::try_parse() {
@@ -188,6 +257,23 @@ fn main() -> ExitCode {
         Command::Graph(a) => cmd_graph(a),
         Command::Plan(a) => cmd_plan(a),
         Command::Bench(BenchCommand::Kernels(a)) => cmd_bench_kernels(a),
+        Command::Bench(BenchCommand::Train(a)) => {
+            let opts = prunec::bench::TrainBench {
+                models: a.models.clone(),
+                samples: a.samples,
+                batch: a.batch.max(1),
+            };
+            cmd_bench(&a.torch, |t| prunec::bench::bench_train(&opts, t))
+        }
+        Command::Bench(BenchCommand::Llm(a)) => {
+            let opts = prunec::bench::LlmBench {
+                eval_windows: a.eval_windows.max(1),
+                calib_windows: a.calib_windows.max(1),
+                seq: a.seq.max(2),
+                batch: a.batch.max(1),
+            };
+            cmd_bench(&a.torch, |t| prunec::bench::bench_llm(&opts, t))
+        }
     };
     ExitCode::from(code)
 }
@@ -866,6 +952,45 @@ fn cmd_plan(a: PlanArgs) -> u8 {
             exit::INTERNAL
         }
     }
+}
+
+fn cmd_bench(
+    a: &BenchTorchArgs,
+    run: impl FnOnce(Option<&prunec::bench::Torch>) -> Result<prunec::bench::Bench, String>,
+) -> u8 {
+    let torch = if a.no_torch {
+        None
+    } else {
+        prunec::bench::find_python(a.python.clone()).map(|python| prunec::bench::Torch {
+            python,
+            script: prunec::bench::torch_script(),
+            threads: rayon::current_num_threads(),
+        })
+    };
+    let bench = match run(torch.as_ref()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USER;
+        }
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&bench).unwrap_or_default()
+        );
+    } else {
+        print!("{}", prunec::bench::table(&bench));
+    }
+    if let Some(log) = &a.record {
+        let command: Vec<String> = std::env::args().skip(1).collect();
+        if let Err(e) = prunec::bench::record(&bench, log, &format!("prunec {}", command.join(" ")))
+        {
+            eprintln!("error: cannot append to {}: {e}", log.display());
+            return exit::USER;
+        }
+    }
+    exit::OK
 }
 
 fn cmd_bench_kernels(a: BenchKernelsArgs) -> u8 {

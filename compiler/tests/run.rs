@@ -1490,3 +1490,60 @@ fn checked_in_locks_verify_by_rerunning() {
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("missing beside the lock"), "{text}");
 }
+
+/// `prunec bench train` times prunec alone when told not to run PyTorch,
+/// and says why when the Python it is given cannot run; an unknown model
+/// is a user error.
+#[test]
+fn bench_train_reports_throughput_and_explains_a_missing_python() {
+    let (code, text) = prunec(
+        &[
+            "bench",
+            "train",
+            "--no-torch",
+            "--models",
+            "lenet300",
+            "--samples",
+            "512",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("| lenet300 training, MNIST, batch 128 |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("samples/s") && text.contains("PyTorch: not run"),
+        "{text}"
+    );
+    let (code, text) = prunec(
+        &[
+            "bench",
+            "train",
+            "--models",
+            "lenet300",
+            "--samples",
+            "256",
+            "--python",
+            "/nonexistent/python",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("cannot run /nonexistent/python"), "{text}");
+    let (code, text) = prunec(
+        &[
+            "bench",
+            "train",
+            "--no-torch",
+            "--models",
+            "resnet",
+            "--samples",
+            "256",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("unknown model `resnet`"), "{text}");
+}
