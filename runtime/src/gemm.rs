@@ -211,19 +211,10 @@ fn product<T: Elem>(
 ) {
     let isa = isa.supported();
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(b.rows, k, "inner dimensions differ");
-    assert!(a.fits() && b.fits(), "a matrix view reaches past its data");
-    assert!(c.len() >= m * n, "output too short");
-    let c = &mut c[..m * n];
-    if m == 0 || n == 0 {
+    assert!(b.fits(), "a matrix view reaches past its data");
+    let Some(c) = output(a, b.rows, n, c, accumulate) else {
         return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c.fill(T::default());
-        }
-        return;
-    }
+    };
     // A narrow `C` (few columns, many rows) is computed as `Cᵀ = Bᵀ Aᵀ`, so
     // the vector lanes run along its long side: each output is the same
     // chain (`fma(a, b, c)` and `fma(b, a, c)` round alike).
@@ -366,19 +357,9 @@ impl<T: Elem> PackedB<T> {
 /// [`gemm`] on the unpacked `B`.
 pub fn gemm_packed<T: Elem>(a: Mat<'_, T>, b: &PackedB<T>, c: &mut [T], accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.n);
-    assert_eq!(b.k, k, "inner dimensions differ");
-    assert!(a.fits(), "a matrix view reaches past its data");
-    assert!(c.len() >= m * n, "output too short");
-    let c = &mut c[..m * n];
-    if m == 0 || n == 0 {
+    let Some(c) = output(a, b.k, n, c, accumulate) else {
         return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c.fill(T::default());
-        }
-        return;
-    }
+    };
     let nr = T::nr(b.isa);
     let data = &b.data[..];
     let parallel = m * n * k >= PARALLEL_WORK && rayon::current_num_threads() > 1;
@@ -460,6 +441,33 @@ fn tiles<T: Elem>(
     } else {
         (0..tasks).for_each(run);
     }
+}
+
+/// Checks a product's shapes and `A`'s view and returns the `m x n` output,
+/// or `None` when there is nothing to multiply (an empty output, or `k = 0`:
+/// then `C` is zeroed unless accumulating).
+fn output<'c, T: Elem>(
+    a: Mat<'_, T>,
+    b_rows: usize,
+    n: usize,
+    c: &'c mut [T],
+    accumulate: bool,
+) -> Option<&'c mut [T]> {
+    let (m, k) = (a.rows, a.cols);
+    assert_eq!(b_rows, k, "inner dimensions differ");
+    assert!(a.fits(), "a matrix view reaches past its data");
+    assert!(c.len() >= m * n, "output too short");
+    let c = &mut c[..m * n];
+    if m == 0 || n == 0 {
+        return None;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(T::default());
+        }
+        return None;
+    }
+    Some(c)
 }
 
 /// An operand's data, read by every task.
