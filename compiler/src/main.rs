@@ -260,7 +260,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Train(a)) => {
             let opts = prunec::bench::TrainBench {
                 models: a.models.clone(),
-                samples: a.samples,
+                samples: a.samples.max(1),
                 batch: a.batch.max(1),
             };
             cmd_bench(&a.torch, |t| prunec::bench::bench_train(&opts, t))

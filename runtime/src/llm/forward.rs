@@ -61,19 +61,38 @@ impl Packs {
             }
         }
         let cols = weights[0].dim(1)?;
+        // Read in place where a weight is a contiguous f32 CPU tensor, else
+        // (a view) through one copy.
         let guards: Vec<_> = weights.iter().map(|w| w.storage_and_layout()).collect();
-        let mut parts = Vec::with_capacity(weights.len());
-        for (storage, layout) in &guards {
-            match (&**storage, layout.contiguous_offsets()) {
-                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => parts.push(&v[a..b]),
-                _ => {
-                    return Err(super::RuntimeError::Invalid(
-                        "a linear weight is not a contiguous f32 tensor on the CPU".into(),
-                    ))
-                }
-            }
+        let mut copies = Vec::new();
+        for (w, (storage, layout)) in weights.iter().zip(&guards) {
+            let direct = matches!(
+                (&**storage, layout.contiguous_offsets()),
+                (Storage::Cpu(CpuStorage::F32(_)), Some(_))
+            );
+            copies.push(if direct {
+                None
+            } else {
+                Some(
+                    w.to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                )
+            });
         }
+        let parts: Vec<&[f32]> = guards
+            .iter()
+            .zip(&copies)
+            .map(|((storage, layout), copy)| {
+                match (copy, &**storage, layout.contiguous_offsets()) {
+                    (Some(v), _, _) => &v[..],
+                    (None, Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+                    _ => unreachable!("checked above"),
+                }
+            })
+            .collect();
         let packed = Arc::new(PackedB::from_stacked_rows(&parts, cols));
+        drop(parts);
         drop(guards);
         self.map
             .lock()
