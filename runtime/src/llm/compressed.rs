@@ -126,6 +126,12 @@ pub fn save_compressed(
     n: usize,
     m: usize,
 ) -> Result<CompressedSize> {
+    if model.config.architecture != super::config::Architecture::Llama {
+        return Err(RuntimeError::Invalid(format!(
+            "the compressed format stores LlamaForCausalLM models only, not {}",
+            model.config.architecture.class_name()
+        )));
+    }
     let mut entries = Vec::new();
     let mut data: Vec<u8> = Vec::new();
     let (mut nm_tensors, mut dense_tensors) = (0, 0);
@@ -246,6 +252,7 @@ pub fn load_compressed(path: &Path) -> Result<LlamaModel> {
             gate,
             up,
             down,
+            extra: Default::default(),
         });
     }
     let embed = take("model.embed_tokens.weight")?;

@@ -25,6 +25,53 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// Width of one attention head when the configuration gives it (Qwen3 and
+    /// some Llama checkpoints); otherwise `hidden_size / num_attention_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Attention sees only the last `sliding_window` positions (Mistral).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// The Hugging Face architecture, which decides biases and head norms.
+    #[serde(skip)]
+    pub architecture: Architecture,
+}
+
+/// The causal-LM architectures prunec reads; they differ in a few block details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Architecture {
+    #[default]
+    Llama,
+    Mistral,
+    /// q, k and v projections carry biases.
+    Qwen2,
+    /// An RMSNorm over each q and k head before RoPE.
+    Qwen3,
+}
+
+impl Architecture {
+    /// Every supported architecture with its `transformers` class name.
+    pub const ALL: [(Architecture, &'static str); 4] = [
+        (Architecture::Llama, "LlamaForCausalLM"),
+        (Architecture::Mistral, "MistralForCausalLM"),
+        (Architecture::Qwen2, "Qwen2ForCausalLM"),
+        (Architecture::Qwen3, "Qwen3ForCausalLM"),
+    ];
+
+    /// The `transformers` class name.
+    pub fn class_name(self) -> &'static str {
+        Self::ALL.iter().find(|(a, _)| *a == self).unwrap().1
+    }
+
+    /// Whether q, k and v carry biases.
+    pub fn qkv_bias(self) -> bool {
+        self == Architecture::Qwen2
+    }
+
+    /// Whether q and k heads are RMS-normalised before RoPE.
+    pub fn qk_norm(self) -> bool {
+        self == Architecture::Qwen3
+    }
 }
 
 fn default_rope_theta() -> f64 {
@@ -40,7 +87,18 @@ fn default_max_pos() -> usize {
 impl LlamaConfig {
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Width of all query heads together (the q projection's rows).
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim()
+    }
+
+    /// Width of all key (or value) heads together.
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim()
     }
 
     /// Checks the divisibility rules the forward relies on.
@@ -49,7 +107,7 @@ impl LlamaConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return bad("head counts must be positive".into());
         }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -64,7 +122,10 @@ impl LlamaConfig {
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if !self.head_dim().is_multiple_of(2) {
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window must be positive".into());
+        }
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head dimension {} must be even for RoPE",
                 self.head_dim()
@@ -77,8 +138,80 @@ impl LlamaConfig {
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).map_err(|e| RuntimeError::io("reading", path, e))?;
-        let config: LlamaConfig = serde_json::from_str(&text)
-            .map_err(|e| RuntimeError::format(path, format!("not a LLaMA config.json: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| RuntimeError::format(path, format!("not a JSON file: {e}")))?;
+        Self::from_hf_value(&value, path)
+    }
+
+    /// The configuration of a Hugging Face `config.json` already parsed;
+    /// an architecture or option prunec does not run is an error naming it.
+    pub fn from_hf_value(value: &serde_json::Value, path: &Path) -> Result<Self> {
+        let bad = |reason: String| Err(RuntimeError::format(path, reason));
+        let class = value
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.as_str());
+        let supported = Architecture::ALL.map(|(_, n)| format!("`{n}`")).join(", ");
+        let architecture = match class {
+            Some(c) => match Architecture::ALL.iter().find(|(_, n)| *n == c) {
+                Some((a, _)) => *a,
+                None => {
+                    return bad(format!(
+                        "architecture `{c}` is not supported (prunec reads {supported})"
+                    ))
+                }
+            },
+            None => return bad(format!("no `architectures` entry (prunec reads {supported})")),
+        };
+        let get = |k: &str| value.get(k).filter(|v| !v.is_null());
+        // `transformers` 5 moved the RoPE settings under `rope_parameters`.
+        let rope = get("rope_parameters");
+        let rope_type = rope
+            .and_then(|r| r.get("rope_type"))
+            .or_else(|| get("rope_scaling").and_then(|r| r.get("rope_type").or(r.get("type"))))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        if rope_type != "default" {
+            return bad(format!(
+                "RoPE scaling `{rope_type}` is not supported (only unscaled RoPE)"
+            ));
+        }
+        if let Some(act) = get("hidden_act").and_then(|a| a.as_str()) {
+            if act != "silu" {
+                return bad(format!("hidden_act `{act}` is not supported (only `silu`)"));
+            }
+        }
+        let flag = |k: &str| get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+        for k in ["attention_bias", "mlp_bias"] {
+            if flag(k) && matches!(architecture, Architecture::Llama | Architecture::Qwen3) {
+                return bad(format!("`{k} = true` is not supported for {}", architecture.class_name()));
+            }
+        }
+        // Qwen2 and Qwen3 configurations name a window they only use when asked to.
+        let sliding_window = match architecture {
+            Architecture::Mistral => get("sliding_window").and_then(|v| v.as_u64()),
+            _ if flag("use_sliding_window") => {
+                return bad("`use_sliding_window = true` is not supported".into())
+            }
+            _ => None,
+        };
+        let mut plain = value.clone();
+        if let Some(obj) = plain.as_object_mut() {
+            let theta = rope.and_then(|r| r.get("rope_theta")).cloned();
+            if let (Some(t), false) = (theta, obj.contains_key("rope_theta")) {
+                obj.insert("rope_theta".into(), t);
+            }
+            obj.retain(|_, v| !v.is_null());
+            // Several ids (a list) are allowed for `eos_token_id`; the first is kept.
+            if let Some(serde_json::Value::Array(ids)) = obj.get("eos_token_id").cloned() {
+                obj.insert("eos_token_id".into(), ids.first().cloned().unwrap_or_default());
+            }
+            obj.remove("sliding_window");
+        }
+        let mut config: LlamaConfig = serde_json::from_value(plain)
+            .map_err(|e| RuntimeError::format(path, format!("not a causal-LM config.json: {e}")))?;
+        config.architecture = architecture;
+        config.sliding_window = sliding_window.map(|w| w as usize);
         config.validate(path)?;
         Ok(config)
     }
@@ -91,12 +224,27 @@ impl LlamaConfig {
             "architectures".into(),
             serde_json::json!(["LlamaForCausalLM"]),
         );
-        obj.insert("model_type".into(), serde_json::json!("llama"));
+        obj.insert(
+            "model_type".into(),
+            serde_json::json!(match self.architecture {
+                Architecture::Llama => "llama",
+                Architecture::Mistral => "mistral",
+                Architecture::Qwen2 => "qwen2",
+                Architecture::Qwen3 => "qwen3",
+            }),
+        );
         obj.insert("hidden_act".into(), serde_json::json!("silu"));
         obj.insert("torch_dtype".into(), serde_json::json!("float32"));
-        obj.insert("attention_bias".into(), serde_json::json!(false));
+        obj.insert(
+            "attention_bias".into(),
+            serde_json::json!(self.architecture.qkv_bias()),
+        );
         obj.insert("mlp_bias".into(), serde_json::json!(false));
         obj.insert("head_dim".into(), serde_json::json!(self.head_dim()));
+        obj.insert(
+            "architectures".into(),
+            serde_json::json!([self.architecture.class_name()]),
+        );
         serde_json::to_string_pretty(&value).expect("json value prints")
     }
 }

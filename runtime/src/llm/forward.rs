@@ -21,6 +21,9 @@ use std::sync::{Arc, Mutex};
 #[derive(Default)]
 pub(crate) struct Packs {
     map: Mutex<HashMap<(usize, usize), Packed>>,
+    /// Keep the packs of one layer only: a model stored narrower than f32
+    /// is widened a block at a time instead of all at once.
+    one_layer: std::sync::atomic::AtomicBool,
 }
 
 /// A packed product and the tensors it was packed from.
@@ -51,6 +54,13 @@ const DOWN: usize = 3;
 const HEAD: usize = usize::MAX;
 
 impl Packs {
+    /// Keeps at most one layer's packs from now on.
+    pub(crate) fn keep_one_layer(&self) {
+        self.one_layer
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// `[W_1; W_2; ...]ᵀ` packed (the weights stacked by rows, read
     /// transposed), cached under `key`.
     fn get(&self, key: (usize, usize), weights: &[&Tensor]) -> Result<Arc<PackedB>> {
@@ -94,10 +104,11 @@ impl Packs {
         let packed = Arc::new(PackedB::from_stacked_rows(&parts, cols));
         drop(parts);
         drop(guards);
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, (ids, packed.clone()));
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if self.one_layer.load(std::sync::atomic::Ordering::Relaxed) {
+            map.retain(|k, _| k.0 == key.0);
+        }
+        map.insert(key, (ids, packed.clone()));
         Ok(packed)
     }
 }
@@ -162,11 +173,14 @@ fn rope(
 const ATT_ROWS: usize = 64;
 
 /// Causal softmax of score rows of `keys` entries, the first row being
-/// query `first`: row `i` over `j <= first + i` after scaling; later
-/// entries become zero.
-fn causal_softmax(scores: &mut [f32], keys: usize, first: usize, scale: f32) {
+/// query `first`: row `i` over `j <= first + i` (and `j > first + i - w`
+/// with a sliding window `w`) after scaling; other entries become zero.
+fn causal_softmax(scores: &mut [f32], keys: usize, first: usize, scale: f32, window: usize) {
     for (i, row) in scores.chunks_mut(keys).enumerate() {
         let (live, dead) = row.split_at_mut(first + i + 1);
+        let start = (first + i + 1).saturating_sub(window);
+        let (before, live) = live.split_at_mut(start);
+        before.fill(0.0);
         let mut max = f32::NEG_INFINITY;
         for v in live.iter_mut() {
             *v *= scale;
@@ -219,7 +233,8 @@ impl LlamaModel {
         let blk = &self.blocks[layer];
         let (d, hd) = (c.hidden_size, c.head_dim());
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let (kv, inter) = (nkv * hd, c.intermediate_size);
+        let (qd, kv, inter) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let window = c.sliding_window.unwrap_or(usize::MAX);
         let rows = b * t;
         let eps = c.rms_norm_eps as f32;
         let mut observe = |input: LinearInput, a: &[f32], cols: usize| -> Result<()> {
@@ -236,9 +251,10 @@ impl LlamaModel {
         rms_norm(x, &blk.attn_norm.to_vec1::<f32>()?, eps, &mut h);
         observe(LinearInput::Attention, &h, d)?;
         let qkv_w = packs.get((layer, QKV), &[w(Proj::Q), w(Proj::K), w(Proj::V)])?;
-        let width = d + 2 * kv;
+        let width = qd + 2 * kv;
         let mut qkv = vec![0.0f32; rows * width];
         linear(&h, rows, &qkv_w, &mut qkv, false);
+        self.qkv_extras(&blk.extra, &mut qkv, width, qd, kv, hd, eps)?;
         rope(
             &mut qkv,
             width,
@@ -253,7 +269,7 @@ impl LlamaModel {
         rope(
             &mut qkv,
             width,
-            d,
+            qd,
             nkv,
             hd,
             t,
@@ -288,18 +304,18 @@ impl LlamaModel {
                 };
                 let (rows, keys) = (ATT_ROWS.min(t - i0), (i0 + ATT_ROWS).min(t));
                 let q = view(i0 * width + head * hd, rows, hd, width, 1);
-                let kt = view(d + g * hd, hd, keys, 1, width);
-                let v = view(d + kv + g * hd, keys, hd, width, 1);
+                let kt = view(qd + g * hd, hd, keys, 1, width);
+                let v = view(qd + kv + g * hd, keys, hd, width, 1);
                 let mut scores = vec![0.0f32; rows * keys];
                 gemm_serial(q, kt, &mut scores, false);
-                causal_softmax(&mut scores, keys, i0, scale);
+                causal_softmax(&mut scores, keys, i0, scale, window);
                 let mut out = vec![0.0f32; rows * hd];
                 gemm_serial(Mat::new(&scores, rows, keys), v, &mut out, false);
                 out
             })
             .collect();
         drop(qkv);
-        let mut att = h;
+        let mut att = if qd == d { h } else { vec![0.0f32; rows * qd] };
         for (task, out) in heads.iter().enumerate() {
             let (s, head, i0) = (
                 task / (nh * blocks),
@@ -307,16 +323,17 @@ impl LlamaModel {
                 task % blocks * ATT_ROWS,
             );
             for (i, src) in out.chunks(hd).enumerate() {
-                let at = (s * t + i0 + i) * d + head * hd;
+                let at = (s * t + i0 + i) * qd + head * hd;
                 att[at..at + hd].copy_from_slice(src);
             }
         }
         drop(heads);
-        observe(LinearInput::AttentionOutput, &att, d)?;
+        observe(LinearInput::AttentionOutput, &att, qd)?;
         let o_w = packs.get((layer, O), &[w(Proj::O)])?;
         linear(&att, rows, &o_w, x, true);
 
         // SwiGLU feed-forward.
+        att.resize(rows * d, 0.0);
         let mut h = att;
         rms_norm(x, &blk.ffn_norm.to_vec1::<f32>()?, eps, &mut h);
         observe(LinearInput::Mlp, &h, d)?;
@@ -336,6 +353,46 @@ impl LlamaModel {
         observe(LinearInput::MlpDown, &act, inter)?;
         let down_w = packs.get((layer, DOWN), &[w(Proj::Down)])?;
         linear(&act, rows, &down_w, x, true);
+        Ok(())
+    }
+
+    /// Adds the q/k/v biases and normalises each q and k head, in place on
+    /// the fused `q | k | v` rows, where the architecture has them.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_extras(
+        &self,
+        e: &super::model::AttnExtras,
+        qkv: &mut [f32],
+        width: usize,
+        qd: usize,
+        kv: usize,
+        hd: usize,
+        eps: f32,
+    ) -> Result<()> {
+        if let (Some(qb), Some(kb), Some(vb)) = (&e.q_bias, &e.k_bias, &e.v_bias) {
+            let mut bias = qb.to_vec1::<f32>()?;
+            bias.extend(kb.to_vec1::<f32>()?);
+            bias.extend(vb.to_vec1::<f32>()?);
+            qkv.par_chunks_mut(width).for_each(|row| {
+                for (v, b) in row.iter_mut().zip(&bias) {
+                    *v += *b;
+                }
+            });
+        }
+        if let (Some(qn), Some(kn)) = (&e.q_norm, &e.k_norm) {
+            let (qn, kn) = (qn.to_vec1::<f32>()?, kn.to_vec1::<f32>()?);
+            qkv.par_chunks_mut(width).for_each(|row| {
+                for (range, g) in [(0..qd, &qn), (qd..qd + kv, &kn)] {
+                    for head in row[range].chunks_mut(hd) {
+                        let sum2 = head.iter().fold(0.0f32, |acc, v| acc + v * v);
+                        let m = (sum2 / hd as f32 + eps).sqrt();
+                        for (v, a) in head.iter_mut().zip(g.iter()) {
+                            *v = *v / m * *a;
+                        }
+                    }
+                }
+            });
+        }
         Ok(())
     }
 

@@ -103,6 +103,9 @@ impl GgufFile {
                 .meta_usize("tokenizer.ggml.eos_token_id")
                 .ok()
                 .map(|v| v as u32),
+            head_dim: None,
+            sliding_window: None,
+            architecture: Default::default(),
         };
         config.validate(&self.path)?;
         Ok(config)
@@ -231,6 +234,7 @@ pub fn load_gguf(path: &Path) -> Result<LlamaModel> {
             gate: LinearWeight::Dense(dense("ffn_gate")?),
             up: LinearWeight::Dense(dense("ffn_up")?),
             down: LinearWeight::Dense(dense("ffn_down")?),
+            extra: Default::default(),
         });
     }
     let embed = g.dequantized("token_embd.weight")?;
@@ -271,6 +275,7 @@ pub fn load_gguf_quantized_reference(path: &Path) -> Result<LlamaModel> {
             gate: quant(&mut g, format!("blk.{l}.ffn_gate.weight"))?,
             up: quant(&mut g, format!("blk.{l}.ffn_up.weight"))?,
             down: quant(&mut g, format!("blk.{l}.ffn_down.weight"))?,
+            extra: Default::default(),
         });
     }
     let embed_q = g.qtensor("token_embd.weight")?;

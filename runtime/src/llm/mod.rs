@@ -26,7 +26,7 @@ pub use config::LlamaConfig;
 pub use error::{Result, RuntimeError};
 pub use eval::{calibration_windows, calibration_windows_after, leading_tokens, perplexity};
 pub use gguf::{load_gguf, load_gguf_quantized_reference};
-pub use hf::{load_hf, save_hf};
+pub use hf::{inspect_hf, load_hf, save_hf, HfHeader, HfSource};
 pub use model::{linear_name, LinearInput, LlamaModel, Proj};
 pub use prune::{
     prune_one_shot, LayerPruner, LayerReport, LayerStats, LayerToPrune, MagnitudePruner,

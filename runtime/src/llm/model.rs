@@ -82,7 +82,7 @@ pub enum LinearWeight {
 impl LinearWeight {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            LinearWeight::Dense(w) => crate::gemm::matmul(x, &w.t()?)?,
+            LinearWeight::Dense(w) => crate::gemm::matmul(x, &w.to_dtype(DType::F32)?.t()?)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
         })
     }
@@ -97,7 +97,39 @@ pub enum RopeStyle {
     AdjacentPairs,
 }
 
+/// The attention parameters only some architectures have (f32).
+#[derive(Debug, Clone, Default)]
+pub struct AttnExtras {
+    /// Biases of the q, k and v projections (Qwen2).
+    pub q_bias: Option<Tensor>,
+    pub k_bias: Option<Tensor>,
+    pub v_bias: Option<Tensor>,
+    /// RMSNorm weights applied to each q and k head before RoPE (Qwen3).
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+}
+
+impl AttnExtras {
+    /// Each present parameter under its Hugging Face name suffix inside a block.
+    pub fn named(&self) -> Vec<(&'static str, &Tensor)> {
+        [
+            ("self_attn.q_proj.bias", &self.q_bias),
+            ("self_attn.k_proj.bias", &self.k_bias),
+            ("self_attn.v_proj.bias", &self.v_bias),
+            ("self_attn.q_norm.weight", &self.q_norm),
+            ("self_attn.k_norm.weight", &self.k_norm),
+        ]
+        .into_iter()
+        .filter_map(|(n, t)| t.as_ref().map(|t| (n, t)))
+        .collect()
+    }
+}
+
 /// One transformer block's parameters.
+///
+/// Linear weights keep the dtype they were stored in (f32, or bf16/f16 from a
+/// Hugging Face checkpoint, widened to f32 only while the block runs); norms
+/// and biases are f32.
 #[derive(Debug, Clone)]
 pub struct Block {
     pub attn_norm: Tensor,
@@ -109,6 +141,7 @@ pub struct Block {
     pub gate: LinearWeight,
     pub up: LinearWeight,
     pub down: LinearWeight,
+    pub extra: AttnExtras,
 }
 
 impl Block {
@@ -159,6 +192,8 @@ pub struct LlamaModel {
     pub(crate) sin_v: Vec<f32>,
     /// Weights packed for the slice forward's products.
     pub(crate) packs: super::forward::Packs,
+    /// Where a Hugging Face checkpoint came from, for an export like it.
+    pub hf_source: Option<super::hf::HfSource>,
 }
 
 /// Called with every linear-layer input during a block forward, as a (tokens, features) matrix.
@@ -176,7 +211,7 @@ impl LlamaModel {
     ) -> Result<Self> {
         let c = &config;
         let (d, hd) = (c.hidden_size, c.head_dim());
-        let kv = c.num_key_value_heads * hd;
+        let (qd, kv) = (c.q_dim(), c.kv_dim());
         check_shape("model.embed_tokens.weight", &embed, &[c.vocab_size, d])?;
         check_shape("model.norm.weight", &norm, &[d])?;
         if blocks.len() != c.num_hidden_layers {
@@ -199,13 +234,42 @@ impl LlamaModel {
             )?;
             for proj in Proj::ALL {
                 let expected = match proj {
-                    Proj::Q | Proj::O => [d, d],
+                    Proj::Q => [qd, d],
+                    Proj::O => [d, qd],
                     Proj::K | Proj::V => [kv, d],
                     Proj::Gate | Proj::Up => [c.intermediate_size, d],
                     Proj::Down => [d, c.intermediate_size],
                 };
                 if let LinearWeight::Dense(w) = b.linear(proj) {
                     check_shape(&linear_name(l, proj), w, &expected)?;
+                }
+            }
+            let arch = c.architecture;
+            let e = &b.extra;
+            let want: [(&str, &Option<Tensor>, bool, usize); 5] = [
+                ("self_attn.q_proj.bias", &e.q_bias, arch.qkv_bias(), qd),
+                ("self_attn.k_proj.bias", &e.k_bias, arch.qkv_bias(), kv),
+                ("self_attn.v_proj.bias", &e.v_bias, arch.qkv_bias(), kv),
+                ("self_attn.q_norm.weight", &e.q_norm, arch.qk_norm(), hd),
+                ("self_attn.k_norm.weight", &e.k_norm, arch.qk_norm(), hd),
+            ];
+            for (suffix, t, needed, len) in want {
+                let name = format!("model.layers.{l}.{suffix}");
+                match (t, needed) {
+                    (Some(t), true) => check_shape(&name, t, &[len])?,
+                    (None, false) => {}
+                    (Some(_), false) => {
+                        return Err(RuntimeError::Invalid(format!(
+                            "`{name}` does not belong to a {} model",
+                            arch.class_name()
+                        )))
+                    }
+                    (None, true) => {
+                        return Err(RuntimeError::Invalid(format!(
+                            "a {} model needs `{name}`",
+                            arch.class_name()
+                        )))
+                    }
                 }
             }
         }
@@ -231,6 +295,7 @@ impl LlamaModel {
             cos_v,
             sin_v,
             packs: Default::default(),
+            hf_source: None,
         })
     }
 
@@ -262,8 +327,14 @@ impl LlamaModel {
             .collect()
     }
 
-    /// The f32 weight (out, in) of a block's linear layer.
-    pub fn linear_weight(&self, layer: usize, proj: Proj) -> Result<&Tensor> {
+    /// The weight (out, in) of a block's linear layer, widened to f32 when
+    /// stored narrower.
+    pub fn linear_weight(&self, layer: usize, proj: Proj) -> Result<Tensor> {
+        Ok(self.stored_linear(layer, proj)?.to_dtype(DType::F32)?)
+    }
+
+    /// The weight of a block's linear layer in the dtype it is stored in.
+    pub fn stored_linear(&self, layer: usize, proj: Proj) -> Result<&Tensor> {
         let block = self.blocks.get(layer).ok_or_else(|| {
             RuntimeError::Invalid(format!(
                 "layer {layer} does not exist (model has {})",
@@ -279,11 +350,13 @@ impl LlamaModel {
         }
     }
 
-    /// Replaces the weight of a block's linear layer; the shape must not change.
+    /// Replaces the weight of a block's linear layer; the shape must not
+    /// change, and the weight is stored in the layer's dtype (a bf16 model
+    /// stays bf16, as its export will be).
     pub fn set_linear_weight(&mut self, layer: usize, proj: Proj, weight: Tensor) -> Result<()> {
-        let old = self.linear_weight(layer, proj)?;
+        let old = self.stored_linear(layer, proj)?;
         check_shape(&linear_name(layer, proj), &weight, old.dims())?;
-        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        let weight = weight.to_dtype(old.dtype())?.contiguous()?;
         *self.blocks[layer].linear_mut(proj) = LinearWeight::Dense(weight);
         Ok(())
     }
@@ -301,7 +374,10 @@ impl LlamaModel {
                 b.ffn_norm.clone(),
             ));
             for proj in Proj::ALL {
-                out.push((linear_name(l, proj), self.linear_weight(l, proj)?.clone()));
+                out.push((linear_name(l, proj), self.stored_linear(l, proj)?.clone()));
+            }
+            for (suffix, t) in b.extra.named() {
+                out.push((format!("model.layers.{l}.{suffix}"), t.clone()));
             }
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
@@ -322,6 +398,7 @@ impl LlamaModel {
         Ok(self
             .embed
             .index_select(&flat, 0)?
+            .to_dtype(DType::F32)?
             .reshape((b, t, self.config.hidden_size))?)
     }
 
@@ -375,23 +452,33 @@ impl LlamaModel {
 
         let h = candle_nn::ops::rms_norm(x, &blk.attn_norm, eps)?.reshape((b * t, d))?;
         observe(LinearInput::Attention, &h)?;
-        let heads = |w: &LinearWeight, n: usize| -> Result<Tensor> {
-            Ok(w.forward(&h)?
-                .reshape((b, t, n, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        let heads = |w: &LinearWeight,
+                     bias: &Option<Tensor>,
+                     norm: &Option<Tensor>,
+                     n: usize|
+         -> Result<Tensor> {
+            let mut y = w.forward(&h)?;
+            if let Some(bias) = bias {
+                y = y.broadcast_add(bias)?;
+            }
+            let mut y = y.reshape((b, t, n, hd))?;
+            if let Some(g) = norm {
+                y = candle_nn::ops::rms_norm(&y.contiguous()?, g, eps)?;
+            }
+            Ok(y.transpose(1, 2)?.contiguous()?)
         };
-        let q = self.apply_rope(&heads(&blk.q, nh)?, t)?;
-        let k = self.apply_rope(&heads(&blk.k, nkv)?, t)?;
-        let v = heads(&blk.v, nkv)?;
+        let e = &blk.extra;
+        let q = self.apply_rope(&heads(&blk.q, &e.q_bias, &e.q_norm, nh)?, t)?;
+        let k = self.apply_rope(&heads(&blk.k, &e.k_bias, &e.k_norm, nkv)?, t)?;
+        let v = heads(&blk.v, &e.v_bias, &None, nkv)?;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (crate::gemm::matmul(&q, &k.t()?)? * scale)?;
-        let mask = causal_mask(t, x.device())?;
+        let mask = causal_mask(t, c.sliding_window, x.device())?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
         let att = crate::gemm::matmul(&probs, &v)?
             .transpose(1, 2)?
-            .reshape((b * t, d))?
+            .reshape((b * t, nh * hd))?
             .contiguous()?;
         observe(LinearInput::AttentionOutput, &att)?;
         let x = (x + blk.o.forward(&att)?.reshape((b, t, d))?)?;
@@ -428,7 +515,7 @@ impl LlamaModel {
         } else {
             match &self.lm_head {
                 Some(w) => w.forward(&h)?,
-                None => crate::gemm::matmul(&h, &self.embed.t()?)?,
+                None => crate::gemm::matmul(&h, &self.embed.to_dtype(DType::F32)?.t()?)?,
             }
         };
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
@@ -553,9 +640,19 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
         .reshape((b, n * rep, t, hd))?)
 }
 
-fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+/// Query `i` sees keys `j <= i`, and with a sliding window `w` only `j > i - w`.
+fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let w = window.unwrap_or(usize::MAX);
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                if j > i || i - j >= w {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(mask, (t, t), device)?)
 }
