@@ -72,6 +72,11 @@ pub struct Report {
     /// `report STAGE` requests: SVG path and the metrics to plot per round.
     pub plots: Vec<(PathBuf, Vec<String>)>,
     pub exported: Option<String>,
+    /// Each export: its path in the output folder, format and size in bytes
+    /// (all files of a folder together).
+    pub exports: Vec<(String, String, u64)>,
+    /// Export folders that get a copy of the run's `prune.lock`.
+    pub lock_copies: Vec<PathBuf>,
     pub failed_assert: Option<String>,
     /// Line and column of spans, for the JSON.
     source: String,
@@ -115,6 +120,8 @@ impl Report {
             dropped: vec![],
             plots: vec![],
             exported: None,
+            exports: vec![],
+            lock_copies: vec![],
             failed_assert: None,
             source: text.to_string(),
         }
@@ -166,6 +173,8 @@ impl Report {
                 "flops_dense": c.flops_dense, "flops_kept": c.flops_kept,
             },
             "outputs": self.outputs.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
+            "exports": self.exports.iter().map(|(p, f, b)| json!({"path": p, "format": f, "bytes": b})).collect::<Vec<_>>(),
+            "peak_memory_bytes": peak_memory_bytes(),
             "steps": self.steps.iter().map(|t| self.step_json(t)).collect::<Vec<_>>(),
             "dropped": self.dropped.iter().map(|d| json!({
                 "id": d.id, "kind": d.kind.keyword(), "span": self.span_json(d.span), "why": d.why,
@@ -193,6 +202,22 @@ impl Report {
                 c.params_dense,
                 c.flops_kept,
                 c.flops_dense
+            ));
+        }
+        if !self.exports.is_empty() {
+            md.push_str("## Exports\n\n| path | format | size |\n|---|---|---|\n");
+            for (p, f, b) in &self.exports {
+                md.push_str(&format!(
+                    "| `{p}` | {f} | {:.2} MiB ({b} bytes) |\n",
+                    *b as f64 / 1048576.0
+                ));
+            }
+            md.push('\n');
+        }
+        if let Some(peak) = peak_memory_bytes() {
+            md.push_str(&format!(
+                "Peak resident memory of the run: {:.0} MiB.\n\n",
+                peak as f64 / 1048576.0
             ));
         }
         if !self.evaluations.is_empty() {
@@ -411,11 +436,21 @@ pub fn write_all(report: &mut Report, dir: &Path) -> std::io::Result<()> {
         "inputs": report.inputs.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
         "outputs": report.outputs.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
     });
-    std::fs::write(
-        dir.join("prune.lock"),
-        serde_json::to_string_pretty(&lock).unwrap() + "\n",
-    )?;
+    let lock = serde_json::to_string_pretty(&lock).unwrap() + "\n";
+    std::fs::write(dir.join("prune.lock"), &lock)?;
+    // Exported Hugging Face folders carry the lock beside their recipe.
+    for folder in &report.lock_copies {
+        std::fs::write(dir.join(folder).join("prune.lock"), &lock)?;
+    }
     Ok(())
+}
+
+/// The process's peak resident memory (`VmHWM`), where the system reports it.
+pub fn peak_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// A sweep as the command line gave it: the swept params with their values

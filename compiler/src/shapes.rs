@@ -48,6 +48,24 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             }
             continue;
         }
+        if v.call_name() == Some("hf") {
+            // A Hugging Face folder: config.json, the shard index and every
+            // safetensors header, without loading a weight.
+            let path = v.arg("path").and_then(|p| p.as_str()).unwrap_or("");
+            if let Err(e) = prunec_runtime::llm::inspect_hf(std::path::Path::new(path)) {
+                diags.push(
+                    Diagnostic::new(Code::ModelFile, format!("model `{name}`: {e}"))
+                        .with_label(
+                            decl_value_span(r, name).unwrap_or(sym.span),
+                            "this model cannot be read",
+                        )
+                        .with_help(
+                            "a Hugging Face causal LM folder holds config.json and model.safetensors (or its shards and model.safetensors.index.json)",
+                        ),
+                );
+            }
+            continue;
+        }
         let spec = match model_spec(v, sym.span) {
             Ok(s) => s,
             Err(_) => continue,

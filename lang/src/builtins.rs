@@ -355,6 +355,9 @@ pub static BUILTINS: &[Builtin] = &[
     b("gguf", Kind::Model, &[
         p("path", Ty::Str, None, Range::any(), "a `.gguf` file (data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)"),
     ], "A LLaMA-family causal language model from GGUF, dequantized to f32, with its tokenizer."),
+    b("hf", Kind::Model, &[
+        p("path", Ty::Str, None, Range::any(), "a Hugging Face model folder: config.json, model.safetensors (or shards with model.safetensors.index.json), tokenizer.json"),
+    ], "A causal language model from a Hugging Face folder: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM, tied or untied, in f32, f16 or bf16. Weights are memory-mapped and stay in their dtype; a block is widened to f32 only while it runs. `format = hf` writes it back in the same dtypes and shards."),
     // ---- datasets
     b("mnist", Kind::Dataset, &DATA_PARAMS, "MNIST digits (IDX files from `scripts/fetch-data.sh mnist`): 1x28x28, 10 classes."),
     b("fashion_mnist", Kind::Dataset, &DATA_PARAMS, "Fashion-MNIST (gzipped IDX from `scripts/fetch-data.sh fashion`): 1x28x28, 10 classes."),

@@ -50,7 +50,9 @@ impl TextSpec {
 impl Exec<'_> {
     /// Whether `name` is a language model.
     pub(super) fn is_llm(&self, name: &str) -> bool {
-        self.declared(name).and_then(|v| v.call_name()) == Some("gguf")
+        self.declared(name)
+            .and_then(|v| v.call_name())
+            .is_some_and(prunec_lang::check::models::is_language_model_constructor)
     }
 
     fn llm(&mut self, name: &str, span: Span) -> Result<&mut llm::LlamaModel, RunError> {
@@ -60,16 +62,36 @@ impl Exec<'_> {
                 .cloned()
                 .unwrap_or(Value::Ref(name.into()));
             let path = PathBuf::from(v.arg("path").and_then(|p| p.as_str()).unwrap_or(""));
-            if !path.is_file() {
-                return Err(RunError::User {
-                    span: Some(span),
-                    message: format!("missing model file {}", path.display()),
-                    help: Some("run `scripts/fetch-data.sh smollm2`".into()),
-                });
-            }
-            self.hash_input(&path, span)?;
-            let model = llm::load_gguf(&path)
-                .map_err(rt_err_llm(span, "cannot load the language model"))?;
+            let model = if v.call_name() == Some("hf") {
+                let header = llm::inspect_hf(&path)
+                    .map_err(rt_err_llm(span, "cannot load the language model"))?;
+                // Every file the model is read from is an input of the run.
+                let mut read = vec![path.join("config.json")];
+                if header.shards.is_some() {
+                    read.push(path.join(llm::hf::INDEX_FILE));
+                }
+                read.extend(header.files.iter().cloned());
+                read.extend(
+                    llm::hf::CARRIED_FILES
+                        .iter()
+                        .map(|f| path.join(f))
+                        .filter(|f| f.is_file()),
+                );
+                for f in &read {
+                    self.hash_input(f, span)?;
+                }
+                llm::load_hf(&path).map_err(rt_err_llm(span, "cannot load the language model"))?
+            } else {
+                if !path.is_file() {
+                    return Err(RunError::User {
+                        span: Some(span),
+                        message: format!("missing model file {}", path.display()),
+                        help: Some("run `scripts/fetch-data.sh smollm2`".into()),
+                    });
+                }
+                self.hash_input(&path, span)?;
+                llm::load_gguf(&path).map_err(rt_err_llm(span, "cannot load the language model"))?
+            };
             self.llms.insert(name.to_string(), model);
         }
         Ok(self.llms.get_mut(name).unwrap())
@@ -130,6 +152,7 @@ impl Exec<'_> {
             }
             let v: Vec<f32> = t
                 .flatten_all()
+                .and_then(|t| t.to_dtype(candle_core::DType::F32))
                 .and_then(|t| t.to_vec1())
                 .map_err(|e| RunError::Internal(e.to_string()))?;
             zeros += v.iter().filter(|x| **x == 0.0).count();
@@ -447,7 +470,7 @@ impl Exec<'_> {
     }
 
     fn llm_export(&mut self, step: &Step, model: &str) -> Result<(), RunError> {
-        let (_, path, to_span) = self.export_target(step)?;
+        let (rel, path, to_span) = self.export_target(step)?;
         let format = self
             .option(step, "format")
             .and_then(|f| f.as_str().map(String::from))
@@ -459,6 +482,11 @@ impl Exec<'_> {
             }
             _ => {
                 llm::save_hf(m, &path).map_err(rt_err_llm(to_span, "export"))?;
+                // The recipe travels with the model (its lock is copied in
+                // when the run ends, see `report::write_all`).
+                std::fs::write(path.join("recipe.prune"), &self.r.source)
+                    .map_err(|e| RunError::user(to_span, format!("cannot write the recipe: {e}")))?;
+                self.report.lock_copies.push(rel.clone());
             }
         }
         // Hash every file written.
@@ -471,6 +499,13 @@ impl Exec<'_> {
             files.push(path.clone());
         }
         files.sort();
+        let bytes = files
+            .iter()
+            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        self.report
+            .exports
+            .push((rel.display().to_string(), format.clone(), bytes));
         for f in files {
             let h = prunec_runtime::io::sha256_file(&f)
                 .map_err(|e| RunError::Internal(e.to_string()))?;

@@ -1060,6 +1060,10 @@ impl Exec<'_> {
             .model
             .save(&path, &inputs)
             .map_err(rt_err(to_span, "export failed"))?;
+        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        self.report
+            .exports
+            .push((rel.display().to_string(), "safetensors".into(), bytes));
         self.report.outputs.push((rel.display().to_string(), hash));
         self.report.exported.get_or_insert(name);
         Ok(())

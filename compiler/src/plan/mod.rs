@@ -406,7 +406,7 @@ pub fn ir_to_plan(ir: &Ir, r: &CheckedRecipe) -> Result<Plan, String> {
             .model
             .as_ref()
             .and_then(|m| r.symbols.get(m)?.value.as_ref()?.call_name())
-            == Some("gguf");
+            .is_some_and(prunec_lang::check::models::is_language_model_constructor);
         if let Some(mut stats) = split_statistics(ir, &mut step, llm) {
             // It reads only the model's state (shared by the group that
             // reaches it) and the data sets.

@@ -64,8 +64,8 @@ pub fn render(r: &CheckedRecipe, plan: &Plan) -> Result<String, RunError> {
                     .as_ref()
                     .and_then(|v| v.call_name())
                     .unwrap_or("?");
-                if ctor == "gguf" {
-                    let _ = writeln!(out, "model {name}: gguf language model (its shapes are not listed by `plan` yet)");
+                if prunec_lang::check::models::is_language_model_constructor(ctor) {
+                    let _ = writeln!(out, "model {name}: {ctor} language model (its shapes are not listed by `plan` yet)");
                     continue;
                 }
                 let info = model_info(r, name)?;

@@ -1,5 +1,6 @@
-//! What each kind of model can run. A `gguf(...)` model is a causal language
-//! model, pruned one-shot block by block; every other model is a classifier.
+//! What each kind of model can run. A `gguf(...)` or `hf(...)` model is a
+//! causal language model, pruned one-shot block by block; every other model
+//! is a classifier.
 //! Stages, options, data and metrics that one kind cannot run are P045 here,
 //! so that no recipe `check` accepts fails (or is quietly changed) at run time.
 
@@ -10,13 +11,18 @@ use crate::diag::{Code, Diagnostic};
 use crate::resolved::{Method, Metric, Scope};
 use std::collections::BTreeMap;
 
+/// Whether a model constructor makes a causal language model.
+pub fn is_language_model_constructor(name: &str) -> bool {
+    matches!(name, "gguf" | "hf")
+}
+
 /// Whether the model declared as `name` is a language model.
 pub fn is_language_model(symbols: &BTreeMap<String, super::Symbol>, name: &str) -> bool {
     symbols
         .get(name)
         .and_then(|s| s.value.as_ref())
         .and_then(|v| v.call_name())
-        == Some("gguf")
+        .is_some_and(is_language_model_constructor)
 }
 
 /// The options of a prune stage that a language model's one-shot pruning
