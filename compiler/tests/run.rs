@@ -1547,3 +1547,106 @@ fn bench_train_reports_throughput_and_explains_a_missing_python() {
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("unknown model `resnet`"), "{text}");
 }
+
+#[test]
+fn hf_checkpoints_of_four_architectures_prune_and_export_like_their_source() {
+    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+        let set = format!("model_dir=\"tests/models/tiny-{arch}\"");
+        let (_dir, out, report) = run_ok(&[
+            "tests/recipes/run/tiny_llm_hf.prune",
+            "--set",
+            &set,
+        ]);
+        let sparsity = evaluation(&report, "pruned", "sparsity");
+        assert!((sparsity - 0.5).abs() < 1e-9, "{arch}: {sparsity}");
+        let model = out.join("model");
+        let src = root().join(format!("tests/models/tiny-{arch}"));
+        // The same weight files as the source (shards included), the
+        // tokenizer carried over, the recipe and the lock inside.
+        let weights = |d: &Path| -> Vec<String> {
+            files_in(d)
+                .into_iter()
+                .filter(|f| f.starts_with("model") && f.contains(".safetensors"))
+                .collect()
+        };
+        assert_eq!(weights(&src), weights(&model), "{arch}");
+        for f in ["config.json", "tokenizer.json", "generation_config.json"] {
+            assert!(model.join(f).is_file(), "{arch}: no {f}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(model.join("prune.lock")).unwrap(),
+            std::fs::read_to_string(out.join("prune.lock")).unwrap()
+        );
+        assert_eq!(
+            std::fs::read_to_string(model.join("recipe.prune")).unwrap(),
+            std::fs::read_to_string(root().join("tests/recipes/run/tiny_llm_hf.prune")).unwrap()
+        );
+        // The source's dtype: the Qwen3 checkpoint is bf16.
+        let dtype = if arch == "qwen3" { "BF16" } else { "F32" };
+        for w in weights(&model).iter().filter(|w| w.ends_with(".safetensors")) {
+            let bytes = std::fs::read(model.join(w)).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            for (name, t) in st.tensors() {
+                assert_eq!(format!("{:?}", t.dtype()), dtype, "{arch}: {name}");
+            }
+        }
+        let exports = report["exports"].as_array().unwrap();
+        assert_eq!(exports.len(), 1);
+        let total: u64 = files_in(&model)
+            .iter()
+            .map(|f| std::fs::metadata(model.join(f)).unwrap().len())
+            .sum::<u64>()
+            - std::fs::metadata(model.join("prune.lock")).unwrap().len();
+        assert_eq!(exports[0]["bytes"].as_u64(), Some(total), "{arch}");
+        assert!(report["peak_memory_bytes"].as_u64().unwrap() > 1 << 20);
+        let (code, text) = prunec(&["verify", out.join("prune.lock").to_str().unwrap()], &[]);
+        assert_eq!(code, 0, "{arch}: {text}");
+    }
+}
+
+#[test]
+fn a_broken_hf_checkpoint_is_a_check_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    std::fs::create_dir(&model).unwrap();
+    let src = root().join("tests/models/tiny-qwen3");
+    for f in files_in(&src) {
+        std::fs::copy(src.join(&f), model.join(&f)).unwrap();
+    }
+    let shard = model.join("model-00003-of-00004.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let recipe = dir.path().join("t.prune");
+    std::fs::write(
+        &recipe,
+        format!(
+            "recipe t {{ version = 1, seed = 0 }}\nmodel lm = hf(\"{}\")\n\
+             dataset words = text(\"{}\", tokenizer = lm, seq = 16)\n\
+             pipeline {{\n  evaluate lm on words -> [perplexity]\n}}\n",
+            model.display(),
+            root().join("tests/models/tiny.txt").display()
+        ),
+    )
+    .unwrap();
+    let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("P060") && out.contains("model-00003-of-00004") && out.contains("truncated"),
+        "{out}"
+    );
+    assert!(!out.contains("backtrace") && !out.contains("candle"), "{out}");
+    std::fs::remove_file(&shard).unwrap();
+    let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("missing file") && out.contains("model-00003"), "{out}");
+    // An architecture prunec does not run is named.
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        config.replace("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+    )
+    .unwrap();
+    let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("`Qwen3MoeForCausalLM` is not supported"), "{out}");
+}

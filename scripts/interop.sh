@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Checks prunec's exports in the stacks users load them with: makes
+# .venv-interop (transformers, torch, onnx, onnxruntime), builds prunec, runs
+# the example recipes and loads every export there:
+#   - the four tiny Hugging Face architectures (tests/models), pruned with
+#     Wanda 2:4 and exported: transformers' perplexity equals prunec's (0.1%);
+#   - SmolLM2-135M as a bf16 sharded Hugging Face checkpoint (made here from the
+#     GGUF) pruned by examples/llm_hf_wanda24.prune: the export is bf16, holds
+#     its recipe and lock, and transformers' perplexity equals prunec's (0.1%);
+#   - the ONNX example (examples/onnx_digits.prune): onnxruntime's top-1
+#     predictions and accuracy equal prunec's.
+# Not part of CI (the PyTorch install alone is gigabytes); run before every
+# release. Extra arguments go to every `prunec run` (e.g. --set eval_samples=4).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+py=.venv-interop/bin/python
+if ! "$py" -c 'import torch, transformers, onnx, onnxruntime, tokenizers' 2>/dev/null; then
+  python3 -m venv .venv-interop
+  .venv-interop/bin/pip install --quiet --upgrade pip
+  .venv-interop/bin/pip install --quiet torch numpy safetensors transformers tokenizers onnx onnxruntime onnxscript
+fi
+scripts/fetch-data.sh smollm2 text digits
+cargo build --release -p prunec
+prunec="${CARGO_TARGET_DIR:-target}/release/prunec"
+out=out/interop
+mkdir -p "$out"
+
+echo "== tiny Hugging Face architectures"
+for arch in llama mistral qwen2 qwen3; do
+  "$prunec" run -q tests/recipes/run/tiny_llm_hf.prune --set "model_dir=\"tests/models/tiny-$arch\"" --out "$out/tiny-$arch"
+  "$py" scripts/interop/check_llm.py --out "$out/tiny-$arch" --label pruned \
+    --text tests/models/tiny.txt --seq 32 --samples 8 --offset 1024
+done
+
+echo "== SmolLM2-135M, bf16 Hugging Face checkpoint, Wanda 2:4"
+if [ ! -f data/smollm2/hf-bf16/config.json ]; then
+  "$prunec" run -q scripts/interop/smollm2_to_hf.prune --out "$out/smollm2_f32"
+  "$py" scripts/interop/make_smollm2_hf.py "$out/smollm2_f32/model" data/smollm2/hf-bf16
+fi
+"$prunec" run examples/llm_hf_wanda24.prune --out "$out/llm_hf_wanda24" "$@"
+"$py" scripts/interop/check_llm.py --out "$out/llm_hf_wanda24" --label pruned --dtype bfloat16 \
+  --text data/text/moby-dick.txt --seq 256 \
+  --samples "$(grep -o '"eval_samples": [0-9]*' "$out/llm_hf_wanda24/report.json" | grep -o '[0-9]*$')"
+
+if [ -f examples/onnx_digits.prune ]; then
+  echo "== ONNX digits classifier"
+  "$prunec" run examples/onnx_digits.prune --out "$out/onnx_digits" "$@"
+  "$py" scripts/interop/check_onnx.py --out "$out/onnx_digits"
+fi
+echo "interop: every export loads and reproduces prunec's metrics"
