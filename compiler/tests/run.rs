@@ -1650,3 +1650,32 @@ fn a_broken_hf_checkpoint_is_a_check_error_naming_the_file() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("`Qwen3MoeForCausalLM` is not supported"), "{out}");
 }
+
+#[test]
+fn a_gguf_cut_inside_its_header_is_a_check_error_without_a_backtrace() {
+    require_data("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2");
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("cut.gguf");
+    let full = std::fs::read(root().join("data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    std::fs::write(&model, &full[..3000]).unwrap();
+    let recipe = dir.path().join("t.prune");
+    std::fs::write(
+        &recipe,
+        format!(
+            "recipe t {{ version = 1, seed = 0 }}\nmodel lm = gguf(\"{}\")\n\
+             dataset words = text(\"{}\", tokenizer = lm, seq = 32)\n\
+             pipeline {{\n  evaluate lm on words -> [perplexity]\n}}\n",
+            model.display(),
+            root().join("tests/models/tiny.txt").display()
+        ),
+    )
+    .unwrap();
+    // candle attaches a backtrace to its errors when RUST_BACKTRACE is set.
+    let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[("RUST_BACKTRACE", "1")]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("P060") && out.contains("cut.gguf"), "{out}");
+    assert!(
+        !out.contains("candle-core") && !out.contains(".rs:") && !out.contains(" 0: "),
+        "{out}"
+    );
+}

@@ -85,7 +85,7 @@ pub enum RuntimeError {
     Numeric { layer: String, reason: String },
 
     /// A candle operation failed; `context` says which tensor or layer.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", candle_message(source))]
     Candle {
         context: String,
         #[source]
@@ -117,6 +117,22 @@ impl RuntimeError {
             path: path.into(),
             reason: reason.into(),
         }
+    }
+}
+
+/// A candle error's message without the backtrace candle attaches to it
+/// when `RUST_BACKTRACE` is set (a library backtrace is never part of a
+/// message shown to users).
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        candle_core::Error::WithPath { inner, path } => {
+            format!("{}: {}", path.display(), candle_message(inner))
+        }
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", candle_message(inner))
+        }
+        other => other.to_string(),
     }
 }
 

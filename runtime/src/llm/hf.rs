@@ -263,11 +263,11 @@ pub fn load_hf(dir: &Path) -> Result<LlamaModel> {
     // SAFETY: the files are only read; a concurrent writer could change
     // the mapped bytes, as with any memory-mapped reader of user files.
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&header.files) }
-        .map_err(|e| RuntimeError::format(dir, format!("cannot map the weights: {e}")))?;
+        .map_err(|e| RuntimeError::format(dir, format!("cannot map the weights: {}", crate::error::candle_message(&e))))?;
     let mut dtypes = BTreeMap::new();
     let mut get = |name: &str, widen: bool| -> Result<Tensor> {
         let t = st.load(name, &Device::Cpu).map_err(|e| {
-            RuntimeError::format(dir, format!("tensor `{name}` cannot be read: {e}"))
+            RuntimeError::format(dir, format!("tensor `{name}` cannot be read: {}", crate::error::candle_message(&e)))
         })?;
         dtypes.insert(name.to_string(), t.dtype());
         Ok(if widen || t.dtype() == DType::F32 {
