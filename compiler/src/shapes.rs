@@ -24,6 +24,8 @@ struct Shapes {
 pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
     let mut diags = Vec::new();
     let mut models: BTreeMap<String, Shapes> = BTreeMap::new();
+    // Hugging Face models whose blocks the compressed format cannot hold.
+    let mut non_llama: BTreeMap<String, &'static str> = BTreeMap::new();
     for (name, sym) in &r.symbols {
         if sym.kind != SymKind::Model {
             continue;
@@ -52,8 +54,14 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             // A Hugging Face folder: config.json, the shard index and every
             // safetensors header, without loading a weight.
             let path = v.arg("path").and_then(|p| p.as_str()).unwrap_or("");
-            if let Err(e) = prunec_runtime::llm::inspect_hf(std::path::Path::new(path)) {
-                diags.push(
+            match prunec_runtime::llm::inspect_hf(std::path::Path::new(path)) {
+                Ok(h) => {
+                    let arch = h.config.architecture;
+                    if arch != prunec_runtime::llm::config::Architecture::Llama {
+                        non_llama.insert(name.clone(), arch.class_name());
+                    }
+                }
+                Err(e) => diags.push(
                     Diagnostic::new(Code::ModelFile, format!("model `{name}`: {e}"))
                         .with_label(
                             decl_value_span(r, name).unwrap_or(sym.span),
@@ -62,7 +70,7 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                         .with_help(
                             "a Hugging Face causal LM folder holds config.json and model.safetensors (or its shards and model.safetensors.index.json)",
                         ),
-                );
+                ),
             }
             continue;
         }
@@ -171,6 +179,23 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             .first()
             .and_then(|e| e.as_name())
             .map(|n| n.name.clone());
+        let format = r
+            .stage_options
+            .get(&s.id)
+            .and_then(|o| o.get("format"))
+            .and_then(|v| v.as_str());
+        if let (Some(arch), Some("compressed_24")) =
+            (model.as_ref().and_then(|m| non_llama.get(m)), format)
+        {
+            diags.push(
+                Diagnostic::new(
+                    Code::Unsupported,
+                    format!("`format = compressed_24` stores LlamaForCausalLM models only; this model is a {arch}"),
+                )
+                .with_label(s.value_span("format"), "not for this architecture")
+                .with_help("export it as a Hugging Face folder (`format = hf`)"),
+            );
+        }
         let Some(shapes) = model.as_ref().and_then(|m| models.get(m)) else {
             continue;
         };
