@@ -1552,11 +1552,7 @@ fn bench_train_reports_throughput_and_explains_a_missing_python() {
 fn hf_checkpoints_of_four_architectures_prune_and_export_like_their_source() {
     for arch in ["llama", "mistral", "qwen2", "qwen3"] {
         let set = format!("model_dir=\"tests/models/tiny-{arch}\"");
-        let (_dir, out, report) = run_ok(&[
-            "tests/recipes/run/tiny_llm_hf.prune",
-            "--set",
-            &set,
-        ]);
+        let (_dir, out, report) = run_ok(&["tests/recipes/run/tiny_llm_hf.prune", "--set", &set]);
         let sparsity = evaluation(&report, "pruned", "sparsity");
         assert!((sparsity - 0.5).abs() < 1e-9, "{arch}: {sparsity}");
         let model = out.join("model");
@@ -1583,7 +1579,10 @@ fn hf_checkpoints_of_four_architectures_prune_and_export_like_their_source() {
         );
         // The source's dtype: the Qwen3 checkpoint is bf16.
         let dtype = if arch == "qwen3" { "BF16" } else { "F32" };
-        for w in weights(&model).iter().filter(|w| w.ends_with(".safetensors")) {
+        for w in weights(&model)
+            .iter()
+            .filter(|w| w.ends_with(".safetensors"))
+        {
             let bytes = std::fs::read(model.join(w)).unwrap();
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
             for (name, t) in st.tensors() {
@@ -1634,11 +1633,17 @@ fn a_broken_hf_checkpoint_is_a_check_error_naming_the_file() {
         out.contains("P060") && out.contains("model-00003-of-00004") && out.contains("truncated"),
         "{out}"
     );
-    assert!(!out.contains("backtrace") && !out.contains("candle"), "{out}");
+    assert!(
+        !out.contains("backtrace") && !out.contains("candle"),
+        "{out}"
+    );
     std::fs::remove_file(&shard).unwrap();
     let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("missing file") && out.contains("model-00003"), "{out}");
+    assert!(
+        out.contains("missing file") && out.contains("model-00003"),
+        "{out}"
+    );
     // An architecture prunec does not run is named.
     let config = std::fs::read_to_string(src.join("config.json")).unwrap();
     std::fs::write(
@@ -1648,7 +1653,10 @@ fn a_broken_hf_checkpoint_is_a_check_error_naming_the_file() {
     .unwrap();
     let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("`Qwen3MoeForCausalLM` is not supported"), "{out}");
+    assert!(
+        out.contains("`Qwen3MoeForCausalLM` is not supported"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -1671,7 +1679,10 @@ fn a_gguf_cut_inside_its_header_is_a_check_error_without_a_backtrace() {
     )
     .unwrap();
     // candle attaches a backtrace to its errors when RUST_BACKTRACE is set.
-    let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[("RUST_BACKTRACE", "1")]);
+    let (code, out) = prunec(
+        &["check", recipe.to_str().unwrap()],
+        &[("RUST_BACKTRACE", "1")],
+    );
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("P060") && out.contains("cut.gguf"), "{out}");
     assert!(

@@ -18,7 +18,8 @@ const ARCHS: [&str; 4] = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen
 /// and candle forward) and the reference.
 fn max_errors(dir: &Path) -> (f32, f32) {
     let model = llm::load_hf(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let r =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     let ids = r["ids"].to_dtype(DType::U32).unwrap();
     let want = &r["logits"];
     let err = |got: Tensor| -> f32 {
@@ -56,7 +57,8 @@ fn the_sliding_window_is_what_makes_mistral_match() {
     let mut model = llm::load_hf(&dir).unwrap();
     assert_eq!(model.config.sliding_window, Some(8));
     model.config.sliding_window = None;
-    let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let r =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     let ids = r["ids"].to_dtype(DType::U32).unwrap();
     let got = model.forward(&ids).unwrap();
     let diff = (got - &r["logits"])
@@ -76,7 +78,10 @@ fn the_sliding_window_is_what_makes_mistral_match() {
 fn bf16_sharded_checkpoint_keeps_its_dtype_and_shards_on_export() {
     let src = tiny("tiny-qwen3");
     let mut model = llm::load_hf(&src).unwrap();
-    assert_eq!(model.stored_linear(0, Proj::Up).unwrap().dtype(), DType::BF16);
+    assert_eq!(
+        model.stored_linear(0, Proj::Up).unwrap().dtype(),
+        DType::BF16
+    );
     // Prune one layer: the survivors are bf16 values, the zeros stay exact.
     let w = model.linear_weight(1, Proj::Up).unwrap();
     let mask = Tensor::arange(0u32, w.elem_count() as u32, &Device::Cpu)
@@ -109,15 +114,36 @@ fn bf16_sharded_checkpoint_keeps_its_dtype_and_shards_on_export() {
     let header = llm::inspect_hf(out.path()).unwrap();
     assert!(header.tensors.values().all(|t| t.dtype == "BF16"));
     let back = llm::load_hf(out.path()).unwrap();
-    for (a, b) in model.named_tensors().unwrap().iter().zip(back.named_tensors().unwrap()) {
+    for (a, b) in model
+        .named_tensors()
+        .unwrap()
+        .iter()
+        .zip(back.named_tensors().unwrap())
+    {
         assert_eq!(a.0, b.0);
         let (x, y) = (
-            a.1.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            b.1.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            a.1.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            b.1.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
         );
         assert_eq!(x, y, "{}", a.0);
     }
-    let up = back.linear_weight(1, Proj::Up).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let up = back
+        .linear_weight(1, Proj::Up)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(up.iter().filter(|v| **v == 0.0).count(), 100);
 }
 
@@ -141,7 +167,10 @@ fn truncated_or_missing_shards_and_foreign_architectures_are_named() {
     assert!(e.contains("truncated") && e.contains("model-00002"), "{e}");
     std::fs::remove_file(&shard).unwrap();
     let e = llm::inspect_hf(&dir).unwrap_err().to_string();
-    assert!(e.contains("missing file") && e.contains("model-00002"), "{e}");
+    assert!(
+        e.contains("missing file") && e.contains("model-00002"),
+        "{e}"
+    );
 
     let dir = tmp.path().join("g");
     copy_dir(&tiny("tiny-llama"), &dir);

@@ -484,8 +484,9 @@ impl Exec<'_> {
                 llm::save_hf(m, &path).map_err(rt_err_llm(to_span, "export"))?;
                 // The recipe travels with the model (its lock is copied in
                 // when the run ends, see `report::write_all`).
-                std::fs::write(path.join("recipe.prune"), &self.r.source)
-                    .map_err(|e| RunError::user(to_span, format!("cannot write the recipe: {e}")))?;
+                std::fs::write(path.join("recipe.prune"), &self.r.source).map_err(|e| {
+                    RunError::user(to_span, format!("cannot write the recipe: {e}"))
+                })?;
                 self.report.lock_copies.push(rel.clone());
             }
         }

@@ -161,7 +161,11 @@ impl LlamaConfig {
                     ))
                 }
             },
-            None => return bad(format!("no `architectures` entry (prunec reads {supported})")),
+            None => {
+                return bad(format!(
+                    "no `architectures` entry (prunec reads {supported})"
+                ))
+            }
         };
         let get = |k: &str| value.get(k).filter(|v| !v.is_null());
         // `transformers` 5 moved the RoPE settings under `rope_parameters`.
@@ -184,7 +188,10 @@ impl LlamaConfig {
         let flag = |k: &str| get(k).and_then(|v| v.as_bool()).unwrap_or(false);
         for k in ["attention_bias", "mlp_bias"] {
             if flag(k) && matches!(architecture, Architecture::Llama | Architecture::Qwen3) {
-                return bad(format!("`{k} = true` is not supported for {}", architecture.class_name()));
+                return bad(format!(
+                    "`{k} = true` is not supported for {}",
+                    architecture.class_name()
+                ));
             }
         }
         // Qwen2 and Qwen3 configurations name a window they only use when asked to.
@@ -204,7 +211,10 @@ impl LlamaConfig {
             obj.retain(|_, v| !v.is_null());
             // Several ids (a list) are allowed for `eos_token_id`; the first is kept.
             if let Some(serde_json::Value::Array(ids)) = obj.get("eos_token_id").cloned() {
-                obj.insert("eos_token_id".into(), ids.first().cloned().unwrap_or_default());
+                obj.insert(
+                    "eos_token_id".into(),
+                    ids.first().cloned().unwrap_or_default(),
+                );
             }
             obj.remove("sliding_window");
         }

@@ -61,6 +61,16 @@ impl Packs {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
+    /// The distinct layers (the output projection counts as one) whose packs are held.
+    #[cfg(test)]
+    pub(crate) fn layers(&self) -> Vec<usize> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<usize> = map.keys().map(|k| k.0).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// `[W_1; W_2; ...]ᵀ` packed (the weights stacked by rows, read
     /// transposed), cached under `key`.
     fn get(&self, key: (usize, usize), weights: &[&Tensor]) -> Result<Arc<PackedB>> {

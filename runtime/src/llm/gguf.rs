@@ -21,8 +21,15 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let mut file =
             std::fs::File::open(path).map_err(|e| RuntimeError::io("reading", path, e))?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| RuntimeError::format(path, format!("not a readable GGUF file: {}", crate::error::candle_message(&e))))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            RuntimeError::format(
+                path,
+                format!(
+                    "not a readable GGUF file: {}",
+                    crate::error::candle_message(&e)
+                ),
+            )
+        })?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             file,
@@ -126,7 +133,12 @@ impl GgufFile {
         }
         self.content
             .tensor(&mut self.file, name, &Device::Cpu)
-            .map_err(|e| RuntimeError::format(&self.path, format!("tensor `{name}`: {}", crate::error::candle_message(&e))))
+            .map_err(|e| {
+                RuntimeError::format(
+                    &self.path,
+                    format!("tensor `{name}`: {}", crate::error::candle_message(&e)),
+                )
+            })
     }
 
     /// Reads one tensor and dequantizes it to f32.

@@ -65,7 +65,10 @@ pub struct HfHeader {
 pub fn expected_tensors(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let (d, hd, inter) = (c.hidden_size, c.head_dim(), c.intermediate_size);
     let (qd, kv) = (c.q_dim(), c.kv_dim());
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, d])];
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, d],
+    )];
     for l in 0..c.num_hidden_layers {
         let layer = |s: &str| format!("model.layers.{l}.{s}");
         out.push((layer("input_layernorm.weight"), vec![d]));
@@ -262,12 +265,27 @@ pub fn load_hf(dir: &Path) -> Result<LlamaModel> {
     let config = header.config.clone();
     // SAFETY: the files are only read; a concurrent writer could change
     // the mapped bytes, as with any memory-mapped reader of user files.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&header.files) }
-        .map_err(|e| RuntimeError::format(dir, format!("cannot map the weights: {}", crate::error::candle_message(&e))))?;
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&header.files) }.map_err(
+        |e| {
+            RuntimeError::format(
+                dir,
+                format!(
+                    "cannot map the weights: {}",
+                    crate::error::candle_message(&e)
+                ),
+            )
+        },
+    )?;
     let mut dtypes = BTreeMap::new();
     let mut get = |name: &str, widen: bool| -> Result<Tensor> {
         let t = st.load(name, &Device::Cpu).map_err(|e| {
-            RuntimeError::format(dir, format!("tensor `{name}` cannot be read: {}", crate::error::candle_message(&e)))
+            RuntimeError::format(
+                dir,
+                format!(
+                    "tensor `{name}` cannot be read: {}",
+                    crate::error::candle_message(&e)
+                ),
+            )
         })?;
         dtypes.insert(name.to_string(), t.dtype());
         Ok(if widen || t.dtype() == DType::F32 {
@@ -419,7 +437,8 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
         for name in CARRIED_FILES {
             let from = s.dir.join(name);
             if from.is_file() && s.dir.canonicalize().ok() != dir.canonicalize().ok() {
-                let bytes = std::fs::read(&from).map_err(|e| RuntimeError::io("reading", &from, e))?;
+                let bytes =
+                    std::fs::read(&from).map_err(|e| RuntimeError::io("reading", &from, e))?;
                 write_atomic(&dir.join(name), &bytes)?;
                 carried.push(name);
             }
@@ -464,3 +483,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/models")
+            .join(name)
+    }
+
+    /// A bf16 model keeps its linear weights in bf16 and holds the f32
+    /// packs of one block at a time; an f32 model keeps every block's.
+    #[test]
+    fn narrow_models_widen_one_block_at_a_time() {
+        let ids = Tensor::new(&[[3u32, 7, 11, 5, 9, 2]], &Device::Cpu).unwrap();
+        let bf16 = load_hf(&tiny("tiny-qwen3")).unwrap();
+        assert_eq!(
+            bf16.stored_linear(1, Proj::Down).unwrap().dtype(),
+            DType::BF16
+        );
+        bf16.forward(&ids).unwrap();
+        let layers = bf16.packs.layers();
+        assert_eq!(layers.len(), 1, "{layers:?}");
+        let f32 = load_hf(&tiny("tiny-llama")).unwrap();
+        f32.forward(&ids).unwrap();
+        assert_eq!(f32.packs.layers().len(), f32.num_layers() + 1);
+    }
+}
