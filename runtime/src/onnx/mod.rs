@@ -8,7 +8,9 @@
 //! `[in, out]` (`MatMul`, `Gemm` with `transB = 0`) is held transposed, as `[out, in]`
 //! like every other prunec weight, so that rows, N:M groups and activation columns mean
 //! the same for every layer; it is transposed back when written. Every other initializer
-//! (batch-norm statistics, shapes) is a constant, never pruned.
+//! (batch-norm statistics, shapes) is a constant, never pruned. A graph that ends with a
+//! Softmax over its classes is run up to that Softmax: its input is the class scores
+//! (logits) that accuracy and cross-entropy read.
 
 pub mod ops;
 pub mod proto;
@@ -362,12 +364,21 @@ impl OnnxGraph {
                 weight: None,
             });
         }
+        // A final Softmax over the classes is left out: prunec reads class scores as logits
+        // (its loss applies log-softmax), and the top-1 class is the same.
+        let mut output_name = output.name.clone();
+        if let Some(last) = nodes.last() {
+            if last.output == output_name && matches!(last.op, Op::Softmax { axis: -1 | 1 }) {
+                output_name = last.inputs[0].clone();
+                nodes.pop();
+            }
+        }
         let mut g = OnnxGraph {
             path: path.to_path_buf(),
             bytes,
             input: input.name.clone(),
             input_shape,
-            output: output.name.clone(),
+            output: output_name,
             classes: 0,
             nodes,
             constants,
@@ -602,7 +613,7 @@ impl OnnxGraph {
         self.params.iter().any(|p| p.name == name && p.transposed)
     }
 
-    /// Class scores `[b, classes]` for inputs of `b` samples of the input's size; `lookup`
+    /// Class scores `[b, classes]` (before the graph's final Softmax, if it ends with one) for inputs of `b` samples of the input's size; `lookup`
     /// returns a parameter (prunec's layout) or constant by name. `hook` sees every weight
     /// node's input before the node runs, with the weight's name and the node's op.
     pub fn forward(
