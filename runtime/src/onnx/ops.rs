@@ -426,7 +426,7 @@ impl Op {
                 }
                 let known: usize = out.iter().product();
                 if let Some(i) = infer {
-                    if known == 0 || total % known != 0 {
+                    if known == 0 || !total.is_multiple_of(known) {
                         return Err(format!("cannot reshape {x:?} to {shape:?}"));
                     }
                     out[i] = total / known;
