@@ -210,3 +210,37 @@ fn pruned_weights_are_written_into_the_same_graph() {
     // The export refuses to overwrite its source.
     assert!(model.save_onnx(&src, &[]).is_err());
 }
+
+#[test]
+fn damaged_files_are_errors_or_graphs_never_panics() {
+    let good = std::fs::read(models().join("digits_cnn.onnx")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("damaged.onnx");
+    let open = |bytes: &[u8]| {
+        std::fs::write(&path, bytes).unwrap();
+        // An error is fine (a panic fails the test); a graph that opens must run.
+        if let Ok(g) = OnnxGraph::open(&path) {
+            let model = ModelSpec::onnx(&path).build(0, &Device::Cpu).unwrap();
+            let size: usize = g.input_shape().iter().product();
+            let x = Tensor::zeros((3, size), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let y = model.forward(&x).unwrap();
+            assert_eq!(y.dims(), [3, model.classes()]);
+        }
+    };
+    for len in (0..good.len()).step_by(211) {
+        open(&good[..len]);
+    }
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..600 {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let mut bytes = good.clone();
+        let at = (s >> 16) as usize % bytes.len();
+        bytes[at] ^= 1 << (s % 8);
+        if s % 3 == 0 {
+            bytes[at] = 0xff;
+        }
+        open(&bytes);
+    }
+}

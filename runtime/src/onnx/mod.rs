@@ -30,6 +30,9 @@ pub use ops::Op;
 /// input, Dropout's inputs) this module implements.
 pub const MIN_OPSET: i64 = 13;
 
+/// The most elements one tensor (or one input sample) may have: 2^31.
+const MAX_ELEMENTS: usize = 1 << 31;
+
 /// A float tensor the graph holds: an initializer or the value of a `Constant` node.
 #[derive(Debug, Clone)]
 pub struct Constant {
@@ -96,6 +99,19 @@ fn dims_of(path: &Path, t: &proto::TensorProto) -> Result<Vec<usize>> {
         .map(|&d| usize::try_from(d))
         .collect::<std::result::Result<_, _>>()
         .map_err(|_| corrupt(path, format!("tensor `{}` has dims {:?}", t.name, t.dims)))
+}
+
+/// The element count of `dims`, bounded so that no later product overflows.
+fn numel_of(path: &Path, name: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|n| *n <= MAX_ELEMENTS)
+        .ok_or_else(|| {
+            corrupt(
+                path,
+                format!("tensor `{name}` has dims {dims:?}, too many elements"),
+            )
+        })
 }
 
 /// The f32 values of a tensor (raw or typed storage), checked against its dims.
@@ -201,7 +217,7 @@ impl OnnxGraph {
                 ));
             }
             let dims = dims_of(path, t)?;
-            let numel = dims.iter().product();
+            let numel = numel_of(path, &t.name, &dims)?;
             match t.data_type {
                 proto::FLOAT => {
                     let values = float_values(path, t, numel)?;
@@ -262,6 +278,7 @@ impl OnnxGraph {
                     ),
                 )
             })?;
+        numel_of(path, &input.name, &input_shape)?;
         let [output] = graph.output.as_slice() else {
             return Err(unsupported(
                 path,
@@ -305,7 +322,7 @@ impl OnnxGraph {
                         )
                     })?;
                 let dims = dims_of(path, t)?;
-                let numel = dims.iter().product();
+                let numel = numel_of(path, &t.name, &dims)?;
                 match t.data_type {
                     proto::FLOAT => constants.push(Constant {
                         name: out,

@@ -331,6 +331,9 @@ impl Op {
                         return Err(format!("bias {b:?} is not [{m}]"));
                     }
                 }
+                if kh == 0 || kw == 0 {
+                    return Err(format!("weight {w:?} has an empty kernel"));
+                }
                 let (eh, ew) = (dilation * (kh - 1) + 1, dilation * (kw - 1) + 1);
                 let (hp, wp) = (h + pads[0] + pads[2], wd + pads[1] + pads[3]);
                 if hp < eh || wp < ew {
@@ -420,11 +423,14 @@ impl Op {
                             infer = Some(i);
                             out.push(1);
                         }
-                        d if d > 0 => out.push(d as usize),
+                        d if d > 0 && d <= 1 << 31 => out.push(d as usize),
                         _ => return Err(format!("shape {shape:?} is not valid")),
                     }
                 }
-                let known: usize = out.iter().product();
+                let known = out
+                    .iter()
+                    .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                    .ok_or_else(|| format!("shape {shape:?} is too large"))?;
                 if let Some(i) = infer {
                     if known == 0 || !total.is_multiple_of(known) {
                         return Err(format!("cannot reshape {x:?} to {shape:?}"));
