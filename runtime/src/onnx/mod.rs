@@ -407,10 +407,11 @@ impl OnnxGraph {
         let (classes, costs) = g.infer_shapes(1)?;
         // A second batch size proves that no node fixes it.
         g.infer_shapes(2).map_err(|e| match e {
-            RuntimeError::Format { path, reason } => RuntimeError::Format {
+            // A graph valid for one sample that prunec cannot run on batches.
+            RuntimeError::Format { path, reason } => RuntimeError::UnsupportedModel {
                 path,
                 reason: format!(
-                    "{reason} (with a batch of 2 samples: the graph must not fix its batch size)"
+                    "{reason} (with a batch of 2 samples: prunec evaluates batches, so the graph must not fix its batch size)"
                 ),
             },
             e => e,
