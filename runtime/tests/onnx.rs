@@ -238,7 +238,7 @@ fn damaged_files_are_errors_or_graphs_never_panics() {
         let mut bytes = good.clone();
         let at = (s >> 16) as usize % bytes.len();
         bytes[at] ^= 1 << (s % 8);
-        if s % 3 == 0 {
+        if s.is_multiple_of(3) {
             bytes[at] = 0xff;
         }
         open(&bytes);
