@@ -45,6 +45,6 @@ fi
 if [ -f examples/onnx_digits.prune ]; then
   echo "== ONNX digits classifier"
   "$prunec" run examples/onnx_digits.prune --out "$out/onnx_digits" "$@"
-  "$py" scripts/interop/check_onnx.py --out "$out/onnx_digits"
+  "$py" scripts/interop/check_onnx.py "$out/onnx_digits"
 fi
 echo "interop: every export loads and reproduces prunec's metrics"

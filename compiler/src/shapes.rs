@@ -94,16 +94,25 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                     },
                 );
             }
-            Err(e) => diags.push(
-                Diagnostic::new(Code::ModelFile, format!("model `{name}`: {e}"))
-                    .with_label(
-                        decl_value_span(r, name).unwrap_or(sym.span),
-                        "this model cannot be read",
-                    )
-                    .with_help(
-                        "`scripts/fetch-data.sh` fetches the pretrained models; check the path",
-                    ),
-            ),
+            Err(e) => {
+                let span = decl_value_span(r, name).unwrap_or(sym.span);
+                let onnx = v.call_name() == Some("onnx");
+                diags.push(match e {
+                    // A graph that reads well but uses what the runtime does not run.
+                    prunec_runtime::RuntimeError::UnsupportedModel { .. } => {
+                        Diagnostic::new(Code::Unsupported, format!("model `{name}`: {e}"))
+                            .with_label(span, "prunec cannot run this graph")
+                            .with_help("export the model with the supported ops (`prunec explain onnx`), float32 weights inside the file and opset 13 or later")
+                    }
+                    _ => Diagnostic::new(Code::ModelFile, format!("model `{name}`: {e}"))
+                        .with_label(span, "this model cannot be read")
+                        .with_help(if onnx {
+                            "check the path: an `.onnx` file with its weights inside (`scripts/interop/make_onnx_model.py` writes the test models)"
+                        } else {
+                            "`scripts/fetch-data.sh` fetches the pretrained models; check the path"
+                        }),
+                })
+            }
         }
     }
     let mut data_shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();

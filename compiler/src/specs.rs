@@ -97,11 +97,12 @@ pub fn model_spec(v: &Value, span: Span) -> Result<rt::ModelSpec, RunError> {
         "lenet5" => rt::ModelSpec::lenet5_for(int("classes")),
         "pretrained_cnn" => rt::ModelSpec::pretrained_cnn_from(v.arg("path").and_then(|p| p.as_str()).unwrap_or("")),
         "safetensors" => rt::ModelSpec::safetensors(v.arg("path").and_then(|p| p.as_str()).unwrap_or("")),
+        "onnx" => rt::ModelSpec::onnx(v.arg("path").and_then(|p| p.as_str()).unwrap_or("")),
         other => {
             return Err(RunError::User {
                 span: Some(span),
                 message: format!("`{other}` models cannot be run by `prunec run` yet"),
-                help: Some("language models are pruned through the runtime's LLM driver (docs/llm.md); the recipe executor runs mlp, lenet5, pretrained_cnn and safetensors classifiers".into()),
+                help: Some("language models are pruned through the runtime's LLM driver (docs/llm.md); the recipe executor runs mlp, lenet5, pretrained_cnn, safetensors and onnx classifiers".into()),
             })
         }
     })

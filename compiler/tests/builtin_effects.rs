@@ -207,6 +207,7 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         Checked("P060_missing_model_and_data_files"),
     );
     add("gguf.path", Checked("P060_missing_model_and_data_files"));
+    add("onnx.path", Checked("P060_missing_onnx_file"));
     // Data sets: the same parameters for the three image/feature sets.
     for (base, name) in [
         (Digits, "digits"),

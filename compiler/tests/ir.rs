@@ -112,6 +112,9 @@ fn graph_and_plan_work_on_every_example() {
 /// run executes with their ids, the statistics steps and what DCE dropped.
 #[test]
 fn plans_of_the_run_fixtures() {
+    // Model files (`onnx(...)`) are read relative to the repository root, as the
+    // README's commands run; every test that sets the folder sets the same one.
+    std::env::set_current_dir(root()).unwrap();
     let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("tests/recipes/run"))
         .unwrap()
         .map(|e| e.unwrap().path())

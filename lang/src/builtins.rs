@@ -286,7 +286,7 @@ const SPLITS: Ty = Ty::Enum(&["train", "validation", "test"]);
 const ACTIVATIONS: Ty = Ty::Enum(&["relu", "tanh", "sigmoid", "gelu"]);
 const SCOPES: Ty = Ty::Enum(&["global", "layer", "row", "neuron"]);
 const AXES: Ty = Ty::Enum(&["out_channel", "row"]);
-const FORMATS: Ty = Ty::Enum(&["safetensors", "hf", "compressed_24"]);
+const FORMATS: Ty = Ty::Enum(&["safetensors", "onnx", "hf", "compressed_24"]);
 const REWINDS: Ty = Ty::Enum(&["none", "init"]);
 
 const DATA_PARAMS: [Param; 6] = [
@@ -352,6 +352,9 @@ pub static BUILTINS: &[Builtin] = &[
     b("safetensors", Kind::Model, &[
         p("path", Ty::Str, None, Range::any(), "a `.safetensors` file or a Hugging Face model folder"),
     ], "A classifier from safetensors weights; the architecture follows from the tensor names and shapes (`fc1.weight`, ... for MLPs, `conv1.weight`, ... for CNNs)."),
+    b("onnx", Kind::Model, &[
+        p("path", Ty::Str, None, Range::any(), "a `.onnx` file with its weights inside (opset 13 or later; tests/models/digits_cnn.onnx)"),
+    ], "A vision classifier from an ONNX graph (float32, NCHW; ops Conv, Gemm, MatMul, Add/Sub/Mul/Div, Relu/Sigmoid/Tanh, MaxPool, AveragePool, GlobalAveragePool, BatchNormalization, Flatten, Reshape, Transpose, Softmax, Identity, Dropout, Constant). Its parameters are the Conv, Gemm and MatMul weights and biases, named by their initializers; it is pruned one-shot (no `train` or `finetune`) and exported as `format = onnx`: the same graph with the pruned weights."),
     b("gguf", Kind::Model, &[
         p("path", Ty::Str, None, Range::any(), "a `.gguf` file (data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)"),
     ], "A LLaMA-family causal language model from GGUF, dequantized to f32, with its tokenizer."),
@@ -496,7 +499,7 @@ pub static BUILTINS: &[Builtin] = &[
     b("sequential", Kind::StageOption, &[p("value", Ty::Bool, Some("true"), Range::any(), "")], "Language models: calibrate each block on the outputs of the already-pruned blocks (`true`), or every block on the dense model's activations (`false`) (prune)."),
     b("rounds", Kind::StageOption, &[p("value", Ty::Int, None, Range::at_least(1.0), "")], "Rounds of an adaptive method (prune)."),
     b("allow_nonfinite", Kind::StageOption, &[p("value", Ty::Bool, Some("false"), Range::any(), "")], "Accept NaN/inf weights, scoring them lowest, instead of stopping (prune)."),
-    b("format", Kind::StageOption, &[p("value", FORMATS, Some("safetensors"), Range::any(), "")], "Output format (export): `safetensors` for classifiers (their default); `hf` (a Hugging Face folder, their default) or `compressed_24` for language models."),
+    b("format", Kind::StageOption, &[p("value", FORMATS, Some("safetensors"), Range::any(), "")], "Output format (export): `safetensors` for classifiers (their default); `onnx` for `onnx(...)` models (their default and only format: the source graph with the pruned weights); `hf` (a Hugging Face folder, their default) or `compressed_24` for language models."),
 ];
 
 /// The built-in with this name.

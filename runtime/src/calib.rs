@@ -82,6 +82,9 @@ pub fn activation_stats(
         )));
     }
     model.check_data(data)?;
+    if model.onnx_graph().is_some() {
+        return onnx_activation_stats(model, data, batches);
+    }
     let layers = model.architecture().layers();
     let mut stats: Vec<ActivationStats> = layers
         .iter()
@@ -128,6 +131,55 @@ pub fn activation_stats(
                 _ => {}
             }
             h = arch::apply_layer(layer, &h, &lookup)?;
+        }
+        seen += 1;
+    }
+    if seen == 0 {
+        return Err(RuntimeError::InvalidConfig(format!(
+            "activation statistics: data set {} yielded no batch",
+            data.name
+        )));
+    }
+    Ok(stats)
+}
+
+/// [`activation_stats`] of an ONNX graph: every Conv, Gemm and MatMul weight's input as the
+/// graph's forward passes it to the node.
+fn onnx_activation_stats(
+    model: &Model,
+    data: &Dataset,
+    batches: usize,
+) -> Result<Vec<ActivationStats>> {
+    let mut stats: Vec<ActivationStats> = model
+        .layer_costs()
+        .iter()
+        .map(|c| {
+            let shape = model.param(&c.weight)?.shape();
+            Ok(ActivationStats {
+                name: c.weight.clone(),
+                rows: 0,
+                sum_sq: vec![0.0; shape.iter().skip(1).product()],
+            })
+        })
+        .collect::<Result<_>>()?;
+    let mut seen = 0usize;
+    for batch in data.batches(0).take(batches) {
+        let batch = batch?;
+        let mut hook = |name: &str, op: &crate::onnx::Op, x: &Tensor| -> Result<()> {
+            let Some(s) = stats.iter_mut().find(|s| s.name == name) else {
+                return Ok(());
+            };
+            if matches!(op, crate::onnx::Op::Conv { .. }) {
+                let shape = model.param(name)?.shape();
+                s.rows +=
+                    crate::onnx::ops::conv_column_sum_sq(&x.detach(), &shape, op, &mut s.sum_sq)?;
+                Ok(())
+            } else {
+                add_linear(s, name, &x.detach())
+            }
+        };
+        if let Some(out) = model.onnx_forward(&batch.inputs.detach(), &mut hook) {
+            out?;
         }
         seen += 1;
     }

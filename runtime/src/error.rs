@@ -30,6 +30,11 @@ pub enum RuntimeError {
     #[error("corrupt file {path}: {reason}")]
     CorruptFile { path: PathBuf, reason: String },
 
+    /// A model file that is well-formed but uses what the runtime does not run
+    /// (an ONNX op, attribute or data type), named with its node.
+    #[error("{path}: {reason}")]
+    UnsupportedModel { path: PathBuf, reason: String },
+
     /// A tensor the model needs is not in the file (or a name is unknown).
     #[error("tensor `{name}` not found in {context}")]
     TensorNotFound { name: String, context: String },

@@ -116,7 +116,8 @@ impl Native {
     /// The native trainer of `model`, or `None` where it does not cover the
     /// architecture (convolutions, pooling, GELU) or the model is not on CPU.
     pub(crate) fn new(model: &Model, masks: &Masks, spec: &OptimizerSpec) -> Result<Option<Self>> {
-        if !model.device().is_cpu() {
+        // An ONNX graph runs through candle's autograd.
+        if !model.device().is_cpu() || model.onnx_graph().is_some() {
             return Ok(None);
         }
         let index = |name: &str| model.params().iter().position(|p| p.name == name);

@@ -1043,27 +1043,33 @@ impl Exec<'_> {
     fn export(&mut self, step: &Step) -> Result<(), RunError> {
         let (name, span) = Self::subject_name(step)?;
         let (rel, path, to_span) = self.export_target(step)?;
-        if let Some(f) = self
+        self.model(&name, span)?;
+        // An ONNX graph is written back as itself; other classifiers as safetensors.
+        let onnx = self.models[&name].model.onnx_graph().is_some();
+        let format = self
             .option(step, "format")
-            .and_then(|f| f.as_str().map(String::from))
-        {
-            if f != "safetensors" {
-                return Err(RunError::user(
-                    step.span,
-                    format!("`format = {f}` is available for language models only"),
-                ));
+            .and_then(|f| f.as_str().map(String::from));
+        match (format.as_deref(), onnx) {
+            (None | Some("onnx"), true) | (None | Some("safetensors"), false) => {}
+            (Some(f), _) => {
+                return Err(RunError::Internal(format!(
+                    "`format = {f}` reached the export of `{name}`: the checker rejects it"
+                )));
             }
         }
-        self.model(&name, span)?;
         let inputs: Vec<&Path> = self.inputs.keys().map(|p| p.as_path()).collect();
-        let hash = self.models[&name]
-            .model
-            .save(&path, &inputs)
-            .map_err(rt_err(to_span, "export failed"))?;
+        let model = &self.models[&name].model;
+        let saved = if onnx {
+            model.save_onnx(&path, &inputs)
+        } else {
+            model.save(&path, &inputs)
+        };
+        let hash = saved.map_err(rt_err(to_span, "export failed"))?;
         let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let format = if onnx { "onnx" } else { "safetensors" };
         self.report
             .exports
-            .push((rel.display().to_string(), "safetensors".into(), bytes));
+            .push((rel.display().to_string(), format.into(), bytes));
         self.report.outputs.push((rel.display().to_string(), hash));
         self.report.exported.get_or_insert(name);
         Ok(())

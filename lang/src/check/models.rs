@@ -25,6 +25,16 @@ pub fn is_language_model(symbols: &BTreeMap<String, super::Symbol>, name: &str) 
         .is_some_and(is_language_model_constructor)
 }
 
+/// Whether the model declared as `name` is an ONNX graph (`onnx(...)`): a classifier that
+/// is pruned one-shot and written back as `.onnx`.
+pub fn is_onnx_model(symbols: &BTreeMap<String, super::Symbol>, name: &str) -> bool {
+    symbols
+        .get(name)
+        .and_then(|s| s.value.as_ref())
+        .and_then(|v| v.call_name())
+        == Some("onnx")
+}
+
 /// The options of a prune stage that a language model's one-shot pruning
 /// does not read, with what to write instead.
 const LM_UNSUPPORTED: [(&str, &str); 3] = [
@@ -160,6 +170,14 @@ impl Checker<'_> {
                     "prune with `calibrate = DATA` on the prune stage; evaluate with `evaluate MODEL on TEXT -> [perplexity]`",
                 );
             }
+            StageKind::Train | StageKind::Finetune if is_onnx_model(&self.symbols, &model) => {
+                self.unsupported(
+                    s.keyword_span,
+                    format!("`{}` stages on the ONNX model `{model}` are not supported: ONNX graphs are pruned one-shot", s.kind),
+                    "not for an ONNX graph",
+                    "prune it by a criterion that needs no training (`magnitude`, `wanda`, `taylor`, ...) and evaluate it",
+                );
+            }
             StageKind::Prune => self.model_kind_prune(s, &model, lm),
             StageKind::Evaluate => {
                 let Some(out) = &s.out else { return };
@@ -211,6 +229,27 @@ impl Checker<'_> {
                         format!("`format = {f}` writes language models; `{model}` is a classifier"),
                         "for language models only",
                         "classifiers are exported as `format = safetensors`",
+                    );
+                }
+                let onnx = is_onnx_model(&self.symbols, &model);
+                if let (false, Some("onnx")) = (onnx, format.as_deref()) {
+                    self.unsupported(
+                        s.value_span("format"),
+                        format!("`format = onnx` writes back `onnx(...)` models; `{model}` was not read from an ONNX graph"),
+                        "for ONNX models only",
+                        if lm {
+                            "language models are exported as `format = hf` or `format = compressed_24`"
+                        } else {
+                            "classifiers are exported as `format = safetensors`"
+                        },
+                    );
+                }
+                if let (true, Some("safetensors")) = (onnx, format.as_deref()) {
+                    self.unsupported(
+                        s.value_span("format"),
+                        format!("`format = safetensors` is not written for the ONNX model `{model}`"),
+                        "not for an ONNX graph",
+                        "ONNX models are exported as the same graph with the pruned weights: `format = onnx` (their default)",
                     );
                 }
                 if let (true, Some("safetensors")) = (lm, format.as_deref()) {

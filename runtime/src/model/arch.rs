@@ -52,6 +52,16 @@ pub enum Architecture {
     /// conv3x3 (padding 1) 32, 64, 128 maps, each ReLU + maxpool 2, then fc 1152-256-10.
     /// Parameter names are those of its PyTorch state dict (`conv_layers.0.weight`, ...).
     DigitCnn,
+    /// An ONNX graph (`onnx(...)` models): what its file says, read when it is opened; the
+    /// graph itself runs the forward (`crate::onnx`), so it has no layer list.
+    Onnx {
+        /// `[channels, height, width]` (or any fixed sizes) of one input.
+        input_shape: Vec<usize>,
+        classes: usize,
+        /// The prunable parameters' names and shapes, in graph order.
+        params: Vec<(String, Vec<usize>)>,
+        costs: Vec<LayerCost>,
+    },
 }
 
 /// One step of a sequential model.
@@ -82,7 +92,7 @@ pub enum Layer {
 }
 
 /// Cost of one weight tensor: forward multiply-adds per sample are `numel * positions`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LayerCost {
     /// Name of the weight tensor (`fc1.weight`).
     pub weight: String,
@@ -117,6 +127,7 @@ impl Architecture {
             Architecture::Mlp { widths, .. } => vec![widths.first().copied().unwrap_or(0)],
             Architecture::Lenet5 { input_shape, .. } => input_shape.clone(),
             Architecture::DigitCnn => vec![1, 28, 28],
+            Architecture::Onnx { input_shape, .. } => input_shape.clone(),
         }
     }
 
@@ -207,11 +218,15 @@ impl Architecture {
                     linear("fc_layers.2", 256, 10),
                 ]
             }
+            Architecture::Onnx { .. } => Vec::new(),
         }
     }
 
     /// Parameter names and shapes in the model's stable order (per layer: weight, bias).
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        if let Architecture::Onnx { params, .. } = self {
+            return params.clone();
+        }
         let mut out = Vec::new();
         for layer in self.layers() {
             match layer {
@@ -245,6 +260,9 @@ impl Architecture {
     /// Checks the layer shapes chain for the input shape and returns the per-weight
     /// costs and the output size (number of classes).
     pub fn shape_check(&self) -> Result<(Vec<LayerCost>, usize)> {
+        if let Architecture::Onnx { costs, classes, .. } = self {
+            return Ok((costs.clone(), *classes));
+        }
         let bad =
             |msg: String| RuntimeError::InvalidConfig(format!("architecture {self:?}: {msg}"));
         if let Architecture::Mlp { widths, .. } = self {
@@ -381,7 +399,7 @@ pub(crate) fn im2col_index(c: usize, hp: usize, wp: usize, k: usize) -> Vec<u32>
 /// Layout: the input is turned into `[c * hp * wp, batch]` so the gather selects whole
 /// rows (candle's fast path), giving columns `[c * k * k, positions * batch]`; the
 /// GEMM `W [o, c * k * k] x cols` yields `[o, positions, batch]`, permuted back to NCHW.
-fn conv2d_im2col(
+pub(crate) fn conv2d_im2col(
     name: &str,
     x: &Tensor,
     w: &Tensor,

@@ -31,6 +31,8 @@ pub enum WeightSource {
     Pth(PathBuf),
     /// A safetensors file.
     Safetensors(PathBuf),
+    /// An ONNX graph whose Conv/Gemm/MatMul initializers are the parameters.
+    Onnx(PathBuf),
 }
 
 /// What model to build: an architecture (or one read from the weights file) and its weights.
@@ -101,6 +103,14 @@ impl ModelSpec {
         }
     }
 
+    /// An ONNX classifier graph (see [`crate::onnx`]).
+    pub fn onnx(path: impl Into<PathBuf>) -> Self {
+        ModelSpec {
+            architecture: None,
+            weights: WeightSource::Onnx(path.into()),
+        }
+    }
+
     /// Uses this architecture (e.g. for safetensors files written by other tools).
     pub fn with_architecture(mut self, architecture: Architecture) -> Self {
         self.architecture = Some(architecture);
@@ -117,13 +127,21 @@ impl ModelSpec {
     pub fn weights_file(&self) -> Option<&Path> {
         match &self.weights {
             WeightSource::Init(_) => None,
-            WeightSource::Pth(p) | WeightSource::Safetensors(p) => Some(p),
+            WeightSource::Pth(p) | WeightSource::Safetensors(p) | WeightSource::Onnx(p) => Some(p),
+        }
+    }
+
+    /// The ONNX graph this spec reads, opened and checked.
+    fn onnx_graph(&self) -> Result<Option<crate::onnx::OnnxGraph>> {
+        match &self.weights {
+            WeightSource::Onnx(p) => Ok(Some(crate::onnx::OnnxGraph::open(p)?)),
+            _ => Ok(None),
         }
     }
 
     fn file_headers(&self) -> Result<Option<FileHeaders>> {
         match &self.weights {
-            WeightSource::Init(_) => Ok(None),
+            WeightSource::Init(_) | WeightSource::Onnx(_) => Ok(None),
             WeightSource::Pth(p) => {
                 let p = require_file(p.clone(), "cnn")?;
                 let h = io::read_pth_header(&p)?;
@@ -148,6 +166,9 @@ impl ModelSpec {
         if let Some(a) = &self.architecture {
             return Ok(a.clone());
         }
+        if let Some(g) = self.onnx_graph()? {
+            return Ok(onnx_architecture(&g));
+        }
         let Some((path, headers, metadata)) = self.file_headers()? else {
             return Err(RuntimeError::InvalidConfig(
                 "a freshly initialised model needs an architecture".into(),
@@ -159,6 +180,9 @@ impl ModelSpec {
     /// Parameter names and shapes in the model's order, read from the file header only
     /// (no weights are loaded) or from the architecture for fresh models.
     pub fn param_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        if let Some(g) = self.onnx_graph()? {
+            return Ok(onnx_architecture(&g).param_shapes());
+        }
         match self.file_headers()? {
             None => {
                 let arch = self.resolve_architecture()?;
@@ -196,6 +220,9 @@ impl ModelSpec {
 
     /// Builds the model on `device`: loads the weights file, or initialises with `seed`.
     pub fn build(&self, seed: u64, device: &Device) -> Result<Model> {
+        if let Some(g) = self.onnx_graph()? {
+            return Model::from_onnx(g, device);
+        }
         let arch = self.resolve_architecture()?;
         let (costs, classes) = arch.shape_check()?;
         let shapes = arch.param_shapes();
@@ -229,6 +256,7 @@ impl ModelSpec {
                 extra = loaded.into_iter().collect();
                 source = Some(p);
             }
+            WeightSource::Onnx(_) => unreachable!("ONNX models are built from their graph above"),
             WeightSource::Safetensors(p) => {
                 let loaded = io::load_safetensors(p, device)?;
                 let mut map: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -251,8 +279,23 @@ impl ModelSpec {
             classes,
             device: device.clone(),
             source,
+            graph: None,
         }
         .with_layers())
+    }
+}
+
+/// What an ONNX graph's file says, as an architecture.
+fn onnx_architecture(g: &crate::onnx::OnnxGraph) -> Architecture {
+    Architecture::Onnx {
+        input_shape: g.input_shape().to_vec(),
+        classes: g.classes(),
+        params: g
+            .params()
+            .iter()
+            .map(|p| (p.name.clone(), p.shape.clone()))
+            .collect(),
+        costs: g.costs().to_vec(),
     }
 }
 
@@ -389,6 +432,8 @@ pub struct Model {
     classes: usize,
     device: Device,
     source: Option<PathBuf>,
+    /// The graph of an ONNX model, which runs its forward (its layer list is empty).
+    graph: Option<std::sync::Arc<crate::onnx::OnnxGraph>>,
 }
 
 /// A copy of every parameter's values, for rewinding (lottery tickets) or rollback.
@@ -405,6 +450,68 @@ impl Snapshot {
 }
 
 impl Model {
+    /// The model of an ONNX graph: its parameters (prunec's layout) as variables, every
+    /// other float initializer as a constant.
+    fn from_onnx(g: crate::onnx::OnnxGraph, device: &Device) -> Result<Model> {
+        let arch = onnx_architecture(&g);
+        let mut params = Vec::with_capacity(g.params().len());
+        for p in g.params() {
+            let t = Tensor::from_vec(g.param_values(p)?, p.shape.as_slice(), device)
+                .ctx(|| format!("loading `{}`", p.name))?;
+            params.push(Param::new(&p.name, t, DType::F32)?);
+        }
+        let mut extra = Vec::new();
+        for c in g.constants() {
+            if !g.params().iter().any(|p| p.name == c.name) {
+                let t = Tensor::from_slice(&c.values, c.dims.as_slice(), device)
+                    .ctx(|| format!("loading `{}`", c.name))?;
+                extra.push((c.name.clone(), t));
+            }
+        }
+        Ok(Model {
+            costs: g.costs().to_vec(),
+            classes: g.classes(),
+            arch,
+            layers: Vec::new(),
+            params,
+            extra,
+            device: device.clone(),
+            source: Some(g.path().to_path_buf()),
+            graph: Some(std::sync::Arc::new(g)),
+        })
+    }
+
+    /// The graph of an ONNX model.
+    pub fn onnx_graph(&self) -> Option<&crate::onnx::OnnxGraph> {
+        self.graph.as_deref()
+    }
+
+    /// A tensor the forward reads: a parameter, or a constant of an ONNX graph.
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        if let Some(p) = self.params.iter().find(|p| p.name == name) {
+            return Ok(p.var.as_tensor().clone());
+        }
+        self.extra
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| RuntimeError::TensorNotFound {
+                name: name.to_string(),
+                context: format!("model {}", self.arch_name()),
+            })
+    }
+
+    /// The ONNX graph's forward with `hook` seeing every weight node's input (see
+    /// [`crate::onnx::OnnxGraph::forward`]); `None` for other models.
+    pub(crate) fn onnx_forward(
+        &self,
+        x: &Tensor,
+        hook: &mut dyn FnMut(&str, &crate::onnx::Op, &Tensor) -> Result<()>,
+    ) -> Option<Result<Tensor>> {
+        let g = self.graph.as_ref()?;
+        Some(g.forward(x, &|name| self.tensor(name), hook))
+    }
+
     fn with_layers(mut self) -> Self {
         self.layers = self.arch.layers();
         self
@@ -468,6 +575,10 @@ impl Model {
             ),
             Architecture::Lenet5 { .. } => "lenet5".into(),
             Architecture::DigitCnn => "digit-recognizer cnn".into(),
+            Architecture::Onnx { .. } => match &self.source {
+                Some(p) => format!("onnx {}", p.display()),
+                None => "onnx".into(),
+            },
         }
     }
 
@@ -478,6 +589,10 @@ impl Model {
         let want = self.arch.input_shape();
         let fits = match &self.arch {
             Architecture::Mlp { .. } => meta.sample_shape.iter().product::<usize>() == want[0],
+            // The graph's forward reshapes each sample to its input shape.
+            Architecture::Onnx { .. } => {
+                meta.sample_shape.iter().product::<usize>() == want.iter().product::<usize>()
+            }
             _ => meta.sample_shape == want,
         };
         if !fits {
@@ -502,6 +617,9 @@ impl Model {
 
     /// Class scores (logits) `[b, classes]` for inputs `[b, ...sample_shape]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.onnx_forward(x, &mut |_, _, _| Ok(())) {
+            return y;
+        }
         let lookup =
             |name: &str| -> Result<Tensor> { Ok(self.param(name)?.var.as_tensor().clone()) };
         let mut h = x.clone();
@@ -652,6 +770,12 @@ impl Model {
     /// Saves the model as safetensors (architecture in the metadata), atomically,
     /// refusing to overwrite the file it was loaded from or any of `inputs`. Returns the sha256.
     pub fn save(&self, path: &Path, inputs: &[&Path]) -> Result<String> {
+        if self.graph.is_some() {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "model {} is an ONNX graph: it is written back as .onnx (`save_onnx`)",
+                self.arch_name()
+            )));
+        }
         let mut all_inputs: Vec<&Path> = inputs.to_vec();
         if let Some(src) = &self.source {
             all_inputs.push(src);
@@ -663,6 +787,22 @@ impl Model {
                 .map_err(|e| RuntimeError::InvalidConfig(e.to_string()))?,
         );
         io::save_safetensors_atomic(path, &self.tensors_for_saving()?, &metadata, &all_inputs)
+    }
+
+    /// Writes an ONNX model back as `.onnx`: the bytes of the file it was read from with
+    /// only the parameters' values replaced, atomically, refusing to overwrite that file or
+    /// any of `inputs`. Returns the sha256.
+    pub fn save_onnx(&self, path: &Path, inputs: &[&Path]) -> Result<String> {
+        let g = self.graph.as_ref().ok_or_else(|| {
+            RuntimeError::InvalidConfig(format!(
+                "model {} is not an ONNX graph: it is saved as safetensors",
+                self.arch_name()
+            ))
+        })?;
+        let bytes = g.bytes_with(&|name| self.param_f32(name))?;
+        let mut all_inputs: Vec<&Path> = inputs.to_vec();
+        all_inputs.push(g.path());
+        io::write_atomic(path, &bytes, &all_inputs)
     }
 
     /// sha256 of the parameters' f32 bytes in model order (for determinism checks).
