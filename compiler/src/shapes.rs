@@ -156,7 +156,11 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                             decl_value_span(r, name).unwrap_or(sym.span),
                             "this data cannot be read",
                         )
-                        .with_help("check the path; `scripts/fetch-data.sh` fetches the data sets"),
+                        .with_help(match v.call_name() {
+                            Some("images") => "check the path: an image data set is a folder with one subfolder of PNG or JPEG images per class",
+                            Some("tensors") => "check the path and the tensor names: `inputs` is `[samples, ...]`, `labels` one class index per sample",
+                            _ => "check the path; `scripts/fetch-data.sh` fetches the data sets",
+                        }),
                 )
             }
         }
