@@ -1557,8 +1557,17 @@ fn run_text_in(dir: &Path, tag: &str, text: &str, threads: &str) -> (PathBuf, se
     std::fs::write(&recipe, text).unwrap();
     let out = dir.join(format!("out-{tag}"));
     let (code, log) = prunec(
-        &["run", "-q", recipe.to_str().unwrap(), "--out", out.to_str().unwrap()],
-        &[("RAYON_NUM_THREADS", threads), ("CANDLE_NUM_THREADS", threads)],
+        &[
+            "run",
+            "-q",
+            recipe.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[
+            ("RAYON_NUM_THREADS", threads),
+            ("CANDLE_NUM_THREADS", threads),
+        ],
     );
     assert_eq!(code, 0, "{log}");
     let report =
@@ -1622,7 +1631,7 @@ pipeline {{
 #[test]
 fn a_safetensors_file_trains_and_evaluates_a_classifier() {
     let dir = tempfile::tempdir().unwrap();
-    let file = fixtures::digits_safetensors(dir.path(), "arrays.safetensors");
+    let file = fixtures::digits_safetensors(dir.path(), "arrays.safetensors", false);
     let recipe = |labels: &str| {
         format!(
             r#"recipe arrays {{ version = 1, seed = 3 }}

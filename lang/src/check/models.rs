@@ -430,7 +430,10 @@ impl Checker<'_> {
         for (name, sym) in &self.symbols {
             let Some(v) = &sym.value else { continue };
             let ctor = v.call_name().unwrap_or("");
-            if !matches!(ctor, "mnist" | "fashion_mnist" | "digits" | "images" | "tensors") {
+            if !matches!(
+                ctor,
+                "mnist" | "fashion_mnist" | "digits" | "images" | "tensors"
+            ) {
                 continue;
             }
             let split = v.arg("split").and_then(|s| s.as_str()).unwrap_or("train");
@@ -446,7 +449,10 @@ impl Checker<'_> {
                 if !(size.is_empty() || size.len() == 2) {
                     bad.push((
                         sym.span,
-                        format!("`size` of `{name}` has {} numbers; it is `[height, width]`", size.len()),
+                        format!(
+                            "`size` of `{name}` has {} numbers; it is `[height, width]`",
+                            size.len()
+                        ),
                         "write `size = [28, 28]`, or leave it out to keep the images' own size",
                     ));
                 }

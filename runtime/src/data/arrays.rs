@@ -108,7 +108,8 @@ impl Header {
             context: path.display().to_string(),
             dtype: e.dtype.clone(),
         })?;
-        let mut f = std::fs::File::open(path).map_err(|e| RuntimeError::io("cannot read", path, e))?;
+        let mut f =
+            std::fs::File::open(path).map_err(|e| RuntimeError::io("cannot read", path, e))?;
         f.seek(SeekFrom::Start(
             self.data_start + e.data_offsets.0 + (from * size) as u64,
         ))
@@ -139,7 +140,12 @@ impl Header {
 /// Checks the pair of tensors and reads the labels: `(sample shape, labels)`.
 /// Inputs are `[n, ...]` of a numeric dtype; labels are `[n]` or `[n, 1]`,
 /// integers (or integral floats) from 0.
-pub fn check_pair(path: &Path, header: &Header, inputs: &str, labels: &str) -> Result<(Vec<usize>, Vec<u32>)> {
+pub fn check_pair(
+    path: &Path,
+    header: &Header,
+    inputs: &str,
+    labels: &str,
+) -> Result<(Vec<usize>, Vec<u32>)> {
     let x = header.entry(path, inputs)?;
     let y = header.entry(path, labels)?;
     for (name, e) in [(inputs, x), (labels, y)] {
@@ -154,7 +160,10 @@ pub fn check_pair(path: &Path, header: &Header, inputs: &str, labels: &str) -> R
     if x.shape.is_empty() || x.shape[0] == 0 {
         return Err(RuntimeError::corrupt(
             path,
-            format!("the inputs `{inputs}` have shape {:?}: one row per sample is needed", x.shape),
+            format!(
+                "the inputs `{inputs}` have shape {:?}: one row per sample is needed",
+                x.shape
+            ),
         ));
     }
     let n = x.shape[0];
@@ -185,7 +194,13 @@ pub fn check_pair(path: &Path, header: &Header, inputs: &str, labels: &str) -> R
 }
 
 /// Samples `[from, to)` of the inputs, as f32.
-pub fn read_inputs(path: &Path, header: &Header, inputs: &str, from: usize, to: usize) -> Result<Vec<f32>> {
+pub fn read_inputs(
+    path: &Path,
+    header: &Header,
+    inputs: &str,
+    from: usize,
+    to: usize,
+) -> Result<Vec<f32>> {
     let x = header.entry(path, inputs)?;
     let per: usize = x.shape[1..].iter().product();
     let v = header.read_f64(path, inputs, from * per, to * per)?;

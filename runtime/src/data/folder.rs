@@ -207,7 +207,11 @@ pub fn decode(path: &Path, opts: &ImageOptions, (h, w): (usize, usize)) -> Resul
 
 /// Decodes `images` (in order, in parallel: each image alone, so the result
 /// does not depend on the thread count) into one buffer.
-pub fn decode_all(images: &[(PathBuf, u32)], opts: &ImageOptions, hw: (usize, usize)) -> Result<Vec<f32>> {
+pub fn decode_all(
+    images: &[(PathBuf, u32)],
+    opts: &ImageOptions,
+    hw: (usize, usize),
+) -> Result<Vec<f32>> {
     let per: Vec<Vec<f32>> = images
         .par_iter()
         .map(|(p, _)| decode(p, opts, hw))

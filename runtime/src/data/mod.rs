@@ -252,7 +252,9 @@ impl DatasetSpec {
 
     fn array_names(&self) -> Result<&ArrayNames> {
         self.arrays.as_ref().ok_or_else(|| {
-            RuntimeError::InvalidConfig("a tensors data set needs its inputs and labels named".into())
+            RuntimeError::InvalidConfig(
+                "a tensors data set needs its inputs and labels named".into(),
+            )
         })
     }
 
@@ -301,7 +303,11 @@ impl DatasetSpec {
                 "a test hold-out of {:.4}% of {} samples leaves {}",
                 self.test_fraction * 100.0,
                 pool_len,
-                if test == 0 { "no test sample" } else { "no train sample" }
+                if test == 0 {
+                    "no test sample"
+                } else {
+                    "no train sample"
+                }
             )));
         }
         Ok(if self.split == Split::Test {
