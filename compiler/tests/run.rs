@@ -1717,3 +1717,23 @@ pipeline {{
         );
     }
 }
+
+#[test]
+fn a_data_set_folder_may_have_any_name() {
+    require_data("mnist/t10k-images-idx3-ubyte", "mnist");
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("handwriting");
+    std::os::unix::fs::symlink(root().join("data/mnist"), &folder).unwrap();
+    let recipe = dir.path().join("r.prune");
+    std::fs::write(
+        &recipe,
+        format!(
+            "recipe r {{ version = 1, seed = 0 }}\nmodel net = mlp(inputs = 784, classes = 10)\ndataset test = mnist({:?}, split = \"test\", limit = 100)\npipeline {{\n  evaluate net on test -> [accuracy]\n}}\n",
+            folder.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let (code, text) = run_into(&recipe, &out);
+    assert_eq!(code, 0, "{text}");
+}

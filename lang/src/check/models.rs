@@ -426,7 +426,9 @@ impl Checker<'_> {
     /// it, and with `test = 0%` they cannot be both a train and a test split.
     fn check_data_splits(&mut self) {
         let mut bad = Vec::new();
-        let mut pools: BTreeMap<(String, String), Vec<(String, String, f64)>> = BTreeMap::new();
+        // (constructor, path) -> (data set, split, test fraction) of each use.
+        type Uses = Vec<(String, String, f64)>;
+        let mut pools: BTreeMap<(String, String), Uses> = BTreeMap::new();
         for (name, sym) in &self.symbols {
             let Some(v) = &sym.value else { continue };
             let ctor = v.call_name().unwrap_or("");

@@ -218,3 +218,91 @@ pub fn decode_all(
         .collect::<Result<_>>()?;
     Ok(per.concat())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{DatasetKind, DatasetSpec, Split};
+
+    fn write(dir: &Path, class: &str, name: &str, value: u8) {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        image::GrayImage::from_pixel(4, 2, image::Luma([value]))
+            .save(dir.join(class).join(name))
+            .unwrap();
+    }
+
+    #[test]
+    fn classes_are_sorted_names_and_interleaved_and_splits_do_not_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, v) in [10u8, 20, 30].into_iter().enumerate() {
+            write(dir.path(), "zebra", &format!("{i}.png"), v);
+        }
+        write(dir.path(), "ant", "a.png", 200);
+        std::fs::write(dir.path().join("ant").join("readme.txt"), "not an image").unwrap();
+        let ix = index(dir.path()).unwrap();
+        assert_eq!(ix.classes, ["ant", "zebra"]);
+        let labels: Vec<u32> = ix.images.iter().map(|(_, l)| *l).collect();
+        assert_eq!(labels, [0, 1, 1, 1]);
+        let opts = ImageOptions {
+            gray: true,
+            ..ImageOptions::default()
+        };
+        assert_eq!(sample_shape(&ix, &opts).unwrap(), [1, 2, 4]);
+        let spec = |split| {
+            DatasetSpec::new(DatasetKind::Images, split)
+                .files_at(dir.path())
+                .image_options(opts.clone())
+                .test_fraction(0.25)
+        };
+        let device = candle_core::Device::Cpu;
+        let train = spec(Split::Train).load(&device).unwrap();
+        let test = spec(Split::Test).load(&device).unwrap();
+        assert_eq!((train.len(), test.len()), (3, 1));
+        assert_eq!(train.meta().class_names, ["ant", "zebra"]);
+        // The test split is the last image of the order: zebra's third.
+        let px: Vec<f32> = test.inputs.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(px.iter().all(|p| (*p - 30.0 / 255.0).abs() < 1e-6));
+        // Resizing and normalising.
+        let resized = DatasetSpec::new(DatasetKind::Images, Split::Train)
+            .files_at(dir.path())
+            .image_options(ImageOptions {
+                size: Some((4, 8)),
+                gray: false,
+                mean: 0.5,
+                std: 0.5,
+            })
+            .load(&device)
+            .unwrap();
+        assert_eq!(resized.meta().sample_shape, [3, 4, 8]);
+        let first: Vec<f32> = resized
+            .inputs
+            .get(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want = (200.0 / 255.0 - 0.5) / 0.5;
+        assert!(first.iter().all(|p| (*p - want).abs() < 1e-5), "{first:?}");
+    }
+
+    #[test]
+    fn images_of_different_sizes_need_a_size() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a", "0.png", 1);
+        std::fs::create_dir_all(dir.path().join("b")).unwrap();
+        image::GrayImage::new(3, 3)
+            .save(dir.path().join("b").join("0.png"))
+            .unwrap();
+        let ix = index(dir.path()).unwrap();
+        let err = sample_shape(&ix, &ImageOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("3x3") && err.contains("size = ["), "{err}");
+        let sized = ImageOptions {
+            size: Some((5, 5)),
+            ..ImageOptions::default()
+        };
+        assert_eq!(sample_shape(&ix, &sized).unwrap(), [3, 5, 5]);
+    }
+}
