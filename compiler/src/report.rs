@@ -59,6 +59,8 @@ pub struct Report {
     /// Params as recipe text (`92%`, `"x"`), for `prunec verify` to pass back as `--set`.
     pub params_text: BTreeMap<String, String>,
     pub inputs: Vec<(String, String)>,
+    /// The class names of each data set that names its classes (image folders), in label order.
+    pub classes: BTreeMap<String, Vec<String>>,
     pub evaluations: Vec<Evaluation>,
     pub rounds: Vec<Round>,
     pub layers: Vec<Layer>,
@@ -110,6 +112,7 @@ impl Report {
             seed: r.seed,
             params,
             inputs: vec![],
+            classes: BTreeMap::new(),
             evaluations: vec![],
             rounds: vec![],
             layers: vec![],
@@ -157,6 +160,7 @@ impl Report {
             "seed": self.seed,
             "params": self.params,
             "inputs": self.inputs.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
+            "classes": self.classes,
             "evaluations": self.evaluations.iter().map(|e| json!({
                 "label": e.label, "span": self.span_json(e.span), "metrics": e.metrics,
             })).collect::<Vec<_>>(),

@@ -11,6 +11,7 @@ use prunec_lang::check::{SymKind, Value};
 use prunec_lang::diag::{Code, Diagnostic};
 use prunec_lang::resolved::Pattern;
 use prunec_lang::{CheckedRecipe, Span};
+use prunec_runtime::data::text;
 use std::collections::BTreeMap;
 
 struct Shapes {
@@ -125,18 +126,34 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
         let Some(v) = &sym.value else { continue };
         if v.call_name() == Some("text") {
             let path = v.arg("path").and_then(|p| p.as_str()).unwrap_or("");
+            let field = v.arg("field").and_then(|p| p.as_str()).unwrap_or("text");
+            let mut at = decl_value_span(r, name).unwrap_or(sym.span);
             let problem = match text_files(std::path::Path::new(path)) {
                 Err(e) => Some(format!("cannot read {path}: {e}")),
                 Ok(files) if files.is_empty() => Some(format!("{path} holds no .txt file")),
-                Ok(_) => None,
+                Ok(files) => {
+                    let jsonl = files.iter().any(|f| text::is_jsonl(f));
+                    let field_span = decl_arg_span(r, name, "field");
+                    match (jsonl, field_span) {
+                        (false, Some(span)) => {
+                            at = span;
+                            Some(format!(
+                                "`field` picks a field of `.jsonl` records; {path} is plain text"
+                            ))
+                        }
+                        (true, _) => files
+                            .iter()
+                            .filter(|f| text::is_jsonl(f))
+                            .find_map(|f| text::jsonl_records(f, field).err())
+                            .map(|e| e.to_string()),
+                        _ => None,
+                    }
+                }
             };
             if let Some(message) = problem {
                 diags.push(
                     Diagnostic::new(Code::DataFile, format!("data set `{name}`: {message}"))
-                        .with_label(
-                            decl_value_span(r, name).unwrap_or(sym.span),
-                            "this data cannot be read",
-                        )
+                        .with_label(at, "this data cannot be read")
                         .with_help(
                             "check the path; `scripts/fetch-data.sh text` fetches the texts",
                         ),
@@ -144,7 +161,10 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             }
             continue;
         }
-        if !matches!(v.call_name(), Some("mnist" | "fashion_mnist" | "digits")) {
+        if !matches!(
+            v.call_name(),
+            Some("mnist" | "fashion_mnist" | "digits" | "images" | "tensors")
+        ) {
             continue;
         }
         // The spec a run builds: the same files, batch size, limit and validation.
@@ -171,7 +191,11 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                             decl_value_span(r, name).unwrap_or(sym.span),
                             "this data cannot be read",
                         )
-                        .with_help("check the path; `scripts/fetch-data.sh` fetches the data sets"),
+                        .with_help(match v.call_name() {
+                            Some("images") => "check the path: an image data set is a folder with one subfolder of PNG or JPEG images per class",
+                            Some("tensors") => "check the path and the tensor names: `inputs` is `[samples, ...]`, `labels` one class index per sample",
+                            _ => "check the path; `scripts/fetch-data.sh` fetches the data sets",
+                        }),
                 )
             }
         }
@@ -211,7 +235,12 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
         // Data must fit the model's input.
         if let (Some(on), Some(input)) = (&s.on, &shapes.input) {
             if let Some(sample) = on.as_name().and_then(|n| data_shapes.get(&n.name)) {
-                let fits = sample.iter().product::<usize>() == input.iter().product::<usize>();
+                // An MLP flattens its input; convolutions need the exact shape.
+                let fits = if input.len() > 1 {
+                    sample == input
+                } else {
+                    sample.iter().product::<usize>() == input.iter().product::<usize>()
+                };
                 if !fits {
                     diags.push(
                         Diagnostic::new(Code::ShapeMismatch, format!("samples of shape {sample:?} do not fit the model's input {input:?}"))
@@ -313,6 +342,17 @@ fn collect<'a>(s: &'a Stage, out: &mut Vec<&'a Stage>) {
 fn decl_value_span(r: &CheckedRecipe, name: &str) -> Option<Span> {
     r.ast.items.iter().find_map(|i| match i {
         prunec_lang::ast::Item::Decl(d) if d.name.name == name => Some(d.value.span),
+        _ => None,
+    })
+}
+
+/// The span of an argument a data set or model declaration writes (by name).
+fn decl_arg_span(r: &CheckedRecipe, name: &str, arg: &str) -> Option<Span> {
+    r.ast.items.iter().find_map(|i| match i {
+        prunec_lang::ast::Item::Decl(d) if d.name.name == name => match &d.value.kind {
+            prunec_lang::ast::ExprKind::Call { args, .. } => args.named(arg).map(|a| a.span),
+            _ => None,
+        },
         _ => None,
     })
 }

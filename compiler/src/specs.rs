@@ -20,6 +20,8 @@ pub fn dataset_spec(
         Some("mnist") => rt::DatasetKind::Mnist,
         Some("fashion_mnist") => rt::DatasetKind::FashionMnist,
         Some("digits") => rt::DatasetKind::Digits,
+        Some("images") => rt::DatasetKind::Images,
+        Some("tensors") => rt::DatasetKind::Tensors,
         other => {
             return Err(RunError::user(
                 span,
@@ -38,6 +40,30 @@ pub fn dataset_spec(
         _ => rt::Split::Train,
     };
     let mut spec = rt::DatasetSpec::new(kind, split).files_at(&path);
+    let str_arg = |k: &str| v.arg(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    let float_arg = |k: &str, d: f64| v.arg(k).and_then(|x| x.as_f64()).unwrap_or(d);
+    match kind {
+        rt::DatasetKind::Images => {
+            let size = match v.arg("size") {
+                Some(Value::List(hw)) if hw.len() == 2 => {
+                    let dim = |i: usize| hw[i].as_i64().unwrap_or(1).max(1) as usize;
+                    Some((dim(0), dim(1)))
+                }
+                _ => None,
+            };
+            spec = spec.image_options(rt::ImageOptions {
+                size,
+                gray: str_arg("color") == "gray",
+                mean: float_arg("mean", 0.0) as f32,
+                std: float_arg("std", 1.0) as f32,
+            });
+        }
+        rt::DatasetKind::Tensors => spec = spec.arrays(str_arg("inputs"), str_arg("labels")),
+        _ => {}
+    }
+    if matches!(kind, rt::DatasetKind::Images | rt::DatasetKind::Tensors) {
+        spec = spec.test_fraction(float_arg("test", 0.0));
+    }
     if let Some(b) = v.arg("batch").and_then(|b| b.as_i64()) {
         spec = spec.batch_size(b.max(1) as usize);
     }
@@ -51,7 +77,8 @@ pub fn dataset_spec(
         .and_then(|f| f.as_f64())
         .filter(|f| *f > 0.0)
     {
-        let whole = rt::DatasetSpec::new(kind, rt::Split::Train).files_at(&path);
+        let mut whole = spec.clone();
+        whole.split = rt::Split::Train;
         let len = whole.meta().map_err(rt_err(span, ""))?.len;
         spec = spec.validation(((len as f64) * f).round() as usize);
     }
@@ -61,17 +88,7 @@ pub fn dataset_spec(
     // Missing or malformed files are reported (with the fetch command) before hashing.
     spec.meta().map_err(rt_err(span, ""))?;
     // The files this data set reads.
-    let files: Vec<PathBuf> = match kind {
-        rt::DatasetKind::Digits => {
-            vec![spec.digits_file().map_err(rt_err(span, "data set"))?]
-        }
-        _ => {
-            let (a, b) = spec
-                .idx_files(split == rt::Split::Test)
-                .map_err(rt_err(span, "data set"))?;
-            vec![a, b]
-        }
-    };
+    let files = spec.files().map_err(rt_err(span, "data set"))?;
     Ok((spec, files))
 }
 

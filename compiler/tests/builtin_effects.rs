@@ -19,6 +19,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod fixtures;
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -66,6 +68,10 @@ enum Base {
     Sap,
     /// LeNet-5 on MNIST.
     Lenet,
+    /// `Digits` trained on an image folder of the digits.
+    Images,
+    /// `Digits` trained on the digits in a safetensors file.
+    Tensors,
     /// SparseGPT on two blocks of SmolLM2, then perplexity.
     Llm,
     /// Wanda 2:4 on one block of SmolLM2, exported.
@@ -117,6 +123,26 @@ fn digits_on(data: &str, path: &str, inputs: usize, limit: usize) -> String {
         .replace("inputs = 64", &format!("inputs = {inputs}"))
         .replace("LIMIT", &limit.to_string())
 }
+
+/// The data files of the `Images` and `Tensors` bases, written once per run
+/// of the test: two image folders (all digits, and the first 900) and two
+/// safetensors files (the second with `x` and `x2` exchanged).
+fn data_fixtures() -> &'static [String; 4] {
+    static PATHS: std::sync::OnceLock<[String; 4]> = std::sync::OnceLock::new();
+    PATHS.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("builtin-effects-data");
+        let _ = std::fs::remove_dir_all(&dir);
+        let show = |p: PathBuf| p.display().to_string();
+        [
+            show(fixtures::image_folder(&dir, "all", 1797)),
+            show(fixtures::image_folder(&dir, "some", 900)),
+            show(fixtures::digits_safetensors(&dir, "a.safetensors", false)),
+            show(fixtures::digits_safetensors(&dir, "b.safetensors", true)),
+        ]
+    })
+}
+
+const TRAIN_LINE: &str = r#"dataset train = DATA(PATH, split = "train", batch = 64, shuffle = false, limit = LIMIT, validation = 0%)"#;
 
 fn base_text(b: Base) -> String {
     let digits = digits_on("digits", "data/digits/digits.csv.gz", 64, 0);
@@ -175,6 +201,20 @@ fn base_text(b: Base) -> String {
                 "lenet5(classes = 10)",
             )
             .replace("epochs = 2,", "epochs = 1,"),
+        Base::Images => digits.replace(
+            &TRAIN_LINE.replace("DATA(PATH", "digits(\"data/digits/digits.csv.gz\"").replace("LIMIT", "0"),
+            &format!(
+                "dataset train = images({:?}, split = \"train\", batch = 64, shuffle = false, limit = 0, validation = 0%, test = 20%, size = [8, 8], color = gray, mean = 0, std = 1)",
+                data_fixtures()[0]
+            ),
+        ),
+        Base::Tensors => digits.replace(
+            &TRAIN_LINE.replace("DATA(PATH", "digits(\"data/digits/digits.csv.gz\"").replace("LIMIT", "0"),
+            &format!(
+                "dataset train = tensors({:?}, inputs = \"x\", labels = \"y\", split = \"train\", batch = 64, shuffle = false, limit = 0, validation = 0%, test = 20%)",
+                data_fixtures()[2]
+            ),
+        ),
         Base::Llm => LLM.to_string(),
         Base::LlmExport => LLM_EXPORT.to_string(),
     }
@@ -230,6 +270,60 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         );
     }
     add("digits.path", Checked("P060_missing_model_and_data_files"));
+    // Image folders and arrays: the common parameters, the test hold-out,
+    // and their own options.
+    for (base, name) in [(Images, "images"), (Tensors, "tensors")] {
+        let key = |p: &str| -> &'static str { Box::leak(format!("{name}.{p}").into_boxed_str()) };
+        add(
+            key("split"),
+            Changes(base, "split = \"train\"", "split = \"test\""),
+        );
+        add(key("batch"), Changes(base, "batch = 64", "batch = 16"));
+        add(
+            key("shuffle"),
+            Changes(base, "shuffle = false", "shuffle = true"),
+        );
+        add(key("limit"), Changes(base, "limit = 0", "limit = 500"));
+        add(
+            key("validation"),
+            Changes(base, "validation = 0%", "validation = 50%"),
+        );
+        add(key("test"), Changes(base, "test = 20%", "test = 60%"));
+    }
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let [all, some, a, b] = data_fixtures();
+    add(
+        "images.path",
+        Changes(
+            Images,
+            leak(format!("images({all:?}")),
+            leak(format!("images(path = {some:?}")),
+        ),
+    );
+    add(
+        "images.size",
+        Changes(Images, "size = [8, 8]", "size = [4, 16]"),
+    );
+    add("images.color", Checked("P061_image_size_does_not_fit"));
+    add("images.mean", Changes(Images, "mean = 0,", "mean = 0.5,"));
+    add("images.std", Changes(Images, "std = 1)", "std = 0.25)"));
+    add(
+        "tensors.path",
+        Changes(
+            Tensors,
+            leak(format!("tensors({a:?}")),
+            leak(format!("tensors(path = {b:?}")),
+        ),
+    );
+    add(
+        "tensors.inputs",
+        Changes(Tensors, "inputs = \"x\"", "inputs = \"x2\""),
+    );
+    add(
+        "tensors.labels",
+        Changes(Tensors, "labels = \"y\"", "labels = \"y2\""),
+    );
+    add("text.field", Checked("P063_text_jsonl_missing_field"));
     add(
         "mnist.path",
         Changes(

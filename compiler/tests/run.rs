@@ -2,6 +2,8 @@
 //! report schema, determinism across thread counts, exit codes and faults.
 //! Needs `scripts/fetch-data.sh digits mnist` (the tests say so when it is missing).
 
+mod fixtures;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -1689,4 +1691,191 @@ fn a_gguf_cut_inside_its_header_is_a_check_error_without_a_backtrace() {
         !out.contains("candle-core") && !out.contains(".rs:") && !out.contains(" 0: "),
         "{out}"
     );
+
+/// Runs a recipe text written into `dir` with the given thread count; the
+/// output folder and the parsed report.
+fn run_text_in(dir: &Path, tag: &str, text: &str, threads: &str) -> (PathBuf, serde_json::Value) {
+    let recipe = dir.join(format!("{tag}.prune"));
+    std::fs::write(&recipe, text).unwrap();
+    let out = dir.join(format!("out-{tag}"));
+    let (code, log) = prunec(
+        &[
+            "run",
+            "-q",
+            recipe.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[
+            ("RAYON_NUM_THREADS", threads),
+            ("CANDLE_NUM_THREADS", threads),
+        ],
+    );
+    assert_eq!(code, 0, "{log}");
+    let report =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    (out, report)
+}
+
+#[test]
+fn an_image_folder_trains_and_evaluates_classifiers_the_same_at_any_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    // A folder named like no data set, with class folders `k0` .. `k9`.
+    let folder = fixtures::image_folder(dir.path(), "scans", 1797);
+    let recipe = format!(
+        r#"recipe folder {{ version = 1, seed = 3 }}
+use std.magnitude
+model net = mlp(inputs = 64, hidden = [32], classes = 10)
+model cnn = lenet5(classes = 10)
+dataset train = images({p:?}, split = "train", test = 20%, color = gray, batch = 32, shuffle = true)
+dataset test = images({p:?}, split = "test", test = 20%, color = gray, batch = 360)
+dataset train28 = images({p:?}, split = "train", test = 20%, size = [28, 28], color = gray, mean = 0.1, std = 0.3, batch = 32, limit = 600)
+dataset test28 = images({p:?}, split = "test", test = 20%, size = [28, 28], color = gray, mean = 0.1, std = 0.3, batch = 360)
+pipeline {{
+  train net on train (epochs = 10, optimizer = sgd(lr = 0.05, momentum = 0.9))
+  prune net by magnitude to 50%
+  evaluate net on test -> [accuracy, sparsity] as mlp
+  train cnn on train28 (epochs = 6, optimizer = sgd(lr = 0.05, momentum = 0.9))
+  evaluate cnn on test28 -> [accuracy] as conv
+  export net to "net.safetensors"
+}}
+"#,
+        p = folder.display().to_string()
+    );
+    let (out1, report) = run_text_in(dir.path(), "one", &recipe, "1");
+    let (out2, _) = run_text_in(dir.path(), "two", &recipe, "2");
+    // The same bytes with one and two threads (decoding, resizing, training).
+    let outputs = |out: &Path| -> serde_json::Value {
+        let lock = std::fs::read_to_string(out.join("prune.lock")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&lock).unwrap()["outputs"].take()
+    };
+    let (a, b) = (outputs(&out1), outputs(&out2));
+    assert!(a == b, "outputs differ: {a} vs {b}");
+    let accuracy = evaluation(&report, "mlp", "accuracy");
+    assert!(accuracy > 0.85, "mlp accuracy {accuracy}");
+    let cnn = evaluation(&report, "conv", "accuracy");
+    assert!(cnn > 0.6, "lenet5 accuracy {cnn}");
+    // The classes are the sorted folder names, recorded in the report.
+    let names: Vec<String> = (0..10).map(fixtures::class_name).collect();
+    for d in ["train", "test", "train28", "test28"] {
+        assert_eq!(report["classes"][d], serde_json::json!(names), "{d}");
+    }
+    // Every image read is a hashed input.
+    let images = report["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["path"].as_str().unwrap().contains("scans"))
+        .count();
+    assert_eq!(images, 1797);
+}
+
+#[test]
+fn a_safetensors_file_trains_and_evaluates_a_classifier() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = fixtures::digits_safetensors(dir.path(), "arrays.safetensors", false);
+    let recipe = |labels: &str| {
+        format!(
+            r#"recipe arrays {{ version = 1, seed = 3 }}
+model net = mlp(inputs = 64, hidden = [32], classes = 10)
+dataset train = tensors({p:?}, inputs = "x", labels = "y", test = 20%, validation = 10%, batch = 32, shuffle = true)
+dataset test = tensors({p:?}, inputs = "x", labels = {labels:?}, split = "test", test = 20%, batch = 360)
+pipeline {{
+  train net on train (epochs = 10, optimizer = sgd(lr = 0.05, momentum = 0.9))
+  evaluate net on test -> [accuracy] as dense
+}}
+"#,
+            p = file.display().to_string()
+        )
+    };
+    // Integer labels `[n]` and the same labels as f32 `[n, 1]` read alike.
+    let (_, a) = run_text_in(dir.path(), "int", &recipe("y"), "2");
+    let (_, b) = run_text_in(dir.path(), "float", &recipe("yf"), "2");
+    let accuracy = evaluation(&a, "dense", "accuracy");
+    assert!(accuracy > 0.85, "accuracy {accuracy}");
+    assert_eq!(accuracy, evaluation(&b, "dense", "accuracy"));
+    // Shifted labels: the same inputs, other classes, so chance accuracy.
+    let (_, c) = run_text_in(dir.path(), "shifted", &recipe("y2"), "2");
+    assert!(evaluation(&c, "dense", "accuracy") < 0.3);
+}
+
+#[test]
+fn jsonl_text_reads_the_field_of_each_record_like_the_same_text_file() {
+    require_data("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2");
+    require_data("text/moby-dick.txt", "text");
+    let dir = tempfile::tempdir().unwrap();
+    let book = std::fs::read_to_string(root().join("data/text/moby-dick.txt")).unwrap();
+    let paragraphs: Vec<&str> = book
+        .split("\n\n")
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .take(200)
+        .collect();
+    let mut jsonl = String::new();
+    for (i, p) in paragraphs.iter().enumerate() {
+        let record = serde_json::json!({"id": i, "body": p});
+        jsonl.push_str(&format!("{record}\n"));
+    }
+    let records = dir.path().join("book.jsonl");
+    std::fs::write(&records, jsonl).unwrap();
+    // The records joined by a blank line, as `text` joins them.
+    let plain = dir.path().join("book.txt");
+    std::fs::write(&plain, paragraphs.join("\n\n")).unwrap();
+    let recipe = |data: &str, batch: usize| {
+        format!(
+            r#"recipe lines {{ version = 1, seed = 1 }}
+use std.wanda
+model lm = gguf("data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+dataset calib = text({data}, tokenizer = lm, seq = 32, samples = 2)
+dataset heldout = text({data}, tokenizer = lm, seq = 32, samples = 3, offset = 64, batch = {batch})
+pipeline {{
+  evaluate lm on heldout -> [perplexity] as dense
+  prune lm by wanda (pattern = 2:4, targets = ["model.layers.0.*"], calibrate = calib)
+  evaluate lm on heldout -> [perplexity] as pruned
+}}
+"#
+        )
+    };
+    let jsonl_data = format!("{:?}, field = \"body\"", records.display().to_string());
+    let (_, a) = run_text_in(dir.path(), "jsonl", &recipe(&jsonl_data, 1), "2");
+    let (_, b) = run_text_in(
+        dir.path(),
+        "txt",
+        &recipe(&format!("{:?}", plain.display().to_string()), 1),
+        "2",
+    );
+    for label in ["dense", "pruned"] {
+        let p = evaluation(&a, label, "perplexity");
+        assert!(p > 1.0, "{label} perplexity {p}");
+        assert_eq!(p, evaluation(&b, label, "perplexity"), "{label}");
+    }
+    // `batch` is how many windows run per forward: the perplexity is the same.
+    let (_, c) = run_text_in(dir.path(), "batched", &recipe(&jsonl_data, 3), "2");
+    for label in ["dense", "pruned"] {
+        assert_eq!(
+            evaluation(&a, label, "perplexity"),
+            evaluation(&c, label, "perplexity"),
+            "{label}"
+        );
+    }
+}
+
+#[test]
+fn a_data_set_folder_may_have_any_name() {
+    require_data("mnist/t10k-images-idx3-ubyte", "mnist");
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("handwriting");
+    std::os::unix::fs::symlink(root().join("data/mnist"), &folder).unwrap();
+    let recipe = dir.path().join("r.prune");
+    std::fs::write(
+        &recipe,
+        format!(
+            "recipe r {{ version = 1, seed = 0 }}\nmodel net = mlp(inputs = 784, classes = 10)\ndataset test = mnist({:?}, split = \"test\", limit = 100)\npipeline {{\n  evaluate net on test -> [accuracy]\n}}\n",
+            folder.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let (code, text) = run_into(&recipe, &out);
+    assert_eq!(code, 0, "{text}");
 }

@@ -334,6 +334,91 @@ const DATA_PARAMS: [Param; 6] = [
     ),
 ];
 
+const TEST_PARAM: Param = p(
+    "test",
+    Ty::Fraction,
+    Some("0%"),
+    Range::sparsity(),
+    "hold out this last fraction of the samples as the `test` split; the rest is the train file (0%: every split reads all samples, for a folder or file that is itself a train or test set)",
+);
+
+/// `images(...)`: the common data parameters, the test hold-out, and how
+/// images become samples.
+const IMAGE_PARAMS: [Param; 11] = [
+    p(
+        "path",
+        Ty::Str,
+        None,
+        Range::any(),
+        "a folder with one subfolder of PNG or JPEG images per class (classes in name order)",
+    ),
+    DATA_PARAMS[1],
+    DATA_PARAMS[2],
+    DATA_PARAMS[3],
+    DATA_PARAMS[4],
+    DATA_PARAMS[5],
+    TEST_PARAM,
+    p(
+        "size",
+        Ty::Ints,
+        Some("[]"),
+        Range::at_least(1.0),
+        "`[height, width]` every image is resized to (bilinear); `[]` keeps the images' own size, which must be the same for all",
+    ),
+    p(
+        "color",
+        Ty::Enum(&["rgb", "gray"]),
+        Some("rgb"),
+        Range::any(),
+        "three channels (`rgb`) or one (`gray`, the luma)",
+    ),
+    p(
+        "mean",
+        Ty::Float,
+        Some("0"),
+        Range::any(),
+        "subtracted from every pixel after scaling to [0, 1]",
+    ),
+    p(
+        "std",
+        Ty::Float,
+        Some("1"),
+        Range::positive(),
+        "every pixel is divided by it after subtracting `mean`",
+    ),
+];
+
+/// `tensors(...)`: a file, the names of its two tensors, and the common data parameters.
+const TENSOR_PARAMS: [Param; 9] = [
+    p(
+        "path",
+        Ty::Str,
+        None,
+        Range::any(),
+        "a `.safetensors` file",
+    ),
+    p(
+        "inputs",
+        Ty::Str,
+        None,
+        Range::any(),
+        "the tensor of inputs, one row per sample: `[samples, ...]`, any numeric dtype (read as f32)",
+    ),
+    p(
+        "labels",
+        Ty::Str,
+        None,
+        Range::any(),
+        "the tensor of class indices: `[samples]` (or `[samples, 1]`), integers or integral floats from 0",
+    ),
+    DATA_PARAMS[1],
+    DATA_PARAMS[2],
+    DATA_PARAMS[3],
+    DATA_PARAMS[4],
+    DATA_PARAMS[5],
+    TEST_PARAM,
+];
+
 /// Every built-in, in the order `prunec explain --all` lists them.
 pub static BUILTINS: &[Builtin] = &[
     // ---- models
@@ -365,13 +450,16 @@ pub static BUILTINS: &[Builtin] = &[
     b("mnist", Kind::Dataset, &DATA_PARAMS, "MNIST digits (IDX files from `scripts/fetch-data.sh mnist`): 1x28x28, 10 classes."),
     b("fashion_mnist", Kind::Dataset, &DATA_PARAMS, "Fashion-MNIST (gzipped IDX from `scripts/fetch-data.sh fashion`): 1x28x28, 10 classes."),
     b("digits", Kind::Dataset, &DATA_PARAMS, "The 8x8 digits CSV (1797 samples, from `scripts/fetch-data.sh digits`): 64 features, 10 classes."),
+    b("images", Kind::Dataset, &IMAGE_PARAMS, "An image folder (the ImageFolder layout): one subfolder per class, named anything, holding PNG or JPEG images; labels follow the sorted subfolder names. Samples are `[channels, height, width]`, pixels scaled to [0, 1] then normalised; the classes are interleaved so a `limit`, `validation` or `test` part holds every class."),
+    b("tensors", Kind::Dataset, &TENSOR_PARAMS, "Inputs and class labels as two tensors of one `.safetensors` file, in file order."),
     b("text", Kind::Dataset, &[
-        p("path", Ty::Str, None, Range::any(), "a text file, or a folder of `.txt` files"),
+        p("path", Ty::Str, None, Range::any(), "a text file, a folder of `.txt` files, or a `.jsonl` file (one JSON object per line)"),
         p("tokenizer", Ty::Of(Kind::Model), None, Range::any(), "the model whose tokenizer cuts the text"),
         p("seq", Ty::Int, Some("256"), Range::at_least(2.0), "tokens per sequence"),
         p("samples", Ty::Int, Some("0"), Range::non_negative(), "number of sequences (0: all)"),
         p("offset", Ty::Int, Some("0"), Range::non_negative(), "skip this many tokens first (for disjoint splits)"),
         p("batch", Ty::Int, Some("1"), Range::at_least(1.0), "sequences per batch"),
+        p("field", Ty::Str, Some("\"text\""), Range::any(), "the string field of each `.jsonl` record (records are joined by a blank line)"),
     ], "Plain text cut into fixed-length token sequences."),
     // ---- criterion inputs and functions
     b("w", Kind::ScoreInput, &[], "The weight being scored."),

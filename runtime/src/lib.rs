@@ -18,7 +18,7 @@ pub mod paths;
 pub mod train;
 
 pub use calib::{activation_norms, activation_stats, ActivationStats};
-pub use data::{Batch, Dataset, DatasetKind, DatasetMeta, DatasetSpec, Split};
+pub use data::{Batch, Dataset, DatasetKind, DatasetMeta, DatasetSpec, ImageOptions, Split};
 pub use device::DeviceSpec;
 pub use error::{Result, RuntimeError};
 pub use eval::{evaluate, pqi, sparsity, Metrics, ModelCounts};

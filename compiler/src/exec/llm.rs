@@ -28,6 +28,8 @@ struct TextSpec {
     batch: usize,
     /// The language model whose tokenizer cuts the text.
     tokenizer: String,
+    /// The string field of `.jsonl` records.
+    field: String,
 }
 
 impl TextSpec {
@@ -43,7 +45,23 @@ impl TextSpec {
                 .and_then(|t| t.as_str())
                 .unwrap_or_default()
                 .to_string(),
+            field: v
+                .arg("field")
+                .and_then(|t| t.as_str())
+                .unwrap_or("text")
+                .to_string(),
         }
+    }
+
+    /// The text of each file (a `.jsonl` file's records joined), at `span` on failure.
+    fn documents(&self, files: &[PathBuf], span: Span) -> Result<Vec<String>, RunError> {
+        files
+            .iter()
+            .map(|f| {
+                prunec_runtime::data::text::read_document(f, &self.field)
+                    .map_err(|e| RunError::user(span, e.to_string()))
+            })
+            .collect()
     }
 }
 
@@ -200,13 +218,7 @@ impl Exec<'_> {
         } else {
             DEFAULT_EVAL_TOKENS
         };
-        let mut text = String::new();
-        for f in &files {
-            text.push_str(
-                &std::fs::read_to_string(f)
-                    .map_err(|e| RunError::user(on.span, format!("{}: {e}", f.display())))?,
-            );
-        }
+        let text = spec.documents(&files, on.span)?.concat();
         let tok = self.tokenizer(&spec, on.span)?;
         // `offset` skips the text's first tokens (a split disjoint from calibration).
         let mut tokens = llm::leading_tokens(&tok, &text, max_tokens + spec.offset)
@@ -285,9 +297,10 @@ impl Exec<'_> {
                 // The data set's batch is the calibration forward's chunk of sequences.
                 config.batch = spec.batch;
                 let tok = self.tokenizer(&spec, step.span)?;
-                llm::calibration_windows_after(
+                let documents = spec.documents(&files, d.span)?;
+                llm::calibration_windows_in(
                     &tok,
-                    &files,
+                    &documents,
                     count,
                     spec.seq,
                     spec.offset,

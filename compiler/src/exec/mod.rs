@@ -596,6 +596,10 @@ impl Exec<'_> {
             let data = spec
                 .load(&self.device)
                 .map_err(rt_err(span, &format!("cannot load the data set `{name}`")))?;
+            let names = &data.meta().class_names;
+            if !names.is_empty() {
+                self.report.classes.insert(name.to_string(), names.clone());
+            }
             self.datasets.insert(name.to_string(), Arc::new(data));
         }
         Ok(self.datasets[name].clone())

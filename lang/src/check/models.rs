@@ -133,7 +133,7 @@ impl Checker<'_> {
                         on.span,
                         format!("`{model}` is a classifier; `text(...)` data feeds language models (`gguf(...)`)"),
                         "token sequences",
-                        "use an image or feature data set (`mnist`, `fashion_mnist`, `digits`)",
+                        "use an image or feature data set (`mnist`, `fashion_mnist`, `digits`, `images`, `tensors`)",
                     );
                 }
             }
@@ -465,12 +465,44 @@ impl Checker<'_> {
     /// `validation = F` holds out the last fraction of the train file: the
     /// `train` split leaves it out and the `validation` split reads it, so it
     /// means nothing on the test split, and a validation split needs it.
+    ///
+    /// `images` and `tensors` read one pool of samples whose last `test`
+    /// fraction is the test split: data sets on the same pool must agree on
+    /// it, and with `test = 0%` they cannot be both a train and a test split.
     fn check_data_splits(&mut self) {
         let mut bad = Vec::new();
+        // (constructor, path) -> (data set, split, test fraction) of each use.
+        type Uses = Vec<(String, String, f64)>;
+        let mut pools: BTreeMap<(String, String), Uses> = BTreeMap::new();
         for (name, sym) in &self.symbols {
             let Some(v) = &sym.value else { continue };
-            if !matches!(v.call_name(), Some("mnist" | "fashion_mnist" | "digits")) {
+            let ctor = v.call_name().unwrap_or("");
+            if !matches!(
+                ctor,
+                "mnist" | "fashion_mnist" | "digits" | "images" | "tensors"
+            ) {
                 continue;
+            }
+            let split = v.arg("split").and_then(|s| s.as_str()).unwrap_or("train");
+            if matches!(ctor, "images" | "tensors") {
+                let path = v.arg("path").and_then(|p| p.as_str()).unwrap_or("");
+                let test = v.arg("test").and_then(|f| f.as_f64()).unwrap_or(0.0);
+                pools
+                    .entry((ctor.to_string(), path.to_string()))
+                    .or_default()
+                    .push((name.clone(), split.to_string(), test));
+            }
+            if let Some(Value::List(size)) = v.arg("size") {
+                if !(size.is_empty() || size.len() == 2) {
+                    bad.push((
+                        sym.span,
+                        format!(
+                            "`size` of `{name}` has {} numbers; it is `[height, width]`",
+                            size.len()
+                        ),
+                        "write `size = [28, 28]`, or leave it out to keep the images' own size",
+                    ));
+                }
             }
             let held = v.arg("validation").and_then(|f| f.as_f64()).unwrap_or(0.0);
             match v.arg("split").and_then(|s| s.as_str()) {
@@ -485,6 +517,28 @@ impl Checker<'_> {
                     "hold out part of the train file: `validation = 10%`",
                 )),
                 _ => {}
+            }
+        }
+        for ((_, path), uses) in pools {
+            let (first, _, test) = &uses[0];
+            if let Some((other, _, t)) = uses.iter().find(|u| u.2 != *test) {
+                let span = self.symbols[other].span;
+                bad.push((
+                    span,
+                    format!("`{first}` holds out `test = {}%` of {path:?} but `{other}` holds out {}%: their train and test splits would overlap", test * 100.0, t * 100.0),
+                    "give every data set on the same samples the same `test` fraction",
+                ));
+                continue;
+            }
+            let train = uses.iter().find(|u| u.1 != "test");
+            let tested = uses.iter().find(|u| u.1 == "test");
+            if let (Some((a, _, _)), Some((b, _, _)), true) = (train, tested, *test == 0.0) {
+                let span = self.symbols[b].span;
+                bad.push((
+                    span,
+                    format!("`{a}` and `{b}` read the same samples of {path:?}: without a `test` fraction the test split is the whole data set"),
+                    "hold out a test part on both (`test = 20%`), or point the test split at another folder or file",
+                ));
             }
         }
         for (span, message, help) in bad {

@@ -1,9 +1,13 @@
-//! Image-classification data sets (MNIST, Fashion-MNIST, 8x8 digits), splits, seeded batching;
-//! and token windows for text.
+//! Image-classification data sets (MNIST, Fashion-MNIST, 8x8 digits, image
+//! folders, arrays in safetensors), splits, seeded batching; and token windows for text.
 
+pub mod arrays;
 pub mod digits;
+pub mod folder;
 pub mod idx;
 pub mod text;
+
+pub use folder::ImageOptions;
 
 use std::path::PathBuf;
 
@@ -25,6 +29,10 @@ pub enum DatasetKind {
     /// scikit-learn's 8x8 digits (1797 samples): the first 1437 form the
     /// "train file", the last 360 the test split. A small fixture for fast tests.
     Digits,
+    /// An ImageFolder: one subfolder of PNG/JPEG images per class.
+    Images,
+    /// An inputs and a labels tensor of one `.safetensors` file.
+    Tensors,
 }
 
 /// Which part of a data set.
@@ -60,6 +68,31 @@ pub struct DatasetSpec {
     /// folder), whatever it is named; overrides `data_dir`'s layout.
     #[serde(default)]
     pub files_at: Option<PathBuf>,
+    /// How images become samples (`Images`).
+    #[serde(default)]
+    pub images: ImageOptions,
+    /// The inputs and labels tensors (`Tensors`).
+    #[serde(default)]
+    pub arrays: Option<ArrayNames>,
+    /// `Images` and `Tensors` have one pool of samples: this last fraction of
+    /// it is the test split and the rest the train file (0: both are the whole pool).
+    #[serde(default)]
+    pub test_fraction: f64,
+}
+
+/// The tensors of a `Tensors` data set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ArrayNames {
+    pub inputs: String,
+    pub labels: String,
+}
+
+/// A data set's whole pool of samples, as its headers describe it.
+struct Pool {
+    len: usize,
+    sample_shape: Vec<usize>,
+    classes: usize,
+    class_names: Vec<String>,
 }
 
 /// What can be known about a data set from file headers alone.
@@ -71,6 +104,9 @@ pub struct DatasetMeta {
     pub classes: usize,
     /// Number of samples in the split (after `validation` and `limit`).
     pub len: usize,
+    /// The classes' names in label order, where the data names them (image folders).
+    #[serde(default)]
+    pub class_names: Vec<String>,
 }
 
 impl DatasetSpec {
@@ -85,7 +121,31 @@ impl DatasetSpec {
             shuffle_seed: None,
             data_dir: None,
             files_at: None,
+            images: ImageOptions::default(),
+            arrays: None,
+            test_fraction: 0.0,
         }
+    }
+
+    /// Sets how images become samples.
+    pub fn image_options(mut self, options: ImageOptions) -> Self {
+        self.images = options;
+        self
+    }
+
+    /// Names the inputs and labels tensors.
+    pub fn arrays(mut self, inputs: impl Into<String>, labels: impl Into<String>) -> Self {
+        self.arrays = Some(ArrayNames {
+            inputs: inputs.into(),
+            labels: labels.into(),
+        });
+        self
+    }
+
+    /// Holds out this last fraction of the pool as the test split.
+    pub fn test_fraction(mut self, fraction: f64) -> Self {
+        self.test_fraction = fraction;
+        self
     }
 
     /// Sets the batch size.
@@ -134,6 +194,8 @@ impl DatasetSpec {
             DatasetKind::Mnist => "mnist",
             DatasetKind::FashionMnist => "fashion",
             DatasetKind::Digits => "digits",
+            DatasetKind::Images => "images",
+            DatasetKind::Tensors => "tensors",
         }
     }
 
@@ -142,10 +204,11 @@ impl DatasetSpec {
         let (folder, gz) = match self.kind {
             DatasetKind::Mnist => ("mnist", false),
             DatasetKind::FashionMnist => ("fashion-mnist", true),
-            DatasetKind::Digits => {
-                return Err(RuntimeError::InvalidConfig(
-                    "the digits data set is a CSV file, not IDX".into(),
-                ))
+            _ => {
+                return Err(RuntimeError::InvalidConfig(format!(
+                    "the {:?} data set is not held in IDX files",
+                    self.kind
+                )))
             }
         };
         let stem = if test_file { "t10k" } else { "train" };
@@ -178,6 +241,97 @@ impl DatasetSpec {
             Some(p) => require_named(p.clone()),
             None => require_file(self.root().join("digits").join("digits.csv.gz"), "digits"),
         }
+    }
+
+    /// The folder (`Images`) or file (`Tensors`) this spec reads.
+    fn source(&self) -> Result<PathBuf> {
+        self.files_at.clone().ok_or_else(|| {
+            RuntimeError::InvalidConfig(format!("the {:?} data set needs a path", self.kind))
+        })
+    }
+
+    fn array_names(&self) -> Result<&ArrayNames> {
+        self.arrays.as_ref().ok_or_else(|| {
+            RuntimeError::InvalidConfig(
+                "a tensors data set needs its inputs and labels named".into(),
+            )
+        })
+    }
+
+    /// The whole pool of an `Images` or `Tensors` data set, from headers
+    /// (and, for `Tensors`, the labels).
+    fn pool(&self) -> Result<(Pool, Vec<u32>)> {
+        let path = self.source()?;
+        match self.kind {
+            DatasetKind::Images => {
+                let ix = folder::index(&path)?;
+                let shape = folder::sample_shape(&ix, &self.images)?;
+                let labels = ix.images.iter().map(|(_, l)| *l).collect();
+                let pool = Pool {
+                    len: ix.images.len(),
+                    sample_shape: shape,
+                    classes: ix.classes.len(),
+                    class_names: ix.classes,
+                };
+                Ok((pool, labels))
+            }
+            _ => {
+                let names = self.array_names()?;
+                let header = arrays::read_header(&path)?;
+                let (shape, labels) =
+                    arrays::check_pair(&path, &header, &names.inputs, &names.labels)?;
+                let pool = Pool {
+                    len: labels.len(),
+                    sample_shape: shape,
+                    classes: labels.iter().max().map_or(0, |m| *m as usize + 1),
+                    class_names: vec![],
+                };
+                Ok((pool, labels))
+            }
+        }
+    }
+
+    /// The part of a pool of `pool_len` samples that the split's file covers:
+    /// `(first sample, samples)`.
+    fn pool_file(&self, pool_len: usize) -> Result<(usize, usize)> {
+        if self.test_fraction <= 0.0 {
+            return Ok((0, pool_len));
+        }
+        let test = ((pool_len as f64) * self.test_fraction).round() as usize;
+        if test == 0 || test >= pool_len {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "a test hold-out of {:.4}% of {} samples leaves {}",
+                self.test_fraction * 100.0,
+                pool_len,
+                if test == 0 {
+                    "no test sample"
+                } else {
+                    "no train sample"
+                }
+            )));
+        }
+        Ok(if self.split == Split::Test {
+            (pool_len - test, test)
+        } else {
+            (0, pool_len - test)
+        })
+    }
+
+    /// Every file this spec reads, for hashing.
+    pub fn files(&self) -> Result<Vec<PathBuf>> {
+        Ok(match self.kind {
+            DatasetKind::Digits => vec![self.digits_file()?],
+            DatasetKind::Mnist | DatasetKind::FashionMnist => {
+                let (a, b) = self.idx_files(self.split == Split::Test)?;
+                vec![a, b]
+            }
+            DatasetKind::Images => folder::index(&self.source()?)?
+                .images
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect(),
+            DatasetKind::Tensors => vec![require_named(self.source()?)?],
+        })
     }
 
     fn check(&self) -> Result<()> {
@@ -217,7 +371,15 @@ impl DatasetSpec {
     /// (for digits, whose CSV has no header, the fixed 1797-sample layout).
     pub fn meta(&self) -> Result<DatasetMeta> {
         self.check()?;
+        let mut classes = 10;
+        let mut class_names = vec![];
         let (shape, file_len) = match self.kind {
+            DatasetKind::Images | DatasetKind::Tensors => {
+                let (pool, _) = self.pool()?;
+                classes = pool.classes;
+                class_names = pool.class_names;
+                (pool.sample_shape, self.pool_file(pool.len)?.1)
+            }
             DatasetKind::Digits => {
                 self.digits_file()?;
                 let len = if self.split == Split::Test {
@@ -248,8 +410,9 @@ impl DatasetSpec {
         let range = self.range(file_len)?;
         Ok(DatasetMeta {
             sample_shape: shape,
-            classes: 10,
+            classes,
             len: range.len(),
+            class_names,
         })
     }
 
@@ -257,7 +420,32 @@ impl DatasetSpec {
     /// shaped `[n, 1, h, w]`, labels as u32.
     pub fn load(&self, device: &Device) -> Result<Dataset> {
         self.check()?;
+        let mut classes = 10;
+        let mut class_names = vec![];
         let (pixels, labels, shape, label_path) = match self.kind {
+            DatasetKind::Images | DatasetKind::Tensors => {
+                let path = self.source()?;
+                let (pool, all_labels) = self.pool()?;
+                classes = pool.classes;
+                let (offset, len) = self.pool_file(pool.len)?;
+                let r = self.range(len)?;
+                let (a, b) = (offset + r.start, offset + r.end);
+                let values = if self.kind == DatasetKind::Images {
+                    let ix = folder::index(&path)?;
+                    let hw = (pool.sample_shape[1], pool.sample_shape[2]);
+                    folder::decode_all(&ix.images[a..b], &self.images, hw)?
+                } else {
+                    let names = self.array_names()?;
+                    let header = arrays::read_header(&path)?;
+                    arrays::read_inputs(&path, &header, &names.inputs, a, b)?
+                };
+                let mut dims = vec![b - a];
+                dims.extend_from_slice(&pool.sample_shape);
+                let px = Tensor::from_vec(values, dims, device)
+                    .ctx(|| format!("loading {}", path.display()))?;
+                class_names = pool.class_names;
+                (px, all_labels[a..b].to_vec(), pool.sample_shape, path)
+            }
             DatasetKind::Digits => {
                 let path = self.digits_file()?;
                 let d = digits::read(&path)?;
@@ -331,8 +519,9 @@ impl DatasetSpec {
             shuffle_seed: self.shuffle_seed,
             meta: DatasetMeta {
                 sample_shape: shape,
-                classes: 10,
+                classes,
                 len: n,
+                class_names,
             },
         })
     }
@@ -399,6 +588,7 @@ impl Dataset {
             sample_shape: inputs.dims()[1..].to_vec(),
             classes,
             len: n,
+            class_names: vec![],
         };
         Ok(Dataset {
             name,

@@ -116,3 +116,65 @@ impl TextSpec {
         }
     }
 }
+
+/// Whether `path` is read as JSON lines (its name ends in `.jsonl`).
+pub fn is_jsonl(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "jsonl")
+}
+
+/// The records' `field` strings of a `.jsonl` file; every line (blank lines
+/// aside) must be a JSON object whose `field` is a string. Errors name the
+/// file and the line.
+pub fn jsonl_records(path: &Path, field: &str) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path).map_err(|e| RuntimeError::io("cannot read", path, e))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| RuntimeError::corrupt(path, format!("not UTF-8 text: {e}")))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |m: String| RuntimeError::corrupt(path, format!("line {}: {m}", i + 1));
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| at(format!("not a JSON value: {e}")))?;
+        let serde_json::Value::Object(o) = v else {
+            return Err(at("not a JSON object".into()));
+        };
+        match o.get(field) {
+            Some(serde_json::Value::String(s)) => out.push(s.clone()),
+            Some(other) => {
+                let kind = match other {
+                    serde_json::Value::Null => "null",
+                    serde_json::Value::Bool(_) => "a boolean",
+                    serde_json::Value::Number(_) => "a number",
+                    serde_json::Value::Array(_) => "an array",
+                    _ => "an object",
+                };
+                return Err(at(format!("`{field}` is {kind}, not a string")));
+            }
+            None => {
+                let keys: Vec<&str> = o.keys().map(String::as_str).collect();
+                return Err(at(format!(
+                    "the record has no field `{field}` (it has: {})",
+                    keys.join(", ")
+                )));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(RuntimeError::corrupt(path, "no record"));
+    }
+    Ok(out)
+}
+
+/// One file of a `text` data set as a document: a `.jsonl` file's records
+/// joined by a blank line, any other file as it is.
+pub fn read_document(path: &Path, field: &str) -> Result<String> {
+    if is_jsonl(path) {
+        Ok(jsonl_records(path, field)?.join("\n\n"))
+    } else {
+        let bytes = std::fs::read(path).map_err(|e| RuntimeError::io("cannot read", path, e))?;
+        String::from_utf8(bytes)
+            .map_err(|e| RuntimeError::corrupt(path, format!("not UTF-8 text: {e}")))
+    }
+}

@@ -61,7 +61,10 @@ pub fn perplexity(model: &LlamaModel, tokens: &[u32], window: usize, batch: usiz
         let b = batch.min(windows - start);
         let chunk = &tokens[start * window..(start + b) * window];
         let nll = model.next_token_nll(chunk, b, window)?;
-        total += nll.iter().sum::<f64>();
+        // One sum in window order, whatever the batch: the same bits for every `batch`.
+        for x in &nll {
+            total += x;
+        }
         count += nll.len();
     }
     Ok((total / count as f64).exp())
@@ -94,6 +97,50 @@ pub fn calibration_windows_after(
     if files.is_empty() {
         return Err(RuntimeError::Invalid("no calibration files".into()));
     }
+    draw_windows(
+        tokenizer,
+        files.len(),
+        |f| super::data::read_text(&files[f]),
+        count,
+        window,
+        offset,
+        seed,
+    )
+}
+
+/// [`calibration_windows_after`] drawn from documents already in memory
+/// (the records of a `.jsonl` file), with the same draws.
+pub fn calibration_windows_in(
+    tokenizer: &TextTokenizer,
+    documents: &[String],
+    count: usize,
+    window: usize,
+    offset: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    if documents.is_empty() {
+        return Err(RuntimeError::Invalid("no calibration text".into()));
+    }
+    draw_windows(
+        tokenizer,
+        documents.len(),
+        |d| Ok(documents[d].clone()),
+        count,
+        window,
+        offset,
+        seed,
+    )
+}
+
+fn draw_windows(
+    tokenizer: &TextTokenizer,
+    documents: usize,
+    mut read: impl FnMut(usize) -> Result<String>,
+    count: usize,
+    window: usize,
+    offset: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut cache: std::collections::HashMap<usize, Vec<u32>> = Default::default();
     let mut out = Vec::with_capacity(count);
@@ -105,11 +152,11 @@ pub fn calibration_windows_after(
                 "calibration files are too short for {count} windows of {window} tokens"
             )));
         }
-        let f = rng.random_range(0..files.len());
+        let f = rng.random_range(0..documents);
         let ids = match cache.entry(f) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let text = super::data::read_text(&files[f])?;
+                let text = read(f)?;
                 let ids = tokenizer.encode(&text)?;
                 e.insert(ids.get(offset..).unwrap_or_default().to_vec())
             }

@@ -24,7 +24,10 @@ pub mod tokenizer;
 pub use compressed::{load_compressed, save_compressed, CompressedSize};
 pub use config::LlamaConfig;
 pub use error::{Result, RuntimeError};
-pub use eval::{calibration_windows, calibration_windows_after, leading_tokens, perplexity};
+pub use eval::{
+    calibration_windows, calibration_windows_after, calibration_windows_in, leading_tokens,
+    perplexity,
+};
 pub use gguf::{load_gguf, load_gguf_quantized_reference};
 pub use hf::{inspect_hf, load_hf, save_hf, HfHeader, HfSource};
 pub use model::{linear_name, LinearInput, LlamaModel, Proj};
