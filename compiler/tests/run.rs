@@ -1691,6 +1691,7 @@ fn a_gguf_cut_inside_its_header_is_a_check_error_without_a_backtrace() {
         !out.contains("candle-core") && !out.contains(".rs:") && !out.contains(" 0: "),
         "{out}"
     );
+}
 
 /// Runs a recipe text written into `dir` with the given thread count; the
 /// output folder and the parsed report.
