@@ -9,8 +9,10 @@
 #     its recipe and lock, and transformers' perplexity equals prunec's (0.1%);
 #   - the ONNX example (examples/onnx_digits.prune): onnxruntime's top-1
 #     predictions and accuracy equal prunec's.
+# With INTEROP_LARGE=1 it also makes a random 1.07B-parameter bf16 Llama and
+# checks that Wanda prunes it within 24 GiB (the report's peak memory).
 # Not part of CI (the PyTorch install alone is gigabytes); run before every
-# release. Extra arguments go to every `prunec run` (e.g. --set eval_samples=4).
+# release. Extra arguments go to the example runs (e.g. --set eval_samples=4).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=.venv-interop/bin/python
@@ -46,5 +48,18 @@ if [ -f examples/onnx_digits.prune ]; then
   echo "== ONNX digits classifier"
   "$prunec" run examples/onnx_digits.prune --out "$out/onnx_digits" "$@"
   "$py" scripts/interop/check_onnx.py "$out/onnx_digits"
+fi
+if [ "${INTEROP_LARGE:-0}" = 1 ]; then
+  echo "== 1.07B-parameter bf16 Llama (random weights): Wanda 50% within 24 GB"
+  if [ ! -f data/random-llama-1b/config.json ]; then
+    "$py" scripts/interop/make_random_llm.py data/smollm2/hf-bf16/tokenizer.json data/random-llama-1b
+  fi
+  "$prunec" run examples/llm_hf_1b_memory.prune --out "$out/llm_hf_1b_memory"
+  "$py" - "$out/llm_hf_1b_memory/report.json" <<'PY'
+import json, sys
+peak = json.load(open(sys.argv[1]))["peak_memory_bytes"]
+print(f"peak resident memory {peak / 2**30:.2f} GiB")
+assert peak < 24 * 2**30, "over 24 GiB"
+PY
 fi
 echo "interop: every export loads and reproduces prunec's metrics"
