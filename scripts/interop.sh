@@ -12,7 +12,7 @@
 # With INTEROP_LARGE=1 it also makes a random 1.07B-parameter bf16 Llama and
 # checks that Wanda prunes it within 24 GiB (the report's peak memory).
 # Not part of CI (the PyTorch install alone is gigabytes); run before every
-# release. Extra arguments go to the example runs (e.g. --set eval_samples=4).
+# release. Extra arguments go to the SmolLM2 run (e.g. --set eval_samples=4).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=.venv-interop/bin/python
@@ -46,7 +46,7 @@ fi
 
 if [ -f examples/onnx_digits.prune ]; then
   echo "== ONNX digits classifier"
-  "$prunec" run examples/onnx_digits.prune --out "$out/onnx_digits" "$@"
+  "$prunec" run examples/onnx_digits.prune --out "$out/onnx_digits"
   "$py" scripts/interop/check_onnx.py "$out/onnx_digits"
 fi
 if [ "${INTEROP_LARGE:-0}" = 1 ]; then
