@@ -248,6 +248,7 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
     );
     add("gguf.path", Checked("P060_missing_model_and_data_files"));
     add("onnx.path", Checked("P060_missing_onnx_file"));
+    add("hf.path", Checked("P060_hf_folder_without_weights"));
     // Data sets: the same parameters for the three image/feature sets.
     for (base, name) in [
         (Digits, "digits"),
