@@ -11,6 +11,9 @@ pub struct Evaluation {
     pub label: String,
     pub span: Span,
     pub metrics: BTreeMap<String, f64>,
+    /// A classifier evaluation's sha256 of its top-1 predictions (see
+    /// `prunec_runtime::eval::Metrics`).
+    pub predictions_sha256: Option<String>,
 }
 
 #[derive(Clone)]
@@ -161,9 +164,13 @@ impl Report {
             "params": self.params,
             "inputs": self.inputs.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
             "classes": self.classes,
-            "evaluations": self.evaluations.iter().map(|e| json!({
-                "label": e.label, "span": self.span_json(e.span), "metrics": e.metrics,
-            })).collect::<Vec<_>>(),
+            "evaluations": self.evaluations.iter().map(|e| {
+                let mut v = json!({"label": e.label, "span": self.span_json(e.span), "metrics": e.metrics});
+                if let Some(h) = &e.predictions_sha256 {
+                    v["predictions_sha256"] = json!(h);
+                }
+                v
+            }).collect::<Vec<_>>(),
             "rounds": self.rounds.iter().map(|r| json!({
                 "round": r.round, "sparsity": r.sparsity, "pqi": r.pqi, "metrics": r.metrics,
             })).collect::<Vec<_>>(),

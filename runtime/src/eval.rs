@@ -15,13 +15,19 @@ pub struct Metrics {
     pub loss: f64,
     pub correct: usize,
     pub samples: usize,
+    /// sha256 of the predicted classes (arg-max, first on ties) as
+    /// little-endian `u32`s in sample order: two evaluations predict the
+    /// same top-1 class for every sample exactly when these agree.
+    pub predictions_sha256: [u8; 32],
 }
 
 /// Evaluates `model` on every sample of `data`, in file order (no shuffle), batch by
 /// batch; per-batch sums are added in a fixed order, so the result is deterministic.
 pub fn evaluate(model: &Model, data: &Dataset) -> Result<Metrics> {
     model.check_data(data)?;
+    use sha2::Digest;
     let (mut correct, mut loss_sum) = (0usize, 0.0f64);
+    let mut predictions = sha2::Sha256::new();
     let n = data.len();
     let mut start = 0;
     while start < n {
@@ -44,9 +50,12 @@ pub fn evaluate(model: &Model, data: &Dataset) -> Result<Metrics> {
             .and_then(|t| t.sum_all())
             .and_then(|t| t.to_scalar::<f64>())
             .ctx(ctx)?;
-        let hits = logits
-            .argmax(1)
-            .and_then(|a| a.eq(&batch.targets))
+        let predicted = logits.argmax(1).ctx(ctx)?;
+        for class in predicted.to_vec1::<u32>().ctx(ctx)? {
+            predictions.update(class.to_le_bytes());
+        }
+        let hits = predicted
+            .eq(&batch.targets)
             .and_then(|e| e.to_dtype(DType::U32))
             .and_then(|e| e.sum_all())
             .and_then(|e| e.to_scalar::<u32>())
@@ -59,6 +68,7 @@ pub fn evaluate(model: &Model, data: &Dataset) -> Result<Metrics> {
         loss: loss_sum / n as f64,
         correct,
         samples: n,
+        predictions_sha256: predictions.finalize().into(),
     })
 }
 

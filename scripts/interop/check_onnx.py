@@ -16,10 +16,13 @@ the evaluation read (prunec's `digits(...)` data set: pixels / 16, the first
 - the number of correct top-1 predictions is exactly the one behind the
   accuracy of the report's last evaluation after pruning (or `--evaluation
   LABEL`), i.e. onnxruntime and prunec agree on the accuracy;
+- onnxruntime's top-1 class of every sample is prunec's: the sha256 of the
+  predicted classes (u32 little-endian, sample order) equals the report's
+  `predictions_sha256` of that evaluation;
 - every initializer the report lists keeps exactly the report's count of
   non-zero values.
 
-Exits 0 when both hold, 1 otherwise.
+Exits 0 when all hold, 1 otherwise.
 """
 
 import argparse
@@ -86,6 +89,14 @@ def main():
     if correct != reported_correct:
         print("MISMATCH: onnxruntime and prunec disagree on the accuracy")
         ok = False
+    # prunec's digest of its top-1 class per sample (u32 little-endian, in order).
+    ours = hashlib.sha256(logits.argmax(1).astype("<u4").tobytes()).hexdigest()
+    theirs = evals[-1].get("predictions_sha256")
+    if ours != theirs:
+        print(f"MISMATCH: onnxruntime's top-1 predictions differ from prunec's (sha256 {ours[:16]} vs {theirs and theirs[:16]})")
+        ok = False
+    else:
+        print("identical top-1 predictions for every sample (sha256 of the classes agrees)")
 
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     # The exported model: the subject of the (last) export step.

@@ -892,6 +892,14 @@ impl Exec<'_> {
             out.insert(m.as_str().to_string(), v);
         }
         self.record_evaluation(step.span, label, &name, &data_name, out);
+        if let (Some(e), Some(last)) = (&measured, self.report.evaluations.last_mut()) {
+            last.predictions_sha256 = Some(
+                e.predictions_sha256
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+            );
+        }
         Ok(())
     }
 
@@ -927,6 +935,7 @@ impl Exec<'_> {
             label,
             span,
             metrics: out,
+            predictions_sha256: None,
         });
     }
 
