@@ -1550,6 +1550,23 @@ fn bench_train_reports_throughput_and_explains_a_missing_python() {
     assert!(text.contains("unknown model `resnet`"), "{text}");
 }
 
+/// `dir/t.prune`: the perplexity of `ctor(model)` on the tiny test text.
+fn perplexity_recipe(dir: &Path, ctor: &str, model: &Path) -> PathBuf {
+    let recipe = dir.join("t.prune");
+    std::fs::write(
+        &recipe,
+        format!(
+            "recipe t {{ version = 1, seed = 0 }}\nmodel lm = {ctor}(\"{}\")\n\
+             dataset words = text(\"{}\", tokenizer = lm, seq = 16)\n\
+             pipeline {{\n  evaluate lm on words -> [perplexity]\n}}\n",
+            model.display(),
+            root().join("tests/models/tiny.txt").display()
+        ),
+    )
+    .unwrap();
+    recipe
+}
+
 #[test]
 fn hf_checkpoints_of_four_architectures_prune_and_export_like_their_source() {
     for arch in ["llama", "mistral", "qwen2", "qwen3"] {
@@ -1617,18 +1634,7 @@ fn a_broken_hf_checkpoint_is_a_check_error_naming_the_file() {
     let shard = model.join("model-00003-of-00004.safetensors");
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
-    let recipe = dir.path().join("t.prune");
-    std::fs::write(
-        &recipe,
-        format!(
-            "recipe t {{ version = 1, seed = 0 }}\nmodel lm = hf(\"{}\")\n\
-             dataset words = text(\"{}\", tokenizer = lm, seq = 16)\n\
-             pipeline {{\n  evaluate lm on words -> [perplexity]\n}}\n",
-            model.display(),
-            root().join("tests/models/tiny.txt").display()
-        ),
-    )
-    .unwrap();
+    let recipe = perplexity_recipe(dir.path(), "hf", &model);
     let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -1668,18 +1674,7 @@ fn a_gguf_cut_inside_its_header_is_a_check_error_without_a_backtrace() {
     let model = dir.path().join("cut.gguf");
     let full = std::fs::read(root().join("data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
     std::fs::write(&model, &full[..3000]).unwrap();
-    let recipe = dir.path().join("t.prune");
-    std::fs::write(
-        &recipe,
-        format!(
-            "recipe t {{ version = 1, seed = 0 }}\nmodel lm = gguf(\"{}\")\n\
-             dataset words = text(\"{}\", tokenizer = lm, seq = 32)\n\
-             pipeline {{\n  evaluate lm on words -> [perplexity]\n}}\n",
-            model.display(),
-            root().join("tests/models/tiny.txt").display()
-        ),
-    )
-    .unwrap();
+    let recipe = perplexity_recipe(dir.path(), "gguf", &model);
     // candle attaches a backtrace to its errors when RUST_BACKTRACE is set.
     let (code, out) = prunec(
         &["check", recipe.to_str().unwrap()],

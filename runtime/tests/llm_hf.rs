@@ -14,29 +14,35 @@ fn tiny(name: &str) -> PathBuf {
 
 const ARCHS: [&str; 4] = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"];
 
+/// The largest absolute difference between two tensors of one shape.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The reference's token ids (as u32) and logits.
+fn reference(dir: &Path) -> (Tensor, Tensor) {
+    let r =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    (r["ids"].to_dtype(DType::U32).unwrap(), r["logits"].clone())
+}
+
 /// The largest absolute difference between prunec's logits (slice forward
 /// and candle forward) and the reference.
 fn max_errors(dir: &Path) -> (f32, f32) {
     let model = llm::load_hf(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let r =
-        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
-    let ids = r["ids"].to_dtype(DType::U32).unwrap();
-    let want = &r["logits"];
-    let err = |got: Tensor| -> f32 {
-        (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let (ids, want) = reference(dir);
     (
-        err(model.forward(&ids).unwrap()),
-        err(model.forward_candle(&ids).unwrap()),
+        max_abs_diff(&model.forward(&ids).unwrap(), &want),
+        max_abs_diff(&model.forward_candle(&ids).unwrap(), &want),
     )
 }
 
@@ -57,20 +63,8 @@ fn the_sliding_window_is_what_makes_mistral_match() {
     let mut model = llm::load_hf(&dir).unwrap();
     assert_eq!(model.config.sliding_window, Some(8));
     model.config.sliding_window = None;
-    let r =
-        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
-    let ids = r["ids"].to_dtype(DType::U32).unwrap();
-    let got = model.forward(&ids).unwrap();
-    let diff = (got - &r["logits"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let (ids, want) = reference(&dir);
+    let diff = max_abs_diff(&model.forward(&ids).unwrap(), &want);
     assert!(diff > 1e-2, "window made no difference ({diff})");
 }
 
