@@ -1875,3 +1875,27 @@ fn a_data_set_folder_may_have_any_name() {
     let (code, text) = run_into(&recipe, &out);
     assert_eq!(code, 0, "{text}");
 }
+
+#[test]
+fn each_model_measures_sparsity_over_its_own_targets() {
+    require_data("digits/digits.csv.gz", "digits");
+    // `b` is pruned on fc2 only, then `a` on fc1 only: `b`'s sparsity is
+    // measured over fc2 (its own last targets), not over `a`'s fc1.
+    let text = "recipe two { version = 1, seed = 0 }\nuse std.magnitude\n\
+        model a = mlp(inputs = 64, hidden = [32], classes = 10)\n\
+        model b = mlp(inputs = 64, hidden = [32], classes = 10)\n\
+        dataset test = digits(\"data/digits/digits.csv.gz\", split = \"test\", batch = 360)\n\
+        pipeline {\n\
+          prune b by magnitude to 50% (targets = [\"fc2.weight\"], scope = layer)\n\
+          prune a by magnitude to 50% (targets = [\"fc1.weight\"], scope = layer)\n\
+          evaluate b on test -> [sparsity] as b_after\n\
+          evaluate a on test -> [sparsity] as a_after\n\
+        }\n"
+    .to_string();
+    let (_dir, runs) = run_texts(&[text]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(runs[0].0.join("report.json")).unwrap())
+            .unwrap();
+    assert!((evaluation(&report, "b_after", "sparsity") - 0.5).abs() < 0.01);
+    assert!((evaluation(&report, "a_after", "sparsity") - 0.5).abs() < 0.01);
+}

@@ -79,8 +79,9 @@ struct Exec<'a> {
     staging: PathBuf,
     interrupted: Arc<AtomicBool>,
     progress: bool,
-    /// The weights the last prune stage targeted (sparsity and PQI are measured on them).
-    targets: Option<Vec<String>>,
+    /// The weights each model's last prune stage targeted, by model (sparsity
+    /// and PQI are measured on them).
+    targets: BTreeMap<String, Vec<String>>,
     /// When inside a round block, the round's metrics.
     round: Option<Round>,
     /// Language models, by name.
@@ -195,7 +196,7 @@ impl<'a> Exec<'a> {
             staging,
             interrupted: interrupt_flag(),
             progress,
-            targets: None,
+            targets: BTreeMap::new(),
             round: None,
             llms: BTreeMap::new(),
             failed_assert: None,
@@ -831,8 +832,8 @@ impl Exec<'_> {
     /// Sparsity and PQI over the targeted weights (all weights before any prune).
     fn sparsity_pqi(&self, model: &str, span: Span) -> Result<(f64, f64), RunError> {
         let state = &self.models[model];
-        let targets = self.targets.clone();
-        let select = |n: &str| match &targets {
+        let targets = self.targets.get(model);
+        let select = |n: &str| match targets {
             Some(t) => t.iter().any(|x| x == n),
             None => n.ends_with(".weight"),
         };

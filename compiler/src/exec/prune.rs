@@ -733,7 +733,7 @@ impl Exec<'_> {
     ) -> Result<Pruner, RunError> {
         self.model(name, span)?;
         let selected = self.select_params(step, &self.models[name].model)?;
-        self.targets = Some(selected.clone());
+        self.targets.insert(name.to_string(), selected.clone());
         Ok(Pruner {
             span: step.span,
             model: name.to_string(),
