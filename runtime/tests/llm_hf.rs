@@ -184,3 +184,42 @@ fn truncated_or_missing_shards_and_foreign_architectures_are_named() {
     let e = llm::inspect_hf(&dir).unwrap_err().to_string();
     assert!(e.contains("expected shape [128, 48]"), "{e}");
 }
+
+#[test]
+fn f16_checkpoints_run_as_their_values_widened_to_f32() {
+    // tiny-llama stored in f16, and the same f16 values stored in f32: the
+    // forward widens f16 exactly, so the logits are the same bits.
+    let src = tiny("tiny-llama");
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |dir: &Path, dtype: DType| {
+        std::fs::create_dir_all(dir).unwrap();
+        let cast: std::collections::HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(n, t)| {
+                let t = t.to_dtype(DType::F16).unwrap().to_dtype(dtype).unwrap();
+                (n.clone(), t)
+            })
+            .collect();
+        candle_core::safetensors::save(&cast, dir.join("model.safetensors")).unwrap();
+        for f in ["config.json", "tokenizer.json"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+    };
+    let (half, wide) = (tmp.path().join("f16"), tmp.path().join("f32"));
+    write(&half, DType::F16);
+    write(&wide, DType::F32);
+    let a = llm::load_hf(&half).unwrap();
+    let b = llm::load_hf(&wide).unwrap();
+    assert_eq!(a.stored_linear(0, Proj::Q).unwrap().dtype(), DType::F16);
+    let (ids, _) = reference(&src);
+    assert_eq!(
+        max_abs_diff(&a.forward(&ids).unwrap(), &b.forward(&ids).unwrap()),
+        0.0
+    );
+    let out = tmp.path().join("out");
+    llm::save_hf(&a, &out).unwrap();
+    let header = llm::inspect_hf(&out).unwrap();
+    assert!(header.tensors.values().all(|t| t.dtype == "F16"));
+}
