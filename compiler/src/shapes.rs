@@ -27,6 +27,8 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
     let mut models: BTreeMap<String, Shapes> = BTreeMap::new();
     // Hugging Face models whose blocks the compressed format cannot hold.
     let mut non_llama: BTreeMap<String, &'static str> = BTreeMap::new();
+    // Hugging Face models whose folder holds no tokenizer.json.
+    let mut no_tokenizer: std::collections::BTreeSet<String> = Default::default();
     for (name, sym) in &r.symbols {
         if sym.kind != SymKind::Model {
             continue;
@@ -60,6 +62,9 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                     let arch = h.config.architecture;
                     if arch != prunec_runtime::llm::config::Architecture::Llama {
                         non_llama.insert(name.clone(), arch.class_name());
+                    }
+                    if !std::path::Path::new(path).join("tokenizer.json").is_file() {
+                        no_tokenizer.insert(name.clone());
                     }
                 }
                 Err(e) => diags.push(
@@ -125,6 +130,23 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
         }
         let Some(v) = &sym.value else { continue };
         if v.call_name() == Some("text") {
+            // The model that cuts the text must carry a tokenizer.
+            if let Some(Value::Ref(m)) = v.arg("tokenizer") {
+                if no_tokenizer.contains(m.as_str()) {
+                    diags.push(
+                        Diagnostic::new(
+                            Code::ModelFile,
+                            format!("data set `{name}`: the folder of model `{m}` holds no tokenizer.json"),
+                        )
+                        .with_label(
+                            decl_arg_span(r, name, "tokenizer")
+                                .unwrap_or_else(|| decl_value_span(r, name).unwrap_or(sym.span)),
+                            "this model has no tokenizer",
+                        )
+                        .with_help("put the checkpoint's tokenizer.json beside its config.json"),
+                    );
+                }
+            }
             let path = v.arg("path").and_then(|p| p.as_str()).unwrap_or("");
             let field = v.arg("field").and_then(|p| p.as_str()).unwrap_or("text");
             let mut at = decl_value_span(r, name).unwrap_or(sym.span);

@@ -1899,3 +1899,25 @@ fn each_model_measures_sparsity_over_its_own_targets() {
     assert!((evaluation(&report, "b_after", "sparsity") - 0.5).abs() < 0.01);
     assert!((evaluation(&report, "a_after", "sparsity") - 0.5).abs() < 0.01);
 }
+
+#[test]
+fn text_cut_by_an_hf_model_without_a_tokenizer_is_a_check_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    std::fs::create_dir(&model).unwrap();
+    let src = root().join("tests/models/tiny-llama");
+    for f in files_in(&src).iter().filter(|f| *f != "tokenizer.json") {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    let recipe = perplexity_recipe(dir.path(), "hf", &model);
+    let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("P060") && out.contains("holds no tokenizer.json"),
+        "{out}"
+    );
+    // With the tokenizer beside it the same recipe checks.
+    std::fs::copy(src.join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}");
+}
