@@ -52,6 +52,37 @@ fn flops(info: &ModelInfo, kept: &BTreeMap<String, f64>) -> (u64, u64) {
     (dense, after)
 }
 
+/// One line on a Hugging Face model, read from its folder's headers.
+fn hf_summary(v: Option<&prunec_lang::check::Value>) -> String {
+    let path = v
+        .and_then(|v| v.arg("path"))
+        .and_then(|p| p.as_str())
+        .unwrap_or("");
+    match prunec_runtime::llm::inspect_hf(std::path::Path::new(path)) {
+        Ok(h) => {
+            let c = &h.config;
+            let params: usize = h
+                .tensors
+                .values()
+                .map(|t| t.shape.iter().product::<usize>())
+                .sum();
+            let mut dtypes: Vec<&str> = h.tensors.values().map(|t| t.dtype.as_str()).collect();
+            dtypes.sort();
+            dtypes.dedup();
+            format!(
+                "hf language model {}, {} layers, hidden {}, {} heads ({} key/value), {params} parameters ({})",
+                c.architecture.class_name(),
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                dtypes.join(", ")
+            )
+        }
+        Err(e) => format!("hf language model, unreadable: {e}"),
+    }
+}
+
 /// Renders the plan of an optimized IR.
 pub fn render(r: &CheckedRecipe, plan: &Plan) -> Result<String, RunError> {
     let mut out = format!("recipe {} (seed {})\n\n", r.name, r.seed);
@@ -64,6 +95,10 @@ pub fn render(r: &CheckedRecipe, plan: &Plan) -> Result<String, RunError> {
                     .as_ref()
                     .and_then(|v| v.call_name())
                     .unwrap_or("?");
+                if ctor == "hf" {
+                    let _ = writeln!(out, "model {name}: {}", hf_summary(sym.value.as_ref()));
+                    continue;
+                }
                 if prunec_lang::check::models::is_language_model_constructor(ctor) {
                     let _ = writeln!(out, "model {name}: {ctor} language model (its shapes are not listed by `plan` yet)");
                     continue;
