@@ -42,6 +42,16 @@ pub fn dataset_spec(
     let mut spec = rt::DatasetSpec::new(kind, split).files_at(&path);
     let str_arg = |k: &str| v.arg(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
     let float_arg = |k: &str, d: f64| v.arg(k).and_then(|x| x.as_f64()).unwrap_or(d);
+    // A number, or a list of numbers (one per channel).
+    let floats_arg = |k: &str, d: f64| -> Vec<f32> {
+        match v.arg(k) {
+            Some(Value::List(items)) => items
+                .iter()
+                .map(|x| x.as_f64().unwrap_or(d) as f32)
+                .collect(),
+            _ => vec![float_arg(k, d) as f32],
+        }
+    };
     match kind {
         rt::DatasetKind::Images => {
             let size = match v.arg("size") {
@@ -54,8 +64,8 @@ pub fn dataset_spec(
             spec = spec.image_options(rt::ImageOptions {
                 size,
                 gray: str_arg("color") == "gray",
-                mean: float_arg("mean", 0.0) as f32,
-                std: float_arg("std", 1.0) as f32,
+                mean: floats_arg("mean", 0.0),
+                std: floats_arg("std", 1.0),
             });
         }
         rt::DatasetKind::Tensors => spec = spec.arrays(str_arg("inputs"), str_arg("labels")),

@@ -23,6 +23,8 @@ pub enum Ty {
     Globs,
     /// A list of integers.
     Ints,
+    /// A number, or a list of numbers (one per channel).
+    Floats,
     /// One of a fixed set of words.
     Enum(&'static [&'static str]),
     /// A declared or inline value of a kind.
@@ -48,6 +50,7 @@ impl fmt::Display for Ty {
             Ty::Duration => f.write_str("a duration (`100 steps`, `2 epochs`, `step 0`)"),
             Ty::Globs => f.write_str("a list of name patterns such as `[\"*.weight\"]`"),
             Ty::Ints => f.write_str("a list of integers"),
+            Ty::Floats => f.write_str("a number, or a list of numbers (one per channel)"),
             Ty::Enum(v) => {
                 let quoted: Vec<String> = v.iter().map(|s| format!("`{s}`")).collect();
                 write!(f, "one of {}", quoted.join(", "))
@@ -374,17 +377,17 @@ const IMAGE_PARAMS: [Param; 11] = [
     ),
     p(
         "mean",
-        Ty::Float,
+        Ty::Floats,
         Some("0"),
         Range::any(),
-        "subtracted from every pixel after scaling to [0, 1]",
+        "subtracted from every pixel after scaling to [0, 1]: one number, or one per channel (`[0.485, 0.456, 0.406]`)",
     ),
     p(
         "std",
-        Ty::Float,
+        Ty::Floats,
         Some("1"),
         Range::positive(),
-        "every pixel is divided by it after subtracting `mean`",
+        "every pixel is divided by it after subtracting `mean`: one number, or one per channel",
     ),
 ];
 

@@ -14,6 +14,22 @@ impl Checker<'_> {
             self.check_score(e, &mut needs, 0);
             return Some(Value::Score(self.text(e.span).to_string()));
         }
+        if ty == Ty::Floats {
+            // One number, or a list of them, each in range.
+            return match &e.kind {
+                ExprKind::List(items) if items.is_empty() => self.mismatch(e, ty, "an empty list"),
+                ExprKind::List(items) => {
+                    let vals: Vec<Option<Value>> = items
+                        .iter()
+                        .map(|i| self.eval(i, Ty::Float, range))
+                        .collect();
+                    vals.into_iter()
+                        .collect::<Option<Vec<_>>>()
+                        .map(Value::List)
+                }
+                _ => self.eval(e, Ty::Float, range),
+            };
+        }
         let v = self.eval_inner(e, ty)?;
         self.check_range(e, &v, range);
         Some(v)
@@ -313,7 +329,8 @@ impl Checker<'_> {
             | (Value::Str(_), Ty::Str)
             | (Value::Pattern { .. }, Ty::Pattern) => true,
             (Value::Duration { .. }, Ty::Duration) => true,
-            (Value::List(_), Ty::Globs | Ty::Ints) => true,
+            (Value::List(_), Ty::Globs | Ty::Ints | Ty::Floats) => true,
+            (Value::Int(_) | Value::Float(_), Ty::Floats) => true,
             (Value::Word(w), Ty::Enum(words)) => words.contains(&w.as_str()),
             (Value::PerUnit(..), Ty::FractionOrCount) => true,
             _ => false,

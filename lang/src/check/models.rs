@@ -504,6 +504,26 @@ impl Checker<'_> {
                     ));
                 }
             }
+            // A per-channel mean or std has one value per channel.
+            let channels = if v.arg("color").and_then(|c| c.as_str()) == Some("gray") {
+                1
+            } else {
+                3
+            };
+            for key in ["mean", "std"] {
+                if let Some(Value::List(vals)) = v.arg(key) {
+                    if ctor == "images" && vals.len() != 1 && vals.len() != channels {
+                        bad.push((
+                            sym.span,
+                            format!(
+                                "`{key}` of `{name}` has {} values; its images have {channels} channel(s)",
+                                vals.len()
+                            ),
+                            "give one value for every channel, or one per channel",
+                        ));
+                    }
+                }
+            }
             let held = v.arg("validation").and_then(|f| f.as_f64()).unwrap_or(0.0);
             match v.arg("split").and_then(|s| s.as_str()) {
                 Some("test") if held > 0.0 => bad.push((

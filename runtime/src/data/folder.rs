@@ -16,9 +16,10 @@ pub struct ImageOptions {
     pub size: Option<(usize, usize)>,
     /// One channel (luma) instead of three (RGB).
     pub gray: bool,
-    /// Pixels are scaled to `[0, 1]`, then become `(x - mean) / std`.
-    pub mean: f32,
-    pub std: f32,
+    /// Pixels are scaled to `[0, 1]`, then become `(x - mean) / std`: one
+    /// value for every channel, or one per channel.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
 }
 
 impl Default for ImageOptions {
@@ -26,8 +27,8 @@ impl Default for ImageOptions {
         ImageOptions {
             size: None,
             gray: false,
-            mean: 0.0,
-            std: 1.0,
+            mean: vec![0.0],
+            std: vec![1.0],
         }
     }
 }
@@ -179,16 +180,19 @@ pub fn decode(path: &Path, opts: &ImageOptions, (h, w): (usize, usize)) -> Resul
         .decode()
         .map_err(|e| RuntimeError::corrupt(path, format!("cannot decode the image: {e}")))?;
     let (h32, w32) = (h as u32, w as u32);
-    let scale = 1.0 / (255.0 * opts.std);
-    let shift = opts.mean / opts.std;
+    // Channel c's scale and shift (a single value applies to every channel).
+    let pick = |v: &[f32], c: usize| v.get(c).or(v.last()).copied().unwrap_or(0.0);
+    let scale = |c: usize| 1.0 / (255.0 * pick(&opts.std, c));
+    let shift = |c: usize| pick(&opts.mean, c) / pick(&opts.std, c);
     let mut out = vec![0.0f32; opts.channels() * h * w];
     if opts.gray {
         let mut px = img.to_luma8();
         if px.dimensions() != (w32, h32) {
             px = image::imageops::resize(&px, w32, h32, FilterType::Triangle);
         }
+        let (a, b) = (scale(0), shift(0));
         for (o, p) in out.iter_mut().zip(px.as_raw()) {
-            *o = *p as f32 * scale - shift;
+            *o = *p as f32 * a - b;
         }
     } else {
         let mut px = img.to_rgb8();
@@ -196,9 +200,13 @@ pub fn decode(path: &Path, opts: &ImageOptions, (h, w): (usize, usize)) -> Resul
             px = image::imageops::resize(&px, w32, h32, FilterType::Triangle);
         }
         let plane = h * w;
+        let (a, b) = (
+            [scale(0), scale(1), scale(2)],
+            [shift(0), shift(1), shift(2)],
+        );
         for (i, rgb) in px.as_raw().chunks_exact(3).enumerate() {
             for c in 0..3 {
-                out[c * plane + i] = rgb[c] as f32 * scale - shift;
+                out[c * plane + i] = rgb[c] as f32 * a[c] - b[c];
             }
         }
     }
@@ -268,8 +276,8 @@ mod tests {
             .image_options(ImageOptions {
                 size: Some((4, 8)),
                 gray: false,
-                mean: 0.5,
-                std: 0.5,
+                mean: vec![0.5],
+                std: vec![0.5],
             })
             .load(&device)
             .unwrap();
@@ -284,6 +292,33 @@ mod tests {
             .unwrap();
         let want = (200.0 / 255.0 - 0.5) / 0.5;
         assert!(first.iter().all(|p| (*p - want).abs() < 1e-5), "{first:?}");
+        // One mean and std per channel (planes of 4 x 8 values).
+        let (mean, std) = ([0.5f32, 0.25, 0.0], [0.5f32, 0.25, 2.0]);
+        let per = DatasetSpec::new(DatasetKind::Images, Split::Train)
+            .files_at(dir.path())
+            .image_options(ImageOptions {
+                size: Some((4, 8)),
+                gray: false,
+                mean: mean.to_vec(),
+                std: std.to_vec(),
+            })
+            .load(&device)
+            .unwrap();
+        let first: Vec<f32> = per
+            .inputs
+            .get(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (c, plane) in first.chunks(32).enumerate() {
+            let want = (200.0 / 255.0 - mean[c]) / std[c];
+            assert!(
+                plane.iter().all(|p| (*p - want).abs() < 1e-5),
+                "channel {c}: {plane:?}"
+            );
+        }
     }
 
     #[test]
