@@ -98,7 +98,8 @@ impl Exec<'_> {
                 for f in &read {
                     self.hash_input(f, span)?;
                 }
-                llm::load_hf(&path).map_err(rt_err_llm(span, "cannot load the language model"))?
+                llm::load_hf_inspected(&path, header)
+                    .map_err(rt_err_llm(span, "cannot load the language model"))?
             } else {
                 if !path.is_file() {
                     return Err(RunError::User {

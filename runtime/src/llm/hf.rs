@@ -261,7 +261,11 @@ pub fn inspect_hf(dir: &Path) -> Result<HfHeader> {
 /// keep their stored dtype; a bf16 or f16 model is widened to f32 one block
 /// at a time while it runs, so memory stays near the checkpoint's own size.
 pub fn load_hf(dir: &Path) -> Result<LlamaModel> {
-    let header = inspect_hf(dir)?;
+    load_hf_inspected(dir, inspect_hf(dir)?)
+}
+
+/// [`load_hf`] of a folder whose headers [`inspect_hf`] has already read.
+pub fn load_hf_inspected(dir: &Path, header: HfHeader) -> Result<LlamaModel> {
     let config = header.config.clone();
     // SAFETY: the files are only read; a concurrent writer could change
     // the mapped bytes, as with any memory-mapped reader of user files.

@@ -29,7 +29,7 @@ pub use eval::{
     perplexity,
 };
 pub use gguf::{load_gguf, load_gguf_quantized_reference};
-pub use hf::{inspect_hf, load_hf, save_hf, HfHeader, HfSource};
+pub use hf::{inspect_hf, load_hf, load_hf_inspected, save_hf, HfHeader, HfSource};
 pub use model::{linear_name, LinearInput, LlamaModel, Proj};
 pub use prune::{
     prune_one_shot, LayerPruner, LayerReport, LayerStats, LayerToPrune, MagnitudePruner,
