@@ -49,9 +49,10 @@ impl ImageOptions {
 pub struct FolderIndex {
     /// Class names (subfolder names), sorted; a label is an index into them.
     pub classes: Vec<String>,
-    /// Every image with its label, classes interleaved (the first image of
-    /// each class, then the second of each, ...), so any prefix or suffix
-    /// of the order holds every class in about equal parts.
+    /// Every image with its label, classes interleaved in proportion to
+    /// their sizes (each image placed at the middle of its share of its own
+    /// class), so any prefix or suffix of the order holds each class in
+    /// about its share, even when classes differ in size.
     pub images: Vec<(PathBuf, u32)>,
 }
 
@@ -119,15 +120,21 @@ pub fn index(root: &Path) -> Result<FolderIndex> {
             "no class subfolder: an image data set holds one subfolder of PNG or JPEG images per class",
         ));
     }
-    let longest = per_class.iter().map(Vec::len).max().unwrap_or(0);
-    let mut images = Vec::new();
-    for i in 0..longest {
-        for (label, files) in per_class.iter().enumerate() {
-            if let Some(f) = files.get(i) {
-                images.push((f.clone(), label as u32));
-            }
-        }
-    }
+    // Image i of a class of n sits at (2i + 1) / 2n; ties (equal positions
+    // in equal classes) go by label, which for equal classes is round robin.
+    let mut placed: Vec<(f64, u32, PathBuf)> = per_class
+        .iter()
+        .enumerate()
+        .flat_map(|(label, files)| {
+            let n = files.len();
+            files
+                .iter()
+                .enumerate()
+                .map(move |(i, f)| ((2 * i + 1) as f64 / (2 * n) as f64, label as u32, f.clone()))
+        })
+        .collect();
+    placed.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let images = placed.into_iter().map(|(_, l, f)| (f, l)).collect();
     Ok(FolderIndex { classes, images })
 }
 
@@ -250,7 +257,8 @@ mod tests {
         let ix = index(dir.path()).unwrap();
         assert_eq!(ix.classes, ["ant", "zebra"]);
         let labels: Vec<u32> = ix.images.iter().map(|(_, l)| *l).collect();
-        assert_eq!(labels, [0, 1, 1, 1]);
+        // zebra's three at 1/6, 3/6, 5/6 of the order, ant's one at 1/2.
+        assert_eq!(labels, [1, 0, 1, 1]);
         let opts = ImageOptions {
             gray: true,
             ..ImageOptions::default()
@@ -319,6 +327,23 @@ mod tests {
                 "channel {c}: {plane:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_suffix_of_unequal_classes_holds_each_class() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..10 {
+            write(dir.path(), "many", &format!("{i}.png"), 1);
+        }
+        for i in 0..2 {
+            write(dir.path(), "few", &format!("{i}.png"), 2);
+        }
+        let ix = index(dir.path()).unwrap();
+        // The last quarter (3 images) holds the small class too.
+        let tail: Vec<u32> = ix.images[9..].iter().map(|(_, l)| *l).collect();
+        assert!(tail.contains(&0) && tail.contains(&1), "{tail:?}");
+        let head: Vec<u32> = ix.images[..3].iter().map(|(_, l)| *l).collect();
+        assert!(head.contains(&0) && head.contains(&1), "{head:?}");
     }
 
     #[test]
