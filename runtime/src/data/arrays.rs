@@ -71,10 +71,23 @@ pub fn read_header(path: &Path) -> Result<Header> {
         let e: Entry = serde_json::from_value(v).map_err(|e| {
             RuntimeError::corrupt(path, format!("bad header entry for `{name}`: {e}"))
         })?;
-        let elems: usize = e.shape.iter().product();
-        let size = element_size(&e.dtype).map(|s| s * elems);
+        // Sizes come from the file: overflow is a corrupt header, not a panic.
+        let elems = e
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, d| acc.checked_mul(*d));
+        let size = match (element_size(&e.dtype), elems) {
+            (Some(s), Some(elems)) => Some(s.checked_mul(elems)),
+            (None, Some(_)) => None,
+            (_, None) => Some(None),
+        };
         let (a, b) = e.data_offsets;
-        if size.is_some_and(|s| b.checked_sub(a) != Some(s as u64)) || 8 + n + b > file_len {
+        let sized_wrong = match size {
+            Some(Some(s)) => b.checked_sub(a) != Some(s as u64),
+            Some(None) => true,
+            None => false,
+        };
+        if sized_wrong || (8 + n).checked_add(b).is_none_or(|end| end > file_len) {
             return Err(RuntimeError::corrupt(
                 path,
                 format!("the data of `{name}` does not match its header (truncated file?)"),
@@ -188,10 +201,21 @@ pub fn check_pair(
                 format!("label {v} of sample {i} in `{labels}` is not a class index (an integer from 0)"),
             ));
         }
+        // The class count is the largest label + 1: a stray huge label
+        // would make the model's output layer that wide.
+        if v >= MAX_CLASSES as f64 {
+            return Err(RuntimeError::corrupt(
+                path,
+                format!("label {v} of sample {i} in `{labels}` is not below {MAX_CLASSES} classes"),
+            ));
+        }
         out.push(v as u32);
     }
     Ok((x.shape[1..].to_vec(), out))
 }
+
+/// The most classes a `tensors` data set may have.
+pub const MAX_CLASSES: usize = 1 << 20;
 
 /// Samples `[from, to)` of the inputs, as f32.
 pub fn read_inputs(
