@@ -151,7 +151,7 @@ fn int_values(path: &Path, t: &proto::TensorProto, numel: usize) -> Result<Vec<i
     } else {
         t.int64_data.clone()
     };
-    if values.len() != numel {
+    if values.len() != numel || (!t.raw_data.is_empty() && t.raw_data.len() != numel * 8) {
         return Err(corrupt(
             path,
             format!(

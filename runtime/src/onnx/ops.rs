@@ -334,6 +334,13 @@ impl Op {
                 if kh == 0 || kw == 0 {
                     return Err(format!("weight {w:?} has an empty kernel"));
                 }
+                // Attributes come from the file: bounded before any arithmetic.
+                const LIMIT: usize = 1 << 16;
+                if *dilation > LIMIT || pads.iter().any(|p| *p > LIMIT) {
+                    return Err(format!(
+                        "pads {pads:?} or dilation {dilation} exceed {LIMIT}"
+                    ));
+                }
                 let (eh, ew) = (dilation * (kh - 1) + 1, dilation * (kw - 1) + 1);
                 let (hp, wp) = (h + pads[0] + pads[2], wd + pads[1] + pads[3]);
                 if hp < eh || wp < ew {
