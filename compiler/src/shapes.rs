@@ -17,6 +17,8 @@ use std::collections::BTreeMap;
 struct Shapes {
     params: Vec<(String, Vec<usize>)>,
     input: Option<Vec<usize>>,
+    /// The model's own rule for which sample shapes fit its input.
+    arch: Option<prunec_runtime::model::Architecture>,
     /// Outputs of the model (its classes).
     classes: Option<usize>,
 }
@@ -89,6 +91,7 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                 let arch = spec.resolve_architecture().ok();
                 let input = arch.as_ref().map(|a| a.input_shape());
                 let classes = arch
+                    .as_ref()
                     .and_then(|a| a.shape_check().ok())
                     .map(|(_, classes)| classes);
                 models.insert(
@@ -96,6 +99,7 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                     Shapes {
                         params,
                         input,
+                        arch,
                         classes,
                     },
                 );
@@ -257,12 +261,7 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
         // Data must fit the model's input.
         if let (Some(on), Some(input)) = (&s.on, &shapes.input) {
             if let Some(sample) = on.as_name().and_then(|n| data_shapes.get(&n.name)) {
-                // An MLP flattens its input; convolutions need the exact shape.
-                let fits = if input.len() > 1 {
-                    sample == input
-                } else {
-                    sample.iter().product::<usize>() == input.iter().product::<usize>()
-                };
+                let fits = shapes.arch.as_ref().is_none_or(|a| a.accepts(sample));
                 if !fits {
                     diags.push(
                         Diagnostic::new(Code::ShapeMismatch, format!("samples of shape {sample:?} do not fit the model's input {input:?}"))

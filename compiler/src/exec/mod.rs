@@ -833,9 +833,20 @@ impl Exec<'_> {
     fn sparsity_pqi(&self, model: &str, span: Span) -> Result<(f64, f64), RunError> {
         let state = &self.models[model];
         let targets = self.targets.get(model);
-        let select = |n: &str| match targets {
-            Some(t) => t.iter().any(|x| x == n),
-            None => n.ends_with(".weight"),
+        // Before any prune: every weight. ONNX initializers are named by the
+        // exporter (`onnx::MatMul_12`), so there the graph's layer weights.
+        let layer_weights: Option<Vec<String>> = state.model.onnx_graph().map(|_| {
+            state
+                .model
+                .layer_costs()
+                .iter()
+                .map(|c| c.weight.clone())
+                .collect()
+        });
+        let select = |n: &str| match (targets, &layer_weights) {
+            (Some(t), _) => t.iter().any(|x| x == n),
+            (None, Some(w)) => w.iter().any(|x| x == n),
+            (None, None) => n.ends_with(".weight"),
         };
         let sp =
             rt::eval::model_sparsity(&state.model, select).map_err(rt_err(span, "sparsity"))?;

@@ -519,7 +519,7 @@ impl Checker<'_> {
                                 "`{key}` of `{name}` has {} values; its images have {channels} channel(s)",
                                 vals.len()
                             ),
-                            "give one value for every channel, or one per channel",
+                            "give one value for all channels, or one per channel",
                         ));
                     }
                 }

@@ -121,6 +121,20 @@ impl Architecture {
         }
     }
 
+    /// Whether samples of `sample` shape fit the input: an MLP flattens its
+    /// input and an ONNX graph reshapes it, so only the element count
+    /// matters; convolutions need the exact shape. The one rule `check`
+    /// and the run share.
+    pub fn accepts(&self, sample: &[usize]) -> bool {
+        let want = self.input_shape();
+        match self {
+            Architecture::Mlp { .. } | Architecture::Onnx { .. } => {
+                sample.iter().product::<usize>() == want.iter().product::<usize>()
+            }
+            _ => sample == want.as_slice(),
+        }
+    }
+
     /// Shape of one input sample.
     pub fn input_shape(&self) -> Vec<usize> {
         match self {

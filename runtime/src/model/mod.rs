@@ -587,15 +587,7 @@ impl Model {
     pub fn check_data(&self, data: &crate::data::Dataset) -> Result<()> {
         let meta = data.meta();
         let want = self.arch.input_shape();
-        let fits = match &self.arch {
-            Architecture::Mlp { .. } => meta.sample_shape.iter().product::<usize>() == want[0],
-            // The graph's forward reshapes each sample to its input shape.
-            Architecture::Onnx { .. } => {
-                meta.sample_shape.iter().product::<usize>() == want.iter().product::<usize>()
-            }
-            _ => meta.sample_shape == want,
-        };
-        if !fits {
+        if !self.arch.accepts(&meta.sample_shape) {
             return Err(RuntimeError::ShapeMismatch {
                 name: "input samples".into(),
                 context: format!("data set {} for model {}", data.name, self.arch_name()),
