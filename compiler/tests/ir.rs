@@ -76,9 +76,19 @@ fn graph_and_plan_work_on_every_example() {
     files.sort();
     for f in files {
         let p = f.display().to_string();
+        // A `# check-args:` line names a committed stand-in for a model that
+        // `scripts/interop.sh` makes (see the recipes tests).
+        let text = std::fs::read_to_string(&f).unwrap();
+        let sets: Vec<String> = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# check-args:"))
+            .map(|rest| rest.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
         for stage in ["lowered", "optimized"] {
             let out = Command::new(env!("CARGO_BIN_EXE_prunec"))
-                .args(["graph", "--stage", stage, &p])
+                .args(["graph", "--stage", stage])
+                .args(&sets)
+                .arg(&p)
                 .current_dir(root())
                 .output()
                 .unwrap();
@@ -90,7 +100,9 @@ fn graph_and_plan_work_on_every_example() {
             assert!(String::from_utf8_lossy(&out.stdout).starts_with("digraph"));
         }
         let out = Command::new(env!("CARGO_BIN_EXE_prunec"))
-            .args(["plan", &p])
+            .arg("plan")
+            .args(&sets)
+            .arg(&p)
             .current_dir(root())
             .output()
             .unwrap();

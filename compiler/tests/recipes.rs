@@ -21,11 +21,12 @@ fn prune_files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// `--set` overrides a fixture asks for in a `# check-args:` first line.
+/// `--set` overrides a fixture or example asks for in a `# check-args:` line
+/// (an example whose model `scripts/interop.sh` makes names a committed
+/// stand-in, so a fresh checkout checks it too).
 fn fixture_args(text: &str) -> Vec<String> {
     text.lines()
-        .next()
-        .and_then(|l| l.strip_prefix("# check-args:"))
+        .find_map(|l| l.strip_prefix("# check-args:"))
         .map(|rest| rest.split_whitespace().map(String::from).collect())
         .unwrap_or_default()
 }
@@ -131,7 +132,12 @@ fn the_cli_exits_1_on_every_invalid_recipe_and_0_on_valid_ones() {
     let mut valid = prune_files(&root().join("tests/recipes/valid"));
     valid.extend(prune_files(&root().join("examples")));
     for path in valid {
-        let (code, _, stderr) = run_cli(&["check", &path.display().to_string()]);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut args = vec!["check".to_string()];
+        args.extend(fixture_args(&text));
+        args.push(path.display().to_string());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, stderr) = run_cli(&refs);
         assert_eq!(code, 0, "{}: {stderr}", path.display());
     }
 }

@@ -65,7 +65,9 @@ impl Checker<'_> {
     fn subject_model(&self, s: &Stage) -> Option<(String, bool)> {
         let name = s.subject.first()?.as_name()?.name.clone();
         let sym = self.symbols.get(&name)?;
-        (sym.kind == super::SymKind::Model)
+        // A model whose declaration did not evaluate (its error is reported
+        // there) is of no known kind: nothing is said about its stages.
+        (sym.kind == super::SymKind::Model && sym.value.is_some())
             .then(|| (name.clone(), is_language_model(&self.symbols, &name)))
     }
 
@@ -131,7 +133,7 @@ impl Checker<'_> {
                 if !lm && ctor == "text" {
                     self.unsupported(
                         on.span,
-                        format!("`{model}` is a classifier; `text(...)` data feeds language models (`gguf(...)`)"),
+                        format!("`{model}` is a classifier; `text(...)` data feeds language models (`gguf(...)`, `hf(...)`)"),
                         "token sequences",
                         "use an image or feature data set (`mnist`, `fashion_mnist`, `digits`, `images`, `tensors`)",
                     );
@@ -204,7 +206,7 @@ impl Checker<'_> {
                         } else {
                             (
                                 "a classifier",
-                                "`perplexity` is measured on language models (`gguf(...)`)",
+                                "`perplexity` is measured on language models (`gguf(...)`, `hf(...)`)",
                             )
                         };
                         self.unsupported(
@@ -447,7 +449,8 @@ impl Checker<'_> {
                 continue;
             }
             if let Some(Value::Ref(m)) = v.arg("tokenizer") {
-                if !is_language_model(&self.symbols, m) {
+                let known = self.symbols.get(m).is_some_and(|t| t.value.is_some());
+                if known && !is_language_model(&self.symbols, m) {
                     bad.push((name.clone(), m.clone(), sym.span));
                 }
             }
@@ -457,7 +460,7 @@ impl Checker<'_> {
                 span,
                 format!("the text data set `{name}` is cut by the tokenizer of `{m}`, which is not a language model"),
                 "no tokenizer",
-                "name a `gguf(...)` model: `tokenizer = lm`",
+                "name a language model (`gguf(...)` or `hf(...)`): `tokenizer = lm`",
             );
         }
     }

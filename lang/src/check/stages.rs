@@ -147,7 +147,15 @@ impl<'a> Checker<'a> {
                         default.type_name()
                     ),
                 )
-                .with_help(format!("give a value like the default, `{default}`")),
+                .with_help(match default {
+                    // A path typed bare parses as arithmetic; the shell eats plain quotes.
+                    Value::Str(_) if !text.trim_start().starts_with('"') => format!(
+                        "a string is quoted, and the quotes protected from the shell: `--set '{}=\"{}\"'`",
+                        p.name.name,
+                        text.trim()
+                    ),
+                    _ => format!("give a value like the default, `{default}`"),
+                }),
             );
             None
         };
