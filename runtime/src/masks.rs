@@ -94,6 +94,11 @@ impl Masks {
         Ok(())
     }
 
+    /// Sets the mask of `name` as it is (a 0/1 f32 tensor already checked).
+    pub(crate) fn put(&mut self, name: &str, mask: Tensor) {
+        self.masks.insert(name.to_string(), mask);
+    }
+
     /// Removes the mask of `name` (the parameter becomes dense again).
     pub fn remove(&mut self, name: &str) -> Option<Tensor> {
         self.masks.remove(name)

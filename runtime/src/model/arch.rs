@@ -62,10 +62,18 @@ pub enum Architecture {
         params: Vec<(String, Vec<usize>)>,
         costs: Vec<LayerCost>,
     },
+    /// Any sequential network by its layer list: what structured pruning
+    /// leaves of the built-in architectures (names kept, widths reduced).
+    Sequential {
+        /// `[channels, height, width]` or `[features]` of one input.
+        input_shape: Vec<usize>,
+        layers: Vec<Layer>,
+    },
 }
 
 /// One step of a sequential model.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Layer {
     /// `(x - mean) / std`.
     Normalize { mean: f64, std: f64 },
@@ -131,6 +139,15 @@ impl Architecture {
             Architecture::Mlp { .. } | Architecture::Onnx { .. } => {
                 sample.iter().product::<usize>() == want.iter().product::<usize>()
             }
+            // Flattened first (a shrunk MLP): only the element count matters.
+            Architecture::Sequential { layers, .. }
+                if layers
+                    .iter()
+                    .find(|l| !matches!(l, Layer::Normalize { .. }))
+                    .is_some_and(|l| matches!(l, Layer::Flatten)) =>
+            {
+                sample.iter().product::<usize>() == want.iter().product::<usize>()
+            }
             _ => sample == want.as_slice(),
         }
     }
@@ -142,6 +159,7 @@ impl Architecture {
             Architecture::Lenet5 { input_shape, .. } => input_shape.clone(),
             Architecture::DigitCnn => vec![1, 28, 28],
             Architecture::Onnx { input_shape, .. } => input_shape.clone(),
+            Architecture::Sequential { input_shape, .. } => input_shape.clone(),
         }
     }
 
@@ -233,6 +251,7 @@ impl Architecture {
                 ]
             }
             Architecture::Onnx { .. } => Vec::new(),
+            Architecture::Sequential { layers, .. } => layers.clone(),
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod arch;
 pub mod init;
+pub mod shrink;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 pub use arch::{Activation, Architecture, Layer, LayerCost};
 pub use init::InitScheme;
+pub use shrink::{NoUnits, UnitKind, UnitLayer, UnitRemoval};
 
 use crate::error::{CandleContext, Result, RuntimeError};
 use crate::io::{self, TensorHeader};
@@ -574,6 +576,7 @@ impl Model {
                     .join("-")
             ),
             Architecture::Lenet5 { .. } => "lenet5".into(),
+            Architecture::Sequential { .. } => "sequential (units removed)".into(),
             Architecture::DigitCnn => "digit-recognizer cnn".into(),
             Architecture::Onnx { .. } => match &self.source {
                 Some(p) => format!("onnx {}", p.display()),
