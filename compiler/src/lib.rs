@@ -13,3 +13,4 @@ pub mod plan;
 pub mod report;
 pub mod shapes;
 pub mod specs;
+pub mod units;

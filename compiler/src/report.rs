@@ -1,5 +1,6 @@
 //! Run outputs: `report.json` (schema in `spec/REPORT.md`), `report.md`, SVG plots and `prune.lock`.
 
+use prunec_lang::resolved::Metric;
 use prunec_lang::{CheckedRecipe, Span};
 use prunec_runtime::eval::ModelCounts;
 use serde_json::{json, Value as Json};
@@ -66,6 +67,8 @@ pub struct Report {
     pub classes: BTreeMap<String, Vec<String>>,
     pub evaluations: Vec<Evaluation>,
     pub rounds: Vec<Round>,
+    /// Each `unit = ...` prune stage: the widths it left.
+    pub shrinks: Vec<Shrink>,
     pub layers: Vec<Layer>,
     pub final_sparsity: f64,
     pub counts: Option<ModelCounts>,
@@ -87,6 +90,19 @@ pub struct Report {
     source: String,
 }
 
+/// What a `unit = ...` prune stage removed from a model.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Shrink {
+    pub model: String,
+    /// The stage's line in the recipe.
+    pub line: usize,
+    pub unit: String,
+    /// Layer, units before the stage, units after.
+    pub layers: Vec<(String, usize, usize)>,
+    pub params_before: usize,
+    pub params_after: usize,
+}
+
 /// A metric as people read it.
 pub fn fmt_metric(name: &str, v: f64) -> String {
     match name {
@@ -94,6 +110,8 @@ pub fn fmt_metric(name: &str, v: f64) -> String {
             format!("{:.2}%", v * 100.0)
         }
         "params" | "flops" | "step" => format!("{v:.0}"),
+        "latency" => format!("{v:.3} ms"),
+        "throughput" => format!("{v:.0} samples/s"),
         _ => format!("{v:.4}"),
     }
 }
@@ -118,6 +136,7 @@ impl Report {
             classes: BTreeMap::new(),
             evaluations: vec![],
             rounds: vec![],
+            shrinks: vec![],
             layers: vec![],
             final_sparsity: 0.0,
             counts: None,
@@ -173,6 +192,11 @@ impl Report {
             }).collect::<Vec<_>>(),
             "rounds": self.rounds.iter().map(|r| json!({
                 "round": r.round, "sparsity": r.sparsity, "pqi": r.pqi, "metrics": r.metrics,
+            })).collect::<Vec<_>>(),
+            "units_removed": self.shrinks.iter().map(|s| json!({
+                "model": s.model, "line": s.line, "unit": s.unit,
+                "layers": s.layers.iter().map(|(n, b, a)| json!({"layer": n, "before": b, "after": a})).collect::<Vec<_>>(),
+                "params_before": s.params_before, "params_after": s.params_after,
             })).collect::<Vec<_>>(),
             "layers": self.layers.iter().map(|l| json!({
                 "model": l.model, "name": l.name, "shape": l.shape, "total": l.total, "kept": l.kept,
@@ -257,6 +281,26 @@ impl Report {
                     r.sparsity * 100.0,
                     r.pqi,
                     m.join(", ")
+                ));
+            }
+            md.push('\n');
+        }
+        if !self.shrinks.is_empty() {
+            md.push_str("## Units removed\n\n| model | line | unit | widths (before → after) | parameters |\n|---|---|---|---|---|\n");
+            for s in &self.shrinks {
+                let w: Vec<String> = s
+                    .layers
+                    .iter()
+                    .map(|(n, b, a)| format!("{n} {b} → {a}"))
+                    .collect();
+                md.push_str(&format!(
+                    "| {} | {} | {} | {} | {} → {} |\n",
+                    s.model,
+                    s.line,
+                    s.unit,
+                    w.join(", "),
+                    s.params_before,
+                    s.params_after
                 ));
             }
             md.push('\n');
@@ -665,7 +709,16 @@ pub fn write_sweep(
             }
         }
     }
-    let svg = sweep_svg(spec, rows, &metrics);
+    // The plot is locked: timings, different on every run, stay out of it.
+    let plotted: Vec<String> = metrics
+        .iter()
+        .filter(|m| {
+            let name = m.rsplit('.').next().unwrap_or(m);
+            !Metric::named(name).is_some_and(Metric::is_timing)
+        })
+        .cloned()
+        .collect();
+    let svg = sweep_svg(spec, rows, &plotted);
     std::fs::write(dir.join("sweep.svg"), &svg)?;
     // The comparison table.
     let mut md = format!(

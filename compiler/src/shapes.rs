@@ -21,6 +21,8 @@ struct Shapes {
     arch: Option<prunec_runtime::model::Architecture>,
     /// Outputs of the model (its classes).
     classes: Option<usize>,
+    /// Weights whose widths a global unit selection decides at run time.
+    unknown: std::collections::BTreeSet<String>,
 }
 
 /// Every shape problem of a recipe (empty when it fits).
@@ -101,6 +103,7 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                         input,
                         arch,
                         classes,
+                        unknown: Default::default(),
                     },
                 );
             }
@@ -255,7 +258,7 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                 .with_help("export it as a Hugging Face folder (`format = hf`)"),
             );
         }
-        let Some(shapes) = model.as_ref().and_then(|m| models.get(m)) else {
+        let Some(shapes) = model.as_ref().and_then(|m| models.get_mut(m)) else {
             continue;
         };
         // Data must fit the model's input.
@@ -383,7 +386,10 @@ fn option(r: &CheckedRecipe, s: &Stage, key: &str) -> Option<(Value, Option<Span
     r.option(s, key).map(|v| (v.clone(), span))
 }
 
-fn prune_shapes(r: &CheckedRecipe, s: &Stage, shapes: &Shapes, diags: &mut Vec<Diagnostic>) {
+fn prune_shapes(r: &CheckedRecipe, s: &Stage, shapes: &mut Shapes, diags: &mut Vec<Diagnostic>) {
+    if let Some(unit) = prunec_lang::resolved::Unit::of(r.option(s, "unit")) {
+        return unit_shapes(r, s, unit, shapes, diags);
+    }
     let (targets, tspan) = match option(r, s, "targets") {
         Some((v, span)) => (strings(Some(&v)), span),
         None => (vec!["*.weight".to_string()], None),
@@ -433,6 +439,24 @@ fn prune_shapes(r: &CheckedRecipe, s: &Stage, shapes: &Shapes, diags: &mut Vec<D
         Some(Pattern::Block { rows, cols }) => Some(((rows, cols), pspan)),
         _ => None,
     });
+    // A global unit selection earlier decided these widths at run time.
+    let pattern_span = option(r, s, "pattern")
+        .and_then(|(_, sp)| sp)
+        .or(s.to.as_ref().map(|t| t.span))
+        .unwrap_or(s.keyword_span);
+    if option(r, s, "pattern").is_some() {
+        if let Some((name, _)) = selected.iter().find(|(n, _)| shapes.unknown.contains(n)) {
+            diags.push(
+                Diagnostic::new(
+                    Code::ShapeMismatch,
+                    format!("the width of `{name}` is decided at run time by an earlier `unit` stage with `scope = global`, so a pattern cannot be checked against it"),
+                )
+                .with_label(pattern_span, "needs a known width")
+                .with_help("remove units per layer (`scope = layer`, the default) before an N:M or block pattern, or skip the tensor"),
+            );
+            return;
+        }
+    }
     if let Some(((br, bc), pspan)) = block {
         for (name, shape) in selected.iter() {
             let rows = shape.first().copied().unwrap_or(1).max(1);
@@ -462,6 +486,65 @@ fn prune_shapes(r: &CheckedRecipe, s: &Stage, shapes: &Shapes, diags: &mut Vec<D
                     .with_label(pspan.unwrap_or(s.keyword_span), format!("`{name}` has shape {shape:?}"))
                     .with_help(format!("skip it with `skip = [\"{name}\"]`")),
                 );
+            }
+        }
+    }
+}
+
+/// A `unit = ...` stage: its targets name layers with units of its kind;
+/// per layer, the widths after it are known and replace the model's shapes
+/// for later stages; a global selection leaves them to the run.
+fn unit_shapes(
+    r: &CheckedRecipe,
+    s: &Stage,
+    unit: prunec_lang::resolved::Unit,
+    shapes: &mut Shapes,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let Some(arch) = shapes.arch.clone() else {
+        return;
+    };
+    let targets = option(r, s, "targets").map(|(v, _)| strings(Some(&v)));
+    let skip = option(r, s, "skip")
+        .map(|(v, _)| strings(Some(&v)))
+        .unwrap_or_default();
+    let span = match &targets {
+        Some(_) => s.value_span("targets"),
+        None => s.value_span("unit"),
+    };
+    let layers = match crate::units::unit_targets(&arch, targets.as_deref(), &skip, unit) {
+        Ok(l) => l,
+        Err(e) => {
+            diags.push(
+                Diagnostic::new(Code::NoMatch, e.message)
+                    .with_label(span, "no units here")
+                    .with_help(e.help),
+            );
+            return;
+        }
+    };
+    let scope = prunec_lang::resolved::Scope::of_stage(r.option(s, "scope"), false, Some(unit));
+    let target = s.to.as_ref().and_then(|to| r.constant(to));
+    match (scope, target) {
+        (prunec_lang::resolved::Scope::Layer, Some(sparsity)) => {
+            let kept = layers
+                .iter()
+                .map(|u| {
+                    (
+                        u.layer.clone(),
+                        crate::units::kept_per_layer(u.units, sparsity),
+                    )
+                })
+                .collect();
+            if let Ok(a) = arch.with_units(&kept) {
+                shapes.params = a.param_shapes();
+                shapes.arch = Some(a);
+            }
+        }
+        _ => {
+            for u in &layers {
+                shapes.unknown.insert(u.weight());
+                shapes.unknown.insert(u.reader_weight());
             }
         }
     }

@@ -531,6 +531,14 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         "perplexity",
         Changes(Llm, "-> [perplexity]", "-> [sparsity]"),
     );
+    add(
+        "latency",
+        Changes(Digits, "-> [accuracy]", "-> [accuracy, latency]"),
+    );
+    add(
+        "throughput",
+        Changes(Digits, "-> [accuracy]", "-> [accuracy, throughput]"),
+    );
     // Stage options.
     add("epochs", Changes(Digits, "epochs = 2", "epochs = 3"));
     add("steps", Changes(Digits, "epochs = 2,", "steps = 7,"));
@@ -593,6 +601,14 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         Changes(Llm, "sequential = true", "sequential = false"),
     );
     add("rounds", Changes(Sap, "rounds = 2", "rounds = 3"));
+    add(
+        "unit",
+        Changes(
+            Digits,
+            "keep_max = 100%) on train",
+            "keep_max = 100%, unit = neuron) on train",
+        ),
+    );
     add(
         "allow_nonfinite",
         Tested("nan_weights_stop_the_run_naming_the_tensor"),

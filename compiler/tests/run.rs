@@ -1921,3 +1921,103 @@ fn text_cut_by_an_hf_model_without_a_tokenizer_is_a_check_error() {
     let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{out}");
 }
+
+fn shape_of(file: &Path, name: &str) -> Vec<usize> {
+    let st = std::fs::read(file).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&st).unwrap();
+    tensors.tensor(name).unwrap().shape().to_vec()
+}
+
+#[test]
+fn removing_units_exports_a_smaller_model_that_reloads_with_the_same_predictions() {
+    require_data("digits/digits.csv.gz", "digits");
+    let (dir, out, report) = run_ok(&["tests/recipes/run/digits_units.prune"]);
+    let file = out.join("net.safetensors");
+    assert_eq!(shape_of(&file, "fc1.weight"), [32, 64]);
+    assert_eq!(shape_of(&file, "fc1.bias"), [32]);
+    assert_eq!(shape_of(&file, "fc2.weight"), [16, 32]);
+    assert_eq!(shape_of(&file, "fc3.weight"), [10, 16]);
+    let shrink = &report["units_removed"][0];
+    assert_eq!(shrink["unit"], "neuron");
+    assert_eq!(shrink["params_after"], 2778);
+    assert_eq!(evaluation(&report, "shrunk", "params"), 2778.0);
+    assert!(evaluation(&report, "dense", "flops") > evaluation(&report, "shrunk", "flops"));
+    // The file alone describes the new widths: read back, it predicts the same.
+    let again = dir.path().join("reload.prune");
+    std::fs::write(
+        &again,
+        format!(
+            "recipe reload {{ version = 1, seed = 0 }}\n\
+             model net = safetensors({:?})\n\
+             dataset test = digits(\"data/digits/digits.csv.gz\", split = \"test\", batch = 360)\n\
+             pipeline {{\n  evaluate net on test -> [accuracy, params] as back\n}}\n",
+            file.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (_d2, _o2, back) = run_ok(&[again.to_str().unwrap()]);
+    assert_eq!(
+        evaluation(&back, "back", "accuracy"),
+        evaluation(&report, "finetuned", "accuracy")
+    );
+    assert_eq!(evaluation(&back, "back", "params"), 2778.0);
+    let pred = |r: &serde_json::Value, label: &str| {
+        r["evaluations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["label"] == label)
+            .unwrap()["predictions_sha256"]
+            .clone()
+    };
+    assert_eq!(pred(&back, "back"), pred(&report, "finetuned"));
+}
+
+#[test]
+fn units_in_rounds_with_a_global_guard_and_timed_forward_passes() {
+    require_data("digits/digits.csv.gz", "digits");
+    let text = "recipe units_rounds { version = 1, seed = 3 }\n\
+        use std.taylor\n\
+        model net = mlp(inputs = 64, hidden = [64, 32], classes = 10)\n\
+        dataset train = digits(\"data/digits/digits.csv.gz\", split = \"train\", batch = 32, shuffle = true)\n\
+        dataset test = digits(\"data/digits/digits.csv.gz\", split = \"test\", batch = 360)\n\
+        pipeline {\n\
+          train net on train (epochs = 3, optimizer = sgd(lr = 0.05, momentum = 0.9))\n\
+          evaluate net on test -> [accuracy, latency, throughput] as dense\n\
+          prune net by taylor to 75% (unit = neuron, scope = global, keep_min = 20% per layer, schedule = iterative(rounds = 2)) on train {\n\
+            each round:\n\
+              finetune net on train (epochs = 1, optimizer = sgd(lr = 0.02, momentum = 0.9))\n\
+              evaluate net on test -> [accuracy, params]\n\
+          }\n\
+          evaluate net on test -> [accuracy, latency, throughput] as pruned\n\
+          export net to \"net.safetensors\"\n\
+        }\n"
+        .to_string();
+    let (_dir, runs) = run_texts(&[text]);
+    let (out, _) = &runs[0];
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let layers = report["units_removed"][0]["layers"].as_array().unwrap();
+    let after: Vec<u64> = layers
+        .iter()
+        .map(|l| l["after"].as_u64().unwrap())
+        .collect();
+    // 96 units, 75% of them removed in all: 72, each layer keeping 20%.
+    assert_eq!(after.iter().sum::<u64>(), 24, "{layers:?}");
+    assert!(after[0] >= 13 && after[1] >= 7, "{after:?}");
+    assert_eq!(report["rounds"].as_array().unwrap().len(), 2);
+    let file = out.join("net.safetensors");
+    assert_eq!(shape_of(&file, "fc1.weight"), [after[0] as usize, 64]);
+    assert_eq!(
+        shape_of(&file, "fc2.weight"),
+        [after[1] as usize, after[0] as usize]
+    );
+    assert_eq!(shape_of(&file, "fc3.weight"), [10, after[1] as usize]);
+    // Timings: positive, and throughput is the batch over the latency.
+    for label in ["dense", "pruned"] {
+        let ms = evaluation(&report, label, "latency");
+        let tp = evaluation(&report, label, "throughput");
+        assert!(ms > 0.0 && tp > 0.0);
+        assert!((tp * ms / 1e3 - 360.0).abs() < 1e-6 * 360.0, "{tp} {ms}");
+    }
+}

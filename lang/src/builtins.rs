@@ -288,6 +288,7 @@ const fn needs(mut bi: Builtin, n: Needs) -> Builtin {
 const SPLITS: Ty = Ty::Enum(&["train", "validation", "test"]);
 const ACTIVATIONS: Ty = Ty::Enum(&["relu", "tanh", "sigmoid", "gelu"]);
 const SCOPES: Ty = Ty::Enum(&["global", "layer", "row", "neuron"]);
+const UNITS: Ty = Ty::Enum(&["neuron", "channel"]);
 const AXES: Ty = Ty::Enum(&["out_channel", "row"]);
 const FORMATS: Ty = Ty::Enum(&["safetensors", "onnx", "hf", "compressed_24"]);
 const REWINDS: Ty = Ty::Enum(&["none", "init"]);
@@ -572,6 +573,8 @@ pub static BUILTINS: &[Builtin] = &[
     b("pqi", Kind::Metric, &[], "PQ index of the kept weights (p = 0.5, q = 1): 0 dense-like, towards 1 sparse."),
     b("params", Kind::Metric, &[], "Kept (non-zero) parameters."),
     b("flops", Kind::Metric, &[], "FLOPs of one forward pass counting kept weights only."),
+    b("latency", Kind::Metric, &[], "Milliseconds of one forward pass of the model as it is over a batch of the stage's data (the data set's `batch` is the batch size): the median of 20 timed passes after 3 warm-up passes. A timing of the machine at hand: in the report, never in a locked output (not plotted)."),
+    b("throughput", Kind::Metric, &[], "Samples per second of the forward pass `latency` times (batch size / median time)."),
     // ---- stage options
     b("epochs", Kind::StageOption, &[p("value", Ty::Int, None, Range::at_least(1.0), "")], "Passes over the data (train, finetune)."),
     b("steps", Kind::StageOption, &[p("value", Ty::Int, None, Range::at_least(1.0), "")], "Optimizer steps (train, finetune); overrides `epochs`."),
@@ -581,6 +584,7 @@ pub static BUILTINS: &[Builtin] = &[
     b("schedule", Kind::StageOption, &[p("value", Ty::Of(Kind::Schedule), Some("oneshot()"), Range::any(), "")], "How the target is reached (prune)."),
     b("constraints", Kind::StageOption, &[p("value", Ty::Of(Kind::Constraints), None, Range::any(), "")], "A constraint set (prune)."),
     b("scope", Kind::StageOption, &[p("value", SCOPES, Some("global"), Range::any(), "")], "Where scores are compared: one global threshold, per layer, or per output row (prune). The default is `row` for criteria that read `act(x)` (Wanda compares within each output row, as in the paper) and `global` for the others, on classifiers and language models alike (a language model takes `global` only for criteria that read the weights alone: the others are calibrated layer by layer)."),
+    b("unit", Kind::StageOption, &[p("value", UNITS, None, Range::any(), "")], "Remove whole units instead of single weights, and shrink the model (prune): `neuron` removes output neurons of linear layers, `channel` output channels of convolutions, each with its bias entry and the inputs of the next layer that read it. A unit's score is the mean of its weights' scores (a channel criterion such as `l1_channel` gives the filter norm itself); `to` is the fraction of units removed, per layer by default (`scope = global` ranks the units of every targeted layer together, with `keep_min`/`keep_max` counted in units). The output layer's units are the classes and are never removed. Training, evaluation and export then run on the smaller tensors."),
     b("pattern", Kind::StageOption, &[p("value", Ty::Pattern, None, Range::any(), "")], "`N:M`: keep N of every M consecutive weights along the input dimension (also written as the target: `to 2:4`); `block(rows, cols)`: keep or prune whole blocks (prune)."),
     b("targets", Kind::StageOption, &[p("value", Ty::Globs, Some("[\"*.weight\"]"), Range::any(), "")], "Parameters to prune, by name pattern (prune)."),
     b("skip", Kind::StageOption, &[p("value", Ty::Globs, Some("[]"), Range::any(), "")], "Parameters never pruned, by name pattern (prune)."),
@@ -642,6 +646,7 @@ pub fn stage_options(kind: crate::ast::StageKind) -> &'static [&'static str] {
             "sequential",
             "rounds",
             "allow_nonfinite",
+            "unit",
         ],
         Evaluate | Assert | Report => &[],
         Export => &["format"],

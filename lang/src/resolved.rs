@@ -25,10 +25,17 @@ impl Scope {
     /// (Wanda compares within each output row, as in the paper) and
     /// `global` for the others.
     pub fn of(written: Option<&Value>, reads_acts: bool) -> Scope {
+        Scope::of_stage(written, reads_acts, None)
+    }
+
+    /// As [`Scope::of`], for a stage that may remove whole units: those are
+    /// compared per layer unless the stage says otherwise.
+    pub fn of_stage(written: Option<&Value>, reads_acts: bool, unit: Option<Unit>) -> Scope {
         match written.and_then(|v| v.as_str()) {
             Some("layer") => Scope::Layer,
             Some("row" | "neuron") => Scope::Row,
             Some(_) => Scope::Global,
+            None if unit.is_some() => Scope::Layer,
             None if reads_acts => Scope::Row,
             None => Scope::Global,
         }
@@ -44,6 +51,40 @@ impl Scope {
 }
 
 impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a prune stage removes whole (`unit = ...`): a linear layer's output
+/// neuron or a convolution's output channel, each with the parameters that
+/// move with it; the model becomes physically smaller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    Neuron,
+    Channel,
+}
+
+impl Unit {
+    /// The unit a `unit = ...` option names.
+    pub fn of(written: Option<&Value>) -> Option<Unit> {
+        match written.and_then(|v| v.as_str())? {
+            "neuron" => Some(Unit::Neuron),
+            "channel" => Some(Unit::Channel),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Neuron => "neuron",
+            Unit::Channel => "channel",
+        }
+    }
+}
+
+impl std::fmt::Display for Unit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -215,9 +256,18 @@ pub enum Metric {
     Pqi,
     Params,
     Flops,
+    /// Median wall time of one forward pass over a batch (a timing).
+    Latency,
+    /// Samples per second of that forward pass (a timing).
+    Throughput,
 }
 
 impl Metric {
+    /// A wall-time measurement: different on every run and machine.
+    pub fn is_timing(self) -> bool {
+        matches!(self, Metric::Latency | Metric::Throughput)
+    }
+
     /// The built-in metric of this name.
     pub fn named(name: &str) -> Option<Metric> {
         Some(
@@ -232,6 +282,8 @@ impl Metric {
                 "pqi" => Metric::Pqi,
                 "params" => Metric::Params,
                 "flops" => Metric::Flops,
+                "latency" => Metric::Latency,
+                "throughput" => Metric::Throughput,
                 _ => return None,
             },
         )
@@ -247,6 +299,8 @@ impl Metric {
             Metric::Pqi => "pqi",
             Metric::Params => "params",
             Metric::Flops => "flops",
+            Metric::Latency => "latency",
+            Metric::Throughput => "throughput",
         }
     }
 }

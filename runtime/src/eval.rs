@@ -218,3 +218,36 @@ pub fn model_counts(model: &Model) -> Result<ModelCounts> {
     }
     Ok(c)
 }
+
+/// Wall time of the model's forward pass on one batch of `data` (its
+/// batch size, its first samples): the median of `runs` timed passes after
+/// `warmup` untimed ones, in seconds, with the batch size. A timing of this
+/// machine as it is: it belongs in reports, never in a locked output.
+pub fn forward_latency(
+    model: &Model,
+    data: &Dataset,
+    warmup: usize,
+    runs: usize,
+) -> Result<(f64, usize)> {
+    model.check_data(data)?;
+    let len = data.batch_size.min(data.len()).max(1);
+    let batch = data.slice(0, len)?;
+    for _ in 0..warmup {
+        std::hint::black_box(model.forward(&batch.inputs)?);
+    }
+    let mut times = Vec::with_capacity(runs.max(1));
+    for _ in 0..runs.max(1) {
+        let t0 = std::time::Instant::now();
+        let y = model.forward(&batch.inputs)?;
+        std::hint::black_box(&y);
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let mid = times.len() / 2;
+    let median = if times.len() % 2 == 1 {
+        times[mid]
+    } else {
+        (times[mid - 1] + times[mid]) / 2.0
+    };
+    Ok((median, len))
+}

@@ -6,6 +6,7 @@ pub(crate) mod llm;
 mod prune;
 mod staging;
 pub mod sweep;
+mod units;
 
 use crate::error::rt_err;
 use crate::error::RunError;
@@ -96,6 +97,10 @@ struct Exec<'a> {
     /// The model whose state the current step copied instead of running.
     copied_from: Option<String>,
 }
+
+/// Untimed and timed forward passes of `latency` / `throughput`.
+const LATENCY_WARMUP: usize = 3;
+const LATENCY_RUNS: usize = 20;
 
 /// Maps a language-model runtime error at a stage to a run error.
 fn rt_err_llm(stage: Span, what: &str) -> impl Fn(rt::RuntimeError) -> RunError + '_ {
@@ -711,9 +716,15 @@ impl Exec<'_> {
         let device = self.device.clone();
         let state = self.model(&name, span)?;
         if reinit {
-            // Scratch-E: fresh weights from a different seed, the mask kept.
-            let fresh = state
-                .spec
+            // Scratch-E: fresh weights from a different seed, the mask kept;
+            // a model whose units were removed is initialised at its new widths.
+            let spec = match &state.model.architecture() {
+                rt::Architecture::Sequential { .. } => {
+                    state.spec.fresh(state.model.architecture().clone())
+                }
+                _ => state.spec.clone(),
+            };
+            let fresh = spec
                 .build(seed.wrapping_add(0x5eed), &device)
                 .map_err(rt_err(span, "re-initialise"))?;
             let snap = fresh.snapshot().map_err(rt_err(span, "re-initialise"))?;
@@ -882,6 +893,18 @@ impl Exec<'_> {
             ),
             false => None,
         };
+        let timed = match wanted.iter().any(|m| m.is_timing()) {
+            true => Some(
+                rt::eval::forward_latency(
+                    &self.models[&name].model,
+                    &self.datasets[&data_name],
+                    LATENCY_WARMUP,
+                    LATENCY_RUNS,
+                )
+                .map_err(rt_err(step.span, "timing the forward pass failed"))?,
+            ),
+            false => None,
+        };
         let (sparsity, pqi) = self.sparsity_pqi(&name, step.span)?;
         let counts = rt::eval::model_counts(&self.models[&name].model)
             .map_err(rt_err(step.span, "counts"))?;
@@ -894,6 +917,12 @@ impl Exec<'_> {
                 (Metric::Pqi, _) => pqi,
                 (Metric::Params, _) => counts.params_kept as f64,
                 (Metric::Flops, _) => counts.flops_kept as f64,
+                (Metric::Latency, _) if timed.is_some() => {
+                    timed.map_or(0.0, |(secs, _)| secs * 1e3)
+                }
+                (Metric::Throughput, _) if timed.is_some() => {
+                    timed.map_or(0.0, |(secs, batch)| batch as f64 / secs.max(1e-12))
+                }
                 (other, _) => {
                     return Err(RunError::user(
                         s.out.unwrap_or(step.span),

@@ -55,11 +55,11 @@ pub(super) struct Pruner {
 }
 
 /// The raw buffers of the targeted tensors.
-struct Buffers {
-    weights: Vec<Vec<f32>>,
-    masks: Vec<Vec<u64>>,
-    inits: Vec<Vec<f32>>,
-    shapes: Vec<(usize, usize)>,
+pub(super) struct Buffers {
+    pub weights: Vec<Vec<f32>>,
+    pub masks: Vec<Vec<u64>>,
+    pub inits: Vec<Vec<f32>>,
+    pub shapes: Vec<(usize, usize)>,
 }
 
 /// Packs a runtime mask (or a dense one) into kernel mask words.
@@ -103,7 +103,7 @@ pub(super) fn per_layer(v: Option<&Value>, n: usize, default: usize) -> usize {
 }
 
 impl Pruner {
-    fn buffers(
+    pub(super) fn buffers(
         &self,
         model: &rt::Model,
         masks: &rt::Masks,
@@ -752,7 +752,7 @@ impl Exec<'_> {
 
     /// Gradients, random draws and activation statistics for one round;
     /// `pre`: those an earlier step computed for it (round one).
-    fn side_inputs(
+    pub(super) fn side_inputs(
         &mut self,
         step: &Step,
         stats_data: Option<&DataRef>,
@@ -923,6 +923,9 @@ impl Exec<'_> {
             Some(k) => k.clone(),
             None => lower::criterion_to_kernel(self.r, by)?,
         };
+        if let Some(unit) = p.unit {
+            return self.prune_units(step, p, &name, span, crit, unit);
+        }
         let pruner = self.pruner(step, &name, span, crit, (p.scope, p.pattern))?;
         if let Some(during) = &p.during_step {
             let Schedule::Gradual(schedule) = &p.schedule else {
@@ -1009,7 +1012,12 @@ impl Exec<'_> {
 
     /// Rewinds the survivors (lottery tickets): to their initial values or to
     /// their values after `k` epochs of training.
-    fn rewind(&mut self, span: Span, name: &str, rewind: Option<&Value>) -> Result<(), RunError> {
+    pub(super) fn rewind(
+        &mut self,
+        span: Span,
+        name: &str,
+        rewind: Option<&Value>,
+    ) -> Result<(), RunError> {
         let state: &mut ModelState = self.models.get_mut(name).unwrap();
         let snap = match rewind {
             Some(Value::Duration { count: 0, .. }) => &state.init,
@@ -1038,7 +1046,7 @@ impl Exec<'_> {
     }
 
     /// Records a round and runs the stage's round block.
-    fn after_round(
+    pub(super) fn after_round(
         &mut self,
         step: &Step,
         name: &str,

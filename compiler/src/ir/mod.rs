@@ -10,7 +10,7 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use prunec_lang::ast::{Expr, ExprKind, Stage, StageKind};
 use prunec_lang::check::{SymKind, Value};
-use prunec_lang::resolved::{Method, Metric, Pattern, Schedule, Scope};
+use prunec_lang::resolved::{Method, Metric, Pattern, Schedule, Scope, Unit};
 use prunec_lang::{CheckedRecipe, Span};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -59,6 +59,13 @@ pub enum Op {
         target: Option<Written>,
         sparsities: Vec<f64>,
         rounds: usize,
+        /// Whole units are selected (`unit = ...`), not single weights.
+        unit: Option<Unit>,
+    },
+    /// Removes the selected units and their dependent parameters: the
+    /// model becomes smaller (in place of `Mask` for `unit = ...`).
+    RemoveUnits {
+        unit: Unit,
     },
     Mask,
     /// Score, select and mask fused into one kernel: the criterion as
@@ -167,12 +174,14 @@ impl Op {
                 target,
                 sparsities,
                 rounds,
+                unit,
             } => {
                 let to = target.as_ref().map_or("?", |t| t.text.as_str());
-                let what = match pattern {
-                    Some(p @ Pattern::NM { .. }) => p.to_string(),
-                    Some(p) => format!("{p} to {to}"),
-                    None => format!("{scope} to {to}"),
+                let what = match (pattern, unit) {
+                    (Some(p @ Pattern::NM { .. }), _) => p.to_string(),
+                    (Some(p), _) => format!("{p} to {to}"),
+                    (None, Some(u)) => format!("{u}s, {scope} to {to}"),
+                    (None, None) => format!("{scope} to {to}"),
                 };
                 if sparsities.is_empty() {
                     format!("select {what}, {rounds} round(s)")
@@ -181,6 +190,7 @@ impl Op {
                 }
             }
             Op::Mask => "mask".to_string(),
+            Op::RemoveUnits { unit } => format!("remove {unit}s (the model shrinks)"),
             Op::FusedPrune {
                 criterion,
                 scope,
@@ -561,7 +571,8 @@ impl Lowerer<'_> {
                 ));
             }
         }
-        let scope = Scope::of(self.option(s, "scope").as_ref(), needs.activations);
+        let unit = Unit::of(self.option(s, "unit").as_ref());
+        let scope = Scope::of_stage(self.option(s, "scope").as_ref(), needs.activations, unit);
         let pattern = self.option(s, "pattern").as_ref().and_then(Pattern::of);
         let rounds = Schedule::of(self.r, s).rounds().unwrap_or(1);
         // `to 2:4` is the stage's N:M pattern (the checker records it so), not a fraction.
@@ -597,6 +608,7 @@ impl Lowerer<'_> {
                 target,
                 sparsities: vec![],
                 rounds,
+                unit,
             },
             span: s.span,
             stage: self.at,
@@ -605,7 +617,10 @@ impl Lowerer<'_> {
         let mask = self.on_model(
             model,
             Node {
-                op: Op::Mask,
+                op: match unit {
+                    Some(unit) => Op::RemoveUnits { unit },
+                    None => Op::Mask,
+                },
                 span: s.span,
                 stage: self.at,
             },
@@ -693,7 +708,11 @@ pub fn verify(ir: &Ir) -> Result<(), String> {
 pub fn changes_model(op: &Op) -> bool {
     matches!(
         op,
-        Op::Train { .. } | Op::Mask | Op::FusedPrune { .. } | Op::Reconstruct { .. }
+        Op::Train { .. }
+            | Op::Mask
+            | Op::RemoveUnits { .. }
+            | Op::FusedPrune { .. }
+            | Op::Reconstruct { .. }
     )
 }
 

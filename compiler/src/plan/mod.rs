@@ -13,7 +13,7 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use prunec_lang::ast::{Stage, StageId, StageKind};
 use prunec_lang::check::Value;
-use prunec_lang::resolved::{Method, Metric, Pattern, Schedule, Scope};
+use prunec_lang::resolved::{Method, Metric, Pattern, Schedule, Scope, Unit};
 use prunec_lang::{CheckedRecipe, Span};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -143,6 +143,8 @@ pub struct Prune {
     pub kernel: Option<crate::lower::LoweredCriterion>,
     pub scope: Scope,
     pub pattern: Option<Pattern>,
+    /// Whole units removed (`unit = ...`): the model shrinks.
+    pub unit: Option<Unit>,
     pub schedule: Schedule,
     /// The target fraction (`to 90%`, params folded); none for an N:M
     /// target (`to 2:4` is the pattern) or a stage without `to`.
@@ -208,9 +210,10 @@ impl Step {
                     Method::Sap => format!("by SAP `{}`", p.by),
                     Method::SparseGpt => format!("by SparseGPT `{}`", p.by),
                 };
-                let select = match p.pattern {
-                    Some(pattern) => pattern.to_string(),
-                    None => format!("{} scope", p.scope),
+                let select = match (p.pattern, p.unit) {
+                    (Some(pattern), _) => pattern.to_string(),
+                    (None, Some(unit)) => format!("{unit}s removed, {} scope", p.scope),
+                    (None, None) => format!("{} scope", p.scope),
                 };
                 let mut line = format!("prune {} {what} ({select})", on(&self.model));
                 if p.fused {
@@ -663,6 +666,7 @@ fn prune_of(r: &CheckedRecipe, s: &Stage, ops: &[&Op]) -> Option<Prune> {
         kernel: None,
         scope: Scope::Global,
         pattern: None,
+        unit: None,
         schedule: Schedule::of(r, s),
         // `to 2:4` is the pattern (check recorded it as that option).
         target: s.to.as_ref().and_then(|to| r.constant(to)),
@@ -695,9 +699,11 @@ fn prune_of(r: &CheckedRecipe, s: &Stage, ops: &[&Op]) -> Option<Prune> {
                 scope,
                 pattern,
                 sparsities,
+                unit,
                 ..
             } => {
                 (p.scope, p.pattern, p.sparsities) = (*scope, *pattern, sparsities.clone());
+                p.unit = *unit;
                 selects = true;
             }
             Op::Gradients { data } => p.gradients = Some(data.clone()),

@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 struct ModelInfo {
+    /// The architecture (none for ONNX graphs and language models).
+    arch: Option<rt::Architecture>,
     shapes: Vec<(String, Vec<usize>)>,
     /// Weight name → output positions per sample (FLOPs = 2 * numel * positions).
     positions: BTreeMap<String, usize>,
@@ -33,11 +35,21 @@ fn model_info(r: &CheckedRecipe, name: &str) -> Result<ModelInfo, RunError> {
         help: None,
     };
     let shapes = spec.param_shapes().map_err(err)?;
-    let positions = match spec.resolve_architecture().and_then(|a| a.shape_check()) {
-        Ok((costs, _)) => costs.into_iter().map(|c| (c.weight, c.positions)).collect(),
-        Err(_) => BTreeMap::new(),
+    let arch = spec.resolve_architecture().ok();
+    Ok(info_of(arch, shapes))
+}
+
+fn info_of(arch: Option<rt::Architecture>, shapes: Vec<(String, Vec<usize>)>) -> ModelInfo {
+    let positions = match arch.as_ref().map(|a| a.shape_check()) {
+        Some(Ok((costs, _))) => costs.into_iter().map(|c| (c.weight, c.positions)).collect(),
+        _ => BTreeMap::new(),
     };
-    Ok(ModelInfo { shapes, positions })
+    let arch = arch.filter(|a| !matches!(a, rt::Architecture::Onnx { .. }));
+    ModelInfo {
+        arch,
+        shapes,
+        positions,
+    }
 }
 
 fn flops(info: &ModelInfo, kept: &BTreeMap<String, f64>) -> (u64, u64) {
@@ -126,7 +138,7 @@ pub fn render(r: &CheckedRecipe, plan: &Plan) -> Result<String, RunError> {
     }
     out.push_str("\nsteps (what `prunec run` executes, in order):\n");
     for step in &plan.steps {
-        render_step(r, step, &infos, "", &mut out);
+        render_step(r, step, &mut infos, "", &mut out);
         if !step.each_round.is_empty() {
             let rounds = match &step.action {
                 Action::Prune(p) => p.schedule.rounds().unwrap_or(1),
@@ -134,7 +146,7 @@ pub fn render(r: &CheckedRecipe, plan: &Plan) -> Result<String, RunError> {
             };
             let _ = writeln!(out, "       after each of its {rounds} round(s):");
             for inner in &step.each_round {
-                render_step(r, inner, &infos, "    ", &mut out);
+                render_step(r, inner, &mut infos, "    ", &mut out);
             }
         }
     }
@@ -151,7 +163,7 @@ pub fn render(r: &CheckedRecipe, plan: &Plan) -> Result<String, RunError> {
 fn render_step(
     r: &CheckedRecipe,
     step: &Step,
-    infos: &BTreeMap<String, ModelInfo>,
+    infos: &mut BTreeMap<String, ModelInfo>,
     indent: &str,
     out: &mut String,
 ) {
@@ -189,6 +201,12 @@ fn render_step(
         .last()
         .copied()
         .or_else(|| gradual.and_then(|g| g.arg("to")?.as_f64()));
+    if let (Some(unit), Some(m)) = (p.unit, step.model.as_ref()) {
+        if let Some(info) = infos.get_mut(m) {
+            out.push_str(&units_table(r, stage, info, unit, p.scope, last));
+        }
+        return;
+    }
     if let Some(info) = step.model.as_ref().and_then(|m| infos.get(m)) {
         out.push_str(&prune_table(r, stage, info, p.scope, p.pattern, last));
     }
@@ -202,6 +220,59 @@ fn data_line(v: Option<&Value>, ctor: &str) -> String {
         "{ctor}(\"{path}\") {split} split, batch {}",
         v.arg("batch").map(|b| b.to_string()).unwrap_or_default()
     )
+}
+
+/// The layers a `unit = ...` stage shrinks and the widths it leaves; per
+/// layer those are known now, and later steps see the smaller model.
+fn units_table(
+    r: &CheckedRecipe,
+    stage: &prunec_lang::ast::Stage,
+    info: &mut ModelInfo,
+    unit: prunec_lang::resolved::Unit,
+    scope: Scope,
+    last: Option<f64>,
+) -> String {
+    let Some(arch) = info.arch.clone() else {
+        return String::new();
+    };
+    let targets = r.option(stage, "targets").map(|v| strings(Some(v)));
+    let skip = strings(r.option(stage, "skip"));
+    let Ok(layers) = crate::units::unit_targets(&arch, targets.as_deref(), &skip, unit) else {
+        return String::new();
+    };
+    let mut out = format!("       | layer | {unit}s | kept |\n");
+    let mut kept = BTreeMap::new();
+    for u in &layers {
+        let k = match (scope, last) {
+            (Scope::Global, Some(s)) => {
+                format!(
+                    "{:.2}% of all targeted {unit}s overall; per layer decided at run time",
+                    100.0 * (1.0 - s)
+                )
+            }
+            (_, Some(s)) => {
+                let k = crate::units::kept_per_layer(u.units, s);
+                kept.insert(u.layer.clone(), k);
+                k.to_string()
+            }
+            (_, None) => "decided at run time".into(),
+        };
+        let _ = writeln!(out, "       | {} | {} | {k} |", u.layer, u.units);
+    }
+    if scope != Scope::Global && kept.len() == layers.len() {
+        if let Ok(small) = arch.with_units(&kept) {
+            let before: usize = info.shapes.iter().map(|(_, s)| numel(s)).sum();
+            let (fd, _) = flops(info, &BTreeMap::new());
+            *info = info_of(Some(small.clone()), small.param_shapes());
+            let after: usize = info.shapes.iter().map(|(_, s)| numel(s)).sum();
+            let (fa, _) = flops(info, &BTreeMap::new());
+            let _ = writeln!(
+                out,
+                "       parameters {before} → {after}, forward FLOPs {fd} → {fa} (the model shrinks)"
+            );
+        }
+    }
+    out
 }
 
 fn prune_table(

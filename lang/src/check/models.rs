@@ -280,6 +280,7 @@ impl Checker<'_> {
                 Some(to) if s.arg("pattern").is_none() => (v, to.span),
                 _ => (v, span),
             });
+        self.check_units(s, model, lm, method, pattern.as_ref().map(|p| p.1));
         // A scope has no effect where a pattern decides the selection.
         if let (Some((_, pspan)), Some((scope, span))) = (&pattern, self.prune_option(s, "scope")) {
             if method != Some(Method::Sap) {
@@ -415,12 +416,96 @@ impl Checker<'_> {
         }
     }
 
+    /// `unit = ...` removes whole units of a sequential classifier, one-shot
+    /// or in rounds; what cannot honour it is rejected here.
+    fn check_units(
+        &mut self,
+        s: &Stage,
+        model: &str,
+        lm: bool,
+        method: Option<Method>,
+        pattern: Option<Span>,
+    ) {
+        let Some(unit) = self
+            .stage_options
+            .get(&s.id)
+            .and_then(|o| o.get("unit"))
+            .and_then(|v| v.as_str())
+            .map(String::from)
+        else {
+            return;
+        };
+        let span = s.value_span("unit");
+        let no = |this: &mut Self, message: String, label: &str, help: &str| {
+            this.unsupported(span, message, label, help)
+        };
+        if lm {
+            return no(
+                self,
+                format!("`unit = {unit}` is not supported on the language model `{model}`: prunec removes units of classifiers only"),
+                "not for a language model",
+                "prune the language model's weights (`to 50%`) or N:M groups (`to 2:4`)",
+            );
+        }
+        if is_onnx_model(&self.symbols, model) {
+            return no(
+                self,
+                format!("`unit = {unit}` is not supported on the ONNX model `{model}`: which tensors move with a unit is not derived for graphs"),
+                "not for an ONNX graph",
+                "prune its weights unstructured, or use a built-in architecture",
+            );
+        }
+        if let Some(m @ (Method::SparseGpt | Method::Sap)) = method {
+            let name = if m == Method::Sap { "sap" } else { "sparsegpt" };
+            return no(
+                self,
+                format!("`{name}` prunes single weights; `unit = {unit}` removes whole units"),
+                "not with this method",
+                "score units by a criterion (`l1_channel`, `l2_channel`, `taylor`, ...)",
+            );
+        }
+        if let Some(p) = pattern {
+            self.push(
+                Diagnostic::new(
+                    Code::Unsupported,
+                    format!("a pattern keeps some weights of every group; `unit = {unit}` removes whole units"),
+                )
+                .with_label(span, "whole units")
+                .with_label(p, "weights within groups")
+                .with_help("choose one: remove `unit`, or the pattern"),
+            );
+            return;
+        }
+        if let Some((v, sspan)) = self.prune_option(s, "scope") {
+            if matches!(v.as_str(), Some("row" | "neuron")) {
+                self.unsupported(
+                    sspan,
+                    format!(
+                        "`unit = {unit}` compares units per layer or globally, not within a row"
+                    ),
+                    "not for units",
+                    "write `scope = layer` (the default for units) or `scope = global`",
+                );
+            }
+        }
+        if let Some(d) = &s.during {
+            self.unsupported(
+                d.keyword_span,
+                format!("`unit = {unit}` removes units at once and shrinks the model; it cannot prune during training"),
+                "not with units",
+                "prune one-shot or in rounds (`schedule = iterative(rounds = 3)`), then fine-tune",
+            );
+        }
+    }
+
     /// `keep_min` / `keep_max` guard the layers of one global selection:
     /// anywhere else they have no effect.
     fn check_guards(&mut self, s: &Stage, pattern: bool) {
         let scope = self.prune_option(s, "scope").map(|(v, _)| v);
-        let global =
-            Scope::of(scope.as_ref(), self.stage_reads_acts.contains(&s.id)) == Scope::Global;
+        let unit =
+            crate::resolved::Unit::of(self.stage_options.get(&s.id).and_then(|o| o.get("unit")));
+        let global = Scope::of_stage(scope.as_ref(), self.stage_reads_acts.contains(&s.id), unit)
+            == Scope::Global;
         if !global || pattern {
             for key in ["keep_min", "keep_max"] {
                 if let Some((_, span)) = self.prune_option(s, key) {

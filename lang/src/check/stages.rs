@@ -533,6 +533,14 @@ impl<'a> Checker<'a> {
                     ) {
                         for item in items {
                             if let Value::Word(name) = item {
+                                if Metric::named(&name).is_some_and(Metric::is_timing) {
+                                    self.push(
+                                        Diagnostic::new(Code::Unsupported, format!("`{name}` is a timing, different on every run: a plot of it cannot be locked for `prunec verify`"))
+                                            .with_label(base.span, "not plotted")
+                                            .with_help("evaluate it (`-> [latency]`): the report lists it beside the other metrics"),
+                                    );
+                                    continue;
+                                }
                                 // Measured on the model at any time, unlike data metrics.
                                 let structural = matches!(
                                     Metric::named(&name),

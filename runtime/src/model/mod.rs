@@ -125,6 +125,20 @@ impl ModelSpec {
         self
     }
 
+    /// A freshly initialised model of `arch` (the same initialisation
+    /// scheme as this spec, the default for a weights file): for training a
+    /// shrunk architecture from scratch.
+    pub fn fresh(&self, arch: Architecture) -> ModelSpec {
+        let scheme = match &self.weights {
+            WeightSource::Init(s) => *s,
+            _ => InitScheme::default(),
+        };
+        ModelSpec {
+            architecture: Some(arch),
+            weights: WeightSource::Init(scheme),
+        }
+    }
+
     /// The weights file, if any.
     pub fn weights_file(&self) -> Option<&Path> {
         match &self.weights {

@@ -27,10 +27,12 @@ pub fn fuse(ir: &mut Ir, r: &CheckedRecipe) {
         else {
             continue;
         };
+        // Removing units shrinks the model: no fused mask kernel.
         let Op::Select {
             scope,
             pattern,
             sparsities,
+            unit: None,
             ..
         } = ir.graph[select].op.clone()
         else {
