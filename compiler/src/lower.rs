@@ -36,6 +36,24 @@ pub struct LoweredCriterion {
     pub side: Option<Side>,
 }
 
+impl LoweredCriterion {
+    /// Whether the criterion reads loss gradients, in its expression or in
+    /// a per-row sum it reads (`sum(w * grad(w), over = out_channel)`).
+    pub fn needs_grad(&self) -> bool {
+        self.expr.needs_grad() || self.row_sums.iter().any(KExpr::needs_grad)
+    }
+
+    /// Whether it reads the weights' initial values anywhere.
+    pub fn needs_init(&self) -> bool {
+        self.expr.needs_init() || self.row_sums.iter().any(KExpr::needs_init)
+    }
+
+    /// Whether it reads per-input-column activation statistics anywhere.
+    pub fn reads_acts(&self) -> bool {
+        !self.expr.col_stats().is_empty() || self.row_sums.iter().any(|e| !e.col_stats().is_empty())
+    }
+}
+
 /// What lowering collects besides the expression.
 #[derive(Default)]
 struct Cx {

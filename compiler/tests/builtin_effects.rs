@@ -79,7 +79,7 @@ enum Base {
 }
 
 const DIGITS: &str = r#"recipe t { version = 1, seed = 1 }
-use std.{magnitude, random, taylor, snip, wanda, l1_channel, l2_channel, movement, sap}
+use std.{magnitude, random, taylor, snip, wanda, l1_channel, l2_channel, taylor_channel, movement, sap}
 model net = mlp(inputs = 64, hidden = [32], classes = 10, act = relu)
 dataset train = DATA(PATH, split = "train", batch = 64, shuffle = false, limit = LIMIT, validation = 0%)
 dataset test = DATA(PATH, split = "test", batch = 360, limit = 300)
@@ -408,6 +408,7 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         ("wanda", "by wanda"),
         ("l1_channel", "by l1_channel"),
         ("l2_channel", "by l2_channel"),
+        ("taylor_channel", "by taylor_channel"),
     ] {
         add(k, Changes(Digits, "by magnitude", by));
     }

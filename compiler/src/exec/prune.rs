@@ -127,7 +127,7 @@ impl Pruner {
                 .push(matrix_shape(model, n).map_err(rt_err(span, "read weights"))?);
             b.masks
                 .push(mask_words(masks, n, w.len()).map_err(rt_err(span, "read mask"))?);
-            if self.crit.expr.needs_init() {
+            if self.crit.needs_init() {
                 let t = init_map
                     .get(n.as_str())
                     .ok_or_else(|| RunError::Internal(format!("no init for {n}")))?;
@@ -599,7 +599,7 @@ impl Gradual {
                     *x += *y;
                 }
             }
-        } else if self.pruner.crit.side.is_none() && self.pruner.crit.expr.needs_grad() {
+        } else if self.pruner.crit.side.is_none() && self.pruner.crit.needs_grad() {
             let (sum, count) = self.grad_sum.get_or_insert_with(|| (BTreeMap::new(), 0));
             for (n, g) in grads.iter().filter(|(n, _)| selected.contains(n)) {
                 let g = to_vec(g)?;
@@ -642,7 +642,7 @@ impl Gradual {
                 side.grad = Some(draws);
             }
             Some(Side::Accumulate(_)) => side.grad = self.acc.clone(),
-            None if self.pruner.crit.expr.needs_grad() => {
+            None if self.pruner.crit.needs_grad() => {
                 if let Some((sum, count)) = self.grad_sum.take() {
                     let inv = 1.0 / count.max(1) as f32;
                     side.grad = Some(
@@ -654,7 +654,7 @@ impl Gradual {
             }
             None => {}
         }
-        if !self.pruner.crit.expr.col_stats().is_empty() {
+        if self.pruner.crit.reads_acts() {
             let data = calib
                 .ok_or_else(|| rt::RuntimeError::InvalidConfig("no calibration data".into()))?;
             side.act = Some(act_norms(model, data, &selected)?);
@@ -788,10 +788,10 @@ impl Exec<'_> {
                     help: Some("prune gradually during training: `prune ... (schedule = gradual(...)) during train ...`".into()),
                 });
             }
-            None if pruner.crit.expr.needs_grad() && pre.grad.is_some() => {
+            None if pruner.crit.needs_grad() && pre.grad.is_some() => {
                 side.grad = pre.grad.map(pick);
             }
-            None if pruner.crit.expr.needs_grad() => {
+            None if pruner.crit.needs_grad() => {
                 let on = step.on.as_ref().ok_or_else(|| {
                     RunError::user(
                         step.site.keyword,
@@ -802,9 +802,9 @@ impl Exec<'_> {
             }
             None => {}
         }
-        if let (false, Some(act)) = (pruner.crit.expr.col_stats().is_empty(), pre.act) {
+        if let (false, Some(act)) = (!pruner.crit.reads_acts(), pre.act) {
             side.act = Some(pick(act));
-        } else if !pruner.crit.expr.col_stats().is_empty() {
+        } else if pruner.crit.reads_acts() {
             let state = &self.models[&name];
             side.act = Some(match (&state.calibration, stats_data) {
                 (_, Some(d)) => pick(self.activation_norms(&name, &d.name, d.span)?),
@@ -1096,7 +1096,7 @@ impl Exec<'_> {
                 format!("pruning `{name}` during the training of another model (`{inner_name}`)"),
             ));
         }
-        let calib = if pruner.crit.expr.col_stats().is_empty() {
+        let calib = if !pruner.crit.reads_acts() {
             None
         } else {
             p.stats_data.clone().or_else(|| during.on.clone())
