@@ -430,6 +430,30 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
                     "num_hidden_layers".into(),
                     serde_json::json!(model.num_layers()),
                 );
+                // Sizes that removing units changed (the rest stays as written).
+                let mc = &model.config;
+                let src = |obj: &serde_json::Map<String, serde_json::Value>, k: &str| {
+                    obj.get(k).and_then(|v| v.as_u64())
+                };
+                if src(obj, "intermediate_size") != Some(mc.intermediate_size as u64) {
+                    obj.insert(
+                        "intermediate_size".into(),
+                        serde_json::json!(mc.intermediate_size),
+                    );
+                }
+                if src(obj, "num_attention_heads") != Some(mc.num_attention_heads as u64)
+                    || src(obj, "num_key_value_heads") != Some(mc.num_key_value_heads as u64)
+                {
+                    obj.insert(
+                        "num_attention_heads".into(),
+                        serde_json::json!(mc.num_attention_heads),
+                    );
+                    obj.insert(
+                        "num_key_value_heads".into(),
+                        serde_json::json!(mc.num_key_value_heads),
+                    );
+                    obj.insert("head_dim".into(), serde_json::json!(mc.head_dim()));
+                }
             }
             serde_json::to_string_pretty(&c).expect("json value prints")
         }

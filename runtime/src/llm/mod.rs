@@ -20,6 +20,7 @@ pub mod prune;
 pub mod select;
 pub mod sparsegpt;
 pub mod tokenizer;
+pub mod units;
 
 pub use compressed::{load_compressed, save_compressed, CompressedSize};
 pub use config::LlamaConfig;
@@ -38,3 +39,4 @@ pub use prune::{
 pub use select::{Scope, SparsityPattern};
 pub use sparsegpt::{sparsegpt_prune, SparseGptConfig};
 pub use tokenizer::TextTokenizer;
+pub use units::{remove_units, unit_scores, LlmUnit};

@@ -158,6 +158,12 @@ impl Block {
         }
     }
 
+    /// Replaces a projection's weight whatever its shape (removing units
+    /// changes shapes together with the configuration).
+    pub(crate) fn set_linear_unchecked(&mut self, proj: Proj, w: LinearWeight) {
+        *self.linear_mut(proj) = w;
+    }
+
     fn linear_mut(&mut self, proj: Proj) -> &mut LinearWeight {
         match proj {
             Proj::Q => &mut self.q,

@@ -1,0 +1,227 @@
+//! Structured pruning of language models: FFN neurons and key/value head
+//! groups removed from every block, so the model and its Hugging Face
+//! configuration become smaller.
+//!
+//! An FFN neuron `j` is row `j` of `gate_proj` and `up_proj` and column `j`
+//! of `down_proj`. A kv group `g` is key/value head `g` (rows of `k_proj` and
+//! `v_proj`, and their biases) with the query heads that attend through it
+//! (rows of `q_proj`, its bias, and the matching columns of `o_proj`). The
+//! configuration holds one size for every block, so every block keeps the
+//! same number of units.
+//!
+//! Units are scored on the weights that read them, `down_proj` or `o_proj`,
+//! with the activations that weight reads on the dense model: a unit's
+//! score is the mean of the score function over its columns.
+
+use super::config::LlamaConfig;
+use super::error::{Result, RuntimeError};
+use super::model::{linear_name, LinearInput, LinearWeight, LlamaModel, Proj};
+use super::prune::{LayerStats, StatsNeeds};
+use candle_core::{Tensor, D};
+
+/// What a language-model unit is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlmUnit {
+    /// One FFN neuron (`intermediate_size` per block).
+    Ffn,
+    /// One key/value head with its query heads (`num_key_value_heads` per block).
+    KvGroup,
+}
+
+impl LlmUnit {
+    /// Units per block.
+    pub fn count(self, c: &LlamaConfig) -> usize {
+        match self {
+            LlmUnit::Ffn => c.intermediate_size,
+            LlmUnit::KvGroup => c.num_key_value_heads,
+        }
+    }
+
+    /// The projection that reads the units, and its input.
+    pub fn reader(self) -> (Proj, LinearInput) {
+        match self {
+            LlmUnit::Ffn => (Proj::Down, LinearInput::MlpDown),
+            LlmUnit::KvGroup => (Proj::O, LinearInput::AttentionOutput),
+        }
+    }
+
+    /// Consecutive input columns of the reader each unit owns.
+    pub fn columns(self, c: &LlamaConfig) -> usize {
+        match self {
+            LlmUnit::Ffn => 1,
+            LlmUnit::KvGroup => c.num_attention_heads / c.num_key_value_heads.max(1) * c.head_dim(),
+        }
+    }
+}
+
+/// Scores each column of a reader weight's elements: `(name, weight, rows,
+/// cols, input column norms (empty when not collected), scores out)`.
+pub type ScoreFn<'a> = dyn FnMut(&str, &[f32], usize, usize, &[f32], &mut [f32]) -> Result<()> + 'a;
+
+/// Every block's unit scores on the dense model: the mean of `score` over
+/// each unit's reader columns. `calibration` (equal-length sequences, in
+/// chunks of `batch`) is run only when `acts` asks for input norms.
+pub fn unit_scores(
+    model: &LlamaModel,
+    calibration: &[Vec<u32>],
+    unit: LlmUnit,
+    acts: bool,
+    batch: usize,
+    score: &mut ScoreFn<'_>,
+) -> Result<Vec<Vec<f32>>> {
+    let c = &model.config;
+    let (reader, input) = unit.reader();
+    let per_unit = unit.columns(c);
+    let mut chunks: Vec<Tensor> = Vec::new();
+    if acts {
+        let len = calibration.first().map_or(0, Vec::len);
+        if len == 0 || calibration.iter().any(|s| s.len() != len) {
+            return Err(RuntimeError::Invalid(
+                "scoring units by activations needs calibration sequences of one length".into(),
+            ));
+        }
+        for group in calibration.chunks(batch.max(1)) {
+            let flat: Vec<u32> = group.iter().flatten().copied().collect();
+            let ids = Tensor::from_vec(flat, (group.len(), len), model.device())?;
+            chunks.push(model.embed_tokens(&ids)?);
+        }
+    }
+    let mut out = Vec::with_capacity(model.num_layers());
+    for l in 0..model.num_layers() {
+        let mut stats: Option<LayerStats> = None;
+        for x in chunks.iter_mut() {
+            let mut sink = |i: LinearInput, a: &Tensor| -> Result<()> {
+                if i == input {
+                    let cols = a.dim(1)?;
+                    let needs = StatsNeeds {
+                        col_norms: true,
+                        hessian: false,
+                    };
+                    stats
+                        .get_or_insert_with(|| LayerStats::new(cols, needs))
+                        .add(a)?;
+                }
+                Ok(())
+            };
+            *x = model.block_forward(l, x, Some(&mut sink))?;
+        }
+        let norms = stats.map(|s| s.col_norms()).unwrap_or_default();
+        let w = model.linear_weight(l, reader)?;
+        let (rows, cols) = w.dims2()?;
+        let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let mut scores = vec![0f32; rows * cols];
+        score(
+            &linear_name(l, reader),
+            &values,
+            rows,
+            cols,
+            &norms,
+            &mut scores,
+        )?;
+        let units = cols / per_unit.max(1);
+        // f64 sums in row order: the same value at any thread count.
+        let mut sums = vec![0f64; units];
+        for row in scores.chunks_exact(cols) {
+            for (u, s) in sums.iter_mut().enumerate() {
+                *s += row[u * per_unit..(u + 1) * per_unit]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .sum::<f64>();
+            }
+        }
+        let n = (rows * per_unit) as f64;
+        out.push(sums.into_iter().map(|s| (s / n) as f32).collect());
+    }
+    Ok(out)
+}
+
+/// Keeps the units `keep[l]` (ascending indices) of every block, cutting
+/// every tensor they span, and updates the configuration. Every block must
+/// keep the same number.
+pub fn remove_units(model: &mut LlamaModel, unit: LlmUnit, keep: &[Vec<usize>]) -> Result<()> {
+    let c = model.config.clone();
+    let count = unit.count(&c);
+    if keep.len() != model.num_layers() {
+        return Err(RuntimeError::Invalid(format!(
+            "{} kept-unit lists for {} blocks",
+            keep.len(),
+            model.num_layers()
+        )));
+    }
+    let k = keep.first().map_or(0, Vec::len);
+    for (l, kl) in keep.iter().enumerate() {
+        if kl.len() != k || k == 0 {
+            return Err(RuntimeError::Invalid(format!(
+                "block {l} keeps {} units; every block keeps the same number, at least one",
+                kl.len()
+            )));
+        }
+        if kl.windows(2).any(|w| w[0] >= w[1]) || kl.last().is_some_and(|&u| u >= count) {
+            return Err(RuntimeError::Invalid(format!(
+                "block {l}: kept units {kl:?} must be ascending and below {count}"
+            )));
+        }
+    }
+    let hd = c.head_dim();
+    let group = c.num_attention_heads / c.num_key_value_heads.max(1);
+    let device = model.device().clone();
+    let idx = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), &device);
+    for (l, kl) in keep.iter().enumerate() {
+        // Rows (or columns) of each tensor kept.
+        let (rows_q, rows_kv): (Vec<u32>, Vec<u32>) = match unit {
+            LlmUnit::Ffn => (Vec::new(), Vec::new()),
+            LlmUnit::KvGroup => (
+                kl.iter()
+                    .flat_map(|&g| (g * group * hd..(g + 1) * group * hd).map(|i| i as u32))
+                    .collect(),
+                kl.iter()
+                    .flat_map(|&g| (g * hd..(g + 1) * hd).map(|i| i as u32))
+                    .collect(),
+            ),
+        };
+        let ffn: Vec<u32> = kl.iter().map(|&j| j as u32).collect();
+        let cuts: Vec<(Proj, usize, Vec<u32>)> = match unit {
+            LlmUnit::Ffn => vec![
+                (Proj::Gate, 0, ffn.clone()),
+                (Proj::Up, 0, ffn.clone()),
+                (Proj::Down, 1, ffn),
+            ],
+            LlmUnit::KvGroup => vec![
+                (Proj::Q, 0, rows_q.clone()),
+                (Proj::K, 0, rows_kv.clone()),
+                (Proj::V, 0, rows_kv.clone()),
+                (Proj::O, 1, rows_q.clone()),
+            ],
+        };
+        for (proj, dim, ids) in cuts {
+            let w = model.stored_linear(l, proj)?;
+            let cut = w.index_select(&idx(ids)?, dim)?.contiguous()?;
+            model.blocks[l].set_linear_unchecked(proj, LinearWeight::Dense(cut));
+        }
+        if unit == LlmUnit::KvGroup {
+            let e = &mut model.blocks[l].extra;
+            for (bias, ids) in [
+                (&mut e.q_bias, &rows_q),
+                (&mut e.k_bias, &rows_kv),
+                (&mut e.v_bias, &rows_kv),
+            ] {
+                if let Some(b) = bias.as_mut() {
+                    *b = b
+                        .index_select(&idx(ids.clone())?, D::Minus1)?
+                        .contiguous()?;
+                }
+            }
+        }
+    }
+    let mut config = c;
+    match unit {
+        LlmUnit::Ffn => config.intermediate_size = k,
+        LlmUnit::KvGroup => {
+            config.head_dim = Some(hd);
+            config.num_key_value_heads = k;
+            config.num_attention_heads = k * group;
+        }
+    }
+    model.config = config;
+    Ok(())
+}

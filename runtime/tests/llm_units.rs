@@ -1,0 +1,144 @@
+//! Removing units from language models: for every architecture, FFN neurons
+//! and kv groups cut out give the logits of the same model with those units'
+//! weights zeroed in place, and the smaller model exports with a
+//! configuration that describes it and reads back the same.
+
+use candle_core::{DType, Device, Tensor};
+use prunec_runtime::llm::{self, LlmUnit, Proj};
+use std::path::{Path, PathBuf};
+
+fn tiny(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/models")
+        .join(name)
+}
+
+const ARCHS: [&str; 4] = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"];
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn ids(dir: &Path) -> Tensor {
+    let r =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    r["ids"].to_dtype(DType::U32).unwrap()
+}
+
+/// Zeroes rows (`dim` 0) or columns (`dim` 1) `[from, to)` of a projection.
+fn zero(m: &mut llm::LlamaModel, l: usize, p: Proj, dim: usize, from: usize, to: usize) {
+    let w = m.linear_weight(l, p).unwrap();
+    let (rows, cols) = w.dims2().unwrap();
+    let mut v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+    for r in 0..rows {
+        for c in 0..cols {
+            let hit = if dim == 0 { r } else { c };
+            if hit >= from && hit < to {
+                v[r * cols + c] = 0.0;
+            }
+        }
+    }
+    let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
+    m.set_linear_weight(l, p, t).unwrap();
+}
+
+/// Units kept in block `l`: all but one, a different one per block.
+fn keep(l: usize, count: usize) -> Vec<usize> {
+    (0..count).filter(|&u| u != (l * 5 + 1) % count).collect()
+}
+
+#[test]
+fn removed_units_give_the_logits_of_the_zeroed_model() {
+    for name in ARCHS {
+        let dir = tiny(name);
+        let dense = llm::load_hf(&dir).unwrap();
+        let x = ids(&dir);
+        let c = dense.config.clone();
+        let (hd, group) = (c.head_dim(), c.num_attention_heads / c.num_key_value_heads);
+        for unit in [LlmUnit::Ffn, LlmUnit::KvGroup] {
+            let count = unit.count(&c);
+            let kept: Vec<Vec<usize>> = (0..dense.num_layers()).map(|l| keep(l, count)).collect();
+            let mut zeroed = dense.clone();
+            for (l, k) in kept.iter().enumerate() {
+                for u in (0..count).filter(|u| !k.contains(u)) {
+                    match unit {
+                        LlmUnit::Ffn => {
+                            zero(&mut zeroed, l, Proj::Gate, 0, u, u + 1);
+                            zero(&mut zeroed, l, Proj::Up, 0, u, u + 1);
+                            zero(&mut zeroed, l, Proj::Down, 1, u, u + 1);
+                        }
+                        LlmUnit::KvGroup => {
+                            let (q0, q1) = (u * group * hd, (u + 1) * group * hd);
+                            zero(&mut zeroed, l, Proj::Q, 0, q0, q1);
+                            zero(&mut zeroed, l, Proj::K, 0, u * hd, (u + 1) * hd);
+                            zero(&mut zeroed, l, Proj::V, 0, u * hd, (u + 1) * hd);
+                            zero(&mut zeroed, l, Proj::O, 1, q0, q1);
+                        }
+                    }
+                }
+            }
+            let mut small = dense.clone();
+            llm::remove_units(&mut small, unit, &kept).unwrap();
+            assert_eq!(unit.count(&small.config), count - 1);
+            let a = small.forward(&x).unwrap();
+            let b = zeroed.forward(&x).unwrap();
+            let d = max_abs_diff(&a, &b);
+            assert!(
+                d <= 1e-5,
+                "{name} {unit:?}: shrunk and zeroed differ by {d}"
+            );
+            // The candle reference path agrees on the smaller shapes too.
+            let d = max_abs_diff(&small.forward_candle(&x).unwrap(), &b);
+            assert!(d <= 1e-4, "{name} {unit:?}: candle path differs by {d}");
+            // And the units did matter.
+            assert!(max_abs_diff(&dense.forward(&x).unwrap(), &b) > 1e-4);
+        }
+    }
+}
+
+#[test]
+fn a_shrunk_model_exports_its_new_sizes_and_reads_back_the_same() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let dir = tiny(name);
+        let mut m = llm::load_hf(&dir).unwrap();
+        let layers = m.num_layers();
+        let ffn: Vec<Vec<usize>> = (0..layers).map(|_| (0..48).collect()).collect();
+        llm::remove_units(&mut m, LlmUnit::Ffn, &ffn).unwrap();
+        let kv: Vec<Vec<usize>> = (0..layers).map(|l| vec![l % 2]).collect();
+        llm::remove_units(&mut m, LlmUnit::KvGroup, &kv).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        llm::save_hf(&m, out.path()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["intermediate_size"], 48);
+        assert_eq!(config["num_key_value_heads"], 1);
+        assert_eq!(config["num_attention_heads"], 2);
+        assert_eq!(config["head_dim"], m.config.head_dim());
+        let back = llm::load_hf(out.path()).unwrap();
+        let x = ids(&dir);
+        assert_eq!(
+            max_abs_diff(&back.forward(&x).unwrap(), &m.forward(&x).unwrap()),
+            0.0,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn uneven_or_out_of_range_kept_units_are_refused() {
+    let mut m = llm::load_hf(&tiny("tiny-llama")).unwrap();
+    assert!(llm::remove_units(&mut m, LlmUnit::Ffn, &[vec![0, 1], vec![0]]).is_err());
+    assert!(llm::remove_units(&mut m, LlmUnit::Ffn, &[vec![0, 64], vec![0, 1]]).is_err());
+    assert!(llm::remove_units(&mut m, LlmUnit::KvGroup, &[vec![], vec![]]).is_err());
+    assert!(llm::remove_units(&mut m, LlmUnit::Ffn, &[vec![0]]).is_err());
+}
