@@ -4,9 +4,15 @@
 # the example recipes and loads every export there:
 #   - the four tiny Hugging Face architectures (tests/models), pruned with
 #     Wanda 2:4 and exported: transformers' perplexity equals prunec's (0.1%);
+#     and with FFN neurons and a kv group removed (tiny_llm_units.prune): the
+#     export's config gives the smaller sizes, transformers loads it and its
+#     perplexity equals prunec's (0.1%);
 #   - SmolLM2-135M as a bf16 sharded Hugging Face checkpoint (made here from the
 #     GGUF) pruned by examples/llm_hf_wanda24.prune: the export is bf16, holds
 #     its recipe and lock, and transformers' perplexity equals prunec's (0.1%);
+#   - examples/llm_ffn_heads.prune (SmolLM2 with FFN neurons and a kv group
+#     removed): the export's config gives the smaller sizes and transformers'
+#     perplexity equals prunec's (0.1%);
 #   - the ONNX example (examples/onnx_digits.prune): onnxruntime counts the
 #     same correct top-1 predictions as prunec's reported accuracy, and every
 #     pruned initializer keeps the report's count of non-zeros.
@@ -35,6 +41,14 @@ for arch in llama mistral qwen2 qwen3; do
     --text tests/models/tiny.txt --seq 32 --samples 8 --offset 1024
 done
 
+echo "== tiny Hugging Face architectures, FFN neurons and a kv group removed"
+for arch in llama mistral qwen2 qwen3; do
+  "$prunec" run -q tests/recipes/run/tiny_llm_units.prune --set "model_dir=\"tests/models/tiny-$arch\"" --out "$out/tiny-units-$arch"
+  "$py" scripts/interop/check_llm.py --out "$out/tiny-units-$arch" --label pruned \
+    --text tests/models/tiny.txt --seq 32 --samples 8 --offset 1024 \
+    --expect intermediate_size=48 num_key_value_heads=1 num_attention_heads=2
+done
+
 echo "== SmolLM2-135M, bf16 Hugging Face checkpoint, Wanda 2:4"
 if [ ! -f data/smollm2/hf-bf16/config.json ]; then
   "$prunec" run -q scripts/interop/smollm2_to_hf.prune --out "$out/smollm2_f32"
@@ -44,6 +58,12 @@ fi
 "$py" scripts/interop/check_llm.py --out "$out/llm_hf_wanda24" --label pruned --dtype bfloat16 \
   --text data/text/moby-dick.txt --seq 256 \
   --samples "$(grep -o '"eval_samples": [0-9]*' "$out/llm_hf_wanda24/report.json" | grep -o '[0-9]*$')"
+
+echo "== SmolLM2-135M, 20% of FFN neurons and one kv group per block removed"
+"$prunec" run examples/llm_ffn_heads.prune --out "$out/llm_ffn_heads"
+"$py" scripts/interop/check_llm.py --out "$out/llm_ffn_heads" --label pruned \
+  --text data/text/moby-dick.txt --seq 256 --samples 16 \
+  --expect intermediate_size=1229 num_key_value_heads=2 num_attention_heads=6
 
 echo "== ONNX digits classifier"
 "$prunec" run examples/onnx_digits.prune --out "$out/onnx_digits"

@@ -33,7 +33,51 @@ pub enum Side {
 pub struct LoweredCriterion {
     pub expr: KExpr,
     pub row_sums: Vec<KExpr>,
+    /// How each `row_sums` expression's values become its row statistic.
+    pub row_reduce: Vec<RowReduce>,
     pub side: Option<Side>,
+}
+
+/// How a per-element expression becomes one value per output row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowReduce {
+    /// `sum(e, over = out_channel)`: the row's sum.
+    Sum,
+    /// `dist(e, over = out_channel)`: the sum of Euclidean distances from
+    /// the row to every row of the tensor (FPGM, He et al. 2019: a row near
+    /// the geometric median scores low).
+    Dist,
+}
+
+impl RowReduce {
+    /// The statistic of every row of `values` (`rows x cols`, row-major), in
+    /// f64 in a fixed order: the same bits at any thread count.
+    pub fn apply(self, values: &[f32], cols: usize) -> Vec<f32> {
+        let rows: Vec<&[f32]> = values.chunks(cols.max(1)).collect();
+        match self {
+            RowReduce::Sum => rows
+                .iter()
+                .map(|r| r.iter().map(|&x| x as f64).sum::<f64>() as f32)
+                .collect(),
+            RowReduce::Dist => rows
+                .iter()
+                .map(|a| {
+                    rows.iter()
+                        .map(|b| {
+                            a.iter()
+                                .zip(b.iter())
+                                .map(|(&x, &y)| {
+                                    let d = x as f64 - y as f64;
+                                    d * d
+                                })
+                                .sum::<f64>()
+                                .sqrt()
+                        })
+                        .sum::<f64>() as f32
+                })
+                .collect(),
+        }
+    }
 }
 
 impl LoweredCriterion {
@@ -58,6 +102,7 @@ impl LoweredCriterion {
 #[derive(Default)]
 struct Cx {
     sums: Vec<KExpr>,
+    reduce: Vec<RowReduce>,
     side: Option<(Side, Span)>,
     /// A `grad(w)` outside `accumulate(...)`.
     grad: Option<Span>,
@@ -81,6 +126,7 @@ pub fn criterion_to_kernel(recipe: &CheckedRecipe, e: &Expr) -> Result<LoweredCr
     Ok(LoweredCriterion {
         expr,
         row_sums: cx.sums,
+        row_reduce: cx.reduce,
         side: cx.side.map(|(s, _)| s),
     })
 }
@@ -230,14 +276,14 @@ fn lower(r: &CheckedRecipe, e: &Expr, depth: usize, cx: &mut Cx) -> Result<KExpr
                 "min" => KExpr::bin(BinOp::Min, arg(0)?, arg(1)?),
                 "max" => KExpr::bin(BinOp::Max, arg(0)?, arg(1)?),
                 "where" => KExpr::select(arg(0)?, arg(1)?, arg(2)?),
-                "sum" => {
+                f @ ("sum" | "dist") => {
                     let over = args
                         .named("over")
                         .and_then(|a| a.value.as_name())
                         .map(|n| n.name.as_str())
                         .unwrap_or("all");
                     if !matches!(over, "out_channel" | "row") {
-                        return err(e.span, format!("`sum(..., over = {over})` is not supported by the kernels yet; `over = out_channel` is"));
+                        return err(e.span, format!("`{f}(..., over = {over})` is not supported by the kernels yet; `over = out_channel` is"));
                     }
                     let inner = arg(0)?;
                     let mut nested = Vec::new();
@@ -250,6 +296,11 @@ fn lower(r: &CheckedRecipe, e: &Expr, depth: usize, cx: &mut Cx) -> Result<KExpr
                         return err(e.span, "too many group sums in one criterion");
                     }
                     cx.sums.push(inner);
+                    cx.reduce.push(if f == "dist" {
+                        RowReduce::Dist
+                    } else {
+                        RowReduce::Sum
+                    });
                     KExpr::Input(KInput::RowStat(slot as u8))
                 }
                 other => {
@@ -409,5 +460,14 @@ mod tests {
         assert!(glob_match("fc3.*", "fc3.bias"));
         assert!(glob_match("*embed*", "model.embed_tokens.weight"));
         assert!(!glob_match("fc1.weight", "fc1.weightx"));
+    }
+
+    #[test]
+    fn row_statistics_are_sums_or_summed_distances_to_every_row() {
+        // Rows (0, 0), (3, 4), (6, 8): distances 5 and 10 from the first,
+        // 5 and 5 from the middle one (the geometric median), 10 and 5 from the last.
+        let v = [0.0, 0.0, 3.0, 4.0, 6.0, 8.0];
+        assert_eq!(RowReduce::Sum.apply(&v, 2), [0.0, 7.0, 14.0]);
+        assert_eq!(RowReduce::Dist.apply(&v, 2), [15.0, 10.0, 15.0]);
     }
 }

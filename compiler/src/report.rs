@@ -111,7 +111,7 @@ pub fn fmt_metric(name: &str, v: f64) -> String {
         }
         "params" | "flops" | "step" => format!("{v:.0}"),
         "latency" => format!("{v:.3} ms"),
-        "throughput" => format!("{v:.0} samples/s"),
+        "throughput" => format!("{v:.0}/s"),
         _ => format!("{v:.4}"),
     }
 }

@@ -504,6 +504,10 @@ fn unit_shapes(
     let Some(arch) = shapes.arch.clone() else {
         return;
     };
+    if unit.of_language_models() {
+        // `check` says at the option that these are for language models.
+        return;
+    }
     let targets = option(r, s, "targets").map(|(v, _)| strings(Some(&v)));
     let skip = option(r, s, "skip")
         .map(|(v, _)| strings(Some(&v)))

@@ -15,11 +15,13 @@ pub struct UnitTargetError {
     pub help: String,
 }
 
-/// The runtime's kind of unit for a recipe's `unit = ...`.
-pub fn kind(unit: Unit) -> UnitKind {
+/// The runtime's kind of classifier unit for a recipe's `unit = ...`
+/// (none for the units of language models).
+pub fn kind(unit: Unit) -> Option<UnitKind> {
     match unit {
-        Unit::Neuron => UnitKind::Neuron,
-        Unit::Channel => UnitKind::Channel,
+        Unit::Neuron => Some(UnitKind::Neuron),
+        Unit::Channel => Some(UnitKind::Channel),
+        Unit::Ffn | Unit::KvGroup => None,
     }
 }
 
@@ -33,7 +35,12 @@ pub fn unit_targets(
     skip: &[String],
     unit: Unit,
 ) -> Result<Vec<UnitLayer>, UnitTargetError> {
-    let want = kind(unit);
+    let Some(want) = kind(unit) else {
+        return Err(UnitTargetError {
+            message: format!("`{unit}` units belong to language models"),
+            help: "a classifier removes `neuron` or `channel` units".into(),
+        });
+    };
     let layers = arch.unit_layers();
     let skipped = |n: &str| skip.iter().any(|k| glob_match(k, n));
     let Some(targets) = targets else {
@@ -45,6 +52,7 @@ pub fn unit_targets(
             return Err(UnitTargetError {
                 message: format!("no layer of this model has {unit}s to remove"),
                 help: match unit {
+                    Unit::Ffn | Unit::KvGroup => String::new(),
                     Unit::Neuron => "`neuron` units are the outputs of linear layers (not the last one); use `unit = channel` for convolutions".into(),
                     Unit::Channel => "`channel` units are the output channels of convolutions; use `unit = neuron` for linear layers".into(),
                 },

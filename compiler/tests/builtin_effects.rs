@@ -79,7 +79,7 @@ enum Base {
 }
 
 const DIGITS: &str = r#"recipe t { version = 1, seed = 1 }
-use std.{magnitude, random, taylor, snip, wanda, l1_channel, l2_channel, taylor_channel, movement, sap}
+use std.{magnitude, random, taylor, snip, wanda, l1_channel, l2_channel, taylor_channel, fpgm, movement, sap}
 model net = mlp(inputs = 64, hidden = [32], classes = 10, act = relu)
 dataset train = DATA(PATH, split = "train", batch = 64, shuffle = false, limit = LIMIT, validation = 0%)
 dataset test = DATA(PATH, split = "test", batch = 360, limit = 300)
@@ -399,6 +399,11 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         Changes(Criterion, "c = w", "c = sum(abs(w), over = out_channel)"),
     );
     add("sum.over", Checked("P023_sum_over_input_channels"));
+    add(
+        "dist",
+        Changes(Criterion, "c = w", "c = dist(w, over = out_channel)"),
+    );
+    add("dist.over", Checked("P023_dist_over_input_channels"));
     add("rand", Changes(Criterion, "c = w", "c = w + rand()"));
     // Standard-library criteria and methods.
     for (k, by) in [
@@ -409,6 +414,7 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         ("l1_channel", "by l1_channel"),
         ("l2_channel", "by l2_channel"),
         ("taylor_channel", "by taylor_channel"),
+        ("fpgm", "by fpgm"),
     ] {
         add(k, Changes(Digits, "by magnitude", by));
     }
@@ -602,6 +608,10 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         Changes(Llm, "sequential = true", "sequential = false"),
     );
     add("rounds", Changes(Sap, "rounds = 2", "rounds = 3"));
+    add(
+        "normalize",
+        Tested("normalizing_unit_scores_per_layer_changes_what_a_global_ranking_keeps"),
+    );
     add(
         "unit",
         Changes(

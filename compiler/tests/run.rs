@@ -2021,3 +2021,182 @@ fn units_in_rounds_with_a_global_guard_and_timed_forward_passes() {
         assert!((tp * ms / 1e3 - 360.0).abs() < 1e-6 * 360.0, "{tp} {ms}");
     }
 }
+
+#[test]
+fn language_model_units_shrink_every_block_and_the_export_reads_back_alike() {
+    let (dir, out, report) = run_ok(&[
+        "tests/recipes/run/tiny_llm_units.prune",
+        "--set",
+        "model_dir=\"tests/models/tiny-qwen2\"",
+    ]);
+    let units: Vec<(String, u64, u64)> = report["units_removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let l = &s["layers"][0];
+            (
+                s["unit"].as_str().unwrap().to_string(),
+                l["before"].as_u64().unwrap(),
+                l["after"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        units,
+        [("ffn".to_string(), 64, 48), ("kv_group".to_string(), 2, 1)]
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["intermediate_size"], 48);
+    assert_eq!(config["num_key_value_heads"], 1);
+    assert_eq!(config["num_attention_heads"], 2);
+    assert!(evaluation(&report, "pruned", "params") < evaluation(&report, "dense", "params"));
+    // The exported folder, read back by a recipe, gives the same perplexity.
+    let again = dir.path().join("again.prune");
+    std::fs::write(
+        &again,
+        format!(
+            "recipe again {{ version = 1, seed = 0 }}\n\
+             model lm = hf({:?})\n\
+             dataset heldout = text(\"tests/models/tiny.txt\", tokenizer = lm, seq = 32, samples = 8, offset = 1024)\n\
+             pipeline {{\n  evaluate lm on heldout -> [perplexity, params] as back\n}}\n",
+            out.join("model").display().to_string()
+        ),
+    )
+    .unwrap();
+    let (_d, _o, back) = run_ok(&[again.to_str().unwrap()]);
+    assert_eq!(
+        evaluation(&back, "back", "perplexity"),
+        evaluation(&report, "pruned", "perplexity")
+    );
+    assert_eq!(
+        evaluation(&back, "back", "params"),
+        evaluation(&report, "pruned", "params")
+    );
+}
+
+#[test]
+fn lenet5_channels_reduced_halves_every_width_and_times_both_models() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    let (_dir, out, report) = run_ok(&[
+        "examples/lenet5_channels.prune",
+        "--set",
+        "samples=8000",
+        "--set",
+        "epochs=2",
+        "--set",
+        "finetune_epochs=1",
+    ]);
+    let file = out.join("lenet5_channels.safetensors");
+    assert_eq!(shape_of(&file, "conv1.weight"), [3, 1, 5, 5]);
+    assert_eq!(shape_of(&file, "conv2.weight"), [8, 3, 5, 5]);
+    assert_eq!(shape_of(&file, "fc1.weight"), [60, 200]);
+    assert_eq!(shape_of(&file, "fc2.weight"), [42, 60]);
+    assert_eq!(shape_of(&file, "fc3.weight"), [10, 42]);
+    assert_eq!(evaluation(&report, "pruned", "params"), 15738.0);
+    assert_eq!(evaluation(&report, "pruned", "flops"), 267480.0);
+    for label in ["dense_speed", "pruned_speed"] {
+        assert!(evaluation(&report, label, "latency") > 0.0);
+    }
+}
+
+#[test]
+fn scratch_vs_finetune_reduced_trains_the_shrunk_architecture_three_ways() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    let (_dir, out, report) = run_ok(&[
+        "examples/scratch_vs_finetune.prune",
+        "--set",
+        "samples=8000",
+        "--set",
+        "epochs=2",
+        "--set",
+        "finetune_epochs=1",
+        "--set",
+        "scratch_b_epochs=4",
+    ]);
+    // Three models, pruned alike: the same widths, different weights.
+    for label in ["fine_tuned", "scratch_E", "scratch_B"] {
+        assert_eq!(evaluation(&report, label, "params"), 15738.0);
+        assert!(evaluation(&report, label, "accuracy") > 0.9, "{label}");
+    }
+    let a = tensor_f32(&out.join("fine_tuned.safetensors"), "conv1.weight");
+    let b = tensor_f32(&out.join("scratch_b.safetensors"), "conv1.weight");
+    assert_eq!(a.len(), b.len());
+    assert_ne!(a, b);
+    // The dense training was run once and copied to the other two models.
+    let copied = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| !s["copied_from"].is_null())
+        .count();
+    assert_eq!(copied, 2);
+}
+
+#[test]
+fn llm_ffn_heads_reduced_exports_smollm2_with_smaller_sizes() {
+    require_data("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2");
+    require_data("text/moby-dick.txt", "text");
+    let (_dir, out, report) = run_ok(&[
+        "examples/llm_ffn_heads.prune",
+        "--set",
+        "calib_samples=2",
+        "--set",
+        "eval_samples=1",
+        "--set",
+        "timing_windows=1",
+    ]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["intermediate_size"], 1229);
+    assert_eq!(config["num_key_value_heads"], 2);
+    assert_eq!(config["num_attention_heads"], 6);
+    assert_eq!(config["head_dim"], 64);
+    let dense = evaluation(&report, "dense", "params");
+    let pruned = evaluation(&report, "pruned", "params");
+    // 30 blocks lose 307 FFN neurons (3 x 576 each) and 3 query and 1 kv head
+    // (576 x 64 x (2 x 3 + 2)), biases none.
+    let removed = 30.0 * (307.0 * 3.0 * 576.0 + 576.0 * 64.0 * 8.0);
+    assert!((dense - pruned - removed).abs() < 1e5, "{dense} {pruned}");
+    assert!(evaluation(&report, "pruned_speed", "latency") > 0.0);
+}
+
+#[test]
+fn normalizing_unit_scores_per_layer_changes_what_a_global_ranking_keeps() {
+    require_data("digits/digits.csv.gz", "digits");
+    let text = |normalize: &str| {
+        format!(
+            "recipe norm {{ version = 1, seed = 4 }}\n\
+             use std.l1_channel\n\
+             model net = mlp(inputs = 64, hidden = [64, 32], classes = 10)\n\
+             dataset train = digits(\"data/digits/digits.csv.gz\", split = \"train\", batch = 32, shuffle = true)\n\
+             pipeline {{\n\
+               train net on train (epochs = 2, optimizer = sgd(lr = 0.05, momentum = 0.9))\n\
+               prune net by l1_channel to 50% (unit = neuron, scope = global, normalize = {normalize})\n\
+             }}\n"
+        )
+    };
+    let widths = |out: &Path| -> Vec<u64> {
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+                .unwrap();
+        report["units_removed"][0]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["after"].as_u64().unwrap())
+            .collect()
+    };
+    let (_dir, runs) = run_texts(&[text("none"), text("max"), text("mean")]);
+    let w: Vec<Vec<u64>> = runs.iter().map(|(out, _)| widths(out)).collect();
+    // 96 neurons, 48 removed whichever way they are ranked.
+    for x in &w {
+        assert_eq!(x.iter().sum::<u64>(), 48, "{w:?}");
+    }
+    // fc1's 64-input rows have larger L1 norms than fc2's: raw scores spare
+    // fc1, per-layer scales share the cut.
+    assert_ne!(w[0], w[1], "{w:?}");
+}

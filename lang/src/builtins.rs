@@ -288,7 +288,8 @@ const fn needs(mut bi: Builtin, n: Needs) -> Builtin {
 const SPLITS: Ty = Ty::Enum(&["train", "validation", "test"]);
 const ACTIVATIONS: Ty = Ty::Enum(&["relu", "tanh", "sigmoid", "gelu"]);
 const SCOPES: Ty = Ty::Enum(&["global", "layer", "row", "neuron"]);
-const UNITS: Ty = Ty::Enum(&["neuron", "channel"]);
+const NORMALIZE: Ty = Ty::Enum(&["none", "mean", "max", "l2"]);
+const UNITS: Ty = Ty::Enum(&["neuron", "channel", "ffn", "kv_group"]);
 const AXES: Ty = Ty::Enum(&["out_channel", "row"]);
 const FORMATS: Ty = Ty::Enum(&["safetensors", "onnx", "hf", "compressed_24"]);
 const REWINDS: Ty = Ty::Enum(&["none", "init"]);
@@ -496,6 +497,10 @@ pub static BUILTINS: &[Builtin] = &[
         p("of", Ty::Score, None, Range::any(), ""),
         p("over", AXES, Some("out_channel"), Range::any(), "the group summed over (an output channel, i.e. a weight row); every element of a group gets the group's sum"),
     ], "Sum of a score over a group (`out_channel` for channel criteria)."),
+    b("dist", Kind::ScoreFn, &[
+        p("of", Ty::Score, None, Range::any(), ""),
+        p("over", AXES, Some("out_channel"), Range::any(), "the group compared (an output channel, i.e. a weight row); every element of a group gets the group's value"),
+    ], "Sum of the Euclidean distances from a group's values to every other group's in the same tensor: low for a group near the geometric median, which the others can replace (FPGM, He et al. 2019)."),
     b("rand", Kind::ScoreFn, &[], "A uniform draw in [0, 1) from the recipe's seeded generator (random pruning)."),
     // ---- standard-library criteria and methods (`use std.NAME`)
     std_b("magnitude", Kind::Criterion, &[], "`abs(w)` — Han et al. 2015; Global MP."),
@@ -506,6 +511,7 @@ pub static BUILTINS: &[Builtin] = &[
     std_b("random", Kind::Criterion, &[], "`rand()` — the seeded random baseline."),
     std_b("l1_channel", Kind::Criterion, &[], "`sum(abs(w), over = out_channel)` (Li et al. 2017)."),
     std_b("l2_channel", Kind::Criterion, &[], "`sqrt(sum(sq(w), over = out_channel))` (Li et al. 2017)."),
+    std_b("fpgm", Kind::Criterion, &[], "`dist(w, over = out_channel)`: filter pruning via the geometric median (He et al. 2019); the filters closest to the others go first."),
     std_b("taylor_channel", Kind::Criterion, &[], "`sq(sum(w * grad(w), over = out_channel))`: group Taylor importance of an output channel (Molchanov et al. 2019); reads loss gradients (`on DATA`)."),
     needs(std_b("sparsegpt", Kind::Method, &[
         p("block", Ty::Int, Some("128"), Range::at_least(1.0), "columns per block sweep"),
@@ -575,7 +581,7 @@ pub static BUILTINS: &[Builtin] = &[
     b("params", Kind::Metric, &[], "Kept (non-zero) parameters."),
     b("flops", Kind::Metric, &[], "FLOPs of one forward pass counting kept weights only."),
     b("latency", Kind::Metric, &[], "Milliseconds of one forward pass of the model as it is over a batch of the stage's data (the data set's `batch` is the batch size): the median of 20 timed passes after 3 warm-up passes. A timing of the machine at hand: in the report, never in a locked output (not plotted)."),
-    b("throughput", Kind::Metric, &[], "Samples per second of the forward pass `latency` times (batch size / median time)."),
+    b("throughput", Kind::Metric, &[], "Samples per second (classifiers) or tokens per second (language models) of the forward pass `latency` times: the batch over the median time."),
     // ---- stage options
     b("epochs", Kind::StageOption, &[p("value", Ty::Int, None, Range::at_least(1.0), "")], "Passes over the data (train, finetune)."),
     b("steps", Kind::StageOption, &[p("value", Ty::Int, None, Range::at_least(1.0), "")], "Optimizer steps (train, finetune); overrides `epochs`."),
@@ -585,7 +591,8 @@ pub static BUILTINS: &[Builtin] = &[
     b("schedule", Kind::StageOption, &[p("value", Ty::Of(Kind::Schedule), Some("oneshot()"), Range::any(), "")], "How the target is reached (prune)."),
     b("constraints", Kind::StageOption, &[p("value", Ty::Of(Kind::Constraints), None, Range::any(), "")], "A constraint set (prune)."),
     b("scope", Kind::StageOption, &[p("value", SCOPES, Some("global"), Range::any(), "")], "Where scores are compared: one global threshold, per layer, or per output row (prune). The default is `row` for criteria that read `act(x)` (Wanda compares within each output row, as in the paper) and `global` for the others, on classifiers and language models alike (a language model takes `global` only for criteria that read the weights alone: the others are calibrated layer by layer)."),
-    b("unit", Kind::StageOption, &[p("value", UNITS, None, Range::any(), "")], "Remove whole units instead of single weights, and shrink the model (prune): `neuron` removes output neurons of linear layers, `channel` output channels of convolutions, each with its bias entry and the inputs of the next layer that read it. A unit's score is the mean of its weights' scores (a channel criterion such as `l1_channel` gives the filter norm itself); `to` is the fraction of units removed, per layer by default (`scope = global` ranks the units of every targeted layer together, with `keep_min`/`keep_max` counted in units). The output layer's units are the classes and are never removed. Training, evaluation and export then run on the smaller tensors."),
+    b("unit", Kind::StageOption, &[p("value", UNITS, None, Range::any(), "")], "Remove whole units instead of single weights, and shrink the model (prune). Classifiers: `neuron` removes output neurons of linear layers, `channel` output channels of convolutions, each with its bias entry and the inputs of the next layer that read it; a unit's score is the mean of its weights' scores (a channel criterion such as `l1_channel` gives the filter norm itself); `to` is the fraction of units removed, per layer by default (`scope = global` ranks the units of every targeted layer together, with `keep_min`/`keep_max` counted in units); the output layer's units are the classes and are never removed. Language models: `ffn` removes FFN neurons (gate/up rows, down column), `kv_group` key/value heads with their query heads (q/k/v rows, o columns), the same number in every block (the Hugging Face config holds one size); a unit is scored on the weights that read it (`down_proj`, `o_proj`) with their input activations on the dense model (`wanda` gives Wanda-sp). Training, evaluation and export then run on the smaller tensors."),
+    b("normalize", Kind::StageOption, &[p("value", NORMALIZE, Some("none"), Range::any(), "")], "With `unit = ...` and `scope = global`: divide each layer's unit scores by their `mean`, `max` or L2 norm (`l2`) before ranking the units of all layers together, so layers whose scores run on different scales compete fairly (`none` ranks the raw scores) (prune)."),
     b("pattern", Kind::StageOption, &[p("value", Ty::Pattern, None, Range::any(), "")], "`N:M`: keep N of every M consecutive weights along the input dimension (also written as the target: `to 2:4`); `block(rows, cols)`: keep or prune whole blocks (prune)."),
     b("targets", Kind::StageOption, &[p("value", Ty::Globs, Some("[\"*.weight\"]"), Range::any(), "")], "Parameters to prune, by name pattern (prune)."),
     b("skip", Kind::StageOption, &[p("value", Ty::Globs, Some("[]"), Range::any(), "")], "Parameters never pruned, by name pattern (prune)."),
@@ -648,6 +655,7 @@ pub fn stage_options(kind: crate::ast::StageKind) -> &'static [&'static str] {
             "rounds",
             "allow_nonfinite",
             "unit",
+            "normalize",
         ],
         Evaluate | Assert | Report => &[],
         Export => &["format"],

@@ -64,6 +64,10 @@ impl std::fmt::Display for Scope {
 pub enum Unit {
     Neuron,
     Channel,
+    /// A language model's FFN neuron (every block alike).
+    Ffn,
+    /// A language model's key/value head with its query heads.
+    KvGroup,
 }
 
 impl Unit {
@@ -72,6 +76,8 @@ impl Unit {
         match written.and_then(|v| v.as_str())? {
             "neuron" => Some(Unit::Neuron),
             "channel" => Some(Unit::Channel),
+            "ffn" => Some(Unit::Ffn),
+            "kv_group" => Some(Unit::KvGroup),
             _ => None,
         }
     }
@@ -80,7 +86,14 @@ impl Unit {
         match self {
             Unit::Neuron => "neuron",
             Unit::Channel => "channel",
+            Unit::Ffn => "ffn",
+            Unit::KvGroup => "kv_group",
         }
+    }
+
+    /// Whether it is a language model's unit.
+    pub fn of_language_models(self) -> bool {
+        matches!(self, Unit::Ffn | Unit::KvGroup)
     }
 }
 

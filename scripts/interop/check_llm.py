@@ -52,6 +52,7 @@ def main():
     ap.add_argument("--samples", type=int, required=True)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--dtype", default=None, help="expected torch dtype of the weights, e.g. bfloat16")
+    ap.add_argument("--expect", nargs="*", default=[], help="config.json values the export must have, KEY=INT")
     a = ap.parse_args()
     out = pathlib.Path(a.out)
     folder = out / a.export
@@ -64,13 +65,22 @@ def main():
         if not (folder / f).is_file():
             sys.exit(f"{folder} lacks {f}")
 
+    config = json.loads((folder / "config.json").read_text())
+    for kv in a.expect:
+        key, value = kv.split("=")
+        if config.get(key) != int(value):
+            sys.exit(f"{folder}/config.json has {key} = {config.get(key)}, expected {value}")
+
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     ids = leading_tokens(tok, pathlib.Path(a.text).read_bytes(), a.samples * a.seq + a.offset)
     ids = ids[a.offset:]
     windows = len(ids) // a.seq
     if windows == 0:
         sys.exit("fewer tokens than one window")
-    stored = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    stored, info = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", output_loading_info=True)
+    for kind in ["missing_keys", "mismatched_keys"]:
+        if info.get(kind):
+            sys.exit(f"{folder}: transformers reports {kind}: {info[kind]}")
     if a.dtype and str(stored.dtype) != f"torch.{a.dtype}":
         sys.exit(f"the export loads as {stored.dtype}, expected torch.{a.dtype}")
     stored_dtype = stored.dtype

@@ -9,7 +9,7 @@ use crate::specs::text_files;
 use prunec_kernels::{PruneOptions, Selection, TensorView};
 
 use prunec_lang::check::Value;
-use prunec_lang::resolved::{Method, Metric, Pattern, Scope};
+use prunec_lang::resolved::{Method, Metric, Pattern, Scope, Unit};
 use prunec_lang::Span;
 use prunec_runtime::llm;
 use std::collections::BTreeMap;
@@ -180,6 +180,23 @@ impl Exec<'_> {
         Ok(zeros as f64 / total.max(1) as f64)
     }
 
+    /// Non-zero parameters of every tensor of the model.
+    fn llm_kept_params(&self, model: &str, span: Span) -> Result<usize, RunError> {
+        let mut kept = 0;
+        for (_, t) in self.llms[model]
+            .named_tensors()
+            .map_err(rt_err_llm(span, "counting parameters"))?
+        {
+            let v: Vec<f32> = t
+                .flatten_all()
+                .and_then(|t| t.to_dtype(candle_core::DType::F32))
+                .and_then(|t| t.to_vec1())
+                .map_err(|e| RunError::Internal(e.to_string()))?;
+            kept += v.iter().filter(|x| **x != 0.0).count();
+        }
+        Ok(kept)
+    }
+
     pub(super) fn llm_stage(
         &mut self,
         step: &Step,
@@ -235,12 +252,33 @@ impl Exec<'_> {
             ));
         }
         tokens.drain(..spec.offset);
+        // One timing serves `latency` and `throughput` alike.
+        let timed = match wanted.iter().any(|m| m.is_timing()) {
+            true => Some(
+                llm::eval::forward_latency(
+                    &self.llms[model],
+                    &tokens,
+                    seq,
+                    batch,
+                    super::LATENCY_WARMUP,
+                    super::LATENCY_RUNS,
+                )
+                .map_err(rt_err_llm(step.span, "timing the forward pass"))?,
+            ),
+            false => None,
+        };
         let mut out = BTreeMap::new();
         for &m in wanted {
             let value = match m {
                 Metric::Perplexity => llm::perplexity(&self.llms[model], &tokens, seq, batch)
                     .map_err(rt_err_llm(step.span, "perplexity"))?,
                 Metric::Sparsity => self.llm_sparsity(model, step.span)?,
+                Metric::Params => self.llm_kept_params(model, step.span)? as f64,
+                Metric::Latency | Metric::Throughput => match (m, timed) {
+                    (Metric::Latency, Some((secs, _))) => secs * 1e3,
+                    (_, Some((secs, b))) => (b * seq) as f64 / secs.max(1e-12),
+                    (_, None) => return Err(RunError::Internal("no timing".into())),
+                },
                 other => {
                     return Err(RunError::user(
                         step.site.out.unwrap_or(step.span),
@@ -311,6 +349,9 @@ impl Exec<'_> {
             }
             None => Vec::new(),
         };
+        if let Some(unit) = p.unit {
+            return self.llm_prune_units(step, p, model, unit, &windows, config.batch);
+        }
         let report = match p.method {
             Method::SparseGpt => {
                 // The plan resolved the arguments, defaults included.
@@ -395,6 +436,128 @@ impl Exec<'_> {
                 report.calibration_tokens
             );
         }
+        Ok(())
+    }
+
+    /// `unit = ffn | kv_group`: every block's units scored on the dense
+    /// model (the criterion over the weights that read them, with their
+    /// input activations), the same number kept in every block, and the
+    /// model cut to them.
+    fn llm_prune_units(
+        &mut self,
+        step: &Step,
+        p: &Prune,
+        model: &str,
+        unit: Unit,
+        windows: &[Vec<u32>],
+        batch: usize,
+    ) -> Result<(), RunError> {
+        let by = &p.by.expr;
+        let lowered = match &p.kernel {
+            Some(k) => k.clone(),
+            None => lower::criterion_to_kernel(self.r, by)?,
+        };
+        if !lowered.row_sums.is_empty() || lowered.needs_grad() || lowered.needs_init() {
+            return Err(RunError::user(
+                by.span,
+                "language-model units are scored from weights and activations only, without group sums",
+            ));
+        }
+        let reads_acts = lowered.reads_acts();
+        if reads_acts && windows.is_empty() {
+            return Err(RunError::user(
+                by.span,
+                "this criterion reads activations: add `calibrate = DATASET`",
+            ));
+        }
+        let target = p.target.ok_or_else(|| {
+            RunError::user(
+                step.site.to.unwrap_or(step.site.keyword),
+                "removing units needs a constant target fraction (`to 20%`)",
+            )
+        })?;
+        let lunit = match unit {
+            Unit::Ffn => llm::LlmUnit::Ffn,
+            Unit::KvGroup => llm::LlmUnit::KvGroup,
+            other => {
+                return Err(RunError::Internal(format!(
+                    "`unit = {other}` reached a language model"
+                )))
+            }
+        };
+        let expr = lowered.expr;
+        let opts = PruneOptions {
+            scalars: vec![0.0],
+            allow_nonfinite: false,
+            single_pass: false,
+        };
+        let mut score = |name: &str,
+                         w: &[f32],
+                         rows: usize,
+                         cols: usize,
+                         norms: &[f32],
+                         out: &mut [f32]|
+         -> llm::Result<()> {
+            let mut values = w.to_vec();
+            let mut mask = prunec_kernels::full_mask(rows * cols);
+            let mut view = TensorView::new(name, rows, cols, &mut values, &mut mask);
+            if reads_acts {
+                view.col_stats = vec![norms];
+            }
+            let s = prunec_kernels::score_jit(&expr, &view, &opts)
+                .map_err(|e| llm::RuntimeError::Invalid(format!("{name}: {e}")))?;
+            out.copy_from_slice(&s);
+            Ok(())
+        };
+        let t0 = std::time::Instant::now();
+        let m = &self.llms[model];
+        let scores = llm::unit_scores(m, windows, lunit, reads_acts, batch, &mut score)
+            .map_err(rt_err_llm(step.span, "scoring units"))?;
+        let count = lunit.count(&m.config);
+        let kept = crate::units::kept_per_layer(count, target);
+        let key = prunec_kernels::expr::score_key;
+        let mut keep = Vec::with_capacity(scores.len());
+        for (l, s) in scores.iter().enumerate() {
+            if let Some(u) = s.iter().position(|v| !v.is_finite()) {
+                return Err(RunError::user(
+                    step.span,
+                    format!("unit {u} of block {l} scores {}: the weights or activations are not finite", s[u]),
+                ));
+            }
+            // Highest first; ties keep the earlier unit.
+            let mut idx: Vec<usize> = (0..s.len()).collect();
+            idx.sort_by(|&a, &b| key(s[b]).cmp(&key(s[a])).then(a.cmp(&b)));
+            let mut k = idx[..kept].to_vec();
+            k.sort_unstable();
+            keep.push(k);
+        }
+        let params = |m: &llm::LlamaModel| -> Result<usize, RunError> {
+            Ok(m.named_tensors()
+                .map_err(rt_err_llm(step.span, "counting parameters"))?
+                .iter()
+                .map(|(_, t)| t.elem_count())
+                .sum())
+        };
+        let before = params(&self.llms[model])?;
+        let m = self.llms.get_mut(model).unwrap();
+        llm::remove_units(m, lunit, &keep).map_err(rt_err_llm(step.span, "removing units"))?;
+        let after = params(&self.llms[model])?;
+        if self.progress {
+            eprintln!(
+                "prune {model}: {unit} units kept {kept} of {count} in each of {} blocks ({:.1} s)",
+                keep.len(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        let (line, _) = prunec_lang::diag::line_col(&self.r.source, step.span.start);
+        self.report.shrinks.push(crate::report::Shrink {
+            model: model.to_string(),
+            line,
+            unit: unit.to_string(),
+            layers: vec![(format!("every block ({})", keep.len()), count, kept)],
+            params_before: before,
+            params_after: after,
+        });
         Ok(())
     }
 

@@ -99,8 +99,8 @@ struct Exec<'a> {
 }
 
 /// Untimed and timed forward passes of `latency` / `throughput`.
-const LATENCY_WARMUP: usize = 3;
-const LATENCY_RUNS: usize = 20;
+pub(super) const LATENCY_WARMUP: usize = 3;
+pub(super) const LATENCY_RUNS: usize = 20;
 
 /// Maps a language-model runtime error at a stage to a run error.
 fn rt_err_llm(stage: Span, what: &str) -> impl Fn(rt::RuntimeError) -> RunError + '_ {

@@ -318,19 +318,14 @@ impl Pruner {
         for (i, (w, m)) in b.weights.iter_mut().zip(b.masks.iter_mut()).enumerate() {
             let (rows, cols) = b.shapes[i];
             let mut per_slot = Vec::new();
-            for inner in &self.crit.row_sums {
+            for (inner, reduce) in self.crit.row_sums.iter().zip(&self.crit.row_reduce) {
                 let mut v = TensorView::new(&names[i], rows, cols, w, m);
                 v.grad = grad_of(&names[i])?;
                 v.init = b.inits.get(i).map(|x| x.as_slice());
                 v.col_stats = act_of(&names[i], cols)?;
                 let scores =
                     prunec_kernels::score_jit(inner, &v, &opts).map_err(|e| fail("scoring", e))?;
-                per_slot.push(
-                    scores
-                        .chunks(cols.max(1))
-                        .map(|r| r.iter().map(|&x| x as f64).sum::<f64>() as f32)
-                        .collect::<Vec<f32>>(),
-                );
+                per_slot.push(reduce.apply(&scores, cols));
             }
             row_stats.push(per_slot);
         }
@@ -1148,6 +1143,7 @@ impl Exec<'_> {
                 prunec_kernels::KExpr::Input(prunec_kernels::KInput::Weight),
             ),
             row_sums: vec![],
+            row_reduce: vec![],
             side: None,
         };
         let pruner = self.pruner(step, name, span, magnitude, (plan.scope, plan.pattern))?;
@@ -1309,6 +1305,7 @@ mod tests {
             crit: LoweredCriterion {
                 expr: KExpr::un(UnOp::Abs, KExpr::Input(KInput::Weight)),
                 row_sums: vec![],
+                row_reduce: vec![],
                 side: None,
             },
             scope: Scope::Global,

@@ -117,6 +117,7 @@ impl Exec<'_> {
                 let state = &self.models[name];
                 unit_scores(&pruner, &state.model, &state.masks, &state.init, &side)?
             };
+            let scores = normalized(scores, self.option(step, "normalize").as_ref());
             let keep = choose(&pruner, &layers, &scores, sparsity);
             self.remove(step.span, name, &mut layers, &keep)?;
             if self.progress {
@@ -278,18 +279,13 @@ fn unit_scores(
         // Per-row sums the criterion reads (channel norms), in f64 in row
         // order, as the pruning kernels get them.
         let mut row_stats: Vec<Vec<f32>> = Vec::new();
-        for inner in &pruner.crit.row_sums {
+        for (inner, reduce) in pruner.crit.row_sums.iter().zip(&pruner.crit.row_reduce) {
             let mut v = TensorView::new(n, rows, cols, &mut b.weights[i], &mut m);
             v.grad = grad;
             v.init = b.inits.get(i).map(|x| x.as_slice());
             v.col_stats = act_of(n, cols)?;
             let scores = prunec_kernels::score_jit(inner, &v, &opts).map_err(fail)?;
-            row_stats.push(
-                scores
-                    .chunks(cols.max(1))
-                    .map(|r| r.iter().map(|&x| x as f64).sum::<f64>() as f32)
-                    .collect(),
-            );
+            row_stats.push(reduce.apply(&scores, cols));
         }
         let scores = {
             let mut v = TensorView::new(n, rows, cols, &mut b.weights[i], &mut m);
@@ -323,6 +319,32 @@ fn unit_scores(
         out.push(unit);
     }
     Ok(out)
+}
+
+/// Each layer's unit scores divided by their mean, max or L2 norm
+/// (`normalize = ...`), so that one global ranking compares layers on one
+/// scale; as they are for `none`. A zero divisor leaves the layer as it is.
+fn normalized(mut scores: Vec<Vec<f32>>, how: Option<&Value>) -> Vec<Vec<f32>> {
+    let how = how.and_then(|v| v.as_str()).unwrap_or("none");
+    for s in &mut scores {
+        let n = s.len().max(1) as f64;
+        let d = match how {
+            "mean" => s.iter().map(|&v| v as f64).sum::<f64>() / n,
+            "max" => s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64,
+            "l2" => s
+                .iter()
+                .map(|&v| (v as f64) * (v as f64))
+                .sum::<f64>()
+                .sqrt(),
+            _ => continue,
+        };
+        if d.is_finite() && d != 0.0 {
+            for v in s.iter_mut() {
+                *v = (*v as f64 / d) as f32;
+            }
+        }
+    }
+    scores
 }
 
 /// The positions each layer keeps this round, ascending: per layer, the

@@ -212,7 +212,15 @@ impl Step {
                 };
                 let select = match (p.pattern, p.unit) {
                     (Some(pattern), _) => pattern.to_string(),
-                    (None, Some(unit)) => format!("{unit}s removed, {} scope", p.scope),
+                    (None, Some(unit)) => format!(
+                        "{} removed, {} scope",
+                        match unit {
+                            Unit::Ffn => "FFN neurons".to_string(),
+                            Unit::KvGroup => "kv groups (with their query heads)".to_string(),
+                            u => format!("{u}s"),
+                        },
+                        p.scope
+                    ),
                     (None, None) => format!("{} scope", p.scope),
                 };
                 let mut line = format!("prune {} {what} ({select})", on(&self.model));
@@ -232,7 +240,15 @@ impl Step {
                 } else if let Some(r) = p.schedule.rounds().filter(|&r| r > 1) {
                     line.push_str(&format!("; {r} rounds"));
                 }
-                if p.layerwise {
+                if p.layerwise && p.unit.is_some() {
+                    if let Some(d) = &p.activations {
+                        line.push_str(&format!(
+                            "; every block's units scored on {d} through the dense model, the same number kept in each"
+                        ));
+                    } else {
+                        line.push_str("; the same number of units kept in every block");
+                    }
+                } else if p.layerwise {
                     line.push_str(", layer by layer");
                     if let Some(d) = &p.activations {
                         line.push_str(&format!(

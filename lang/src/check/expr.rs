@@ -647,7 +647,7 @@ impl Checker<'_> {
                         Diagnostic::new(Code::UnknownFunction, format!("unknown criterion function `{}`", callee.name))
                             .with_label(callee.span, "not a criterion function")
                             .with_help(did_you_mean(&callee.name, fns).unwrap_or_else(|| {
-                                "criterion functions: abs, sq, sqrt, log, exp, sign, min, max, where, sum, grad, act, init, accumulate, rand".to_string()
+                                "criterion functions: abs, sq, sqrt, log, exp, sign, min, max, where, sum, dist, grad, act, init, accumulate, rand".to_string()
                             })),
                     );
                     return;

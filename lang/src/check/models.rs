@@ -193,7 +193,16 @@ impl Checker<'_> {
                     };
                     let metric = Metric::named(name);
                     let ok = if lm {
-                        matches!(metric, Some(Metric::Perplexity | Metric::Sparsity))
+                        matches!(
+                            metric,
+                            Some(
+                                Metric::Perplexity
+                                    | Metric::Sparsity
+                                    | Metric::Params
+                                    | Metric::Latency
+                                    | Metric::Throughput
+                            )
+                        )
                     } else {
                         metric != Some(Metric::Perplexity)
                     };
@@ -201,7 +210,7 @@ impl Checker<'_> {
                         let (what, help) = if lm {
                             (
                                 "a language model",
-                                "language models measure `perplexity` and `sparsity`",
+                                "language models measure `perplexity`, `sparsity`, `params`, `latency` and `throughput`",
                             )
                         } else {
                             (
@@ -281,6 +290,7 @@ impl Checker<'_> {
                 _ => (v, span),
             });
         self.check_units(s, model, lm, method, pattern.as_ref().map(|p| p.1));
+        self.check_normalize(s, lm);
         // A scope has no effect where a pattern decides the selection.
         if let (Some((_, pspan)), Some((scope, span))) = (&pattern, self.prune_option(s, "scope")) {
             if method != Some(Method::Sap) {
@@ -403,7 +413,11 @@ impl Checker<'_> {
             // once: criteria that read activations are calibrated layer by
             // layer (each on the outputs of the layers pruned before it).
             if let (None, Some((v, span))) = (&pattern, self.prune_option(s, "scope")) {
-                if v.as_str() == Some("global") && self.stage_reads_acts.contains(&s.id) {
+                let units = self
+                    .stage_options
+                    .get(&s.id)
+                    .is_some_and(|o| o.contains_key("unit"));
+                if v.as_str() == Some("global") && self.stage_reads_acts.contains(&s.id) && !units {
                     self.unsupported(
                         span,
                         format!("`scope = global` with a criterion that reads `act(x)` is not supported on the language model `{model}`"),
@@ -413,6 +427,29 @@ impl Checker<'_> {
                 }
             }
             self.check_guards(s, pattern.is_some());
+        }
+    }
+
+    /// `normalize` scales each layer's unit scores before one global ranking:
+    /// anywhere else it has no effect.
+    fn check_normalize(&mut self, s: &Stage, lm: bool) {
+        let Some((_, span)) = self.prune_option(s, "normalize") else {
+            return;
+        };
+        let units = self
+            .stage_options
+            .get(&s.id)
+            .is_some_and(|o| o.contains_key("unit"));
+        let global = self
+            .prune_option(s, "scope")
+            .is_some_and(|(v, _)| v.as_str() == Some("global"));
+        if !units || !global || lm {
+            self.unsupported(
+                span,
+                "`normalize` scales each layer's unit scores for one ranking over all layers: it needs `unit = neuron | channel` and `scope = global`".into(),
+                "no effect here",
+                "remove `normalize`, or remove units globally",
+            );
         }
     }
 
@@ -439,13 +476,53 @@ impl Checker<'_> {
         let no = |this: &mut Self, message: String, label: &str, help: &str| {
             this.unsupported(span, message, label, help)
         };
-        if lm {
+        let lm_unit = matches!(unit.as_str(), "ffn" | "kv_group");
+        if lm && !lm_unit {
             return no(
                 self,
-                format!("`unit = {unit}` is not supported on the language model `{model}`: prunec removes units of classifiers only"),
+                format!(
+                    "`unit = {unit}` removes units of classifiers; `{model}` is a language model"
+                ),
                 "not for a language model",
-                "prune the language model's weights (`to 50%`) or N:M groups (`to 2:4`)",
+                "remove FFN neurons (`unit = ffn`) or key/value head groups (`unit = kv_group`)",
             );
+        }
+        if !lm && lm_unit {
+            return no(
+                self,
+                format!(
+                    "`unit = {unit}` removes units of language models; `{model}` is a classifier"
+                ),
+                "for language models only",
+                "remove hidden neurons (`unit = neuron`) or conv channels (`unit = channel`)",
+            );
+        }
+        if lm {
+            // The Hugging Face configuration holds one size for every block.
+            let alike = "every block loses the same number of units (the Hugging Face configuration holds one size for all blocks)";
+            for (key, why) in [
+                ("scope", alike),
+                ("targets", alike),
+                ("skip", alike),
+                ("keep_min", alike),
+                ("keep_max", alike),
+                (
+                    "sequential",
+                    "units are scored on the dense model's activations, every block at once",
+                ),
+            ] {
+                if let Some((v, kspan)) = self.prune_option(s, key) {
+                    if key == "scope" && v.as_str() == Some("layer") {
+                        continue;
+                    }
+                    self.unsupported(
+                        kspan,
+                        format!("`{key}` has no place with `unit = {unit}` on the language model `{model}`: {why}"),
+                        "not with language-model units",
+                        &format!("remove `{key}`"),
+                    );
+                }
+            }
         }
         if is_onnx_model(&self.symbols, model) {
             return no(

@@ -169,3 +169,43 @@ fn draw_windows(
     }
     Ok(out)
 }
+
+/// Wall time of the forward pass (with the next-token losses) over the
+/// first batch of `window`-token windows of `tokens`: the median of `runs`
+/// timed passes after `warmup` untimed ones, in seconds, with the number of
+/// windows in the batch. A timing of the machine at hand, never locked.
+pub fn forward_latency(
+    model: &LlamaModel,
+    tokens: &[u32],
+    window: usize,
+    batch: usize,
+    warmup: usize,
+    runs: usize,
+) -> Result<(f64, usize)> {
+    let windows = tokens.len() / window.max(1);
+    if window < 2 || windows == 0 {
+        return Err(RuntimeError::Invalid(format!(
+            "{} tokens hold no window of {window} to time",
+            tokens.len()
+        )));
+    }
+    let b = batch.max(1).min(windows);
+    let chunk = &tokens[..b * window];
+    for _ in 0..warmup {
+        std::hint::black_box(model.next_token_nll(chunk, b, window)?);
+    }
+    let mut times = Vec::with_capacity(runs.max(1));
+    for _ in 0..runs.max(1) {
+        let t0 = std::time::Instant::now();
+        std::hint::black_box(model.next_token_nll(chunk, b, window)?);
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let mid = times.len() / 2;
+    let median = if times.len() % 2 == 1 {
+        times[mid]
+    } else {
+        (times[mid - 1] + times[mid]) / 2.0
+    };
+    Ok((median, b))
+}
