@@ -25,10 +25,10 @@ pub fn kind(unit: Unit) -> Option<UnitKind> {
     }
 }
 
-/// The layers whose units the stage removes, in forward order. Written
-/// targets must each name weights of layers with units of this kind; the
-/// default (`*.weight`) takes every such layer (the output layer, whose
-/// units are the classes, never is one).
+/// The layers whose units the stage removes, in forward order. A target
+/// written out by name must be the weight of a layer with units of this
+/// kind; a glob (and the default `*.weight`) takes the matching layers that
+/// have them (the output layer, whose units are the classes, never has).
 pub fn unit_targets(
     arch: &Architecture,
     targets: Option<&[String]>,
@@ -60,52 +60,53 @@ pub fn unit_targets(
         }
         return Ok(picked);
     };
-    let mut names: Vec<String> = arch
-        .param_shapes()
-        .into_iter()
-        .map(|(n, _)| n)
-        .filter(|n| targets.iter().any(|t| glob_match(t, n)) && !skipped(n))
-        .collect();
-    if let Some(b) = names.iter().find(|n| n.ends_with(".bias")) {
-        return Err(UnitTargetError {
-            message: format!("the targets select `{b}`: with `unit`, targets name weights and each bias goes with its unit"),
-            help: "target the layers' weights (`[\"fc1.weight\"]`, `[\"conv*.weight\"]`)".into(),
-        });
-    }
-    names.retain(|n| n.ends_with(".weight"));
-    let mut picked = Vec::new();
-    for n in &names {
-        match arch.why_no_units(n) {
+    // A name written out must be a layer with units of the kind; a glob
+    // picks, among the names it matches, the weights of such layers.
+    let mut picked: Vec<UnitLayer> = Vec::new();
+    for (name, _) in arch.param_shapes() {
+        if skipped(&name) {
+            continue;
+        }
+        let exact = targets
+            .iter()
+            .any(|t| !t.contains('*') && glob_match(t, &name));
+        let globbed = targets
+            .iter()
+            .any(|t| t.contains('*') && glob_match(t, &name));
+        if !exact && !globbed {
+            continue;
+        }
+        let unit_layer = layers.iter().find(|u| u.weight() == name);
+        match unit_layer {
+            Some(u) if u.kind == want => picked.push(u.clone()),
+            _ if !exact => {}
+            Some(u) => {
+                return Err(UnitTargetError {
+                    message: format!("`{name}` has {}s, not {unit}s", u.kind.word()),
+                    help: format!(
+                        "write `unit = {}` in a stage of its own for it, or leave it out of `targets`",
+                        u.kind.word()
+                    ),
+                })
+            }
+            None if name.ends_with(".bias") => {
+                return Err(UnitTargetError {
+                    message: format!("the targets name `{name}`: with `unit`, targets name weights and each bias goes with its unit"),
+                    help: "target the layers' weights (`[\"fc1.weight\"]`, `[\"conv*.weight\"]`)".into(),
+                })
+            }
             None => {
-                let u = layers
-                    .iter()
-                    .find(|u| u.weight() == *n)
-                    .expect("a layer with units is listed");
-                if u.kind != want {
-                    return Err(UnitTargetError {
-                        message: format!(
-                            "`{n}` has {}s, not {unit}s",
-                            u.kind.word()
-                        ),
-                        help: format!(
-                            "write `unit = {}` in a stage of its own for it, or leave it out of `targets`",
-                            u.kind.word()
-                        ),
-                    });
-                }
-                picked.push(u.clone());
-            }
-            Some(NoUnits::Output) => {
-                return Err(UnitTargetError {
-                    message: format!("`{n}` is the output layer: its units are the classes"),
-                    help: "leave the output layer out of `targets`".into(),
-                })
-            }
-            Some(NoUnits::Graph | NoUnits::Unknown) => {
-                return Err(UnitTargetError {
-                    message: format!("`{n}` is not the weight of a layer with units"),
-                    help: "target the weights of linear or conv layers".into(),
-                })
+                let (message, help) = match arch.why_no_units(&name) {
+                    Some(NoUnits::Output) => (
+                        format!("`{name}` is the output layer: its units are the classes"),
+                        "leave the output layer out of `targets`".to_string(),
+                    ),
+                    _ => (
+                        format!("`{name}` is not the weight of a layer with units"),
+                        "target the weights of linear or conv layers".to_string(),
+                    ),
+                };
+                return Err(UnitTargetError { message, help });
             }
         }
     }
@@ -166,10 +167,13 @@ mod tests {
             .unwrap_err()
             .message
             .contains("channels"));
-        assert!(t(&["*"], Unit::Neuron)
+        assert!(t(&["fc1.bias"], Unit::Neuron)
             .unwrap_err()
             .message
             .contains("bias"));
+        // Globs pick the layers with units of the kind.
+        assert_eq!(t(&["*"], Unit::Neuron).unwrap().len(), 2);
+        assert_eq!(t(&["*.weight"], Unit::Channel).unwrap().len(), 2);
         assert!(t(&["nothing*"], Unit::Neuron).is_err());
     }
 

@@ -2088,6 +2088,8 @@ fn lenet5_channels_reduced_halves_every_width_and_times_both_models() {
         "epochs=2",
         "--set",
         "finetune_epochs=1",
+        "--set",
+        "max_drop=5%",
     ]);
     let file = out.join("lenet5_channels.safetensors");
     assert_eq!(shape_of(&file, "conv1.weight"), [3, 1, 5, 5]);
@@ -2115,11 +2117,15 @@ fn scratch_vs_finetune_reduced_trains_the_shrunk_architecture_three_ways() {
         "finetune_epochs=1",
         "--set",
         "scratch_b_epochs=4",
+        "--set",
+        "margin_b=5%",
+        "--set",
+        "margin_e=5%",
     ]);
     // Three models, pruned alike: the same widths, different weights.
     for label in ["fine_tuned", "scratch_E", "scratch_B"] {
         assert_eq!(evaluation(&report, label, "params"), 15738.0);
-        assert!(evaluation(&report, label, "accuracy") > 0.9, "{label}");
+        assert!(evaluation(&report, label, "accuracy") > 0.8, "{label}");
     }
     let a = tensor_f32(&out.join("fine_tuned.safetensors"), "conv1.weight");
     let b = tensor_f32(&out.join("scratch_b.safetensors"), "conv1.weight");

@@ -512,7 +512,7 @@ pub static BUILTINS: &[Builtin] = &[
     std_b("l1_channel", Kind::Criterion, &[], "`sum(abs(w), over = out_channel)` (Li et al. 2017)."),
     std_b("l2_channel", Kind::Criterion, &[], "`sqrt(sum(sq(w), over = out_channel))` (Li et al. 2017)."),
     std_b("fpgm", Kind::Criterion, &[], "`dist(w, over = out_channel)`: filter pruning via the geometric median (He et al. 2019); the filters closest to the others go first."),
-    std_b("taylor_channel", Kind::Criterion, &[], "`sq(sum(w * grad(w), over = out_channel))`: group Taylor importance of an output channel (Molchanov et al. 2019); reads loss gradients (`on DATA`)."),
+    needs(std_b("taylor_channel", Kind::Criterion, &[], "`sq(sum(w * grad(w), over = out_channel))`: group Taylor importance of an output channel (Molchanov et al. 2019); reads loss gradients (`on DATA`)."), Needs { grad: true, activations: false, training: false }),
     needs(std_b("sparsegpt", Kind::Method, &[
         p("block", Ty::Int, Some("128"), Range::at_least(1.0), "columns per block sweep"),
         p("damp", Ty::Float, Some("0.01"), Range::positive(), "dampening, as a fraction of the mean Hessian diagonal"),
