@@ -41,12 +41,12 @@ for arch in llama mistral qwen2 qwen3; do
     --text tests/models/tiny.txt --seq 32 --samples 8 --offset 1024
 done
 
-echo "== tiny Hugging Face architectures, FFN neurons and a kv group removed"
+echo "== tiny Hugging Face architectures, FFN neurons, a kv group and a query head removed"
 for arch in llama mistral qwen2 qwen3; do
   "$prunec" run -q tests/recipes/run/tiny_llm_units.prune --set "model_dir=\"tests/models/tiny-$arch\"" --out "$out/tiny-units-$arch"
   "$py" scripts/interop/check_llm.py --out "$out/tiny-units-$arch" --label pruned \
     --text tests/models/tiny.txt --seq 32 --samples 8 --offset 1024 \
-    --expect intermediate_size=48 num_key_value_heads=1 num_attention_heads=2
+    --expect intermediate_size=48 num_key_value_heads=1 num_attention_heads=1
 done
 
 echo "== SmolLM2-135M, bf16 Hugging Face checkpoint, Wanda 2:4"

@@ -2044,14 +2044,18 @@ fn language_model_units_shrink_every_block_and_the_export_reads_back_alike() {
         .collect();
     assert_eq!(
         units,
-        [("ffn".to_string(), 64, 48), ("kv_group".to_string(), 2, 1)]
+        [
+            ("ffn".to_string(), 64, 48),
+            ("kv_group".to_string(), 2, 1),
+            ("head".to_string(), 2, 1)
+        ]
     );
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap())
             .unwrap();
     assert_eq!(config["intermediate_size"], 48);
     assert_eq!(config["num_key_value_heads"], 1);
-    assert_eq!(config["num_attention_heads"], 2);
+    assert_eq!(config["num_attention_heads"], 1);
     assert!(evaluation(&report, "pruned", "params") < evaluation(&report, "dense", "params"));
     // The exported folder, read back by a recipe, gives the same perplexity.
     let again = dir.path().join("again.prune");

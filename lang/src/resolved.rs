@@ -68,6 +68,8 @@ pub enum Unit {
     Ffn,
     /// A language model's key/value head with its query heads.
     KvGroup,
+    /// A language model's query head (each kv group keeps as many).
+    Head,
 }
 
 impl Unit {
@@ -78,6 +80,7 @@ impl Unit {
             "channel" => Some(Unit::Channel),
             "ffn" => Some(Unit::Ffn),
             "kv_group" => Some(Unit::KvGroup),
+            "head" => Some(Unit::Head),
             _ => None,
         }
     }
@@ -88,12 +91,13 @@ impl Unit {
             Unit::Channel => "channel",
             Unit::Ffn => "ffn",
             Unit::KvGroup => "kv_group",
+            Unit::Head => "head",
         }
     }
 
     /// Whether it is a language model's unit.
     pub fn of_language_models(self) -> bool {
-        matches!(self, Unit::Ffn | Unit::KvGroup)
+        matches!(self, Unit::Ffn | Unit::KvGroup | Unit::Head)
     }
 }
 

@@ -64,9 +64,15 @@ fn removed_units_give_the_logits_of_the_zeroed_model() {
         let x = ids(&dir);
         let c = dense.config.clone();
         let (hd, group) = (c.head_dim(), c.num_attention_heads / c.num_key_value_heads);
-        for unit in [LlmUnit::Ffn, LlmUnit::KvGroup] {
+        for unit in [LlmUnit::Ffn, LlmUnit::KvGroup, LlmUnit::Head] {
             let count = unit.count(&c);
-            let kept: Vec<Vec<usize>> = (0..dense.num_layers()).map(|l| keep(l, count)).collect();
+            let kept: Vec<Vec<usize>> = (0..dense.num_layers())
+                .map(|l| match unit {
+                    // One query head of each kv group: every group keeps one.
+                    LlmUnit::Head => (0..count).filter(|h| h % group == l % group).collect(),
+                    _ => keep(l, count),
+                })
+                .collect();
             let mut zeroed = dense.clone();
             for (l, k) in kept.iter().enumerate() {
                 for u in (0..count).filter(|u| !k.contains(u)) {
@@ -75,6 +81,10 @@ fn removed_units_give_the_logits_of_the_zeroed_model() {
                             zero(&mut zeroed, l, Proj::Gate, 0, u, u + 1);
                             zero(&mut zeroed, l, Proj::Up, 0, u, u + 1);
                             zero(&mut zeroed, l, Proj::Down, 1, u, u + 1);
+                        }
+                        LlmUnit::Head => {
+                            zero(&mut zeroed, l, Proj::Q, 0, u * hd, (u + 1) * hd);
+                            zero(&mut zeroed, l, Proj::O, 1, u * hd, (u + 1) * hd);
                         }
                         LlmUnit::KvGroup => {
                             let (q0, q1) = (u * group * hd, (u + 1) * group * hd);
@@ -88,7 +98,7 @@ fn removed_units_give_the_logits_of_the_zeroed_model() {
             }
             let mut small = dense.clone();
             llm::remove_units(&mut small, unit, &kept).unwrap();
-            assert_eq!(unit.count(&small.config), count - 1);
+            assert_eq!(unit.count(&small.config), kept[0].len());
             let a = small.forward(&x).unwrap();
             let b = zeroed.forward(&x).unwrap();
             let d = max_abs_diff(&a, &b);
@@ -141,4 +151,7 @@ fn uneven_or_out_of_range_kept_units_are_refused() {
     assert!(llm::remove_units(&mut m, LlmUnit::Ffn, &[vec![0, 64], vec![0, 1]]).is_err());
     assert!(llm::remove_units(&mut m, LlmUnit::KvGroup, &[vec![], vec![]]).is_err());
     assert!(llm::remove_units(&mut m, LlmUnit::Ffn, &[vec![0]]).is_err());
+    // Query heads 0, 1 belong to kv head 0 and 2, 3 to kv head 1: uneven.
+    assert!(llm::remove_units(&mut m, LlmUnit::Head, &[vec![0, 1, 2], vec![0, 2]]).is_err());
+    assert!(llm::remove_units(&mut m, LlmUnit::Head, &[vec![0, 1], vec![0, 2]]).is_err());
 }

@@ -479,6 +479,7 @@ impl Exec<'_> {
         let lunit = match unit {
             Unit::Ffn => llm::LlmUnit::Ffn,
             Unit::KvGroup => llm::LlmUnit::KvGroup,
+            Unit::Head => llm::LlmUnit::Head,
             other => {
                 return Err(RunError::Internal(format!(
                     "`unit = {other}` reached a language model"
@@ -514,7 +515,11 @@ impl Exec<'_> {
         let scores = llm::unit_scores(m, windows, lunit, reads_acts, batch, &mut score)
             .map_err(rt_err_llm(step.span, "scoring units"))?;
         let count = lunit.count(&m.config);
-        let kept = crate::units::kept_per_layer(count, target);
+        // Query heads are chosen within each kv group, as many in each.
+        let group = lunit.group(&m.config).max(1);
+        let per_group = if group > 1 { group } else { count };
+        let kept_in_group = crate::units::kept_per_layer(per_group, target);
+        let kept = kept_in_group * (count / per_group);
         let key = prunec_kernels::expr::score_key;
         let mut keep = Vec::with_capacity(scores.len());
         for (l, s) in scores.iter().enumerate() {
@@ -524,10 +529,13 @@ impl Exec<'_> {
                     format!("unit {u} of block {l} scores {}: the weights or activations are not finite", s[u]),
                 ));
             }
-            // Highest first; ties keep the earlier unit.
-            let mut idx: Vec<usize> = (0..s.len()).collect();
-            idx.sort_by(|&a, &b| key(s[b]).cmp(&key(s[a])).then(a.cmp(&b)));
-            let mut k = idx[..kept].to_vec();
+            // Highest first within each group; ties keep the earlier unit.
+            let mut k = Vec::with_capacity(kept);
+            for g in 0..s.len() / per_group {
+                let mut idx: Vec<usize> = (g * per_group..(g + 1) * per_group).collect();
+                idx.sort_by(|&a, &b| key(s[b]).cmp(&key(s[a])).then(a.cmp(&b)));
+                k.extend_from_slice(&idx[..kept_in_group]);
+            }
             k.sort_unstable();
             keep.push(k);
         }

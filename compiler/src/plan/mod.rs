@@ -217,6 +217,7 @@ impl Step {
                         match unit {
                             Unit::Ffn => "FFN neurons".to_string(),
                             Unit::KvGroup => "kv groups (with their query heads)".to_string(),
+                            Unit::Head => "query heads (as many per kv group)".to_string(),
                             u => format!("{u}s"),
                         },
                         p.scope

@@ -476,7 +476,7 @@ impl Checker<'_> {
         let no = |this: &mut Self, message: String, label: &str, help: &str| {
             this.unsupported(span, message, label, help)
         };
-        let lm_unit = matches!(unit.as_str(), "ffn" | "kv_group");
+        let lm_unit = matches!(unit.as_str(), "ffn" | "kv_group" | "head");
         if lm && !lm_unit {
             return no(
                 self,
@@ -484,7 +484,7 @@ impl Checker<'_> {
                     "`unit = {unit}` removes units of classifiers; `{model}` is a language model"
                 ),
                 "not for a language model",
-                "remove FFN neurons (`unit = ffn`) or key/value head groups (`unit = kv_group`)",
+                "remove FFN neurons (`unit = ffn`), key/value head groups (`unit = kv_group`) or query heads (`unit = head`)",
             );
         }
         if !lm && lm_unit {

@@ -5,7 +5,9 @@
 //! An FFN neuron `j` is row `j` of `gate_proj` and `up_proj` and column `j`
 //! of `down_proj`. A kv group `g` is key/value head `g` (rows of `k_proj` and
 //! `v_proj`, and their biases) with the query heads that attend through it
-//! (rows of `q_proj`, its bias, and the matching columns of `o_proj`). The
+//! (rows of `q_proj`, its bias, and the matching columns of `o_proj`). A
+//! query head alone is its `q_proj` rows and bias and its `o_proj` columns;
+//! every kv group keeps the same number of query heads. The
 //! configuration holds one size for every block, so every block keeps the
 //! same number of units.
 //!
@@ -26,6 +28,9 @@ pub enum LlmUnit {
     Ffn,
     /// One key/value head with its query heads (`num_key_value_heads` per block).
     KvGroup,
+    /// One query head (`num_attention_heads` per block); every kv group
+    /// keeps the same number of them.
+    Head,
 }
 
 impl LlmUnit {
@@ -34,6 +39,16 @@ impl LlmUnit {
         match self {
             LlmUnit::Ffn => c.intermediate_size,
             LlmUnit::KvGroup => c.num_key_value_heads,
+            LlmUnit::Head => c.num_attention_heads,
+        }
+    }
+
+    /// Units that share a key/value head and must keep equal numbers
+    /// (query heads per kv group); 0 when the units are independent.
+    pub fn group(self, c: &LlamaConfig) -> usize {
+        match self {
+            LlmUnit::Head => c.num_attention_heads / c.num_key_value_heads.max(1),
+            _ => 0,
         }
     }
 
@@ -41,7 +56,7 @@ impl LlmUnit {
     pub fn reader(self) -> (Proj, LinearInput) {
         match self {
             LlmUnit::Ffn => (Proj::Down, LinearInput::MlpDown),
-            LlmUnit::KvGroup => (Proj::O, LinearInput::AttentionOutput),
+            LlmUnit::KvGroup | LlmUnit::Head => (Proj::O, LinearInput::AttentionOutput),
         }
     }
 
@@ -50,6 +65,7 @@ impl LlmUnit {
         match self {
             LlmUnit::Ffn => 1,
             LlmUnit::KvGroup => c.num_attention_heads / c.num_key_value_heads.max(1) * c.head_dim(),
+            LlmUnit::Head => c.head_dim(),
         }
     }
 }
@@ -164,12 +180,31 @@ pub fn remove_units(model: &mut LlamaModel, unit: LlmUnit, keep: &[Vec<usize>]) 
     }
     let hd = c.head_dim();
     let group = c.num_attention_heads / c.num_key_value_heads.max(1);
+    if unit == LlmUnit::Head {
+        // Every kv group keeps the same number of its query heads.
+        for (l, kl) in keep.iter().enumerate() {
+            let per: Vec<usize> = (0..c.num_key_value_heads)
+                .map(|g| kl.iter().filter(|&&h| h / group == g).count())
+                .collect();
+            if per.iter().any(|&n| n != per[0] || n == 0) {
+                return Err(RuntimeError::Invalid(format!(
+                    "block {l} keeps {per:?} query heads per kv group; each group keeps the same number, at least one"
+                )));
+            }
+        }
+    }
     let device = model.device().clone();
     let idx = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), &device);
     for (l, kl) in keep.iter().enumerate() {
         // Rows (or columns) of each tensor kept.
         let (rows_q, rows_kv): (Vec<u32>, Vec<u32>) = match unit {
             LlmUnit::Ffn => (Vec::new(), Vec::new()),
+            LlmUnit::Head => (
+                kl.iter()
+                    .flat_map(|&h| (h * hd..(h + 1) * hd).map(|i| i as u32))
+                    .collect(),
+                Vec::new(),
+            ),
             LlmUnit::KvGroup => (
                 kl.iter()
                     .flat_map(|&g| (g * group * hd..(g + 1) * group * hd).map(|i| i as u32))
@@ -192,19 +227,23 @@ pub fn remove_units(model: &mut LlamaModel, unit: LlmUnit, keep: &[Vec<usize>]) 
                 (Proj::V, 0, rows_kv.clone()),
                 (Proj::O, 1, rows_q.clone()),
             ],
+            LlmUnit::Head => vec![(Proj::Q, 0, rows_q.clone()), (Proj::O, 1, rows_q.clone())],
         };
         for (proj, dim, ids) in cuts {
             let w = model.stored_linear(l, proj)?;
             let cut = w.index_select(&idx(ids)?, dim)?.contiguous()?;
             model.blocks[l].set_linear_unchecked(proj, LinearWeight::Dense(cut));
         }
-        if unit == LlmUnit::KvGroup {
+        if unit != LlmUnit::Ffn {
             let e = &mut model.blocks[l].extra;
             for (bias, ids) in [
                 (&mut e.q_bias, &rows_q),
                 (&mut e.k_bias, &rows_kv),
                 (&mut e.v_bias, &rows_kv),
             ] {
+                if ids.is_empty() {
+                    continue;
+                }
                 if let Some(b) = bias.as_mut() {
                     *b = b
                         .index_select(&idx(ids.clone())?, D::Minus1)?
@@ -220,6 +259,10 @@ pub fn remove_units(model: &mut LlamaModel, unit: LlmUnit, keep: &[Vec<usize>]) 
             config.head_dim = Some(hd);
             config.num_key_value_heads = k;
             config.num_attention_heads = k * group;
+        }
+        LlmUnit::Head => {
+            config.head_dim = Some(hd);
+            config.num_attention_heads = k;
         }
     }
     model.config = config;
