@@ -267,6 +267,28 @@ impl Report {
             }
             md.push('\n');
         }
+        // Timed evaluations side by side, each against the first.
+        let timed: Vec<(&str, f64, Option<f64>)> = self
+            .evaluations
+            .iter()
+            .filter_map(|e| {
+                let ms = *e.metrics.get("latency")?;
+                Some((e.label.as_str(), ms, e.metrics.get("throughput").copied()))
+            })
+            .collect();
+        if timed.len() > 1 {
+            md.push_str("## Speed\n\nForward passes timed in this run (a timing of this machine, not locked).\n\n| evaluation | latency | throughput | speedup over the first |\n|---|---|---|---|\n");
+            let base = timed[0].1;
+            for (label, ms, tp) in &timed {
+                md.push_str(&format!(
+                    "| {label} | {} | {} | {:.2}x |\n",
+                    fmt_metric("latency", *ms),
+                    tp.map_or("".into(), |t| fmt_metric("throughput", t)),
+                    base / ms.max(1e-12)
+                ));
+            }
+            md.push('\n');
+        }
         if !self.rounds.is_empty() {
             md.push_str("## Rounds\n\n| round | sparsity | PQI | metrics |\n|---|---|---|---|\n");
             for r in &self.rounds {
