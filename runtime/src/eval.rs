@@ -232,22 +232,34 @@ pub fn forward_latency(
     model.check_data(data)?;
     let len = data.batch_size.min(data.len()).max(1);
     let batch = data.slice(0, len)?;
-    for _ in 0..warmup {
+    let median = median_seconds(warmup, runs, || {
         std::hint::black_box(model.forward(&batch.inputs)?);
+        Ok::<(), crate::RuntimeError>(())
+    })?;
+    Ok((median, len))
+}
+
+/// The median wall time of `runs` calls of `f` (at least one) after
+/// `warmup` untimed ones, in seconds.
+pub(crate) fn median_seconds<E>(
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut() -> std::result::Result<(), E>,
+) -> std::result::Result<f64, E> {
+    for _ in 0..warmup {
+        f()?;
     }
     let mut times = Vec::with_capacity(runs.max(1));
     for _ in 0..runs.max(1) {
         let t0 = std::time::Instant::now();
-        let y = model.forward(&batch.inputs)?;
-        std::hint::black_box(&y);
+        f()?;
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
     let mid = times.len() / 2;
-    let median = if times.len() % 2 == 1 {
+    Ok(if times.len() % 2 == 1 {
         times[mid]
     } else {
         (times[mid - 1] + times[mid]) / 2.0
-    };
-    Ok((median, len))
+    })
 }

@@ -2,7 +2,10 @@
 //! models of `scripts/interop/make_tiny_llms.py` against the logits
 //! `transformers` computed for them, and the folder's round trip and errors.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use prunec_runtime::llm::{self, Proj};
 use std::path::{Path, PathBuf};
 
@@ -13,20 +16,6 @@ fn tiny(name: &str) -> PathBuf {
 }
 
 const ARCHS: [&str; 4] = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"];
-
-/// The largest absolute difference between two tensors of one shape.
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 /// The reference's token ids (as u32) and logits.
 fn reference(dir: &Path) -> (Tensor, Tensor) {

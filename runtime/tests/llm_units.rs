@@ -1,9 +1,12 @@
-//! Removing units from language models: for every architecture, FFN neurons
-//! and kv groups cut out give the logits of the same model with those units'
-//! weights zeroed in place, and the smaller model exports with a
-//! configuration that describes it and reads back the same.
+//! Removing units from language models: for every architecture, FFN
+//! neurons, kv groups and query heads cut out give the logits of the same
+//! model with those units' weights zeroed in place, and the smaller model
+//! exports with a configuration that describes it and reads back the same.
+
+mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use prunec_runtime::llm::{self, LlmUnit, Proj};
 use std::path::{Path, PathBuf};
 
@@ -14,19 +17,6 @@ fn tiny(name: &str) -> PathBuf {
 }
 
 const ARCHS: [&str; 4] = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"];
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn ids(dir: &Path) -> Tensor {
     let r =

@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
-use common::{load, OrPanic};
+use common::{load, max_abs_diff, OrPanic};
 use prunec_runtime::model::{UnitKind, UnitRemoval};
 use prunec_runtime::{
     evaluate, train, Activation, Architecture, DatasetKind, Masks, Model, ModelSpec, NoHooks,
@@ -49,19 +49,6 @@ fn zero_groups(model: &Model, kept: &BTreeMap<String, Vec<usize>>) {
     }
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    a.sub(b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// Keeps every third unit but one in each listed layer.
 fn keep_pattern(model: &Model, layers: &[&str]) -> BTreeMap<String, Vec<usize>> {
     model
@@ -92,10 +79,10 @@ fn check_rule(spec: ModelSpec, input: &[usize], layers: &[&str]) {
     let a = small.forward(&x).or_panic();
     let b = masked.forward(&x).or_panic();
     assert_eq!(a.dims(), b.dims());
-    let d = max_diff(&a, &b);
+    let d = max_abs_diff(&a, &b);
     assert!(d <= 1e-5, "{layers:?}: shrunk and masked differ by {d}");
     // The dense model differs: the units did contribute.
-    assert!(max_diff(&dense.forward(&x).or_panic(), &b) > 1e-4);
+    assert!(max_abs_diff(&dense.forward(&x).or_panic(), &b) > 1e-4);
 }
 
 #[test]
@@ -190,7 +177,7 @@ fn a_shrunk_model_saves_reloads_trains_and_cuts_its_masks_and_snapshots() {
     ));
     let x = Tensor::randn(0f32, 1.0, (3, 1, 28, 28), &dev).unwrap();
     assert_eq!(
-        max_diff(&back.forward(&x).or_panic(), &small.forward(&x).or_panic()),
+        max_abs_diff(&back.forward(&x).or_panic(), &small.forward(&x).or_panic()),
         0.0
     );
     assert_eq!(back.unit_layers().len(), 4);

@@ -957,15 +957,7 @@ impl Exec<'_> {
         // Round one reads what the plan's `ID.stats` step computed for this
         // step, and the norms of an earlier `calibrate` stage the optimized
         // IR merged this stage's calibration into (same state, same data).
-        let mut pre = self
-            .models
-            .get_mut(&name)
-            .and_then(|m| m.stats.take())
-            .filter(|st| st.for_step == step.id)
-            .unwrap_or_default();
-        if p.reads_from.is_some() && p.activations.is_none() && pre.act.is_none() {
-            pre.act = self.models[&name].calibration.clone();
-        }
+        let mut pre = self.round_one_stats(step, p, &name);
         // The optimized IR folded the target into per-round sparsities.
         for round in 1..=rounds {
             let keep_frac = match &p.sparsities {
@@ -1003,6 +995,22 @@ impl Exec<'_> {
             )?;
         }
         Ok(())
+    }
+
+    /// What round one of a prune step reads: the statistics the plan's
+    /// `ID.stats` step computed for it, and the norms of an earlier
+    /// `calibrate` stage the optimized IR merged its calibration into.
+    pub(super) fn round_one_stats(&mut self, step: &Step, p: &Prune, name: &str) -> Stats {
+        let mut pre = self
+            .models
+            .get_mut(name)
+            .and_then(|m| m.stats.take())
+            .filter(|st| st.for_step == step.id)
+            .unwrap_or_default();
+        if p.reads_from.is_some() && p.activations.is_none() && pre.act.is_none() {
+            pre.act = self.models[name].calibration.clone();
+        }
+        pre
     }
 
     /// Rewinds the survivors (lottery tickets): to their initial values or to

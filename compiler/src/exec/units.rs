@@ -91,15 +91,7 @@ impl Exec<'_> {
                 "removing units needs a constant target fraction (`to 50%`)",
             )
         })?;
-        let mut pre = self
-            .models
-            .get_mut(name)
-            .and_then(|m| m.stats.take())
-            .filter(|st| st.for_step == step.id)
-            .unwrap_or_default();
-        if p.reads_from.is_some() && p.activations.is_none() && pre.act.is_none() {
-            pre.act = self.models[name].calibration.clone();
-        }
+        let mut pre = self.round_one_stats(step, p, name);
         let start_params = self.models[name].model.param_count();
         for round in 1..=rounds {
             let sparsity = match &p.sparsities {

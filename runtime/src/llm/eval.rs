@@ -191,21 +191,9 @@ pub fn forward_latency(
     }
     let b = batch.max(1).min(windows);
     let chunk = &tokens[..b * window];
-    for _ in 0..warmup {
+    let median = crate::eval::median_seconds(warmup, runs, || {
         std::hint::black_box(model.next_token_nll(chunk, b, window)?);
-    }
-    let mut times = Vec::with_capacity(runs.max(1));
-    for _ in 0..runs.max(1) {
-        let t0 = std::time::Instant::now();
-        std::hint::black_box(model.next_token_nll(chunk, b, window)?);
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    let mid = times.len() / 2;
-    let median = if times.len() % 2 == 1 {
-        times[mid]
-    } else {
-        (times[mid - 1] + times[mid]) / 2.0
-    };
+        Ok::<(), RuntimeError>(())
+    })?;
     Ok((median, b))
 }

@@ -65,6 +65,17 @@ impl UnitLayer {
     }
 }
 
+/// The open layer `(name, kind, units, columns per unit)` as read by `reader`.
+fn read_by(open: Option<(String, UnitKind, usize, usize)>, reader: &str) -> Option<UnitLayer> {
+    open.map(|(layer, kind, units, columns)| UnitLayer {
+        layer,
+        kind,
+        units,
+        reader: reader.to_string(),
+        columns,
+    })
+}
+
 /// Why a layer's units cannot be removed (for `check`'s message).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NoUnits {
@@ -105,15 +116,7 @@ impl Architecture {
                     shape = vec![shape.iter().product()];
                 }
                 Layer::Linear { name, outputs, .. } => {
-                    if let Some((layer, kind, units, columns)) = open.take() {
-                        out.push(UnitLayer {
-                            layer,
-                            kind,
-                            units,
-                            reader: name.clone(),
-                            columns,
-                        });
-                    }
+                    out.extend(read_by(open.take(), name));
                     open = Some((name.clone(), UnitKind::Neuron, *outputs, 1));
                     shape = vec![*outputs];
                 }
@@ -124,15 +127,7 @@ impl Architecture {
                     padding,
                     ..
                 } => {
-                    if let Some((layer, kind, units, columns)) = open.take() {
-                        out.push(UnitLayer {
-                            layer,
-                            kind,
-                            units,
-                            reader: name.clone(),
-                            columns,
-                        });
-                    }
+                    out.extend(read_by(open.take(), name));
                     open = Some((name.clone(), UnitKind::Channel, *out_channels, 1));
                     if shape.len() == 3 {
                         let (h, w) = (shape[1] + 2 * padding, shape[2] + 2 * padding);

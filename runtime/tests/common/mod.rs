@@ -22,3 +22,17 @@ impl<T> OrPanic<T> for prunec_runtime::Result<T> {
         self.unwrap_or_else(|e| panic!("{e}"))
     }
 }
+
+/// The largest absolute difference between two tensors of one shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
