@@ -2210,3 +2210,30 @@ fn normalizing_unit_scores_per_layer_changes_what_a_global_ranking_keeps() {
     // fc1, per-layer scales share the cut.
     assert_ne!(w[0], w[1], "{w:?}");
 }
+
+#[test]
+fn reinit_draws_fresh_weights_for_a_model_read_from_a_file_too() {
+    require_data("digits/digits.csv.gz", "digits");
+    let (dir, out, report) = run_ok(&["tests/recipes/run/digits_units.prune"]);
+    assert!(evaluation(&report, "finetuned", "accuracy") > 0.8);
+    let again = dir.path().join("reinit.prune");
+    std::fs::write(
+        &again,
+        format!(
+            "recipe reinit {{ version = 1, seed = 0 }}\n\
+             model net = safetensors({:?})\n\
+             dataset train = digits(\"data/digits/digits.csv.gz\", split = \"train\", batch = 32)\n\
+             dataset test = digits(\"data/digits/digits.csv.gz\", split = \"test\", batch = 360)\n\
+             pipeline {{\n\
+               train net on train (steps = 1, optimizer = sgd(lr = 0.0001), reinit = true)\n\
+               evaluate net on test -> [accuracy, params] as fresh\n\
+             }}\n",
+            out.join("net.safetensors").display().to_string()
+        ),
+    )
+    .unwrap();
+    let (_d, _o, fresh) = run_ok(&[again.to_str().unwrap()]);
+    // The file's (shrunk) widths, but not its trained weights.
+    assert_eq!(evaluation(&fresh, "fresh", "params"), 2778.0);
+    assert!(evaluation(&fresh, "fresh", "accuracy") < 0.3);
+}

@@ -716,14 +716,10 @@ impl Exec<'_> {
         let device = self.device.clone();
         let state = self.model(&name, span)?;
         if reinit {
-            // Scratch-E: fresh weights from a different seed, the mask kept;
-            // a model whose units were removed is initialised at its new widths.
-            let spec = match &state.model.architecture() {
-                rt::Architecture::Sequential { .. } => {
-                    state.spec.fresh(state.model.architecture().clone())
-                }
-                _ => state.spec.clone(),
-            };
+            // Scratch-E: fresh weights from a different seed, the mask kept,
+            // at the model's current widths (also for a model read from a
+            // file, whose weights are not what "fresh" means).
+            let spec = state.spec.fresh(state.model.architecture().clone());
             let fresh = spec
                 .build(seed.wrapping_add(0x5eed), &device)
                 .map_err(rt_err(span, "re-initialise"))?;
