@@ -95,10 +95,78 @@ fn hf_summary(v: Option<&prunec_lang::check::Value>) -> String {
     }
 }
 
+/// A language model's configuration as its header gives it (none when it
+/// cannot be read: `check` reports that).
+fn lm_config(v: Option<&prunec_lang::check::Value>) -> Option<rt::llm::LlamaConfig> {
+    let v = v?;
+    let path = std::path::Path::new(v.arg("path").and_then(|p| p.as_str()).unwrap_or(""));
+    match v.call_name()? {
+        "hf" => rt::llm::inspect_hf(path).ok().map(|h| h.config),
+        "gguf" => rt::llm::gguf::GgufFile::open(path)
+            .and_then(|f| f.check())
+            .ok(),
+        _ => None,
+    }
+}
+
+/// The widths a language-model unit stage leaves, per block, and the
+/// configuration after it (every block alike).
+fn llm_units_table(
+    c: &mut rt::llm::LlamaConfig,
+    unit: prunec_lang::resolved::Unit,
+    last: Option<f64>,
+) -> String {
+    use prunec_lang::resolved::Unit;
+    let Some(s) = last else {
+        return String::new();
+    };
+    let (what, count, group) = match unit {
+        Unit::Ffn => ("FFN neurons", c.intermediate_size, c.intermediate_size),
+        Unit::KvGroup => ("kv groups", c.num_key_value_heads, c.num_key_value_heads),
+        Unit::Head => (
+            "query heads",
+            c.num_attention_heads,
+            c.num_attention_heads / c.num_key_value_heads.max(1),
+        ),
+        _ => return String::new(),
+    };
+    let group = group.max(1);
+    let kept = crate::units::kept_per_layer(group, s) * (count / group);
+    let hd = c.head_dim();
+    let before = (
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+    );
+    match unit {
+        Unit::Ffn => c.intermediate_size = kept,
+        Unit::KvGroup => {
+            c.num_attention_heads = kept * (before.1 / before.2.max(1));
+            c.num_key_value_heads = kept;
+            c.head_dim = Some(hd);
+        }
+        _ => {
+            c.num_attention_heads = kept;
+            c.head_dim = Some(hd);
+        }
+    }
+    format!(
+        "       | unit | per block | kept |\n       | {what} | {count} | {kept} |\n       every one of the {} blocks: FFN {} → {}, heads {} → {} ({} → {} key/value)\n",
+        c.num_hidden_layers,
+        before.0,
+        c.intermediate_size,
+        before.1,
+        c.num_attention_heads,
+        before.2,
+        c.num_key_value_heads
+    )
+}
+
 /// Renders the plan of an optimized IR.
 pub fn render(r: &CheckedRecipe, plan: &Plan) -> Result<String, RunError> {
     let mut out = format!("recipe {} (seed {})\n\n", r.name, r.seed);
     let mut infos = BTreeMap::new();
+    let mut lms = BTreeMap::new();
     for (name, sym) in &r.symbols {
         match sym.kind {
             SymKind::Model => {
@@ -107,12 +175,26 @@ pub fn render(r: &CheckedRecipe, plan: &Plan) -> Result<String, RunError> {
                     .as_ref()
                     .and_then(|v| v.call_name())
                     .unwrap_or("?");
-                if ctor == "hf" {
-                    let _ = writeln!(out, "model {name}: {}", hf_summary(sym.value.as_ref()));
-                    continue;
-                }
                 if prunec_lang::check::models::is_language_model_constructor(ctor) {
-                    let _ = writeln!(out, "model {name}: {ctor} language model (its shapes are not listed by `plan` yet)");
+                    let config = lm_config(sym.value.as_ref());
+                    if ctor == "hf" {
+                        let _ = writeln!(out, "model {name}: {}", hf_summary(sym.value.as_ref()));
+                    } else if let Some(c) = &config {
+                        let _ = writeln!(
+                            out,
+                            "model {name}: {ctor} language model, {} layers, hidden {}, FFN {}, {} heads ({} key/value)",
+                            c.num_hidden_layers,
+                            c.hidden_size,
+                            c.intermediate_size,
+                            c.num_attention_heads,
+                            c.num_key_value_heads
+                        );
+                    } else {
+                        let _ = writeln!(out, "model {name}: {ctor} language model");
+                    }
+                    if let Some(c) = config {
+                        lms.insert(name.clone(), c);
+                    }
                     continue;
                 }
                 let info = model_info(r, name)?;
@@ -138,7 +220,7 @@ pub fn render(r: &CheckedRecipe, plan: &Plan) -> Result<String, RunError> {
     }
     out.push_str("\nsteps (what `prunec run` executes, in order):\n");
     for step in &plan.steps {
-        render_step(r, step, &mut infos, "", &mut out);
+        render_step(r, step, (&mut infos, &mut lms), "", &mut out);
         if !step.each_round.is_empty() {
             let rounds = match &step.action {
                 Action::Prune(p) => p.schedule.rounds().unwrap_or(1),
@@ -146,7 +228,7 @@ pub fn render(r: &CheckedRecipe, plan: &Plan) -> Result<String, RunError> {
             };
             let _ = writeln!(out, "       after each of its {rounds} round(s):");
             for inner in &step.each_round {
-                render_step(r, inner, &mut infos, "    ", &mut out);
+                render_step(r, inner, (&mut infos, &mut lms), "    ", &mut out);
             }
         }
     }
@@ -163,7 +245,10 @@ pub fn render(r: &CheckedRecipe, plan: &Plan) -> Result<String, RunError> {
 fn render_step(
     r: &CheckedRecipe,
     step: &Step,
-    infos: &mut BTreeMap<String, ModelInfo>,
+    (infos, lms): (
+        &mut BTreeMap<String, ModelInfo>,
+        &mut BTreeMap<String, rt::llm::LlamaConfig>,
+    ),
     indent: &str,
     out: &mut String,
 ) {
@@ -202,6 +287,9 @@ fn render_step(
         .copied()
         .or_else(|| gradual.and_then(|g| g.arg("to")?.as_f64()));
     if let (Some(unit), Some(m)) = (p.unit, step.model.as_ref()) {
+        if let Some(c) = lms.get_mut(m) {
+            out.push_str(&llm_units_table(c, unit, last));
+        }
         if let Some(info) = infos.get_mut(m) {
             out.push_str(&units_table(r, stage, info, unit, p.scope, last));
         }
