@@ -10,9 +10,10 @@
 #   - SmolLM2-135M as a bf16 sharded Hugging Face checkpoint (made here from the
 #     GGUF) pruned by examples/llm_hf_wanda24.prune: the export is bf16, holds
 #     its recipe and lock, and transformers' perplexity equals prunec's (0.1%);
-#   - examples/llm_ffn_heads.prune (SmolLM2 with FFN neurons and a kv group
-#     removed): the export's config gives the smaller sizes and transformers'
-#     perplexity equals prunec's (0.1%);
+#   - tests/recipes/run/tiny_llm_flap.prune and examples/llm_ffn_heads.prune
+#     (SmolLM2 with FFN neurons and a kv group removed, FLAP-compensated):
+#     the export's config gives the smaller sizes and the biases, and
+#     transformers' perplexity equals prunec's (0.1%);
 #   - the ONNX example (examples/onnx_digits.prune): onnxruntime counts the
 #     same correct top-1 predictions as prunec's reported accuracy, and every
 #     pruned initializer keeps the report's count of non-zeros.
@@ -49,6 +50,12 @@ for arch in llama mistral qwen2 qwen3; do
     --expect intermediate_size=48 num_key_value_heads=1 num_attention_heads=1
 done
 
+echo "== tiny Llama with FLAP's bias compensation (mlp_bias, attention_bias)"
+"$prunec" run -q tests/recipes/run/tiny_llm_flap.prune --out "$out/tiny-flap"
+"$py" scripts/interop/check_llm.py --out "$out/tiny-flap" --label pruned \
+  --text tests/models/tiny.txt --seq 32 --samples 8 --offset 1024 \
+  --expect intermediate_size=32 num_key_value_heads=1 mlp_bias=1 attention_bias=1
+
 echo "== SmolLM2-135M, bf16 Hugging Face checkpoint, Wanda 2:4"
 if [ ! -f data/smollm2/hf-bf16/config.json ]; then
   "$prunec" run -q scripts/interop/smollm2_to_hf.prune --out "$out/smollm2_f32"
@@ -63,7 +70,7 @@ echo "== SmolLM2-135M, 20% of FFN neurons and one kv group per block removed"
 "$prunec" run examples/llm_ffn_heads.prune --out "$out/llm_ffn_heads"
 "$py" scripts/interop/check_llm.py --out "$out/llm_ffn_heads" --label pruned \
   --text data/text/moby-dick.txt --seq 256 --samples 16 \
-  --expect intermediate_size=1229 num_key_value_heads=2 num_attention_heads=6
+  --expect intermediate_size=1229 num_key_value_heads=2 num_attention_heads=6 mlp_bias=1 attention_bias=1
 
 echo "== ONNX digits classifier"
 "$prunec" run examples/onnx_digits.prune --out "$out/onnx_digits"

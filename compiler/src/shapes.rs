@@ -258,6 +258,26 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                 .with_help("export it as a Hugging Face folder (`format = hf`)"),
             );
         }
+        // FLAP's compensation needs a bias the architecture can hold.
+        let compensate = matches!(r.option(s, "compensate"), Some(Value::Bool(true)));
+        let unit = prunec_lang::resolved::Unit::of(r.option(s, "unit"));
+        if let (true, Some(arch), Some(u)) = (
+            compensate,
+            model.as_ref().and_then(|m| non_llama.get(m)),
+            unit,
+        ) {
+            let holds = *arch == "Qwen3ForCausalLM" && u != prunec_lang::resolved::Unit::Ffn;
+            if !holds {
+                diags.push(
+                    Diagnostic::new(
+                        Code::Unsupported,
+                        format!("a {arch} has no bias on `{}` to hold FLAP's compensation", if u == prunec_lang::resolved::Unit::Ffn { "mlp.down_proj" } else { "self_attn.o_proj" }),
+                    )
+                    .with_label(s.value_span("compensate"), "not for this architecture")
+                    .with_help("compensate on Llama models (and GGUF ones), or Qwen3 attention units; or remove `compensate`"),
+                );
+            }
+        }
         let Some(shapes) = model.as_ref().and_then(|m| models.get_mut(m)) else {
             continue;
         };

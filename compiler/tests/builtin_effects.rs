@@ -609,6 +609,10 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
     );
     add("rounds", Changes(Sap, "rounds = 2", "rounds = 3"));
     add(
+        "compensate",
+        Tested("flap_compensation_puts_the_removed_units_mean_into_exported_biases"),
+    );
+    add(
         "normalize",
         Tested("normalizing_unit_scores_per_layer_changes_what_a_global_ranking_keeps"),
     );

@@ -2165,11 +2165,14 @@ fn llm_ffn_heads_reduced_exports_smollm2_with_smaller_sizes() {
     assert_eq!(config["num_key_value_heads"], 2);
     assert_eq!(config["num_attention_heads"], 6);
     assert_eq!(config["head_dim"], 64);
+    assert_eq!(config["mlp_bias"], true);
+    assert_eq!(config["attention_bias"], true);
     let dense = evaluation(&report, "dense", "params");
     let pruned = evaluation(&report, "pruned", "params");
     // 30 blocks lose 307 FFN neurons (3 x 576 each) and 3 query and 1 kv head
-    // (576 x 64 x (2 x 3 + 2)), biases none.
-    let removed = 30.0 * (307.0 * 3.0 * 576.0 + 576.0 * 64.0 * 8.0);
+    // (576 x 64 x (2 x 3 + 2)), and gain the compensation's down and o biases
+    // (2 x 576; the zero gate/up/q/k/v biases count nothing).
+    let removed = 30.0 * (307.0 * 3.0 * 576.0 + 576.0 * 64.0 * 8.0 - 2.0 * 576.0);
     assert!((dense - pruned - removed).abs() < 1e5, "{dense} {pruned}");
     assert!(evaluation(&report, "pruned_speed", "latency") > 0.0);
 }
@@ -2236,4 +2239,39 @@ fn reinit_draws_fresh_weights_for_a_model_read_from_a_file_too() {
     // The file's (shrunk) widths, but not its trained weights.
     assert_eq!(evaluation(&fresh, "fresh", "params"), 2778.0);
     assert!(evaluation(&fresh, "fresh", "accuracy") < 0.3);
+}
+
+#[test]
+fn flap_compensation_puts_the_removed_units_mean_into_exported_biases() {
+    let (_d1, out, with) = run_ok(&["tests/recipes/run/tiny_llm_flap.prune"]);
+    let (_d2, _o2, without) = run_ok(&[
+        "tests/recipes/run/tiny_llm_flap.prune",
+        "--set",
+        "compensate=false",
+    ]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["mlp_bias"], true);
+    assert_eq!(config["attention_bias"], true);
+    let names: Vec<String> = {
+        let st = std::fs::read(out.join("model/model.safetensors")).unwrap();
+        let t = safetensors::SafeTensors::deserialize(&st).unwrap();
+        t.names().into_iter().map(String::from).collect()
+    };
+    for n in [
+        "model.layers.1.mlp.down_proj.bias",
+        "model.layers.1.mlp.gate_proj.bias",
+        "model.layers.1.self_attn.o_proj.bias",
+        "model.layers.1.self_attn.q_proj.bias",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} missing");
+    }
+    // On this checkpoint the compensated model is the closer to dense.
+    let dense = evaluation(&with, "dense", "perplexity");
+    let (a, b) = (
+        evaluation(&with, "pruned", "perplexity"),
+        evaluation(&without, "pruned", "perplexity"),
+    );
+    assert!((a - dense).abs() < (b - dense).abs(), "{dense} {a} {b}");
 }

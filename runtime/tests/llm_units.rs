@@ -145,3 +145,67 @@ fn uneven_or_out_of_range_kept_units_are_refused() {
     assert!(llm::remove_units(&mut m, LlmUnit::Head, &[vec![0, 1, 2], vec![0, 2]]).is_err());
     assert!(llm::remove_units(&mut m, LlmUnit::Head, &[vec![0, 1], vec![0, 2]]).is_err());
 }
+
+#[test]
+fn compensation_adds_the_removed_columns_mean_contribution_to_the_reader_bias() {
+    let dir = tiny("tiny-llama");
+    let mut m = llm::load_hf(&dir).unwrap();
+    let layers = m.num_layers();
+    let c = m.config.clone();
+    // Means 1, 2, 3, ... over down_proj's inputs; neurons 0..48 kept.
+    let means: Vec<Vec<f32>> = (0..layers)
+        .map(|_| (0..c.intermediate_size).map(|j| (j + 1) as f32).collect())
+        .collect();
+    let keep: Vec<Vec<usize>> = (0..layers).map(|_| (0..48).collect()).collect();
+    let down: Vec<Vec<f32>> = (0..layers)
+        .map(|l| {
+            let w = m.linear_weight(l, Proj::Down).unwrap();
+            let v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            v.chunks(c.intermediate_size)
+                .map(|row| {
+                    (48..c.intermediate_size)
+                        .map(|j| row[j] as f64 * (j + 1) as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect()
+        })
+        .collect();
+    llm::compensate(&mut m, LlmUnit::Ffn, &keep, &means).unwrap();
+    assert!(m.config.mlp_bias);
+    llm::remove_units(&mut m, LlmUnit::Ffn, &keep).unwrap();
+    for (l, want) in down.iter().enumerate() {
+        let named = m.named_tensors().unwrap();
+        let get = |n: &str| {
+            named
+                .iter()
+                .find(|(k, _)| k == n)
+                .unwrap_or_else(|| panic!("{n}"))
+                .1
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(&get(&format!("model.layers.{l}.mlp.down_proj.bias")), want);
+        // gate and up biases exist (zeros), cut to the kept neurons.
+        assert_eq!(
+            get(&format!("model.layers.{l}.mlp.gate_proj.bias")),
+            vec![0.0; 48]
+        );
+    }
+    // The biases run in both forwards alike and survive the export.
+    let x = ids(&dir);
+    let d = max_abs_diff(&m.forward(&x).unwrap(), &m.forward_candle(&x).unwrap());
+    assert!(d <= 1e-4, "{d}");
+    let out = tempfile::tempdir().unwrap();
+    llm::save_hf(&m, out.path()).unwrap();
+    let back = llm::load_hf(out.path()).unwrap();
+    assert!(back.config.mlp_bias);
+    assert_eq!(
+        max_abs_diff(&back.forward(&x).unwrap(), &m.forward(&x).unwrap()),
+        0.0
+    );
+    // Architectures without such a bias refuse.
+    let mut q2 = llm::load_hf(&tiny("tiny-qwen2")).unwrap();
+    let k2: Vec<Vec<usize>> = (0..q2.num_layers()).map(|_| vec![0]).collect();
+    let m2: Vec<Vec<f32>> = (0..q2.num_layers()).map(|_| vec![0.0; 32]).collect();
+    assert!(llm::compensate(&mut q2, LlmUnit::KvGroup, &k2, &m2).is_err());
+}

@@ -512,8 +512,9 @@ impl Exec<'_> {
         };
         let t0 = std::time::Instant::now();
         let m = &self.llms[model];
-        let scores = llm::unit_scores(m, windows, lunit, reads_acts, batch, &mut score)
+        let (scores, means) = llm::unit_scores(m, windows, lunit, reads_acts, batch, &mut score)
             .map_err(rt_err_llm(step.span, "scoring units"))?;
+        let compensate = matches!(self.option(step, "compensate"), Some(Value::Bool(true)));
         let count = lunit.count(&m.config);
         // Query heads are chosen within each kv group, as many in each.
         let group = lunit.group(&m.config).max(1);
@@ -548,6 +549,10 @@ impl Exec<'_> {
         };
         let before = params(&self.llms[model])?;
         let m = self.llms.get_mut(model).unwrap();
+        if compensate {
+            llm::compensate(m, lunit, &keep, &means)
+                .map_err(rt_err_llm(step.span, "compensating the removed units"))?;
+        }
         llm::remove_units(m, lunit, &keep).map_err(rt_err_llm(step.span, "removing units"))?;
         let after = params(&self.llms[model])?;
         if self.progress {

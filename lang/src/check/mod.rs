@@ -164,6 +164,8 @@ pub(crate) struct Checker<'a> {
     pub(crate) overrides: BTreeMap<String, &'a str>,
     /// Prune stages whose criterion reads `act(x)`.
     pub(crate) stage_reads_acts: std::collections::BTreeSet<StageId>,
+    /// Models a `compensate = true` stage gave biases, in pipeline order.
+    pub(crate) compensated: std::collections::BTreeSet<String>,
 }
 
 /// Checks a parsed recipe; returns the checked recipe or every diagnostic.
@@ -182,6 +184,7 @@ pub fn ast_to_checked<'a>(
         stage_options: BTreeMap::new(),
         overrides: BTreeMap::new(),
         stage_reads_acts: Default::default(),
+        compensated: Default::default(),
     };
     let (name, version, seed) = c.check_header(recipe);
     c.collect(recipe);
@@ -250,6 +253,7 @@ pub fn library_needs(src: &str, name: &str) -> Result<Needs, Vec<Diagnostic>> {
         stage_options: BTreeMap::new(),
         overrides: BTreeMap::new(),
         stage_reads_acts: Default::default(),
+        compensated: Default::default(),
     };
     c.collect(&parsed.recipe);
     c.check_decls(&parsed.recipe);
@@ -292,6 +296,7 @@ pub fn expr_needs(r: &CheckedRecipe, e: &Expr) -> Needs {
         stage_options: BTreeMap::new(),
         overrides: BTreeMap::new(),
         stage_reads_acts: Default::default(),
+        compensated: Default::default(),
     };
     let mut needs = Needs::default();
     c.check_score(e, &mut needs, 0);

@@ -234,6 +234,16 @@ impl Checker<'_> {
                     .and_then(|o| o.get("format"))
                     .and_then(|v| v.as_str())
                     .map(String::from);
+                if let (true, Some("compressed_24")) =
+                    (self.compensated.contains(&model), format.as_deref())
+                {
+                    self.unsupported(
+                        s.value_span("format"),
+                        format!("`format = compressed_24` stores no biases; `compensate` gave `{model}` some"),
+                        "loses the compensation",
+                        "export it as a Hugging Face folder (`format = hf`), which declares `mlp_bias` / `attention_bias`",
+                    );
+                }
                 if let (false, Some(f @ ("hf" | "compressed_24"))) = (lm, format.as_deref()) {
                     self.unsupported(
                         s.value_span("format"),
@@ -291,6 +301,7 @@ impl Checker<'_> {
             });
         self.check_units(s, model, lm, method, pattern.as_ref().map(|p| p.1));
         self.check_normalize(s, lm);
+        self.check_compensate(s, lm);
         // A scope has no effect where a pattern decides the selection.
         if let (Some((_, pspan)), Some((scope, span))) = (&pattern, self.prune_option(s, "scope")) {
             if method != Some(Method::Sap) {
@@ -427,6 +438,44 @@ impl Checker<'_> {
                 }
             }
             self.check_guards(s, pattern.is_some());
+        }
+    }
+
+    /// `compensate = true` adds the removed units' mean contribution to a
+    /// language model's bias, from the calibration of an `act(x)` criterion.
+    fn check_compensate(&mut self, s: &Stage, lm: bool) {
+        let Some((v, span)) = self.prune_option(s, "compensate") else {
+            return;
+        };
+        if !matches!(v, Value::Bool(true)) {
+            return;
+        }
+        let unit = self
+            .stage_options
+            .get(&s.id)
+            .and_then(|o| o.get("unit"))
+            .and_then(|u| u.as_str())
+            .map(String::from);
+        let lm_unit = matches!(unit.as_deref(), Some("ffn" | "kv_group" | "head"));
+        if lm && lm_unit {
+            if let Some((model, _)) = self.subject_model(s) {
+                self.compensated.insert(model);
+            }
+        }
+        if !lm || !lm_unit {
+            self.unsupported(
+                span,
+                "`compensate` adds removed units' mean contribution to a language model's bias: it needs `unit = ffn | kv_group | head` on a language model".into(),
+                "no effect here",
+                "remove `compensate`",
+            );
+        } else if !self.stage_reads_acts.contains(&s.id) {
+            self.unsupported(
+                span,
+                "`compensate` needs the calibration means that a criterion reading `act(x)` collects".into(),
+                "no calibration means",
+                "prune by such a criterion (`std.wanda`) with `calibrate = DATA`",
+            );
         }
     }
 

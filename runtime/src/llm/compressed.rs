@@ -132,6 +132,11 @@ pub fn save_compressed(
             model.config.architecture.class_name()
         )));
     }
+    if model.config.mlp_bias || model.config.attention_bias {
+        return Err(RuntimeError::Invalid(
+            "the compressed format stores no linear biases (`mlp_bias`, `attention_bias`): export a Hugging Face folder".into(),
+        ));
+    }
     let mut entries = Vec::new();
     let mut data: Vec<u8> = Vec::new();
     let (mut nm_tensors, mut dense_tensors) = (0, 0);

@@ -35,6 +35,13 @@ pub struct LlamaConfig {
     /// The Hugging Face architecture, which decides biases and head norms.
     #[serde(skip)]
     pub architecture: Architecture,
+    /// Biases on q, k, v and o (`attention_bias`: Llama, Qwen3), as FLAP's
+    /// compensation needs on `o_proj`.
+    #[serde(skip)]
+    pub attention_bias: bool,
+    /// Biases on gate, up and down (`mlp_bias`: Llama).
+    #[serde(skip)]
+    pub mlp_bias: bool,
 }
 
 /// The causal-LM architectures prunec reads; they differ in a few block details.
@@ -63,7 +70,7 @@ impl Architecture {
         Self::ALL.iter().find(|(a, _)| *a == self).unwrap().1
     }
 
-    /// Whether q, k and v carry biases.
+    /// Whether q, k and v carry biases whatever the configuration says.
     pub fn qkv_bias(self) -> bool {
         self == Architecture::Qwen2
     }
@@ -86,6 +93,11 @@ fn default_max_pos() -> usize {
 
 impl LlamaConfig {
     /// Width of one attention head.
+    /// Whether q, k and v carry biases.
+    pub fn has_qkv_bias(&self) -> bool {
+        self.architecture.qkv_bias() || self.attention_bias
+    }
+
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
@@ -186,13 +198,13 @@ impl LlamaConfig {
             }
         }
         let flag = |k: &str| get(k).and_then(|v| v.as_bool()).unwrap_or(false);
-        for k in ["attention_bias", "mlp_bias"] {
-            if flag(k) && matches!(architecture, Architecture::Llama | Architecture::Qwen3) {
-                return bad(format!(
-                    "`{k} = true` is not supported for {}",
-                    architecture.class_name()
-                ));
-            }
+        // Llama holds biases on every projection when asked, Qwen3 on the
+        // attention's; both are read.
+        if flag("mlp_bias") && architecture == Architecture::Qwen3 {
+            return bad(format!(
+                "`mlp_bias = true` is not supported for {}",
+                architecture.class_name()
+            ));
         }
         // Qwen2 and Qwen3 configurations name a window they only use when asked to.
         let sliding_window = match architecture {
@@ -221,6 +233,9 @@ impl LlamaConfig {
         let mut config: LlamaConfig = serde_json::from_value(plain)
             .map_err(|e| RuntimeError::format(path, format!("not a causal-LM config.json: {e}")))?;
         config.architecture = architecture;
+        config.attention_bias = flag("attention_bias")
+            && matches!(architecture, Architecture::Llama | Architecture::Qwen3);
+        config.mlp_bias = flag("mlp_bias") && architecture == Architecture::Llama;
         config.sliding_window = sliding_window.map(|w| w as usize);
         config.validate(path)?;
         Ok(config)
@@ -247,9 +262,9 @@ impl LlamaConfig {
         obj.insert("torch_dtype".into(), serde_json::json!("float32"));
         obj.insert(
             "attention_bias".into(),
-            serde_json::json!(self.architecture.qkv_bias()),
+            serde_json::json!(self.architecture.qkv_bias() || self.attention_bias),
         );
-        obj.insert("mlp_bias".into(), serde_json::json!(false));
+        obj.insert("mlp_bias".into(), serde_json::json!(self.mlp_bias));
         obj.insert("head_dim".into(), serde_json::json!(self.head_dim()));
         obj.insert(
             "architectures".into(),

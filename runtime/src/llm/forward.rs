@@ -45,6 +45,25 @@ impl std::fmt::Debug for Packs {
     }
 }
 
+/// Adds to every row of `rows` (width `width`) the concatenated biases, when
+/// all of them are there (`mlp_bias` / `attention_bias` checkpoints and
+/// FLAP's compensation); nothing otherwise.
+fn add_bias(rows: &mut [f32], width: usize, biases: &[&Option<Tensor>]) -> Result<()> {
+    let mut bias = Vec::with_capacity(width);
+    for b in biases {
+        match b {
+            Some(t) => bias.extend(t.to_vec1::<f32>()?),
+            None => return Ok(()),
+        }
+    }
+    rows.par_chunks_mut(width).for_each(|row| {
+        for (v, b) in row.iter_mut().zip(&bias) {
+            *v += *b;
+        }
+    });
+    Ok(())
+}
+
 /// The products of a block that share an input, computed as one.
 const QKV: usize = 0;
 const O: usize = 1;
@@ -341,6 +360,7 @@ impl LlamaModel {
         observe(LinearInput::AttentionOutput, &att, qd)?;
         let o_w = packs.get((layer, O), &[w(Proj::O)])?;
         linear(&att, rows, &o_w, x, true);
+        add_bias(x, d, &[&blk.extra.o_bias])?;
 
         // SwiGLU feed-forward.
         att.resize(rows * d, 0.0);
@@ -350,6 +370,11 @@ impl LlamaModel {
         let gu_w = packs.get((layer, GATE_UP), &[w(Proj::Gate), w(Proj::Up)])?;
         let mut gu = vec![0.0f32; rows * 2 * inter];
         linear(&h, rows, &gu_w, &mut gu, false);
+        add_bias(
+            &mut gu,
+            2 * inter,
+            &[&blk.extra.gate_bias, &blk.extra.up_bias],
+        )?;
         let mut act = vec![0.0f32; rows * inter];
         act.par_chunks_mut(inter)
             .zip(gu.par_chunks(2 * inter))
@@ -363,6 +388,7 @@ impl LlamaModel {
         observe(LinearInput::MlpDown, &act, inter)?;
         let down_w = packs.get((layer, DOWN), &[w(Proj::Down)])?;
         linear(&act, rows, &down_w, x, true);
+        add_bias(x, d, &[&blk.extra.down_bias])?;
         Ok(())
     }
 

@@ -113,6 +113,8 @@ impl GgufFile {
             head_dim: None,
             sliding_window: None,
             architecture: Default::default(),
+            attention_bias: false,
+            mlp_bias: false,
         };
         config.validate(&self.path)?;
         Ok(config)

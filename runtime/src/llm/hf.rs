@@ -83,10 +83,18 @@ pub fn expected_tensors(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
             };
             out.push((linear_name(l, p), shape));
         }
-        if c.architecture.qkv_bias() {
+        if c.has_qkv_bias() {
             out.push((layer("self_attn.q_proj.bias"), vec![qd]));
             out.push((layer("self_attn.k_proj.bias"), vec![kv]));
             out.push((layer("self_attn.v_proj.bias"), vec![kv]));
+        }
+        if c.attention_bias {
+            out.push((layer("self_attn.o_proj.bias"), vec![d]));
+        }
+        if c.mlp_bias {
+            out.push((layer("mlp.gate_proj.bias"), vec![inter]));
+            out.push((layer("mlp.up_proj.bias"), vec![inter]));
+            out.push((layer("mlp.down_proj.bias"), vec![d]));
         }
         if c.architecture.qk_norm() {
             out.push((layer("self_attn.q_norm.weight"), vec![hd]));
@@ -310,12 +318,21 @@ pub fn load_hf_inspected(dir: &Path, header: HfHeader) -> Result<LlamaModel> {
             present.then(|| get(&layer(s), true)).transpose()
         };
         let arch = config.architecture;
+        let (qkv, ob, mb) = (
+            config.has_qkv_bias(),
+            config.attention_bias,
+            config.mlp_bias,
+        );
         let extra = AttnExtras {
-            q_bias: opt("self_attn.q_proj.bias", arch.qkv_bias())?,
-            k_bias: opt("self_attn.k_proj.bias", arch.qkv_bias())?,
-            v_bias: opt("self_attn.v_proj.bias", arch.qkv_bias())?,
+            q_bias: opt("self_attn.q_proj.bias", qkv)?,
+            k_bias: opt("self_attn.k_proj.bias", qkv)?,
+            v_bias: opt("self_attn.v_proj.bias", qkv)?,
             q_norm: opt("self_attn.q_norm.weight", arch.qk_norm())?,
             k_norm: opt("self_attn.k_norm.weight", arch.qk_norm())?,
+            o_bias: opt("self_attn.o_proj.bias", ob)?,
+            gate_bias: opt("mlp.gate_proj.bias", mb)?,
+            up_bias: opt("mlp.up_proj.bias", mb)?,
+            down_bias: opt("mlp.down_proj.bias", mb)?,
         };
         blocks.push(Block {
             attn_norm: get(&layer("input_layernorm.weight"), true)?,
@@ -430,8 +447,15 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
                     "num_hidden_layers".into(),
                     serde_json::json!(model.num_layers()),
                 );
-                // Sizes that removing units changed (the rest stays as written).
+                // Sizes that removing units changed, and biases FLAP's
+                // compensation added (the rest stays as written).
                 let mc = &model.config;
+                if mc.attention_bias {
+                    obj.insert("attention_bias".into(), serde_json::json!(true));
+                }
+                if mc.mlp_bias {
+                    obj.insert("mlp_bias".into(), serde_json::json!(true));
+                }
                 let src = |obj: &serde_json::Map<String, serde_json::Value>, k: &str| {
                     obj.get(k).and_then(|v| v.as_u64())
                 };

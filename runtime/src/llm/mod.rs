@@ -39,4 +39,4 @@ pub use prune::{
 pub use select::{Scope, SparsityPattern};
 pub use sparsegpt::{sparsegpt_prune, SparseGptConfig};
 pub use tokenizer::TextTokenizer;
-pub use units::{remove_units, unit_scores, LlmUnit};
+pub use units::{compensate, remove_units, unit_scores, LlmUnit};

@@ -107,6 +107,12 @@ pub struct AttnExtras {
     /// RMSNorm weights applied to each q and k head before RoPE (Qwen3).
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
+    /// The output projection's bias (`attention_bias`).
+    pub o_bias: Option<Tensor>,
+    /// The feed-forward biases (`mlp_bias`).
+    pub gate_bias: Option<Tensor>,
+    pub up_bias: Option<Tensor>,
+    pub down_bias: Option<Tensor>,
 }
 
 impl AttnExtras {
@@ -118,6 +124,10 @@ impl AttnExtras {
             ("self_attn.v_proj.bias", &self.v_bias),
             ("self_attn.q_norm.weight", &self.q_norm),
             ("self_attn.k_norm.weight", &self.k_norm),
+            ("self_attn.o_proj.bias", &self.o_bias),
+            ("mlp.gate_proj.bias", &self.gate_bias),
+            ("mlp.up_proj.bias", &self.up_bias),
+            ("mlp.down_proj.bias", &self.down_bias),
         ]
         .into_iter()
         .filter_map(|(n, t)| t.as_ref().map(|t| (n, t)))
@@ -252,12 +262,18 @@ impl LlamaModel {
             }
             let arch = c.architecture;
             let e = &b.extra;
-            let want: [(&str, &Option<Tensor>, bool, usize); 5] = [
-                ("self_attn.q_proj.bias", &e.q_bias, arch.qkv_bias(), qd),
-                ("self_attn.k_proj.bias", &e.k_bias, arch.qkv_bias(), kv),
-                ("self_attn.v_proj.bias", &e.v_bias, arch.qkv_bias(), kv),
+            let (qkv, ob, mb) = (c.has_qkv_bias(), c.attention_bias, c.mlp_bias);
+            let inter = c.intermediate_size;
+            let want: [(&str, &Option<Tensor>, bool, usize); 9] = [
+                ("self_attn.q_proj.bias", &e.q_bias, qkv, qd),
+                ("self_attn.k_proj.bias", &e.k_bias, qkv, kv),
+                ("self_attn.v_proj.bias", &e.v_bias, qkv, kv),
                 ("self_attn.q_norm.weight", &e.q_norm, arch.qk_norm(), hd),
                 ("self_attn.k_norm.weight", &e.k_norm, arch.qk_norm(), hd),
+                ("self_attn.o_proj.bias", &e.o_bias, ob, d),
+                ("mlp.gate_proj.bias", &e.gate_bias, mb, inter),
+                ("mlp.up_proj.bias", &e.up_bias, mb, inter),
+                ("mlp.down_proj.bias", &e.down_bias, mb, d),
             ];
             for (suffix, t, needed, len) in want {
                 let name = format!("model.layers.{l}.{suffix}");
@@ -487,13 +503,25 @@ impl LlamaModel {
             .reshape((b * t, nh * hd))?
             .contiguous()?;
         observe(LinearInput::AttentionOutput, &att)?;
-        let x = (x + blk.o.forward(&att)?.reshape((b, t, d))?)?;
+        let mut o = blk.o.forward(&att)?;
+        if let Some(bias) = &e.o_bias {
+            o = o.broadcast_add(bias)?;
+        }
+        let x = (x + o.reshape((b, t, d))?)?;
 
         let h = candle_nn::ops::rms_norm(&x, &blk.ffn_norm, eps)?.reshape((b * t, d))?;
         observe(LinearInput::Mlp, &h)?;
-        let act = (candle_nn::ops::silu(&blk.gate.forward(&h)?)? * blk.up.forward(&h)?)?;
+        let with = |y: Tensor, bias: &Option<Tensor>| -> Result<Tensor> {
+            Ok(match bias {
+                Some(bias) => y.broadcast_add(bias)?,
+                None => y,
+            })
+        };
+        let gate = with(blk.gate.forward(&h)?, &e.gate_bias)?;
+        let up = with(blk.up.forward(&h)?, &e.up_bias)?;
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
         observe(LinearInput::MlpDown, &act)?;
-        let down = blk.down.forward(&act)?.reshape((b, t, d))?;
+        let down = with(blk.down.forward(&act)?, &e.down_bias)?.reshape((b, t, d))?;
         Ok((x + down)?)
     }
 

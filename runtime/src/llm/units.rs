@@ -70,13 +70,18 @@ impl LlmUnit {
     }
 }
 
+/// One vector per block.
+pub type PerBlock = Vec<Vec<f32>>;
+
 /// Scores each column of a reader weight's elements: `(name, weight, rows,
 /// cols, input column norms (empty when not collected), scores out)`.
 pub type ScoreFn<'a> = dyn FnMut(&str, &[f32], usize, usize, &[f32], &mut [f32]) -> Result<()> + 'a;
 
 /// Every block's unit scores on the dense model: the mean of `score` over
-/// each unit's reader columns. `calibration` (equal-length sequences, in
-/// chunks of `batch`) is run only when `acts` asks for input norms.
+/// each unit's reader columns; and, when `calibration` ran, the mean of each
+/// reader input column over the calibration tokens (FLAP's compensation).
+/// `calibration` (equal-length sequences, in chunks of `batch`) is run only
+/// when `acts` asks for input statistics.
 pub fn unit_scores(
     model: &LlamaModel,
     calibration: &[Vec<u32>],
@@ -84,7 +89,7 @@ pub fn unit_scores(
     acts: bool,
     batch: usize,
     score: &mut ScoreFn<'_>,
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<(PerBlock, PerBlock)> {
     let c = &model.config;
     let (reader, input) = unit.reader();
     let per_unit = unit.columns(c);
@@ -103,8 +108,10 @@ pub fn unit_scores(
         }
     }
     let mut out = Vec::with_capacity(model.num_layers());
+    let mut means = Vec::new();
     for l in 0..model.num_layers() {
         let mut stats: Option<LayerStats> = None;
+        let mut sums: Vec<f64> = Vec::new();
         for x in chunks.iter_mut() {
             let mut sink = |i: LinearInput, a: &Tensor| -> Result<()> {
                 if i == input {
@@ -116,10 +123,22 @@ pub fn unit_scores(
                     stats
                         .get_or_insert_with(|| LayerStats::new(cols, needs))
                         .add(a)?;
+                    // Column sums in f64, row after row: thread-independent.
+                    sums.resize(cols, 0.0);
+                    let v: Vec<f32> = a.flatten_all()?.to_vec1()?;
+                    for row in v.chunks_exact(cols) {
+                        for (acc, &x) in sums.iter_mut().zip(row) {
+                            *acc += x as f64;
+                        }
+                    }
                 }
                 Ok(())
             };
             *x = model.block_forward(l, x, Some(&mut sink))?;
+        }
+        if let Some(st) = &stats {
+            let n = st.tokens.max(1) as f64;
+            means.push(sums.iter().map(|s| (s / n) as f32).collect());
         }
         let norms = stats.map(|s| s.col_norms()).unwrap_or_default();
         let w = model.linear_weight(l, reader)?;
@@ -148,7 +167,106 @@ pub fn unit_scores(
         let n = (rows * per_unit) as f64;
         out.push(sums.into_iter().map(|s| (s / n) as f32).collect());
     }
-    Ok(out)
+    Ok((out, means))
+}
+
+/// FLAP's bias compensation (An et al. 2024): before the units outside
+/// `keep[l]` are removed, their mean contribution over the calibration
+/// tokens, `W[:, removed] · mean(X[:, removed])`, is added to the bias of
+/// the weight that reads them (`down_proj` for FFN neurons, `o_proj` for
+/// heads), so the block's mean output stays what it was. Biases the model
+/// lacks are created as zeros (`mlp_bias` / `attention_bias`); the
+/// architecture must be able to hold them (Llama; Qwen3 for attention).
+pub fn compensate(
+    model: &mut LlamaModel,
+    unit: LlmUnit,
+    keep: &[Vec<usize>],
+    means: &[Vec<f32>],
+) -> Result<()> {
+    let c = model.config.clone();
+    use super::config::Architecture;
+    let holds = match unit {
+        LlmUnit::Ffn => c.architecture == Architecture::Llama,
+        _ => matches!(c.architecture, Architecture::Llama | Architecture::Qwen3),
+    };
+    if !holds {
+        return Err(RuntimeError::Invalid(format!(
+            "a {} cannot hold the bias FLAP's compensation adds to `{}`",
+            c.architecture.class_name(),
+            unit.reader().0.hf_module()
+        )));
+    }
+    if means.len() != model.num_layers() || keep.len() != model.num_layers() {
+        return Err(RuntimeError::Invalid(
+            "compensation needs every block's calibration means".into(),
+        ));
+    }
+    let (reader, _) = unit.reader();
+    let per_unit = unit.columns(&c);
+    let device = model.device().clone();
+    let zeros = |n: usize| Tensor::zeros(n, candle_core::DType::F32, &device);
+    for (l, kl) in keep.iter().enumerate() {
+        let w = model.linear_weight(l, reader)?;
+        let (rows, cols) = w.dims2()?;
+        if means[l].len() != cols {
+            return Err(RuntimeError::Invalid(format!(
+                "block {l}: {} calibration means for {cols} columns",
+                means[l].len()
+            )));
+        }
+        let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let removed: Vec<usize> = (0..cols / per_unit.max(1))
+            .filter(|u| !kl.contains(u))
+            .flat_map(|u| u * per_unit..(u + 1) * per_unit)
+            .collect();
+        let delta: Vec<f32> = values
+            .chunks_exact(cols)
+            .map(|row| {
+                removed
+                    .iter()
+                    .map(|&j| row[j] as f64 * means[l][j] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let delta = Tensor::from_vec(delta, rows, &device)?;
+        let e = &mut model.blocks[l].extra;
+        match unit {
+            LlmUnit::Ffn => {
+                let inter = c.intermediate_size;
+                for b in [&mut e.gate_bias, &mut e.up_bias] {
+                    if b.is_none() {
+                        *b = Some(zeros(inter)?);
+                    }
+                }
+                let base = match e.down_bias.take() {
+                    Some(b) => b,
+                    None => zeros(rows)?,
+                };
+                e.down_bias = Some((base + delta)?);
+            }
+            _ => {
+                for (b, n) in [
+                    (&mut e.q_bias, c.q_dim()),
+                    (&mut e.k_bias, c.kv_dim()),
+                    (&mut e.v_bias, c.kv_dim()),
+                ] {
+                    if b.is_none() {
+                        *b = Some(zeros(n)?);
+                    }
+                }
+                let base = match e.o_bias.take() {
+                    Some(b) => b,
+                    None => zeros(rows)?,
+                };
+                e.o_bias = Some((base + delta)?);
+            }
+        }
+    }
+    match unit {
+        LlmUnit::Ffn => model.config.mlp_bias = true,
+        _ => model.config.attention_bias = true,
+    }
+    Ok(())
 }
 
 /// Keeps the units `keep[l]` (ascending indices) of every block, cutting
@@ -215,6 +333,7 @@ pub fn remove_units(model: &mut LlamaModel, unit: LlmUnit, keep: &[Vec<usize>]) 
             ),
         };
         let ffn: Vec<u32> = kl.iter().map(|&j| j as u32).collect();
+        let ffn_ids = ffn.clone();
         let cuts: Vec<(Proj, usize, Vec<u32>)> = match unit {
             LlmUnit::Ffn => vec![
                 (Proj::Gate, 0, ffn.clone()),
@@ -233,6 +352,14 @@ pub fn remove_units(model: &mut LlamaModel, unit: LlmUnit, keep: &[Vec<usize>]) 
             let w = model.stored_linear(l, proj)?;
             let cut = w.index_select(&idx(ids)?, dim)?.contiguous()?;
             model.blocks[l].set_linear_unchecked(proj, LinearWeight::Dense(cut));
+        }
+        if unit == LlmUnit::Ffn {
+            let e = &mut model.blocks[l].extra;
+            for b in [&mut e.gate_bias, &mut e.up_bias] {
+                if let Some(t) = b.as_mut() {
+                    *t = t.index_select(&idx(ffn_ids.clone())?, 0)?.contiguous()?;
+                }
+            }
         }
         if unit != LlmUnit::Ffn {
             let e = &mut model.blocks[l].extra;
