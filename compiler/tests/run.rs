@@ -1922,6 +1922,13 @@ fn text_cut_by_an_hf_model_without_a_tokenizer_is_a_check_error() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// Writes `text` as a recipe into `dir` and runs it (`run_ok`): its report.
+fn report_of_text(dir: &Path, name: &str, text: String) -> serde_json::Value {
+    let file = dir.join(name);
+    std::fs::write(&file, text).unwrap();
+    run_ok(&[file.to_str().unwrap()]).2
+}
+
 fn shape_of(file: &Path, name: &str) -> Vec<usize> {
     let st = std::fs::read(file).unwrap();
     let tensors = safetensors::SafeTensors::deserialize(&st).unwrap();
@@ -1943,9 +1950,9 @@ fn removing_units_exports_a_smaller_model_that_reloads_with_the_same_predictions
     assert_eq!(evaluation(&report, "shrunk", "params"), 2778.0);
     assert!(evaluation(&report, "dense", "flops") > evaluation(&report, "shrunk", "flops"));
     // The file alone describes the new widths: read back, it predicts the same.
-    let again = dir.path().join("reload.prune");
-    std::fs::write(
-        &again,
+    let back = report_of_text(
+        dir.path(),
+        "reload.prune",
         format!(
             "recipe reload {{ version = 1, seed = 0 }}\n\
              model net = safetensors({:?})\n\
@@ -1953,9 +1960,7 @@ fn removing_units_exports_a_smaller_model_that_reloads_with_the_same_predictions
              pipeline {{\n  evaluate net on test -> [accuracy, params] as back\n}}\n",
             file.display().to_string()
         ),
-    )
-    .unwrap();
-    let (_d2, _o2, back) = run_ok(&[again.to_str().unwrap()]);
+    );
     assert_eq!(
         evaluation(&back, "back", "accuracy"),
         evaluation(&report, "finetuned", "accuracy")
@@ -2058,9 +2063,9 @@ fn language_model_units_shrink_every_block_and_the_export_reads_back_alike() {
     assert_eq!(config["num_attention_heads"], 1);
     assert!(evaluation(&report, "pruned", "params") < evaluation(&report, "dense", "params"));
     // The exported folder, read back by a recipe, gives the same perplexity.
-    let again = dir.path().join("again.prune");
-    std::fs::write(
-        &again,
+    let back = report_of_text(
+        dir.path(),
+        "again.prune",
         format!(
             "recipe again {{ version = 1, seed = 0 }}\n\
              model lm = hf({:?})\n\
@@ -2068,9 +2073,7 @@ fn language_model_units_shrink_every_block_and_the_export_reads_back_alike() {
              pipeline {{\n  evaluate lm on heldout -> [perplexity, params] as back\n}}\n",
             out.join("model").display().to_string()
         ),
-    )
-    .unwrap();
-    let (_d, _o, back) = run_ok(&[again.to_str().unwrap()]);
+    );
     assert_eq!(
         evaluation(&back, "back", "perplexity"),
         evaluation(&report, "pruned", "perplexity")
@@ -2219,9 +2222,9 @@ fn reinit_draws_fresh_weights_for_a_model_read_from_a_file_too() {
     require_data("digits/digits.csv.gz", "digits");
     let (dir, out, report) = run_ok(&["tests/recipes/run/digits_units.prune"]);
     assert!(evaluation(&report, "finetuned", "accuracy") > 0.8);
-    let again = dir.path().join("reinit.prune");
-    std::fs::write(
-        &again,
+    let fresh = report_of_text(
+        dir.path(),
+        "reinit.prune",
         format!(
             "recipe reinit {{ version = 1, seed = 0 }}\n\
              model net = safetensors({:?})\n\
@@ -2233,9 +2236,7 @@ fn reinit_draws_fresh_weights_for_a_model_read_from_a_file_too() {
              }}\n",
             out.join("net.safetensors").display().to_string()
         ),
-    )
-    .unwrap();
-    let (_d, _o, fresh) = run_ok(&[again.to_str().unwrap()]);
+    );
     // The file's (shrunk) widths, but not its trained weights.
     assert_eq!(evaluation(&fresh, "fresh", "params"), 2778.0);
     assert!(evaluation(&fresh, "fresh", "accuracy") < 0.3);
