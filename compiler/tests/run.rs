@@ -2276,3 +2276,33 @@ fn flap_compensation_puts_the_removed_units_mean_into_exported_biases() {
     );
     assert!((a - dense).abs() < (b - dense).abs(), "{dense} {a} {b}");
 }
+
+#[test]
+fn removing_units_cuts_calibration_statistics_and_rewind_points_too() {
+    require_data("digits/digits.csv.gz", "digits");
+    // A `calibrate` stage's per-input norms and the initial weights are held
+    // per parameter: after units go they must fit the smaller tensors.
+    let text = "recipe cuts { version = 1, seed = 2 }\n\
+        use std.{l1_channel, wanda}\n\
+        model net = mlp(inputs = 64, hidden = [48, 24], classes = 10)\n\
+        dataset train = digits(\"data/digits/digits.csv.gz\", split = \"train\", batch = 32, shuffle = true)\n\
+        dataset test = digits(\"data/digits/digits.csv.gz\", split = \"test\", batch = 360)\n\
+        pipeline {\n\
+          train net on train (epochs = 2, optimizer = sgd(lr = 0.05, momentum = 0.9))\n\
+          calibrate net on train\n\
+          prune net by l1_channel to 50% (unit = neuron, schedule = iterative(rounds = 2, rewind = init)) {\n\
+            each round:\n\
+              train net on train (epochs = 1, optimizer = sgd(lr = 0.05, momentum = 0.9))\n\
+          }\n\
+          prune net by wanda to 50% (unit = neuron)\n\
+          prune net by wanda to 50%\n\
+          evaluate net on test -> [accuracy, params, sparsity]\n\
+          export net to \"net.safetensors\"\n\
+        }\n"
+        .to_string();
+    let (_dir, runs) = run_texts(&[text]);
+    let file = runs[0].0.join("net.safetensors");
+    // 48 -> 24 -> 12 and 24 -> 12 -> 6 neurons.
+    assert_eq!(shape_of(&file, "fc1.weight"), [12, 64]);
+    assert_eq!(shape_of(&file, "fc2.weight"), [6, 12]);
+}

@@ -218,7 +218,7 @@ fn cut_columns(
             .map_err(|e| RunError::Internal(e.to_string()))?;
         let name = n.clone();
         let cut = removal
-            .cut(&n, &t)
+            .cut_dim(&n, &t, 1)
             .map_err(|e| RunError::Internal(format!("cutting statistics of {name}: {e}")))?;
         let cut = cut
             .flatten_all()

@@ -263,11 +263,21 @@ impl UnitRemoval {
     /// `t` (the tensor of parameter `name`, or of its mask or snapshot) with
     /// the removed units cut out; unaffected names are returned as they are.
     pub fn cut(&self, name: &str, t: &Tensor) -> Result<Tensor> {
+        self.cut_dims(name, t, None)
+    }
+
+    /// Only the cuts along `dim` (1: the inputs, for per-input statistics
+    /// laid out as `[1, inputs, ...]`).
+    pub fn cut_dim(&self, name: &str, t: &Tensor, dim: usize) -> Result<Tensor> {
+        self.cut_dims(name, t, Some(dim))
+    }
+
+    fn cut_dims(&self, name: &str, t: &Tensor, only: Option<usize>) -> Result<Tensor> {
         let Some(cuts) = self.cuts.get(name) else {
             return Ok(t.clone());
         };
         let mut t = t.clone();
-        for (dim, idx) in cuts {
+        for (dim, idx) in cuts.iter().filter(|(d, _)| only.is_none_or(|o| o == *d)) {
             let ctx = || format!("removing units of `{name}`");
             let ids = Tensor::from_slice(idx, idx.len(), t.device()).ctx(ctx)?;
             t = t.index_select(&ids, *dim).ctx(ctx)?;
