@@ -33,6 +33,8 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
     let mut non_llama: BTreeMap<String, &'static str> = BTreeMap::new();
     // Hugging Face models whose folder holds no tokenizer.json.
     let mut no_tokenizer: std::collections::BTreeSet<String> = Default::default();
+    // Language models' (query heads, key/value heads), for unit stages.
+    let mut lm_heads: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (name, sym) in &r.symbols {
         if sym.kind != SymKind::Model {
             continue;
@@ -43,6 +45,9 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             let path = v.arg("path").and_then(|p| p.as_str()).unwrap_or("");
             let checked = prunec_runtime::llm::gguf::GgufFile::open(std::path::Path::new(path))
                 .and_then(|f| f.check());
+            if let Ok(c) = &checked {
+                lm_heads.insert(name.clone(), (c.num_attention_heads, c.num_key_value_heads));
+            }
             if let Err(e) = checked {
                 diags.push(
                     Diagnostic::new(Code::ModelFile, format!("model `{name}`: {e}"))
@@ -63,6 +68,8 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             let path = v.arg("path").and_then(|p| p.as_str()).unwrap_or("");
             match prunec_runtime::llm::inspect_hf(std::path::Path::new(path)) {
                 Ok(h) => {
+                    let c = &h.config;
+                    lm_heads.insert(name.clone(), (c.num_attention_heads, c.num_key_value_heads));
                     let arch = h.config.architecture;
                     if arch != prunec_runtime::llm::config::Architecture::Llama {
                         non_llama.insert(name.clone(), arch.class_name());
@@ -257,6 +264,22 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                 .with_label(s.value_span("format"), "not for this architecture")
                 .with_help("export it as a Hugging Face folder (`format = hf`)"),
             );
+        }
+        // A query head alone can go only where kv heads are shared.
+        if let (Some(prunec_lang::resolved::Unit::Head), Some(&(nh, nkv))) = (
+            prunec_lang::resolved::Unit::of(r.option(s, "unit")),
+            model.as_ref().and_then(|m| lm_heads.get(m)),
+        ) {
+            if nh == nkv {
+                diags.push(
+                    Diagnostic::new(
+                        Code::Unsupported,
+                        format!("each of the model's {nh} query heads has its own key/value head: removing one query head alone would leave its key/value head unread"),
+                    )
+                    .with_label(s.value_span("unit"), "no shared key/value heads")
+                    .with_help("remove whole heads with `unit = kv_group`"),
+                );
+            }
         }
         // FLAP's compensation needs a bias the architecture can hold.
         let compensate = matches!(r.option(s, "compensate"), Some(Value::Bool(true)));

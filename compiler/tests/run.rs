@@ -2306,3 +2306,85 @@ fn removing_units_cuts_calibration_statistics_and_rewind_points_too() {
     assert_eq!(shape_of(&file, "fc1.weight"), [12, 64]);
     assert_eq!(shape_of(&file, "fc2.weight"), [6, 12]);
 }
+
+#[test]
+fn a_query_head_alone_is_refused_where_each_has_its_own_key_value_head() {
+    // tiny-llama with 2 query heads over 2 key/value heads (q and o cut to
+    // their first two heads): multi-head attention, nothing shared.
+    let dir = tempfile::tempdir().unwrap();
+    let src = root().join("tests/models/tiny-llama");
+    for f in ["tokenizer.json", "generation_config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["num_attention_heads"] = 2.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in st.tensors() {
+        let (shape, data) = (t.shape().to_vec(), t.data().to_vec());
+        let (shape, data) = if name.ends_with("q_proj.weight") {
+            // First 16 rows of [32, 32] f32.
+            (vec![16, shape[1]], data[..16 * shape[1] * 4].to_vec())
+        } else if name.ends_with("o_proj.weight") {
+            // First 16 columns of every row.
+            let cols = shape[1];
+            let kept: Vec<u8> = data
+                .chunks(cols * 4)
+                .flat_map(|row| row[..16 * 4].to_vec())
+                .collect();
+            (vec![shape[0], 16], kept)
+        } else {
+            (shape, data)
+        };
+        out.push((name, shape, data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = out
+        .iter()
+        .map(|(n, s, d)| {
+            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                .unwrap();
+            (n.clone(), v)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    let recipe = dir.path().join("heads.prune");
+    let model = dir.path().display().to_string();
+    std::fs::write(
+        &recipe,
+        format!(
+            "recipe heads {{ version = 1, seed = 0 }}\n\
+             use std.wanda\n\
+             model lm = hf({model:?})\n\
+             dataset calib = text(\"tests/models/tiny.txt\", tokenizer = lm, seq = 32, samples = 2)\n\
+             pipeline {{\n  prune lm by wanda to 50% (unit = UNIT, calibrate = calib)\n  export lm to \"model\"\n}}\n"
+        ),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(&recipe, text.replace("UNIT", "head")).unwrap();
+    let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("has its own key/value head"), "{out}");
+    // The same model loses whole heads with their key/value heads.
+    std::fs::write(&recipe, text.replace("UNIT", "kv_group")).unwrap();
+    let result = dir.path().join("out");
+    let (code, out) = prunec(
+        &[
+            "run",
+            "-q",
+            recipe.to_str().unwrap(),
+            "--out",
+            result.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(result.join("model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["num_attention_heads"], 1);
+    assert_eq!(config["num_key_value_heads"], 1);
+}
