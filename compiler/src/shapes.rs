@@ -33,8 +33,9 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
     let mut non_llama: BTreeMap<String, &'static str> = BTreeMap::new();
     // Hugging Face models whose folder holds no tokenizer.json.
     let mut no_tokenizer: std::collections::BTreeSet<String> = Default::default();
-    // Language models' (query heads, key/value heads), for unit stages.
-    let mut lm_heads: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    // Language models' configurations as the pipeline leaves them (unit
+    // stages make them smaller).
+    let mut lm_cfg: BTreeMap<String, prunec_runtime::llm::LlamaConfig> = BTreeMap::new();
     for (name, sym) in &r.symbols {
         if sym.kind != SymKind::Model {
             continue;
@@ -46,7 +47,7 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             let checked = prunec_runtime::llm::gguf::GgufFile::open(std::path::Path::new(path))
                 .and_then(|f| f.check());
             if let Ok(c) = &checked {
-                lm_heads.insert(name.clone(), (c.num_attention_heads, c.num_key_value_heads));
+                lm_cfg.insert(name.clone(), c.clone());
             }
             if let Err(e) = checked {
                 diags.push(
@@ -68,8 +69,7 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             let path = v.arg("path").and_then(|p| p.as_str()).unwrap_or("");
             match prunec_runtime::llm::inspect_hf(std::path::Path::new(path)) {
                 Ok(h) => {
-                    let c = &h.config;
-                    lm_heads.insert(name.clone(), (c.num_attention_heads, c.num_key_value_heads));
+                    lm_cfg.insert(name.clone(), h.config.clone());
                     let arch = h.config.architecture;
                     if arch != prunec_runtime::llm::config::Architecture::Llama {
                         non_llama.insert(name.clone(), arch.class_name());
@@ -265,20 +265,9 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                 .with_help("export it as a Hugging Face folder (`format = hf`)"),
             );
         }
-        // A query head alone can go only where kv heads are shared.
-        if let (Some(prunec_lang::resolved::Unit::Head), Some(&(nh, nkv))) = (
-            prunec_lang::resolved::Unit::of(r.option(s, "unit")),
-            model.as_ref().and_then(|m| lm_heads.get(m)),
-        ) {
-            if nh == nkv {
-                diags.push(
-                    Diagnostic::new(
-                        Code::Unsupported,
-                        format!("each of the model's {nh} query heads has its own key/value head: removing one query head alone would leave its key/value head unread"),
-                    )
-                    .with_label(s.value_span("unit"), "no shared key/value heads")
-                    .with_help("remove whole heads with `unit = kv_group`"),
-                );
+        if let Some(c) = model.as_ref().and_then(|m| lm_cfg.get_mut(m)) {
+            if s.kind == StageKind::Prune {
+                llm_shapes(r, s, c, &mut diags);
             }
         }
         // FLAP's compensation needs a bias the architecture can hold.
@@ -593,6 +582,70 @@ fn unit_shapes(
                 shapes.unknown.insert(u.weight());
                 shapes.unknown.insert(u.reader_weight());
             }
+        }
+    }
+}
+
+/// A prune stage of a language model against its widths as the stages
+/// before it left them: a query head alone goes only where key/value heads
+/// are shared; an N:M pattern must divide each targeted projection's input
+/// width. A unit stage leaves the configuration smaller for the next.
+fn llm_shapes(
+    r: &CheckedRecipe,
+    s: &Stage,
+    c: &mut prunec_runtime::llm::LlamaConfig,
+    diags: &mut Vec<Diagnostic>,
+) {
+    use prunec_lang::resolved::Unit;
+    if let Some(unit) = Unit::of(r.option(s, "unit")) {
+        let target = s.to.as_ref().and_then(|to| r.constant(to));
+        match (crate::units::llm_kept(c, unit, target.unwrap_or(0.0)), unit) {
+            (None, Unit::Head) => diags.push(
+                Diagnostic::new(
+                    Code::Unsupported,
+                    format!(
+                        "each of the model's {} query heads here has its own key/value head: removing one query head alone would leave its key/value head unread",
+                        c.num_attention_heads
+                    ),
+                )
+                .with_label(s.value_span("unit"), "no shared key/value heads")
+                .with_help("remove whole heads with `unit = kv_group`"),
+            ),
+            (Some((_, _, after)), _) if target.is_some() => *c = after,
+            _ => {}
+        }
+        return;
+    }
+    let Some((Value::Pattern { n, m }, pspan)) = option(r, s, "pattern") else {
+        return;
+    };
+    let targets = option(r, s, "targets")
+        .map(|(v, _)| strings(Some(&v)))
+        .unwrap_or_else(|| vec!["*".into()]);
+    let skip = option(r, s, "skip")
+        .map(|(v, _)| strings(Some(&v)))
+        .unwrap_or_default();
+    use prunec_runtime::llm::Proj;
+    for proj in Proj::ALL {
+        let cols = match proj {
+            Proj::O => c.q_dim(),
+            Proj::Down => c.intermediate_size,
+            _ => c.hidden_size,
+        };
+        // Every block has the same widths: the first stands for all.
+        let name = prunec_runtime::llm::linear_name(0, proj);
+        let picked = targets.iter().any(|t| glob_match(t, &name))
+            && !skip.iter().any(|k| glob_match(k, &name));
+        if picked && cols % m as usize != 0 {
+            let generic = name.replacen("layers.0.", "layers.*.", 1);
+            diags.push(
+                Diagnostic::new(
+                    Code::ShapeMismatch,
+                    format!("`{n}:{m}` does not fit `{generic}`: its input width {cols} (after the units removed before) is not a multiple of {m}"),
+                )
+                .with_label(pspan.or(s.to.as_ref().map(|t| t.span)).unwrap_or(s.keyword_span), "does not divide")
+                .with_help(format!("remove a number of units that leaves a multiple of {m}, or skip it with `skip = [\"{generic}\"]`")),
+            );
         }
     }
 }

@@ -119,6 +119,42 @@ pub fn unit_targets(
     Ok(picked)
 }
 
+/// What a language-model unit stage keeps in every block: the units
+/// chosen among (`per_group`: a kv group's query heads for `head`, all of a
+/// block's units otherwise), how many of each group, and the configuration
+/// after it. `None` for classifier units, and for `head` where no key/value
+/// head is shared (one query head per group: it cannot go alone).
+pub fn llm_kept(
+    c: &prunec_runtime::llm::LlamaConfig,
+    unit: Unit,
+    sparsity: f64,
+) -> Option<(usize, usize, prunec_runtime::llm::LlamaConfig)> {
+    let nkv = c.num_key_value_heads.max(1);
+    let group = c.num_attention_heads / nkv;
+    let (count, per_group) = match unit {
+        Unit::Ffn => (c.intermediate_size, c.intermediate_size),
+        Unit::KvGroup => (nkv, nkv),
+        Unit::Head if group > 1 => (c.num_attention_heads, group),
+        _ => return None,
+    };
+    let kept_in_group = kept_per_layer(per_group, sparsity);
+    let kept = kept_in_group * (count / per_group.max(1));
+    let mut after = c.clone();
+    match unit {
+        Unit::Ffn => after.intermediate_size = kept,
+        Unit::KvGroup => {
+            after.head_dim = Some(c.head_dim());
+            after.num_key_value_heads = kept;
+            after.num_attention_heads = kept * group;
+        }
+        _ => {
+            after.head_dim = Some(c.head_dim());
+            after.num_attention_heads = kept;
+        }
+    }
+    Some((per_group, kept_in_group, after))
+}
+
 /// Units a layer of `units` keeps at `sparsity` when layers are pruned
 /// each by itself: the removed count rounds down, and one unit always stays.
 pub fn kept_per_layer(units: usize, sparsity: f64) -> usize {

@@ -210,3 +210,36 @@ fn a_shrunk_mlp_trains_on_digits() {
     let acc = evaluate(&small, &data).or_panic().accuracy;
     assert!(acc > 0.5, "accuracy {acc}");
 }
+
+#[test]
+fn a_sequential_architecture_from_a_file_is_checked_before_use() {
+    use prunec_runtime::model::Layer;
+    let lin = |name: &str, inputs, outputs| Layer::Linear {
+        name: name.into(),
+        inputs,
+        outputs,
+    };
+    let seq = |layers: Vec<Layer>| Architecture::Sequential {
+        input_shape: vec![1, 4, 4],
+        layers,
+    };
+    let conv = |kernel| Layer::Conv2d {
+        name: "c".into(),
+        in_channels: 1,
+        out_channels: 2,
+        kernel,
+        padding: 0,
+    };
+    // A zero pool or kernel, a zero width, a name used twice: errors, not panics.
+    for bad in [
+        seq(vec![Layer::MaxPool2d(0), Layer::Flatten, lin("f", 16, 2)]),
+        seq(vec![conv(0), Layer::Flatten, lin("f", 32, 2)]),
+        seq(vec![Layer::Flatten, lin("f", 16, 0), lin("g", 0, 2)]),
+        seq(vec![Layer::Flatten, lin("f", 16, 4), lin("f", 4, 2)]),
+    ] {
+        assert!(bad.shape_check().is_err(), "{bad:?}");
+    }
+    assert!(seq(vec![conv(3), Layer::Flatten, lin("f", 8, 2)])
+        .shape_check()
+        .is_ok());
+}

@@ -517,16 +517,12 @@ impl Exec<'_> {
         let compensate = matches!(self.option(step, "compensate"), Some(Value::Bool(true)));
         let count = lunit.count(&m.config);
         // Query heads are chosen within each kv group, as many in each.
-        let per_group = match lunit {
-            llm::LlmUnit::Head => lunit.group(&m.config),
-            _ => count,
+        let Some((per_group, kept_in_group, _)) = crate::units::llm_kept(&m.config, unit, target)
+        else {
+            return Err(RunError::Internal(format!(
+                "`unit = {unit}` on a model it does not fit reached the run"
+            )));
         };
-        if per_group <= 1 && lunit == llm::LlmUnit::Head {
-            return Err(RunError::Internal(
-                "`unit = head` on a model without shared key/value heads reached the run".into(),
-            ));
-        }
-        let kept_in_group = crate::units::kept_per_layer(per_group, target);
         let kept = kept_in_group * (count / per_group);
         let key = prunec_kernels::expr::score_key;
         let mut keep = Vec::with_capacity(scores.len());

@@ -59,8 +59,9 @@ impl Exec<'_> {
                 alive: (0..u.units).collect(),
             })
             .collect();
+        // The model's sparsity targets stay what they were: removing units
+        // leaves no zeros to count.
         let selected: Vec<String> = layers.iter().map(|l| l.weight.clone()).collect();
-        self.targets.insert(name.to_string(), selected.clone());
         let pruner = Pruner {
             span: step.span,
             model: name.to_string(),
@@ -330,6 +331,8 @@ fn normalized(mut scores: Vec<Vec<f32>>, how: Option<&Value>) -> Vec<Vec<f32>> {
                 .sqrt(),
             _ => continue,
         };
+        // By the magnitude: a negative mean must not reverse the ranking.
+        let d = d.abs();
         if d.is_finite() && d != 0.0 {
             for v in s.iter_mut() {
                 *v = (*v as f64 / d) as f32;

@@ -120,36 +120,22 @@ fn llm_units_table(
     let Some(s) = last else {
         return String::new();
     };
-    let (what, count, group) = match unit {
-        Unit::Ffn => ("FFN neurons", c.intermediate_size, c.intermediate_size),
-        Unit::KvGroup => ("kv groups", c.num_key_value_heads, c.num_key_value_heads),
-        Unit::Head => (
-            "query heads",
-            c.num_attention_heads,
-            c.num_attention_heads / c.num_key_value_heads.max(1),
-        ),
+    let (what, count) = match unit {
+        Unit::Ffn => ("FFN neurons", c.intermediate_size),
+        Unit::KvGroup => ("kv groups", c.num_key_value_heads),
+        Unit::Head => ("query heads", c.num_attention_heads),
         _ => return String::new(),
     };
-    let group = group.max(1);
-    let kept = crate::units::kept_per_layer(group, s) * (count / group);
-    let hd = c.head_dim();
+    let Some((per_group, kept_in_group, after)) = crate::units::llm_kept(c, unit, s) else {
+        return String::new();
+    };
+    let kept = kept_in_group * (count / per_group.max(1));
     let before = (
         c.intermediate_size,
         c.num_attention_heads,
         c.num_key_value_heads,
     );
-    match unit {
-        Unit::Ffn => c.intermediate_size = kept,
-        Unit::KvGroup => {
-            c.num_attention_heads = kept * (before.1 / before.2.max(1));
-            c.num_key_value_heads = kept;
-            c.head_dim = Some(hd);
-        }
-        _ => {
-            c.num_attention_heads = kept;
-            c.head_dim = Some(hd);
-        }
-    }
+    *c = after;
     format!(
         "       | unit | per block | kept |\n       | {what} | {count} | {kept} |\n       every one of the {} blocks: FFN {} → {}, heads {} → {} ({} → {} key/value)\n",
         c.num_hidden_layers,

@@ -447,9 +447,6 @@ impl Checker<'_> {
         let Some((v, span)) = self.prune_option(s, "compensate") else {
             return;
         };
-        if !matches!(v, Value::Bool(true)) {
-            return;
-        }
         let unit = self
             .stage_options
             .get(&s.id)
@@ -457,7 +454,7 @@ impl Checker<'_> {
             .and_then(|u| u.as_str())
             .map(String::from);
         let lm_unit = matches!(unit.as_deref(), Some("ffn" | "kv_group" | "head"));
-        if lm && lm_unit {
+        if lm && lm_unit && matches!(v, Value::Bool(true)) {
             if let Some((model, _)) = self.subject_model(s) {
                 self.compensated.insert(model);
             }
@@ -469,7 +466,7 @@ impl Checker<'_> {
                 "no effect here",
                 "remove `compensate`",
             );
-        } else if !self.stage_reads_acts.contains(&s.id) {
+        } else if matches!(v, Value::Bool(true)) && !self.stage_reads_acts.contains(&s.id) {
             self.unsupported(
                 span,
                 "`compensate` needs the calibration means that a criterion reading `act(x)` collects".into(),
@@ -546,6 +543,21 @@ impl Checker<'_> {
                 "remove hidden neurons (`unit = neuron`) or conv channels (`unit = channel`)",
             );
         }
+        if s.to.is_none()
+            && pattern.is_none()
+            && s.during.is_none()
+            && self.prune_option(s, "schedule").is_some()
+        {
+            // (Without a schedule, the missing target is reported generally.)
+            no(
+                self,
+                format!(
+                    "`unit = {unit}` removes a fraction of the units, but the stage has no `to`"
+                ),
+                "how many?",
+                "add the fraction of units to remove: `to 50%`",
+            );
+        }
         if lm {
             // The Hugging Face configuration holds one size for every block.
             let alike = "every block loses the same number of units (the Hugging Face configuration holds one size for all blocks)";
@@ -561,7 +573,8 @@ impl Checker<'_> {
                 ),
             ] {
                 if let Some((v, kspan)) = self.prune_option(s, key) {
-                    if key == "scope" && v.as_str() == Some("layer") {
+                    // `row` is reported below, as for every unit.
+                    if key == "scope" && matches!(v.as_str(), Some("layer" | "row" | "neuron")) {
                         continue;
                     }
                     self.unsupported(
@@ -587,7 +600,11 @@ impl Checker<'_> {
                 self,
                 format!("`{name}` prunes single weights; `unit = {unit}` removes whole units"),
                 "not with this method",
-                "score units by a criterion (`l1_channel`, `l2_channel`, `taylor`, ...)",
+                if lm {
+                    "score units by a criterion that reads weights and activations (`wanda`, `magnitude`)"
+                } else {
+                    "score units by a criterion (`l1_channel`, `l2_channel`, `taylor`, ...)"
+                },
             );
         }
         if let Some(p) = pattern {
@@ -627,6 +644,15 @@ impl Checker<'_> {
     /// `keep_min` / `keep_max` guard the layers of one global selection:
     /// anywhere else they have no effect.
     fn check_guards(&mut self, s: &Stage, pattern: bool) {
+        let unit_value = self
+            .stage_options
+            .get(&s.id)
+            .and_then(|o| o.get("unit"))
+            .and_then(|v| v.as_str());
+        if matches!(unit_value, Some("ffn" | "kv_group" | "head")) {
+            // `check_units` says why a language model's units take no guards.
+            return;
+        }
         let scope = self.prune_option(s, "scope").map(|(v, _)| v);
         let unit =
             crate::resolved::Unit::of(self.stage_options.get(&s.id).and_then(|o| o.get("unit")));

@@ -92,12 +92,12 @@ fn default_max_pos() -> usize {
 }
 
 impl LlamaConfig {
-    /// Width of one attention head.
     /// Whether q, k and v carry biases.
     pub fn has_qkv_bias(&self) -> bool {
         self.architecture.qkv_bias() || self.attention_bias
     }
 
+    /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))

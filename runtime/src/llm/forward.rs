@@ -45,15 +45,22 @@ impl std::fmt::Debug for Packs {
     }
 }
 
-/// Adds to every row of `rows` (width `width`) the concatenated biases, when
-/// all of them are there (`mlp_bias` / `attention_bias` checkpoints and
-/// FLAP's compensation); nothing otherwise.
+/// Adds to every row of `rows` (width `width`) the concatenated biases
+/// (`mlp_bias` / `attention_bias` checkpoints and FLAP's compensation), when
+/// the block has them: all of a product's biases, or none.
 fn add_bias(rows: &mut [f32], width: usize, biases: &[&Option<Tensor>]) -> Result<()> {
+    if biases.iter().all(|b| b.is_none()) {
+        return Ok(());
+    }
     let mut bias = Vec::with_capacity(width);
     for b in biases {
         match b {
             Some(t) => bias.extend(t.to_vec1::<f32>()?),
-            None => return Ok(()),
+            None => {
+                return Err(super::error::RuntimeError::Invalid(
+                    "a block has some of the biases of one product but not all".into(),
+                ))
+            }
         }
     }
     rows.par_chunks_mut(width).for_each(|row| {

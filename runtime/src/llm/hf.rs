@@ -390,8 +390,16 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
         .named_tensors()?
         .into_iter()
         .map(|(n, t)| {
+            // A bias the source did not have (FLAP's compensation) takes
+            // the dtype of its projection's weight.
+            let weight = n.strip_suffix(".bias").map(|p| format!("{p}.weight"));
             let dtype = source
-                .and_then(|s| s.dtypes.get(&n).copied())
+                .and_then(|s| {
+                    s.dtypes
+                        .get(&n)
+                        .or_else(|| weight.as_ref().and_then(|w| s.dtypes.get(w)))
+                        .copied()
+                })
                 .unwrap_or(DType::F32);
             Ok((n, t.to_dtype(dtype)?.contiguous()?))
         })
@@ -465,8 +473,11 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
                         serde_json::json!(mc.intermediate_size),
                     );
                 }
-                if src(obj, "num_attention_heads") != Some(mc.num_attention_heads as u64)
-                    || src(obj, "num_key_value_heads") != Some(mc.num_key_value_heads as u64)
+                let heads = src(obj, "num_attention_heads");
+                // A config without `num_key_value_heads` means one per head.
+                let kv_heads = src(obj, "num_key_value_heads").or(heads);
+                if heads != Some(mc.num_attention_heads as u64)
+                    || kv_heads != Some(mc.num_key_value_heads as u64)
                 {
                     obj.insert(
                         "num_attention_heads".into(),

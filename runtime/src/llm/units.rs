@@ -196,13 +196,29 @@ pub fn compensate(
             unit.reader().0.hf_module()
         )));
     }
-    if means.len() != model.num_layers() || keep.len() != model.num_layers() {
-        return Err(RuntimeError::Invalid(
-            "compensation needs every block's calibration means".into(),
-        ));
-    }
     let (reader, _) = unit.reader();
     let per_unit = unit.columns(&c);
+    // Everything is checked before the first bias changes.
+    let count = unit.count(&c);
+    let reader_cols = count * per_unit;
+    if means.len() != model.num_layers()
+        || keep.len() != model.num_layers()
+        || means.iter().any(|m| m.len() != reader_cols)
+    {
+        return Err(RuntimeError::Invalid(format!(
+            "compensation needs {reader_cols} calibration means for each of the {} blocks",
+            model.num_layers()
+        )));
+    }
+    if let Some((l, kl)) = keep.iter().enumerate().find(|(_, kl)| {
+        kl.is_empty()
+            || kl.windows(2).any(|w| w[0] >= w[1])
+            || kl.last().is_some_and(|&u| u >= count)
+    }) {
+        return Err(RuntimeError::Invalid(format!(
+            "block {l}: kept units {kl:?} must be ascending and below {count}"
+        )));
+    }
     let device = model.device().clone();
     let zeros = |n: usize| Tensor::zeros(n, candle_core::DType::F32, &device);
     for (l, kl) in keep.iter().enumerate() {
@@ -215,8 +231,12 @@ pub fn compensate(
             )));
         }
         let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let mut kept = vec![false; count];
+        for &u in kl {
+            kept[u] = true;
+        }
         let removed: Vec<usize> = (0..cols / per_unit.max(1))
-            .filter(|u| !kl.contains(u))
+            .filter(|&u| !kept[u])
             .flat_map(|u| u * per_unit..(u + 1) * per_unit)
             .collect();
         let delta: Vec<f32> = values

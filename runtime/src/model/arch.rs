@@ -305,6 +305,31 @@ impl Architecture {
                 ));
             }
         }
+        if let Architecture::Sequential { layers, .. } = self {
+            // Read from a file's metadata: names unique, widths positive.
+            let mut seen = std::collections::BTreeSet::new();
+            for l in layers {
+                let (name, widths) = match l {
+                    Layer::Linear {
+                        name,
+                        inputs,
+                        outputs,
+                    } => (name, [*inputs, *outputs]),
+                    Layer::Conv2d {
+                        name,
+                        in_channels,
+                        out_channels,
+                        ..
+                    } => (name, [*in_channels, *out_channels]),
+                    _ => continue,
+                };
+                if !seen.insert(name.clone()) || widths.contains(&0) {
+                    return Err(bad(format!(
+                        "layer `{name}` is named twice or has a zero width"
+                    )));
+                }
+            }
+        }
         let mut shape = self.input_shape();
         let mut costs = Vec::new();
         for layer in self.layers() {
@@ -341,7 +366,7 @@ impl Architecture {
                         )));
                     }
                     let (h, w) = (shape[1] + 2 * padding, shape[2] + 2 * padding);
-                    if h < kernel || w < kernel {
+                    if kernel == 0 || h < kernel || w < kernel {
                         return Err(bad(format!(
                             "layer {name}: input {shape:?} is smaller than its {kernel}x{kernel} kernel"
                         )));
@@ -355,7 +380,7 @@ impl Architecture {
                     shape = vec![out_channels, oh, ow];
                 }
                 Layer::MaxPool2d(k) => {
-                    if shape.len() != 3 || shape[1] < k || shape[2] < k {
+                    if k == 0 || shape.len() != 3 || shape[1] < k || shape[2] < k {
                         return Err(bad(format!("max-pool {k} on shape {shape:?}")));
                     }
                     shape = vec![shape[0], shape[1] / k, shape[2] / k];
