@@ -66,6 +66,9 @@ enum Base {
     Calibrate,
     /// SAP with a round block.
     Sap,
+    /// WoodFisher and M-FAC with every argument written.
+    WoodFisher,
+    MFac,
     /// LeNet-5 on MNIST.
     Lenet,
     /// `Digits` trained on an image folder of the digits.
@@ -79,7 +82,7 @@ enum Base {
 }
 
 const DIGITS: &str = r#"recipe t { version = 1, seed = 1 }
-use std.{magnitude, random, taylor, snip, wanda, l1_channel, l2_channel, taylor_channel, fpgm, movement, sap}
+use std.{magnitude, random, taylor, snip, wanda, l1_channel, l2_channel, taylor_channel, fpgm, movement, sap, woodfisher, mfac}
 model net = mlp(inputs = 64, hidden = [32], classes = 10, act = relu)
 dataset train = DATA(PATH, split = "train", batch = 64, shuffle = false, limit = LIMIT, validation = 0%)
 dataset test = DATA(PATH, split = "test", batch = 360, limit = 300)
@@ -194,6 +197,14 @@ fn base_text(b: Base) -> String {
         Base::Sap => digits.replace(
             PRUNE_LINE,
             "  prune net by sap(p = 0.5, q = 1.0, eta = 0.001, gamma = 1.2, beta = 0.9) (rounds = 2, scope = neuron) {\n    each round:\n      finetune net on train (epochs = 1)\n  }",
+        ),
+        Base::WoodFisher => digits.replace(
+            "by magnitude to 70%",
+            "by woodfisher(block = 128, damp = 1e-5, grads = 300, batch = 1) to 70%",
+        ),
+        Base::MFac => digits.replace(
+            "by magnitude to 70%",
+            "by mfac(grads = 64, block = 2048, damp = 1e-5, batch = 1) to 70%",
         ),
         Base::Lenet => digits_on("mnist", "data/mnist", 784, 300)
             .replace(
@@ -422,6 +433,26 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
     add("movement", Changes(Gradual, "by c", "by movement"));
     add("sparsegpt.block", Changes(Llm, "block = 128", "block = 16"));
     add("sparsegpt.damp", Changes(Llm, "damp = 0.01", "damp = 0.5"));
+    add(
+        "woodfisher.block",
+        Changes(WoodFisher, "block = 128", "block = 16"),
+    );
+    add(
+        "woodfisher.damp",
+        Changes(WoodFisher, "damp = 1e-5", "damp = 1"),
+    );
+    add(
+        "woodfisher.grads",
+        Changes(WoodFisher, "grads = 300", "grads = 50"),
+    );
+    add(
+        "woodfisher.batch",
+        Changes(WoodFisher, "batch = 1)", "batch = 4)"),
+    );
+    add("mfac.grads", Changes(MFac, "grads = 64", "grads = 8"));
+    add("mfac.block", Changes(MFac, "block = 2048", "block = 64"));
+    add("mfac.damp", Changes(MFac, "damp = 1e-5", "damp = 1"));
+    add("mfac.batch", Changes(MFac, "batch = 1)", "batch = 4)"));
     add("sap.p", Changes(Sap, "p = 0.5", "p = 0.8"));
     add("sap.q", Changes(Sap, "q = 1.0", "q = 2.0"));
     add("sap.eta", Changes(Sap, "eta = 0.001", "eta = 0.5"));

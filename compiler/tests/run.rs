@@ -222,7 +222,11 @@ fn outputs_are_identical_with_one_and_two_threads() {
     let dir = tempfile::tempdir().unwrap();
     // Iterative magnitude pruning; random, Wanda, movement (gradual),
     // late-rewinding and block pruning.
-    for recipe in [RECIPE, "tests/recipes/run/digits_methods.prune"] {
+    for recipe in [
+        RECIPE,
+        "tests/recipes/run/digits_methods.prune",
+        "tests/recipes/run/digits_obs.prune",
+    ] {
         let mut hashes = Vec::new();
         for threads in ["1", "2"] {
             let out = dir
@@ -2387,4 +2391,94 @@ fn a_query_head_alone_is_refused_where_each_has_its_own_key_value_head() {
             .unwrap();
     assert_eq!(config["num_attention_heads"], 1);
     assert_eq!(config["num_key_value_heads"], 1);
+}
+
+/// WoodFisher and M-FAC against magnitude pruning of the same trained
+/// network: the pruned weights are zero at the target, the survivors moved
+/// (the OBS update), and the loss right after pruning is lower.
+#[test]
+fn obs_methods_update_the_survivors_and_lose_less_than_magnitude() {
+    require_data("digits/digits.csv.gz", "digits");
+    let text = |by: &str| {
+        format!(
+            r#"recipe obs {{ version = 1, seed = 4 }}
+use std.{{magnitude, woodfisher, mfac}}
+model net = mlp(inputs = 64, hidden = [64, 32], classes = 10)
+dataset train = digits("{root}/data/digits/digits.csv.gz", split = "train", batch = 32, shuffle = true)
+dataset test = digits("{root}/data/digits/digits.csv.gz", split = "test", batch = 360)
+pipeline {{
+  train net on train (epochs = 10, optimizer = sgd(lr = 0.05, momentum = 0.9))
+  export net to "dense.safetensors"
+  prune net by {by} to 85% on train (targets = ["*.weight"], scope = global)
+  evaluate net on test -> [loss, sparsity] as pruned
+  export net to "pruned.safetensors"
+}}
+"#,
+            root = root().display()
+        )
+    };
+    let (_dir, runs) = run_texts(&[
+        text("magnitude"),
+        text("woodfisher(block = 64, damp = 1e-4, grads = 300)"),
+        text("mfac(grads = 48, block = 1024, damp = 1e-4)"),
+    ]);
+    // Per run: the loss after pruning, and the share of fc1's survivors
+    // whose value changed.
+    let mut losses = Vec::new();
+    let mut moved = Vec::new();
+    for (out, _log) in &runs {
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+                .unwrap();
+        assert!((evaluation(&report, "pruned", "sparsity") - 0.85).abs() < 1e-3);
+        losses.push(evaluation(&report, "pruned", "loss"));
+        let dense = tensor_f32(&out.join("dense.safetensors"), "fc1.weight");
+        let pruned = tensor_f32(&out.join("pruned.safetensors"), "fc1.weight");
+        let changed = dense
+            .iter()
+            .zip(&pruned)
+            .filter(|(d, p)| **p != 0.0 && d != p)
+            .count();
+        let kept = pruned.iter().filter(|p| **p != 0.0).count();
+        moved.push(changed as f64 / kept as f64);
+    }
+    // Magnitude keeps its survivors as they were; OBS moves nearly all.
+    assert_eq!(moved[0], 0.0);
+    assert!(moved[1] > 0.9 && moved[2] > 0.9, "{moved:?}");
+    assert!(
+        losses[1] < losses[0],
+        "WoodFisher {} vs magnitude {}",
+        losses[1],
+        losses[0]
+    );
+    assert!(
+        losses[2] < losses[0],
+        "M-FAC {} vs magnitude {}",
+        losses[2],
+        losses[0]
+    );
+}
+
+#[test]
+fn obs_lenet300_reduced_beats_magnitude() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    let (_dir, out, report) = run_ok(&[
+        "examples/obs_lenet300.prune",
+        "--set",
+        "samples=12000",
+        "--set",
+        "epochs=2",
+        "--set",
+        "grads=200",
+        "--set",
+        "m=64",
+        "--set",
+        "margin=0%",
+    ]);
+    for label in ["magnitude", "woodfisher", "m_fac"] {
+        assert!((evaluation(&report, label, "sparsity") - 0.95).abs() < 1e-3);
+    }
+    let w = tensor_f32(&out.join("woodfisher.safetensors"), "fc1.weight");
+    let zeros = w.iter().filter(|x| **x == 0.0).count() as f64 / w.len() as f64;
+    assert!(zeros > 0.9, "{zeros}");
 }

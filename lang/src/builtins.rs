@@ -517,6 +517,18 @@ pub static BUILTINS: &[Builtin] = &[
         p("block", Ty::Int, Some("128"), Range::at_least(1.0), "columns per block sweep"),
         p("damp", Ty::Float, Some("0.01"), Range::positive(), "dampening, as a fraction of the mean Hessian diagonal"),
     ], "SparseGPT (Frantar & Alistarh 2023): layer-wise OBS reconstruction with the Hessian XᵀX."), Needs { grad: false, activations: true, training: false }),
+    needs(std_b("woodfisher", Kind::Method, &[
+        p("block", Ty::Int, Some("128"), Range { min: Some((1.0, true)), max: Some((4096.0, true)) }, "weights per diagonal block of the Fisher (consecutive in each flattened weight tensor)"),
+        p("damp", Ty::Float, Some("1e-5"), Range::positive(), "dampening λ added to the Fisher's diagonal"),
+        p("grads", Ty::Int, Some("1000"), Range::at_least(1.0), "gradients averaged into the empirical Fisher (from the first samples of `on DATA`)"),
+        p("batch", Ty::Int, Some("1"), Range::at_least(1.0), "samples per gradient (1: per-sample gradients)"),
+    ], "WoodFisher (Singh & Alistarh 2020): OBS pruning with the empirical Fisher F = λI + (1/m) Σ g gᵀ inverted per diagonal block; a weight's saliency is w² / (2 [F⁻¹]_qq), and the survivors of each block take the joint OBS update δw = −F⁻¹ E_Q (E_Qᵀ F⁻¹ E_Q)⁻¹ w_Q."), Needs { grad: true, activations: false, training: false }),
+    needs(std_b("mfac", Kind::Method, &[
+        p("grads", Ty::Int, Some("64"), Range { min: Some((1.0, true)), max: Some((1024.0, true)) }, "m: the gradients kept (from the first samples of `on DATA`)"),
+        p("block", Ty::Int, Some("2048"), Range::at_least(1.0), "weights per block (consecutive in each flattened weight tensor); the Fisher is never formed"),
+        p("damp", Ty::Float, Some("1e-5"), Range::positive(), "dampening λ added to the Fisher's diagonal"),
+        p("batch", Ty::Int, Some("1"), Range::at_least(1.0), "samples per gradient (1: per-sample gradients)"),
+    ], "M-FAC (Frantar, Kurtic & Alistarh 2021): OBS pruning like `woodfisher`, with inverse-Fisher products from m gradients by the Woodbury identity applied recursively (O(m² d) set-up, O(m d) per product), so blocks can be large."), Needs { grad: true, activations: false, training: false }),
     std_b("sap", Kind::Method, &[
         p("p", Ty::Float, Some("0.5"), Range::positive(), "PQ index p (0 < p < q)"),
         p("q", Ty::Float, Some("1.0"), Range::positive(), "PQ index q"),

@@ -117,9 +117,29 @@ pub enum Method {
     SparseGpt,
     /// SAP: PQ-index-driven adaptive pruning.
     Sap,
+    /// WoodFisher: OBS with a block-diagonal empirical Fisher inverse.
+    WoodFisher,
+    /// M-FAC: OBS with matrix-free inverse-Fisher products.
+    MFac,
 }
 
 impl Method {
+    /// OBS pruning with an empirical Fisher (`woodfisher`, `mfac`).
+    pub fn is_obs(self) -> bool {
+        matches!(self, Method::WoodFisher | Method::MFac)
+    }
+
+    /// The built-in's name as a recipe writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Criterion => "criterion",
+            Method::SparseGpt => "sparsegpt",
+            Method::Sap => "sap",
+            Method::WoodFisher => "woodfisher",
+            Method::MFac => "mfac",
+        }
+    }
+
     /// The method a `by` expression names.
     pub fn of(r: &CheckedRecipe, by: &Expr) -> Method {
         let name = match &by.kind {
@@ -179,6 +199,8 @@ impl Method {
         {
             "sparsegpt" => Some(Method::SparseGpt),
             "sap" => Some(Method::Sap),
+            "woodfisher" => Some(Method::WoodFisher),
+            "mfac" => Some(Method::MFac),
             _ => None,
         }
     }

@@ -12,6 +12,7 @@ pub mod llm;
 pub mod masks;
 pub mod model;
 mod native;
+pub mod obs;
 pub mod onnx;
 pub mod optim;
 pub mod paths;

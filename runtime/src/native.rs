@@ -280,6 +280,13 @@ impl Native {
         Ok(())
     }
 
+    /// The gradient of parameter `name` from the last step.
+    pub(crate) fn grad_of(&self, name: &str) -> Option<&[f32]> {
+        let i = self.names.iter().position(|n| n == name)?;
+        let len = self.shapes[i].iter().product();
+        self.g[i].get(..len)
+    }
+
     /// The gradients of the last step as tensors, in model order.
     pub(crate) fn named_grads(&self, model: &Model) -> Result<Vec<(String, Tensor)>> {
         self.names

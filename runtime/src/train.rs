@@ -325,6 +325,111 @@ pub fn train_masked(
     Ok(report)
 }
 
+/// `count` gradients of the cross-entropy, each the mean over `per`
+/// consecutive samples of `data` (epoch 0 order), of each parameter in
+/// `names`: for parameter `k`, a `count x numel` row-major matrix (an
+/// empirical Fisher's factors). The weights are not changed. Fails when
+/// `data` holds fewer than `count * per` samples.
+pub fn sample_gradients(
+    model: &Model,
+    data: &Dataset,
+    count: usize,
+    per: usize,
+    names: &[String],
+) -> Result<Vec<Vec<f32>>> {
+    if count == 0 || per == 0 {
+        return Err(RuntimeError::InvalidConfig(
+            "sample gradients need at least one gradient of one sample".into(),
+        ));
+    }
+    if data.len() < count * per {
+        return Err(RuntimeError::InvalidConfig(format!(
+            "{count} gradients of {per} sample(s) need {} samples; data set {} has {}",
+            count * per,
+            data.name,
+            data.len()
+        )));
+    }
+    model.check_data(data)?;
+    let sizes: Vec<usize> = names
+        .iter()
+        .map(|n| model.param(n).map(|p| p.numel()))
+        .collect::<Result<_>>()?;
+    let mut out: Vec<Vec<f32>> = sizes
+        .iter()
+        .map(|&d| Vec::with_capacity(count * d))
+        .collect();
+    let update = OptimizerSpec::sgd(1.0, 0.0, 0.0);
+    let mut native = crate::native::Native::new(model, &Masks::new(), &update)?;
+    let mut done = 0usize;
+    'batches: for batch in data.batches(0) {
+        let batch = batch?;
+        let b = batch.targets.dims1().ctx(|| "batch targets".to_string())?;
+        let values = match native {
+            Some(_) => Some(crate::native::batch_values(&batch)?),
+            None => None,
+        };
+        // A gradient never spans two batches: a batch's tail shorter than
+        // `per` is skipped (the data set's batch size decides where).
+        for start in (0..b).step_by(per).filter(|s| s + per <= b) {
+            if done == count {
+                break 'batches;
+            }
+            match (native.as_mut(), &values) {
+                (Some(nv), Some((x, t))) => {
+                    let width = x.len() / b;
+                    nv.forward_backward(
+                        &x[start * width..(start + per) * width],
+                        &t[start..start + per],
+                    );
+                    for (k, n) in names.iter().enumerate() {
+                        let g = nv.grad_of(n).ok_or_else(|| {
+                            RuntimeError::InvalidConfig(format!("no gradient for `{n}`"))
+                        })?;
+                        out[k].extend_from_slice(g);
+                    }
+                }
+                _ => {
+                    let part = Batch {
+                        inputs: batch
+                            .inputs
+                            .narrow(0, start, per)
+                            .ctx(|| "slicing a batch".to_string())?,
+                        targets: batch
+                            .targets
+                            .narrow(0, start, per)
+                            .ctx(|| "slicing a batch".to_string())?,
+                    };
+                    let loss = batch_loss(model, &part)?;
+                    let grads = loss
+                        .backward()
+                        .ctx(|| "backward pass for gradients".to_string())?;
+                    let named = named_grads(model, &grads)?;
+                    for (k, n) in names.iter().enumerate() {
+                        let (_, g) = named.iter().find(|(m, _)| m == n).ok_or_else(|| {
+                            RuntimeError::InvalidConfig(format!("no gradient for `{n}`"))
+                        })?;
+                        let v = g
+                            .flatten_all()
+                            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+                            .and_then(|t| t.to_vec1::<f32>())
+                            .ctx(|| format!("gradient of `{n}`"))?;
+                        out[k].extend_from_slice(&v);
+                    }
+                }
+            }
+            done += 1;
+        }
+    }
+    if done < count {
+        return Err(RuntimeError::InvalidConfig(format!(
+            "data set {} gave {done} gradients of {per} sample(s), {count} were asked (batches of its size leave remainders)",
+            data.name
+        )));
+    }
+    Ok(out)
+}
+
 /// The mean over the first `batches` batches (epoch 0 order of `data`) of each
 /// parameter's gradient of the batch-mean cross-entropy, in model order. The
 /// weights are not changed. With `batches` larger than the data set, all batches are used.

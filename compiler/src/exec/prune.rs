@@ -39,6 +39,127 @@ pub(super) struct Stats {
     pub act: Option<BTreeMap<String, Vec<f32>>>,
 }
 
+/// An OBS method (`woodfisher`, `mfac`) as the plan resolved it.
+#[derive(Clone, Debug)]
+pub(super) struct Obs {
+    pub cfg: rt::obs::ObsConfig,
+    /// Gradients in the Fisher, and samples averaged into each.
+    pub grads: usize,
+    pub per: usize,
+    pub method: Method,
+    /// The `by` expression (errors point here).
+    pub span: Span,
+}
+
+impl Obs {
+    /// The method's arguments (`check` resolved them, defaults included).
+    pub fn of(p: &Prune, step: &Step) -> Result<Option<Obs>, RunError> {
+        let kind = match p.method {
+            Method::WoodFisher => rt::obs::FisherKind::Dense,
+            Method::MFac => rt::obs::FisherKind::Woodbury,
+            _ => return Ok(None),
+        };
+        let arg = |k: &str| {
+            p.args.get(k).copied().ok_or_else(|| {
+                RunError::Internal(format!(
+                    "step {}: `{}` has no argument `{k}`",
+                    step.id,
+                    p.method.name()
+                ))
+            })
+        };
+        Ok(Some(Obs {
+            cfg: rt::obs::ObsConfig {
+                kind,
+                block: arg("block")? as usize,
+                damp: arg("damp")?,
+            },
+            grads: arg("grads")? as usize,
+            per: arg("batch")? as usize,
+            method: p.method,
+            span: p.by.expr.span,
+        }))
+    }
+
+    /// The selection's score: the OBS saliency, which [`Obs::round`] puts in
+    /// the kernel's elementwise side slot (where `grad(w)` is read).
+    pub fn criterion() -> LoweredCriterion {
+        LoweredCriterion {
+            expr: prunec_kernels::KExpr::Input(prunec_kernels::KInput::Grad),
+            row_sums: vec![],
+            row_reduce: vec![],
+            side: None,
+        }
+    }
+
+    /// One OBS round: `grads` gradients on `data`, each targeted tensor's
+    /// block-diagonal inverse Fisher, selection by saliency through
+    /// `pruner` (its scope, pattern and per-layer guards), then the joint
+    /// OBS update of each block's survivors.
+    pub fn round(
+        &self,
+        pruner: &Pruner,
+        model: &rt::Model,
+        masks: &mut rt::Masks,
+        init: &rt::Snapshot,
+        keep_frac: f64,
+        (data_name, data): (&str, &rt::Dataset),
+    ) -> Result<(), RunError> {
+        let name = self.method.name();
+        if data.len() < self.grads * self.per {
+            return Err(RunError::User {
+                span: Some(self.span),
+                message: format!(
+                    "`{name}` takes {} gradients of {} sample(s), but `{}` has {} samples",
+                    self.grads,
+                    self.per,
+                    data_name,
+                    data.len()
+                ),
+                help: Some("lower `grads` (or `batch`), or give a larger data set".into()),
+            });
+        }
+        let names = &pruner.selected;
+        let before: Vec<Vec<f32>> = names
+            .iter()
+            .map(|n| model.param_f32(n))
+            .collect::<rt::Result<_>>()
+            .map_err(rt_err(self.span, "read weights"))?;
+        let grads = rt::train::sample_gradients(model, data, self.grads, self.per, names)
+            .map_err(rt_err(self.span, "per-sample gradients"))?;
+        let mut fishers = Vec::with_capacity(names.len());
+        let mut scores = BTreeMap::new();
+        for ((n, g), w) in names.iter().zip(grads).zip(&before) {
+            let f = rt::obs::TensorFisher::new(&self.cfg, &g, self.grads, w.len(), n)
+                .map_err(rt_err(self.span, "inverting the Fisher"))?;
+            drop(g);
+            scores.insert(n.clone(), f.saliency(w));
+            fishers.push(f);
+        }
+        let side = SideInputs {
+            grad: Some(scores),
+            ..SideInputs::default()
+        };
+        pruner.round(model, masks, init, keep_frac, &side)?;
+        for ((n, f), w) in names.iter().zip(&fishers).zip(before) {
+            let m = mask_words(masks, n, w.len()).map_err(rt_err(self.span, "read mask"))?;
+            let keep: Vec<bool> = (0..w.len())
+                .map(|i| prunec_kernels::mask_bit(&m, i))
+                .collect();
+            let mut w = w;
+            f.prune(&mut w, &keep)
+                .map_err(rt_err(self.span, "the OBS update"))?;
+            model
+                .set_param_f32(n, &w)
+                .map_err(rt_err(self.span, "write weights"))?;
+        }
+        masks
+            .apply(model)
+            .map_err(rt_err(self.span, "apply mask"))?;
+        Ok(())
+    }
+}
+
 /// How a prune stage selects: everything but the target fraction.
 pub(super) struct Pruner {
     /// The stage (errors point here).
@@ -526,6 +647,9 @@ pub(super) struct Gradual {
     pub applied: Vec<GradualStep>,
     /// The error that stopped training, if pruning failed.
     pub error: Option<RunError>,
+    /// An OBS method prunes at each step instead of the criterion, its
+    /// gradients from `calib`.
+    pub obs: Option<Obs>,
 }
 
 impl Gradual {
@@ -541,6 +665,7 @@ impl Gradual {
             acc: None,
             applied: Vec::new(),
             error: None,
+            obs: None,
         }
     }
 
@@ -594,7 +719,10 @@ impl Gradual {
                     *x += *y;
                 }
             }
-        } else if self.pruner.crit.side.is_none() && self.pruner.crit.needs_grad() {
+        } else if self.pruner.crit.side.is_none()
+            && self.pruner.crit.needs_grad()
+            && self.obs.is_none()
+        {
             let (sum, count) = self.grad_sum.get_or_insert_with(|| (BTreeMap::new(), 0));
             for (n, g) in grads.iter().filter(|(n, _)| selected.contains(n)) {
                 let g = to_vec(g)?;
@@ -621,6 +749,24 @@ impl Gradual {
         };
         if info.step != step {
             return Ok(false);
+        }
+        if let Some(obs) = &self.obs {
+            let data =
+                calib.ok_or_else(|| rt::RuntimeError::InvalidConfig("no gradient data".into()))?;
+            let data_name = self.calib.as_ref().map_or("", |d| d.name.as_str());
+            let round = obs.round(
+                &self.pruner,
+                model,
+                masks,
+                init,
+                1.0 - sparsity,
+                (data_name, data),
+            );
+            if let Err(e) = round {
+                self.error = Some(e);
+                return Err(rt::RuntimeError::InvalidConfig("pruning failed".into()));
+            }
+            return self.record(info, model, masks, step, sparsity);
         }
         let selected = self.pruner.selected.clone();
         let mut side = SideInputs {
@@ -658,9 +804,21 @@ impl Gradual {
             self.error = Some(e);
             return Err(rt::RuntimeError::InvalidConfig("pruning failed".into()));
         }
+        self.record(info, model, masks, step, sparsity)
+    }
+
+    /// Records a pruning step's sparsity and PQ index; moves to the next.
+    fn record(
+        &mut self,
+        info: &rt::StepInfo,
+        model: &rt::Model,
+        masks: &rt::Masks,
+        step: usize,
+        sparsity: f64,
+    ) -> rt::Result<bool> {
         let (mut total, mut kept) = (0usize, 0usize);
         let mut values = Vec::new();
-        for n in &selected {
+        for n in &self.pruner.selected {
             let w = model.param_f32(n)?;
             let m = mask_words(masks, n, w.len())?;
             total += w.len();
@@ -912,11 +1070,13 @@ impl Exec<'_> {
                     help: Some("prune classifiers with a criterion such as `std.magnitude` or `std.wanda`".into()),
                 })
             }
-            Method::Criterion => {}
+            Method::Criterion | Method::WoodFisher | Method::MFac => {}
         }
-        let crit = match &p.kernel {
-            Some(k) => k.clone(),
-            None => lower::criterion_to_kernel(self.r, by)?,
+        let obs = Obs::of(p, step)?;
+        let crit = match (&obs, &p.kernel) {
+            (Some(_), _) => Obs::criterion(),
+            (None, Some(k)) => k.clone(),
+            (None, None) => lower::criterion_to_kernel(self.r, by)?,
         };
         if let Some(unit) = p.unit {
             return self.prune_units(step, p, &name, span, crit, unit);
@@ -930,7 +1090,7 @@ impl Exec<'_> {
                     help: Some("add `schedule = gradual(to = 90%, end = step 2000)`".into()),
                 });
             };
-            return self.prune_during(p, during, pruner, schedule.clone());
+            return self.prune_during(p, during, pruner, schedule.clone(), obs);
         }
         let (rounds, rewind) = match &p.schedule {
             Schedule::Iterative { rounds, rewind } => (*rounds, rewind.clone()),
@@ -964,21 +1124,46 @@ impl Exec<'_> {
                 planned if planned.len() == rounds => 1.0 - planned[round - 1],
                 _ => (1.0 - target).powf(round as f64 / rounds as f64),
             };
-            let side = self.side_inputs(
-                step,
-                p.stats_data.as_ref(),
-                &pruner,
-                round,
-                std::mem::take(&mut pre),
-            )?;
-            let state = self.models.get_mut(&name).unwrap();
-            pruner.round(
-                &state.model,
-                &mut state.masks,
-                &state.init,
-                keep_frac,
-                &side,
-            )?;
+            if let Some(obs) = &obs {
+                let on = p.stats_data.as_ref().or(step.on.as_ref()).ok_or_else(|| {
+                    RunError::user(obs.span, "this method reads gradients: add `on DATASET`")
+                })?;
+                let data = self.dataset_named(&on.name, on.span)?;
+                if self.progress {
+                    eprintln!(
+                        "{} {name}: {} gradients of {} sample(s) on {}",
+                        p.method.name(),
+                        obs.grads,
+                        obs.per,
+                        on.name
+                    );
+                }
+                let state = self.models.get_mut(&name).unwrap();
+                obs.round(
+                    &pruner,
+                    &state.model,
+                    &mut state.masks,
+                    &state.init,
+                    keep_frac,
+                    (&on.name, &data),
+                )?;
+            } else {
+                let side = self.side_inputs(
+                    step,
+                    p.stats_data.as_ref(),
+                    &pruner,
+                    round,
+                    std::mem::take(&mut pre),
+                )?;
+                let state = self.models.get_mut(&name).unwrap();
+                pruner.round(
+                    &state.model,
+                    &mut state.masks,
+                    &state.init,
+                    keep_frac,
+                    &side,
+                )?;
+            }
             if self.progress {
                 eprintln!(
                     "prune {name}: round {round}/{rounds}, kept {:.2}% of the targeted weights",
@@ -1084,6 +1269,7 @@ impl Exec<'_> {
         during: &Step,
         pruner: Pruner,
         schedule: Value,
+        obs: Option<Obs>,
     ) -> Result<(), RunError> {
         if !matches!(during.action, Action::Train { .. }) {
             return Err(RunError::user(
@@ -1099,12 +1285,15 @@ impl Exec<'_> {
                 format!("pruning `{name}` during the training of another model (`{inner_name}`)"),
             ));
         }
-        let calib = if !pruner.crit.reads_acts() {
+        // Activation statistics, or an OBS method's gradients, come from the
+        // stage's own data (`on D`, `calibrate = D`), else the training data.
+        let calib = if !pruner.crit.reads_acts() && obs.is_none() {
             None
         } else {
             p.stats_data.clone().or_else(|| during.on.clone())
         };
         let mut g = Gradual::new(pruner, schedule, self.r.seed, calib);
+        g.obs = obs;
         self.train_with(during, Some(&mut g))?;
         for (i, a) in g.applied.iter().enumerate() {
             let metrics = BTreeMap::from([

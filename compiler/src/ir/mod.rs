@@ -535,7 +535,8 @@ impl Lowerer<'_> {
         };
         // Statistics first: they read the model's current state.
         let mut stats = Vec::new();
-        if needs.grad {
+        // OBS methods read per-sample gradients themselves, each round.
+        if needs.grad && !method.is_obs() {
             if let Some(d) =
                 s.on.as_ref()
                     .and_then(|e| e.as_name())
@@ -628,7 +629,7 @@ impl Lowerer<'_> {
             true,
         );
         self.g.add_edge(select, mask, Flow::Mask);
-        if method == Method::SparseGpt {
+        if method == Method::SparseGpt || method.is_obs() {
             let m = method;
             let rec = self.on_model(
                 model,

@@ -209,6 +209,22 @@ impl Step {
                     Method::Criterion => format!("by `{}`", p.by),
                     Method::Sap => format!("by SAP `{}`", p.by),
                     Method::SparseGpt => format!("by SparseGPT `{}`", p.by),
+                    Method::WoodFisher | Method::MFac => {
+                        let arg = |k: &str| p.args.get(k).copied().unwrap_or(0.0);
+                        let data = match (&p.stats_data, &p.during_step) {
+                            (Some(d), _) => d.name.clone(),
+                            (None, Some(d)) => d.on.as_ref().map_or("?".into(), |d| d.name.clone()),
+                            (None, None) => "?".into(),
+                        };
+                        format!(
+                            "by {} `{}`, each {}'s Fisher from {} gradient(s) of {} sample(s) on {data}",
+                            if p.method == Method::MFac { "M-FAC" } else { "WoodFisher" },
+                            if p.during_step.is_some() { "pruning step" } else { "round" },
+                            p.by,
+                            arg("grads"),
+                            arg("batch"),
+                        )
+                    }
                 };
                 let select = match (p.pattern, p.unit) {
                     (Some(pattern), _) => pattern.to_string(),

@@ -480,7 +480,7 @@ impl<'a> Checker<'a> {
                     Diagnostic::new(Code::UnknownImport, format!("the standard library has no `{}`", n.name))
                         .with_label(n.span, "not in std")
                         .with_help(did_you_mean(&n.name, std_names).unwrap_or_else(|| {
-                            "std has: magnitude, taylor, snip, movement, wanda, random, l1_channel, l2_channel, sparsegpt, sap".into()
+                            "std has: magnitude, taylor, snip, movement, wanda, random, l1_channel, l2_channel, fpgm, taylor_channel, sparsegpt, sap, woodfisher, mfac".into()
                         })),
                 );
             }

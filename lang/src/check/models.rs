@@ -390,11 +390,14 @@ impl Checker<'_> {
                 "remove the block",
             );
         }
-        if method == Some(Method::Sap) {
+        if let Some(m @ (Method::Sap | Method::WoodFisher | Method::MFac)) = method {
             let span = s.by.as_ref().map_or(s.keyword_span, |b| b.span);
             self.unsupported(
                 span,
-                format!("`sap` is not supported on the language model `{model}`"),
+                format!(
+                    "`{}` is not supported on the language model `{model}`",
+                    m.name()
+                ),
                 "for classifiers",
                 "prune language models by a criterion (`wanda`, `magnitude`) or `sparsegpt()`",
             );
@@ -594,8 +597,10 @@ impl Checker<'_> {
                 "prune its weights unstructured, or use a built-in architecture",
             );
         }
-        if let Some(m @ (Method::SparseGpt | Method::Sap)) = method {
-            let name = if m == Method::Sap { "sap" } else { "sparsegpt" };
+        if let Some(m @ (Method::SparseGpt | Method::Sap | Method::WoodFisher | Method::MFac)) =
+            method
+        {
+            let name = m.name();
             return no(
                 self,
                 format!("`{name}` prunes single weights; `unit = {unit}` removes whole units"),

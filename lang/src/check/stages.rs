@@ -720,12 +720,19 @@ impl<'a> Checker<'a> {
         let training = s.during.is_some();
         let by_span = s.by.as_ref().map(|e| e.span).unwrap_or(s.keyword_span);
         if needs.grad && !has_data && s.during.is_none() {
+            let (what, label) = match method {
+                Some(m) if m.is_obs() => (
+                    format!("`{}`", m.name()),
+                    "reads per-sample gradients for its Fisher",
+                ),
+                _ => ("this criterion".to_string(), "reads `grad(w)`"),
+            };
             self.push(
                 Diagnostic::new(
                     Code::MissingData,
-                    "this criterion reads gradients, but the stage is given no data",
+                    format!("{what} reads gradients, but the stage is given no data"),
                 )
-                .with_label(by_span, "reads `grad(w)`")
+                .with_label(by_span, label)
                 .with_label(s.keyword_span, "no `on DATASET` here")
                 .with_help("add `on DATASET` to the prune stage so gradients can be computed"),
             );
