@@ -69,6 +69,8 @@ enum Base {
     /// WoodFisher and M-FAC with every argument written.
     WoodFisher,
     MFac,
+    /// Fine-tuning distilled from one of two teachers.
+    Distill,
     /// LeNet-5 on MNIST.
     Lenet,
     /// `Digits` trained on an image folder of the digits.
@@ -206,6 +208,19 @@ fn base_text(b: Base) -> String {
             "by magnitude to 70%",
             "by mfac(grads = 64, block = 2048, damp = 1e-5, batch = 1) to 70%",
         ),
+        Base::Distill => digits
+            .replace(
+                "model net = ",
+                "model teacher = mlp(inputs = 64, hidden = [48], classes = 10)\nmodel teacher2 = mlp(inputs = 64, hidden = [16], classes = 10)\nmodel net = ",
+            )
+            .replace(
+                "  calibrate net on train\n",
+                "  train teacher on train (epochs = 3)\n  train teacher2 on train (epochs = 1)\n",
+            )
+            .replace(
+                "finetune net on train (epochs = 1, reinit = false)",
+                "finetune net on train (epochs = 1, reinit = false, distill = teacher, temperature = 4, distill_weight = 0.5)",
+            ),
         Base::Lenet => digits_on("mnist", "data/mnist", 784, 300)
             .replace(
                 "mlp(inputs = 784, hidden = [32], classes = 10, act = relu)",
@@ -453,6 +468,18 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
     add("mfac.block", Changes(MFac, "block = 2048", "block = 64"));
     add("mfac.damp", Changes(MFac, "damp = 1e-5", "damp = 1"));
     add("mfac.batch", Changes(MFac, "batch = 1)", "batch = 4)"));
+    add(
+        "distill",
+        Changes(Distill, "distill = teacher,", "distill = teacher2,"),
+    );
+    add(
+        "temperature",
+        Changes(Distill, "temperature = 4", "temperature = 1"),
+    );
+    add(
+        "distill_weight",
+        Changes(Distill, "distill_weight = 0.5", "distill_weight = 0.9"),
+    );
     add("sap.p", Changes(Sap, "p = 0.5", "p = 0.8"));
     add("sap.q", Changes(Sap, "q = 1.0", "q = 2.0"));
     add("sap.eta", Changes(Sap, "eta = 0.001", "eta = 0.5"));

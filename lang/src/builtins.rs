@@ -600,6 +600,9 @@ pub static BUILTINS: &[Builtin] = &[
     b("optimizer", Kind::StageOption, &[p("value", Ty::Of(Kind::Optimizer), Some("sgd(lr = 0.01)"), Range::any(), "")], "The optimizer (train, finetune)."),
     b("lr_schedule", Kind::StageOption, &[p("value", Ty::Of(Kind::LrSchedule), Some("constant()"), Range::any(), "")], "The learning-rate schedule (train, finetune)."),
     b("reinit", Kind::StageOption, &[p("value", Ty::Bool, Some("false"), Range::any(), "")], "Re-initialise the kept weights before training, keeping the mask (scratch-E, Liu et al. 2019): fresh draws at the model's current widths (after removed units, the smaller ones), also for a model read from a file."),
+    b("distill", Kind::StageOption, &[p("value", Ty::Of(Kind::Model), None, Range::any(), "")], "Knowledge distillation (Hinton et al. 2015) from another declared classifier, in its state when the stage runs (train, finetune): each step's loss is `(1 - a) CE + a T² KL(softmax(teacher/T) ‖ softmax(student/T))` with `a = distill_weight` and `T = temperature`; the teacher is not trained."),
+    b("temperature", Kind::StageOption, &[p("value", Ty::Float, Some("4"), Range::positive(), "")], "Softmax temperature T of `distill` (train, finetune)."),
+    b("distill_weight", Kind::StageOption, &[p("value", Ty::Float, Some("0.5"), Range::unit(), "")], "Weight a of the distillation term against the cross-entropy with the labels (`distill`; 1: the teacher alone) (train, finetune)."),
     b("schedule", Kind::StageOption, &[p("value", Ty::Of(Kind::Schedule), Some("oneshot()"), Range::any(), "")], "How the target is reached (prune)."),
     b("constraints", Kind::StageOption, &[p("value", Ty::Of(Kind::Constraints), None, Range::any(), "")], "A constraint set (prune)."),
     b("scope", Kind::StageOption, &[p("value", SCOPES, Some("global"), Range::any(), "")], "Where scores are compared: one global threshold, per layer, or per output row (prune). The default is `row` for criteria that read `act(x)` (Wanda compares within each output row, as in the paper) and `global` for the others, on classifiers and language models alike (a language model takes `global` only for criteria that read the weights alone: the others are calibrated layer by layer)."),
@@ -652,7 +655,16 @@ pub const CONSTRAINT_FIELDS: [&str; 7] = [
 pub fn stage_options(kind: crate::ast::StageKind) -> &'static [&'static str] {
     use crate::ast::StageKind::*;
     match kind {
-        Train | Finetune => &["epochs", "steps", "optimizer", "lr_schedule", "reinit"],
+        Train | Finetune => &[
+            "epochs",
+            "steps",
+            "optimizer",
+            "lr_schedule",
+            "reinit",
+            "distill",
+            "temperature",
+            "distill_weight",
+        ],
         Calibrate => &[],
         Prune => &[
             "schedule",

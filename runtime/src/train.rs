@@ -200,6 +200,37 @@ pub fn train(
     train_masked(model, data, cfg, &mut masks.clone(), hooks)
 }
 
+/// Knowledge distillation (Hinton et al. 2015): the loss of every step is
+/// `(1 - weight) CE + weight T² KL(softmax(t/T) ‖ softmax(z/T))` with the
+/// teacher's logits `t` on the same batch.
+pub struct Distill<'a> {
+    pub teacher: &'a Model,
+    pub temperature: f64,
+    pub weight: f64,
+}
+
+/// The distillation loss of logits `[b, classes]` against the teacher's.
+pub fn distill_loss(
+    logits: &Tensor,
+    targets: &Tensor,
+    teacher: &Tensor,
+    temperature: f64,
+    weight: f64,
+) -> Result<Tensor> {
+    let ctx = || "distillation loss".to_string();
+    let ce = candle_nn::loss::cross_entropy(logits, targets).ctx(ctx)?;
+    let b = logits.dims2().ctx(ctx)?.0 as f64;
+    let log_p = candle_nn::ops::log_softmax(&(logits / temperature).ctx(ctx)?, 1).ctx(ctx)?;
+    let log_q = candle_nn::ops::log_softmax(&(teacher / temperature).ctx(ctx)?, 1).ctx(ctx)?;
+    let q = log_q.exp().ctx(ctx)?;
+    let kl = (q * (log_q - log_p).ctx(ctx)?)
+        .ctx(ctx)?
+        .sum_all()
+        .ctx(ctx)?;
+    let kd = (kl * (weight * temperature * temperature / b)).ctx(ctx)?;
+    ((ce * (1.0 - weight)).ctx(ctx)? + kd).ctx(ctx)
+}
+
 /// [`train`] with masks that [`TrainHooks::update_masks`] may change between steps
 /// (gradual pruning); `masks` holds the last masks when it returns.
 pub fn train_masked(
@@ -209,6 +240,28 @@ pub fn train_masked(
     masks: &mut Masks,
     hooks: &mut dyn TrainHooks,
 ) -> Result<TrainReport> {
+    train_distilled(model, data, cfg, masks, hooks, None)
+}
+
+/// [`train_masked`], distilling from a teacher when `distill` is given.
+pub fn train_distilled(
+    model: &mut Model,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    masks: &mut Masks,
+    hooks: &mut dyn TrainHooks,
+    distill: Option<&Distill>,
+) -> Result<TrainReport> {
+    if let Some(d) = distill {
+        d.teacher.check_data(data)?;
+        if d.teacher.classes() != model.classes() {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "the teacher has {} classes, the student {}",
+                d.teacher.classes(),
+                model.classes()
+            )));
+        }
+    }
     if cfg.epochs == 0 {
         return Err(RuntimeError::InvalidConfig(
             "training needs at least one epoch".into(),
@@ -241,13 +294,43 @@ pub fn train_masked(
             let lr = cfg
                 .schedule
                 .lr_at(base, report.steps, total, cfg.warmup_steps);
+            let teacher = match distill {
+                Some(d) => Some(
+                    d.teacher
+                        .forward(&batch.inputs)?
+                        .detach()
+                        .to_dtype(candle_core::DType::F32)
+                        .ctx(|| "teacher logits".to_string())?,
+                ),
+                None => None,
+            };
             let (loss_value, grads) = match native.as_mut() {
                 Some(n) => {
                     let (x, t) = crate::native::batch_values(&batch)?;
-                    (n.forward_backward(&x, &t), None)
+                    let value = match (&teacher, distill) {
+                        (Some(tl), Some(d)) => {
+                            let tl = tl
+                                .flatten_all()
+                                .and_then(|t| t.to_vec1::<f32>())
+                                .ctx(|| "teacher logits".to_string())?;
+                            n.forward_backward_with(
+                                &x,
+                                &t,
+                                Some((&tl, d.temperature as f32, d.weight as f32)),
+                            )
+                        }
+                        _ => n.forward_backward(&x, &t),
+                    };
+                    (value, None)
                 }
                 None => {
-                    let loss = batch_loss(model, &batch)?;
+                    let loss = match (&teacher, distill) {
+                        (Some(tl), Some(d)) => {
+                            let logits = model.forward(&batch.inputs)?;
+                            distill_loss(&logits, &batch.targets, tl, d.temperature, d.weight)?
+                        }
+                        _ => batch_loss(model, &batch)?,
+                    };
                     let value = loss
                         .to_scalar::<f32>()
                         .ctx(|| "reading the loss".to_string())?;

@@ -516,8 +516,16 @@ impl Exec<'_> {
         let (name, span) = Self::subject_name(step)?;
         self.model(&name, span)?;
         let on = step.on.as_ref().map(|d| d.name.clone());
+        // A teacher's state is an input too: its own history joins the key.
+        let teacher = match step.options.get("distill") {
+            Some(Value::Ref(t)) => format!(
+                " from {t} = [{}]",
+                self.lineage.get(t).map_or("", |l| l.as_str())
+            ),
+            _ => String::new(),
+        };
         let key = format!(
-            "{} | {} on {:?} with {:?}",
+            "{} | {} on {:?} with {:?}{teacher}",
             self.lineage[&name], step.site.kind, on, step.options
         );
         let twin = self
@@ -752,6 +760,22 @@ impl Exec<'_> {
                 self.dataset_named(&c.name, c.span)?;
             }
         }
+        // The teacher in its current state (a clone shares its variables; it
+        // is only read).
+        let teacher = match self.option(step, "distill") {
+            Some(Value::Ref(t)) => {
+                let tspan = step.span;
+                self.model(&t, tspan)?;
+                Some(self.models[&t].model.clone())
+            }
+            _ => None,
+        };
+        let f64_option =
+            |k: &str, d: f64| self.option(step, k).and_then(|v| v.as_f64()).unwrap_or(d);
+        let (temperature, weight) = (
+            f64_option("temperature", 4.0),
+            f64_option("distill_weight", 0.5),
+        );
         let state = self.models.get_mut(&name).unwrap();
         let ModelState {
             model,
@@ -776,7 +800,13 @@ impl Exec<'_> {
             rewind_points,
         };
         let data = &self.datasets[&data_name];
-        let result = rt::train::train_masked(model, data, &cfg, masks, &mut hooks);
+        let distill = teacher.as_ref().map(|teacher| rt::train::Distill {
+            teacher,
+            temperature,
+            weight,
+        });
+        let result =
+            rt::train::train_distilled(model, data, &cfg, masks, &mut hooks, distill.as_ref());
         if let Some(b) = &hooks.bar {
             b.finish_and_clear();
         }

@@ -188,7 +188,19 @@ impl Step {
     pub fn label(&self) -> String {
         let on = |m: &Option<String>| m.as_deref().unwrap_or("?").to_string();
         match &self.action {
-            Action::Train { kind, data } => format!("{kind} {} on {data}", on(&self.model)),
+            Action::Train { kind, data } => {
+                let mut line = format!("{kind} {} on {data}", on(&self.model));
+                if let Some(Value::Ref(t)) = self.options.get("distill") {
+                    let f =
+                        |k: &str, d: f64| self.options.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+                    line.push_str(&format!(
+                        ", distilled from {t} as it is then (T = {}, weight {})",
+                        f("temperature", 4.0),
+                        f("distill_weight", 0.5)
+                    ));
+                }
+                line
+            }
             Action::Calibrate { data } => format!("calibrate {} on {data}", on(&self.model)),
             Action::Statistics {
                 gradients,

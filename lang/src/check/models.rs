@@ -181,6 +181,7 @@ impl Checker<'_> {
                 );
             }
             StageKind::Prune => self.model_kind_prune(s, &model, lm),
+            StageKind::Train | StageKind::Finetune => self.check_distill(s, &model),
             StageKind::Evaluate => {
                 let Some(out) = &s.out else { return };
                 let items: Vec<&Expr> = match &out.kind {
@@ -446,6 +447,62 @@ impl Checker<'_> {
 
     /// `compensate = true` adds the removed units' mean contribution to a
     /// language model's bias, from the calibration of an `act(x)` criterion.
+    /// `distill = TEACHER` (with `temperature`, `distill_weight`): another
+    /// classifier with the same classes; the two options need it.
+    fn check_distill(&mut self, s: &Stage, model: &str) {
+        let opts = self.stage_options.get(&s.id).cloned().unwrap_or_default();
+        let Some(teacher) = opts.get("distill") else {
+            for key in ["temperature", "distill_weight"] {
+                if opts.contains_key(key) {
+                    self.unsupported(
+                        s.value_span(key),
+                        format!("`{key}` has no effect without `distill = TEACHER`"),
+                        "no teacher to distill from",
+                        "name the teacher model: `distill = teacher`, or remove it",
+                    );
+                }
+            }
+            return;
+        };
+        let Value::Ref(t) = teacher else { return };
+        let span = s.value_span("distill");
+        if t == model {
+            return self.unsupported(
+                span,
+                format!("`{model}` cannot distill from itself"),
+                "the model being trained",
+                "declare a teacher model (trained earlier in the pipeline) and name it",
+            );
+        }
+        if is_language_model(&self.symbols, t) {
+            return self.unsupported(
+                span,
+                format!(
+                    "`{t}` is a language model; distillation trains classifiers from a classifier"
+                ),
+                "not a classifier",
+                "name a classifier with the student's classes",
+            );
+        }
+        let classes = |name: &str| {
+            self.symbols
+                .get(name)
+                .and_then(|s| s.value.as_ref())
+                .and_then(|v| v.arg("classes"))
+                .and_then(|v| v.as_i64())
+        };
+        if let (Some(a), Some(b)) = (classes(t), classes(model)) {
+            if a != b {
+                self.unsupported(
+                    span,
+                    format!("the teacher `{t}` has {a} classes, the student `{model}` {b}"),
+                    "different classes",
+                    "distill from a teacher over the same classes",
+                );
+            }
+        }
+    }
+
     fn check_compensate(&mut self, s: &Stage, lm: bool) {
         let Some((v, span)) = self.prune_option(s, "compensate") else {
             return;
