@@ -358,3 +358,51 @@ fn a_sweep_computes_the_statistics_its_variants_share_once() {
         assert_same_as_solo(STATS, &[set], &out.join(v), tmp.path());
     }
 }
+
+/// The sensitivity analysis example as a grid sweep (reduced): one dense
+/// training for all, each layer pruned alone; pruning a layer harder costs
+/// accuracy, and the plot's curves are per layer against the sparsity.
+#[test]
+fn sensitivity_example_sweeps_each_layer_alone() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sens");
+    let (code, text) = prunec(&[
+        "run",
+        "-q",
+        "examples/sensitivity.prune",
+        "--set",
+        "samples=3000",
+        "--set",
+        "epochs=2",
+        "--sweep",
+        "target=50%,98%",
+        "--sweep",
+        "tensor=\"fc1.weight\",\"fc2.weight\",\"fc3.weight\"",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let sweep = json(&out.join("sweep.json"));
+    assert_eq!(steps_of(&sweep, "train").len(), 1);
+    let variants = sweep["variants"].as_array().unwrap();
+    assert_eq!(variants.len(), 6);
+    let acc = |target: &str, tensor: &str| {
+        variants
+            .iter()
+            .find(|v| {
+                v["values"]["target"].as_str() == Some(target)
+                    && v["values"]["tensor"].as_str() == Some(tensor)
+            })
+            .unwrap_or_else(|| panic!("no variant {target} {tensor}: {variants:?}"))["metrics"]
+            ["pruned.accuracy"]
+            .as_f64()
+            .unwrap()
+    };
+    for tensor in ["\"fc1.weight\"", "\"fc2.weight\"", "\"fc3.weight\""] {
+        assert!(acc("98%", tensor) < acc("50%", tensor), "{tensor}");
+    }
+    let svg = std::fs::read_to_string(out.join("sweep.svg")).unwrap();
+    assert!(svg.contains("pruned.accuracy against target"));
+    assert!(svg.contains("tensor=&quot;fc3.weight&quot;"));
+}
