@@ -67,7 +67,7 @@ impl BlockInverse {
                         *x += lambda;
                     }
                 }
-                let l = cholesky(&f, n)?;
+                let l = cholesky(&f, n, "Fisher block")?;
                 Ok(BlockInverse::Dense {
                     n,
                     inv: inverse_from_cholesky(&l, n),
@@ -166,7 +166,7 @@ impl BlockInverse {
                         sub[i * k + j] = inv[qi * n + qj];
                     }
                 }
-                let l = cholesky(&sub, k)?;
+                let l = cholesky(&sub, k, "Fisher block")?;
                 Ok(cholesky_solve(&l, k, wq))
             }
             BlockInverse::LowRank { n, lambda, a, den } => {
@@ -297,8 +297,9 @@ impl TensorFisher {
     }
 }
 
-/// Lower Cholesky factor of the symmetric positive-definite `a` (`n x n`).
-fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
+/// Lower Cholesky factor of the symmetric positive-definite `a` (`n x n`);
+/// `what` names the matrix in the error.
+pub(crate) fn cholesky(a: &[f64], n: usize, what: &str) -> Result<Vec<f64>> {
     let mut l = vec![0.0f64; n * n];
     for j in 0..n {
         let mut d = a[j * n + j];
@@ -307,7 +308,7 @@ fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
         }
         if d.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !d.is_finite() {
             return Err(RuntimeError::Numeric {
-                layer: "Fisher block".into(),
+                layer: what.to_string(),
                 reason: format!(
                     "matrix is not positive definite (pivot {d:e}); raise the dampening"
                 ),
@@ -324,6 +325,21 @@ fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
         }
     }
     Ok(l)
+}
+
+/// `L⁻¹` of a lower-triangular `l`, by forward substitution.
+pub(crate) fn lower_inverse(l: &[f64], n: usize) -> Vec<f64> {
+    let mut li = vec![0.0f64; n * n];
+    for c in 0..n {
+        for i in c..n {
+            let mut s = if i == c { 1.0 } else { 0.0 };
+            for p in c..i {
+                s -= l[i * n + p] * li[p * n + c];
+            }
+            li[i * n + c] = s / l[i * n + i];
+        }
+    }
+    li
 }
 
 /// Solves `L Lᵀ x = b`.
@@ -346,19 +362,9 @@ fn cholesky_solve(l: &[f64], n: usize, b: &[f64]) -> Vec<f64> {
     y
 }
 
-/// `(L Lᵀ)⁻¹` from the lower factor.
+/// `(L Lᵀ)⁻¹ = (L⁻¹)ᵀ L⁻¹` from the lower factor.
 fn inverse_from_cholesky(l: &[f64], n: usize) -> Vec<f64> {
-    // L⁻¹ by forward substitution, then (L⁻¹)ᵀ L⁻¹.
-    let mut li = vec![0.0f64; n * n];
-    for c in 0..n {
-        for i in c..n {
-            let mut s = if i == c { 1.0 } else { 0.0 };
-            for p in c..i {
-                s -= l[i * n + p] * li[p * n + c];
-            }
-            li[i * n + c] = s / l[i * n + i];
-        }
-    }
+    let li = lower_inverse(l, n);
     let m = Mat::new(&li, n, n);
     let mut inv = vec![0.0f64; n * n];
     gemm_serial(m.t(), m, &mut inv, false);
@@ -422,8 +428,8 @@ mod tests {
             .collect()
     }
 
-    /// The dense Fisher of `m x n` gradients and its inverse by Gauss-Jordan.
-    fn dense_inverse(g: &[f64], m: usize, n: usize, lambda: f64) -> Vec<f64> {
+    /// The dense Fisher `λI + (1/m) GᵀG` of `m x n` gradients, by loops.
+    fn fisher(g: &[f64], m: usize, n: usize, lambda: f64) -> Vec<f64> {
         let mut f = vec![0.0f64; n * n];
         for r in 0..m {
             for i in 0..n {
@@ -435,6 +441,12 @@ mod tests {
         for i in 0..n {
             f[i * n + i] += lambda;
         }
+        f
+    }
+
+    /// The inverse of [`fisher`] by Gaussian elimination, column by column.
+    fn dense_inverse(g: &[f64], m: usize, n: usize, lambda: f64) -> Vec<f64> {
+        let f = fisher(g, m, n, lambda);
         (0..n)
             .flat_map(|c| {
                 let mut e = vec![0.0; n];
@@ -519,17 +531,7 @@ mod tests {
     fn joint_update_is_the_constrained_minimum() {
         let (m, n, lambda) = (6, 10, 0.02);
         let g = values(m * n, 17);
-        let mut f = vec![0.0f64; n * n];
-        for r in 0..m {
-            for i in 0..n {
-                for j in 0..n {
-                    f[i * n + j] += g[r * n + i] * g[r * n + j] / m as f64;
-                }
-            }
-        }
-        for i in 0..n {
-            f[i * n + i] += lambda;
-        }
+        let f = fisher(&g, m, n, lambda);
         let quad = |d: &[f64]| -> f64 {
             (0..n)
                 .map(|i| (0..n).map(|j| d[i] * f[i * n + j] * d[j]).sum::<f64>())

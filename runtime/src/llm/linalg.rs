@@ -52,41 +52,8 @@ pub fn cholesky_with_inverse(a: &Tensor, what: &str) -> Result<(Tensor, Tensor)>
 
 fn leaf(a: &Tensor, n: usize, what: &str) -> Result<(Tensor, Tensor)> {
     let a: Vec<f64> = a.flatten_all()?.to_vec1()?;
-    let mut l = vec![0.0f64; n * n];
-    for j in 0..n {
-        let mut d = a[j * n + j];
-        for p in 0..j {
-            d -= l[j * n + p] * l[j * n + p];
-        }
-        if d.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !d.is_finite() {
-            return Err(RuntimeError::Numeric {
-                layer: what.to_string(),
-                reason: format!(
-                    "matrix is not positive definite (pivot {d:e}); raise the dampening"
-                ),
-            });
-        }
-        let d = d.sqrt();
-        l[j * n + j] = d;
-        for i in j + 1..n {
-            let mut s = a[i * n + j];
-            for p in 0..j {
-                s -= l[i * n + p] * l[j * n + p];
-            }
-            l[i * n + j] = s / d;
-        }
-    }
-    // Forward substitution for each column of the identity: l * inv = I.
-    let mut inv = vec![0.0f64; n * n];
-    for c in 0..n {
-        for i in c..n {
-            let mut s = if i == c { 1.0 } else { 0.0 };
-            for p in c..i {
-                s -= l[i * n + p] * inv[p * n + c];
-            }
-            inv[i * n + c] = s / l[i * n + i];
-        }
-    }
+    let l = crate::obs::cholesky(&a, n, what)?;
+    let inv = crate::obs::lower_inverse(&l, n);
     Ok((
         Tensor::from_vec(l, (n, n), &Device::Cpu)?,
         Tensor::from_vec(inv, (n, n), &Device::Cpu)?,
