@@ -346,7 +346,7 @@ fn gradual_fits(
         Some(Value::Ref(n)) => r.symbols.get(n).and_then(|x| x.value.clone()),
         other => other.cloned(),
     };
-    let Some(sched) = sched.filter(|v| v.call_name() == Some("gradual")) else {
+    let Some(sched) = sched.filter(|v| matches!(v.call_name(), Some("gradual" | "pdp"))) else {
         return;
     };
     let Some(b) = during

@@ -164,7 +164,13 @@ pub fn gradual_plan(
     let (s_i, s_f) = (frac("from", 0.0), frac("to", 0.0));
     let t0 = steps("start", 0)?;
     let t_end = steps("end", total.saturating_sub(1))?;
-    let dt = steps("every", 100)?.max(1);
+    // PDP moves its soft masks' threshold every step.
+    let every = if sched.call_name() == Some("pdp") {
+        1
+    } else {
+        100
+    };
+    let dt = steps("every", every)?.max(1);
     let cubic = sched.arg("curve").and_then(|c| c.as_str()) != Some("linear");
     if t_end < t0 {
         return Err(RunError::user(

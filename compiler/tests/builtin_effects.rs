@@ -71,6 +71,8 @@ enum Base {
     MFac,
     /// Fine-tuning distilled from one of two teachers.
     Distill,
+    /// PDP's soft masks during training.
+    Pdp,
     /// LeNet-5 on MNIST.
     Lenet,
     /// `Digits` trained on an image folder of the digits.
@@ -207,6 +209,10 @@ fn base_text(b: Base) -> String {
         Base::MFac => digits.replace(
             "by magnitude to 70%",
             "by mfac(grads = 64, block = 2048, damp = 1e-5, batch = 1) to 70%",
+        ),
+        Base::Pdp => digits.replace(
+            PRUNE_LINE,
+            "  prune net by magnitude (schedule = pdp(from = 0%, to = 60%, start = step 0, end = step 30, tau = 1e-4, curve = cubic)) during\n    train net on train (epochs = 2)",
         ),
         Base::Distill => digits
             .replace(
@@ -506,6 +512,15 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         "iterative.rewind",
         Changes(Iterative, "rewind = none", "rewind = init"),
     );
+    add("pdp.from", Changes(Pdp, "from = 0%", "from = 30%"));
+    add("pdp.to", Changes(Pdp, "to = 60%", "to = 70%"));
+    add(
+        "pdp.start",
+        Changes(Pdp, "start = step 0", "start = step 10"),
+    );
+    add("pdp.end", Changes(Pdp, "end = step 30", "end = step 20"));
+    add("pdp.tau", Changes(Pdp, "tau = 1e-4", "tau = 1e-2"));
+    add("pdp.curve", Changes(Pdp, "curve = cubic", "curve = linear"));
     add("gradual.from", Changes(Gradual, "from = 0%", "from = 30%"));
     add("gradual.to", Changes(Gradual, "to = 60%", "to = 70%"));
     add(

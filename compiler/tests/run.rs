@@ -2560,3 +2560,54 @@ fn distill_data_pruning_reduced_trains_teacher_and_students() {
         784 * 300
     );
 }
+
+/// PDP hardens its soft masks after training: per layer at the target, and
+/// as an exact 2:4 pattern (every group of four keeps at most two).
+#[test]
+fn pdp_hardens_soft_masks_per_layer_and_as_n_m() {
+    require_data("digits/digits.csv.gz", "digits");
+    let (_dir, out, report) = run_ok(&["tests/recipes/run/digits_pdp.prune"]);
+    assert!((evaluation(&report, "layer_pdp", "sparsity") - 0.8).abs() < 1e-3);
+    assert!(evaluation(&report, "layer_pdp", "accuracy") > 0.7);
+    for name in ["fc1.weight", "fc2.weight", "fc3.weight"] {
+        let w = tensor_f32(&out.join("a.safetensors"), name);
+        let zeros = w.iter().filter(|x| **x == 0.0).count() as f64 / w.len() as f64;
+        assert!((zeros - 0.8).abs() < 0.01, "{name}: {zeros}");
+    }
+    for name in ["fc1.weight", "fc2.weight"] {
+        let w = tensor_f32(&out.join("b.safetensors"), name);
+        for g in w.chunks(4) {
+            assert!(
+                g.iter().filter(|x| **x != 0.0).count() <= 2,
+                "{name}: {g:?}"
+            );
+        }
+    }
+    let fc3 = tensor_f32(&out.join("b.safetensors"), "fc3.weight");
+    assert!(fc3.iter().all(|x| *x != 0.0), "fc3 is not targeted");
+}
+
+#[test]
+fn pdp_vs_agp_reduced_reaches_the_target() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    let (_dir, out, report) = run_ok(&[
+        "examples/pdp_vs_agp.prune",
+        "--set",
+        "samples=12000",
+        "--set",
+        "epochs=3",
+        "--set",
+        "ramp=epoch 2",
+    ]);
+    // The recipe's own assert (PDP within `margin` of AGP) holds here too.
+    for label in ["agp", "pdp"] {
+        assert!(
+            (evaluation(&report, label, "sparsity") - 0.95).abs() < 1e-3,
+            "{label}"
+        );
+        assert!(evaluation(&report, label, "accuracy") > 0.8, "{label}");
+    }
+    let w = tensor_f32(&out.join("pdp.safetensors"), "fc1.weight");
+    let zeros = w.iter().filter(|x| **x == 0.0).count() as f64 / w.len() as f64;
+    assert!((zeros - 0.95).abs() < 0.01, "{zeros}");
+}

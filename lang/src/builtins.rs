@@ -555,6 +555,14 @@ pub static BUILTINS: &[Builtin] = &[
         p("every", Ty::Duration, Some("100 steps"), Range::at_least(1.0), "steps between pruning steps"),
         p("curve", Ty::Enum(&["cubic", "linear"]), Some("cubic"), Range::any(), "sparsity curve (AGP: cubic)"),
     ], "Gradual pruning during training (AGP, Zhu & Gupta 2017)."),
+    b("pdp", Kind::Schedule, &[
+        p("from", Ty::Fraction, Some("0%"), Range::sparsity(), "initial sparsity"),
+        p("to", Ty::Fraction, None, Range::sparsity(), "final sparsity (with an N:M `pattern`, the pattern's)"),
+        p("start", Ty::Duration, Some("step 0"), Range::non_negative(), "first step of the ramp"),
+        p("end", Ty::Duration, None, Range::non_negative(), "step the target is reached"),
+        p("tau", Ty::Float, Some("1e-4"), Range::positive(), "temperature of the soft mask, in units of w²"),
+        p("curve", Ty::Enum(&["cubic", "linear"]), Some("cubic"), Range::any(), "sparsity curve of the ramp"),
+    ], "PDP (Cho et al. 2023): differentiable soft masks trained with the weights during a `train` stage (`prune ... during train ...`): every step each targeted weight enters the forward pass as `w · sigmoid((w² − t²)/tau)`, `t²` halfway between the largest pruned and the smallest kept `w²` at the step's sparsity (global, per layer, or per N:M group), and gradients flow through the mask; after training the masks are hardened by magnitude at the final sparsity. The criterion must be `magnitude`."),
     // ---- optimizers and learning-rate schedules
     b("sgd", Kind::Optimizer, &[
         p("lr", Ty::Float, None, Range::positive(), "learning rate"),

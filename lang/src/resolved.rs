@@ -223,7 +223,8 @@ impl ScheduleKind {
         {
             "oneshot" => Some(ScheduleKind::OneShot),
             "iterative" => Some(ScheduleKind::Iterative),
-            "gradual" => Some(ScheduleKind::Gradual),
+            // PDP runs during training like `gradual`, with soft masks.
+            "gradual" | "pdp" => Some(ScheduleKind::Gradual),
             _ => None,
         }
     }

@@ -110,6 +110,8 @@ pub(crate) struct Native {
     scratch: [Vec<f32>; 2],
     spec: OptimizerSpec,
     steps: usize,
+    /// Soft masks of the next step (PDP): parameter index, per-weight `t²`, `tau`.
+    soft: Vec<(usize, Vec<f32>, f32)>,
 }
 
 impl Native {
@@ -245,6 +247,7 @@ impl Native {
             scratch: [vec![], vec![]],
             spec: spec.clone(),
             steps: 0,
+            soft: Vec::new(),
         };
         n.reload(model, masks)?;
         Ok(Some(n))
@@ -316,6 +319,111 @@ impl Native {
     /// the loss is `(1 - a) CE + a T² KL(softmax(t/T) ‖ softmax(z/T))`, whose
     /// gradient in the logits is `(1 - a)(p - y) + a T (p_T - q_T)`.
     pub(crate) fn forward_backward_with(
+        &mut self,
+        inputs: &[f32],
+        targets: &[u32],
+        teacher: Option<(&[f32], f32, f32)>,
+    ) -> f32 {
+        let soft = std::mem::take(&mut self.soft);
+        // Soft masks: the forward sees w · m(w); the gradient of the raw
+        // weight is the masked weight's times dm-chain `m + 2 w² m (1 - m) / tau`.
+        let mut saved = Vec::with_capacity(soft.len());
+        for (i, t2, tau) in &soft {
+            let raw = self.w[*i].clone();
+            let mut factor = vec![0.0f32; raw.len()];
+            for ((w, f), (&r, &t)) in self.w[*i]
+                .iter_mut()
+                .zip(&mut factor)
+                .zip(raw.iter().zip(t2))
+            {
+                let z = (r * r - t) / tau;
+                let m = if z >= 0.0 {
+                    1.0 / (1.0 + (-z).exp())
+                } else {
+                    let e = z.exp();
+                    e / (1.0 + e)
+                };
+                *w = r * m;
+                *f = m + 2.0 * r * r * m * (1.0 - m) / tau;
+            }
+            saved.push((*i, raw, factor));
+        }
+        let loss = self.forward_backward_inner(inputs, targets, teacher);
+        for (i, raw, factor) in saved {
+            for (g, f) in self.g[i].iter_mut().zip(&factor) {
+                *g *= f;
+            }
+            self.w[i] = raw;
+        }
+        loss
+    }
+
+    /// Soft-mask thresholds for the next step from the current raw weights.
+    pub(crate) fn set_soft(&mut self, soft: &crate::train::SoftMask) -> Result<()> {
+        use crate::train::SoftScope;
+        let idx: Vec<usize> = soft
+            .params
+            .iter()
+            .map(|n| {
+                self.names.iter().position(|m| m == n).ok_or_else(|| {
+                    crate::error::RuntimeError::InvalidConfig(format!(
+                        "no parameter `{n}` to soft-mask"
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        let keep = |len: usize| ((len as f64) * (1.0 - soft.sparsity)).round() as usize;
+        // Halfway between the k-th and (k+1)-th largest of `v` (squared weights).
+        let threshold = |v: &mut [f32], k: usize| -> f32 {
+            if k == 0 {
+                return v.iter().fold(0.0f32, |a, &x| a.max(x)) * 2.0 + f32::MIN_POSITIVE;
+            }
+            if k >= v.len() {
+                return 0.0;
+            }
+            let (_, kth, rest) = v.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            let kth = *kth;
+            let next = rest.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            (kth + next) / 2.0
+        };
+        let tau = soft.tau as f32;
+        let sq = |w: &[f32]| -> Vec<f32> { w.iter().map(|x| x * x).collect() };
+        self.soft = match soft.scope {
+            SoftScope::Global => {
+                let mut all: Vec<f32> = idx.iter().flat_map(|&i| sq(&self.w[i])).collect();
+                let k = keep(all.len());
+                let t = threshold(&mut all, k);
+                idx.iter()
+                    .map(|&i| (i, vec![t; self.w[i].len()], tau))
+                    .collect()
+            }
+            SoftScope::Layer => idx
+                .iter()
+                .map(|&i| {
+                    let mut v = sq(&self.w[i]);
+                    let k = keep(v.len());
+                    let t = threshold(&mut v, k);
+                    (i, vec![t; v.len()], tau)
+                })
+                .collect(),
+            SoftScope::NM { n, m } => idx
+                .iter()
+                .map(|&i| {
+                    let v = sq(&self.w[i]);
+                    let mut t2 = vec![0.0f32; v.len()];
+                    for (g, out) in v.chunks(m).zip(t2.chunks_mut(m)) {
+                        let mut g = g.to_vec();
+                        let t = threshold(&mut g, n);
+                        out.fill(t);
+                    }
+                    (i, t2, tau)
+                })
+                .collect(),
+        };
+        Ok(())
+    }
+
+    fn forward_backward_inner(
         &mut self,
         inputs: &[f32],
         targets: &[u32],
@@ -1009,6 +1117,72 @@ mod tests {
     /// The native step agrees with candle's autograd and optimizer (to
     /// rounding): loss, gradients and the weights after a few masked steps,
     /// for fully connected and convolutional models.
+    /// Training through soft masks (PDP): the raw weight's gradient is the
+    /// derivative of the loss of `w · sigmoid((w² − t²)/tau)` (finite
+    /// differences in f64 of the f32 loss), the raw weights are restored,
+    /// and the thresholds follow the kept count of each scope.
+    #[test]
+    fn soft_mask_gradients_follow_the_masked_loss() {
+        use crate::train::{SoftMask, SoftScope};
+        let dev = Device::Cpu;
+        let model = ModelSpec::mlp(&[12, 8, 4], Activation::Tanh)
+            .build(5, &dev)
+            .unwrap();
+        let opt = OptimizerSpec::sgd(0.1, 0.0, 0.0);
+        let mut n = Native::new(&model, &Masks::new(), &opt).unwrap().unwrap();
+        let (x, t) = batch(6, 12, 4, 3);
+        for scope in [
+            SoftScope::Global,
+            SoftScope::Layer,
+            SoftScope::NM { n: 2, m: 4 },
+        ] {
+            let soft = SoftMask {
+                params: vec!["fc1.weight".into(), "fc2.weight".into()],
+                sparsity: 0.5,
+                tau: 0.02,
+                scope,
+            };
+            n.set_soft(&soft).unwrap();
+            let fixed = n.soft.clone();
+            // Half of the weights sit below their threshold in every scope.
+            let below: usize = fixed
+                .iter()
+                .map(|(i, t2, _)| {
+                    n.w[*i]
+                        .iter()
+                        .zip(t2)
+                        .filter(|(w, t)| *w * *w < **t)
+                        .count()
+                })
+                .sum();
+            assert_eq!(below, (8 * 12 + 4 * 8) / 2, "{scope:?}");
+            let raw = n.w.clone();
+            n.forward_backward(&x, &t);
+            assert_eq!(n.w, raw, "raw weights restored");
+            let grads = n.g.clone();
+            for (i, _, _) in &fixed {
+                for j in [0, 5, 17, 31] {
+                    let eps = 1e-3f32;
+                    let w0 = n.w[*i][j];
+                    n.w[*i][j] = w0 + eps;
+                    n.soft = fixed.clone();
+                    let up = n.forward_backward(&x, &t) as f64;
+                    n.w[*i][j] = w0 - eps;
+                    n.soft = fixed.clone();
+                    let down = n.forward_backward(&x, &t) as f64;
+                    n.w[*i][j] = w0;
+                    let numeric = (up - down) / (2.0 * eps as f64);
+                    let analytic = grads[*i][j] as f64;
+                    assert!(
+                        (numeric - analytic).abs() < 2e-3 + 0.03 * analytic.abs(),
+                        "{scope:?} {}[{j}]: finite differences {numeric}, gradient {analytic}",
+                        n.names[*i]
+                    );
+                }
+            }
+        }
+    }
+
     /// The distillation loss and its gradient match candle's autograd of
     /// `train::distill_loss`, at several temperatures and weights.
     #[test]

@@ -113,6 +113,12 @@ pub trait TrainHooks {
         Ok(false)
     }
 
+    /// Before the forward pass of training step `step`: differentiable soft
+    /// masks to train through (PDP), or `None`.
+    fn soft_mask(&mut self, _step: usize) -> Option<SoftMask> {
+        None
+    }
+
     /// After each epoch (`epoch` is 0-based): e.g. take a late-rewinding snapshot.
     fn after_epoch(&mut self, _epoch: usize, _model: &Model) -> Result<Control> {
         Ok(Control::Continue)
@@ -125,6 +131,27 @@ pub trait TrainHooks {
     fn reads_every_step(&self) -> bool {
         true
     }
+}
+
+/// PDP's soft masks for one step (Cho et al. 2023): each targeted weight
+/// enters the forward pass as `w · sigmoid((w² − t²) / tau)`, with `t²`
+/// halfway between the largest pruned and the smallest kept `w²` at
+/// `sparsity` (over all targeted weights, per tensor, or per group of `m`
+/// consecutive weights of a row keeping `n`); gradients flow through the mask.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SoftMask {
+    pub params: Vec<String>,
+    pub sparsity: f64,
+    pub tau: f64,
+    pub scope: SoftScope,
+}
+
+/// Where a soft mask's threshold is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SoftScope {
+    Global,
+    Layer,
+    NM { n: usize, m: usize },
 }
 
 /// Hooks that do nothing.
@@ -294,6 +321,15 @@ pub fn train_distilled(
             let lr = cfg
                 .schedule
                 .lr_at(base, report.steps, total, cfg.warmup_steps);
+            if let Some(soft) = hooks.soft_mask(report.steps) {
+                match native.as_mut() {
+                    Some(n) => n.set_soft(&soft)?,
+                    None => return Err(RuntimeError::InvalidConfig(
+                        "soft masks (PDP) train on the native step: built-in classifiers on CPU"
+                            .into(),
+                    )),
+                }
+            }
             let teacher = match distill {
                 Some(d) => Some(
                     d.teacher

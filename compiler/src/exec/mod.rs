@@ -392,6 +392,10 @@ impl rt::TrainHooks for StageHook<'_, '_> {
         self.gradual.is_some()
     }
 
+    fn soft_mask(&mut self, step: usize) -> Option<rt::train::SoftMask> {
+        self.gradual.as_deref().and_then(|g| g.soft_mask(step))
+    }
+
     fn after_epoch(&mut self, epoch: usize, model: &rt::Model) -> rt::Result<Control> {
         self.epochs_done = epoch + 1;
         let done = self.epochs_before + epoch + 1;

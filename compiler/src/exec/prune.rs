@@ -650,6 +650,9 @@ pub(super) struct Gradual {
     /// An OBS method prunes at each step instead of the criterion, its
     /// gradients from `calib`.
     pub obs: Option<Obs>,
+    /// PDP: soft masks every step (their scope and `tau`) instead of
+    /// pruning steps; hardened after training.
+    pub soft: Option<(rt::train::SoftScope, f64)>,
 }
 
 impl Gradual {
@@ -666,7 +669,24 @@ impl Gradual {
             applied: Vec::new(),
             error: None,
             obs: None,
+            soft: None,
         }
+    }
+
+    /// PDP's soft masks for training step `step`: the schedule's sparsity
+    /// there (its first before the ramp, its last after).
+    pub fn soft_mask(&self, step: usize) -> Option<rt::train::SoftMask> {
+        let (scope, tau) = self.soft?;
+        let sparsity = match self.plan.iter().rev().find(|(s, _)| *s <= step) {
+            Some((_, s)) => *s,
+            None => self.plan.first().map_or(0.0, |p| p.1),
+        };
+        Some(rt::train::SoftMask {
+            params: self.pruner.selected.clone(),
+            sparsity,
+            tau,
+            scope,
+        })
     }
 
     /// Resolves the schedule into pruning steps for a training run of
@@ -744,6 +764,9 @@ impl Gradual {
         init: &rt::Snapshot,
         calib: Option<&rt::Dataset>,
     ) -> rt::Result<bool> {
+        if self.soft.is_some() {
+            return Ok(false);
+        }
         let Some(&(step, sparsity)) = self.plan.get(self.next) else {
             return Ok(false);
         };
@@ -1292,9 +1315,55 @@ impl Exec<'_> {
         } else {
             p.stats_data.clone().or_else(|| during.on.clone())
         };
+        let pdp = schedule.call_name() == Some("pdp");
+        let final_sparsity = schedule.arg("to").and_then(|v| v.as_f64()).unwrap_or(0.0);
+        let tau = schedule.arg("tau").and_then(|v| v.as_f64()).unwrap_or(1e-4);
+        let soft_scope = match (pruner.pattern, pruner.scope) {
+            (Some(Pattern::NM { n, m }), _) => rt::train::SoftScope::NM {
+                n: n as usize,
+                m: m as usize,
+            },
+            (None, Scope::Layer) => rt::train::SoftScope::Layer,
+            (None, Scope::Global) => rt::train::SoftScope::Global,
+            _ => {
+                return Err(RunError::user(
+                    p.by.expr.span,
+                    "PDP's soft masks take a global or per-layer threshold, or an N:M pattern",
+                ))
+            }
+        };
         let mut g = Gradual::new(pruner, schedule, self.r.seed, calib);
         g.obs = obs;
+        if pdp {
+            g.soft = Some((soft_scope, tau));
+        }
         self.train_with(during, Some(&mut g))?;
+        if pdp {
+            // Harden: the soft masks' threshold at the final sparsity is a
+            // magnitude selection with the stage's scope or pattern.
+            let state = self.models.get_mut(&name).unwrap();
+            g.pruner.round(
+                &state.model,
+                &mut state.masks,
+                &state.init,
+                1.0 - final_sparsity,
+                &SideInputs::default(),
+            )?;
+            let (sparsity, pqi) = self.sparsity_pqi(&name, during.span)?;
+            self.report.rounds.push(Round {
+                round: 1,
+                sparsity,
+                pqi,
+                metrics: BTreeMap::new(),
+            });
+            if self.progress {
+                eprintln!(
+                    "prune {name}: soft masks hardened at {:.2}%",
+                    sparsity * 100.0
+                );
+            }
+            return Ok(());
+        }
         for (i, a) in g.applied.iter().enumerate() {
             let metrics = BTreeMap::from([
                 ("step".to_string(), a.step as f64),

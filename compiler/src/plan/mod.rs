@@ -297,7 +297,12 @@ impl Step {
                     }
                 }
                 if p.during_step.is_some() {
-                    line.push_str("; pruning steps while it trains (`during`)");
+                    line.push_str(match &p.schedule {
+                        Schedule::Gradual(g) if g.call_name() == Some("pdp") => {
+                            "; soft masks while it trains (`during`)"
+                        }
+                        _ => "; pruning steps while it trains (`during`)",
+                    });
                 }
                 line
             }

@@ -254,7 +254,27 @@ fn render_step(
         Schedule::Gradual(g) => Some(g),
         _ => None,
     };
-    if let Some(g) = gradual {
+    if let Some(g) = gradual.filter(|g| g.call_name() == Some("pdp")) {
+        let arg = |k: &str, d: &str| g.arg(k).map(|v| v.to_string()).unwrap_or_else(|| d.into());
+        let _ = writeln!(
+            out,
+            "{indent}       pdp: soft masks (tau {}) {}, hardened by magnitude after the training stage",
+            arg("tau", "1e-4"),
+            match p.pattern {
+                Some(prunec_lang::resolved::Pattern::NM { n, m }) => {
+                    format!("keeping {n} of every {m} from the first step")
+                }
+                _ => format!(
+                    "from {} to {} between {} and {} ({})",
+                    arg("from", "0%"),
+                    arg("to", "?"),
+                    arg("start", "step 0"),
+                    arg("end", "?"),
+                    arg("curve", "cubic")
+                ),
+            }
+        );
+    } else if let Some(g) = gradual {
         let arg = |k: &str, d: &str| g.arg(k).map(|v| v.to_string()).unwrap_or_else(|| d.into());
         let _ = writeln!(
             out,

@@ -300,6 +300,7 @@ impl Checker<'_> {
                 Some(to) if s.arg("pattern").is_none() => (v, to.span),
                 _ => (v, span),
             });
+        self.check_pdp(s, pattern.as_ref());
         self.check_units(s, model, lm, method, pattern.as_ref().map(|p| p.1));
         self.check_normalize(s, lm);
         self.check_compensate(s, lm);
@@ -447,6 +448,72 @@ impl Checker<'_> {
 
     /// `compensate = true` adds the removed units' mean contribution to a
     /// language model's bias, from the calibration of an `act(x)` criterion.
+    /// `schedule = pdp(...)`: soft masks by `w²`, so the criterion is
+    /// magnitude; thresholds are global, per layer or per N:M group.
+    fn check_pdp(&mut self, s: &Stage, pattern: Option<&(Value, Span)>) {
+        let Some((sched, span)) = self.prune_option(s, "schedule") else {
+            return;
+        };
+        let sched = match &sched {
+            Value::Ref(n) => self
+                .symbols
+                .get(n)
+                .and_then(|x| x.value.clone())
+                .unwrap_or(sched.clone()),
+            v => v.clone(),
+        };
+        if sched.call_name() != Some("pdp") {
+            return;
+        }
+        let magnitude = s.by.as_ref().is_some_and(|by| {
+            by.as_name()
+                .is_some_and(|n| n.name == "magnitude" && !self.symbols.contains_key("magnitude"))
+        });
+        if !magnitude {
+            let by_span = s.by.as_ref().map_or(s.keyword_span, |b| b.span);
+            self.unsupported(
+                by_span,
+                "PDP's soft masks rank weights by w²: this criterion would be ignored".into(),
+                "not read by `pdp`",
+                "prune `by magnitude` (use std.magnitude) with `schedule = pdp(...)`",
+            );
+        }
+        for key in ["keep_min", "keep_max"] {
+            if let Some((_, kspan)) = self.prune_option(s, key) {
+                self.unsupported(
+                    kspan,
+                    format!("`pdp` does not read `{key}`"),
+                    "no effect with `pdp`",
+                    "remove it: PDP's threshold is global, per layer or per N:M group",
+                );
+            }
+        }
+        if let Some((v, sspan)) = self.prune_option(s, "scope") {
+            let scope = v.as_str().unwrap_or_default().to_string();
+            if scope == "row" || scope == "neuron" {
+                self.unsupported(
+                    sspan,
+                    format!(
+                        "`pdp` takes its threshold globally or per layer, not `scope = {scope}`"
+                    ),
+                    "not with `pdp`",
+                    "use `scope = global` or `scope = layer`",
+                );
+            }
+        }
+        if let Some((v, pspan)) = pattern {
+            if v.call_name() == Some("block") {
+                self.unsupported(
+                    *pspan,
+                    "`pdp` soft-masks single weights or N:M groups, not blocks".into(),
+                    "not with `pdp`",
+                    "use an N:M pattern or none",
+                );
+            }
+        }
+        let _ = span;
+    }
+
     /// `distill = TEACHER` (with `temperature`, `distill_weight`): another
     /// classifier with the same classes; the two options need it.
     fn check_distill(&mut self, s: &Stage, model: &str) {
