@@ -510,8 +510,24 @@ impl Checker<'_> {
                     "use an N:M pattern or none",
                 );
             }
+            // An N:M pattern fixes the sparsity: a different `to` would be ignored.
+            if let (Value::Pattern { n, m }, Some(to)) =
+                (v, sched.arg("to").and_then(|t| t.as_f64()))
+            {
+                let fixed = 1.0 - *n as f64 / *m as f64;
+                if (to - fixed).abs() > 1e-9 {
+                    self.push(
+                        Diagnostic::new(
+                            Code::Unsupported,
+                            format!("`pdp(to = {})` disagrees with the pattern `{n}:{m}`, which keeps {n} of every {m}", sched.arg("to").map_or(String::new(), |t| t.to_string())),
+                        )
+                        .with_label(span, "this target")
+                        .with_label(*pspan, "fixes the sparsity")
+                        .with_help(format!("write `to = {}%` (the pattern's sparsity)", fixed * 100.0)),
+                    );
+                }
+            }
         }
-        let _ = span;
     }
 
     /// `distill = TEACHER` (with `temperature`, `distill_weight`): another
