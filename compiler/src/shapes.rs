@@ -138,6 +138,8 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
     let mut data_shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut data_classes: BTreeMap<String, usize> = BTreeMap::new();
     let mut batches: BTreeMap<String, usize> = BTreeMap::new();
+    // Samples and batch size of each classifier data set.
+    let mut sizes: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (name, sym) in &r.symbols {
         if sym.kind != SymKind::Dataset {
             continue;
@@ -212,6 +214,7 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
         match spec {
             Ok((spec, meta)) => {
                 batches.insert(name.clone(), meta.len.div_ceil(spec.batch_size.max(1)));
+                sizes.insert(name.clone(), (meta.len, spec.batch_size.max(1)));
                 data_shapes.insert(name.clone(), meta.sample_shape);
                 data_classes.insert(name.clone(), meta.classes);
             }
@@ -328,10 +331,60 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             if let Some(d) = &s.during {
                 gradual_fits(r, s, d, &batches, &mut diags);
             }
+            obs_gradients_fit(r, s, &sizes, &mut diags);
         }
     }
     diags.sort_by_key(|d| d.sort_key());
     diags
+}
+
+/// An OBS method's `grads` gradients of `batch` samples must come from its
+/// data (`on D`, else the training it runs during). A gradient never spans
+/// two batches, as the runtime draws them.
+fn obs_gradients_fit(
+    r: &CheckedRecipe,
+    s: &Stage,
+    sizes: &BTreeMap<String, (usize, usize)>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    use prunec_lang::resolved::Method;
+    let Some(by) = &s.by else { return };
+    let method = Method::of(r, by);
+    if !method.is_obs() {
+        return;
+    }
+    let Ok(args) = Method::arguments(r, by) else {
+        return;
+    };
+    let (Some(&grads), Some(&per)) = (args.get("grads"), args.get("batch")) else {
+        return;
+    };
+    let (grads, per) = (grads as usize, (per as usize).max(1));
+    let data =
+        s.on.as_ref()
+            .or_else(|| s.during.as_ref().and_then(|d| d.on.as_ref()));
+    let Some(d) = data.and_then(|e| e.as_name()) else {
+        return;
+    };
+    let Some(&(len, bs)) = sizes.get(&d.name) else {
+        return;
+    };
+    let available = (len / bs) * (bs / per) + (len % bs) / per;
+    if available < grads {
+        diags.push(
+            Diagnostic::new(
+                Code::OutOfRange,
+                format!(
+                    "`{}` takes {grads} gradients of {per} sample(s), but `{}` gives {available} ({len} samples in batches of {bs})",
+                    method.name(),
+                    d.name
+                ),
+            )
+            .with_label(by.span, format!("{grads} gradients"))
+            .with_label(data.unwrap().span, format!("{available} gradients"))
+            .with_help("lower `grads` (or `batch`), or give a larger data set"),
+        );
+    }
 }
 
 /// A gradual schedule must end inside the training it runs during.
