@@ -293,6 +293,33 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                 );
             }
         }
+        // A distillation teacher reads the student's data and predicts its classes.
+        if let (Some(Value::Ref(t)), Some(on)) = (r.option(s, "distill"), &s.on) {
+            if let Some(ts) = models.get(t) {
+                let span = s.value_span("distill");
+                let sample = on.as_name().and_then(|n| data_shapes.get(&n.name));
+                if let (Some(sample), Some(input)) = (sample, &ts.input) {
+                    if !ts.arch.as_ref().is_none_or(|a| a.accepts(sample)) {
+                        diags.push(
+                            Diagnostic::new(Code::ShapeMismatch, format!("the teacher `{t}` expects input {input:?}; the samples are {sample:?}"))
+                                .with_label(span, format!("expects {input:?}"))
+                                .with_label(on.span, format!("samples are {sample:?}")),
+                        );
+                    }
+                }
+                let student = model.as_ref().and_then(|m| models.get(m)).and_then(|x| x.classes);
+                if let (Some(tc), Some(sc)) = (ts.classes, student) {
+                    if tc != sc {
+                        diags.push(
+                            Diagnostic::new(Code::ShapeMismatch, format!("the teacher `{t}` outputs {tc} classes, the student {sc}"))
+                                .with_label(span, format!("{tc} classes"))
+                                .with_label(s.subject[0].span, format!("{sc} classes"))
+                                .with_help("distill from a teacher over the same classes"),
+                        );
+                    }
+                }
+            }
+        }
         let Some(shapes) = model.as_ref().and_then(|m| models.get_mut(m)) else {
             continue;
         };
