@@ -307,14 +307,20 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                         );
                     }
                 }
-                let student = model.as_ref().and_then(|m| models.get(m)).and_then(|x| x.classes);
+                let student = model
+                    .as_ref()
+                    .and_then(|m| models.get(m))
+                    .and_then(|x| x.classes);
                 if let (Some(tc), Some(sc)) = (ts.classes, student) {
                     if tc != sc {
                         diags.push(
-                            Diagnostic::new(Code::ShapeMismatch, format!("the teacher `{t}` outputs {tc} classes, the student {sc}"))
-                                .with_label(span, format!("{tc} classes"))
-                                .with_label(s.subject[0].span, format!("{sc} classes"))
-                                .with_help("distill from a teacher over the same classes"),
+                            Diagnostic::new(
+                                Code::ShapeMismatch,
+                                format!("the teacher `{t}` outputs {tc} classes, the student {sc}"),
+                            )
+                            .with_label(span, format!("{tc} classes"))
+                            .with_label(s.subject[0].span, format!("{sc} classes"))
+                            .with_help("distill from a teacher over the same classes"),
                         );
                     }
                 }

@@ -643,6 +643,21 @@ pub fn stage_option(name: &str) -> Option<&'static Builtin> {
         .find(|b| b.name == name && b.kind == Kind::StageOption)
 }
 
+/// The numeric default of a stage option (`temperature`), or of a
+/// parameter of a built-in call (`pdp`, `tau`), as the table writes it: the
+/// one place the executor and the plan read an unwritten value from.
+pub fn default_number(builtin: &str, param: Option<&str>) -> Option<f64> {
+    let b = match param {
+        None => stage_option(builtin)?,
+        Some(_) => lookup(builtin)?,
+    };
+    let p = match param {
+        None => b.params.first()?,
+        Some(name) => b.params.iter().find(|p| p.name == name)?,
+    };
+    p.default?.parse().ok()
+}
+
 /// Every built-in of a kind.
 pub fn of_kind(kind: Kind) -> impl Iterator<Item = &'static Builtin> {
     BUILTINS.iter().filter(move |b| b.kind == kind)
@@ -760,4 +775,18 @@ pub fn explain(name: &str) -> Option<String> {
         out.push('\n');
     }
     Some(out.trim_end().to_string() + "\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_number;
+
+    #[test]
+    fn numeric_defaults_come_from_the_table() {
+        assert_eq!(default_number("temperature", None), Some(4.0));
+        assert_eq!(default_number("distill_weight", None), Some(0.5));
+        assert_eq!(default_number("pdp", Some("tau")), Some(1e-4));
+        assert_eq!(default_number("pdp", Some("to")), None);
+        assert_eq!(default_number("distill", None), None);
+    }
 }

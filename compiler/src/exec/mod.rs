@@ -774,12 +774,13 @@ impl Exec<'_> {
             }
             _ => None,
         };
-        let f64_option =
-            |k: &str, d: f64| self.option(step, k).and_then(|v| v.as_f64()).unwrap_or(d);
-        let (temperature, weight) = (
-            f64_option("temperature", 4.0),
-            f64_option("distill_weight", 0.5),
-        );
+        let f64_option = |k: &str| {
+            self.option(step, k)
+                .and_then(|v| v.as_f64())
+                .or_else(|| prunec_lang::builtins::default_number(k, None))
+                .ok_or_else(|| RunError::Internal(format!("no value for `{k}`")))
+        };
+        let (temperature, weight) = (f64_option("temperature")?, f64_option("distill_weight")?);
         let state = self.models.get_mut(&name).unwrap();
         let ModelState {
             model,

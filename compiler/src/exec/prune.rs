@@ -1317,7 +1317,11 @@ impl Exec<'_> {
         };
         let pdp = schedule.call_name() == Some("pdp");
         let final_sparsity = schedule.arg("to").and_then(|v| v.as_f64()).unwrap_or(0.0);
-        let tau = schedule.arg("tau").and_then(|v| v.as_f64()).unwrap_or(1e-4);
+        let tau = schedule
+            .arg("tau")
+            .and_then(|v| v.as_f64())
+            .or_else(|| prunec_lang::builtins::default_number("pdp", Some("tau")))
+            .ok_or_else(|| RunError::Internal("pdp without `tau`".into()))?;
         let soft_scope = match (pruner.pattern, pruner.scope) {
             (Some(Pattern::NM { n, m }), _) => rt::train::SoftScope::NM {
                 n: n as usize,

@@ -191,12 +191,17 @@ impl Step {
             Action::Train { kind, data } => {
                 let mut line = format!("{kind} {} on {data}", on(&self.model));
                 if let Some(Value::Ref(t)) = self.options.get("distill") {
-                    let f =
-                        |k: &str, d: f64| self.options.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+                    let f = |k: &str| {
+                        self.options
+                            .get(k)
+                            .and_then(|v| v.as_f64())
+                            .or_else(|| prunec_lang::builtins::default_number(k, None))
+                            .unwrap_or(f64::NAN)
+                    };
                     line.push_str(&format!(
                         ", distilled from {t} as it is then (T = {}, weight {})",
-                        f("temperature", 4.0),
-                        f("distill_weight", 0.5)
+                        f("temperature"),
+                        f("distill_weight")
                     ));
                 }
                 line

@@ -259,7 +259,10 @@ fn render_step(
         let _ = writeln!(
             out,
             "{indent}       pdp: soft masks (tau {}) {}, hardened by magnitude after the training stage",
-            arg("tau", "1e-4"),
+            g.arg("tau").map(|v| v.to_string()).unwrap_or_else(|| {
+                prunec_lang::builtins::default_number("pdp", Some("tau"))
+                    .map_or("?".into(), |t| t.to_string())
+            }),
             match p.pattern {
                 Some(prunec_lang::resolved::Pattern::NM { n, m }) => {
                     format!("keeping {n} of every {m} from the first step")
