@@ -68,6 +68,16 @@ enum Op {
     },
 }
 
+/// One soft-masked parameter of the next step: `t²` per group of `group`
+/// consecutive weights (one group for a whole tensor), and `tau`.
+#[derive(Debug, Clone)]
+struct SoftParam {
+    index: usize,
+    t2: Vec<f32>,
+    group: usize,
+    tau: f32,
+}
+
 /// Where the layers are: per-sample features, or channel-major images.
 #[derive(Clone, Copy)]
 enum Shape {
@@ -110,8 +120,8 @@ pub(crate) struct Native {
     scratch: [Vec<f32>; 2],
     spec: OptimizerSpec,
     steps: usize,
-    /// Soft masks of the next step (PDP): parameter index, per-weight `t²`, `tau`.
-    soft: Vec<(usize, Vec<f32>, f32)>,
+    /// Soft masks of the next step (PDP).
+    soft: Vec<SoftParam>,
 }
 
 impl Native {
@@ -328,14 +338,17 @@ impl Native {
         // Soft masks: the forward sees w · m(w); the gradient of the raw
         // weight is the masked weight's times dm-chain `m + 2 w² m (1 - m) / tau`.
         let mut saved = Vec::with_capacity(soft.len());
-        for (i, t2, tau) in &soft {
-            let raw = self.w[*i].clone();
+        for sp in &soft {
+            let (i, tau) = (sp.index, sp.tau);
+            let raw = self.w[i].clone();
             let mut factor = vec![0.0f32; raw.len()];
-            for ((w, f), (&r, &t)) in self.w[*i]
+            for (j, ((w, f), &r)) in self.w[i]
                 .iter_mut()
                 .zip(&mut factor)
-                .zip(raw.iter().zip(t2))
+                .zip(raw.iter())
+                .enumerate()
             {
+                let t = sp.t2[j / sp.group];
                 let z = (r * r - t) / tau;
                 let m = if z >= 0.0 {
                     1.0 / (1.0 + (-z).exp())
@@ -346,7 +359,7 @@ impl Native {
                 *w = r * m;
                 *f = m + 2.0 * r * r * m * (1.0 - m) / tau;
             }
-            saved.push((*i, raw, factor));
+            saved.push((i, raw, factor));
         }
         let loss = self.forward_backward_inner(inputs, targets, teacher);
         for (i, raw, factor) in saved {
@@ -388,35 +401,45 @@ impl Native {
         };
         let tau = soft.tau as f32;
         let sq = |w: &[f32]| -> Vec<f32> { w.iter().map(|x| x * x).collect() };
+        let whole = |i: usize, t: f32, len: usize| SoftParam {
+            index: i,
+            t2: vec![t],
+            group: len.max(1),
+            tau,
+        };
         self.soft = match soft.scope {
             SoftScope::Global => {
                 let mut all: Vec<f32> = idx.iter().flat_map(|&i| sq(&self.w[i])).collect();
                 let k = keep(all.len());
                 let t = threshold(&mut all, k);
-                idx.iter()
-                    .map(|&i| (i, vec![t; self.w[i].len()], tau))
-                    .collect()
+                idx.iter().map(|&i| whole(i, t, self.w[i].len())).collect()
             }
             SoftScope::Layer => idx
                 .iter()
                 .map(|&i| {
                     let mut v = sq(&self.w[i]);
                     let k = keep(v.len());
-                    let t = threshold(&mut v, k);
-                    (i, vec![t; v.len()], tau)
+                    whole(i, threshold(&mut v, k), v.len())
                 })
                 .collect(),
             SoftScope::NM { n, m } => idx
                 .iter()
                 .map(|&i| {
-                    let v = sq(&self.w[i]);
-                    let mut t2 = vec![0.0f32; v.len()];
-                    for (g, out) in v.chunks(m).zip(t2.chunks_mut(m)) {
-                        let mut g = g.to_vec();
-                        let t = threshold(&mut g, n);
-                        out.fill(t);
+                    let mut buf = Vec::with_capacity(m);
+                    let t2 = self.w[i]
+                        .chunks(m)
+                        .map(|g| {
+                            buf.clear();
+                            buf.extend(g.iter().map(|x| x * x));
+                            threshold(&mut buf, n)
+                        })
+                        .collect();
+                    SoftParam {
+                        index: i,
+                        t2,
+                        group: m,
+                        tau,
                     }
-                    (i, t2, tau)
                 })
                 .collect(),
         };
@@ -1147,11 +1170,11 @@ mod tests {
             // Half of the weights sit below their threshold in every scope.
             let below: usize = fixed
                 .iter()
-                .map(|(i, t2, _)| {
-                    n.w[*i]
+                .map(|sp| {
+                    n.w[sp.index]
                         .iter()
-                        .zip(t2)
-                        .filter(|(w, t)| *w * *w < **t)
+                        .enumerate()
+                        .filter(|(j, w)| *w * *w < sp.t2[j / sp.group])
                         .count()
                 })
                 .sum();
@@ -1160,7 +1183,7 @@ mod tests {
             n.forward_backward(&x, &t);
             assert_eq!(n.w, raw, "raw weights restored");
             let grads = n.g.clone();
-            for (i, _, _) in &fixed {
+            for i in fixed.iter().map(|sp| &sp.index) {
                 for j in [0, 5, 17, 31] {
                     let eps = 1e-3f32;
                     let w0 = n.w[*i][j];
