@@ -46,7 +46,6 @@ pub(super) struct Obs {
     /// Gradients in the Fisher, and samples averaged into each.
     pub grads: usize,
     pub per: usize,
-    pub method: Method,
     /// The `by` expression (errors point here).
     pub span: Span,
 }
@@ -76,7 +75,6 @@ impl Obs {
             },
             grads: arg("grads")? as usize,
             per: arg("batch")? as usize,
-            method: p.method,
             span: p.by.expr.span,
         }))
     }
@@ -103,22 +101,9 @@ impl Obs {
         masks: &mut rt::Masks,
         init: &rt::Snapshot,
         keep_frac: f64,
-        (data_name, data): (&str, &rt::Dataset),
+        data: &rt::Dataset,
     ) -> Result<(), RunError> {
-        let name = self.method.name();
-        if data.len() < self.grads * self.per {
-            return Err(RunError::User {
-                span: Some(self.span),
-                message: format!(
-                    "`{name}` takes {} gradients of {} sample(s), but `{}` has {} samples",
-                    self.grads,
-                    self.per,
-                    data_name,
-                    data.len()
-                ),
-                help: Some("lower `grads` (or `batch`), or give a larger data set".into()),
-            });
-        }
+        // `check` counted the gradients the data gives (shapes.rs).
         let names = &pruner.selected;
         let before: Vec<Vec<f32>> = names
             .iter()
@@ -776,15 +761,7 @@ impl Gradual {
         if let Some(obs) = &self.obs {
             let data =
                 calib.ok_or_else(|| rt::RuntimeError::InvalidConfig("no gradient data".into()))?;
-            let data_name = self.calib.as_ref().map_or("", |d| d.name.as_str());
-            let round = obs.round(
-                &self.pruner,
-                model,
-                masks,
-                init,
-                1.0 - sparsity,
-                (data_name, data),
-            );
+            let round = obs.round(&self.pruner, model, masks, init, 1.0 - sparsity, data);
             if let Err(e) = round {
                 self.error = Some(e);
                 return Err(rt::RuntimeError::InvalidConfig("pruning failed".into()));
@@ -1168,7 +1145,7 @@ impl Exec<'_> {
                     &mut state.masks,
                     &state.init,
                     keep_frac,
-                    (&on.name, &data),
+                    &data,
                 )?;
             } else {
                 let side = self.side_inputs(
