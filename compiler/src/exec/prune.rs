@@ -662,7 +662,9 @@ impl Gradual {
     /// there (its first before the ramp, its last after).
     pub fn soft_mask(&self, step: usize) -> Option<rt::train::SoftMask> {
         let (scope, tau) = self.soft?;
-        let sparsity = match self.plan.iter().rev().find(|(s, _)| *s <= step) {
+        // The plan is sorted by step: the last entry at or before `step`.
+        let at = self.plan.partition_point(|(s, _)| *s <= step);
+        let sparsity = match at.checked_sub(1).and_then(|i| self.plan.get(i)) {
             Some((_, s)) => *s,
             None => self.plan.first().map_or(0.0, |p| p.1),
         };
