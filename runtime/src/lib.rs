@@ -3,6 +3,7 @@
 
 pub mod calib;
 pub mod data;
+pub mod datascore;
 pub mod device;
 pub mod error;
 pub mod eval;

@@ -371,6 +371,24 @@ impl Native {
         loss
     }
 
+    /// The class each of the last forward pass's `b` samples was given (the
+    /// first largest logit).
+    pub(crate) fn last_predictions(&self, b: usize) -> Vec<u32> {
+        let classes = *self.widths.last().unwrap();
+        self.acts.last().unwrap()[..b * classes]
+            .chunks(classes)
+            .map(|row| {
+                let mut best = 0;
+                for (c, &v) in row.iter().enumerate() {
+                    if v > row[best] {
+                        best = c;
+                    }
+                }
+                best as u32
+            })
+            .collect()
+    }
+
     /// Soft-mask thresholds for the next step from the current raw weights.
     pub(crate) fn set_soft(&mut self, soft: &crate::train::SoftMask) -> Result<()> {
         use crate::train::SoftScope;

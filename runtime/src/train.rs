@@ -120,6 +120,24 @@ pub trait TrainHooks {
     }
 
     /// After each epoch (`epoch` is 0-based): e.g. take a late-rewinding snapshot.
+    /// Whether [`TrainHooks::on_predictions`] is wanted (it costs a pass
+    /// over the logits, and a forward pass on candle's path).
+    fn reads_predictions(&self) -> bool {
+        false
+    }
+
+    /// Each step's batch: its samples (file-order indices into the data
+    /// set) and whether the model, before the step's update, classified
+    /// each correctly (forgetting events).
+    fn on_predictions(
+        &mut self,
+        _info: &StepInfo,
+        _samples: &[u32],
+        _correct: &[bool],
+    ) -> Result<()> {
+        Ok(())
+    }
+
     fn after_epoch(&mut self, _epoch: usize, _model: &Model) -> Result<Control> {
         Ok(Control::Continue)
     }
@@ -188,7 +206,7 @@ pub fn batch_loss(model: &Model, batch: &Batch) -> Result<Tensor> {
     })
 }
 
-fn named_grads(model: &Model, grads: &GradStore) -> Result<Vec<(String, Tensor)>> {
+pub(crate) fn named_grads(model: &Model, grads: &GradStore) -> Result<Vec<(String, Tensor)>> {
     model
         .params()
         .iter()
@@ -310,9 +328,13 @@ pub fn train_distilled(
         final_lr: base,
         stopped_by_hook: false,
     };
+    let predictions = hooks.reads_predictions();
     'epochs: for epoch in 0..cfg.epochs {
         let mut loss_sum = 0.0f64;
         let mut batches = 0usize;
+        // Which samples each batch holds, for `on_predictions`.
+        let order = predictions.then(|| data.epoch_order(epoch));
+        let mut first = 0usize;
         for (b, batch) in data.batches(epoch).enumerate() {
             if report.steps >= total {
                 break 'epochs;
@@ -387,6 +409,27 @@ pub fn train_distilled(
                 lr,
                 loss: loss_value,
             };
+            if let Some(order) = &order {
+                let targets = batch
+                    .targets
+                    .to_vec1::<u32>()
+                    .ctx(|| "batch targets".to_string())?;
+                let predicted = match native.as_ref() {
+                    Some(n) => n.last_predictions(targets.len()),
+                    None => model
+                        .forward(&batch.inputs)?
+                        .argmax(1)
+                        .and_then(|p| p.to_vec1::<u32>())
+                        .ctx(|| "predictions of the batch".to_string())?,
+                };
+                let correct: Vec<bool> = predicted
+                    .iter()
+                    .zip(&targets)
+                    .map(|(p, t)| p == t)
+                    .collect();
+                hooks.on_predictions(&info, &order[first..first + targets.len()], &correct)?;
+                first += targets.len();
+            }
             match (native.as_mut(), grads) {
                 (Some(n), _) => {
                     if every_step {

@@ -643,6 +643,44 @@ impl Dataset {
         }
     }
 
+    /// The samples at `kept` (indices into this data set's file order,
+    /// ascending), as a data set of their own with the same batch size and
+    /// shuffle seed: what a data-pruning stage leaves.
+    pub fn subset(&self, kept: &[u32]) -> Result<Dataset> {
+        let ctx = || format!("keeping {} samples of {}", kept.len(), self.name);
+        if kept.is_empty() {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "data set {}: pruning would keep no sample",
+                self.name
+            )));
+        }
+        if kept.windows(2).any(|w| w[0] >= w[1]) || kept[kept.len() - 1] as usize >= self.len() {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "data set {}: kept indices must ascend below {}",
+                self.name,
+                self.len()
+            )));
+        }
+        let idx = Tensor::from_slice(kept, kept.len(), self.inputs.device()).ctx(ctx)?;
+        let mut meta = self.meta.clone();
+        meta.len = kept.len();
+        Ok(Dataset {
+            name: self.name.clone(),
+            inputs: self.inputs.index_select(&idx, 0).ctx(ctx)?,
+            targets: self.targets.index_select(&idx, 0).ctx(ctx)?,
+            batch_size: self.batch_size,
+            shuffle_seed: self.shuffle_seed,
+            meta,
+        })
+    }
+
+    /// Every sample's class index, in file order.
+    pub fn labels(&self) -> Result<Vec<u32>> {
+        self.targets
+            .to_vec1::<u32>()
+            .ctx(|| format!("labels of {}", self.name))
+    }
+
     /// The samples `[start, start + len)` of the file order, as one batch.
     pub fn slice(&self, start: usize, len: usize) -> Result<Batch> {
         let ctx = || format!("slicing data set {}", self.name);
