@@ -326,7 +326,7 @@ pub fn is_method(r: &CheckedRecipe, by: &Expr) -> bool {
 pub fn check_criteria(r: &CheckedRecipe) -> Vec<Diagnostic> {
     let mut diags = Vec::new();
     for s in &r.pipeline().stages {
-        if s.kind != prunec_lang::ast::StageKind::Prune {
+        if s.kind != prunec_lang::ast::StageKind::Prune || r.is_data_prune(s) {
             continue;
         }
         let Some(by) = &s.by else { continue };

@@ -69,6 +69,7 @@ pub struct Report {
     pub rounds: Vec<Round>,
     /// Each `unit = ...` prune stage: the widths it left.
     pub shrinks: Vec<Shrink>,
+    pub data_pruned: Vec<DataPruned>,
     pub layers: Vec<Layer>,
     pub final_sparsity: f64,
     pub counts: Option<ModelCounts>,
@@ -88,6 +89,31 @@ pub struct Report {
     pub failed_assert: Option<String>,
     /// Line and column of spans, for the JSON.
     source: String,
+}
+
+/// What a data-set prune kept.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DataPruned {
+    /// The plan step (`3`).
+    pub step: String,
+    pub span: Span,
+    pub data: String,
+    pub score: String,
+    pub model: Option<String>,
+    /// The fraction removed, as the recipe asks.
+    pub fraction: f64,
+    pub per_class: bool,
+    pub keep: String,
+    pub samples: usize,
+    /// Per class: samples before and after.
+    pub classes: Vec<(usize, usize)>,
+    /// Samples a forgetting count never saw classified correctly.
+    pub never_learned: Option<usize>,
+    /// The kept samples' indices in the data set's file order (the split as
+    /// declared, before this stage), ascending.
+    pub kept: Vec<u32>,
+    /// The output file listing them, one per line.
+    pub file: String,
 }
 
 /// What a `unit = ...` prune stage removed from a model.
@@ -137,6 +163,7 @@ impl Report {
             evaluations: vec![],
             rounds: vec![],
             shrinks: vec![],
+            data_pruned: vec![],
             layers: vec![],
             final_sparsity: 0.0,
             counts: None,
@@ -197,6 +224,13 @@ impl Report {
                 "model": s.model, "line": s.line, "unit": s.unit,
                 "layers": s.layers.iter().map(|(n, b, a)| json!({"layer": n, "before": b, "after": a})).collect::<Vec<_>>(),
                 "params_before": s.params_before, "params_after": s.params_after,
+            })).collect::<Vec<_>>(),
+            "data_pruned": self.data_pruned.iter().map(|d| json!({
+                "step": d.step, "span": self.span_json(d.span), "data": d.data, "score": d.score,
+                "model": d.model, "fraction": d.fraction, "per_class": d.per_class, "keep": d.keep,
+                "samples": d.samples, "kept": d.kept.len(),
+                "classes": d.classes.iter().map(|(b, a)| json!({"before": b, "after": a})).collect::<Vec<_>>(),
+                "never_learned": d.never_learned, "file": d.file, "kept_indices": d.kept,
             })).collect::<Vec<_>>(),
             "layers": self.layers.iter().map(|l| json!({
                 "model": l.model, "name": l.name, "shape": l.shape, "total": l.total, "kept": l.kept,
@@ -303,6 +337,33 @@ impl Report {
                     r.sparsity * 100.0,
                     r.pqi,
                     m.join(", ")
+                ));
+            }
+            md.push('\n');
+        }
+        if !self.data_pruned.is_empty() {
+            md.push_str("## Data pruned\n\n| step | data | score | kept | per class (before → after) | indices |\n|---|---|---|---|---|---|\n");
+            for d in &self.data_pruned {
+                let score = match &d.model {
+                    Some(m) => format!("{}({m}), {}", d.score, d.keep),
+                    None => format!("{}()", d.score),
+                };
+                let classes: Vec<String> = d
+                    .classes
+                    .iter()
+                    .enumerate()
+                    .map(|(c, (b, a))| format!("{c}: {b} → {a}"))
+                    .collect();
+                md.push_str(&format!(
+                    "| {} | {} | {score}{} | {} of {} ({:.2}%) | {} | `{}` |\n",
+                    d.step,
+                    d.data,
+                    if d.per_class { ", per class" } else { "" },
+                    d.kept.len(),
+                    d.samples,
+                    100.0 * d.kept.len() as f64 / d.samples.max(1) as f64,
+                    classes.join(", "),
+                    d.file
                 ));
             }
             md.push('\n');
@@ -498,6 +559,14 @@ pub fn write_all(report: &mut Report, dir: &Path) -> std::io::Result<()> {
             .outputs
             .push((path.display().to_string(), sha256_hex(text.as_bytes())));
     }
+    // Each data prune's kept indices, one per line (`numpy.loadtxt` reads them).
+    for d in &report.data_pruned {
+        let text = kept_text(&d.kept);
+        std::fs::write(dir.join(&d.file), &text)?;
+        report
+            .outputs
+            .push((d.file.clone(), sha256_hex(text.as_bytes())));
+    }
     std::fs::write(
         dir.join("report.json"),
         serde_json::to_string_pretty(&report.to_json()).unwrap() + "\n",
@@ -512,6 +581,10 @@ pub fn write_all(report: &mut Report, dir: &Path) -> std::io::Result<()> {
         "params_text": report.params_text,
         "inputs": report.inputs.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
         "outputs": report.outputs.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
+        "data_pruned": report.data_pruned.iter().map(|d| json!({
+            "step": d.step, "data": d.data, "samples": d.samples, "kept": d.kept.len(),
+            "file": d.file, "indices_sha256": sha256_hex(kept_text(&d.kept).as_bytes()),
+        })).collect::<Vec<_>>(),
     });
     let lock = serde_json::to_string_pretty(&lock).unwrap() + "\n";
     std::fs::write(dir.join("prune.lock"), &lock)?;
@@ -520,6 +593,16 @@ pub fn write_all(report: &mut Report, dir: &Path) -> std::io::Result<()> {
         std::fs::write(dir.join(folder).join("prune.lock"), &lock)?;
     }
     Ok(())
+}
+
+/// Kept sample indices as a file: one decimal index per line.
+fn kept_text(kept: &[u32]) -> String {
+    let mut out = String::with_capacity(kept.len() * 6);
+    for i in kept {
+        out.push_str(&i.to_string());
+        out.push('\n');
+    }
+    out
 }
 
 /// The process's peak resident memory (`VmHWM`), where the system reports it.

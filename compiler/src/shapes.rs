@@ -241,7 +241,7 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
     }
     let mut stages: Vec<&Stage> = Vec::new();
     for s in &r.pipeline().stages {
-        collect(s, &mut stages);
+        collect(r, s, &mut stages);
     }
     // Each (model, data) pair whose classes do not fit is reported once.
     let mut class_pairs = std::collections::BTreeSet::new();
@@ -325,6 +325,52 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                     }
                 }
             }
+        }
+        // A data prune: its scoring model reads the data set, and later
+        // stages count what it keeps.
+        if r.is_data_prune(s) {
+            let Some(data) = model.clone() else { continue };
+            let scorer =
+                s.by.as_ref()
+                    .and_then(prunec_lang::resolved::DataScore::of)
+                    .and_then(|d| d.1);
+            let by_span = s.by.as_ref().map_or(s.span, |b| b.span);
+            if let (Some(m), Some(sample)) = (
+                scorer.as_ref().and_then(|m| models.get(m)),
+                data_shapes.get(&data),
+            ) {
+                if let (Some(input), false) =
+                    (&m.input, m.arch.as_ref().is_none_or(|a| a.accepts(sample)))
+                {
+                    diags.push(
+                        Diagnostic::new(
+                            Code::ShapeMismatch,
+                            format!("samples of shape {sample:?} do not fit the scoring model's input {input:?}"),
+                        )
+                        .with_label(s.subject[0].span, format!("samples are {sample:?}"))
+                        .with_label(by_span, format!("expects {input:?}")),
+                    );
+                }
+                if let (Some(classes), Some(&wanted)) = (m.classes, data_classes.get(&data)) {
+                    if wanted > classes {
+                        diags.push(
+                            Diagnostic::new(
+                                Code::ShapeMismatch,
+                                format!("the data has {wanted} classes; the scoring model outputs {classes}"),
+                            )
+                            .with_label(s.subject[0].span, format!("{wanted} classes"))
+                            .with_label(by_span, format!("{classes} outputs")),
+                        );
+                    }
+                }
+            }
+            let fraction = s.to.as_ref().and_then(|e| r.constant(e));
+            if let (Some(&(len, bs)), Some(f)) = (sizes.get(&data), fraction) {
+                let kept = prunec_runtime::datascore::kept_count(len, f);
+                sizes.insert(data.clone(), (kept, bs));
+                batches.insert(data.clone(), kept.div_ceil(bs));
+            }
+            continue;
         }
         let Some(shapes) = model.as_ref().and_then(|m| models.get_mut(m)) else {
             continue;
@@ -469,15 +515,24 @@ fn gradual_fits(
     }
 }
 
-fn collect<'a>(s: &'a Stage, out: &mut Vec<&'a Stage>) {
+/// Stages in the order they run: a data prune after the training it
+/// watches (it prunes when that training ends).
+fn collect<'a>(r: &CheckedRecipe, s: &'a Stage, out: &mut Vec<&'a Stage>) {
+    if r.is_data_prune(s) {
+        if let Some(d) = &s.during {
+            collect(r, d, out);
+        }
+        out.push(s);
+        return;
+    }
     out.push(s);
     if let Some(b) = &s.block {
         for inner in &b.stages {
-            collect(inner, out);
+            collect(r, inner, out);
         }
     }
     if let Some(d) = &s.during {
-        collect(d, out);
+        collect(r, d, out);
     }
 }
 

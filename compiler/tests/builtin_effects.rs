@@ -73,6 +73,8 @@ enum Base {
     Distill,
     /// PDP's soft masks during training.
     Pdp,
+    /// The training data pruned by EL2N, GraNd and at random first.
+    DataPrune,
     /// LeNet-5 on MNIST.
     Lenet,
     /// `Digits` trained on an image folder of the digits.
@@ -214,6 +216,15 @@ fn base_text(b: Base) -> String {
             PRUNE_LINE,
             "  prune net by magnitude (schedule = pdp(from = 0%, to = 60%, start = step 0, end = step 30, tau = 1e-4, curve = cubic)) during\n    train net on train (epochs = 2)",
         ),
+        Base::DataPrune => digits
+            .replace(
+                "model net = ",
+                "model probe = mlp(inputs = 64, hidden = [16], classes = 10)\nmodel probe2 = mlp(inputs = 64, hidden = [24], classes = 10)\nmodel net = ",
+            )
+            .replace(
+                "  train net on train (epochs = 2",
+                "  train probe on train (epochs = 1)\n  train probe2 on train (epochs = 2)\n  prune train by el2n(model = probe) to 20% (per_class = false, keep = hardest)\n  prune train by grand(model = probe2) to 20%\n  prune train by random() to 20%\n  train net on train (epochs = 2",
+            ),
         Base::Distill => digits
             .replace(
                 "model net = ",
@@ -475,6 +486,30 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
     add("mfac.damp", Changes(MFac, "damp = 1e-5", "damp = 1"));
     add("mfac.batch", Changes(MFac, "batch = 1)", "batch = 4)"));
     add(
+        "el2n.model",
+        Changes(DataPrune, "el2n(model = probe)", "el2n(model = probe2)"),
+    );
+    add(
+        "grand.model",
+        Changes(DataPrune, "grand(model = probe2)", "grand(model = probe)"),
+    );
+    add(
+        "data_score:random",
+        Changes(DataPrune, "by random()", "by grand(probe)"),
+    );
+    add(
+        "forgetting.model",
+        Tested("data_pruning_keeps_what_each_score_ranks_best"),
+    );
+    add(
+        "per_class",
+        Changes(DataPrune, "per_class = false", "per_class = true"),
+    );
+    add(
+        "keep",
+        Changes(DataPrune, "keep = hardest", "keep = easiest"),
+    );
+    add(
         "distill",
         Changes(Distill, "distill = teacher,", "distill = teacher2,"),
     );
@@ -719,7 +754,10 @@ fn keys() -> BTreeSet<String> {
             .iter()
             .filter(|p| p.ty != Ty::Score && b.kind != Kind::StageOption)
             .collect();
-        if b.kind == Kind::ScoreFn || b.kind == Kind::StageOption || b.params.is_empty() {
+        // A data score shares its name with a weight criterion (`random`).
+        if b.kind == Kind::DataScore && b.params.is_empty() {
+            keys.insert(format!("data_score:{}", b.name));
+        } else if b.kind == Kind::ScoreFn || b.kind == Kind::StageOption || b.params.is_empty() {
             keys.insert(b.name.to_string());
         }
         for p in named {
@@ -836,7 +874,11 @@ fn every_builtin_option_has_an_effect_or_is_rejected_by_check() {
     let dir = tempfile::tempdir().unwrap();
     let mut bases: BTreeMap<Base, Result<Outcome, String>> = BTreeMap::new();
     for (i, (k, ev)) in evidence.iter().enumerate() {
-        let name = k.split('.').next().unwrap();
+        let name = k
+            .trim_start_matches("data_score:")
+            .split('.')
+            .next()
+            .unwrap();
         match ev {
             Ev::Checked(stem) => {
                 let fixture = root().join(format!("tests/recipes/invalid/{stem}.prune"));
@@ -876,6 +918,7 @@ fn every_builtin_option_has_an_effect_or_is_rejected_by_check() {
                 }
                 let changed = text.replacen(from, to, 1);
                 // `name.param`: the recipe calls `name` and the change is to `param`.
+                let k = k.strip_prefix("data_score:").unwrap_or(k);
                 let (name, param) = k.split_once('.').unwrap_or(("", k));
                 if !changed.contains(name) || !(from.contains(param) || to.contains(param)) {
                     problems.push(format!(

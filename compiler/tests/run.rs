@@ -221,11 +221,12 @@ fn outputs_are_identical_with_one_and_two_threads() {
     require_data("digits/digits.csv.gz", "digits");
     let dir = tempfile::tempdir().unwrap();
     // Iterative magnitude pruning; random, Wanda, movement (gradual),
-    // late-rewinding and block pruning.
+    // late-rewinding and block pruning; OBS; data pruning by every score.
     for recipe in [
         RECIPE,
         "tests/recipes/run/digits_methods.prune",
         "tests/recipes/run/digits_obs.prune",
+        "tests/recipes/run/digits_data_pruning.prune",
     ] {
         let mut hashes = Vec::new();
         for threads in ["1", "2"] {
@@ -2610,4 +2611,81 @@ fn pdp_vs_agp_reduced_reaches_the_target() {
     let w = tensor_f32(&out.join("pdp.safetensors"), "fc1.weight");
     let zeros = w.iter().filter(|x| **x == 0.0).count() as f64 / w.len() as f64;
     assert!((zeros - 0.95).abs() < 0.01, "{zeros}");
+}
+
+/// Data pruning keeps `n - floor(n * drop)` samples by each score, each
+/// class its share where asked; the kept indices are in the report, in a
+/// file of one index per line and (hashed) in the lock; later stages read
+/// only what is kept (the recipe asserts the probe's loss on the hardest
+/// samples it kept is above its loss on all, on the easiest below); the
+/// run re-verifies and, with another `drop`, keeps other samples.
+#[test]
+fn data_pruning_keeps_what_each_score_ranks_best() {
+    require_data("digits/digits.csv.gz", "digits");
+    let recipe = "tests/recipes/run/digits_data_pruning.prune";
+    let (_dir, out, report) = run_ok(&[recipe]);
+    let pruned = report["data_pruned"].as_array().unwrap();
+    let names: Vec<&str> = pruned.iter().map(|d| d["data"].as_str().unwrap()).collect();
+    assert_eq!(names, ["by_el2n", "by_grand", "by_forgetting", "at_random"]);
+    let lock: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("prune.lock")).unwrap()).unwrap();
+    let mut sets = Vec::new();
+    for (d, l) in pruned.iter().zip(lock["data_pruned"].as_array().unwrap()) {
+        let kept: Vec<u64> = d["kept_indices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        // 1437 training digits, floor(1437 * 0.7) = 1005 pruned.
+        assert_eq!(d["samples"], 1437);
+        assert_eq!(kept.len(), 432, "{}", d["data"]);
+        assert!(kept.windows(2).all(|w| w[0] < w[1]) && kept[431] < 1437);
+        let file = std::fs::read_to_string(out.join(d["file"].as_str().unwrap())).unwrap();
+        let listed: Vec<u64> = file.lines().map(|l| l.parse().unwrap()).collect();
+        assert_eq!(listed, kept);
+        use sha2::Digest;
+        let sha: String = sha2::Sha256::digest(file.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(l["indices_sha256"].as_str().unwrap(), sha);
+        assert_eq!(l["kept"], 432);
+        let classes = d["classes"].as_array().unwrap();
+        let after: Vec<u64> = classes
+            .iter()
+            .map(|c| c["after"].as_u64().unwrap())
+            .collect();
+        assert_eq!(after.iter().sum::<u64>(), 432);
+        if d["per_class"].as_bool().unwrap() {
+            // Each class its share, off by less than one sample.
+            for c in classes {
+                let share = c["before"].as_f64().unwrap() * 432.0 / 1437.0;
+                assert!((c["after"].as_f64().unwrap() - share).abs() < 1.0, "{c}");
+            }
+        }
+        sets.push(kept);
+    }
+    // Four scores, four different selections.
+    for i in 0..sets.len() {
+        for j in i + 1..sets.len() {
+            assert_ne!(sets[i], sets[j], "{} and {}", names[i], names[j]);
+        }
+    }
+    // Ranked over all classes, GraNd's easiest samples are not balanced.
+    let grand = pruned[1]["classes"].as_array().unwrap();
+    let spread: Vec<u64> = grand.iter().map(|c| c["after"].as_u64().unwrap()).collect();
+    assert!(
+        spread.iter().max().unwrap() - spread.iter().min().unwrap() > 20,
+        "{spread:?}"
+    );
+    assert!(pruned[2]["never_learned"].as_u64().is_some());
+    assert!(evaluation(&report, "el2n_kept", "accuracy") > 0.7);
+    let lock_path = out.join("prune.lock");
+    let (code, text) = prunec(&["verify", lock_path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{text}");
+    // Pruning less keeps more, and other samples.
+    let (_dir2, _, other) = run_ok(&[recipe, "--set", "drop=50%"]);
+    let kept = other["data_pruned"][0]["kept_indices"].as_array().unwrap();
+    assert_eq!(kept.len(), 1437 - 718);
 }

@@ -78,6 +78,8 @@ pub enum Kind {
     Pattern,
     /// A function inside criterion expressions.
     ScoreFn,
+    /// A per-sample score a data set is pruned by (`prune DATA by el2n(net)`).
+    DataScore,
     /// An input of criterion expressions (`w`, `step`).
     ScoreInput,
     Metric,
@@ -99,6 +101,7 @@ impl Kind {
             Kind::Pattern => "sparsity pattern",
             Kind::ScoreFn => "criterion function",
             Kind::ScoreInput => "criterion input",
+            Kind::DataScore => "data score",
             Kind::Metric => "metric",
             Kind::StageOption => "stage option",
         }
@@ -536,6 +539,17 @@ pub static BUILTINS: &[Builtin] = &[
         p("gamma", Ty::Float, Some("1.2"), Range::positive(), "prune-ratio multiplier"),
         p("beta", Ty::Float, Some("0.9"), Range::unit(), "largest prune ratio per round"),
     ], "Sparsity-informed adaptive pruning driven by the PQ index (Diao et al. 2023)."),
+    // ---- data scores (`prune DATA by SCORE to FRACTION`)
+    b("el2n", Kind::DataScore, &[
+        p("model", Ty::Of(Kind::Model), None, Range::any(), "the classifier that scores, in its state when the stage runs (a few epochs into training, as in the paper)"),
+    ], "EL2N (Paul et al. 2021): a sample's score is `‖softmax(f(x)) − onehot(y)‖₂`, the error of the model's prediction; `prune DATA by el2n(net) to 70%` keeps the 30% with the highest scores (`keep = easiest`: the lowest)."),
+    b("grand", Kind::DataScore, &[
+        p("model", Ty::Of(Kind::Model), None, Range::any(), "the classifier that scores, in its state when the stage runs"),
+    ], "GraNd (Paul et al. 2021): a sample's score is `‖∇θ ℓ(f(x), y)‖₂`, the norm of its own loss gradient over every parameter of the model."),
+    b("forgetting", Kind::DataScore, &[
+        p("model", Ty::Of(Kind::Model), None, Range::any(), "the classifier whose training (`during train MODEL on DATA`) is watched"),
+    ], "Forgetting events (Toneva et al. 2019): how often a sample goes from classified correctly to misclassified between two presentations while the model trains on the data set (`prune DATA by forgetting(net) to 50% during train net on DATA (...)`); a sample never classified correctly counts as forgotten infinitely often."),
+    b("random", Kind::DataScore, &[], "Random data pruning: a uniform draw per sample from the recipe's seed and the stage (`prune DATA by random() to 90%`)."),
     // ---- patterns
     b("block", Kind::Pattern, &[
         p("rows", Ty::Int, None, Range { min: Some((1.0, true)), max: Some((4096.0, true)) }, "block height (output rows)"),
@@ -617,6 +631,8 @@ pub static BUILTINS: &[Builtin] = &[
     b("unit", Kind::StageOption, &[p("value", UNITS, None, Range::any(), "")], "Remove whole units instead of single weights, and shrink the model (prune). Classifiers: `neuron` removes output neurons of linear layers, `channel` output channels of convolutions, each with its bias entry and the inputs of the next layer that read it; a unit's score is the mean of its weights' scores (a channel criterion such as `l1_channel` gives the filter norm itself); `to` is the fraction of units removed, per layer by default (`scope = global` ranks the units of every targeted layer together, with `keep_min`/`keep_max` counted in units); the output layer's units are the classes and are never removed. Language models: `ffn` removes FFN neurons (gate/up rows, down column), `kv_group` key/value heads with their query heads (q/k/v rows, o columns), `head` single query heads (q rows, o columns; every kv group keeps as many), the same number in every block (the Hugging Face config holds one size); a unit is scored on the weights that read it (`down_proj`, `o_proj`) with their input activations on the dense model (`wanda` gives Wanda-sp). Training, evaluation and export then run on the smaller tensors."),
     b("compensate", Kind::StageOption, &[p("value", Ty::Bool, Some("false"), Range::any(), "")], "With `unit = ffn | kv_group | head` on a language model: FLAP's bias compensation (An et al. 2024): the removed units' mean contribution over the calibration tokens, `W[:, removed] · mean(X[:, removed])`, is added to the bias of `down_proj` or `o_proj` (created, with the other biases of `mlp_bias` / `attention_bias`, where the model has none). Needs a criterion that reads `act(x)` with `calibrate = DATA`, and an architecture that can hold the bias: Llama (and GGUF models), or Qwen3 for attention units (prune)."),
     b("normalize", Kind::StageOption, &[p("value", NORMALIZE, Some("none"), Range::any(), "")], "With `unit = ...` and `scope = global`: divide each layer's unit scores by their `mean`, `max` or L2 norm (`l2`) before ranking the units of all layers together, so layers whose scores run on different scales compete fairly (`none` ranks the raw scores) (prune)."),
+    b("per_class", Kind::StageOption, &[p("value", Ty::Bool, Some("false"), Range::any(), "")], "Data set prunes: every class keeps its share of the kept samples (its count times the kept fraction, the remainder to the largest fractions), chosen within the class; `false` ranks all samples together (prune)."),
+    b("keep", Kind::StageOption, &[p("value", Ty::Enum(&["hardest", "easiest"]), Some("hardest"), Range::any(), "")], "Data set prunes: keep the samples with the highest scores (`hardest`: the least learned, as in the papers) or the lowest (`easiest`) (prune)."),
     b("pattern", Kind::StageOption, &[p("value", Ty::Pattern, None, Range::any(), "")], "`N:M`: keep N of every M consecutive weights along the input dimension (also written as the target: `to 2:4`); `block(rows, cols)`: keep or prune whole blocks (prune)."),
     b("targets", Kind::StageOption, &[p("value", Ty::Globs, Some("[\"*.weight\"]"), Range::any(), "")], "Parameters to prune, by name pattern (prune)."),
     b("skip", Kind::StageOption, &[p("value", Ty::Globs, Some("[]"), Range::any(), "")], "Parameters never pruned, by name pattern (prune)."),
@@ -634,6 +650,13 @@ pub fn lookup(name: &str) -> Option<&'static Builtin> {
     BUILTINS
         .iter()
         .find(|b| b.name == name && b.kind != Kind::StageOption)
+}
+
+/// The data score with this name (`random` is also a weight criterion).
+pub fn data_score(name: &str) -> Option<&'static Builtin> {
+    BUILTINS
+        .iter()
+        .find(|b| b.name == name && b.kind == Kind::DataScore)
 }
 
 /// The stage option with this name.
@@ -705,6 +728,8 @@ pub fn stage_options(kind: crate::ast::StageKind) -> &'static [&'static str] {
             "unit",
             "normalize",
             "compensate",
+            "per_class",
+            "keep",
         ],
         Evaluate | Assert | Report => &[],
         Export => &["format"],

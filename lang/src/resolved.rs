@@ -206,6 +206,55 @@ impl Method {
     }
 }
 
+/// What a data set is pruned by: a per-sample score computed with a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataScore {
+    El2n,
+    Grand,
+    Forgetting,
+    Random,
+}
+
+impl DataScore {
+    pub fn named(name: &str) -> Option<DataScore> {
+        Some(match builtins::data_score(name)?.name {
+            "el2n" => DataScore::El2n,
+            "grand" => DataScore::Grand,
+            "forgetting" => DataScore::Forgetting,
+            "random" => DataScore::Random,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DataScore::El2n => "el2n",
+            DataScore::Grand => "grand",
+            DataScore::Forgetting => "forgetting",
+            DataScore::Random => "random",
+        }
+    }
+
+    /// The score and the model it reads, from a `by` clause as checked
+    /// (`el2n(net)`, `random()` or `random`).
+    pub fn of(by: &Expr) -> Option<(DataScore, Option<String>)> {
+        match &by.kind {
+            ExprKind::Call { callee, args } => {
+                let score = DataScore::named(&callee.name)?;
+                let model = args
+                    .items
+                    .first()
+                    .and_then(|a| a.value.as_name())
+                    .map(|n| n.name.clone());
+                Some((score, model))
+            }
+            ExprKind::Name(id) => Some((DataScore::named(&id.name)?, None)),
+            _ => None,
+        }
+    }
+}
+
 /// Which schedule a `schedule = ...` value names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScheduleKind {

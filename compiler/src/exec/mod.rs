@@ -2,6 +2,7 @@
 //! JIT-compiled kernels, and stages every output in a temporary folder that
 //! is moved into place only when the run succeeds.
 
+mod data;
 pub(crate) mod llm;
 mod prune;
 mod staging;
@@ -96,6 +97,8 @@ struct Exec<'a> {
     lineage: BTreeMap<String, String>,
     /// The model whose state the current step copied instead of running.
     copied_from: Option<String>,
+    /// The data sets pruned so far, with the step that pruned them last.
+    data_lineage: BTreeMap<String, String>,
 }
 
 /// Untimed and timed forward passes of `latency` / `throughput`.
@@ -206,6 +209,7 @@ impl<'a> Exec<'a> {
             llms: BTreeMap::new(),
             failed_assert: None,
             lineage: BTreeMap::new(),
+            data_lineage: BTreeMap::new(),
             copied_from: None,
         };
         ex.interrupted.store(false, Ordering::SeqCst);
@@ -275,6 +279,7 @@ impl<'a> Exec<'a> {
             llms: self.llms.clone(),
             failed_assert: self.failed_assert.clone(),
             lineage: self.lineage.clone(),
+            data_lineage: self.data_lineage.clone(),
             copied_from: None,
         };
         f.retarget(r, rewinds, variants, staging);
@@ -333,6 +338,9 @@ struct StageHook<'a, 'g> {
     flag: Arc<AtomicBool>,
     bar: Option<indicatif::ProgressBar>,
     gradual: Option<&'g mut prune::Gradual>,
+    /// Forgetting events counted over the presentations (`prune DATA by
+    /// forgetting(...) during train ...`).
+    forgetting: Option<&'g mut rt::datascore::Forgetting>,
     init: &'a rt::Snapshot,
     /// Calibration data of a gradual criterion that reads `act(x)`.
     calib: Option<&'a rt::Dataset>,
@@ -390,6 +398,22 @@ impl rt::TrainHooks for StageHook<'_, '_> {
     /// and Ctrl-C need neither.
     fn reads_every_step(&self) -> bool {
         self.gradual.is_some()
+    }
+
+    fn reads_predictions(&self) -> bool {
+        self.forgetting.is_some()
+    }
+
+    fn on_predictions(
+        &mut self,
+        _info: &rt::StepInfo,
+        samples: &[u32],
+        correct: &[bool],
+    ) -> rt::Result<()> {
+        if let Some(f) = self.forgetting.as_deref_mut() {
+            f.observe(samples, correct);
+        }
+        Ok(())
     }
 
     fn soft_mask(&mut self, step: usize) -> Option<rt::train::SoftMask> {
@@ -460,6 +484,7 @@ impl Exec<'_> {
                     _ => self.calibrate(step)?,
                 }
             }
+            Action::PruneData(d) => self.prune_data(step, d)?,
             Action::Statistics {
                 for_step,
                 gradients,
@@ -528,8 +553,13 @@ impl Exec<'_> {
             ),
             _ => String::new(),
         };
+        // A data set pruned earlier in the run is other data.
+        let version = on
+            .as_ref()
+            .and_then(|d| self.data_lineage.get(d))
+            .map_or(String::new(), |v| format!(" ({v})"));
         let key = format!(
-            "{} | {} on {:?} with {:?}{teacher}",
+            "{} | {} on {:?}{version} with {:?}{teacher}",
             self.lineage[&name], step.site.kind, on, step.options
         );
         let twin = self
@@ -640,7 +670,7 @@ impl Exec<'_> {
     }
 
     fn train(&mut self, step: &Step) -> Result<(), RunError> {
-        self.train_with(step, None)
+        self.train_with(step, None, None)
     }
 
     /// Runs a `train` / `finetune` stage; `gradual` prunes during it.
@@ -648,6 +678,7 @@ impl Exec<'_> {
         &mut self,
         step: &Step,
         mut gradual: Option<&mut prune::Gradual>,
+        forgetting: Option<&mut rt::datascore::Forgetting>,
     ) -> Result<(), RunError> {
         let (name, span) = Self::subject_name(step)?;
         let on = Self::on_data(step)?;
@@ -798,6 +829,7 @@ impl Exec<'_> {
             flag: self.interrupted.clone(),
             bar,
             gradual,
+            forgetting,
             init,
             calib,
             epochs_before: *epochs_trained,

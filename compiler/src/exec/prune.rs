@@ -1320,7 +1320,7 @@ impl Exec<'_> {
         if pdp {
             g.soft = Some((soft_scope, tau));
         }
-        self.train_with(during, Some(&mut g))?;
+        self.train_with(during, Some(&mut g), None)?;
         if pdp {
             // Harden: the soft masks' threshold at the final sparsity is a
             // magnitude selection with the stage's scope or pattern.

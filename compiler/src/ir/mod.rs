@@ -10,7 +10,7 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use prunec_lang::ast::{Expr, ExprKind, Stage, StageKind};
 use prunec_lang::check::{SymKind, Value};
-use prunec_lang::resolved::{Method, Metric, Pattern, Schedule, Scope, Unit};
+use prunec_lang::resolved::{DataScore, Method, Metric, Pattern, Schedule, Scope, Unit};
 use prunec_lang::{CheckedRecipe, Span};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -79,6 +79,14 @@ pub enum Op {
     },
     Reconstruct {
         method: Method,
+    },
+    /// A data set keeps the samples a per-sample score ranks best: the
+    /// data set's later readers read what it leaves.
+    PruneData {
+        data: String,
+        score: DataScore,
+        /// The model that scores (none for `random`).
+        model: Option<String>,
     },
     Train {
         kind: StageKind,
@@ -208,6 +216,11 @@ impl Op {
                 )
             }
             Op::Reconstruct { method } => format!("reconstruct ({method:?})"),
+            Op::PruneData { data, score, model } => format!(
+                "prune data {data} by {}({})",
+                score.name(),
+                model.as_deref().unwrap_or("")
+            ),
             Op::Train { kind, data } => format!("{kind} on {data}"),
             Op::Evaluate {
                 data,
@@ -445,6 +458,7 @@ impl Lowerer<'_> {
                     self.calibrations.insert(model.clone(), n);
                 }
             }
+            StageKind::Prune if self.r.is_data_prune(s) => self.prune_data(s, &model),
             StageKind::Prune => self.prune(s, &model),
             StageKind::Evaluate => {
                 let data = Self::name_of(s.on.as_ref());
@@ -518,6 +532,44 @@ impl Lowerer<'_> {
                 });
             }
         }
+    }
+
+    /// `prune DATA by SCORE(MODEL) to F`: the training it watches (for
+    /// forgetting events) first, then the node that reads the model's state
+    /// and the data set and becomes the data set's source for later stages.
+    fn prune_data(&mut self, s: &Stage, data: &str) {
+        let Some((score, model)) = s.by.as_ref().and_then(DataScore::of) else {
+            return;
+        };
+        if let Some(d) = &s.during {
+            let outer = self.at;
+            self.at = outer.map(|a| StageRef {
+                top: a.top,
+                inner: Some(0),
+            });
+            self.stage(d);
+            self.at = outer;
+        }
+        let node = Node {
+            op: Op::PruneData {
+                data: data.to_string(),
+                score,
+                model: model.clone(),
+            },
+            span: s.span,
+            stage: self.at,
+        };
+        let n = match &model {
+            Some(m) => self.on_model(m, node, Some(data), false),
+            None => {
+                let n = self.g.add_node(node);
+                if let Some(&d) = self.data.get(data) {
+                    self.g.add_edge(d, n, Flow::Data);
+                }
+                n
+            }
+        };
+        self.data.insert(data.to_string(), n);
     }
 
     fn prune(&mut self, s: &Stage, model: &str) {
@@ -673,7 +725,7 @@ pub fn verify(ir: &Ir) -> Result<(), String> {
     for e in ir.graph.edge_references() {
         let src = &ir.graph[e.source()].op;
         match e.weight() {
-            Flow::Data if !matches!(src, Op::LoadData { .. }) => {
+            Flow::Data if !matches!(src, Op::LoadData { .. } | Op::PruneData { .. }) => {
                 return Err(format!("data edge from `{}`", src.label()))
             }
             Flow::Scores if !matches!(src, Op::Score { .. }) => {

@@ -13,7 +13,7 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use prunec_lang::ast::{Stage, StageId, StageKind};
 use prunec_lang::check::Value;
-use prunec_lang::resolved::{Method, Metric, Pattern, Schedule, Scope, Unit};
+use prunec_lang::resolved::{DataScore, Method, Metric, Pattern, Schedule, Scope, Unit};
 use prunec_lang::{CheckedRecipe, Span};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -111,6 +111,8 @@ pub enum Action {
         activations: Option<String>,
     },
     Prune(Box<Prune>),
+    /// A data set keeps the samples its score ranks best.
+    PruneData(Box<DataPrune>),
     Evaluate {
         data: String,
         metrics: Vec<Metric>,
@@ -127,6 +129,23 @@ pub enum Action {
         /// The plot it writes (`-> "curve.svg"`).
         path: Option<String>,
     },
+}
+
+/// A resolved data-set prune (`prune DATA by el2n(MODEL) to 90%`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataPrune {
+    pub data: String,
+    pub score: DataScore,
+    /// The model that scores (none for `random`); also the step's `model`.
+    pub model: Option<String>,
+    /// The fraction of the samples removed (`to`, params folded).
+    pub fraction: f64,
+    /// Every class keeps its share (`per_class = true`).
+    pub per_class: bool,
+    /// Keep the lowest scores (`keep = easiest`), not the highest.
+    pub easiest: bool,
+    /// The training whose presentations forgetting events are counted over.
+    pub during_step: Option<Box<Step>>,
 }
 
 /// A resolved prune stage.
@@ -311,6 +330,38 @@ impl Step {
                 }
                 line
             }
+            Action::PruneData(d) => {
+                let by = match (&d.model, d.score) {
+                    (Some(m), s) => format!("{}({m})", s.name()),
+                    (None, s) => format!("{}()", s.name()),
+                };
+                let mut line = format!(
+                    "prune data {} by {by}: {:.2}% of its samples removed, {}",
+                    d.data,
+                    d.fraction * 100.0,
+                    if d.per_class {
+                        "each class keeping its share"
+                    } else {
+                        "ranked over all classes"
+                    }
+                );
+                if d.score != DataScore::Random {
+                    line.push_str(if d.easiest {
+                        ", keeping the lowest scores (easiest)"
+                    } else {
+                        ", keeping the highest scores (hardest)"
+                    });
+                }
+                match (&d.during_step, &d.model) {
+                    (Some(t), _) => line.push_str(&format!(
+                        "; forgetting events counted at every presentation while `{}` runs (`during`)",
+                        t.label()
+                    )),
+                    (None, Some(m)) => line.push_str(&format!("; scored by {m} as it is then")),
+                    (None, None) => line.push_str("; a seeded draw"),
+                }
+                line
+            }
             Action::Evaluate {
                 data,
                 metrics,
@@ -450,8 +501,10 @@ pub fn ir_to_plan(ir: &Ir, r: &CheckedRecipe) -> Result<Plan, String> {
                 // The training a gradual prune runs during: its nodes are this step's.
                 let during = step_of(ir, r, inner, &by_stage, step.id.clone())?;
                 step.nodes.extend(by_stage[&inner].iter().copied());
-                if let Action::Prune(p) = &mut step.action {
-                    p.during_step = Some(Box::new(during));
+                match &mut step.action {
+                    Action::Prune(p) => p.during_step = Some(Box::new(during)),
+                    Action::PruneData(d) => d.during_step = Some(Box::new(during)),
+                    _ => {}
                 }
                 continue;
             }
@@ -481,9 +534,21 @@ pub fn ir_to_plan(ir: &Ir, r: &CheckedRecipe) -> Result<Plan, String> {
             // they run as soon as that state exists, right after the last
             // step on the same model, so that the variants of a sweep that
             // fork at an earlier step still share them.
+            // Nor before a data set they read is pruned.
+            let reads: Vec<&String> = match &stats.action {
+                Action::Statistics {
+                    gradients,
+                    activations,
+                    ..
+                } => gradients.iter().chain(activations).collect(),
+                _ => vec![],
+            };
             let at = steps
                 .iter()
-                .rposition(|s: &Step| s.model == stats.model)
+                .rposition(|s: &Step| {
+                    s.model == stats.model
+                        || matches!(&s.action, Action::PruneData(d) if reads.contains(&&d.data))
+                })
                 .map_or(0, |i| i + 1);
             steps.insert(at, stats);
         }
@@ -596,7 +661,9 @@ fn step_of(
         .iter()
         .map(|&i| &ir.graph[petgraph::graph::NodeIndex::new(i)].op)
         .collect();
+    let data_prune = r.is_data_prune(s);
     let model = match s.kind {
+        StageKind::Prune if data_prune => s.by.as_ref().and_then(DataScore::of).and_then(|d| d.1),
         StageKind::Assert | StageKind::Report => None,
         _ => s
             .subject
@@ -645,6 +712,25 @@ fn step_of(
                 path: path.clone(),
             },
             _ => return Err(missing("report")),
+        },
+        StageKind::Prune if data_prune => match ops.last() {
+            Some(Op::PruneData { data, score, model }) => {
+                let fraction =
+                    s.to.as_ref().and_then(|e| r.constant(e)).ok_or_else(|| {
+                        format!("stage {id}: the data fraction is not a constant")
+                    })?;
+                let option = |k: &str| r.option(s, k);
+                Action::PruneData(Box::new(DataPrune {
+                    data: data.clone(),
+                    score: *score,
+                    model: model.clone(),
+                    fraction,
+                    per_class: matches!(option("per_class"), Some(Value::Bool(true))),
+                    easiest: option("keep").and_then(|v| v.as_str()) == Some("easiest"),
+                    during_step: None,
+                }))
+            }
+            _ => return Err(missing("data prune")),
         },
         StageKind::Prune => {
             let mut p = prune_of(r, s, &ops).ok_or_else(|| missing("prune"))?;

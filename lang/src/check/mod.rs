@@ -1,6 +1,7 @@
 //! AST → checked recipe: names, types, ranges, stage clauses and data needs,
 //! all without a model file. Every problem is reported, not only the first.
 
+mod data;
 mod expr;
 pub mod models;
 mod stages;
@@ -110,6 +111,17 @@ impl CheckedRecipe {
                 .ok_or(())
         };
         crate::eval::number(e, &mut params).ok()
+    }
+
+    /// A `prune` stage whose subject is a data set (data pruning).
+    pub fn is_data_prune(&self, stage: &Stage) -> bool {
+        stage.kind == crate::ast::StageKind::Prune
+            && stage
+                .subject
+                .first()
+                .and_then(|e| e.as_name())
+                .and_then(|n| self.symbols.get(&n.name))
+                .is_some_and(|s| s.kind == SymKind::Dataset)
     }
 
     /// The resolved options of a stage.

@@ -296,6 +296,15 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// A stage whose (first) subject names a declared data set.
+    fn subject_is_dataset(&self, s: &Stage) -> bool {
+        s.subject
+            .first()
+            .and_then(|e| e.as_name())
+            .and_then(|n| self.symbols.get(&n.name))
+            .is_some_and(|sym| sym.kind == SymKind::Dataset)
+    }
+
     fn forbid(&mut self, s: &Stage, clause: &str, present: Option<Span>) {
         if let Some(span) = present {
             self.push(
@@ -309,7 +318,7 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn require(&mut self, s: &Stage, clause: &str, present: bool) -> bool {
+    pub(super) fn require(&mut self, s: &Stage, clause: &str, present: bool) -> bool {
         if !present {
             self.push(
                 Diagnostic::new(
@@ -429,7 +438,15 @@ impl<'a> Checker<'a> {
                     }
                 }
             }
-            Prune => self.check_prune(s, &mut options, ev, parent),
+            Prune if self.subject_is_dataset(s) => {
+                self.check_prune_data(s, &options, parent, &mut |c, d| {
+                    c.check_stage(d, ev, Some(s))
+                });
+            }
+            Prune => {
+                self.forbid_data_options(s, &options);
+                self.check_prune(s, &mut options, ev, parent)
+            }
             Evaluate => {
                 self.expect_model(s);
                 if self.require(s, "on DATASET", s.on.is_some()) {

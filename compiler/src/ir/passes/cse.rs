@@ -3,6 +3,7 @@
 use super::{model_source, rebuild};
 use crate::ir::{Ir, Op};
 use petgraph::graph::NodeIndex;
+use petgraph::visit::EdgeRef;
 use prunec_lang::CheckedRecipe;
 use std::collections::BTreeMap;
 
@@ -18,7 +19,16 @@ pub fn cse(ir: &mut Ir, _r: &CheckedRecipe) {
             Op::Calibrate { data, hessian } => format!("calib {data} {hessian}"),
             _ => continue,
         };
-        let k = (model_source(ir, n).map(|m| m.index()), key);
+        // The data's source too: a data set pruned in between is other data.
+        let data = ir
+            .graph
+            .edges_directed(n, petgraph::Direction::Incoming)
+            .find(|e| *e.weight() == crate::ir::Flow::Data)
+            .map(|e| e.source().index());
+        let k = (
+            model_source(ir, n).map(|m| m.index()),
+            format!("{key} {data:?}"),
+        );
         match seen.get(&k) {
             Some(&first) => {
                 redirect.insert(n, first);
