@@ -415,6 +415,57 @@ mod tests {
         assert!(data.subset(&[11]).is_err());
     }
 
+    /// Training reports each batch's samples by their file-order index, a
+    /// permutation per epoch, and whether the model classified each one
+    /// correctly before the step's update.
+    #[test]
+    fn training_reports_each_presentation() {
+        struct Seen(Vec<(usize, Vec<u32>, Vec<bool>)>);
+        impl crate::train::TrainHooks for Seen {
+            fn reads_predictions(&self) -> bool {
+                true
+            }
+            fn on_predictions(
+                &mut self,
+                info: &crate::train::StepInfo,
+                samples: &[u32],
+                correct: &[bool],
+            ) -> Result<()> {
+                self.0.push((info.epoch, samples.to_vec(), correct.to_vec()));
+                Ok(())
+            }
+        }
+        let (mut model, data) = toy();
+        let mut data = data;
+        data.shuffle_seed = Some(4);
+        let before = model.snapshot().unwrap();
+        let cfg = crate::train::TrainConfig::new(2, OptimizerSpec::sgd(0.5, 0.0, 0.0));
+        let mut seen = Seen(Vec::new());
+        crate::train::train(&mut model, &data, &cfg, &Masks::new(), &mut seen).unwrap();
+        assert_eq!(seen.0.len(), 2 * data.num_batches());
+        for epoch in 0..2 {
+            let mut all: Vec<u32> = seen
+                .0
+                .iter()
+                .filter(|s| s.0 == epoch)
+                .flat_map(|s| s.1.clone())
+                .collect();
+            assert_eq!(all, data.epoch_order(epoch));
+            all.sort_unstable();
+            assert_eq!(all, (0..data.len() as u32).collect::<Vec<_>>());
+        }
+        // The first batch, judged by the untrained model.
+        let trained = model.snapshot().unwrap();
+        model.restore(&before).unwrap();
+        let labels = data.labels().unwrap();
+        for (&i, &ok) in seen.0[0].1.iter().zip(&seen.0[0].2) {
+            let b = data.slice(i as usize, 1).unwrap();
+            let p: Vec<u32> = model.forward(&b.inputs).unwrap().argmax(1).unwrap().to_vec1().unwrap();
+            assert_eq!(p[0] == labels[i as usize], ok, "sample {i}");
+        }
+        model.restore(&trained).unwrap();
+    }
+
     #[test]
     fn forgetting_counts_correct_to_wrong_transitions() {
         let mut f = Forgetting::new(4);
