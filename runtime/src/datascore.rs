@@ -179,17 +179,23 @@ pub fn grand(model: &Model, data: &Dataset) -> Result<Vec<f64>> {
     model.check_data(data)?;
     let names: Vec<String> = model.params().iter().map(|p| p.name.clone()).collect();
     let update = OptimizerSpec::sgd(1.0, 0.0, 0.0);
-    let mut native = crate::native::Native::new(model, &Masks::new(), &update)?;
     let n = data.len();
-    let mut out = Vec::with_capacity(n);
-    let mut start = 0;
-    while start < n {
-        let len = data.batch_size.min(n - start);
-        let batch = data.slice(start, len)?;
-        match native.as_mut() {
-            Some(nv) => {
+    let starts: Vec<usize> = (0..n).step_by(data.batch_size).collect();
+    if crate::native::Native::new(model, &Masks::new(), &update)?.is_some() {
+        // Native steps, one copy of the weights per batch in parallel: each
+        // sample's norm is computed alone, so the bits do not depend on the
+        // thread count.
+        use rayon::prelude::*;
+        let parts: Vec<Vec<f64>> = starts
+            .par_iter()
+            .map(|&start| {
+                let len = data.batch_size.min(n - start);
+                let batch = data.slice(start, len)?;
+                let mut nv = crate::native::Native::new(model, &Masks::new(), &update)?
+                    .ok_or_else(|| RuntimeError::InvalidConfig("no native step".into()))?;
                 let (x, t) = crate::native::batch_values(&batch)?;
                 let width = x.len() / len;
+                let mut out = Vec::with_capacity(len);
                 for s in 0..len {
                     nv.forward_backward(&x[s * width..(s + 1) * width], &t[s..s + 1]);
                     let mut sq = 0.0f64;
@@ -201,30 +207,35 @@ pub fn grand(model: &Model, data: &Dataset) -> Result<Vec<f64>> {
                     }
                     out.push(sq.sqrt());
                 }
+                Ok(out)
+            })
+            .collect::<Result<_>>()?;
+        return Ok(parts.into_iter().flatten().collect());
+    }
+    // Candle's autograd, one sample at a time.
+    let mut out = Vec::with_capacity(n);
+    for start in starts {
+        let len = data.batch_size.min(n - start);
+        let batch = data.slice(start, len)?;
+        for s in 0..len {
+            let ctx = || format!("GraNd of {} sample {}", data.name, start + s);
+            let part = Batch {
+                inputs: batch.inputs.narrow(0, s, 1).ctx(ctx)?,
+                targets: batch.targets.narrow(0, s, 1).ctx(ctx)?,
+            };
+            let loss = crate::train::batch_loss(model, &part)?;
+            let grads = loss.backward().ctx(ctx)?;
+            let mut sq = 0.0f64;
+            for (_, g) in crate::train::named_grads(model, &grads)? {
+                sq += g
+                    .to_dtype(DType::F64)
+                    .and_then(|g| g.sqr())
+                    .and_then(|g| g.sum_all())
+                    .and_then(|g| g.to_scalar::<f64>())
+                    .ctx(ctx)?;
             }
-            None => {
-                for s in 0..len {
-                    let ctx = || format!("GraNd of {} sample {}", data.name, start + s);
-                    let part = Batch {
-                        inputs: batch.inputs.narrow(0, s, 1).ctx(ctx)?,
-                        targets: batch.targets.narrow(0, s, 1).ctx(ctx)?,
-                    };
-                    let loss = crate::train::batch_loss(model, &part)?;
-                    let grads = loss.backward().ctx(ctx)?;
-                    let mut sq = 0.0f64;
-                    for (_, g) in crate::train::named_grads(model, &grads)? {
-                        sq += g
-                            .to_dtype(DType::F64)
-                            .and_then(|g| g.sqr())
-                            .and_then(|g| g.sum_all())
-                            .and_then(|g| g.to_scalar::<f64>())
-                            .ctx(ctx)?;
-                    }
-                    out.push(sq.sqrt());
-                }
-            }
+            out.push(sq.sqrt());
         }
-        start += len;
     }
     Ok(out)
 }
