@@ -42,8 +42,11 @@ pub struct Step {
     /// The plan step it ran (`prunec plan` lists them by this id).
     pub id: String,
     pub kind: String,
-    /// The model the stage works on (empty for `assert` and `report`).
+    /// The model the stage works on (empty for `assert` and `report`; a
+    /// data prune's scoring model, empty for `random()`).
     pub model: String,
+    /// The data set a data prune works on.
+    pub data: Option<String>,
     pub span: Span,
     pub variants: Vec<String>,
     pub seconds: f64,
@@ -70,6 +73,7 @@ pub struct Report {
     /// Each `unit = ...` prune stage: the widths it left.
     pub shrinks: Vec<Shrink>,
     pub data_pruned: Vec<DataPruned>,
+    pub analyses: Vec<OracleStudy>,
     pub layers: Vec<Layer>,
     pub final_sparsity: f64,
     pub counts: Option<ModelCounts>,
@@ -89,6 +93,25 @@ pub struct Report {
     pub failed_assert: Option<String>,
     /// Line and column of spans, for the JSON.
     source: String,
+}
+
+/// An oracle study (`analyze ... by oracle(...)`): one row per candidate mask.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OracleStudy {
+    pub step: String,
+    pub span: Span,
+    pub model: String,
+    pub label: Option<String>,
+    pub data: String,
+    pub test: String,
+    pub unit: String,
+    pub fraction: f64,
+    /// Per candidate: the loss on `data` right after pruning, then the
+    /// accuracy and loss on `test` after retraining.
+    pub candidates: Vec<(f64, f64, f64)>,
+    pub kendall_tau: f64,
+    /// The scatter plot, relative to the output folder.
+    pub plot: String,
 }
 
 /// What a data-set prune kept.
@@ -164,6 +187,7 @@ impl Report {
             rounds: vec![],
             shrinks: vec![],
             data_pruned: vec![],
+            analyses: vec![],
             layers: vec![],
             final_sparsity: 0.0,
             counts: None,
@@ -186,7 +210,7 @@ impl Report {
 
     pub fn step_json(&self, t: &Step) -> Json {
         json!({
-            "id": t.id, "kind": t.kind, "model": t.model, "span": self.span_json(t.span),
+            "id": t.id, "kind": t.kind, "model": t.model, "data": t.data, "span": self.span_json(t.span),
             "variants": t.variants, "seconds": t.seconds, "copied_from": t.copied_from,
         })
     }
@@ -231,6 +255,14 @@ impl Report {
                 "samples": d.samples, "kept": d.kept.len(),
                 "classes": d.classes.iter().map(|(b, a)| json!({"before": b, "after": a})).collect::<Vec<_>>(),
                 "never_learned": d.never_learned, "file": d.file, "kept_indices": d.kept,
+            })).collect::<Vec<_>>(),
+            "analyses": self.analyses.iter().map(|a| json!({
+                "step": a.step, "span": self.span_json(a.span), "analysis": "oracle", "model": a.model,
+                "label": a.label, "data": a.data, "test": a.test, "unit": a.unit, "fraction": a.fraction,
+                "kendall_tau": a.kendall_tau, "plot": a.plot,
+                "candidates": a.candidates.iter().map(|(l, acc, tl)| json!({
+                    "loss_after_pruning": l, "accuracy_after_retraining": acc, "loss_after_retraining": tl,
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "layers": self.layers.iter().map(|l| json!({
                 "model": l.model, "name": l.name, "shape": l.shape, "total": l.total, "kept": l.kept,
@@ -337,6 +369,29 @@ impl Report {
                     r.sparsity * 100.0,
                     r.pqi,
                     m.join(", ")
+                ));
+            }
+            md.push('\n');
+        }
+        for a in &self.analyses {
+            md.push_str(&format!(
+                "## Oracle study: step {} (`{}`)\n\n{} candidate masks, each removing a random {:.2}% of every layer's {}s from a copy of `{}`: the loss on `{}` right after pruning against the accuracy on `{}` after retraining. Kendall's τ-b = **{:.4}** (−1: the lowest loss after pruning always retrains best). Plot: `{}`.\n\n| candidate | loss after pruning | accuracy after retraining | loss after retraining |\n|---|---|---|---|\n",
+                a.step,
+                a.label.as_deref().unwrap_or("oracle"),
+                a.candidates.len(),
+                a.fraction * 100.0,
+                a.unit,
+                a.model,
+                a.data,
+                a.test,
+                a.kendall_tau,
+                a.plot
+            ));
+            for (k, (l, acc, tl)) in a.candidates.iter().enumerate() {
+                md.push_str(&format!(
+                    "| {} | {l:.4} | {:.2}% | {tl:.4} |\n",
+                    k + 1,
+                    acc * 100.0
                 ));
             }
             md.push('\n');
@@ -532,12 +587,66 @@ fn rounds_svg(rounds: &[Round], metrics: &[String]) -> String {
     svg
 }
 
+/// The oracle study's scatter plot: loss right after pruning (x) against
+/// accuracy after retraining (y), one dot per candidate mask.
+fn oracle_svg(a: &OracleStudy) -> String {
+    let (pw, ph, x0, y0) = (420.0, 300.0, 70.0, 40.0);
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#,
+        pw + x0 + 30.0,
+        ph + y0 + 60.0
+    );
+    svg.push_str(&format!(
+        r#"<text x="{x0}" y="20" font-weight="bold">oracle study of {}: {} masks at {:.0}% of the {}s, Kendall tau-b = {:.3}</text>"#,
+        xml_escape(&a.model),
+        a.candidates.len(),
+        a.fraction * 100.0,
+        a.unit,
+        a.kendall_tau
+    ));
+    svg.push_str(&format!(
+        r##"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>"##
+    ));
+    let range = |v: &mut dyn Iterator<Item = f64>| {
+        let (lo, hi) = v.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+            (a.min(x), b.max(x))
+        });
+        let pad = if hi > lo { (hi - lo) * 0.05 } else { 0.5 };
+        (lo - pad, hi + pad)
+    };
+    let (xl, xh) = range(&mut a.candidates.iter().map(|c| c.0));
+    let (yl, yh) = range(&mut a.candidates.iter().map(|c| c.1 * 100.0));
+    for (l, acc, _) in &a.candidates {
+        let x = x0 + pw * (l - xl) / (xh - xl);
+        let y = y0 + ph - ph * (acc * 100.0 - yl) / (yh - yl);
+        svg.push_str(&format!(
+            r##"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="#c0392b" fill-opacity="0.75"/>"##
+        ));
+    }
+    svg.push_str(&format!(
+        r#"<text x="{x0}" y="{}">loss on {} right after pruning: {xl:.3} .. {xh:.3}</text>"#,
+        y0 + ph + 20.0,
+        xml_escape(&a.data)
+    ));
+    svg.push_str(&format!(
+        r#"<text x="12" y="{}" transform="rotate(-90 12 {})">accuracy on {} after retraining: {yl:.2} .. {yh:.2}%</text>"#,
+        y0 + ph,
+        y0 + ph,
+        xml_escape(&a.test)
+    ));
+    svg.push_str("</svg>\n");
+    svg
+}
+
 /// Writes the plots, `report.json`, `report.md` and `prune.lock` into `dir`.
 pub fn write_all(report: &mut Report, dir: &Path) -> std::io::Result<()> {
     let mut files: Vec<(PathBuf, String)> =
         vec![(PathBuf::from("sparsity.svg"), sparsity_svg(&report.layers))];
     for (path, metrics) in &report.plots {
         files.push((path.clone(), rounds_svg(&report.rounds, metrics)));
+    }
+    for a in &report.analyses {
+        files.push((PathBuf::from(&a.plot), oracle_svg(a)));
     }
     for (path, text) in files {
         if path.is_absolute()

@@ -405,6 +405,9 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
                 }
             }
         }
+        if s.kind == StageKind::Analyze {
+            analyze_shapes(s, shapes, &data_shapes, &data_classes, &mut diags);
+        }
         if s.kind == StageKind::Prune {
             prune_shapes(r, s, shapes, &mut diags);
             if let Some(d) = &s.during {
@@ -415,6 +418,84 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
     }
     diags.sort_by_key(|d| d.sort_key());
     diags
+}
+
+/// An oracle study's `test` data fits the model, and the model has units of
+/// the kind its candidates remove.
+fn analyze_shapes(
+    s: &Stage,
+    shapes: &Shapes,
+    data_shapes: &BTreeMap<String, Vec<usize>>,
+    data_classes: &BTreeMap<String, usize>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let Some(prunec_lang::ast::Expr {
+        kind: prunec_lang::ast::ExprKind::Call { args, .. },
+        span: by_span,
+    }) = &s.by
+    else {
+        return;
+    };
+    let arg = |k: &str, i: usize| {
+        args.named(k)
+            .or_else(|| args.items.iter().filter(|a| a.name.is_none()).nth(i))
+    };
+    if let Some(test) = arg("test", 0) {
+        let name = test
+            .value
+            .as_name()
+            .map(|n| n.name.clone())
+            .unwrap_or_default();
+        if let (Some(sample), Some(input), Some(arch)) =
+            (data_shapes.get(&name), &shapes.input, &shapes.arch)
+        {
+            if !arch.accepts(sample) {
+                diags.push(
+                    Diagnostic::new(
+                        Code::ShapeMismatch,
+                        format!(
+                            "samples of shape {sample:?} do not fit the model's input {input:?}"
+                        ),
+                    )
+                    .with_label(test.value.span, format!("samples are {sample:?}"))
+                    .with_label(s.subject[0].span, format!("expects {input:?}")),
+                );
+            }
+        }
+        if let (Some(&wanted), Some(classes)) = (data_classes.get(&name), shapes.classes) {
+            if wanted > classes {
+                diags.push(
+                    Diagnostic::new(
+                        Code::ShapeMismatch,
+                        format!("the data has {wanted} classes; the model outputs {classes}"),
+                    )
+                    .with_label(test.value.span, format!("{wanted} classes"))
+                    .with_label(s.subject[0].span, format!("{classes} outputs")),
+                );
+            }
+        }
+    }
+    let unit = match arg("unit", 2).and_then(|a| a.value.as_name()) {
+        Some(u) if u.name == "channel" => prunec_lang::resolved::Unit::Channel,
+        _ => prunec_lang::resolved::Unit::Neuron,
+    };
+    if let (Some(arch), Some(kind)) = (&shapes.arch, crate::units::kind(unit)) {
+        if !arch.unit_layers().iter().any(|l| l.kind == kind) {
+            diags.push(
+                Diagnostic::new(
+                    Code::ShapeMismatch,
+                    format!("no layer of this model has {unit}s for the candidates to remove"),
+                )
+                .with_label(*by_span, format!("removes {unit}s"))
+                .with_label(s.subject[0].span, format!("has no {unit}s"))
+                .with_help(if unit == prunec_lang::resolved::Unit::Neuron {
+                    "`neuron` units are the outputs of linear layers before the last; use `unit = channel` for convolutions"
+                } else {
+                    "`channel` units are the output channels of convolutions; use `unit = neuron` for linear layers"
+                }),
+            );
+        }
+    }
 }
 
 /// An OBS method's `grads` gradients of `batch` samples must come from its

@@ -75,6 +75,8 @@ enum Base {
     Pdp,
     /// The training data pruned by EL2N, GraNd and at random first.
     DataPrune,
+    /// An oracle study of the trained model.
+    Oracle,
     /// LeNet-5 on MNIST.
     Lenet,
     /// `Digits` trained on an image folder of the digits.
@@ -215,6 +217,10 @@ fn base_text(b: Base) -> String {
         Base::Pdp => digits.replace(
             PRUNE_LINE,
             "  prune net by magnitude (schedule = pdp(from = 0%, to = 60%, start = step 0, end = step 30, tau = 1e-4, curve = cubic)) during\n    train net on train (epochs = 2)",
+        ),
+        Base::Oracle => digits.replace(
+            "  evaluate net on test -> [accuracy]",
+            "  analyze net on train by oracle(test = test, candidates = 4, unit = neuron) to 50% -> \"oracle.svg\" as study (epochs = 1)\n  evaluate net on test -> [accuracy]",
         ),
         Base::DataPrune => digits
             .replace(
@@ -485,6 +491,19 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
     add("mfac.block", Changes(MFac, "block = 2048", "block = 64"));
     add("mfac.damp", Changes(MFac, "damp = 1e-5", "damp = 1"));
     add("mfac.batch", Changes(MFac, "batch = 1)", "batch = 4)"));
+    add(
+        "oracle.candidates",
+        Changes(Oracle, "candidates = 4", "candidates = 5"),
+    );
+    add(
+        "oracle.test",
+        Changes(Oracle, "test = test,", "test = train,"),
+    );
+    add("oracle.unit", Checked("P061_oracle_does_not_fit"));
+    add(
+        "kendall_tau",
+        Tested("an_oracle_study_reports_every_candidate_and_their_kendall_tau"),
+    );
     add(
         "el2n.model",
         Changes(DataPrune, "el2n(model = probe)", "el2n(model = probe2)"),

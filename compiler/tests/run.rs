@@ -227,6 +227,7 @@ fn outputs_are_identical_with_one_and_two_threads() {
         "tests/recipes/run/digits_methods.prune",
         "tests/recipes/run/digits_obs.prune",
         "tests/recipes/run/digits_data_pruning.prune",
+        "tests/recipes/run/digits_oracle.prune",
     ] {
         let mut hashes = Vec::new();
         for threads in ["1", "2"] {
@@ -2688,4 +2689,56 @@ fn data_pruning_keeps_what_each_score_ranks_best() {
     let (_dir2, _, other) = run_ok(&[recipe, "--set", "drop=50%"]);
     let kept = other["data_pruned"][0]["kept_indices"].as_array().unwrap();
     assert_eq!(kept.len(), 1437 - 718);
+}
+
+/// The oracle study retrains copies of the model: each candidate's loss
+/// after pruning and accuracy after retraining are in the report, the
+/// recipe's `kendall_tau` is τ-b over them (recomputed here), the scatter
+/// plot is a locked output, and the model itself is unchanged (the recipe
+/// asserts its accuracy after the study equals the one before).
+#[test]
+fn an_oracle_study_reports_every_candidate_and_their_kendall_tau() {
+    require_data("digits/digits.csv.gz", "digits");
+    let (_dir, out, report) = run_ok(&["tests/recipes/run/digits_oracle.prune"]);
+    let a = &report["analyses"][0];
+    assert_eq!(a["analysis"], "oracle");
+    assert_eq!(a["label"], "study");
+    let rows = a["candidates"].as_array().unwrap();
+    assert_eq!(rows.len(), 12);
+    let loss: Vec<f64> = rows
+        .iter()
+        .map(|r| r["loss_after_pruning"].as_f64().unwrap())
+        .collect();
+    let acc: Vec<f64> = rows
+        .iter()
+        .map(|r| r["accuracy_after_retraining"].as_f64().unwrap())
+        .collect();
+    // Random halves of the hidden neurons: the losses differ from copy to copy.
+    assert!(loss.windows(2).any(|w| w[0] != w[1]));
+    assert!(acc.iter().all(|&x| x > 0.3 && x <= 1.0));
+    let mut c = 0i64;
+    let (mut d, mut tx, mut ty) = (0i64, 0i64, 0i64);
+    for i in 0..12 {
+        for j in i + 1..12 {
+            let (sx, sy) = (loss[i].total_cmp(&loss[j]), acc[i].total_cmp(&acc[j]));
+            match (sx.is_eq(), sy.is_eq()) {
+                (true, true) => {}
+                (true, false) => tx += 1,
+                (false, true) => ty += 1,
+                _ if sx == sy => c += 1,
+                _ => d += 1,
+            }
+        }
+    }
+    let tau = (c - d) as f64 / (((c + d + ty) * (c + d + tx)) as f64).sqrt();
+    let reported = a["kendall_tau"].as_f64().unwrap();
+    assert!((reported - tau).abs() < 1e-12, "{reported} vs {tau}");
+    let svg = std::fs::read_to_string(out.join("oracle.svg")).unwrap();
+    assert_eq!(svg.matches("<circle").count(), 12);
+    let outputs = report["outputs"].as_array().unwrap();
+    assert!(outputs.iter().any(|o| o["path"] == "oracle.svg"));
+    assert_eq!(
+        evaluation(&report, "dense", "accuracy"),
+        evaluation(&report, "unchanged", "accuracy")
+    );
 }

@@ -184,10 +184,12 @@ pub enum StageKind {
     Assert,
     Export,
     Report,
+    /// A study of a model whose table and plot land in the report.
+    Analyze,
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 8] = [
+    pub const ALL: [StageKind; 9] = [
         StageKind::Train,
         StageKind::Finetune,
         StageKind::Calibrate,
@@ -196,6 +198,7 @@ impl StageKind {
         StageKind::Assert,
         StageKind::Export,
         StageKind::Report,
+        StageKind::Analyze,
     ];
 
     pub fn keyword(self) -> &'static str {
@@ -208,6 +211,7 @@ impl StageKind {
             StageKind::Assert => "assert",
             StageKind::Export => "export",
             StageKind::Report => "report",
+            StageKind::Analyze => "analyze",
         }
     }
 
@@ -215,7 +219,7 @@ impl StageKind {
     pub fn a(self) -> String {
         let article = if matches!(
             self,
-            StageKind::Evaluate | StageKind::Export | StageKind::Assert
+            StageKind::Evaluate | StageKind::Export | StageKind::Assert | StageKind::Analyze
         ) {
             "an"
         } else {

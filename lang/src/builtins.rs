@@ -80,6 +80,8 @@ pub enum Kind {
     ScoreFn,
     /// A per-sample score a data set is pruned by (`prune DATA by el2n(net)`).
     DataScore,
+    /// A study an `analyze` stage runs (`analyze net by oracle(...)`).
+    Analysis,
     /// An input of criterion expressions (`w`, `step`).
     ScoreInput,
     Metric,
@@ -102,6 +104,7 @@ impl Kind {
             Kind::ScoreFn => "criterion function",
             Kind::ScoreInput => "criterion input",
             Kind::DataScore => "data score",
+            Kind::Analysis => "analysis",
             Kind::Metric => "metric",
             Kind::StageOption => "stage option",
         }
@@ -550,7 +553,13 @@ pub static BUILTINS: &[Builtin] = &[
         p("model", Ty::Of(Kind::Model), None, Range::any(), "the classifier whose training (`during train MODEL on DATA`) is watched"),
     ], "Forgetting events (Toneva et al. 2019): how often a sample goes from classified correctly to misclassified between two presentations while the model trains on the data set (`prune DATA by forgetting(net) to 50% during train net on DATA (...)`); a sample never classified correctly counts as forgotten infinitely often."),
     b("random", Kind::DataScore, &[], "Random data pruning: a uniform draw per sample from the recipe's seed and the stage (`prune DATA by random() to 90%`)."),
-    // ---- patterns
+    // ---- analyses (`analyze MODEL on DATA by ANALYSIS to FRACTION -> "PLOT.svg"`)
+    b("oracle", Kind::Analysis, &[
+        p("test", Ty::Of(Kind::Dataset), None, Range::any(), "the data the accuracy after retraining is measured on"),
+        p("candidates", Ty::Int, Some("32"), Range { min: Some((2.0, true)), max: Some((1000.0, true)) }, "candidate masks, each removing a fresh random choice of units"),
+        p("unit", Ty::Enum(&["neuron", "channel"]), Some("neuron"), Range::any(), "what a candidate removes: hidden neurons of linear layers or output channels of convolutions (in every layer that has them, the fraction `to` of each)"),
+    ], "The oracle study of \"Is Oracle Pruning the True Oracle?\" (Feng et al. 2024): `candidates` masks at one sparsity, each removing a seeded random choice of the fraction `to` of every layer's units from a copy of the model; for each, the loss on the `on` data right after pruning (what oracle pruning minimises) and the accuracy on `test` after retraining the copy with the stage's `epochs`/`steps`/`optimizer`/`lr_schedule`; Kendall's τ-b between the two (−1: lower loss always retrains better) lands in the report with a table and a scatter plot (`-> \"oracle.svg\"`), and as the metric `kendall_tau` of the stage's label. The model itself is not changed."),
+
     b("block", Kind::Pattern, &[
         p("rows", Ty::Int, None, Range { min: Some((1.0, true)), max: Some((4096.0, true)) }, "block height (output rows)"),
         p("cols", Ty::Int, None, Range { min: Some((1.0, true)), max: Some((4096.0, true)) }, "block width (input columns)"),
@@ -614,6 +623,7 @@ pub static BUILTINS: &[Builtin] = &[
     b("pqi", Kind::Metric, &[], "PQ index of the kept weights (p = 0.5, q = 1): 0 dense-like, towards 1 sparse."),
     b("params", Kind::Metric, &[], "Kept (non-zero) parameters."),
     b("flops", Kind::Metric, &[], "FLOPs of one forward pass counting kept weights only."),
+    b("kendall_tau", Kind::Metric, &[], "Kendall's τ-b of an `analyze ... by oracle(...)` study between each candidate's loss right after pruning and its accuracy after retraining (read as `LABEL.kendall_tau` or the latest; not an evaluation)."),
     b("latency", Kind::Metric, &[], "Milliseconds of one forward pass of the model as it is over a batch of the stage's data (the data set's `batch` is the batch size): the median of 20 timed passes after 3 warm-up passes. A timing of the machine at hand: in the report, never in a locked output (not plotted)."),
     b("throughput", Kind::Metric, &[], "Samples per second (classifiers) or tokens per second (language models) of the forward pass `latency` times: the batch over the median time."),
     // ---- stage options
@@ -732,6 +742,7 @@ pub fn stage_options(kind: crate::ast::StageKind) -> &'static [&'static str] {
             "keep",
         ],
         Evaluate | Assert | Report => &[],
+        Analyze => &["epochs", "steps", "optimizer", "lr_schedule"],
         Export => &["format"],
     }
 }

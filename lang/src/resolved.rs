@@ -349,12 +349,19 @@ pub enum Metric {
     Latency,
     /// Samples per second of that forward pass (a timing).
     Throughput,
+    /// Kendall's τ of an oracle study (an `analyze` stage's result).
+    KendallTau,
 }
 
 impl Metric {
     /// A wall-time measurement: different on every run and machine.
     pub fn is_timing(self) -> bool {
         matches!(self, Metric::Latency | Metric::Throughput)
+    }
+
+    /// A result of an `analyze` stage, not something `evaluate` measures.
+    pub fn is_study(self) -> bool {
+        matches!(self, Metric::KendallTau)
     }
 
     /// The built-in metric of this name.
@@ -373,6 +380,7 @@ impl Metric {
                 "flops" => Metric::Flops,
                 "latency" => Metric::Latency,
                 "throughput" => Metric::Throughput,
+                "kendall_tau" => Metric::KendallTau,
                 _ => return None,
             },
         )
@@ -390,6 +398,7 @@ impl Metric {
             Metric::Flops => "flops",
             Metric::Latency => "latency",
             Metric::Throughput => "throughput",
+            Metric::KendallTau => "kendall_tau",
         }
     }
 }

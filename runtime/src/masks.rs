@@ -214,3 +214,12 @@ impl Masks {
         Ok(masks)
     }
 }
+
+/// `0..n` in a seeded random order (candidate masks that remove random units).
+pub fn random_order(n: usize, seed: u64) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    order
+}

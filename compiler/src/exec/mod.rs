@@ -2,6 +2,7 @@
 //! JIT-compiled kernels, and stages every output in a temporary folder that
 //! is moved into place only when the run succeeds.
 
+mod analyze;
 mod data;
 pub(crate) mod llm;
 mod prune;
@@ -485,6 +486,7 @@ impl Exec<'_> {
                 }
             }
             Action::PruneData(d) => self.prune_data(step, d)?,
+            Action::Analyze(a) => self.analyze(step, a)?,
             Action::Statistics {
                 for_step,
                 gradients,
@@ -530,6 +532,10 @@ impl Exec<'_> {
                 _ => step.site.kind.keyword().to_string(),
             },
             model: step.model.clone().unwrap_or_default(),
+            data: match &step.action {
+                Action::PruneData(d) => Some(d.data.clone()),
+                _ => None,
+            },
             span: step.span,
             variants: self.variants.clone(),
             seconds: t0.elapsed().as_secs_f64(),
@@ -669,21 +675,9 @@ impl Exec<'_> {
         Ok(())
     }
 
-    fn train(&mut self, step: &Step) -> Result<(), RunError> {
-        self.train_with(step, None, None)
-    }
-
-    /// Runs a `train` / `finetune` stage; `gradual` prunes during it.
-    fn train_with(
-        &mut self,
-        step: &Step,
-        mut gradual: Option<&mut prune::Gradual>,
-        forgetting: Option<&mut rt::datascore::Forgetting>,
-    ) -> Result<(), RunError> {
-        let (name, span) = Self::subject_name(step)?;
-        let on = Self::on_data(step)?;
-        self.dataset_named(&on.name, on.span)?;
-        let data_name = on.name.clone();
+    /// The training a stage's options ask for (`epochs` or `steps`,
+    /// `optimizer`, `lr_schedule`), over data of `batches` batches.
+    fn train_config(&self, step: &Step, batches: usize) -> rt::TrainConfig {
         let epochs = self
             .option(step, "epochs")
             .and_then(|v| v.as_i64())
@@ -722,8 +716,6 @@ impl Exec<'_> {
                 nesterov: matches!(opt.arg("nesterov"), Some(Value::Bool(true))),
             },
         };
-        let data = &self.datasets[&data_name];
-        let batches = data.num_batches();
         let mut cfg = rt::TrainConfig::new(epochs, optimizer);
         if let Some(st) = steps {
             cfg = cfg.max_steps(st.max(1) as usize);
@@ -754,6 +746,26 @@ impl Exec<'_> {
                 _ => {}
             }
         }
+        cfg
+    }
+
+    fn train(&mut self, step: &Step) -> Result<(), RunError> {
+        self.train_with(step, None, None)
+    }
+
+    /// Runs a `train` / `finetune` stage; `gradual` prunes during it.
+    fn train_with(
+        &mut self,
+        step: &Step,
+        mut gradual: Option<&mut prune::Gradual>,
+        forgetting: Option<&mut rt::datascore::Forgetting>,
+    ) -> Result<(), RunError> {
+        let (name, span) = Self::subject_name(step)?;
+        let on = Self::on_data(step)?;
+        self.dataset_named(&on.name, on.span)?;
+        let data_name = on.name.clone();
+        let batches = self.datasets[&data_name].num_batches();
+        let cfg = self.train_config(step, batches);
         let reinit = matches!(self.option(step, "reinit"), Some(Value::Bool(true)));
         let seed = self.r.seed;
         let device = self.device.clone();

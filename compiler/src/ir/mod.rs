@@ -80,6 +80,12 @@ pub enum Op {
     Reconstruct {
         method: Method,
     },
+    /// A study of the model's state (it is not changed) whose results go
+    /// to the report: `analysis` is the call as written.
+    Analyze {
+        analysis: Written,
+        data: String,
+    },
     /// A data set keeps the samples a per-sample score ranks best: the
     /// data set's later readers read what it leaves.
     PruneData {
@@ -216,6 +222,7 @@ impl Op {
                 )
             }
             Op::Reconstruct { method } => format!("reconstruct ({method:?})"),
+            Op::Analyze { analysis, data } => format!("analyze on {data} by {analysis}"),
             Op::PruneData { data, score, model } => format!(
                 "prune data {data} by {}({})",
                 score.name(),
@@ -459,6 +466,39 @@ impl Lowerer<'_> {
                 }
             }
             StageKind::Prune if self.r.is_data_prune(s) => self.prune_data(s, &model),
+            StageKind::Analyze => {
+                let data = Self::name_of(s.on.as_ref());
+                let Some(by) = s.by.as_ref() else { return };
+                let analysis = self.written(by);
+                // Data sets named in the call (`test = D`) flow in too.
+                let mut named = Vec::new();
+                if let ExprKind::Call { args, .. } = &by.kind {
+                    for a in &args.items {
+                        if let Some(id) = a.value.as_name() {
+                            if self.data.contains_key(&id.name) {
+                                named.push(id.name.clone());
+                            }
+                        }
+                    }
+                }
+                let n = self.on_model(
+                    &model,
+                    Node {
+                        op: Op::Analyze {
+                            analysis,
+                            data: data.clone(),
+                        },
+                        span: s.span,
+                        stage: self.at,
+                    },
+                    Some(&data),
+                    false,
+                );
+                for d in named.iter().filter(|d| **d != data) {
+                    let src = self.data[d];
+                    self.g.add_edge(src, n, Flow::Data);
+                }
+            }
             StageKind::Prune => self.prune(s, &model),
             StageKind::Evaluate => {
                 let data = Self::name_of(s.on.as_ref());

@@ -113,6 +113,8 @@ pub enum Action {
     Prune(Box<Prune>),
     /// A data set keeps the samples its score ranks best.
     PruneData(Box<DataPrune>),
+    /// A study of the model whose results go to the report.
+    Analyze(Box<Analysis>),
     Evaluate {
         data: String,
         metrics: Vec<Metric>,
@@ -129,6 +131,25 @@ pub enum Action {
         /// The plot it writes (`-> "curve.svg"`).
         path: Option<String>,
     },
+}
+
+/// A resolved `analyze` stage (the oracle study).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Analysis {
+    /// The analysis (`oracle`).
+    pub name: String,
+    /// Where the loss right after pruning is measured, and the copies retrain.
+    pub data: String,
+    /// Where the accuracy after retraining is measured.
+    pub test: String,
+    pub candidates: usize,
+    /// `neuron` or `channel`.
+    pub unit: Unit,
+    /// The fraction of each layer's units a candidate removes.
+    pub fraction: f64,
+    /// The scatter plot (`-> "oracle.svg"`), relative to the output folder.
+    pub path: String,
+    pub label: Option<String>,
 }
 
 /// A resolved data-set prune (`prune DATA by el2n(MODEL) to 90%`).
@@ -330,6 +351,17 @@ impl Step {
                 }
                 line
             }
+            Action::Analyze(a) => format!(
+                "analyze {} by {}: {} candidate masks, each removing a random {:.2}% of every layer's {}s from a copy; loss on {} right after pruning, accuracy on {} after retraining the copy; Kendall's tau and a scatter plot to {:?}",
+                on(&self.model),
+                a.name,
+                a.candidates,
+                a.fraction * 100.0,
+                a.unit,
+                a.data,
+                a.test,
+                a.path
+            ),
             Action::PruneData(d) => {
                 let by = match (&d.model, d.score) {
                     (Some(m), s) => format!("{}({m})", s.name()),
@@ -712,6 +744,74 @@ fn step_of(
                 path: path.clone(),
             },
             _ => return Err(missing("report")),
+        },
+        StageKind::Analyze => match ops.as_slice() {
+            [Op::Analyze { analysis, data }] => {
+                let call = |k: &str| match &analysis.expr.kind {
+                    prunec_lang::ast::ExprKind::Call { args, .. } => {
+                        args.named(k).map(|a| a.value.clone())
+                    }
+                    _ => None,
+                };
+                let name = match &analysis.expr.kind {
+                    prunec_lang::ast::ExprKind::Call { callee, .. } => callee.name.clone(),
+                    _ => analysis.text.clone(),
+                };
+                // Positional arguments in the table's order: test, candidates, unit.
+                let positional = |i: usize| match &analysis.expr.kind {
+                    prunec_lang::ast::ExprKind::Call { args, .. } => args
+                        .items
+                        .iter()
+                        .filter(|a| a.name.is_none())
+                        .nth(i)
+                        .map(|a| a.value.clone()),
+                    _ => None,
+                };
+                let arg = |k: &str, i: usize| call(k).or_else(|| positional(i));
+                let test = arg("test", 0)
+                    .and_then(|e| e.as_name().map(|n| n.name.clone()))
+                    .ok_or_else(|| format!("stage {id}: no `test` data"))?;
+                let default = |k: &str| {
+                    prunec_lang::builtins::lookup(&name)
+                        .and_then(|b| b.params.iter().find(|p| p.name == k))
+                        .and_then(|p| p.default)
+                        .map(String::from)
+                };
+                let candidates = match arg("candidates", 1) {
+                    Some(e) => r.constant(&e),
+                    None => default("candidates").and_then(|d| d.parse().ok()),
+                }
+                .ok_or_else(|| format!("stage {id}: `candidates` is not a constant"))?;
+                let unit_word = match arg("unit", 2) {
+                    Some(e) => e.as_name().map(|n| n.name.clone()),
+                    None => default("unit"),
+                };
+                let unit = Unit::of(unit_word.map(Value::Word).as_ref())
+                    .ok_or_else(|| format!("stage {id}: no unit"))?;
+                let fraction =
+                    s.to.as_ref()
+                        .and_then(|e| r.constant(e))
+                        .ok_or_else(|| format!("stage {id}: the fraction is not a constant"))?;
+                let path = s
+                    .out
+                    .as_ref()
+                    .and_then(|e| match &e.kind {
+                        prunec_lang::ast::ExprKind::Str(p) => Some(p.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| format!("{name}_step{id}.svg"));
+                Action::Analyze(Box::new(Analysis {
+                    name,
+                    data: data.clone(),
+                    test,
+                    candidates: candidates as usize,
+                    unit,
+                    fraction,
+                    path,
+                    label: s.label.as_ref().map(|l| l.name.clone()),
+                }))
+            }
+            _ => return Err(missing("analyze")),
         },
         StageKind::Prune if data_prune => match ops.last() {
             Some(Op::PruneData { data, score, model }) => {

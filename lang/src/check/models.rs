@@ -180,6 +180,14 @@ impl Checker<'_> {
                     "prune it by a criterion that needs no training (`magnitude`, `wanda`, `taylor`, ...) and evaluate it",
                 );
             }
+            StageKind::Analyze if lm || is_onnx_model(&self.symbols, &model) => {
+                self.unsupported(
+                    s.keyword_span,
+                    format!("the oracle study retrains copies of `{model}`: it runs on classifiers that train (built-in architectures and safetensors models)"),
+                    if lm { "not for a language model" } else { "not for an ONNX graph" },
+                    "analyze a classifier declared with `mlp(...)`, `lenet5(...)` or `safetensors(...)`",
+                );
+            }
             StageKind::Prune => self.model_kind_prune(s, &model, lm),
             StageKind::Train | StageKind::Finetune => self.check_distill(s, &model),
             StageKind::Evaluate => {

@@ -347,6 +347,7 @@ impl<'a> Checker<'a> {
             Assert => (false, false, false, false, false),
             Export => (false, false, true, false, false),
             Report => (false, false, false, true, false),
+            Analyze => (true, true, true, true, true),
         };
         if !on {
             self.forbid(s, "on", clause_span(&s.on));
@@ -469,6 +470,14 @@ impl<'a> Checker<'a> {
                     if let Some(Value::List(items)) = list {
                         for m in items {
                             if let Value::Word(m) = m {
+                                if Metric::named(&m).is_some_and(Metric::is_study) {
+                                    self.push(
+                                        Diagnostic::new(Code::Unsupported, format!("`{m}` is what an `analyze` stage measures, not an evaluation"))
+                                            .with_label(out.span, "not evaluated")
+                                            .with_help("run `analyze MODEL on DATA by oracle(test = DATA) to F as LABEL` and read `LABEL.kendall_tau`"),
+                                    );
+                                    continue;
+                                }
                                 ev.metrics.entry(m.clone()).or_insert(s.span);
                                 metrics.insert(m);
                             }
@@ -511,6 +520,7 @@ impl<'a> Checker<'a> {
                         .with_label(extra.span, "join conditions with `and`"),
                 ),
             },
+            Analyze => self.check_analyze(s, ev, parent),
             Export => {
                 self.expect_model(s);
                 if self.require(s, "to \"PATH\"", s.to.is_some()) {
@@ -550,6 +560,14 @@ impl<'a> Checker<'a> {
                     ) {
                         for item in items {
                             if let Value::Word(name) = item {
+                                if Metric::named(&name).is_some_and(Metric::is_study) {
+                                    self.push(
+                                        Diagnostic::new(Code::Unsupported, format!("`{name}` is an analysis result, not measured per round"))
+                                            .with_label(base.span, "not plotted")
+                                            .with_help("the `analyze` stage plots its own study (`-> \"PLOT.svg\"`)"),
+                                    );
+                                    continue;
+                                }
                                 if Metric::named(&name).is_some_and(Metric::is_timing) {
                                     self.push(
                                         Diagnostic::new(Code::Unsupported, format!("`{name}` is a timing, different on every run: a plot of it cannot be locked for `prunec verify`"))
@@ -884,6 +902,93 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// `analyze MODEL on DATA by oracle(...) to F -> "PLOT.svg" as LABEL`.
+    fn check_analyze(&mut self, s: &Stage, ev: &mut Evaluated, parent: Option<&Stage>) {
+        self.expect_model(s);
+        if let Some(p) = parent {
+            self.push(
+                Diagnostic::new(
+                    Code::StageBlock,
+                    "an `analyze` stage runs at the top level of the pipeline",
+                )
+                .with_label(s.keyword_span, "nested analysis")
+                .with_label(p.keyword_span, "inside this stage"),
+            );
+        }
+        if self.require(s, "on DATASET", s.on.is_some()) {
+            self.eval(s.on.as_ref().unwrap(), Ty::Of(Kind::Dataset), Range::any());
+        }
+        if self.require(s, "by ANALYSIS", s.by.is_some()) {
+            let by = s.by.as_ref().unwrap();
+            let analysis = match &by.kind {
+                ExprKind::Call { callee, .. } | ExprKind::Name(callee) => {
+                    builtins::lookup(&callee.name).filter(|b| b.kind == Kind::Analysis)
+                }
+                _ => None,
+            };
+            match (analysis, &by.kind) {
+                (Some(bi), ExprKind::Call { args, .. }) => {
+                    self.check_args(bi, args, by.span);
+                }
+                (Some(bi), _) => {
+                    // A bare name: its required arguments are missing.
+                    self.check_args(
+                        bi,
+                        &Args {
+                            items: vec![],
+                            span: by.span,
+                        },
+                        by.span,
+                    );
+                }
+                (None, _) => {
+                    let names: Vec<String> = builtins::of_kind(Kind::Analysis)
+                        .map(|b| format!("`{}(...)`", b.name))
+                        .collect();
+                    self.push(
+                        Diagnostic::new(Code::WrongKind, "an `analyze` stage runs an analysis")
+                            .with_label(by.span, "not an analysis")
+                            .with_help(format!("analyses: {}", names.join(", "))),
+                    );
+                }
+            }
+        }
+        if self.require(s, "to FRACTION", s.to.is_some()) {
+            self.eval(s.to.as_ref().unwrap(), Ty::Fraction, Range::sparsity());
+        }
+        if let Some(out) = &s.out {
+            if let Some(Value::Str(path)) = self.eval(out, Ty::Str, Range::any()) {
+                self.check_export_path(out, &path);
+                if !path.ends_with(".svg") {
+                    self.push(
+                        Diagnostic::new(Code::StageClause, "an analysis plots to an `.svg` file")
+                            .with_label(out.span, "not `.svg`")
+                            .with_help("write `-> \"oracle.svg\"`"),
+                    );
+                }
+            }
+        }
+        let results = BTreeSet::from(["kendall_tau".to_string()]);
+        for m in &results {
+            ev.metrics.entry(m.clone()).or_insert(s.span);
+        }
+        if let Some(l) = &s.label {
+            if let Some((prev, _)) = ev.labels.get(&l.name) {
+                let prev = *prev;
+                self.push(
+                    Diagnostic::new(
+                        Code::Duplicate,
+                        format!("the label `{}` is used twice", l.name),
+                    )
+                    .with_label(l.span, "used again here")
+                    .with_label(prev, "first used here"),
+                );
+            } else {
+                ev.labels.insert(l.name.clone(), (l.span, results));
+            }
+        }
+    }
+
     /// `rewind = epoch k` needs `k` epochs of training before the stage.
     fn check_rewind(&mut self, s: &Stage, options: &BTreeMap<String, Value>, ev: &Evaluated) {
         let sched = match options.get("schedule") {
@@ -1088,6 +1193,9 @@ fn stage_usage(kind: StageKind) -> String {
         StageKind::Assert => "assert CONDITION",
         StageKind::Export => "export MODEL to \"PATH\" (format = safetensors)",
         StageKind::Report => "report METRIC, ... [per round] -> \"PATH.svg\"",
+        StageKind::Analyze => {
+            "analyze MODEL on DATASET by oracle(test = DATASET, candidates = N) to FRACTION -> \"PATH.svg\" [as LABEL] (epochs = N, optimizer = ...)"
+        }
     };
     format!("usage: `{usage}`")
 }

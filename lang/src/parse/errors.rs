@@ -274,6 +274,7 @@ pub(super) fn syntax_error(
         "`assert`",
         "`export`",
         "`report`",
+        "`analyze`",
     ];
     let help =
         if only_continuations && stage_word.contains(&found.as_str()) && what == "a declaration" {

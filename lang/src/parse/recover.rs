@@ -20,7 +20,7 @@ const TOP_KEYWORDS: [&str; 9] = [
 ];
 
 /// Words that start a stage.
-const STAGE_KEYWORDS: [&str; 8] = [
+const STAGE_KEYWORDS: [&str; 9] = [
     "train",
     "finetune",
     "calibrate",
@@ -29,6 +29,7 @@ const STAGE_KEYWORDS: [&str; 8] = [
     "assert",
     "export",
     "report",
+    "analyze",
 ];
 
 /// The longest run of prefix operators (`- - x`) accepted.
@@ -372,7 +373,7 @@ fn parse_pipeline(
                 )
                 .with_label(Span::new(first.start, first.end), "not a stage")
                 .with_help(
-                    "a pipeline holds stages: `train`, `finetune`, `calibrate`, `prune`, `evaluate`, `assert`, `export`, `report`",
+                    "a pipeline holds stages: `train`, `finetune`, `calibrate`, `prune`, `evaluate`, `assert`, `export`, `report`, `analyze`",
                 ),
             );
             continue;
