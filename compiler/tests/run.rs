@@ -2742,3 +2742,40 @@ fn an_oracle_study_reports_every_candidate_and_their_kendall_tau() {
         evaluation(&report, "unchanged", "accuracy")
     );
 }
+
+/// The data-pruning example, reduced (12,000 images, short trainings): every
+/// score keeps a tenth of the images, each class its share, and every
+/// distilled student beats its twin trained on the labels alone. (The
+/// ranking reversal the full-size recipe asserts needs its full size.)
+#[test]
+fn data_pruning_example_reduced_distillation_helps_every_score() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    let (_dir, out, report) = run_ok(&[
+        "examples/data_pruning.prune",
+        "--set",
+        "samples=12000",
+        "--set",
+        "epochs=3",
+        "--set",
+        "watch_epochs=2",
+        "--set",
+        "student_epochs=10",
+        "--set",
+        "recovered=25%",
+        "--set",
+        "margin=-100%",
+    ]);
+    let pruned = report["data_pruned"].as_array().unwrap();
+    assert_eq!(pruned.len(), 4);
+    for d in pruned {
+        assert_eq!(d["samples"], 12000);
+        assert_eq!(d["kept"], 1200);
+        let listed = std::fs::read_to_string(out.join(d["file"].as_str().unwrap())).unwrap();
+        assert_eq!(listed.lines().count(), 1200);
+    }
+    for score in ["el2n", "grand", "forgetting", "random"] {
+        let labels = evaluation(&report, score, "accuracy");
+        let kd = evaluation(&report, &format!("{score}_distilled"), "accuracy");
+        assert!(kd > labels, "{score}: {kd} vs {labels}");
+    }
+}
