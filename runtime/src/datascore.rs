@@ -442,7 +442,8 @@ mod tests {
                 samples: &[u32],
                 correct: &[bool],
             ) -> Result<()> {
-                self.0.push((info.epoch, samples.to_vec(), correct.to_vec()));
+                self.0
+                    .push((info.epoch, samples.to_vec(), correct.to_vec()));
                 Ok(())
             }
         }
@@ -471,7 +472,13 @@ mod tests {
         let labels = data.labels().unwrap();
         for (&i, &ok) in seen.0[0].1.iter().zip(&seen.0[0].2) {
             let b = data.slice(i as usize, 1).unwrap();
-            let p: Vec<u32> = model.forward(&b.inputs).unwrap().argmax(1).unwrap().to_vec1().unwrap();
+            let p: Vec<u32> = model
+                .forward(&b.inputs)
+                .unwrap()
+                .argmax(1)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             assert_eq!(p[0] == labels[i as usize], ok, "sample {i}");
         }
         model.restore(&trained).unwrap();
