@@ -326,6 +326,26 @@ pub fn is_method(r: &CheckedRecipe, by: &Expr) -> bool {
 pub fn check_criteria(r: &CheckedRecipe) -> Vec<Diagnostic> {
     let mut diags = Vec::new();
     for s in &r.pipeline().stages {
+        // The criteria an agreement study compares compile like a prune's.
+        if let (prunec_lang::ast::StageKind::Analyze, Some(by)) = (s.kind, &s.by) {
+            if let ExprKind::Call { callee, args } = &by.kind {
+                if callee.name == "agreement" {
+                    for a in &args.items {
+                        if let Err(e) = criterion_to_kernel(r, &a.value) {
+                            diags.push(
+                                Diagnostic::new(Code::Unsupported, e.message())
+                                    .with_label(
+                                        e.span().unwrap_or(a.value.span),
+                                        "cannot be compiled into a scoring kernel",
+                                    )
+                                    .with_help("see `prunec explain` for what each criterion function supports"),
+                            );
+                        }
+                    }
+                }
+            }
+            continue;
+        }
         if s.kind != prunec_lang::ast::StageKind::Prune || r.is_data_prune(s) {
             continue;
         }

@@ -74,6 +74,7 @@ pub struct Report {
     pub shrinks: Vec<Shrink>,
     pub data_pruned: Vec<DataPruned>,
     pub analyses: Vec<OracleStudy>,
+    pub agreements: Vec<AgreementStudy>,
     pub layers: Vec<Layer>,
     pub final_sparsity: f64,
     pub counts: Option<ModelCounts>,
@@ -111,6 +112,25 @@ pub struct OracleStudy {
     pub candidates: Vec<(f64, f64, f64)>,
     pub kendall_tau: f64,
     /// The scatter plot, relative to the output folder.
+    pub plot: String,
+}
+
+/// A criterion agreement study (`analyze ... by agreement(a, b)`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AgreementStudy {
+    pub step: String,
+    pub span: Span,
+    pub model: String,
+    pub label: Option<String>,
+    pub data: String,
+    /// The two criteria as written.
+    pub a: String,
+    pub b: String,
+    pub fraction: f64,
+    /// Per weight tensor: its name, size, Spearman's ρ and the overlap.
+    pub tensors: Vec<(String, usize, f64, f64)>,
+    pub spearman: f64,
+    pub overlap: f64,
     pub plot: String,
 }
 
@@ -188,6 +208,7 @@ impl Report {
             shrinks: vec![],
             data_pruned: vec![],
             analyses: vec![],
+            agreements: vec![],
             layers: vec![],
             final_sparsity: 0.0,
             counts: None,
@@ -262,6 +283,14 @@ impl Report {
                 "kendall_tau": a.kendall_tau, "plot": a.plot,
                 "candidates": a.candidates.iter().map(|(l, acc, tl)| json!({
                     "loss_after_pruning": l, "accuracy_after_retraining": acc, "loss_after_retraining": tl,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "agreements": self.agreements.iter().map(|a| json!({
+                "step": a.step, "span": self.span_json(a.span), "analysis": "agreement", "model": a.model,
+                "label": a.label, "data": a.data, "a": a.a, "b": a.b, "fraction": a.fraction,
+                "spearman": a.spearman, "overlap": a.overlap, "plot": a.plot,
+                "tensors": a.tensors.iter().map(|(n, size, rho, o)| json!({
+                    "name": n, "weights": size, "spearman": rho, "overlap": o,
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "layers": self.layers.iter().map(|l| json!({
@@ -392,6 +421,28 @@ impl Report {
                     "| {} | {l:.4} | {:.2}% | {tl:.4} |\n",
                     k + 1,
                     acc * 100.0
+                ));
+            }
+            md.push('\n');
+        }
+        for a in &self.agreements {
+            md.push_str(&format!(
+                "## Criterion agreement: step {} (`{}`)\n\n`{}` against `{}` on every weight tensor of `{}` (statistics on `{}`): Spearman's ρ of the scores and the share of the lowest-scored {:.2}% that both pick. Over all tensors: ρ = **{:.4}**, overlap **{:.2}%**. Plot: `{}`.\n\n| tensor | weights | Spearman ρ | overlap |\n|---|---|---|---|\n",
+                a.step,
+                a.label.as_deref().unwrap_or("agreement"),
+                a.a,
+                a.b,
+                a.model,
+                a.data,
+                a.fraction * 100.0,
+                a.spearman,
+                a.overlap * 100.0,
+                a.plot
+            ));
+            for (n, size, rho, o) in &a.tensors {
+                md.push_str(&format!(
+                    "| `{n}` | {size} | {rho:.4} | {:.2}% |\n",
+                    o * 100.0
                 ));
             }
             md.push('\n');
@@ -638,6 +689,52 @@ fn oracle_svg(a: &OracleStudy) -> String {
     svg
 }
 
+/// Criterion agreement as bars: per tensor (and over all), Spearman's ρ on
+/// [-1, 1] and the overlap on [0, 1].
+fn agreement_svg(a: &AgreementStudy) -> String {
+    let rows: Vec<(String, f64, f64)> = a
+        .tensors
+        .iter()
+        .map(|(n, _, r, o)| (n.clone(), *r, *o))
+        .chain(std::iter::once(("all".to_string(), a.spearman, a.overlap)))
+        .collect();
+    let (x0, bw, rh) = (160.0, 200.0, 22.0);
+    let h = 60.0 + rh * rows.len() as f64;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{h}" font-family="sans-serif" font-size="12">"#,
+        x0 + 2.0 * bw + 80.0
+    );
+    svg.push_str(&format!(
+        r#"<text x="10" y="20" font-weight="bold">{} vs {} on {}: Spearman rho (-1..1) and overlap at {:.0}% (0..1)</text>"#,
+        xml_escape(&a.a),
+        xml_escape(&a.b),
+        xml_escape(&a.model),
+        a.fraction * 100.0
+    ));
+    for (i, (n, rho, o)) in rows.iter().enumerate() {
+        let y = 40.0 + rh * i as f64;
+        let mid = x0 + bw / 2.0;
+        let (from, to) = if *rho >= 0.0 {
+            (mid, mid + rho * bw / 2.0)
+        } else {
+            (mid + rho * bw / 2.0, mid)
+        };
+        svg.push_str(&format!(
+            r##"<text x="10" y="{:.1}">{}</text><rect x="{from:.1}" y="{y:.1}" width="{:.1}" height="14" fill="#2e86c1"/><line x1="{mid}" y1="{y:.1}" x2="{mid}" y2="{:.1}" stroke="#999"/><rect x="{:.1}" y="{y:.1}" width="{:.1}" height="14" fill="#c0392b"/><text x="{:.1}" y="{:.1}">{rho:.2} / {o:.2}</text>"##,
+            y + 11.0,
+            xml_escape(n),
+            (to - from).max(0.5),
+            y + 14.0,
+            x0 + bw + 20.0,
+            (o * bw).max(0.5),
+            x0 + 2.0 * bw + 30.0,
+            y + 11.0
+        ));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 /// Writes the plots, `report.json`, `report.md` and `prune.lock` into `dir`.
 pub fn write_all(report: &mut Report, dir: &Path) -> std::io::Result<()> {
     let mut files: Vec<(PathBuf, String)> =
@@ -647,6 +744,9 @@ pub fn write_all(report: &mut Report, dir: &Path) -> std::io::Result<()> {
     }
     for a in &report.analyses {
         files.push((PathBuf::from(&a.plot), oracle_svg(a)));
+    }
+    for a in &report.agreements {
+        files.push((PathBuf::from(&a.plot), agreement_svg(a)));
     }
     for (path, text) in files {
         if path.is_absolute()

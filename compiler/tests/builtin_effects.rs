@@ -500,6 +500,12 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         Changes(Oracle, "test = test,", "test = train,"),
     );
     add("oracle.unit", Checked("P061_oracle_does_not_fit"));
+    for k in ["agreement", "spearman", "overlap"] {
+        add(
+            k,
+            Tested("criterion_agreement_compares_scores_tensor_by_tensor"),
+        );
+    }
     add(
         "kendall_tau",
         Tested("an_oracle_study_reports_every_candidate_and_their_kendall_tau"),
@@ -776,7 +782,10 @@ fn keys() -> BTreeSet<String> {
         // A data score shares its name with a weight criterion (`random`).
         if b.kind == Kind::DataScore && b.params.is_empty() {
             keys.insert(format!("data_score:{}", b.name));
-        } else if b.kind == Kind::ScoreFn || b.kind == Kind::StageOption || b.params.is_empty() {
+        } else if b.kind == Kind::ScoreFn
+            || b.kind == Kind::StageOption
+            || b.params.iter().all(|p| p.ty == Ty::Score)
+        {
             keys.insert(b.name.to_string());
         }
         for p in named {

@@ -228,6 +228,7 @@ fn outputs_are_identical_with_one_and_two_threads() {
         "tests/recipes/run/digits_obs.prune",
         "tests/recipes/run/digits_data_pruning.prune",
         "tests/recipes/run/digits_oracle.prune",
+        "tests/recipes/run/digits_agreement.prune",
     ] {
         let mut hashes = Vec::new();
         for threads in ["1", "2"] {
@@ -2777,5 +2778,52 @@ fn data_pruning_example_reduced_distillation_helps_every_score() {
         let labels = evaluation(&report, score, "accuracy");
         let kd = evaluation(&report, &format!("{score}_distilled"), "accuracy");
         assert!(kd > labels, "{score}: {kd} vs {labels}");
+    }
+}
+
+/// Criterion agreement: per tensor and overall, Spearman's ρ within
+/// [-1, 1] and the pruned-set overlap within [0, 1]; a criterion against a
+/// monotone transform of itself agrees exactly (the recipe asserts it); the
+/// plots are locked outputs and the model is not pruned.
+#[test]
+fn criterion_agreement_compares_scores_tensor_by_tensor() {
+    require_data("digits/digits.csv.gz", "digits");
+    let (_dir, out, report) = run_ok(&["tests/recipes/run/digits_agreement.prune"]);
+    let studies = report["agreements"].as_array().unwrap();
+    assert_eq!(studies.len(), 3);
+    for a in studies {
+        assert_eq!(a["analysis"], "agreement");
+        let tensors = a["tensors"].as_array().unwrap();
+        let names: Vec<&str> = tensors
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["fc1.weight", "fc2.weight", "fc3.weight"]);
+        for t in tensors.iter().chain(std::iter::once(a)) {
+            let (rho, o) = (
+                t["spearman"].as_f64().unwrap(),
+                t["overlap"].as_f64().unwrap(),
+            );
+            assert!(
+                (-1.0..=1.0).contains(&rho) && (0.0..=1.0).contains(&o),
+                "{t}"
+            );
+        }
+        let plot = a["plot"].as_str().unwrap();
+        assert!(out.join(plot).is_file());
+        assert!(report["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["path"] == plot));
+    }
+    // Magnitude and Taylor rank the weights differently, but not at random.
+    let taylor = &studies[0];
+    assert_eq!(taylor["a"], "magnitude");
+    assert_eq!(taylor["b"], "taylor");
+    let rho = taylor["spearman"].as_f64().unwrap();
+    assert!(rho > 0.2 && rho < 0.99, "{rho}");
+    for l in report["layers"].as_array().unwrap() {
+        assert_eq!(l["sparsity"].as_f64().unwrap(), 0.0, "{l}");
     }
 }

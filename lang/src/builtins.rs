@@ -542,6 +542,10 @@ pub static BUILTINS: &[Builtin] = &[
         p("gamma", Ty::Float, Some("1.2"), Range::positive(), "prune-ratio multiplier"),
         p("beta", Ty::Float, Some("0.9"), Range::unit(), "largest prune ratio per round"),
     ], "Sparsity-informed adaptive pruning driven by the PQ index (Diao et al. 2023)."),
+    b("agreement", Kind::Analysis, &[
+        p("a", Ty::Score, None, Range::any(), "a criterion (`magnitude`, `taylor`, `wanda`, an expression)"),
+        p("b", Ty::Score, None, Range::any(), "the criterion it is compared with"),
+    ], "Criterion agreement: both criteria score every weight tensor (`*.weight`) of the model as it is, reading loss gradients and activation norms from the `on` data; per tensor and over all of them, Spearman's rank correlation of the two scores and the overlap of the weights each would prune at `to` (the share of the lowest-scored fraction `to` that both pick) land in the report with a table and a plot (`-> \"agreement.svg\"`), and as the metrics `spearman` and `overlap` (over all tensors) of the stage's label. The model is not changed."),
     // ---- data scores (`prune DATA by SCORE to FRACTION`)
     b("el2n", Kind::DataScore, &[
         p("model", Ty::Of(Kind::Model), None, Range::any(), "the classifier that scores, in its state when the stage runs (a few epochs into training, as in the paper)"),
@@ -624,6 +628,8 @@ pub static BUILTINS: &[Builtin] = &[
     b("params", Kind::Metric, &[], "Kept (non-zero) parameters."),
     b("flops", Kind::Metric, &[], "FLOPs of one forward pass counting kept weights only."),
     b("kendall_tau", Kind::Metric, &[], "Kendall's τ-b of an `analyze ... by oracle(...)` study between each candidate's loss right after pruning and its accuracy after retraining (read as `LABEL.kendall_tau` or the latest; not an evaluation)."),
+    b("spearman", Kind::Metric, &[], "Spearman's rank correlation of two criteria's scores over every weight, from an `analyze ... by agreement(a, b)` stage (not an evaluation)."),
+    b("overlap", Kind::Metric, &[], "The share of the weights one criterion would prune at the stage's `to` that the other would prune too, from an `analyze ... by agreement(a, b)` stage (not an evaluation)."),
     b("latency", Kind::Metric, &[], "Milliseconds of one forward pass of the model as it is over a batch of the stage's data (the data set's `batch` is the batch size): the median of 20 timed passes after 3 warm-up passes. A timing of the machine at hand: in the report, never in a locked output (not plotted)."),
     b("throughput", Kind::Metric, &[], "Samples per second (classifiers) or tokens per second (language models) of the forward pass `latency` times: the batch over the median time."),
     // ---- stage options

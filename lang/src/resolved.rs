@@ -351,6 +351,9 @@ pub enum Metric {
     Throughput,
     /// Kendall's τ of an oracle study (an `analyze` stage's result).
     KendallTau,
+    /// Criterion agreement: rank correlation and pruned-set overlap.
+    Spearman,
+    Overlap,
 }
 
 impl Metric {
@@ -361,7 +364,10 @@ impl Metric {
 
     /// A result of an `analyze` stage, not something `evaluate` measures.
     pub fn is_study(self) -> bool {
-        matches!(self, Metric::KendallTau)
+        matches!(
+            self,
+            Metric::KendallTau | Metric::Spearman | Metric::Overlap
+        )
     }
 
     /// The built-in metric of this name.
@@ -381,6 +387,8 @@ impl Metric {
                 "latency" => Metric::Latency,
                 "throughput" => Metric::Throughput,
                 "kendall_tau" => Metric::KendallTau,
+                "spearman" => Metric::Spearman,
+                "overlap" => Metric::Overlap,
                 _ => return None,
             },
         )
@@ -399,6 +407,8 @@ impl Metric {
             Metric::Latency => "latency",
             Metric::Throughput => "throughput",
             Metric::KendallTau => "kendall_tau",
+            Metric::Spearman => "spearman",
+            Metric::Overlap => "overlap",
         }
     }
 }

@@ -5,8 +5,8 @@
 
 use super::{Exec, RunError};
 use crate::error::rt_err;
-use crate::plan::{Analysis, Step};
-use crate::report::OracleStudy;
+use crate::plan::{Analysis, AnalysisKind, Step};
+use crate::report::{AgreementStudy, OracleStudy};
 use prunec_runtime as rt;
 use std::sync::atomic::Ordering;
 
@@ -39,14 +39,45 @@ pub(crate) fn kendall_tau_b(x: &[f64], y: &[f64]) -> f64 {
 
 impl Exec<'_> {
     pub(super) fn analyze(&mut self, step: &Step, a: &Analysis) -> Result<(), RunError> {
+        match &a.kind {
+            AnalysisKind::Oracle {
+                test,
+                candidates,
+                unit,
+            } => self.oracle(step, a, test, *candidates, *unit),
+            AnalysisKind::Agreement { a: x, b: y } => self.agreement(step, a, [x, y]),
+        }
+    }
+
+    /// Results an analysis stage gives its label (and the latest metrics).
+    fn study_results(&mut self, label: Option<&String>, results: &[(&str, f64)]) {
+        for (k, v) in results {
+            self.latest.insert(k.to_string(), *v);
+            if let Some(l) = label {
+                self.labels
+                    .entry(l.clone())
+                    .or_default()
+                    .insert(k.to_string(), *v);
+            }
+        }
+    }
+
+    fn oracle(
+        &mut self,
+        step: &Step,
+        a: &Analysis,
+        test: &str,
+        candidates: usize,
+        unit: prunec_lang::resolved::Unit,
+    ) -> Result<(), RunError> {
         let (name, span) = Self::subject_name(step)?;
         let by = step.site.by.unwrap_or(step.site.keyword);
         let on = Self::on_data(step)?.clone();
         let data = self.dataset_named(&on.name, on.span)?;
-        let test = self.dataset_named(&a.test, by)?;
+        let test_data = self.dataset_named(test, by)?;
         self.model(&name, span)?;
-        let kind = crate::units::kind(a.unit).ok_or_else(|| {
-            RunError::user(by, format!("`{}` units belong to language models", a.unit))
+        let kind = crate::units::kind(unit).ok_or_else(|| {
+            RunError::user(by, format!("`{unit}` units belong to language models"))
         })?;
         let state = &self.models[&name];
         let layers: Vec<rt::model::UnitLayer> = state
@@ -59,13 +90,13 @@ impl Exec<'_> {
         if layers.is_empty() {
             return Err(RunError::user(
                 by,
-                format!("no layer of `{name}` has {}s to remove", a.unit),
+                format!("no layer of `{name}` has {unit}s to remove"),
             ));
         }
         let cfg = self.train_config(step, data.num_batches());
         let seed = self.r.seed ^ (u64::from(step.stage.0) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut rows = Vec::with_capacity(a.candidates);
-        for k in 0..a.candidates {
+        let mut rows = Vec::with_capacity(candidates);
+        for k in 0..candidates {
             let state = &self.models[&name];
             let mut model = state
                 .model
@@ -132,7 +163,7 @@ impl Exec<'_> {
                     e => rt_err(step.span, "retraining a candidate")(e),
                 })?;
             let after =
-                rt::evaluate(&model, &test).map_err(rt_err(by, "evaluating a candidate"))?;
+                rt::evaluate(&model, &test_data).map_err(rt_err(by, "evaluating a candidate"))?;
             rows.push((pruned.loss, after.accuracy, after.loss));
             if self.interrupted.load(Ordering::SeqCst) {
                 return Err(RunError::Interrupted);
@@ -141,21 +172,15 @@ impl Exec<'_> {
         let losses: Vec<f64> = rows.iter().map(|r| r.0).collect();
         let accuracies: Vec<f64> = rows.iter().map(|r| r.1).collect();
         let tau = kendall_tau_b(&losses, &accuracies);
-        self.latest.insert("kendall_tau".into(), tau);
-        if let Some(l) = &a.label {
-            self.labels
-                .entry(l.clone())
-                .or_default()
-                .insert("kendall_tau".into(), tau);
-        }
+        self.study_results(a.label.as_ref(), &[("kendall_tau", tau)]);
         self.report.analyses.push(OracleStudy {
             step: step.id.clone(),
             span: step.span,
             model: name,
             label: a.label.clone(),
             data: a.data.clone(),
-            test: a.test.clone(),
-            unit: a.unit.to_string(),
+            test: test.to_string(),
+            unit: unit.to_string(),
             fraction: a.fraction,
             candidates: rows,
             kendall_tau: tau,
@@ -165,9 +190,165 @@ impl Exec<'_> {
     }
 }
 
+/// Ranks `1..=n` in ascending order, tied values sharing their mean rank.
+fn ranks(v: &[f32]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| v[a].total_cmp(&v[b]).then(a.cmp(&b)));
+    let mut out = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && v[order[j + 1]].total_cmp(&v[order[i]]).is_eq() {
+            j += 1;
+        }
+        let mean = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            out[k] = mean;
+        }
+        i = j + 1;
+    }
+    out
+}
+
+/// Spearman's ρ: Pearson's correlation of the two samples' ranks (0 when
+/// either is constant).
+pub(crate) fn spearman(x: &[f32], y: &[f32]) -> f64 {
+    let (rx, ry) = (ranks(x), ranks(y));
+    let n = rx.len().min(ry.len()) as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in rx.iter().zip(&ry) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx) * (a - mx);
+        syy += (b - my) * (b - my);
+    }
+    if sxx == 0.0 || syy == 0.0 {
+        return 0.0;
+    }
+    sxy / (sxx * syy).sqrt()
+}
+
+/// The share of the `floor(n * fraction)` lowest-scored entries of `x` that
+/// are also among those of `y` (ties to the lower index); 1 when none go.
+pub(crate) fn overlap(x: &[f32], y: &[f32], fraction: f64) -> f64 {
+    let n = x.len().min(y.len());
+    let k = ((n as f64) * fraction + 1e-9).floor() as usize;
+    if k == 0 {
+        return 1.0;
+    }
+    let lowest = |v: &[f32]| {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| v[a].total_cmp(&v[b]).then(a.cmp(&b)));
+        let mut picked = vec![false; n];
+        for &i in &order[..k] {
+            picked[i] = true;
+        }
+        picked
+    };
+    let (a, b) = (lowest(x), lowest(y));
+    a.iter().zip(&b).filter(|(p, q)| **p && **q).count() as f64 / k as f64
+}
+
+impl Exec<'_> {
+    /// Criterion agreement: both criteria score every weight tensor of the
+    /// model as it is; rank correlation and pruned-set overlap per tensor
+    /// and over all of them.
+    fn agreement(
+        &mut self,
+        step: &Step,
+        a: &Analysis,
+        criteria: [&crate::ir::Written; 2],
+    ) -> Result<(), RunError> {
+        let (name, span) = Self::subject_name(step)?;
+        let on = Self::on_data(step)?.clone();
+        self.dataset_named(&on.name, on.span)?;
+        self.model(&name, span)?;
+        let model = &self.models[&name].model;
+        let selected: Vec<String> = model
+            .params()
+            .iter()
+            .filter(|p| p.name.ends_with(".weight") && p.shape().len() >= 2)
+            .map(|p| p.name.clone())
+            .collect();
+        let mut scores = Vec::with_capacity(2);
+        for w in criteria {
+            let crit = crate::lower::criterion_to_kernel(self.r, &w.expr)?;
+            let pruner = super::prune::Pruner {
+                span: step.span,
+                model: name.clone(),
+                selected: selected.clone(),
+                crit,
+                scope: prunec_lang::resolved::Scope::Global,
+                pattern: None,
+                keep_min: None,
+                keep_max: None,
+                allow_nonfinite: true,
+            };
+            let side =
+                self.side_inputs(step, Some(&on), &pruner, 0, super::prune::Stats::default())?;
+            let state = &self.models[&name];
+            scores.push(pruner.scores(&state.model, &state.masks, &state.init, &side)?);
+        }
+        let mut tensors = Vec::with_capacity(selected.len());
+        for (i, n) in selected.iter().enumerate() {
+            let (x, y) = (&scores[0][i], &scores[1][i]);
+            tensors.push((
+                n.clone(),
+                x.len(),
+                spearman(x, y),
+                overlap(x, y, a.fraction),
+            ));
+        }
+        let all_x: Vec<f32> = scores[0].concat();
+        let all_y: Vec<f32> = scores[1].concat();
+        let (rho, shared) = (
+            spearman(&all_x, &all_y),
+            overlap(&all_x, &all_y, a.fraction),
+        );
+        self.study_results(a.label.as_ref(), &[("spearman", rho), ("overlap", shared)]);
+        self.report.agreements.push(AgreementStudy {
+            step: step.id.clone(),
+            span: step.span,
+            model: name,
+            label: a.label.clone(),
+            data: a.data.clone(),
+            a: criteria[0].text.clone(),
+            b: criteria[1].text.clone(),
+            fraction: a.fraction,
+            tensors,
+            spearman: rho,
+            overlap: shared,
+            plot: a.path.clone(),
+        });
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::kendall_tau_b;
+    use super::{kendall_tau_b, overlap, spearman};
+
+    #[test]
+    fn spearman_ranks_with_ties_and_overlap_counts_shared_lowest() {
+        let x = [1.0f32, 2.0, 3.0, 4.0, 5.0];
+        assert!((spearman(&x, &[10.0, 20.0, 30.0, 40.0, 50.0]) - 1.0).abs() < 1e-12);
+        assert!((spearman(&x, &[5.0, 4.0, 3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
+        // A monotone transform keeps ρ = 1; scipy.stats.spearmanr([1,2,3,4,5],
+        // [2,1,4,3,5]) = 0.8.
+        assert!((spearman(&x, &[1.0, 4.0, 9.0, 16.0, 25.0]) - 1.0).abs() < 1e-12);
+        assert!((spearman(&x, &[2.0, 1.0, 4.0, 3.0, 5.0]) - 0.8).abs() < 1e-12);
+        // Ties share their mean rank: spearmanr([1,2,2,3], [1,2,3,4]) = 0.9486832980505138.
+        let t = spearman(&[1.0, 2.0, 2.0, 3.0], &[1.0, 2.0, 3.0, 4.0]);
+        assert!((t - 0.948_683_298_050_513_8).abs() < 1e-12, "{t}");
+        assert_eq!(spearman(&[1.0, 1.0], &[1.0, 2.0]), 0.0);
+        // The lowest two: {0, 1} and {1, 2}: one shared.
+        assert_eq!(overlap(&x, &[3.0, 1.0, 2.0, 4.0, 5.0], 0.4), 0.5);
+        assert_eq!(overlap(&x, &x, 0.6), 1.0);
+        assert_eq!(overlap(&x, &x, 0.0), 1.0);
+    }
 
     #[test]
     fn kendall_tau_b_counts_pairs_with_ties() {

@@ -168,6 +168,40 @@ pub(super) struct Buffers {
     pub shapes: Vec<(usize, usize)>,
 }
 
+/// The gradient slot's values for `n`, when the round has any.
+fn side_grad<'s>(side: &'s SideInputs, n: &str) -> Result<Option<&'s [f32]>, RunError> {
+    match &side.grad {
+        None => Ok(None),
+        Some(g) => g
+            .get(n)
+            .map(|v| Some(v.as_slice()))
+            .ok_or_else(|| RunError::Internal(format!("no gradient slot for {n}"))),
+    }
+}
+
+/// The activation norms of `n`'s `cols` input columns, when the round reads any.
+fn side_act<'s>(
+    side: &'s SideInputs,
+    n: &str,
+    cols: usize,
+    span: Span,
+) -> Result<Vec<&'s [f32]>, RunError> {
+    match &side.act {
+        None => Ok(vec![]),
+        Some(a) => match a.get(n) {
+            Some(v) if v.len() == cols => Ok(vec![v.as_slice()]),
+            Some(v) => Err(RunError::Internal(format!(
+                "activation statistics of {n} have {} columns, the weight {cols}",
+                v.len()
+            ))),
+            None => Err(RunError::user(
+                span,
+                format!("no activation statistics were collected for `{n}` (only linear and convolution weights have inputs to measure)"),
+            )),
+        },
+    }
+}
+
 /// Packs a runtime mask (or a dense one) into kernel mask words.
 pub(super) fn mask_words(masks: &rt::Masks, name: &str, len: usize) -> rt::Result<Vec<u64>> {
     Ok(match masks.get(name) {
@@ -382,59 +416,16 @@ impl Pruner {
         selection: &Selection,
     ) -> Result<(), RunError> {
         let span = self.span;
-        let fail = |what: &str, e: prunec_kernels::KernelError| RunError::User {
-            span: Some(span),
-            message: format!("{what} `{}` failed: {e}", self.model),
-            help: None,
-        };
-        let grad_of = |n: &str| -> Result<Option<&[f32]>, RunError> {
-            match &side.grad {
-                None => Ok(None),
-                Some(g) => g
-                    .get(n)
-                    .map(|v| Some(v.as_slice()))
-                    .ok_or_else(|| RunError::Internal(format!("no gradient slot for {n}"))),
-            }
-        };
-        let act_of = |n: &str, cols: usize| -> Result<Vec<&[f32]>, RunError> {
-            match &side.act {
-                None => Ok(vec![]),
-                Some(a) => match a.get(n) {
-                    Some(v) if v.len() == cols => Ok(vec![v.as_slice()]),
-                    Some(v) => Err(RunError::Internal(format!(
-                        "activation statistics of {n} have {} columns, the weight {cols}",
-                        v.len()
-                    ))),
-                    None => Err(RunError::user(
-                        span,
-                        format!("no activation statistics were collected for `{n}` (only linear and convolution weights have inputs to measure)"),
-                    )),
-                },
-            }
-        };
+        let fail = |what: &str, e: prunec_kernels::KernelError| self.kernel_error(what, e);
         let mut opts = PruneOptions {
             scalars: vec![side.step],
             allow_nonfinite: self.allow_nonfinite,
             // The kernel works on these copies, which are only written back on success.
             single_pass: true,
         };
-        // Per-row sums the criterion reads (channel norms), from the current weights,
-        // summed in f64 in row order: deterministic whatever the threads.
-        let mut row_stats: Vec<Vec<Vec<f32>>> = Vec::new();
-        for (i, (w, m)) in b.weights.iter_mut().zip(b.masks.iter_mut()).enumerate() {
-            let (rows, cols) = b.shapes[i];
-            let mut per_slot = Vec::new();
-            for (inner, reduce) in self.crit.row_sums.iter().zip(&self.crit.row_reduce) {
-                let mut v = TensorView::new(&names[i], rows, cols, w, m);
-                v.grad = grad_of(&names[i])?;
-                v.init = b.inits.get(i).map(|x| x.as_slice());
-                v.col_stats = act_of(&names[i], cols)?;
-                let scores =
-                    prunec_kernels::score_jit(inner, &v, &opts).map_err(|e| fail("scoring", e))?;
-                per_slot.push(reduce.apply(&scores, cols));
-            }
-            row_stats.push(per_slot);
-        }
+        let row_stats = self.row_stats(names, &mut b, side, &opts)?;
+        let grad_of = |n: &str| side_grad(side, n);
+        let act_of = |n: &str, cols: usize| side_act(side, n, cols, span);
         loop {
             let mut views: Vec<TensorView> = Vec::new();
             for (i, (w, m)) in b.weights.iter_mut().zip(b.masks.iter_mut()).enumerate() {
@@ -467,6 +458,74 @@ impl Pruner {
         }
         masks.apply(model).map_err(rt_err(span, "apply mask"))?;
         Ok(())
+    }
+
+    fn kernel_error(&self, what: &str, e: prunec_kernels::KernelError) -> RunError {
+        RunError::User {
+            span: Some(self.span),
+            message: format!("{what} `{}` failed: {e}", self.model),
+            help: None,
+        }
+    }
+
+    /// Per-row sums the criterion reads (channel norms), from the current
+    /// weights, summed in f64 in row order: deterministic whatever the threads.
+    fn row_stats(
+        &self,
+        names: &[String],
+        b: &mut Buffers,
+        side: &SideInputs,
+        opts: &PruneOptions,
+    ) -> Result<Vec<Vec<Vec<f32>>>, RunError> {
+        let mut row_stats: Vec<Vec<Vec<f32>>> = Vec::new();
+        for (i, (w, m)) in b.weights.iter_mut().zip(b.masks.iter_mut()).enumerate() {
+            let (rows, cols) = b.shapes[i];
+            let mut per_slot = Vec::new();
+            for (inner, reduce) in self.crit.row_sums.iter().zip(&self.crit.row_reduce) {
+                let mut v = TensorView::new(&names[i], rows, cols, w, m);
+                v.grad = side_grad(side, &names[i])?;
+                v.init = b.inits.get(i).map(|x| x.as_slice());
+                v.col_stats = side_act(side, &names[i], cols, self.span)?;
+                let scores = prunec_kernels::score_jit(inner, &v, opts)
+                    .map_err(|e| self.kernel_error("scoring", e))?;
+                per_slot.push(reduce.apply(&scores, cols));
+            }
+            row_stats.push(per_slot);
+        }
+        Ok(row_stats)
+    }
+
+    /// Every targeted weight's score under the criterion, tensor by tensor
+    /// (nothing is pruned): what the selection would rank.
+    pub(super) fn scores(
+        &self,
+        model: &rt::Model,
+        masks: &rt::Masks,
+        init: &rt::Snapshot,
+        side: &SideInputs,
+    ) -> Result<Vec<Vec<f32>>, RunError> {
+        let mut b = self.buffers(model, masks, init)?;
+        let opts = PruneOptions {
+            scalars: vec![side.step],
+            allow_nonfinite: self.allow_nonfinite,
+            single_pass: false,
+        };
+        let names = self.selected.clone();
+        let row_stats = self.row_stats(&names, &mut b, side, &opts)?;
+        let mut out = Vec::with_capacity(names.len());
+        for (i, (w, m)) in b.weights.iter_mut().zip(b.masks.iter_mut()).enumerate() {
+            let (rows, cols) = b.shapes[i];
+            let mut v = TensorView::new(&names[i], rows, cols, w, m);
+            v.grad = side_grad(side, &names[i])?;
+            v.init = b.inits.get(i).map(|x| x.as_slice());
+            v.col_stats = side_act(side, &names[i], cols, self.span)?;
+            v.row_stats = row_stats[i].iter().map(|r| r.as_slice()).collect();
+            out.push(
+                prunec_kernels::score_jit(&self.crit.expr, &v, &opts)
+                    .map_err(|e| self.kernel_error("scoring", e))?,
+            );
+        }
+        Ok(out)
     }
 
     /// Writes one tensor's pruned weights and its mask back into the model.

@@ -133,23 +133,35 @@ pub enum Action {
     },
 }
 
-/// A resolved `analyze` stage (the oracle study).
+/// A resolved `analyze` stage.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Analysis {
-    /// The analysis (`oracle`).
+    /// The analysis (`oracle`, `agreement`).
     pub name: String,
-    /// Where the loss right after pruning is measured, and the copies retrain.
+    /// The oracle study: where the loss right after pruning is measured and
+    /// the copies retrain. Agreement: where gradients and activations come from.
     pub data: String,
-    /// Where the accuracy after retraining is measured.
-    pub test: String,
-    pub candidates: usize,
-    /// `neuron` or `channel`.
-    pub unit: Unit,
-    /// The fraction of each layer's units a candidate removes.
+    pub kind: AnalysisKind,
+    /// The oracle study: the fraction of each layer's units a candidate
+    /// removes. Agreement: the fraction each criterion would prune.
     pub fraction: f64,
     /// The scatter plot (`-> "oracle.svg"`), relative to the output folder.
     pub path: String,
     pub label: Option<String>,
+}
+
+/// What an `analyze` stage studies.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AnalysisKind {
+    Oracle {
+        /// Where the accuracy after retraining is measured.
+        test: String,
+        candidates: usize,
+        /// `neuron` or `channel`.
+        unit: Unit,
+    },
+    /// Two criteria's scores of the same weights.
+    Agreement { a: Box<Written>, b: Box<Written> },
 }
 
 /// A resolved data-set prune (`prune DATA by el2n(MODEL) to 90%`).
@@ -351,17 +363,22 @@ impl Step {
                 }
                 line
             }
-            Action::Analyze(a) => format!(
-                "analyze {} by {}: {} candidate masks, each removing a random {:.2}% of every layer's {}s from a copy; loss on {} right after pruning, accuracy on {} after retraining the copy; Kendall's tau and a scatter plot to {:?}",
-                on(&self.model),
-                a.name,
-                a.candidates,
-                a.fraction * 100.0,
-                a.unit,
-                a.data,
-                a.test,
-                a.path
-            ),
+            Action::Analyze(a) => match &a.kind {
+                AnalysisKind::Oracle { test, candidates, unit } => format!(
+                    "analyze {} by oracle: {candidates} candidate masks, each removing a random {:.2}% of every layer's {unit}s from a copy; loss on {} right after pruning, accuracy on {test} after retraining the copy; Kendall's tau and a scatter plot to {:?}",
+                    on(&self.model),
+                    a.fraction * 100.0,
+                    a.data,
+                    a.path
+                ),
+                AnalysisKind::Agreement { a: x, b: y } => format!(
+                    "analyze {} by agreement: `{x}` and `{y}` score every weight tensor (statistics on {}); Spearman's rank correlation and the overlap of what each would prune at {:.2}%, per tensor and overall; a plot to {:?}",
+                    on(&self.model),
+                    a.data,
+                    a.fraction * 100.0,
+                    a.path
+                ),
+            },
             Action::PruneData(d) => {
                 let by = match (&d.model, d.score) {
                     (Some(m), s) => format!("{}({m})", s.name()),
@@ -768,26 +785,51 @@ fn step_of(
                     _ => None,
                 };
                 let arg = |k: &str, i: usize| call(k).or_else(|| positional(i));
-                let test = arg("test", 0)
-                    .and_then(|e| e.as_name().map(|n| n.name.clone()))
-                    .ok_or_else(|| format!("stage {id}: no `test` data"))?;
-                let default = |k: &str| {
-                    prunec_lang::builtins::lookup(&name)
-                        .and_then(|b| b.params.iter().find(|p| p.name == k))
-                        .and_then(|p| p.default)
-                        .map(String::from)
+                let kind = if name == "agreement" {
+                    // The criteria as written: the call's text cut at their spans.
+                    let base = analysis.expr.span.start;
+                    let written = |e: prunec_lang::ast::Expr| {
+                        let text = analysis
+                            .text
+                            .get(e.span.start - base..e.span.end - base)
+                            .unwrap_or("?")
+                            .to_string();
+                        Written { expr: e, text }
+                    };
+                    let (x, y) = arg("a", 0)
+                        .zip(arg("b", 1))
+                        .ok_or_else(|| format!("stage {id}: `agreement` needs two criteria"))?;
+                    AnalysisKind::Agreement {
+                        a: Box::new(written(x)),
+                        b: Box::new(written(y)),
+                    }
+                } else {
+                    let test = arg("test", 0)
+                        .and_then(|e| e.as_name().map(|n| n.name.clone()))
+                        .ok_or_else(|| format!("stage {id}: no `test` data"))?;
+                    let default = |k: &str| {
+                        prunec_lang::builtins::lookup(&name)
+                            .and_then(|b| b.params.iter().find(|p| p.name == k))
+                            .and_then(|p| p.default)
+                            .map(String::from)
+                    };
+                    let candidates = match arg("candidates", 1) {
+                        Some(e) => r.constant(&e),
+                        None => default("candidates").and_then(|d| d.parse().ok()),
+                    }
+                    .ok_or_else(|| format!("stage {id}: `candidates` is not a constant"))?;
+                    let unit_word = match arg("unit", 2) {
+                        Some(e) => e.as_name().map(|n| n.name.clone()),
+                        None => default("unit"),
+                    };
+                    let unit = Unit::of(unit_word.map(Value::Word).as_ref())
+                        .ok_or_else(|| format!("stage {id}: no unit"))?;
+                    AnalysisKind::Oracle {
+                        test,
+                        candidates: candidates as usize,
+                        unit,
+                    }
                 };
-                let candidates = match arg("candidates", 1) {
-                    Some(e) => r.constant(&e),
-                    None => default("candidates").and_then(|d| d.parse().ok()),
-                }
-                .ok_or_else(|| format!("stage {id}: `candidates` is not a constant"))?;
-                let unit_word = match arg("unit", 2) {
-                    Some(e) => e.as_name().map(|n| n.name.clone()),
-                    None => default("unit"),
-                };
-                let unit = Unit::of(unit_word.map(Value::Word).as_ref())
-                    .ok_or_else(|| format!("stage {id}: no unit"))?;
                 let fraction =
                     s.to.as_ref()
                         .and_then(|e| r.constant(e))
@@ -803,9 +845,7 @@ fn step_of(
                 Action::Analyze(Box::new(Analysis {
                     name,
                     data: data.clone(),
-                    test,
-                    candidates: candidates as usize,
-                    unit,
+                    kind,
                     fraction,
                     path,
                     label: s.label.as_ref().map(|l| l.name.clone()),

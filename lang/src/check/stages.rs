@@ -929,6 +929,9 @@ impl<'a> Checker<'a> {
             match (analysis, &by.kind) {
                 (Some(bi), ExprKind::Call { args, .. }) => {
                     self.check_args(bi, args, by.span);
+                    if bi.name == "agreement" {
+                        self.check_agreement(s, args);
+                    }
                 }
                 (Some(bi), _) => {
                     // A bare name: its required arguments are missing.
@@ -968,7 +971,18 @@ impl<'a> Checker<'a> {
                 }
             }
         }
-        let results = BTreeSet::from(["kendall_tau".to_string()]);
+        let agreement =
+            s.by.as_ref()
+                .and_then(|b| match &b.kind {
+                    ExprKind::Call { callee, .. } => Some(callee.name == "agreement"),
+                    _ => None,
+                })
+                .unwrap_or(false);
+        let results: BTreeSet<String> = if agreement {
+            ["spearman", "overlap"].map(String::from).into()
+        } else {
+            BTreeSet::from(["kendall_tau".to_string()])
+        };
         for m in &results {
             ev.metrics.entry(m.clone()).or_insert(s.span);
         }
@@ -985,6 +999,40 @@ impl<'a> Checker<'a> {
                 );
             } else {
                 ev.labels.insert(l.name.clone(), (l.span, results));
+            }
+        }
+    }
+
+    /// Criterion agreement scores the model as it is: no training options,
+    /// and no criterion that sums over training steps.
+    fn check_agreement(&mut self, s: &Stage, args: &Args) {
+        for key in ["epochs", "steps", "optimizer", "lr_schedule"] {
+            if let Some(a) = s.arg(key) {
+                self.push(
+                    Diagnostic::new(
+                        Code::StageClause,
+                        format!("`{key}` retrains an oracle study's candidates; `agreement` trains nothing"),
+                    )
+                    .with_label(a.value.span, "not for `agreement`")
+                    .with_help(format!("remove `{key}`")),
+                );
+            }
+        }
+        for a in &args.items {
+            // What it reads (its own errors were reported with the arguments).
+            let mut needs = Needs::default();
+            let reported = self.diags.len();
+            self.check_score(&a.value, &mut needs, 0);
+            self.diags.truncate(reported);
+            if needs.training {
+                self.push(
+                    Diagnostic::new(
+                        Code::Unsupported,
+                        "`accumulate(...)` sums a score over training steps: `agreement` scores the model as it is",
+                    )
+                    .with_label(a.value.span, "needs training")
+                    .with_help("compare criteria that read the weights, `grad(w)` or `act(x)`"),
+                );
             }
         }
     }
