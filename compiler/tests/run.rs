@@ -2827,3 +2827,26 @@ fn criterion_agreement_compares_scores_tensor_by_tensor() {
         assert_eq!(l["sparsity"].as_f64().unwrap(), 0.0, "{l}");
     }
 }
+
+/// The oracle-study example, reduced: six candidates, each with half of both
+/// hidden layers' neurons masked, retrained on 2,000 images.
+#[test]
+fn oracle_study_reduced_studies_every_candidate() {
+    require_data("mnist/train-images-idx3-ubyte", "mnist");
+    let (_dir, out, report) = run_ok(&[
+        "examples/oracle_study.prune",
+        "--set",
+        "epochs=1",
+        "--set",
+        "candidates=6",
+        "--set",
+        "retrain=2000",
+        "--set",
+        "tau_max=1",
+    ]);
+    let a = &report["analyses"][0];
+    assert_eq!(a["candidates"].as_array().unwrap().len(), 6);
+    assert_eq!(a["fraction"], 0.5);
+    assert!(out.join("oracle.svg").is_file());
+    assert!(evaluation(&report, "dense", "accuracy") > 0.9);
+}
