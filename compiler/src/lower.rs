@@ -329,8 +329,12 @@ pub fn check_criteria(r: &CheckedRecipe) -> Vec<Diagnostic> {
         // The criteria an agreement study compares compile like a prune's.
         if let (prunec_lang::ast::StageKind::Analyze, Some(by)) = (s.kind, &s.by) {
             if let ExprKind::Call { callee, args } = &by.kind {
-                if callee.name == "agreement" {
-                    for a in &args.items {
+                if callee.name == "agreement" || callee.name == "sensitivity" {
+                    let criteria = args.items.iter().filter(|a| {
+                        a.name.as_ref().is_none_or(|n| n.name != "levels")
+                            && !matches!(a.value.kind, ExprKind::List(_))
+                    });
+                    for a in criteria {
                         if let Err(e) = criterion_to_kernel(r, &a.value) {
                             diags.push(
                                 Diagnostic::new(Code::Unsupported, e.message())

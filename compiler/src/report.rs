@@ -75,6 +75,7 @@ pub struct Report {
     pub data_pruned: Vec<DataPruned>,
     pub analyses: Vec<OracleStudy>,
     pub agreements: Vec<AgreementStudy>,
+    pub sensitivities: Vec<SensitivityStudy>,
     pub layers: Vec<Layer>,
     pub final_sparsity: f64,
     pub counts: Option<ModelCounts>,
@@ -112,6 +113,25 @@ pub struct OracleStudy {
     pub candidates: Vec<(f64, f64, f64)>,
     pub kendall_tau: f64,
     /// The scatter plot, relative to the output folder.
+    pub plot: String,
+}
+
+/// One level of a sensitivity study: sparsity, accuracy, loss.
+pub type LevelResult = (f64, f64, f64);
+
+/// A sensitivity study (`analyze ... by sensitivity(c, levels)`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SensitivityStudy {
+    pub step: String,
+    pub span: Span,
+    pub model: String,
+    pub label: Option<String>,
+    pub data: String,
+    pub criterion: String,
+    /// Accuracy and loss of the model as it is.
+    pub dense: (f64, f64),
+    /// Per weight tensor, per level: the sparsity, accuracy and loss.
+    pub tensors: Vec<(String, Vec<LevelResult>)>,
     pub plot: String,
 }
 
@@ -209,6 +229,7 @@ impl Report {
             data_pruned: vec![],
             analyses: vec![],
             agreements: vec![],
+            sensitivities: vec![],
             layers: vec![],
             final_sparsity: 0.0,
             counts: None,
@@ -283,6 +304,15 @@ impl Report {
                 "kendall_tau": a.kendall_tau, "plot": a.plot,
                 "candidates": a.candidates.iter().map(|(l, acc, tl)| json!({
                     "loss_after_pruning": l, "accuracy_after_retraining": acc, "loss_after_retraining": tl,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "sensitivities": self.sensitivities.iter().map(|a| json!({
+                "step": a.step, "span": self.span_json(a.span), "analysis": "sensitivity", "model": a.model,
+                "label": a.label, "data": a.data, "criterion": a.criterion,
+                "dense": {"accuracy": a.dense.0, "loss": a.dense.1}, "plot": a.plot,
+                "tensors": a.tensors.iter().map(|(n, per)| json!({
+                    "name": n,
+                    "levels": per.iter().map(|(s, acc, l)| json!({"sparsity": s, "accuracy": acc, "loss": l})).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "agreements": self.agreements.iter().map(|a| json!({
@@ -422,6 +452,35 @@ impl Report {
                     k + 1,
                     acc * 100.0
                 ));
+            }
+            md.push('\n');
+        }
+        for a in &self.sensitivities {
+            let levels: Vec<f64> = a
+                .tensors
+                .first()
+                .map(|(_, per)| per.iter().map(|p| p.0).collect())
+                .unwrap_or_default();
+            md.push_str(&format!(
+                "## Sensitivity: step {} (`{}`)\n\nEach weight tensor of a copy of `{}` pruned alone by `{}`, accuracy on `{}` right after pruning (dense {:.2}%). Plot: `{}`.\n\n| tensor |",
+                a.step,
+                a.label.as_deref().unwrap_or("sensitivity"),
+                a.model,
+                a.criterion,
+                a.data,
+                a.dense.0 * 100.0,
+                a.plot
+            ));
+            for l in &levels {
+                md.push_str(&format!(" {:.0}% |", l * 100.0));
+            }
+            md.push_str(&format!("\n|---|{}\n", "---|".repeat(levels.len())));
+            for (n, per) in &a.tensors {
+                md.push_str(&format!("| `{n}` |"));
+                for (_, acc, _) in per {
+                    md.push_str(&format!(" {:.2}% |", acc * 100.0));
+                }
+                md.push('\n');
             }
             md.push('\n');
         }
@@ -689,6 +748,67 @@ fn oracle_svg(a: &OracleStudy) -> String {
     svg
 }
 
+/// Sensitivity curves: accuracy against sparsity, one line per tensor.
+fn sensitivity_svg(a: &SensitivityStudy) -> String {
+    const COLORS: [&str; 6] = [
+        "#c0392b", "#2e86c1", "#27ae60", "#8e44ad", "#d68910", "#555555",
+    ];
+    let (pw, ph, x0, y0) = (420.0, 280.0, 60.0, 40.0);
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#,
+        pw + x0 + 190.0,
+        ph + y0 + 50.0
+    );
+    svg.push_str(&format!(
+        r#"<text x="{x0}" y="20" font-weight="bold">sensitivity of {} to {}: accuracy on {} (dense {:.2}%)</text>"#,
+        xml_escape(&a.model),
+        xml_escape(&a.criterion),
+        xml_escape(&a.data),
+        a.dense.0 * 100.0
+    ));
+    svg.push_str(&format!(
+        r##"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>"##
+    ));
+    let points = a.tensors.iter().flat_map(|(_, per)| per.iter());
+    let (xl, xh) = points
+        .clone()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), p| {
+            (l.min(p.0), h.max(p.0))
+        });
+    let (yl, yh) = points.fold((a.dense.0, a.dense.0), |(l, h), p| (l.min(p.1), h.max(p.1)));
+    let (xs, ys) = ((xh - xl).max(1e-9), (yh - yl).max(1e-9));
+    for (k, (n, per)) in a.tensors.iter().enumerate() {
+        let color = COLORS[k % COLORS.len()];
+        let pts: Vec<String> = per
+            .iter()
+            .map(|(s, acc, _)| {
+                format!(
+                    "{:.1},{:.1}",
+                    x0 + pw * (s - xl) / xs,
+                    y0 + ph - ph * (acc - yl) / ys
+                )
+            })
+            .collect();
+        svg.push_str(&format!(
+            r##"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/><text x="{}" y="{}" fill="{color}">{}</text>"##,
+            pts.join(" "),
+            x0 + pw + 12.0,
+            y0 + 14.0 + 16.0 * k as f64,
+            xml_escape(n)
+        ));
+    }
+    svg.push_str(&format!(
+        r#"<text x="{x0}" y="{}">sparsity {:.0}% .. {:.0}%; accuracy {:.2}% .. {:.2}%</text>"#,
+        y0 + ph + 20.0,
+        xl * 100.0,
+        xh * 100.0,
+        yl * 100.0,
+        yh * 100.0
+    ));
+    svg.push_str("</svg>\n");
+    svg
+}
+
 /// Criterion agreement as bars: per tensor (and over all), Spearman's ρ on
 /// [-1, 1] and the overlap on [0, 1].
 fn agreement_svg(a: &AgreementStudy) -> String {
@@ -747,6 +867,9 @@ pub fn write_all(report: &mut Report, dir: &Path) -> std::io::Result<()> {
     }
     for a in &report.agreements {
         files.push((PathBuf::from(&a.plot), agreement_svg(a)));
+    }
+    for a in &report.sensitivities {
+        files.push((PathBuf::from(&a.plot), sensitivity_svg(a)));
     }
     for (path, text) in files {
         if path.is_absolute()

@@ -77,6 +77,8 @@ enum Base {
     DataPrune,
     /// An oracle study of the trained model.
     Oracle,
+    /// A sensitivity analysis of the trained model.
+    Sensitivity,
     /// LeNet-5 on MNIST.
     Lenet,
     /// `Digits` trained on an image folder of the digits.
@@ -221,6 +223,10 @@ fn base_text(b: Base) -> String {
         Base::Oracle => digits.replace(
             "  evaluate net on test -> [accuracy]",
             "  analyze net on train by oracle(test = test, candidates = 4, unit = neuron) to 50% -> \"oracle.svg\" as study (epochs = 1)\n  evaluate net on test -> [accuracy]",
+        ),
+        Base::Sensitivity => digits.replace(
+            "  evaluate net on test -> [accuracy]",
+            "  analyze net on test by sensitivity(magnitude, levels = [50%, 90%]) -> \"s.svg\"\n  evaluate net on test -> [accuracy]",
         ),
         Base::DataPrune => digits
             .replace(
@@ -500,6 +506,10 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         Changes(Oracle, "test = test,", "test = train,"),
     );
     add("oracle.unit", Checked("P061_oracle_does_not_fit"));
+    add(
+        "sensitivity.levels",
+        Changes(Sensitivity, "levels = [50%, 90%]", "levels = [50%, 80%]"),
+    );
     for k in ["agreement", "spearman", "overlap"] {
         add(
             k,

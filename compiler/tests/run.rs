@@ -2826,6 +2826,25 @@ fn criterion_agreement_compares_scores_tensor_by_tensor() {
     for l in report["layers"].as_array().unwrap() {
         assert_eq!(l["sparsity"].as_f64().unwrap(), 0.0, "{l}");
     }
+    // Sensitivity: every tensor at every level; 90% of any one layer's
+    // weights cost accuracy on the test data.
+    let s = &report["sensitivities"][0];
+    assert_eq!(s["criterion"], "magnitude");
+    let dense = s["dense"]["accuracy"].as_f64().unwrap();
+    let tensors = s["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), 3);
+    for t in tensors {
+        let levels: Vec<f64> = t["levels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["sparsity"].as_f64().unwrap())
+            .collect();
+        assert_eq!(levels, [0.3, 0.6, 0.9]);
+        let at90 = t["levels"][2]["accuracy"].as_f64().unwrap();
+        assert!(at90 < dense, "{t}");
+    }
+    assert!(out.join("sensitivity.svg").is_file());
 }
 
 /// The oracle-study example, reduced: six candidates, each with half of both

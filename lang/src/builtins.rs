@@ -25,6 +25,8 @@ pub enum Ty {
     Ints,
     /// A number, or a list of numbers (one per channel).
     Floats,
+    /// A non-empty list of fractions (`[50%, 90%]`), each a sparsity.
+    Fractions,
     /// One of a fixed set of words.
     Enum(&'static [&'static str]),
     /// A declared or inline value of a kind.
@@ -51,6 +53,7 @@ impl fmt::Display for Ty {
             Ty::Globs => f.write_str("a list of name patterns such as `[\"*.weight\"]`"),
             Ty::Ints => f.write_str("a list of integers"),
             Ty::Floats => f.write_str("a number, or a list of numbers (one per channel)"),
+            Ty::Fractions => f.write_str("a list of fractions such as `[50%, 90%]`"),
             Ty::Enum(v) => {
                 let quoted: Vec<String> = v.iter().map(|s| format!("`{s}`")).collect();
                 write!(f, "one of {}", quoted.join(", "))
@@ -542,6 +545,10 @@ pub static BUILTINS: &[Builtin] = &[
         p("gamma", Ty::Float, Some("1.2"), Range::positive(), "prune-ratio multiplier"),
         p("beta", Ty::Float, Some("0.9"), Range::unit(), "largest prune ratio per round"),
     ], "Sparsity-informed adaptive pruning driven by the PQ index (Diao et al. 2023)."),
+    b("sensitivity", Kind::Analysis, &[
+        p("a", Ty::Score, None, Range::any(), "the criterion that prunes (`magnitude`, `taylor`, an expression)"),
+        p("levels", Ty::Fractions, Some("[50%, 70%, 90%, 95%]"), Range::sparsity(), "the sparsities each tensor is pruned to"),
+    ], "Sensitivity analysis: every weight tensor (`*.weight`) of a copy of the model is pruned alone by the criterion to each of `levels` (per tensor, its statistics read from the `on` data), and the copy's accuracy and loss on the `on` data are measured right after pruning; the table (tensors by levels) and a plot (accuracy against sparsity, one curve per tensor, `-> \"sensitivity.svg\"`) land in the report. The model is not changed."),
     b("agreement", Kind::Analysis, &[
         p("a", Ty::Score, None, Range::any(), "a criterion (`magnitude`, `taylor`, `wanda`, an expression)"),
         p("b", Ty::Score, None, Range::any(), "the criterion it is compared with"),

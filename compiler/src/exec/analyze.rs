@@ -6,7 +6,7 @@
 use super::{Exec, RunError};
 use crate::error::rt_err;
 use crate::plan::{Analysis, AnalysisKind, Step};
-use crate::report::{AgreementStudy, OracleStudy};
+use crate::report::{AgreementStudy, OracleStudy, SensitivityStudy};
 use prunec_runtime as rt;
 use std::sync::atomic::Ordering;
 
@@ -46,6 +46,9 @@ impl Exec<'_> {
                 unit,
             } => self.oracle(step, a, test, *candidates, *unit),
             AnalysisKind::Agreement { a: x, b: y } => self.agreement(step, a, [x, y]),
+            AnalysisKind::Sensitivity { criterion, levels } => {
+                self.sensitivity(step, a, criterion, levels)
+            }
         }
     }
 
@@ -252,7 +255,101 @@ pub(crate) fn overlap(x: &[f32], y: &[f32], fraction: f64) -> f64 {
     a.iter().zip(&b).filter(|(p, q)| **p && **q).count() as f64 / k as f64
 }
 
+/// The weight tensors an agreement or sensitivity study covers: every
+/// `*.weight` of two or more dimensions, in model order.
+fn weight_tensors(model: &rt::Model) -> Vec<String> {
+    model
+        .params()
+        .iter()
+        .filter(|p| p.name.ends_with(".weight") && p.shape().len() >= 2)
+        .map(|p| p.name.clone())
+        .collect()
+}
+
+/// A pruner of `selected` by `crit`, one threshold per tensor, for a study.
+fn study_pruner(
+    step: &Step,
+    model: &str,
+    selected: Vec<String>,
+    crit: crate::lower::LoweredCriterion,
+) -> super::prune::Pruner {
+    super::prune::Pruner {
+        span: step.span,
+        model: model.to_string(),
+        selected,
+        crit,
+        scope: prunec_lang::resolved::Scope::Layer,
+        pattern: None,
+        keep_min: None,
+        keep_max: None,
+        allow_nonfinite: true,
+    }
+}
+
 impl Exec<'_> {
+    /// Sensitivity: each weight tensor of a copy pruned alone to each level,
+    /// the accuracy and loss on the `on` data right after.
+    fn sensitivity(
+        &mut self,
+        step: &Step,
+        a: &Analysis,
+        criterion: &crate::ir::Written,
+        levels: &[f64],
+    ) -> Result<(), RunError> {
+        let (name, span) = Self::subject_name(step)?;
+        let by = step.site.by.unwrap_or(step.site.keyword);
+        let on = Self::on_data(step)?.clone();
+        let data = self.dataset_named(&on.name, on.span)?;
+        self.model(&name, span)?;
+        let selected = weight_tensors(&self.models[&name].model);
+        let crit = crate::lower::criterion_to_kernel(self.r, &criterion.expr)?;
+        // The statistics of the model as it is, read once for every tensor.
+        let all = study_pruner(step, &name, selected.clone(), crit.clone());
+        let side = self.side_inputs(step, Some(&on), &all, 0, super::prune::Stats::default())?;
+        let state = &self.models[&name];
+        let dense = rt::evaluate(&state.model, &data).map_err(rt_err(by, "evaluating"))?;
+        let mut rows = Vec::with_capacity(selected.len());
+        for t in &selected {
+            let pruner = study_pruner(step, &name, vec![t.clone()], crit.clone());
+            // A tensor already sparser than a level stays as it is there.
+            let numel = state.model.param(t).map_err(rt_err(by, "reading"))?.numel();
+            let kept = state
+                .masks
+                .kept(&state.model, t)
+                .map_err(rt_err(by, "reading a mask"))? as f64
+                / numel.max(1) as f64;
+            let mut per = Vec::with_capacity(levels.len());
+            for &level in levels {
+                let model = state
+                    .model
+                    .fork()
+                    .map_err(|e| RunError::Internal(format!("copying `{name}`: {e}")))?;
+                let mut masks = state.masks.clone();
+                if 1.0 - level < kept {
+                    pruner.round(&model, &mut masks, &state.init, 1.0 - level, &side)?;
+                }
+                let m = rt::evaluate(&model, &data).map_err(rt_err(by, "evaluating a copy"))?;
+                per.push((level, m.accuracy, m.loss));
+            }
+            rows.push((t.clone(), per));
+            if self.interrupted.load(Ordering::SeqCst) {
+                return Err(RunError::Interrupted);
+            }
+        }
+        self.report.sensitivities.push(SensitivityStudy {
+            step: step.id.clone(),
+            span: step.span,
+            model: name,
+            label: a.label.clone(),
+            data: a.data.clone(),
+            criterion: criterion.text.clone(),
+            dense: (dense.accuracy, dense.loss),
+            tensors: rows,
+            plot: a.path.clone(),
+        });
+        Ok(())
+    }
+
     /// Criterion agreement: both criteria score every weight tensor of the
     /// model as it is; rank correlation and pruned-set overlap per tensor
     /// and over all of them.
@@ -266,27 +363,11 @@ impl Exec<'_> {
         let on = Self::on_data(step)?.clone();
         self.dataset_named(&on.name, on.span)?;
         self.model(&name, span)?;
-        let model = &self.models[&name].model;
-        let selected: Vec<String> = model
-            .params()
-            .iter()
-            .filter(|p| p.name.ends_with(".weight") && p.shape().len() >= 2)
-            .map(|p| p.name.clone())
-            .collect();
+        let selected = weight_tensors(&self.models[&name].model);
         let mut scores = Vec::with_capacity(2);
         for w in criteria {
             let crit = crate::lower::criterion_to_kernel(self.r, &w.expr)?;
-            let pruner = super::prune::Pruner {
-                span: step.span,
-                model: name.clone(),
-                selected: selected.clone(),
-                crit,
-                scope: prunec_lang::resolved::Scope::Global,
-                pattern: None,
-                keep_min: None,
-                keep_max: None,
-                allow_nonfinite: true,
-            };
+            let pruner = study_pruner(step, &name, selected.clone(), crit);
             let side =
                 self.side_inputs(step, Some(&on), &pruner, 0, super::prune::Stats::default())?;
             let state = &self.models[&name];

@@ -162,6 +162,11 @@ pub enum AnalysisKind {
     },
     /// Two criteria's scores of the same weights.
     Agreement { a: Box<Written>, b: Box<Written> },
+    /// Each weight tensor pruned alone by `criterion` to each level.
+    Sensitivity {
+        criterion: Box<Written>,
+        levels: Vec<f64>,
+    },
 }
 
 /// A resolved data-set prune (`prune DATA by el2n(MODEL) to 90%`).
@@ -368,6 +373,17 @@ impl Step {
                     "analyze {} by oracle: {candidates} candidate masks, each removing a random {:.2}% of every layer's {unit}s from a copy; loss on {} right after pruning, accuracy on {test} after retraining the copy; Kendall's tau and a scatter plot to {:?}",
                     on(&self.model),
                     a.fraction * 100.0,
+                    a.data,
+                    a.path
+                ),
+                AnalysisKind::Sensitivity { criterion, levels } => format!(
+                    "analyze {} by sensitivity: each weight tensor of a copy pruned alone by `{criterion}` to {}, accuracy and loss on {} right after pruning; a table and a plot to {:?}",
+                    on(&self.model),
+                    levels
+                        .iter()
+                        .map(|l| format!("{:.2}%", l * 100.0))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     a.data,
                     a.path
                 ),
@@ -785,17 +801,40 @@ fn step_of(
                     _ => None,
                 };
                 let arg = |k: &str, i: usize| call(k).or_else(|| positional(i));
-                let kind = if name == "agreement" {
-                    // The criteria as written: the call's text cut at their spans.
-                    let base = analysis.expr.span.start;
-                    let written = |e: prunec_lang::ast::Expr| {
-                        let text = analysis
-                            .text
-                            .get(e.span.start - base..e.span.end - base)
-                            .unwrap_or("?")
-                            .to_string();
-                        Written { expr: e, text }
+                // The criteria as written: the call's text cut at their spans.
+                let base = analysis.expr.span.start;
+                let written = |e: prunec_lang::ast::Expr| {
+                    let text = analysis
+                        .text
+                        .get(e.span.start - base..e.span.end - base)
+                        .unwrap_or("?")
+                        .to_string();
+                    Written { expr: e, text }
+                };
+                let kind = if name == "sensitivity" {
+                    let criterion = arg("a", 0)
+                        .ok_or_else(|| format!("stage {id}: `sensitivity` needs a criterion"))?;
+                    let levels = match arg("levels", 1) {
+                        Some(e) => e,
+                        None => prunec_lang::builtins::lookup(&name)
+                            .and_then(|b| b.params.iter().find(|p| p.name == "levels"))
+                            .and_then(|p| p.default)
+                            .and_then(|d| prunec_lang::parse::source_to_expr(d).ok())
+                            .ok_or_else(|| format!("stage {id}: no levels"))?,
                     };
+                    let levels = match &levels.kind {
+                        prunec_lang::ast::ExprKind::List(items) => items
+                            .iter()
+                            .map(|i| r.constant(i))
+                            .collect::<Option<Vec<f64>>>(),
+                        _ => None,
+                    }
+                    .ok_or_else(|| format!("stage {id}: the levels are not constants"))?;
+                    AnalysisKind::Sensitivity {
+                        criterion: Box::new(written(criterion)),
+                        levels,
+                    }
+                } else if name == "agreement" {
                     let (x, y) = arg("a", 0)
                         .zip(arg("b", 1))
                         .ok_or_else(|| format!("stage {id}: `agreement` needs two criteria"))?;
@@ -830,10 +869,13 @@ fn step_of(
                         unit,
                     }
                 };
-                let fraction =
-                    s.to.as_ref()
+                let fraction = match (&kind, &s.to) {
+                    (AnalysisKind::Sensitivity { .. }, None) => 0.0,
+                    (_, to) => to
+                        .as_ref()
                         .and_then(|e| r.constant(e))
-                        .ok_or_else(|| format!("stage {id}: the fraction is not a constant"))?;
+                        .ok_or_else(|| format!("stage {id}: the fraction is not a constant"))?,
+                };
                 let path = s
                     .out
                     .as_ref()

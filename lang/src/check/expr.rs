@@ -14,6 +14,19 @@ impl Checker<'_> {
             self.check_score(e, &mut needs, 0);
             return Some(Value::Score(self.text(e.span).to_string()));
         }
+        if ty == Ty::Fractions {
+            return match &e.kind {
+                ExprKind::List(items) if !items.is_empty() => items
+                    .iter()
+                    .map(|i| self.eval(i, Ty::Fraction, range))
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .collect::<Option<Vec<_>>>()
+                    .map(Value::List),
+                ExprKind::List(_) => self.mismatch(e, ty, "an empty list"),
+                _ => self.mismatch(e, ty, "not a list"),
+            };
+        }
         if ty == Ty::Floats {
             // One number, or a list of them, each in range.
             return match &e.kind {
@@ -329,7 +342,7 @@ impl Checker<'_> {
             | (Value::Str(_), Ty::Str)
             | (Value::Pattern { .. }, Ty::Pattern) => true,
             (Value::Duration { .. }, Ty::Duration) => true,
-            (Value::List(_), Ty::Globs | Ty::Ints | Ty::Floats) => true,
+            (Value::List(_), Ty::Globs | Ty::Ints | Ty::Floats | Ty::Fractions) => true,
             (Value::Int(_) | Value::Float(_), Ty::Floats) => true,
             (Value::Word(w), Ty::Enum(words)) => words.contains(&w.as_str()),
             (Value::PerUnit(..), Ty::FractionOrCount) => true,

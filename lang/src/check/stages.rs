@@ -929,7 +929,7 @@ impl<'a> Checker<'a> {
             match (analysis, &by.kind) {
                 (Some(bi), ExprKind::Call { args, .. }) => {
                     self.check_args(bi, args, by.span);
-                    if bi.name == "agreement" {
+                    if bi.name != "oracle" {
                         self.check_agreement(s, args);
                     }
                 }
@@ -956,7 +956,26 @@ impl<'a> Checker<'a> {
                 }
             }
         }
-        if self.require(s, "to FRACTION", s.to.is_some()) {
+        let named = |n: &str| {
+            s.by.as_ref().is_some_and(|b| match &b.kind {
+                ExprKind::Call { callee, .. } => callee.name == n,
+                _ => false,
+            })
+        };
+        if named("sensitivity") {
+            if let Some(to) = &s.to {
+                self.push(
+                    Diagnostic::new(
+                        Code::StageClause,
+                        "a sensitivity analysis prunes to its `levels`, not to one `to`",
+                    )
+                    .with_label(to.span, "not for `sensitivity`")
+                    .with_help(
+                        "write the sparsities as `sensitivity(CRITERION, levels = [50%, 90%])`",
+                    ),
+                );
+            }
+        } else if self.require(s, "to FRACTION", s.to.is_some()) {
             self.eval(s.to.as_ref().unwrap(), Ty::Fraction, Range::sparsity());
         }
         if let Some(out) = &s.out {
@@ -980,6 +999,8 @@ impl<'a> Checker<'a> {
                 .unwrap_or(false);
         let results: BTreeSet<String> = if agreement {
             ["spearman", "overlap"].map(String::from).into()
+        } else if named("sensitivity") {
+            BTreeSet::new()
         } else {
             BTreeSet::from(["kendall_tau".to_string()])
         };
@@ -1003,22 +1024,30 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Criterion agreement scores the model as it is: no training options,
-    /// and no criterion that sums over training steps.
+    /// Criterion agreement and sensitivity score the model as it is: no
+    /// training options, and no criterion that sums over training steps.
     fn check_agreement(&mut self, s: &Stage, args: &Args) {
+        let name = match s.by.as_ref().map(|b| &b.kind) {
+            Some(ExprKind::Call { callee, .. }) => callee.name.clone(),
+            _ => String::new(),
+        };
         for key in ["epochs", "steps", "optimizer", "lr_schedule"] {
             if let Some(a) = s.arg(key) {
                 self.push(
                     Diagnostic::new(
                         Code::StageClause,
-                        format!("`{key}` retrains an oracle study's candidates; `agreement` trains nothing"),
+                        format!("`{key}` retrains an oracle study's candidates; `{name}` trains nothing"),
                     )
-                    .with_label(a.value.span, "not for `agreement`")
+                    .with_label(a.value.span, format!("not for `{name}`"))
                     .with_help(format!("remove `{key}`")),
                 );
             }
         }
-        for a in &args.items {
+        let criteria = args.items.iter().filter(|a| {
+            a.name.as_ref().is_none_or(|n| n.name != "levels")
+                && !matches!(a.value.kind, ExprKind::List(_))
+        });
+        for a in criteria {
             // What it reads (its own errors were reported with the arguments).
             let mut needs = Needs::default();
             let reported = self.diags.len();
@@ -1028,7 +1057,7 @@ impl<'a> Checker<'a> {
                 self.push(
                     Diagnostic::new(
                         Code::Unsupported,
-                        "`accumulate(...)` sums a score over training steps: `agreement` scores the model as it is",
+                        format!("`accumulate(...)` sums a score over training steps: `{name}` scores the model as it is"),
                     )
                     .with_label(a.value.span, "needs training")
                     .with_help("compare criteria that read the weights, `grad(w)` or `act(x)`"),
