@@ -697,15 +697,18 @@ fn rounds_svg(rounds: &[Round], metrics: &[String]) -> String {
     svg
 }
 
+/// An SVG document's opening tag.
+fn svg_start(width: f64, height: f64) -> String {
+    format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    )
+}
+
 /// The oracle study's scatter plot: loss right after pruning (x) against
 /// accuracy after retraining (y), one dot per candidate mask.
 fn oracle_svg(a: &OracleStudy) -> String {
     let (pw, ph, x0, y0) = (420.0, 300.0, 70.0, 40.0);
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#,
-        pw + x0 + 30.0,
-        ph + y0 + 60.0
-    );
+    let mut svg = svg_start(pw + x0 + 30.0, ph + y0 + 60.0);
     svg.push_str(&format!(
         r#"<text x="{x0}" y="20" font-weight="bold">oracle study of {}: {} masks at {:.0}% of the {}s, Kendall tau-b = {:.3}</text>"#,
         xml_escape(&a.model),
@@ -754,11 +757,7 @@ fn sensitivity_svg(a: &SensitivityStudy) -> String {
         "#c0392b", "#2e86c1", "#27ae60", "#8e44ad", "#d68910", "#555555",
     ];
     let (pw, ph, x0, y0) = (420.0, 280.0, 60.0, 40.0);
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#,
-        pw + x0 + 190.0,
-        ph + y0 + 50.0
-    );
+    let mut svg = svg_start(pw + x0 + 190.0, ph + y0 + 50.0);
     svg.push_str(&format!(
         r#"<text x="{x0}" y="20" font-weight="bold">sensitivity of {} to {}: accuracy on {} (dense {:.2}%)</text>"#,
         xml_escape(&a.model),
@@ -820,10 +819,7 @@ fn agreement_svg(a: &AgreementStudy) -> String {
         .collect();
     let (x0, bw, rh) = (160.0, 200.0, 22.0);
     let h = 60.0 + rh * rows.len() as f64;
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{h}" font-family="sans-serif" font-size="12">"#,
-        x0 + 2.0 * bw + 80.0
-    );
+    let mut svg = svg_start(x0 + 2.0 * bw + 80.0, h);
     svg.push_str(&format!(
         r#"<text x="10" y="20" font-weight="bold">{} vs {} on {}: Spearman rho (-1..1) and overlap at {:.0}% (0..1)</text>"#,
         xml_escape(&a.a),

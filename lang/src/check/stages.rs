@@ -485,29 +485,7 @@ impl<'a> Checker<'a> {
                     }
                 }
                 if let Some(l) = &s.label {
-                    if let Some((prev, _)) = ev.labels.get(&l.name) {
-                        let prev = *prev;
-                        self.push(
-                            Diagnostic::new(
-                                Code::Duplicate,
-                                format!("the label `{}` is used twice", l.name),
-                            )
-                            .with_label(l.span, "used again here")
-                            .with_label(prev, "first used here"),
-                        );
-                    } else if self.symbols.contains_key(&l.name) {
-                        let prev = self.symbols[&l.name].span;
-                        self.push(
-                            Diagnostic::new(
-                                Code::Duplicate,
-                                format!("`{}` is already a declared name", l.name),
-                            )
-                            .with_label(l.span, "label")
-                            .with_label(prev, "declared here"),
-                        );
-                    } else {
-                        ev.labels.insert(l.name.clone(), (l.span, metrics));
-                    }
+                    self.register_label(l, ev, metrics);
                 }
             }
             Assert => match s.subject.as_slice() {
@@ -1008,19 +986,35 @@ impl<'a> Checker<'a> {
             ev.metrics.entry(m.clone()).or_insert(s.span);
         }
         if let Some(l) = &s.label {
-            if let Some((prev, _)) = ev.labels.get(&l.name) {
-                let prev = *prev;
-                self.push(
-                    Diagnostic::new(
-                        Code::Duplicate,
-                        format!("the label `{}` is used twice", l.name),
-                    )
-                    .with_label(l.span, "used again here")
-                    .with_label(prev, "first used here"),
-                );
-            } else {
-                ev.labels.insert(l.name.clone(), (l.span, results));
-            }
+            self.register_label(l, ev, results);
+        }
+    }
+
+    /// A stage's `as LABEL` with the metrics it gives: a label is used once
+    /// and is not a declared name.
+    fn register_label(&mut self, l: &Ident, ev: &mut Evaluated, metrics: BTreeSet<String>) {
+        if let Some((prev, _)) = ev.labels.get(&l.name) {
+            let prev = *prev;
+            self.push(
+                Diagnostic::new(
+                    Code::Duplicate,
+                    format!("the label `{}` is used twice", l.name),
+                )
+                .with_label(l.span, "used again here")
+                .with_label(prev, "first used here"),
+            );
+        } else if self.symbols.contains_key(&l.name) {
+            let prev = self.symbols[&l.name].span;
+            self.push(
+                Diagnostic::new(
+                    Code::Duplicate,
+                    format!("`{}` is already a declared name", l.name),
+                )
+                .with_label(l.span, "label")
+                .with_label(prev, "declared here"),
+            );
+        } else {
+            ev.labels.insert(l.name.clone(), (l.span, metrics));
         }
     }
 
