@@ -89,6 +89,8 @@ enum Base {
     Llm,
     /// Wanda 2:4 on one block of SmolLM2, exported.
     LlmExport,
+    /// SparseGPT on four blocks of SmolLM2 with OWL's allocation.
+    Owl,
 }
 
 const DIGITS: &str = r#"recipe t { version = 1, seed = 1 }
@@ -272,6 +274,10 @@ fn base_text(b: Base) -> String {
         ),
         Base::Llm => LLM.to_string(),
         Base::LlmExport => LLM_EXPORT.to_string(),
+        Base::Owl => LLM.replace(
+            "targets = [\"model.layers.0.*\", \"model.layers.1.*\"], calibrate = calib, sequential = true)",
+            "targets = [\"model.layers.0.*\", \"model.layers.1.*\", \"model.layers.2.*\", \"model.layers.3.*\"], calibrate = calib, sequential = true, allocation = owl(m = 5, lambda = 0.08))",
+        ),
     }
 }
 
@@ -476,6 +482,12 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
     add("magnitude", Changes(Iterative, "by magnitude", "by random"));
     add("movement", Changes(Gradual, "by c", "by movement"));
     add("sparsegpt.block", Changes(Llm, "block = 128", "block = 16"));
+    add("owl.m", Changes(Owl, "m = 5", "m = 2"));
+    add("owl.lambda", Changes(Owl, "lambda = 0.08", "lambda = 0.2"));
+    add(
+        "allocation",
+        Changes(Owl, ", allocation = owl(m = 5, lambda = 0.08)", ""),
+    );
     add("sparsegpt.damp", Changes(Llm, "damp = 0.01", "damp = 0.5"));
     add(
         "woodfisher.block",

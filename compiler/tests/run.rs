@@ -2869,3 +2869,98 @@ fn oracle_study_reduced_studies_every_candidate() {
     assert!(out.join("oracle.svg").is_file());
     assert!(evaluation(&report, "dense", "accuracy") > 0.9);
 }
+
+/// OWL on the two-block tiny Llama: the blocks' outlier ratios scaled to
+/// [0, 2 lambda] put one block at the target − lambda and the other at the
+/// target + lambda (the one with more outliers keeps more); every layer of
+/// a block is pruned to its block's sparsity; without `allocation` both
+/// blocks are at the target.
+#[test]
+fn owl_allocation_spreads_the_target_over_the_blocks() {
+    let text = |alloc: &str| {
+        format!(
+            r#"recipe owl {{ version = 1, seed = 0 }}
+use std.wanda
+model lm = hf("{root}/tests/models/tiny-llama")
+dataset calib = text("{root}/tests/models/tiny.txt", tokenizer = lm, seq = 32, samples = 8)
+pipeline {{
+  prune lm by wanda to 50% (targets = ["model.layers.*"], calibrate = calib{alloc})
+  evaluate lm on calib -> [sparsity]
+  export lm to "model" (format = hf)
+}}
+"#,
+            root = root().display()
+        )
+    };
+    let (_dir, runs) = run_texts(&[text(", allocation = owl(lambda = 0.1)"), text("")]);
+    let block_sparsity = |out: &Path| -> Vec<f64> {
+        let file = out.join("model/model.safetensors");
+        let bytes = std::fs::read(&file).unwrap();
+        let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+            .unwrap()
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        (0..2)
+            .map(|b| {
+                let prefix = format!("model.layers.{b}.");
+                let (mut total, mut zeros) = (0usize, 0usize);
+                for n in names
+                    .iter()
+                    .filter(|n| n.starts_with(&prefix) && n.ends_with("proj.weight"))
+                {
+                    let w = tensor_f32(&file, n);
+                    total += w.len();
+                    zeros += w.iter().filter(|v| **v == 0.0).count();
+                }
+                zeros as f64 / total as f64
+            })
+            .collect()
+    };
+    let owl = block_sparsity(&runs[0].0);
+    let uniform = block_sparsity(&runs[1].0);
+    let mut sorted = owl.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert!(
+        (sorted[0] - 0.4).abs() < 0.01 && (sorted[1] - 0.6).abs() < 0.01,
+        "{owl:?}"
+    );
+    assert!(
+        uniform.iter().all(|s| (s - 0.5).abs() < 0.01),
+        "{uniform:?}"
+    );
+    assert!(runs[0].1.contains("OWL outlier ratios"), "{}", runs[0].1);
+}
+
+/// The OWL example, reduced (11 blocks of SmolLM2, two calibration
+/// windows): the allocation changes what Wanda and SparseGPT leave, at the
+/// same overall sparsity.
+#[test]
+fn llm_owl_reduced_allocates_and_keeps_the_sparsity() {
+    require_data("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2");
+    let (_dir, _out, report) = run_ok(&[
+        "examples/llm_owl.prune",
+        "--set",
+        "calib_samples=2",
+        "--set",
+        "eval_samples=1",
+        "--set",
+        "pruned=\"model.layers.2*\"",
+    ]);
+    for (uniform, owl) in [("wanda", "wanda_owl"), ("sparsegpt", "sparsegpt_owl")] {
+        let (a, b) = (
+            evaluation(&report, uniform, "perplexity"),
+            evaluation(&report, owl, "perplexity"),
+        );
+        assert!(
+            a.is_finite() && b.is_finite() && a != b,
+            "{uniform}: {a} vs {b}"
+        );
+        let (sa, sb) = (
+            evaluation(&report, uniform, "sparsity"),
+            evaluation(&report, owl, "sparsity"),
+        );
+        assert!((sa - sb).abs() < 1e-3, "{sa} vs {sb}");
+    }
+}

@@ -85,6 +85,8 @@ pub enum Kind {
     DataScore,
     /// A study an `analyze` stage runs (`analyze net by oracle(...)`).
     Analysis,
+    /// How a language model's target is spread over its blocks (`allocation = owl(...)`).
+    Allocation,
     /// An input of criterion expressions (`w`, `step`).
     ScoreInput,
     Metric,
@@ -108,6 +110,7 @@ impl Kind {
             Kind::ScoreInput => "criterion input",
             Kind::DataScore => "data score",
             Kind::Analysis => "analysis",
+            Kind::Allocation => "sparsity allocation",
             Kind::Metric => "metric",
             Kind::StageOption => "stage option",
         }
@@ -564,6 +567,11 @@ pub static BUILTINS: &[Builtin] = &[
         p("model", Ty::Of(Kind::Model), None, Range::any(), "the classifier whose training (`during train MODEL on DATA`) is watched"),
     ], "Forgetting events (Toneva et al. 2019): how often a sample goes from classified correctly to misclassified between two presentations while the model trains on the data set (`prune DATA by forgetting(net) to 50% during train net on DATA (...)`); a sample never classified correctly counts as forgotten infinitely often."),
     b("random", Kind::DataScore, &[], "Random data pruning: a uniform draw per sample from the recipe's seed and the stage (`prune DATA by random() to 90%`)."),
+    // ---- per-block sparsity allocations of language models
+    b("owl", Kind::Allocation, &[
+        p("m", Ty::Float, Some("5"), Range::positive(), "a weight is an outlier when its Wanda score exceeds m times its layer's mean"),
+        p("lambda", Ty::Float, Some("0.08"), Range::non_negative(), "half the spread of the block sparsities: the scaled outlier ratios span [0, 2 lambda]"),
+    ], "OWL (Yin et al. 2024): each block's outlier ratio is the share of its targeted weights whose Wanda score |W_ij| · ‖X_j‖₂ (dense model, the stage's calibration data) exceeds m times its layer's mean; the ratios scaled to [0, 2 lambda] are subtracted from the target, shifted so that the blocks' sparsities average to it: blocks with more outliers keep more weights. For unstructured targets of language models (`prune lm by wanda to 50% (allocation = owl(), calibrate = calib)`)."),
     // ---- analyses (`analyze MODEL on DATA by ANALYSIS to FRACTION -> "PLOT.svg"`)
     b("oracle", Kind::Analysis, &[
         p("test", Ty::Of(Kind::Dataset), None, Range::any(), "the data the accuracy after retraining is measured on"),
@@ -654,6 +662,7 @@ pub static BUILTINS: &[Builtin] = &[
     b("unit", Kind::StageOption, &[p("value", UNITS, None, Range::any(), "")], "Remove whole units instead of single weights, and shrink the model (prune). Classifiers: `neuron` removes output neurons of linear layers, `channel` output channels of convolutions, each with its bias entry and the inputs of the next layer that read it; a unit's score is the mean of its weights' scores (a channel criterion such as `l1_channel` gives the filter norm itself); `to` is the fraction of units removed, per layer by default (`scope = global` ranks the units of every targeted layer together, with `keep_min`/`keep_max` counted in units); the output layer's units are the classes and are never removed. Language models: `ffn` removes FFN neurons (gate/up rows, down column), `kv_group` key/value heads with their query heads (q/k/v rows, o columns), `head` single query heads (q rows, o columns; every kv group keeps as many), the same number in every block (the Hugging Face config holds one size); a unit is scored on the weights that read it (`down_proj`, `o_proj`) with their input activations on the dense model (`wanda` gives Wanda-sp). Training, evaluation and export then run on the smaller tensors."),
     b("compensate", Kind::StageOption, &[p("value", Ty::Bool, Some("false"), Range::any(), "")], "With `unit = ffn | kv_group | head` on a language model: FLAP's bias compensation (An et al. 2024): the removed units' mean contribution over the calibration tokens, `W[:, removed] · mean(X[:, removed])`, is added to the bias of `down_proj` or `o_proj` (created, with the other biases of `mlp_bias` / `attention_bias`, where the model has none). Needs a criterion that reads `act(x)` with `calibrate = DATA`, and an architecture that can hold the bias: Llama (and GGUF models), or Qwen3 for attention units (prune)."),
     b("normalize", Kind::StageOption, &[p("value", NORMALIZE, Some("none"), Range::any(), "")], "With `unit = ...` and `scope = global`: divide each layer's unit scores by their `mean`, `max` or L2 norm (`l2`) before ranking the units of all layers together, so layers whose scores run on different scales compete fairly (`none` ranks the raw scores) (prune)."),
+    b("allocation", Kind::StageOption, &[p("value", Ty::Of(Kind::Allocation), None, Range::any(), "")], "Language models: spread an unstructured target over the blocks unevenly, each block at its own sparsity (`owl(m, lambda)`), the blocks averaging to the target (prune)."),
     b("per_class", Kind::StageOption, &[p("value", Ty::Bool, Some("false"), Range::any(), "")], "Data set prunes: every class keeps its share of the kept samples (its count times the kept fraction, the remainder to the largest fractions), chosen within the class; `false` ranks all samples together (prune)."),
     b("keep", Kind::StageOption, &[p("value", Ty::Enum(&["hardest", "easiest"]), Some("hardest"), Range::any(), "")], "Data set prunes: keep the samples with the highest scores (`hardest`: the least learned, as in the papers) or the lowest (`easiest`) (prune)."),
     b("pattern", Kind::StageOption, &[p("value", Ty::Pattern, None, Range::any(), "")], "`N:M`: keep N of every M consecutive weights along the input dimension (also written as the target: `to 2:4`); `block(rows, cols)`: keep or prune whole blocks (prune)."),
@@ -753,6 +762,7 @@ pub fn stage_options(kind: crate::ast::StageKind) -> &'static [&'static str] {
             "compensate",
             "per_class",
             "keep",
+            "allocation",
         ],
         Evaluate | Assert | Report => &[],
         Analyze => &["epochs", "steps", "optimizer", "lr_schedule"],

@@ -352,6 +352,10 @@ impl Exec<'_> {
         if let Some(unit) = p.unit {
             return self.llm_prune_units(step, p, model, unit, &windows, config.batch);
         }
+        if let Some(alloc) = self.option(step, "allocation") {
+            config.block_sparsity =
+                Some(self.owl_allocation(step, model, &alloc, &config, &windows)?);
+        }
         let report = match p.method {
             Method::SparseGpt => {
                 // The plan resolved the arguments, defaults included.
@@ -443,6 +447,51 @@ impl Exec<'_> {
     /// model (the criterion over the weights that read them, with their
     /// input activations), the same number kept in every block, and the
     /// model cut to them.
+    /// OWL's per-block sparsities for an unstructured target, from one dense
+    /// calibration pass.
+    fn owl_allocation(
+        &mut self,
+        step: &Step,
+        model: &str,
+        alloc: &Value,
+        config: &llm::OneShotConfig,
+        windows: &[Vec<u32>],
+    ) -> Result<Vec<f64>, RunError> {
+        let span = step.span;
+        let llm::SparsityPattern::Unstructured(target) = config.pattern else {
+            return Err(RunError::user(
+                span,
+                "OWL spreads an unstructured target, not an N:M pattern",
+            ));
+        };
+        let arg = |k: &str| {
+            alloc
+                .arg(k)
+                .and_then(|v| v.as_f64())
+                .or_else(|| prunec_lang::builtins::default_number("owl", Some(k)))
+                .ok_or_else(|| RunError::Internal(format!("owl without `{k}`")))
+        };
+        let (m, lambda) = (arg("m")?, arg("lambda")?);
+        let ratios = llm::owl::outlier_ratios(&self.llms[model], windows, config, m)
+            .map_err(rt_err_llm(span, "OWL's outlier ratios"))?;
+        let sparsities = llm::owl::owl_allocation(&ratios, target, lambda);
+        if self.progress {
+            let shown: Vec<String> = ratios
+                .iter()
+                .zip(&sparsities)
+                .enumerate()
+                .filter_map(|(l, (r, s))| {
+                    r.map(|r| format!("{l}: {:.2}% → {:.1}%", r * 100.0, s * 100.0))
+                })
+                .collect();
+            eprintln!(
+                "OWL outlier ratios and block sparsities: {}",
+                shown.join(", ")
+            );
+        }
+        Ok(sparsities)
+    }
+
     fn llm_prune_units(
         &mut self,
         step: &Step,

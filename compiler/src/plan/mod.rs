@@ -341,6 +341,19 @@ impl Step {
                     }
                 } else if p.layerwise {
                     line.push_str(", layer by layer");
+                    if let Some(a) = self.options.get("allocation") {
+                        let f = |k: &str| {
+                            a.arg(k)
+                                .and_then(|v| v.as_f64())
+                                .or_else(|| prunec_lang::builtins::default_number("owl", Some(k)))
+                                .unwrap_or(f64::NAN)
+                        };
+                        line.push_str(&format!(
+                            "; each block at its own sparsity by OWL (m = {}, lambda = {}: blocks with more outliers keep more, averaging the target)",
+                            f("m"),
+                            f("lambda")
+                        ));
+                    }
                     if let Some(d) = &p.activations {
                         line.push_str(&format!(
                             "; each layer calibrated on {d} after the layers before it are pruned"

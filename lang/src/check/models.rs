@@ -309,6 +309,7 @@ impl Checker<'_> {
                 _ => (v, span),
             });
         self.check_pdp(s, pattern.as_ref());
+        self.check_allocation(s, model, lm, pattern.as_ref());
         self.check_units(s, model, lm, method, pattern.as_ref().map(|p| p.1));
         self.check_normalize(s, lm);
         self.check_compensate(s, lm);
@@ -458,6 +459,82 @@ impl Checker<'_> {
     /// language model's bias, from the calibration of an `act(x)` criterion.
     /// `schedule = pdp(...)`: soft masks by `w²`, so the criterion is
     /// magnitude; thresholds are global, per layer or per N:M group.
+    /// `allocation = owl(m, lambda)`: a language model's unstructured
+    /// target spread over its blocks, from calibration activations, every
+    /// block's sparsity in [0, 1).
+    fn check_allocation(
+        &mut self,
+        s: &Stage,
+        model: &str,
+        lm: bool,
+        pattern: Option<&(Value, Span)>,
+    ) {
+        let Some((alloc, span)) = self.prune_option(s, "allocation") else {
+            return;
+        };
+        if !lm {
+            self.unsupported(
+                span,
+                format!("`allocation` spreads a language model's target over its blocks; `{model}` is a classifier"),
+                "for language models only",
+                "a classifier's `scope = global` already lets layers differ; per-layer amounts are `keep_min` / `keep_max`",
+            );
+            return;
+        }
+        if let Some((_, pspan)) = pattern {
+            self.unsupported(
+                *pspan,
+                "an N:M pattern fixes every block's sparsity: `allocation` has nothing to spread"
+                    .into(),
+                "a fixed pattern",
+                "give an unstructured target (`to 50%`) with `allocation`, or drop `allocation`",
+            );
+        }
+        if let Some((_, uspan)) = self.prune_option(s, "unit") {
+            self.unsupported(
+                uspan,
+                "`allocation` spreads a target of single weights; units are removed in the same number from every block".into(),
+                "units",
+                "drop `allocation` or `unit`",
+            );
+        }
+        if self.prune_option(s, "calibrate").is_none() && s.on.is_none() {
+            self.push(
+                Diagnostic::new(
+                    Code::MissingData,
+                    "OWL's outlier ratios read the layers' input activations, but no calibration data is given",
+                )
+                .with_label(span, "reads activations")
+                .with_help("add `calibrate = DATASET` (text data)"),
+            );
+        }
+        // Every block's sparsity, target − (scaled − mean) with the scaled
+        // ratios in [0, 2λ], lies within target ± 2λ.
+        let lambda = alloc.arg("lambda").and_then(|v| v.as_f64());
+        let target = s.to.as_ref().and_then(|e| {
+            let mut params = |x: &Expr| {
+                x.as_name()
+                    .and_then(|id| self.symbols.get(&id.name))
+                    .and_then(|sym| sym.value.as_ref())
+                    .and_then(|v| v.as_f64())
+                    .ok_or(())
+            };
+            crate::eval::number(e, &mut params).ok()
+        });
+        if let (Some(l), Some(t)) = (lambda, target) {
+            if t - 2.0 * l < 0.0 || t + 2.0 * l >= 1.0 {
+                self.push(
+                    Diagnostic::new(
+                        Code::OutOfRange,
+                        format!("with lambda = {l}, a block's sparsity may reach {:.4} .. {:.4}: outside [0, 1)", t - 2.0 * l, t + 2.0 * l),
+                    )
+                    .with_label(span, format!("lambda = {l}"))
+                    .with_help(format!("choose lambda with the target ± 2 lambda inside [0, 1): at most {:.4}", (t.min(1.0 - t) / 2.0 - 1e-9).max(0.0))),
+                );
+            }
+        }
+    }
+
     fn check_pdp(&mut self, s: &Stage, pattern: Option<&(Value, Span)>) {
         let Some((sched, span)) = self.prune_option(s, "schedule") else {
             return;

@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod hf;
 pub mod linalg;
 pub mod model;
+pub mod owl;
 pub mod prune;
 pub mod select;
 pub mod sparsegpt;

@@ -231,6 +231,9 @@ pub struct OneShotConfig {
     /// Calibrate each block on the outputs of the already-pruned blocks before it (`true`),
     /// or every block on the dense model's activations (`false`).
     pub sequential: bool,
+    /// Per block, the unstructured sparsity to prune it to in place of the
+    /// pattern's (a per-layer allocation such as OWL's).
+    pub block_sparsity: Option<Vec<f64>>,
 }
 
 impl OneShotConfig {
@@ -242,6 +245,17 @@ impl OneShotConfig {
             skip: vec!["model.embed_tokens.weight".into(), "lm_head.weight".into()],
             batch: 8,
             sequential: true,
+            block_sparsity: None,
+        }
+    }
+
+    /// The pattern block `layer` is pruned to.
+    pub fn pattern_of(&self, layer: usize) -> SparsityPattern {
+        match (&self.block_sparsity, self.pattern) {
+            (Some(s), SparsityPattern::Unstructured(_)) if layer < s.len() => {
+                SparsityPattern::Unstructured(s[layer])
+            }
+            (_, p) => p,
         }
     }
 
@@ -326,6 +340,9 @@ pub fn prune_one_shot(
 ) -> Result<PruneReport> {
     let start = Instant::now();
     config.pattern.validate(None)?;
+    for l in 0..model.config.num_hidden_layers {
+        config.pattern_of(l).validate(None)?;
+    }
     let targets = config.targeted(model)?;
     let needs = pruner.needs();
     let mut report = PruneReport {
@@ -336,32 +353,9 @@ pub fn prune_one_shot(
     // The calibration residual stream, one tensor per chunk of sequences.
     let mut chunks: Vec<Tensor> = Vec::new();
     if needs.any() {
-        let len = calibration.first().map(|s| s.len()).unwrap_or(0);
-        if len == 0 {
-            return Err(RuntimeError::Invalid(format!(
-                "`{}` needs calibration data, but none (or an empty sequence) was given",
-                pruner.method()
-            )));
-        }
-        if let Some(bad) = calibration.iter().position(|s| s.len() != len) {
-            return Err(RuntimeError::Invalid(format!(
-                "calibration sequence {bad} has {} tokens, the first has {len}; all must be equal",
-                calibration[bad].len()
-            )));
-        }
-        let vocab = model.config.vocab_size as u32;
-        if let Some(t) = calibration.iter().flatten().find(|&&t| t >= vocab) {
-            return Err(RuntimeError::Invalid(format!(
-                "calibration token id {t} is outside the vocabulary of {vocab}"
-            )));
-        }
         let t0 = Instant::now();
-        for group in calibration.chunks(config.batch.max(1)) {
-            let flat: Vec<u32> = group.iter().flatten().copied().collect();
-            let ids = Tensor::from_vec(flat, (group.len(), len), model.device())?;
-            chunks.push(model.embed_tokens(&ids)?);
-        }
-        report.calibration_tokens = calibration.len() * len;
+        chunks = calibration_chunks(model, calibration, config.batch, pruner.method())?;
+        report.calibration_tokens = calibration.iter().map(|s| s.len()).sum();
         report.calibration_seconds += t0.elapsed().as_secs_f64();
     }
 
@@ -370,7 +364,15 @@ pub fn prune_one_shot(
     for (l, block_targets) in targets.iter().enumerate().take(last + 1) {
         if !needs.any() {
             for &proj in block_targets {
-                prune_linear(model, l, proj, None, config.pattern, pruner, &mut report)?;
+                prune_linear(
+                    model,
+                    l,
+                    proj,
+                    None,
+                    config.pattern_of(l),
+                    pruner,
+                    &mut report,
+                )?;
             }
             continue;
         }
@@ -409,7 +411,7 @@ pub fn prune_one_shot(
         report.calibration_seconds += t0.elapsed().as_secs_f64();
         for &proj in block_targets {
             let s = stats.get(&proj.input());
-            prune_linear(model, l, proj, s, config.pattern, pruner, &mut report)?;
+            prune_linear(model, l, proj, s, config.pattern_of(l), pruner, &mut report)?;
         }
         if l == last || !config.sequential {
             continue;
@@ -423,6 +425,41 @@ pub fn prune_one_shot(
     }
     report.total_seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The embedded calibration sequences (equal-length token ids), one tensor
+/// per chunk of `batch` sequences; `what` names the method in errors.
+pub(crate) fn calibration_chunks(
+    model: &LlamaModel,
+    calibration: &[Vec<u32>],
+    batch: usize,
+    what: &str,
+) -> Result<Vec<Tensor>> {
+    let len = calibration.first().map(|s| s.len()).unwrap_or(0);
+    if len == 0 {
+        return Err(RuntimeError::Invalid(format!(
+            "`{what}` needs calibration data, but none (or an empty sequence) was given"
+        )));
+    }
+    if let Some(bad) = calibration.iter().position(|s| s.len() != len) {
+        return Err(RuntimeError::Invalid(format!(
+            "calibration sequence {bad} has {} tokens, the first has {len}; all must be equal",
+            calibration[bad].len()
+        )));
+    }
+    let vocab = model.config.vocab_size as u32;
+    if let Some(t) = calibration.iter().flatten().find(|&&t| t >= vocab) {
+        return Err(RuntimeError::Invalid(format!(
+            "calibration token id {t} is outside the vocabulary of {vocab}"
+        )));
+    }
+    let mut chunks = Vec::new();
+    for group in calibration.chunks(batch.max(1)) {
+        let flat: Vec<u32> = group.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(flat, (group.len(), len), model.device())?;
+        chunks.push(model.embed_tokens(&ids)?);
+    }
+    Ok(chunks)
 }
 
 fn prune_linear(
