@@ -65,6 +65,9 @@ impl TextSpec {
     }
 }
 
+/// A block linear's name, shape, size and count of zeros.
+pub(super) type LinearZeros = (String, Vec<usize>, usize, usize);
+
 impl Exec<'_> {
     /// Whether `name` is a language model.
     pub(super) fn is_llm(&self, name: &str) -> bool {
@@ -163,21 +166,34 @@ impl Exec<'_> {
 
     /// The fraction of zero weights over the blocks' linear layers.
     pub(super) fn llm_sparsity(&self, model: &str, span: Span) -> Result<f64, RunError> {
+        let layers = self.llm_linear_zeros_at(model, span)?;
+        let total: usize = layers.iter().map(|l| l.2).sum();
+        let zeros: usize = layers.iter().map(|l| l.3).sum();
+        Ok(zeros as f64 / total.max(1) as f64)
+    }
+
+    /// Every block linear of a language model: name, shape, size and zeros.
+    pub(super) fn llm_linear_zeros(&self, model: &str) -> Result<Vec<LinearZeros>, RunError> {
+        self.llm_linear_zeros_at(model, Span::default())
+    }
+
+    fn llm_linear_zeros_at(&self, model: &str, span: Span) -> Result<Vec<LinearZeros>, RunError> {
         let m = &self.llms[model];
-        let (mut zeros, mut total) = (0usize, 0usize);
+        let mut out = Vec::new();
         for (name, t) in m.named_tensors().map_err(rt_err_llm(span, "sparsity"))? {
             if !name.starts_with("model.layers.") || !name.ends_with("proj.weight") {
                 continue;
             }
+            let shape = t.dims().to_vec();
             let v: Vec<f32> = t
                 .flatten_all()
                 .and_then(|t| t.to_dtype(candle_core::DType::F32))
                 .and_then(|t| t.to_vec1())
                 .map_err(|e| RunError::Internal(e.to_string()))?;
-            zeros += v.iter().filter(|x| **x == 0.0).count();
-            total += v.len();
+            let zeros = v.iter().filter(|x| **x == 0.0).count();
+            out.push((name, shape, v.len(), zeros));
         }
-        Ok(zeros as f64 / total.max(1) as f64)
+        Ok(out)
     }
 
     /// Non-zero parameters of every tensor of the model.

@@ -1221,6 +1221,18 @@ impl Exec<'_> {
                 });
             }
         }
+        // Language models: every block linear (what their prunes target).
+        for lm in self.llms.keys().cloned().collect::<Vec<_>>() {
+            for (name, shape, total, zeros) in self.llm_linear_zeros(&lm)? {
+                self.report.layers.push(Layer {
+                    model: lm.clone(),
+                    name,
+                    shape,
+                    total,
+                    kept: total - zeros,
+                });
+            }
+        }
         let name = self
             .report
             .exported

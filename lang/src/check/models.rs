@@ -309,7 +309,7 @@ impl Checker<'_> {
                 _ => (v, span),
             });
         self.check_pdp(s, pattern.as_ref());
-        self.check_allocation(s, model, lm, pattern.as_ref());
+        self.check_allocation(s, model, lm, method, pattern.as_ref());
         self.check_units(s, model, lm, method, pattern.as_ref().map(|p| p.1));
         self.check_normalize(s, lm);
         self.check_compensate(s, lm);
@@ -467,6 +467,7 @@ impl Checker<'_> {
         s: &Stage,
         model: &str,
         lm: bool,
+        method: Option<Method>,
         pattern: Option<&(Value, Span)>,
     ) {
         let Some((alloc, span)) = self.prune_option(s, "allocation") else {
@@ -496,6 +497,21 @@ impl Checker<'_> {
                 "`allocation` spreads a target of single weights; units are removed in the same number from every block".into(),
                 "units",
                 "drop `allocation` or `unit`",
+            );
+        }
+        // One threshold over every layer (the default of criteria that read
+        // the weights only) cannot follow per-block sparsities.
+        let global = match self.prune_option(s, "scope") {
+            Some((v, _)) => v.as_str() == Some("global"),
+            None => method.is_none() && !self.stage_reads_acts.contains(&s.id),
+        };
+        if global {
+            self.unsupported(
+                span,
+                "one global threshold over every layer cannot give each block its own sparsity"
+                    .into(),
+                "needs a threshold per layer or row",
+                "add `scope = layer` (or `scope = row`)",
             );
         }
         if self.prune_option(s, "calibrate").is_none() && s.on.is_none() {

@@ -762,7 +762,9 @@ impl<'a> Checker<'a> {
         // that read activations; for any other they would do nothing.
         if !needs.activations {
             for key in ["calibrate", "sequential"] {
-                if all.contains_key(key) {
+                // OWL's outlier ratios read the calibration data themselves.
+                let read = key == "calibrate" && all.contains_key("allocation");
+                if all.contains_key(key) && !read {
                     let span = match s.arg(key) {
                         Some(a) => a.value.span,
                         None => s.value_span("constraints"),
