@@ -2964,3 +2964,49 @@ fn llm_owl_reduced_allocates_and_keeps_the_sparsity() {
         assert!((sa - sb).abs() < 1e-3, "{sa} vs {sb}");
     }
 }
+
+/// Twin models share a training only while its data is the same: trained
+/// on a data set before and after it is pruned, two identically declared
+/// models train anew; after the prune, a third copies the second.
+#[test]
+fn twin_trainings_see_a_pruned_data_set_as_other_data() {
+    require_data("digits/digits.csv.gz", "digits");
+    let text = format!(
+        r#"recipe twins {{ version = 1, seed = 2 }}
+model a = mlp(inputs = 64, hidden = [16], classes = 10)
+model b = mlp(inputs = 64, hidden = [16], classes = 10)
+model c = mlp(inputs = 64, hidden = [16], classes = 10)
+dataset train = digits("{root}/data/digits/digits.csv.gz", split = "train", batch = 32)
+pipeline {{
+  train a on train (epochs = 1)
+  prune train by random() to 50%
+  train b on train (epochs = 1)
+  train c on train (epochs = 1)
+  export a to "a.safetensors"
+  export b to "b.safetensors"
+  export c to "c.safetensors"
+}}
+"#,
+        root = root().display()
+    );
+    let (_dir, runs) = run_texts(&[text]);
+    let out = &runs[0].0;
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let copied: Vec<(String, String)> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| !s["copied_from"].is_null())
+        .map(|s| {
+            (
+                s["model"].as_str().unwrap().to_string(),
+                s["copied_from"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(copied, [("c".to_string(), "b".to_string())], "{copied:?}");
+    let w = |m: &str| tensor_f32(&out.join(format!("{m}.safetensors")), "fc1.weight");
+    assert_ne!(w("a"), w("b"));
+    assert_eq!(w("b"), w("c"));
+}
