@@ -430,12 +430,16 @@ fn analyze_shapes(
     diags: &mut Vec<Diagnostic>,
 ) {
     let Some(prunec_lang::ast::Expr {
-        kind: prunec_lang::ast::ExprKind::Call { args, .. },
+        kind: prunec_lang::ast::ExprKind::Call { callee, args },
         span: by_span,
     }) = &s.by
     else {
         return;
     };
+    // Only the oracle study reads `test` data and removes units.
+    if callee.name != "oracle" {
+        return;
+    }
     let arg = |k: &str, i: usize| {
         args.named(k)
             .or_else(|| args.items.iter().filter(|a| a.name.is_none()).nth(i))

@@ -569,9 +569,9 @@ pub static BUILTINS: &[Builtin] = &[
     b("random", Kind::DataScore, &[], "Random data pruning: a uniform draw per sample from the recipe's seed and the stage (`prune DATA by random() to 90%`)."),
     // ---- per-block sparsity allocations of language models
     b("owl", Kind::Allocation, &[
-        p("m", Ty::Float, Some("5"), Range::positive(), "a weight is an outlier when its Wanda score exceeds m times its layer's mean"),
+        p("m", Ty::Float, Some("5"), Range::positive(), "a weight is an outlier when its Wanda score exceeds m times the mean over its block's targeted weights"),
         p("lambda", Ty::Float, Some("0.08"), Range::non_negative(), "half the spread of the block sparsities: the scaled outlier ratios span [0, 2 lambda]"),
-    ], "OWL (Yin et al. 2024): each block's outlier ratio is the share of its targeted weights whose Wanda score |W_ij| · ‖X_j‖₂ (dense model, the stage's calibration data) exceeds m times its layer's mean; the ratios scaled to [0, 2 lambda] are subtracted from the target, shifted so that the blocks' sparsities average to it: blocks with more outliers keep more weights. For unstructured targets of language models (`prune lm by wanda to 50% (allocation = owl(), calibrate = calib)`)."),
+    ], "OWL (Yin et al. 2024): each block's outlier ratio is the share of its targeted weights whose Wanda score |W_ij| · ‖X_j‖₂ (dense model, the stage's calibration data) exceeds m times the mean over the block's targeted weights; the ratios scaled to [0, 2 lambda] are subtracted from the target, shifted so that the blocks' sparsities average to it: blocks with more outliers keep more weights. For unstructured targets of language models (`prune lm by wanda to 50% (allocation = owl(), calibrate = calib)`)."),
     // ---- analyses (`analyze MODEL on DATA by ANALYSIS to FRACTION -> "PLOT.svg"`)
     b("oracle", Kind::Analysis, &[
         p("test", Ty::Of(Kind::Dataset), None, Range::any(), "the data the accuracy after retraining is measured on"),

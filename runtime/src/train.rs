@@ -119,7 +119,6 @@ pub trait TrainHooks {
         None
     }
 
-    /// After each epoch (`epoch` is 0-based): e.g. take a late-rewinding snapshot.
     /// Whether [`TrainHooks::on_predictions`] is wanted (it costs a pass
     /// over the logits, and a forward pass on candle's path).
     fn reads_predictions(&self) -> bool {
@@ -138,6 +137,7 @@ pub trait TrainHooks {
         Ok(())
     }
 
+    /// After each epoch (`epoch` is 0-based): e.g. take a late-rewinding snapshot.
     fn after_epoch(&mut self, _epoch: usize, _model: &Model) -> Result<Control> {
         Ok(Control::Continue)
     }

@@ -373,6 +373,26 @@ impl Exec<'_> {
             let state = &self.models[&name];
             scores.push(pruner.scores(&state.model, &state.masks, &state.init, &side)?);
         }
+        // Weights already pruned are no longer candidates: only the kept
+        // ones are compared, as a prune stage ranks them.
+        let state = &self.models[&name];
+        for (i, n) in selected.iter().enumerate() {
+            if state.masks.get(n).is_some() {
+                let keep = state
+                    .masks
+                    .to_u8(n)
+                    .map_err(rt_err(step.span, "reading a mask"))?;
+                for s in scores.iter_mut() {
+                    let alive: Vec<f32> = s[i]
+                        .iter()
+                        .zip(&keep)
+                        .filter(|(_, k)| **k != 0)
+                        .map(|(v, _)| *v)
+                        .collect();
+                    s[i] = alive;
+                }
+            }
+        }
         let mut tensors = Vec::with_capacity(selected.len());
         for (i, n) in selected.iter().enumerate() {
             let (x, y) = (&scores[0][i], &scores[1][i]);

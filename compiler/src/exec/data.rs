@@ -42,8 +42,10 @@ impl Exec<'_> {
                         "forgetting events are counted during `train` or `finetune`",
                     ));
                 }
-                // The training changes the model: its state is its own from now on.
+                // The training changes the model: its state is its own from
+                // now on (built first, so its declaration does not overwrite it).
                 if let Some(name) = &during.model {
+                    self.model(name, during.site.subject)?;
                     self.lineage
                         .insert(name.clone(), format!("{name} after step {}", step.id));
                 }

@@ -459,10 +459,6 @@ impl Exec<'_> {
         Ok(())
     }
 
-    /// `unit = ffn | kv_group`: every block's units scored on the dense
-    /// model (the criterion over the weights that read them, with their
-    /// input activations), the same number kept in every block, and the
-    /// model cut to them.
     /// OWL's per-block sparsities for an unstructured target, from one dense
     /// calibration pass.
     fn owl_allocation(
@@ -508,6 +504,10 @@ impl Exec<'_> {
         Ok(sparsities)
     }
 
+    /// `unit = ffn | kv_group`: every block's units scored on the dense
+    /// model (the criterion over the weights that read them, with their
+    /// input activations), the same number kept in every block, and the
+    /// model cut to them.
     fn llm_prune_units(
         &mut self,
         step: &Step,

@@ -475,8 +475,10 @@ impl Exec<'_> {
                 }
             }
             Action::Calibrate { .. } | Action::Prune(_) => {
-                // The state (mask, statistics) is this model's own from now on.
+                // The state (mask, statistics) is this model's own from now
+                // on (built first, so its declaration does not overwrite it).
                 if let Some(name) = &step.model {
+                    self.model(name, step.site.subject)?;
                     self.lineage
                         .insert(name.clone(), format!("{name} after step {}", step.id));
                 }

@@ -196,6 +196,48 @@ impl Checker<'_> {
                         .with_help("train first, then prune the data set; `forgetting(MODEL)` is the score counted during training"),
                     );
                 } else {
+                    // Forgetting is a correct presentation followed by a wrong
+                    // one: every sample must be seen at least twice.
+                    if let Some(a) = d.arg("steps") {
+                        self.push(
+                            Diagnostic::new(
+                                Code::StageClause,
+                                "forgetting events are counted over whole epochs: give `epochs`, not `steps`",
+                            )
+                            .with_label(a.value.span, "may leave samples unseen")
+                            .with_help("write `epochs = N` with N >= 2"),
+                        );
+                    }
+                    let epochs = d.arg("epochs").map(|a| &a.value);
+                    let trains = matches!(d.kind, StageKind::Train | StageKind::Finetune);
+                    let few = trains
+                        && d.arg("steps").is_none()
+                        && match epochs {
+                            None => true,
+                            Some(e) => {
+                                let mut params = |x: &Expr| {
+                                    x.as_name()
+                                        .and_then(|id| self.symbols.get(&id.name))
+                                        .and_then(|sym| sym.value.as_ref())
+                                        .and_then(|v| v.as_f64())
+                                        .ok_or(())
+                                };
+                                crate::eval::number(e, &mut params).is_ok_and(|n| n < 2.0)
+                            }
+                        };
+                    if few {
+                        self.push(
+                            Diagnostic::new(
+                                Code::OutOfRange,
+                                "forgetting events need every sample presented at least twice",
+                            )
+                            .with_label(
+                                epochs.map_or(d.keyword_span, |e| e.span),
+                                "fewer than 2 epochs",
+                            )
+                            .with_help("train for `epochs = 2` or more"),
+                        );
+                    }
                     let trained = d.subject.first().and_then(|e| e.as_name());
                     let on = d.on.as_ref().and_then(|e| e.as_name());
                     if let (Some(m), Some(t)) = (model, trained) {

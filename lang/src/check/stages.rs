@@ -912,6 +912,26 @@ impl<'a> Checker<'a> {
                     if bi.name != "oracle" {
                         self.check_agreement(s, args);
                     }
+                    // The oracle study's accuracy is measured on labelled samples.
+                    let test = args
+                        .named("test")
+                        .or_else(|| args.items.iter().find(|a| a.name.is_none()));
+                    if let (true, Some(t)) = (bi.name == "oracle", test) {
+                        let text = t
+                            .value
+                            .as_name()
+                            .and_then(|n| self.symbols.get(&n.name))
+                            .and_then(|sym| sym.value.as_ref())
+                            .and_then(|v| v.call_name())
+                            == Some("text");
+                        if text {
+                            self.push(
+                                Diagnostic::new(Code::Unsupported, "the oracle study measures accuracy on labelled samples, not text")
+                                    .with_label(t.value.span, "text data")
+                                    .with_help("give `test` an image or feature data set"),
+                            );
+                        }
+                    }
                 }
                 (Some(bi), _) => {
                     // A bare name: its required arguments are missing.

@@ -2,7 +2,7 @@
 //! holding more outlier features keep more weights. A block's outlier
 //! ratio is the share of its targeted weights whose Wanda score
 //! `|W_ij| · ‖X_j‖₂` (on the dense model's calibration activations) exceeds
-//! `m` times the mean score of its layer; the ratios, scaled to [0, 2λ],
+//! `m` times the mean score over the block's targeted weights; the ratios, scaled to [0, 2λ],
 //! become keep fractions shifted so that their mean is `1 − target`.
 
 use std::collections::BTreeMap;
@@ -71,7 +71,9 @@ pub fn outlier_ratios(
         if block_targets.is_empty() {
             continue;
         }
-        let (mut outliers, mut total) = (0usize, 0usize);
+        // Every targeted weight's score in the block, pooled: the outlier
+        // threshold is m times the block's mean, as in the paper's code.
+        let mut scores: Vec<f64> = Vec::new();
         for &proj in block_targets {
             let norms = stats
                 .get(&proj.input())
@@ -83,16 +85,15 @@ pub fn outlier_ratios(
                 .flatten_all()?
                 .to_vec1()?;
             let cols = norms.len();
-            let scores: Vec<f64> = w
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| (v.abs() * norms[i % cols]) as f64)
-                .collect();
-            let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
-            outliers += scores.iter().filter(|&&s| s > m * mean).count();
-            total += scores.len();
+            scores.extend(
+                w.iter()
+                    .enumerate()
+                    .map(|(i, &v)| (v.abs() * norms[i % cols]) as f64),
+            );
         }
-        ratios[l] = Some(outliers as f64 / total.max(1) as f64);
+        let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
+        let outliers = scores.iter().filter(|&&s| s > m * mean).count();
+        ratios[l] = Some(outliers as f64 / scores.len().max(1) as f64);
     }
     Ok(ratios)
 }
