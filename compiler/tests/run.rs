@@ -639,6 +639,22 @@ fn tensor_f32(file: &Path, name: &str) -> Vec<f32> {
         .collect()
 }
 
+/// The steps that copied a twin's state instead of training: (model, twin).
+fn copied_steps(report: &serde_json::Value) -> Vec<(String, String)> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| !s["copied_from"].is_null())
+        .map(|s| {
+            (
+                s["model"].as_str().unwrap_or("?").to_string(),
+                s["copied_from"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 fn evaluation(report: &serde_json::Value, label: &str, metric: &str) -> f64 {
     report["evaluations"]
         .as_array()
@@ -2520,18 +2536,7 @@ pipeline {{
     let out = &runs[0].0;
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    let copied: Vec<(String, String)> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| !s["copied_from"].is_null())
-        .map(|s| {
-            (
-                s["model"].as_str().unwrap_or("?").to_string(),
-                s["copied_from"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let copied = copied_steps(&report);
     assert_eq!(copied, [("b".to_string(), "a".to_string())], "{copied:?}");
     let w = |m: &str| tensor_f32(&out.join(format!("{m}.safetensors")), "fc1.weight");
     assert_eq!(w("a"), w("b"));
@@ -2993,18 +2998,7 @@ pipeline {{
     let out = &runs[0].0;
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    let copied: Vec<(String, String)> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| !s["copied_from"].is_null())
-        .map(|s| {
-            (
-                s["model"].as_str().unwrap().to_string(),
-                s["copied_from"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let copied = copied_steps(&report);
     assert_eq!(copied, [("c".to_string(), "b".to_string())], "{copied:?}");
     let w = |m: &str| tensor_f32(&out.join(format!("{m}.safetensors")), "fc1.weight");
     assert_ne!(w("a"), w("b"));

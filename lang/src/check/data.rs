@@ -214,16 +214,7 @@ impl Checker<'_> {
                         && d.arg("steps").is_none()
                         && match epochs {
                             None => true,
-                            Some(e) => {
-                                let mut params = |x: &Expr| {
-                                    x.as_name()
-                                        .and_then(|id| self.symbols.get(&id.name))
-                                        .and_then(|sym| sym.value.as_ref())
-                                        .and_then(|v| v.as_f64())
-                                        .ok_or(())
-                                };
-                                crate::eval::number(e, &mut params).is_ok_and(|n| n < 2.0)
-                            }
+                            Some(e) => self.constant_number(e).is_some_and(|n| n < 2.0),
                         };
                     if few {
                         self.push(

@@ -320,6 +320,19 @@ impl<'a> Checker<'a> {
         self.diags.push(d);
     }
 
+    /// The value of a constant numeric expression, params read from their
+    /// declarations (none where it reads anything else).
+    pub(crate) fn constant_number(&self, e: &Expr) -> Option<f64> {
+        let mut params = |x: &Expr| {
+            x.as_name()
+                .and_then(|id| self.symbols.get(&id.name))
+                .and_then(|sym| sym.value.as_ref())
+                .and_then(|v| v.as_f64())
+                .ok_or(())
+        };
+        crate::eval::number(e, &mut params).ok()
+    }
+
     pub(crate) fn text(&self, s: Span) -> &str {
         self.src.get(s.start..s.end).unwrap_or("")
     }

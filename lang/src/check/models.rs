@@ -527,16 +527,7 @@ impl Checker<'_> {
         // Every block's sparsity, target − (scaled − mean) with the scaled
         // ratios in [0, 2λ], lies within target ± 2λ.
         let lambda = alloc.arg("lambda").and_then(|v| v.as_f64());
-        let target = s.to.as_ref().and_then(|e| {
-            let mut params = |x: &Expr| {
-                x.as_name()
-                    .and_then(|id| self.symbols.get(&id.name))
-                    .and_then(|sym| sym.value.as_ref())
-                    .and_then(|v| v.as_f64())
-                    .ok_or(())
-            };
-            crate::eval::number(e, &mut params).ok()
-        });
+        let target = s.to.as_ref().and_then(|e| self.constant_number(e));
         if let (Some(l), Some(t)) = (lambda, target) {
             if t - 2.0 * l < 0.0 || t + 2.0 * l >= 1.0 {
                 self.push(
