@@ -330,11 +330,8 @@ pub fn check_criteria(r: &CheckedRecipe) -> Vec<Diagnostic> {
         if let (prunec_lang::ast::StageKind::Analyze, Some(by)) = (s.kind, &s.by) {
             if let ExprKind::Call { callee, args } = &by.kind {
                 if callee.name == "agreement" || callee.name == "sensitivity" {
-                    let criteria = args.items.iter().filter(|a| {
-                        a.name.as_ref().is_none_or(|n| n.name != "levels")
-                            && !matches!(a.value.kind, ExprKind::List(_))
-                    });
-                    for a in criteria {
+                    let count = if callee.name == "agreement" { 2 } else { 1 };
+                    for a in args.criteria(count) {
                         if let Err(e) = criterion_to_kernel(r, &a.value) {
                             diags.push(
                                 Diagnostic::new(Code::Unsupported, e.message())

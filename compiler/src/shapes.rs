@@ -440,10 +440,7 @@ fn analyze_shapes(
     if callee.name != "oracle" {
         return;
     }
-    let arg = |k: &str, i: usize| {
-        args.named(k)
-            .or_else(|| args.items.iter().filter(|a| a.name.is_none()).nth(i))
-    };
+    let arg = |k: &str, i: usize| args.get(k, i);
     if let Some(test) = arg("test", 0) {
         let name = test
             .value

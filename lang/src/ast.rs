@@ -321,6 +321,24 @@ impl Args {
             .iter()
             .find(|a| a.name.as_ref().is_some_and(|n| n.name == key))
     }
+
+    /// The criteria an analysis call compares or prunes by, as written:
+    /// its first `count` parameters, `a` (and `b`).
+    pub fn criteria(&self, count: usize) -> impl Iterator<Item = &Arg> {
+        ["a", "b"]
+            .into_iter()
+            .take(count)
+            .enumerate()
+            .filter_map(|(i, k)| self.get(k, i))
+    }
+
+    /// The argument of the parameter `key`, the `index`-th of its built-in:
+    /// written `key = value`, or the `index`-th positional argument (the
+    /// checker binds positional arguments to parameters in order).
+    pub fn get(&self, key: &str, index: usize) -> Option<&Arg> {
+        self.named(key)
+            .or_else(|| self.items.iter().filter(|a| a.name.is_none()).nth(index))
+    }
 }
 
 /// One argument, positional or `name = value`.

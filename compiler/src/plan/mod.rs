@@ -793,27 +793,17 @@ fn step_of(
         },
         StageKind::Analyze => match ops.as_slice() {
             [Op::Analyze { analysis, data }] => {
-                let call = |k: &str| match &analysis.expr.kind {
-                    prunec_lang::ast::ExprKind::Call { args, .. } => {
-                        args.named(k).map(|a| a.value.clone())
-                    }
-                    _ => None,
-                };
                 let name = match &analysis.expr.kind {
                     prunec_lang::ast::ExprKind::Call { callee, .. } => callee.name.clone(),
                     _ => analysis.text.clone(),
                 };
-                // Positional arguments in the table's order: test, candidates, unit.
-                let positional = |i: usize| match &analysis.expr.kind {
-                    prunec_lang::ast::ExprKind::Call { args, .. } => args
-                        .items
-                        .iter()
-                        .filter(|a| a.name.is_none())
-                        .nth(i)
-                        .map(|a| a.value.clone()),
+                // An argument by name, or by its position in the table.
+                let arg = |k: &str, i: usize| match &analysis.expr.kind {
+                    prunec_lang::ast::ExprKind::Call { args, .. } => {
+                        args.get(k, i).map(|a| a.value.clone())
+                    }
                     _ => None,
                 };
-                let arg = |k: &str, i: usize| call(k).or_else(|| positional(i));
                 // The criteria as written: the call's text cut at their spans.
                 let base = analysis.expr.span.start;
                 let written = |e: prunec_lang::ast::Expr| {
