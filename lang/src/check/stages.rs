@@ -34,6 +34,8 @@ struct Evaluated {
     /// Per model: epochs trained by the top-level stages so far, and whether
     /// that count is exact (no `steps`, no training inside blocks or `during`).
     trained: BTreeMap<String, (u64, bool)>,
+    /// Output paths the stages write so far (exports and plots), and where.
+    outputs: BTreeMap<String, Span>,
 }
 
 impl<'a> Checker<'a> {
@@ -505,6 +507,7 @@ impl<'a> Checker<'a> {
                     let to = s.to.as_ref().unwrap();
                     if let Some(Value::Str(path)) = self.eval(to, Ty::Str, Range::any()) {
                         self.check_export_path(to, &path);
+                        self.claim_output(ev, &path, to.span);
                     }
                 }
             }
@@ -576,7 +579,10 @@ impl<'a> Checker<'a> {
                     }
                 }
                 if let Some(out) = &s.out {
-                    self.eval(out, Ty::Str, Range::any());
+                    if let Some(Value::Str(path)) = self.eval(out, Ty::Str, Range::any()) {
+                        self.check_export_path(out, &path);
+                        self.claim_output(ev, &path, out.span);
+                    }
                 }
             }
         }
@@ -913,9 +919,7 @@ impl<'a> Checker<'a> {
                         self.check_agreement(s, args);
                     }
                     // The oracle study's accuracy is measured on labelled samples.
-                    let test = args
-                        .named("test")
-                        .or_else(|| args.items.iter().find(|a| a.name.is_none()));
+                    let test = args.get("test", 0);
                     if let (true, Some(t)) = (bi.name == "oracle", test) {
                         let text = t
                             .value
@@ -981,6 +985,7 @@ impl<'a> Checker<'a> {
         if let Some(out) = &s.out {
             if let Some(Value::Str(path)) = self.eval(out, Ty::Str, Range::any()) {
                 self.check_export_path(out, &path);
+                self.claim_output(ev, &path, out.span);
                 if !path.ends_with(".svg") {
                     self.push(
                         Diagnostic::new(Code::StageClause, "an analysis plots to an `.svg` file")
@@ -1009,6 +1014,32 @@ impl<'a> Checker<'a> {
         }
         if let Some(l) = &s.label {
             self.register_label(l, ev, results);
+        }
+    }
+
+    /// An output path a stage writes: not one the run writes itself, and not
+    /// one an earlier stage writes (the later file would replace it).
+    fn claim_output(&mut self, ev: &mut Evaluated, path: &str, span: Span) {
+        let key = path.trim_start_matches("./").to_string();
+        if ["sparsity.svg", "report.json", "report.md", "prune.lock"].contains(&key.as_str()) {
+            self.push(
+                Diagnostic::new(
+                    Code::StageClause,
+                    format!("`{key}` is a file every run writes"),
+                )
+                .with_label(span, "would be overwritten")
+                .with_help("choose another name"),
+            );
+        } else if let Some(prev) = ev.outputs.get(&key) {
+            let prev = *prev;
+            self.push(
+                Diagnostic::new(Code::StageClause, format!("two stages write `{key}`"))
+                    .with_label(span, "written again here")
+                    .with_label(prev, "first written here")
+                    .with_help("give each output its own path"),
+            );
+        } else {
+            ev.outputs.insert(key, span);
         }
     }
 
@@ -1059,11 +1090,8 @@ impl<'a> Checker<'a> {
                 );
             }
         }
-        let criteria = args.items.iter().filter(|a| {
-            a.name.as_ref().is_none_or(|n| n.name != "levels")
-                && !matches!(a.value.kind, ExprKind::List(_))
-        });
-        for a in criteria {
+        let count = if name == "agreement" { 2 } else { 1 };
+        for a in args.criteria(count) {
             // What it reads (its own errors were reported with the arguments).
             let mut needs = Needs::default();
             let reported = self.diags.len();
