@@ -15,6 +15,18 @@ pub struct Evaluation {
     /// A classifier evaluation's sha256 of its top-1 predictions (see
     /// `prunec_runtime::eval::Metrics`).
     pub predictions_sha256: Option<String>,
+    /// A language model's perplexity decoded with a bounded key-value cache.
+    pub kv_cache: Option<KvCacheUsed>,
+}
+
+/// The bounded cache an evaluation ran with: its policy and the keys each
+/// query attended to at most, of the window's length.
+#[derive(Clone)]
+pub struct KvCacheUsed {
+    pub policy: String,
+    pub budget: f64,
+    pub keys: usize,
+    pub window: usize,
 }
 
 #[derive(Clone)]
@@ -281,6 +293,9 @@ impl Report {
                 if let Some(h) = &e.predictions_sha256 {
                     v["predictions_sha256"] = json!(h);
                 }
+                if let Some(kv) = &e.kv_cache {
+                    v["kv_cache"] = json!({"policy": kv.policy, "budget": kv.budget, "keys": kv.keys, "window": kv.window});
+                }
                 v
             }).collect::<Vec<_>>(),
             "rounds": self.rounds.iter().map(|r| json!({
@@ -388,7 +403,17 @@ impl Report {
                     .iter()
                     .map(|(k, v)| format!("{k} {}", fmt_metric(k, *v)))
                     .collect();
-                md.push_str(&format!("| {} | {} |\n", e.label, m.join(", ")));
+                let kv = e
+                    .kv_cache
+                    .as_ref()
+                    .map(|kv| {
+                        format!(
+                            " (cache of {} of {} keys, {})",
+                            kv.keys, kv.window, kv.policy
+                        )
+                    })
+                    .unwrap_or_default();
+                md.push_str(&format!("| {} | {}{kv} |\n", e.label, m.join(", ")));
             }
             md.push('\n');
         }

@@ -91,6 +91,8 @@ enum Base {
     LlmExport,
     /// SparseGPT on four blocks of SmolLM2 with OWL's allocation.
     Owl,
+    /// `Llm` evaluated with a bounded key-value cache.
+    LlmKv,
 }
 
 const DIGITS: &str = r#"recipe t { version = 1, seed = 1 }
@@ -277,6 +279,10 @@ fn base_text(b: Base) -> String {
         Base::Owl => LLM.replace(
             "targets = [\"model.layers.0.*\", \"model.layers.1.*\"], calibrate = calib, sequential = true)",
             "targets = [\"model.layers.0.*\", \"model.layers.1.*\", \"model.layers.2.*\", \"model.layers.3.*\"], calibrate = calib, sequential = true, allocation = owl(m = 5, lambda = 0.08))",
+        ),
+        Base::LlmKv => LLM.replace(
+            "evaluate lm on heldout -> [perplexity]",
+            "evaluate lm on heldout -> [perplexity] (kv_budget = 25%, kv_policy = h2o)",
         ),
     }
 }
@@ -489,6 +495,14 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         Changes(Owl, ", allocation = owl(m = 5, lambda = 0.08)", ""),
     );
     add("sparsegpt.damp", Changes(Llm, "damp = 0.01", "damp = 0.5"));
+    add(
+        "kv_budget",
+        Changes(LlmKv, "kv_budget = 25%", "kv_budget = 50%"),
+    );
+    add(
+        "kv_policy",
+        Changes(LlmKv, "kv_policy = h2o", "kv_policy = kvcrush"),
+    );
     add(
         "woodfisher.block",
         Changes(WoodFisher, "block = 128", "block = 16"),

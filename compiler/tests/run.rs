@@ -3004,3 +3004,47 @@ pipeline {{
     assert_ne!(w("a"), w("b"));
     assert_eq!(w("b"), w("c"));
 }
+
+#[test]
+fn a_bounded_key_value_cache_evaluates_perplexity_under_each_policy() {
+    let recipe = root().join("tests/recipes/run/tiny_llm_kv.prune");
+    let dir = tempfile::tempdir().unwrap();
+    let mut reports = Vec::new();
+    for threads in ["1", "2"] {
+        let out = run_with_env(
+            &recipe,
+            &dir.path().join(threads),
+            &[("RAYON_NUM_THREADS", threads)],
+        );
+        let text = std::fs::read_to_string(out.join("report.json")).unwrap();
+        reports.push(serde_json::from_str::<serde_json::Value>(&text).unwrap());
+    }
+    let report = &reports[0];
+    let ppl = |label: &str| evaluation(report, label, "perplexity");
+    // The whole window evicts nothing: the plain evaluation's bits (the
+    // recipe asserts it too).
+    assert_eq!(ppl("whole"), ppl("dense"));
+    // A quarter of the window changes the result, differently per policy.
+    let bounded = [ppl("recent"), ppl("h2o"), ppl("kvcrush")];
+    for (i, p) in bounded.iter().enumerate() {
+        assert_ne!(*p, ppl("dense"), "policy {i}");
+        assert!(bounded[..i].iter().all(|q| q != p), "policy {i}");
+    }
+    // The report says which cache each evaluation ran with.
+    let kv = |label: &str| {
+        report["evaluations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["label"] == label)
+            .unwrap()["kv_cache"]
+            .clone()
+    };
+    assert_eq!(kv("dense"), serde_json::Value::Null);
+    assert_eq!(kv("h2o")["keys"], 8);
+    assert_eq!(kv("h2o")["window"], 32);
+    assert_eq!(kv("kvcrush")["policy"], "kvcrush");
+    assert_eq!(kv("whole")["keys"], 32);
+    // One thread or two: the same numbers.
+    assert_eq!(reports[0]["evaluations"], reports[1]["evaluations"]);
+}

@@ -173,6 +173,13 @@ impl Range {
             max: Some((1.0, true)),
         }
     }
+    /// `(0, 1]`: a share that must hold something.
+    pub const fn share() -> Range {
+        Range {
+            min: Some((0.0, false)),
+            max: Some((1.0, true)),
+        }
+    }
     pub const fn open_unit() -> Range {
         Range {
             min: Some((0.0, false)),
@@ -665,6 +672,8 @@ pub static BUILTINS: &[Builtin] = &[
     b("allocation", Kind::StageOption, &[p("value", Ty::Of(Kind::Allocation), None, Range::any(), "")], "Language models: spread an unstructured target over the blocks unevenly, each block at its own sparsity (`owl(m, lambda)`), the blocks averaging to the target (prune)."),
     b("per_class", Kind::StageOption, &[p("value", Ty::Bool, Some("false"), Range::any(), "")], "Data set prunes: every class keeps its share of the kept samples (its count times the kept fraction, the remainder to the largest fractions), chosen within the class; `false` ranks all samples together (prune)."),
     b("keep", Kind::StageOption, &[p("value", Ty::Enum(&["hardest", "easiest"]), Some("hardest"), Range::any(), "")], "Data set prunes: keep the samples with the highest scores (`hardest`: the least learned, as in the papers) or the lowest (`easiest`) (prune)."),
+    b("kv_budget", Kind::StageOption, &[p("value", Ty::Fraction, None, Range::share(), "")], "Language models: evaluate `perplexity` with a bounded key-value cache: each window is decoded one token at a time and every query attends to at most this share of the window's length in keys (`floor(kv_budget x seq)`, at least one), its own included; `kv_policy` chooses which earlier tokens stay, per layer and sequence (evaluate)."),
+    b("kv_policy", Kind::StageOption, &[p("value", Ty::Enum(&["recent", "h2o", "kvcrush"]), Some("recent"), Range::any(), "")], "Which tokens a bounded cache (`kv_budget`) keeps: `recent` the latest (a sliding window); `h2o` (Zhang et al. 2023) the latest half and the heavy hitters, the tokens that received the most attention so far (summed over the layer's heads); `kvcrush` (Jha et al. 2025) H2O's choice on three quarters of the slots and, on the last quarter, one representative per bucket of the tokens H2O would evict, bucketed by the Hamming distance of their per-head attention bits to an anchor (evaluate)."),
     b("pattern", Kind::StageOption, &[p("value", Ty::Pattern, None, Range::any(), "")], "`N:M`: keep N of every M consecutive weights along the input dimension (also written as the target: `to 2:4`); `block(rows, cols)`: keep or prune whole blocks (prune)."),
     b("targets", Kind::StageOption, &[p("value", Ty::Globs, Some("[\"*.weight\"]"), Range::any(), "")], "Parameters to prune, by name pattern (prune)."),
     b("skip", Kind::StageOption, &[p("value", Ty::Globs, Some("[]"), Range::any(), "")], "Parameters never pruned, by name pattern (prune)."),
@@ -764,7 +773,8 @@ pub fn stage_options(kind: crate::ast::StageKind) -> &'static [&'static str] {
             "keep",
             "allocation",
         ],
-        Evaluate | Assert | Report => &[],
+        Evaluate => &["kv_budget", "kv_policy"],
+        Assert | Report => &[],
         Analyze => &["epochs", "steps", "optimizer", "lr_schedule"],
         Export => &["format"],
     }

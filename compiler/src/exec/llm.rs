@@ -221,9 +221,9 @@ impl Exec<'_> {
     ) -> Result<(), RunError> {
         self.llm(model, span)?;
         match &step.action {
-            Action::Evaluate { metrics, label, .. } => {
-                self.llm_evaluate(step, model, metrics, label.as_deref())
-            }
+            Action::Evaluate {
+                metrics, label, kv, ..
+            } => self.llm_evaluate(step, model, metrics, label.as_deref(), kv.as_ref()),
             Action::Prune(p) => self.llm_prune(step, p, model),
             Action::Export { .. } => self.llm_export(step, model),
             _ => Err(RunError::user(
@@ -242,6 +242,7 @@ impl Exec<'_> {
         model: &str,
         wanted: &[Metric],
         label: Option<&str>,
+        kv: Option<&crate::ir::KvCache>,
     ) -> Result<(), RunError> {
         let on = Self::on_data(step)?;
         let (v, files) = self.text_data(on)?;
@@ -284,10 +285,29 @@ impl Exec<'_> {
             false => None,
         };
         let mut out = BTreeMap::new();
+        let mut cache = None;
         for &m in wanted {
             let value = match m {
-                Metric::Perplexity => llm::perplexity(&self.llms[model], &tokens, seq, batch)
-                    .map_err(rt_err_llm(step.span, "perplexity"))?,
+                Metric::Perplexity => match kv {
+                    None => llm::perplexity(&self.llms[model], &tokens, seq, batch),
+                    Some(kv) => {
+                        let budget = kv_budget(kv, seq)?;
+                        cache = Some(crate::report::KvCacheUsed {
+                            policy: kv.policy.clone(),
+                            budget: kv.budget,
+                            keys: budget.keys,
+                            window: seq,
+                        });
+                        if self.progress {
+                            eprintln!(
+                                "  decoding with a bounded cache: {} of {seq} keys per query, {} policy",
+                                budget.keys, kv.policy
+                            );
+                        }
+                        llm::perplexity_kv(&self.llms[model], &tokens, seq, batch, budget)
+                    }
+                }
+                .map_err(rt_err_llm(step.span, "perplexity"))?,
                 Metric::Sparsity => self.llm_sparsity(model, step.span)?,
                 Metric::Params => self.llm_kept_params(model, step.span)? as f64,
                 Metric::Latency | Metric::Throughput => match (m, timed) {
@@ -306,6 +326,9 @@ impl Exec<'_> {
         }
         let data = on.name.clone();
         self.record_evaluation(step.span, label, model, &data, out);
+        if let Some(last) = self.report.evaluations.last_mut() {
+            last.kv_cache = cache;
+        }
         Ok(())
     }
 
@@ -962,4 +985,13 @@ mod tests {
             assert_eq!(ours, theirs, "{pattern:?} {scope:?}");
         }
     }
+}
+
+/// The keys each query may attend to: `floor(budget x seq)`, at least one
+/// (the small tolerance keeps `30%` of 100 at 30 despite rounding).
+fn kv_budget(kv: &crate::ir::KvCache, seq: usize) -> Result<llm::KvBudget, RunError> {
+    let policy = llm::KvPolicy::named(&kv.policy)
+        .ok_or_else(|| RunError::Internal(format!("unknown cache policy `{}`", kv.policy)))?;
+    let keys = ((kv.budget * seq as f64 + 1e-9).floor() as usize).clamp(1, seq);
+    Ok(llm::KvBudget { keys, policy })
 }

@@ -1054,6 +1054,7 @@ impl Exec<'_> {
             span,
             metrics: out,
             predictions_sha256: None,
+            kv_cache: None,
         });
     }
 

@@ -102,6 +102,8 @@ pub enum Op {
         data: String,
         metrics: Vec<Metric>,
         label: Option<String>,
+        /// `kv_budget` / `kv_policy`: perplexity decoded with a bounded cache.
+        kv: Option<KvCache>,
     },
     Assert {
         condition: Written,
@@ -120,6 +122,25 @@ pub enum Op {
 /// Which pipeline stage a node belongs to: its position among the
 /// pipeline's stages, and inside that stage's round block (or, one past
 /// the block, the training a gradual prune runs `during`).
+/// An evaluation's bounded key-value cache: the share of each window a
+/// query may attend to and the policy choosing the kept tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvCache {
+    pub budget: f64,
+    pub policy: String,
+}
+
+impl KvCache {
+    /// ` (kv_budget = 25%, kv_policy = h2o)`, for plans.
+    pub fn text(&self) -> String {
+        format!(
+            " (kv_budget = {:.2}%, kv_policy = {})",
+            self.budget * 100.0,
+            self.policy
+        )
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StageRef {
     pub top: usize,
@@ -233,9 +254,10 @@ impl Op {
                 data,
                 metrics,
                 label,
+                kv,
             } => {
                 format!(
-                    "evaluate on {data} -> [{}]{}",
+                    "evaluate on {data} -> [{}]{}{}",
                     metrics
                         .iter()
                         .map(|m| m.as_str())
@@ -244,7 +266,8 @@ impl Op {
                     label
                         .as_ref()
                         .map(|l| format!(" as {l}"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    kv.as_ref().map(KvCache::text).unwrap_or_default()
                 )
             }
             Op::Assert { condition } => format!("assert {condition}"),
@@ -516,6 +539,16 @@ impl Lowerer<'_> {
                     .filter_map(|e| Metric::named(&e.as_name()?.name))
                     .collect();
                 let label = s.label.as_ref().map(|l| l.name.clone());
+                let kv = self
+                    .option(s, "kv_budget")
+                    .and_then(|v| v.as_f64())
+                    .map(|budget| KvCache {
+                        budget,
+                        policy: self
+                            .option(s, "kv_policy")
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_else(|| "recent".into()),
+                    });
                 self.on_model(
                     &model,
                     Node {
@@ -523,6 +556,7 @@ impl Lowerer<'_> {
                             data: data.clone(),
                             metrics,
                             label,
+                            kv,
                         },
                         span: s.span,
                         stage: self.at,

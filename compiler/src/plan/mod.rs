@@ -119,6 +119,7 @@ pub enum Action {
         data: String,
         metrics: Vec<Metric>,
         label: Option<String>,
+        kv: Option<crate::ir::KvCache>,
     },
     Assert {
         condition: Written,
@@ -444,8 +445,9 @@ impl Step {
                 data,
                 metrics,
                 label,
+                kv,
             } => format!(
-                "evaluate {} on {data} -> [{}]{}",
+                "evaluate {} on {data} -> [{}]{}{}",
                 on(&self.model),
                 metrics
                     .iter()
@@ -455,7 +457,8 @@ impl Step {
                 label
                     .as_ref()
                     .map(|l| format!(" as {l}"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                kv.as_ref().map(crate::ir::KvCache::text).unwrap_or_default()
             ),
             Action::Assert { condition } => format!("assert {condition}"),
             Action::Export { path } => format!("export {} to {path:?}", on(&self.model)),
@@ -767,10 +770,12 @@ fn step_of(
                 data,
                 metrics,
                 label,
+                kv,
             }] => Action::Evaluate {
                 data: data.clone(),
                 metrics: metrics.clone(),
                 label: label.clone(),
+                kv: kv.clone(),
             },
             _ => return Err(missing("evaluate")),
         },

@@ -107,6 +107,77 @@ impl Checker<'_> {
         }
     }
 
+    /// `kv_budget` / `kv_policy` on an evaluation: a language model's
+    /// perplexity decoded with a bounded cache, nothing else.
+    fn check_kv_cache(&mut self, s: &Stage, model: &str, lm: bool) {
+        let opts = self.stage_options.get(&s.id);
+        let budget = opts.is_some_and(|o| o.contains_key("kv_budget"));
+        let policy = opts.is_some_and(|o| o.contains_key("kv_policy"));
+        if !budget && !policy {
+            return;
+        }
+        let key = if budget { "kv_budget" } else { "kv_policy" };
+        let span = s.value_span(key);
+        if !lm {
+            self.unsupported(
+                span,
+                format!(
+                    "`{key}` bounds a language model's key-value cache; `{model}` is a classifier"
+                ),
+                "for language models only",
+                "evaluate a `gguf(...)` or `hf(...)` model on text with `-> [perplexity]`",
+            );
+            return;
+        }
+        if !budget {
+            self.push(
+                Diagnostic::new(
+                    Code::MissingArgument,
+                    "`kv_policy` chooses what a bounded cache keeps, but no `kv_budget` bounds it",
+                )
+                .with_label(span, "no effect without a budget")
+                .with_help(
+                    "add `kv_budget = 25%` (the share of the window each query may attend to)",
+                ),
+            );
+        }
+        let metrics: Vec<(String, Span)> = match s.out.as_ref().map(|o| (&o.kind, o)) {
+            Some((ExprKind::List(v), _)) => v
+                .iter()
+                .filter_map(|e| e.as_name().map(|n| (n.name.clone(), e.span)))
+                .collect(),
+            Some((_, o)) => o
+                .as_name()
+                .map(|n| (n.name.clone(), o.span))
+                .into_iter()
+                .collect(),
+            None => vec![],
+        };
+        for (name, mspan) in &metrics {
+            if Metric::named(name).is_some_and(Metric::is_timing) {
+                self.push(
+                    Diagnostic::new(
+                        Code::Unsupported,
+                        format!("`{name}` times the plain forward pass; `{key}` bounds the cache of the perplexity evaluation only"),
+                    )
+                    .with_label(*mspan, "not decoded with the bounded cache")
+                    .with_label(span, "bounds perplexity only")
+                    .with_help(format!("time `{name}` in an evaluation of its own, without `{key}`")),
+                );
+            }
+        }
+        if !metrics.is_empty() && !metrics.iter().any(|(n, _)| n == "perplexity") {
+            self.push(
+                Diagnostic::new(
+                    Code::Unsupported,
+                    format!("`{key}` bounds the cache of the perplexity evaluation, and this stage does not evaluate `perplexity`"),
+                )
+                .with_label(span, "no effect here")
+                .with_help("add `perplexity` to the metrics, or remove the option"),
+            );
+        }
+    }
+
     fn model_kind_stage(&mut self, s: &Stage) {
         if let Some(b) = &s.block {
             for inner in &b.stages {
@@ -191,6 +262,7 @@ impl Checker<'_> {
             StageKind::Prune => self.model_kind_prune(s, &model, lm),
             StageKind::Train | StageKind::Finetune => self.check_distill(s, &model),
             StageKind::Evaluate => {
+                self.check_kv_cache(s, &model, lm);
                 let Some(out) = &s.out else { return };
                 let items: Vec<&Expr> = match &out.kind {
                     ExprKind::List(v) => v.iter().collect(),

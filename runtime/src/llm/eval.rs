@@ -42,6 +42,19 @@ pub fn leading_tokens(
 /// predicts its successor, and the perplexity is `exp(mean negative log-likelihood)` over all
 /// predictions. `batch` windows run per forward. The trailing partial window is dropped.
 pub fn perplexity(model: &LlamaModel, tokens: &[u32], window: usize, batch: usize) -> Result<f64> {
+    over_windows(tokens, window, batch, |chunk, b| {
+        model.next_token_nll(chunk, b, window)
+    })
+}
+
+/// `exp(mean nll)` over `tokens` cut into windows of `window` tokens, `nll`
+/// giving the next-token losses of `b` consecutive windows at a time.
+pub(crate) fn over_windows(
+    tokens: &[u32],
+    window: usize,
+    batch: usize,
+    mut nll: impl FnMut(&[u32], usize) -> Result<Vec<f64>>,
+) -> Result<f64> {
     if window < 2 {
         return Err(RuntimeError::Invalid(format!(
             "perplexity window {window} must be at least 2"
@@ -60,7 +73,7 @@ pub fn perplexity(model: &LlamaModel, tokens: &[u32], window: usize, batch: usiz
     for start in (0..windows).step_by(batch) {
         let b = batch.min(windows - start);
         let chunk = &tokens[start * window..(start + b) * window];
-        let nll = model.next_token_nll(chunk, b, window)?;
+        let nll = nll(chunk, b)?;
         // One sum in window order, whatever the batch: the same bits for every `batch`.
         for x in &nll {
             total += x;

@@ -170,7 +170,7 @@ fn rms_norm(x: &[f32], g: &[f32], eps: f32, y: &mut [f32]) {
 }
 
 /// Rotates `heads` heads of `hd` values starting at each row's `offset`
-/// (row `r` is position `r % t`), in place.
+/// (row `r` is at position `pos(r)`), in place.
 #[allow(clippy::too_many_arguments)]
 fn rope(
     x: &mut [f32],
@@ -178,14 +178,14 @@ fn rope(
     offset: usize,
     heads: usize,
     hd: usize,
-    t: usize,
+    pos: &(dyn Fn(usize) -> usize + Sync),
     style: RopeStyle,
     cos: &[f32],
     sin: &[f32],
 ) {
     let half = hd / 2;
     x.par_chunks_mut(row_len).enumerate().for_each(|(r, row)| {
-        let p = r % t;
+        let p = pos(r);
         let (c, s) = (
             &cos[p * half..(p + 1) * half],
             &sin[p * half..(p + 1) * half],
@@ -211,7 +211,13 @@ const ATT_ROWS: usize = 64;
 /// Causal softmax of score rows of `keys` entries, the first row being
 /// query `first`: row `i` over `j <= first + i` (and `j > first + i - w`
 /// with a sliding window `w`) after scaling; other entries become zero.
-fn causal_softmax(scores: &mut [f32], keys: usize, first: usize, scale: f32, window: usize) {
+pub(crate) fn causal_softmax(
+    scores: &mut [f32],
+    keys: usize,
+    first: usize,
+    scale: f32,
+    window: usize,
+) {
     for (i, row) in scores.chunks_mut(keys).enumerate() {
         let (live, dead) = row.split_at_mut(first + i + 1);
         let start = (first + i + 1).saturating_sub(window);
@@ -263,15 +269,33 @@ impl LlamaModel {
         x: &mut [f32],
         b: usize,
         t: usize,
+        sink: Option<SliceSink<'_>>,
+    ) -> Result<()> {
+        let window = self.config.sliding_window.unwrap_or(usize::MAX);
+        self.block_with(layer, x, b * t, sink, &|r| r % t, &mut |qkv| {
+            Ok(self.causal_attention(qkv, b, t, window))
+        })
+    }
+
+    /// Block `layer` on `rows` rows of the residual stream `x`, in place,
+    /// row `r` at position `pos(r)`: `attend` turns the fused, rotated
+    /// `q | k | v` rows into the attention's output rows (`rows x q_dim`);
+    /// everything else (norms, products, biases, SwiGLU) is the same for
+    /// every way of attending.
+    pub(crate) fn block_with(
+        &self,
+        layer: usize,
+        x: &mut [f32],
+        rows: usize,
         mut sink: Option<SliceSink<'_>>,
+        pos: &(dyn Fn(usize) -> usize + Sync),
+        attend: &mut dyn FnMut(&[f32]) -> Result<Vec<f32>>,
     ) -> Result<()> {
         let c = &self.config;
         let blk = &self.blocks[layer];
         let (d, hd) = (c.hidden_size, c.head_dim());
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
         let (qd, kv, inter) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let window = c.sliding_window.unwrap_or(usize::MAX);
-        let rows = b * t;
         let eps = c.rms_norm_eps as f32;
         let mut observe = |input: LinearInput, a: &[f32], cols: usize| -> Result<()> {
             match sink.as_mut() {
@@ -290,29 +314,67 @@ impl LlamaModel {
         let width = qd + 2 * kv;
         let mut qkv = vec![0.0f32; rows * width];
         linear(&h, rows, &qkv_w, &mut qkv, false);
+        drop(h);
         self.qkv_extras(&blk.extra, &mut qkv, width, qd, kv, hd, eps)?;
-        rope(
-            &mut qkv,
-            width,
-            0,
-            nh,
-            hd,
-            t,
-            self.rope,
-            &self.cos_v,
-            &self.sin_v,
-        );
-        rope(
-            &mut qkv,
-            width,
-            qd,
-            nkv,
-            hd,
-            t,
-            self.rope,
-            &self.cos_v,
-            &self.sin_v,
-        );
+        for (offset, heads) in [(0, nh), (qd, nkv)] {
+            rope(
+                &mut qkv,
+                width,
+                offset,
+                heads,
+                hd,
+                pos,
+                self.rope,
+                &self.cos_v,
+                &self.sin_v,
+            );
+        }
+        let att = attend(&qkv)?;
+        drop(qkv);
+        observe(LinearInput::AttentionOutput, &att, qd)?;
+        let o_w = packs.get((layer, O), &[w(Proj::O)])?;
+        linear(&att, rows, &o_w, x, true);
+        add_bias(x, d, &[&blk.extra.o_bias])?;
+
+        // SwiGLU feed-forward.
+        let mut h = att;
+        h.resize(rows * d, 0.0);
+        rms_norm(x, &blk.ffn_norm.to_vec1::<f32>()?, eps, &mut h);
+        observe(LinearInput::Mlp, &h, d)?;
+        let gu_w = packs.get((layer, GATE_UP), &[w(Proj::Gate), w(Proj::Up)])?;
+        let mut gu = vec![0.0f32; rows * 2 * inter];
+        linear(&h, rows, &gu_w, &mut gu, false);
+        add_bias(
+            &mut gu,
+            2 * inter,
+            &[&blk.extra.gate_bias, &blk.extra.up_bias],
+        )?;
+        let mut act = vec![0.0f32; rows * inter];
+        act.par_chunks_mut(inter)
+            .zip(gu.par_chunks(2 * inter))
+            .for_each(|(a, gu)| {
+                let (g, u) = gu.split_at(inter);
+                for ((o, &gv), &uv) in a.iter_mut().zip(g).zip(u) {
+                    *o = gv / (1.0 + (-gv).exp()) * uv;
+                }
+            });
+        drop(gu);
+        observe(LinearInput::MlpDown, &act, inter)?;
+        let down_w = packs.get((layer, DOWN), &[w(Proj::Down)])?;
+        linear(&act, rows, &down_w, x, true);
+        add_bias(x, d, &[&blk.extra.down_bias])?;
+        Ok(())
+    }
+
+    /// Causal grouped-query attention of `b` sequences of `t` fused
+    /// `q | k | v` rows (keys within the last `window` positions): the
+    /// output rows, `(b t) x q_dim`.
+    fn causal_attention(&self, qkv: &[f32], b: usize, t: usize, window: usize) -> Vec<f32> {
+        let c = &self.config;
+        let hd = c.head_dim();
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let (qd, kv) = (c.q_dim(), c.kv_dim());
+        let width = qd + 2 * kv;
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let group = nh / nkv;
         // One task per (sequence, head, block of query rows): its scores,
@@ -350,8 +412,7 @@ impl LlamaModel {
                 out
             })
             .collect();
-        drop(qkv);
-        let mut att = if qd == d { h } else { vec![0.0f32; rows * qd] };
+        let mut att = vec![0.0f32; b * t * qd];
         for (task, out) in heads.iter().enumerate() {
             let (s, head, i0) = (
                 task / (nh * blocks),
@@ -363,40 +424,7 @@ impl LlamaModel {
                 att[at..at + hd].copy_from_slice(src);
             }
         }
-        drop(heads);
-        observe(LinearInput::AttentionOutput, &att, qd)?;
-        let o_w = packs.get((layer, O), &[w(Proj::O)])?;
-        linear(&att, rows, &o_w, x, true);
-        add_bias(x, d, &[&blk.extra.o_bias])?;
-
-        // SwiGLU feed-forward.
-        att.resize(rows * d, 0.0);
-        let mut h = att;
-        rms_norm(x, &blk.ffn_norm.to_vec1::<f32>()?, eps, &mut h);
-        observe(LinearInput::Mlp, &h, d)?;
-        let gu_w = packs.get((layer, GATE_UP), &[w(Proj::Gate), w(Proj::Up)])?;
-        let mut gu = vec![0.0f32; rows * 2 * inter];
-        linear(&h, rows, &gu_w, &mut gu, false);
-        add_bias(
-            &mut gu,
-            2 * inter,
-            &[&blk.extra.gate_bias, &blk.extra.up_bias],
-        )?;
-        let mut act = vec![0.0f32; rows * inter];
-        act.par_chunks_mut(inter)
-            .zip(gu.par_chunks(2 * inter))
-            .for_each(|(a, gu)| {
-                let (g, u) = gu.split_at(inter);
-                for ((o, &gv), &uv) in a.iter_mut().zip(g).zip(u) {
-                    *o = gv / (1.0 + (-gv).exp()) * uv;
-                }
-            });
-        drop(gu);
-        observe(LinearInput::MlpDown, &act, inter)?;
-        let down_w = packs.get((layer, DOWN), &[w(Proj::Down)])?;
-        linear(&act, rows, &down_w, x, true);
-        add_bias(x, d, &[&blk.extra.down_bias])?;
-        Ok(())
+        att
     }
 
     /// Adds the q/k/v biases and normalises each q and k head, in place on
@@ -488,13 +516,15 @@ impl LlamaModel {
         let nll: Vec<f64> = (0..b * t)
             .into_par_iter()
             .filter(|r| r % t != t - 1)
-            .map(|r| {
-                let row = &logits[r * vocab..(r + 1) * vocab];
-                let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                let sum = row.iter().fold(0.0f64, |a, &v| a + (v - max).exp() as f64);
-                max as f64 + sum.ln() - row[ids[r + 1] as usize] as f64
-            })
+            .map(|r| token_nll(&logits[r * vocab..(r + 1) * vocab], ids[r + 1]))
             .collect();
         Ok(nll)
     }
+}
+
+/// `logsumexp(row) - row[next]`, the sum of exponentials in `f64`, left to right.
+pub(crate) fn token_nll(row: &[f32], next: u32) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let sum = row.iter().fold(0.0f64, |a, &v| a + (v - max).exp() as f64);
+    max as f64 + sum.ln() - row[next as usize] as f64
 }

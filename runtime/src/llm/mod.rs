@@ -14,6 +14,7 @@ pub mod eval;
 mod forward;
 pub mod gguf;
 pub mod hf;
+pub mod kv;
 pub mod linalg;
 pub mod model;
 pub mod owl;
@@ -32,6 +33,7 @@ pub use eval::{
 };
 pub use gguf::{load_gguf, load_gguf_quantized_reference};
 pub use hf::{inspect_hf, load_hf, load_hf_inspected, save_hf, HfHeader, HfSource};
+pub use kv::{perplexity_kv, KvBudget, KvPolicy};
 pub use model::{linear_name, LinearInput, LlamaModel, Proj};
 pub use prune::{
     prune_one_shot, LayerPruner, LayerReport, LayerStats, LayerToPrune, MagnitudePruner,
