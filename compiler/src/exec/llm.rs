@@ -930,6 +930,15 @@ impl Exec<'_> {
     }
 }
 
+/// The keys each query may attend to: `floor(budget x seq)`, at least one
+/// (the small tolerance keeps `30%` of 100 at 30 despite rounding).
+fn kv_budget(kv: &crate::ir::KvCache, seq: usize) -> Result<llm::KvBudget, RunError> {
+    let policy = llm::KvPolicy::named(&kv.policy)
+        .ok_or_else(|| RunError::Internal(format!("unknown cache policy `{}`", kv.policy)))?;
+    let keys = ((kv.budget * seq as f64 + 1e-9).floor() as usize).clamp(1, seq);
+    Ok(llm::KvBudget { keys, policy })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -985,13 +994,4 @@ mod tests {
             assert_eq!(ours, theirs, "{pattern:?} {scope:?}");
         }
     }
-}
-
-/// The keys each query may attend to: `floor(budget x seq)`, at least one
-/// (the small tolerance keeps `30%` of 100 at 30 despite rounding).
-fn kv_budget(kv: &crate::ir::KvCache, seq: usize) -> Result<llm::KvBudget, RunError> {
-    let policy = llm::KvPolicy::named(&kv.policy)
-        .ok_or_else(|| RunError::Internal(format!("unknown cache policy `{}`", kv.policy)))?;
-    let keys = ((kv.budget * seq as f64 + 1e-9).floor() as usize).clamp(1, seq);
-    Ok(llm::KvBudget { keys, policy })
 }
