@@ -3048,3 +3048,35 @@ fn a_bounded_key_value_cache_evaluates_perplexity_under_each_policy() {
     // One thread or two: the same numbers.
     assert_eq!(reports[0]["evaluations"], reports[1]["evaluations"]);
 }
+
+/// The key-value cache example, reduced (two 64-token windows): every
+/// bounded evaluation decodes with its share of the window, and the
+/// policies that read attention keep SmolLM2 far closer to the full cache
+/// than the recent window does.
+#[test]
+fn llm_kv_reduced_bounds_every_evaluation() {
+    require_data("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2");
+    let (_dir, _out, report) = run_ok(&[
+        "examples/llm_kv.prune",
+        "--set",
+        "eval_samples=2",
+        "--set",
+        "window=64",
+        "--set",
+        "margin=0%",
+    ]);
+    let evaluations = report["evaluations"].as_array().unwrap();
+    assert_eq!(evaluations.len(), 7);
+    for e in &evaluations[1..] {
+        let kv = &e["kv_cache"];
+        let label = e["label"].as_str().unwrap();
+        let keys = if label.ends_with("small") { 16 } else { 32 };
+        assert_eq!(kv["keys"], keys, "{label}");
+        assert_eq!(kv["window"], 64, "{label}");
+        assert!(label.starts_with(kv["policy"].as_str().unwrap()), "{label}");
+    }
+    let full = evaluation(&report, "full", "perplexity");
+    for label in ["h2o_small", "kvcrush_small", "recent_small"] {
+        assert!(evaluation(&report, label, "perplexity") > full, "{label}");
+    }
+}
