@@ -88,6 +88,7 @@ pub struct Report {
     pub analyses: Vec<OracleStudy>,
     pub agreements: Vec<AgreementStudy>,
     pub sensitivities: Vec<SensitivityStudy>,
+    pub searches: Vec<SearchStudy>,
     pub layers: Vec<Layer>,
     pub final_sparsity: f64,
     pub counts: Option<ModelCounts>,
@@ -144,6 +145,49 @@ pub struct SensitivityStudy {
     pub dense: (f64, f64),
     /// Per weight tensor, per level: the sparsity, accuracy and loss.
     pub tensors: Vec<(String, Vec<LevelResult>)>,
+    pub plot: String,
+}
+
+/// One candidate allocation of a search.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SearchPoint {
+    /// Every block's sparsity.
+    pub blocks: Vec<f64>,
+    /// The share of the targeted weights removed (1 − kept).
+    pub sparsity: f64,
+    /// On the search's data, the model masked by the candidate.
+    pub perplexity: f64,
+}
+
+impl SearchPoint {
+    /// Every block at the same sparsity (the initial uniform candidates).
+    pub fn uniform(&self) -> bool {
+        self.blocks.windows(2).all(|w| w[0] == w[1])
+    }
+}
+
+/// A per-block sparsity search (`analyze ... by search(...)`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SearchStudy {
+    pub step: String,
+    pub span: Span,
+    pub model: String,
+    pub label: Option<String>,
+    pub data: String,
+    pub criterion: String,
+    pub population: usize,
+    pub generations: usize,
+    pub range: (f64, f64),
+    /// Perplexity of the model as it is on the search's data.
+    pub dense_perplexity: f64,
+    /// Targeted weights per block (the weights of the sparsity average).
+    pub block_weights: Vec<usize>,
+    /// The Pareto front, from the lowest perplexity (least sparse) up.
+    pub front: Vec<SearchPoint>,
+    /// Index of the knee in `front`.
+    pub knee: usize,
+    /// Every distinct candidate evaluated, in evaluation order.
+    pub candidates: Vec<SearchPoint>,
     pub plot: String,
 }
 
@@ -242,6 +286,7 @@ impl Report {
             analyses: vec![],
             agreements: vec![],
             sensitivities: vec![],
+            searches: vec![],
             layers: vec![],
             final_sparsity: 0.0,
             counts: None,
@@ -330,6 +375,22 @@ impl Report {
                     "levels": per.iter().map(|(s, acc, l)| json!({"sparsity": s, "accuracy": acc, "loss": l})).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
+            "searches": self.searches.iter().map(|a| {
+                let point = |p: &SearchPoint| json!({
+                    "sparsity": p.sparsity, "perplexity": p.perplexity, "uniform": p.uniform(), "blocks": p.blocks,
+                });
+                json!({
+                    "step": a.step, "span": self.span_json(a.span), "analysis": "search", "model": a.model,
+                    "label": a.label, "data": a.data, "criterion": a.criterion,
+                    "population": a.population, "generations": a.generations, "range": [a.range.0, a.range.1],
+                    "evaluated": a.candidates.len(), "dense_perplexity": a.dense_perplexity,
+                    "block_weights": a.block_weights, "knee": a.knee, "plot": a.plot,
+                    "front": a.front.iter().map(point).collect::<Vec<_>>(),
+                    "candidates": a.candidates.iter().map(|p| json!({
+                        "sparsity": p.sparsity, "perplexity": p.perplexity, "blocks": p.blocks,
+                    })).collect::<Vec<_>>(),
+                })
+            }).collect::<Vec<_>>(),
             "agreements": self.agreements.iter().map(|a| json!({
                 "step": a.step, "span": self.span_json(a.span), "analysis": "agreement", "model": a.model,
                 "label": a.label, "data": a.data, "a": a.a, "b": a.b, "fraction": a.fraction,
@@ -477,6 +538,48 @@ impl Report {
                     k + 1,
                     acc * 100.0
                 ));
+            }
+            md.push('\n');
+        }
+        for a in &self.searches {
+            md.push_str(&format!(
+                "## Search: step {} (`{}`)\n\nNSGA-II over the block sparsities of `{}` ({} blocks, each in {:.0}% .. {:.0}%): {} candidates evaluated ({} per generation, {} generations), each masked per row by `{}` and scored by perplexity on `{}` (dense {:.2}) and the weights it keeps. The Pareto front, the knee marked; plot: `{}`.\n\n| # | sparsity | perplexity | blocks (min .. max) | |\n|---|---|---|---|---|\n",
+                a.step,
+                a.label.as_deref().unwrap_or("search"),
+                a.model,
+                a.block_weights.len(),
+                a.range.0 * 100.0,
+                a.range.1 * 100.0,
+                a.candidates.len(),
+                a.population,
+                a.generations,
+                a.criterion,
+                a.data,
+                a.dense_perplexity,
+                a.plot
+            ));
+            for (i, p) in a.front.iter().enumerate() {
+                let lo = p.blocks.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = p.blocks.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let mut note = Vec::new();
+                if i == a.knee {
+                    note.push("knee");
+                }
+                if p.uniform() {
+                    note.push("uniform");
+                }
+                md.push_str(&format!(
+                    "| {i} | {:.2}% | {:.2} | {:.1}% .. {:.1}% | {} |\n",
+                    p.sparsity * 100.0,
+                    p.perplexity,
+                    lo * 100.0,
+                    hi * 100.0,
+                    note.join(", ")
+                ));
+            }
+            if let Some(k) = a.front.get(a.knee) {
+                let blocks: Vec<String> = k.blocks.iter().map(|b| format!("{:.1}%", b * 100.0)).collect();
+                md.push_str(&format!("\nThe knee's block sparsities: {}.\n", blocks.join(", ")));
             }
             md.push('\n');
         }
@@ -833,6 +936,80 @@ fn sensitivity_svg(a: &SensitivityStudy) -> String {
     svg
 }
 
+/// A search's candidates: perplexity (y) against sparsity (x), every
+/// candidate grey, uniform ones outlined, the Pareto front joined, its knee red.
+fn search_svg(a: &SearchStudy) -> String {
+    let (pw, ph, x0, y0) = (440.0, 300.0, 70.0, 40.0);
+    let mut svg = svg_start(pw + x0 + 30.0, ph + y0 + 60.0);
+    svg.push_str(&format!(
+        r#"<text x="{x0}" y="20" font-weight="bold">search of {}: {} candidates, front of {} (dense perplexity {:.2})</text>"#,
+        xml_escape(&a.model),
+        a.candidates.len(),
+        a.front.len(),
+        a.dense_perplexity
+    ));
+    svg.push_str(&format!(
+        r##"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>"##
+    ));
+    let span = |v: &mut dyn Iterator<Item = f64>| {
+        let (lo, hi) = v
+            .filter(|x| x.is_finite())
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+        if lo > hi {
+            return (0.0, 1.0);
+        }
+        let pad = if hi > lo { (hi - lo) * 0.05 } else { 0.5 };
+        (lo - pad, hi + pad)
+    };
+    let (xl, xh) = span(&mut a.candidates.iter().map(|c| c.sparsity * 100.0));
+    let (yl, yh) = span(&mut a.candidates.iter().map(|c| c.perplexity));
+    let at = |p: &SearchPoint| {
+        let y = if p.perplexity.is_finite() { p.perplexity.min(yh) } else { yh };
+        (
+            x0 + pw * (p.sparsity * 100.0 - xl) / (xh - xl),
+            y0 + ph - ph * (y - yl) / (yh - yl),
+        )
+    };
+    for c in &a.candidates {
+        let (x, y) = at(c);
+        let stroke = if c.uniform() { r##" stroke="#2e86c1" stroke-width="1.5""## } else { "" };
+        svg.push_str(&format!(
+            r##"<circle cx="{x:.1}" cy="{y:.1}" r="3" fill="#bbbbbb"{stroke}/>"##
+        ));
+    }
+    let line: Vec<String> = a
+        .front
+        .iter()
+        .map(|p| {
+            let (x, y) = at(p);
+            format!("{x:.1},{y:.1}")
+        })
+        .collect();
+    svg.push_str(&format!(
+        r##"<polyline points="{}" fill="none" stroke="#333333" stroke-width="1.5"/>"##,
+        line.join(" ")
+    ));
+    for (i, p) in a.front.iter().enumerate() {
+        let (x, y) = at(p);
+        let fill = if i == a.knee { "#c0392b" } else { "#333333" };
+        svg.push_str(&format!(
+            r##"<circle cx="{x:.1}" cy="{y:.1}" r="4" fill="{fill}"/>"##
+        ));
+    }
+    svg.push_str(&format!(
+        r#"<text x="{x0}" y="{}">sparsity of the targeted weights: {xl:.1} .. {xh:.1}% (blue rings: uniform, red: knee)</text>"#,
+        y0 + ph + 20.0
+    ));
+    svg.push_str(&format!(
+        r#"<text x="12" y="{}" transform="rotate(-90 12 {})">perplexity on {}: {yl:.2} .. {yh:.2}</text>"#,
+        y0 + ph,
+        y0 + ph,
+        xml_escape(&a.data)
+    ));
+    svg.push_str("</svg>\n");
+    svg
+}
+
 /// Criterion agreement as bars: per tensor (and over all), Spearman's ρ on
 /// [-1, 1] and the overlap on [0, 1].
 fn agreement_svg(a: &AgreementStudy) -> String {
@@ -891,6 +1068,9 @@ pub fn write_all(report: &mut Report, dir: &Path) -> std::io::Result<()> {
     }
     for a in &report.sensitivities {
         files.push((PathBuf::from(&a.plot), sensitivity_svg(a)));
+    }
+    for a in &report.searches {
+        files.push((PathBuf::from(&a.plot), search_svg(a)));
     }
     for (path, text) in files {
         if path.is_absolute()

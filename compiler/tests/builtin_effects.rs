@@ -93,6 +93,9 @@ enum Base {
     Owl,
     /// `Llm` evaluated with a bounded key-value cache.
     LlmKv,
+    /// A per-block sparsity search on the tiny Llama, a copy pruned with a
+    /// point of its front.
+    Search,
 }
 
 const DIGITS: &str = r#"recipe t { version = 1, seed = 1 }
@@ -119,6 +122,18 @@ dataset heldout = text("data/text/moby-dick.txt", tokenizer = lm, seq = 32, samp
 pipeline {
   prune lm by sparsegpt(block = 128, damp = 0.01) to 50% (targets = ["model.layers.0.*", "model.layers.1.*"], calibrate = calib, sequential = true)
   evaluate lm on heldout -> [perplexity]
+}
+"#;
+
+const SEARCH: &str = r#"recipe t { version = 1, seed = 1 }
+use std.wanda
+model lm = hf("tests/models/tiny-llama")
+model pruned = hf("tests/models/tiny-llama")
+dataset calib = text("tests/models/tiny.txt", tokenizer = lm, seq = 32, samples = 4)
+pipeline {
+  analyze lm on calib by search(wanda, population = 6, generations = 2, range = [20%, 80%]) as front
+  prune pruned by wanda to 50% (calibrate = calib, allocation = pareto(front, pick = target))
+  evaluate pruned on calib -> [perplexity]
 }
 "#;
 
@@ -280,6 +295,7 @@ fn base_text(b: Base) -> String {
             "targets = [\"model.layers.0.*\", \"model.layers.1.*\"], calibrate = calib, sequential = true)",
             "targets = [\"model.layers.0.*\", \"model.layers.1.*\", \"model.layers.2.*\", \"model.layers.3.*\"], calibrate = calib, sequential = true, allocation = owl(m = 5, lambda = 0.08))",
         ),
+        Base::Search => SEARCH.to_string(),
         Base::LlmKv => LLM.replace(
             "evaluate lm on heldout -> [perplexity]",
             "evaluate lm on heldout -> [perplexity] (kv_budget = 25%, kv_policy = h2o)",
@@ -495,6 +511,27 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         Changes(Owl, ", allocation = owl(m = 5, lambda = 0.08)", ""),
     );
     add("sparsegpt.damp", Changes(Llm, "damp = 0.01", "damp = 0.5"));
+    add(
+        "search.population",
+        Changes(Search, "population = 6", "population = 8"),
+    );
+    add(
+        "search.generations",
+        Changes(Search, "generations = 2", "generations = 4"),
+    );
+    add(
+        "search.range",
+        Changes(Search, "range = [20%, 80%]", "range = [40%, 60%]"),
+    );
+    add(
+        "pareto.pick",
+        Changes(
+            Search,
+            "to 50% (calibrate = calib, allocation = pareto(front, pick = target))",
+            "(calibrate = calib, allocation = pareto(front, pick = knee))",
+        ),
+    );
+    add("pareto.front", Checked("P010_pareto_front_unknown"));
     add(
         "kv_budget",
         Changes(LlmKv, "kv_budget = 25%", "kv_budget = 50%"),

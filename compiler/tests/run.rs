@@ -3080,3 +3080,78 @@ fn llm_kv_reduced_bounds_every_evaluation() {
         assert!(evaluation(&report, label, "perplexity") > full, "{label}");
     }
 }
+
+/// Each block's sparsity in a report's layers of `model`.
+fn block_sparsities(report: &serde_json::Value, model: &str, blocks: usize) -> Vec<f64> {
+    (0..blocks)
+        .map(|l| {
+            let prefix = format!("model.layers.{l}.");
+            let (kept, total) = report["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| x["model"] == model && x["name"].as_str().unwrap().starts_with(&prefix))
+                .fold((0.0, 0.0), |(k, t), x| {
+                    (k + x["kept"].as_f64().unwrap(), t + x["total"].as_f64().unwrap())
+                });
+            1.0 - kept / total
+        })
+        .collect()
+}
+
+#[test]
+fn a_searched_front_gives_later_prunes_their_block_sparsities() {
+    let recipe = root().join("tests/recipes/run/tiny_llm_search.prune");
+    let dir = tempfile::tempdir().unwrap();
+    let mut reports = Vec::new();
+    for threads in ["1", "2"] {
+        let out = run_with_env(
+            &recipe,
+            &dir.path().join(threads),
+            &[("RAYON_NUM_THREADS", threads)],
+        );
+        let svg = std::fs::read_to_string(out.join("front.svg")).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+        let text = std::fs::read_to_string(out.join("report.json")).unwrap();
+        reports.push(serde_json::from_str::<serde_json::Value>(&text).unwrap());
+    }
+    // Seeded: one thread or two, the same candidates and front.
+    assert_eq!(reports[0]["searches"], reports[1]["searches"]);
+    let report = &reports[0];
+    let search = &report["searches"][0];
+    let front = search["front"].as_array().unwrap();
+    assert!(front.len() >= 2);
+    assert_eq!(search["evaluated"], search["candidates"].as_array().unwrap().len());
+    let num = |v: &serde_json::Value| v.as_f64().unwrap();
+    let blocks = |p: &serde_json::Value| -> Vec<f64> {
+        p["blocks"].as_array().unwrap().iter().map(num).collect()
+    };
+    // Sorted by perplexity, sparsity rising along it: a front.
+    for w in front.windows(2) {
+        assert!(num(&w[0]["perplexity"]) < num(&w[1]["perplexity"]));
+        assert!(num(&w[0]["sparsity"]) < num(&w[1]["sparsity"]));
+    }
+    // `pick = target`: the least-perplexity point at least 50% sparse, every
+    // block moved by the same amount to average 50% (equal-sized blocks).
+    let chosen = front
+        .iter()
+        .filter(|p| num(&p["sparsity"]) >= 0.5 - 1e-9)
+        .min_by(|a, b| num(&a["perplexity"]).total_cmp(&num(&b["perplexity"])))
+        .unwrap();
+    let b = blocks(chosen);
+    let shift = 0.5 - b.iter().sum::<f64>() / b.len() as f64;
+    let got = block_sparsities(report, "at_target", b.len());
+    // Per-row counts are floors over rows of 32 or 64 weights.
+    for (g, s) in got.iter().zip(&b) {
+        assert!((g - (s + shift)).abs() < 1.0 / 32.0, "{got:?} vs {b:?} + {shift}");
+    }
+    assert!((evaluation(report, "target", "sparsity") - 0.5).abs() < 0.01);
+    // `pick = knee`: the knee's own sparsities.
+    let knee = &front[search["knee"].as_u64().unwrap() as usize];
+    let got = block_sparsities(report, "at_knee", b.len());
+    for (g, s) in got.iter().zip(blocks(knee)) {
+        assert!((g - s).abs() < 1.0 / 32.0, "{got:?} vs {knee}");
+    }
+    // The label's metrics, as the recipe's assert reads them.
+    assert!(report["failed_assert"].is_null());
+}

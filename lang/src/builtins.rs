@@ -35,6 +35,8 @@ pub enum Ty {
     Score,
     /// A list of metric names.
     Metrics,
+    /// The label of an earlier stage (`as NAME`).
+    Label,
 }
 
 impl fmt::Display for Ty {
@@ -61,6 +63,7 @@ impl fmt::Display for Ty {
             Ty::Of(k) => write!(f, "{}", k.article()),
             Ty::Score => f.write_str("a criterion expression"),
             Ty::Metrics => f.write_str("a list of metrics"),
+            Ty::Label => f.write_str("the label of an earlier stage (`as NAME`)"),
         }
     }
 }
@@ -579,7 +582,17 @@ pub static BUILTINS: &[Builtin] = &[
         p("m", Ty::Float, Some("5"), Range::positive(), "a weight is an outlier when its Wanda score exceeds m times the mean over its block's targeted weights"),
         p("lambda", Ty::Float, Some("0.08"), Range::non_negative(), "half the spread of the block sparsities: the scaled outlier ratios span [0, 2 lambda]"),
     ], "OWL (Yin et al. 2024): each block's outlier ratio is the share of its targeted weights whose Wanda score |W_ij| · ‖X_j‖₂ (dense model, the stage's calibration data) exceeds m times the mean over the block's targeted weights; the ratios scaled to [0, 2 lambda] are subtracted from the target, shifted so that the blocks' sparsities average to it: blocks with more outliers keep more weights. For unstructured targets of language models (`prune lm by wanda to 50% (allocation = owl(), calibrate = calib)`)."),
+    b("pareto", Kind::Allocation, &[
+        p("front", Ty::Label, None, Range::any(), "the label of an earlier `analyze MODEL on DATA by search(...) as NAME` stage on the same model"),
+        p("pick", Ty::Enum(&["target", "knee"]), Some("target"), Range::any(), "`target`: the point meeting the stage's `to` (kept weights at most 1 − to) with the lowest calibration perplexity, moved to the target exactly; `knee`: the front's knee, as it is, the stage without `to`"),
+    ], "A point of a searched Pareto front (`analyze lm on calib by search(wanda) as front`) as the blocks' sparsities: `pick = target` takes, among the front's points at least as sparse as the stage's `to` (the constraint kept weights ≤ 1 − to), the one with the lowest calibration perplexity (the sparsest when none is) and shifts every block by the same amount so that they average to `to` exactly; `pick = knee` takes the knee of the front (the point farthest from the line through its two ends, both objectives scaled to [0, 1]) and its own sparsity, the stage giving no `to`."),
     // ---- analyses (`analyze MODEL on DATA by ANALYSIS to FRACTION -> "PLOT.svg"`)
+    b("search", Kind::Analysis, &[
+        p("a", Ty::Score, None, Range::any(), "the criterion whose per-row selection masks each candidate: `wanda` or `magnitude`"),
+        p("population", Ty::Int, Some("12"), Range { min: Some((4.0, true)), max: Some((512.0, true)) }, "candidates per generation"),
+        p("generations", Ty::Int, Some("8"), Range { min: Some((0.0, true)), max: Some((1000.0, true)) }, "rounds of offspring after the initial population"),
+        p("range", Ty::Fractions, Some("[30%, 70%]"), Range::sparsity(), "the lowest and highest sparsity a block may take"),
+    ], "Multi-objective search of per-block sparsities of a language model (EMO-PMS; NSGA-II, Deb et al. 2002): every candidate gives each block a sparsity within `range`; each block linear is masked per output row by the criterion's scores on the dense model (activations from the `on` data), and the candidate is scored by two objectives, both minimised: the perplexity of the masked copy on the `on` data and the fraction of the targeted weights it keeps. The initial population holds uniform allocations at evenly spaced levels and seeded random ones; offspring come from tournament selection, SBX crossover and polynomial mutation, survivors from non-dominated sorting and crowding distance; seeded and deterministic. The Pareto front of every candidate evaluated lands in the report (a table and a plot, `-> \"front.svg\"`), its size, knee perplexity and knee sparsity as the metrics `points`, `knee_perplexity` and `knee_sparsity` of the stage's label; a later prune stage takes a point with `allocation = pareto(LABEL)`. The model is not changed."),
     b("oracle", Kind::Analysis, &[
         p("test", Ty::Of(Kind::Dataset), None, Range::any(), "the data the accuracy after retraining is measured on"),
         p("candidates", Ty::Int, Some("32"), Range { min: Some((2.0, true)), max: Some((1000.0, true)) }, "candidate masks, each removing a fresh random choice of units"),

@@ -17,6 +17,7 @@ pub mod obs;
 pub mod onnx;
 pub mod optim;
 pub mod paths;
+pub mod search;
 pub mod train;
 
 pub use calib::{activation_norms, activation_stats, ActivationStats};

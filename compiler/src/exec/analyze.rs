@@ -49,11 +49,14 @@ impl Exec<'_> {
             AnalysisKind::Sensitivity { criterion, levels } => {
                 self.sensitivity(step, a, criterion, levels)
             }
+            AnalysisKind::Search { .. } => Err(RunError::Internal(
+                "a search reached a model that is not a language model".into(),
+            )),
         }
     }
 
     /// Results an analysis stage gives its label (and the latest metrics).
-    fn study_results(&mut self, label: Option<&String>, results: &[(&str, f64)]) {
+    pub(super) fn study_results(&mut self, label: Option<&String>, results: &[(&str, f64)]) {
         for (k, v) in results {
             self.latest.insert(k.to_string(), *v);
             if let Some(l) = label {

@@ -4,7 +4,7 @@
 
 use super::{rt_err_llm, Exec, RunError};
 use crate::lower;
-use crate::plan::{Action, DataRef, Prune, Step};
+use crate::plan::{Action, Analysis, AnalysisKind, DataRef, Prune, Step};
 use crate::specs::text_files;
 use prunec_kernels::{PruneOptions, Selection, TensorView};
 
@@ -225,6 +225,7 @@ impl Exec<'_> {
                 metrics, label, kv, ..
             } => self.llm_evaluate(step, model, metrics, label.as_deref(), kv.as_ref()),
             Action::Prune(p) => self.llm_prune(step, p, model),
+            Action::Analyze(a) => self.llm_search(step, model, a),
             Action::Export { .. } => self.llm_export(step, model),
             _ => Err(RunError::user(
                 step.site.keyword,
@@ -332,8 +333,226 @@ impl Exec<'_> {
         Ok(())
     }
 
+    /// A text data set's calibration windows (seeded draws, `samples` of
+    /// them, else the default count) and its batch, the chunk of sequences
+    /// per forward.
+    fn llm_calibration(
+        &mut self,
+        step: &Step,
+        d: &DataRef,
+    ) -> Result<(Vec<Vec<u32>>, usize), RunError> {
+        let (v, files) = self.text_data(d)?;
+        let spec = TextSpec::of(&v);
+        let count = if spec.samples > 0 {
+            spec.samples
+        } else {
+            DEFAULT_CALIBRATION
+        };
+        let tok = self.tokenizer(&spec, step.span)?;
+        let documents = spec.documents(&files, d.span)?;
+        let windows = llm::calibration_windows_in(
+            &tok,
+            &documents,
+            count,
+            spec.seq,
+            spec.offset,
+            self.r.seed,
+        )
+        .map_err(rt_err_llm(step.span, "calibration text"))?;
+        Ok((windows, spec.batch))
+    }
+
+    /// `analyze lm on D by search(...)`: NSGA-II over the blocks'
+    /// sparsities; the front goes to the report and, by the stage's label,
+    /// to later `allocation = pareto(LABEL)` stages.
+    fn llm_search(&mut self, step: &Step, model: &str, a: &Analysis) -> Result<(), RunError> {
+        let AnalysisKind::Search {
+            criterion,
+            population,
+            generations,
+            range,
+        } = &a.kind
+        else {
+            return Err(RunError::user(
+                step.site.keyword,
+                format!("`{}` studies classifiers, not language models", a.name),
+            ));
+        };
+        let by = step.site.by.unwrap_or(step.site.keyword);
+        let score = llm::search::SearchScore::named(criterion).ok_or_else(|| {
+            RunError::Internal(format!("`{criterion}` reached a search as its criterion"))
+        })?;
+        let on = Self::on_data(step)?.clone();
+        let (windows, batch) = self.llm_calibration(step, &on)?;
+        let seed =
+            self.r.seed ^ (u64::from(step.stage.0) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let dense = &self.llms[model];
+        let problem = llm::search::SearchProblem::new(dense, &windows, score, batch)
+            .map_err(rt_err_llm(by, "ranking the weights for the search"))?;
+        let dense_perplexity = problem
+            .perplexity(dense)
+            .map_err(rt_err_llm(by, "the dense perplexity"))?;
+        let (progress, interrupted) = (self.progress, self.interrupted.clone());
+        let total = population * (generations + 1);
+        let outcome = problem.search(dense, *population, *generations, *range, seed, |n, g, o| {
+            if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(llm::RuntimeError::Invalid("interrupted".into()));
+            }
+            if progress {
+                let lo = g.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = g.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                eprintln!(
+                    "search {model}: candidate {n} (of at most {total}): sparsity {:.2}% (blocks {:.1}% .. {:.1}%), perplexity {:.3}",
+                    (1.0 - o[1]) * 100.0,
+                    lo * 100.0,
+                    hi * 100.0,
+                    o[0]
+                );
+            }
+            Ok(())
+        });
+        if self.interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(RunError::Interrupted);
+        }
+        let outcome = outcome.map_err(rt_err_llm(by, "the search"))?;
+        let point = |p: &prunec_runtime::search::Point| crate::report::SearchPoint {
+            blocks: p.genes.clone(),
+            sparsity: 1.0 - p.objectives[1],
+            perplexity: p.objectives[0],
+        };
+        // Allocations whose per-row counts round alike score alike: one
+        // point per pair of objectives, the first evaluated.
+        let mut front: Vec<prunec_runtime::search::Point> = Vec::new();
+        for p in &outcome.front {
+            if !front.iter().any(|q| q.objectives == p.objectives) {
+                front.push(p.clone());
+            }
+        }
+        let knee = prunec_runtime::search::knee(&front).unwrap_or(0);
+        let study = crate::report::SearchStudy {
+            step: step.id.clone(),
+            span: step.span,
+            model: model.to_string(),
+            label: a.label.clone(),
+            data: a.data.clone(),
+            criterion: criterion.clone(),
+            population: *population,
+            generations: *generations,
+            range: *range,
+            dense_perplexity,
+            block_weights: problem.block_weights(),
+            front: front.iter().map(point).collect(),
+            knee,
+            candidates: outcome.all.iter().map(point).collect(),
+            plot: a.path.clone(),
+        };
+        let k = &study.front[knee];
+        if self.progress {
+            eprintln!(
+                "search {model}: {} candidates, a front of {}; knee at sparsity {:.2}%, perplexity {:.3}",
+                study.candidates.len(),
+                study.front.len(),
+                k.sparsity * 100.0,
+                k.perplexity
+            );
+        }
+        self.study_results(
+            a.label.as_ref(),
+            &[
+                ("points", study.front.len() as f64),
+                ("knee_perplexity", k.perplexity),
+                ("knee_sparsity", k.sparsity),
+            ],
+        );
+        if let Some(l) = &a.label {
+            self.fronts.insert(l.clone(), study.clone());
+        }
+        self.report.searches.push(study);
+        Ok(())
+    }
+
+    /// `allocation = pareto(LABEL, pick)`: the blocks' sparsities and the
+    /// target. `pick = target`: among the front's points at least as sparse
+    /// as `to`, the lowest perplexity (else the sparsest point), shifted to
+    /// average `to`; `knee`: the knee as it is.
+    fn pareto_pick(
+        &self,
+        step: &Step,
+        model: &str,
+        alloc: &Value,
+        target: Option<f64>,
+    ) -> Result<(Vec<f64>, f64), RunError> {
+        let label = alloc.arg("front").and_then(|v| v.as_str()).unwrap_or("?");
+        let front = self.fronts.get(label).ok_or_else(|| {
+            RunError::Internal(format!("the front `{label}` was not searched before"))
+        })?;
+        let blocks = self.llms[model].num_layers();
+        if front.block_weights.len() != blocks {
+            return Err(RunError::user(
+                step.span,
+                format!(
+                    "the front `{label}` holds {} block sparsities; `{model}` has {blocks} blocks",
+                    front.block_weights.len()
+                ),
+            ));
+        }
+        let knee = alloc.arg("pick").and_then(|v| v.as_str()) == Some("knee");
+        let (i, blocks, target) = match (knee, target) {
+            (true, _) | (false, None) => {
+                let k = &front.front[front.knee];
+                (front.knee, k.blocks.clone(), k.sparsity)
+            }
+            (false, Some(t)) => {
+                let meets = front
+                    .front
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.sparsity >= t - 1e-9)
+                    .min_by(|a, b| a.1.perplexity.total_cmp(&b.1.perplexity).then(a.0.cmp(&b.0)));
+                let i = match meets {
+                    Some((i, _)) => i,
+                    None => front
+                        .front
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.sparsity.total_cmp(&b.1.sparsity).then(b.0.cmp(&a.0)))
+                        .map(|(i, _)| i)
+                        .unwrap_or(0),
+                };
+                let shifted = llm::search::shift_to_mean(
+                    &front.front[i].blocks,
+                    &front.block_weights,
+                    t,
+                );
+                (i, shifted, t)
+            }
+        };
+        if self.progress {
+            let p = &front.front[i];
+            eprintln!(
+                "pareto {label}: point {i} of {} (sparsity {:.2}%, search perplexity {:.3}){}",
+                front.front.len(),
+                p.sparsity * 100.0,
+                p.perplexity,
+                if knee {
+                    " (the knee)".to_string()
+                } else {
+                    format!(", every block moved to average {:.2}%", target * 100.0)
+                }
+            );
+        }
+        Ok((blocks, target))
+    }
+
     fn llm_prune(&mut self, step: &Step, p: &Prune, model: &str) -> Result<(), RunError> {
         let by = &p.by.expr;
+        let picked = match self
+            .option(step, "allocation")
+            .filter(|a| a.call_name() == Some("pareto"))
+        {
+            Some(a) => Some(self.pareto_pick(step, model, &a, p.target)?),
+            None => None,
+        };
         let pattern = match p.pattern {
             Some(Pattern::NM { n, m }) => llm::SparsityPattern::NofM {
                 n: n as usize,
@@ -345,7 +564,7 @@ impl Exec<'_> {
                 ))
             }
             None => {
-                let target = p.target.ok_or_else(|| {
+                let target = p.target.or(picked.as_ref().map(|x| x.1)).ok_or_else(|| {
                     RunError::user(
                         step.site.to.unwrap_or(step.site.keyword),
                         "give a constant target (`to 50%`) or a `pattern`",
@@ -365,33 +584,18 @@ impl Exec<'_> {
         // Calibration text: `calibrate = D`, else `on D`.
         let windows = match &p.stats_data {
             Some(d) => {
-                let (v, files) = self.text_data(d)?;
-                let spec = TextSpec::of(&v);
-                let count = if spec.samples > 0 {
-                    spec.samples
-                } else {
-                    DEFAULT_CALIBRATION
-                };
-                // The data set's batch is the calibration forward's chunk of sequences.
-                config.batch = spec.batch;
-                let tok = self.tokenizer(&spec, step.span)?;
-                let documents = spec.documents(&files, d.span)?;
-                llm::calibration_windows_in(
-                    &tok,
-                    &documents,
-                    count,
-                    spec.seq,
-                    spec.offset,
-                    self.r.seed,
-                )
-                .map_err(rt_err_llm(step.span, "calibration text"))?
+                let (windows, batch) = self.llm_calibration(step, d)?;
+                config.batch = batch;
+                windows
             }
             None => Vec::new(),
         };
         if let Some(unit) = p.unit {
             return self.llm_prune_units(step, p, model, unit, &windows, config.batch);
         }
-        if let Some(alloc) = self.option(step, "allocation") {
+        if let Some((blocks, _)) = picked {
+            config.block_sparsity = Some(blocks);
+        } else if let Some(alloc) = self.option(step, "allocation") {
             config.block_sparsity =
                 Some(self.owl_allocation(step, model, &alloc, &config, &windows)?);
         }

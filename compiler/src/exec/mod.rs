@@ -89,6 +89,8 @@ struct Exec<'a> {
     round: Option<Round>,
     /// Language models, by name.
     llms: BTreeMap<String, rt::llm::LlamaModel>,
+    /// Searched Pareto fronts, by the search stage's label.
+    fronts: BTreeMap<String, crate::report::SearchStudy>,
     /// The `assert` that failed; the variant runs no further stage.
     failed_assert: Option<(Span, String)>,
     /// How each model's current state came about: its declaration, then
@@ -208,6 +210,7 @@ impl<'a> Exec<'a> {
             targets: BTreeMap::new(),
             round: None,
             llms: BTreeMap::new(),
+            fronts: BTreeMap::new(),
             failed_assert: None,
             lineage: BTreeMap::new(),
             data_lineage: BTreeMap::new(),
@@ -278,6 +281,7 @@ impl<'a> Exec<'a> {
             targets: self.targets.clone(),
             round: self.round.clone(),
             llms: self.llms.clone(),
+            fronts: self.fronts.clone(),
             failed_assert: self.failed_assert.clone(),
             lineage: self.lineage.clone(),
             data_lineage: self.data_lineage.clone(),

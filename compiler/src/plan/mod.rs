@@ -168,6 +168,15 @@ pub enum AnalysisKind {
         criterion: Box<Written>,
         levels: Vec<f64>,
     },
+    /// NSGA-II over a language model's per-block sparsities.
+    Search {
+        /// `wanda` or `magnitude`: the per-row selection masking candidates.
+        criterion: String,
+        population: usize,
+        generations: usize,
+        /// The lowest and highest sparsity of a block.
+        range: (f64, f64),
+    },
 }
 
 /// A resolved data-set prune (`prune DATA by el2n(MODEL) to 90%`).
@@ -342,7 +351,22 @@ impl Step {
                     }
                 } else if p.layerwise {
                     line.push_str(", layer by layer");
-                    if let Some(a) = self.options.get("allocation") {
+                    if let Some(a) = self
+                        .options
+                        .get("allocation")
+                        .filter(|a| a.call_name() == Some("pareto"))
+                    {
+                        let front = a.arg("front").and_then(|v| v.as_str()).unwrap_or("?");
+                        if a.arg("pick").and_then(|v| v.as_str()) == Some("knee") {
+                            line.push_str(&format!(
+                                "; each block at its sparsity in the knee of the front `{front}`, the target the knee's"
+                            ));
+                        } else {
+                            line.push_str(&format!(
+                                "; each block at its sparsity in the front `{front}`'s point meeting the target with the lowest perplexity, shifted to average the target"
+                            ));
+                        }
+                    } else if let Some(a) = self.options.get("allocation") {
                         let f = |k: &str| {
                             a.arg(k)
                                 .and_then(|v| v.as_f64())
@@ -398,6 +422,20 @@ impl Step {
                         .map(|l| format!("{:.2}%", l * 100.0))
                         .collect::<Vec<_>>()
                         .join(", "),
+                    a.data,
+                    a.path
+                ),
+                AnalysisKind::Search {
+                    criterion,
+                    population,
+                    generations,
+                    range,
+                } => format!(
+                    "analyze {} by search: NSGA-II, {population} candidates over {generations} generations, each block at a sparsity in {:.2}% .. {:.2}%, masked per row by `{criterion}` scores of the dense weights (activations on {}); objectives perplexity on {} and kept weights; the Pareto front to the report, a plot to {:?}",
+                    on(&self.model),
+                    range.0 * 100.0,
+                    range.1 * 100.0,
+                    a.data,
                     a.data,
                     a.path
                 ),
@@ -842,6 +880,37 @@ fn step_of(
                         criterion: Box::new(written(criterion)),
                         levels,
                     }
+                } else if name == "search" {
+                    let default = |k: &str| {
+                        prunec_lang::builtins::lookup(&name)
+                            .and_then(|b| b.params.iter().find(|p| p.name == k))
+                            .and_then(|p| p.default)
+                            .and_then(|d| prunec_lang::parse::source_to_expr(d).ok())
+                    };
+                    let criterion = arg("a", 0)
+                        .and_then(|e| e.as_name().map(|n| n.name.clone()))
+                        .ok_or_else(|| format!("stage {id}: `search` needs a criterion"))?;
+                    let number = |k: &str, i: usize| {
+                        arg(k, i)
+                            .or_else(|| default(k))
+                            .and_then(|e| r.constant(&e))
+                            .ok_or_else(|| format!("stage {id}: `{k}` is not a constant"))
+                    };
+                    let range = match arg("range", 3).or_else(|| default("range")).map(|e| e.kind) {
+                        Some(prunec_lang::ast::ExprKind::List(items)) => {
+                            match items.iter().map(|i| r.constant(i)).collect::<Option<Vec<f64>>>() {
+                                Some(v) if v.len() == 2 => (v[0], v[1]),
+                                _ => return Err(format!("stage {id}: the range is not two constants")),
+                            }
+                        }
+                        _ => return Err(format!("stage {id}: no range")),
+                    };
+                    AnalysisKind::Search {
+                        criterion,
+                        population: number("population", 1)? as usize,
+                        generations: number("generations", 2)? as usize,
+                        range,
+                    }
                 } else if name == "agreement" {
                     let (x, y) = arg("a", 0)
                         .zip(arg("b", 1))
@@ -878,7 +947,7 @@ fn step_of(
                     }
                 };
                 let fraction = match (&kind, &s.to) {
-                    (AnalysisKind::Sensitivity { .. }, None) => 0.0,
+                    (AnalysisKind::Sensitivity { .. } | AnalysisKind::Search { .. }, None) => 0.0,
                     (_, to) => to
                         .as_ref()
                         .and_then(|e| r.constant(e))

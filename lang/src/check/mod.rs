@@ -178,6 +178,18 @@ pub(crate) struct Checker<'a> {
     pub(crate) stage_reads_acts: std::collections::BTreeSet<StageId>,
     /// Models a `compensate = true` stage gave biases, in pipeline order.
     pub(crate) compensated: std::collections::BTreeSet<String>,
+    /// Labels of `search` analyses: the fronts a prune stage may pick from.
+    pub(crate) fronts: BTreeMap<String, Front>,
+}
+
+/// A `search` analysis a later `allocation = pareto(LABEL)` reads.
+#[derive(Clone, Debug)]
+pub(crate) struct Front {
+    /// The analyze stage (its position orders it before its readers).
+    pub(crate) stage: Span,
+    pub(crate) model: String,
+    /// The sparsity range its candidates searched, when constant.
+    pub(crate) range: Option<(f64, f64)>,
 }
 
 /// Checks a parsed recipe; returns the checked recipe or every diagnostic.
@@ -197,6 +209,7 @@ pub fn ast_to_checked<'a>(
         overrides: BTreeMap::new(),
         stage_reads_acts: Default::default(),
         compensated: Default::default(),
+        fronts: Default::default(),
     };
     let (name, version, seed) = c.check_header(recipe);
     c.collect(recipe);
@@ -266,6 +279,7 @@ pub fn library_needs(src: &str, name: &str) -> Result<Needs, Vec<Diagnostic>> {
         overrides: BTreeMap::new(),
         stage_reads_acts: Default::default(),
         compensated: Default::default(),
+        fronts: Default::default(),
     };
     c.collect(&parsed.recipe);
     c.check_decls(&parsed.recipe);
@@ -309,6 +323,7 @@ pub fn expr_needs(r: &CheckedRecipe, e: &Expr) -> Needs {
         overrides: BTreeMap::new(),
         stage_reads_acts: Default::default(),
         compensated: Default::default(),
+        fronts: Default::default(),
     };
     let mut needs = Needs::default();
     c.check_score(e, &mut needs, 0);

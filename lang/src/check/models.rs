@@ -251,14 +251,7 @@ impl Checker<'_> {
                     "prune it by a criterion that needs no training (`magnitude`, `wanda`, `taylor`, ...) and evaluate it",
                 );
             }
-            StageKind::Analyze if lm || is_onnx_model(&self.symbols, &model) => {
-                self.unsupported(
-                    s.keyword_span,
-                    format!("the oracle study retrains copies of `{model}`: it runs on classifiers that train (built-in architectures and safetensors models)"),
-                    if lm { "not for a language model" } else { "not for an ONNX graph" },
-                    "analyze a classifier declared with `mlp(...)`, `lenet5(...)` or `safetensors(...)`",
-                );
-            }
+            StageKind::Analyze => self.model_kind_analyze(s, &model, lm),
             StageKind::Prune => self.model_kind_prune(s, &model, lm),
             StageKind::Train | StageKind::Finetune => self.check_distill(s, &model),
             StageKind::Evaluate => {
@@ -531,6 +524,70 @@ impl Checker<'_> {
     /// language model's bias, from the calibration of an `act(x)` criterion.
     /// `schedule = pdp(...)`: soft masks by `w²`, so the criterion is
     /// magnitude; thresholds are global, per layer or per N:M group.
+    /// A search allocates a language model's blocks; the other analyses
+    /// study classifiers that train.
+    fn model_kind_analyze(&mut self, s: &Stage, model: &str, lm: bool) {
+        let Some(by) = &s.by else { return };
+        let name = match &by.kind {
+            ExprKind::Call { callee, .. } | ExprKind::Name(callee) => callee.name.as_str(),
+            _ => return,
+        };
+        let onnx = is_onnx_model(&self.symbols, model);
+        if name != "search" {
+            if lm || onnx {
+                let what = match name {
+                    "oracle" => "the oracle study retrains copies of",
+                    "agreement" => "criterion agreement reads the loss gradients of",
+                    _ => "the sensitivity analysis measures the accuracy of",
+                };
+                self.unsupported(
+                    s.keyword_span,
+                    format!("{what} `{model}`: it runs on classifiers prunec trains (built-in architectures and safetensors models)"),
+                    if lm { "not for a language model" } else { "not for an ONNX graph" },
+                    "analyze a classifier declared with `mlp(...)`, `lenet5(...)` or `safetensors(...)`; a language model's blocks are searched with `by search(wanda)`",
+                );
+            }
+            return;
+        }
+        if !lm {
+            self.unsupported(
+                s.keyword_span,
+                format!("a search allocates sparsity over a language model's blocks; `{model}` is not a language model"),
+                "not a language model",
+                "search a model declared with `gguf(...)` or `hf(...)`; a classifier's layers share one global threshold with `scope = global`",
+            );
+            return;
+        }
+        // Candidates are masked per row by scores of the dense weights and
+        // the `on` data's activations, and scored by perplexity on text.
+        if let Some(on) = &s.on {
+            if self.dataset_constructor(on).is_some_and(|c| c != "text") {
+                self.unsupported(
+                    on.span,
+                    "a search scores candidates by perplexity on text".into(),
+                    "not text data",
+                    "search on a `text(...)` data set tokenized for the model",
+                );
+            }
+        }
+        if let ExprKind::Call { args, .. } = &by.kind {
+            if let Some(a) = args.get("a", 0) {
+                let ok = a
+                    .value
+                    .as_name()
+                    .is_some_and(|n| matches!(n.name.as_str(), "wanda" | "magnitude") && !self.symbols.contains_key(&n.name));
+                if !ok {
+                    self.unsupported(
+                        a.value.span,
+                        "a search masks its candidates by `wanda` or `magnitude` scores".into(),
+                        "not `wanda` or `magnitude`",
+                        "write `search(wanda)` or `search(magnitude)`; the prune stage that picks a point may use any method",
+                    );
+                }
+            }
+        }
+    }
+
     /// `allocation = owl(m, lambda)`: a language model's unstructured
     /// target spread over its blocks, from calibration activations, every
     /// block's sparsity in [0, 1).
@@ -586,6 +643,10 @@ impl Checker<'_> {
                 "add `scope = layer` (or `scope = row`)",
             );
         }
+        if alloc.call_name() == Some("pareto") {
+            self.check_pareto(s, model, &alloc, span);
+            return;
+        }
         if self.prune_option(s, "calibrate").is_none() && s.on.is_none() {
             self.push(
                 Diagnostic::new(
@@ -611,6 +672,91 @@ impl Checker<'_> {
                     .with_help(format!("choose lambda with the target ± 2 lambda inside [0, 1): at most {:.4}", (t.min(1.0 - t) / 2.0 - 1e-9).max(0.0))),
                 );
             }
+        }
+    }
+
+    /// `allocation = pareto(LABEL, pick)`: the front of an earlier search
+    /// on the same model (or one declared from the same file); `pick =
+    /// target` needs a `to` inside the searched range, `knee` none.
+    fn check_pareto(&mut self, s: &Stage, model: &str, alloc: &Value, span: Span) {
+        let Some(Value::Word(label)) = alloc.arg("front") else {
+            return;
+        };
+        let Some(front) = self.fronts.get(label).cloned() else {
+            let searches: Vec<String> = self.fronts.keys().map(|k| format!("`{k}`")).collect();
+            self.push(
+                Diagnostic::new(
+                    Code::Undefined,
+                    format!("`{label}` is not the label of a `search` analysis"),
+                )
+                .with_label(span, "no such front")
+                .with_help(if searches.is_empty() {
+                    "search first: `analyze MODEL on DATA by search(wanda) as front`, then `allocation = pareto(front)`".to_string()
+                } else {
+                    format!("the searches' labels: {}", searches.join(", "))
+                }),
+            );
+            return;
+        };
+        if front.stage.start >= s.span.start {
+            self.push(
+                Diagnostic::new(
+                    Code::StageClause,
+                    format!("the front `{label}` is searched after this stage"),
+                )
+                .with_label(span, "read here")
+                .with_label(front.stage, "searched here")
+                .with_help("move the `analyze ... by search(...)` stage before the prune stage"),
+            );
+        }
+        let source = |m: &str| self.symbols.get(m).and_then(|x| x.value.clone());
+        if front.model != model && source(&front.model) != source(model) {
+            self.push(
+                Diagnostic::new(
+                    Code::Unsupported,
+                    format!(
+                        "the front `{label}` holds sparsities for the blocks of `{}`, a different model from `{model}`",
+                        front.model
+                    ),
+                )
+                .with_label(span, format!("prunes `{model}`"))
+                .with_label(front.stage, format!("searched on `{}`", front.model))
+                .with_help(format!("search `{model}` itself, or a model declared from the same file")),
+            );
+        }
+        let knee = alloc.arg("pick").and_then(|v| v.as_str()) == Some("knee");
+        match (&s.to, knee) {
+            (Some(to), true) => self.push(
+                Diagnostic::new(
+                    Code::StageClause,
+                    "`pick = knee` prunes to the knee's own sparsity: the stage takes no `to`",
+                )
+                .with_label(to.span, "a second target")
+                .with_label(span, "the knee decides the amount")
+                .with_help("remove `to ...`, or pick the point meeting the target with `pick = target`"),
+            ),
+            (Some(to), false) => {
+                let target = self.constant_number(to);
+                if let (Some(t), Some((lo, hi))) = (target, front.range) {
+                    if t < lo - 1e-12 || t > hi + 1e-12 {
+                        self.push(
+                            Diagnostic::new(
+                                Code::OutOfRange,
+                                format!(
+                                    "the front `{label}` spans {:.0}% .. {:.0}% sparsity: a target of {:.2}% is outside it",
+                                    lo * 100.0,
+                                    hi * 100.0,
+                                    t * 100.0
+                                ),
+                            )
+                            .with_label(to.span, "outside the searched range")
+                            .with_label(front.stage, "searched here")
+                            .with_help("choose a target inside the range, or widen the search's `range`"),
+                        );
+                    }
+                }
+            }
+            (None, _) => {}
         }
     }
 

@@ -669,6 +669,10 @@ impl<'a> Checker<'a> {
             None => written("pattern") && !block_written,
         };
         let gradual = matches!(options.get("schedule"), Some(v) if self.schedule_kind(v) == Some(ScheduleKind::Gradual));
+        // `allocation = pareto(front, pick = knee)`: the knee gives the amount.
+        let knee = all.get("allocation").is_some_and(|a| {
+            a.call_name() == Some("pareto") && a.arg("pick").and_then(|v| v.as_str()) == Some("knee")
+        });
         // `to 2:4` (or `to p` with `param p = 2:4`) prunes to an N:M pattern:
         // the same as `pattern = 2:4`, recorded as that option.
         let to_pattern = s.to.as_ref().is_some_and(|to| match &to.kind {
@@ -714,7 +718,12 @@ impl<'a> Checker<'a> {
                     .with_help("remove `to ...`: `2:4` means 50% sparsity"),
                 );
             }
-        } else if !has_pattern && !gradual && !written("schedule") && method != Some(Method::Sap) {
+        } else if !has_pattern
+            && !gradual
+            && !written("schedule")
+            && method != Some(Method::Sap)
+            && !knee
+        {
             self.push(
                 Diagnostic::new(
                     Code::StageClause,
@@ -966,7 +975,19 @@ impl<'a> Checker<'a> {
                 _ => false,
             })
         };
-        if named("sensitivity") {
+        if named("search") {
+            self.check_search(s);
+            if let Some(to) = &s.to {
+                self.push(
+                    Diagnostic::new(
+                        Code::StageClause,
+                        "a search spans the sparsities of its `range`, not one `to`",
+                    )
+                    .with_label(to.span, "not for `search`")
+                    .with_help("write the span as `search(wanda, range = [30%, 70%])`; a later prune picks its point with `allocation = pareto(LABEL)`"),
+                );
+            }
+        } else if named("sensitivity") {
             if let Some(to) = &s.to {
                 self.push(
                     Diagnostic::new(
@@ -1006,6 +1027,10 @@ impl<'a> Checker<'a> {
             ["spearman", "overlap"].map(String::from).into()
         } else if named("sensitivity") {
             BTreeSet::new()
+        } else if named("search") {
+            ["points", "knee_perplexity", "knee_sparsity"]
+                .map(String::from)
+                .into()
         } else {
             BTreeSet::from(["kendall_tau".to_string()])
         };
@@ -1014,6 +1039,54 @@ impl<'a> Checker<'a> {
         }
         if let Some(l) = &s.label {
             self.register_label(l, ev, results);
+        }
+    }
+
+    /// `search(...)`: a range of two increasing sparsities, and the label a
+    /// later `allocation = pareto(LABEL)` reads the front by.
+    fn check_search(&mut self, s: &Stage) {
+        let Some(ExprKind::Call { args, .. }) = s.by.as_ref().map(|b| &b.kind) else {
+            return;
+        };
+        let mut range = Some((0.3, 0.7));
+        if let Some(r) = args.get("range", 3) {
+            range = match &r.value.kind {
+                ExprKind::List(items) => {
+                    let vals: Option<Vec<f64>> =
+                        items.iter().map(|i| self.constant_number(i)).collect();
+                    match vals.as_deref() {
+                        Some([lo, hi]) if lo < hi => Some((*lo, *hi)),
+                        Some(v) => {
+                            self.push(
+                                Diagnostic::new(
+                                    Code::OutOfRange,
+                                    "a search range is two sparsities, the lower first",
+                                )
+                                .with_label(r.value.span, format!("{} value(s)", v.len()))
+                                .with_help("write `range = [30%, 70%]`"),
+                            );
+                            None
+                        }
+                        None => None,
+                    }
+                }
+                _ => None,
+            };
+        }
+        let model = s
+            .subject
+            .first()
+            .and_then(|e| e.as_name())
+            .map(|n| n.name.clone());
+        if let (Some(l), Some(model)) = (&s.label, model) {
+            self.fronts.insert(
+                l.name.clone(),
+                super::Front {
+                    stage: s.span,
+                    model,
+                    range,
+                },
+            );
         }
     }
 

@@ -18,6 +18,7 @@ pub mod kv;
 pub mod linalg;
 pub mod model;
 pub mod owl;
+pub mod search;
 pub mod prune;
 pub mod select;
 pub mod sparsegpt;
