@@ -578,8 +578,15 @@ impl Report {
                 ));
             }
             if let Some(k) = a.front.get(a.knee) {
-                let blocks: Vec<String> = k.blocks.iter().map(|b| format!("{:.1}%", b * 100.0)).collect();
-                md.push_str(&format!("\nThe knee's block sparsities: {}.\n", blocks.join(", ")));
+                let blocks: Vec<String> = k
+                    .blocks
+                    .iter()
+                    .map(|b| format!("{:.1}%", b * 100.0))
+                    .collect();
+                md.push_str(&format!(
+                    "\nThe knee's block sparsities: {}.\n",
+                    blocks.join(", ")
+                ));
             }
             md.push('\n');
         }
@@ -954,7 +961,9 @@ fn search_svg(a: &SearchStudy) -> String {
     let span = |v: &mut dyn Iterator<Item = f64>| {
         let (lo, hi) = v
             .filter(|x| x.is_finite())
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+                (a.min(x), b.max(x))
+            });
         if lo > hi {
             return (0.0, 1.0);
         }
@@ -964,7 +973,11 @@ fn search_svg(a: &SearchStudy) -> String {
     let (xl, xh) = span(&mut a.candidates.iter().map(|c| c.sparsity * 100.0));
     let (yl, yh) = span(&mut a.candidates.iter().map(|c| c.perplexity));
     let at = |p: &SearchPoint| {
-        let y = if p.perplexity.is_finite() { p.perplexity.min(yh) } else { yh };
+        let y = if p.perplexity.is_finite() {
+            p.perplexity.min(yh)
+        } else {
+            yh
+        };
         (
             x0 + pw * (p.sparsity * 100.0 - xl) / (xh - xl),
             y0 + ph - ph * (y - yl) / (yh - yl),
@@ -972,7 +985,11 @@ fn search_svg(a: &SearchStudy) -> String {
     };
     for c in &a.candidates {
         let (x, y) = at(c);
-        let stroke = if c.uniform() { r##" stroke="#2e86c1" stroke-width="1.5""## } else { "" };
+        let stroke = if c.uniform() {
+            r##" stroke="#2e86c1" stroke-width="1.5""##
+        } else {
+            ""
+        };
         svg.push_str(&format!(
             r##"<circle cx="{x:.1}" cy="{y:.1}" r="3" fill="#bbbbbb"{stroke}/>"##
         ));

@@ -3092,7 +3092,10 @@ fn block_sparsities(report: &serde_json::Value, model: &str, blocks: usize) -> V
                 .iter()
                 .filter(|x| x["model"] == model && x["name"].as_str().unwrap().starts_with(&prefix))
                 .fold((0.0, 0.0), |(k, t), x| {
-                    (k + x["kept"].as_f64().unwrap(), t + x["total"].as_f64().unwrap())
+                    (
+                        k + x["kept"].as_f64().unwrap(),
+                        t + x["total"].as_f64().unwrap(),
+                    )
                 });
             1.0 - kept / total
         })
@@ -3121,7 +3124,10 @@ fn a_searched_front_gives_later_prunes_their_block_sparsities() {
     let search = &report["searches"][0];
     let front = search["front"].as_array().unwrap();
     assert!(front.len() >= 2);
-    assert_eq!(search["evaluated"], search["candidates"].as_array().unwrap().len());
+    assert_eq!(
+        search["evaluated"],
+        search["candidates"].as_array().unwrap().len()
+    );
     let num = |v: &serde_json::Value| v.as_f64().unwrap();
     let blocks = |p: &serde_json::Value| -> Vec<f64> {
         p["blocks"].as_array().unwrap().iter().map(num).collect()
@@ -3143,7 +3149,10 @@ fn a_searched_front_gives_later_prunes_their_block_sparsities() {
     let got = block_sparsities(report, "at_target", b.len());
     // Per-row counts are floors over rows of 32 or 64 weights.
     for (g, s) in got.iter().zip(&b) {
-        assert!((g - (s + shift)).abs() < 1.0 / 32.0, "{got:?} vs {b:?} + {shift}");
+        assert!(
+            (g - (s + shift)).abs() < 1.0 / 32.0,
+            "{got:?} vs {b:?} + {shift}"
+        );
     }
     assert!((evaluation(report, "target", "sparsity") - 0.5).abs() < 0.01);
     // `pick = knee`: the knee's own sparsities.
@@ -3154,4 +3163,41 @@ fn a_searched_front_gives_later_prunes_their_block_sparsities() {
     }
     // The label's metrics, as the recipe's assert reads them.
     assert!(report["failed_assert"].is_null());
+}
+
+/// The searched-allocation example, reduced (four candidates of one
+/// 64-token window, two calibration windows): the search's front is in
+/// the report, and Wanda and SparseGPT prune to 50% with its blocks'
+/// uneven sparsities.
+#[test]
+fn llm_search_reduced_prunes_with_a_point_of_the_front() {
+    require_data("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2");
+    let (_dir, out, report) = run_ok(&[
+        "examples/llm_search.prune",
+        "--set",
+        "population=4",
+        "--set",
+        "generations=1",
+        "--set",
+        "search_samples=1",
+        "--set",
+        "calib_samples=2",
+        "--set",
+        "eval_samples=1",
+        "--set",
+        "seq=64",
+    ]);
+    assert!(out.join("front.svg").exists());
+    let search = &report["searches"][0];
+    assert_eq!(search["block_weights"].as_array().unwrap().len(), 30);
+    assert!(!search["front"].as_array().unwrap().is_empty());
+    for model in ["wan", "sgpt"] {
+        let blocks = block_sparsities(&report, model, 30);
+        let mean = blocks.iter().sum::<f64>() / 30.0;
+        assert!((mean - 0.5).abs() < 1e-3, "{model}: {blocks:?}");
+        let (lo, hi) = blocks
+            .iter()
+            .fold((1.0f64, 0.0f64), |(l, h), b| (l.min(*b), h.max(*b)));
+        assert!(hi - lo > 0.01, "{model}: uniform {blocks:?}");
+    }
 }

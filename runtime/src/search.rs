@@ -283,8 +283,7 @@ pub fn knee(front: &[Point]) -> Option<usize> {
                 let mut best = 0;
                 let mut best_distance = f64::NEG_INFINITY;
                 for (i, p) in norm.iter().enumerate() {
-                    let distance =
-                        (dx * (p[1] - ay) - dy * (p[0] - ax)) * ideal.signum() / length;
+                    let distance = (dx * (p[1] - ay) - dy * (p[0] - ax)) * ideal.signum() / length;
                     if distance > best_distance {
                         best = i;
                         best_distance = distance;

@@ -384,8 +384,7 @@ impl Exec<'_> {
         })?;
         let on = Self::on_data(step)?.clone();
         let (windows, batch) = self.llm_calibration(step, &on)?;
-        let seed =
-            self.r.seed ^ (u64::from(step.stage.0) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let seed = self.r.seed ^ (u64::from(step.stage.0) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let dense = &self.llms[model];
         let problem = llm::search::SearchProblem::new(dense, &windows, score, batch)
             .map_err(rt_err_llm(by, "ranking the weights for the search"))?;
@@ -508,7 +507,11 @@ impl Exec<'_> {
                     .iter()
                     .enumerate()
                     .filter(|(_, p)| p.sparsity >= t - 1e-9)
-                    .min_by(|a, b| a.1.perplexity.total_cmp(&b.1.perplexity).then(a.0.cmp(&b.0)));
+                    .min_by(|a, b| {
+                        a.1.perplexity
+                            .total_cmp(&b.1.perplexity)
+                            .then(a.0.cmp(&b.0))
+                    });
                 let i = match meets {
                     Some((i, _)) => i,
                     None => front
@@ -519,11 +522,8 @@ impl Exec<'_> {
                         .map(|(i, _)| i)
                         .unwrap_or(0),
                 };
-                let shifted = llm::search::shift_to_mean(
-                    &front.front[i].blocks,
-                    &front.block_weights,
-                    t,
-                );
+                let shifted =
+                    llm::search::shift_to_mean(&front.front[i].blocks, &front.block_weights, t);
                 (i, shifted, t)
             }
         };

@@ -898,9 +898,17 @@ fn step_of(
                     };
                     let range = match arg("range", 3).or_else(|| default("range")).map(|e| e.kind) {
                         Some(prunec_lang::ast::ExprKind::List(items)) => {
-                            match items.iter().map(|i| r.constant(i)).collect::<Option<Vec<f64>>>() {
+                            match items
+                                .iter()
+                                .map(|i| r.constant(i))
+                                .collect::<Option<Vec<f64>>>()
+                            {
                                 Some(v) if v.len() == 2 => (v[0], v[1]),
-                                _ => return Err(format!("stage {id}: the range is not two constants")),
+                                _ => {
+                                    return Err(format!(
+                                        "stage {id}: the range is not two constants"
+                                    ))
+                                }
                             }
                         }
                         _ => return Err(format!("stage {id}: no range")),

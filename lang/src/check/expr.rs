@@ -266,7 +266,7 @@ impl Checker<'_> {
         }
         match ty {
             // Whether an earlier stage has the label is the stage's check.
-            Ty::Label => return Some(Value::Word(id.name.clone())),
+            Ty::Label => Some(Value::Word(id.name.clone())),
             Ty::Enum(words) => {
                 if words.contains(&id.name.as_str()) {
                     return Some(Value::Word(id.name.clone()));

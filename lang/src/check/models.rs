@@ -572,10 +572,10 @@ impl Checker<'_> {
         }
         if let ExprKind::Call { args, .. } = &by.kind {
             if let Some(a) = args.get("a", 0) {
-                let ok = a
-                    .value
-                    .as_name()
-                    .is_some_and(|n| matches!(n.name.as_str(), "wanda" | "magnitude") && !self.symbols.contains_key(&n.name));
+                let ok = a.value.as_name().is_some_and(|n| {
+                    matches!(n.name.as_str(), "wanda" | "magnitude")
+                        && !self.symbols.contains_key(&n.name)
+                });
                 if !ok {
                     self.unsupported(
                         a.value.span,
@@ -733,7 +733,9 @@ impl Checker<'_> {
                 )
                 .with_label(to.span, "a second target")
                 .with_label(span, "the knee decides the amount")
-                .with_help("remove `to ...`, or pick the point meeting the target with `pick = target`"),
+                .with_help(
+                    "remove `to ...`, or pick the point meeting the target with `pick = target`",
+                ),
             ),
             (Some(to), false) => {
                 let target = self.constant_number(to);

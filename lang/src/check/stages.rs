@@ -671,7 +671,8 @@ impl<'a> Checker<'a> {
         let gradual = matches!(options.get("schedule"), Some(v) if self.schedule_kind(v) == Some(ScheduleKind::Gradual));
         // `allocation = pareto(front, pick = knee)`: the knee gives the amount.
         let knee = all.get("allocation").is_some_and(|a| {
-            a.call_name() == Some("pareto") && a.arg("pick").and_then(|v| v.as_str()) == Some("knee")
+            a.call_name() == Some("pareto")
+                && a.arg("pick").and_then(|v| v.as_str()) == Some("knee")
         });
         // `to 2:4` (or `to p` with `param p = 2:4`) prunes to an N:M pattern:
         // the same as `pattern = 2:4`, recorded as that option.

@@ -98,9 +98,13 @@ impl SearchProblem {
                 let scores = match score {
                     SearchScore::Magnitude => magnitude_scores(&w),
                     SearchScore::Wanda => {
-                        let norms = stats.get(&proj.input()).map(|s| s.col_norms()).ok_or_else(
-                            || RuntimeError::Invalid(format!("no activations for block {l}")),
-                        )?;
+                        let norms =
+                            stats
+                                .get(&proj.input())
+                                .map(|s| s.col_norms())
+                                .ok_or_else(|| {
+                                    RuntimeError::Invalid(format!("no activations for block {l}"))
+                                })?;
                         wanda_scores(&w, cols, &norms)?
                     }
                 };
@@ -113,9 +117,7 @@ impl SearchProblem {
                             *v = i as u32;
                         }
                         o.sort_unstable_by(|&a, &b| {
-                            row[a as usize]
-                                .total_cmp(&row[b as usize])
-                                .then(a.cmp(&b))
+                            row[a as usize].total_cmp(&row[b as usize]).then(a.cmp(&b))
                         });
                     });
                 ranked.push(Ranked {
