@@ -849,11 +849,26 @@ fn llm_shapes(
         .map(|(v, _)| strings(Some(&v)))
         .unwrap_or_default();
     use prunec_runtime::llm::Proj;
+    // ARMOR's square blocks tile each targeted layer's rows and columns.
+    let armor_block =
+        s.by.as_ref()
+            .filter(|by| {
+                prunec_lang::resolved::Method::of(r, by) == prunec_lang::resolved::Method::Armor
+            })
+            .and_then(|by| prunec_lang::resolved::Method::arguments(r, by).ok())
+            .and_then(|a| a.get("block").copied())
+            .map(|b| (b as usize).max(1));
     for proj in Proj::ALL {
         let cols = match proj {
             Proj::O => c.q_dim(),
             Proj::Down => c.intermediate_size,
             _ => c.hidden_size,
+        };
+        let rows = match proj {
+            Proj::Q => c.q_dim(),
+            Proj::K | Proj::V => c.kv_dim(),
+            Proj::Gate | Proj::Up => c.intermediate_size,
+            Proj::O | Proj::Down => c.hidden_size,
         };
         // Every block has the same widths: the first stands for all.
         let name = prunec_runtime::llm::linear_name(0, proj);
@@ -870,5 +885,26 @@ fn llm_shapes(
                 .with_help(format!("remove a number of units that leaves a multiple of {m}, or skip it with `skip = [\"{generic}\"]`")),
             );
         }
+        if let (true, Some(k)) = (picked, armor_block) {
+            if rows % k != 0 || cols % k != 0 {
+                let generic = name.replacen("layers.0.", "layers.*.", 1);
+                diags.push(
+                    Diagnostic::new(
+                        Code::ShapeMismatch,
+                        format!("ARMOR's blocks of {k} do not tile `{generic}`: it is {rows} x {cols}"),
+                    )
+                    .with_label(s.by.as_ref().map_or(s.keyword_span, |b| b.span), "block size")
+                    .with_help(format!("choose a `block` dividing both (e.g. {}), or skip it with `skip = [\"{generic}\"]`", gcd(rows, cols))),
+                );
+            }
+        }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }

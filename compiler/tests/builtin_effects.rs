@@ -93,6 +93,8 @@ enum Base {
     Owl,
     /// `Llm` evaluated with a bounded key-value cache.
     LlmKv,
+    /// ARMOR at 2:4 on the tiny Llama.
+    Armor,
     /// A per-block sparsity search on the tiny Llama, a copy pruned with a
     /// point of its front.
     Search,
@@ -122,6 +124,16 @@ dataset heldout = text("data/text/moby-dick.txt", tokenizer = lm, seq = 32, samp
 pipeline {
   prune lm by sparsegpt(block = 128, damp = 0.01) to 50% (targets = ["model.layers.0.*", "model.layers.1.*"], calibrate = calib, sequential = true)
   evaluate lm on heldout -> [perplexity]
+}
+"#;
+
+const ARMOR: &str = r#"recipe t { version = 1, seed = 1 }
+use std.armor
+model lm = hf("tests/models/tiny-llama")
+dataset calib = text("tests/models/tiny.txt", tokenizer = lm, seq = 32, samples = 4)
+pipeline {
+  prune lm by armor(block = 8, iters = 2, init = sparsegpt) to 2:4 (calibrate = calib)
+  evaluate lm on calib -> [perplexity]
 }
 "#;
 
@@ -296,6 +308,7 @@ fn base_text(b: Base) -> String {
             "targets = [\"model.layers.0.*\", \"model.layers.1.*\", \"model.layers.2.*\", \"model.layers.3.*\"], calibrate = calib, sequential = true, allocation = owl(m = 5, lambda = 0.08))",
         ),
         Base::Search => SEARCH.to_string(),
+        Base::Armor => ARMOR.to_string(),
         Base::LlmKv => LLM.replace(
             "evaluate lm on heldout -> [perplexity]",
             "evaluate lm on heldout -> [perplexity] (kv_budget = 25%, kv_policy = h2o)",
@@ -532,6 +545,12 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         ),
     );
     add("pareto.front", Checked("P010_pareto_front_unknown"));
+    add("armor.block", Changes(Armor, "block = 8", "block = 16"));
+    add("armor.iters", Changes(Armor, "iters = 2", "iters = 3"));
+    add(
+        "armor.init",
+        Changes(Armor, "init = sparsegpt", "init = wanda"),
+    );
     add(
         "kv_budget",
         Changes(LlmKv, "kv_budget = 25%", "kv_budget = 50%"),

@@ -539,6 +539,11 @@ pub static BUILTINS: &[Builtin] = &[
         p("block", Ty::Int, Some("128"), Range::at_least(1.0), "columns per block sweep"),
         p("damp", Ty::Float, Some("0.01"), Range::positive(), "dampening, as a fraction of the mean Hessian diagonal"),
     ], "SparseGPT (Frantar & Alistarh 2023): layer-wise OBS reconstruction with the Hessian XᵀX."), Needs { grad: false, activations: true, training: false }),
+    needs(std_b("armor", Kind::Method, &[
+        p("block", Ty::Int, Some("64"), Range { min: Some((1.0, true)), max: Some((4096.0, true)) }, "size of the square blocks of the wrappers A and B (it must divide every targeted layer's rows and columns)"),
+        p("iters", Ty::Int, Some("5"), Range { min: Some((0.0, true)), max: Some((1000.0, true)) }, "rounds of block coordinate descent (each: A, B, then two steps on the kept weights)"),
+        p("init", Ty::Enum(&["sparsegpt", "wanda"]), Some("sparsegpt"), Range::any(), "the method whose N:M result ARMOR starts from (SparseGPT with its default block and dampening, or Wanda)"),
+    ], "ARMOR (2025): each targeted linear layer, pruned to its N:M pattern by `init`, is refined to W ≈ A (S ∘ M) B with block-diagonal A and B (blocks of `block` x `block`, starting at the identity) and S the kept weights (starting at the initial result): block coordinate descent on the layer proxy loss ‖(W − A S B) X‖² with X the layer's calibration inputs (XᵀX, as SparseGPT reads it); A and each block of B are solved exactly, S takes projected gradient steps with an exact line search, and no step raises the loss. The layer then computes A S B; the report counts S's zeros. For N:M targets of language models (`prune lm by armor(block = 64) (pattern = 2:4, calibrate = calib)`); no export format holds the wrappers yet."), Needs { grad: false, activations: true, training: false }),
     needs(std_b("woodfisher", Kind::Method, &[
         p("block", Ty::Int, Some("128"), Range { min: Some((1.0, true)), max: Some((4096.0, true)) }, "weights per diagonal block of the Fisher (consecutive in each flattened weight tensor)"),
         p("damp", Ty::Float, Some("1e-5"), Range::positive(), "dampening λ added to the Fisher's diagonal"),

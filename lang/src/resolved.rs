@@ -121,6 +121,8 @@ pub enum Method {
     WoodFisher,
     /// M-FAC: OBS with matrix-free inverse-Fisher products.
     MFac,
+    /// ARMOR: block-diagonal wrappers around an N:M-pruned layer.
+    Armor,
 }
 
 impl Method {
@@ -137,6 +139,7 @@ impl Method {
             Method::Sap => "sap",
             Method::WoodFisher => "woodfisher",
             Method::MFac => "mfac",
+            Method::Armor => "armor",
         }
     }
 
@@ -175,6 +178,10 @@ impl Method {
             .collect();
         let mut out = BTreeMap::new();
         for (i, p) in b.params.iter().enumerate() {
+            // Words (`init = wanda`) are read from the call itself.
+            if matches!(p.ty, builtins::Ty::Enum(_)) {
+                continue;
+            }
             let written = args
                 .and_then(|a| a.named(p.name))
                 .map(|a| &a.value)
@@ -201,6 +208,7 @@ impl Method {
             "sap" => Some(Method::Sap),
             "woodfisher" => Some(Method::WoodFisher),
             "mfac" => Some(Method::MFac),
+            "armor" => Some(Method::Armor),
             _ => None,
         }
     }

@@ -622,6 +622,48 @@ impl Exec<'_> {
                 shown.finish();
                 r.map_err(rt_err_llm(step.span, "SparseGPT"))?
             }
+            Method::Armor => {
+                let get = |k: &str| {
+                    p.args.get(k).copied().ok_or_else(|| {
+                        RunError::Internal(format!("step {}: ARMOR has no argument `{k}`", step.id))
+                    })
+                };
+                let init = match &by.kind {
+                    prunec_lang::ast::ExprKind::Call { args, .. } => args
+                        .get("init", 2)
+                        .and_then(|a| a.value.as_name().map(|n| n.name.clone())),
+                    _ => None,
+                };
+                let init = match init.as_deref() {
+                    Some("wanda") => llm::armor::ArmorInit::Wanda,
+                    _ => llm::armor::ArmorInit::SparseGpt(llm::SparseGptConfig::default()),
+                };
+                let mut pruner = llm::armor::ArmorPruner::new(
+                    init,
+                    llm::armor::ArmorConfig {
+                        block: get("block")?.max(1.0) as usize,
+                        iters: get("iters")?.max(0.0) as usize,
+                        s_steps: 2,
+                    },
+                );
+                let mut shown = self.layer_progress(model, &config, &mut pruner);
+                let m = self.llms.get_mut(model).unwrap();
+                let r = llm::prune_one_shot(m, &windows, &config, &mut shown);
+                shown.finish();
+                let r = r.map_err(rt_err_llm(step.span, "ARMOR"))?;
+                let (before, after) = pruner
+                    .losses
+                    .iter()
+                    .fold((0.0, 0.0), |(b, a), l| (b + l.1, a + l.2));
+                if self.progress {
+                    eprintln!(
+                        "armor {model}: proxy loss over {} layers {before:.4e} -> {after:.4e} ({:.1}% lower)",
+                        pruner.losses.len(),
+                        100.0 * (1.0 - after / before.max(f64::MIN_POSITIVE))
+                    );
+                }
+                r
+            }
             _ => {
                 let lowered = match &p.kernel {
                     Some(k) => k.clone(),
@@ -1095,6 +1137,9 @@ impl llm::LayerPruner for LayerProgress<'_> {
             b.inc(1);
         }
         r
+    }
+    fn take_armor(&mut self) -> Option<llm::armor::Armor> {
+        self.inner.take_armor()
     }
 }
 

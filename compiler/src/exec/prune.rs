@@ -1131,6 +1131,11 @@ impl Exec<'_> {
                     help: Some("prune classifiers with a criterion such as `std.magnitude` or `std.wanda`".into()),
                 })
             }
+            Method::Armor => {
+                return Err(RunError::Internal(
+                    "ARMOR reached a classifier's prune step".into(),
+                ))
+            }
             Method::Criterion | Method::WoodFisher | Method::MFac => {}
         }
         let obs = Obs::of(p, step)?;

@@ -682,7 +682,7 @@ impl Lowerer<'_> {
         }
         if needs.activations {
             if let Some(d) = &calib {
-                let hessian = method == Method::SparseGpt;
+                let hessian = matches!(method, Method::SparseGpt | Method::Armor);
                 stats.push(self.on_model(
                     model,
                     Node {
@@ -755,7 +755,7 @@ impl Lowerer<'_> {
             true,
         );
         self.g.add_edge(select, mask, Flow::Mask);
-        if method == Method::SparseGpt || method.is_obs() {
+        if matches!(method, Method::SparseGpt | Method::Armor) || method.is_obs() {
             let m = method;
             let rec = self.on_model(
                 model,

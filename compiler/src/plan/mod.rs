@@ -293,6 +293,10 @@ impl Step {
                     Method::Criterion => format!("by `{}`", p.by),
                     Method::Sap => format!("by SAP `{}`", p.by),
                     Method::SparseGpt => format!("by SparseGPT `{}`", p.by),
+                    Method::Armor => format!(
+                        "by ARMOR `{}` (block-diagonal wrappers around the N:M result, fitted to each layer's calibration inputs)",
+                        p.by
+                    ),
                     Method::WoodFisher | Method::MFac => {
                         let arg = |k: &str| p.args.get(k).copied().unwrap_or(0.0);
                         let data = match (&p.stats_data, &p.during_step) {

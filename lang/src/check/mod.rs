@@ -180,6 +180,8 @@ pub(crate) struct Checker<'a> {
     pub(crate) compensated: std::collections::BTreeSet<String>,
     /// Labels of `search` analyses: the fronts a prune stage may pick from.
     pub(crate) fronts: BTreeMap<String, Front>,
+    /// Models an ARMOR stage wrapped, in pipeline order.
+    pub(crate) armored: std::collections::BTreeSet<String>,
 }
 
 /// A `search` analysis a later `allocation = pareto(LABEL)` reads.
@@ -210,6 +212,7 @@ pub fn ast_to_checked<'a>(
         stage_reads_acts: Default::default(),
         compensated: Default::default(),
         fronts: Default::default(),
+        armored: Default::default(),
     };
     let (name, version, seed) = c.check_header(recipe);
     c.collect(recipe);
@@ -280,6 +283,7 @@ pub fn library_needs(src: &str, name: &str) -> Result<Needs, Vec<Diagnostic>> {
         stage_reads_acts: Default::default(),
         compensated: Default::default(),
         fronts: Default::default(),
+        armored: Default::default(),
     };
     c.collect(&parsed.recipe);
     c.check_decls(&parsed.recipe);
@@ -324,6 +328,7 @@ pub fn expr_needs(r: &CheckedRecipe, e: &Expr) -> Needs {
         stage_reads_acts: Default::default(),
         compensated: Default::default(),
         fronts: Default::default(),
+        armored: Default::default(),
     };
     let mut needs = Needs::default();
     c.check_score(e, &mut needs, 0);

@@ -301,6 +301,14 @@ impl Checker<'_> {
                     }
                 }
             }
+            StageKind::Export if self.armored.contains(&model) => {
+                self.unsupported(
+                    s.keyword_span,
+                    format!("`{model}` was pruned by ARMOR, whose block-diagonal wrappers no export format holds yet: transformers' Llama layers have no place for them, and their product with the sparse weights is dense"),
+                    "ARMOR's wrappers would be lost",
+                    "evaluate the ARMOR model in the recipe; export a copy pruned by `sparsegpt()` or `wanda` for deployment",
+                );
+            }
             StageKind::Export => {
                 let format = self
                     .stage_options
@@ -393,6 +401,25 @@ impl Checker<'_> {
                 );
             }
         }
+        if method == Some(Method::Armor) {
+            let span = s.by.as_ref().map_or(s.keyword_span, |b| b.span);
+            if !lm {
+                self.unsupported(
+                    span,
+                    format!("`armor` wraps language-model layers; `{model}` is a classifier"),
+                    "for language models only",
+                    "prune classifiers by a criterion (`magnitude`, `wanda`, ...) or `sap`",
+                );
+            } else if pattern.is_none() {
+                self.unsupported(
+                    span,
+                    "ARMOR wraps an N:M pattern: it needs `to 2:4` (or `pattern = N:M`)".into(),
+                    "no N:M pattern",
+                    "write `prune lm by armor() to 2:4 (calibrate = D)`; unstructured targets are SparseGPT's or Wanda's",
+                );
+            }
+            self.armored.insert(model.to_string());
+        }
         if !lm {
             if method == Some(Method::SparseGpt) {
                 let span = s.by.as_ref().map_or(s.keyword_span, |b| b.span);
@@ -478,13 +505,15 @@ impl Checker<'_> {
                 "prune language models by a criterion (`wanda`, `magnitude`) or `sparsegpt()`",
             );
         }
-        if method == Some(Method::SparseGpt) {
+        if let Some(m @ (Method::SparseGpt | Method::Armor)) = method {
             if let Some((_, span)) = self.prune_option(s, "scope") {
                 self.unsupported(
                     span,
-                    "`sparsegpt` selects by its own reconstruction error; it does not read `scope`"
-                        .into(),
-                    "no effect with `sparsegpt`",
+                    format!(
+                        "`{}` selects by its own reconstruction error; it does not read `scope`",
+                        m.name()
+                    ),
+                    &format!("no effect with `{}`", m.name()),
                     "remove `scope`",
                 );
             }
@@ -1049,8 +1078,13 @@ impl Checker<'_> {
                 "prune its weights unstructured, or use a built-in architecture",
             );
         }
-        if let Some(m @ (Method::SparseGpt | Method::Sap | Method::WoodFisher | Method::MFac)) =
-            method
+        if let Some(
+            m @ (Method::SparseGpt
+            | Method::Sap
+            | Method::WoodFisher
+            | Method::MFac
+            | Method::Armor),
+        ) = method
         {
             let name = m.name();
             return no(

@@ -126,6 +126,12 @@ pub fn save_compressed(
     n: usize,
     m: usize,
 ) -> Result<CompressedSize> {
+    if model.has_armor() {
+        return Err(RuntimeError::Invalid(
+            "ARMOR's block-diagonal wrappers have no place in a compressed-tensors checkpoint"
+                .into(),
+        ));
+    }
     if model.config.architecture != super::config::Architecture::Llama {
         return Err(RuntimeError::Invalid(format!(
             "the compressed format stores LlamaForCausalLM models only, not {}",

@@ -384,6 +384,11 @@ pub fn load_hf_inspected(dir: &Path, header: HfHeader) -> Result<LlamaModel> {
 /// models are written in f32 as one `model.safetensors`. Returns the bytes of
 /// the weight files.
 pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
+    if model.has_armor() {
+        return Err(RuntimeError::Invalid(
+            "ARMOR's block-diagonal wrappers have no place in a Hugging Face checkpoint".into(),
+        ));
+    }
     std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io("writing", dir, e))?;
     let source = model.hf_source.as_ref();
     let tensors: Vec<(String, Tensor)> = model

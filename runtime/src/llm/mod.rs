@@ -6,6 +6,7 @@
 //! (built in: [`MagnitudePruner`], [`WandaPruner`], [`SparseGptPruner`], or any score function
 //! through [`ScoredPruner`]); [`hf`] and [`compressed`] write the result.
 
+pub mod armor;
 pub mod compressed;
 pub mod config;
 pub mod data;
@@ -18,8 +19,8 @@ pub mod kv;
 pub mod linalg;
 pub mod model;
 pub mod owl;
-pub mod search;
 pub mod prune;
+pub mod search;
 pub mod select;
 pub mod sparsegpt;
 pub mod tokenizer;

@@ -210,6 +210,18 @@ pub struct LlamaModel {
     pub(crate) packs: super::forward::Packs,
     /// Where a Hugging Face checkpoint came from, for an export like it.
     pub hf_source: Option<super::hf::HfSource>,
+    /// Linear layers pruned by ARMOR, by name: the layer computes
+    /// `A (S ∘ M) B` (stored as its weight); `S` is what it holds as pruned.
+    pub(crate) armor: std::collections::BTreeMap<String, ArmorWrap>,
+}
+
+/// The factors of an ARMOR layer: its sparse core and block-diagonal
+/// wrappers (`blocks` square blocks of `block x block`, row-major).
+#[derive(Debug, Clone)]
+pub struct ArmorWrap {
+    pub s: Tensor,
+    pub a: Tensor,
+    pub b: Tensor,
 }
 
 /// Called with every linear-layer input during a block forward, as a (tokens, features) matrix.
@@ -318,6 +330,7 @@ impl LlamaModel {
             sin_v,
             packs: Default::default(),
             hf_source: None,
+            armor: Default::default(),
         })
     }
 
@@ -380,7 +393,36 @@ impl LlamaModel {
         check_shape(&linear_name(layer, proj), &weight, old.dims())?;
         let weight = weight.to_dtype(old.dtype())?.contiguous()?;
         *self.blocks[layer].linear_mut(proj) = LinearWeight::Dense(weight);
+        self.armor.remove(&linear_name(layer, proj));
         Ok(())
+    }
+
+    /// Makes a block linear an ARMOR layer: it computes `A S B` (held as its
+    /// weight, for every forward), and reports `S` as its weight with the
+    /// wrappers beside it (`.armor_a`, `.armor_b`).
+    pub fn set_armor(
+        &mut self,
+        layer: usize,
+        proj: Proj,
+        armor: &super::armor::Armor,
+    ) -> Result<()> {
+        let device = self.device().clone();
+        let (rows, cols, k) = (armor.rows, armor.cols, armor.block);
+        let dtype = self.stored_linear(layer, proj)?.dtype();
+        let effective = Tensor::from_vec(armor.effective(), (rows, cols), &device)?;
+        self.set_linear_weight(layer, proj, effective)?;
+        let s = Tensor::from_vec(armor.s.clone(), (rows, cols), &device)?.to_dtype(dtype)?;
+        let a = Tensor::from_vec(armor.a.clone(), (rows / k, k, k), &device)?.to_dtype(dtype)?;
+        let b = Tensor::from_vec(armor.b.clone(), (cols / k, k, k), &device)?.to_dtype(dtype)?;
+        self.armor
+            .insert(linear_name(layer, proj), ArmorWrap { s, a, b });
+        Ok(())
+    }
+
+    /// Whether any layer carries ARMOR wrappers (formats without a place for
+    /// them cannot hold the model).
+    pub fn has_armor(&self) -> bool {
+        !self.armor.is_empty()
     }
 
     /// Every parameter under its Hugging Face name (norms, embedding, linears; `lm_head` only if untied).
@@ -396,7 +438,16 @@ impl LlamaModel {
                 b.ffn_norm.clone(),
             ));
             for proj in Proj::ALL {
-                out.push((linear_name(l, proj), self.stored_linear(l, proj)?.clone()));
+                let name = linear_name(l, proj);
+                match self.armor.get(&name) {
+                    Some(w) => {
+                        let stem = name.trim_end_matches(".weight");
+                        out.push((format!("{stem}.armor_a"), w.a.clone()));
+                        out.push((format!("{stem}.armor_b"), w.b.clone()));
+                        out.push((name, w.s.clone()));
+                    }
+                    None => out.push((name, self.stored_linear(l, proj)?.clone())),
+                }
             }
             for (suffix, t) in b.extra.named() {
                 out.push((format!("model.layers.{l}.{suffix}"), t.clone()));

@@ -120,6 +120,11 @@ pub trait LayerPruner {
     fn needs(&self) -> StatsNeeds;
     /// Prunes one layer in place.
     fn prune_layer(&mut self, layer: LayerToPrune<'_>) -> Result<usize>;
+    /// The ARMOR factors of the layer just pruned, for the driver to install
+    /// in place of its plain weight (none for every other method).
+    fn take_armor(&mut self) -> Option<super::armor::Armor> {
+        None
+    }
 }
 
 /// Magnitude pruning: score `|w|`, one threshold per layer (N:M per group).
@@ -487,11 +492,14 @@ fn prune_linear(
         pattern,
     })?;
     let device = model.device().clone();
-    model.set_linear_weight(
-        layer,
-        proj,
-        Tensor::from_vec(weight, (rows, cols), &device)?,
-    )?;
+    match pruner.take_armor() {
+        Some(armor) => model.set_armor(layer, proj, &armor)?,
+        None => model.set_linear_weight(
+            layer,
+            proj,
+            Tensor::from_vec(weight, (rows, cols), &device)?,
+        )?,
+    }
     let seconds = t0.elapsed().as_secs_f64();
     report.solve_seconds += seconds;
     report.layers.push(LayerReport {
