@@ -84,6 +84,9 @@ pub struct Report {
     pub rounds: Vec<Round>,
     /// Each `unit = ...` prune stage: the widths it left.
     pub shrinks: Vec<Shrink>,
+    /// Each `by armor(...)` stage: every layer's calibration loss before
+    /// (the initial method's result) and after ARMOR.
+    pub armor: Vec<ArmorStage>,
     pub data_pruned: Vec<DataPruned>,
     pub analyses: Vec<OracleStudy>,
     pub agreements: Vec<AgreementStudy>,
@@ -235,6 +238,15 @@ pub struct DataPruned {
     pub file: String,
 }
 
+/// What an ARMOR stage did to each layer's calibration loss `‖(W − Ŵ) X‖²`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ArmorStage {
+    pub step: String,
+    pub model: String,
+    /// Layer, loss of the initial method's result, loss after ARMOR.
+    pub layers: Vec<(String, f64, f64)>,
+}
+
 /// What a `unit = ...` prune stage removed from a model.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Shrink {
@@ -282,6 +294,7 @@ impl Report {
             evaluations: vec![],
             rounds: vec![],
             shrinks: vec![],
+            armor: vec![],
             data_pruned: vec![],
             analyses: vec![],
             agreements: vec![],
@@ -345,6 +358,12 @@ impl Report {
             }).collect::<Vec<_>>(),
             "rounds": self.rounds.iter().map(|r| json!({
                 "round": r.round, "sparsity": r.sparsity, "pqi": r.pqi, "metrics": r.metrics,
+            })).collect::<Vec<_>>(),
+            "armor": self.armor.iter().map(|a| json!({
+                "step": a.step, "model": a.model,
+                "loss_before": a.layers.iter().map(|l| l.1).sum::<f64>(),
+                "loss_after": a.layers.iter().map(|l| l.2).sum::<f64>(),
+                "layers": a.layers.iter().map(|(n, b, f)| json!({"name": n, "loss_before": b, "loss_after": f})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "units_removed": self.shrinks.iter().map(|s| json!({
                 "model": s.model, "line": s.line, "unit": s.unit,
@@ -667,6 +686,17 @@ impl Report {
                 ));
             }
             md.push('\n');
+        }
+        for a in &self.armor {
+            let before: f64 = a.layers.iter().map(|l| l.1).sum();
+            let after: f64 = a.layers.iter().map(|l| l.2).sum();
+            md.push_str(&format!(
+                "## ARMOR: step {} (`{}`)\n\nCalibration loss `‖(W − Ŵ) X‖²` summed over {} layers: {before:.4e} from the initial method, {after:.4e} after ARMOR ({:.1}% lower).\n\n",
+                a.step,
+                a.model,
+                a.layers.len(),
+                100.0 * (1.0 - after / before.max(f64::MIN_POSITIVE))
+            ));
         }
         if !self.shrinks.is_empty() {
             md.push_str("## Units removed\n\n| model | line | unit | widths (before → after) | parameters |\n|---|---|---|---|---|\n");

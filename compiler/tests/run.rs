@@ -3214,6 +3214,15 @@ fn armor_refines_sparsegpt_at_2_4_and_reports_its_sparse_core() {
     assert!(
         evaluation(&report, "armor", "perplexity") < evaluation(&report, "sparsegpt", "perplexity")
     );
+    // Every layer's calibration loss fell, as the report records it.
+    let armor = &report["armor"][0];
+    assert_eq!(armor["layers"].as_array().unwrap().len(), 14);
+    for l in armor["layers"].as_array().unwrap() {
+        assert!(
+            l["loss_after"].as_f64().unwrap() < l["loss_before"].as_f64().unwrap(),
+            "{l}"
+        );
+    }
     // The sparse core keeps the pattern: 50% of every block linear.
     assert!((evaluation(&report, "armor", "sparsity") - 0.5).abs() < 1e-9);
     for l in report["layers"].as_array().unwrap() {

@@ -662,6 +662,11 @@ impl Exec<'_> {
                         100.0 * (1.0 - after / before.max(f64::MIN_POSITIVE))
                     );
                 }
+                self.report.armor.push(crate::report::ArmorStage {
+                    step: step.id.clone(),
+                    model: model.to_string(),
+                    layers: pruner.losses.clone(),
+                });
                 r
             }
             _ => {
