@@ -870,10 +870,13 @@ fn llm_shapes(
             Proj::Gate | Proj::Up => c.intermediate_size,
             Proj::O | Proj::Down => c.hidden_size,
         };
-        // Every block has the same widths: the first stands for all.
+        // Every block has the same widths: a projection counts when any
+        // block's is targeted.
         let name = prunec_runtime::llm::linear_name(0, proj);
-        let picked = targets.iter().any(|t| glob_match(t, &name))
-            && !skip.iter().any(|k| glob_match(k, &name));
+        let picked = (0..c.num_hidden_layers.max(1)).any(|l| {
+            let n = prunec_runtime::llm::linear_name(l, proj);
+            targets.iter().any(|t| glob_match(t, &n)) && !skip.iter().any(|k| glob_match(k, &n))
+        });
         if picked && cols % m as usize != 0 {
             let generic = name.replacen("layers.0.", "layers.*.", 1);
             diags.push(

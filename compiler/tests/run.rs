@@ -3259,6 +3259,25 @@ fn armor_refines_sparsegpt_at_2_4_and_reports_its_sparse_core() {
         params > core && params <= core + wrappers,
         "{params} vs {core} + {wrappers}"
     );
+    // `init` through a param: Wanda's result is another (worse) start.
+    let out = dir.path().join("wanda");
+    let (code, text) = prunec(
+        &[
+            "run",
+            "-q",
+            recipe.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "init_method=wanda",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{text}");
+    let text = std::fs::read_to_string(out.join("report.json")).unwrap();
+    let with_wanda: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let start = |r: &serde_json::Value| r["armor"][0]["loss_before"].as_f64().unwrap();
+    assert!(start(&with_wanda) > start(&report));
 }
 
 /// The ARMOR example, reduced to the first block and one round, with the

@@ -1063,7 +1063,10 @@ impl<'a> Checker<'a> {
                                     Code::OutOfRange,
                                     "a search range is two sparsities, the lower first",
                                 )
-                                .with_label(r.value.span, format!("{} value(s)", v.len()))
+                                .with_label(
+                                    r.value.span,
+                                    format!("{} value(s), not two increasing sparsities", v.len()),
+                                )
                                 .with_help("write `range = [30%, 70%]`"),
                             );
                             None

@@ -33,9 +33,15 @@ type Packed = (Vec<TensorId>, Arc<PackedB>);
 pub(crate) type SliceSink<'a> = &'a mut dyn FnMut(LinearInput, &[f32], usize) -> Result<()>;
 
 impl Clone for Packs {
-    /// A clone starts empty: its weights may be replaced independently.
+    /// A clone starts empty (its weights may be replaced independently) and
+    /// keeps the one-layer setting of a model stored narrower than f32.
     fn clone(&self) -> Self {
-        Packs::default()
+        let p = Packs::default();
+        p.one_layer.store(
+            self.one_layer.load(std::sync::atomic::Ordering::Relaxed),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        p
     }
 }
 

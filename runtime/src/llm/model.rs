@@ -353,6 +353,10 @@ impl LlamaModel {
     pub fn truncate_layers(&mut self, layers: usize) {
         self.blocks.truncate(layers);
         self.config.num_hidden_layers = self.blocks.len();
+        let kept: std::collections::BTreeSet<String> = (0..self.blocks.len())
+            .flat_map(|l| Proj::ALL.map(|p| linear_name(l, p)))
+            .collect();
+        self.armor.retain(|name, _| kept.contains(name));
     }
 
     /// Names of every block linear weight, in model order.

@@ -372,6 +372,8 @@ pub fn remove_units(model: &mut LlamaModel, unit: LlmUnit, keep: &[Vec<usize>]) 
             let w = model.stored_linear(l, proj)?;
             let cut = w.index_select(&idx(ids)?, dim)?.contiguous()?;
             model.blocks[l].set_linear_unchecked(proj, LinearWeight::Dense(cut));
+            // A cut ARMOR layer is its cut product: the wrappers no longer fit.
+            model.armor.remove(&linear_name(l, proj));
         }
         if unit == LlmUnit::Ffn {
             let e = &mut model.blocks[l].extra;
