@@ -5,12 +5,10 @@
 //! `m` times the mean score over the block's targeted weights; the ratios, scaled to [0, 2λ],
 //! become keep fractions shifted so that their mean is `1 − target`.
 
-use std::collections::BTreeMap;
-
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 
 use super::model::LlamaModel;
-use super::prune::{calibration_chunks, LayerStats, OneShotConfig, StatsNeeds};
+use super::prune::{calibration_chunks, forward_collecting, OneShotConfig, StatsNeeds};
 use super::{Result, RuntimeError};
 
 /// Each block's sparsity from its outlier ratio (`None`: a block nothing
@@ -54,20 +52,9 @@ pub fn outlier_ratios(
     let last = targets.iter().rposition(|t| !t.is_empty()).unwrap_or(0);
     let mut ratios = vec![None; targets.len()];
     for (l, block_targets) in targets.iter().enumerate().take(last + 1) {
-        let mut stats: BTreeMap<_, LayerStats> = BTreeMap::new();
-        for x in chunks.iter_mut() {
-            let mut sink = |input, a: &Tensor| -> Result<()> {
-                if block_targets.iter().any(|p| p.input() == input) {
-                    let cols = a.dim(1)?;
-                    stats
-                        .entry(input)
-                        .or_insert_with(|| LayerStats::new(cols, needs))
-                        .add(a)?;
-                }
-                Ok(())
-            };
-            *x = model.block_forward(l, x, Some(&mut sink))?;
-        }
+        let stats = forward_collecting(model, l, &mut chunks, needs, |input| {
+            block_targets.iter().any(|p| p.input() == input)
+        })?;
         if block_targets.is_empty() {
             continue;
         }

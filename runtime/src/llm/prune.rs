@@ -432,6 +432,33 @@ pub fn prune_one_shot(
     Ok(report)
 }
 
+/// Runs block `l` over every chunk in place, collecting the statistics
+/// `needs` of the layer inputs `wanted` accepts (a dense pass: OWL's
+/// outlier ratios, the search's Wanda scores).
+pub(crate) fn forward_collecting(
+    model: &LlamaModel,
+    l: usize,
+    chunks: &mut [Tensor],
+    needs: StatsNeeds,
+    wanted: impl Fn(LinearInput) -> bool,
+) -> Result<BTreeMap<LinearInput, LayerStats>> {
+    let mut stats: BTreeMap<LinearInput, LayerStats> = BTreeMap::new();
+    for x in chunks.iter_mut() {
+        let mut sink = |input: LinearInput, a: &Tensor| -> Result<()> {
+            if wanted(input) {
+                let cols = a.dim(1)?;
+                stats
+                    .entry(input)
+                    .or_insert_with(|| LayerStats::new(cols, needs))
+                    .add(a)?;
+            }
+            Ok(())
+        };
+        *x = model.block_forward(l, x, Some(&mut sink))?;
+    }
+    Ok(stats)
+}
+
 /// The embedded calibration sequences (equal-length token ids), one tensor
 /// per chunk of `batch` sequences; `what` names the method in errors.
 pub(crate) fn calibration_chunks(

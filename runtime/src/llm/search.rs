@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::eval::perplexity;
 use super::model::{LlamaModel, Proj};
-use super::prune::{calibration_chunks, LayerStats, OneShotConfig, StatsNeeds};
+use super::prune::{calibration_chunks, forward_collecting, OneShotConfig, StatsNeeds};
 use super::select::{magnitude_scores, wanda_scores, SparsityPattern};
 use super::{Result, RuntimeError};
 use crate::search::{Nsga2, Outcome};
@@ -70,26 +70,17 @@ impl SearchProblem {
         let mut chunks = calibration_chunks(model, calibration, batch, "search")?;
         let mut blocks = Vec::with_capacity(targets.len());
         for (l, block_targets) in targets.iter().enumerate() {
-            let mut stats: BTreeMap<_, LayerStats> = BTreeMap::new();
-            if score == SearchScore::Wanda {
+            let stats = if score == SearchScore::Wanda {
                 let needs = StatsNeeds {
                     col_norms: true,
                     hessian: false,
                 };
-                for x in chunks.iter_mut() {
-                    let mut sink = |input, a: &Tensor| -> Result<()> {
-                        if block_targets.iter().any(|p| p.input() == input) {
-                            let cols = a.dim(1)?;
-                            stats
-                                .entry(input)
-                                .or_insert_with(|| LayerStats::new(cols, needs))
-                                .add(a)?;
-                        }
-                        Ok(())
-                    };
-                    *x = model.block_forward(l, x, Some(&mut sink))?;
-                }
-            }
+                forward_collecting(model, l, &mut chunks, needs, |input| {
+                    block_targets.iter().any(|p| p.input() == input)
+                })?
+            } else {
+                BTreeMap::new()
+            };
             let mut ranked = Vec::with_capacity(block_targets.len());
             for &proj in block_targets {
                 let w = model.linear_weight(l, proj)?;
