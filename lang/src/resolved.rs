@@ -198,6 +198,38 @@ impl Method {
         Ok(out)
     }
 
+    /// A built-in method's word argument (`armor(init = wanda)`), by name or
+    /// position, a param holding the word resolved, its default when
+    /// unwritten; none for a criterion or a parameter that is not a word.
+    pub fn word_argument(r: &CheckedRecipe, by: &Expr, key: &str) -> Option<String> {
+        let (name, args) = match &by.kind {
+            ExprKind::Call { callee, args } => (&callee.name, Some(args)),
+            ExprKind::Name(id) => (&id.name, None),
+            _ => return None,
+        };
+        if Method::of(r, by) == Method::Criterion {
+            return None;
+        }
+        let b = builtins::lookup(name)?;
+        let i = b.params.iter().position(|p| p.name == key)?;
+        if !matches!(b.params[i].ty, builtins::Ty::Enum(_)) {
+            return None;
+        }
+        match args.and_then(|a| a.get(key, i)) {
+            Some(a) => {
+                let word = match &a.value.kind {
+                    ExprKind::Str(w) => return Some(w.clone()),
+                    _ => a.value.as_name()?.name.clone(),
+                };
+                Some(match r.param(&word).and_then(|v| v.as_str()) {
+                    Some(w) => w.to_string(),
+                    None => word,
+                })
+            }
+            None => b.params[i].default.map(String::from),
+        }
+    }
+
     /// The built-in method of this name (`sparsegpt`, `sap`), if it is one.
     pub fn named(name: &str) -> Option<Method> {
         match builtins::lookup(name)
@@ -471,6 +503,36 @@ mod tests {
             prune_args("magnitude to 50%").is_empty(),
             "a criterion has none"
         );
+    }
+
+    #[test]
+    fn word_arguments_resolve_params_strings_and_defaults() {
+        let word = |by: &str| {
+            let src = format!(
+                "recipe t {{ version = 1, seed = 1 }}\nuse std.armor\nparam how = wanda\n\
+                 model lm = gguf(\"m.gguf\")\n\
+                 dataset calib = text(\"t.txt\", tokenizer = lm)\n\
+                 pipeline {{\n  prune lm by {by} to 2:4 (calibrate = calib)\n}}\n"
+            );
+            let parsed = crate::source_to_ast(&src);
+            let r = crate::ast_to_checked(&parsed.recipe, &src, &[]).expect("checks");
+            let stage = &r.pipeline().stages[0];
+            Method::word_argument(&r, stage.by.as_ref().unwrap(), "init")
+        };
+        assert_eq!(word("armor(init = wanda)").as_deref(), Some("wanda"));
+        assert_eq!(
+            word("armor(init = how)").as_deref(),
+            Some("wanda"),
+            "a param"
+        );
+        assert_eq!(word("armor(init = \"wanda\")").as_deref(), Some("wanda"));
+        assert_eq!(
+            word("armor(8, 2, wanda)").as_deref(),
+            Some("wanda"),
+            "positional"
+        );
+        assert_eq!(word("armor()").as_deref(), Some("sparsegpt"), "the default");
+        assert_eq!(word("armor").as_deref(), Some("sparsegpt"));
     }
 }
 

@@ -628,25 +628,15 @@ impl Exec<'_> {
                         RunError::Internal(format!("step {}: ARMOR has no argument `{k}`", step.id))
                     })
                 };
-                // `init = wanda`, or a param holding the word.
-                let init = match &by.kind {
-                    prunec_lang::ast::ExprKind::Call { args, .. } => args
-                        .get("init", 2)
-                        .and_then(|a| a.value.as_name().map(|n| n.name.clone())),
-                    _ => None,
-                }
-                .map(|n| match self.r.param(&n).and_then(|v| v.as_str()) {
-                    Some(w) => w.to_string(),
-                    None => n,
-                });
+                let init = Method::word_argument(self.r, by, "init");
                 let init = match init.as_deref() {
                     Some("wanda") => llm::armor::ArmorInit::Wanda,
-                    None | Some("sparsegpt") => {
+                    Some("sparsegpt") => {
                         llm::armor::ArmorInit::SparseGpt(llm::SparseGptConfig::default())
                     }
-                    Some(other) => {
+                    other => {
                         return Err(RunError::Internal(format!(
-                            "ARMOR's `init = {other}` reached the run"
+                            "ARMOR's `init = {other:?}` reached the run"
                         )))
                     }
                 };

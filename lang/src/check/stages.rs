@@ -1049,34 +1049,37 @@ impl<'a> Checker<'a> {
         let Some(ExprKind::Call { args, .. }) = s.by.as_ref().map(|b| &b.kind) else {
             return;
         };
-        let mut range = Some((0.3, 0.7));
-        if let Some(r) = args.get("range", 3) {
-            range = match &r.value.kind {
-                ExprKind::List(items) => {
-                    let vals: Option<Vec<f64>> =
-                        items.iter().map(|i| self.constant_number(i)).collect();
-                    match vals.as_deref() {
-                        Some([lo, hi]) if lo < hi => Some((*lo, *hi)),
-                        Some(v) => {
-                            self.push(
-                                Diagnostic::new(
-                                    Code::OutOfRange,
-                                    "a search range is two sparsities, the lower first",
-                                )
-                                .with_label(
-                                    r.value.span,
-                                    format!("{} value(s), not two increasing sparsities", v.len()),
-                                )
-                                .with_help("write `range = [30%, 70%]`"),
-                            );
-                            None
-                        }
-                        None => None,
+        // The range as written, else the built-in's default.
+        let written = args.get("range", 3).map(|a| a.value.clone());
+        let default = builtins::lookup("search")
+            .and_then(|b| b.params.iter().find(|p| p.name == "range"))
+            .and_then(|p| p.default)
+            .and_then(|d| crate::parse::source_to_expr(d).ok());
+        let range = match written.clone().or(default).map(|e| e.kind) {
+            Some(ExprKind::List(items)) => {
+                let vals: Option<Vec<f64>> =
+                    items.iter().map(|i| self.constant_number(i)).collect();
+                match (vals.as_deref(), &written) {
+                    (Some([lo, hi]), _) if lo < hi => Some((*lo, *hi)),
+                    (Some(v), Some(w)) => {
+                        self.push(
+                            Diagnostic::new(
+                                Code::OutOfRange,
+                                "a search range is two sparsities, the lower first",
+                            )
+                            .with_label(
+                                w.span,
+                                format!("{} value(s), not two increasing sparsities", v.len()),
+                            )
+                            .with_help("write `range = [30%, 70%]`"),
+                        );
+                        None
                     }
+                    _ => None,
                 }
-                _ => None,
-            };
-        }
+            }
+            _ => None,
+        };
         let model = s
             .subject
             .first()
