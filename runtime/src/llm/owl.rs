@@ -52,7 +52,7 @@ pub fn outlier_ratios(
     let last = targets.iter().rposition(|t| !t.is_empty()).unwrap_or(0);
     let mut ratios = vec![None; targets.len()];
     for (l, block_targets) in targets.iter().enumerate().take(last + 1) {
-        let stats = forward_collecting(model, l, &mut chunks, needs, |input| {
+        let stats = forward_collecting(model, l, &mut chunks, needs, true, |input| {
             block_targets.iter().any(|p| p.input() == input)
         })?;
         if block_targets.is_empty() {

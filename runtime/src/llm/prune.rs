@@ -395,24 +395,11 @@ pub fn prune_one_shot(
             v.dedup();
             v
         };
-        let mut stats: BTreeMap<LinearInput, LayerStats> = BTreeMap::new();
-        for x in chunks.iter_mut() {
-            let mut sink = |input: LinearInput, a: &Tensor| -> Result<()> {
-                if wanted.contains(&input) {
-                    let cols = a.dim(1)?;
-                    stats
-                        .entry(input)
-                        .or_insert_with(|| LayerStats::new(cols, needs))
-                        .add(a)?;
-                }
-                Ok(())
-            };
-            let dense_out = model.block_forward(l, x, Some(&mut sink))?;
-            if !config.sequential {
-                // The next block calibrates on this block's dense outputs.
-                *x = dense_out;
-            }
-        }
+        // Without `sequential`, the next block calibrates on this block's
+        // dense outputs; with it, on its pruned outputs (below).
+        let stats = forward_collecting(model, l, &mut chunks, needs, !config.sequential, |i| {
+            wanted.contains(&i)
+        })?;
         report.calibration_seconds += t0.elapsed().as_secs_f64();
         for &proj in block_targets {
             let s = stats.get(&proj.input());
@@ -432,14 +419,15 @@ pub fn prune_one_shot(
     Ok(report)
 }
 
-/// Runs block `l` over every chunk in place, collecting the statistics
-/// `needs` of the layer inputs `wanted` accepts (a dense pass: OWL's
-/// outlier ratios, the search's Wanda scores).
+/// Runs block `l` over every chunk, collecting the statistics `needs` of
+/// the layer inputs `wanted` accepts; `advance` replaces each chunk by the
+/// block's output (the next block's input).
 pub(crate) fn forward_collecting(
     model: &LlamaModel,
     l: usize,
     chunks: &mut [Tensor],
     needs: StatsNeeds,
+    advance: bool,
     wanted: impl Fn(LinearInput) -> bool,
 ) -> Result<BTreeMap<LinearInput, LayerStats>> {
     let mut stats: BTreeMap<LinearInput, LayerStats> = BTreeMap::new();
@@ -454,7 +442,10 @@ pub(crate) fn forward_collecting(
             }
             Ok(())
         };
-        *x = model.block_forward(l, x, Some(&mut sink))?;
+        let out = model.block_forward(l, x, Some(&mut sink))?;
+        if advance {
+            *x = out;
+        }
     }
     Ok(stats)
 }

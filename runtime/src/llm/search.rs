@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::eval::perplexity;
@@ -75,7 +75,7 @@ impl SearchProblem {
                     col_norms: true,
                     hessian: false,
                 };
-                forward_collecting(model, l, &mut chunks, needs, |input| {
+                forward_collecting(model, l, &mut chunks, needs, true, |input| {
                     block_targets.iter().any(|p| p.input() == input)
                 })?
             } else {
@@ -176,11 +176,7 @@ impl SearchProblem {
                 if k == 0 {
                     continue;
                 }
-                let mut w: Vec<f32> = dense
-                    .linear_weight(l, r.proj)?
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?;
+                let mut w: Vec<f32> = dense.linear_weight(l, r.proj)?.flatten_all()?.to_vec1()?;
                 w.par_chunks_mut(r.cols)
                     .zip(r.order.par_chunks(r.cols))
                     .for_each(|(row, order)| {
