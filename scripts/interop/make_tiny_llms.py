@@ -7,14 +7,29 @@ One checkpoint per architecture prunec reads, each exercising what sets it apart
   tiny-qwen2    Qwen2ForCausalLM, q/k/v biases, tied
   tiny-qwen3    Qwen3ForCausalLM, q/k head norms, head_dim != hidden/heads,
                 bf16 weights in several shards with an index
+  tiny-qwen3-moe  Qwen3MoeForCausalLM: 8 experts of 16, top-2 renormalised,
+                blocks 0 and 2 sparse, block 1 a dense MLP (mlp_only_layers)
 Every folder gets a small BPE tokenizer.json trained on tests/models/tiny.txt, and
 reference.safetensors: `ids` (2 x 24 token ids) and `logits` (2 x 24 x vocab) computed
-by transformers in f32 (bf16 weights widened to f32, as prunec computes).
+by transformers in f32 (bf16 weights widened to f32, as prunec computes). The
+mixture-of-experts model's reference also holds, computed in f64 from transformers'
+own forward and backward on `ids` (mean next-token loss), for every sparse block L:
+  `L.frequency` (experts): tokens routed to each expert (top-k);
+  `L.reap` (experts): mean over its tokens of routing weight x ||expert output||;
+  `L.heapr` (experts x width): HEAPr's atomic-expert importance
+      1/2 * mean_t(a_ti^2) * sum_t (w_te * d_i . g_t)^2,
+      a = silu(gate x) * up x, d_i column i of down, w the routing weight,
+      g_t the loss gradient at the block's output, t over the expert's tokens;
+and `pruned_logits`: the logits with experts 1 and 6 of every sparse block removed
+(router rows and experts dropped, num_experts = 6).
 
-Run: .venv-interop/bin/python scripts/interop/make_tiny_llms.py  (scripts/interop.sh makes the venv)
+Run: .venv-interop/bin/python scripts/interop/make_tiny_llms.py [NAME ...]
+(all models when no name is given; scripts/interop.sh makes the venv)
 """
+import copy
 import pathlib
 import shutil
+import sys
 
 import torch
 import transformers
@@ -101,16 +116,130 @@ def build(name, config_cls, model_cls, seed, dtype=torch.float32, shard=None, **
     print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, {dtype}")
 
 
+def moe_reference(out, model, ids):
+    """Routing statistics, HEAPr importances and the logits with two experts
+    removed, from transformers' forward and backward (see the docstring)."""
+    model = model.double()
+    blocks = [(l, layer.mlp) for l, layer in enumerate(model.model.layers)
+              if hasattr(layer.mlp, "experts")]
+    seen = {}
+
+    def hook(l):
+        def f(module, inputs, output):
+            y = output[0] if isinstance(output, tuple) else output
+            y.retain_grad()
+            seen[l] = (inputs[0].detach(), y)
+        return f
+
+    handles = [mlp.register_forward_hook(hook(l)) for l, mlp in blocks]
+    logits = model(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    for h in handles:
+        h.remove()
+    c = model.config
+    tensors = {}
+    for l, mlp in blocks:
+        x, y = seen[l]
+        x = x.reshape(-1, x.shape[-1])
+        g = y.grad.reshape(-1, y.shape[-1])
+        probs = torch.softmax(x @ mlp.gate.weight.T, dim=-1)
+        w, idx = torch.topk(probs, c.num_experts_per_tok, dim=-1)
+        if c.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        width = c.moe_intermediate_size
+        recomputed = torch.zeros_like(x)
+        freq, reap, heapr = [], [], []
+        for e in range(c.num_experts):
+            gate_up = mlp.experts.gate_up_proj[e]
+            gate, up, down = gate_up[:width], gate_up[width:], mlp.experts.down_proj[e]
+            rows, slot = torch.nonzero(idx == e, as_tuple=True)
+            we = w[rows, slot].unsqueeze(1)
+            a = torch.nn.functional.silu(x[rows] @ gate.T) * (x[rows] @ up.T)
+            o = a @ down.T
+            recomputed.index_add_(0, rows, we * o)
+            n = len(rows)
+            freq.append(float(n))
+            reap.append(float((we.squeeze(1) * o.norm(dim=1)).sum() / max(n, 1)))
+            proj = (we * g[rows]) @ down
+            mean_a2 = (a * a).sum(0) / max(n, 1)
+            heapr.append(0.5 * mean_a2 * (proj * proj).sum(0))
+        # transformers takes the routing softmax in f32: agreement to ~1e-7.
+        assert torch.allclose(recomputed, y.reshape(recomputed.shape), atol=1e-5), l
+        tensors[f"{l}.frequency"] = torch.tensor(freq, dtype=torch.float64)
+        tensors[f"{l}.reap"] = torch.tensor(reap, dtype=torch.float64)
+        tensors[f"{l}.heapr"] = torch.stack(heapr).detach()
+    # Experts 1 and 6 removed from every sparse block.
+    keep = [e for e in range(c.num_experts) if e not in (1, 6)]
+    small_config = copy.deepcopy(c)
+    small_config.num_experts = len(keep)
+    small_config._attn_implementation = "eager"
+    small_config._experts_implementation = "eager"
+    small = type(model)(small_config).double().eval()
+    state = model.state_dict()
+    for l, _ in blocks:
+        p = f"model.layers.{l}.mlp."
+        state[p + "gate.weight"] = state[p + "gate.weight"][keep]
+        state[p + "experts.gate_up_proj"] = state[p + "experts.gate_up_proj"][keep]
+        state[p + "experts.down_proj"] = state[p + "experts.down_proj"][keep]
+    small.load_state_dict(state)
+    with torch.no_grad():
+        tensors["pruned_logits"] = small(input_ids=ids).logits.float()
+    return tensors
+
+
+def build_moe(name, seed):
+    out = ROOT / name
+    if out.exists():
+        shutil.rmtree(out)
+    config = transformers.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 3},
+                                         head_dim=16, num_experts=8, num_experts_per_tok=2,
+                                         moe_intermediate_size=16, norm_topk_prob=True,
+                                         decoder_sparse_step=1, mlp_only_layers=[1],
+                                         tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    randomize(model, seed)
+    model.save_pretrained(out)
+    TOK.save(str(out / "tokenizer.json"))
+    ref = transformers.Qwen3MoeForCausalLM.from_pretrained(
+        out, dtype=torch.float32, attn_implementation="eager",
+        experts_implementation="eager").eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, VOCAB, (2, 24), generator=g)
+    with torch.no_grad():
+        logits = ref(input_ids=ids).logits.float()
+    tensors = {"ids": ids.to(torch.int64).contiguous(), "logits": logits.contiguous()}
+    tensors.update(moe_reference(out, ref, ids))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "reference.safetensors"))
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters")
+
+
 ROOT.mkdir(parents=True, exist_ok=True)
 CORPUS = text()
 (ROOT / "tiny.txt").write_text(CORPUS)
 TOK = tokenizer(CORPUS)
 assert TOK.get_vocab_size() <= VOCAB, TOK.get_vocab_size()
-build("tiny-llama", transformers.LlamaConfig, transformers.LlamaForCausalLM, 11,
-      tie_word_embeddings=False)
-build("tiny-mistral", transformers.MistralConfig, transformers.MistralForCausalLM, 12,
-      tie_word_embeddings=True, sliding_window=8)
-build("tiny-qwen2", transformers.Qwen2Config, transformers.Qwen2ForCausalLM, 13,
-      tie_word_embeddings=True)
-build("tiny-qwen3", transformers.Qwen3Config, transformers.Qwen3ForCausalLM, 14,
-      dtype=torch.bfloat16, shard="20KB", tie_word_embeddings=False, head_dim=16)
+WANTED = set(sys.argv[1:])
+
+
+def wanted(name):
+    return not WANTED or name in WANTED
+
+
+if wanted("tiny-llama"):
+    build("tiny-llama", transformers.LlamaConfig, transformers.LlamaForCausalLM, 11,
+          tie_word_embeddings=False)
+if wanted("tiny-mistral"):
+    build("tiny-mistral", transformers.MistralConfig, transformers.MistralForCausalLM, 12,
+          tie_word_embeddings=True, sliding_window=8)
+if wanted("tiny-qwen2"):
+    build("tiny-qwen2", transformers.Qwen2Config, transformers.Qwen2ForCausalLM, 13,
+          tie_word_embeddings=True)
+if wanted("tiny-qwen3"):
+    build("tiny-qwen3", transformers.Qwen3Config, transformers.Qwen3ForCausalLM, 14,
+          dtype=torch.bfloat16, shard="20KB", tie_word_embeddings=False, head_dim=16)
+if wanted("tiny-qwen3-moe"):
+    build_moe("tiny-qwen3-moe", 15)

@@ -264,6 +264,7 @@ pub fn load_compressed(path: &Path) -> Result<LlamaModel> {
             up,
             down,
             extra: Default::default(),
+            moe: None,
         });
     }
     let embed = take("model.embed_tokens.weight")?;

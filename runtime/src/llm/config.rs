@@ -42,6 +42,27 @@ pub struct LlamaConfig {
     /// Biases on gate, up and down (`mlp_bias`: Llama).
     #[serde(skip)]
     pub mlp_bias: bool,
+    /// The mixture-of-experts layout (`Qwen3MoeForCausalLM`); `None` for
+    /// dense models.
+    #[serde(skip)]
+    pub moe: Option<MoeConfig>,
+}
+
+/// How a mixture-of-experts model routes: which blocks hold experts, how
+/// many, how wide, and how many each token uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    /// Experts per sparse block (the same in every one).
+    pub num_experts: usize,
+    /// Experts each token is routed to.
+    pub top_k: usize,
+    /// Intermediate width of an expert (the widest, once atomic experts
+    /// are removed).
+    pub moe_intermediate_size: usize,
+    /// The top-k routing weights are renormalised to sum to one.
+    pub norm_topk_prob: bool,
+    /// Per block: whether it holds experts (else a dense MLP of `intermediate_size`).
+    pub sparse: Vec<bool>,
 }
 
 /// The causal-LM architectures prunec reads; they differ in a few block details.
@@ -54,15 +75,18 @@ pub enum Architecture {
     Qwen2,
     /// An RMSNorm over each q and k head before RoPE.
     Qwen3,
+    /// Qwen3's attention with mixture-of-experts feed-forward blocks.
+    Qwen3Moe,
 }
 
 impl Architecture {
     /// Every supported architecture with its `transformers` class name.
-    pub const ALL: [(Architecture, &'static str); 4] = [
+    pub const ALL: [(Architecture, &'static str); 5] = [
         (Architecture::Llama, "LlamaForCausalLM"),
         (Architecture::Mistral, "MistralForCausalLM"),
         (Architecture::Qwen2, "Qwen2ForCausalLM"),
         (Architecture::Qwen3, "Qwen3ForCausalLM"),
+        (Architecture::Qwen3Moe, "Qwen3MoeForCausalLM"),
     ];
 
     /// The `transformers` class name.
@@ -77,8 +101,61 @@ impl Architecture {
 
     /// Whether q and k heads are RMS-normalised before RoPE.
     pub fn qk_norm(self) -> bool {
-        self == Architecture::Qwen3
+        matches!(self, Architecture::Qwen3 | Architecture::Qwen3Moe)
     }
+}
+
+/// The routing fields of a `Qwen3MoeForCausalLM` configuration: block `l`
+/// holds experts when it is not in `mlp_only_layers` and `(l + 1)` is a
+/// multiple of `decoder_sparse_step`.
+fn moe_config(value: &serde_json::Value, layers: usize, path: &Path) -> Result<MoeConfig> {
+    let bad = |reason: String| Err(RuntimeError::format(path, reason));
+    let get = |k: &str| value.get(k).filter(|v| !v.is_null());
+    let int = |k: &str| -> Result<usize> {
+        match get(k).and_then(|v| v.as_u64()) {
+            Some(v) => Ok(v as usize),
+            None => Err(RuntimeError::format(
+                path,
+                format!("a mixture-of-experts config needs `{k}` (a positive integer)"),
+            )),
+        }
+    };
+    // transformers 5 writes `num_local_experts`, the Hub's configs `num_experts`.
+    let num_experts = match get("num_local_experts") {
+        Some(_) => int("num_local_experts")?,
+        None => int("num_experts")?,
+    };
+    let top_k = int("num_experts_per_tok")?;
+    let width = int("moe_intermediate_size")?;
+    let step = match get("decoder_sparse_step") {
+        Some(v) => v.as_u64().unwrap_or(0) as usize,
+        None => 1,
+    };
+    if num_experts == 0 || top_k == 0 || top_k > num_experts || width == 0 || step == 0 {
+        return bad(format!(
+            "num_experts {num_experts}, num_experts_per_tok {top_k}, moe_intermediate_size {width} and decoder_sparse_step {step} must be positive, with num_experts_per_tok <= num_experts"
+        ));
+    }
+    let dense: Vec<u64> = get("mlp_only_layers")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default();
+    for k in ["shared_expert_intermediate_size", "n_shared_experts"] {
+        if get(k).and_then(|v| v.as_u64()).unwrap_or(0) > 0 {
+            return bad(format!("shared experts (`{k}`) are not supported"));
+        }
+    }
+    Ok(MoeConfig {
+        num_experts,
+        top_k,
+        moe_intermediate_size: width,
+        norm_topk_prob: get("norm_topk_prob")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
+        sparse: (0..layers)
+            .map(|l| !dense.contains(&(l as u64)) && (l + 1) % step == 0)
+            .collect(),
+    })
 }
 
 fn default_rope_theta() -> f64 {
@@ -146,6 +223,13 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// Whether block `layer` holds experts.
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        self.moe
+            .as_ref()
+            .is_some_and(|m| m.sparse.get(layer).copied().unwrap_or(false))
+    }
+
     /// Reads a Hugging Face `config.json`.
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text =
@@ -200,7 +284,7 @@ impl LlamaConfig {
         let flag = |k: &str| get(k).and_then(|v| v.as_bool()).unwrap_or(false);
         // Llama holds biases on every projection when asked, Qwen3 on the
         // attention's; both are read.
-        if flag("mlp_bias") && architecture == Architecture::Qwen3 {
+        if flag("mlp_bias") && architecture.qk_norm() {
             return bad(format!(
                 "`mlp_bias = true` is not supported for {}",
                 architecture.class_name()
@@ -234,9 +318,15 @@ impl LlamaConfig {
             .map_err(|e| RuntimeError::format(path, format!("not a causal-LM config.json: {e}")))?;
         config.architecture = architecture;
         config.attention_bias = flag("attention_bias")
-            && matches!(architecture, Architecture::Llama | Architecture::Qwen3);
+            && matches!(
+                architecture,
+                Architecture::Llama | Architecture::Qwen3 | Architecture::Qwen3Moe
+            );
         config.mlp_bias = flag("mlp_bias") && architecture == Architecture::Llama;
         config.sliding_window = sliding_window.map(|w| w as usize);
+        if architecture == Architecture::Qwen3Moe {
+            config.moe = Some(moe_config(value, config.num_hidden_layers, path)?);
+        }
         config.validate(path)?;
         Ok(config)
     }
@@ -256,6 +346,7 @@ impl LlamaConfig {
                 Architecture::Mistral => "mistral",
                 Architecture::Qwen2 => "qwen2",
                 Architecture::Qwen3 => "qwen3",
+                Architecture::Qwen3Moe => "qwen3_moe",
             }),
         );
         obj.insert("hidden_act".into(), serde_json::json!("silu"));

@@ -253,7 +253,7 @@ impl LlamaModel {
         self.lm_head_quantized.is_none()
             && !matches!(self.lm_head, Some(LinearWeight::Quantized(_)))
             && self.blocks.iter().all(|b| {
-                Proj::ALL
+                b.projs()
                     .iter()
                     .all(|&p| matches!(b.linear(p), LinearWeight::Dense(_)))
             })
@@ -347,6 +347,9 @@ impl LlamaModel {
         h.resize(rows * d, 0.0);
         rms_norm(x, &blk.ffn_norm.to_vec1::<f32>()?, eps, &mut h);
         observe(LinearInput::Mlp, &h, d)?;
+        if let Some(moe) = &blk.moe {
+            return super::moe::moe_slices(c, moe, &h, rows, x);
+        }
         let gu_w = packs.get((layer, GATE_UP), &[w(Proj::Gate), w(Proj::Up)])?;
         let mut gu = vec![0.0f32; rows * 2 * inter];
         linear(&h, rows, &gu_w, &mut gu, false);

@@ -115,6 +115,7 @@ impl GgufFile {
             architecture: Default::default(),
             attention_bias: false,
             mlp_bias: false,
+            moe: None,
         };
         config.validate(&self.path)?;
         Ok(config)
@@ -249,6 +250,7 @@ pub fn load_gguf(path: &Path) -> Result<LlamaModel> {
             up: LinearWeight::Dense(dense("ffn_up")?),
             down: LinearWeight::Dense(dense("ffn_down")?),
             extra: Default::default(),
+            moe: None,
         });
     }
     let embed = g.dequantized("token_embd.weight")?;
@@ -290,6 +292,7 @@ pub fn load_gguf_quantized_reference(path: &Path) -> Result<LlamaModel> {
             up: quant(&mut g, format!("blk.{l}.ffn_up.weight"))?,
             down: quant(&mut g, format!("blk.{l}.ffn_down.weight"))?,
             extra: Default::default(),
+            moe: None,
         });
     }
     let embed_q = g.qtensor("token_embd.weight")?;

@@ -4,7 +4,10 @@
 
 use super::config::LlamaConfig;
 use super::error::{Result, RuntimeError};
-use super::model::{linear_name, AttnExtras, Block, LinearWeight, LlamaModel, Proj, RopeStyle};
+use super::model::{
+    expert_name, linear_name, AttnExtras, Block, Expert, LinearWeight, LlamaModel, MoeBlock, Proj,
+    RopeStyle, ATTENTION,
+};
 use super::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -73,7 +76,21 @@ pub fn expected_tensors(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
         let layer = |s: &str| format!("model.layers.{l}.{s}");
         out.push((layer("input_layernorm.weight"), vec![d]));
         out.push((layer("post_attention_layernorm.weight"), vec![d]));
-        for p in Proj::ALL {
+        if let (Some(m), true) = (&c.moe, c.is_sparse(l)) {
+            out.push((layer("mlp.gate.weight"), vec![m.num_experts, d]));
+            let w = m.moe_intermediate_size;
+            for e in 0..m.num_experts {
+                out.push((expert_name(l, e, "gate"), vec![w, d]));
+                out.push((expert_name(l, e, "up"), vec![w, d]));
+                out.push((expert_name(l, e, "down"), vec![d, w]));
+            }
+        }
+        let projs: &[Proj] = if c.is_sparse(l) {
+            &ATTENTION
+        } else {
+            &Proj::ALL
+        };
+        for &p in projs {
             let shape = match p {
                 Proj::Q => vec![qd, d],
                 Proj::K | Proj::V => vec![kv, d],
@@ -312,8 +329,37 @@ pub fn load_hf_inspected(dir: &Path, header: HfHeader) -> Result<LlamaModel> {
             Ok(LinearWeight::Dense(get(&linear_name(l, p), false)?))
         };
         let (q, k, v, o) = (lin(Proj::Q)?, lin(Proj::K)?, lin(Proj::V)?, lin(Proj::O)?);
-        let (gate, up, down) = (lin(Proj::Gate)?, lin(Proj::Up)?, lin(Proj::Down)?);
         let layer = |s: &str| format!("model.layers.{l}.{s}");
+        // A sparse block's dense MLP is empty: its experts replace it.
+        let (gate, up, down, moe) = match &config.moe {
+            Some(m) if config.is_sparse(l) => {
+                let empty = |r: usize, c: usize| -> Result<LinearWeight> {
+                    Ok(LinearWeight::Dense(Tensor::zeros(
+                        (r, c),
+                        DType::F32,
+                        &Device::Cpu,
+                    )?))
+                };
+                let d = config.hidden_size;
+                let experts = (0..m.num_experts)
+                    .map(|e| {
+                        Ok(Expert {
+                            gate: get(&expert_name(l, e, "gate"), false)?,
+                            up: get(&expert_name(l, e, "up"), false)?,
+                            down: get(&expert_name(l, e, "down"), false)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let router = get(&layer("mlp.gate.weight"), true)?;
+                (
+                    empty(0, d)?,
+                    empty(0, d)?,
+                    empty(d, 0)?,
+                    Some(MoeBlock { router, experts }),
+                )
+            }
+            _ => (lin(Proj::Gate)?, lin(Proj::Up)?, lin(Proj::Down)?, None),
+        };
         let mut opt = |s: &str, present: bool| -> Result<Option<Tensor>> {
             present.then(|| get(&layer(s), true)).transpose()
         };
@@ -345,6 +391,7 @@ pub fn load_hf_inspected(dir: &Path, header: HfHeader) -> Result<LlamaModel> {
             up,
             down,
             extra,
+            moe,
         });
     }
     let embed = get("model.embed_tokens.weight", false)?;
@@ -391,8 +438,7 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
     }
     std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io("writing", dir, e))?;
     let source = model.hf_source.as_ref();
-    let tensors: Vec<(String, Tensor)> = model
-        .named_tensors()?
+    let tensors: Vec<(String, Tensor)> = padded_experts(model)?
         .into_iter()
         .map(|(n, t)| {
             // A bias the source did not have (FLAP's compensation) takes
@@ -472,6 +518,20 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
                 let src = |obj: &serde_json::Map<String, serde_json::Value>, k: &str| {
                     obj.get(k).and_then(|v| v.as_u64())
                 };
+                if let Some(m) = &mc.moe {
+                    // transformers 5 writes `num_local_experts`, the Hub's
+                    // checkpoints `num_experts`: the key the source has.
+                    let key = if obj.contains_key("num_local_experts") {
+                        "num_local_experts"
+                    } else {
+                        "num_experts"
+                    };
+                    obj.insert(key.into(), serde_json::json!(m.num_experts));
+                    obj.insert(
+                        "moe_intermediate_size".into(),
+                        serde_json::json!(m.moe_intermediate_size),
+                    );
+                }
                 if src(obj, "intermediate_size") != Some(mc.intermediate_size as u64) {
                     obj.insert(
                         "intermediate_size".into(),
@@ -531,6 +591,38 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
         )?;
     }
     Ok(total)
+}
+
+/// The model's tensors with every expert widened to the configuration's
+/// `moe_intermediate_size` by zero rows of `gate`/`up` and zero columns of
+/// `down` (Hugging Face holds one width for all experts; a zero atomic
+/// expert adds nothing, so the function is unchanged).
+fn padded_experts(model: &LlamaModel) -> Result<Vec<(String, Tensor)>> {
+    let tensors = model.named_tensors()?;
+    let Some(m) = &model.config.moe else {
+        return Ok(tensors);
+    };
+    let width = m.moe_intermediate_size;
+    tensors
+        .into_iter()
+        .map(|(n, t)| {
+            let Some(proj) = n
+                .contains(".mlp.experts.")
+                .then(|| n.rsplit('.').nth(1).unwrap_or(""))
+            else {
+                return Ok((n, t));
+            };
+            let dim = usize::from(proj == "down_proj");
+            let have = t.dim(dim)?;
+            if have >= width {
+                return Ok((n, t));
+            }
+            let mut shape = t.dims().to_vec();
+            shape[dim] = width - have;
+            let zeros = Tensor::zeros(shape, t.dtype(), t.device())?;
+            Ok((n, Tensor::cat(&[&t, &zeros], dim)?))
+        })
+        .collect()
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder, renamed into place.

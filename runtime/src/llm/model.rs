@@ -152,9 +152,49 @@ pub struct Block {
     pub up: LinearWeight,
     pub down: LinearWeight,
     pub extra: AttnExtras,
+    /// The experts that replace the dense MLP in a mixture-of-experts block
+    /// (its `gate`, `up` and `down` are then empty and not parameters).
+    pub moe: Option<MoeBlock>,
 }
 
+/// A mixture-of-experts feed-forward block: a router (`experts x hidden`)
+/// and the experts, each a SwiGLU MLP of its own width.
+#[derive(Debug, Clone)]
+pub struct MoeBlock {
+    pub router: Tensor,
+    pub experts: Vec<Expert>,
+}
+
+/// One expert: `down(silu(gate x) * up x)`; row `i` of `gate` and `up` with
+/// column `i` of `down` is its atomic expert `i`.
+#[derive(Debug, Clone)]
+pub struct Expert {
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+impl Expert {
+    /// Its intermediate width (atomic experts).
+    pub fn width(&self) -> usize {
+        self.gate.dims().first().copied().unwrap_or(0)
+    }
+}
+
+/// The projections of a block's attention.
+pub const ATTENTION: [Proj; 4] = [Proj::Q, Proj::K, Proj::V, Proj::O];
+
 impl Block {
+    /// The block's linear layers: all seven, or the attention's four in a
+    /// mixture-of-experts block (its experts are not among them).
+    pub fn projs(&self) -> &'static [Proj] {
+        if self.moe.is_some() {
+            &ATTENTION
+        } else {
+            &Proj::ALL
+        }
+    }
+
     /// The weight of one projection.
     pub fn linear(&self, proj: Proj) -> &LinearWeight {
         match proj {
@@ -224,6 +264,11 @@ pub struct ArmorWrap {
     pub b: Tensor,
 }
 
+/// Receives a mixture-of-experts block's output `(layer, output, what each
+/// expert saw)` and returns what the block adds to the residual stream.
+pub(crate) type MoeTap<'a> =
+    &'a mut dyn FnMut(usize, Tensor, Vec<super::moe::ExpertRecord>) -> Result<Tensor>;
+
 /// Called with every linear-layer input during a block forward, as a (tokens, features) matrix.
 pub type ActivationSink<'a> = &'a mut dyn FnMut(LinearInput, &Tensor) -> Result<()>;
 
@@ -260,7 +305,17 @@ impl LlamaModel {
                 &b.ffn_norm,
                 &[d],
             )?;
-            for proj in Proj::ALL {
+            if b.moe.is_some() != c.is_sparse(l) {
+                return Err(RuntimeError::Invalid(format!(
+                    "block {l} {} experts but the configuration says it {}",
+                    if b.moe.is_some() { "holds" } else { "holds no" },
+                    if c.is_sparse(l) { "does" } else { "does not" },
+                )));
+            }
+            if let (Some(moe), Some(mc)) = (&b.moe, &c.moe) {
+                check_moe(l, moe, mc, d)?;
+            }
+            for &proj in b.projs() {
                 let expected = match proj {
                     Proj::Q => [qd, d],
                     Proj::O => [d, qd],
@@ -353,16 +408,19 @@ impl LlamaModel {
     pub fn truncate_layers(&mut self, layers: usize) {
         self.blocks.truncate(layers);
         self.config.num_hidden_layers = self.blocks.len();
-        let kept: std::collections::BTreeSet<String> = (0..self.blocks.len())
-            .flat_map(|l| Proj::ALL.map(|p| linear_name(l, p)))
-            .collect();
+        if let Some(m) = self.config.moe.as_mut() {
+            m.sparse.truncate(layers);
+        }
+        let kept: std::collections::BTreeSet<String> = self.linear_names().into_iter().collect();
         self.armor.retain(|name, _| kept.contains(name));
     }
 
     /// Names of every block linear weight, in model order.
     pub fn linear_names(&self) -> Vec<String> {
-        (0..self.blocks.len())
-            .flat_map(|l| Proj::ALL.into_iter().map(move |p| linear_name(l, p)))
+        self.blocks
+            .iter()
+            .enumerate()
+            .flat_map(|(l, b)| b.projs().iter().map(move |&p| linear_name(l, p)))
             .collect()
     }
 
@@ -423,6 +481,17 @@ impl LlamaModel {
         Ok(())
     }
 
+    /// The experts of block `layer`, if it holds any.
+    pub fn moe_block(&self, layer: usize) -> Option<&MoeBlock> {
+        self.blocks.get(layer).and_then(|b| b.moe.as_ref())
+    }
+
+    /// The experts of block `layer` to change in place (shapes are the
+    /// caller's to keep consistent with the configuration).
+    pub fn moe_block_mut(&mut self, layer: usize) -> Option<&mut MoeBlock> {
+        self.blocks.get_mut(layer).and_then(|b| b.moe.as_mut())
+    }
+
     /// Whether any layer carries ARMOR wrappers (formats without a place for
     /// them cannot hold the model).
     pub fn has_armor(&self) -> bool {
@@ -441,7 +510,7 @@ impl LlamaModel {
                 format!("model.layers.{l}.post_attention_layernorm.weight"),
                 b.ffn_norm.clone(),
             ));
-            for proj in Proj::ALL {
+            for &proj in b.projs() {
                 let name = linear_name(l, proj);
                 match self.armor.get(&name) {
                     Some(w) => {
@@ -455,6 +524,17 @@ impl LlamaModel {
             }
             for (suffix, t) in b.extra.named() {
                 out.push((format!("model.layers.{l}.{suffix}"), t.clone()));
+            }
+            if let Some(moe) = &b.moe {
+                out.push((
+                    format!("model.layers.{l}.mlp.gate.weight"),
+                    moe.router.clone(),
+                ));
+                for (e, x) in moe.experts.iter().enumerate() {
+                    for (p, t) in [("gate", &x.gate), ("up", &x.up), ("down", &x.down)] {
+                        out.push((expert_name(l, e, p), t.clone()));
+                    }
+                }
             }
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
@@ -513,7 +593,23 @@ impl LlamaModel {
         &self,
         layer: usize,
         x: &Tensor,
+        sink: Option<ActivationSink<'_>>,
+    ) -> Result<Tensor> {
+        self.block_candle(layer, x, sink, false, &mut |_, y, _| Ok(y))
+    }
+
+    /// Block `layer` as candle operations; with `diff`, only operations
+    /// candle can differentiate (norms, softmax and RoPE written out). A
+    /// mixture-of-experts block hands its experts' output, with what each
+    /// expert saw, to `tap`, which returns what the block adds to the
+    /// residual stream (HEAPr taps the gradient there).
+    pub(crate) fn block_candle(
+        &self,
+        layer: usize,
+        x: &Tensor,
         mut sink: Option<ActivationSink<'_>>,
+        diff: bool,
+        tap: MoeTap<'_>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let blk = &self.blocks[layer];
@@ -526,12 +622,19 @@ impl LlamaModel {
                 None => Ok(()),
             }
         };
+        let norm = |x: &Tensor, g: &Tensor| -> Result<Tensor> {
+            Ok(if diff {
+                candle_nn::ops::rms_norm_slow(x, g, eps)?
+            } else {
+                candle_nn::ops::rms_norm(x, g, eps)?
+            })
+        };
 
-        let h = candle_nn::ops::rms_norm(x, &blk.attn_norm, eps)?.reshape((b * t, d))?;
+        let h = norm(x, &blk.attn_norm)?.reshape((b * t, d))?;
         observe(LinearInput::Attention, &h)?;
         let heads = |w: &LinearWeight,
                      bias: &Option<Tensor>,
-                     norm: &Option<Tensor>,
+                     g: &Option<Tensor>,
                      n: usize|
          -> Result<Tensor> {
             let mut y = w.forward(&h)?;
@@ -539,20 +642,25 @@ impl LlamaModel {
                 y = y.broadcast_add(bias)?;
             }
             let mut y = y.reshape((b, t, n, hd))?;
-            if let Some(g) = norm {
-                y = candle_nn::ops::rms_norm(&y.contiguous()?, g, eps)?;
+            if let Some(g) = g {
+                y = norm(&y.contiguous()?, g)?;
             }
             Ok(y.transpose(1, 2)?.contiguous()?)
         };
         let e = &blk.extra;
-        let q = self.apply_rope(&heads(&blk.q, &e.q_bias, &e.q_norm, nh)?, t)?;
-        let k = self.apply_rope(&heads(&blk.k, &e.k_bias, &e.k_norm, nkv)?, t)?;
+        let q = self.apply_rope(&heads(&blk.q, &e.q_bias, &e.q_norm, nh)?, t, diff)?;
+        let k = self.apply_rope(&heads(&blk.k, &e.k_bias, &e.k_norm, nkv)?, t, diff)?;
         let v = heads(&blk.v, &e.v_bias, &None, nkv)?;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (crate::gemm::matmul(&q, &k.t()?)? * scale)?;
         let mask = causal_mask(t, c.sliding_window, x.device())?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        let masked = scores.broadcast_add(&mask)?;
+        let probs = if diff {
+            candle_nn::ops::softmax(&masked, candle_core::D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&masked)?
+        };
         let att = crate::gemm::matmul(&probs, &v)?
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?
@@ -564,8 +672,14 @@ impl LlamaModel {
         }
         let x = (x + o.reshape((b, t, d))?)?;
 
-        let h = candle_nn::ops::rms_norm(&x, &blk.ffn_norm, eps)?.reshape((b * t, d))?;
+        let h = norm(&x, &blk.ffn_norm)?.reshape((b * t, d))?;
         observe(LinearInput::Mlp, &h)?;
+        if let Some(moe) = &blk.moe {
+            let mut records = Vec::new();
+            let y = super::moe::moe_forward_candle(c, moe, &h, diff, Some(&mut records))?;
+            let y = tap(layer, y, records)?;
+            return Ok((x + y.reshape((b, t, d))?)?);
+        }
         let with = |y: Tensor, bias: &Option<Tensor>| -> Result<Tensor> {
             Ok(match bias {
                 Some(bias) => y.broadcast_add(bias)?,
@@ -574,7 +688,7 @@ impl LlamaModel {
         };
         let gate = with(blk.gate.forward(&h)?, &e.gate_bias)?;
         let up = with(blk.up.forward(&h)?, &e.up_bias)?;
-        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        let act = (gate.silu()? * up)?;
         observe(LinearInput::MlpDown, &act)?;
         let down = with(blk.down.forward(&act)?, &e.down_bias)?.reshape((b, t, d))?;
         Ok((x + down)?)
@@ -596,9 +710,19 @@ impl LlamaModel {
 
     /// [`Self::head_forward`] as candle operations.
     pub fn head_forward_candle(&self, x: &Tensor) -> Result<Tensor> {
+        self.head_candle(x, false)
+    }
+
+    /// The head as candle operations, differentiable with `diff`.
+    pub(crate) fn head_candle(&self, x: &Tensor, diff: bool) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        let h = candle_nn::ops::rms_norm(x, &self.norm, self.config.rms_norm_eps as f32)?
-            .reshape((b * t, d))?;
+        let eps = self.config.rms_norm_eps as f32;
+        let h = if diff {
+            candle_nn::ops::rms_norm_slow(x, &self.norm, eps)?
+        } else {
+            candle_nn::ops::rms_norm(x, &self.norm, eps)?
+        }
+        .reshape((b * t, d))?;
         let logits = if let Some(q) = &self.lm_head_quantized {
             q.forward(&h)?
         } else {
@@ -661,7 +785,7 @@ impl LlamaModel {
         Ok(ids[prompt.len()..].to_vec())
     }
 
-    fn apply_rope(&self, x: &Tensor, t: usize) -> Result<Tensor> {
+    fn apply_rope(&self, x: &Tensor, t: usize, diff: bool) -> Result<Tensor> {
         if t > self.cos.dim(0)? {
             return Err(RuntimeError::Invalid(format!(
                 "sequence of {t} tokens is longer than the model's {} positions",
@@ -670,9 +794,11 @@ impl LlamaModel {
         }
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
-        Ok(match self.rope {
-            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(x, &cos, &sin)?,
-            RopeStyle::AdjacentPairs => candle_nn::rotary_emb::rope_i(x, &cos, &sin)?,
+        Ok(match (self.rope, diff) {
+            (RopeStyle::HalfSplit, false) => candle_nn::rotary_emb::rope(x, &cos, &sin)?,
+            (RopeStyle::AdjacentPairs, false) => candle_nn::rotary_emb::rope_i(x, &cos, &sin)?,
+            (RopeStyle::HalfSplit, true) => candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?,
+            (RopeStyle::AdjacentPairs, true) => candle_nn::rotary_emb::rope_i_slow(x, &cos, &sin)?,
         })
     }
 }
@@ -686,6 +812,43 @@ pub fn argmax(values: &[f32]) -> usize {
         }
     }
     best
+}
+
+/// The Hugging Face name of an expert's projection (`gate`, `up`, `down`):
+/// `model.layers.L.mlp.experts.E.gate_proj.weight`.
+pub fn expert_name(layer: usize, expert: usize, proj: &str) -> String {
+    format!("model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight")
+}
+
+/// A mixture-of-experts block's shapes against the configuration: as many
+/// experts as the router's rows (at least `top_k`), each between one and
+/// `moe_intermediate_size` wide.
+fn check_moe(l: usize, moe: &MoeBlock, mc: &super::config::MoeConfig, d: usize) -> Result<()> {
+    let n = moe.experts.len();
+    check_shape(
+        &format!("model.layers.{l}.mlp.gate.weight"),
+        &moe.router,
+        &[n, d],
+    )?;
+    if n != mc.num_experts || n < mc.top_k {
+        return Err(RuntimeError::Invalid(format!(
+            "block {l} holds {n} experts; the configuration says {} (each token uses {})",
+            mc.num_experts, mc.top_k
+        )));
+    }
+    for (e, x) in moe.experts.iter().enumerate() {
+        let w = x.width();
+        if w == 0 || w > mc.moe_intermediate_size {
+            return Err(RuntimeError::Invalid(format!(
+                "expert {e} of block {l} is {w} wide; experts are 1 to {} wide",
+                mc.moe_intermediate_size
+            )));
+        }
+        check_shape(&expert_name(l, e, "gate"), &x.gate, &[w, d])?;
+        check_shape(&expert_name(l, e, "up"), &x.up, &[w, d])?;
+        check_shape(&expert_name(l, e, "down"), &x.down, &[d, w])?;
+    }
+    Ok(())
 }
 
 fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {

@@ -277,8 +277,10 @@ impl OneShotConfig {
         }
         let targets: Vec<Vec<Proj>> = (0..model.num_layers())
             .map(|l| {
-                Proj::ALL
-                    .into_iter()
+                model.blocks[l]
+                    .projs()
+                    .iter()
+                    .copied()
                     .filter(|&p| self.selects(&linear_name(l, p)))
                     .collect()
             })
