@@ -272,6 +272,19 @@ pub fn check_shapes(r: &CheckedRecipe) -> Vec<Diagnostic> {
             if s.kind == StageKind::Prune {
                 llm_shapes(r, s, c, &mut diags);
             }
+            let search = s.by.as_ref().is_some_and(|b| {
+                matches!(&b.kind, prunec_lang::ast::ExprKind::Call { callee, .. } if callee.name == "search")
+            });
+            if s.kind == StageKind::Analyze && search && c.moe.is_some() {
+                diags.push(
+                    Diagnostic::new(
+                        Code::Unsupported,
+                        format!("the search masks block linears; this {} keeps most of its weights in experts", c.architecture.class_name()),
+                    )
+                    .with_label(s.by.as_ref().map_or(s.keyword_span, |b| b.span), "not for a mixture-of-experts model")
+                    .with_help("prune its experts by `unit = expert | expert_neuron`"),
+                );
+            }
         }
         // FLAP's compensation needs a bias the architecture can hold.
         let compensate = matches!(r.option(s, "compensate"), Some(Value::Bool(true)));
@@ -820,7 +833,11 @@ fn llm_shapes(
     diags: &mut Vec<Diagnostic>,
 ) {
     use prunec_lang::resolved::Unit;
-    if let Some(unit) = Unit::of(r.option(s, "unit")) {
+    let unit = Unit::of(r.option(s, "unit"));
+    if moe_shapes(r, s, c, unit, diags) {
+        return;
+    }
+    if let Some(unit) = unit {
         let target = s.to.as_ref().and_then(|to| r.constant(to));
         match (crate::units::llm_kept(c, unit, target.unwrap_or(0.0)), unit) {
             (None, Unit::Head) => diags.push(
@@ -900,6 +917,80 @@ fn llm_shapes(
                     .with_help(format!("choose a `block` dividing both (e.g. {}), or skip it with `skip = [\"{generic}\"]`", gcd(rows, cols))),
                 );
             }
+        }
+    }
+}
+
+/// Experts: `unit = expert | expert_neuron` needs a mixture-of-experts
+/// model, which prunec prunes by those units (and attention units) only;
+/// whole experts keep at least the `top_k` each token uses. Returns whether
+/// the stage was an expert stage (nothing else to check).
+fn moe_shapes(
+    r: &CheckedRecipe,
+    s: &Stage,
+    c: &mut prunec_runtime::llm::LlamaConfig,
+    unit: Option<prunec_lang::resolved::Unit>,
+    diags: &mut Vec<Diagnostic>,
+) -> bool {
+    use prunec_lang::resolved::Unit;
+    let arch = c.architecture.class_name();
+    let Some(mc) = c.moe.as_mut() else {
+        if let Some(u) = unit.filter(|u| u.of_experts()) {
+            diags.push(
+                Diagnostic::new(
+                    Code::Unsupported,
+                    format!("`unit = {u}` removes experts; this model (a {arch}) has none"),
+                )
+                .with_label(s.value_span("unit"), "no experts here")
+                .with_help("prune experts of a mixture-of-experts model (`Qwen3MoeForCausalLM`); a dense model's FFN neurons are `unit = ffn`"),
+            );
+            return true;
+        }
+        return false;
+    };
+    match unit {
+        Some(Unit::Expert) => {
+            let target = s.to.as_ref().and_then(|to| r.constant(to));
+            if let Some(t) = target {
+                let kept = crate::units::kept_per_layer(mc.num_experts, t);
+                if kept < mc.top_k {
+                    diags.push(
+                        Diagnostic::new(
+                            Code::Unsupported,
+                            format!("removing {:.0}% of the {} experts leaves {kept}, fewer than the {} each token is routed to", t * 100.0, mc.num_experts, mc.top_k),
+                        )
+                        .with_label(s.to.as_ref().map_or(s.keyword_span, |t| t.span), "too many experts removed")
+                        .with_help(format!("keep at least {} experts per sparse block", mc.top_k)),
+                    );
+                } else {
+                    mc.num_experts = kept;
+                }
+            }
+            true
+        }
+        Some(Unit::ExpertNeuron) => true,
+        Some(Unit::Ffn) => {
+            diags.push(
+                Diagnostic::new(
+                    Code::Unsupported,
+                    format!("the FFN neurons of this {arch} live in its experts"),
+                )
+                .with_label(s.value_span("unit"), "a mixture-of-experts model")
+                .with_help("remove atomic experts (`unit = expert_neuron`) or whole experts (`unit = expert`)"),
+            );
+            true
+        }
+        Some(_) => false,
+        None => {
+            diags.push(
+                Diagnostic::new(
+                    Code::Unsupported,
+                    format!("pruning single weights of this {arch} would leave its experts, which hold most of its weights, dense: prunec prunes a mixture-of-experts model by units"),
+                )
+                .with_label(s.by.as_ref().map_or(s.keyword_span, |b| b.span), "weights of a mixture-of-experts model")
+                .with_help("remove experts (`unit = expert`), atomic experts (`unit = expert_neuron`), or attention heads (`unit = kv_group | head`)"),
+            );
+            true
         }
     }
 }

@@ -21,7 +21,7 @@ pub fn kind(unit: Unit) -> Option<UnitKind> {
     match unit {
         Unit::Neuron => Some(UnitKind::Neuron),
         Unit::Channel => Some(UnitKind::Channel),
-        Unit::Ffn | Unit::KvGroup | Unit::Head => None,
+        Unit::Ffn | Unit::KvGroup | Unit::Head | Unit::Expert | Unit::ExpertNeuron => None,
     }
 }
 
@@ -52,7 +52,11 @@ pub fn unit_targets(
             return Err(UnitTargetError {
                 message: format!("no layer of this model has {unit}s to remove"),
                 help: match unit {
-                    Unit::Ffn | Unit::KvGroup | Unit::Head => String::new(),
+                    Unit::Ffn
+                    | Unit::KvGroup
+                    | Unit::Head
+                    | Unit::Expert
+                    | Unit::ExpertNeuron => String::new(),
                     Unit::Neuron => "`neuron` units are the outputs of linear layers (not the last one); use `unit = channel` for convolutions".into(),
                     Unit::Channel => "`channel` units are the output channels of convolutions; use `unit = neuron` for linear layers".into(),
                 },

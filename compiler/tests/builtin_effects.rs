@@ -545,6 +545,12 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         ),
     );
     add("pareto.front", Checked("P010_pareto_front_unknown"));
+    for k in ["heapr", "reap", "frequency"] {
+        add(
+            k,
+            Tested("experts_and_atomic_experts_leave_a_smaller_moe_that_reads_back_alike"),
+        );
+    }
     add("armor.block", Changes(Armor, "block = 8", "block = 16"));
     add("armor.iters", Changes(Armor, "iters = 2", "iters = 3"));
     add(

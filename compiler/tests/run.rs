@@ -2108,6 +2108,75 @@ fn language_model_units_shrink_every_block_and_the_export_reads_back_alike() {
 }
 
 #[test]
+fn experts_and_atomic_experts_leave_a_smaller_moe_that_reads_back_alike() {
+    let (dir, out, report) = run_ok(&["tests/recipes/run/tiny_llm_moe.prune"]);
+    let units: Vec<(String, Vec<(u64, u64)>)> = report["units_removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let layers = s["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| (l["before"].as_u64().unwrap(), l["after"].as_u64().unwrap()))
+                .collect();
+            (s["unit"].as_str().unwrap().to_string(), layers)
+        })
+        .collect();
+    let expert = |v: Vec<(u64, u64)>| ("expert".to_string(), v);
+    let atomic = |v: Vec<(u64, u64)>| ("expert_neuron".to_string(), v);
+    assert_eq!(
+        units,
+        [
+            // heapr: 2 of 8 experts, then 24 of the 96 atomic experts left per block.
+            expert(vec![(8, 6)]),
+            atomic(vec![(96, 72), (96, 72)]),
+            // by_frequency, by_reap: the baselines on copies.
+            expert(vec![(8, 6)]),
+            atomic(vec![(128, 96), (128, 96)]),
+        ]
+    );
+    // Parameters: 2 experts of 3 x 16 x 32 and the router rows in each of
+    // the 2 sparse blocks, then 24 atomic experts of 3 x 32 per block.
+    let dense = evaluation(&report, "dense", "params");
+    assert_eq!(
+        dense - evaluation(&report, "by_frequency", "params"),
+        2.0 * 2.0 * (3.0 * 16.0 * 32.0 + 32.0)
+    );
+    assert_eq!(
+        evaluation(&report, "by_frequency", "params") - evaluation(&report, "heapr", "params"),
+        2.0 * 24.0 * 96.0
+    );
+    assert_eq!(
+        dense - evaluation(&report, "by_reap", "params"),
+        2.0 * 32.0 * 96.0
+    );
+    // The export holds 6 experts padded to one width; read back, it gives
+    // the same perplexity.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["num_local_experts"], 6);
+    assert_eq!(config["architectures"][0], "Qwen3MoeForCausalLM");
+    let back = report_of_text(
+        dir.path(),
+        "again.prune",
+        format!(
+            "recipe again {{ version = 1, seed = 0 }}\n\
+             model lm = hf({:?})\n\
+             dataset heldout = text(\"tests/models/tiny.txt\", tokenizer = lm, seq = 32, samples = 8, offset = 1024)\n\
+             pipeline {{\n  evaluate lm on heldout -> [perplexity] as back\n}}\n",
+            out.join("model").display().to_string()
+        ),
+    );
+    assert_eq!(
+        evaluation(&back, "back", "perplexity"),
+        evaluation(&report, "heapr", "perplexity")
+    );
+}
+
+#[test]
 fn lenet5_channels_reduced_halves_every_width_and_times_both_models() {
     require_data("mnist/train-images-idx3-ubyte", "mnist");
     let (_dir, out, report) = run_ok(&[

@@ -70,6 +70,10 @@ pub enum Unit {
     KvGroup,
     /// A language model's query head (each kv group keeps as many).
     Head,
+    /// A mixture-of-experts block's expert (every sparse block alike).
+    Expert,
+    /// One intermediate neuron of an expert (an atomic expert).
+    ExpertNeuron,
 }
 
 impl Unit {
@@ -81,6 +85,8 @@ impl Unit {
             "ffn" => Some(Unit::Ffn),
             "kv_group" => Some(Unit::KvGroup),
             "head" => Some(Unit::Head),
+            "expert" => Some(Unit::Expert),
+            "expert_neuron" => Some(Unit::ExpertNeuron),
             _ => None,
         }
     }
@@ -92,12 +98,22 @@ impl Unit {
             Unit::Ffn => "ffn",
             Unit::KvGroup => "kv_group",
             Unit::Head => "head",
+            Unit::Expert => "expert",
+            Unit::ExpertNeuron => "expert_neuron",
         }
     }
 
     /// Whether it is a language model's unit.
     pub fn of_language_models(self) -> bool {
-        matches!(self, Unit::Ffn | Unit::KvGroup | Unit::Head)
+        matches!(
+            self,
+            Unit::Ffn | Unit::KvGroup | Unit::Head | Unit::Expert | Unit::ExpertNeuron
+        )
+    }
+
+    /// Whether it is a mixture-of-experts unit (scored by the expert scores).
+    pub fn of_experts(self) -> bool {
+        matches!(self, Unit::Expert | Unit::ExpertNeuron)
     }
 }
 
@@ -123,9 +139,20 @@ pub enum Method {
     MFac,
     /// ARMOR: block-diagonal wrappers around an N:M-pruned layer.
     Armor,
+    /// HEAPr: second-order importance of (atomic) experts.
+    Heapr,
+    /// REAP: routing weight × expert output norm.
+    Reap,
+    /// How often the router picks an expert.
+    Frequency,
 }
 
 impl Method {
+    /// The scores of mixture-of-experts units (`heapr`, `reap`, `frequency`).
+    pub fn scores_experts(self) -> bool {
+        matches!(self, Method::Heapr | Method::Reap | Method::Frequency)
+    }
+
     /// OBS pruning with an empirical Fisher (`woodfisher`, `mfac`).
     pub fn is_obs(self) -> bool {
         matches!(self, Method::WoodFisher | Method::MFac)
@@ -140,6 +167,9 @@ impl Method {
             Method::WoodFisher => "woodfisher",
             Method::MFac => "mfac",
             Method::Armor => "armor",
+            Method::Heapr => "heapr",
+            Method::Reap => "reap",
+            Method::Frequency => "frequency",
         }
     }
 
@@ -241,6 +271,9 @@ impl Method {
             "woodfisher" => Some(Method::WoodFisher),
             "mfac" => Some(Method::MFac),
             "armor" => Some(Method::Armor),
+            "heapr" => Some(Method::Heapr),
+            "reap" => Some(Method::Reap),
+            "frequency" => Some(Method::Frequency),
             _ => None,
         }
     }

@@ -145,7 +145,8 @@ fn removing_atomic_experts_equals_zeroing_them_and_exports_padded() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
             .unwrap();
-    assert_eq!(config["moe_intermediate_size"], 15);
+    // Padded to 16 (a multiple of 8, for transformers' grouped products).
+    assert_eq!(config["moe_intermediate_size"], 16);
     assert_eq!(config["num_local_experts"], 8);
     let named = back.named_tensors().unwrap();
     let gate = &named
@@ -153,7 +154,7 @@ fn removing_atomic_experts_equals_zeroing_them_and_exports_padded() {
         .find(|(n, _)| n == "model.layers.2.mlp.experts.7.gate_proj.weight")
         .unwrap()
         .1;
-    assert_eq!(gate.dims(), &[15, 32]);
+    assert_eq!(gate.dims(), &[16, 32]);
     // Zeroing instead of cutting: the same logits up to rounding.
     let mut zeroed = dense.clone();
     for (n, t) in dense.named_tensors().unwrap() {

@@ -590,6 +590,9 @@ impl Exec<'_> {
             }
             None => Vec::new(),
         };
+        if let Some(unit) = p.unit.filter(|u| u.of_experts()) {
+            return self.llm_prune_experts(step, p, model, unit, &windows, config.batch);
+        }
         if let Some(unit) = p.unit {
             return self.llm_prune_units(step, p, model, unit, &windows, config.batch);
         }
@@ -778,6 +781,178 @@ impl Exec<'_> {
             );
         }
         Ok(sparsities)
+    }
+
+    /// `unit = expert | expert_neuron` on a mixture-of-experts model: the
+    /// experts' statistics on the calibration windows (with the loss
+    /// gradients for HEAPr), then per sparse block the same number of
+    /// experts kept (the highest scores; ties keep the lower expert), or the
+    /// lowest-scored atomic experts removed across the block's experts (each
+    /// expert keeping one at least).
+    fn llm_prune_experts(
+        &mut self,
+        step: &Step,
+        p: &Prune,
+        model: &str,
+        unit: Unit,
+        windows: &[Vec<u32>],
+        batch: usize,
+    ) -> Result<(), RunError> {
+        let by = &p.by.expr;
+        if windows.is_empty() {
+            return Err(RunError::user(
+                by.span,
+                "expert scores read the calibration tokens: add `calibrate = DATASET`",
+            ));
+        }
+        let target = p.target.ok_or_else(|| {
+            RunError::user(
+                step.site.to.unwrap_or(step.site.keyword),
+                "removing experts needs a constant target fraction (`to 25%`)",
+            )
+        })?;
+        let t0 = std::time::Instant::now();
+        let m = &self.llms[model];
+        let Some(mc) = m.config.moe.clone() else {
+            return Err(RunError::Internal(format!(
+                "`unit = {unit}` reached `{model}`, which has no experts"
+            )));
+        };
+        let heapr = p.method == Method::Heapr;
+        let stats = llm::moe_statistics(m, windows, batch, heapr)
+            .map_err(rt_err_llm(step.span, "scoring experts"))?;
+        // Per sparse block: a score per expert, or per atomic expert.
+        let atomic = |s: &llm::MoeLayerStats| -> Vec<Vec<f64>> {
+            match p.method {
+                Method::Heapr => s.heapr.clone(),
+                _ => s.reap_atomic.clone(),
+            }
+        };
+        let whole = |s: &llm::MoeLayerStats| -> Vec<f64> {
+            match p.method {
+                Method::Heapr => s.heapr.iter().map(|v| v.iter().sum()).collect(),
+                Method::Reap => s.reap.clone(),
+                _ => s.frequency.clone(),
+            }
+        };
+        let params = |m: &llm::LlamaModel| -> Result<usize, RunError> {
+            Ok(m.named_tensors()
+                .map_err(rt_err_llm(step.span, "counting parameters"))?
+                .iter()
+                .map(|(_, t)| t.elem_count())
+                .sum())
+        };
+        let before = params(m)?;
+        let sparse = stats.iter().filter(|s| s.is_some()).count();
+        let mut layers = Vec::new();
+        let check_finite = |l: usize, v: &[f64]| -> Result<(), RunError> {
+            match v.iter().position(|x| !x.is_finite()) {
+                Some(i) => Err(RunError::user(
+                    step.span,
+                    format!("block {l}: a score is {} (unit {i}): the weights or activations are not finite", v[i]),
+                )),
+                None => Ok(()),
+            }
+        };
+        if unit == Unit::Expert {
+            let kept = crate::units::kept_per_layer(mc.num_experts, target);
+            if kept < mc.top_k {
+                return Err(RunError::user(
+                    step.site.to.unwrap_or(step.span),
+                    format!(
+                        "{kept} of {} experts would stay, fewer than the {} each token uses",
+                        mc.num_experts, mc.top_k
+                    ),
+                ));
+            }
+            let mut keep = Vec::with_capacity(stats.len());
+            for (l, s) in stats.iter().enumerate() {
+                let Some(s) = s else {
+                    keep.push(None);
+                    continue;
+                };
+                let scores = whole(s);
+                check_finite(l, &scores)?;
+                let mut order: Vec<usize> = (0..scores.len()).collect();
+                order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+                let mut k = order[..kept].to_vec();
+                k.sort_unstable();
+                keep.push(Some(k));
+            }
+            layers.push((
+                format!("every sparse block ({sparse})"),
+                mc.num_experts,
+                kept,
+            ));
+            llm::remove_experts(self.llms.get_mut(model).unwrap(), &keep)
+                .map_err(rt_err_llm(step.span, "removing experts"))?;
+        } else {
+            let mut keep = Vec::with_capacity(stats.len());
+            for (l, s) in stats.iter().enumerate() {
+                let Some(s) = s else {
+                    keep.push(None);
+                    continue;
+                };
+                let scores = atomic(s);
+                let all: Vec<(usize, usize, f64)> = scores
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(e, v)| v.iter().enumerate().map(move |(i, &x)| (e, i, x)))
+                    .collect();
+                check_finite(l, &all.iter().map(|x| x.2).collect::<Vec<_>>())?;
+                let total = all.len();
+                let mut remove = (total as f64 * target + 1e-9).floor() as usize;
+                let mut order: Vec<usize> = (0..total).collect();
+                order.sort_by(|&a, &b| all[a].2.total_cmp(&all[b].2).then(a.cmp(&b)));
+                let mut left: Vec<usize> = scores.iter().map(Vec::len).collect();
+                let mut gone = vec![false; total];
+                for &j in &order {
+                    if remove == 0 {
+                        break;
+                    }
+                    let e = all[j].0;
+                    if left[e] > 1 {
+                        left[e] -= 1;
+                        gone[j] = true;
+                        remove -= 1;
+                    }
+                }
+                let mut k: Vec<Vec<usize>> = vec![Vec::new(); scores.len()];
+                for (j, &(e, i, _)) in all.iter().enumerate() {
+                    if !gone[j] {
+                        k[e].push(i);
+                    }
+                }
+                let kept_here: usize = k.iter().map(Vec::len).sum();
+                layers.push((format!("block {l} (atomic experts)"), total, kept_here));
+                keep.push(Some(k));
+            }
+            llm::remove_atomic_experts(self.llms.get_mut(model).unwrap(), &keep)
+                .map_err(rt_err_llm(step.span, "removing atomic experts"))?;
+        }
+        let after = params(&self.llms[model])?;
+        if self.progress {
+            let shown: Vec<String> = layers
+                .iter()
+                .map(|(w, n, k)| format!("{w}: {k} of {n}"))
+                .collect();
+            eprintln!(
+                "prune {model}: {unit} units by {} kept {} ({:.1} s)",
+                p.method.name(),
+                shown.join(", "),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        let (line, _) = prunec_lang::diag::line_col(&self.r.source, step.span.start);
+        self.report.shrinks.push(crate::report::Shrink {
+            model: model.to_string(),
+            line,
+            unit: unit.to_string(),
+            layers,
+            params_before: before,
+            params_after: after,
+        });
+        Ok(())
     }
 
     /// `unit = ffn | kv_group`: every block's units scored on the dense

@@ -1131,10 +1131,11 @@ impl Exec<'_> {
                     help: Some("prune classifiers with a criterion such as `std.magnitude` or `std.wanda`".into()),
                 })
             }
-            Method::Armor => {
-                return Err(RunError::Internal(
-                    "ARMOR reached a classifier's prune step".into(),
-                ))
+            Method::Armor | Method::Heapr | Method::Reap | Method::Frequency => {
+                return Err(RunError::Internal(format!(
+                    "`{}` reached a classifier's prune step",
+                    p.method.name()
+                )))
             }
             Method::Criterion | Method::WoodFisher | Method::MFac => {}
         }

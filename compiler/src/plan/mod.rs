@@ -297,6 +297,12 @@ impl Step {
                         "by ARMOR `{}` (block-diagonal wrappers around the N:M result, fitted to each layer's calibration inputs)",
                         p.by
                     ),
+                    Method::Heapr => format!(
+                        "by HEAPr `{}` (second-order importance in each expert's output space, from one forward and one backward pass)",
+                        p.by
+                    ),
+                    Method::Reap => format!("by REAP `{}` (routing weight × expert output norm)", p.by),
+                    Method::Frequency => format!("by router frequency `{}`", p.by),
                     Method::WoodFisher | Method::MFac => {
                         let arg = |k: &str| p.args.get(k).copied().unwrap_or(0.0);
                         let data = match (&p.stats_data, &p.during_step) {
@@ -316,6 +322,10 @@ impl Step {
                 };
                 let select = match (p.pattern, p.unit) {
                     (Some(pattern), _) => pattern.to_string(),
+                    (None, Some(Unit::Expert)) => {
+                        "experts removed, as many from every sparse block".to_string()
+                    }
+                    (None, Some(Unit::ExpertNeuron)) => "atomic experts removed, ranked across each sparse block's experts".to_string(),
                     (None, Some(unit)) => format!(
                         "{} removed, {} scope",
                         match unit {
@@ -345,7 +355,18 @@ impl Step {
                 } else if let Some(r) = p.schedule.rounds().filter(|&r| r > 1) {
                     line.push_str(&format!("; {r} rounds"));
                 }
-                if p.layerwise && p.unit.is_some() {
+                if let Some(u) = p.unit.filter(|u| u.of_experts()) {
+                    let data = p.stats_data.as_ref().map_or("?".to_string(), |d| d.name.clone());
+                    line.push_str(&format!(
+                        "; the experts' routing{} on {data} through the dense model, {}",
+                        if p.method == Method::Heapr { " and loss gradients" } else { "" },
+                        if u == Unit::Expert {
+                            "the same number of experts kept in every sparse block"
+                        } else {
+                            "the same number of atomic experts removed from every sparse block, each expert keeping one at least"
+                        }
+                    ));
+                } else if p.layerwise && p.unit.is_some() {
                     if let Some(d) = &p.activations {
                         line.push_str(&format!(
                             "; every block's units scored on {d} through the dense model, the same number kept in each"

@@ -81,8 +81,18 @@ fn hf_summary(v: Option<&prunec_lang::check::Value>) -> String {
             let mut dtypes: Vec<&str> = h.tensors.values().map(|t| t.dtype.as_str()).collect();
             dtypes.sort();
             dtypes.dedup();
+            let experts = match &c.moe {
+                Some(m) => format!(
+                    ", {} experts of {} (top {}) in {} of the blocks",
+                    m.num_experts,
+                    m.moe_intermediate_size,
+                    m.top_k,
+                    m.sparse.iter().filter(|&&s| s).count()
+                ),
+                None => String::new(),
+            };
             format!(
-                "hf language model {}, {} layers, hidden {}, {} heads ({} key/value), {params} parameters ({})",
+                "hf language model {}, {} layers, hidden {}, {} heads ({} key/value){experts}, {params} parameters ({})",
                 c.architecture.class_name(),
                 c.num_hidden_layers,
                 c.hidden_size,

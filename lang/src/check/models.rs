@@ -384,6 +384,7 @@ impl Checker<'_> {
         self.check_pdp(s, pattern.as_ref());
         self.check_allocation(s, model, lm, method, pattern.as_ref());
         self.check_units(s, model, lm, method, pattern.as_ref().map(|p| p.1));
+        self.check_expert_scores(s, model, lm, method);
         self.check_normalize(s, lm);
         self.check_compensate(s, lm);
         // A scope has no effect where a pattern decides the selection.
@@ -1006,7 +1007,10 @@ impl Checker<'_> {
         let no = |this: &mut Self, message: String, label: &str, help: &str| {
             this.unsupported(span, message, label, help)
         };
-        let lm_unit = matches!(unit.as_str(), "ffn" | "kv_group" | "head");
+        let lm_unit = matches!(
+            unit.as_str(),
+            "ffn" | "kv_group" | "head" | "expert" | "expert_neuron"
+        );
         if lm && !lm_unit {
             return no(
                 self,
@@ -1014,7 +1018,7 @@ impl Checker<'_> {
                     "`unit = {unit}` removes units of classifiers; `{model}` is a language model"
                 ),
                 "not for a language model",
-                "remove FFN neurons (`unit = ffn`), key/value head groups (`unit = kv_group`) or query heads (`unit = head`)",
+                "remove FFN neurons (`unit = ffn`), key/value head groups (`unit = kv_group`), query heads (`unit = head`), experts (`unit = expert`) or atomic experts (`unit = expert_neuron`)",
             );
         }
         if !lm && lm_unit {
@@ -1078,6 +1082,19 @@ impl Checker<'_> {
                 "prune its weights unstructured, or use a built-in architecture",
             );
         }
+        let experts = matches!(unit.as_str(), "expert" | "expert_neuron");
+        if experts != method.is_some_and(|m| m.scores_experts()) {
+            // `check_expert_scores` reports an expert score on other units.
+            if experts {
+                return no(
+                    self,
+                    format!("`unit = {unit}` is scored by an expert score: `heapr`, `reap` or `frequency`"),
+                    "experts are not scored by weights",
+                    "write `prune lm by heapr to 25% (unit = expert_neuron, calibrate = D)` (`use std.heapr`)",
+                );
+            }
+            return;
+        }
         if let Some(
             m @ (Method::SparseGpt
             | Method::Sap
@@ -1132,6 +1149,47 @@ impl Checker<'_> {
         }
     }
 
+    /// `heapr`, `reap` and `frequency` score experts of a language model:
+    /// they need `unit = expert` (or `expert_neuron`, but for `frequency`,
+    /// which counts tokens per expert).
+    fn check_expert_scores(&mut self, s: &Stage, model: &str, lm: bool, method: Option<Method>) {
+        let Some(m) = method.filter(|m| m.scores_experts()) else {
+            return;
+        };
+        let span = s.by.as_ref().map_or(s.keyword_span, |b| b.span);
+        let name = m.name();
+        if !lm {
+            return self.unsupported(
+                span,
+                format!("`{name}` scores the experts of a mixture-of-experts language model; `{model}` is a classifier"),
+                "for language models with experts",
+                "prune classifiers by a criterion (`magnitude`, `taylor`, ...)",
+            );
+        }
+        let unit = self
+            .stage_options
+            .get(&s.id)
+            .and_then(|o| o.get("unit"))
+            .and_then(|v| v.as_str())
+            .map(String::from);
+        match unit.as_deref() {
+            Some("expert") => {}
+            Some("expert_neuron") if m != Method::Frequency => {}
+            Some("expert_neuron") => self.unsupported(
+                s.value_span("unit"),
+                "`frequency` counts the tokens routed to each expert: every atomic expert of an expert would tie".into(),
+                "not for atomic experts",
+                "remove whole experts (`unit = expert`), or score atomic experts by `heapr` or `reap`",
+            ),
+            _ => self.unsupported(
+                span,
+                format!("`{name}` scores experts: the stage needs `unit = expert` or `unit = expert_neuron`"),
+                "scores experts, not weights",
+                "add `unit = expert` (whole experts) or `unit = expert_neuron` (atomic experts) to the stage's options",
+            ),
+        }
+    }
+
     /// `keep_min` / `keep_max` guard the layers of one global selection:
     /// anywhere else they have no effect.
     fn check_guards(&mut self, s: &Stage, pattern: bool) {
@@ -1140,7 +1198,10 @@ impl Checker<'_> {
             .get(&s.id)
             .and_then(|o| o.get("unit"))
             .and_then(|v| v.as_str());
-        if matches!(unit_value, Some("ffn" | "kv_group" | "head")) {
+        if matches!(
+            unit_value,
+            Some("ffn" | "kv_group" | "head" | "expert" | "expert_neuron")
+        ) {
             // `check_units` says why a language model's units take no guards.
             return;
         }

@@ -529,7 +529,7 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
                     obj.insert(key.into(), serde_json::json!(m.num_experts));
                     obj.insert(
                         "moe_intermediate_size".into(),
-                        serde_json::json!(m.moe_intermediate_size),
+                        serde_json::json!(export_expert_width(m)),
                     );
                 }
                 if src(obj, "intermediate_size") != Some(mc.intermediate_size as u64) {
@@ -593,16 +593,23 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
-/// The model's tensors with every expert widened to the configuration's
-/// `moe_intermediate_size` by zero rows of `gate`/`up` and zero columns of
-/// `down` (Hugging Face holds one width for all experts; a zero atomic
-/// expert adds nothing, so the function is unchanged).
+/// The experts' width in an export: the widest expert's, rounded up to a
+/// multiple of 8 (transformers' grouped expert products want 16-byte
+/// strides in f32 and bf16).
+pub fn export_expert_width(m: &super::config::MoeConfig) -> usize {
+    m.moe_intermediate_size.div_ceil(8) * 8
+}
+
+/// The model's tensors with every expert widened to the export's width by
+/// zero rows of `gate`/`up` and zero columns of `down` (Hugging Face holds
+/// one width for all experts; a zero atomic expert adds nothing, so the
+/// function is unchanged).
 fn padded_experts(model: &LlamaModel) -> Result<Vec<(String, Tensor)>> {
     let tensors = model.named_tensors()?;
     let Some(m) = &model.config.moe else {
         return Ok(tensors);
     };
-    let width = m.moe_intermediate_size;
+    let width = export_expert_width(m);
     tensors
         .into_iter()
         .map(|(n, t)| {

@@ -411,9 +411,10 @@ pub fn moe_statistics(
                 s.count[e] += n as f64;
                 for (j, (&wt, &on)) in r.weights.iter().zip(&r.out_norms).enumerate() {
                     s.reap[e] += wt as f64 * on as f64;
-                    for i in 0..w {
-                        let a = r.acts[j * w + i] as f64;
-                        s.reap_atomic[e][i] += wt as f64 * a.abs() * col_norm[i];
+                    let acts = &r.acts[j * w..(j + 1) * w];
+                    for (i, (&a, cn)) in acts.iter().zip(&col_norm).enumerate() {
+                        let a = a as f64;
+                        s.reap_atomic[e][i] += wt as f64 * a.abs() * cn;
                         s.a2[e][i] += a * a;
                     }
                 }
