@@ -96,6 +96,8 @@ fn expert_statistics_and_heapr_match_the_reference() {
             let heapr: Vec<f64> = s.heapr.iter().flatten().copied().collect();
             let err = rel_err(&heapr, &f64s(&r[&format!("{l}.heapr")]));
             assert!(err < 1e-3, "block {l} HEAPr off by {err} (batch {batch})");
+            let whole = rel_err(&s.heapr_expert, &f64s(&r[&format!("{l}.heapr_expert")]));
+            assert!(whole < 1e-3, "block {l} whole-expert HEAPr off by {whole}");
         }
     }
     // Without gradients the routing statistics are the same and HEAPr is absent.

@@ -9,6 +9,11 @@ One checkpoint per architecture prunec reads, each exercising what sets it apart
                 bf16 weights in several shards with an index
   tiny-qwen3-moe  Qwen3MoeForCausalLM: 8 experts of 16, top-2 renormalised,
                 blocks 0 and 2 sparse, block 1 a dense MLP (mlp_only_layers)
+  tiny-qwen3-moe-trained  Qwen3MoeForCausalLM, 16 experts of 16, top-2, 3 sparse
+                blocks, trained (AdamW, seeded) on lines 400..8400 of the corpus's
+                generator (tiny.txt holds lines 0..400), so that pruning it
+                has a measurable cost: examples/llm_moe.prune compares the
+                expert scores on it
 Every folder gets a small BPE tokenizer.json trained on tests/models/tiny.txt, and
 reference.safetensors: `ids` (2 x 24 token ids) and `logits` (2 x 24 x vocab) computed
 by transformers in f32 (bf16 weights widened to f32, as prunec computes). The
@@ -20,6 +25,8 @@ own forward and backward on `ids` (mean next-token loss), for every sparse block
       1/2 * mean_t(a_ti^2) * sum_t (w_te * d_i . g_t)^2,
       a = silu(gate x) * up x, d_i column i of down, w the routing weight,
       g_t the loss gradient at the block's output, t over the expert's tokens;
+  `L.heapr_expert` (experts): the same term for the expert's whole output o_t,
+      1/2 * sum_t (w_te * o_t . g_t)^2;
 and `pruned_logits`: the logits with experts 1 and 6 of every sparse block removed
 (router rows and experts dropped, num_experts = 6).
 
@@ -52,13 +59,14 @@ COMMON = dict(
 )
 
 
-def text():
-    """A small deterministic English-like corpus (also the run tests' data)."""
+def text(first=0, count=400):
+    """A small deterministic English-like corpus (also the run tests' data);
+    lines `first..first + count` of its generator."""
     words = ("the model keeps a sparse mask of weights while every layer reads its "
              "calibration data and the pruned network still predicts the next token "
              "from a short window of text so tests stay quick").split()
     lines = []
-    for i in range(400):
+    for i in range(first, first + count):
         n = 6 + (i * 7) % 9
         lines.append(" ".join(words[(i * 13 + j * (i % 5 + 1)) % len(words)] for j in range(n)) + ".")
     return "\n".join(lines) + "\n"
@@ -150,7 +158,7 @@ def moe_reference(out, model, ids):
             w = w / w.sum(dim=-1, keepdim=True)
         width = c.moe_intermediate_size
         recomputed = torch.zeros_like(x)
-        freq, reap, heapr = [], [], []
+        freq, reap, heapr, heapr_expert = [], [], [], []
         for e in range(c.num_experts):
             gate_up = mlp.experts.gate_up_proj[e]
             gate, up, down = gate_up[:width], gate_up[width:], mlp.experts.down_proj[e]
@@ -161,15 +169,18 @@ def moe_reference(out, model, ids):
             recomputed.index_add_(0, rows, we * o)
             n = len(rows)
             freq.append(float(n))
-            reap.append(float((we.squeeze(1) * o.norm(dim=1)).sum() / max(n, 1)))
+            reap.append(float((we.squeeze(1) * o.norm(dim=1)).sum().detach() / max(n, 1)))
             proj = (we * g[rows]) @ down
             mean_a2 = (a * a).sum(0) / max(n, 1)
             heapr.append(0.5 * mean_a2 * (proj * proj).sum(0))
+            whole = (we * g[rows] * o).sum(1)
+            heapr_expert.append(float(0.5 * (whole * whole).sum()))
         # transformers takes the routing softmax in f32: agreement to ~1e-7.
         assert torch.allclose(recomputed, y.reshape(recomputed.shape), atol=1e-5), l
         tensors[f"{l}.frequency"] = torch.tensor(freq, dtype=torch.float64)
         tensors[f"{l}.reap"] = torch.tensor(reap, dtype=torch.float64)
         tensors[f"{l}.heapr"] = torch.stack(heapr).detach()
+        tensors[f"{l}.heapr_expert"] = torch.tensor(heapr_expert, dtype=torch.float64)
     # Experts 1 and 6 removed from every sparse block.
     keep = [e for e in range(c.num_experts) if e not in (1, 6)]
     small_config = copy.deepcopy(c)
@@ -217,6 +228,41 @@ def build_moe(name, seed):
     print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters")
 
 
+def build_moe_trained(name, seed, steps=600):
+    out = ROOT / name
+    if out.exists():
+        shutil.rmtree(out)
+    config = transformers.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 3, "hidden_size": 48,
+                                            "num_attention_heads": 4, "num_key_value_heads": 2},
+                                         head_dim=16, num_experts=16, num_experts_per_tok=2,
+                                         moe_intermediate_size=16, norm_topk_prob=True,
+                                         tie_word_embeddings=True)
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Qwen3MoeForCausalLM(config)
+    ids = torch.tensor(TOK.encode(text(400, 8000)).ids)
+    seq, batch = 32, 32
+    windows = ids[: len(ids) // seq * seq].view(-1, seq)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    model.train()
+    for step in range(steps):
+        pick = torch.randint(0, len(windows), (batch,), generator=g)
+        loss = model(input_ids=windows[pick], labels=windows[pick]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"{name}: step {step} loss {loss.item():.3f}")
+    model.eval()
+    model.save_pretrained(out)
+    TOK.save(str(out / "tokenizer.json"))
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters")
+
+
 ROOT.mkdir(parents=True, exist_ok=True)
 CORPUS = text()
 (ROOT / "tiny.txt").write_text(CORPUS)
@@ -243,3 +289,5 @@ if wanted("tiny-qwen3"):
           dtype=torch.bfloat16, shard="20KB", tie_word_embeddings=False, head_dim=16)
 if wanted("tiny-qwen3-moe"):
     build_moe("tiny-qwen3-moe", 15)
+if wanted("tiny-qwen3-moe-trained"):
+    build_moe_trained("tiny-qwen3-moe-trained", 16)

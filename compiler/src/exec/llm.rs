@@ -830,7 +830,7 @@ impl Exec<'_> {
         };
         let whole = |s: &llm::MoeLayerStats| -> Vec<f64> {
             match p.method {
-                Method::Heapr => s.heapr.iter().map(|v| v.iter().sum()).collect(),
+                Method::Heapr => s.heapr_expert.clone(),
                 Method::Reap => s.reap.clone(),
                 _ => s.frequency.clone(),
             }

@@ -286,6 +286,10 @@ pub struct MoeLayerStats {
     /// `½ · mean_t(a_ti²) · Σ_t (w_te · d_iᵀ g_t)²`, `g_t` the loss gradient
     /// at the block's output; empty without gradients.
     pub heapr: Vec<Vec<f64>>,
+    /// HEAPr's term for a whole expert (per expert): its whole output
+    /// removed, `½ · Σ_t (w_te · o_tᵀ g_t)²` (the cross terms between its
+    /// atomic experts kept); empty without gradients.
+    pub heapr_expert: Vec<f64>,
 }
 
 /// Sums over the calibration tokens, turned into [`MoeLayerStats`] at the end.
@@ -296,6 +300,7 @@ struct Sums {
     reap_atomic: Vec<Vec<f64>>,
     a2: Vec<Vec<f64>>,
     proj2: Vec<Vec<f64>>,
+    whole: Vec<f64>,
 }
 
 /// Every sparse block's expert statistics on the calibration windows
@@ -333,6 +338,7 @@ pub fn moe_statistics(
                     reap_atomic: zeros(),
                     a2: zeros(),
                     proj2: zeros(),
+                    whole: vec![0.0; widths.len()],
                 }
             })
         })
@@ -432,6 +438,11 @@ pub fn moe_statistics(
                     for (j, p) in proj.iter().enumerate() {
                         s.proj2[e][j % w] += (*p as f64).powi(2);
                     }
+                    // w_te o_tᵀ g_t = Σ_i a_ti (w_te d_iᵀ g_t).
+                    for (pr, ar) in proj.chunks(w).zip(r.acts.chunks(w)) {
+                        let st: f64 = pr.iter().zip(ar).map(|(p, a)| *p as f64 * *a as f64).sum();
+                        s.whole[e] += 0.5 * st * st;
+                    }
                 }
             }
         }
@@ -472,6 +483,7 @@ pub fn moe_statistics(
                     } else {
                         Vec::new()
                     },
+                    heapr_expert: if grads { s.whole } else { Vec::new() },
                     frequency: s.count,
                 }
             })
