@@ -982,13 +982,42 @@ fn moe_shapes(
         }
         Some(_) => false,
         None => {
+            // Single weights: the stage's targets must leave the experts
+            // out (they are not among the linears one-shot methods prune).
+            let targets = option(r, s, "targets")
+                .map(|(v, _)| strings(Some(&v)))
+                .unwrap_or_else(|| vec!["*".into()]);
+            let skip = option(r, s, "skip")
+                .map(|(v, _)| strings(Some(&v)))
+                .unwrap_or_default();
+            let sparse = mc.sparse.iter().position(|&x| x);
+            let names: Vec<String> = sparse
+                .map(|l| {
+                    vec![
+                        format!("model.layers.{l}.mlp.gate.weight"),
+                        prunec_runtime::llm::expert_name(l, 0, "gate"),
+                        prunec_runtime::llm::expert_name(l, 0, "up"),
+                        prunec_runtime::llm::expert_name(l, 0, "down"),
+                    ]
+                })
+                .unwrap_or_default();
+            let hit = names.iter().find(|n| {
+                targets.iter().any(|t| glob_match(t, n)) && !skip.iter().any(|k| glob_match(k, n))
+            });
+            let Some(hit) = hit else {
+                return false;
+            };
+            let span = option(r, s, "targets")
+                .and_then(|(_, sp)| sp)
+                .or(s.by.as_ref().map(|b| b.span))
+                .unwrap_or(s.keyword_span);
             diags.push(
                 Diagnostic::new(
                     Code::Unsupported,
-                    format!("pruning single weights of this {arch} would leave its experts, which hold most of its weights, dense: prunec prunes a mixture-of-experts model by units"),
+                    format!("the stage's targets take `{hit}`, but single weights of a {arch}'s experts and routers are not pruned: they would stay dense"),
                 )
-                .with_label(s.by.as_ref().map_or(s.keyword_span, |b| b.span), "weights of a mixture-of-experts model")
-                .with_help("remove experts (`unit = expert`), atomic experts (`unit = expert_neuron`), or attention heads (`unit = kv_group | head`)"),
+                .with_label(span, "takes the experts")
+                .with_help("remove experts (`unit = expert`) or atomic experts (`unit = expert_neuron`); to sparsify the attention, target it alone (`targets = [\"*.self_attn.*\"]`)"),
             );
             true
         }
