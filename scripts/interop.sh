@@ -10,9 +10,10 @@
 #   - SmolLM2-135M as a bf16 sharded Hugging Face checkpoint (made here from the
 #     GGUF) pruned by examples/llm_hf_wanda24.prune: the export is bf16, holds
 #     its recipe and lock, and transformers' perplexity equals prunec's (0.1%);
-#   - tests/recipes/run/tiny_llm_moe.prune (Qwen3-MoE, experts and atomic
-#     experts removed by HEAPr): the export's config gives 6 experts, padded
-#     to one width, and transformers' perplexity equals prunec's (0.1%);
+#   - tests/recipes/run/tiny_llm_moe.prune on the tiny Qwen3-MoE and Mixtral
+#     (experts and atomic experts removed by HEAPr): the export's config
+#     gives 6 experts, padded to one width, and transformers' perplexity
+#     equals prunec's (0.1%);
 #   - tests/recipes/run/tiny_llm_flap.prune and examples/llm_ffn_heads.prune
 #     (SmolLM2 with FFN neurons and a kv group removed, FLAP-compensated):
 #     the export's config gives the smaller sizes and the biases, and
@@ -59,11 +60,14 @@ echo "== tiny Llama with FLAP's bias compensation (mlp_bias, attention_bias)"
   --text tests/models/tiny.txt --seq 32 --samples 8 --offset 1024 \
   --expect intermediate_size=32 num_key_value_heads=1 mlp_bias=1 attention_bias=1
 
-echo "== tiny Qwen3-MoE with experts and atomic experts removed (HEAPr)"
-"$prunec" run -q tests/recipes/run/tiny_llm_moe.prune --out "$out/tiny-moe"
-"$py" scripts/interop/check_llm.py --out "$out/tiny-moe" --label heapr \
-  --text tests/models/tiny.txt --seq 32 --samples 8 --offset 1024 \
-  --expect num_local_experts=6 moe_intermediate_size=16
+echo "== tiny Qwen3-MoE and Mixtral with experts and atomic experts removed (HEAPr)"
+for arch in qwen3-moe:moe_intermediate_size mixtral:intermediate_size; do
+  name="${arch%%:*}" width="${arch##*:}"
+  "$prunec" run -q tests/recipes/run/tiny_llm_moe.prune --set "model_dir=\"tests/models/tiny-$name\"" --out "$out/tiny-$name"
+  "$py" scripts/interop/check_llm.py --out "$out/tiny-$name" --label heapr \
+    --text tests/models/tiny.txt --seq 32 --samples 8 --offset 1024 \
+    --expect num_local_experts=6 "$width=16"
+done
 
 echo "== SmolLM2-135M, bf16 Hugging Face checkpoint, Wanda 2:4"
 if [ ! -f data/smollm2/hf-bf16/config.json ]; then

@@ -942,7 +942,7 @@ fn moe_shapes(
                     format!("`unit = {u}` removes experts; this model (a {arch}) has none"),
                 )
                 .with_label(s.value_span("unit"), "no experts here")
-                .with_help("prune experts of a mixture-of-experts model (`Qwen3MoeForCausalLM`); a dense model's FFN neurons are `unit = ffn`"),
+                .with_help("prune experts of a mixture-of-experts model (`Qwen3MoeForCausalLM`, `MixtralForCausalLM`); a dense model's FFN neurons are `unit = ffn`"),
             );
             return true;
         }
@@ -994,10 +994,10 @@ fn moe_shapes(
             let names: Vec<String> = sparse
                 .map(|l| {
                     vec![
-                        format!("model.layers.{l}.mlp.gate.weight"),
-                        prunec_runtime::llm::expert_name(l, 0, "gate"),
-                        prunec_runtime::llm::expert_name(l, 0, "up"),
-                        prunec_runtime::llm::expert_name(l, 0, "down"),
+                        mc.router_name(l),
+                        mc.expert_name(l, 0, "gate"),
+                        mc.expert_name(l, 0, "up"),
+                        mc.expert_name(l, 0, "down"),
                     ]
                 })
                 .unwrap_or_default();

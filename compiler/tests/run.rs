@@ -2179,6 +2179,46 @@ fn experts_and_atomic_experts_leave_a_smaller_moe_that_reads_back_alike() {
     );
 }
 
+/// The same stages on the tiny Mixtral (every block sparse, its own tensor
+/// names, a sliding window): 6 of 8 experts stay, and the export reads back
+/// with the same perplexity.
+#[test]
+fn mixtral_experts_are_removed_and_the_export_reads_back_alike() {
+    let (dir, out, report) = run_ok(&[
+        "tests/recipes/run/tiny_llm_moe.prune",
+        "--set",
+        "model_dir=\"tests/models/tiny-mixtral\"",
+    ]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "MixtralForCausalLM");
+    assert_eq!(config["num_local_experts"], 6);
+    assert_eq!(config["intermediate_size"], 16);
+    let removed: Vec<u64> = report["units_removed"][0]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["after"].as_u64().unwrap())
+        .collect();
+    assert_eq!(removed, [6]);
+    let back = report_of_text(
+        dir.path(),
+        "again.prune",
+        format!(
+            "recipe again {{ version = 1, seed = 0 }}\n\
+             model lm = hf({:?})\n\
+             dataset heldout = text(\"tests/models/tiny.txt\", tokenizer = lm, seq = 32, samples = 8, offset = 1024)\n\
+             pipeline {{\n  evaluate lm on heldout -> [perplexity] as back\n}}\n",
+            out.join("model").display().to_string()
+        ),
+    );
+    assert_eq!(
+        evaluation(&back, "back", "perplexity"),
+        evaluation(&report, "heapr", "perplexity")
+    );
+}
+
 /// The README's expert table (examples/llm_moe.prune on the small trained
 /// MoE, seconds): every score removes the same number of parameters, and
 /// atomic experts cost less than whole experts.

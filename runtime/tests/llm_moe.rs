@@ -1,7 +1,8 @@
-//! Mixture-of-experts models: the tiny random `Qwen3MoeForCausalLM` of
-//! `scripts/interop/make_tiny_llms.py` against what `transformers` computed
-//! for it: logits, routing statistics, HEAPr's importances (from its own
-//! backward) and the logits with two experts removed.
+//! Mixture-of-experts models: the tiny random `Qwen3MoeForCausalLM` and
+//! `MixtralForCausalLM` of `scripts/interop/make_tiny_llms.py` against what
+//! `transformers` computed for them: logits, routing statistics, HEAPr's
+//! importances (from its own backward) and the logits with two experts
+//! removed.
 
 mod common;
 
@@ -12,19 +13,40 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/models/tiny-qwen3-moe")
+    dir("tiny-qwen3-moe")
+}
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/models")
+        .join(name)
+}
+
+/// Both checkpoints and their sparse blocks.
+const MODELS: [(&str, &[usize]); 2] = [("tiny-qwen3-moe", &[0, 2]), ("tiny-mixtral", &[0, 1])];
+
+fn reference_of(dir: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap()
 }
 
 fn reference() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(tiny().join("reference.safetensors"), &Device::Cpu).unwrap()
+    reference_of(&tiny())
+}
+
+fn ids_of(dir: &Path) -> Tensor {
+    reference_of(dir)["ids"].to_dtype(DType::U32).unwrap()
 }
 
 fn ids() -> Tensor {
-    reference()["ids"].to_dtype(DType::U32).unwrap()
+    ids_of(&tiny())
+}
+
+fn windows_of(dir: &Path) -> Vec<Vec<u32>> {
+    ids_of(dir).to_vec2::<u32>().unwrap()
 }
 
 fn windows() -> Vec<Vec<u32>> {
-    ids().to_vec2::<u32>().unwrap()
+    windows_of(&tiny())
 }
 
 fn f64s(t: &Tensor) -> Vec<f64> {
@@ -47,7 +69,7 @@ fn rel_err(got: &[f64], want: &[f64]) -> f64 {
 }
 
 #[test]
-fn qwen3_moe_matches_transformers_logits_on_both_forwards() {
+fn moe_models_match_transformers_logits_on_both_forwards() {
     let model = llm::load_hf(&tiny()).unwrap();
     let c = model.config.moe.as_ref().unwrap();
     assert_eq!(
@@ -74,17 +96,44 @@ fn qwen3_moe_matches_transformers_logits_on_both_forwards() {
     assert_eq!(names.len(), 4 + 7 + 4);
     assert!(names.contains(&"model.layers.1.mlp.down_proj.weight".to_string()));
     assert!(!names.contains(&"model.layers.0.mlp.down_proj.weight".to_string()));
+    // Mixtral: every block sparse, its own names, a sliding window shorter
+    // than the sequence.
+    let mixtral = llm::load_hf(&dir("tiny-mixtral")).unwrap();
+    assert_eq!(mixtral.config.sliding_window, Some(12));
+    let want = &reference_of(&dir("tiny-mixtral"))["logits"];
+    let ids = ids_of(&dir("tiny-mixtral"));
+    for got in [
+        mixtral.forward(&ids).unwrap(),
+        mixtral.forward_candle(&ids).unwrap(),
+    ] {
+        assert!(
+            max_abs_diff(&got, want) < 1e-4,
+            "{}",
+            max_abs_diff(&got, want)
+        );
+    }
+    assert!(mixtral
+        .named_tensors()
+        .unwrap()
+        .iter()
+        .any(|(n, _)| n == "model.layers.1.block_sparse_moe.experts.7.w2.weight"));
 }
 
 #[test]
 fn expert_statistics_and_heapr_match_the_reference() {
-    let model = llm::load_hf(&tiny()).unwrap();
-    let r = reference();
+    for (name, sparse) in MODELS {
+        statistics_match(&dir(name), sparse);
+    }
+}
+
+fn statistics_match(dir: &Path, sparse: &[usize]) {
+    let model = llm::load_hf(dir).unwrap();
+    let r = reference_of(dir);
     // One chunk and two chunks of windows give the same statistics.
     for batch in [2, 1] {
-        let stats = llm::moe_statistics(&model, &windows(), batch, true).unwrap();
-        assert!(stats[1].is_none());
-        for l in [0usize, 2] {
+        let stats = llm::moe_statistics(&model, &windows_of(dir), batch, true).unwrap();
+        assert_eq!(stats.iter().filter(|s| s.is_some()).count(), sparse.len());
+        for &l in sparse {
             let s = stats[l].as_ref().unwrap();
             assert_eq!(
                 s.frequency,
@@ -101,7 +150,7 @@ fn expert_statistics_and_heapr_match_the_reference() {
         }
     }
     // Without gradients the routing statistics are the same and HEAPr is absent.
-    let plain = llm::moe_statistics(&model, &windows(), 2, false).unwrap();
+    let plain = llm::moe_statistics(&model, &windows_of(dir), 2, false).unwrap();
     let s = plain[0].as_ref().unwrap();
     assert_eq!(s.frequency, f64s(&r["0.frequency"]));
     assert!(s.heapr.is_empty());

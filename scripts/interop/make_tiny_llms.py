@@ -9,6 +9,8 @@ One checkpoint per architecture prunec reads, each exercising what sets it apart
                 bf16 weights in several shards with an index
   tiny-qwen3-moe  Qwen3MoeForCausalLM: 8 experts of 16, top-2 renormalised,
                 blocks 0 and 2 sparse, block 1 a dense MLP (mlp_only_layers)
+  tiny-mixtral  MixtralForCausalLM: 8 experts of 16 in both blocks, top-2,
+                tied, sliding window 12 (shorter than the reference's 24)
   tiny-qwen3-moe-trained  Qwen3MoeForCausalLM, 16 experts of 16, top-2, 3 sparse
                 blocks, trained (AdamW, seeded) on lines 400..8400 of the corpus's
                 generator (tiny.txt holds lines 0..400), so that pruning it
@@ -17,7 +19,7 @@ One checkpoint per architecture prunec reads, each exercising what sets it apart
 Every folder gets a small BPE tokenizer.json trained on tests/models/tiny.txt, and
 reference.safetensors: `ids` (2 x 24 token ids) and `logits` (2 x 24 x vocab) computed
 by transformers in f32 (bf16 weights widened to f32, as prunec computes). The
-mixture-of-experts model's reference also holds, computed in f64 from transformers'
+mixture-of-experts models' references also hold, computed in f64 from transformers'
 own forward and backward on `ids` (mean next-token loss), for every sparse block L:
   `L.frequency` (experts): tokens routed to each expert (top-k);
   `L.reap` (experts): mean over its tokens of routing weight x ||expert output||;
@@ -147,6 +149,9 @@ def moe_reference(out, model, ids):
     for h in handles:
         h.remove()
     c = model.config
+    n_experts = getattr(c, "num_experts", None) or c.num_local_experts
+    width = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+    norm = getattr(c, "norm_topk_prob", True)
     tensors = {}
     for l, mlp in blocks:
         x, y = seen[l]
@@ -154,12 +159,11 @@ def moe_reference(out, model, ids):
         g = y.grad.reshape(-1, y.shape[-1])
         probs = torch.softmax(x @ mlp.gate.weight.T, dim=-1)
         w, idx = torch.topk(probs, c.num_experts_per_tok, dim=-1)
-        if c.norm_topk_prob:
+        if norm:
             w = w / w.sum(dim=-1, keepdim=True)
-        width = c.moe_intermediate_size
         recomputed = torch.zeros_like(x)
         freq, reap, heapr, heapr_expert = [], [], [], []
-        for e in range(c.num_experts):
+        for e in range(n_experts):
             gate_up = mlp.experts.gate_up_proj[e]
             gate, up, down = gate_up[:width], gate_up[width:], mlp.experts.down_proj[e]
             rows, slot = torch.nonzero(idx == e, as_tuple=True)
@@ -174,7 +178,7 @@ def moe_reference(out, model, ids):
             mean_a2 = (a * a).sum(0) / max(n, 1)
             heapr.append(0.5 * mean_a2 * (proj * proj).sum(0))
             whole = (we * g[rows] * o).sum(1)
-            heapr_expert.append(float(0.5 * (whole * whole).sum()))
+            heapr_expert.append(float(0.5 * (whole * whole).sum().detach()))
         # transformers takes the routing softmax in f32: agreement to ~1e-7.
         assert torch.allclose(recomputed, y.reshape(recomputed.shape), atol=1e-5), l
         tensors[f"{l}.frequency"] = torch.tensor(freq, dtype=torch.float64)
@@ -182,9 +186,12 @@ def moe_reference(out, model, ids):
         tensors[f"{l}.heapr"] = torch.stack(heapr).detach()
         tensors[f"{l}.heapr_expert"] = torch.tensor(heapr_expert, dtype=torch.float64)
     # Experts 1 and 6 removed from every sparse block.
-    keep = [e for e in range(c.num_experts) if e not in (1, 6)]
+    keep = [e for e in range(n_experts) if e not in (1, 6)]
     small_config = copy.deepcopy(c)
-    small_config.num_experts = len(keep)
+    if hasattr(c, "num_experts"):
+        small_config.num_experts = len(keep)
+    else:
+        small_config.num_local_experts = len(keep)
     small_config._attn_implementation = "eager"
     small_config._experts_implementation = "eager"
     small = type(model)(small_config).double().eval()
@@ -200,22 +207,29 @@ def moe_reference(out, model, ids):
     return tensors
 
 
-def build_moe(name, seed):
+def build_moe(name, seed, mixtral=False):
     out = ROOT / name
     if out.exists():
         shutil.rmtree(out)
-    config = transformers.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 3},
-                                         head_dim=16, num_experts=8, num_experts_per_tok=2,
-                                         moe_intermediate_size=16, norm_topk_prob=True,
-                                         decoder_sparse_step=1, mlp_only_layers=[1],
-                                         tie_word_embeddings=False)
+    if mixtral:
+        cls = transformers.MixtralForCausalLM
+        config = transformers.MixtralConfig(**{**COMMON, "intermediate_size": 16},
+                                            num_local_experts=8, num_experts_per_tok=2,
+                                            sliding_window=12, tie_word_embeddings=True)
+    else:
+        cls = transformers.Qwen3MoeForCausalLM
+        config = transformers.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 3},
+                                             head_dim=16, num_experts=8, num_experts_per_tok=2,
+                                             moe_intermediate_size=16, norm_topk_prob=True,
+                                             decoder_sparse_step=1, mlp_only_layers=[1],
+                                             tie_word_embeddings=False)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    model = cls(config).eval()
     randomize(model, seed)
     model.save_pretrained(out)
     TOK.save(str(out / "tokenizer.json"))
-    ref = transformers.Qwen3MoeForCausalLM.from_pretrained(
+    ref = cls.from_pretrained(
         out, dtype=torch.float32, attn_implementation="eager",
         experts_implementation="eager").eval()
     g = torch.Generator().manual_seed(seed + 1)
@@ -289,5 +303,7 @@ if wanted("tiny-qwen3"):
           dtype=torch.bfloat16, shard="20KB", tie_word_embeddings=False, head_dim=16)
 if wanted("tiny-qwen3-moe"):
     build_moe("tiny-qwen3-moe", 15)
+if wanted("tiny-mixtral"):
+    build_moe("tiny-mixtral", 17, mixtral=True)
 if wanted("tiny-qwen3-moe-trained"):
     build_moe_trained("tiny-qwen3-moe-trained", 16)

@@ -63,6 +63,44 @@ pub struct MoeConfig {
     pub norm_topk_prob: bool,
     /// Per block: whether it holds experts (else a dense MLP of `intermediate_size`).
     pub sparse: Vec<bool>,
+    /// How the checkpoint names the router and experts.
+    pub layout: MoeLayout,
+}
+
+/// The tensor names of a family of mixture-of-experts checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MoeLayout {
+    /// `mlp.gate`, `mlp.experts.E.{gate,up,down}_proj` (Qwen3-MoE).
+    Qwen3,
+    /// `block_sparse_moe.gate`, `block_sparse_moe.experts.E.{w1,w3,w2}` (Mixtral).
+    Mixtral,
+}
+
+impl MoeConfig {
+    /// The router's weight in block `layer`.
+    pub fn router_name(&self, layer: usize) -> String {
+        match self.layout {
+            MoeLayout::Qwen3 => format!("model.layers.{layer}.mlp.gate.weight"),
+            MoeLayout::Mixtral => format!("model.layers.{layer}.block_sparse_moe.gate.weight"),
+        }
+    }
+
+    /// The weight of an expert's projection, `proj` one of `gate`, `up`, `down`.
+    pub fn expert_name(&self, layer: usize, expert: usize, proj: &str) -> String {
+        match self.layout {
+            MoeLayout::Qwen3 => {
+                format!("model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight")
+            }
+            MoeLayout::Mixtral => {
+                let w = match proj {
+                    "gate" => "w1",
+                    "down" => "w2",
+                    _ => "w3",
+                };
+                format!("model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight")
+            }
+        }
+    }
 }
 
 /// The causal-LM architectures prunec reads; they differ in a few block details.
@@ -77,16 +115,19 @@ pub enum Architecture {
     Qwen3,
     /// Qwen3's attention with mixture-of-experts feed-forward blocks.
     Qwen3Moe,
+    /// Mistral's attention with mixture-of-experts feed-forward blocks.
+    Mixtral,
 }
 
 impl Architecture {
     /// Every supported architecture with its `transformers` class name.
-    pub const ALL: [(Architecture, &'static str); 5] = [
+    pub const ALL: [(Architecture, &'static str); 6] = [
         (Architecture::Llama, "LlamaForCausalLM"),
         (Architecture::Mistral, "MistralForCausalLM"),
         (Architecture::Qwen2, "Qwen2ForCausalLM"),
         (Architecture::Qwen3, "Qwen3ForCausalLM"),
         (Architecture::Qwen3Moe, "Qwen3MoeForCausalLM"),
+        (Architecture::Mixtral, "MixtralForCausalLM"),
     ];
 
     /// The `transformers` class name.
@@ -155,6 +196,32 @@ fn moe_config(value: &serde_json::Value, layers: usize, path: &Path) -> Result<M
         sparse: (0..layers)
             .map(|l| !dense.contains(&(l as u64)) && (l + 1) % step == 0)
             .collect(),
+        layout: MoeLayout::Qwen3,
+    })
+}
+
+/// The routing of a `MixtralForCausalLM` configuration: every block holds
+/// `num_local_experts` experts of `intermediate_size`, each token uses
+/// `num_experts_per_tok`, renormalised.
+fn mixtral_config(value: &serde_json::Value, c: &LlamaConfig, path: &Path) -> Result<MoeConfig> {
+    let get = |k: &str| value.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+    let (n, k) = (
+        get("num_local_experts").unwrap_or(0),
+        get("num_experts_per_tok").unwrap_or(0),
+    );
+    if n == 0 || k == 0 || k > n || c.intermediate_size == 0 {
+        return Err(RuntimeError::format(
+            path,
+            format!("num_local_experts {n} and num_experts_per_tok {k} must be positive, with num_experts_per_tok <= num_local_experts"),
+        ));
+    }
+    Ok(MoeConfig {
+        num_experts: n,
+        top_k: k,
+        moe_intermediate_size: c.intermediate_size,
+        norm_topk_prob: true,
+        sparse: vec![true; c.num_hidden_layers],
+        layout: MoeLayout::Mixtral,
     })
 }
 
@@ -292,7 +359,9 @@ impl LlamaConfig {
         }
         // Qwen2 and Qwen3 configurations name a window they only use when asked to.
         let sliding_window = match architecture {
-            Architecture::Mistral => get("sliding_window").and_then(|v| v.as_u64()),
+            Architecture::Mistral | Architecture::Mixtral => {
+                get("sliding_window").and_then(|v| v.as_u64())
+            }
             _ if flag("use_sliding_window") => {
                 return bad("`use_sliding_window = true` is not supported".into())
             }
@@ -324,9 +393,11 @@ impl LlamaConfig {
             );
         config.mlp_bias = flag("mlp_bias") && architecture == Architecture::Llama;
         config.sliding_window = sliding_window.map(|w| w as usize);
-        if architecture == Architecture::Qwen3Moe {
-            config.moe = Some(moe_config(value, config.num_hidden_layers, path)?);
-        }
+        config.moe = match architecture {
+            Architecture::Qwen3Moe => Some(moe_config(value, config.num_hidden_layers, path)?),
+            Architecture::Mixtral => Some(mixtral_config(value, &config, path)?),
+            _ => None,
+        };
         config.validate(path)?;
         Ok(config)
     }
@@ -347,6 +418,7 @@ impl LlamaConfig {
                 Architecture::Qwen2 => "qwen2",
                 Architecture::Qwen3 => "qwen3",
                 Architecture::Qwen3Moe => "qwen3_moe",
+                Architecture::Mixtral => "mixtral",
             }),
         );
         obj.insert("hidden_act".into(), serde_json::json!("silu"));

@@ -5,8 +5,8 @@
 use super::config::LlamaConfig;
 use super::error::{Result, RuntimeError};
 use super::model::{
-    expert_name, linear_name, AttnExtras, Block, Expert, LinearWeight, LlamaModel, MoeBlock, Proj,
-    RopeStyle, ATTENTION,
+    linear_name, AttnExtras, Block, Expert, LinearWeight, LlamaModel, MoeBlock, Proj, RopeStyle,
+    ATTENTION,
 };
 use super::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Tensor};
@@ -77,12 +77,12 @@ pub fn expected_tensors(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
         out.push((layer("input_layernorm.weight"), vec![d]));
         out.push((layer("post_attention_layernorm.weight"), vec![d]));
         if let (Some(m), true) = (&c.moe, c.is_sparse(l)) {
-            out.push((layer("mlp.gate.weight"), vec![m.num_experts, d]));
+            out.push((m.router_name(l), vec![m.num_experts, d]));
             let w = m.moe_intermediate_size;
             for e in 0..m.num_experts {
-                out.push((expert_name(l, e, "gate"), vec![w, d]));
-                out.push((expert_name(l, e, "up"), vec![w, d]));
-                out.push((expert_name(l, e, "down"), vec![d, w]));
+                out.push((m.expert_name(l, e, "gate"), vec![w, d]));
+                out.push((m.expert_name(l, e, "up"), vec![w, d]));
+                out.push((m.expert_name(l, e, "down"), vec![d, w]));
             }
         }
         let projs: &[Proj] = if c.is_sparse(l) {
@@ -344,13 +344,13 @@ pub fn load_hf_inspected(dir: &Path, header: HfHeader) -> Result<LlamaModel> {
                 let experts = (0..m.num_experts)
                     .map(|e| {
                         Ok(Expert {
-                            gate: get(&expert_name(l, e, "gate"), false)?,
-                            up: get(&expert_name(l, e, "up"), false)?,
-                            down: get(&expert_name(l, e, "down"), false)?,
+                            gate: get(&m.expert_name(l, e, "gate"), false)?,
+                            up: get(&m.expert_name(l, e, "up"), false)?,
+                            down: get(&m.expert_name(l, e, "down"), false)?,
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let router = get(&layer("mlp.gate.weight"), true)?;
+                let router = get(&m.router_name(l), true)?;
                 (
                     empty(0, d)?,
                     empty(0, d)?,
@@ -520,17 +520,19 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
                 };
                 if let Some(m) = &mc.moe {
                     // transformers 5 writes `num_local_experts`, the Hub's
-                    // checkpoints `num_experts`: the key the source has.
+                    // Qwen3-MoE checkpoints `num_experts`: the key the source has.
                     let key = if obj.contains_key("num_local_experts") {
                         "num_local_experts"
                     } else {
                         "num_experts"
                     };
                     obj.insert(key.into(), serde_json::json!(m.num_experts));
-                    obj.insert(
-                        "moe_intermediate_size".into(),
-                        serde_json::json!(export_expert_width(m)),
-                    );
+                    // Mixtral's experts are `intermediate_size` wide.
+                    let width = match m.layout {
+                        super::config::MoeLayout::Qwen3 => "moe_intermediate_size",
+                        super::config::MoeLayout::Mixtral => "intermediate_size",
+                    };
+                    obj.insert(width.into(), serde_json::json!(export_expert_width(m)));
                 }
                 if src(obj, "intermediate_size") != Some(mc.intermediate_size as u64) {
                     obj.insert(
@@ -610,16 +612,21 @@ fn padded_experts(model: &LlamaModel) -> Result<Vec<(String, Tensor)>> {
         return Ok(tensors);
     };
     let width = export_expert_width(m);
+    // Each expert weight and the dimension its atomic experts run along.
+    let mut dims = HashMap::new();
+    for (l, blk) in model.blocks.iter().enumerate() {
+        for e in 0..blk.moe.as_ref().map_or(0, |x| x.experts.len()) {
+            dims.insert(m.expert_name(l, e, "gate"), 0);
+            dims.insert(m.expert_name(l, e, "up"), 0);
+            dims.insert(m.expert_name(l, e, "down"), 1);
+        }
+    }
     tensors
         .into_iter()
         .map(|(n, t)| {
-            let Some(proj) = n
-                .contains(".mlp.experts.")
-                .then(|| n.rsplit('.').nth(1).unwrap_or(""))
-            else {
+            let Some(&dim) = dims.get(&n) else {
                 return Ok((n, t));
             };
-            let dim = usize::from(proj == "down_proj");
             let have = t.dim(dim)?;
             if have >= width {
                 return Ok((n, t));

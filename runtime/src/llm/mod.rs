@@ -37,7 +37,7 @@ pub use eval::{
 pub use gguf::{load_gguf, load_gguf_quantized_reference};
 pub use hf::{inspect_hf, load_hf, load_hf_inspected, save_hf, HfHeader, HfSource};
 pub use kv::{perplexity_kv, KvBudget, KvPolicy};
-pub use model::{expert_name, linear_name, LinearInput, LlamaModel, Proj};
+pub use model::{linear_name, LinearInput, LlamaModel, Proj};
 pub use moe::{moe_statistics, remove_atomic_experts, remove_experts, MoeLayerStats};
 pub use prune::{
     prune_one_shot, LayerPruner, LayerReport, LayerStats, LayerToPrune, MagnitudePruner,

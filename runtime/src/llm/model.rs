@@ -525,14 +525,11 @@ impl LlamaModel {
             for (suffix, t) in b.extra.named() {
                 out.push((format!("model.layers.{l}.{suffix}"), t.clone()));
             }
-            if let Some(moe) = &b.moe {
-                out.push((
-                    format!("model.layers.{l}.mlp.gate.weight"),
-                    moe.router.clone(),
-                ));
+            if let (Some(moe), Some(mc)) = (&b.moe, &self.config.moe) {
+                out.push((mc.router_name(l), moe.router.clone()));
                 for (e, x) in moe.experts.iter().enumerate() {
                     for (p, t) in [("gate", &x.gate), ("up", &x.up), ("down", &x.down)] {
-                        out.push((expert_name(l, e, p), t.clone()));
+                        out.push((mc.expert_name(l, e, p), t.clone()));
                     }
                 }
             }
@@ -814,12 +811,6 @@ pub fn argmax(values: &[f32]) -> usize {
     best
 }
 
-/// The Hugging Face name of an expert's projection (`gate`, `up`, `down`):
-/// `model.layers.L.mlp.experts.E.gate_proj.weight`.
-pub fn expert_name(layer: usize, expert: usize, proj: &str) -> String {
-    format!("model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight")
-}
-
 /// A mixture-of-experts block's shapes against the configuration: as many
 /// experts as the router's rows (at least `top_k`), each between one and
 /// `moe_intermediate_size` wide.
@@ -844,9 +835,9 @@ fn check_moe(l: usize, moe: &MoeBlock, mc: &super::config::MoeConfig, d: usize) 
                 mc.moe_intermediate_size
             )));
         }
-        check_shape(&expert_name(l, e, "gate"), &x.gate, &[w, d])?;
-        check_shape(&expert_name(l, e, "up"), &x.up, &[w, d])?;
-        check_shape(&expert_name(l, e, "down"), &x.down, &[d, w])?;
+        check_shape(&mc.expert_name(l, e, "gate"), &x.gate, &[w, d])?;
+        check_shape(&mc.expert_name(l, e, "up"), &x.up, &[w, d])?;
+        check_shape(&mc.expert_name(l, e, "down"), &x.down, &[d, w])?;
     }
     Ok(())
 }
