@@ -11,9 +11,10 @@
 #     GGUF) pruned by examples/llm_hf_wanda24.prune: the export is bf16, holds
 #     its recipe and lock, and transformers' perplexity equals prunec's (0.1%);
 #   - tests/recipes/run/tiny_llm_moe.prune on the tiny Qwen3-MoE and Mixtral
-#     (experts and atomic experts removed by HEAPr): the export's config
-#     gives 6 experts, padded to one width, and transformers' perplexity
-#     equals prunec's (0.1%);
+#     (experts and atomic experts removed by HEAPr; atomic experts by REAP
+#     with equal widths): the exports' configs give 6 experts padded to one
+#     width and 8 experts of 12, and transformers' perplexity equals
+#     prunec's (0.1%);
 #   - tests/recipes/run/tiny_llm_flap.prune and examples/llm_ffn_heads.prune
 #     (SmolLM2 with FFN neurons and a kv group removed, FLAP-compensated):
 #     the export's config gives the smaller sizes and the biases, and
@@ -67,6 +68,9 @@ for arch in qwen3-moe:moe_intermediate_size mixtral:intermediate_size; do
   "$py" scripts/interop/check_llm.py --out "$out/tiny-$name" --label heapr \
     --text tests/models/tiny.txt --seq 32 --samples 8 --offset 1024 \
     --expect num_local_experts=6 "$width=16"
+  "$py" scripts/interop/check_llm.py --out "$out/tiny-$name" --export equal --label by_reap \
+    --text tests/models/tiny.txt --seq 32 --samples 8 --offset 1024 \
+    --expect num_local_experts=8 "$width=12"
 done
 
 echo "== SmolLM2-135M, bf16 Hugging Face checkpoint, Wanda 2:4"

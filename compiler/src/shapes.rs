@@ -875,7 +875,12 @@ fn llm_shapes(
             .and_then(|by| prunec_lang::resolved::Method::arguments(r, by).ok())
             .and_then(|a| a.get("block").copied())
             .map(|b| (b as usize).max(1));
+    // Blocks of experts have no dense MLP projections.
+    let dense_blocks: Vec<usize> = (0..c.num_hidden_layers.max(1))
+        .filter(|&l| !c.is_sparse(l))
+        .collect();
     for proj in Proj::ALL {
+        let mlp = matches!(proj, Proj::Gate | Proj::Up | Proj::Down);
         let cols = match proj {
             Proj::O => c.q_dim(),
             Proj::Down => c.intermediate_size,
@@ -891,6 +896,9 @@ fn llm_shapes(
         // block's is targeted.
         let name = prunec_runtime::llm::linear_name(0, proj);
         let picked = (0..c.num_hidden_layers.max(1)).any(|l| {
+            if mlp && !dense_blocks.contains(&l) {
+                return false;
+            }
             let n = prunec_runtime::llm::linear_name(l, proj);
             targets.iter().any(|t| glob_match(t, &n)) && !skip.iter().any(|k| glob_match(k, &n))
         });
@@ -968,7 +976,39 @@ fn moe_shapes(
             }
             true
         }
-        Some(Unit::ExpertNeuron) => true,
+        Some(Unit::ExpertNeuron) => {
+            // Every expert keeps one atomic expert at least; with equal
+            // widths each loses its own share (the export's new width).
+            let target = s.to.as_ref().and_then(|to| r.constant(to));
+            let equal = matches!(r.option(s, "equal_widths"), Some(Value::Bool(true)));
+            let (w, n) = (mc.moe_intermediate_size, mc.num_experts);
+            if let Some(t) = target {
+                let removed = |units: usize| (units as f64 * t + 1e-9).floor() as usize;
+                let (asked, most) = if equal {
+                    (removed(w), w - 1)
+                } else {
+                    (removed(n * w), n * w - n)
+                };
+                if asked > most {
+                    diags.push(
+                        Diagnostic::new(
+                            Code::Unsupported,
+                            format!(
+                                "removing {:.0}% of the atomic experts would leave an expert with none ({} of {} asked, at most {most})",
+                                t * 100.0,
+                                asked,
+                                if equal { w } else { n * w }
+                            ),
+                        )
+                        .with_label(s.to.as_ref().map_or(s.keyword_span, |t| t.span), "too many atomic experts removed")
+                        .with_help("every expert keeps one atomic expert at least: remove fewer, or whole experts (`unit = expert`)"),
+                    );
+                } else if equal {
+                    mc.moe_intermediate_size = w - asked;
+                }
+            }
+            true
+        }
         Some(Unit::Ffn) => {
             diags.push(
                 Diagnostic::new(
@@ -990,17 +1030,16 @@ fn moe_shapes(
             let skip = option(r, s, "skip")
                 .map(|(v, _)| strings(Some(&v)))
                 .unwrap_or_default();
-            let sparse = mc.sparse.iter().position(|&x| x);
-            let names: Vec<String> = sparse
-                .map(|l| {
-                    vec![
-                        mc.router_name(l),
-                        mc.expert_name(l, 0, "gate"),
-                        mc.expert_name(l, 0, "up"),
-                        mc.expert_name(l, 0, "down"),
-                    ]
-                })
-                .unwrap_or_default();
+            // Every router and expert weight of every sparse block.
+            let mut names: Vec<String> = Vec::new();
+            for l in (0..mc.sparse.len()).filter(|&l| mc.sparse[l]) {
+                names.push(mc.router_name(l));
+                for e in 0..mc.num_experts {
+                    for p in ["gate", "up", "down"] {
+                        names.push(mc.expert_name(l, e, p));
+                    }
+                }
+            }
             let hit = names.iter().find(|n| {
                 targets.iter().any(|t| glob_match(t, n)) && !skip.iter().any(|k| glob_match(k, n))
             });

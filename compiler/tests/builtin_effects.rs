@@ -545,6 +545,10 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         ),
     );
     add("pareto.front", Checked("P010_pareto_front_unknown"));
+    add(
+        "equal_widths",
+        Tested("experts_and_atomic_experts_leave_a_smaller_moe_that_reads_back_alike"),
+    );
     for k in ["heapr", "reap", "frequency"] {
         add(
             k,

@@ -2155,13 +2155,35 @@ fn experts_and_atomic_experts_leave_a_smaller_moe_that_reads_back_alike() {
         dense - evaluation(&report, "by_reap", "params"),
         2.0 * 32.0 * 96.0
     );
-    // The export holds 6 experts padded to one width; read back, it gives
-    // the same perplexity.
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap())
-            .unwrap();
+    // The export holds 6 experts padded to one width (the ranking left
+    // some expert whole, so 16); read back, it gives the same perplexity.
+    let config_of = |dir: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(dir).join("config.json")).unwrap())
+            .unwrap()
+    };
+    let config = config_of("model");
     assert_eq!(config["num_local_experts"], 6);
+    assert_eq!(config["moe_intermediate_size"], 16);
     assert_eq!(config["architectures"][0], "Qwen3MoeForCausalLM");
+    // `equal_widths = true`: every expert lost 4 of its 16 atomic experts,
+    // and the export is that much smaller.
+    let equal = config_of("equal");
+    assert_eq!(equal["num_local_experts"], 8);
+    assert_eq!(equal["moe_intermediate_size"], 12);
+    let shapes = |dir: &str, experts: usize| -> Vec<Vec<usize>> {
+        let bytes = std::fs::read(out.join(dir).join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        (0..experts)
+            .map(|e| {
+                st.tensor(&format!("model.layers.2.mlp.experts.{e}.down_proj.weight"))
+                    .unwrap()
+                    .shape()
+                    .to_vec()
+            })
+            .collect()
+    };
+    assert!(shapes("equal", 8).iter().all(|s| s == &[32, 12]));
+    assert!(shapes("model", 6).iter().all(|s| s == &[32, 16]));
     let back = report_of_text(
         dir.path(),
         "again.prune",
@@ -2230,11 +2252,14 @@ fn expert_scores_on_a_trained_moe_give_the_readme_table() {
     for l in ["reap_experts", "frequency_experts"] {
         assert_eq!(params(l), params("heapr_experts"));
     }
-    assert_eq!(params("reap_atomic"), params("heapr_atomic"));
+    for l in ["reap_atomic", "heapr_global", "heapr_equal", "reap_equal"] {
+        assert_eq!(params(l), params("heapr_atomic"));
+    }
     assert!(params("heapr_atomic") < 0.7 * params("dense"));
     // Recorded in the README: at half the experts, frequency 3.5938,
     // HEAPr 3.9949, REAP 8.9138; half the atomic experts: HEAPr 1.5909,
-    // REAP 1.6146 (dense 1.5321).
+    // REAP 1.6146, HEAPr across all blocks 1.5612, with equal widths HEAPr
+    // 1.8059, REAP 1.8446 (dense 1.5321).
     let table = [
         ("dense", 1.5321),
         ("heapr_experts", 3.9949),
@@ -2242,6 +2267,9 @@ fn expert_scores_on_a_trained_moe_give_the_readme_table() {
         ("frequency_experts", 3.5938),
         ("heapr_atomic", 1.5909),
         ("reap_atomic", 1.6146),
+        ("heapr_global", 1.5612),
+        ("heapr_equal", 1.8059),
+        ("reap_equal", 1.8446),
     ];
     for (label, want) in table {
         assert!(

@@ -196,7 +196,8 @@ fn removing_atomic_experts_equals_zeroing_them_and_exports_padded() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
             .unwrap();
-    // Padded to 16 (a multiple of 8, for transformers' grouped products).
+    // Padded to 16 (f32 rows of a multiple of 16 bytes, for transformers'
+    // grouped products).
     assert_eq!(config["moe_intermediate_size"], 16);
     assert_eq!(config["num_local_experts"], 8);
     let named = back.named_tensors().unwrap();

@@ -887,45 +887,79 @@ impl Exec<'_> {
             llm::remove_experts(self.llms.get_mut(model).unwrap(), &keep)
                 .map_err(rt_err_llm(step.span, "removing experts"))?;
         } else {
-            let mut keep = Vec::with_capacity(stats.len());
+            let equal = matches!(self.option(step, "equal_widths"), Some(Value::Bool(true)));
+            let global = p.scope == Scope::Global;
+            // Every atomic expert: (block, expert, index, score).
+            let mut all: Vec<(usize, usize, usize, f64)> = Vec::new();
             for (l, s) in stats.iter().enumerate() {
-                let Some(s) = s else {
-                    keep.push(None);
-                    continue;
-                };
+                let Some(s) = s else { continue };
                 let scores = atomic(s);
-                let all: Vec<(usize, usize, f64)> = scores
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(e, v)| v.iter().enumerate().map(move |(i, &x)| (e, i, x)))
-                    .collect();
-                check_finite(l, &all.iter().map(|x| x.2).collect::<Vec<_>>())?;
-                let total = all.len();
-                let mut remove = (total as f64 * target + 1e-9).floor() as usize;
-                let mut order: Vec<usize> = (0..total).collect();
-                order.sort_by(|&a, &b| all[a].2.total_cmp(&all[b].2).then(a.cmp(&b)));
-                let mut left: Vec<usize> = scores.iter().map(Vec::len).collect();
-                let mut gone = vec![false; total];
+                for (e, v) in scores.iter().enumerate() {
+                    check_finite(l, v)?;
+                    all.extend(v.iter().enumerate().map(|(i, &x)| (l, e, i, x)));
+                }
+            }
+            // The groups ranked together: each expert (`equal_widths`),
+            // every sparse block (`scope = global`), or each block.
+            let group_of = |&(l, e, _, _): &(usize, usize, usize, f64)| -> (usize, usize) {
+                match (equal, global) {
+                    (true, _) => (l, e),
+                    (false, true) => (0, 0),
+                    (false, false) => (l, 0),
+                }
+            };
+            let mut groups: std::collections::BTreeMap<(usize, usize), Vec<usize>> =
+                Default::default();
+            for (j, a) in all.iter().enumerate() {
+                groups.entry(group_of(a)).or_default().push(j);
+            }
+            let mut left: std::collections::BTreeMap<(usize, usize), usize> = Default::default();
+            for a in &all {
+                *left.entry((a.0, a.1)).or_default() += 1;
+            }
+            let mut gone = vec![false; all.len()];
+            for (g, members) in &groups {
+                let asked = (members.len() as f64 * target + 1e-9).floor() as usize;
+                let mut order = members.clone();
+                order.sort_by(|&a, &b| all[a].3.total_cmp(&all[b].3).then(a.cmp(&b)));
+                let mut removed = 0;
                 for &j in &order {
-                    if remove == 0 {
+                    if removed == asked {
                         break;
                     }
-                    let e = all[j].0;
-                    if left[e] > 1 {
-                        left[e] -= 1;
+                    let n = left.get_mut(&(all[j].0, all[j].1)).expect("counted");
+                    if *n > 1 {
+                        *n -= 1;
                         gone[j] = true;
-                        remove -= 1;
+                        removed += 1;
                     }
                 }
-                let mut k: Vec<Vec<usize>> = vec![Vec::new(); scores.len()];
-                for (j, &(e, i, _)) in all.iter().enumerate() {
-                    if !gone[j] {
-                        k[e].push(i);
-                    }
+                if removed < asked {
+                    let which = match (equal, global) {
+                        (true, _) => format!("expert {} of block {}", g.1, g.0),
+                        (false, true) => "the sparse blocks".to_string(),
+                        (false, false) => format!("block {}", g.0),
+                    };
+                    return Err(RunError::user(
+                        step.site.to.unwrap_or(step.span),
+                        format!("{which} can lose only {removed} of its {} atomic experts (every expert keeps one), not {asked}", members.len()),
+                    ));
                 }
+            }
+            let mut keep: Vec<Option<Vec<Vec<usize>>>> = stats
+                .iter()
+                .map(|s| s.as_ref().map(|s| vec![Vec::new(); s.frequency.len()]))
+                .collect();
+            for (j, &(l, e, i, _)) in all.iter().enumerate() {
+                if !gone[j] {
+                    keep[l].as_mut().expect("a sparse block")[e].push(i);
+                }
+            }
+            for (l, k) in keep.iter().enumerate() {
+                let Some(k) = k else { continue };
+                let total = all.iter().filter(|a| a.0 == l).count();
                 let kept_here: usize = k.iter().map(Vec::len).sum();
                 layers.push((format!("block {l} (atomic experts)"), total, kept_here));
-                keep.push(Some(k));
             }
             llm::remove_atomic_experts(self.llms.get_mut(model).unwrap(), &keep)
                 .map_err(rt_err_llm(step.span, "removing atomic experts"))?;
@@ -1335,12 +1369,9 @@ impl Exec<'_> {
     ) -> LayerProgress<'p> {
         let bar = self.progress.then(|| {
             let m = &self.llms[model];
-            let total = (0..m.num_layers())
-                .flat_map(|l| {
-                    llm::Proj::ALL
-                        .into_iter()
-                        .map(move |p| llm::linear_name(l, p))
-                })
+            let total = m
+                .linear_names()
+                .into_iter()
                 .filter(|n| {
                     config.targets.iter().any(|g| lower::glob_match(g, n))
                         && !config.skip.iter().any(|g| lower::glob_match(g, n))

@@ -325,7 +325,7 @@ impl Step {
                     (None, Some(Unit::Expert)) => {
                         "experts removed, as many from every sparse block".to_string()
                     }
-                    (None, Some(Unit::ExpertNeuron)) => "atomic experts removed, ranked across each sparse block's experts".to_string(),
+                    (None, Some(Unit::ExpertNeuron)) => "atomic experts removed".to_string(),
                     (None, Some(unit)) => format!(
                         "{} removed, {} scope",
                         match unit {
@@ -357,14 +357,16 @@ impl Step {
                 }
                 if let Some(u) = p.unit.filter(|u| u.of_experts()) {
                     let data = p.stats_data.as_ref().map_or("?".to_string(), |d| d.name.clone());
+                    let equal = matches!(self.options.get("equal_widths"), Some(Value::Bool(true)));
+                    let how = match (u, equal, p.scope) {
+                        (Unit::Expert, _, _) => "the same number of experts kept in every sparse block",
+                        (_, true, _) => "every expert losing the same share of its own atomic experts (one width: the export shrinks)",
+                        (_, false, Scope::Global) => "atomic experts ranked across every sparse block's experts, each expert keeping one at least (the export pads every expert to the widest)",
+                        _ => "atomic experts ranked across each sparse block's experts, each expert keeping one at least (the export pads every expert to the widest)",
+                    };
                     line.push_str(&format!(
-                        "; the experts' routing{} on {data} through the dense model, {}",
+                        "; the experts' routing{} on {data} through the dense model, {how}",
                         if p.method == Method::Heapr { " and loss gradients" } else { "" },
-                        if u == Unit::Expert {
-                            "the same number of experts kept in every sparse block"
-                        } else {
-                            "the same number of atomic experts removed from every sparse block, each expert keeping one at least"
-                        }
                     ));
                 } else if p.layerwise && p.unit.is_some() {
                     if let Some(d) = &p.activations {

@@ -385,6 +385,7 @@ impl Checker<'_> {
         self.check_allocation(s, model, lm, method, pattern.as_ref());
         self.check_units(s, model, lm, method, pattern.as_ref().map(|p| p.1));
         self.check_expert_scores(s, model, lm, method);
+        self.check_equal_widths(s);
         self.check_normalize(s, lm);
         self.check_compensate(s, lm);
         // A scope has no effect where a pattern decides the selection.
@@ -1065,6 +1066,10 @@ impl Checker<'_> {
                     if key == "scope" && matches!(v.as_str(), Some("layer" | "row" | "neuron")) {
                         continue;
                     }
+                    // Atomic experts may be ranked across every sparse block.
+                    if key == "scope" && unit == "expert_neuron" && v.as_str() == Some("global") {
+                        continue;
+                    }
                     self.unsupported(
                         kspan,
                         format!("`{key}` has no place with `unit = {unit}` on the language model `{model}`: {why}"),
@@ -1145,6 +1150,35 @@ impl Checker<'_> {
                 format!("`unit = {unit}` removes units at once and shrinks the model; it cannot prune during training"),
                 "not with units",
                 "prune one-shot or in rounds (`schedule = iterative(rounds = 3)`), then fine-tune",
+            );
+        }
+    }
+
+    /// `equal_widths` shapes an `expert_neuron` selection, which it makes
+    /// per expert (a scope would have nothing to rank across).
+    fn check_equal_widths(&mut self, s: &Stage) {
+        let Some((v, span)) = self.prune_option(s, "equal_widths") else {
+            return;
+        };
+        let unit = self
+            .stage_options
+            .get(&s.id)
+            .and_then(|o| o.get("unit"))
+            .and_then(|u| u.as_str());
+        if unit != Some("expert_neuron") {
+            return self.unsupported(
+                span,
+                "`equal_widths` decides how atomic experts are removed: it needs `unit = expert_neuron`".into(),
+                "no effect here",
+                "remove `equal_widths`",
+            );
+        }
+        if let (Value::Bool(true), Some((_, sspan))) = (v, self.prune_option(s, "scope")) {
+            self.unsupported(
+                sspan,
+                "with `equal_widths = true` each expert loses its own lowest-scored atomic experts: there is no scope to rank across".into(),
+                "no effect with `equal_widths`",
+                "remove `scope`, or `equal_widths` to rank across the experts",
             );
         }
     }

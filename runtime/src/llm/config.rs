@@ -433,6 +433,25 @@ impl LlamaConfig {
             "architectures".into(),
             serde_json::json!([self.architecture.class_name()]),
         );
+        if let Some(m) = &self.moe {
+            // Models written from this configuration are f32.
+            let width = super::hf::export_expert_width(m, 4);
+            obj.insert("num_experts_per_tok".into(), serde_json::json!(m.top_k));
+            match m.layout {
+                MoeLayout::Qwen3 => {
+                    obj.insert("num_experts".into(), serde_json::json!(m.num_experts));
+                    obj.insert("moe_intermediate_size".into(), serde_json::json!(width));
+                    obj.insert("norm_topk_prob".into(), serde_json::json!(m.norm_topk_prob));
+                    let dense: Vec<usize> = (0..m.sparse.len()).filter(|&l| !m.sparse[l]).collect();
+                    obj.insert("mlp_only_layers".into(), serde_json::json!(dense));
+                    obj.insert("decoder_sparse_step".into(), serde_json::json!(1));
+                }
+                MoeLayout::Mixtral => {
+                    obj.insert("num_local_experts".into(), serde_json::json!(m.num_experts));
+                    obj.insert("intermediate_size".into(), serde_json::json!(width));
+                }
+            }
+        }
         serde_json::to_string_pretty(&value).expect("json value prints")
     }
 }

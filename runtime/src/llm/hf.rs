@@ -520,19 +520,32 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
                 };
                 if let Some(m) = &mc.moe {
                     // transformers 5 writes `num_local_experts`, the Hub's
-                    // Qwen3-MoE checkpoints `num_experts`: the key the source has.
-                    let key = if obj.contains_key("num_local_experts") {
-                        "num_local_experts"
+                    // Qwen3-MoE checkpoints `num_experts`: every key the
+                    // source has (one when it has neither).
+                    let keys: Vec<&str> = ["num_local_experts", "num_experts"]
+                        .into_iter()
+                        .filter(|k| obj.contains_key(*k))
+                        .collect();
+                    let keys = if keys.is_empty() {
+                        vec![match m.layout {
+                            super::config::MoeLayout::Qwen3 => "num_experts",
+                            super::config::MoeLayout::Mixtral => "num_local_experts",
+                        }]
                     } else {
-                        "num_experts"
+                        keys
                     };
-                    obj.insert(key.into(), serde_json::json!(m.num_experts));
+                    for key in keys {
+                        obj.insert(key.into(), serde_json::json!(m.num_experts));
+                    }
                     // Mixtral's experts are `intermediate_size` wide.
                     let width = match m.layout {
                         super::config::MoeLayout::Qwen3 => "moe_intermediate_size",
                         super::config::MoeLayout::Mixtral => "intermediate_size",
                     };
-                    obj.insert(width.into(), serde_json::json!(export_expert_width(m)));
+                    obj.insert(
+                        width.into(),
+                        serde_json::json!(export_expert_width(m, expert_elem(model))),
+                    );
                 }
                 if src(obj, "intermediate_size") != Some(mc.intermediate_size as u64) {
                     obj.insert(
@@ -595,11 +608,25 @@ pub fn save_hf(model: &LlamaModel, dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
-/// The experts' width in an export: the widest expert's, rounded up to a
-/// multiple of 8 (transformers' grouped expert products want 16-byte
-/// strides in f32 and bf16).
-pub fn export_expert_width(m: &super::config::MoeConfig) -> usize {
-    m.moe_intermediate_size.div_ceil(8) * 8
+/// The experts' width in an export whose expert weights take `elem` bytes
+/// per value: the widest expert's, rounded up so that a row is a multiple of
+/// 16 bytes (transformers' grouped expert products want 16-byte strides: a
+/// multiple of 4 in f32, of 8 in bf16 or f16).
+pub fn export_expert_width(m: &super::config::MoeConfig, elem: usize) -> usize {
+    let k = (16 / elem.max(1)).max(1);
+    m.moe_intermediate_size.div_ceil(k) * k
+}
+
+/// The bytes per value of the narrowest expert weight (4 when none).
+fn expert_elem(model: &LlamaModel) -> usize {
+    model
+        .blocks
+        .iter()
+        .filter_map(|b| b.moe.as_ref())
+        .flat_map(|m| m.experts.iter())
+        .map(|e| e.gate.dtype().size_in_bytes())
+        .min()
+        .unwrap_or(4)
 }
 
 /// The model's tensors with every expert widened to the export's width by
@@ -611,7 +638,7 @@ fn padded_experts(model: &LlamaModel) -> Result<Vec<(String, Tensor)>> {
     let Some(m) = &model.config.moe else {
         return Ok(tensors);
     };
-    let width = export_expert_width(m);
+    let width = export_expert_width(m, expert_elem(model));
     // Each expert weight and the dimension its atomic experts run along.
     let mut dims = HashMap::new();
     for (l, blk) in model.blocks.iter().enumerate() {

@@ -343,21 +343,6 @@ pub fn moe_statistics(
             })
         })
         .collect();
-    let downs: Vec<Option<Vec<Vec<f32>>>> = model
-        .blocks
-        .iter()
-        .map(|b| {
-            b.moe
-                .as_ref()
-                .map(|m| {
-                    m.experts
-                        .iter()
-                        .map(|e| values(&e.down))
-                        .collect::<Result<Vec<_>>>()
-                })
-                .transpose()
-        })
-        .collect::<Result<_>>()?;
     for chunk in windows.chunks(batch.max(1)) {
         let (b, t) = (chunk.len(), len);
         let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
@@ -394,7 +379,6 @@ pub fn moe_statistics(
         };
         for ((l, _, records), g) in taps.iter().zip(grad_rows) {
             let s = sums[*l].as_mut().expect("taps are sparse blocks");
-            let downs = downs[*l].as_ref().expect("taps are sparse blocks");
             let moe = model.blocks[*l]
                 .moe
                 .as_ref()
@@ -405,7 +389,8 @@ pub fn moe_statistics(
                     continue;
                 }
                 let w = moe.experts[e].width();
-                let down = &downs[e];
+                // One expert's down projection in f32 at a time.
+                let down = &values(&moe.experts[e].down)?;
                 let col_norm: Vec<f64> = (0..w)
                     .map(|i| {
                         (0..d)
@@ -541,8 +526,15 @@ pub fn remove_experts(model: &mut LlamaModel, keep: &[Option<Vec<usize>>]) -> Re
         moe.router = moe.router.index_select(&idx, 0)?.contiguous()?;
         moe.experts = k.iter().map(|&e| moe.experts[e].clone()).collect();
     }
+    let widest = model
+        .blocks
+        .iter()
+        .filter_map(|b| b.moe.as_ref())
+        .flat_map(|m| m.experts.iter().map(|e| e.width()))
+        .max();
     if let (Some(k), Some(m)) = (kept, model.config.moe.as_mut()) {
         m.num_experts = k;
+        m.moe_intermediate_size = widest.unwrap_or(m.moe_intermediate_size);
     }
     Ok(())
 }
