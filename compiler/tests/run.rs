@@ -1679,13 +1679,25 @@ fn a_broken_hf_checkpoint_is_a_check_error_naming_the_file() {
     let config = std::fs::read_to_string(src.join("config.json")).unwrap();
     std::fs::write(
         model.join("config.json"),
+        config.replace("Qwen3ForCausalLM", "Qwen2MoeForCausalLM"),
+    )
+    .unwrap();
+    let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("`Qwen2MoeForCausalLM` is not supported"),
+        "{out}"
+    );
+    // A mixture-of-experts class without its routing fields is named too.
+    std::fs::write(
+        model.join("config.json"),
         config.replace("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
     )
     .unwrap();
     let (code, out) = prunec(&["check", recipe.to_str().unwrap()], &[]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("`Qwen3MoeForCausalLM` is not supported"),
+        out.contains("P060") && out.contains("`num_local_experts`"),
         "{out}"
     );
 }

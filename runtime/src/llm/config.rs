@@ -162,9 +162,14 @@ fn moe_config(value: &serde_json::Value, layers: usize, path: &Path) -> Result<M
         }
     };
     // transformers 5 writes `num_local_experts`, the Hub's configs `num_experts`.
-    let num_experts = match get("num_local_experts") {
-        Some(_) => int("num_local_experts")?,
-        None => int("num_experts")?,
+    let num_experts = match (get("num_local_experts"), get("num_experts")) {
+        (Some(_), _) => int("num_local_experts")?,
+        (None, Some(_)) => int("num_experts")?,
+        (None, None) => {
+            return bad(
+                "a mixture-of-experts config needs `num_experts` or `num_local_experts`".into(),
+            )
+        }
     };
     let top_k = int("num_experts_per_tok")?;
     let width = int("moe_intermediate_size")?;
