@@ -859,12 +859,7 @@ fn llm_shapes(
     let Some((Value::Pattern { n, m }, pspan)) = option(r, s, "pattern") else {
         return;
     };
-    let targets = option(r, s, "targets")
-        .map(|(v, _)| strings(Some(&v)))
-        .unwrap_or_else(|| vec!["*".into()]);
-    let skip = option(r, s, "skip")
-        .map(|(v, _)| strings(Some(&v)))
-        .unwrap_or_default();
+    let (targets, skip) = targets_and_skip(r, s);
     use prunec_runtime::llm::Proj;
     // ARMOR's square blocks tile each targeted layer's rows and columns.
     let armor_block =
@@ -1024,12 +1019,7 @@ fn moe_shapes(
         None => {
             // Single weights: the stage's targets must leave the experts
             // out (they are not among the linears one-shot methods prune).
-            let targets = option(r, s, "targets")
-                .map(|(v, _)| strings(Some(&v)))
-                .unwrap_or_else(|| vec!["*".into()]);
-            let skip = option(r, s, "skip")
-                .map(|(v, _)| strings(Some(&v)))
-                .unwrap_or_default();
+            let (targets, skip) = targets_and_skip(r, s);
             // Every router and expert weight of every sparse block.
             let mut names: Vec<String> = Vec::new();
             for l in (0..mc.sparse.len()).filter(|&l| mc.sparse[l]) {
@@ -1061,6 +1051,17 @@ fn moe_shapes(
             true
         }
     }
+}
+
+/// A prune stage's `targets` (every name by default) and `skip` globs.
+fn targets_and_skip(r: &CheckedRecipe, s: &Stage) -> (Vec<String>, Vec<String>) {
+    let targets = option(r, s, "targets")
+        .map(|(v, _)| strings(Some(&v)))
+        .unwrap_or_else(|| vec!["*".into()]);
+    let skip = option(r, s, "skip")
+        .map(|(v, _)| strings(Some(&v)))
+        .unwrap_or_default();
+    (targets, skip)
 }
 
 fn gcd(a: usize, b: usize) -> usize {

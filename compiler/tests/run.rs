@@ -2196,21 +2196,27 @@ fn experts_and_atomic_experts_leave_a_smaller_moe_that_reads_back_alike() {
     };
     assert!(shapes("equal", 8).iter().all(|s| s == &[32, 12]));
     assert!(shapes("model", 6).iter().all(|s| s == &[32, 16]));
+    assert_eq!(
+        read_back_perplexity(dir.path(), &out.join("model")),
+        evaluation(&report, "heapr", "perplexity")
+    );
+}
+
+/// The perplexity of an exported tiny model read back by a recipe, on the
+/// tiny runs' held-out windows.
+fn read_back_perplexity(dir: &Path, model: &Path) -> f64 {
     let back = report_of_text(
-        dir.path(),
+        dir,
         "again.prune",
         format!(
             "recipe again {{ version = 1, seed = 0 }}\n\
              model lm = hf({:?})\n\
              dataset heldout = text(\"tests/models/tiny.txt\", tokenizer = lm, seq = 32, samples = 8, offset = 1024)\n\
              pipeline {{\n  evaluate lm on heldout -> [perplexity] as back\n}}\n",
-            out.join("model").display().to_string()
+            model.display().to_string()
         ),
     );
-    assert_eq!(
-        evaluation(&back, "back", "perplexity"),
-        evaluation(&report, "heapr", "perplexity")
-    );
+    evaluation(&back, "back", "perplexity")
 }
 
 /// The same stages on the tiny Mixtral (every block sparse, its own tensor
@@ -2236,19 +2242,8 @@ fn mixtral_experts_are_removed_and_the_export_reads_back_alike() {
         .map(|l| l["after"].as_u64().unwrap())
         .collect();
     assert_eq!(removed, [6]);
-    let back = report_of_text(
-        dir.path(),
-        "again.prune",
-        format!(
-            "recipe again {{ version = 1, seed = 0 }}\n\
-             model lm = hf({:?})\n\
-             dataset heldout = text(\"tests/models/tiny.txt\", tokenizer = lm, seq = 32, samples = 8, offset = 1024)\n\
-             pipeline {{\n  evaluate lm on heldout -> [perplexity] as back\n}}\n",
-            out.join("model").display().to_string()
-        ),
-    );
     assert_eq!(
-        evaluation(&back, "back", "perplexity"),
+        read_back_perplexity(dir.path(), &out.join("model")),
         evaluation(&report, "heapr", "perplexity")
     );
 }

@@ -835,13 +835,7 @@ impl Exec<'_> {
                 _ => s.frequency.clone(),
             }
         };
-        let params = |m: &llm::LlamaModel| -> Result<usize, RunError> {
-            Ok(m.named_tensors()
-                .map_err(rt_err_llm(step.span, "counting parameters"))?
-                .iter()
-                .map(|(_, t)| t.elem_count())
-                .sum())
-        };
+        let params = |m: &llm::LlamaModel| llm_params(m, step.span);
         let before = params(m)?;
         let sparse = stats.iter().filter(|s| s.is_some()).count();
         let mut layers = Vec::new();
@@ -1093,13 +1087,7 @@ impl Exec<'_> {
             k.sort_unstable();
             keep.push(k);
         }
-        let params = |m: &llm::LlamaModel| -> Result<usize, RunError> {
-            Ok(m.named_tensors()
-                .map_err(rt_err_llm(step.span, "counting parameters"))?
-                .iter()
-                .map(|(_, t)| t.elem_count())
-                .sum())
-        };
+        let params = |m: &llm::LlamaModel| llm_params(m, step.span);
         let before = params(&self.llms[model])?;
         let m = self.llms.get_mut(model).unwrap();
         if compensate {
@@ -1357,6 +1345,15 @@ impl llm::LayerPruner for LayerProgress<'_> {
     fn take_armor(&mut self) -> Option<llm::armor::Armor> {
         self.inner.take_armor()
     }
+}
+
+/// A language model's parameter count (every tensor it holds, zeros too).
+fn llm_params(m: &llm::LlamaModel, span: Span) -> Result<usize, RunError> {
+    Ok(m.named_tensors()
+        .map_err(rt_err_llm(span, "counting parameters"))?
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum())
 }
 
 impl Exec<'_> {
