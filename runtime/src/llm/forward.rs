@@ -82,6 +82,10 @@ const QKV: usize = 0;
 const O: usize = 1;
 const GATE_UP: usize = 2;
 const DOWN: usize = 3;
+/// A mixture-of-experts block's router, and expert `e`'s fused gate/up
+/// (`EXPERTS + 2e`) and down (`EXPERTS + 2e + 1`) products.
+pub(super) const ROUTER: usize = 4;
+pub(super) const EXPERTS: usize = 5;
 /// The output projection's key (`layer` slot).
 const HEAD: usize = usize::MAX;
 
@@ -105,7 +109,7 @@ impl Packs {
 
     /// `[W_1; W_2; ...]ᵀ` packed (the weights stacked by rows, read
     /// transposed), cached under `key`.
-    fn get(&self, key: (usize, usize), weights: &[&Tensor]) -> Result<Arc<PackedB>> {
+    pub(super) fn get(&self, key: (usize, usize), weights: &[&Tensor]) -> Result<Arc<PackedB>> {
         let ids: Vec<TensorId> = weights.iter().map(|w| w.id()).collect();
         if let Some((have, p)) = self.map.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             if *have == ids {
@@ -348,7 +352,7 @@ impl LlamaModel {
         rms_norm(x, &blk.ffn_norm.to_vec1::<f32>()?, eps, &mut h);
         observe(LinearInput::Mlp, &h, d)?;
         if let Some(moe) = &blk.moe {
-            return super::moe::moe_slices(c, moe, &h, rows, x);
+            return super::moe::moe_slices(c, moe, packs, layer, &h, rows, x);
         }
         let gu_w = packs.get((layer, GATE_UP), &[w(Proj::Gate), w(Proj::Up)])?;
         let mut gu = vec![0.0f32; rows * 2 * inter];

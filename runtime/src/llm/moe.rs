@@ -11,8 +11,9 @@
 
 use super::config::LlamaConfig;
 use super::error::{Result, RuntimeError};
+use super::forward::{Packs, EXPERTS, ROUTER};
 use super::model::{LlamaModel, MoeBlock};
-use crate::gemm::{gemm, gemm_serial, Mat};
+use crate::gemm::{gemm_packed, gemm_serial, Mat};
 use candle_core::{DType, Tensor, Var, D};
 use rayon::prelude::*;
 
@@ -76,19 +77,21 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-fn routing_of(c: &LlamaConfig, moe: &MoeBlock, h: &[f32], rows: usize) -> Result<Routing> {
+fn routing_of(
+    c: &LlamaConfig,
+    moe: &MoeBlock,
+    packs: &Packs,
+    layer: usize,
+    h: &[f32],
+    rows: usize,
+) -> Result<Routing> {
     let mc = c.moe.as_ref().ok_or_else(|| {
         RuntimeError::Invalid("a block holds experts but the model has no routing".into())
     })?;
     let (d, n) = (c.hidden_size, moe.experts.len());
-    let router = values(&moe.router)?;
+    let router = packs.get((layer, ROUTER), &[&moe.router])?;
     let mut logits = vec![0.0f32; rows * n];
-    gemm(
-        Mat::new(h, rows, d),
-        Mat::new(&router, n, d).t(),
-        &mut logits,
-        false,
-    );
+    gemm_packed(Mat::new(h, rows, d), &router, &mut logits, false);
     Ok(Routing::from_logits(
         &logits,
         n,
@@ -97,36 +100,32 @@ fn routing_of(c: &LlamaConfig, moe: &MoeBlock, h: &[f32], rows: usize) -> Result
     ))
 }
 
-/// The expert's output rows for the input rows `x` (`rows x hidden`) and
-/// its activations `silu(gate x) * up x` (`rows x width`).
+/// Expert `e`'s output rows for the input rows `x` (`rows x hidden`), from
+/// its weights packed once in the model's cache (as the dense products are).
 fn expert_rows(
-    e: &super::model::Expert,
+    packs: &Packs,
+    layer: usize,
+    e: usize,
+    expert: &super::model::Expert,
     x: &[f32],
     rows: usize,
     d: usize,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let w = e.width();
-    let (gate, up, down) = (values(&e.gate)?, values(&e.up)?, values(&e.down)?);
-    let mut g = vec![0.0f32; rows * w];
-    let mut u = vec![0.0f32; rows * w];
-    gemm_serial(
-        Mat::new(x, rows, d),
-        Mat::new(&gate, w, d).t(),
-        &mut g,
-        false,
-    );
-    gemm_serial(Mat::new(x, rows, d), Mat::new(&up, w, d).t(), &mut u, false);
-    for (gv, uv) in g.iter_mut().zip(&u) {
-        *gv = *gv / (1.0 + (-*gv).exp()) * uv;
+) -> Result<Vec<f32>> {
+    let w = expert.width();
+    let gate_up = packs.get((layer, EXPERTS + 2 * e), &[&expert.gate, &expert.up])?;
+    let down = packs.get((layer, EXPERTS + 2 * e + 1), &[&expert.down])?;
+    let mut gu = vec![0.0f32; rows * 2 * w];
+    gemm_packed(Mat::new(x, rows, d), &gate_up, &mut gu, false);
+    let mut act = vec![0.0f32; rows * w];
+    for (a, gu) in act.chunks_mut(w).zip(gu.chunks(2 * w)) {
+        let (g, u) = gu.split_at(w);
+        for ((o, &gv), &uv) in a.iter_mut().zip(g).zip(u) {
+            *o = gv / (1.0 + (-gv).exp()) * uv;
+        }
     }
     let mut out = vec![0.0f32; rows * d];
-    gemm_serial(
-        Mat::new(&g, rows, w),
-        Mat::new(&down, d, w).t(),
-        &mut out,
-        false,
-    );
-    Ok((out, g))
+    gemm_packed(Mat::new(&act, rows, w), &down, &mut out, false);
+    Ok(out)
 }
 
 /// Adds the block's experts' output for the normalised rows `h` (`rows x
@@ -136,18 +135,21 @@ fn expert_rows(
 pub(crate) fn moe_slices(
     c: &LlamaConfig,
     moe: &MoeBlock,
+    packs: &Packs,
+    layer: usize,
     h: &[f32],
     rows: usize,
     x: &mut [f32],
 ) -> Result<()> {
     let d = c.hidden_size;
-    let routing = routing_of(c, moe, h, rows)?;
+    let routing = routing_of(c, moe, packs, layer, h, rows)?;
     let groups = routing.by_expert(moe.experts.len());
     let outs: Vec<Option<Vec<f32>>> = moe
         .experts
         .par_iter()
+        .enumerate()
         .zip(&groups)
-        .map(|(e, (tokens, _))| -> Result<Option<Vec<f32>>> {
+        .map(|((e, expert), (tokens, _))| -> Result<Option<Vec<f32>>> {
             if tokens.is_empty() {
                 return Ok(None);
             }
@@ -155,7 +157,15 @@ pub(crate) fn moe_slices(
                 .iter()
                 .flat_map(|&t| h[t * d..(t + 1) * d].iter().copied())
                 .collect();
-            Ok(Some(expert_rows(e, &gathered, tokens.len(), d)?.0))
+            Ok(Some(expert_rows(
+                packs,
+                layer,
+                e,
+                expert,
+                &gathered,
+                tokens.len(),
+                d,
+            )?))
         })
         .collect::<Result<_>>()?;
     let mut y = vec![0.0f32; rows * d];
@@ -389,27 +399,20 @@ pub fn moe_statistics(
                     continue;
                 }
                 let w = moe.experts[e].width();
-                // One expert's down projection in f32 at a time.
-                let down = &values(&moe.experts[e].down)?;
-                let col_norm: Vec<f64> = (0..w)
-                    .map(|i| {
-                        (0..d)
-                            .map(|k| (down[k * w + i] as f64).powi(2))
-                            .sum::<f64>()
-                            .sqrt()
-                    })
-                    .collect();
                 s.count[e] += n as f64;
                 for (j, (&wt, &on)) in r.weights.iter().zip(&r.out_norms).enumerate() {
                     s.reap[e] += wt as f64 * on as f64;
                     let acts = &r.acts[j * w..(j + 1) * w];
-                    for (i, (&a, cn)) in acts.iter().zip(&col_norm).enumerate() {
+                    for (i, &a) in acts.iter().enumerate() {
                         let a = a as f64;
-                        s.reap_atomic[e][i] += wt as f64 * a.abs() * cn;
+                        // Σ w |a_i|; times ‖d_i‖ once, at the end.
+                        s.reap_atomic[e][i] += wt as f64 * a.abs();
                         s.a2[e][i] += a * a;
                     }
                 }
                 if let Some(g) = &g {
+                    // One expert's down projection in f32 at a time.
+                    let down = &values(&moe.experts[e].down)?;
                     // (w_te g_t)ᵀ D: each atomic expert's output direction
                     // against the weighted loss gradient.
                     let gw: Vec<f32> = r
@@ -428,6 +431,33 @@ pub fn moe_statistics(
                         let st: f64 = pr.iter().zip(ar).map(|(p, a)| *p as f64 * *a as f64).sum();
                         s.whole[e] += 0.5 * st * st;
                     }
+                }
+            }
+        }
+    }
+    // ‖d_i‖ of every atomic expert, for REAP's atomic form.
+    let col_norms = |l: usize| -> Result<Vec<Vec<f64>>> {
+        let moe = model.blocks[l].moe.as_ref().expect("a sparse block");
+        moe.experts
+            .iter()
+            .map(|x| {
+                let (w, down) = (x.width(), values(&x.down)?);
+                Ok((0..w)
+                    .map(|i| {
+                        (0..d)
+                            .map(|k| (down[k * w + i] as f64).powi(2))
+                            .sum::<f64>()
+                            .sqrt()
+                    })
+                    .collect())
+            })
+            .collect()
+    };
+    for (l, s) in sums.iter_mut().enumerate() {
+        if let Some(s) = s {
+            for (r, norms) in s.reap_atomic.iter_mut().zip(col_norms(l)?) {
+                for (v, n) in r.iter_mut().zip(norms) {
+                    *v *= n;
                 }
             }
         }
