@@ -45,11 +45,9 @@ impl Routing {
             for p in probs.iter_mut() {
                 *p /= sum;
             }
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-            let chosen = &order[..top_k];
+            let chosen = top_k_of(&probs, top_k);
             let total: f32 = chosen.iter().fold(0.0f32, |acc, &e| acc + probs[e]);
-            for &e in chosen {
+            for e in chosen {
                 experts.push(e);
                 weights.push(if norm { probs[e] / total } else { probs[e] });
             }
@@ -70,6 +68,15 @@ impl Routing {
         }
         out
     }
+}
+
+/// The `k` most probable experts of one row, most probable first (ties to
+/// the lower expert): the choice both forwards make.
+fn top_k_of(probs: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    order
 }
 
 /// A tensor's values as f32.
@@ -223,9 +230,7 @@ pub(crate) fn moe_forward_candle(
     let pv = probs.flatten_all()?.to_vec1::<f32>()?;
     let mut chosen = Vec::with_capacity(rows * mc.top_k);
     for row in pv.chunks(n) {
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
-        chosen.extend_from_slice(&order[..mc.top_k]);
+        chosen.extend(top_k_of(row, mc.top_k).into_iter().map(|e| e as u32));
     }
     let idx = Tensor::from_vec(chosen.clone(), (rows, mc.top_k), h.device())?;
     let mut w = probs.gather(&idx, 1)?;
