@@ -259,3 +259,20 @@ fn the_moe_forward_does_not_depend_on_the_thread_count() {
     };
     assert_eq!(run(1), run(3));
 }
+
+/// A mixture-of-experts model written without a source folder (its
+/// configuration made from prunec's own) reads back with the same logits.
+#[test]
+fn a_moe_model_without_its_source_config_exports_its_routing() {
+    for (name, _) in MODELS {
+        let mut model = llm::load_hf(&dir(name)).unwrap();
+        model.hf_source = None;
+        let out = tempfile::tempdir().unwrap();
+        llm::save_hf(&model, out.path()).unwrap();
+        let back = llm::load_hf(out.path()).unwrap();
+        assert_eq!(back.config.moe, model.config.moe, "{name}");
+        let ids = ids_of(&dir(name));
+        let diff = max_abs_diff(&model.forward(&ids).unwrap(), &back.forward(&ids).unwrap());
+        assert_eq!(diff, 0.0, "{name}");
+    }
+}
