@@ -167,6 +167,11 @@ struct RunArgs {
     /// No progress bars or per-stage lines.
     #[arg(long, short)]
     quiet: bool,
+    /// Also write the token windows each language-model stage calibrates on
+    /// to `OUT/calibration/<data set>.safetensors` (`input_ids`, i64
+    /// `[samples, seq]`), to give another tool the same calibration.
+    #[arg(long)]
+    save_calibration: bool,
 }
 
 #[derive(Args)]
@@ -454,10 +459,12 @@ fn run_recipe(
     path: &std::path::Path,
     out: PathBuf,
     quiet: bool,
+    save_calibration: bool,
 ) -> Result<prunec::exec::RunOutcome, u8> {
     let opts = prunec::exec::RunOptions {
         out_dir: out,
         progress: !quiet,
+        save_calibration,
     };
     prunec::exec::run(recipe, path, &file.text, &opts).map_err(|e| run_error(file, e))
 }
@@ -511,6 +518,7 @@ fn run_sweep(
     sweep: &[SweepArg],
     out: Option<PathBuf>,
     quiet: bool,
+    save_calibration: bool,
 ) -> Result<(SourceFile, PathBuf, Vec<String>, SweepOutcome), u8> {
     for a in sweep {
         if set.iter().any(|o| o.name == a.name) {
@@ -565,6 +573,7 @@ fn run_sweep(
     let opts = prunec::exec::RunOptions {
         out_dir: out.clone(),
         progress: !quiet,
+        save_calibration,
     };
     let write = |dir: &std::path::Path, o: &SweepOutcome| {
         let rows: Vec<prunec::report::SweepRow<'_>> = variants
@@ -585,7 +594,14 @@ fn run_sweep(
 }
 
 fn cmd_run_sweep(a: RunArgs) -> u8 {
-    let (file, out, names, outcome) = match run_sweep(&a.file, &a.set, &a.sweep, a.out, a.quiet) {
+    let (file, out, names, outcome) = match run_sweep(
+        &a.file,
+        &a.set,
+        &a.sweep,
+        a.out,
+        a.quiet,
+        a.save_calibration,
+    ) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -620,7 +636,14 @@ fn cmd_run(a: RunArgs) -> u8 {
     let out = a
         .out
         .unwrap_or_else(|| PathBuf::from("out").join(&recipe.name));
-    let outcome = match run_recipe(&file, &recipe, &a.file, out.clone(), a.quiet) {
+    let outcome = match run_recipe(
+        &file,
+        &recipe,
+        &a.file,
+        out.clone(),
+        a.quiet,
+        a.save_calibration,
+    ) {
         Ok(o) => o,
         Err(code) => return code,
     };
@@ -734,6 +757,7 @@ fn cmd_verify(a: VerifyArgs) -> u8 {
                 &sweep,
                 Some(dir.path().to_path_buf()),
                 true,
+                false,
             ) {
                 return code;
             }
@@ -762,7 +786,14 @@ fn cmd_verify(a: VerifyArgs) -> u8 {
                 Ok(x) => x,
                 Err(code) => return code,
             };
-            match run_recipe(&file, &recipe, &recipe_path, dir.path().to_path_buf(), true) {
+            match run_recipe(
+                &file,
+                &recipe,
+                &recipe_path,
+                dir.path().to_path_buf(),
+                true,
+                false,
+            ) {
                 Ok(o) => o.report.outputs.into_iter().collect(),
                 Err(code) => return code,
             }

@@ -1591,6 +1591,55 @@ fn perplexity_recipe(dir: &Path, ctor: &str, model: &Path) -> PathBuf {
 }
 
 #[test]
+fn save_calibration_writes_the_token_windows_the_prune_stage_calibrated_on() {
+    let set = "model_dir=\"tests/models/tiny-llama\"";
+    let recipe = "tests/recipes/run/tiny_llm_hf.prune";
+    let (_dir, out, _) = run_ok(&[recipe, "--set", set, "--save-calibration"]);
+    let bytes = std::fs::read(out.join("calibration/calib.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("input_ids").unwrap();
+    assert_eq!(format!("{:?}", t.dtype()), "I64");
+    // `samples = 8` windows of `seq = 32` tokens.
+    assert_eq!(t.shape(), [8, 32]);
+    let ids: Vec<u32> = t
+        .data()
+        .chunks(8)
+        .map(|b| u32::try_from(i64::from_le_bytes(b.try_into().unwrap())).unwrap())
+        .collect();
+    // Each window is a run of the text's tokens, and they are not all one.
+    let model = prunec_runtime::llm::load_hf(&root().join("tests/models/tiny-llama")).unwrap();
+    let text = std::fs::read_to_string(root().join("tests/models/tiny.txt")).unwrap();
+    let tokens = model.tokenizer.unwrap().encode(&text).unwrap();
+    let windows: Vec<&[u32]> = ids.chunks(32).collect();
+    for w in &windows {
+        assert!(
+            tokens.windows(32).any(|t| t == *w),
+            "{w:?} is not in the text"
+        );
+    }
+    assert!(windows.iter().any(|w| *w != windows[0]));
+    // The same run without the flag writes no calibration, and the same model.
+    let (_dir2, plain, _) = run_ok(&[recipe, "--set", set]);
+    assert!(!plain.join("calibration").exists());
+    assert_eq!(
+        std::fs::read(plain.join("model/model.safetensors")).unwrap(),
+        std::fs::read(out.join("model/model.safetensors")).unwrap()
+    );
+    // A calibration of other windows (another seed) prunes differently:
+    // these windows are the ones the stage read.
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("seed1.prune");
+    let src = std::fs::read_to_string(root().join(recipe)).unwrap();
+    std::fs::write(&other, src.replace("seed = 0", "seed = 1")).unwrap();
+    let (_dir3, reseeded, _) =
+        run_ok(&[other.to_str().unwrap(), "--set", set, "--save-calibration"]);
+    assert_ne!(
+        std::fs::read(reseeded.join("calibration/calib.safetensors")).unwrap(),
+        bytes
+    );
+}
+
+#[test]
 fn hf_checkpoints_of_four_architectures_prune_and_export_like_their_source() {
     for arch in ["llama", "mistral", "qwen2", "qwen3"] {
         let set = format!("model_dir=\"tests/models/tiny-{arch}\"");

@@ -359,7 +359,51 @@ impl Exec<'_> {
             self.r.seed,
         )
         .map_err(rt_err_llm(step.span, "calibration text"))?;
+        if self.save_calibration {
+            self.write_calibration(&d.name, &windows, step.span)?;
+        }
         Ok((windows, spec.batch))
+    }
+
+    /// `prunec run --save-calibration`: the windows as `input_ids` (i64,
+    /// `[samples, seq]`, the dtype Hugging Face models take) in
+    /// `calibration/<data set>.safetensors` of the run's outputs.
+    fn write_calibration(
+        &self,
+        data: &str,
+        windows: &[Vec<u32>],
+        span: Span,
+    ) -> Result<(), RunError> {
+        let seq = windows.first().map_or(0, Vec::len);
+        let ids: Vec<i64> = windows.iter().flatten().map(|&t| i64::from(t)).collect();
+        let t = candle_core::Tensor::from_vec(ids, (windows.len(), seq), &candle_core::Device::Cpu)
+            .map_err(|e| RunError::Internal(e.to_string()))?;
+        let dir = self.staging.join("calibration");
+        let path = dir.join(format!("{data}.safetensors"));
+        let meta = BTreeMap::from([
+            ("dataset".to_string(), data.to_string()),
+            ("seed".to_string(), self.r.seed.to_string()),
+        ]);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                prunec_runtime::save_safetensors_atomic(
+                    &path,
+                    &[("input_ids".into(), t)],
+                    &meta,
+                    &[],
+                )
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+            })
+            .map_err(|e| RunError::User {
+                span: Some(span),
+                message: format!(
+                    "cannot write the calibration windows {}: {e}",
+                    path.display()
+                ),
+                help: None,
+            })
     }
 
     /// `analyze lm on D by search(...)`: NSGA-II over the blocks'

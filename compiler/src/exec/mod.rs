@@ -38,6 +38,10 @@ pub struct RunOptions {
     pub out_dir: PathBuf,
     /// Show progress bars (stderr must be a terminal for them to draw).
     pub progress: bool,
+    /// Also write the token windows each language-model stage calibrates on,
+    /// as `calibration/<data set>.safetensors` (`input_ids`, `[samples, seq]`),
+    /// so another tool can be given exactly the same calibration.
+    pub save_calibration: bool,
 }
 
 /// What a successful (or assert-failed) run produced.
@@ -82,6 +86,8 @@ struct Exec<'a> {
     staging: PathBuf,
     interrupted: Arc<AtomicBool>,
     progress: bool,
+    /// `RunOptions::save_calibration`.
+    save_calibration: bool,
     /// The weights each model's last prune stage targeted, by model (sparsity
     /// and PQI are measured on them).
     targets: BTreeMap<String, Vec<String>>,
@@ -189,7 +195,7 @@ impl<'a> Exec<'a> {
         recipe_path: &Path,
         recipe_text: &str,
         staging: PathBuf,
-        progress: bool,
+        opts: &RunOptions,
     ) -> Result<Self, RunError> {
         let ex = Exec {
             r,
@@ -206,7 +212,8 @@ impl<'a> Exec<'a> {
             inputs: BTreeMap::new(),
             staging,
             interrupted: interrupt_flag(),
-            progress,
+            progress: opts.progress,
+            save_calibration: opts.save_calibration,
             targets: BTreeMap::new(),
             round: None,
             llms: BTreeMap::new(),
@@ -278,6 +285,7 @@ impl<'a> Exec<'a> {
             staging: PathBuf::new(),
             interrupted: self.interrupted.clone(),
             progress: self.progress,
+            save_calibration: self.save_calibration,
             targets: self.targets.clone(),
             round: self.round.clone(),
             llms: self.llms.clone(),

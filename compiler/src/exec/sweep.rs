@@ -110,7 +110,7 @@ pub(super) fn run_variants<'a>(
         recipe_path,
         recipe_text,
         root.clone(),
-        opts.progress,
+        opts,
     )?;
     if variants.len() == 1 {
         root_ex.staging = root.join(&first.name);
