@@ -842,6 +842,14 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
         "sequential",
         Changes(Llm, "sequential = true", "sequential = false"),
     );
+    add(
+        "true_sequential",
+        Changes(
+            Llm,
+            "sequential = true)",
+            "sequential = true, true_sequential = true)",
+        ),
+    );
     add("rounds", Changes(Sap, "rounds = 2", "rounds = 3"));
     add(
         "compensate",

@@ -619,6 +619,10 @@ impl Exec<'_> {
         };
         let mut config = llm::OneShotConfig::new(pattern);
         config.sequential = !matches!(self.option(step, "sequential"), Some(Value::Bool(false)));
+        config.true_sequential = matches!(
+            self.option(step, "true_sequential"),
+            Some(Value::Bool(true))
+        );
         if let Some(t) = self.option(step, "targets") {
             config.targets = lower::strings(Some(&t));
         }

@@ -434,13 +434,15 @@ impl Checker<'_> {
                     "prune classifiers by a criterion (`magnitude`, `wanda`, ...) or `sap`",
                 );
             }
-            if let Some((_, span)) = self.prune_option(s, "sequential") {
-                self.unsupported(
-                    span,
-                    format!("`sequential` applies to language models; `{model}` is a classifier"),
-                    "no effect on a classifier",
-                    "remove it: a classifier's prune stage scores every layer from one calibration pass",
-                );
+            for key in ["sequential", "true_sequential"] {
+                if let Some((_, span)) = self.prune_option(s, key) {
+                    self.unsupported(
+                        span,
+                        format!("`{key}` applies to language models; `{model}` is a classifier"),
+                        "no effect on a classifier",
+                        "remove it: a classifier's prune stage scores every layer from one calibration pass",
+                    );
+                }
             }
             if method == Some(Method::Sap) {
                 for key in ["pattern", "keep_min", "keep_max", "schedule"] {
@@ -1058,6 +1060,10 @@ impl Checker<'_> {
                 ("keep_max", alike),
                 (
                     "sequential",
+                    "units are scored on the dense model's activations, every block at once",
+                ),
+                (
+                    "true_sequential",
                     "units are scored on the dense model's activations, every block at once",
                 ),
             ] {

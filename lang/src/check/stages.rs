@@ -777,7 +777,7 @@ impl<'a> Checker<'a> {
         // Calibration data, and calibrating layer after layer, feed criteria
         // that read activations; for any other they would do nothing.
         if !needs.activations {
-            for key in ["calibrate", "sequential"] {
+            for key in ["calibrate", "sequential", "true_sequential"] {
                 // OWL's outlier ratios read the calibration data themselves.
                 let read = key == "calibrate" && all.contains_key("allocation");
                 if all.contains_key(key) && !read {

@@ -236,6 +236,12 @@ pub struct OneShotConfig {
     /// Calibrate each block on the outputs of the already-pruned blocks before it (`true`),
     /// or every block on the dense model's activations (`false`).
     pub sequential: bool,
+    /// Within each block, prune the linear layers group by group in the order
+    /// the block runs them (q, k, v; o; gate, up; down), each group calibrated
+    /// on the outputs of the groups pruned before it (SparseGPT's "true
+    /// sequential" mode), instead of every layer on the block's dense
+    /// activations (`false`, llm-compressor's flow). One forward per group.
+    pub true_sequential: bool,
     /// Per block, the unstructured sparsity to prune it to in place of the
     /// pattern's (a per-layer allocation such as OWL's).
     pub block_sparsity: Option<Vec<f64>>,
@@ -250,6 +256,7 @@ impl OneShotConfig {
             skip: vec!["model.embed_tokens.weight".into(), "lm_head.weight".into()],
             batch: 8,
             sequential: true,
+            true_sequential: false,
             block_sparsity: None,
         }
     }
@@ -397,15 +404,46 @@ pub fn prune_one_shot(
             v.dedup();
             v
         };
-        // Without `sequential`, the next block calibrates on this block's
-        // dense outputs; with it, on its pruned outputs (below).
-        let stats = forward_collecting(model, l, &mut chunks, needs, !config.sequential, |i| {
-            wanted.contains(&i)
-        })?;
-        report.calibration_seconds += t0.elapsed().as_secs_f64();
-        for &proj in block_targets {
-            let s = stats.get(&proj.input());
-            prune_linear(model, l, proj, s, config.pattern_of(l), pruner, &mut report)?;
+        if config.true_sequential {
+            // The dense outputs feed the next block when it is not sequential.
+            let dense_next = if config.sequential || l == last {
+                None
+            } else {
+                Some(
+                    chunks
+                        .iter()
+                        .map(|x| model.block_forward(l, x, None))
+                        .collect::<Result<Vec<_>>>()?,
+                )
+            };
+            report.calibration_seconds += t0.elapsed().as_secs_f64();
+            // `wanted` follows the block's order (the targets' order).
+            for &input in &wanted {
+                let t0 = Instant::now();
+                let stats =
+                    forward_collecting(model, l, &mut chunks, needs, false, |i| i == input)?;
+                report.calibration_seconds += t0.elapsed().as_secs_f64();
+                for &proj in block_targets.iter().filter(|p| p.input() == input) {
+                    let s = stats.get(&input);
+                    prune_linear(model, l, proj, s, config.pattern_of(l), pruner, &mut report)?;
+                }
+            }
+            if let Some(next) = dense_next {
+                chunks = next;
+                continue;
+            }
+        } else {
+            // Without `sequential`, the next block calibrates on this block's
+            // dense outputs; with it, on its pruned outputs (below).
+            let stats =
+                forward_collecting(model, l, &mut chunks, needs, !config.sequential, |i| {
+                    wanted.contains(&i)
+                })?;
+            report.calibration_seconds += t0.elapsed().as_secs_f64();
+            for &proj in block_targets {
+                let s = stats.get(&proj.input());
+                prune_linear(model, l, proj, s, config.pattern_of(l), pruner, &mut report)?;
+            }
         }
         if l == last || !config.sequential {
             continue;
