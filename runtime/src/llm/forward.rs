@@ -280,9 +280,10 @@ impl LlamaModel {
         b: usize,
         t: usize,
         sink: Option<SliceSink<'_>>,
+        stop: Option<LinearInput>,
     ) -> Result<()> {
         let window = self.config.sliding_window.unwrap_or(usize::MAX);
-        self.block_with(layer, x, b * t, sink, &|r| r % t, &mut |qkv| {
+        self.block_with(layer, x, b * t, sink, stop, &|r| r % t, &mut |qkv| {
             Ok(self.causal_attention(qkv, b, t, window))
         })
     }
@@ -291,13 +292,17 @@ impl LlamaModel {
     /// row `r` at position `pos(r)`: `attend` turns the fused, rotated
     /// `q | k | v` rows into the attention's output rows (`rows x q_dim`);
     /// everything else (norms, products, biases, SwiGLU) is the same for
-    /// every way of attending.
+    /// every way of attending. With `stop`, it returns as soon as that
+    /// input has gone to `sink`, leaving `x` part-way (for passes that only
+    /// collect layer inputs).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn block_with(
         &self,
         layer: usize,
         x: &mut [f32],
         rows: usize,
         mut sink: Option<SliceSink<'_>>,
+        stop: Option<LinearInput>,
         pos: &(dyn Fn(usize) -> usize + Sync),
         attend: &mut dyn FnMut(&[f32]) -> Result<Vec<f32>>,
     ) -> Result<()> {
@@ -320,6 +325,9 @@ impl LlamaModel {
         let mut h = vec![0.0f32; rows * d];
         rms_norm(x, &blk.attn_norm.to_vec1::<f32>()?, eps, &mut h);
         observe(LinearInput::Attention, &h, d)?;
+        if stop == Some(LinearInput::Attention) {
+            return Ok(());
+        }
         let qkv_w = packs.get((layer, QKV), &[w(Proj::Q), w(Proj::K), w(Proj::V)])?;
         let width = qd + 2 * kv;
         let mut qkv = vec![0.0f32; rows * width];
@@ -342,6 +350,9 @@ impl LlamaModel {
         let att = attend(&qkv)?;
         drop(qkv);
         observe(LinearInput::AttentionOutput, &att, qd)?;
+        if stop == Some(LinearInput::AttentionOutput) {
+            return Ok(());
+        }
         let o_w = packs.get((layer, O), &[w(Proj::O)])?;
         linear(&att, rows, &o_w, x, true);
         add_bias(x, d, &[&blk.extra.o_bias])?;
@@ -351,6 +362,9 @@ impl LlamaModel {
         h.resize(rows * d, 0.0);
         rms_norm(x, &blk.ffn_norm.to_vec1::<f32>()?, eps, &mut h);
         observe(LinearInput::Mlp, &h, d)?;
+        if stop == Some(LinearInput::Mlp) {
+            return Ok(());
+        }
         if let Some(moe) = &blk.moe {
             return super::moe::moe_slices(c, moe, packs, layer, &h, rows, x);
         }
@@ -373,6 +387,9 @@ impl LlamaModel {
             });
         drop(gu);
         observe(LinearInput::MlpDown, &act, inter)?;
+        if stop == Some(LinearInput::MlpDown) {
+            return Ok(());
+        }
         let down_w = packs.get((layer, DOWN), &[w(Proj::Down)])?;
         linear(&act, rows, &down_w, x, true);
         add_bias(x, d, &[&blk.extra.down_bias])?;
@@ -510,7 +527,7 @@ impl LlamaModel {
     pub(crate) fn logits_slices(&self, ids: &[u32], b: usize, t: usize) -> Result<Vec<f32>> {
         let mut x = self.embed_slices(ids)?;
         for l in 0..self.blocks.len() {
-            self.block_slices(l, &mut x, b, t, None)?;
+            self.block_slices(l, &mut x, b, t, None, None)?;
         }
         self.head_slices(&x, b * t)
     }

@@ -275,7 +275,7 @@ impl LlamaModel {
                     });
                     Ok(att)
                 };
-                self.block_with(layer, &mut x, b, None, &|_| p, &mut attend)?;
+                self.block_with(layer, &mut x, b, None, None, &|_| p, &mut attend)?;
             }
             if p + 1 < t {
                 let logits = self.head_slices(&x, b)?;

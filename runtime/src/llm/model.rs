@@ -72,6 +72,16 @@ pub enum LinearInput {
     MlpDown,
 }
 
+impl LinearInput {
+    /// All four, in the order the block computes them.
+    pub const ALL: [LinearInput; 4] = [
+        LinearInput::Attention,
+        LinearInput::AttentionOutput,
+        LinearInput::Mlp,
+        LinearInput::MlpDown,
+    ];
+}
+
 /// A linear layer's weight: f32 (prunable) or a quantized tensor run by candle's quantized kernels.
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
@@ -577,11 +587,37 @@ impl LlamaModel {
                         &Tensor::from_slice(a, (a.len() / cols, cols), &device)?,
                     )
                 };
-                self.block_slices(layer, &mut v, b, t, Some(&mut each))?;
+                self.block_slices(layer, &mut v, b, t, Some(&mut each), None)?;
             }
-            None => self.block_slices(layer, &mut v, b, t, None)?,
+            None => self.block_slices(layer, &mut v, b, t, None, None)?,
         }
         Ok(Tensor::from_vec(v, (b, t, d), &device)?)
+    }
+
+    /// Block `layer`'s linear inputs on `x`, up to and including `last`, to
+    /// `sink`; the block's output is not computed where the slice forward
+    /// runs (the products after `last` are skipped), only discarded.
+    pub fn block_inputs(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        last: LinearInput,
+        sink: ActivationSink<'_>,
+    ) -> Result<()> {
+        if !self.runs_on_slices() {
+            self.block_forward_candle(layer, x, Some(sink))?;
+            return Ok(());
+        }
+        let (b, t, _) = x.dims3()?;
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        let device = x.device().clone();
+        let mut each = |input: LinearInput, a: &[f32], cols: usize| -> Result<()> {
+            sink(
+                input,
+                &Tensor::from_slice(a, (a.len() / cols, cols), &device)?,
+            )
+        };
+        self.block_slices(layer, &mut v, b, t, Some(&mut each), Some(last))
     }
 
     /// [`Self::block_forward`] as candle operations: the reference the

@@ -471,6 +471,8 @@ pub(crate) fn forward_collecting(
     wanted: impl Fn(LinearInput) -> bool,
 ) -> Result<BTreeMap<LinearInput, LayerStats>> {
     let mut stats: BTreeMap<LinearInput, LayerStats> = BTreeMap::new();
+    // Without `advance`, the block runs only as far as its last wanted input.
+    let last = LinearInput::ALL.into_iter().filter(|&i| wanted(i)).last();
     for x in chunks.iter_mut() {
         let mut sink = |input: LinearInput, a: &Tensor| -> Result<()> {
             if wanted(input) {
@@ -482,9 +484,14 @@ pub(crate) fn forward_collecting(
             }
             Ok(())
         };
-        let out = model.block_forward(l, x, Some(&mut sink))?;
-        if advance {
-            *x = out;
+        match last {
+            Some(last) if !advance => model.block_inputs(l, x, last, &mut sink)?,
+            _ => {
+                let out = model.block_forward(l, x, Some(&mut sink))?;
+                if advance {
+                    *x = out;
+                }
+            }
         }
     }
     Ok(stats)
