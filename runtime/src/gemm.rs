@@ -195,6 +195,44 @@ pub fn gemm_on<T: Elem>(isa: Isa, a: Mat<'_, T>, b: Mat<'_, T>, c: &mut [T], acc
     product(isa, a, b, c, accumulate, true)
 }
 
+/// Columns per panel of [`gram_upper`]: a multiple of every kernel width.
+pub const GRAM_PANEL: usize = 128;
+
+/// The upper part of `XᵀX` for a row-major `rows x cols` `X`, in half the
+/// products of the full one: for each panel of [`GRAM_PANEL`] rows of the
+/// output, `strip(i0, s)` receives its columns from `i0` on (`s` row-major,
+/// `min(GRAM_PANEL, cols - i0) x (cols - i0)`), every value the same bits
+/// as in `gemm(X.t(), X)` (each output keeps its chain over the rows of `X`).
+/// The lower triangle is the mirror: `x_ki x_kj` and `x_kj x_ki` round alike.
+pub fn gram_upper<T: Elem>(x: &[T], rows: usize, cols: usize, mut strip: impl FnMut(usize, &[T])) {
+    assert!(x.len() >= rows * cols, "gram: X too short");
+    let mut block = Vec::new();
+    for i0 in (0..cols).step_by(GRAM_PANEL) {
+        let (wi, wj) = (GRAM_PANEL.min(cols - i0), cols - i0);
+        block.clear();
+        block.resize(wi * wj, T::default());
+        if rows > 0 {
+            // Columns i0.. of X, transposed for A: a view, no copy.
+            let a = Mat {
+                data: &x[i0..],
+                rows: wi,
+                cols: rows,
+                rs: 1,
+                cs: cols,
+            };
+            let b = Mat {
+                data: &x[i0..],
+                rows,
+                cols: wj,
+                rs: cols,
+                cs: 1,
+            };
+            gemm(a, b, &mut block, false);
+        }
+        strip(i0, &block);
+    }
+}
+
 /// [`gemm`] on the calling thread only (the same bits), for small products
 /// that run inside an outer parallel loop.
 pub fn gemm_serial<T: Elem>(a: Mat<'_, T>, b: Mat<'_, T>, c: &mut [T], accumulate: bool) {
@@ -844,6 +882,32 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn gram_upper_gives_the_bits_of_the_full_product(
+            rows in 0usize..40, cols in 1usize..300, seed in any::<u64>()
+        ) {
+            let x = values(rows * cols, seed);
+            let m = Mat::new(&x, rows, cols);
+            let mut want = vec![0f32; cols * cols];
+            gemm(m.t(), m, &mut want, false);
+            let mut seen = vec![false; cols * cols];
+            gram_upper(&x, rows, cols, |i0, s| {
+                let w = cols - i0;
+                for (r, row) in s.chunks_exact(w).enumerate() {
+                    for (dj, v) in row.iter().enumerate() {
+                        let at = (i0 + r) * cols + i0 + dj;
+                        assert_eq!(v.to_bits(), want[at].to_bits(), "({}, {})", i0 + r, i0 + dj);
+                        seen[at] = true;
+                    }
+                }
+            });
+            // Every entry on and above the diagonal came once.
+            prop_assert!((0..cols).all(|i| (i..cols).all(|j| seen[i * cols + j])));
+        }
     }
 
     proptest! {

@@ -719,8 +719,16 @@ impl super::prune::LayerPruner for ArmorPruner {
             ArmorInit::Wanda => super::prune::WandaPruner.prune_layer(inner)?,
         };
         let kept: Vec<bool> = weight.iter().map(|w| *w != 0.0).collect();
-        let a = armor(&dense, weight, &kept, rows, cols, &stats.xtx, self.config)
-            .map_err(|e| RuntimeError::Invalid(format!("`{name}`: {e}")))?;
+        let a = armor(
+            &dense,
+            weight,
+            &kept,
+            rows,
+            cols,
+            &stats.xtx_full(),
+            self.config,
+        )
+        .map_err(|e| RuntimeError::Invalid(format!("`{name}`: {e}")))?;
         weight.copy_from_slice(&a.s);
         self.losses
             .push((name.to_string(), a.loss_before, a.loss_after));

@@ -32,7 +32,9 @@ pub struct LayerStats {
     pub tokens: usize,
     /// `sum_t x_tj²` per input column (empty unless requested).
     pub col_sq_norms: Vec<f64>,
-    /// `XᵀX`, row-major (cols, cols) (empty unless requested).
+    /// `XᵀX`, row-major (cols, cols) (empty unless requested). Only the
+    /// entries on and above the diagonal are summed by [`Self::add`] (the
+    /// matrix is symmetric); [`Self::xtx_full`] gives the whole of it.
     pub xtx: Vec<f64>,
 }
 
@@ -66,7 +68,6 @@ impl LayerStats {
     /// [`Self::add`] on a row-major `(n, cols)` slice: squares summed in
     /// `f64` row after row, `XᵀX` as one fixed-order product added in `f64`.
     pub fn add_rows(&mut self, x: &[f32], n: usize, cols: usize) {
-        use crate::gemm::{gemm, Mat};
         use rayon::prelude::*;
         self.tokens += n;
         if !self.col_sq_norms.is_empty() {
@@ -78,18 +79,38 @@ impl LayerStats {
             }
         }
         if !self.xtx.is_empty() {
-            let mut g = vec![0f32; cols * cols];
-            let m = Mat::new(x, n, cols);
-            gemm(m.t(), m, &mut g, false);
-            self.xtx
-                .par_chunks_mut(cols)
-                .zip(g.par_chunks(cols))
-                .for_each(|(acc, g)| {
-                    for (a, v) in acc.iter_mut().zip(g) {
-                        *a += *v as f64;
-                    }
-                });
+            let xtx = &mut self.xtx;
+            crate::gemm::gram_upper(&x[..n * cols], n, cols, |i0, strip| {
+                let w = cols - i0;
+                xtx[i0 * cols..]
+                    .par_chunks_mut(cols)
+                    .zip(strip.par_chunks(w))
+                    .for_each(|(acc, g)| {
+                        for (a, v) in acc[i0..].iter_mut().zip(g) {
+                            *a += *v as f64;
+                        }
+                    });
+            });
         }
+    }
+
+    /// `XᵀX` with both triangles: the upper one as summed, mirrored below.
+    pub fn xtx_full(&self) -> Vec<f64> {
+        let n = (self.xtx.len() as f64).sqrt().round() as usize;
+        debug_assert_eq!(n * n, self.xtx.len());
+        let mut full = self.xtx.clone();
+        // In tiles, so the transposed reads stay in cache.
+        const T: usize = 64;
+        for bi in (0..n).step_by(T) {
+            for bj in (0..bi + 1).step_by(T) {
+                for i in bi..(bi + T).min(n) {
+                    for j in bj..(bj + T).min(i) {
+                        full[i * n + j] = self.xtx[j * n + i];
+                    }
+                }
+            }
+        }
+        full
     }
 
     /// Per-column L2 norms `||X_:j||` (Wanda's activation norm).

@@ -42,7 +42,7 @@ pub fn sparsegpt_prune(layer: LayerToPrune<'_>, config: SparseGptConfig) -> Resu
         stats,
         pattern,
     } = layer;
-    let (xtx, tokens) = (&stats.xtx, stats.tokens);
+    let (xtx, tokens) = (&stats.xtx_full(), stats.tokens);
     if weight.len() != rows * cols || xtx.len() != cols * cols {
         return Err(RuntimeError::Invalid(format!(
             "sparsegpt `{name}`: weight has {} values for {rows}x{cols} and the Hessian {} for {cols}x{cols}",
