@@ -10,7 +10,11 @@
 #     State of the Union addresses, one draw per seed);
 #   - measures every result with transformers on Moby-Dick and on e-mail text
 #     (SpamAssassin's easy ham, message bodies), both held out;
+#   - compares block 0's pruned layers (the same inputs for both tools):
+#     reconstruction error on the calibration inputs, weights pruned alike;
 #   - prints per-seed and mean perplexities and each tool's pruning time.
+# Results accumulate in WORK/results.json (default out/compare-llmcompressor),
+# so a later call adds seeds or `--prunec-options 'true_sequential = true'`.
 # Not part of CI (the PyTorch install alone is gigabytes; a full run takes
 # about ten minutes per seed on two cores). Arguments go to the Python
 # script: `--seeds 0,1,2`, `--threads N`, `--methods wanda`, `--patterns 2:4`,

@@ -9,7 +9,10 @@ environment and builds prunec). For every seed, method and pattern:
 2. llm-compressor's `oneshot` (SparseGPTModifier / WandaPruningModifier,
    every block linear, lm_head ignored, no shuffling) prunes the same copy on
    those very windows, in a fresh process;
-3. transformers measures both results on two held-out texts.
+3. transformers measures both results on two held-out texts;
+4. for the first seed, block 0's seven linears (whose calibration inputs are
+   the same for both tools) are compared layer by layer: reconstruction
+   error on the calibration inputs and the share of weights pruned alike.
 
 The calibration draw depends on the recipe seed only, so each seed is one
 draw of 32 x 256 tokens shared by the two tools and the four variants.
@@ -20,8 +23,10 @@ same thread count.
 
 import argparse
 import json
+import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -91,6 +96,8 @@ def run_llmc_child(args):
 
     torch.set_num_threads(args.threads)
     ids = load_file(args.calibration)["input_ids"]
+    if args.reverse:
+        ids = ids[::-1].copy()
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
     model = AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32)
     mask = "0:0" if args.pattern.endswith("%") else args.pattern
@@ -111,15 +118,16 @@ def run_llmc_child(args):
     Path(args.out, "seconds.txt").write_text(f"{seconds}\n")
 
 
-def run_llmc(work: Path, dense: Path, calibration: Path, method, pattern, seed, threads):
-    tag = f"{method}_{pattern.replace('%', '').replace(':', '')}_s{seed}"
+def run_llmc(work: Path, dense: Path, calibration: Path, method, pattern, seed, threads, reverse=False):
+    tag = f"{method}_{pattern.replace('%', '').replace(':', '')}_s{seed}" + ("_reversed" if reverse else "")
     out = work / "llmc" / tag
     log = work / "llmc" / f"{tag}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         subprocess.run(
             [sys.executable, __file__, "--llmc-child", "--dense", str(dense), "--calibration", str(calibration),
-             "--method", method, "--pattern", pattern, "--threads", str(threads), "--out", str(out)],
+             "--method", method, "--pattern", pattern, "--threads", str(threads), "--out", str(out)]
+            + (["--reverse"] if reverse else []),
             check=True, stdout=f, stderr=subprocess.STDOUT,
         )
     return out, float((out / "seconds.txt").read_text())
@@ -154,24 +162,83 @@ def held_out(tokenizer_json: Path, windows: int):
     return out
 
 
-def perplexity(path: Path, tokens, threads: int) -> float:
-    import numpy as np
+def window_nlls(path: Path, tokens, threads: int):
+    """The summed next-token loss of each 256-token window, by transformers in f32."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ev = torch.tensor(tokens, dtype=torch.long).reshape(-1, SEQ)
-    nll, count = 0.0, 0
+    out = []
     with torch.no_grad():
         for i in range(0, ev.shape[0], 8):
             x = ev[i : i + 8]
             logits = model(x).logits[:, :-1].float()
-            nll += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-            ).item()
-            count += x[:, 1:].numel()
-    return float(np.exp(nll / count))
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
+            )
+            out.extend(nll.reshape(x.shape[0], -1).sum(dim=1).tolist())
+    return out
+
+
+def measures(path: Path, texts, threads: int):
+    """Perplexity on each held-out text, and on the first 16 windows of
+    Moby-Dick (the evaluation of the issue that asked for this comparison)."""
+    out = {}
+    for t, ids in texts.items():
+        nll = window_nlls(path, ids, threads)
+        out[t] = math.exp(sum(nll) / (len(nll) * (SEQ - 1)))
+        if t == "moby-dick":
+            out["moby-dick/16"] = math.exp(sum(nll[:16]) / (16 * (SEQ - 1)))
+    return out
+
+
+LAYERS = [
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+]
+
+
+def layer_errors(dense: Path, pruned: dict, calibration: Path, threads: int):
+    """Block 0's seven linears, whose calibration inputs X are the same for
+    both tools (the embeddings, then the dense block): each tool's relative
+    reconstruction error ||(W - W')X||² / ||WX||² on X, and the share of
+    weights on whose pruning both tools agree."""
+    import torch
+    from safetensors.numpy import load_file
+    from safetensors.torch import load_file as load_torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    ids = torch.from_numpy(load_file(calibration)["input_ids"]).long()
+    gram, hooks = {}, []
+    for name in LAYERS:
+        def hook(_m, inp, _out, name=name):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            gram[name] = gram.get(name, 0) + x.T @ x
+        hooks.append(model.model.layers[0].get_submodule(name).register_forward_hook(hook))
+    with torch.no_grad():
+        for i in range(0, ids.shape[0], 8):
+            model(ids[i : i + 8])
+    for h in hooks:
+        h.remove()
+    weights = {tool: load_torch(str(path / "model.safetensors")) for tool, path in pruned.items()}
+    rows = {}
+    for name in LAYERS:
+        w = model.model.layers[0].get_submodule(name).weight.detach().double()
+        g = gram[name]
+        base = torch.einsum("ij,jk,ik->", w, g, w).item()
+        row, masks = {}, []
+        for tool, ws in weights.items():
+            wp = ws[f"model.layers.0.{name}.weight"].double()
+            d = w - wp
+            row[tool] = torch.einsum("ij,jk,ik->", d, g, d).item() / base
+            masks.append(wp == 0)
+        row["same mask"] = (masks[0] == masks[1]).double().mean().item()
+        rows[name] = row
+    return rows
 
 
 def main():
@@ -184,10 +251,13 @@ def main():
     ap.add_argument("--eval-windows", type=int, default=64, help="held-out windows of 256 tokens per text")
     ap.add_argument("--prunec-options", default="", help="extra prune options for prunec, e.g. 'true_sequential = true'")
     ap.add_argument("--work", default=str(ROOT / "out/compare-llmcompressor"))
+    ap.add_argument("--llmc-reversed", action="store_true",
+                    help="also run llm-compressor on the same windows in reverse order: how far its own "
+                         "result moves when only the order of its f32 sums changes")
     # The llm-compressor child process.
     ap.add_argument("--llmc-child", action="store_true")
     ap.add_argument("--dense"), ap.add_argument("--calibration"), ap.add_argument("--method")
-    ap.add_argument("--pattern"), ap.add_argument("--out")
+    ap.add_argument("--pattern"), ap.add_argument("--out"), ap.add_argument("--reverse", action="store_true")
     args = ap.parse_args()
     if args.llmc_child:
         return run_llmc_child(args)
@@ -201,53 +271,109 @@ def main():
             check=True, cwd=ROOT,
         )
     texts = held_out(dense / "tokenizer.json", args.eval_windows)
+    # Results are kept by run, so a later call adds seeds or prunec options
+    # without redoing what is done.
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    key_dense = "dense"
-    if key_dense not in results:
-        results[key_dense] = {t: perplexity(dense, ids, args.threads) for t, ids in texts.items()}
+    for k in ["prunec", "llmc", "layers"]:
+        results.setdefault(k, {})
+
+    def save():
         results_path.write_text(json.dumps(results, indent=1))
+
+    if "dense" not in results:
+        results["dense"] = measures(dense, texts, args.threads)
+        save()
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [(m, p) for m in args.methods.split(",") for p in args.patterns.split(",")]
+    opts = f" [{args.prunec_options}]" if args.prunec_options else ""
     for seed in seeds:
         for method, pattern in variants:
-            key = f"{method} {pattern} seed {seed}" + (f" [{args.prunec_options}]" if args.prunec_options else "")
-            if key in results:
-                continue
-            p_model, calib, p_sec = run_prunec(
-                work, dense, method, pattern, seed, args.samples, args.threads, args.prunec_options
-            )
-            l_model, l_sec = run_llmc(work, dense, calib, method, pattern, seed, args.threads)
-            row = {"prunec_seconds": p_sec, "llmc_seconds": l_sec}
-            for t, ids in texts.items():
-                row[f"prunec {t}"] = perplexity(p_model, ids, args.threads)
-                row[f"llmc {t}"] = perplexity(l_model, ids, args.threads)
-            results[key] = row
-            results_path.write_text(json.dumps(results, indent=1))
-            print(key, json.dumps(row), flush=True)
-    table(results, seeds, variants, list(texts), args.prunec_options)
+            key = f"{method} {pattern} seed {seed}"
+            if key + opts not in results["prunec"]:
+                model, calib, sec = run_prunec(
+                    work, dense, method, pattern, seed, args.samples, args.threads, args.prunec_options
+                )
+                results["prunec"][key + opts] = {
+                    "seconds": sec, "model": str(model), "calibration": str(calib),
+                    **measures(model, texts, args.threads),
+                }
+                save()
+            if key not in results["llmc"]:
+                calib = Path(results["prunec"][key + opts]["calibration"])
+                model, sec = run_llmc(work, dense, calib, method, pattern, seed, args.threads)
+                results["llmc"][key] = {"seconds": sec, "model": str(model), **measures(model, texts, args.threads)}
+                save()
+            if args.llmc_reversed and key not in results.setdefault("llmc reversed", {}):
+                calib = Path(results["prunec"][key + opts]["calibration"])
+                model, sec = run_llmc(work, dense, calib, method, pattern, seed, args.threads, reverse=True)
+                results["llmc reversed"][key] = {
+                    "seconds": sec, "model": str(model), **measures(model, texts, args.threads)
+                }
+                save()
+            if seed == seeds[0] and key + opts not in results["layers"]:
+                p, l = results["prunec"][key + opts], results["llmc"][key]
+                results["layers"][key + opts] = layer_errors(
+                    dense, {"prunec": Path(p["model"]), "llmc": Path(l["model"])},
+                    Path(p["calibration"]), args.threads,
+                )
+                save()
+            print(key + opts, "done", flush=True)
+    table(results, seeds, variants, list(texts) + ["moby-dick/16"], opts)
 
 
-def table(results, seeds, variants, texts, options):
+def table(results, seeds, variants, texts, opts):
     d = results["dense"]
-    print(f"\ndense: " + ", ".join(f"{t} {d[t]:.2f}" for t in texts))
-    print(f"prunec options: {options or '(defaults)'}; seeds {seeds}; means over the seeds\n")
-    head = "| method | " + " | ".join(f"{t} prunec | {t} llm-compressor | ratio" for t in texts)
-    print(head + " | prunec s | llm-compressor s |")
+    print("\ndense: " + ", ".join(f"{t} {d[t]:.2f}" for t in texts))
+    print(f"prunec options: {opts.strip() or '(defaults)'}; seeds {seeds}; means over the seeds,")
+    print("ratio = prunec / llm-compressor (mean of the per-seed ratios, then their range); seconds: medians\n")
+    print("| method | " + " | ".join(f"{t}: prunec | llm-compressor | ratio" for t in texts)
+          + " | prunec s | llm-compressor s |")
     print("|" + "---|" * (1 + 3 * len(texts) + 2))
     for method, pattern in variants:
-        rows = [results[k] for s in seeds
-                if (k := f"{method} {pattern} seed {s}" + (f" [{options}]" if options else "")) in results]
-        if not rows:
+        keys = [f"{method} {pattern} seed {s}" for s in seeds]
+        pairs = [(results["prunec"][k + opts], results["llmc"][k]) for k in keys
+                 if k + opts in results["prunec"] and k in results["llmc"]]
+        if not pairs:
             continue
-        mean = lambda f: sum(f(r) for r in rows) / len(rows)  # noqa: E731
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         cells = []
         for t in texts:
-            p, l = mean(lambda r: r[f"prunec {t}"]), mean(lambda r: r[f"llmc {t}"])
-            ratios = [r[f"prunec {t}"] / r[f"llmc {t}"] for r in rows]
-            cells.append(f"{p:.2f} | {l:.2f} | {p / l:.3f} ({min(ratios):.3f}–{max(ratios):.3f})")
+            ratios = [p[t] / l[t] for p, l in pairs]
+            cells.append(f"{mean([p[t] for p, _ in pairs]):.2f} | {mean([l[t] for _, l in pairs]):.2f} | "
+                         f"{mean(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f})")
         print(f"| {method} {pattern} | " + " | ".join(cells)
-              + f" | {mean(lambda r: r['prunec_seconds']):.1f} | {mean(lambda r: r['llmc_seconds']):.1f} |")
+              + f" | {statistics.median([p['seconds'] for p, _ in pairs]):.1f} | {statistics.median([l['seconds'] for _, l in pairs]):.1f} |")
+    print("\nPer seed (perplexity on " + texts[0] + "):\n")
+    print("| method | " + " | ".join(f"seed {s}: prunec | llm-compressor" for s in seeds) + " |")
+    print("|" + "---|" * (1 + 2 * len(seeds)))
+    for method, pattern in variants:
+        cells = []
+        for s in seeds:
+            k = f"{method} {pattern} seed {s}"
+            p, l = results["prunec"].get(k + opts), results["llmc"].get(k)
+            cells.append(f"{p[texts[0]]:.2f} | {l[texts[0]]:.2f}" if p and l else " | ")
+        print(f"| {method} {pattern} | " + " | ".join(cells) + " |")
+    rev = results.get("llmc reversed", {})
+    if any(f"{m} {p} seed {s}" in rev for m, p in variants for s in seeds):
+        print("\nllm-compressor against itself, the same windows in reverse order (only the order of "
+              "its f32 sums changes): reversed / forward, per seed\n")
+        print("| method | " + " | ".join(texts) + " |")
+        print("|" + "---|" * (1 + len(texts)))
+        for method, pattern in variants:
+            keys = [f"{method} {pattern} seed {s}" for s in seeds]
+            pairs = [(rev[k], results["llmc"][k]) for k in keys if k in rev and k in results["llmc"]]
+            if pairs:
+                print(f"| {method} {pattern} | " + " | ".join(
+                    " ".join(f"{r[t] / l[t]:.3f}" for r, l in pairs) for t in texts) + " |")
+    print(f"\nBlock 0 (the same calibration inputs for both tools), seed {seeds[0]}: relative "
+          "reconstruction error ||(W - W')X||² / ||WX||², and the share of weights pruned alike\n")
+    print("| method | layer | prunec | llm-compressor | same mask |")
+    print("|---|---|---|---|---|")
+    for method, pattern in variants:
+        rows = results["layers"].get(f"{method} {pattern} seed {seeds[0]}" + opts, {})
+        for name, r in rows.items():
+            print(f"| {method} {pattern} | {name} | {r['prunec']:.6g} | {r['llmc']:.6g} | {r['same mask']:.5f} |")
 
 
 if __name__ == "__main__":
