@@ -593,6 +593,9 @@ fn run_sweep(
     }
 }
 
+/// `--save-calibration` on a run where no language-model stage calibrated.
+const NO_CALIBRATION: &str = "note: --save-calibration wrote nothing: no language-model stage of this run calibrates on text";
+
 fn cmd_run_sweep(a: RunArgs) -> u8 {
     let (file, out, names, outcome) = match run_sweep(
         &a.file,
@@ -611,6 +614,14 @@ fn cmd_run_sweep(a: RunArgs) -> u8 {
             out.display(),
             outcome.variants.len()
         );
+    }
+    if a.save_calibration
+        && outcome
+            .variants
+            .iter()
+            .all(|v| v.saved_calibrations.is_empty())
+    {
+        eprintln!("{NO_CALIBRATION}");
     }
     let mut code = exit::OK;
     for (name, v) in names.iter().zip(&outcome.variants) {
@@ -653,6 +664,9 @@ fn cmd_run(a: RunArgs) -> u8 {
             out.display(),
             outcome.report.outputs.len()
         );
+    }
+    if a.save_calibration && outcome.saved_calibrations.is_empty() {
+        eprintln!("{NO_CALIBRATION}");
     }
     if let Some((span, message)) = outcome.failed_assert {
         let d = Diagnostic::new(prunec_lang::Code::StageClause, message)

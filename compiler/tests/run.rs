@@ -1637,6 +1637,23 @@ fn save_calibration_writes_the_token_windows_the_prune_stage_calibrated_on() {
         std::fs::read(reseeded.join("calibration/calib.safetensors")).unwrap(),
         bytes
     );
+    // A run without language-model calibration says the flag wrote nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, text) = prunec(
+        &[
+            "run",
+            "-q",
+            "--save-calibration",
+            RECIPE,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("--save-calibration wrote nothing"), "{text}");
+    assert!(!out.join("calibration").exists());
 }
 
 #[test]

@@ -361,6 +361,7 @@ impl Exec<'_> {
         .map_err(rt_err_llm(step.span, "calibration text"))?;
         if self.save_calibration {
             self.write_calibration(&d.name, &windows, step.span)?;
+            self.saved_calibrations.insert(d.name.clone());
         }
         Ok((windows, spec.batch))
     }

@@ -49,6 +49,8 @@ pub struct RunOutcome {
     pub report: Report,
     /// The `assert` that failed, if one did (outputs are still written).
     pub failed_assert: Option<(Span, String)>,
+    /// Calibration windows written under `--save-calibration` (by data set).
+    pub saved_calibrations: BTreeSet<String>,
 }
 
 struct ModelState {
@@ -86,8 +88,9 @@ struct Exec<'a> {
     staging: PathBuf,
     interrupted: Arc<AtomicBool>,
     progress: bool,
-    /// `RunOptions::save_calibration`.
+    /// `RunOptions::save_calibration`, and the data sets written so far.
     save_calibration: bool,
+    saved_calibrations: BTreeSet<String>,
     /// The weights each model's last prune stage targeted, by model (sparsity
     /// and PQI are measured on them).
     targets: BTreeMap<String, Vec<String>>,
@@ -214,6 +217,7 @@ impl<'a> Exec<'a> {
             interrupted: interrupt_flag(),
             progress: opts.progress,
             save_calibration: opts.save_calibration,
+            saved_calibrations: BTreeSet::new(),
             targets: BTreeMap::new(),
             round: None,
             llms: BTreeMap::new(),
@@ -286,6 +290,7 @@ impl<'a> Exec<'a> {
             interrupted: self.interrupted.clone(),
             progress: self.progress,
             save_calibration: self.save_calibration,
+            saved_calibrations: self.saved_calibrations.clone(),
             targets: self.targets.clone(),
             round: self.round.clone(),
             llms: self.llms.clone(),
@@ -320,6 +325,7 @@ impl<'a> Exec<'a> {
         Ok(RunOutcome {
             report,
             failed_assert: self.failed_assert,
+            saved_calibrations: self.saved_calibrations,
         })
     }
 }
