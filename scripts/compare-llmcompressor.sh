@@ -15,8 +15,8 @@
 #   - prints per-seed and mean perplexities and each tool's pruning time.
 # Results accumulate in WORK/results.json (default out/compare-llmcompressor),
 # so a later call adds seeds or `--prunec-options 'true_sequential = true'`.
-# Not part of CI (the PyTorch install alone is gigabytes; a full run takes
-# about ten minutes per seed on two cores). Arguments go to the Python
+# Not part of CI (the PyTorch install alone is gigabytes, and every variant
+# is pruned twice and measured four times). Arguments go to the Python
 # script: `--seeds 0,1,2`, `--threads N`, `--methods wanda`, `--patterns 2:4`,
 # `--work DIR`. LLMC_VENV names another virtual environment to use.
 set -euo pipefail

@@ -70,6 +70,9 @@ pipeline {{
 def run_prunec(work: Path, dense: Path, method, pattern, seed, samples, threads, extra):
     """Prunes with prunec; the exported folder, its calibration windows and the prune stage's seconds."""
     tag = f"{method}_{pattern.replace('%', '').replace(':', '')}_s{seed}"
+    if extra:
+        # Runs with other options keep their own folders (results.json points at them).
+        tag += "_" + re.sub(r"[^A-Za-z0-9]+", "_", extra).strip("_")
     out = work / "prunec" / tag
     src = work / "recipes" / f"{tag}.prune"
     src.parent.mkdir(parents=True, exist_ok=True)

@@ -97,8 +97,11 @@ impl LayerStats {
     /// `XᵀX` with both triangles: the upper one as summed, mirrored below.
     pub fn xtx_full(&self) -> Vec<f64> {
         let n = (self.xtx.len() as f64).sqrt().round() as usize;
-        debug_assert_eq!(n * n, self.xtx.len());
         let mut full = self.xtx.clone();
+        if n * n != full.len() {
+            // Not square: left for the caller's shape check to report.
+            return full;
+        }
         // In tiles, so the transposed reads stay in cache.
         const T: usize = 64;
         for bi in (0..n).step_by(T) {

@@ -27,7 +27,7 @@ impl Default for SparseGptConfig {
 /// Prunes `weight` (rows, cols; row-major) in place with SparseGPT.
 ///
 /// `layer.stats.xtx` is the accumulated `XᵀX` (cols, cols) of the layer's calibration inputs
-/// over `layer.stats.tokens` rows. H = (2/tokens) XᵀX; columns with H_jj = 0 are dead (H_jj := 1, weights zeroed);
+/// over `layer.stats.tokens` rows (only its upper triangle is read). H = (2/tokens) XᵀX; columns with H_jj = 0 are dead (H_jj := 1, weights zeroed);
 /// H += damp * mean(diag H) * I; U = upper Cholesky factor of H⁻¹. The sweep goes over blocks of
 /// `block_size` columns: the block's mask is chosen by `w² / U_jj²` (whole block for unstructured,
 /// each group of M for N:M), each column is quantized to its mask and its error is pushed onto
@@ -42,12 +42,12 @@ pub fn sparsegpt_prune(layer: LayerToPrune<'_>, config: SparseGptConfig) -> Resu
         stats,
         pattern,
     } = layer;
-    let (xtx, tokens) = (&stats.xtx_full(), stats.tokens);
-    if weight.len() != rows * cols || xtx.len() != cols * cols {
+    let tokens = stats.tokens;
+    if weight.len() != rows * cols || stats.xtx.len() != cols * cols {
         return Err(RuntimeError::Invalid(format!(
             "sparsegpt `{name}`: weight has {} values for {rows}x{cols} and the Hessian {} for {cols}x{cols}",
             weight.len(),
-            xtx.len()
+            stats.xtx.len()
         )));
     }
     if tokens == 0 {
@@ -63,7 +63,10 @@ pub fn sparsegpt_prune(layer: LayerToPrune<'_>, config: SparseGptConfig) -> Resu
 
     // H = 2/n XᵀX, dead columns, dampening.
     let scale = 2.0 / tokens as f64;
-    let mut h: Vec<f64> = xtx.iter().map(|v| v * scale).collect();
+    let mut h = stats.xtx_full();
+    for v in &mut h {
+        *v *= scale;
+    }
     for j in 0..cols {
         if h[j * cols + j] == 0.0 {
             h[j * cols + j] = 1.0;
