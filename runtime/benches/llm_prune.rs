@@ -113,6 +113,7 @@ fn bench(c: &mut Criterion) {
                     SparseGptConfig {
                         block_size: cols,
                         damp: 0.01,
+                        ..SparseGptConfig::default()
                     },
                 )
                 .unwrap()

@@ -14,6 +14,7 @@
 //! Everything runs in f64, block by block in a fixed order (blocks in
 //! parallel, each alone), so results do not depend on the thread count.
 
+use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::error::{Result, RuntimeError};
@@ -297,16 +298,20 @@ impl TensorFisher {
     }
 }
 
-/// Lower Cholesky factor of the symmetric positive-definite `a` (`n x n`);
-/// `what` names the matrix in the error.
-pub(crate) fn cholesky(a: &[f64], n: usize, what: &str) -> Result<Vec<f64>> {
-    let mut l = vec![0.0f64; n * n];
+/// Lower Cholesky factor of the symmetric positive-definite `a` (`n x n`), in
+/// `a`'s own precision; `what` names the matrix in the error.
+pub(crate) fn cholesky<T: Float + std::fmt::LowerExp>(
+    a: &[T],
+    n: usize,
+    what: &str,
+) -> Result<Vec<T>> {
+    let mut l = vec![T::zero(); n * n];
     for j in 0..n {
         let mut d = a[j * n + j];
         for p in 0..j {
-            d -= l[j * n + p] * l[j * n + p];
+            d = d - l[j * n + p] * l[j * n + p];
         }
-        if d.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !d.is_finite() {
+        if d.partial_cmp(&T::zero()) != Some(std::cmp::Ordering::Greater) || !d.is_finite() {
             return Err(RuntimeError::Numeric {
                 layer: what.to_string(),
                 reason: format!(
@@ -319,7 +324,7 @@ pub(crate) fn cholesky(a: &[f64], n: usize, what: &str) -> Result<Vec<f64>> {
         for i in j + 1..n {
             let mut s = a[i * n + j];
             for p in 0..j {
-                s -= l[i * n + p] * l[j * n + p];
+                s = s - l[i * n + p] * l[j * n + p];
             }
             l[i * n + j] = s / d;
         }
@@ -328,13 +333,13 @@ pub(crate) fn cholesky(a: &[f64], n: usize, what: &str) -> Result<Vec<f64>> {
 }
 
 /// `L⁻¹` of a lower-triangular `l`, by forward substitution.
-pub(crate) fn lower_inverse(l: &[f64], n: usize) -> Vec<f64> {
-    let mut li = vec![0.0f64; n * n];
+pub(crate) fn lower_inverse<T: Float>(l: &[T], n: usize) -> Vec<T> {
+    let mut li = vec![T::zero(); n * n];
     for c in 0..n {
         for i in c..n {
-            let mut s = if i == c { 1.0 } else { 0.0 };
+            let mut s = if i == c { T::one() } else { T::zero() };
             for p in c..i {
-                s -= l[i * n + p] * li[p * n + c];
+                s = s - l[i * n + p] * li[p * n + c];
             }
             li[i * n + c] = s / l[i * n + i];
         }

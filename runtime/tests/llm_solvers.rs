@@ -127,6 +127,34 @@ fn sparsegpt_reconstructs_better_than_masks_alone() {
 }
 
 #[test]
+fn sparsegpt_in_f32_reconstructs_as_well_as_in_f64_but_not_bit_for_bit() {
+    let l = layer(48, 256, 600, 2);
+    let s = stats(&l);
+    for pattern in [
+        SparsityPattern::Unstructured(0.5),
+        SparsityPattern::NofM { n: 2, m: 4 },
+    ] {
+        let mut f32_solver = SparseGptPruner {
+            config: llm::SparseGptConfig {
+                precision: llm::SolverPrecision::F32,
+                ..Default::default()
+            },
+        };
+        let (w64, _) = run(&mut SparseGptPruner::default(), &l, &s, pattern);
+        let (w32, n) = run(&mut f32_solver, &l, &s, pattern);
+        assert_eq!(n, l.rows * l.cols / 2, "{pattern}");
+        assert_eq!(zeros(&w32), l.rows * l.cols / 2, "{pattern}");
+        // The option reaches the solver: the factor's rounding moves the updated weights.
+        assert_ne!(w32, w64, "{pattern}");
+        let (e32, e64) = (output_error(&l, &w32), output_error(&l, &w64));
+        assert!(
+            (e32 - e64).abs() < 1e-3 * e64,
+            "{pattern}: f32 {e32} vs f64 {e64}"
+        );
+    }
+}
+
+#[test]
 fn every_method_respects_n_of_m_groups() {
     let l = layer(16, 64, 100, 2);
     let s = stats(&l);
@@ -222,6 +250,7 @@ fn sparsegpt_handles_blocks_that_do_not_divide_the_width() {
         config: llm::SparseGptConfig {
             block_size: 64,
             damp: 0.01,
+            ..Default::default()
         },
     };
     let (w, n) = run(&mut p, &l, &s, SparsityPattern::NofM { n: 2, m: 4 });

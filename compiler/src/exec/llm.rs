@@ -666,6 +666,16 @@ impl Exec<'_> {
                     config: llm::SparseGptConfig {
                         block_size: get("block")?.max(1.0) as usize,
                         damp: get("damp")?,
+                        precision: match Method::word_argument(self.r, by, "precision").as_deref() {
+                            Some("f32") => llm::SolverPrecision::F32,
+                            Some("f64") => llm::SolverPrecision::F64,
+                            other => {
+                                return Err(RunError::Internal(format!(
+                                    "step {}: SparseGPT precision {other:?}",
+                                    step.id
+                                )))
+                            }
+                        },
                     },
                 };
                 let mut shown = self.layer_progress(model, &config, &mut pruner);

@@ -1,4 +1,5 @@
-//! Dense symmetric positive-definite linear algebra in f64: Cholesky with inverse, and SparseGPT's upper factor of H⁻¹.
+//! Dense symmetric positive-definite linear algebra (f64, or f32 where a caller asks for it):
+//! Cholesky with inverse, and SparseGPT's upper factor of H⁻¹.
 
 use super::error::{Result, RuntimeError};
 use crate::gemm::matmul;
@@ -13,26 +14,40 @@ const LEAF: usize = 64;
 /// Recursive 2x2 block algorithm: the off-diagonal panel and the Schur complement are
 /// `gemm::matmul` products, so the cost is dominated by gemm. `what` names the matrix in errors.
 pub fn cholesky_with_inverse(a: &Tensor, what: &str) -> Result<(Tensor, Tensor)> {
+    cholesky_with_inverse_in(a, DType::F64, what)
+}
+
+/// [`cholesky_with_inverse`] computed in `dtype` (`F32` or `F64`) throughout: `a` is cast to
+/// it, and every product and leaf factorization runs in it.
+pub fn cholesky_with_inverse_in(a: &Tensor, dtype: DType, what: &str) -> Result<(Tensor, Tensor)> {
+    if !matches!(dtype, DType::F32 | DType::F64) {
+        return Err(RuntimeError::Invalid(format!(
+            "{what}: Cholesky in {dtype:?} (only f32 and f64)"
+        )));
+    }
     let (n, n2) = a.dims2()?;
     if n != n2 {
         return Err(RuntimeError::Invalid(format!(
             "{what}: {n}x{n2} matrix is not square"
         )));
     }
-    let a = a.to_dtype(DType::F64)?;
+    let a = a.to_dtype(dtype)?;
     if n <= LEAF {
-        return leaf(&a, n, what);
+        return match dtype {
+            DType::F32 => leaf::<f32>(&a, n, what),
+            _ => leaf::<f64>(&a, n, what),
+        };
     }
     let k = n / 2;
     let a11 = a.narrow(0, 0, k)?.narrow(1, 0, k)?;
     let a21 = a.narrow(0, k, n - k)?.narrow(1, 0, k)?;
     let a22 = a.narrow(0, k, n - k)?.narrow(1, k, n - k)?;
-    let (l11, i11) = cholesky_with_inverse(&a11, what)?;
+    let (l11, i11) = cholesky_with_inverse_in(&a11, dtype, what)?;
     let l21 = matmul(&a21, &i11.t()?)?;
     let schur = (a22 - matmul(&l21, &l21.t()?)?)?;
-    let (l22, i22) = cholesky_with_inverse(&schur, what)?;
+    let (l22, i22) = cholesky_with_inverse_in(&schur, dtype, what)?;
     let i21 = matmul(&matmul(&i22, &l21)?, &i11)?.neg()?;
-    let zeros = Tensor::zeros((k, n - k), DType::F64, a.device())?;
+    let zeros = Tensor::zeros((k, n - k), dtype, a.device())?;
     let l = Tensor::cat(
         &[
             &Tensor::cat(&[&l11, &zeros], 1)?,
@@ -50,8 +65,11 @@ pub fn cholesky_with_inverse(a: &Tensor, what: &str) -> Result<(Tensor, Tensor)>
     Ok((l, inv))
 }
 
-fn leaf(a: &Tensor, n: usize, what: &str) -> Result<(Tensor, Tensor)> {
-    let a: Vec<f64> = a.flatten_all()?.to_vec1()?;
+fn leaf<T>(a: &Tensor, n: usize, what: &str) -> Result<(Tensor, Tensor)>
+where
+    T: candle_core::WithDType + num_traits::Float + std::fmt::LowerExp,
+{
+    let a: Vec<T> = a.flatten_all()?.to_vec1()?;
     let l = crate::obs::cholesky(&a, n, what)?;
     let inv = crate::obs::lower_inverse(&l, n);
     Ok((
@@ -75,6 +93,16 @@ pub fn inverse_upper_cholesky(h: &Tensor, what: &str) -> Result<Tensor> {
     let flipped = h.index_select(&rev, 0)?.index_select(&rev, 1)?;
     let (_, l_inv) = cholesky_with_inverse(&flipped, what)?;
     Ok(l_inv.index_select(&rev, 0)?.index_select(&rev, 1)?)
+}
+
+/// The same upper `u` with `H⁻¹ = uᵀ u`, computed in f32 the way llm-compressor (after the
+/// SparseGPT reference code) does: `H = L Lᵀ`, the explicit inverse `H⁻¹ = L⁻ᵀ L⁻¹`, then
+/// `u` = the transposed lower Cholesky factor of `H⁻¹`. Returns f32.
+pub fn inverse_upper_cholesky_f32(h: &Tensor, what: &str) -> Result<Tensor> {
+    let (_, l_inv) = cholesky_with_inverse_in(h, DType::F32, what)?;
+    let h_inv = matmul(&l_inv.t()?, &l_inv)?;
+    let (l2, _) = cholesky_with_inverse_in(&h_inv, DType::F32, what)?;
+    Ok(l2.t()?.contiguous()?)
 }
 
 #[cfg(test)]
@@ -128,6 +156,54 @@ mod tests {
         let prod = u.t().unwrap().matmul(&u).unwrap().matmul(&h).unwrap();
         let eye = Tensor::eye(n, DType::F64, &Device::Cpu).unwrap();
         assert!(max_abs_diff(&prod, &eye) < 1e-6);
+    }
+
+    #[test]
+    fn f32_inverse_upper_factor_is_the_f64_one_to_f32_accuracy() {
+        let n = 150;
+        // Well-conditioned, as a dampened Hessian: XᵀX plus a tenth of its mean diagonal.
+        let h = spd(n, 11);
+        let rows: Vec<Vec<f64>> = h.to_vec2().unwrap();
+        let mean = (0..n).map(|i| rows[i][i]).sum::<f64>() / n as f64;
+        let h = (h + (Tensor::eye(n, DType::F64, &Device::Cpu).unwrap() * (0.1 * mean)).unwrap())
+            .unwrap();
+        let u64 = inverse_upper_cholesky(&h, "test").unwrap();
+        let u32 = inverse_upper_cholesky_f32(&h.to_dtype(DType::F32).unwrap(), "test").unwrap();
+        assert_eq!(u32.dtype(), DType::F32);
+        let rows: Vec<Vec<f32>> = u32.to_vec2().unwrap();
+        assert!((0..n).all(|i| (0..i).all(|j| rows[i][j] == 0.0) && rows[i][i] > 0.0));
+        let u32 = u32.to_dtype(DType::F64).unwrap();
+        let scale = u64
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let diff = max_abs_diff(&u32, &u64) / scale;
+        // Agrees to f32 rounding, and is not the f64 result cast (it was computed in f32).
+        assert!(diff < 1e-4 && diff > 0.0, "relative difference {diff:e}");
+    }
+
+    #[test]
+    fn f32_factorization_matches_f64_across_the_leaf_boundary() {
+        for n in [40, 100] {
+            let a = spd(n, n as u64 + 3);
+            let (l, inv) = cholesky_with_inverse_in(&a, DType::F32, "test").unwrap();
+            assert_eq!((l.dtype(), inv.dtype()), (DType::F32, DType::F32));
+            let (l64, _) = cholesky_with_inverse(&a, "test").unwrap();
+            let l = l.to_dtype(DType::F64).unwrap();
+            let scale = l64
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(max_abs_diff(&l, &l64) / scale < 1e-4, "n={n}");
+        }
+        let err = cholesky_with_inverse_in(&spd(4, 1), DType::BF16, "blk.0.q").unwrap_err();
+        assert!(err.to_string().contains("only f32 and f64"), "{err}");
     }
 
     #[test]

@@ -44,6 +44,6 @@ pub use prune::{
     OneShotConfig, PruneReport, ScoredPruner, SparseGptPruner, StatsNeeds, WandaPruner,
 };
 pub use select::{Scope, SparsityPattern};
-pub use sparsegpt::{sparsegpt_prune, SparseGptConfig};
+pub use sparsegpt::{sparsegpt_prune, SolverPrecision, SparseGptConfig};
 pub use tokenizer::TextTokenizer;
 pub use units::{compensate, remove_units, unit_scores, LlmUnit};

@@ -1,7 +1,7 @@
 //! SparseGPT (Frantar & Alistarh 2023): prune a linear layer and update the kept weights with OBS, column block by column block.
 
 use super::error::{Result, RuntimeError};
-use super::linalg::inverse_upper_cholesky;
+use super::linalg::{inverse_upper_cholesky, inverse_upper_cholesky_f32};
 use super::prune::LayerToPrune;
 use super::select::{choose_pruned, Scope, SparsityPattern};
 use candle_core::{Device, Tensor};
@@ -13,6 +13,18 @@ pub struct SparseGptConfig {
     pub block_size: usize,
     /// Dampening added to the Hessian's diagonal, as a fraction of its mean diagonal.
     pub damp: f64,
+    /// Precision of the dampened Hessian and of its inverse's Cholesky factor.
+    pub precision: SolverPrecision,
+}
+
+/// Where SparseGPT's factor of H⁻¹ is computed. The sweep itself is f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SolverPrecision {
+    /// f64: one Cholesky of the reversed H and a triangular inverse.
+    #[default]
+    F64,
+    /// f32 throughout, through the explicit inverse, as the reference code and llm-compressor.
+    F32,
 }
 
 impl Default for SparseGptConfig {
@@ -20,6 +32,7 @@ impl Default for SparseGptConfig {
         SparseGptConfig {
             block_size: 128,
             damp: 0.01,
+            precision: SolverPrecision::default(),
         }
     }
 }
@@ -28,7 +41,7 @@ impl Default for SparseGptConfig {
 ///
 /// `layer.stats.xtx` is the accumulated `XᵀX` (cols, cols) of the layer's calibration inputs
 /// over `layer.stats.tokens` rows (only its upper triangle is read). H = (2/tokens) XᵀX; columns with H_jj = 0 are dead (H_jj := 1, weights zeroed);
-/// H += damp * mean(diag H) * I; U = upper Cholesky factor of H⁻¹. The sweep goes over blocks of
+/// H += damp * mean(diag H) * I; U = upper Cholesky factor of H⁻¹ (both in `config.precision`). The sweep goes over blocks of
 /// `block_size` columns: the block's mask is chosen by `w² / U_jj²` (whole block for unstructured,
 /// each group of M for N:M), each column is quantized to its mask and its error is pushed onto
 /// the block's remaining columns; after a block, one matmul pushes the block's errors onto all
@@ -75,13 +88,27 @@ pub fn sparsegpt_prune(layer: LayerToPrune<'_>, config: SparseGptConfig) -> Resu
             }
         }
     }
-    let mean_diag = (0..cols).map(|j| h[j * cols + j]).sum::<f64>() / cols as f64;
-    let damp = config.damp * mean_diag;
-    for j in 0..cols {
-        h[j * cols + j] += damp;
-    }
-    let h = Tensor::from_vec(h, (cols, cols), &Device::Cpu)?;
-    let u = inverse_upper_cholesky(&h, name)?.to_dtype(candle_core::DType::F32)?;
+    let u = match config.precision {
+        SolverPrecision::F64 => {
+            let mean_diag = (0..cols).map(|j| h[j * cols + j]).sum::<f64>() / cols as f64;
+            let damp = config.damp * mean_diag;
+            for j in 0..cols {
+                h[j * cols + j] += damp;
+            }
+            let h = Tensor::from_vec(h, (cols, cols), &Device::Cpu)?;
+            inverse_upper_cholesky(&h, name)?.to_dtype(candle_core::DType::F32)?
+        }
+        SolverPrecision::F32 => {
+            let mut h: Vec<f32> = h.into_iter().map(|v| v as f32).collect();
+            let mean_diag = (0..cols).map(|j| h[j * cols + j]).sum::<f32>() / cols as f32;
+            let damp = config.damp as f32 * mean_diag;
+            for j in 0..cols {
+                h[j * cols + j] += damp;
+            }
+            let h = Tensor::from_vec(h, (cols, cols), &Device::Cpu)?;
+            inverse_upper_cholesky_f32(&h, name)?
+        }
+    };
     let u_rows: Vec<f32> = u.flatten_all()?.to_vec1()?;
 
     let mut pruned_total = 0usize;
