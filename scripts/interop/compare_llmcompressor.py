@@ -38,8 +38,8 @@ PRUNEC = os.environ.get("PRUNEC", str(ROOT / "target/release/prunec"))
 SEQ = 256
 
 
-def recipe(dense: Path, method: str, pattern: str, seed: int, samples: int, extra: str) -> str:
-    by = "sparsegpt()" if method == "sparsegpt" else "wanda"
+def recipe(dense: Path, method: str, pattern: str, seed: int, samples: int, extra: str, sgpt_args: str) -> str:
+    by = f"sparsegpt({sgpt_args})" if method == "sparsegpt" else "wanda"
     options = ",\n    ".join(
         o
         for o in [
@@ -67,16 +67,27 @@ pipeline {{
 """
 
 
-def run_prunec(work: Path, dense: Path, method, pattern, seed, samples, threads, extra):
+def variant_suffix(method: str, args) -> str:
+    """What sets a prunec run apart from the defaults, as its key in results.json ends."""
+    parts = []
+    if method == "sparsegpt" and args.sparsegpt_args:
+        parts.append(f"sparsegpt({args.sparsegpt_args})")
+    if args.prunec_options:
+        parts.append(args.prunec_options)
+    return f" [{'; '.join(parts)}]" if parts else ""
+
+
+def run_prunec(work: Path, dense: Path, method, pattern, seed, samples, threads, extra, sgpt_args):
     """Prunes with prunec; the exported folder, its calibration windows and the prune stage's seconds."""
     tag = f"{method}_{pattern.replace('%', '').replace(':', '')}_s{seed}"
-    if extra:
+    sgpt_args = sgpt_args if method == "sparsegpt" else ""
+    if extra or sgpt_args:
         # Runs with other options keep their own folders (results.json points at them).
-        tag += "_" + re.sub(r"[^A-Za-z0-9]+", "_", extra).strip("_")
+        tag += "_" + re.sub(r"[^A-Za-z0-9]+", "_", f"{sgpt_args} {extra}").strip("_")
     out = work / "prunec" / tag
     src = work / "recipes" / f"{tag}.prune"
     src.parent.mkdir(parents=True, exist_ok=True)
-    src.write_text(recipe(dense, method, pattern, seed, samples, extra))
+    src.write_text(recipe(dense, method, pattern, seed, samples, extra, sgpt_args))
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     subprocess.run(
         [PRUNEC, "run", "-q", "--save-calibration", str(src), "--out", str(out)],
@@ -253,6 +264,8 @@ def main():
     ap.add_argument("--samples", type=int, default=32, help="calibration windows of 256 tokens")
     ap.add_argument("--eval-windows", type=int, default=64, help="held-out windows of 256 tokens per text")
     ap.add_argument("--prunec-options", default="", help="extra prune options for prunec, e.g. 'true_sequential = true'")
+    ap.add_argument("--sparsegpt-args", default="",
+                    help="arguments of prunec's sparsegpt(...) method, e.g. 'precision = f32'")
     ap.add_argument("--work", default=str(ROOT / "out/compare-llmcompressor"))
     ap.add_argument("--llmc-reversed", action="store_true",
                     help="also run llm-compressor on the same windows in reverse order: how far its own "
@@ -289,13 +302,14 @@ def main():
         save()
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [(m, p) for m in args.methods.split(",") for p in args.patterns.split(",")]
-    opts = f" [{args.prunec_options}]" if args.prunec_options else ""
     for seed in seeds:
         for method, pattern in variants:
             key = f"{method} {pattern} seed {seed}"
+            opts = variant_suffix(method, args)
             if key + opts not in results["prunec"]:
                 model, calib, sec = run_prunec(
-                    work, dense, method, pattern, seed, args.samples, args.threads, args.prunec_options
+                    work, dense, method, pattern, seed, args.samples, args.threads, args.prunec_options,
+                    args.sparsegpt_args,
                 )
                 results["prunec"][key + opts] = {
                     "seconds": sec, "model": str(model), "calibration": str(calib),
@@ -322,18 +336,20 @@ def main():
                 )
                 save()
             print(key + opts, "done", flush=True)
-    table(results, seeds, variants, list(texts) + ["moby-dick/16"], opts)
+    table(results, seeds, variants, list(texts) + ["moby-dick/16"], args)
 
 
-def table(results, seeds, variants, texts, opts):
+def table(results, seeds, variants, texts, args):
     d = results["dense"]
     print("\ndense: " + ", ".join(f"{t} {d[t]:.2f}" for t in texts))
-    print(f"prunec options: {opts.strip() or '(defaults)'}; seeds {seeds}; means over the seeds,")
+    shown = sorted({variant_suffix(m, args).strip() for m, _ in variants} - {""})
+    print(f"prunec options: {', '.join(shown) or '(defaults)'}; seeds {seeds}; means over the seeds,")
     print("ratio = prunec / llm-compressor (mean of the per-seed ratios, then their range); seconds: medians\n")
     print("| method | " + " | ".join(f"{t}: prunec | llm-compressor | ratio" for t in texts)
           + " | prunec s | llm-compressor s |")
     print("|" + "---|" * (1 + 3 * len(texts) + 2))
     for method, pattern in variants:
+        opts = variant_suffix(method, args)
         keys = [f"{method} {pattern} seed {s}" for s in seeds]
         pairs = [(results["prunec"][k + opts], results["llmc"][k]) for k in keys
                  if k + opts in results["prunec"] and k in results["llmc"]]
@@ -351,6 +367,7 @@ def table(results, seeds, variants, texts, opts):
     print("| method | " + " | ".join(f"seed {s}: prunec | llm-compressor" for s in seeds) + " |")
     print("|" + "---|" * (1 + 2 * len(seeds)))
     for method, pattern in variants:
+        opts = variant_suffix(method, args)
         cells = []
         for s in seeds:
             k = f"{method} {pattern} seed {s}"
@@ -374,6 +391,7 @@ def table(results, seeds, variants, texts, opts):
     print("| method | layer | prunec | llm-compressor | same mask |")
     print("|---|---|---|---|---|")
     for method, pattern in variants:
+        opts = variant_suffix(method, args)
         rows = results["layers"].get(f"{method} {pattern} seed {seeds[0]}" + opts, {})
         for name, r in rows.items():
             print(f"| {method} {pattern} | {name} | {r['prunec']:.6g} | {r['llmc']:.6g} | {r['same mask']:.5f} |")
