@@ -123,6 +123,46 @@ fn graph_and_plan_work_on_every_example() {
 /// The plans of the run fixtures, as `prunec plan` prints them: the steps a
 /// run executes with their ids, the statistics steps and what DCE dropped.
 #[test]
+fn plans_name_the_language_model_calibration_flow() {
+    std::env::set_current_dir(root()).unwrap();
+    let base = std::fs::read_to_string(root().join("tests/recipes/run/tiny_llm_hf.prune")).unwrap();
+    let step = |options: &str| {
+        let src = base.replace(
+            "calibrate = calib)",
+            &format!("calibrate = calib{options})"),
+        );
+        assert!(options.is_empty() || src != base);
+        let parsed = prunec_lang::source_to_ast(&src);
+        assert!(parsed.errors.is_empty());
+        let r = prunec_lang::ast_to_checked(&parsed.recipe, &src, &[]).unwrap();
+        let mut g = ir::checked_to_ir(&r, &r.source);
+        passes::optimize(&mut g, &r).unwrap();
+        let plan = prunec::plan::ir_to_plan(&g, &r).unwrap();
+        let text = prunec::plan::render(&r, &plan).unwrap();
+        text.lines()
+            .find(|l| l.contains("prune lm"))
+            .unwrap()
+            .to_string()
+    };
+    let dense = "every block calibrated on calib through the dense model";
+    let pruned = "each block calibrated on calib through the blocks pruned before it";
+    let by_group = "its layers pruned group by group";
+    let block_dense = "all its layers on the block's activations before any is pruned";
+    for (options, says) in [
+        ("", [pruned, block_dense]),
+        (", sequential = false", [dense, block_dense]),
+        (", true_sequential = true", [pruned, by_group]),
+        (
+            ", sequential = false, true_sequential = true",
+            [dense, by_group],
+        ),
+    ] {
+        let line = step(options);
+        assert!(says.iter().all(|s| line.contains(s)), "{options}: {line}");
+    }
+}
+
+#[test]
 fn plans_of_the_run_fixtures() {
     // Model files (`onnx(...)`) are read relative to the repository root, as the
     // README's commands run; every test that sets the folder sets the same one.

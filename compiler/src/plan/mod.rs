@@ -407,9 +407,24 @@ impl Step {
                         ));
                     }
                     if let Some(d) = &p.activations {
-                        line.push_str(&format!(
-                            "; each layer calibrated on {d} after the layers before it are pruned"
-                        ));
+                        // The calibration flow the runtime's one-shot driver takes
+                        // (`sequential`, `true_sequential`).
+                        let sequential =
+                            !matches!(self.options.get("sequential"), Some(Value::Bool(false)));
+                        let by_group = matches!(
+                            self.options.get("true_sequential"),
+                            Some(Value::Bool(true))
+                        );
+                        line.push_str(&if sequential {
+                            format!("; each block calibrated on {d} through the blocks pruned before it")
+                        } else {
+                            format!("; every block calibrated on {d} through the dense model")
+                        });
+                        line.push_str(if by_group {
+                            ", its layers pruned group by group (q/k/v, o, gate/up, down), each group calibrated after the groups before it are pruned"
+                        } else {
+                            ", all its layers on the block's activations before any is pruned"
+                        });
                     }
                 } else if let Some(from) = &p.reads_from {
                     line.push_str(&format!("; activation norms from step {from}"));
