@@ -32,6 +32,11 @@ const MR: usize = 6;
 /// parallel task.
 const BLOCKS_PER_TASK: usize = 8;
 const PANELS_PER_TASK: usize = 8;
+/// Depth of one pass over a task's tiles: the `B` panels of one pass stay
+/// in cache while every row block of the task reads them. A tile is stored
+/// and reloaded between passes, which keeps each output's chain of `fma`s
+/// (and so its bits) the same as in one pass.
+const KC: usize = 256;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_WORK: usize = 1 << 18;
 /// Below this many elements an operand is packed on the calling thread.
@@ -441,34 +446,40 @@ fn tiles<T: Elem>(
     let ap = Shared(a.data.as_ptr());
     let run = |task: usize| {
         let (rt, pt) = (task % row_tasks, task / row_tasks);
-        for blk in rt * bpt..((rt + 1) * bpt).min(blocks) {
-            let rb = blk * MR;
-            let rcount = MR.min(m - rb);
-            // Rows past the end repeat the last row (their results are dropped).
-            let a_rows: [*const T; MR] =
-                std::array::from_fn(|r| ap.get().wrapping_add((rb + r).min(m - 1) * a.rs));
-            for p in pt * ppt..((pt + 1) * ppt).min(panels) {
-                let cb = p * nr;
-                let ccount = nr.min(n - cb);
-                let (bsrc, b_rs) = panel(p);
-                let mut tile = [T::default(); TILE];
-                // SAFETY: this task alone reads and writes rows
-                // `rb..rb + rcount`, columns `cb..cb + ccount` of `c`; the
-                // operands' addresses stay inside their data (`Mat::new`
-                // checks the length, `gemm` the views; packed panels hold
-                // `k * nr` values); `supported` chose an instruction set
-                // the CPU has.
-                unsafe {
-                    if accumulate {
-                        for r in 0..rcount {
-                            let src = out.row(rb + r, n, cb, ccount);
-                            tile[r * nr..r * nr + ccount].copy_from_slice(src);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            for blk in rt * bpt..((rt + 1) * bpt).min(blocks) {
+                let rb = blk * MR;
+                let rcount = MR.min(m - rb);
+                // Rows past the end repeat the last row (their results are dropped).
+                let a_rows: [*const T; MR] = std::array::from_fn(|r| {
+                    ap.get()
+                        .wrapping_add((rb + r).min(m - 1) * a.rs + k0 * a.cs)
+                });
+                for p in pt * ppt..((pt + 1) * ppt).min(panels) {
+                    let cb = p * nr;
+                    let ccount = nr.min(n - cb);
+                    let (bsrc, b_rs) = panel(p);
+                    let bsrc = bsrc.wrapping_add(k0 * b_rs);
+                    let mut tile = [T::default(); TILE];
+                    // SAFETY: this task alone reads and writes rows
+                    // `rb..rb + rcount`, columns `cb..cb + ccount` of `c`; the
+                    // operands' addresses stay inside their data (`Mat::new`
+                    // checks the length, `gemm` the views; packed panels hold
+                    // `k * nr` values, and `k0 + kc <= k`); `supported` chose
+                    // an instruction set the CPU has.
+                    unsafe {
+                        if accumulate || k0 > 0 {
+                            for r in 0..rcount {
+                                let src = out.row(rb + r, n, cb, ccount);
+                                tile[r * nr..r * nr + ccount].copy_from_slice(src);
+                            }
                         }
-                    }
-                    T::kernel(isa, k, &a_rows, a.cs, bsrc, b_rs, &mut tile);
-                    for r in 0..rcount {
-                        out.row(rb + r, n, cb, ccount)
-                            .copy_from_slice(&tile[r * nr..r * nr + ccount]);
+                        T::kernel(isa, kc, &a_rows, a.cs, bsrc, b_rs, &mut tile);
+                        for r in 0..rcount {
+                            out.row(rb + r, n, cb, ccount)
+                                .copy_from_slice(&tile[r * nr..r * nr + ccount]);
+                        }
                     }
                 }
             }
@@ -952,6 +963,60 @@ mod tests {
                 prop_assert!(same, "stacked f32 differs for {m}x{k}x{n}");
             }
         }
+    }
+
+    /// Products deeper than one pass (`KC`) keep every output's chain: the
+    /// reference bits on every instruction set, transposed or not, packed or
+    /// read in place, accumulating or not.
+    #[test]
+    fn deep_products_split_into_passes_keep_the_reference_bits() {
+        let (m, k, n) = (13, 2 * KC + 37, 45);
+        let (av, bv, c0) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
+        for (ta, tb, accumulate) in [
+            (false, false, false),
+            (true, false, true),
+            (true, true, false),
+            (false, true, true),
+        ] {
+            let a = if ta {
+                Mat::new(&av, k, m).t()
+            } else {
+                Mat::new(&av, m, k)
+            };
+            let b = if tb {
+                Mat::new(&bv, n, k).t()
+            } else {
+                Mat::new(&bv, k, n)
+            };
+            let want = reference(a, b, accumulate.then_some(&c0[..]));
+            for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+                let mut c = c0.clone();
+                gemm_on(isa, a, b, &mut c, accumulate);
+                assert!(
+                    c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{isa:?} {ta} {tb}"
+                );
+            }
+            let mut c = c0.clone();
+            gemm_packed(a, &PackedB::new(b), &mut c, accumulate);
+            assert!(
+                c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "packed {ta} {tb}"
+            );
+        }
+        // XᵀX over many rows, as calibration statistics of long sequences.
+        let (rows, cols) = (3 * KC + 5, 40);
+        let x = values(rows * cols, 4);
+        let xm = Mat::new(&x, rows, cols);
+        let want = reference(xm.t(), xm, None);
+        gram_upper(&x, rows, cols, |i0, strip| {
+            let w = cols - i0;
+            for (r, row) in strip.chunks_exact(w).enumerate() {
+                for (dj, v) in row.iter().enumerate() {
+                    assert_eq!(v.to_bits(), want[(i0 + r) * cols + i0 + dj].to_bits());
+                }
+            }
+        });
     }
 
     /// A strided view that reaches past its data is refused before any
