@@ -122,7 +122,7 @@ model lm = gguf("data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 dataset calib = text("data/text/sotu", tokenizer = lm, seq = 32, samples = 4, offset = 0, batch = 1)
 dataset heldout = text("data/text/moby-dick.txt", tokenizer = lm, seq = 32, samples = 2)
 pipeline {
-  prune lm by sparsegpt(block = 128, damp = 0.01, precision = f64) to 50% (targets = ["model.layers.0.*", "model.layers.1.*"], calibrate = calib, sequential = true)
+  prune lm by sparsegpt(block = 128, damp = 0.01, precision = f32) to 50% (targets = ["model.layers.0.*", "model.layers.1.*"], calibrate = calib, sequential = true)
   evaluate lm on heldout -> [perplexity]
 }
 "#;
@@ -526,7 +526,7 @@ fn evidence() -> BTreeMap<&'static str, Ev> {
     add("sparsegpt.damp", Changes(Llm, "damp = 0.01", "damp = 0.5"));
     add(
         "sparsegpt.precision",
-        Changes(Llm, "precision = f64", "precision = f32"),
+        Changes(Llm, "precision = f32", "precision = f64"),
     );
     add(
         "search.population",

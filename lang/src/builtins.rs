@@ -546,7 +546,7 @@ pub static BUILTINS: &[Builtin] = &[
     needs(std_b("sparsegpt", Kind::Method, &[
         p("block", Ty::Int, Some("128"), Range::at_least(1.0), "columns per block sweep"),
         p("damp", Ty::Float, Some("0.01"), Range::positive(), "dampening, as a fraction of the mean Hessian diagonal"),
-        p("precision", Ty::Enum(&["f64", "f32"]), Some("f64"), Range::any(), "precision of the dampened Hessian and of its inverse's Cholesky factor (`f32`: through the explicit inverse, as the reference code and llm-compressor); the column sweep is f32 either way"),
+        p("precision", Ty::Enum(&["f32", "f64"]), Some("f32"), Range::any(), "precision of the dampened Hessian and of its inverse's Cholesky factor: `f32` through the explicit inverse, as the reference code and llm-compressor, or `f64` (one Cholesky of the reversed Hessian and a triangular inverse); the column sweep is f32 either way"),
     ], "SparseGPT (Frantar & Alistarh 2023): layer-wise OBS reconstruction with the Hessian XᵀX."), Needs { grad: false, activations: true, training: false }),
     needs(std_b("armor", Kind::Method, &[
         p("block", Ty::Int, Some("64"), Range { min: Some((1.0, true)), max: Some((4096.0, true)) }, "size of the square blocks of the wrappers A and B (it must divide every targeted layer's rows and columns)"),

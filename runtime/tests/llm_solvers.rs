@@ -130,20 +130,25 @@ fn sparsegpt_reconstructs_better_than_masks_alone() {
 fn sparsegpt_in_f32_reconstructs_as_well_as_in_f64_but_not_bit_for_bit() {
     let l = layer(48, 256, 600, 2);
     let s = stats(&l);
+    assert_eq!(
+        llm::SparseGptConfig::default().precision,
+        llm::SolverPrecision::F32,
+        "the reference's precision is the default"
+    );
     for pattern in [
         SparsityPattern::Unstructured(0.5),
         SparsityPattern::NofM { n: 2, m: 4 },
     ] {
-        let mut f32_solver = SparseGptPruner {
+        let mut f64_solver = SparseGptPruner {
             config: llm::SparseGptConfig {
-                precision: llm::SolverPrecision::F32,
+                precision: llm::SolverPrecision::F64,
                 ..Default::default()
             },
         };
-        let (w64, _) = run(&mut SparseGptPruner::default(), &l, &s, pattern);
-        let (w32, n) = run(&mut f32_solver, &l, &s, pattern);
+        let (w32, n) = run(&mut SparseGptPruner::default(), &l, &s, pattern);
+        let (w64, _) = run(&mut f64_solver, &l, &s, pattern);
         assert_eq!(n, l.rows * l.cols / 2, "{pattern}");
-        assert_eq!(zeros(&w32), l.rows * l.cols / 2, "{pattern}");
+        assert_eq!(zeros(&w64), l.rows * l.cols / 2, "{pattern}");
         // The option reaches the solver: the factor's rounding moves the updated weights.
         assert_ne!(w32, w64, "{pattern}");
         let (e32, e64) = (output_error(&l, &w32), output_error(&l, &w64));

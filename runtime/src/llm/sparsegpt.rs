@@ -20,11 +20,11 @@ pub struct SparseGptConfig {
 /// Where SparseGPT's factor of H⁻¹ is computed. The sweep itself is f32 either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SolverPrecision {
-    /// f64: one Cholesky of the reversed H and a triangular inverse.
-    #[default]
-    F64,
     /// f32 throughout, through the explicit inverse, as the reference code and llm-compressor.
+    #[default]
     F32,
+    /// f64: one Cholesky of the reversed H and a triangular inverse.
+    F64,
 }
 
 impl Default for SparseGptConfig {
