@@ -119,6 +119,10 @@ mod tests {
         x.t().unwrap().matmul(&x).unwrap()
     }
 
+    fn max_abs(a: &Tensor) -> f64 {
+        a.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    }
+
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b)
             .unwrap()
@@ -173,13 +177,7 @@ mod tests {
         let rows: Vec<Vec<f32>> = u32.to_vec2().unwrap();
         assert!((0..n).all(|i| (0..i).all(|j| rows[i][j] == 0.0) && rows[i][i] > 0.0));
         let u32 = u32.to_dtype(DType::F64).unwrap();
-        let scale = u64
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let scale = max_abs(&u64);
         let diff = max_abs_diff(&u32, &u64) / scale;
         // Agrees to f32 rounding, and is not the f64 result cast (it was computed in f32).
         assert!(diff < 1e-4 && diff > 0.0, "relative difference {diff:e}");
@@ -193,13 +191,7 @@ mod tests {
             assert_eq!((l.dtype(), inv.dtype()), (DType::F32, DType::F32));
             let (l64, _) = cholesky_with_inverse(&a, "test").unwrap();
             let l = l.to_dtype(DType::F64).unwrap();
-            let scale = l64
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let scale = max_abs(&l64);
             assert!(max_abs_diff(&l, &l64) / scale < 1e-4, "n={n}");
         }
         let err = cholesky_with_inverse_in(&spd(4, 1), DType::BF16, "blk.0.q").unwrap_err();
