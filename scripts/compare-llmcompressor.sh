@@ -18,7 +18,9 @@
 # Not part of CI (the PyTorch install alone is gigabytes, and every variant
 # is pruned twice and measured four times). Arguments go to the Python
 # script: `--seeds 0,1,2`, `--threads N`, `--methods wanda`, `--patterns 2:4`,
-# `--work DIR`. LLMC_VENV names another virtual environment to use.
+# `--work DIR`, `--llmc-reversed` (llm-compressor again on the windows in
+# reverse order: its own run-to-run spread), `--sparsegpt-args
+# 'precision = f64'`. LLMC_VENV names another virtual environment to use.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 venv="${LLMC_VENV:-.venv-llmc}"
