@@ -264,6 +264,52 @@ fn sparsegpt_handles_blocks_that_do_not_divide_the_width() {
 }
 
 #[test]
+fn an_f32_breakdown_names_the_f64_factor_and_f64_gets_through() {
+    // Two inputs equal to within 1e-4 relative: XᵀX is positive definite,
+    // but its second pivot (~1e-8 of the first) is below f32's resolution.
+    let mut l = layer(4, 8, 64, 6);
+    for t in 0..l.tokens {
+        let v = l.x[t * l.cols];
+        l.x[t * l.cols + 1] = v * (1.0 + 1e-4 * ((t % 7) as f32 - 3.0));
+    }
+    let s = stats(&l);
+    let config = |precision| llm::SparseGptConfig {
+        damp: 1e-12,
+        precision,
+        ..Default::default()
+    };
+    let pattern = SparsityPattern::Unstructured(0.5);
+    let mut w = l.w.clone();
+    let err = SparseGptPruner {
+        config: config(llm::SolverPrecision::F32),
+    }
+    .prune_layer(LayerToPrune {
+        name: "blk.0.q",
+        rows: l.rows,
+        cols: l.cols,
+        weight: &mut w,
+        stats: &s,
+        pattern,
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("blk.0.q") && err.contains("precision = f64"),
+        "{err}"
+    );
+    let (w64, n) = run(
+        &mut SparseGptPruner {
+            config: config(llm::SolverPrecision::F64),
+        },
+        &l,
+        &s,
+        pattern,
+    );
+    assert_eq!(n, l.rows * l.cols / 2);
+    assert!(w64.iter().all(|v| v.is_finite()));
+}
+
+#[test]
 fn bad_requests_are_errors_naming_the_layer() {
     let l = layer(4, 6, 10, 5);
     let s = stats(&l);

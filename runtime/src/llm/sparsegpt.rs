@@ -106,7 +106,14 @@ pub fn sparsegpt_prune(layer: LayerToPrune<'_>, config: SparseGptConfig) -> Resu
                 h[j * cols + j] += damp;
             }
             let h = Tensor::from_vec(h, (cols, cols), &Device::Cpu)?;
-            inverse_upper_cholesky_f32(&h, name)?
+            // f32 breaks down on Hessians f64 still factors: say so in the error.
+            inverse_upper_cholesky_f32(&h, name).map_err(|e| match e {
+                RuntimeError::Numeric { layer, reason } => RuntimeError::Numeric {
+                    layer,
+                    reason: format!("{reason}, or factor in f64 (`sparsegpt(precision = f64)`)"),
+                },
+                other => other,
+            })?
         }
     };
     let u_rows: Vec<f32> = u.flatten_all()?.to_vec1()?;
