@@ -265,7 +265,7 @@ def main():
     ap.add_argument("--eval-windows", type=int, default=64, help="held-out windows of 256 tokens per text")
     ap.add_argument("--prunec-options", default="", help="extra prune options for prunec, e.g. 'true_sequential = true'")
     ap.add_argument("--sparsegpt-args", default="",
-                    help="arguments of prunec's sparsegpt(...) method, e.g. 'precision = f32'")
+                    help="arguments of prunec's sparsegpt(...) method, e.g. 'precision = f64'")
     ap.add_argument("--work", default=str(ROOT / "out/compare-llmcompressor"))
     ap.add_argument("--llmc-reversed", action="store_true",
                     help="also run llm-compressor on the same windows in reverse order: how far its own "
